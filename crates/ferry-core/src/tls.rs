@@ -1,0 +1,251 @@
+//! TLS set-up: a local certificate authority for `ferry up` and tests, and rustls configs.
+//!
+//! One CA issues the HTTPS server certificates (token service, tunnel endpoint) and the
+//! connector client certificates. Connector identity travels in a URI SAN
+//! (`ferry:connector:<subaccount>:<location>`), so any proxy replica that trusts the CA can
+//! authenticate a connector without shared state.
+
+use rcgen::{
+    BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose,
+    SanType,
+};
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use rustls::{ClientConfig, RootCertStore, ServerConfig};
+use std::sync::Arc;
+use time::{Duration, OffsetDateTime};
+
+use crate::Secret;
+
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    #[error("certificate generation failed: {0}")]
+    Generate(#[from] rcgen::Error),
+    #[error("invalid PEM: {0}")]
+    Pem(String),
+    #[error("TLS configuration rejected: {0}")]
+    Rustls(#[from] rustls::Error),
+    #[error("client certificate verifier: {0}")]
+    Verifier(String),
+}
+
+/// A certificate and its private key, both PEM.
+#[derive(Clone, Debug)]
+pub struct CertifiedKey {
+    pub cert_pem: String,
+    pub key_pem: Secret<String>,
+}
+
+/// A certificate authority held in memory (and persisted by `ferry up` in its data folder).
+pub struct LocalCa {
+    cert_pem: String,
+    issuer: Issuer<'static, KeyPair>,
+}
+
+impl std::fmt::Debug for LocalCa {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LocalCa").finish_non_exhaustive()
+    }
+}
+
+const CONNECTOR_URI_PREFIX: &str = "ferry:connector:";
+
+impl LocalCa {
+    /// Generates a fresh CA (ECDSA P-256, ten years).
+    pub fn generate(common_name: &str) -> Result<Self, TlsError> {
+        let key = KeyPair::generate()?;
+        let mut params = CertificateParams::default();
+        params.distinguished_name.push(DnType::CommonName, common_name);
+        params.distinguished_name.push(DnType::OrganizationName, "Ferry");
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        params.key_usages =
+            vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
+        let now = OffsetDateTime::now_utc();
+        params.not_before = now - Duration::hours(1);
+        params.not_after = now + Duration::days(3650);
+        let cert = params.self_signed(&key)?;
+        Ok(Self { cert_pem: cert.pem(), issuer: Issuer::new(params, key) })
+    }
+
+    /// Loads a CA from its PEM certificate and PKCS#8 PEM key.
+    pub fn from_pem(cert_pem: &str, key_pem: &str) -> Result<Self, TlsError> {
+        let key = KeyPair::from_pem(key_pem)?;
+        let issuer = Issuer::from_ca_cert_pem(cert_pem, key)?;
+        Ok(Self { cert_pem: cert_pem.to_owned(), issuer })
+    }
+
+    pub fn cert_pem(&self) -> &str {
+        &self.cert_pem
+    }
+
+    pub fn key_pem(&self) -> Secret<String> {
+        Secret::new(self.issuer.key().serialize_pem())
+    }
+
+    fn issue(&self, mut params: CertificateParams, validity: Duration) -> Result<CertifiedKey, TlsError> {
+        let key = KeyPair::generate()?;
+        let now = OffsetDateTime::now_utc();
+        params.not_before = now - Duration::minutes(5);
+        params.not_after = now + validity;
+        params.use_authority_key_identifier_extension = true;
+        let cert = params.signed_by(&key, &self.issuer)?;
+        Ok(CertifiedKey { cert_pem: cert.pem(), key_pem: Secret::new(key.serialize_pem()) })
+    }
+
+    /// A TLS server certificate for the given DNS names / IP addresses.
+    pub fn issue_server_cert(&self, names: &[&str]) -> Result<CertifiedKey, TlsError> {
+        let mut params = CertificateParams::new(names.iter().map(|s| s.to_string()).collect::<Vec<_>>())?;
+        params.distinguished_name.push(DnType::CommonName, names.first().copied().unwrap_or("ferry"));
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        self.issue(params, Duration::days(825))
+    }
+
+    /// A client certificate that identifies a Cloud Connector for `(subaccount, location_id)`.
+    pub fn issue_connector_cert(
+        &self,
+        subaccount: &str,
+        location_id: &str,
+        validity: Duration,
+    ) -> Result<CertifiedKey, TlsError> {
+        let mut params = CertificateParams::default();
+        params.distinguished_name.push(DnType::CommonName, format!("connector {subaccount}"));
+        params.distinguished_name.push(DnType::OrganizationalUnitName, location_id);
+        params.subject_alt_names = vec![SanType::URI(connector_uri(subaccount, location_id).try_into()?)];
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        self.issue(params, validity)
+    }
+}
+
+/// The URI SAN carrying a connector's identity. The location id is percent-encoded so that any
+/// URI-safe or unsafe id survives; an empty location id is the default location.
+pub fn connector_uri(subaccount: &str, location_id: &str) -> String {
+    let enc = |s: &str| percent_encoding::utf8_percent_encode(s, percent_encoding::NON_ALPHANUMERIC).to_string();
+    format!("{CONNECTOR_URI_PREFIX}{}:{}", enc(subaccount), enc(location_id))
+}
+
+/// Reads `(subaccount, location_id)` from a connector client certificate (DER).
+pub fn connector_identity(cert_der: &[u8]) -> Option<(String, String)> {
+    let (_, x509) = x509_parser::parse_x509_certificate(cert_der).ok()?;
+    let san = x509.subject_alternative_name().ok()??;
+    for name in &san.value.general_names {
+        if let x509_parser::extensions::GeneralName::URI(uri) = name
+            && let Some(rest) = uri.strip_prefix(CONNECTOR_URI_PREFIX)
+        {
+            let (sub, loc) = rest.split_once(':')?;
+            let dec = |s: &str| percent_encoding::percent_decode_str(s).decode_utf8().ok().map(|c| c.into_owned());
+            return Some((dec(sub)?, dec(loc)?));
+        }
+    }
+    None
+}
+
+pub fn parse_certs(pem: &str) -> Result<Vec<CertificateDer<'static>>, TlsError> {
+    let certs = CertificateDer::pem_slice_iter(pem.as_bytes())
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| TlsError::Pem(e.to_string()))?;
+    if certs.is_empty() {
+        return Err(TlsError::Pem("no certificate found".into()));
+    }
+    Ok(certs)
+}
+
+pub fn parse_key(pem: &str) -> Result<PrivateKeyDer<'static>, TlsError> {
+    PrivateKeyDer::from_pem_slice(pem.as_bytes()).map_err(|e| TlsError::Pem(e.to_string()))
+}
+
+pub fn root_store(ca_pem: &str) -> Result<RootCertStore, TlsError> {
+    let mut roots = RootCertStore::empty();
+    for c in parse_certs(ca_pem)? {
+        roots.add(c)?;
+    }
+    Ok(roots)
+}
+
+/// Server config; with `client_ca` set, a client certificate issued by it is required.
+pub fn server_config(
+    identity: &CertifiedKey,
+    client_ca: Option<&str>,
+    alpn: &[&[u8]],
+) -> Result<Arc<ServerConfig>, TlsError> {
+    crate::init_crypto();
+    let builder = ServerConfig::builder_with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12]);
+    let builder = match client_ca {
+        Some(ca) => {
+            let verifier = rustls::server::WebPkiClientVerifier::builder(Arc::new(root_store(ca)?))
+                .build()
+                .map_err(|e| TlsError::Verifier(e.to_string()))?;
+            builder.with_client_cert_verifier(verifier)
+        }
+        None => builder.with_no_client_auth(),
+    };
+    let mut cfg = builder.with_single_cert(parse_certs(&identity.cert_pem)?, parse_key(identity.key_pem.expose())?)?;
+    cfg.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+    Ok(Arc::new(cfg))
+}
+
+/// Client config trusting `ca_pem` only, optionally presenting a client certificate.
+pub fn client_config(
+    ca_pem: &str,
+    identity: Option<&CertifiedKey>,
+    alpn: &[&[u8]],
+) -> Result<Arc<ClientConfig>, TlsError> {
+    crate::init_crypto();
+    let builder = ClientConfig::builder_with_protocol_versions(&[&rustls::version::TLS13])
+        .with_root_certificates(root_store(ca_pem)?);
+    let mut cfg = match identity {
+        Some(id) => builder.with_client_auth_cert(parse_certs(&id.cert_pem)?, parse_key(id.key_pem.expose())?)?,
+        None => builder.with_no_client_auth(),
+    };
+    cfg.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+    Ok(Arc::new(cfg))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn connector_identity_round_trips() {
+        let ca = LocalCa::generate("test ca").unwrap();
+        let c = ca.issue_connector_cert("9acf-sub", "loc:1 ä", Duration::days(1)).unwrap();
+        let der = parse_certs(&c.cert_pem).unwrap().remove(0);
+        assert_eq!(connector_identity(&der), Some(("9acf-sub".into(), "loc:1 ä".into())));
+        let server = ca.issue_server_cert(&["localhost"]).unwrap();
+        let der = parse_certs(&server.cert_pem).unwrap().remove(0);
+        assert_eq!(connector_identity(&der), None);
+    }
+
+    #[test]
+    fn ca_round_trips_through_pem() {
+        let ca = LocalCa::generate("test ca").unwrap();
+        let again = LocalCa::from_pem(ca.cert_pem(), ca.key_pem().expose()).unwrap();
+        let cert = again.issue_server_cert(&["127.0.0.1"]).unwrap();
+        server_config(&cert, Some(ca.cert_pem()), &[]).unwrap();
+        client_config(ca.cert_pem(), None, &[]).unwrap();
+    }
+}
+
+/// An HTTP client for outbound calls (token endpoints, JWKS): the system roots plus
+/// `extra_ca_pem` (the local CA under `ferry up`), TLS 1.2+ through rustls, `TCP_NODELAY`.
+pub fn http_client(extra_ca_pem: Option<&str>) -> Result<reqwest::Client, TlsError> {
+    crate::init_crypto();
+    let mut roots = RootCertStore::empty();
+    let native = rustls_native_certs::load_native_certs();
+    for c in native.certs {
+        let _ = roots.add(c);
+    }
+    if let Some(pem) = extra_ca_pem {
+        for c in parse_certs(pem)? {
+            roots.add(c)?;
+        }
+    }
+    let cfg = ClientConfig::builder().with_root_certificates(roots).with_no_client_auth();
+    reqwest::Client::builder()
+        .use_preconfigured_tls(cfg)
+        .tcp_nodelay(true)
+        .connect_timeout(std::time::Duration::from_secs(10))
+        .build()
+        .map_err(|e| TlsError::Verifier(e.to_string()))
+}
