@@ -1,1 +1,193 @@
+//! Cloud Connector: the on-premise agent.
+//!
+//! It dials *out* to the Connectivity Proxy's tunnel port (TLS 1.3, client certificate naming
+//! its subaccount and location id), serves HTTP/2 on that connection with the roles reversed
+//! (see `ferry_proto::tunnel`), checks every stream against its access rules, and relays
+//! allowed ones to the internal backend. It reconnects with exponential backoff and jitter.
 
+pub mod access;
+mod backend;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use ferry_core::Shutdown;
+use ferry_core::tls::CertifiedKey;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use tokio::net::TcpStream;
+use tokio::sync::watch;
+
+pub use access::{AccessRules, HostInHeader, Protocol, Resource, SystemMapping};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectorError {
+    #[error("TLS setup for the tunnel failed: {0}")]
+    Tls(#[from] ferry_core::tls::TlsError),
+    #[error("invalid proxy server name '{0}'")]
+    ServerName(String),
+}
+
+#[derive(Clone, Debug)]
+pub struct ConnectorConfig {
+    /// `host:port` of the proxy's tunnel listener.
+    pub proxy_addr: String,
+    /// Name the proxy's server certificate must carry (a DNS name or IP address).
+    pub server_name: String,
+    /// Trust anchor for the proxy's server certificate.
+    pub ca_pem: String,
+    /// The connector's client certificate (issued for its subaccount and location id).
+    pub identity: CertifiedKey,
+    pub rules: AccessRules,
+    /// Parallel tunnel connections; more spread streams over more cores.
+    pub connections: usize,
+    pub backoff_initial: Duration,
+    pub backoff_max: Duration,
+    pub backend_connect_timeout: Duration,
+    /// HTTP/2 PING interval on the tunnel; a missed answer within the same time drops it.
+    pub heartbeat: Duration,
+}
+
+impl ConnectorConfig {
+    pub fn new(
+        proxy_addr: String,
+        server_name: String,
+        ca_pem: String,
+        identity: CertifiedKey,
+        rules: AccessRules,
+    ) -> Self {
+        Self {
+            proxy_addr,
+            server_name,
+            ca_pem,
+            identity,
+            rules,
+            connections: 1,
+            backoff_initial: Duration::from_millis(100),
+            backoff_max: Duration::from_secs(30),
+            backend_connect_timeout: Duration::from_secs(10),
+            heartbeat: Duration::from_secs(20),
+        }
+    }
+}
+
+/// Observable tunnel state, for `ferry up`'s banner, health checks and tests.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TunnelStatus {
+    /// Tunnel connections currently up.
+    pub connected: usize,
+    /// Tunnel connections established since start (grows on every reconnect).
+    pub established: u64,
+}
+
+pub struct Connector {
+    config: Arc<ConnectorConfig>,
+    tls: tokio_rustls::TlsConnector,
+    server_name: rustls::pki_types::ServerName<'static>,
+    status: watch::Sender<TunnelStatus>,
+    backend: Arc<backend::Backend>,
+}
+
+impl Connector {
+    pub fn new(config: ConnectorConfig) -> Result<Self, ConnectorError> {
+        let tls = ferry_core::tls::client_config(&config.ca_pem, Some(&config.identity), &[ferry_proto::tunnel::ALPN])?;
+        let server_name = rustls::pki_types::ServerName::try_from(config.server_name.clone())
+            .map_err(|_| ConnectorError::ServerName(config.server_name.clone()))?;
+        let backend = Arc::new(backend::Backend::new(config.rules.clone(), config.backend_connect_timeout));
+        Ok(Self {
+            config: Arc::new(config),
+            tls: tokio_rustls::TlsConnector::from(tls),
+            server_name,
+            status: watch::channel(TunnelStatus::default()).0,
+            backend,
+        })
+    }
+
+    pub fn status(&self) -> watch::Receiver<TunnelStatus> {
+        self.status.subscribe()
+    }
+
+    /// Keeps `config.connections` tunnel connections up until `shutdown`.
+    pub async fn run(self: Arc<Self>, shutdown: Shutdown) {
+        let mut tasks = tokio::task::JoinSet::new();
+        for slot in 0..self.config.connections.max(1) {
+            let me = self.clone();
+            let sd = shutdown.clone();
+            tasks.spawn(async move { me.keep_connected(slot, sd).await });
+        }
+        while tasks.join_next().await.is_some() {}
+    }
+
+    async fn keep_connected(&self, slot: usize, shutdown: Shutdown) {
+        let mut backoff = self.config.backoff_initial;
+        while !shutdown.is_cancelled() {
+            let started = Instant::now();
+            match self.connect().await {
+                Ok(io) => {
+                    tracing::info!(slot, proxy = %self.config.proxy_addr, "tunnel connected");
+                    self.status.send_modify(|s| {
+                        s.connected += 1;
+                        s.established += 1;
+                    });
+                    self.serve(io, &shutdown).await;
+                    self.status.send_modify(|s| s.connected -= 1);
+                    tracing::warn!(slot, "tunnel disconnected");
+                }
+                Err(e) => tracing::warn!(slot, proxy = %self.config.proxy_addr, error = %e, "tunnel connect failed"),
+            }
+            // A connection that lived a while was healthy: start the next backoff afresh.
+            if started.elapsed() > Duration::from_secs(10) {
+                backoff = self.config.backoff_initial;
+            }
+            let jittered = backoff.mul_f64(rand::random_range(0.5..=1.0));
+            tokio::select! {
+                _ = shutdown.cancelled() => break,
+                _ = tokio::time::sleep(jittered) => {}
+            }
+            backoff = (backoff * 2).min(self.config.backoff_max);
+        }
+    }
+
+    async fn connect(&self) -> std::io::Result<tokio_rustls::client::TlsStream<TcpStream>> {
+        let tcp = tokio::time::timeout(Duration::from_secs(10), TcpStream::connect(&self.config.proxy_addr))
+            .await
+            .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "connect timed out"))??;
+        tcp.set_nodelay(true)?;
+        tokio::time::timeout(Duration::from_secs(10), self.tls.connect(self.server_name.clone(), tcp))
+            .await
+            .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "TLS handshake timed out"))?
+    }
+
+    async fn serve(&self, io: tokio_rustls::client::TlsStream<TcpStream>, shutdown: &Shutdown) {
+        use ferry_proto::tunnel::*;
+        let backend = self.backend.clone();
+        let service = hyper::service::service_fn(move |req| {
+            let backend = backend.clone();
+            async move { Ok::<_, std::convert::Infallible>(backend.handle(req).await) }
+        });
+        let mut builder = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
+        builder
+            .timer(TokioTimer::new())
+            .initial_stream_window_size(STREAM_WINDOW)
+            .initial_connection_window_size(CONNECTION_WINDOW)
+            .max_frame_size(MAX_FRAME)
+            .max_send_buf_size(SEND_BUFFER)
+            .max_concurrent_streams(MAX_STREAMS)
+            .keep_alive_interval(self.config.heartbeat)
+            .keep_alive_timeout(self.config.heartbeat);
+        let conn = builder.serve_connection(TokioIo::new(io), service);
+        tokio::pin!(conn);
+        tokio::select! {
+            r = conn.as_mut() => if let Err(e) = r { tracing::debug!(error = %e, "tunnel connection error") },
+            _ = shutdown.cancelled() => {
+                conn.as_mut().graceful_shutdown();
+                let _ = tokio::time::timeout(Duration::from_secs(10), conn).await;
+            }
+        }
+    }
+}
+
+/// Builds and runs a connector until `shutdown`.
+pub async fn run(config: ConnectorConfig, shutdown: Shutdown) -> Result<(), ConnectorError> {
+    Arc::new(Connector::new(config)?).run(shutdown).await;
+    Ok(())
+}

@@ -1,1 +1,129 @@
+//! Connectivity Proxy: the HTTP proxy (SAP port 20003), the SOCKS5 proxy (20004) and the tunnel
+//! endpoint Cloud Connectors dial into. Requests are routed by (subaccount of the caller's
+//! token, location id) to the tunnel of the matching connector; no state is shared between
+//! replicas — every connector connects to every replica.
 
+mod http_proxy;
+pub mod registry;
+mod socks;
+mod tunnel_server;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use ferry_auth::Verifier;
+use ferry_core::Shutdown;
+use ferry_core::serve::{AcceptOptions, accept_loop};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::net::TcpListener;
+
+pub use registry::Registry;
+
+pub struct ProxyConfig {
+    /// Verifies `Proxy-Authorization` and SOCKS5 tokens.
+    pub verifier: Arc<Verifier>,
+    /// Server TLS config of the tunnel endpoint; must require client certificates of the CA
+    /// that issues connector certificates (`ferry_core::tls::server_config(.., Some(ca), ..)`).
+    pub tunnel_tls: Arc<rustls::ServerConfig>,
+    pub heartbeat: Duration,
+    pub handshake_timeout: Duration,
+    pub max_connections: usize,
+}
+
+impl ProxyConfig {
+    pub fn new(verifier: Arc<Verifier>, tunnel_tls: Arc<rustls::ServerConfig>) -> Self {
+        Self {
+            verifier,
+            tunnel_tls,
+            heartbeat: Duration::from_secs(20),
+            handshake_timeout: Duration::from_secs(10),
+            max_connections: 10_000,
+        }
+    }
+}
+
+/// The sockets the proxy serves; any may be left out.
+#[derive(Default)]
+pub struct Listeners {
+    pub http: Option<TcpListener>,
+    pub socks5: Option<TcpListener>,
+    pub tunnel: Option<TcpListener>,
+}
+
+pub(crate) struct Shared {
+    pub(crate) verifier: Arc<Verifier>,
+    pub(crate) registry: Arc<Registry>,
+}
+
+pub struct Proxy {
+    config: ProxyConfig,
+    registry: Arc<Registry>,
+}
+
+impl Proxy {
+    pub fn new(config: ProxyConfig) -> Arc<Self> {
+        Arc::new(Self { config, registry: Arc::new(Registry::default()) })
+    }
+
+    pub fn registry(&self) -> Arc<Registry> {
+        self.registry.clone()
+    }
+
+    /// Serves the given listeners until `shutdown`, then drains.
+    pub async fn run(self: Arc<Self>, listeners: Listeners, shutdown: Shutdown) {
+        let shared = Arc::new(Shared { verifier: self.config.verifier.clone(), registry: self.registry.clone() });
+        let opts = |name| AcceptOptions {
+            max_connections: self.config.max_connections,
+            handshake_timeout: self.config.handshake_timeout,
+            ..AcceptOptions::named(name)
+        };
+        let mut tasks = tokio::task::JoinSet::new();
+        if let Some(l) = listeners.http {
+            let shared = shared.clone();
+            let sd = shutdown.clone();
+            tasks.spawn(accept_loop(l, opts("http-proxy"), shutdown.clone(), move |stream, _| {
+                serve_http(stream, shared.clone(), sd.clone())
+            }));
+        }
+        if let Some(l) = listeners.socks5 {
+            let shared = shared.clone();
+            let hs = self.config.handshake_timeout;
+            tasks.spawn(accept_loop(l, opts("socks5-proxy"), shutdown.clone(), move |stream, _| {
+                socks::serve(stream, shared.clone(), hs)
+            }));
+        }
+        if let Some(l) = listeners.tunnel {
+            let acceptor = tokio_rustls::TlsAcceptor::from(self.config.tunnel_tls.clone());
+            let registry = self.registry.clone();
+            let hb = self.config.heartbeat;
+            let hs = self.config.handshake_timeout;
+            let sd = shutdown.clone();
+            tasks.spawn(accept_loop(l, opts("tunnel"), shutdown.clone(), move |stream, _| {
+                tunnel_server::serve(stream, acceptor.clone(), registry.clone(), hb, hs, sd.clone())
+            }));
+        }
+        while tasks.join_next().await.is_some() {}
+    }
+}
+
+async fn serve_http(stream: tokio::net::TcpStream, shared: Arc<Shared>, shutdown: Shutdown) {
+    let service = hyper::service::service_fn(move |req| {
+        let shared = shared.clone();
+        async move { Ok::<_, std::convert::Infallible>(http_proxy::handle(shared, req).await) }
+    });
+    let conn = hyper::server::conn::http1::Builder::new()
+        .timer(TokioTimer::new())
+        .header_read_timeout(Duration::from_secs(30))
+        // hyper answers 431 when the request head exceeds this; single lines over 8 KiB are
+        // refused by the handler, as SAP's proxy does.
+        .max_buf_size(64 * 1024)
+        .serve_connection(TokioIo::new(stream), service);
+    tokio::pin!(conn);
+    tokio::select! {
+        r = conn.as_mut() => if let Err(e) = r { tracing::debug!(error = %e, "HTTP proxy connection error") },
+        _ = shutdown.cancelled() => {
+            conn.as_mut().graceful_shutdown();
+            let _ = tokio::time::timeout(Duration::from_secs(10), conn).await;
+        }
+    }
+}

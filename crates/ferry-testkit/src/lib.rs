@@ -1,1 +1,207 @@
+//! Test support (dev-dependency only): real servers on 127.0.0.1 port 0, a test CA, a tunnel
+//! pair (proxy + connector) wired together, an echo backend, and a TCP relay that can be cut.
 
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use bytes::Bytes;
+use ferry_auth::{KeySet, Verifier};
+use ferry_connector::{AccessRules, Connector, ConnectorConfig, TunnelStatus};
+use ferry_core::Shutdown;
+use ferry_core::tls::LocalCa;
+use ferry_proxy::{Listeners, Proxy, ProxyConfig};
+use http_body_util::{BodyExt, Full};
+use hyper_util::rt::TokioIo;
+use serde_json::{Value, json};
+use tokio::io::AsyncWriteExt;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
+
+/// Waits until `cond` holds, polling every 10 ms, for at most 10 s; panics with `what` after.
+#[macro_export]
+macro_rules! eventually {
+    ($what:expr, $cond:expr) => {{
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        loop {
+            if $cond {
+                break;
+            }
+            if std::time::Instant::now() > deadline {
+                panic!("timed out waiting for: {}", $what);
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+    }};
+}
+
+pub async fn listener() -> TcpListener {
+    TcpListener::bind("127.0.0.1:0").await.expect("bind 127.0.0.1:0")
+}
+
+pub fn now() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+}
+
+/// An XSUAA-shaped client-credentials token for tenant `zid`.
+pub fn token(keys: &KeySet, zid: &str, client_id: &str, exp_in: i64) -> String {
+    let exp = (now() as i64 + exp_in) as u64;
+    keys.sign(
+        &json!({"zid": zid, "client_id": client_id, "cid": client_id, "exp": exp, "iat": now(),
+                "ext_attr": {"enhancer": "XSUAA", "zdn": "test", "subaccountid": zid}}),
+        &[],
+    )
+    .expect("sign")
+}
+
+/// An HTTP/1.1 echo server: answers every request with JSON {method, url, headers, body}.
+pub struct EchoBackend {
+    pub addr: SocketAddr,
+    hits: Arc<AtomicUsize>,
+}
+
+impl EchoBackend {
+    pub async fn start() -> Self {
+        let l = listener().await;
+        let addr = l.local_addr().expect("addr");
+        let hits = Arc::new(AtomicUsize::new(0));
+        let h = hits.clone();
+        tokio::spawn(async move {
+            loop {
+                let Ok((s, _)) = l.accept().await else { return };
+                let _ = s.set_nodelay(true);
+                let h = h.clone();
+                tokio::spawn(async move {
+                    let svc = hyper::service::service_fn(move |req: http::Request<hyper::body::Incoming>| {
+                        let h = h.clone();
+                        async move {
+                            h.fetch_add(1, Ordering::SeqCst);
+                            let (parts, body) = req.into_parts();
+                            let body = body.collect().await.map(|b| b.to_bytes()).unwrap_or_default();
+                            let headers: serde_json::Map<String, Value> = parts
+                                .headers
+                                .iter()
+                                .map(|(k, v)| (k.to_string(), Value::String(v.to_str().unwrap_or("").to_owned())))
+                                .collect();
+                            let out = json!({"method": parts.method.as_str(), "url": parts.uri.to_string(),
+                                             "headers": headers, "body": String::from_utf8_lossy(&body)});
+                            let resp = http::Response::builder()
+                                .header("content-type", "application/json")
+                                .header("x-echo", "1")
+                                .body(Full::new(Bytes::from(out.to_string())))
+                                .expect("response");
+                            Ok::<_, std::convert::Infallible>(resp)
+                        }
+                    });
+                    let _ = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(s), svc).await;
+                });
+            }
+        });
+        Self { addr, hits }
+    }
+
+    pub fn hits(&self) -> usize {
+        self.hits.load(Ordering::SeqCst)
+    }
+}
+
+/// A TCP relay in front of `target` whose connections the test can cut at will.
+pub struct CuttableRelay {
+    pub addr: SocketAddr,
+    cut: watch::Sender<u64>,
+}
+
+impl CuttableRelay {
+    pub async fn start(target: SocketAddr) -> Self {
+        let l = listener().await;
+        let addr = l.local_addr().expect("addr");
+        let (cut, rx) = watch::channel(0u64);
+        tokio::spawn(async move {
+            loop {
+                let Ok((mut inbound, _)) = l.accept().await else { return };
+                let mut rx = rx.clone();
+                rx.mark_unchanged();
+                tokio::spawn(async move {
+                    let Ok(mut outbound) = TcpStream::connect(target).await else { return };
+                    tokio::select! {
+                        _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound) => {}
+                        _ = rx.changed() => {
+                            let _ = inbound.shutdown().await;
+                        }
+                    }
+                });
+            }
+        });
+        Self { addr, cut }
+    }
+
+    /// Drops every connection currently relayed.
+    pub fn cut(&self) {
+        self.cut.send_modify(|n| *n += 1);
+    }
+}
+
+pub const SUBACCOUNT: &str = "0a0b0c0d-0000-4000-8000-000000000001";
+
+/// A proxy (HTTP, SOCKS5, tunnel listeners on port 0) and optionally a connector dialing it.
+pub struct TunnelPair {
+    pub ca: LocalCa,
+    pub keys: Arc<KeySet>,
+    pub proxy: Arc<Proxy>,
+    pub http_addr: SocketAddr,
+    pub socks_addr: SocketAddr,
+    pub tunnel_addr: SocketAddr,
+    pub shutdown: Shutdown,
+}
+
+impl TunnelPair {
+    pub async fn start() -> Self {
+        ferry_core::init_crypto();
+        let ca = LocalCa::generate("ferry test CA").expect("CA");
+        let keys = Arc::new(KeySet::generate().expect("keys"));
+        let server = ca.issue_server_cert(&["127.0.0.1", "localhost"]).expect("server cert");
+        let tls =
+            ferry_core::tls::server_config(&server, Some(ca.cert_pem()), &[ferry_proto::tunnel::ALPN]).expect("tls");
+        let mut cfg = ProxyConfig::new(Arc::new(Verifier::local(keys.clone())), tls);
+        cfg.handshake_timeout = Duration::from_secs(2);
+        let proxy = Proxy::new(cfg);
+        let (h, s, t) = (listener().await, listener().await, listener().await);
+        let (http_addr, socks_addr, tunnel_addr) =
+            (h.local_addr().expect("a"), s.local_addr().expect("a"), t.local_addr().expect("a"));
+        let shutdown = Shutdown::new();
+        tokio::spawn(
+            proxy.clone().run(Listeners { http: Some(h), socks5: Some(s), tunnel: Some(t) }, shutdown.clone()),
+        );
+        Self { ca, keys, proxy, http_addr, socks_addr, tunnel_addr, shutdown }
+    }
+
+    pub fn token(&self) -> String {
+        token(&self.keys, SUBACCOUNT, "sb-test-connectivity!b1", 600)
+    }
+
+    /// Starts a connector for (SUBACCOUNT, `location`) dialing `dial` (the tunnel port, or a
+    /// relay in front of it). Returns its status; the connector stops with the pair.
+    pub fn connector(&self, location: &str, rules: AccessRules, dial: SocketAddr) -> watch::Receiver<TunnelStatus> {
+        let id = self.ca.issue_connector_cert(SUBACCOUNT, location, time::Duration::days(1)).expect("connector cert");
+        let mut cfg =
+            ConnectorConfig::new(dial.to_string(), "127.0.0.1".into(), self.ca.cert_pem().to_owned(), id, rules);
+        cfg.backoff_initial = Duration::from_millis(20);
+        cfg.backoff_max = Duration::from_millis(200);
+        let c = Arc::new(Connector::new(cfg).expect("connector"));
+        let status = c.status();
+        tokio::spawn(c.run(self.shutdown.clone()));
+        status
+    }
+
+    pub async fn wait_connected(&self, location: &str) {
+        let reg = self.proxy.registry();
+        eventually!("connector registered at the proxy", reg.is_connected(SUBACCOUNT, location));
+    }
+}
+
+impl Drop for TunnelPair {
+    fn drop(&mut self) {
+        self.shutdown.cancel();
+    }
+}

@@ -1,0 +1,294 @@
+//! Access control: which virtual systems and resources the cloud side may reach.
+//!
+//! Pure functions over the configured rules, so every rule is tested as a table. Semantics
+//! follow SAP's Cloud Connector: a system mapping grants a virtual `host:port` for one
+//! protocol and names the internal host behind it; for HTTP, resources grant paths — "path
+//! only" is equality, "path and all sub-paths" is a plain string prefix (so `/a` also admits
+//! `/ab`, as in SAP's product). Everything not granted is denied.
+
+use serde::{Deserialize, Serialize};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "UPPERCASE")]
+pub enum Protocol {
+    Http,
+    Https,
+    Tcp,
+    Tcps,
+    Ldap,
+    Ldaps,
+}
+
+impl Protocol {
+    /// Whether this mapping carries HTTP requests (as opposed to raw TCP streams).
+    pub fn is_http(self) -> bool {
+        matches!(self, Protocol::Http | Protocol::Https)
+    }
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub enum HostInHeader {
+    /// The backend sees the virtual host in `Host` (SAP's default).
+    #[default]
+    Virtual,
+    /// The backend sees its internal host; the virtual one goes in `X-Forwarded-Host`.
+    Internal,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Resource {
+    /// URL path, case-sensitive, compared without the query.
+    #[serde(alias = "id")]
+    pub path: String,
+    /// `true`: "path only"; `false`: "path and all sub-paths" (string prefix).
+    #[serde(default)]
+    pub exact_match_only: bool,
+    #[serde(default = "yes")]
+    pub enabled: bool,
+    #[serde(default)]
+    pub websocket_upgrade_allowed: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub description: Option<String>,
+}
+
+fn yes() -> bool {
+    true
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct SystemMapping {
+    pub virtual_host: String,
+    pub virtual_port: u16,
+    #[serde(alias = "internalHost")]
+    pub local_host: String,
+    #[serde(alias = "internalPort")]
+    pub local_port: u16,
+    pub protocol: Protocol,
+    #[serde(default)]
+    pub host_in_header: HostInHeader,
+    #[serde(default)]
+    pub resources: Vec<Resource>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub description: Option<String>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct AccessRules {
+    pub mappings: Vec<SystemMapping>,
+}
+
+/// What the cloud side asks for.
+#[derive(Clone, Copy, Debug)]
+pub enum AccessRequest<'a> {
+    /// One HTTP request; `path` is the raw path of the request target, without the query.
+    Http {
+        host: &'a str,
+        port: u16,
+        path: &'a str,
+    },
+    Tcp {
+        host: &'a str,
+        port: u16,
+    },
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DenyReason {
+    /// No system mapping for the virtual host and port.
+    NoMapping,
+    /// A mapping exists but for another protocol (e.g. an HTTP request to a TCP mapping).
+    WrongProtocol,
+    /// The path is not covered by an enabled resource.
+    Resource,
+    /// The path is ambiguous (dot segments, encoded slashes, NUL, bad escapes) and is refused
+    /// rather than guessed at, because the backend might read it differently.
+    AmbiguousPath,
+}
+
+#[derive(Debug, PartialEq, Eq)]
+pub enum Decision<'a> {
+    Allow(&'a SystemMapping),
+    Deny(DenyReason),
+}
+
+impl AccessRules {
+    pub fn new(mappings: Vec<SystemMapping>) -> Self {
+        Self { mappings }
+    }
+
+    fn mapping(&self, host: &str, port: u16) -> Option<&SystemMapping> {
+        self.mappings.iter().find(|m| m.virtual_port == port && m.virtual_host.eq_ignore_ascii_case(host))
+    }
+
+    pub fn check(&self, req: AccessRequest<'_>) -> Decision<'_> {
+        match req {
+            AccessRequest::Tcp { host, port } => match self.mapping(host, port) {
+                None => Decision::Deny(DenyReason::NoMapping),
+                Some(m) if m.protocol.is_http() => Decision::Deny(DenyReason::WrongProtocol),
+                Some(m) => Decision::Allow(m),
+            },
+            AccessRequest::Http { host, port, path } => {
+                let Some(m) = self.mapping(host, port) else { return Decision::Deny(DenyReason::NoMapping) };
+                if !m.protocol.is_http() {
+                    return Decision::Deny(DenyReason::WrongProtocol);
+                }
+                let Some(path) = normalize_path(path) else { return Decision::Deny(DenyReason::AmbiguousPath) };
+                let granted = m
+                    .resources
+                    .iter()
+                    .filter(|r| r.enabled)
+                    .any(|r| if r.exact_match_only { path == r.path } else { path.starts_with(r.path.as_str()) });
+                if granted { Decision::Allow(m) } else { Decision::Deny(DenyReason::Resource) }
+            }
+        }
+    }
+}
+
+/// Percent-decodes a request path for matching. Returns `None` for anything a backend could
+/// interpret differently from us: not starting with `/`, `.`/`..` segments (plain or encoded),
+/// encoded `/` or `\`, a backslash, NUL or control characters, malformed escapes, non-UTF-8.
+pub fn normalize_path(raw: &str) -> Option<String> {
+    if !raw.starts_with('/') {
+        return None;
+    }
+    let bytes = raw.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let b = bytes[i];
+        if b == b'%' {
+            let hex = bytes.get(i + 1..i + 3)?;
+            let v = u8::from_str_radix(std::str::from_utf8(hex).ok()?, 16).ok()?;
+            if v == b'/' || v == b'\\' || v == b'%' {
+                return None;
+            }
+            out.push(v);
+            i += 3;
+        } else {
+            out.push(b);
+            i += 1;
+        }
+    }
+    let s = String::from_utf8(out).ok()?;
+    if s.chars().any(|c| c == '\\' || c.is_control()) {
+        return None;
+    }
+    if s.split('/').any(|seg| seg == "." || seg == "..") {
+        return None;
+    }
+    Some(s)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn res(path: &str, exact: bool, enabled: bool) -> Resource {
+        Resource {
+            path: path.into(),
+            exact_match_only: exact,
+            enabled,
+            websocket_upgrade_allowed: false,
+            description: None,
+        }
+    }
+
+    fn rules() -> AccessRules {
+        AccessRules::new(vec![
+            SystemMapping {
+                virtual_host: "erp.virtual".into(),
+                virtual_port: 8080,
+                local_host: "10.0.0.1".into(),
+                local_port: 80,
+                protocol: Protocol::Http,
+                host_in_header: HostInHeader::Virtual,
+                resources: vec![
+                    res("/sap/opu", false, true),
+                    res("/exact", true, true),
+                    res("/suspended", false, false),
+                ],
+                description: None,
+            },
+            SystemMapping {
+                virtual_host: "smtp.virtual".into(),
+                virtual_port: 25,
+                local_host: "10.0.0.2".into(),
+                local_port: 2525,
+                protocol: Protocol::Tcp,
+                host_in_header: HostInHeader::Virtual,
+                resources: vec![],
+                description: None,
+            },
+        ])
+    }
+
+    #[test]
+    fn http_table() {
+        use DenyReason::*;
+        let r = rules();
+        let table: &[(&str, u16, &str, Option<DenyReason>)] = &[
+            ("erp.virtual", 8080, "/sap/opu", None),
+            ("ERP.Virtual", 8080, "/sap/opu/odata/x", None),
+            ("erp.virtual", 8080, "/sap/opu-plus", None), // SAP: plain string prefix
+            ("erp.virtual", 8080, "/sap/op", Some(Resource)),
+            ("erp.virtual", 8080, "/SAP/opu", Some(Resource)), // case-sensitive
+            ("erp.virtual", 8080, "/exact", None),
+            ("erp.virtual", 8080, "/exact/sub", Some(Resource)),
+            ("erp.virtual", 8080, "/suspended/x", Some(Resource)),
+            ("erp.virtual", 8081, "/sap/opu", Some(NoMapping)),
+            ("other.virtual", 8080, "/sap/opu", Some(NoMapping)),
+            ("smtp.virtual", 25, "/", Some(WrongProtocol)),
+            ("erp.virtual", 8080, "/sap/opu/../../admin", Some(AmbiguousPath)),
+            ("erp.virtual", 8080, "/sap/opu/%2e%2e/admin", Some(AmbiguousPath)),
+            ("erp.virtual", 8080, "/sap/opu%2F..%2Fadmin", Some(AmbiguousPath)),
+            ("erp.virtual", 8080, "/sap/opu/%zz", Some(AmbiguousPath)),
+            ("erp.virtual", 8080, "/sap/opu/a\\b", Some(AmbiguousPath)),
+            ("erp.virtual", 8080, "/sap/opu/%00", Some(AmbiguousPath)),
+            ("erp.virtual", 8080, "sap/opu", Some(AmbiguousPath)),
+            ("erp.virtual", 8080, "/sap/%6Fpu/x", None), // decoded before matching
+        ];
+        for (host, port, path, want) in table {
+            let got = r.check(AccessRequest::Http { host, port: *port, path });
+            match want {
+                None => assert!(matches!(got, Decision::Allow(_)), "{host}:{port}{path} -> {got:?}"),
+                Some(reason) => assert_eq!(got, Decision::Deny(*reason), "{host}:{port}{path}"),
+            }
+        }
+    }
+
+    #[test]
+    fn tcp_table() {
+        let r = rules();
+        assert!(
+            matches!(r.check(AccessRequest::Tcp { host: "smtp.virtual", port: 25 }), Decision::Allow(m) if m.local_port == 2525)
+        );
+        assert_eq!(
+            r.check(AccessRequest::Tcp { host: "smtp.virtual", port: 26 }),
+            Decision::Deny(DenyReason::NoMapping)
+        );
+        assert_eq!(
+            r.check(AccessRequest::Tcp { host: "erp.virtual", port: 8080 }),
+            Decision::Deny(DenyReason::WrongProtocol)
+        );
+    }
+
+    #[test]
+    fn mapping_deserializes_from_sap_names() {
+        let m: SystemMapping = serde_json::from_str(
+            r#"{"virtualHost":"a.virtual","virtualPort":80,"localHost":"127.0.0.1","localPort":8080,
+               "protocol":"HTTP","resources":[{"id":"/","exactMatchOnly":false}]}"#,
+        )
+        .unwrap();
+        assert!(m.resources[0].enabled);
+        assert!(
+            serde_json::from_str::<SystemMapping>(
+                r#"{"virtualHost":"a","virtualPort":1,"localHost":"b","localPort":2,"protocol":"HTTP","bogus":1}"#
+            )
+            .is_err()
+        );
+    }
+}

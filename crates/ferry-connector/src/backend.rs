@@ -1,0 +1,188 @@
+//! The connector's side of a tunnel stream: access check, audit line, and the relay to the
+//! internal backend.
+
+use std::time::Duration;
+
+use ferry_core::body::{self, BoxBody};
+use ferry_proto::tunnel;
+use http::{HeaderValue, Request, Response, StatusCode, Uri};
+use hyper::body::Incoming;
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
+use tokio::net::TcpStream;
+
+use crate::access::{AccessRequest, AccessRules, Decision, DenyReason, HostInHeader, SystemMapping};
+
+pub(crate) struct Backend {
+    rules: AccessRules,
+    connect_timeout: Duration,
+    http: Client<HttpConnector, BoxBody>,
+}
+
+fn error_response(status: StatusCode, kind: &'static str, message: String) -> Response<BoxBody> {
+    let mut r = Response::new(body::full(message));
+    *r.status_mut() = status;
+    r.headers_mut().insert(tunnel::ERROR, HeaderValue::from_static(kind));
+    r.headers_mut().insert(http::header::CONTENT_TYPE, HeaderValue::from_static("text/plain; charset=utf-8"));
+    r
+}
+
+fn deny_message(reason: DenyReason, target: &str, path: Option<&str>) -> String {
+    match (reason, path) {
+        (DenyReason::Resource, Some(p)) => format!("Access denied to resource {p} on system {target}"),
+        (DenyReason::AmbiguousPath, Some(p)) => {
+            format!("Access denied: ambiguous request path {p:?} for system {target}")
+        }
+        (DenyReason::WrongProtocol, _) => {
+            format!("Access denied to system {target}: the mapping is for another protocol")
+        }
+        _ => format!("Access denied to system {target}"),
+    }
+}
+
+impl Backend {
+    pub(crate) fn new(rules: AccessRules, connect_timeout: Duration) -> Self {
+        let mut connector = HttpConnector::new();
+        connector.set_nodelay(true);
+        connector.set_connect_timeout(Some(connect_timeout));
+        connector.enforce_http(true);
+        let http = Client::builder(TokioExecutor::new()).pool_idle_timeout(Duration::from_secs(30)).build(connector);
+        Self { rules, connect_timeout, http }
+    }
+
+    pub(crate) async fn handle(&self, req: Request<Incoming>) -> Response<BoxBody> {
+        let header = |name: &str| req.headers().get(name).and_then(|v| v.to_str().ok()).map(str::to_owned);
+        let Some(target) = header(tunnel::TARGET) else {
+            return error_response(StatusCode::BAD_REQUEST, tunnel::ERROR_BAD_REQUEST, "missing ferry-target".into());
+        };
+        let Some((host, port)) = tunnel::split_host_port(&target) else {
+            return error_response(
+                StatusCode::BAD_REQUEST,
+                tunnel::ERROR_BAD_REQUEST,
+                format!("invalid target {target:?}; expected host:port"),
+            );
+        };
+        let request_id = header(tunnel::REQUEST_ID).unwrap_or_default();
+        let client = header(tunnel::CLIENT).unwrap_or_default();
+        match header(tunnel::KIND).as_deref() {
+            Some(tunnel::KIND_HTTP) => {
+                let path = req.uri().path().to_owned();
+                match self.rules.check(AccessRequest::Http { host, port, path: &path }) {
+                    Decision::Allow(m) => {
+                        tracing::info!(target: "ferry::audit", %request_id, %client, system = %target, method = %req.method(), %path, "Access allowed");
+                        let m = m.clone();
+                        self.forward_http(req, &m, &target).await
+                    }
+                    Decision::Deny(reason) => {
+                        tracing::warn!(target: "ferry::audit", %request_id, %client, system = %target, method = %req.method(), %path, ?reason, "Access denied");
+                        error_response(
+                            StatusCode::FORBIDDEN,
+                            tunnel::ERROR_DENIED,
+                            deny_message(reason, &target, Some(&path)),
+                        )
+                    }
+                }
+            }
+            Some(tunnel::KIND_TCP) => match self.rules.check(AccessRequest::Tcp { host, port }) {
+                Decision::Allow(m) => {
+                    tracing::info!(target: "ferry::audit", %request_id, %client, system = %target, "Access allowed (TCP)");
+                    let m = m.clone();
+                    self.forward_tcp(req, &m, &target).await
+                }
+                Decision::Deny(reason) => {
+                    tracing::warn!(target: "ferry::audit", %request_id, %client, system = %target, ?reason, "Access denied (TCP)");
+                    error_response(StatusCode::FORBIDDEN, tunnel::ERROR_DENIED, deny_message(reason, &target, None))
+                }
+            },
+            other => error_response(
+                StatusCode::BAD_REQUEST,
+                tunnel::ERROR_BAD_REQUEST,
+                format!("unknown stream kind {other:?}"),
+            ),
+        }
+    }
+
+    async fn forward_http(&self, req: Request<Incoming>, m: &SystemMapping, target: &str) -> Response<BoxBody> {
+        let (mut parts, incoming) = req.into_parts();
+        let pq = parts.uri.path_and_query().map(|p| p.as_str()).unwrap_or("/");
+        let uri: Uri = match format!("http://{}:{}{}", m.local_host, m.local_port, pq).parse() {
+            Ok(u) => u,
+            Err(_) => {
+                return error_response(
+                    StatusCode::BAD_REQUEST,
+                    tunnel::ERROR_BAD_REQUEST,
+                    "invalid request target".into(),
+                );
+            }
+        };
+        parts.uri = uri;
+        parts.version = http::Version::HTTP_11;
+        let h = &mut parts.headers;
+        for name in [tunnel::KIND, tunnel::TARGET, tunnel::REQUEST_ID, tunnel::PRINCIPAL, tunnel::CLIENT] {
+            h.remove(name);
+        }
+        body::strip_hop_by_hop(h);
+        let host_value = match m.host_in_header {
+            HostInHeader::Virtual => target.to_owned(),
+            HostInHeader::Internal => {
+                if let Ok(v) = HeaderValue::from_str(target) {
+                    h.insert("x-forwarded-host", v);
+                }
+                format!("{}:{}", m.local_host, m.local_port)
+            }
+        };
+        if let Ok(v) = HeaderValue::from_str(&host_value) {
+            h.insert(http::header::HOST, v);
+        }
+        let req = Request::from_parts(parts, body::boxed(incoming));
+        match self.http.request(req).await {
+            Ok(resp) => {
+                let (mut parts, incoming) = resp.into_parts();
+                body::strip_hop_by_hop(&mut parts.headers);
+                Response::from_parts(parts, body::boxed(incoming))
+            }
+            Err(e) => {
+                tracing::warn!(system = %target, error = %e, "backend request failed");
+                error_response(
+                    StatusCode::BAD_GATEWAY,
+                    tunnel::ERROR_UNREACHABLE,
+                    format!("The Cloud Connector could not reach the backend of system {target}"),
+                )
+            }
+        }
+    }
+
+    async fn forward_tcp(&self, req: Request<Incoming>, m: &SystemMapping, target: &str) -> Response<BoxBody> {
+        let addr = (m.local_host.as_str(), m.local_port);
+        let stream = match tokio::time::timeout(self.connect_timeout, TcpStream::connect(addr)).await {
+            Ok(Ok(s)) => s,
+            Ok(Err(e)) => {
+                tracing::warn!(system = %target, error = %e, "backend connect failed");
+                return error_response(
+                    StatusCode::BAD_GATEWAY,
+                    tunnel::ERROR_UNREACHABLE,
+                    format!("The Cloud Connector could not reach the backend of system {target}"),
+                );
+            }
+            Err(_) => {
+                return error_response(
+                    StatusCode::GATEWAY_TIMEOUT,
+                    tunnel::ERROR_TIMEOUT,
+                    format!("Connecting to the backend of system {target} timed out"),
+                );
+            }
+        };
+        let _ = stream.set_nodelay(true);
+        let (read, write) = stream.into_split();
+        let upstream = req.into_body();
+        tokio::spawn(async move {
+            if let Err(e) = body::copy_to_writer(upstream, write).await {
+                tracing::debug!(error = %e, "tunnel→backend copy ended");
+            }
+        });
+        let mut resp = Response::new(body::from_reader(read));
+        resp.headers_mut().insert(http::header::CONTENT_TYPE, HeaderValue::from_static("application/octet-stream"));
+        resp
+    }
+}

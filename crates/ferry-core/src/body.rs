@@ -1,0 +1,133 @@
+//! HTTP bodies as the data path uses them: boxed, streamed, never buffered whole.
+
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use bytes::Bytes;
+use http::HeaderMap;
+use http_body::{Body, Frame};
+use http_body_util::BodyExt;
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
+use tokio_util::io::ReaderStream;
+
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+pub type BoxBody = http_body_util::combinators::BoxBody<Bytes, BoxError>;
+
+pub fn empty() -> BoxBody {
+    http_body_util::Empty::new().map_err(|never| match never {}).boxed()
+}
+
+pub fn full(data: impl Into<Bytes>) -> BoxBody {
+    http_body_util::Full::new(data.into()).map_err(|never| match never {}).boxed()
+}
+
+/// Boxes any body whose error converts into [`BoxError`].
+pub fn boxed<B>(body: B) -> BoxBody
+where
+    B: Body<Data = Bytes> + Send + Sync + 'static,
+    B::Error: Into<BoxError>,
+{
+    body.map_err(Into::into).boxed()
+}
+
+/// A body that streams what `reader` yields, in chunks of up to 64 KiB. Backpressure: the
+/// reader is polled only when the consumer asks for the next frame.
+pub fn from_reader<R: AsyncRead + Unpin + Send + Sync + 'static>(reader: R) -> BoxBody {
+    BoxBody::new(ReaderBody { inner: ReaderStream::with_capacity(reader, 64 * 1024) })
+}
+
+struct ReaderBody<R> {
+    inner: ReaderStream<R>,
+}
+
+impl<R: AsyncRead + Unpin> Body for ReaderBody<R> {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        match futures_util::Stream::poll_next(Pin::new(&mut self.get_mut().inner), cx) {
+            Poll::Ready(Some(Ok(b))) => Poll::Ready(Some(Ok(Frame::data(b)))),
+            Poll::Ready(Some(Err(e))) => Poll::Ready(Some(Err(e.into()))),
+            Poll::Ready(None) => Poll::Ready(None),
+            Poll::Pending => Poll::Pending,
+        }
+    }
+}
+
+/// Writes every data frame of `body` to `writer`, then shuts the writer down (half-close), so
+/// the peer sees end-of-stream exactly when the body ends.
+pub async fn copy_to_writer<B, W>(mut body: B, mut writer: W) -> Result<u64, BoxError>
+where
+    B: Body<Data = Bytes> + Unpin,
+    B::Error: Into<BoxError>,
+    W: AsyncWrite + Unpin,
+{
+    let mut n = 0u64;
+    while let Some(frame) = body.frame().await {
+        let frame = frame.map_err(Into::into)?;
+        if let Ok(data) = frame.into_data() {
+            n += data.len() as u64;
+            writer.write_all(&data).await?;
+        }
+    }
+    writer.shutdown().await?;
+    Ok(n)
+}
+
+/// Headers that describe one hop, never the message (RFC 9110 §7.6.1), plus `Proxy-*`.
+const HOP_BY_HOP: &[&str] = &[
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "proxy-authenticate",
+    "proxy-authorization",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
+];
+
+/// Removes hop-by-hop headers, including any named in `Connection`.
+pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    let named: Vec<String> = headers
+        .get_all(http::header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(',').map(|s| s.trim().to_ascii_lowercase()))
+        .filter(|s| !s.is_empty())
+        .collect();
+    for name in named {
+        headers.remove(name.as_str());
+    }
+    for name in HOP_BY_HOP {
+        headers.remove(*name);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn strips_hop_by_hop_and_connection_named() {
+        let mut h = HeaderMap::new();
+        h.insert("connection", "keep-alive, x-secret-hop".parse().unwrap());
+        h.insert("x-secret-hop", "1".parse().unwrap());
+        h.insert("proxy-authorization", "Bearer x".parse().unwrap());
+        h.insert("transfer-encoding", "chunked".parse().unwrap());
+        h.insert("x-keep", "1".parse().unwrap());
+        strip_hop_by_hop(&mut h);
+        assert_eq!(h.len(), 1);
+        assert!(h.contains_key("x-keep"));
+    }
+
+    #[tokio::test]
+    async fn reader_body_streams_and_copies() {
+        let data = vec![7u8; 200_000];
+        let body = from_reader(std::io::Cursor::new(data.clone()));
+        let mut out = Vec::new();
+        let n = copy_to_writer(body, &mut out).await.unwrap();
+        assert_eq!(n, 200_000);
+        assert_eq!(out, data);
+    }
+}

@@ -1,0 +1,74 @@
+//! The tunnel between the Connectivity Proxy and a Cloud Connector.
+//!
+//! ```text
+//!  connector ──TCP+TLS 1.3 (client cert = subaccount + location id)──► proxy :tunnel port
+//!            ◄──────────── HTTP/2, roles reversed ─────────────────────
+//!            proxy = h2 client (opens one stream per app request/connection)
+//!            connector = h2 server (answers, dials the backend)
+//! ```
+//!
+//! A stream is an HTTP/2 request from the proxy whose headers describe the app's intent:
+//!
+//! | header | meaning |
+//! |---|---|
+//! | `ferry-kind` | `http` (one HTTP request; method, URI, headers and body are the app's) or `tcp` (a raw byte stream: request body = app→backend, response body = backend→app) |
+//! | `ferry-target` | virtual `host:port` the app asked for |
+//! | `ferry-request-id` | id for correlating proxy and connector audit lines |
+//! | `ferry-principal` | the user JWT to propagate (principal propagation), if any |
+//! | `ferry-client` | the OAuth client id of the app, for the audit log |
+//!
+//! The connector answers with the backend's response (`http`), or `200` then the byte stream
+//! (`tcp`). When the connector itself refuses, the response carries `ferry-error` so the proxy
+//! can tell the app whose fault it was.
+
+pub const KIND: &str = "ferry-kind";
+pub const TARGET: &str = "ferry-target";
+pub const REQUEST_ID: &str = "ferry-request-id";
+pub const PRINCIPAL: &str = "ferry-principal";
+pub const CLIENT: &str = "ferry-client";
+pub const ERROR: &str = "ferry-error";
+
+pub const KIND_HTTP: &str = "http";
+pub const KIND_TCP: &str = "tcp";
+
+/// Values of [`ERROR`].
+pub const ERROR_DENIED: &str = "denied";
+pub const ERROR_UNREACHABLE: &str = "unreachable";
+pub const ERROR_BAD_REQUEST: &str = "bad-request";
+pub const ERROR_TIMEOUT: &str = "timeout";
+
+/// ALPN protocol id of the tunnel, so that a connector never talks to something else by mistake.
+pub const ALPN: &[u8] = b"ferry-tunnel/1";
+
+/// HTTP/2 tuning measured on 2 cores (see DESIGN.md "The tunnel"): the 64 KiB defaults cap a
+/// stream at a third of the link; these reach the TLS limit.
+pub const STREAM_WINDOW: u32 = 4 * 1024 * 1024;
+pub const CONNECTION_WINDOW: u32 = 16 * 1024 * 1024;
+pub const MAX_FRAME: u32 = 64 * 1024;
+pub const SEND_BUFFER: usize = 1024 * 1024;
+pub const MAX_STREAMS: u32 = 16 * 1024;
+
+/// Splits `host:port` (IPv6 literals in brackets). Returns `None` if the port is missing or not
+/// a number, or the host is empty.
+pub fn split_host_port(target: &str) -> Option<(&str, u16)> {
+    let (host, port) = target.rsplit_once(':')?;
+    let host = host.strip_prefix('[').and_then(|h| h.strip_suffix(']')).unwrap_or(host);
+    if host.is_empty() {
+        return None;
+    }
+    Some((host, port.parse().ok()?))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn host_port() {
+        assert_eq!(split_host_port("a.virtual:8080"), Some(("a.virtual", 8080)));
+        assert_eq!(split_host_port("[::1]:25"), Some(("::1", 25)));
+        assert_eq!(split_host_port("a.virtual"), None);
+        assert_eq!(split_host_port(":80"), None);
+        assert_eq!(split_host_port("a:99999"), None);
+    }
+}

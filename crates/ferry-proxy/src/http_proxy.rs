@@ -1,0 +1,163 @@
+//! The HTTP forward proxy (SAP's port 20003): absolute-form `http://virtual-host:port/...`
+//! requests, authenticated per request by `Proxy-Authorization: Bearer <JWT>`, routed into the
+//! tunnel of the Cloud Connector for (token's subaccount, `SAP-Connectivity-SCC-Location_ID`).
+
+use std::sync::Arc;
+
+use ferry_core::body::{self, BoxBody};
+use ferry_proto::tunnel;
+use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode};
+use hyper::body::Incoming;
+
+use crate::Shared;
+
+/// SAP's documented limit for a request line or a header line.
+pub const MAX_HEADER_LINE: usize = 8192;
+
+const LOCATION_HEADER: &str = "sap-connectivity-scc-location_id";
+const PRINCIPAL_HEADER: &str = "sap-connectivity-authentication";
+
+/// Builds the error answer. `whose` tells the reader where to look (client, tunnel, backend).
+pub(crate) fn error(status: StatusCode, message: impl Into<String>) -> Response<BoxBody> {
+    let mut msg = message.into();
+    msg.push('\n');
+    let mut r = Response::new(body::full(msg));
+    *r.status_mut() = status;
+    r.headers_mut().insert(http::header::CONTENT_TYPE, HeaderValue::from_static("text/plain; charset=utf-8"));
+    if status == StatusCode::PROXY_AUTHENTICATION_REQUIRED {
+        r.headers_mut().insert(
+            http::header::PROXY_AUTHENTICATE,
+            HeaderValue::from_static("Bearer realm=\"ferry connectivity proxy\""),
+        );
+    }
+    r
+}
+
+pub(crate) fn bearer(headers: &HeaderMap, name: impl http::header::AsHeaderName) -> Option<&str> {
+    let v = headers.get(name)?.to_str().ok()?.trim();
+    let (scheme, token) = v.split_once(' ')?;
+    scheme.eq_ignore_ascii_case("bearer").then(|| token.trim())
+}
+
+pub(crate) fn location_label(location: &str) -> String {
+    if location.is_empty() {
+        "no location ID (the default location)".into()
+    } else {
+        format!("location ID \"{location}\"")
+    }
+}
+
+pub(crate) async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Response<BoxBody> {
+    if let Some((name, _)) = req.headers().iter().find(|(n, v)| n.as_str().len() + v.len() + 2 > MAX_HEADER_LINE) {
+        return error(
+            StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            format!("Header {name} is longer than {MAX_HEADER_LINE} bytes"),
+        );
+    }
+    let claims = match bearer(req.headers(), http::header::PROXY_AUTHORIZATION) {
+        None => {
+            return error(
+                StatusCode::PROXY_AUTHENTICATION_REQUIRED,
+                "Proxy authentication required: send Proxy-Authorization: Bearer <token of the connectivity service>",
+            );
+        }
+        Some(token) => match shared.verifier.verify(token).await {
+            Ok(c) => c,
+            Err(e) => {
+                return error(StatusCode::PROXY_AUTHENTICATION_REQUIRED, format!("Proxy authentication failed: {e}"));
+            }
+        },
+    };
+    if req.method() == Method::CONNECT {
+        return error(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "CONNECT is not supported on the HTTP proxy port: send the request in absolute form to \
+             http://<virtual host>:<virtual port>/... (the Cloud Connector does TLS to the backend), \
+             or use the SOCKS5 port for end-to-end TLS",
+        );
+    }
+    let uri = req.uri();
+    match uri.scheme_str() {
+        Some("http") => {}
+        Some("https") => {
+            return error(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "https:// targets are not supported on the HTTP proxy port: use http://<virtual host>:<virtual port> \
+                 and map the virtual host to an HTTPS backend in the Cloud Connector",
+            );
+        }
+        _ => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                "The Connectivity Proxy expects absolute-form requests such as \
+                 GET http://<virtual host>:<virtual port>/path HTTP/1.1",
+            );
+        }
+    }
+    let Some(host) = uri.host() else {
+        return error(StatusCode::BAD_REQUEST, "The request URI has no host");
+    };
+    let target = format!("{}:{}", host, uri.port_u16().unwrap_or(80));
+    let location = req.headers().get(LOCATION_HEADER).and_then(|v| v.to_str().ok()).unwrap_or("").trim().to_owned();
+    let principal = bearer(req.headers(), PRINCIPAL_HEADER).map(str::to_owned);
+
+    let Some(mut sender) = shared.registry.pick(&claims.zid, &location) else {
+        return error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("No Cloud Connector is connected for subaccount {} with {}", claims.zid, location_label(&location)),
+        );
+    };
+
+    let (mut parts, incoming) = req.into_parts();
+    body::strip_hop_by_hop(&mut parts.headers);
+    let sap: Vec<_> = parts.headers.keys().filter(|k| k.as_str().starts_with("sap-connectivity-")).cloned().collect();
+    for k in sap {
+        parts.headers.remove(k);
+    }
+    let request_id = uuid::Uuid::new_v4().to_string();
+    let h = &mut parts.headers;
+    h.insert(tunnel::KIND, HeaderValue::from_static(tunnel::KIND_HTTP));
+    if let Ok(v) = HeaderValue::from_str(&target) {
+        h.insert(tunnel::TARGET, v);
+    }
+    if let Ok(v) = HeaderValue::from_str(&request_id) {
+        h.insert(tunnel::REQUEST_ID, v);
+    }
+    if let Some(v) = claims.client_id.as_deref().and_then(|c| HeaderValue::from_str(c).ok()) {
+        h.insert(tunnel::CLIENT, v);
+    }
+    if let Some(v) = principal.as_deref().and_then(|p| HeaderValue::from_str(p).ok()) {
+        h.insert(tunnel::PRINCIPAL, v);
+    }
+    parts.version = http::Version::HTTP_2;
+    let tunnel_req = Request::from_parts(parts, body::boxed(incoming));
+    tracing::debug!(%request_id, subaccount = %claims.zid, %location, %target, "proxying HTTP request");
+    let sent = async {
+        sender.ready().await?;
+        sender.send_request(tunnel_req).await
+    };
+    match sent.await {
+        Ok(resp) => {
+            let (mut parts, incoming) = resp.into_parts();
+            let fault = parts.headers.remove(tunnel::ERROR);
+            let status = match fault.as_ref().and_then(|v| v.to_str().ok()) {
+                Some(tunnel::ERROR_DENIED) => StatusCode::FORBIDDEN,
+                Some(tunnel::ERROR_UNREACHABLE) => StatusCode::BAD_GATEWAY,
+                Some(tunnel::ERROR_TIMEOUT) => StatusCode::GATEWAY_TIMEOUT,
+                Some(_) => StatusCode::BAD_REQUEST,
+                None => parts.status,
+            };
+            parts.status = status;
+            parts.version = http::Version::HTTP_11;
+            body::strip_hop_by_hop(&mut parts.headers);
+            Response::from_parts(parts, body::boxed(incoming))
+        }
+        Err(e) => {
+            tracing::warn!(%request_id, error = %e, "tunnel request failed");
+            error(
+                StatusCode::BAD_GATEWAY,
+                format!("The tunnel to the Cloud Connector failed while forwarding the request to {target}"),
+            )
+        }
+    }
+}

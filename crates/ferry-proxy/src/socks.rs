@@ -1,0 +1,168 @@
+//! The SOCKS5 proxy (SAP's port 20004) with SAP's authentication method 0x80 (JWT + location
+//! id). After CONNECT, bytes are relayed through a `tcp` tunnel stream.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::BytesMut;
+use ferry_core::body;
+use ferry_proto::socks5::{self, Address, ConnectRequest, Greeting, Parsed, Reply, SapAuth};
+use ferry_proto::tunnel;
+use http::{HeaderValue, Request, StatusCode};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+use crate::Shared;
+
+#[derive(Debug, thiserror::Error)]
+enum HandshakeError {
+    #[error("client closed the connection during the handshake")]
+    Closed,
+    #[error("{0}")]
+    Protocol(#[from] socks5::Socks5Error),
+    #[error("i/o: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// Reads until `parse` yields a message; leaves unconsumed bytes in `buf`.
+async fn read_msg<T>(
+    stream: &mut TcpStream,
+    buf: &mut BytesMut,
+    parse: fn(&[u8]) -> Parsed<T>,
+) -> Result<T, HandshakeError> {
+    loop {
+        if let Some((msg, used)) = parse(buf)? {
+            let _ = buf.split_to(used);
+            return Ok(msg);
+        }
+        if stream.read_buf(buf).await? == 0 {
+            return Err(HandshakeError::Closed);
+        }
+    }
+}
+
+async fn handshake(stream: &mut TcpStream, buf: &mut BytesMut) -> Result<Option<SapAuth>, HandshakeError> {
+    let greeting = read_msg(stream, buf, Greeting::parse).await?;
+    let Some(method) = socks5::choose_method(&greeting) else {
+        // 0xFF: no acceptable method. SAP's proxy only speaks 0x80; accepting 0x00 would mean
+        // no authentication at all.
+        stream.write_all(&socks5::encode_method_selection(0xFF)).await?;
+        return Ok(None);
+    };
+    stream.write_all(&socks5::encode_method_selection(method)).await?;
+    match read_msg(stream, buf, SapAuth::parse).await {
+        Ok(a) => Ok(Some(a)),
+        Err(e) => {
+            let _ = stream.write_all(&socks5::encode_auth_reply(false)).await;
+            Err(e)
+        }
+    }
+}
+
+pub(crate) async fn serve(mut stream: TcpStream, shared: Arc<Shared>, handshake_timeout: Duration) {
+    let mut buf = BytesMut::with_capacity(2048);
+    let auth = match tokio::time::timeout(handshake_timeout, handshake(&mut stream, &mut buf)).await {
+        Ok(Ok(Some(a))) => a,
+        Ok(Ok(None)) => return,
+        Ok(Err(e)) => {
+            tracing::info!(error = %e, "SOCKS5 handshake refused");
+            return;
+        }
+        Err(_) => {
+            tracing::info!("SOCKS5 handshake timed out");
+            return;
+        }
+    };
+    let claims = match shared.verifier.verify(&auth.token).await {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::info!(error = %e, "SOCKS5 authentication failed");
+            let _ = stream.write_all(&socks5::encode_auth_reply(false)).await;
+            return;
+        }
+    };
+    if stream.write_all(&socks5::encode_auth_reply(true)).await.is_err() {
+        return;
+    }
+    let read = tokio::time::timeout(handshake_timeout, read_msg(&mut stream, &mut buf, ConnectRequest::parse)).await;
+    let request = match read {
+        Ok(Ok(r)) => r,
+        Ok(Err(HandshakeError::Protocol(e))) => {
+            tracing::info!(error = %e, "SOCKS5 request refused");
+            let _ = stream.write_all(&socks5::encode_reply(e.reply_code())).await;
+            return;
+        }
+        Ok(Err(_)) | Err(_) => return,
+    };
+    if !request.is_connect() {
+        let _ = stream.write_all(&socks5::encode_reply(Reply::CommandNotSupported)).await;
+        return;
+    }
+    let target = match &request.address {
+        Address::Ipv6(_) => format!("[{}]:{}", request.address, request.port),
+        a => format!("{}:{}", a, request.port),
+    };
+    let location = auth.location_id.unwrap_or_default();
+    relay(stream, buf, shared, claims, target, location).await;
+}
+
+async fn relay(
+    stream: TcpStream,
+    leftover: BytesMut,
+    shared: Arc<Shared>,
+    claims: ferry_auth::Claims,
+    target: String,
+    location: String,
+) {
+    let Some(mut sender) = shared.registry.pick(&claims.zid, &location) else {
+        tracing::info!(subaccount = %claims.zid, %location, "SOCKS5: no Cloud Connector connected");
+        let mut stream = stream;
+        let _ = stream.write_all(&socks5::encode_reply(Reply::NetworkUnreachable)).await;
+        return;
+    };
+    let (read, mut write) = stream.into_split();
+    let upstream = std::io::Cursor::new(leftover.to_vec()).chain(read);
+    let mut req = Request::new(body::from_reader(upstream));
+    *req.method_mut() = http::Method::POST;
+    *req.version_mut() = http::Version::HTTP_2;
+    *req.uri_mut() = match format!("http://{target}/").parse() {
+        Ok(u) => u,
+        Err(_) => http::Uri::from_static("http://invalid/"),
+    };
+    let request_id = uuid::Uuid::new_v4().to_string();
+    let h = req.headers_mut();
+    h.insert(tunnel::KIND, HeaderValue::from_static(tunnel::KIND_TCP));
+    if let Ok(v) = HeaderValue::from_str(&target) {
+        h.insert(tunnel::TARGET, v);
+    }
+    if let Ok(v) = HeaderValue::from_str(&request_id) {
+        h.insert(tunnel::REQUEST_ID, v);
+    }
+    if let Some(v) = claims.client_id.as_deref().and_then(|c| HeaderValue::from_str(c).ok()) {
+        h.insert(tunnel::CLIENT, v);
+    }
+    let sent = async {
+        sender.ready().await?;
+        sender.send_request(req).await
+    };
+    let resp = match sent.await {
+        Ok(r) => r,
+        Err(e) => {
+            tracing::warn!(%request_id, error = %e, "SOCKS5: tunnel request failed");
+            let _ = write.write_all(&socks5::encode_reply(Reply::GeneralFailure)).await;
+            return;
+        }
+    };
+    let reply = match (resp.status(), resp.headers().get(tunnel::ERROR).and_then(|v| v.to_str().ok())) {
+        (StatusCode::OK, None) => Reply::Succeeded,
+        (_, Some(tunnel::ERROR_DENIED)) => Reply::NotAllowed,
+        (_, Some(tunnel::ERROR_UNREACHABLE)) | (_, Some(tunnel::ERROR_TIMEOUT)) => Reply::HostUnreachable,
+        _ => Reply::GeneralFailure,
+    };
+    if write.write_all(&socks5::encode_reply(reply)).await.is_err() || reply != Reply::Succeeded {
+        return;
+    }
+    if let Err(e) = body::copy_to_writer(resp.into_body(), write).await {
+        tracing::debug!(%request_id, error = %e, "SOCKS5 relay ended");
+    }
+}

@@ -1,0 +1,423 @@
+//! End to end over real sockets: app → proxy (HTTP/SOCKS5) → TLS tunnel → connector → backend.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use base64::Engine;
+use bytes::Bytes;
+use ferry_connector::{AccessRules, HostInHeader, Protocol, Resource, SystemMapping};
+use ferry_testkit::{CuttableRelay, EchoBackend, SUBACCOUNT, TunnelPair, eventually};
+use http_body_util::{BodyExt, Full};
+use hyper_util::rt::TokioIo;
+use serde_json::Value;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+fn http_mapping(vhost: &str, vport: u16, backend: SocketAddr, resources: &[(&str, bool)]) -> SystemMapping {
+    SystemMapping {
+        virtual_host: vhost.into(),
+        virtual_port: vport,
+        local_host: backend.ip().to_string(),
+        local_port: backend.port(),
+        protocol: Protocol::Http,
+        host_in_header: HostInHeader::Virtual,
+        resources: resources
+            .iter()
+            .map(|(p, exact)| Resource {
+                path: (*p).into(),
+                exact_match_only: *exact,
+                enabled: true,
+                websocket_upgrade_allowed: false,
+                description: None,
+            })
+            .collect(),
+        description: None,
+    }
+}
+
+fn tcp_mapping(vhost: &str, vport: u16, backend: SocketAddr) -> SystemMapping {
+    SystemMapping { protocol: Protocol::Tcp, resources: vec![], ..http_mapping(vhost, vport, backend, &[]) }
+}
+
+struct Reply {
+    status: u16,
+    headers: http::HeaderMap,
+    body: Bytes,
+}
+
+impl Reply {
+    fn json(&self) -> Value {
+        serde_json::from_slice(&self.body).unwrap_or_else(|e| panic!("not JSON ({e}): {:?}", self.body))
+    }
+    fn text(&self) -> String {
+        String::from_utf8_lossy(&self.body).into_owned()
+    }
+}
+
+/// Sends requests over one keep-alive connection to the HTTP proxy.
+struct ProxyClient {
+    sender: hyper::client::conn::http1::SendRequest<Full<Bytes>>,
+}
+
+impl ProxyClient {
+    async fn connect(addr: SocketAddr) -> Self {
+        let s = TcpStream::connect(addr).await.unwrap();
+        s.set_nodelay(true).unwrap();
+        let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(s)).await.unwrap();
+        tokio::spawn(conn);
+        Self { sender }
+    }
+
+    async fn send(&mut self, req: http::Request<Full<Bytes>>) -> Reply {
+        let resp = self.sender.send_request(req).await.unwrap();
+        let status = resp.status().as_u16();
+        let headers = resp.headers().clone();
+        let body = resp.into_body().collect().await.unwrap().to_bytes();
+        Reply { status, headers, body }
+    }
+}
+
+fn get(uri: &str, token: Option<&str>, location: Option<&str>) -> http::request::Builder {
+    let mut b = http::Request::get(uri).header("host", uri.split('/').nth(2).unwrap_or(""));
+    if let Some(t) = token {
+        b = b.header("proxy-authorization", format!("Bearer {t}"));
+    }
+    if let Some(l) = location {
+        b = b.header("sap-connectivity-scc-location_id", l);
+    }
+    b
+}
+
+async fn one(addr: SocketAddr, req: http::Request<Full<Bytes>>) -> Reply {
+    ProxyClient::connect(addr).await.send(req).await
+}
+
+#[tokio::test]
+async fn http_request_reaches_the_backend_through_the_tunnel() {
+    let echo = EchoBackend::start().await;
+    let pair = TunnelPair::start().await;
+    let rules = AccessRules::new(vec![http_mapping("onprem.virtual", 8080, echo.addr, &[("/sap", false)])]);
+    pair.connector("loc1", rules, pair.tunnel_addr);
+    pair.wait_connected("loc1").await;
+    let token = pair.token();
+    let mut client = ProxyClient::connect(pair.http_addr).await;
+
+    let req = get("http://onprem.virtual:8080/sap/items?top=1", Some(&token), Some("loc1"))
+        .header("authorization", "Basic dXNlcjpwYXNz")
+        .header("sap-client", "100")
+        .header("sap-connectivity-authentication", "Bearer user-jwt")
+        .body(Full::default())
+        .unwrap();
+    let r = client.send(req).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.headers.get("x-echo").unwrap(), "1");
+    let e = r.json();
+    assert_eq!(e["method"], "GET");
+    assert_eq!(e["url"], "/sap/items?top=1");
+    let h = &e["headers"];
+    assert_eq!(h["host"], "onprem.virtual:8080");
+    assert_eq!(h["authorization"], "Basic dXNlcjpwYXNz");
+    assert_eq!(h["sap-client"], "100");
+    for gone in ["proxy-authorization", "sap-connectivity-scc-location_id", "sap-connectivity-authentication"] {
+        assert!(h.get(gone).is_none(), "{gone} reached the backend: {h}");
+    }
+    assert!(h.as_object().unwrap().keys().all(|k| !k.starts_with("ferry-")), "tunnel headers leaked: {h}");
+
+    // Same keep-alive connection: a POST with a body, checked again by the connector.
+    let body = "x".repeat(300_000);
+    let req = http::Request::post("http://onprem.virtual:8080/sap/items")
+        .header("host", "onprem.virtual:8080")
+        .header("proxy-authorization", format!("Bearer {token}"))
+        .header("sap-connectivity-scc-location_id", "loc1")
+        .body(Full::new(Bytes::from(body.clone())))
+        .unwrap();
+    let r = client.send(req).await;
+    assert_eq!(r.status, 200);
+    assert_eq!(r.json()["body"], body);
+    let req = get("http://onprem.virtual:8080/other", Some(&token), Some("loc1")).body(Full::default()).unwrap();
+    assert_eq!(client.send(req).await.status, 403, "the second request on a connection is checked too");
+    assert_eq!(echo.hits(), 2);
+}
+
+#[tokio::test]
+async fn denied_path_is_403_and_nothing_reaches_the_backend() {
+    let echo = EchoBackend::start().await;
+    let pair = TunnelPair::start().await;
+    let rules = AccessRules::new(vec![http_mapping("erp.virtual", 80, echo.addr, &[("/public", true)])]);
+    pair.connector("", rules, pair.tunnel_addr);
+    pair.wait_connected("").await;
+    let token = pair.token();
+    for uri in [
+        "http://erp.virtual/secret",
+        "http://erp.virtual/public/sub",
+        "http://erp.virtual/public/../secret",
+        "http://unmapped.virtual/public",
+        "http://erp.virtual:81/public",
+    ] {
+        let r = one(pair.http_addr, get(uri, Some(&token), None).body(Full::default()).unwrap()).await;
+        assert_eq!(r.status, 403, "{uri}: {}", r.text());
+        assert!(r.text().contains("Access denied"), "{uri}: {}", r.text());
+    }
+    assert_eq!(echo.hits(), 0);
+    let r =
+        one(pair.http_addr, get("http://erp.virtual/public", Some(&token), None).body(Full::default()).unwrap()).await;
+    assert_eq!(r.status, 200);
+    assert_eq!(echo.hits(), 1);
+}
+
+#[tokio::test]
+async fn bad_tokens_get_407() {
+    let echo = EchoBackend::start().await;
+    let pair = TunnelPair::start().await;
+    pair.connector(
+        "",
+        AccessRules::new(vec![http_mapping("a.virtual", 80, echo.addr, &[("/", false)])]),
+        pair.tunnel_addr,
+    );
+    pair.wait_connected("").await;
+    let other_keys = ferry_auth::KeySet::generate().unwrap();
+    let b64 = |s: &str| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(s);
+    let unsigned = format!(
+        "{}.{}.",
+        b64(r#"{"alg":"none","typ":"JWT"}"#),
+        b64(&format!(r#"{{"zid":"{SUBACCOUNT}","exp":9999999999}}"#))
+    );
+    let cases = [
+        ("missing", None),
+        ("expired", Some(ferry_testkit::token(&pair.keys, SUBACCOUNT, "c", -3600))),
+        ("foreign key", Some(ferry_testkit::token(&other_keys, SUBACCOUNT, "c", 600))),
+        ("unsigned", Some(unsigned)),
+        ("garbage", Some("not-a-jwt".to_string())),
+    ];
+    for (what, tok) in cases {
+        let r =
+            one(pair.http_addr, get("http://a.virtual/x", tok.as_deref(), None).body(Full::default()).unwrap()).await;
+        assert_eq!(r.status, 407, "{what}: {}", r.text());
+        assert!(r.headers.contains_key("proxy-authenticate"), "{what}");
+    }
+    // Basic instead of Bearer
+    let req = http::Request::get("http://a.virtual/x")
+        .header("proxy-authorization", "Basic dXNlcjpwYXNz")
+        .body(Full::default())
+        .unwrap();
+    assert_eq!(one(pair.http_addr, req).await.status, 407);
+    assert_eq!(echo.hits(), 0);
+}
+
+#[tokio::test]
+async fn no_connector_is_503_naming_subaccount_and_location() {
+    let pair = TunnelPair::start().await;
+    let token = pair.token();
+    let r =
+        one(pair.http_addr, get("http://a.virtual/x", Some(&token), Some("nowhere")).body(Full::default()).unwrap())
+            .await;
+    assert_eq!(r.status, 503);
+    assert!(r.text().contains(SUBACCOUNT) && r.text().contains("nowhere"), "{}", r.text());
+}
+
+#[tokio::test]
+async fn connect_and_https_are_refused_with_guidance() {
+    let pair = TunnelPair::start().await;
+    let token = pair.token();
+    let connect = |auth: bool| {
+        let mut b = http::Request::connect("backend.virtual:443").header("host", "backend.virtual:443");
+        if auth {
+            b = b.header("proxy-authorization", format!("Bearer {}", pair.token()));
+        }
+        b.body(Full::default()).unwrap()
+    };
+    assert_eq!(one(pair.http_addr, connect(false)).await.status, 407);
+    let r = one(pair.http_addr, connect(true)).await;
+    assert_eq!(r.status, 405);
+    assert!(r.text().contains("http://"), "{}", r.text());
+    let r = one(pair.http_addr, get("https://a.virtual/x", Some(&token), None).body(Full::default()).unwrap()).await;
+    assert_eq!(r.status, 405);
+    assert!(r.text().contains("http://"), "{}", r.text());
+    let r = one(
+        pair.http_addr,
+        http::Request::get("/x")
+            .header("proxy-authorization", format!("Bearer {token}"))
+            .body(Full::default())
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(r.status, 400);
+}
+
+#[tokio::test]
+async fn connector_reconnects_after_its_connection_is_cut() {
+    let echo = EchoBackend::start().await;
+    let pair = TunnelPair::start().await;
+    let relay = CuttableRelay::start(pair.tunnel_addr).await;
+    let rules = AccessRules::new(vec![http_mapping("a.virtual", 80, echo.addr, &[("/", false)])]);
+    let mut status = pair.connector("", rules, relay.addr);
+    pair.wait_connected("").await;
+    let token = pair.token();
+    let req = || get("http://a.virtual/x", Some(&token), None).body(Full::default()).unwrap();
+    assert_eq!(one(pair.http_addr, req()).await.status, 200);
+
+    relay.cut();
+    eventually!("connector noticed the cut and reconnected", {
+        let s = *status.borrow_and_update();
+        s.established >= 2 && s.connected == 1
+    });
+    pair.wait_connected("").await;
+    let mut ok = false;
+    for _ in 0..100 {
+        // The proxy may still hold the dead connection for a moment; a fresh one serves.
+        if one(pair.http_addr, req()).await.status == 200 {
+            ok = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(ok, "requests flow again after the reconnect");
+}
+
+async fn socks_connect(addr: SocketAddr, token: &str, location: &str, host: &str, port: u16) -> (TcpStream, u8) {
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    s.write_all(&[5, 2, 0, 0x80]).await.unwrap();
+    let mut sel = [0u8; 2];
+    s.read_exact(&mut sel).await.unwrap();
+    assert_eq!(sel, [5, 0x80], "proxy must choose SAP's method 0x80");
+    let loc = base64::engine::general_purpose::STANDARD.encode(location);
+    let mut auth = vec![1];
+    auth.extend_from_slice(&(token.len() as u32).to_be_bytes());
+    auth.extend_from_slice(token.as_bytes());
+    auth.push(loc.len() as u8);
+    auth.extend_from_slice(loc.as_bytes());
+    s.write_all(&auth).await.unwrap();
+    let mut ar = [0u8; 2];
+    s.read_exact(&mut ar).await.unwrap();
+    if ar != [1, 0] {
+        return (s, 0xFF);
+    }
+    let mut req = vec![5, 1, 0, 3, host.len() as u8];
+    req.extend_from_slice(host.as_bytes());
+    req.extend_from_slice(&port.to_be_bytes());
+    s.write_all(&req).await.unwrap();
+    let mut reply = [0u8; 10];
+    s.read_exact(&mut reply).await.unwrap();
+    (s, reply[1])
+}
+
+#[tokio::test]
+async fn socks5_relays_tcp_through_the_tunnel() {
+    let echo = EchoBackend::start().await;
+    let pair = TunnelPair::start().await;
+    let rules = AccessRules::new(vec![tcp_mapping("tcp.virtual", 7000, echo.addr)]);
+    pair.connector("conf-loc", rules, pair.tunnel_addr);
+    pair.wait_connected("conf-loc").await;
+    let token = pair.token();
+
+    let (mut s, rep) = socks_connect(pair.socks_addr, &token, "conf-loc", "tcp.virtual", 7000).await;
+    assert_eq!(rep, 0);
+    s.write_all(b"GET /raw HTTP/1.1\r\nhost: tcp.virtual\r\nconnection: close\r\n\r\n").await.unwrap();
+    let mut out = Vec::new();
+    s.read_to_end(&mut out).await.unwrap();
+    let text = String::from_utf8_lossy(&out);
+    assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+    assert!(text.contains("\"url\":\"/raw\""), "{text}");
+
+    assert_eq!(
+        socks_connect(pair.socks_addr, &token, "conf-loc", "other.virtual", 7000).await.1,
+        2,
+        "unmapped: not allowed"
+    );
+    assert_eq!(socks_connect(pair.socks_addr, &token, "elsewhere", "tcp.virtual", 7000).await.1, 3, "no connector");
+    assert_eq!(socks_connect(pair.socks_addr, "bad", "conf-loc", "tcp.virtual", 7000).await.1, 0xFF, "bad token");
+}
+
+#[tokio::test]
+async fn bad_input_is_refused_while_others_are_served() {
+    let echo = EchoBackend::start().await;
+    let pair = TunnelPair::start().await;
+    pair.connector(
+        "",
+        AccessRules::new(vec![http_mapping("a.virtual", 80, echo.addr, &[("/", false)])]),
+        pair.tunnel_addr,
+    );
+    pair.wait_connected("").await;
+    let token = pair.token();
+
+    // A client that stalls mid-handshake on each port, held open during the rest of the test.
+    let mut stalled = Vec::new();
+    for (addr, bytes) in [
+        (pair.socks_addr, &b"\x05\x01"[..]),
+        (pair.http_addr, b"GET http://a.virtual/ HTTP/1.1\r\n"),
+        (pair.tunnel_addr, b"\x16\x03"),
+    ] {
+        let mut s = TcpStream::connect(addr).await.unwrap();
+        s.write_all(bytes).await.unwrap();
+        stalled.push(s);
+    }
+
+    // Malformed SOCKS5 greetings and truncated frames: refused and closed.
+    for bytes in [&b"\x04\x01\x00\x50"[..], b"\x05\x00", b"\x05\x01\x00", b"GET / HTTP/1.1\r\n\r\n"] {
+        let mut s = TcpStream::connect(pair.socks_addr).await.unwrap();
+        s.write_all(bytes).await.unwrap();
+        let mut buf = Vec::new();
+        let r = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut buf)).await;
+        assert!(r.is_ok(), "{bytes:?}: the proxy must close, not hang");
+        assert!(buf.is_empty() || buf == [5, 0xFF], "{bytes:?} -> {buf:?}");
+    }
+    // Oversized SAP auth length: refused at once, not buffered.
+    let mut s = TcpStream::connect(pair.socks_addr).await.unwrap();
+    s.write_all(&[5, 1, 0x80]).await.unwrap();
+    let mut sel = [0u8; 2];
+    s.read_exact(&mut sel).await.unwrap();
+    s.write_all(&[1, 0xFF, 0xFF, 0xFF, 0xFF]).await.unwrap();
+    let mut buf = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut buf)).await.expect("closed").unwrap();
+    assert_eq!(buf, [1, 1]);
+
+    // Oversized header line: 431.
+    let big = "a".repeat(9 * 1024);
+    let r = one(
+        pair.http_addr,
+        get("http://a.virtual/x", Some(&token), None).header("x-big", big).body(Full::default()).unwrap(),
+    )
+    .await;
+    assert_eq!(r.status, 431);
+    // Oversized head (many headers): 431 from the parser, not a hang.
+    let mut s = TcpStream::connect(pair.http_addr).await.unwrap();
+    let mut head = String::from("GET http://a.virtual/x HTTP/1.1\r\nhost: a.virtual\r\n");
+    for i in 0..100 {
+        head.push_str(&format!("x-h{i}: {}\r\n", "b".repeat(1000)));
+    }
+    head.push_str("\r\n");
+    let _ = s.write_all(head.as_bytes()).await;
+    let mut buf = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut buf)).await.expect("answered");
+    let text = String::from_utf8_lossy(&buf);
+    assert!(text.starts_with("HTTP/1.1 431") || text.starts_with("HTTP/1.1 400"), "{text}");
+    // Garbage on the HTTP port: 400.
+    let mut s = TcpStream::connect(pair.http_addr).await.unwrap();
+    s.write_all(b"\x00\x01\x02 garbage\r\n\r\n").await.unwrap();
+    let mut buf = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut buf)).await.expect("answered").unwrap();
+    assert!(String::from_utf8_lossy(&buf).starts_with("HTTP/1.1 400"), "{buf:?}");
+    // Garbage on the tunnel port: closed without registering anything.
+    let mut s = TcpStream::connect(pair.tunnel_addr).await.unwrap();
+    s.write_all(&[0x42; 4096]).await.unwrap();
+    let mut buf = Vec::new();
+    let r = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut buf)).await.expect("closed");
+    assert!(r.is_err() || buf.len() < 100);
+    // A TLS client without a client certificate: refused.
+    let tls = ferry_core::tls::client_config(pair.ca.cert_pem(), None, &[ferry_proto::tunnel::ALPN]).unwrap();
+    let tcp = TcpStream::connect(pair.tunnel_addr).await.unwrap();
+    let res = tokio_rustls::TlsConnector::from(tls).connect("127.0.0.1".try_into().unwrap(), tcp).await;
+    if let Ok(mut t) = res {
+        let mut b = [0u8; 1];
+        assert!(
+            matches!(t.read(&mut b).await, Ok(0) | Err(_)),
+            "a tunnel without a client certificate must be refused"
+        );
+    }
+    assert_eq!(pair.proxy.registry().keys().len(), 1);
+
+    // Meanwhile, a well-behaved client is served.
+    let r = one(pair.http_addr, get("http://a.virtual/ok", Some(&token), None).body(Full::default()).unwrap()).await;
+    assert_eq!(r.status, 200);
+    drop(stalled);
+}
