@@ -70,6 +70,28 @@ pub struct Jwk {
     pub e: String,
 }
 
+impl Jwk {
+    /// The RSA public key as a PEM `PUBLIC KEY` (SubjectPublicKeyInfo), which XSUAA publishes
+    /// in `value` beside the JWK fields; `None` for a key that is not a well-formed RSA JWK.
+    pub fn public_key_pem(&self) -> Option<String> {
+        use aws_lc_rs::encoding::{AsDer, PublicKeyX509Der};
+        if self.kty != "RSA" {
+            return None;
+        }
+        let n = B64URL.decode(&self.n).ok()?;
+        let e = B64URL.decode(&self.e).ok()?;
+        let der: PublicKeyX509Der<'static> = PublicKeyComponents { n: &n[..], e: &e[..] }.as_der().ok()?;
+        let b64 = base64::engine::general_purpose::STANDARD.encode(der.as_ref());
+        let mut pem = String::from("-----BEGIN PUBLIC KEY-----\n");
+        for line in b64.as_bytes().chunks(64) {
+            pem.push_str(std::str::from_utf8(line).ok()?);
+            pem.push('\n');
+        }
+        pem.push_str("-----END PUBLIC KEY-----");
+        Some(pem)
+    }
+}
+
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct Jwks {
     pub keys: Vec<Jwk>,
@@ -440,6 +462,16 @@ mod tests {
         assert_eq!(v.verify(&"a".repeat(MAX_TOKEN_LEN + 1)).await, Err(VerifyError::TooLarge));
         let no_zid = keys.sign(&json!({"exp": now_secs() + 60}), &[]).unwrap();
         assert_eq!(v.verify(&no_zid).await, Err(VerifyError::MissingClaim("zid")));
+    }
+
+    #[test]
+    fn jwk_pem_round_trips() {
+        let keys = KeySet::generate().unwrap();
+        let jwk = keys.jwks().keys.remove(0);
+        let pem = jwk.public_key_pem().unwrap();
+        assert!(pem.starts_with("-----BEGIN PUBLIC KEY-----\nMIIBIjAN"));
+        assert!(pem.ends_with("-----END PUBLIC KEY-----"));
+        assert!(Jwk { kty: "EC".into(), ..jwk }.public_key_pem().is_none());
     }
 
     #[tokio::test]

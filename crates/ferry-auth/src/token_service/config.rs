@@ -1,0 +1,302 @@
+//! What the token service is told to serve, and the checks that run before it serves anything.
+//!
+//! Everything is validated up front in [`TokenService::new`](super::TokenService::new) so that
+//! a typo in `ferry up`'s configuration fails at start-up with a message naming the culprit,
+//! instead of as an `invalid_client` on the first request of some SAP client much later.
+
+use std::collections::HashSet;
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use ferry_core::Secret;
+
+use crate::jwt::KeySet;
+
+/// The grant types the token service implements, in the spelling of the `grant_type` form field.
+pub const GRANT_CLIENT_CREDENTIALS: &str = "client_credentials";
+pub const GRANT_PASSWORD: &str = "password";
+pub const GRANT_JWT_BEARER: &str = "urn:ietf:params:oauth:grant-type:jwt-bearer";
+pub const GRANT_REFRESH_TOKEN: &str = "refresh_token";
+pub const SUPPORTED_GRANT_TYPES: [&str; 4] =
+    [GRANT_CLIENT_CREDENTIALS, GRANT_PASSWORD, GRANT_JWT_BEARER, GRANT_REFRESH_TOKEN];
+
+/// XSUAA's default access-token lifetime; SAP clients size their token caches by `expires_in`,
+/// so a shorter default would only cause extra token calls.
+pub const DEFAULT_TOKEN_VALIDITY: Duration = Duration::from_secs(12 * 60 * 60);
+
+/// An identity zone (XSUAA's word; a subaccount in BTP terms). Each tenant signs with its own
+/// keys because xssec fetches verification keys per zone (`/token_keys?zid=`), so a token of
+/// one tenant must not verify as another's.
+///
+/// Every tenant is treated as subscribed to every client's application for now: any client
+/// may obtain tokens in any configured tenant. Subscriptions can narrow this later without
+/// changing the wire behaviour for the subscribed case.
+#[derive(Clone, Debug)]
+pub struct Tenant {
+    /// The zone id (`zid`), a GUID in BTP; it is also the subaccount id Ferry's services key on.
+    pub id: String,
+    /// The subdomain, which SAP clients put in front of `uaadomain` to address the tenant and
+    /// read back from `ext_attr.zdn`.
+    pub subdomain: String,
+    pub keys: Arc<KeySet>,
+}
+
+/// A service binding's OAuth client (`clientid`/`clientsecret` of a `destination`,
+/// `connectivity` or `xsuaa` binding).
+#[derive(Clone, Debug)]
+pub struct OAuthClient {
+    pub client_id: String,
+    pub client_secret: Secret<String>,
+    /// The zone the client lives in (the provider tenant). Requests that name no zone get a
+    /// token there.
+    pub tenant_id: String,
+    pub xsappname: String,
+    /// Scopes of client-credentials tokens, e.g. `["uaa.resource"]`.
+    pub authorities: Vec<String>,
+    /// Scopes a user token may carry for this client, e.g. `["openid"]`.
+    pub scopes: Vec<String>,
+    /// Written to `ext_attr.serviceinstanceid`, which the Destination Service uses to find
+    /// instance-level destinations.
+    pub service_instance_id: Option<String>,
+    /// Allowed grants; empty allows every supported grant.
+    pub grant_types: Vec<String>,
+}
+
+impl OAuthClient {
+    pub(crate) fn allows_grant(&self, grant: &str) -> bool {
+        self.grant_types.is_empty() || self.grant_types.iter().any(|g| g == grant)
+    }
+}
+
+/// A user who can log in with the password grant, and whose identity user tokens carry.
+#[derive(Clone, Debug)]
+pub struct User {
+    pub username: String,
+    pub password: Secret<String>,
+    pub email: String,
+    /// `user_id` in tokens; the SAP Cloud SDK isolates its destination cache per user by it.
+    pub user_id: String,
+    /// The zone the user belongs to; the password grant only finds users of the addressed zone.
+    pub tenant_id: String,
+    pub given_name: Option<String>,
+    pub family_name: Option<String>,
+}
+
+#[derive(Clone, Debug)]
+pub struct TokenServiceConfig {
+    pub tenants: Vec<Tenant>,
+    pub clients: Vec<OAuthClient>,
+    pub users: Vec<User>,
+    /// `credentials.url` of bindings, e.g. `http://127.0.0.1:18081`: where provider tokens are
+    /// fetched, and the issuer base when `uaadomain` is not a dotted DNS name.
+    pub public_url: String,
+    /// `credentials.uaadomain`, e.g. `127.0.0.1:18443`: xssec sends tenant token requests to
+    /// `https://{uaadomain}` (with `x-zid`) or `https://{subdomain}.{uaadomain}`.
+    pub uaadomain: String,
+    /// Lifetime of every access token issued.
+    pub token_validity: Duration,
+}
+
+/// Empty lists and URLs, so that `..Default::default()` keeps the XSUAA token lifetime; the
+/// URLs must still be set or [`TokenService::new`](super::TokenService::new) refuses the config.
+impl Default for TokenServiceConfig {
+    fn default() -> Self {
+        Self {
+            tenants: Vec::new(),
+            clients: Vec::new(),
+            users: Vec::new(),
+            public_url: String::new(),
+            uaadomain: String::new(),
+            token_validity: DEFAULT_TOKEN_VALIDITY,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error, Clone, PartialEq, Eq)]
+pub enum ConfigError {
+    #[error("the token service needs at least one tenant")]
+    NoTenants,
+    #[error("tenant id {0:?} is empty or contains characters not allowed in a header or URL")]
+    InvalidTenantId(String),
+    #[error("tenant id {0:?} is configured twice")]
+    DuplicateTenant(String),
+    #[error("subdomain {0:?} is not a DNS label (letters, digits and '-')")]
+    InvalidSubdomain(String),
+    #[error("subdomain {0:?} is used by two tenants")]
+    DuplicateSubdomain(String),
+    #[error("client id must not be empty")]
+    EmptyClientId,
+    #[error("client {0:?} is configured twice")]
+    DuplicateClient(String),
+    #[error("client {0:?} has an empty secret (only secret-based client authentication is supported)")]
+    EmptyClientSecret(String),
+    #[error("client {client:?} names unknown tenant {tenant:?}")]
+    ClientTenantUnknown { client: String, tenant: String },
+    #[error("client {client:?} allows unsupported grant type {grant:?}")]
+    UnsupportedGrant { client: String, grant: String },
+    #[error("username must not be empty")]
+    EmptyUsername,
+    #[error("user {user:?} names unknown tenant {tenant:?}")]
+    UserTenantUnknown { user: String, tenant: String },
+    #[error("user {user:?} is configured twice in tenant {tenant:?}")]
+    DuplicateUser { user: String, tenant: String },
+    #[error("public_url {0:?} is not an http(s) URL without query or fragment")]
+    InvalidPublicUrl(String),
+    #[error("uaadomain {0:?} must be host[:port], without scheme or path")]
+    InvalidUaaDomain(String),
+    #[error("token_validity must be at least one second")]
+    ZeroValidity,
+    #[error("cannot build the HTTP client for the verifier: {0}")]
+    Http(String),
+}
+
+/// `uaadomain` split into the parts the service needs.
+#[derive(Clone, Debug)]
+pub(crate) struct UaaDomain {
+    /// As configured (`host[:port]`), for building `https://` URLs.
+    pub full: String,
+    /// Lower-cased host without port, for matching `Host` headers.
+    pub host: String,
+    /// A dotted DNS name: only then can `https://{subdomain}.{uaadomain}` be an issuer that SAP's
+    /// clients parse a subdomain from (an IP address or `localhost` cannot take a subdomain).
+    pub dotted_dns: bool,
+    /// Whether `Host: {subdomain}.{host}` can address a tenant (not for IP addresses).
+    pub is_name: bool,
+}
+
+pub(crate) fn parse_uaadomain(raw: &str) -> Result<UaaDomain, ConfigError> {
+    let err = || ConfigError::InvalidUaaDomain(raw.to_owned());
+    if raw.is_empty() || raw.contains("://") || raw.contains(['/', '?', '#', '@', ' ']) {
+        return Err(err());
+    }
+    let url = url::Url::parse(&format!("https://{raw}")).map_err(|_| err())?;
+    let host = match url.host() {
+        Some(url::Host::Domain(d)) => d.to_ascii_lowercase(),
+        Some(url::Host::Ipv4(ip)) => return Ok(ip_domain(raw, IpAddr::V4(ip))),
+        Some(url::Host::Ipv6(ip)) => return Ok(ip_domain(raw, IpAddr::V6(ip))),
+        None => return Err(err()),
+    };
+    Ok(UaaDomain { full: raw.to_owned(), dotted_dns: host.contains('.'), is_name: true, host })
+}
+
+fn ip_domain(raw: &str, ip: IpAddr) -> UaaDomain {
+    let host = match ip {
+        IpAddr::V4(v4) => v4.to_string(),
+        IpAddr::V6(v6) => format!("[{v6}]"),
+    };
+    UaaDomain { full: raw.to_owned(), host, dotted_dns: false, is_name: false }
+}
+
+/// Returns `public_url` without trailing slashes, after checking it is a usable base URL.
+pub(crate) fn parse_public_url(raw: &str) -> Result<String, ConfigError> {
+    let err = || ConfigError::InvalidPublicUrl(raw.to_owned());
+    let url = url::Url::parse(raw).map_err(|_| err())?;
+    if !matches!(url.scheme(), "http" | "https") || url.host().is_none() || url.query().is_some() {
+        return Err(err());
+    }
+    if url.fragment().is_some() || !url.username().is_empty() || url.password().is_some() {
+        return Err(err());
+    }
+    Ok(raw.trim_end_matches('/').to_owned())
+}
+
+fn valid_zone_id(id: &str) -> bool {
+    !id.is_empty() && id.len() <= 128 && id.bytes().all(|b| b.is_ascii_graphic() && !b"/?#&%+=\"\\".contains(&b))
+}
+
+fn valid_subdomain(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 63
+        && s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+        && !s.starts_with('-')
+        && !s.ends_with('-')
+}
+
+/// Checks references and uniqueness across the whole config; see [`ConfigError`] for each rule.
+pub(crate) fn validate(config: &TokenServiceConfig) -> Result<(), ConfigError> {
+    if config.tenants.is_empty() {
+        return Err(ConfigError::NoTenants);
+    }
+    if config.token_validity.as_secs() == 0 {
+        return Err(ConfigError::ZeroValidity);
+    }
+    let mut ids = HashSet::new();
+    let mut subdomains = HashSet::new();
+    for t in &config.tenants {
+        if !valid_zone_id(&t.id) {
+            return Err(ConfigError::InvalidTenantId(t.id.clone()));
+        }
+        if !ids.insert(t.id.as_str()) {
+            return Err(ConfigError::DuplicateTenant(t.id.clone()));
+        }
+        if !valid_subdomain(&t.subdomain) {
+            return Err(ConfigError::InvalidSubdomain(t.subdomain.clone()));
+        }
+        if !subdomains.insert(t.subdomain.to_ascii_lowercase()) {
+            return Err(ConfigError::DuplicateSubdomain(t.subdomain.clone()));
+        }
+    }
+    let mut clients = HashSet::new();
+    for c in &config.clients {
+        if c.client_id.is_empty() {
+            return Err(ConfigError::EmptyClientId);
+        }
+        if !clients.insert(c.client_id.as_str()) {
+            return Err(ConfigError::DuplicateClient(c.client_id.clone()));
+        }
+        if c.client_secret.expose().is_empty() {
+            return Err(ConfigError::EmptyClientSecret(c.client_id.clone()));
+        }
+        if !ids.contains(c.tenant_id.as_str()) {
+            return Err(ConfigError::ClientTenantUnknown { client: c.client_id.clone(), tenant: c.tenant_id.clone() });
+        }
+        if let Some(g) = c.grant_types.iter().find(|g| !SUPPORTED_GRANT_TYPES.contains(&g.as_str())) {
+            return Err(ConfigError::UnsupportedGrant { client: c.client_id.clone(), grant: g.clone() });
+        }
+    }
+    let mut users = HashSet::new();
+    for u in &config.users {
+        if u.username.is_empty() {
+            return Err(ConfigError::EmptyUsername);
+        }
+        if !ids.contains(u.tenant_id.as_str()) {
+            return Err(ConfigError::UserTenantUnknown { user: u.username.clone(), tenant: u.tenant_id.clone() });
+        }
+        if !users.insert((u.tenant_id.as_str(), u.username.as_str())) {
+            return Err(ConfigError::DuplicateUser { user: u.username.clone(), tenant: u.tenant_id.clone() });
+        }
+    }
+    parse_public_url(&config.public_url)?;
+    parse_uaadomain(&config.uaadomain)?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn uaadomain_kinds() {
+        let d = parse_uaadomain("127.0.0.1:18443").unwrap();
+        assert!(!d.dotted_dns && !d.is_name);
+        assert_eq!(d.host, "127.0.0.1");
+        let d = parse_uaadomain("Auth.Example.com").unwrap();
+        assert!(d.dotted_dns && d.is_name);
+        assert_eq!(d.host, "auth.example.com");
+        let d = parse_uaadomain("localhost:8443").unwrap();
+        assert!(!d.dotted_dns && d.is_name);
+        assert!(parse_uaadomain("[::1]:8443").is_ok());
+        for bad in ["", "https://x.y", "x.y/path", "x y", "a@b"] {
+            assert!(parse_uaadomain(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn public_url_is_trimmed_and_checked() {
+        assert_eq!(parse_public_url("http://127.0.0.1:18081/").unwrap(), "http://127.0.0.1:18081");
+        for bad in ["", "127.0.0.1:18081", "ftp://x", "http://x/?a=b", "http://u:p@x"] {
+            assert!(parse_public_url(bad).is_err(), "{bad}");
+        }
+    }
+}

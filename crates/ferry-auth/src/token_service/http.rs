@@ -1,0 +1,566 @@
+//! The HTTP edge: request parsing, client authentication, tenant addressing, the grants, and
+//! OAuth2 error responses.
+//!
+//! Every failure becomes an RFC 6749 §5.2 error object because SAP's clients surface
+//! `error_description` to the developer; a bare status would leave them guessing which of
+//! client, secret, zone or grant was wrong.
+
+use std::collections::HashMap;
+use std::collections::hash_map::Entry;
+use std::sync::Arc;
+
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::{DefaultBodyLimit, RawQuery, State};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use base64::Engine;
+use http::header::{AUTHORIZATION, CACHE_CONTROL, CONTENT_TYPE, HOST, PRAGMA, WWW_AUTHENTICATE};
+use http::{HeaderMap, HeaderValue, StatusCode, Uri};
+use serde_json::{Value, json};
+
+use super::claims::UserIdentity;
+use super::config::{
+    GRANT_CLIENT_CREDENTIALS, GRANT_JWT_BEARER, GRANT_PASSWORD, GRANT_REFRESH_TOKEN, OAuthClient, SUPPORTED_GRANT_TYPES,
+};
+use super::refresh::RefreshGrant;
+use super::{Issued, TenantState, TokenService, now_secs};
+
+/// Far above any real token request (a jwt-bearer assertion is at most 16 KiB), far below
+/// what would let a client make the service buffer a lot.
+const MAX_BODY: usize = 64 * 1024;
+
+/// An OAuth2 error response (RFC 6749 §5.2).
+#[derive(Debug)]
+pub(crate) struct OAuthError {
+    status: StatusCode,
+    error: &'static str,
+    description: String,
+    /// RFC 6749 requires a `WWW-Authenticate` challenge when HTTP Basic authentication failed.
+    basic_challenge: bool,
+}
+
+impl OAuthError {
+    fn new(status: StatusCode, error: &'static str, description: impl Into<String>) -> Self {
+        Self { status, error, description: description.into(), basic_challenge: false }
+    }
+    fn invalid_request(d: impl Into<String>) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, "invalid_request", d)
+    }
+    fn invalid_client(d: impl Into<String>, basic: bool) -> Self {
+        Self { basic_challenge: basic, ..Self::new(StatusCode::UNAUTHORIZED, "invalid_client", d) }
+    }
+    fn invalid_grant(d: impl Into<String>) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, "invalid_grant", d)
+    }
+    fn invalid_scope(d: impl Into<String>) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, "invalid_scope", d)
+    }
+    fn missing(param: &str) -> Self {
+        Self::invalid_request(format!("missing required parameter: {param}"))
+    }
+}
+
+impl IntoResponse for OAuthError {
+    fn into_response(self) -> Response {
+        let body = json!({"error": self.error, "error_description": self.description});
+        let mut resp = (self.status, axum::Json(body)).into_response();
+        no_store(resp.headers_mut());
+        if self.basic_challenge {
+            resp.headers_mut().insert(WWW_AUTHENTICATE, HeaderValue::from_static("Basic realm=\"ferry\""));
+        }
+        resp
+    }
+}
+
+/// Token responses and errors must not be cached by intermediaries (RFC 6749 §5.1).
+fn no_store(h: &mut HeaderMap) {
+    h.insert(CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    h.insert(PRAGMA, HeaderValue::from_static("no-cache"));
+}
+
+impl TokenService {
+    /// The token service's routes; the same router serves the HTTP and the HTTPS listener.
+    pub fn router(self: &Arc<Self>) -> Router {
+        Router::new()
+            .route("/oauth/token", post(token_endpoint))
+            .route("/token_keys", get(token_keys))
+            .route("/.well-known/openid-configuration", get(openid_configuration))
+            .route("/healthz", get(|| async { "ok" }))
+            .layer(DefaultBodyLimit::max(MAX_BODY))
+            .with_state(self.clone())
+    }
+
+    /// The tenant a request addresses explicitly, if any: `x-zid` (how xssec addresses a zone
+    /// at `https://{uaadomain}`), else a `Host` of the form `{subdomain}.{uaadomain host}`. A
+    /// host that names no configured subdomain addresses nothing, because the provider URL
+    /// itself may well have that shape.
+    fn addressed_tenant(&self, headers: &HeaderMap, uri: &Uri) -> Result<Option<&TenantState>, OAuthError> {
+        if let Some(v) = headers.get("x-zid") {
+            let zid = v.to_str().map_err(|_| OAuthError::invalid_request("x-zid header is not valid text"))?.trim();
+            if !zid.is_empty() {
+                return self
+                    .tenant_by_id(zid)
+                    .map(Some)
+                    .ok_or_else(|| OAuthError::invalid_request(format!("unknown zone {zid:?} (x-zid)")));
+            }
+        }
+        if !self.uaadomain.is_name {
+            return Ok(None);
+        }
+        let host = uri.host().or_else(|| headers.get(HOST).and_then(|h| h.to_str().ok()));
+        let Some(host) = host.map(strip_port) else { return Ok(None) };
+        let host = host.to_ascii_lowercase();
+        let sub = host.strip_suffix(self.uaadomain.host.as_str()).and_then(|s| s.strip_suffix('.'));
+        Ok(sub.and_then(|s| self.tenant_by_subdomain(s)))
+    }
+
+    /// The tenant whose metadata (keys, OpenID configuration) a request asks for: `?zid=` as
+    /// xssec sends it, else the addressed tenant, else the first one (the provider).
+    fn metadata_tenant(&self, headers: &HeaderMap, uri: &Uri, query: Option<&str>) -> Result<&TenantState, OAuthError> {
+        let zid = query.and_then(|q| {
+            form_urlencoded::parse(q.as_bytes()).find(|(k, v)| k == "zid" && !v.is_empty()).map(|(_, v)| v)
+        });
+        if let Some(zid) = zid {
+            // xssec reads a 400 here as "the token's zone is not ours" (wrong audience).
+            return self.tenant_by_id(&zid).ok_or_else(|| OAuthError::invalid_request(format!("unknown zone {zid:?}")));
+        }
+        match self.addressed_tenant(headers, uri)? {
+            Some(t) => Ok(t),
+            None => self.tenants.first().ok_or_else(|| OAuthError::invalid_request("no zone configured")),
+        }
+    }
+
+    /// Authenticates the client by HTTP Basic or by `client_id`/`client_secret` in the body
+    /// (xssec always uses the body; curl users and other OAuth libraries tend to use Basic).
+    fn authenticate(&self, headers: &HeaderMap, params: &Params) -> Result<&OAuthClient, OAuthError> {
+        if let Some(candidates) = basic_credentials(headers)? {
+            if params.get("client_secret").is_some() {
+                return Err(OAuthError::invalid_request(
+                    "client credentials given both in the Authorization header and in the body",
+                ));
+            }
+            let client = candidates
+                .iter()
+                .find_map(|(id, secret)| self.check_client(id, secret))
+                .ok_or_else(|| OAuthError::invalid_client("Bad credentials", true))?;
+            if params.get("client_id").is_some_and(|id| id != client.client_id) {
+                return Err(OAuthError::invalid_request("client_id in the body differs from the Basic credentials"));
+            }
+            return Ok(client);
+        }
+        let Some(id) = params.get("client_id") else {
+            return Err(OAuthError::invalid_client(
+                "client authentication missing: send client_id and client_secret, or HTTP Basic",
+                false,
+            ));
+        };
+        let Some(secret) = params.get("client_secret") else {
+            return Err(OAuthError::invalid_client(
+                "missing client_secret (certificate-based client authentication is not supported)",
+                false,
+            ));
+        };
+        self.check_client(id, secret).ok_or_else(|| OAuthError::invalid_client("Bad credentials", false))
+    }
+
+    /// The client if `secret` is its secret. An unknown client still costs a comparison, so
+    /// that response time does not tell which client ids exist.
+    fn check_client(&self, id: &str, secret: &str) -> Option<&OAuthClient> {
+        match self.clients.get(id) {
+            Some(c) => secret_matches(c.client_secret.expose(), secret).then_some(c),
+            None => {
+                secret_matches("", secret);
+                None
+            }
+        }
+    }
+
+    async fn token(&self, headers: &HeaderMap, uri: &Uri, body: &[u8]) -> Result<Issued, OAuthError> {
+        require_form(headers)?;
+        let params = Params::parse(body)?;
+        let client = self.authenticate(headers, &params)?;
+        let addressed = self.addressed_tenant(headers, uri)?;
+        let grant = params.get("grant_type").ok_or_else(|| OAuthError::missing("grant_type"))?;
+        if !SUPPORTED_GRANT_TYPES.contains(&grant) {
+            return Err(OAuthError::new(
+                StatusCode::BAD_REQUEST,
+                "unsupported_grant_type",
+                format!("grant type {grant:?} is not supported; supported: {}", SUPPORTED_GRANT_TYPES.join(", ")),
+            ));
+        }
+        if !client.allows_grant(grant) {
+            return Err(OAuthError::new(
+                StatusCode::BAD_REQUEST,
+                "unauthorized_client",
+                format!("client {:?} may not use grant type {grant:?}", client.client_id),
+            ));
+        }
+        let issued = match grant {
+            GRANT_CLIENT_CREDENTIALS => {
+                let tenant = match addressed {
+                    Some(t) => t,
+                    None => self.own_tenant(client)?,
+                };
+                let scopes = narrow(&client.authorities, params.get("scope"))?;
+                self.issue(tenant, client, GRANT_CLIENT_CREDENTIALS, scopes, None, false)
+            }
+            GRANT_PASSWORD => {
+                let username = params.get("username").ok_or_else(|| OAuthError::missing("username"))?;
+                let password = params.get("password").ok_or_else(|| OAuthError::missing("password"))?;
+                let user = self.find_user(username, addressed.map(|t| t.tenant.id.as_str()), &client.tenant_id);
+                let stored = user.map_or("", |u| u.password.expose().as_str());
+                // Compare even for an unknown user, so that timing does not reveal usernames.
+                let ok = secret_matches(stored, password) && user.is_some();
+                let user = user.filter(|_| ok).ok_or_else(|| OAuthError::invalid_grant("Bad credentials"))?;
+                let tenant = self
+                    .tenant_by_id(&user.tenant_id)
+                    .ok_or_else(|| OAuthError::invalid_grant("the user's zone is not configured"))?;
+                let scopes = narrow(&client.scopes, params.get("scope"))?;
+                let identity = UserIdentity::from_user(user, now_secs());
+                self.issue(tenant, client, GRANT_PASSWORD, scopes, Some(&identity), true)
+            }
+            GRANT_JWT_BEARER => {
+                let assertion = params.get("assertion").ok_or_else(|| OAuthError::missing("assertion"))?;
+                let (tenant, identity) = self.check_assertion(assertion, addressed).await?;
+                let scopes = narrow(&client.scopes, params.get("scope"))?;
+                self.issue(tenant, client, GRANT_JWT_BEARER, scopes, Some(&identity), true)
+            }
+            GRANT_REFRESH_TOKEN => {
+                let token = params.get("refresh_token").ok_or_else(|| OAuthError::missing("refresh_token"))?;
+                let grant = self.redeem_refresh_token(token, client, addressed)?;
+                let tenant = self
+                    .tenant_by_id(&grant.tenant_id)
+                    .ok_or_else(|| OAuthError::invalid_grant("the refresh token's zone is not configured"))?;
+                let scopes = narrow(&grant.scopes, params.get("scope"))?;
+                self.issue(tenant, client, GRANT_REFRESH_TOKEN, scopes, Some(&grant.user), true)
+            }
+            _ => return Err(OAuthError::invalid_request("unsupported grant type")),
+        };
+        issued.map_err(|e| {
+            tracing::error!(error = %e, "cannot sign token");
+            OAuthError::new(StatusCode::INTERNAL_SERVER_ERROR, "server_error", "token signing failed")
+        })
+    }
+
+    fn own_tenant(&self, client: &OAuthClient) -> Result<&TenantState, OAuthError> {
+        self.tenant_by_id(&client.tenant_id)
+            .ok_or_else(|| OAuthError::invalid_request("the client's zone is not configured"))
+    }
+
+    /// Verifies a jwt-bearer assertion and returns the zone and user of the new token.
+    ///
+    /// A grant that carries a token belongs to that token's zone: a request that addresses no
+    /// zone gets a token there, and one that addresses another zone is refused, as XSUAA does
+    /// (tokens never cross zones by exchange).
+    async fn check_assertion<'a>(
+        &'a self,
+        assertion: &str,
+        addressed: Option<&'a TenantState>,
+    ) -> Result<(&'a TenantState, UserIdentity), OAuthError> {
+        let claimed = unverified_zid(assertion)
+            .ok_or_else(|| OAuthError::invalid_grant("assertion is not a JWT carrying a zone id (zid)"))?;
+        let tenant = match addressed {
+            Some(t) if t.tenant.id != claimed => {
+                return Err(OAuthError::invalid_grant(format!(
+                    "assertion was issued for zone {claimed:?}, not the addressed zone {:?}",
+                    t.tenant.id
+                )));
+            }
+            Some(t) => t,
+            None => self.tenant_by_id(&claimed).ok_or_else(|| {
+                OAuthError::invalid_grant(format!("assertion was issued by unknown zone {claimed:?}"))
+            })?,
+        };
+        let claims = tenant
+            .verifier
+            .verify(assertion)
+            .await
+            .map_err(|e| OAuthError::invalid_grant(format!("assertion rejected: {e}")))?;
+        if claims.zid != tenant.tenant.id {
+            return Err(OAuthError::invalid_grant("assertion zone does not match its signing key"));
+        }
+        let user = UserIdentity::from_claims(&claims.raw)
+            .ok_or_else(|| OAuthError::invalid_grant("assertion is not a user token (no user_id)"))?;
+        Ok((tenant, user))
+    }
+
+    /// Consumes a refresh token issued to `client`; like an assertion it keeps its zone.
+    fn redeem_refresh_token(
+        &self,
+        token: &str,
+        client: &OAuthClient,
+        addressed: Option<&TenantState>,
+    ) -> Result<RefreshGrant, OAuthError> {
+        let taken = self.refresh.take(token, now_secs(), |g| {
+            if g.client_id != client.client_id {
+                return Err(OAuthError::invalid_grant("refresh token was issued to another client"));
+            }
+            match addressed {
+                Some(t) if t.tenant.id != g.tenant_id => Err(OAuthError::invalid_grant(format!(
+                    "refresh token belongs to zone {:?}, not the addressed zone {:?}",
+                    g.tenant_id, t.tenant.id
+                ))),
+                _ => Ok(()),
+            }
+        })?;
+        taken.ok_or_else(|| OAuthError::invalid_grant("refresh token is invalid, expired or already used"))
+    }
+}
+
+async fn token_endpoint(State(svc): State<Arc<TokenService>>, headers: HeaderMap, uri: Uri, body: Bytes) -> Response {
+    match svc.token(&headers, &uri, &body).await {
+        Ok(issued) => {
+            let mut body = json!({
+                "access_token": issued.access_token,
+                "token_type": "bearer",
+                "expires_in": issued.expires_in,
+                "scope": issued.scopes.join(" "),
+                "jti": issued.jti,
+            });
+            if let (Some(rt), Some(obj)) = (issued.refresh_token, body.as_object_mut()) {
+                obj.insert("refresh_token".into(), rt.into());
+            }
+            let mut resp = axum::Json(body).into_response();
+            no_store(resp.headers_mut());
+            resp
+        }
+        Err(e) => {
+            tracing::debug!(error = e.error, description = %e.description, "token request refused");
+            e.into_response()
+        }
+    }
+}
+
+async fn token_keys(
+    State(svc): State<Arc<TokenService>>,
+    headers: HeaderMap,
+    uri: Uri,
+    RawQuery(query): RawQuery,
+) -> Response {
+    let tenant = match svc.metadata_tenant(&headers, &uri, query.as_deref()) {
+        Ok(t) => t,
+        Err(e) => return e.into_response(),
+    };
+    let keys: Vec<Value> = tenant
+        .tenant
+        .keys
+        .jwks()
+        .keys
+        .into_iter()
+        .map(|jwk| {
+            let pem = jwk.public_key_pem();
+            let mut v = serde_json::to_value(jwk).unwrap_or(Value::Null);
+            // XSUAA publishes the PEM too, and older SAP libraries read only `value`.
+            if let (Some(pem), Some(obj)) = (pem, v.as_object_mut()) {
+                obj.insert("value".into(), pem.into());
+            }
+            v
+        })
+        .collect();
+    axum::Json(json!({ "keys": keys })).into_response()
+}
+
+/// OpenID discovery, for generic OAuth tooling. With an IP `uaadomain` the token endpoint is
+/// the provider URL for every tenant, so a subscriber's tokens still need `x-zid` there.
+async fn openid_configuration(
+    State(svc): State<Arc<TokenService>>,
+    headers: HeaderMap,
+    uri: Uri,
+    RawQuery(query): RawQuery,
+) -> Response {
+    let tenant = match svc.metadata_tenant(&headers, &uri, query.as_deref()) {
+        Ok(t) => t,
+        Err(e) => return e.into_response(),
+    };
+    axum::Json(json!({
+        "issuer": tenant.issuer,
+        "token_endpoint": tenant.issuer,
+        "jwks_uri": tenant.jwks_uri,
+        "grant_types_supported": SUPPORTED_GRANT_TYPES,
+        "token_endpoint_auth_methods_supported": ["client_secret_basic", "client_secret_post"],
+        "response_types_supported": ["token"],
+        "subject_types_supported": ["public"],
+        "id_token_signing_alg_values_supported": ["RS256"],
+    }))
+    .into_response()
+}
+
+/// Requires a form body; xssec sends `application/x-www-form-urlencoded;charset=UTF-8`.
+fn require_form(headers: &HeaderMap) -> Result<(), OAuthError> {
+    let ct = headers.get(CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("");
+    let mime = ct.split(';').next().unwrap_or("").trim();
+    if mime.eq_ignore_ascii_case("application/x-www-form-urlencoded") {
+        Ok(())
+    } else {
+        Err(OAuthError::invalid_request(format!(
+            "expected Content-Type application/x-www-form-urlencoded, got {:?}",
+            if ct.is_empty() { "nothing" } else { ct }
+        )))
+    }
+}
+
+/// The parameters of a form body. Empty values count as absent and repeated names are refused,
+/// both as RFC 6749 §3.2 demands.
+#[derive(Debug, Default)]
+struct Params(HashMap<String, String>);
+
+impl Params {
+    fn parse(body: &[u8]) -> Result<Self, OAuthError> {
+        let text = std::str::from_utf8(body).map_err(|_| OAuthError::invalid_request("request body is not UTF-8"))?;
+        let mut out = HashMap::new();
+        for pair in text.split('&').filter(|p| !p.is_empty()) {
+            let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+            let (Some(k), Some(v)) = (form_decode(k), form_decode(v)) else {
+                return Err(OAuthError::invalid_request("malformed form body: a parameter is not UTF-8 once decoded"));
+            };
+            if v.is_empty() {
+                continue;
+            }
+            match out.entry(k) {
+                Entry::Occupied(e) => {
+                    return Err(OAuthError::invalid_request(format!("parameter {} is given more than once", e.key())));
+                }
+                Entry::Vacant(e) => {
+                    e.insert(v);
+                }
+            }
+        }
+        Ok(Self(out))
+    }
+
+    fn get(&self, name: &str) -> Option<&str> {
+        self.0.get(name).map(String::as_str)
+    }
+}
+
+/// Decodes one `application/x-www-form-urlencoded` component; `None` if it is not UTF-8.
+fn form_decode(s: &str) -> Option<String> {
+    let plus = s.replace('+', " ");
+    percent_encoding::percent_decode_str(&plus).decode_utf8().ok().map(|c| c.into_owned())
+}
+
+/// Reads `Authorization: Basic`. RFC 6749 §2.3.1 form-encodes id and secret before base64,
+/// but many clients do not, so both readings are returned as candidates (decoded first).
+/// `Ok(None)` when there is no Basic header.
+fn basic_credentials(headers: &HeaderMap) -> Result<Option<Vec<(String, String)>>, OAuthError> {
+    let Some(value) = headers.get(AUTHORIZATION) else { return Ok(None) };
+    let malformed = || OAuthError::invalid_client("malformed HTTP Basic credentials", true);
+    let value = value.to_str().map_err(|_| malformed())?.trim();
+    let Some((scheme, encoded)) = value.split_once(' ') else { return Ok(None) };
+    if !scheme.eq_ignore_ascii_case("basic") {
+        return Ok(None);
+    }
+    let encoded = encoded.trim();
+    let raw = base64::engine::general_purpose::STANDARD
+        .decode(encoded)
+        .or_else(|_| base64::engine::general_purpose::STANDARD_NO_PAD.decode(encoded))
+        .map_err(|_| malformed())?;
+    let raw = String::from_utf8(raw).map_err(|_| malformed())?;
+    let (id, secret) = raw.split_once(':').ok_or_else(malformed)?;
+    let mut candidates = Vec::with_capacity(2);
+    if let (Some(id), Some(secret)) = (form_decode(id), form_decode(secret)) {
+        candidates.push((id, secret));
+    }
+    if !candidates.iter().any(|(i, s)| i == id && s == secret) {
+        candidates.push((id.to_owned(), secret.to_owned()));
+    }
+    Ok(Some(candidates))
+}
+
+/// Compares secrets in constant time. Hashing first also hides the stored secret's length,
+/// which a plain constant-time comparison of unequal lengths would reveal.
+fn secret_matches(stored: &str, given: &str) -> bool {
+    use aws_lc_rs::digest::{SHA256, digest};
+    let a = digest(&SHA256, stored.as_bytes());
+    let b = digest(&SHA256, given.as_bytes());
+    ferry_core::secret::constant_time_eq(a.as_ref(), b.as_ref()) && !stored.is_empty()
+}
+
+/// Restricts `allowed` to the requested `scope` parameter (space separated), if one was sent.
+fn narrow(allowed: &[String], requested: Option<&str>) -> Result<Vec<String>, OAuthError> {
+    let Some(requested) = requested else { return Ok(allowed.to_vec()) };
+    let mut out: Vec<String> = Vec::new();
+    for s in requested.split_whitespace() {
+        if !allowed.iter().any(|a| a == s) {
+            return Err(OAuthError::invalid_scope(format!("scope {s:?} is not granted to this client")));
+        }
+        if !out.iter().any(|o| o == s) {
+            out.push(s.to_owned());
+        }
+    }
+    Ok(out)
+}
+
+/// The `zid` an assertion claims, read without verification only to pick the verifying keys.
+fn unverified_zid(jwt: &str) -> Option<String> {
+    let payload = jwt.split('.').nth(1)?;
+    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(payload.trim_end_matches('=')).ok()?;
+    let v: Value = serde_json::from_slice(&bytes).ok()?;
+    ["zid", "app_tid", "zone_uuid"].iter().find_map(|k| v.get(k).and_then(Value::as_str)).map(str::to_owned)
+}
+
+/// `host[:port]` → `host`; IPv6 literals keep their brackets.
+fn strip_port(host: &str) -> &str {
+    if host.starts_with('[') {
+        return host.split_once(']').map_or(host, |(h, _)| &host[..=h.len()]);
+    }
+    match host.rsplit_once(':') {
+        Some((h, port)) if port.bytes().all(|b| b.is_ascii_digit()) => h,
+        _ => host,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn params_follow_rfc6749() {
+        let p = Params::parse(b"grant_type=client_credentials&client_id=sb-a%21t1%7Cx&scope=a+b&empty=&&flag").unwrap();
+        assert_eq!(p.get("client_id"), Some("sb-a!t1|x"));
+        assert_eq!(p.get("scope"), Some("a b"));
+        assert_eq!(p.get("empty"), None);
+        assert_eq!(p.get("flag"), None);
+        assert!(Params::parse(b"a=1&a=2").is_err());
+        assert!(Params::parse(b"a=%FF").is_err());
+        assert!(Params::parse(&[0xff, 0xfe]).is_err());
+    }
+
+    #[test]
+    fn basic_credentials_both_readings() {
+        let mut h = HeaderMap::new();
+        let enc = base64::engine::general_purpose::STANDARD.encode("sb-a%21t1:p%2Bw+x");
+        h.insert(AUTHORIZATION, HeaderValue::from_str(&format!("Basic {enc}")).unwrap());
+        let c = basic_credentials(&h).unwrap().unwrap();
+        assert_eq!(c[0], ("sb-a!t1".to_owned(), "p+w x".to_owned()));
+        assert_eq!(c[1], ("sb-a%21t1".to_owned(), "p%2Bw+x".to_owned()));
+        h.insert(AUTHORIZATION, HeaderValue::from_static("Bearer abc"));
+        assert!(basic_credentials(&h).unwrap().is_none());
+        h.insert(AUTHORIZATION, HeaderValue::from_static("Basic !!!"));
+        assert!(basic_credentials(&h).is_err());
+    }
+
+    #[test]
+    fn ports_are_stripped() {
+        assert_eq!(strip_port("a.b:8443"), "a.b");
+        assert_eq!(strip_port("a.b"), "a.b");
+        assert_eq!(strip_port("[::1]:80"), "[::1]");
+        assert_eq!(strip_port("[::1]"), "[::1]");
+    }
+
+    #[test]
+    fn secrets_compare() {
+        assert!(secret_matches("abc", "abc"));
+        assert!(!secret_matches("abc", "abd"));
+        assert!(!secret_matches("", ""));
+    }
+
+    #[test]
+    fn scopes_narrow() {
+        let allowed = vec!["a".to_owned(), "b".to_owned()];
+        assert_eq!(narrow(&allowed, None).unwrap(), allowed);
+        assert_eq!(narrow(&allowed, Some("b b")).unwrap(), vec!["b"]);
+        assert!(narrow(&allowed, Some("c")).is_err());
+    }
+}
