@@ -25,6 +25,8 @@ pub enum ConnectorError {
     Tls(#[from] ferry_core::tls::TlsError),
     #[error("invalid proxy server name '{0}'")]
     ServerName(String),
+    #[error("system mapping {0}: protocol {1:?} (TLS to the backend) is not supported yet; use HTTP or TCP")]
+    UnsupportedProtocol(String, Protocol),
 }
 
 #[derive(Clone, Debug)]
@@ -89,6 +91,13 @@ pub struct Connector {
 
 impl Connector {
     pub fn new(config: ConnectorConfig) -> Result<Self, ConnectorError> {
+        // Refuse rather than silently send plaintext to a backend the admin declared as TLS.
+        if let Some(m) = config.rules.mappings.iter().find(|m| !matches!(m.protocol, Protocol::Http | Protocol::Tcp)) {
+            return Err(ConnectorError::UnsupportedProtocol(
+                format!("{}:{}", m.virtual_host, m.virtual_port),
+                m.protocol,
+            ));
+        }
         let tls = ferry_core::tls::client_config(&config.ca_pem, Some(&config.identity), &[ferry_proto::tunnel::ALPN])?;
         let server_name = rustls::pki_types::ServerName::try_from(config.server_name.clone())
             .map_err(|_| ConnectorError::ServerName(config.server_name.clone()))?;

@@ -202,6 +202,29 @@ pub fn client_config(
     Ok(Arc::new(cfg))
 }
 
+/// An HTTP client for outbound calls (token endpoints, JWKS): the system roots plus
+/// `extra_ca_pem` (the local CA under `ferry up`), TLS 1.2+ through rustls, `TCP_NODELAY`.
+pub fn http_client(extra_ca_pem: Option<&str>) -> Result<reqwest::Client, TlsError> {
+    crate::init_crypto();
+    let mut roots = RootCertStore::empty();
+    let native = rustls_native_certs::load_native_certs();
+    for c in native.certs {
+        let _ = roots.add(c);
+    }
+    if let Some(pem) = extra_ca_pem {
+        for c in parse_certs(pem)? {
+            roots.add(c)?;
+        }
+    }
+    let cfg = ClientConfig::builder().with_root_certificates(roots).with_no_client_auth();
+    reqwest::Client::builder()
+        .use_preconfigured_tls(cfg)
+        .tcp_nodelay(true)
+        .connect_timeout(std::time::Duration::from_secs(10))
+        .build()
+        .map_err(|e| TlsError::Verifier(e.to_string()))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -225,27 +248,4 @@ mod tests {
         server_config(&cert, Some(ca.cert_pem()), &[]).unwrap();
         client_config(ca.cert_pem(), None, &[]).unwrap();
     }
-}
-
-/// An HTTP client for outbound calls (token endpoints, JWKS): the system roots plus
-/// `extra_ca_pem` (the local CA under `ferry up`), TLS 1.2+ through rustls, `TCP_NODELAY`.
-pub fn http_client(extra_ca_pem: Option<&str>) -> Result<reqwest::Client, TlsError> {
-    crate::init_crypto();
-    let mut roots = RootCertStore::empty();
-    let native = rustls_native_certs::load_native_certs();
-    for c in native.certs {
-        let _ = roots.add(c);
-    }
-    if let Some(pem) = extra_ca_pem {
-        for c in parse_certs(pem)? {
-            roots.add(c)?;
-        }
-    }
-    let cfg = ClientConfig::builder().with_root_certificates(roots).with_no_client_auth();
-    reqwest::Client::builder()
-        .use_preconfigured_tls(cfg)
-        .tcp_nodelay(true)
-        .connect_timeout(std::time::Duration::from_secs(10))
-        .build()
-        .map_err(|e| TlsError::Verifier(e.to_string()))
 }

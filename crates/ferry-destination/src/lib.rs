@@ -1,1 +1,207 @@
+//! The Destination Service: SAP-compatible destination management and find-by-name.
+//!
+//! Wire behaviour follows `CLIENT-CONTRACT.md` §3 (what the SAP Cloud SDK and approuter send
+//! and expect) and `SPEC.md` §1–2. The caller's bearer token decides everything about scope:
+//! its `zid` is the subaccount, its service instance id (or, failing that, its client id) the
+//! instance level, so there are no tenant ids in URLs to forge.
+//!
+//! Layers, top to bottom: `api` (HTTP shapes and status codes), [`DestinationService`]
+//! (sealing, lookups, token retrieval), `tokens` (remote OAuth calls and their cache) and
+//! `store` (sealed rows in SQLite).
 
+// Tests state their expectations with unwrap; a panic there is the failure report.
+#![cfg_attr(test, allow(clippy::unwrap_used))]
+
+mod api;
+mod crypto;
+mod store;
+mod tokens;
+
+#[cfg(test)]
+mod tests;
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use ferry_auth::Verifier;
+use ferry_core::serve::{AcceptOptions, serve_router};
+use ferry_core::{Secret, Shutdown};
+use ferry_model::Destination;
+use sha2::{Digest, Sha256};
+
+use crate::crypto::Sealer;
+pub use crate::store::StoreError;
+use crate::store::{Level, RowKey, Scope, SqliteStore, Store};
+use crate::tokens::{Clock, SystemClock, TokenFetcher};
+
+/// SPEC §2.3: token requests time out after 10 s unless the destination says otherwise.
+pub const DEFAULT_TOKEN_FETCH_TIMEOUT: Duration = Duration::from_secs(10);
+
+#[derive(Clone, Debug)]
+pub enum DatabaseConfig {
+    /// A SQLite file, created with its parent directories if missing.
+    Sqlite { path: PathBuf },
+    /// Nothing survives a restart; for tests and throw-away `ferry up` runs.
+    SqliteMemory,
+}
+
+#[derive(Clone, Debug)]
+pub struct Config {
+    pub database: DatabaseConfig,
+    /// Seals every stored destination. Losing it loses every stored secret; changing it makes
+    /// an existing database refuse to open.
+    pub master_key: Secret<[u8; 32]>,
+    /// Default time limit for a call to a destination's token service.
+    pub token_fetch_timeout: Duration,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("destination store: {0}")]
+    Store(#[from] StoreError),
+    #[error(
+        "the master key does not match the key this destination database was written with; start with the \
+         original key (without it the stored destinations cannot be read)"
+    )]
+    WrongMasterKey,
+    #[error("stored destination '{name}' cannot be decrypted; the master key may have changed or the row was altered")]
+    Undecryptable { name: String },
+    #[error("stored destination '{name}' is unreadable: {reason}")]
+    Corrupt { name: String, reason: String },
+    #[error("encrypting a destination failed")]
+    Encrypt,
+}
+
+/// Marker sealed under the master key at creation, so a wrong key is reported when the
+/// service starts instead of as a 500 on the first read.
+const KEY_CHECK_META: &str = "key_check";
+const KEY_CHECK_AAD: &[u8] = b"ferry-destination/key-check";
+const KEY_CHECK_PLAINTEXT: &[u8] = b"ferry destination master key check";
+
+pub struct DestinationService {
+    store: Box<dyn Store>,
+    sealer: Sealer,
+    verifier: Arc<Verifier>,
+    tokens: TokenFetcher,
+}
+
+impl std::fmt::Debug for DestinationService {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DestinationService").finish_non_exhaustive()
+    }
+}
+
+/// A destination as read from the store, with the ETag of its stored form.
+pub(crate) struct Stored {
+    pub destination: Destination,
+    pub etag: String,
+}
+
+impl DestinationService {
+    /// Opens the database (migrating it), checks the master key against it and returns the
+    /// service. `http` is used for calls to destinations' token services.
+    pub async fn open(config: Config, verifier: Arc<Verifier>, http: reqwest::Client) -> Result<Arc<Self>, Error> {
+        Self::open_with_clock(config, verifier, http, Arc::new(SystemClock)).await
+    }
+
+    /// `open` with the token cache's time source replaced, so tests can expire tokens.
+    pub(crate) async fn open_with_clock(
+        config: Config,
+        verifier: Arc<Verifier>,
+        http: reqwest::Client,
+        clock: Arc<dyn Clock>,
+    ) -> Result<Arc<Self>, Error> {
+        let path = match config.database {
+            DatabaseConfig::Sqlite { path } => Some(path),
+            DatabaseConfig::SqliteMemory => None,
+        };
+        let store = SqliteStore::open(path).await?;
+        let sealer = Sealer::new(&config.master_key).map_err(|_| Error::Encrypt)?;
+        match store.meta(KEY_CHECK_META).await? {
+            Some(sealed) => {
+                if sealer.open(KEY_CHECK_AAD, &sealed).ok().as_deref() != Some(KEY_CHECK_PLAINTEXT) {
+                    return Err(Error::WrongMasterKey);
+                }
+            }
+            None => {
+                let sealed = sealer.seal(KEY_CHECK_AAD, KEY_CHECK_PLAINTEXT).map_err(|_| Error::Encrypt)?;
+                store.set_meta(KEY_CHECK_META, sealed).await?;
+            }
+        }
+        let tokens = TokenFetcher::new(http, config.token_fetch_timeout, clock);
+        Ok(Arc::new(Self { store: Box::new(store), sealer, verifier, tokens }))
+    }
+
+    pub fn router(self: &Arc<Self>) -> axum::Router {
+        api::router(self.clone())
+    }
+
+    /// Creates or replaces a destination; `instance: None` means subaccount level. For loading
+    /// destinations from configuration, where "already exists" is not an error.
+    pub async fn upsert(
+        &self,
+        subaccount: &str,
+        instance: Option<&str>,
+        destination: Destination,
+    ) -> Result<(), Error> {
+        let level = instance.map_or(Level::Subaccount, |i| Level::Instance(i.to_owned()));
+        let key = Scope { subaccount: subaccount.to_owned(), level }.row(destination.name());
+        let sealed = self.seal(&key, &destination)?;
+        self.store.upsert(key, sealed).await?;
+        Ok(())
+    }
+
+    fn seal(&self, key: &RowKey, destination: &Destination) -> Result<Vec<u8>, Error> {
+        let plain = serde_json::to_vec(destination).map_err(|_| Error::Encrypt)?;
+        self.sealer.seal(&key.associated_data(), &plain).map_err(|_| Error::Encrypt)
+    }
+
+    fn unseal(&self, key: &RowKey, sealed: &[u8]) -> Result<Stored, Error> {
+        let plain = self.sealer.open(&key.associated_data(), sealed).map_err(|e| {
+            // Names and ids only: the content is exactly what must not reach a log.
+            tracing::error!(subaccount = %key.scope.subaccount, level = ?key.scope.level, name = %key.name, error = %e,
+                "stored destination cannot be decrypted");
+            Error::Undecryptable { name: key.name.clone() }
+        })?;
+        let destination = serde_json::from_slice(&plain).map_err(|e| {
+            tracing::error!(subaccount = %key.scope.subaccount, name = %key.name, "stored destination is invalid");
+            Error::Corrupt { name: key.name.clone(), reason: e.to_string() }
+        })?;
+        Ok(Stored { destination, etag: format!("\"{}\"", hex::encode(Sha256::digest(&plain))) })
+    }
+
+    pub(crate) async fn load(&self, key: &RowKey) -> Result<Option<Stored>, Error> {
+        match self.store.get(key.clone()).await? {
+            Some(sealed) => self.unseal(key, &sealed).map(Some),
+            None => Ok(None),
+        }
+    }
+
+    pub(crate) async fn list(&self, scope: &Scope) -> Result<Vec<Destination>, Error> {
+        let rows = self.store.list(scope.clone()).await?;
+        rows.into_iter().map(|(name, sealed)| self.unseal(&scope.row(&name), &sealed).map(|s| s.destination)).collect()
+    }
+
+    /// `false` if the name is taken.
+    pub(crate) async fn create(&self, key: &RowKey, destination: &Destination) -> Result<bool, Error> {
+        let sealed = self.seal(key, destination)?;
+        Ok(self.store.insert(key.clone(), sealed).await?)
+    }
+
+    /// `false` if there is no such destination.
+    pub(crate) async fn replace(&self, key: &RowKey, destination: &Destination) -> Result<bool, Error> {
+        let sealed = self.seal(key, destination)?;
+        Ok(self.store.update(key.clone(), sealed).await?)
+    }
+
+    /// `false` if there is no such destination.
+    pub(crate) async fn remove(&self, key: &RowKey) -> Result<bool, Error> {
+        Ok(self.store.delete(key.clone()).await?)
+    }
+}
+
+/// Serves the Destination Service API on `listener` until `shutdown` fires.
+pub async fn run(service: Arc<DestinationService>, listener: tokio::net::TcpListener, shutdown: Shutdown) {
+    serve_router(listener, service.router(), None, AcceptOptions::named("destination-service"), shutdown).await
+}

@@ -1,1 +1,18 @@
+//! The destination model, shared by the Destination Service, clients and configuration files.
+//!
+//! SAP's Destination Service treats a destination as a flat JSON object of string properties,
+//! most of which it never interprets (`URL.headers.*`, `HTML5.*`, `mail.*` are for clients). So
+//! the model keeps every property as given, in the order given, and only validates and types the
+//! few keys whose meaning the service itself depends on (`Name`, `Type`, `Authentication`).
+//! Anything stricter would reject configurations the real service accepts.
 
+// Tests state their expectations with unwrap; a panic there is the failure report.
+#![cfg_attr(test, allow(clippy::unwrap_used))]
+
+mod destination;
+mod kinds;
+mod secrets;
+
+pub use destination::{Destination, MAX_NAME_LEN, RawDestination, RawValue, ValidationError};
+pub use kinds::{AuthenticationType, DestinationType, ProxyType, UnknownValue};
+pub use secrets::is_secret_property;

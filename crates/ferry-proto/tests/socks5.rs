@@ -1,3 +1,4 @@
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 //! Tests of the SOCKS5 / SAP method 0x80 codec against the bytes recorded in CLIENT-CONTRACT §5.
 
 use std::fmt::Debug;

@@ -9,6 +9,7 @@ use ferry_core::body;
 use ferry_proto::socks5::{self, Address, ConnectRequest, Greeting, Parsed, Reply, SapAuth};
 use ferry_proto::tunnel;
 use http::{HeaderValue, Request, StatusCode};
+use http_body_util::BodyExt;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
@@ -162,7 +163,30 @@ async fn relay(
     if write.write_all(&socks5::encode_reply(reply)).await.is_err() || reply != Reply::Succeeded {
         return;
     }
-    if let Err(e) = body::copy_to_writer(resp.into_body(), write).await {
+    let replied = tokio::time::Instant::now();
+    let mut downstream = resp.into_body();
+    // The `socks` npm package (used by SAP's mail-client through nodemailer) drops bytes that
+    // arrive in the same read as the CONNECT reply: it re-emits them before nodemailer listens,
+    // so an SMTP greeting sent at once by the backend would be lost ("Greeting never received").
+    // A server-first protocol's first bytes therefore go out no sooner than a short gap after the
+    // reply; client-first protocols answer only after the client has read the reply, so they
+    // never wait.
+    let first = downstream.frame().await;
+    if first.is_some() {
+        tokio::time::sleep_until(replied + FIRST_DATA_GAP).await;
+    }
+    let rest = async {
+        if let Some(frame) = first
+            && let Ok(data) = frame?.into_data()
+        {
+            write.write_all(&data).await?;
+        }
+        body::copy_to_writer(downstream, write).await
+    };
+    if let Err(e) = rest.await {
         tracing::debug!(%request_id, error = %e, "SOCKS5 relay ended");
     }
 }
+
+/// See the comment at its use in [`relay`].
+const FIRST_DATA_GAP: Duration = Duration::from_millis(25);

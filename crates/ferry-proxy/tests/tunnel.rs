@@ -1,3 +1,4 @@
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 //! End to end over real sockets: app → proxy (HTTP/SOCKS5) → TLS tunnel → connector → backend.
 
 use std::net::SocketAddr;
@@ -420,4 +421,42 @@ async fn bad_input_is_refused_while_others_are_served() {
     let r = one(pair.http_addr, get("http://a.virtual/ok", Some(&token), None).body(Full::default()).unwrap()).await;
     assert_eq!(r.status, 200);
     drop(stalled);
+}
+
+/// Server-first protocols (SMTP, POP3, IMAP): the backend's greeting must reach the app before
+/// the app sends anything.
+#[tokio::test]
+async fn socks5_carries_server_first_protocols() {
+    let backend = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let backend_addr = backend.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut s, _)) = backend.accept().await else { return };
+            tokio::spawn(async move {
+                s.write_all(b"220 smtp ready\r\n").await.unwrap();
+                let mut buf = [0u8; 1024];
+                loop {
+                    let n = match s.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => n,
+                    };
+                    if s.write_all(&buf[..n]).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    let pair = TunnelPair::start().await;
+    pair.connector("", AccessRules::new(vec![tcp_mapping("smtp.virtual", 25, backend_addr)]), pair.tunnel_addr);
+    pair.wait_connected("").await;
+    let (mut s, rep) = socks_connect(pair.socks_addr, &pair.token(), "", "smtp.virtual", 25).await;
+    assert_eq!(rep, 0);
+    let mut banner = [0u8; 16];
+    tokio::time::timeout(Duration::from_secs(5), s.read_exact(&mut banner)).await.expect("banner in time").unwrap();
+    assert_eq!(&banner, b"220 smtp ready\r\n");
+    s.write_all(b"EHLO x\r\n").await.unwrap();
+    let mut echo = [0u8; 8];
+    tokio::time::timeout(Duration::from_secs(5), s.read_exact(&mut echo)).await.expect("echo in time").unwrap();
+    assert_eq!(&echo, b"EHLO x\r\n");
 }

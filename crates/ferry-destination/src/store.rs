@@ -1,0 +1,304 @@
+//! Persistence of sealed destination rows.
+//!
+//! The store sees only row keys and opaque sealed bytes; encryption and the destination format
+//! live above it, so another backend (PostgreSQL for replicated deployments) only has to
+//! implement [`Store`] and cannot get encryption wrong. The methods return boxed futures
+//! because a network database is naturally async, while SQLite runs its blocking calls on
+//! tokio's blocking pool.
+
+use std::future::Future;
+use std::path::{Path, PathBuf};
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use rusqlite::{Connection, OptionalExtension, params};
+
+/// A failure of the storage backend. Messages never contain row contents (they are sealed and
+/// only ever passed as bound parameters).
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("{context}: {message}")]
+    Backend { context: String, message: String },
+    #[error(
+        "the database has schema version {found}, newer than version {supported} this Ferry understands; upgrade Ferry"
+    )]
+    SchemaTooNew { found: i64, supported: i64 },
+}
+
+impl StoreError {
+    fn backend(context: impl Into<String>, e: impl std::fmt::Display) -> Self {
+        Self::Backend { context: context.into(), message: e.to_string() }
+    }
+}
+
+pub(crate) type StoreFuture<'a, T> = Pin<Box<dyn Future<Output = Result<T, StoreError>> + Send + 'a>>;
+
+/// The two levels SAP keeps destinations on. A subscription level would be an instance level
+/// within the subscriber's subaccount, which the (subaccount, level) pair already expresses.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub(crate) enum Level {
+    Subaccount,
+    Instance(String),
+}
+
+/// One collection of destinations: what `/subaccountDestinations` or `/instanceDestinations`
+/// addresses for a given caller.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub(crate) struct Scope {
+    pub subaccount: String,
+    pub level: Level,
+}
+
+impl Scope {
+    pub(crate) fn instance_id(&self) -> Option<&str> {
+        match &self.level {
+            Level::Subaccount => None,
+            Level::Instance(i) => Some(i),
+        }
+    }
+
+    pub(crate) fn row(&self, name: &str) -> RowKey {
+        RowKey { scope: self.clone(), name: name.to_owned() }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub(crate) struct RowKey {
+    pub scope: Scope,
+    pub name: String,
+}
+
+impl RowKey {
+    /// An unambiguous encoding of the key (length-prefixed parts), used as AEAD associated
+    /// data so that a sealed row only opens under its own key.
+    pub(crate) fn associated_data(&self) -> Vec<u8> {
+        let mut out = b"ferry-destination/v1".to_vec();
+        let mut part = |tag: u8, s: &str| {
+            out.push(tag);
+            out.extend_from_slice(&(s.len() as u64).to_be_bytes());
+            out.extend_from_slice(s.as_bytes());
+        };
+        part(b's', &self.scope.subaccount);
+        match &self.scope.level {
+            Level::Subaccount => part(b'S', ""),
+            Level::Instance(i) => part(b'I', i),
+        }
+        part(b'n', &self.name);
+        out
+    }
+}
+
+pub(crate) trait Store: Send + Sync {
+    fn get(&self, key: RowKey) -> StoreFuture<'_, Option<Vec<u8>>>;
+    /// `(name, sealed)` pairs of one collection, ordered by name.
+    fn list(&self, scope: Scope) -> StoreFuture<'_, Vec<(String, Vec<u8>)>>;
+    /// `false` when a row with this key already exists (nothing is written then).
+    fn insert(&self, key: RowKey, sealed: Vec<u8>) -> StoreFuture<'_, bool>;
+    /// `false` when there is no such row.
+    fn update(&self, key: RowKey, sealed: Vec<u8>) -> StoreFuture<'_, bool>;
+    fn upsert(&self, key: RowKey, sealed: Vec<u8>) -> StoreFuture<'_, ()>;
+    /// `false` when there was no such row.
+    fn delete(&self, key: RowKey) -> StoreFuture<'_, bool>;
+    fn meta(&self, key: &'static str) -> StoreFuture<'_, Option<Vec<u8>>>;
+    fn set_meta(&self, key: &'static str, value: Vec<u8>) -> StoreFuture<'_, ()>;
+}
+
+/// Schema migrations, applied in order; `schema_version` holds how many have run. Append
+/// only: a released migration is never edited.
+const MIGRATIONS: &[&str] = &["
+    CREATE TABLE destinations (
+        subaccount  TEXT    NOT NULL,
+        instance    TEXT    NOT NULL,  -- '' for subaccount level
+        name        TEXT    NOT NULL,
+        sealed      BLOB    NOT NULL,  -- AES-256-GCM over the destination JSON
+        modified_at INTEGER NOT NULL,  -- unix seconds
+        PRIMARY KEY (subaccount, instance, name)
+    ) WITHOUT ROWID;
+    CREATE TABLE meta (key TEXT PRIMARY KEY, value BLOB NOT NULL) WITHOUT ROWID;
+"];
+
+pub(crate) struct SqliteStore {
+    conn: Arc<Mutex<Connection>>,
+}
+
+fn instance_column(level: &Level) -> &str {
+    match level {
+        Level::Subaccount => "",
+        Level::Instance(i) => i,
+    }
+}
+
+fn now_secs() -> i64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or(0)
+}
+
+impl SqliteStore {
+    /// Opens (creating if needed) the database at `path`, or an in-memory one for `None`, and
+    /// brings its schema up to date.
+    pub(crate) async fn open(path: Option<PathBuf>) -> Result<Self, StoreError> {
+        let conn = tokio::task::spawn_blocking(move || Self::open_blocking(path.as_deref()))
+            .await
+            .map_err(|e| StoreError::backend("opening the database", e))??;
+        Ok(Self { conn: Arc::new(Mutex::new(conn)) })
+    }
+
+    fn open_blocking(path: Option<&Path>) -> Result<Connection, StoreError> {
+        let mut conn = match path {
+            Some(path) => {
+                let ctx = || format!("cannot open the destination database {}", path.display());
+                if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+                    std::fs::create_dir_all(dir).map_err(|e| StoreError::backend(ctx(), e))?;
+                }
+                create_private(path).map_err(|e| StoreError::backend(ctx(), e))?;
+                let conn = Connection::open(path).map_err(|e| StoreError::backend(ctx(), e))?;
+                // WAL lets readers proceed during a write; busy_timeout covers other processes.
+                conn.pragma_update(None, "journal_mode", "WAL").map_err(|e| StoreError::backend(ctx(), e))?;
+                conn
+            }
+            None => {
+                Connection::open_in_memory().map_err(|e| StoreError::backend("cannot open in-memory database", e))?
+            }
+        };
+        conn.busy_timeout(std::time::Duration::from_secs(5))
+            .map_err(|e| StoreError::backend("configuring the database", e))?;
+        migrate(&mut conn)?;
+        Ok(conn)
+    }
+
+    /// Runs `f` on the blocking pool with the connection locked; SQLite calls block.
+    fn call<T, F>(&self, context: &'static str, f: F) -> StoreFuture<'_, T>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Connection) -> rusqlite::Result<T> + Send + 'static,
+    {
+        let conn = self.conn.clone();
+        Box::pin(async move {
+            tokio::task::spawn_blocking(move || {
+                let conn = conn.lock().unwrap_or_else(|p| p.into_inner());
+                f(&conn)
+            })
+            .await
+            .map_err(|e| StoreError::backend(context, e))?
+            .map_err(|e| StoreError::backend(context, e))
+        })
+    }
+}
+
+/// Creates the database file readable by its owner only, if it does not exist yet. Rows are
+/// sealed, but names and the row count are not, and SQLite gives its WAL and SHM files the
+/// database file's permissions. An existing file keeps whatever its operator chose.
+fn create_private(path: &Path) -> std::io::Result<()> {
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).create_new(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+    match options.open(path) {
+        Ok(_) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(()),
+        Err(e) => Err(e),
+    }
+}
+
+fn migrate(conn: &mut Connection) -> Result<(), StoreError> {
+    let err = |e: rusqlite::Error| StoreError::backend("migrating the database schema", e);
+    let tx = conn.transaction().map_err(err)?;
+    tx.execute_batch("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)").map_err(err)?;
+    let current: Option<i64> =
+        tx.query_row("SELECT max(version) FROM schema_version", [], |r| r.get(0)).optional().map_err(err)?.flatten();
+    let current = current.unwrap_or(0);
+    let supported = MIGRATIONS.len() as i64;
+    if current > supported {
+        return Err(StoreError::SchemaTooNew { found: current, supported });
+    }
+    for (i, sql) in MIGRATIONS.iter().enumerate().skip(current as usize) {
+        tx.execute_batch(sql).map_err(err)?;
+        tracing::info!(version = i + 1, "applied destination database migration");
+    }
+    tx.execute("DELETE FROM schema_version", []).map_err(err)?;
+    tx.execute("INSERT INTO schema_version (version) VALUES (?1)", [supported]).map_err(err)?;
+    tx.commit().map_err(err)
+}
+
+impl Store for SqliteStore {
+    fn get(&self, key: RowKey) -> StoreFuture<'_, Option<Vec<u8>>> {
+        self.call("reading a destination", move |c| {
+            c.query_row(
+                "SELECT sealed FROM destinations WHERE subaccount = ?1 AND instance = ?2 AND name = ?3",
+                params![key.scope.subaccount, instance_column(&key.scope.level), key.name],
+                |r| r.get(0),
+            )
+            .optional()
+        })
+    }
+
+    fn list(&self, scope: Scope) -> StoreFuture<'_, Vec<(String, Vec<u8>)>> {
+        self.call("listing destinations", move |c| {
+            let mut stmt = c.prepare_cached(
+                "SELECT name, sealed FROM destinations WHERE subaccount = ?1 AND instance = ?2 ORDER BY name",
+            )?;
+            let rows = stmt
+                .query_map(params![scope.subaccount, instance_column(&scope.level)], |r| Ok((r.get(0)?, r.get(1)?)))?;
+            rows.collect()
+        })
+    }
+
+    fn insert(&self, key: RowKey, sealed: Vec<u8>) -> StoreFuture<'_, bool> {
+        self.call("creating a destination", move |c| {
+            let n = c.execute(
+                "INSERT INTO destinations (subaccount, instance, name, sealed, modified_at) VALUES (?1, ?2, ?3, ?4, ?5)
+                 ON CONFLICT DO NOTHING",
+                params![key.scope.subaccount, instance_column(&key.scope.level), key.name, sealed, now_secs()],
+            )?;
+            Ok(n == 1)
+        })
+    }
+
+    fn update(&self, key: RowKey, sealed: Vec<u8>) -> StoreFuture<'_, bool> {
+        self.call("updating a destination", move |c| {
+            let n = c.execute(
+                "UPDATE destinations SET sealed = ?4, modified_at = ?5
+                 WHERE subaccount = ?1 AND instance = ?2 AND name = ?3",
+                params![key.scope.subaccount, instance_column(&key.scope.level), key.name, sealed, now_secs()],
+            )?;
+            Ok(n == 1)
+        })
+    }
+
+    fn upsert(&self, key: RowKey, sealed: Vec<u8>) -> StoreFuture<'_, ()> {
+        self.call("storing a destination", move |c| {
+            c.execute(
+                "INSERT INTO destinations (subaccount, instance, name, sealed, modified_at) VALUES (?1, ?2, ?3, ?4, ?5)
+                 ON CONFLICT (subaccount, instance, name) DO UPDATE SET sealed = ?4, modified_at = ?5",
+                params![key.scope.subaccount, instance_column(&key.scope.level), key.name, sealed, now_secs()],
+            )
+            .map(drop)
+        })
+    }
+
+    fn delete(&self, key: RowKey) -> StoreFuture<'_, bool> {
+        self.call("deleting a destination", move |c| {
+            let n = c.execute(
+                "DELETE FROM destinations WHERE subaccount = ?1 AND instance = ?2 AND name = ?3",
+                params![key.scope.subaccount, instance_column(&key.scope.level), key.name],
+            )?;
+            Ok(n == 1)
+        })
+    }
+
+    fn meta(&self, key: &'static str) -> StoreFuture<'_, Option<Vec<u8>>> {
+        self.call("reading database metadata", move |c| {
+            c.query_row("SELECT value FROM meta WHERE key = ?1", [key], |r| r.get(0)).optional()
+        })
+    }
+
+    fn set_meta(&self, key: &'static str, value: Vec<u8>) -> StoreFuture<'_, ()> {
+        self.call("writing database metadata", move |c| {
+            c.execute(
+                "INSERT INTO meta (key, value) VALUES (?1, ?2) ON CONFLICT (key) DO UPDATE SET value = ?2",
+                params![key, value],
+            )
+            .map(drop)
+        })
+    }
+}

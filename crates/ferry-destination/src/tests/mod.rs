@@ -1,0 +1,229 @@
+//! Tests of the service as a whole: the API as values (`router.oneshot`), token retrieval
+//! against a token endpoint on a real socket, and the database file on disk.
+
+mod api;
+mod oauth;
+mod storage;
+
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use axum::Router;
+use axum::body::Body;
+use axum::http::{HeaderMap, Method, Request, StatusCode};
+use ferry_auth::{KeySet, Verifier};
+use ferry_core::Secret;
+use http_body_util::BodyExt;
+use serde_json::{Value, json};
+use tower::ServiceExt;
+
+use crate::tokens::Clock;
+use crate::{Config, DatabaseConfig, DestinationService};
+
+pub(crate) const V1: &str = "/destination-configuration/v1";
+
+/// A clock that only moves when told to.
+pub(crate) struct ManualClock {
+    start: Instant,
+    offset: Mutex<Duration>,
+}
+
+impl ManualClock {
+    pub(crate) fn new() -> Arc<Self> {
+        Arc::new(Self { start: Instant::now(), offset: Mutex::new(Duration::ZERO) })
+    }
+    pub(crate) fn advance(&self, by: Duration) {
+        *self.offset.lock().unwrap() += by;
+    }
+}
+
+impl Clock for ManualClock {
+    fn now(&self) -> Instant {
+        self.start + *self.offset.lock().unwrap()
+    }
+}
+
+fn now_secs() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_secs()
+}
+
+pub(crate) fn config(database: DatabaseConfig, key: [u8; 32]) -> Config {
+    Config { database, master_key: Secret::new(key), token_fetch_timeout: Duration::from_secs(5) }
+}
+
+pub(crate) struct Env {
+    pub keys: Arc<KeySet>,
+    pub service: Arc<DestinationService>,
+    pub router: Router,
+    pub clock: Arc<ManualClock>,
+}
+
+pub(crate) struct Resp {
+    pub status: StatusCode,
+    pub headers: HeaderMap,
+    pub text: String,
+    pub json: Value,
+}
+
+impl Env {
+    pub(crate) async fn new() -> Self {
+        Self::with_config(config(DatabaseConfig::SqliteMemory, [42; 32])).await
+    }
+
+    pub(crate) async fn with_config(config: Config) -> Self {
+        Self::try_with_config(config).await.unwrap()
+    }
+
+    pub(crate) async fn try_with_config(config: Config) -> Result<Self, crate::Error> {
+        let keys = Arc::new(KeySet::generate().unwrap());
+        let clock = ManualClock::new();
+        let verifier = Arc::new(Verifier::local(keys.clone()));
+        let http = ferry_core::tls::http_client(None).unwrap();
+        let service = DestinationService::open_with_clock(config, verifier, http, clock.clone()).await?;
+        let router = service.router();
+        Ok(Self { keys, service, router, clock })
+    }
+
+    /// A client-credentials token as XSUAA issues it for a destination binding.
+    pub(crate) fn token(&self, zid: &str, client_id: &str) -> String {
+        self.token_with(json!({
+            "zid": zid, "client_id": client_id, "cid": client_id, "exp": now_secs() + 600,
+            "grant_type": "client_credentials",
+            "iss": format!("http://{zid}-sub.localhost:8080/oauth/token"),
+            "ext_attr": {"enhancer": "XSUAA", "zdn": format!("{zid}-sub")}
+        }))
+    }
+
+    pub(crate) fn token_with(&self, claims: Value) -> String {
+        self.keys.sign(&claims, &[]).unwrap()
+    }
+
+    pub(crate) async fn call(&self, method: Method, uri: &str, token: Option<&str>, body: Option<Value>) -> Resp {
+        let body = body.map(|b| b.to_string());
+        self.call_raw(method, uri, token, body.as_deref(), &[]).await
+    }
+
+    pub(crate) async fn call_raw(
+        &self,
+        method: Method,
+        uri: &str,
+        token: Option<&str>,
+        body: Option<&str>,
+        headers: &[(&str, &str)],
+    ) -> Resp {
+        let mut req = Request::builder().method(method).uri(uri);
+        if let Some(t) = token {
+            req = req.header("authorization", format!("Bearer {t}"));
+        }
+        if body.is_some() {
+            req = req.header("content-type", "application/json");
+        }
+        for (k, v) in headers {
+            req = req.header(*k, *v);
+        }
+        let req = req.body(Body::from(body.unwrap_or_default().to_owned())).unwrap();
+        let res = self.router.clone().oneshot(req).await.unwrap();
+        let status = res.status();
+        let headers = res.headers().clone();
+        let bytes = res.into_body().collect().await.unwrap().to_bytes();
+        let text = String::from_utf8(bytes.to_vec()).unwrap();
+        let json = serde_json::from_str(&text).unwrap_or(Value::Null);
+        Resp { status, headers, text, json }
+    }
+
+    /// Stores a destination through the API; panics unless it was created.
+    pub(crate) async fn create(&self, token: &str, level: &str, dest: Value) {
+        let r = self.call(Method::POST, &format!("{V1}/{level}Destinations"), Some(token), Some(dest)).await;
+        assert_eq!(r.status, StatusCode::CREATED, "{}", r.text);
+    }
+
+    pub(crate) async fn find(&self, token: &str, name: &str, headers: &[(&str, &str)]) -> Resp {
+        self.call_raw(Method::GET, &format!("{V1}/destinations/{name}"), Some(token), None, headers).await
+    }
+}
+
+/// What the test token endpoint saw in one request.
+#[derive(Clone, Debug)]
+pub(crate) struct Recorded {
+    pub path: String,
+    pub query: Option<String>,
+    pub headers: HeaderMap,
+    pub form: Vec<(String, String)>,
+}
+
+impl Recorded {
+    pub(crate) fn form(&self, key: &str) -> Option<&str> {
+        self.form.iter().find(|(k, _)| k == key).map(|(_, v)| v.as_str())
+    }
+}
+
+/// How the test token endpoint answers.
+#[derive(Clone)]
+pub(crate) struct Answer {
+    pub status: StatusCode,
+    pub body: Value,
+    pub delay: Duration,
+}
+
+/// A remote OAuth token endpoint on 127.0.0.1:0 that records and counts its calls.
+pub(crate) struct TokenServer {
+    pub addr: SocketAddr,
+    calls: Arc<Mutex<Vec<Recorded>>>,
+    answer: Arc<Mutex<Answer>>,
+}
+
+impl TokenServer {
+    pub(crate) async fn start() -> Self {
+        let calls: Arc<Mutex<Vec<Recorded>>> = Arc::default();
+        let answer = Arc::new(Mutex::new(Answer {
+            status: StatusCode::OK,
+            body: json!({"access_token": "remote-token-1", "token_type": "bearer", "expires_in": 3600}),
+            delay: Duration::ZERO,
+        }));
+        let (c, a) = (calls.clone(), answer.clone());
+        let app = Router::new().fallback(move |req: Request<Body>| {
+            let (c, a) = (c.clone(), a.clone());
+            async move {
+                let (parts, body) = req.into_parts();
+                let bytes = body.collect().await.unwrap().to_bytes();
+                let form = form_urlencoded::parse(&bytes).into_owned().collect();
+                c.lock().unwrap().push(Recorded {
+                    path: parts.uri.path().to_owned(),
+                    query: parts.uri.query().map(str::to_owned),
+                    headers: parts.headers,
+                    form,
+                });
+                let answer = a.lock().unwrap().clone();
+                tokio::time::sleep(answer.delay).await;
+                (answer.status, axum::Json(answer.body))
+            }
+        });
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        Self { addr, calls, answer }
+    }
+
+    pub(crate) fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.addr)
+    }
+
+    pub(crate) fn calls(&self) -> Vec<Recorded> {
+        self.calls.lock().unwrap().clone()
+    }
+
+    pub(crate) fn count(&self) -> usize {
+        self.calls.lock().unwrap().len()
+    }
+
+    pub(crate) fn answer(&self, status: StatusCode, body: Value) {
+        let mut a = self.answer.lock().unwrap();
+        a.status = status;
+        a.body = body;
+    }
+
+    pub(crate) fn delay(&self, delay: Duration) {
+        self.answer.lock().unwrap().delay = delay;
+    }
+}

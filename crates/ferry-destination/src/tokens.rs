@@ -1,0 +1,537 @@
+//! Server-side OAuth token retrieval for find-by-name, with a cache.
+//!
+//! Clients such as the SAP Cloud SDK ask the Destination Service for a ready-to-use token
+//! instead of talking to the destination's token service themselves; every app instance does
+//! so on each cache miss of its own, so the service caches tokens per destination and tenant
+//! until shortly before they expire, and lets concurrent misses share one remote call.
+//!
+//! A request is built from the destination in full before the cache is consulted, and the
+//! cache key includes a hash of that request: any property change that would change the
+//! request (a rotated secret, another scope, another tenant) misses the cache by construction.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use ferry_core::Secret;
+use ferry_model::Destination;
+use reqwest::header::{ACCEPT, HeaderName, HeaderValue};
+use sha2::{Digest, Sha256};
+use url::Url;
+
+/// Tokens are renewed this long before they expire, so a client never receives a token that
+/// dies in flight.
+pub(crate) const REFRESH_MARGIN: Duration = Duration::from_secs(60);
+/// Token responses larger than this are refused; real ones are a few KiB.
+const MAX_RESPONSE_BYTES: usize = 64 * 1024;
+/// Above this many cache slots, expired and idle ones are dropped on the next insert.
+const CACHE_PRUNE_THRESHOLD: usize = 4096;
+/// Upper bound for `tokenServiceURL.SocketReadTimeoutInSeconds` (SPEC §2.3).
+const MAX_READ_TIMEOUT_SECS: u64 = 600;
+
+/// Where "now" comes from, so tests can move time forward instead of sleeping.
+pub(crate) trait Clock: Send + Sync {
+    fn now(&self) -> Instant;
+}
+
+pub(crate) struct SystemClock;
+
+impl Clock for SystemClock {
+    fn now(&self) -> Instant {
+        Instant::now()
+    }
+}
+
+/// The grants the service performs itself; they share everything but the form fields.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Grant {
+    ClientCredentials,
+    Password,
+}
+
+impl Grant {
+    fn auth_name(self) -> &'static str {
+        match self {
+            Grant::ClientCredentials => "OAuth2ClientCredentials",
+            Grant::Password => "OAuth2Password",
+        }
+    }
+}
+
+/// Why no token could be provided. The text goes into `authTokens[].error`, so it says what
+/// happened and what to change, and never contains a secret or a URL query string.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub(crate) enum TokenError {
+    #[error("{auth} destinations need the property '{key}'")]
+    MissingProperty { auth: &'static str, key: &'static str },
+    #[error("tokenServiceURL is not a valid absolute http(s) URL: {0}")]
+    InvalidUrl(String),
+    #[error("{0}")]
+    Tenant(String),
+    #[error(
+        "the token service of an OnPremise destination is reached through the Cloud Connector, which this \
+         Destination Service does not support yet; set 'tokenServiceURL.ProxyType' to 'Internet' if the token \
+         service is reachable directly"
+    )]
+    OnPremise,
+    #[error("property '{0}' is not a valid HTTP header name and value")]
+    InvalidHeader(String),
+    #[error("token service at {url} did not answer within {after:?}")]
+    Timeout { url: String, after: Duration },
+    #[error("cannot reach token service at {url}: {reason}")]
+    Connect { url: String, reason: String },
+    #[error("token service at {url} answered HTTP {status}{detail}")]
+    Status { url: String, status: u16, detail: String },
+    #[error("token service at {url} sent an unusable response: {reason}")]
+    BadResponse { url: String, reason: String },
+}
+
+/// A token as handed to the client.
+pub(crate) struct Token {
+    pub access_token: Secret<String>,
+    /// Seconds left; `None` when the token service did not say (then it is not cached either).
+    pub expires_in: Option<u64>,
+    pub scope: Option<String>,
+    pub refresh_token: Option<Secret<String>>,
+}
+
+/// A fully resolved token request. Not `Debug`: the form and credentials hold secrets.
+pub(crate) struct TokenRequest {
+    url: Url,
+    form: Vec<(String, String)>,
+    headers: Vec<(HeaderName, HeaderValue)>,
+    basic: Option<(String, String)>,
+    timeout: Duration,
+}
+
+impl TokenRequest {
+    /// Builds the request SPEC §2.3 describes from the destination's properties. `tenant` is
+    /// the subdomain for `tokenServiceURLType: Common` (from `X-tenant` or the caller's token).
+    pub(crate) fn build(
+        dest: &Destination,
+        grant: Grant,
+        tenant: Option<&str>,
+        default_timeout: Duration,
+    ) -> Result<Self, TokenError> {
+        let auth = grant.auth_name();
+        let prop = |key: &'static str| dest.get(key).filter(|v| !v.is_empty());
+        let required = |key: &'static str| prop(key).ok_or(TokenError::MissingProperty { auth, key });
+
+        if dest.get("ProxyType") == Some("OnPremise") && dest.get("tokenServiceURL.ProxyType") != Some("Internet") {
+            return Err(TokenError::OnPremise);
+        }
+        let raw_url = required("tokenServiceURL")?;
+        let resolved = if is_common(dest) {
+            let tenant = tenant.ok_or_else(|| {
+                TokenError::Tenant(
+                    "tokenServiceURLType is Common but the tenant is unknown: send the X-tenant header with the \
+                     tenant subdomain"
+                        .into(),
+                )
+            })?;
+            apply_tenant(raw_url, tenant)?
+        } else {
+            raw_url.to_owned()
+        };
+        let mut url = Url::parse(&resolved).map_err(|e| TokenError::InvalidUrl(e.to_string()))?;
+        if !matches!(url.scheme(), "http" | "https") || url.host().is_none() {
+            return Err(TokenError::InvalidUrl(format!("scheme '{}' is not http or https", url.scheme())));
+        }
+        let queries: Vec<(&str, &str)> = with_prefix(dest, "tokenServiceURL.queries.").collect();
+        if !queries.is_empty() {
+            url.query_pairs_mut().extend_pairs(queries);
+        }
+
+        let mut headers = Vec::new();
+        for (name, value) in with_prefix(dest, "tokenServiceURL.headers.") {
+            let header = HeaderName::from_bytes(name.as_bytes()).ok().zip(HeaderValue::from_str(value).ok());
+            headers.push(header.ok_or_else(|| TokenError::InvalidHeader(format!("tokenServiceURL.headers.{name}")))?);
+        }
+
+        let mut form = Vec::new();
+        match grant {
+            Grant::ClientCredentials => form.push(("grant_type".into(), "client_credentials".into())),
+            Grant::Password => {
+                form.push(("grant_type".into(), "password".into()));
+                form.push(("username".into(), required("User")?.to_owned()));
+                form.push(("password".into(), dest.get("Password").unwrap_or_default().to_owned()));
+            }
+        }
+        // Client authentication: a token service user wins, then the body/Basic switch.
+        let basic = if let Some(user) = prop("tokenServiceUser") {
+            Some((user.to_owned(), dest.get("tokenServicePassword").unwrap_or_default().to_owned()))
+        } else {
+            let client_id = required("clientId")?.to_owned();
+            let secret = dest.get("clientSecret").unwrap_or_default().to_owned();
+            if dest.get("tokenService.addClientCredentialsInBody").is_some_and(|v| v.eq_ignore_ascii_case("false")) {
+                Some((client_id, secret))
+            } else {
+                form.push(("client_id".into(), client_id));
+                if !secret.is_empty() {
+                    form.push(("client_secret".into(), secret));
+                }
+                None
+            }
+        };
+        if let Some(scope) = prop("scope") {
+            form.push(("scope".into(), scope.to_owned()));
+        }
+        form.extend(with_prefix(dest, "tokenService.body.").map(|(k, v)| (k.to_owned(), v.to_owned())));
+
+        let timeout = dest
+            .get("tokenServiceURL.SocketReadTimeoutInSeconds")
+            .and_then(|v| v.trim().parse::<u64>().ok())
+            .filter(|s| (1..=MAX_READ_TIMEOUT_SECS).contains(s))
+            .map_or(default_timeout, Duration::from_secs);
+
+        Ok(Self { url, form, headers, basic, timeout })
+    }
+
+    /// A digest of everything that goes on the wire, used in the cache key.
+    fn fingerprint(&self) -> [u8; 32] {
+        let mut h = Sha256::new();
+        let mut field = |b: &[u8]| {
+            h.update((b.len() as u64).to_be_bytes());
+            h.update(b);
+        };
+        field(self.url.as_str().as_bytes());
+        for (k, v) in &self.form {
+            field(k.as_bytes());
+            field(v.as_bytes());
+        }
+        for (k, v) in &self.headers {
+            field(k.as_str().as_bytes());
+            field(v.as_bytes());
+        }
+        if let Some((u, p)) = &self.basic {
+            field(b"basic");
+            field(u.as_bytes());
+            field(p.as_bytes());
+        }
+        h.finalize().into()
+    }
+
+    /// The URL as it may appear in messages: no query (it can carry secrets), no user info.
+    fn display_url(&self) -> String {
+        let u = &self.url;
+        let port = u.port().map(|p| format!(":{p}")).unwrap_or_default();
+        format!("{}://{}{}{}", u.scheme(), u.host_str().unwrap_or_default(), port, u.path())
+    }
+}
+
+/// Whether the destination's token URL is tenant-specific (`tokenServiceURLType: Common`).
+pub(crate) fn is_common(dest: &Destination) -> bool {
+    dest.get("tokenServiceURLType").is_some_and(|t| t.eq_ignore_ascii_case("Common"))
+}
+
+/// Subdomains only: the tenant ends up in a host name, so anything else could redirect the
+/// token request (and the client secret) to another host.
+pub(crate) fn is_valid_subdomain(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 63
+        && s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+        && !s.starts_with('-')
+        && !s.ends_with('-')
+}
+
+/// SPEC §2.2: replace `{tenant}`, or prepend the tenant as the leftmost subdomain.
+pub(crate) fn apply_tenant(url: &str, tenant: &str) -> Result<String, TokenError> {
+    if !is_valid_subdomain(tenant) {
+        return Err(TokenError::Tenant(format!("'{tenant}' is not a valid tenant subdomain")));
+    }
+    if url.contains("{tenant}") {
+        return Ok(url.replace("{tenant}", tenant));
+    }
+    let mut parsed = Url::parse(url).map_err(|e| TokenError::InvalidUrl(e.to_string()))?;
+    let host = match parsed.host() {
+        Some(url::Host::Domain(d)) => d.to_owned(),
+        Some(_) => {
+            return Err(TokenError::Tenant(
+                "tokenServiceURLType is Common but tokenServiceURL has an IP address as host, so no tenant \
+                 subdomain can be added; use a host name or a {tenant} placeholder"
+                    .into(),
+            ));
+        }
+        None => return Err(TokenError::InvalidUrl("no host".into())),
+    };
+    parsed
+        .set_host(Some(&format!("{tenant}.{host}")))
+        .map_err(|e| TokenError::InvalidUrl(format!("cannot add the tenant subdomain: {e}")))?;
+    Ok(parsed.into())
+}
+
+fn with_prefix<'a>(dest: &'a Destination, prefix: &'a str) -> impl Iterator<Item = (&'a str, &'a str)> + 'a {
+    dest.iter().filter_map(move |(k, v)| k.strip_prefix(prefix).filter(|k| !k.is_empty()).map(|k| (k, v)))
+}
+
+/// Who the token is for; together with the request fingerprint it keys the cache.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub(crate) struct CacheOwner {
+    pub subaccount: String,
+    pub instance: Option<String>,
+    pub name: String,
+    pub tenant: Option<String>,
+}
+
+#[derive(Clone, PartialEq, Eq, Hash)]
+struct CacheKey {
+    owner: CacheOwner,
+    request: [u8; 32],
+}
+
+struct Cached {
+    access_token: Secret<String>,
+    expires_at: Instant,
+    scope: Option<String>,
+    refresh_token: Option<Secret<String>>,
+}
+
+impl Cached {
+    fn fresh(&self, now: Instant) -> bool {
+        self.expires_at > now + REFRESH_MARGIN
+    }
+
+    fn token(&self, now: Instant) -> Token {
+        Token {
+            access_token: self.access_token.clone(),
+            expires_in: Some(self.expires_at.saturating_duration_since(now).as_secs()),
+            scope: self.scope.clone(),
+            refresh_token: self.refresh_token.clone(),
+        }
+    }
+}
+
+/// One slot per key; its async lock makes concurrent misses wait for the first fetch.
+type Slot = Arc<tokio::sync::Mutex<Option<Cached>>>;
+
+pub(crate) struct TokenFetcher {
+    http: reqwest::Client,
+    pub(crate) default_timeout: Duration,
+    clock: Arc<dyn Clock>,
+    slots: Mutex<HashMap<CacheKey, Slot>>,
+}
+
+impl TokenFetcher {
+    pub(crate) fn new(http: reqwest::Client, default_timeout: Duration, clock: Arc<dyn Clock>) -> Self {
+        Self { http, default_timeout, clock, slots: Mutex::new(HashMap::new()) }
+    }
+
+    /// A cached token if one is still fresh, otherwise one fetched now. Failures are not
+    /// cached: the next call tries again.
+    pub(crate) async fn token(&self, owner: CacheOwner, request: TokenRequest) -> Result<Token, TokenError> {
+        let key = CacheKey { owner, request: request.fingerprint() };
+        let slot = {
+            let mut slots = self.slots.lock().unwrap_or_else(|p| p.into_inner());
+            if slots.len() >= CACHE_PRUNE_THRESHOLD && !slots.contains_key(&key) {
+                let now = self.clock.now();
+                slots.retain(|_, slot| {
+                    Arc::strong_count(slot) > 1
+                        || slot.try_lock().map(|c| c.as_ref().is_some_and(|c| c.fresh(now))).unwrap_or(true)
+                });
+            }
+            slots.entry(key).or_default().clone()
+        };
+        let mut cached = slot.lock().await;
+        let now = self.clock.now();
+        if let Some(c) = cached.as_ref().filter(|c| c.fresh(now)) {
+            return Ok(c.token(now));
+        }
+        *cached = None;
+        let fetched = self.fetch(&request).await?;
+        if let Some(secs) = fetched.expires_in {
+            *cached = Some(Cached {
+                access_token: fetched.access_token.clone(),
+                expires_at: self.clock.now() + Duration::from_secs(secs),
+                scope: fetched.scope.clone(),
+                refresh_token: fetched.refresh_token.clone(),
+            });
+        }
+        Ok(fetched)
+    }
+
+    async fn fetch(&self, req: &TokenRequest) -> Result<Token, TokenError> {
+        let url = req.display_url();
+        let mut builder =
+            self.http.post(req.url.clone()).header(ACCEPT, "application/json").form(&req.form).timeout(req.timeout);
+        for (k, v) in &req.headers {
+            builder = builder.header(k, v);
+        }
+        if let Some((user, password)) = &req.basic {
+            builder = builder.basic_auth(user, Some(password));
+        }
+        let timeout = |url: String| TokenError::Timeout { url, after: req.timeout };
+        let mut response = match tokio::time::timeout(req.timeout, builder.send()).await {
+            Err(_) => return Err(timeout(url)),
+            Ok(Err(e)) if e.is_timeout() => return Err(timeout(url)),
+            Ok(Err(e)) => return Err(TokenError::Connect { url, reason: root_cause(&e) }),
+            Ok(Ok(r)) => r,
+        };
+        let status = response.status();
+        let mut body = Vec::new();
+        loop {
+            match response.chunk().await {
+                Ok(Some(chunk)) => {
+                    if body.len() + chunk.len() > MAX_RESPONSE_BYTES {
+                        return Err(TokenError::BadResponse {
+                            url,
+                            reason: format!("body is larger than {} KiB", MAX_RESPONSE_BYTES / 1024),
+                        });
+                    }
+                    body.extend_from_slice(&chunk);
+                }
+                Ok(None) => break,
+                Err(e) if e.is_timeout() => return Err(timeout(url)),
+                Err(e) => return Err(TokenError::BadResponse { url, reason: root_cause(&e) }),
+            }
+        }
+        let json: Option<serde_json::Value> = serde_json::from_slice(&body).ok();
+        if !status.is_success() {
+            return Err(TokenError::Status { url, status: status.as_u16(), detail: error_detail(json.as_ref()) });
+        }
+        let json =
+            json.ok_or_else(|| TokenError::BadResponse { url: url.clone(), reason: "body is not JSON".into() })?;
+        let str_field = |k: &str| json.get(k).and_then(|v| v.as_str()).filter(|s| !s.is_empty()).map(str::to_owned);
+        let access_token = str_field("access_token").ok_or_else(|| TokenError::BadResponse {
+            url: url.clone(),
+            reason: "no access_token in the response".into(),
+        })?;
+        let expires_in = match json.get("expires_in") {
+            Some(serde_json::Value::Number(n)) => n.as_u64().or_else(|| n.as_f64().map(|f| f.max(0.0) as u64)),
+            Some(serde_json::Value::String(s)) => s.trim().parse().ok(),
+            _ => None,
+        };
+        Ok(Token {
+            access_token: Secret::new(access_token),
+            expires_in,
+            scope: str_field("scope"),
+            refresh_token: str_field("refresh_token").map(Secret::new),
+        })
+    }
+}
+
+/// The innermost error text ("Connection refused (os error 111)"), which is what tells an
+/// operator what went wrong; reqwest's outer layers only repeat the URL.
+fn root_cause(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut cur = e;
+    while let Some(next) = cur.source() {
+        cur = next;
+    }
+    cur.to_string()
+}
+
+/// `": invalid_client (Bad credentials)"` from an OAuth error body, bounded in length.
+fn error_detail(json: Option<&serde_json::Value>) -> String {
+    let Some(json) = json else { return String::new() };
+    let field = |k: &str| json.get(k).and_then(|v| v.as_str()).filter(|s| !s.is_empty());
+    let text = match (field("error"), field("error_description")) {
+        (Some(e), Some(d)) => format!("{e} ({d})"),
+        (Some(e), None) => e.to_owned(),
+        (None, Some(d)) => d.to_owned(),
+        (None, None) => return String::new(),
+    };
+    format!(": {}", text.chars().take(200).collect::<String>())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn dest(props: &[(&str, &str)]) -> Destination {
+        let mut all = vec![("Name", "d"), ("Type", "HTTP")];
+        all.extend_from_slice(props);
+        Destination::from_properties(all.iter().copied()).unwrap()
+    }
+
+    #[test]
+    fn tenant_substitution() {
+        let cases = [
+            (
+                "https://authentication.us10.hana.ondemand.com/oauth/token",
+                "https://mytenant.authentication.us10.hana.ondemand.com/oauth/token",
+            ),
+            (
+                "https://{tenant}.authentication.us10.hana.ondemand.com/oauth/token",
+                "https://mytenant.authentication.us10.hana.ondemand.com/oauth/token",
+            ),
+            (
+                "https://authentication.myauthserver.com/tenant/{tenant}/oauth/token",
+                "https://authentication.myauthserver.com/tenant/mytenant/oauth/token",
+            ),
+            ("https://oauth.{tenant}.myauthserver.com/token", "https://oauth.mytenant.myauthserver.com/token"),
+        ];
+        for (input, want) in cases {
+            assert_eq!(apply_tenant(input, "mytenant").unwrap(), want);
+        }
+        assert!(matches!(apply_tenant("http://127.0.0.1:1/t", "x"), Err(TokenError::Tenant(_))));
+        assert!(matches!(apply_tenant("https://a.b/t", "evil.com/"), Err(TokenError::Tenant(_))));
+        assert!(matches!(apply_tenant("https://a.b/t", ""), Err(TokenError::Tenant(_))));
+    }
+
+    #[test]
+    fn build_reports_missing_and_invalid_properties() {
+        let d = dest(&[("Authentication", "OAuth2ClientCredentials"), ("clientId", "c")]);
+        let e = TokenRequest::build(&d, Grant::ClientCredentials, None, Duration::from_secs(10)).err();
+        assert_eq!(e, Some(TokenError::MissingProperty { auth: "OAuth2ClientCredentials", key: "tokenServiceURL" }));
+        let d = dest(&[("tokenServiceURL", "https://a.example/t")]);
+        let e = TokenRequest::build(&d, Grant::ClientCredentials, None, Duration::from_secs(10)).err();
+        assert_eq!(e, Some(TokenError::MissingProperty { auth: "OAuth2ClientCredentials", key: "clientId" }));
+        let d = dest(&[("tokenServiceURL", "https://a.example/t"), ("clientId", "c")]);
+        let e = TokenRequest::build(&d, Grant::Password, None, Duration::from_secs(10)).err();
+        assert_eq!(e, Some(TokenError::MissingProperty { auth: "OAuth2Password", key: "User" }));
+        let d = dest(&[("tokenServiceURL", "ftp://a.example/t"), ("clientId", "c")]);
+        assert!(matches!(
+            TokenRequest::build(&d, Grant::ClientCredentials, None, Duration::from_secs(10)),
+            Err(TokenError::InvalidUrl(_))
+        ));
+        let d = dest(&[("tokenServiceURL", "https://a.example/t"), ("clientId", "c"), ("ProxyType", "OnPremise")]);
+        assert!(matches!(
+            TokenRequest::build(&d, Grant::ClientCredentials, None, Duration::from_secs(10)),
+            Err(TokenError::OnPremise)
+        ));
+        let d = dest(&[
+            ("tokenServiceURL", "https://a.example/t"),
+            ("clientId", "c"),
+            ("tokenServiceURL.headers.bad header", "v"),
+        ]);
+        assert_eq!(
+            TokenRequest::build(&d, Grant::ClientCredentials, None, Duration::from_secs(10)).err(),
+            Some(TokenError::InvalidHeader("tokenServiceURL.headers.bad header".into()))
+        );
+        let d =
+            dest(&[("tokenServiceURL", "https://a.example/t"), ("clientId", "c"), ("tokenServiceURLType", "Common")]);
+        assert!(matches!(
+            TokenRequest::build(&d, Grant::ClientCredentials, None, Duration::from_secs(10)),
+            Err(TokenError::Tenant(_))
+        ));
+    }
+
+    #[test]
+    fn fingerprint_follows_the_request_and_display_url_hides_the_query() {
+        let base = [("tokenServiceURL", "https://a.example/t?k=v"), ("clientId", "c"), ("clientSecret", "s1")];
+        let build = |d: &Destination| TokenRequest::build(d, Grant::ClientCredentials, None, Duration::from_secs(10));
+        let a = build(&dest(&base)).ok().unwrap();
+        let mut rotated = base;
+        rotated[2] = ("clientSecret", "s2");
+        let b = build(&dest(&rotated)).ok().unwrap();
+        let described = build(&dest(&[base[0], base[1], base[2], ("Description", "x")])).ok().unwrap();
+        assert_ne!(a.fingerprint(), b.fingerprint());
+        assert_eq!(a.fingerprint(), described.fingerprint());
+        assert_eq!(a.display_url(), "https://a.example/t");
+    }
+
+    #[test]
+    fn read_timeout_property_is_bounded() {
+        let build = |v: &str| {
+            let d = dest(&[
+                ("tokenServiceURL", "https://a.example/t"),
+                ("clientId", "c"),
+                ("tokenServiceURL.SocketReadTimeoutInSeconds", v),
+            ]);
+            TokenRequest::build(&d, Grant::ClientCredentials, None, Duration::from_secs(10)).ok().unwrap().timeout
+        };
+        assert_eq!(build("3"), Duration::from_secs(3));
+        assert_eq!(build("0"), Duration::from_secs(10));
+        assert_eq!(build("601"), Duration::from_secs(10));
+        assert_eq!(build("x"), Duration::from_secs(10));
+    }
+}

@@ -1,0 +1,169 @@
+//! The `ferry up` configuration file (TOML). Raw, as written by a person, with
+//! `deny_unknown_fields` so a typo is an error rather than a silently ignored setting.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use ferry_connector::SystemMapping;
+use ferry_core::Secret;
+use serde::Deserialize;
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileConfig {
+    #[serde(default)]
+    pub listen: Listen,
+    #[serde(default)]
+    pub subaccount: Subaccount,
+    #[serde(default)]
+    pub bindings: Bindings,
+    #[serde(default)]
+    pub users: Vec<UserEntry>,
+    #[serde(default)]
+    pub destinations: Vec<DestinationEntry>,
+    #[serde(default)]
+    pub connectors: Vec<ConnectorEntry>,
+}
+
+/// Where `ferry up` listens. Port 0 picks a free port; the printed bindings show the real one.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Listen {
+    pub host: String,
+    pub token_port: u16,
+    pub token_https_port: u16,
+    pub destination_port: u16,
+    pub http_proxy_port: u16,
+    pub socks5_port: u16,
+    pub tunnel_port: u16,
+}
+
+impl Default for Listen {
+    fn default() -> Self {
+        Self {
+            host: "127.0.0.1".into(),
+            token_port: 18081,
+            token_https_port: 18443,
+            destination_port: 18082,
+            http_proxy_port: 20003,
+            socks5_port: 20004,
+            tunnel_port: 20005,
+        }
+    }
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Subaccount {
+    /// The subaccount (zone) id; generated once and kept in the data folder if not set.
+    pub id: Option<String>,
+    /// Subdomain of the subaccount (default `ferry`).
+    pub subdomain: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Bindings {
+    #[serde(default)]
+    pub destination: ClientEntry,
+    #[serde(default)]
+    pub connectivity: ClientEntry,
+    #[serde(default)]
+    pub xsuaa: ClientEntry,
+}
+
+/// Credentials of one binding's OAuth client; anything left out is generated once and kept in
+/// the data folder.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClientEntry {
+    pub client_id: Option<String>,
+    pub client_secret: Option<Secret<String>>,
+    pub xsappname: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UserEntry {
+    pub username: String,
+    pub password: Secret<String>,
+    pub email: Option<String>,
+    pub given_name: Option<String>,
+    pub family_name: Option<String>,
+}
+
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Level {
+    #[default]
+    Subaccount,
+    Instance,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DestinationEntry {
+    #[serde(default)]
+    pub level: Level,
+    /// The destination's properties exactly as the Destination Service stores them
+    /// (`Name`, `Type`, `URL`, `Authentication`, `URL.headers.X`, ...).
+    pub properties: BTreeMap<String, toml::Value>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConnectorEntry {
+    /// Location id of this connector ("" = the default location).
+    #[serde(default)]
+    pub location_id: String,
+    #[serde(default)]
+    pub mappings: Vec<SystemMapping>,
+}
+
+impl FileConfig {
+    pub fn load(path: &Path) -> anyhow::Result<Self> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| anyhow::anyhow!("cannot read config file {}: {e}", path.display()))?;
+        Self::parse(&text).map_err(|e| anyhow::anyhow!("config file {}: {e}", path.display()))
+    }
+
+    pub fn parse(text: &str) -> anyhow::Result<Self> {
+        let cfg: FileConfig = toml::from_str(text)?;
+        let mut locations = std::collections::HashSet::new();
+        for c in &cfg.connectors {
+            if !locations.insert(c.location_id.as_str()) {
+                anyhow::bail!("two connectors use location id {:?}; each needs its own", c.location_id);
+            }
+        }
+        Ok(cfg)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every config file the repository ships must parse.
+    #[test]
+    fn shipped_configs_parse() {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+        let mut found = 0;
+        for dir in ["scripts", "examples"] {
+            let Ok(entries) = std::fs::read_dir(root.join(dir)) else { continue };
+            for e in entries.flatten() {
+                if e.path().extension().is_some_and(|x| x == "toml") {
+                    FileConfig::load(&e.path()).unwrap_or_else(|err| panic!("{err:#}"));
+                    found += 1;
+                }
+            }
+        }
+        assert!(found >= 1, "no shipped config found");
+    }
+
+    #[test]
+    fn typos_are_errors() {
+        assert!(FileConfig::parse("[listen]\nhots = \"x\"").is_err());
+        assert!(FileConfig::parse("[[connectors]]\n[[connectors]]").is_err());
+        assert!(FileConfig::parse("").is_ok());
+    }
+}
