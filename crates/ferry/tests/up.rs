@@ -1,0 +1,156 @@
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+//! `ferry up` as a user runs it: the real binary, a config file, the printed VCAP_SERVICES, a
+//! request the way the SAP Cloud SDK makes it (token → destination → connectivity proxy), and a
+//! clean exit on SIGTERM.
+
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use ferry_testkit::EchoBackend;
+use serde_json::Value;
+
+/// Kills the child if the test fails half-way, so no `ferry up` outlives its test.
+struct KillOnDrop(std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[tokio::test]
+async fn ferry_up_serves_an_app_end_to_end() {
+    ferry_core::init_crypto();
+    let echo = EchoBackend::start().await;
+    let dir = std::env::temp_dir().join(format!("ferry-up-test-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let config = format!(
+        r#"
+[listen]
+token_port = 0
+token_https_port = 0
+destination_port = 0
+http_proxy_port = 0
+socks5_port = 0
+tunnel_port = 0
+
+[[destinations]]
+properties = {{ Name = "erp", Type = "HTTP", URL = "http://erp.virtual:8000/sap", ProxyType = "OnPremise", Authentication = "BasicAuthentication", User = "ALICE", Password = "s3cret" }}
+
+[[connectors]]
+[[connectors.mappings]]
+virtualHost = "erp.virtual"
+virtualPort = 8000
+localHost = "127.0.0.1"
+localPort = {}
+protocol = "HTTP"
+resources = [{{ path = "/sap", exactMatchOnly = false }}]
+"#,
+        echo.addr.port()
+    );
+    std::fs::write(dir.join("ferry.toml"), config).unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_ferry"))
+        .args(["up", "--config"])
+        .arg(dir.join("ferry.toml"))
+        .arg("--data-dir")
+        .arg(dir.join("data"))
+        .arg("--env-file")
+        .arg(dir.join("default-env.json"))
+        .env("FERRY_LOG", "warn")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let mut child = KillOnDrop(child);
+    let started = Instant::now();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut vcap = None;
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            if let Some(v) = line.strip_prefix("VCAP_SERVICES=") {
+                vcap = Some(v.to_owned());
+            }
+            if line == "ready" {
+                let _ = tx.send(vcap.take());
+            }
+        }
+    });
+    let vcap = rx.recv_timeout(Duration::from_secs(30)).expect("ferry up printed ready").expect("VCAP_SERVICES line");
+    assert!(started.elapsed() < Duration::from_secs(10));
+    let vcap: Value = serde_json::from_str(&vcap).unwrap();
+    let file: Value = serde_json::from_slice(&std::fs::read(dir.join("default-env.json")).unwrap()).unwrap();
+    assert_eq!(file["VCAP_SERVICES"], vcap, "default-env.json holds the printed VCAP_SERVICES");
+    for (label, tag) in [("destination", "destination"), ("connectivity", "connectivity"), ("xsuaa", "xsuaa")] {
+        let b = &vcap[label][0];
+        assert_eq!(b["label"], label);
+        assert!(b["tags"].as_array().unwrap().iter().any(|t| t == tag), "{label} tags");
+    }
+    let dest = &vcap["destination"][0]["credentials"];
+    let conn = &vcap["connectivity"][0]["credentials"];
+    assert!(conn["onpremise_proxy_port"].is_string() && conn["onpremise_socks5_proxy_port"].is_string());
+
+    let http = ferry_core::tls::http_client(None).unwrap();
+    let token = |c: &Value| {
+        let http = http.clone();
+        let url = format!("{}/oauth/token", c["url"].as_str().unwrap());
+        let form = [
+            ("grant_type", "client_credentials".to_owned()),
+            ("client_id", c["clientid"].as_str().unwrap().to_owned()),
+            ("client_secret", c["clientsecret"].as_str().unwrap().to_owned()),
+        ];
+        async move {
+            let r: Value = http.post(url).form(&form).send().await.unwrap().json().await.unwrap();
+            r["access_token"].as_str().unwrap().to_owned()
+        }
+    };
+    let dest_token = token(dest).await;
+    let found: Value = http
+        .get(format!("{}/destination-configuration/v1/destinations/erp", dest["uri"].as_str().unwrap()))
+        .bearer_auth(&dest_token)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(found["destinationConfiguration"]["URL"], "http://erp.virtual:8000/sap");
+    let auth = found["authTokens"][0]["http_header"]["value"].as_str().unwrap().to_owned();
+
+    let conn_token = token(conn).await;
+    let proxy_url = format!(
+        "http://{}:{}",
+        conn["onpremise_proxy_host"].as_str().unwrap(),
+        conn["onpremise_proxy_http_port"].as_str().unwrap()
+    );
+    let via_proxy = reqwest::Client::builder()
+        .proxy(
+            reqwest::Proxy::http(proxy_url).unwrap().custom_http_auth(format!("Bearer {conn_token}").parse().unwrap()),
+        )
+        .build()
+        .unwrap();
+    let r =
+        via_proxy.get("http://erp.virtual:8000/sap/items?top=1").header("authorization", &auth).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    let e: Value = r.json().await.unwrap();
+    assert_eq!(e["url"], "/sap/items?top=1");
+    assert_eq!(e["headers"]["authorization"], "Basic QUxJQ0U6czNjcmV0");
+    assert_eq!(echo.hits(), 1);
+
+    // SIGTERM: a clean, prompt exit.
+    let pid = child.0.id().to_string();
+    Command::new("kill").args(["-TERM", &pid]).status().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        if let Some(status) = child.0.try_wait().unwrap() {
+            assert!(status.success(), "ferry up exited with {status}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "ferry up did not stop on SIGTERM");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
