@@ -101,7 +101,7 @@ pub(crate) async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Respo
     let location = req.headers().get(LOCATION_HEADER).and_then(|v| v.to_str().ok()).unwrap_or("").trim().to_owned();
     let principal = bearer(req.headers(), PRINCIPAL_HEADER).map(str::to_owned);
 
-    let Some(mut sender) = shared.registry.pick(&claims.zid, &location) else {
+    let Some(sender) = shared.registry.pick(&claims.zid, &location) else {
         return error(
             StatusCode::SERVICE_UNAVAILABLE,
             format!("No Cloud Connector is connected for subaccount {} with {}", claims.zid, location_label(&location)),
@@ -114,29 +114,12 @@ pub(crate) async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Respo
     for k in sap {
         parts.headers.remove(k);
     }
-    let request_id = uuid::Uuid::new_v4().to_string();
-    let h = &mut parts.headers;
-    h.insert(tunnel::KIND, HeaderValue::from_static(tunnel::KIND_HTTP));
-    if let Ok(v) = HeaderValue::from_str(&target) {
-        h.insert(tunnel::TARGET, v);
-    }
-    if let Ok(v) = HeaderValue::from_str(&request_id) {
-        h.insert(tunnel::REQUEST_ID, v);
-    }
-    if let Some(v) = claims.client_id.as_deref().and_then(|c| HeaderValue::from_str(c).ok()) {
-        h.insert(tunnel::CLIENT, v);
-    }
-    if let Some(v) = principal.as_deref().and_then(|p| HeaderValue::from_str(p).ok()) {
-        h.insert(tunnel::PRINCIPAL, v);
-    }
+    let request_id =
+        crate::stamp_tunnel_headers(&mut parts.headers, tunnel::KIND_HTTP, &target, &claims, principal.as_deref());
     parts.version = http::Version::HTTP_2;
     let tunnel_req = Request::from_parts(parts, body::boxed(incoming));
     tracing::debug!(%request_id, subaccount = %claims.zid, %location, %target, "proxying HTTP request");
-    let sent = async {
-        sender.ready().await?;
-        sender.send_request(tunnel_req).await
-    };
-    match sent.await {
+    match crate::send_on_tunnel(sender, tunnel_req).await {
         Ok(resp) => {
             let (mut parts, incoming) = resp.into_parts();
             let fault = parts.headers.remove(tunnel::ERROR);

@@ -50,6 +50,41 @@ pub struct Listeners {
     pub tunnel: Option<TcpListener>,
 }
 
+/// Writes the tunnel stream header (see `ferry_proto::tunnel`) and returns the request id.
+pub(crate) fn stamp_tunnel_headers(
+    h: &mut http::HeaderMap,
+    kind: &'static str,
+    target: &str,
+    claims: &ferry_auth::Claims,
+    principal: Option<&str>,
+) -> String {
+    use ferry_proto::tunnel;
+    use http::HeaderValue;
+    let request_id = uuid::Uuid::new_v4().to_string();
+    h.insert(tunnel::KIND, HeaderValue::from_static(kind));
+    let values = [
+        (tunnel::TARGET, Some(target)),
+        (tunnel::REQUEST_ID, Some(request_id.as_str())),
+        (tunnel::CLIENT, claims.client_id.as_deref()),
+        (tunnel::PRINCIPAL, principal),
+    ];
+    for (name, value) in values {
+        if let Some(v) = value.and_then(|v| HeaderValue::from_str(v).ok()) {
+            h.insert(name, v);
+        }
+    }
+    request_id
+}
+
+/// Opens a stream on the tunnel once it has capacity for one more.
+pub(crate) async fn send_on_tunnel(
+    mut sender: hyper::client::conn::http2::SendRequest<ferry_core::body::BoxBody>,
+    req: http::Request<ferry_core::body::BoxBody>,
+) -> hyper::Result<http::Response<hyper::body::Incoming>> {
+    sender.ready().await?;
+    sender.send_request(req).await
+}
+
 pub(crate) struct Shared {
     pub(crate) verifier: Arc<Verifier>,
     pub(crate) registry: Arc<Registry>,

@@ -8,7 +8,7 @@ use bytes::BytesMut;
 use ferry_core::body;
 use ferry_proto::socks5::{self, Address, ConnectRequest, Greeting, Parsed, Reply, SapAuth};
 use ferry_proto::tunnel;
-use http::{HeaderValue, Request, StatusCode};
+use http::{Request, StatusCode};
 use http_body_util::BodyExt;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -115,7 +115,7 @@ async fn relay(
     target: String,
     location: String,
 ) {
-    let Some(mut sender) = shared.registry.pick(&claims.zid, &location) else {
+    let Some(sender) = shared.registry.pick(&claims.zid, &location) else {
         tracing::info!(subaccount = %claims.zid, %location, "SOCKS5: no Cloud Connector connected");
         let mut stream = stream;
         let _ = stream.write_all(&socks5::encode_reply(Reply::NetworkUnreachable)).await;
@@ -130,23 +130,8 @@ async fn relay(
         Ok(u) => u,
         Err(_) => http::Uri::from_static("http://invalid/"),
     };
-    let request_id = uuid::Uuid::new_v4().to_string();
-    let h = req.headers_mut();
-    h.insert(tunnel::KIND, HeaderValue::from_static(tunnel::KIND_TCP));
-    if let Ok(v) = HeaderValue::from_str(&target) {
-        h.insert(tunnel::TARGET, v);
-    }
-    if let Ok(v) = HeaderValue::from_str(&request_id) {
-        h.insert(tunnel::REQUEST_ID, v);
-    }
-    if let Some(v) = claims.client_id.as_deref().and_then(|c| HeaderValue::from_str(c).ok()) {
-        h.insert(tunnel::CLIENT, v);
-    }
-    let sent = async {
-        sender.ready().await?;
-        sender.send_request(req).await
-    };
-    let resp = match sent.await {
+    let request_id = crate::stamp_tunnel_headers(req.headers_mut(), tunnel::KIND_TCP, &target, &claims, None);
+    let resp = match crate::send_on_tunnel(sender, req).await {
         Ok(r) => r,
         Err(e) => {
             tracing::warn!(%request_id, error = %e, "SOCKS5: tunnel request failed");
