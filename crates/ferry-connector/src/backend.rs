@@ -13,9 +13,11 @@ use hyper_util::rt::TokioExecutor;
 use tokio::net::TcpStream;
 
 use crate::access::{AccessRequest, AccessRules, Decision, DenyReason, HostInHeader, SystemMapping};
+use crate::audit::{AuditEvent, AuditLog, Outcome};
 
 pub(crate) struct Backend {
     rules: AccessRules,
+    audit: AuditLog,
     connect_timeout: Duration,
     http: Client<HttpConnector, BoxBody>,
 }
@@ -42,13 +44,13 @@ fn deny_message(reason: DenyReason, target: &str, path: Option<&str>) -> String 
 }
 
 impl Backend {
-    pub(crate) fn new(rules: AccessRules, connect_timeout: Duration) -> Self {
+    pub(crate) fn new(rules: AccessRules, audit: AuditLog, connect_timeout: Duration) -> Self {
         let mut connector = HttpConnector::new();
         connector.set_nodelay(true);
         connector.set_connect_timeout(Some(connect_timeout));
         connector.enforce_http(true);
         let http = Client::builder(TokioExecutor::new()).pool_idle_timeout(Duration::from_secs(30)).build(connector);
-        Self { rules, connect_timeout, http }
+        Self { rules, audit, connect_timeout, http }
     }
 
     pub(crate) async fn handle(&self, req: Request<Incoming>) -> Response<BoxBody> {
@@ -84,17 +86,33 @@ impl Backend {
                     }
                 }
             }
-            Some(tunnel::KIND_TCP) => match self.rules.check(AccessRequest::Tcp { host, port }) {
-                Decision::Allow(m) => {
-                    tracing::info!(target: "ferry::audit", %request_id, %client, system = %target, "Access allowed (TCP)");
-                    let m = m.clone();
-                    self.forward_tcp(req, &m, &target).await
+            Some(tunnel::KIND_TCP) => {
+                let decision = self.rules.check(AccessRequest::Tcp { host, port });
+                let (outcome, reason) = match &decision {
+                    Decision::Allow(_) => (Outcome::Allowed, String::new()),
+                    Decision::Deny(r) => (Outcome::Denied, format!("{r:?}")),
+                };
+                let event = AuditEvent {
+                    outcome,
+                    request_id,
+                    client,
+                    system: target.clone(),
+                    protocol: "TCP",
+                    method: String::new(),
+                    path: String::new(),
+                    reason,
+                };
+                self.audit.record(event).await;
+                match decision {
+                    Decision::Allow(m) => {
+                        let m = m.clone();
+                        self.forward_tcp(req, &m, &target).await
+                    }
+                    Decision::Deny(reason) => {
+                        error_response(StatusCode::FORBIDDEN, tunnel::ERROR_DENIED, deny_message(reason, &target, None))
+                    }
                 }
-                Decision::Deny(reason) => {
-                    tracing::warn!(target: "ferry::audit", %request_id, %client, system = %target, ?reason, "Access denied (TCP)");
-                    error_response(StatusCode::FORBIDDEN, tunnel::ERROR_DENIED, deny_message(reason, &target, None))
-                }
-            },
+            }
             other => error_response(
                 StatusCode::BAD_REQUEST,
                 tunnel::ERROR_BAD_REQUEST,

@@ -6,6 +6,7 @@
 //! allowed ones to the internal backend. It reconnects with exponential backoff and jitter.
 
 pub mod access;
+pub mod audit;
 mod backend;
 
 use std::sync::Arc;
@@ -25,6 +26,10 @@ pub enum ConnectorError {
     Tls(#[from] ferry_core::tls::TlsError),
     #[error("invalid proxy server name '{0}'")]
     ServerName(String),
+    #[error("audit log: {0}")]
+    Audit(#[from] audit::AuditError),
+    #[error("the connector certificate does not name a subaccount and location")]
+    Identity,
     #[error("system mapping {0}: protocol {1:?} (TLS to the backend) is not supported yet; use HTTP or TCP")]
     UnsupportedProtocol(String, Protocol),
 }
@@ -47,6 +52,7 @@ pub struct ConnectorConfig {
     pub backend_connect_timeout: Duration,
     /// HTTP/2 PING interval on the tunnel; a missed answer within the same time drops it.
     pub heartbeat: Duration,
+    pub audit: audit::AuditConfig,
 }
 
 impl ConnectorConfig {
@@ -68,6 +74,7 @@ impl ConnectorConfig {
             backoff_max: Duration::from_secs(30),
             backend_connect_timeout: Duration::from_secs(10),
             heartbeat: Duration::from_secs(20),
+            audit: audit::AuditConfig::default(),
         }
     }
 }
@@ -90,6 +97,7 @@ pub struct Connector {
 }
 
 impl Connector {
+    /// Must be called inside a Tokio runtime (the audit writer starts here).
     pub fn new(config: ConnectorConfig) -> Result<Self, ConnectorError> {
         // Refuse rather than silently send plaintext to a backend the admin declared as TLS.
         if let Some(m) = config.rules.mappings.iter().find(|m| !matches!(m.protocol, Protocol::Http | Protocol::Tcp)) {
@@ -101,7 +109,11 @@ impl Connector {
         let tls = ferry_core::tls::client_config(&config.ca_pem, Some(&config.identity), &[ferry_proto::tunnel::ALPN])?;
         let server_name = rustls::pki_types::ServerName::try_from(config.server_name.clone())
             .map_err(|_| ConnectorError::ServerName(config.server_name.clone()))?;
-        let backend = Arc::new(backend::Backend::new(config.rules.clone(), config.backend_connect_timeout));
+        let der = ferry_core::tls::parse_certs(&config.identity.cert_pem)?;
+        let (subaccount, location) =
+            der.first().and_then(|c| ferry_core::tls::connector_identity(c)).ok_or(ConnectorError::Identity)?;
+        let audit = audit::AuditLog::start(&config.audit, &subaccount, &location)?;
+        let backend = Arc::new(backend::Backend::new(config.rules.clone(), audit, config.backend_connect_timeout));
         Ok(Self {
             config: Arc::new(config),
             tls: tokio_rustls::TlsConnector::from(tls),

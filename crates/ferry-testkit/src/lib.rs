@@ -183,11 +183,35 @@ impl TunnelPair {
     /// Starts a connector for (SUBACCOUNT, `location`) dialing `dial` (the tunnel port, or a
     /// relay in front of it). Returns its status; the connector stops with the pair.
     pub fn connector(&self, location: &str, rules: AccessRules, dial: SocketAddr) -> watch::Receiver<TunnelStatus> {
+        self.connector_with(location, rules, dial, 1)
+    }
+
+    /// Like [`TunnelPair::connector`], with `connections` parallel tunnel connections.
+    pub fn connector_with(
+        &self,
+        location: &str,
+        rules: AccessRules,
+        dial: SocketAddr,
+        connections: usize,
+    ) -> watch::Receiver<TunnelStatus> {
+        let mut cfg = self.connector_config(location, rules, dial);
+        cfg.connections = connections;
+        self.spawn_connector(cfg)
+    }
+
+    /// A connector configuration for (SUBACCOUNT, `location`) with a fresh certificate and fast
+    /// reconnects, for tests that adjust it before [`TunnelPair::spawn_connector`].
+    pub fn connector_config(&self, location: &str, rules: AccessRules, dial: SocketAddr) -> ConnectorConfig {
         let id = self.ca.issue_connector_cert(SUBACCOUNT, location, time::Duration::days(1)).expect("connector cert");
         let mut cfg =
             ConnectorConfig::new(dial.to_string(), "127.0.0.1".into(), self.ca.cert_pem().to_owned(), id, rules);
         cfg.backoff_initial = Duration::from_millis(20);
         cfg.backoff_max = Duration::from_millis(200);
+        cfg
+    }
+
+    /// Runs a connector until the pair is dropped.
+    pub fn spawn_connector(&self, cfg: ConnectorConfig) -> watch::Receiver<TunnelStatus> {
         let c = Arc::new(Connector::new(cfg).expect("connector"));
         let status = c.status();
         tokio::spawn(c.run(self.shutdown.clone()));
