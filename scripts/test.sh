@@ -18,3 +18,4 @@ cargo fmt --all -- --check
 cargo clippy --workspace --all-targets --quiet -- -D warnings
 cargo test --workspace
 scripts/conformance.sh
+scripts/node-tests.sh

@@ -1,26 +1,35 @@
-//! RS256 JWTs: signing with per-tenant key sets and verification against trusted issuers.
+//! JWTs: signing with per-tenant key sets (RS256), and the one [`Verifier`] every Ferry service
+//! checks bearer tokens with.
 //!
-//! Verification is deliberately narrow: only `RS256`, a `kid` is required and must name a key
-//! of a trusted issuer, `exp` is required, `nbf` is honoured, and every failure maps to a short
-//! reason that is safe to return to a client (no key material, no parser internals).
+//! A verifier trusts a list of [`TrustedIssuer`]s: Ferry's own tenants (keys in this process,
+//! each bound to its zone), a remote Ferry `/token_keys` endpoint, and external OpenID Connect
+//! providers ([`crate::oidc`]). Checks, in order: size; three base64url parts with JSON objects;
+//! no `crit` header; an allowed `alg` (never `none`, never `HS*`); a `kid`; the key of a trusted
+//! issuer; the signature; `exp` (required) and `nbf` with [`LEEWAY_SECS`]; the issuer's tenant
+//! and, where configured, audience. Every failure maps to a [`VerifyError`] whose text is short
+//! and safe to return to a client: no key material, no parser internals.
 
 use std::sync::{Arc, RwLock};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{SystemTime, UNIX_EPOCH};
 
 use aws_lc_rs::rand::SystemRandom;
 use aws_lc_rs::rsa::{KeyPair, KeySize, PublicKeyComponents};
-use aws_lc_rs::signature::{KeyPair as _, RSA_PKCS1_2048_8192_SHA256, RSA_PKCS1_SHA256};
+use aws_lc_rs::signature::{self as sig, KeyPair as _, RSA_PKCS1_SHA256};
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD as B64URL;
 use ferry_core::Secret;
 use serde::{Deserialize, Serialize};
-use serde_json::Value;
+use serde_json::{Map, Value};
+
+use crate::oidc::{KeySource, OidcIssuer, RemoteKeys};
 
 /// Tokens larger than this are refused before any parsing.
 pub const MAX_TOKEN_LEN: usize = 16 * 1024;
 /// Clock skew tolerated on `exp` and `nbf`.
 pub const LEEWAY_SECS: u64 = 30;
 
+/// Why a token was refused. The `Display` text is what clients see (401/407 bodies), so it
+/// names the failed check and nothing else.
 #[derive(Debug, thiserror::Error, Clone, PartialEq, Eq)]
 pub enum VerifyError {
     #[error("token is missing")]
@@ -29,8 +38,12 @@ pub enum VerifyError {
     TooLarge,
     #[error("token is not a well-formed JWT")]
     Malformed,
-    #[error("token algorithm is not allowed (only RS256 is accepted)")]
+    #[error("token algorithm is not allowed")]
     Algorithm,
+    #[error("token header has a critical extension that is not supported")]
+    CriticalHeader,
+    #[error("token header has no key id (kid)")]
+    MissingKeyId,
     #[error("token is signed with an unknown key")]
     UnknownKey,
     #[error("token signature is invalid")]
@@ -41,6 +54,12 @@ pub enum VerifyError {
     NotYetValid,
     #[error("token lacks the required claim '{0}'")]
     MissingClaim(&'static str),
+    #[error("token issuer is not trusted")]
+    Issuer,
+    #[error("token audience is not accepted here")]
+    Audience,
+    #[error("token zone (zid) does not match the subaccount of its issuer")]
+    TenantMismatch,
     #[error("token issuer keys are unavailable")]
     KeysUnavailable,
 }
@@ -235,7 +254,8 @@ pub struct ExtAttr {
 /// The verified claims Ferry's services act on; everything else stays in `raw`.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct Claims {
-    /// Tenant (identity zone) id; Ferry's subaccount id.
+    /// Tenant (identity zone) id; Ferry's subaccount id. For a token of an external issuer, the
+    /// subaccount its trust entry names.
     pub zid: String,
     pub client_id: Option<String>,
     pub user_name: Option<String>,
@@ -250,30 +270,24 @@ pub struct Claims {
 }
 
 impl Claims {
-    fn from_value(raw: Value) -> Result<Self, VerifyError> {
+    /// Reads a verified payload; `zid` is the tenant the verifying issuer established.
+    fn from_payload(payload: Map<String, Value>, zid: String, exp: u64) -> Self {
+        let raw = Value::Object(payload);
         let s = |k: &str| raw.get(k).and_then(Value::as_str).map(str::to_owned);
-        let zid =
-            s("zid").or_else(|| s("app_tid")).or_else(|| s("zone_uuid")).ok_or(VerifyError::MissingClaim("zid"))?;
-        let exp = raw.get("exp").and_then(Value::as_u64).ok_or(VerifyError::MissingClaim("exp"))?;
-        let scope = match raw.get("scope") {
-            Some(Value::Array(a)) => a.iter().filter_map(|v| v.as_str().map(str::to_owned)).collect(),
-            Some(Value::String(s)) => s.split_whitespace().map(str::to_owned).collect(),
-            _ => Vec::new(),
-        };
         let ext_attr = raw.get("ext_attr").and_then(|v| serde_json::from_value(v.clone()).ok()).unwrap_or_default();
-        Ok(Self {
+        Self {
             zid,
-            client_id: s("client_id").or_else(|| s("cid")),
+            client_id: s("client_id").or_else(|| s("cid")).or_else(|| s("azp")),
             user_name: s("user_name"),
             user_id: s("user_id"),
             email: s("email"),
-            scope,
+            scope: scope_list(raw.get("scope")).into_iter().map(str::to_owned).collect(),
             ext_attr,
             iss: s("iss"),
             exp,
             grant_type: s("grant_type"),
             raw,
-        })
+        }
     }
 
     /// Whether this token represents a user (as opposed to a technical client).
@@ -282,53 +296,209 @@ impl Claims {
     }
 }
 
+/// `scope` as XSUAA writes it (an array) or as OAuth does (a space-separated string).
+fn scope_list(scope: Option<&Value>) -> Vec<&str> {
+    match scope {
+        Some(Value::Array(a)) => a.iter().filter_map(Value::as_str).collect(),
+        Some(Value::String(s)) => s.split_whitespace().collect(),
+        _ => Vec::new(),
+    }
+}
+
+/// The zone a token claims: `zid`, or the newer `app_tid` / `zone_uuid`.
+fn claimed_zid(payload: &Map<String, Value>) -> Option<&str> {
+    ["zid", "app_tid", "zone_uuid"].iter().find_map(|k| payload.get(*k).and_then(Value::as_str))
+}
+
 /// A source of keys the verifier trusts.
 pub enum TrustedIssuer {
-    /// Keys held in this process (`ferry up`, tests).
+    /// Keys held in this process, accepting any `zid` they signed. For tests and single-key
+    /// set-ups; a service trusting several tenants uses [`TrustedIssuer::Tenant`].
     Local(Arc<KeySet>),
-    /// A remote JWKS endpoint (`{token service}/token_keys`, or an OIDC provider's `jwks_uri`),
-    /// cached and refreshed when a token names an unknown `kid`.
-    Jwks { url: String, cache: RwLock<Option<(Jwks, Instant)>> },
+    /// One Ferry tenant's keys, held in this process: a token they verify must claim exactly
+    /// this `zid`, so that tenant A's key cannot vouch for tenant B.
+    Tenant { zid: String, keys: Arc<KeySet> },
+    /// A remote Ferry JWKS endpoint (`{uaadomain}/token_keys?zid=`), cached and refetched (at
+    /// most every few seconds) when a token names an unknown `kid`. RS256 only.
+    Jwks(RemoteKeys),
+    /// An external OpenID Connect provider, found by its issuer URL (see [`crate::oidc`]).
+    Oidc(OidcIssuer),
 }
 
 impl TrustedIssuer {
     pub fn jwks_url(url: impl Into<String>) -> Self {
-        Self::Jwks { url: url.into(), cache: RwLock::new(None) }
+        Self::Jwks(RemoteKeys::new(KeySource::Jwks(url.into())))
+    }
+
+    /// One tenant's in-process keys, bound to its zone id.
+    pub fn tenant(zid: impl Into<String>, keys: Arc<KeySet>) -> Self {
+        Self::Tenant { zid: zid.into(), keys }
+    }
+
+    /// An external OpenID Connect issuer; fails on an issuer URL that cannot be trusted.
+    pub fn oidc(trust: crate::oidc::OidcTrust) -> Result<Self, crate::oidc::TrustConfigError> {
+        OidcIssuer::new(trust).map(Self::Oidc)
     }
 }
 
-/// Verifies bearer tokens against a list of trusted issuers.
-pub struct Verifier {
-    issuers: Vec<TrustedIssuer>,
-    http: reqwest::Client,
-}
-
-impl std::fmt::Debug for Verifier {
+impl std::fmt::Debug for TrustedIssuer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Verifier").field("issuers", &self.issuers.len()).finish()
+        match self {
+            Self::Local(_) => f.write_str("Local"),
+            Self::Tenant { zid, .. } => f.debug_struct("Tenant").field("zid", zid).finish(),
+            Self::Jwks(k) => f.debug_tuple("Jwks").field(k).finish(),
+            Self::Oidc(o) => f.debug_tuple("Oidc").field(o).finish(),
+        }
     }
 }
 
-/// Do not refetch a JWKS more often than this, so that tokens with random `kid`s cannot turn
-/// the verifier into a request amplifier.
-const JWKS_MIN_REFRESH: Duration = Duration::from_secs(10);
-
-fn now_secs() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+/// Signature algorithms a token may name. Ferry signs RS256 only; the others are accepted from
+/// external OIDC issuers. `none` and the HMAC family are absent on purpose: a verifier that
+/// holds only public keys must never treat one as a shared secret.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Alg {
+    Rs256,
+    Rs384,
+    Rs512,
+    Ps256,
+    Es256,
+    Es384,
 }
 
-impl Verifier {
-    pub fn new(issuers: Vec<TrustedIssuer>, http: reqwest::Client) -> Self {
-        Self { issuers, http }
+impl Alg {
+    fn parse(name: &str) -> Option<Self> {
+        Some(match name {
+            "RS256" => Self::Rs256,
+            "RS384" => Self::Rs384,
+            "RS512" => Self::Rs512,
+            "PS256" => Self::Ps256,
+            "ES256" => Self::Es256,
+            "ES384" => Self::Es384,
+            _ => return None,
+        })
     }
 
-    pub fn local(keys: Arc<KeySet>) -> Self {
-        Self::new(vec![TrustedIssuer::Local(keys)], ferry_core::tls::http_client(None).unwrap_or_default())
+    fn name(self) -> &'static str {
+        match self {
+            Self::Rs256 => "RS256",
+            Self::Rs384 => "RS384",
+            Self::Rs512 => "RS512",
+            Self::Ps256 => "PS256",
+            Self::Es256 => "ES256",
+            Self::Es384 => "ES384",
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Curve {
+    P256,
+    P384,
+}
+
+/// A public verification key taken from a JWK.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) enum VerifyKey {
+    Rsa {
+        n: Vec<u8>,
+        e: Vec<u8>,
+        alg: Option<String>,
+    },
+    /// `point` is the uncompressed SEC1 encoding `04 || x || y`.
+    Ec {
+        curve: Curve,
+        point: Vec<u8>,
+        alg: Option<String>,
+    },
+}
+
+impl VerifyKey {
+    /// Reads one JWK of a JWKS; `None` (the key is skipped) for anything that is not a
+    /// well-formed RSA or P-256/P-384 signature key with a `kid`.
+    pub(crate) fn from_jwk(jwk: &Value) -> Option<(String, Self)> {
+        let s = |k: &str| jwk.get(k).and_then(Value::as_str);
+        let b = |k: &str| s(k).and_then(|v| B64URL.decode(v).ok()).filter(|v| !v.is_empty());
+        let kid = s("kid").filter(|k| !k.is_empty())?.to_owned();
+        if s("use").is_some_and(|u| u != "sig") {
+            return None;
+        }
+        let alg = s("alg").map(str::to_owned);
+        let key = match s("kty")? {
+            "RSA" => Self::Rsa { n: b("n")?, e: b("e")?, alg },
+            "EC" => {
+                let (curve, len) = match s("crv")? {
+                    "P-256" => (Curve::P256, 32),
+                    "P-384" => (Curve::P384, 48),
+                    _ => return None,
+                };
+                let (x, y) = (b("x")?, b("y")?);
+                if x.len() != len || y.len() != len {
+                    return None;
+                }
+                let mut point = Vec::with_capacity(1 + 2 * len);
+                point.push(4);
+                point.extend_from_slice(&x);
+                point.extend_from_slice(&y);
+                Self::Ec { curve, point, alg }
+            }
+            _ => return None,
+        };
+        Some((kid, key))
     }
 
-    /// Verifies a compact JWT and returns its claims.
-    pub async fn verify(&self, token: &str) -> Result<Claims, VerifyError> {
-        let token = token.trim();
+    fn from_local(jwk: &Jwk) -> Option<Self> {
+        let n = B64URL.decode(&jwk.n).ok()?;
+        let e = B64URL.decode(&jwk.e).ok()?;
+        Some(Self::Rsa { n, e, alg: Some("RS256".into()) })
+    }
+
+    /// Checks `signature` over `message` with this key under `alg`. A key that declares its
+    /// `alg`, or whose type does not fit `alg`, refuses any other algorithm.
+    fn verify(&self, alg: Alg, message: &[u8], signature: &[u8]) -> Result<(), VerifyError> {
+        let declared = match self {
+            Self::Rsa { alg, .. } | Self::Ec { alg, .. } => alg.as_deref(),
+        };
+        if declared.is_some_and(|d| d != alg.name()) {
+            return Err(VerifyError::Algorithm);
+        }
+        let ok = match (self, alg) {
+            (Self::Rsa { n, e, .. }, Alg::Rs256 | Alg::Rs384 | Alg::Rs512 | Alg::Ps256) => {
+                let params = match alg {
+                    Alg::Rs256 => &sig::RSA_PKCS1_2048_8192_SHA256,
+                    Alg::Rs384 => &sig::RSA_PKCS1_2048_8192_SHA384,
+                    Alg::Rs512 => &sig::RSA_PKCS1_2048_8192_SHA512,
+                    _ => &sig::RSA_PSS_2048_8192_SHA256,
+                };
+                PublicKeyComponents { n: &n[..], e: &e[..] }.verify(params, message, signature).is_ok()
+            }
+            (Self::Ec { curve: Curve::P256, point, .. }, Alg::Es256) => {
+                sig::UnparsedPublicKey::new(&sig::ECDSA_P256_SHA256_FIXED, point).verify(message, signature).is_ok()
+            }
+            (Self::Ec { curve: Curve::P384, point, .. }, Alg::Es384) => {
+                sig::UnparsedPublicKey::new(&sig::ECDSA_P384_SHA384_FIXED, point).verify(message, signature).is_ok()
+            }
+            _ => return Err(VerifyError::Algorithm),
+        };
+        if ok { Ok(()) } else { Err(VerifyError::Signature) }
+    }
+}
+
+impl KeySet {
+    fn verify_key(&self, kid: &str) -> Option<VerifyKey> {
+        self.jwk(kid).as_ref().and_then(VerifyKey::from_local)
+    }
+}
+
+/// A compact JWS split and decoded, not yet verified.
+struct Jws<'a> {
+    header: Map<String, Value>,
+    payload: Map<String, Value>,
+    signing_input: &'a str,
+    signature: Vec<u8>,
+}
+
+impl<'a> Jws<'a> {
+    fn parse(token: &'a str) -> Result<Self, VerifyError> {
         if token.is_empty() {
             return Err(VerifyError::Missing);
         }
@@ -336,88 +506,176 @@ impl Verifier {
             return Err(VerifyError::TooLarge);
         }
         let mut parts = token.split('.');
-        let (Some(h), Some(p), Some(sig), None) = (parts.next(), parts.next(), parts.next(), parts.next()) else {
+        let (Some(h), Some(p), Some(s), None) = (parts.next(), parts.next(), parts.next(), parts.next()) else {
             return Err(VerifyError::Malformed);
         };
-        let header: Value =
-            B64URL.decode(h).ok().and_then(|b| serde_json::from_slice(&b).ok()).ok_or(VerifyError::Malformed)?;
-        if header.get("alg").and_then(Value::as_str) != Some("RS256") {
-            return Err(VerifyError::Algorithm);
-        }
-        let kid = header.get("kid").and_then(Value::as_str).ok_or(VerifyError::UnknownKey)?;
-        let sig = B64URL.decode(sig).map_err(|_| VerifyError::Malformed)?;
-        let jwk = self.find_key(kid).await?;
-        let n = B64URL.decode(&jwk.n).map_err(|_| VerifyError::KeysUnavailable)?;
-        let e = B64URL.decode(&jwk.e).map_err(|_| VerifyError::KeysUnavailable)?;
-        let signing_input = &token[..h.len() + 1 + p.len()];
-        PublicKeyComponents { n: &n[..], e: &e[..] }
-            .verify(&RSA_PKCS1_2048_8192_SHA256, signing_input.as_bytes(), &sig)
-            .map_err(|_| VerifyError::Signature)?;
-        let payload: Value = B64URL
-            .decode(p)
-            .ok()
-            .and_then(|b| serde_json::from_slice(&b).ok())
-            .filter(Value::is_object)
-            .ok_or(VerifyError::Malformed)?;
-        let claims = Claims::from_value(payload)?;
-        let now = now_secs();
-        if claims.exp + LEEWAY_SECS < now {
-            return Err(VerifyError::Expired);
-        }
-        if let Some(nbf) = claims.raw.get("nbf").and_then(Value::as_u64)
-            && nbf > now + LEEWAY_SECS
-        {
-            return Err(VerifyError::NotYetValid);
-        }
-        Ok(claims)
+        let object = |part: &str| match B64URL.decode(part).ok().and_then(|b| serde_json::from_slice(&b).ok()) {
+            Some(Value::Object(m)) => Ok(m),
+            _ => Err(VerifyError::Malformed),
+        };
+        let header = object(h)?;
+        let payload = object(p)?;
+        let signature = B64URL.decode(s).map_err(|_| VerifyError::Malformed)?;
+        Ok(Self { header, payload, signing_input: &token[..h.len() + 1 + p.len()], signature })
     }
 
-    async fn find_key(&self, kid: &str) -> Result<Jwk, VerifyError> {
+    fn verify_with(&self, key: &VerifyKey, alg: Alg) -> Result<(), VerifyError> {
+        key.verify(alg, self.signing_input.as_bytes(), &self.signature)
+    }
+}
+
+fn now_secs() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+}
+
+/// A NumericDate: integral or not, never negative.
+fn numeric_date(v: &Value) -> Option<u64> {
+    v.as_u64().or_else(|| v.as_f64().filter(|f| f.is_finite() && *f >= 0.0).map(|f| f as u64))
+}
+
+/// `exp` (required) and `nbf` (if present), with [`LEEWAY_SECS`] each way; returns `exp`.
+fn check_times(payload: &Map<String, Value>, now: u64) -> Result<u64, VerifyError> {
+    let exp = payload.get("exp").and_then(numeric_date).ok_or(VerifyError::MissingClaim("exp"))?;
+    if now >= exp.saturating_add(LEEWAY_SECS) {
+        return Err(VerifyError::Expired);
+    }
+    if let Some(nbf) = payload.get("nbf") {
+        let nbf = numeric_date(nbf).ok_or(VerifyError::Malformed)?;
+        if nbf > now.saturating_add(LEEWAY_SECS) {
+            return Err(VerifyError::NotYetValid);
+        }
+    }
+    Ok(exp)
+}
+
+/// Whether a token is meant for one of `expected` (empty: no audience check): `aud` (a string
+/// or an array) names one, or — as XSUAA grants it — a scope is `<audience>.<something>`.
+pub(crate) fn check_audience(payload: &Map<String, Value>, expected: &[String]) -> Result<(), VerifyError> {
+    if expected.is_empty() {
+        return Ok(());
+    }
+    let aud: Vec<&str> = match payload.get("aud") {
+        Some(Value::String(s)) => vec![s.as_str()],
+        Some(Value::Array(a)) => a.iter().filter_map(Value::as_str).collect(),
+        _ => Vec::new(),
+    };
+    let scope = scope_list(payload.get("scope"));
+    let matches = |e: &String| {
+        aud.contains(&e.as_str())
+            || scope.iter().any(|s| s.len() > e.len() + 1 && s.starts_with(e.as_str()) && s.as_bytes()[e.len()] == b'.')
+    };
+    if expected.iter().any(matches) { Ok(()) } else { Err(VerifyError::Audience) }
+}
+
+/// Verifies bearer tokens against a list of trusted issuers. One is built per process and
+/// shared by every service in it (`ferry up`: the Destination Service and the proxy).
+pub struct Verifier {
+    issuers: Vec<TrustedIssuer>,
+    /// Audiences required of Ferry's own tokens; empty: not checked.
+    audiences: Vec<String>,
+    http: reqwest::Client,
+}
+
+impl std::fmt::Debug for Verifier {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Verifier").field("issuers", &self.issuers).field("audiences", &self.audiences).finish()
+    }
+}
+
+impl Verifier {
+    /// A verifier trusting `issuers`; `http` fetches remote keys (OIDC discovery, JWKS), so it
+    /// must trust the CAs those are served with.
+    pub fn new(issuers: Vec<TrustedIssuer>, http: reqwest::Client) -> Self {
+        Self { issuers, audiences: Vec::new(), http }
+    }
+
+    /// Trusts `keys` for tokens of any zone. For tests; see [`TrustedIssuer::Local`].
+    pub fn local(keys: Arc<KeySet>) -> Self {
+        Self::new(vec![TrustedIssuer::Local(keys)], ferry_core::tls::http_client(None).unwrap_or_default())
+    }
+
+    /// Trusts each tenant's keys for that tenant's zone only ([`TrustedIssuer::Tenant`]).
+    pub fn for_tenants(tenants: impl IntoIterator<Item = (String, Arc<KeySet>)>, http: reqwest::Client) -> Self {
+        Self::new(tenants.into_iter().map(|(zid, keys)| TrustedIssuer::tenant(zid, keys)).collect(), http)
+    }
+
+    /// Also trusts `more` (e.g. the external issuers of the configuration).
+    pub fn with_issuers(mut self, more: impl IntoIterator<Item = TrustedIssuer>) -> Self {
+        self.issuers.extend(more);
+        self
+    }
+
+    /// Requires Ferry's own tokens to be meant for one of `audiences` (`aud`, or a scope
+    /// `<audience>.*`). Off by default; external issuers have their own list.
+    pub fn with_audiences(mut self, audiences: Vec<String>) -> Self {
+        self.audiences = audiences;
+        self
+    }
+
+    /// Verifies a compact JWT and returns its claims.
+    pub async fn verify(&self, token: &str) -> Result<Claims, VerifyError> {
+        let jws = Jws::parse(token.trim())?;
+        if jws.header.contains_key("crit") {
+            return Err(VerifyError::CriticalHeader);
+        }
+        let alg = jws.header.get("alg").and_then(Value::as_str).and_then(Alg::parse).ok_or(VerifyError::Algorithm)?;
+        let kid =
+            jws.header.get("kid").and_then(Value::as_str).filter(|k| !k.is_empty()).ok_or(VerifyError::MissingKeyId)?;
+        let now = now_secs();
+
+        // A token naming a trusted external issuer is checked against that issuer alone.
+        let iss = jws.payload.get("iss").and_then(Value::as_str);
+        if let Some(oidc) = iss.and_then(|iss| self.oidc().find(|o| o.issuer() == iss)) {
+            let key = oidc.keys().key(kid, &self.http).await?.ok_or(VerifyError::UnknownKey)?;
+            jws.verify_with(&key, alg)?;
+            let exp = check_times(&jws.payload, now)?;
+            if claimed_zid(&jws.payload).is_some_and(|z| z != oidc.subaccount()) {
+                return Err(VerifyError::TenantMismatch);
+            }
+            check_audience(&jws.payload, oidc.audiences())?;
+            return Ok(Claims::from_payload(jws.payload, oidc.subaccount().to_owned(), exp));
+        }
+
         let mut unavailable = false;
         for issuer in &self.issuers {
-            match issuer {
-                TrustedIssuer::Local(keys) => {
-                    if let Some(j) = keys.jwk(kid) {
-                        return Ok(j);
-                    }
-                }
-                TrustedIssuer::Jwks { url, cache } => {
-                    let (hit, stale) = {
-                        let c = cache.read().unwrap_or_else(|p| p.into_inner());
-                        match &*c {
-                            Some((jwks, at)) => {
-                                (jwks.keys.iter().find(|k| k.kid == kid).cloned(), at.elapsed() >= JWKS_MIN_REFRESH)
-                            }
-                            None => (None, true),
-                        }
-                    };
-                    if let Some(j) = hit {
-                        return Ok(j);
-                    }
-                    if !stale {
-                        continue;
-                    }
-                    match self.fetch_jwks(url).await {
-                        Ok(jwks) => {
-                            let found = jwks.keys.iter().find(|k| k.kid == kid).cloned();
-                            *cache.write().unwrap_or_else(|p| p.into_inner()) = Some((jwks, Instant::now()));
-                            if let Some(j) = found {
-                                return Ok(j);
-                            }
-                        }
-                        Err(e) => {
-                            tracing::warn!(%url, error = %e, "cannot fetch JWKS");
-                            unavailable = true;
-                        }
-                    }
-                }
+            let key = match issuer {
+                TrustedIssuer::Local(keys) | TrustedIssuer::Tenant { keys, .. } => keys.verify_key(kid),
+                TrustedIssuer::Jwks(remote) => remote.key(kid, &self.http).await.unwrap_or_else(|_| {
+                    unavailable = true;
+                    None
+                }),
+                TrustedIssuer::Oidc(_) => None,
+            };
+            let Some(key) = key else { continue };
+            if alg != Alg::Rs256 {
+                return Err(VerifyError::Algorithm);
+            }
+            jws.verify_with(&key, alg)?;
+            let exp = check_times(&jws.payload, now)?;
+            let zid = claimed_zid(&jws.payload).ok_or(VerifyError::MissingClaim("zid"))?.to_owned();
+            if let TrustedIssuer::Tenant { zid: own, .. } = issuer
+                && *own != zid
+            {
+                return Err(VerifyError::TenantMismatch);
+            }
+            check_audience(&jws.payload, &self.audiences)?;
+            return Ok(Claims::from_payload(jws.payload, zid, exp));
+        }
+
+        // Signed with a trusted external issuer's key while naming another issuer.
+        for oidc in self.oidc() {
+            if let Ok(Some(_)) = oidc.keys().key(kid, &self.http).await {
+                return Err(VerifyError::Issuer);
             }
         }
         Err(if unavailable { VerifyError::KeysUnavailable } else { VerifyError::UnknownKey })
     }
 
-    async fn fetch_jwks(&self, url: &str) -> Result<Jwks, reqwest::Error> {
-        self.http.get(url).timeout(Duration::from_secs(5)).send().await?.error_for_status()?.json().await
+    fn oidc(&self) -> impl Iterator<Item = &OidcIssuer> {
+        self.issuers.iter().filter_map(|i| match i {
+            TrustedIssuer::Oidc(o) => Some(o),
+            _ => None,
+        })
     }
 }
 

@@ -75,17 +75,30 @@ fn item(kind: Collection) -> MethodRouter<Arc<DestinationService>> {
 pub(crate) struct ApiError {
     status: StatusCode,
     message: String,
+    /// `WWW-Authenticate` of a 401; plain `Bearer` unless a token was sent and refused.
+    challenge: Option<HeaderValue>,
 }
 
 impl ApiError {
     fn new(status: StatusCode, message: impl Into<String>) -> Self {
-        Self { status, message: message.into() }
+        Self { status, message: message.into(), challenge: None }
     }
     fn bad_request(message: impl Into<String>) -> Self {
         Self::new(StatusCode::BAD_REQUEST, message)
     }
     fn unauthorized(message: impl Into<String>) -> Self {
         Self::new(StatusCode::UNAUTHORIZED, message)
+    }
+    /// A bearer token that was sent and refused: RFC 6750 `invalid_token` with the reason,
+    /// which [`VerifyError`](ferry_auth::VerifyError) keeps free of key material and internals.
+    fn invalid_token(e: &ferry_auth::VerifyError) -> Self {
+        let reason = e.to_string();
+        let description: String =
+            reason.chars().map(|c| if c == '"' || c == '\\' || c.is_control() { '\'' } else { c }).collect();
+        let challenge =
+            HeaderValue::from_str(&format!("Bearer error=\"invalid_token\", error_description=\"{description}\""))
+                .unwrap_or_else(|_| HeaderValue::from_static("Bearer error=\"invalid_token\""));
+        Self { challenge: Some(challenge), ..Self::unauthorized(format!("Invalid bearer token: {reason}")) }
     }
     fn not_found() -> Self {
         Self::new(StatusCode::NOT_FOUND, NOT_FOUND_MESSAGE)
@@ -96,7 +109,8 @@ impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let mut response = (self.status, Json(json!({ "ErrorMessage": self.message }))).into_response();
         if self.status == StatusCode::UNAUTHORIZED {
-            response.headers_mut().insert(WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+            let challenge = self.challenge.unwrap_or_else(|| HeaderValue::from_static("Bearer"));
+            response.headers_mut().insert(WWW_AUTHENTICATE, challenge);
         }
         response
     }
@@ -163,11 +177,7 @@ impl FromRequestParts<Arc<DestinationService>> for Caller {
             .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
             .map(|(_, token)| token)
             .ok_or_else(|| ApiError::unauthorized("The Authorization header must use the Bearer scheme"))?;
-        let claims = service
-            .verifier
-            .verify(token)
-            .await
-            .map_err(|e| ApiError::unauthorized(format!("Invalid bearer token: {e}")))?;
+        let claims = service.verifier.verify(token).await.map_err(|e| ApiError::invalid_token(&e))?;
         let non_empty = |s: Option<String>| s.filter(|s| !s.is_empty());
         let subdomain =
             non_empty(claims.ext_attr.zdn.clone()).or_else(|| claims.iss.as_deref().and_then(iss_subdomain));

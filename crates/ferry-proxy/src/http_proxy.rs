@@ -33,6 +33,22 @@ pub(crate) fn error(status: StatusCode, message: impl Into<String>) -> Response<
     r
 }
 
+/// 407 for a token that was sent and refused: the reason (which
+/// [`VerifyError`](ferry_auth::VerifyError) keeps free of key material and internals) in the
+/// body and, as RFC 6750 `invalid_token`, in `Proxy-Authenticate`.
+fn invalid_token(e: &ferry_auth::VerifyError) -> Response<BoxBody> {
+    let reason = e.to_string();
+    let mut r = error(StatusCode::PROXY_AUTHENTICATION_REQUIRED, format!("Proxy authentication failed: {reason}"));
+    let description: String =
+        reason.chars().map(|c| if c == '"' || c == '\\' || c.is_control() { '\'' } else { c }).collect();
+    if let Ok(v) = HeaderValue::from_str(&format!(
+        "Bearer realm=\"ferry connectivity proxy\", error=\"invalid_token\", error_description=\"{description}\""
+    )) {
+        r.headers_mut().insert(http::header::PROXY_AUTHENTICATE, v);
+    }
+    r
+}
+
 pub(crate) fn bearer(headers: &HeaderMap, name: impl http::header::AsHeaderName) -> Option<&str> {
     let v = headers.get(name)?.to_str().ok()?.trim();
     let (scheme, token) = v.split_once(' ')?;
@@ -63,9 +79,7 @@ pub(crate) async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Respo
         }
         Some(token) => match shared.verifier.verify(token).await {
             Ok(c) => c,
-            Err(e) => {
-                return error(StatusCode::PROXY_AUTHENTICATION_REQUIRED, format!("Proxy authentication failed: {e}"));
-            }
+            Err(e) => return invalid_token(&e),
         },
     };
     if req.method() == Method::CONNECT {

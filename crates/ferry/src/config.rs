@@ -23,6 +23,9 @@ pub struct FileConfig {
     pub destinations: Vec<DestinationEntry>,
     #[serde(default)]
     pub connectors: Vec<ConnectorEntry>,
+    /// External OpenID Connect issuers whose tokens the Destination Service and the proxy accept.
+    #[serde(default)]
+    pub trust: Vec<TrustEntry>,
 }
 
 /// Where `ferry up` listens. Port 0 picks a free port; the printed bindings show the real one.
@@ -120,6 +123,29 @@ pub struct ConnectorEntry {
     pub mappings: Vec<SystemMapping>,
 }
 
+/// One `[[trust]]` entry: an external OIDC issuer, found by discovery from its URL.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TrustEntry {
+    /// Issuer URL exactly as the provider writes it in `iss` (https; http only on loopback).
+    pub issuer: String,
+    /// Subaccount (zone id) the issuer's tokens act in; default: `ferry up`'s subaccount.
+    pub subaccount: Option<String>,
+    /// If set, a token must be meant for one of these (`aud`, or a scope `<audience>.*`).
+    #[serde(default)]
+    pub audiences: Vec<String>,
+}
+
+impl TrustEntry {
+    pub fn to_trust(&self, default_subaccount: &str) -> ferry_auth::OidcTrust {
+        ferry_auth::OidcTrust {
+            issuer: self.issuer.clone(),
+            subaccount: self.subaccount.clone().unwrap_or_else(|| default_subaccount.to_owned()),
+            audiences: self.audiences.clone(),
+        }
+    }
+}
+
 impl FileConfig {
     pub fn load(path: &Path) -> anyhow::Result<Self> {
         let text = std::fs::read_to_string(path)
@@ -135,6 +161,13 @@ impl FileConfig {
                 anyhow::bail!("two connectors use location id {:?}; each needs its own", c.location_id);
             }
         }
+        let mut issuers = std::collections::HashSet::new();
+        for t in &cfg.trust {
+            if !issuers.insert(t.issuer.as_str()) {
+                anyhow::bail!("[[trust]] lists issuer {:?} twice", t.issuer);
+            }
+            ferry_auth::OidcIssuer::new(t.to_trust("default"))?;
+        }
         Ok(cfg)
     }
 }
@@ -148,7 +181,7 @@ mod tests {
     fn shipped_configs_parse() {
         let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
         let mut found = 0;
-        for dir in ["scripts", "examples"] {
+        for dir in ["scripts", "examples", "tests/node"] {
             let Ok(entries) = std::fs::read_dir(root.join(dir)) else { continue };
             for e in entries.flatten() {
                 if e.path().extension().is_some_and(|x| x == "toml") {
@@ -165,5 +198,26 @@ mod tests {
         assert!(FileConfig::parse("[listen]\nhots = \"x\"").is_err());
         assert!(FileConfig::parse("[[connectors]]\n[[connectors]]").is_err());
         assert!(FileConfig::parse("").is_ok());
+    }
+
+    #[test]
+    fn trust_entries() {
+        let cfg = FileConfig::parse(
+            "[[trust]]\nissuer = \"https://idp.example\"\naudiences = [\"api\"]\n\
+             [[trust]]\nissuer = \"http://127.0.0.1:4000\"\nsubaccount = \"zone-2\"",
+        )
+        .unwrap();
+        let t: Vec<_> = cfg.trust.iter().map(|t| t.to_trust("zone-1")).collect();
+        assert_eq!((t[0].subaccount.as_str(), t[0].audiences.as_slice()), ("zone-1", ["api".to_owned()].as_slice()));
+        assert_eq!(t[1].subaccount, "zone-2");
+        for bad in [
+            "[[trust]]\nissuer = \"http://idp.example\"",
+            "[[trust]]\nissuer = \"idp\"",
+            "[[trust]]\nissuer = \"https://a\"\n[[trust]]\nissuer = \"https://a\"",
+            "[[trust]]\nissuer = \"https://a\"\nsubaccount = \"\"",
+            "[[trust]]\nissuer = \"https://a\"\naudience = \"x\"",
+        ] {
+            assert!(FileConfig::parse(bad).is_err(), "{bad}");
+        }
     }
 }

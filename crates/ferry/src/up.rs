@@ -10,8 +10,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use ferry_auth::KeySet;
 use ferry_auth::token_service::{self, OAuthClient, Tenant, TokenService, TokenServiceConfig, User};
+use ferry_auth::{KeySet, TrustedIssuer, Verifier};
 use ferry_connector::{AccessRules, Connector, ConnectorConfig};
 use ferry_core::tls::LocalCa;
 use ferry_core::{Secret, Shutdown};
@@ -227,7 +227,19 @@ pub async fn up(args: UpArgs) -> anyhow::Result<()> {
         uaadomain: uaadomain.clone(),
         ..Default::default()
     })?;
-    let verifier = Arc::new(token_service.verifier());
+    // The one verifier the Destination Service and the proxy share: every tenant of the token
+    // service, each bound to its zone (as `token_service.verifier()` trusts them), plus the
+    // external OIDC issuers of `[[trust]]`. Its client fetches their discovery and JWKS
+    // documents, trusting the local CA besides the system roots.
+    let http = ferry_core::tls::http_client(Some(ca.cert_pem()))?;
+    let trusted = cfg
+        .trust
+        .iter()
+        .map(|t| TrustedIssuer::oidc(t.to_trust(&subaccount)))
+        .collect::<Result<Vec<_>, _>>()
+        .context("[[trust]]")?;
+    let verifier =
+        Arc::new(Verifier::for_tenants([(subaccount.clone(), keys.clone())], http.clone()).with_issuers(trusted));
     let shutdown = Shutdown::new();
     let mut tasks = tokio::task::JoinSet::new();
     let token_tls = ferry_core::tls::server_config(&server_cert, None, &[b"http/1.1"])?;
@@ -238,7 +250,6 @@ pub async fn up(args: UpArgs) -> anyhow::Result<()> {
     ));
 
     // Destination Service, with the destinations of the config file.
-    let http = ferry_core::tls::http_client(Some(ca.cert_pem()))?;
     let dest_service = ferry_destination::DestinationService::open(
         ferry_destination::Config {
             database: ferry_destination::DatabaseConfig::Sqlite { path: dir.join("destinations.db") },
@@ -325,6 +336,10 @@ pub async fn up(args: UpArgs) -> anyhow::Result<()> {
         let label = if loc.is_empty() { "(default location)".to_string() } else { format!("location {loc:?}") };
         let state = if registry.is_connected(&subaccount, loc) { "connected" } else { "NOT connected" };
         println!("  cloud connector      {label}: {state}, {} system mapping(s)", m.len());
+    }
+    for t in &cfg.trust {
+        let t = t.to_trust(&subaccount);
+        println!("  trusted issuer       {} (subaccount {})", t.issuer, t.subaccount);
     }
     println!("  users                {}", users.iter().map(|u| u.username.as_str()).collect::<Vec<_>>().join(", "));
     println!("  trust the local CA:  export NODE_EXTRA_CA_CERTS={}", ca_path.display());
