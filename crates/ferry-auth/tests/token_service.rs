@@ -51,6 +51,7 @@ fn config(uaadomain: &str) -> TokenServiceConfig {
                 scopes: vec!["openid".into()],
                 service_instance_id: Some("inst-1".into()),
                 grant_types: vec![],
+                ..Default::default()
             },
             OAuthClient {
                 client_id: APP.into(),
@@ -61,6 +62,7 @@ fn config(uaadomain: &str) -> TokenServiceConfig {
                 scopes: vec!["openid".into(), "app!t1.Read".into()],
                 service_instance_id: None,
                 grant_types: vec![],
+                ..Default::default()
             },
             OAuthClient {
                 client_id: CC_ONLY.into(),
@@ -71,6 +73,7 @@ fn config(uaadomain: &str) -> TokenServiceConfig {
                 scopes: vec![],
                 service_instance_id: None,
                 grant_types: vec![GRANT_CLIENT_CREDENTIALS.into()],
+                ..Default::default()
             },
         ],
         users: vec![
@@ -82,6 +85,7 @@ fn config(uaadomain: &str) -> TokenServiceConfig {
                 tenant_id: PROVIDER.into(),
                 given_name: Some("Alice".into()),
                 family_name: Some("Anders".into()),
+                ..Default::default()
             },
             User {
                 username: "bob".into(),
@@ -91,6 +95,7 @@ fn config(uaadomain: &str) -> TokenServiceConfig {
                 tenant_id: SUBSCRIBER.into(),
                 given_name: None,
                 family_name: None,
+                ..Default::default()
             },
         ],
         public_url: "http://127.0.0.1:18081/".into(),
@@ -314,8 +319,10 @@ async fn request_errors() {
         form(&p)
     };
 
+    let r = post(&router, &with(&[("grant_type", "implicit")]), &[]).await;
+    assert_error(&r, StatusCode::BAD_REQUEST, "unsupported_grant_type", "implicit");
     let r = post(&router, &with(&[("grant_type", "authorization_code")]), &[]).await;
-    assert_error(&r, StatusCode::BAD_REQUEST, "unsupported_grant_type", "authorization_code");
+    assert_error(&r, StatusCode::BAD_REQUEST, "invalid_request", "code");
     let r = post(&router, &with(&[]), &[]).await;
     assert_error(&r, StatusCode::BAD_REQUEST, "invalid_request", "grant_type");
     let r = post(&router, &with(&[("grant_type", "password"), ("username", "alice")]), &[]).await;
@@ -616,10 +623,22 @@ async fn openid_configuration_and_health() {
     assert_eq!(r.json["token_endpoint"], "http://127.0.0.1:18081/oauth/token");
     assert_eq!(r.json["jwks_uri"], format!("https://127.0.0.1:18443/token_keys?zid={PROVIDER}"));
     let grants = r.json["grant_types_supported"].as_array().unwrap();
-    for g in ["client_credentials", "password", "urn:ietf:params:oauth:grant-type:jwt-bearer", "refresh_token"] {
+    for g in [
+        "client_credentials",
+        "password",
+        "urn:ietf:params:oauth:grant-type:jwt-bearer",
+        "refresh_token",
+        "authorization_code",
+    ] {
         assert!(grants.contains(&json!(g)), "{g}");
     }
-    assert_eq!(r.json["token_endpoint_auth_methods_supported"], json!(["client_secret_basic", "client_secret_post"]));
+    assert_eq!(
+        r.json["token_endpoint_auth_methods_supported"],
+        json!(["client_secret_basic", "client_secret_post", "tls_client_auth"])
+    );
+    assert_eq!(r.json["authorization_endpoint"], "http://127.0.0.1:18081/oauth/authorize");
+    assert_eq!(r.json["code_challenge_methods_supported"], json!(["S256"]));
+    assert_eq!(r.json["response_types_supported"], json!(["code"]));
     let r = get(&router, &format!("/.well-known/openid-configuration?zid={SUBSCRIBER}"), &[]).await;
     assert_eq!(r.json["jwks_uri"], format!("https://127.0.0.1:18443/token_keys?zid={SUBSCRIBER}"));
     assert_eq!(get(&router, "/healthz", &[]).await.status, StatusCode::OK);
@@ -646,6 +665,7 @@ fn secrets_stay_out_of_debug_output() {
             assert!(!text.contains(secret), "{secret} leaked");
         }
         assert!(text.contains(DEST), "the client id itself is useful in logs");
+        assert!(!text.contains("$argon2"), "password hashes are secrets too");
     }
 }
 

@@ -155,6 +155,7 @@ mod tests {
             scopes: vec![],
             service_instance_id: None,
             grant_types: vec![],
+            ..Default::default()
         }
     }
 

@@ -18,12 +18,16 @@ pub const GRANT_CLIENT_CREDENTIALS: &str = "client_credentials";
 pub const GRANT_PASSWORD: &str = "password";
 pub const GRANT_JWT_BEARER: &str = "urn:ietf:params:oauth:grant-type:jwt-bearer";
 pub const GRANT_REFRESH_TOKEN: &str = "refresh_token";
-pub const SUPPORTED_GRANT_TYPES: [&str; 4] =
-    [GRANT_CLIENT_CREDENTIALS, GRANT_PASSWORD, GRANT_JWT_BEARER, GRANT_REFRESH_TOKEN];
+pub const GRANT_AUTHORIZATION_CODE: &str = "authorization_code";
+pub const SUPPORTED_GRANT_TYPES: [&str; 5] =
+    [GRANT_CLIENT_CREDENTIALS, GRANT_PASSWORD, GRANT_JWT_BEARER, GRANT_REFRESH_TOKEN, GRANT_AUTHORIZATION_CODE];
 
 /// XSUAA's default access-token lifetime; SAP clients size their token caches by `expires_in`,
 /// so a shorter default would only cause extra token calls.
 pub const DEFAULT_TOKEN_VALIDITY: Duration = Duration::from_secs(12 * 60 * 60);
+
+/// XSUAA's default refresh-token lifetime (30 days).
+pub const DEFAULT_REFRESH_TOKEN_VALIDITY: Duration = Duration::from_secs(30 * 24 * 60 * 60);
 
 /// An identity zone (XSUAA's word; a subaccount in BTP terms). Each tenant signs with its own
 /// keys because xssec fetches verification keys per zone (`/token_keys?zid=`), so a token of
@@ -44,9 +48,14 @@ pub struct Tenant {
 
 /// A service binding's OAuth client (`clientid`/`clientsecret` of a `destination`,
 /// `connectivity` or `xsuaa` binding).
-#[derive(Clone, Debug)]
+///
+/// Fields added after the first release have defaults; build one with
+/// `OAuthClient { client_id, client_secret, …, ..Default::default() }`.
+#[derive(Clone, Debug, Default)]
 pub struct OAuthClient {
     pub client_id: String,
+    /// May be empty for a client that authenticates only with an X.509 certificate (see
+    /// `certificates`); a client needs one or the other.
     pub client_secret: Secret<String>,
     /// The zone the client lives in (the provider tenant). Requests that name no zone get a
     /// token there.
@@ -54,25 +63,66 @@ pub struct OAuthClient {
     pub xsappname: String,
     /// Scopes of client-credentials tokens, e.g. `["uaa.resource"]`.
     pub authorities: Vec<String>,
-    /// Scopes a user token may carry for this client, e.g. `["openid"]`.
+    /// Scopes a user token may carry for this client, e.g. `["openid"]`; a user token gets
+    /// those of them the user is granted (see [`User::scopes`]).
     pub scopes: Vec<String>,
     /// Written to `ext_attr.serviceinstanceid`, which the Destination Service uses to find
     /// instance-level destinations.
     pub service_instance_id: Option<String>,
     /// Allowed grants; empty allows every supported grant.
     pub grant_types: Vec<String>,
+    /// Where the `authorization_code` grant may send the browser back to. An entry matches a
+    /// requested `redirect_uri` that is equal to it (after URL normalisation), or — if the entry
+    /// ends with `/` — any URI with the same scheme, host and port whose path lies below the
+    /// entry's path (`http://localhost:5000/` allows `http://localhost:5000/login/callback`).
+    /// XSUAA's `*`/`**` wildcards are not supported. Only `http`/`https` URIs without fragment
+    /// or user info. Empty: the client cannot use the authorization-code grant.
+    pub redirect_uris: Vec<String>,
+    /// X.509 client certificates that authenticate this client on the HTTPS listener (mTLS, as
+    /// xssec does for `credential-type: x509` bindings: the body carries only `client_id`).
+    pub certificates: Vec<CertificateBinding>,
+    /// Lifetime of this client's access tokens; `None`: the service-wide `token_validity`.
+    pub access_token_validity: Option<Duration>,
+    /// Lifetime of this client's refresh tokens; `None`: the service-wide
+    /// `refresh_token_validity`.
+    pub refresh_token_validity: Option<Duration>,
 }
 
+/// Which TLS client certificates authenticate an [`OAuthClient`].
+///
+/// The HTTPS listener verifies the certificate chain (see
+/// [`https_server_config`](super::https_server_config)); a binding then says which verified
+/// certificates belong to the client.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum CertificateBinding {
+    /// Exactly this certificate: the SHA-256 of its DER encoding, hex (case and `:` separators
+    /// are ignored). Pinning survives any CA but not a renewal.
+    Sha256Fingerprint(String),
+    /// Any certificate with this subject issued by this issuer, both distinguished names as
+    /// [`certificate_names`](super::certificate_names) prints them (e.g.
+    /// `CN=sb-app!t1, OU=ferry-oauth-client, O=Ferry`). XSUAA validates X.509 credentials the
+    /// same way, so renewed certificates keep working.
+    SubjectAndIssuer { subject: String, issuer: String },
+}
 impl OAuthClient {
     pub(crate) fn allows_grant(&self, grant: &str) -> bool {
         self.grant_types.is_empty() || self.grant_types.iter().any(|g| g == grant)
     }
 }
 
-/// A user who can log in with the password grant, and whose identity user tokens carry.
-#[derive(Clone, Debug)]
+/// A user who can log in with the password or authorization-code grant, and whose identity
+/// user tokens carry.
+///
+/// Fields added after the first release have defaults; build one with
+/// `User { username, password, …, ..Default::default() }`.
+#[derive(Clone, Debug, Default)]
 pub struct User {
     pub username: String,
+    /// The password, or its Argon2 hash as a PHC string (`$argon2id$v=19$m=…`, as
+    /// [`hash_password`](super::hash_password) makes): a value starting with `$argon2` is taken
+    /// as a hash and must parse as one. A plain password is hashed (Argon2id) when the service
+    /// is built and not kept. Empty: the user cannot log in (tokens only through
+    /// [`issue_user_token`](super::TokenService::issue_user_token)).
     pub password: Secret<String>,
     pub email: String,
     /// `user_id` in tokens; the SAP Cloud SDK isolates its destination cache per user by it.
@@ -81,6 +131,10 @@ pub struct User {
     pub tenant_id: String,
     pub given_name: Option<String>,
     pub family_name: Option<String>,
+    /// Scopes the user is granted. A user token carries the client's `scopes` that are in this
+    /// list; `openid` is always granted (every XSUAA user has it). `None`: every scope of the
+    /// client, as before this field existed.
+    pub scopes: Option<Vec<String>>,
 }
 
 #[derive(Clone, Debug)]
@@ -94,8 +148,10 @@ pub struct TokenServiceConfig {
     /// `credentials.uaadomain`, e.g. `127.0.0.1:18443`: xssec sends tenant token requests to
     /// `https://{uaadomain}` (with `x-zid`) or `https://{subdomain}.{uaadomain}`.
     pub uaadomain: String,
-    /// Lifetime of every access token issued.
+    /// Lifetime of access tokens, unless a client sets its own.
     pub token_validity: Duration,
+    /// Lifetime of refresh tokens, unless a client sets its own.
+    pub refresh_token_validity: Duration,
 }
 
 /// Empty lists and URLs, so that `..Default::default()` keeps the XSUAA token lifetime; the
@@ -109,6 +165,7 @@ impl Default for TokenServiceConfig {
             public_url: String::new(),
             uaadomain: String::new(),
             token_validity: DEFAULT_TOKEN_VALIDITY,
+            refresh_token_validity: DEFAULT_REFRESH_TOKEN_VALIDITY,
         }
     }
 }
@@ -129,8 +186,16 @@ pub enum ConfigError {
     EmptyClientId,
     #[error("client {0:?} is configured twice")]
     DuplicateClient(String),
-    #[error("client {0:?} has an empty secret (only secret-based client authentication is supported)")]
+    #[error("client {0:?} has neither a secret nor a certificate binding, so it cannot authenticate")]
     EmptyClientSecret(String),
+    #[error("client {client:?} has an invalid certificate fingerprint {fingerprint:?} (want 64 hex digits of SHA-256)")]
+    InvalidCertificateFingerprint { client: String, fingerprint: String },
+    #[error("client {client:?} has an empty certificate subject or issuer")]
+    InvalidCertificateSubject { client: String },
+    #[error("client {client:?} has an invalid redirect URI {uri:?}: {reason}")]
+    InvalidRedirectUri { client: String, uri: String, reason: &'static str },
+    #[error("client {client:?}: token validities must be at least one second")]
+    ZeroClientValidity { client: String },
     #[error("client {client:?} names unknown tenant {tenant:?}")]
     ClientTenantUnknown { client: String, tenant: String },
     #[error("client {client:?} allows unsupported grant type {grant:?}")]
@@ -141,11 +206,15 @@ pub enum ConfigError {
     UserTenantUnknown { user: String, tenant: String },
     #[error("user {user:?} is configured twice in tenant {tenant:?}")]
     DuplicateUser { user: String, tenant: String },
+    #[error("user {user:?}: the password looks like an Argon2 hash but is not a usable one: {reason}")]
+    InvalidPasswordHash { user: String, reason: String },
+    #[error("cannot hash the password of user {user:?}: {reason}")]
+    PasswordHashing { user: String, reason: String },
     #[error("public_url {0:?} is not an http(s) URL without query or fragment")]
     InvalidPublicUrl(String),
     #[error("uaadomain {0:?} must be host[:port], without scheme or path")]
     InvalidUaaDomain(String),
-    #[error("token_validity must be at least one second")]
+    #[error("token_validity and refresh_token_validity must be at least one second")]
     ZeroValidity,
     #[error("cannot build the HTTP client for the verifier: {0}")]
     Http(String),
@@ -201,6 +270,31 @@ pub(crate) fn parse_public_url(raw: &str) -> Result<String, ConfigError> {
     Ok(raw.trim_end_matches('/').to_owned())
 }
 
+/// A SHA-256 fingerprint as lower-case hex without separators, or `None` if it is not one.
+pub(crate) fn normalize_fingerprint(raw: &str) -> Option<String> {
+    let hex: String = raw.chars().filter(|c| *c != ':' && !c.is_whitespace()).collect::<String>().to_ascii_lowercase();
+    (hex.len() == 64 && hex.bytes().all(|b| b.is_ascii_hexdigit())).then_some(hex)
+}
+
+/// Parses a redirect URI as a client may register or request it (RFC 6749 §3.1.2: absolute,
+/// no fragment); only `http(s)`, and no user info, which only serves to disguise a host.
+pub(crate) fn parse_redirect_uri(raw: &str) -> Result<url::Url, &'static str> {
+    let url = url::Url::parse(raw).map_err(|_| "not an absolute URL")?;
+    if !matches!(url.scheme(), "http" | "https") {
+        return Err("only http and https redirect URIs are supported");
+    }
+    if url.host().is_none() {
+        return Err("no host");
+    }
+    if url.fragment().is_some() || raw.contains('#') {
+        return Err("a redirect URI must not have a fragment");
+    }
+    if !url.username().is_empty() || url.password().is_some() {
+        return Err("a redirect URI must not carry user info");
+    }
+    Ok(url)
+}
+
 fn valid_zone_id(id: &str) -> bool {
     !id.is_empty() && id.len() <= 128 && id.bytes().all(|b| b.is_ascii_graphic() && !b"/?#&%+=\"\\".contains(&b))
 }
@@ -218,7 +312,7 @@ pub(crate) fn validate(config: &TokenServiceConfig) -> Result<(), ConfigError> {
     if config.tenants.is_empty() {
         return Err(ConfigError::NoTenants);
     }
-    if config.token_validity.as_secs() == 0 {
+    if config.token_validity.as_secs() == 0 || config.refresh_token_validity.as_secs() == 0 {
         return Err(ConfigError::ZeroValidity);
     }
     let mut ids = HashSet::new();
@@ -245,8 +339,33 @@ pub(crate) fn validate(config: &TokenServiceConfig) -> Result<(), ConfigError> {
         if !clients.insert(c.client_id.as_str()) {
             return Err(ConfigError::DuplicateClient(c.client_id.clone()));
         }
-        if c.client_secret.expose().is_empty() {
+        if c.client_secret.expose().is_empty() && c.certificates.is_empty() {
             return Err(ConfigError::EmptyClientSecret(c.client_id.clone()));
+        }
+        for b in &c.certificates {
+            match b {
+                CertificateBinding::Sha256Fingerprint(f) if normalize_fingerprint(f).is_none() => {
+                    return Err(ConfigError::InvalidCertificateFingerprint {
+                        client: c.client_id.clone(),
+                        fingerprint: f.clone(),
+                    });
+                }
+                CertificateBinding::SubjectAndIssuer { subject, issuer }
+                    if subject.trim().is_empty() || issuer.trim().is_empty() =>
+                {
+                    return Err(ConfigError::InvalidCertificateSubject { client: c.client_id.clone() });
+                }
+                _ => {}
+            }
+        }
+        for uri in &c.redirect_uris {
+            if let Err(reason) = parse_redirect_uri(uri) {
+                return Err(ConfigError::InvalidRedirectUri { client: c.client_id.clone(), uri: uri.clone(), reason });
+            }
+        }
+        let zero = |d: Option<Duration>| d.is_some_and(|d| d.as_secs() == 0);
+        if zero(c.access_token_validity) || zero(c.refresh_token_validity) {
+            return Err(ConfigError::ZeroClientValidity { client: c.client_id.clone() });
         }
         if !ids.contains(c.tenant_id.as_str()) {
             return Err(ConfigError::ClientTenantUnknown { client: c.client_id.clone(), tenant: c.tenant_id.clone() });

@@ -9,11 +9,11 @@ use std::collections::HashMap;
 use std::collections::hash_map::Entry;
 use std::sync::Arc;
 
-use axum::Router;
 use axum::body::Bytes;
 use axum::extract::{DefaultBodyLimit, RawQuery, State};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
+use axum::{Extension, Router};
 use base64::Engine;
 use http::header::{AUTHORIZATION, CACHE_CONTROL, CONTENT_TYPE, HOST, PRAGMA, WWW_AUTHENTICATE};
 use http::{HeaderMap, HeaderValue, StatusCode, Uri};
@@ -21,10 +21,12 @@ use serde_json::{Value, json};
 
 use super::claims::UserIdentity;
 use super::config::{
-    GRANT_CLIENT_CREDENTIALS, GRANT_JWT_BEARER, GRANT_PASSWORD, GRANT_REFRESH_TOKEN, OAuthClient, SUPPORTED_GRANT_TYPES,
+    GRANT_AUTHORIZATION_CODE, GRANT_CLIENT_CREDENTIALS, GRANT_JWT_BEARER, GRANT_PASSWORD, GRANT_REFRESH_TOKEN,
+    OAuthClient, SUPPORTED_GRANT_TYPES,
 };
+use super::mtls::{PeerIdentity, TlsInfo};
 use super::refresh::RefreshGrant;
-use super::{Issued, TenantState, TokenService, now_secs};
+use super::{Issued, TenantState, TokenService, authorize, user_scopes};
 
 /// Far above any real token request (a jwt-bearer assertion is at most 16 KiB), far below
 /// what would let a client make the service buffer a lot.
@@ -34,8 +36,8 @@ const MAX_BODY: usize = 64 * 1024;
 #[derive(Debug)]
 pub(crate) struct OAuthError {
     status: StatusCode,
-    error: &'static str,
-    description: String,
+    pub error: &'static str,
+    pub description: String,
     /// RFC 6749 requires a `WWW-Authenticate` challenge when HTTP Basic authentication failed.
     basic_challenge: bool,
 }
@@ -44,13 +46,13 @@ impl OAuthError {
     fn new(status: StatusCode, error: &'static str, description: impl Into<String>) -> Self {
         Self { status, error, description: description.into(), basic_challenge: false }
     }
-    fn invalid_request(d: impl Into<String>) -> Self {
+    pub(crate) fn invalid_request(d: impl Into<String>) -> Self {
         Self::new(StatusCode::BAD_REQUEST, "invalid_request", d)
     }
     fn invalid_client(d: impl Into<String>, basic: bool) -> Self {
         Self { basic_challenge: basic, ..Self::new(StatusCode::UNAUTHORIZED, "invalid_client", d) }
     }
-    fn invalid_grant(d: impl Into<String>) -> Self {
+    pub(crate) fn invalid_grant(d: impl Into<String>) -> Self {
         Self::new(StatusCode::BAD_REQUEST, "invalid_grant", d)
     }
     fn invalid_scope(d: impl Into<String>) -> Self {
@@ -84,6 +86,8 @@ impl TokenService {
     pub fn router(self: &Arc<Self>) -> Router {
         Router::new()
             .route("/oauth/token", post(token_endpoint))
+            .route("/oauth/authorize", get(authorize::authorize))
+            .route("/login", post(authorize::login))
             .route("/token_keys", get(token_keys))
             .route("/.well-known/openid-configuration", get(openid_configuration))
             .route("/healthz", get(|| async { "ok" }))
@@ -95,7 +99,7 @@ impl TokenService {
     /// at `https://{uaadomain}`), else a `Host` of the form `{subdomain}.{uaadomain host}`. A
     /// host that names no configured subdomain addresses nothing, because the provider URL
     /// itself may well have that shape.
-    fn addressed_tenant(&self, headers: &HeaderMap, uri: &Uri) -> Result<Option<&TenantState>, OAuthError> {
+    pub(super) fn addressed_tenant(&self, headers: &HeaderMap, uri: &Uri) -> Result<Option<&TenantState>, OAuthError> {
         if let Some(v) = headers.get("x-zid") {
             let zid = v.to_str().map_err(|_| OAuthError::invalid_request("x-zid header is not valid text"))?.trim();
             if !zid.is_empty() {
@@ -131,9 +135,16 @@ impl TokenService {
         }
     }
 
-    /// Authenticates the client by HTTP Basic or by `client_id`/`client_secret` in the body
-    /// (xssec always uses the body; curl users and other OAuth libraries tend to use Basic).
-    fn authenticate(&self, headers: &HeaderMap, params: &Params) -> Result<&OAuthClient, OAuthError> {
+    /// Authenticates the client by HTTP Basic, by `client_id`/`client_secret` in the body
+    /// (xssec always uses the body; curl users and other OAuth libraries tend to use Basic), or
+    /// by `client_id` alone plus a TLS client certificate bound to that client (xssec's X.509
+    /// credentials).
+    fn authenticate(
+        &self,
+        headers: &HeaderMap,
+        params: &Params,
+        tls: Option<&TlsInfo>,
+    ) -> Result<&OAuthClient, OAuthError> {
         if let Some(candidates) = basic_credentials(headers)? {
             if params.get("client_secret").is_some() {
                 return Err(OAuthError::invalid_request(
@@ -156,12 +167,28 @@ impl TokenService {
             ));
         };
         let Some(secret) = params.get("client_secret") else {
+            return self.check_client_certificate(id, tls);
+        };
+        self.check_client(id, secret).ok_or_else(|| OAuthError::invalid_client("Bad credentials", false))
+    }
+
+    /// The client if the connection's verified client certificate is bound to it.
+    fn check_client_certificate(&self, id: &str, tls: Option<&TlsInfo>) -> Result<&OAuthClient, OAuthError> {
+        let Some(cert) = tls.and_then(|t| t.peer_certificate.as_ref()) else {
             return Err(OAuthError::invalid_client(
-                "missing client_secret (certificate-based client authentication is not supported)",
+                "missing client_secret, and no client certificate was presented \
+                 (certificate authentication works on the HTTPS endpoint only)",
                 false,
             ));
         };
-        self.check_client(id, secret).ok_or_else(|| OAuthError::invalid_client("Bad credentials", false))
+        let peer = PeerIdentity::of(cert);
+        match (self.clients.get(id), peer) {
+            (Some(client), Some(peer)) if self.accepts_certificate(client, &peer) => Ok(client),
+            _ => Err(OAuthError::invalid_client(
+                "Bad credentials: the client certificate does not belong to this client",
+                false,
+            )),
+        }
     }
 
     /// The client if `secret` is its secret. An unknown client still costs a comparison, so
@@ -176,10 +203,16 @@ impl TokenService {
         }
     }
 
-    async fn token(&self, headers: &HeaderMap, uri: &Uri, body: &[u8]) -> Result<Issued, OAuthError> {
+    async fn token(
+        &self,
+        headers: &HeaderMap,
+        uri: &Uri,
+        body: &[u8],
+        tls: Option<&TlsInfo>,
+    ) -> Result<Issued, OAuthError> {
         require_form(headers)?;
         let params = Params::parse(body)?;
-        let client = self.authenticate(headers, &params)?;
+        let client = self.authenticate(headers, &params, tls)?;
         let addressed = self.addressed_tenant(headers, uri)?;
         let grant = params.get("grant_type").ok_or_else(|| OAuthError::missing("grant_type"))?;
         if !SUPPORTED_GRANT_TYPES.contains(&grant) {
@@ -209,21 +242,22 @@ impl TokenService {
                 let username = params.get("username").ok_or_else(|| OAuthError::missing("username"))?;
                 let password = params.get("password").ok_or_else(|| OAuthError::missing("password"))?;
                 let user = self.find_user(username, addressed.map(|t| t.tenant.id.as_str()), &client.tenant_id);
-                let stored = user.map_or("", |u| u.password.expose().as_str());
-                // Compare even for an unknown user, so that timing does not reveal usernames.
-                let ok = secret_matches(stored, password) && user.is_some();
+                // Verified even for an unknown user (against a dummy hash), so that timing does
+                // not reveal usernames.
+                let ok = self.check_password(user, password).await;
                 let user = user.filter(|_| ok).ok_or_else(|| OAuthError::invalid_grant("Bad credentials"))?;
                 let tenant = self
-                    .tenant_by_id(&user.tenant_id)
+                    .tenant_by_id(&user.user.tenant_id)
                     .ok_or_else(|| OAuthError::invalid_grant("the user's zone is not configured"))?;
-                let scopes = narrow(&client.scopes, params.get("scope"))?;
-                let identity = UserIdentity::from_user(user, now_secs());
+                let scopes = narrow(&user_scopes(client, Some(&user.user)), params.get("scope"))?;
+                let identity = UserIdentity::from_user(&user.user, self.now());
                 self.issue(tenant, client, GRANT_PASSWORD, scopes, Some(&identity), true)
             }
             GRANT_JWT_BEARER => {
                 let assertion = params.get("assertion").ok_or_else(|| OAuthError::missing("assertion"))?;
                 let (tenant, identity) = self.check_assertion(assertion, addressed).await?;
-                let scopes = narrow(&client.scopes, params.get("scope"))?;
+                let user = self.user_by_id(&tenant.tenant.id, &identity.user_id);
+                let scopes = narrow(&user_scopes(client, user), params.get("scope"))?;
                 self.issue(tenant, client, GRANT_JWT_BEARER, scopes, Some(&identity), true)
             }
             GRANT_REFRESH_TOKEN => {
@@ -234,6 +268,32 @@ impl TokenService {
                     .ok_or_else(|| OAuthError::invalid_grant("the refresh token's zone is not configured"))?;
                 let scopes = narrow(&grant.scopes, params.get("scope"))?;
                 self.issue(tenant, client, GRANT_REFRESH_TOKEN, scopes, Some(&grant.user), true)
+            }
+            GRANT_AUTHORIZATION_CODE => {
+                let code = params.get("code").ok_or_else(|| OAuthError::missing("code"))?;
+                let grant = self.auth.redeem(
+                    code,
+                    client,
+                    params.get("redirect_uri"),
+                    params.get("code_verifier"),
+                    self.now(),
+                    &self.refresh,
+                )?;
+                if let Some(t) = addressed.filter(|t| t.tenant.id != grant.tenant_id) {
+                    return Err(OAuthError::invalid_grant(format!(
+                        "authorization code belongs to zone {:?}, not the addressed zone {:?}",
+                        grant.tenant_id, t.tenant.id
+                    )));
+                }
+                let tenant = self
+                    .tenant_by_id(&grant.tenant_id)
+                    .ok_or_else(|| OAuthError::invalid_grant("the authorization code's zone is not configured"))?;
+                let scopes = narrow(&grant.scopes, params.get("scope"))?;
+                let issued = self.issue(tenant, client, GRANT_AUTHORIZATION_CODE, scopes, Some(&grant.user), true);
+                if let Ok(i) = &issued {
+                    self.auth.record_refresh_token(code, i.refresh_token.clone());
+                }
+                issued
             }
             _ => return Err(OAuthError::invalid_request("unsupported grant type")),
         };
@@ -292,7 +352,7 @@ impl TokenService {
         client: &OAuthClient,
         addressed: Option<&TenantState>,
     ) -> Result<RefreshGrant, OAuthError> {
-        let taken = self.refresh.take(token, now_secs(), |g| {
+        let taken = self.refresh.take(token, self.now(), |g| {
             if g.client_id != client.client_id {
                 return Err(OAuthError::invalid_grant("refresh token was issued to another client"));
             }
@@ -308,8 +368,14 @@ impl TokenService {
     }
 }
 
-async fn token_endpoint(State(svc): State<Arc<TokenService>>, headers: HeaderMap, uri: Uri, body: Bytes) -> Response {
-    match svc.token(&headers, &uri, &body).await {
+async fn token_endpoint(
+    State(svc): State<Arc<TokenService>>,
+    headers: HeaderMap,
+    uri: Uri,
+    tls: Option<Extension<TlsInfo>>,
+    body: Bytes,
+) -> Response {
+    match svc.token(&headers, &uri, &body, tls.as_ref().map(|Extension(t)| t)).await {
         Ok(issued) => {
             let mut body = json!({
                 "access_token": issued.access_token,
@@ -342,6 +408,8 @@ async fn token_keys(
         Ok(t) => t,
         Err(e) => return e.into_response(),
     };
+    // Retirement is lazy: whoever fetches keys gets only those a token may still need.
+    tenant.history.retire(&tenant.tenant.keys, svc.now(), svc.key_lifetime_secs);
     let keys: Vec<Value> = tenant
         .tenant
         .keys
@@ -373,13 +441,16 @@ async fn openid_configuration(
         Ok(t) => t,
         Err(e) => return e.into_response(),
     };
+    let base = tenant.issuer.strip_suffix("/oauth/token").unwrap_or(&tenant.issuer);
     axum::Json(json!({
         "issuer": tenant.issuer,
         "token_endpoint": tenant.issuer,
+        "authorization_endpoint": format!("{base}/oauth/authorize"),
         "jwks_uri": tenant.jwks_uri,
         "grant_types_supported": SUPPORTED_GRANT_TYPES,
-        "token_endpoint_auth_methods_supported": ["client_secret_basic", "client_secret_post"],
-        "response_types_supported": ["token"],
+        "token_endpoint_auth_methods_supported": ["client_secret_basic", "client_secret_post", "tls_client_auth"],
+        "code_challenge_methods_supported": ["S256"],
+        "response_types_supported": ["code"],
         "subject_types_supported": ["public"],
         "id_token_signing_alg_values_supported": ["RS256"],
     }))
@@ -387,7 +458,7 @@ async fn openid_configuration(
 }
 
 /// Requires a form body; xssec sends `application/x-www-form-urlencoded;charset=UTF-8`.
-fn require_form(headers: &HeaderMap) -> Result<(), OAuthError> {
+pub(crate) fn require_form(headers: &HeaderMap) -> Result<(), OAuthError> {
     let ct = headers.get(CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("");
     let mime = ct.split(';').next().unwrap_or("").trim();
     if mime.eq_ignore_ascii_case("application/x-www-form-urlencoded") {
@@ -403,10 +474,10 @@ fn require_form(headers: &HeaderMap) -> Result<(), OAuthError> {
 /// The parameters of a form body. Empty values count as absent and repeated names are refused,
 /// both as RFC 6749 §3.2 demands.
 #[derive(Debug, Default)]
-struct Params(HashMap<String, String>);
+pub(crate) struct Params(HashMap<String, String>);
 
 impl Params {
-    fn parse(body: &[u8]) -> Result<Self, OAuthError> {
+    pub(crate) fn parse(body: &[u8]) -> Result<Self, OAuthError> {
         let text = std::str::from_utf8(body).map_err(|_| OAuthError::invalid_request("request body is not UTF-8"))?;
         let mut out = HashMap::new();
         for pair in text.split('&').filter(|p| !p.is_empty()) {
@@ -429,7 +500,7 @@ impl Params {
         Ok(Self(out))
     }
 
-    fn get(&self, name: &str) -> Option<&str> {
+    pub(crate) fn get(&self, name: &str) -> Option<&str> {
         self.0.get(name).map(String::as_str)
     }
 }
@@ -478,7 +549,7 @@ fn secret_matches(stored: &str, given: &str) -> bool {
 }
 
 /// Restricts `allowed` to the requested `scope` parameter (space separated), if one was sent.
-fn narrow(allowed: &[String], requested: Option<&str>) -> Result<Vec<String>, OAuthError> {
+pub(crate) fn narrow(allowed: &[String], requested: Option<&str>) -> Result<Vec<String>, OAuthError> {
     let Some(requested) = requested else { return Ok(allowed.to_vec()) };
     let mut out: Vec<String> = Vec::new();
     for s in requested.split_whitespace() {

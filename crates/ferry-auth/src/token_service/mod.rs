@@ -11,37 +11,61 @@
 //! provider tokens are fetched) and HTTPS at `uaadomain` (xssec hard-codes `https://` for tenant
 //! tokens).
 
+mod authorize;
 mod claims;
+mod clock;
 mod config;
 mod http;
+mod keys;
+mod mtls;
+mod password;
 mod refresh;
 
 use std::collections::HashMap;
-use std::sync::Arc;
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
 
-use ferry_core::Shutdown;
 use ferry_core::serve::{AcceptOptions, serve_router};
+use ferry_core::tls::{CertifiedKey, LocalCa};
+use ferry_core::{Secret, Shutdown};
 
+pub use clock::{Clock, ManualClock, SystemClock};
 pub use config::{
-    ConfigError, DEFAULT_TOKEN_VALIDITY, GRANT_CLIENT_CREDENTIALS, GRANT_JWT_BEARER, GRANT_PASSWORD,
-    GRANT_REFRESH_TOKEN, OAuthClient, SUPPORTED_GRANT_TYPES, Tenant, TokenServiceConfig, User,
+    CertificateBinding, ConfigError, DEFAULT_REFRESH_TOKEN_VALIDITY, DEFAULT_TOKEN_VALIDITY, GRANT_AUTHORIZATION_CODE,
+    GRANT_CLIENT_CREDENTIALS, GRANT_JWT_BEARER, GRANT_PASSWORD, GRANT_REFRESH_TOKEN, OAuthClient,
+    SUPPORTED_GRANT_TYPES, Tenant, TokenServiceConfig, User,
 };
+pub use mtls::{TlsInfo, certificate_fingerprint, certificate_names, https_server_config, serve_router_with_tls_info};
+pub use password::{PasswordError, hash_password};
 
 use crate::jwt::{KeyError, TrustedIssuer, Verifier};
+use authorize::AuthStore;
 use claims::{TokenFacts, UserIdentity};
 use config::UaaDomain;
-use refresh::{REFRESH_VALIDITY_SECS, RefreshGrant, RefreshStore};
+use keys::KeyHistory;
+use password::PasswordVerifier;
+use refresh::{RefreshGrant, RefreshStore};
 
-/// Why [`TokenService::issue_user_token`] could not issue a token.
+/// How long after its expiry a token may still be accepted somewhere: xssec allows 60 s of
+/// clock skew (Ferry's own verifier 30 s), so a retired key must have been idle that much longer.
+const RETIREMENT_GRACE_SECS: u64 = 60;
+
+/// How often [`run`] retires expired signing keys when nothing else triggers it.
+const RETIREMENT_INTERVAL: Duration = Duration::from_secs(60);
+
+/// Why a [`TokenService`] operation outside a request failed.
 #[derive(Debug, thiserror::Error)]
 pub enum TokenError {
     #[error("unknown client {0:?}")]
     UnknownClient(String),
     #[error("unknown user {0:?}")]
     UnknownUser(String),
-    #[error("signing failed: {0}")]
+    #[error("unknown tenant {0:?}")]
+    UnknownTenant(String),
+    #[error("signing key: {0}")]
     Sign(#[from] KeyError),
+    #[error("cannot issue a client certificate: {0}")]
+    Certificate(String),
 }
 
 /// A tenant with what is derived from it once instead of per request.
@@ -56,17 +80,36 @@ struct TenantState {
     /// tenant's keys, since a key URL that served another tenant's keys would be useless to
     /// anyone following it.
     jwks_uri: String,
+    /// When each superseded signing key stopped signing, for retiring it.
+    history: KeyHistory,
 }
 
-/// The token service's state: configuration, signing keys and the refresh tokens it issued.
+/// A configured user as the service keeps it: the password only as an Argon2 hash.
+struct StoredUser {
+    /// The configuration, with `password` emptied.
+    user: User,
+    /// `None` for a user configured without a password, who cannot log in.
+    hash: Option<Secret<String>>,
+}
+
+/// The token service's state: configuration, signing keys and the grants it issued.
 pub struct TokenService {
     tenants: Vec<TenantState>,
     clients: HashMap<String, OAuthClient>,
-    users: Vec<User>,
+    users: Vec<StoredUser>,
     public_url: String,
     uaadomain: UaaDomain,
     token_validity_secs: u64,
+    refresh_validity_secs: u64,
+    /// How long a superseded key stays published: the longest access-token lifetime of any
+    /// client plus [`RETIREMENT_GRACE_SECS`].
+    key_lifetime_secs: u64,
     refresh: RefreshStore,
+    auth: AuthStore,
+    passwords: PasswordVerifier,
+    /// Certificate bindings added by [`TokenService::issue_client_certificate`], by client id.
+    issued_bindings: RwLock<HashMap<String, Vec<CertificateBinding>>>,
+    clock: Arc<dyn Clock>,
     http: reqwest::Client,
 }
 
@@ -75,16 +118,21 @@ impl std::fmt::Debug for TokenService {
         f.debug_struct("TokenService")
             .field("tenants", &self.tenants.iter().map(|t| &t.tenant).collect::<Vec<_>>())
             .field("clients", &self.clients.values().collect::<Vec<_>>())
-            .field("users", &self.users)
+            .field("users", &self.users.iter().map(|u| &u.user).collect::<Vec<_>>())
             .field("public_url", &self.public_url)
             .field("uaadomain", &self.uaadomain.full)
             .field("refresh", &self.refresh)
-            .finish()
+            .field("auth", &self.auth)
+            .finish_non_exhaustive()
     }
 }
 
 /// The sockets [`run`] serves. Either may be absent: tests often need only one, and a
 /// deployment behind a TLS-terminating ingress needs no HTTPS listener of its own.
+///
+/// For client authentication by certificate, build the HTTPS config with
+/// [`https_server_config`] (it requests client certificates); any other config works too, just
+/// without certificate authentication.
 #[derive(Debug, Default)]
 pub struct Listeners {
     pub http: Option<tokio::net::TcpListener>,
@@ -92,15 +140,30 @@ pub struct Listeners {
 }
 
 /// Serves the token service on every given listener until `shutdown` fires, then lets open
-/// connections finish their requests.
+/// connections finish their requests. Also retires expired signing keys periodically.
 pub async fn run(service: Arc<TokenService>, listeners: Listeners, shutdown: Shutdown) {
     let router = service.router();
     let http = listeners
         .http
         .map(|l| serve_router(l, router.clone(), None, AcceptOptions::named("token-service"), shutdown.clone()));
     let https = listeners.https.map(|(l, tls)| {
-        serve_router(l, router.clone(), Some(tls), AcceptOptions::named("token-service-https"), shutdown.clone())
+        serve_router_with_tls_info(
+            l,
+            router.clone(),
+            tls,
+            AcceptOptions::named("token-service-https"),
+            shutdown.clone(),
+        )
     });
+    let retire = async {
+        let mut tick = tokio::time::interval(RETIREMENT_INTERVAL);
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => break,
+                _ = tick.tick() => { service.retire_expired_keys(); }
+            }
+        }
+    };
     tokio::join!(
         async {
             if let Some(f) = http {
@@ -111,12 +174,9 @@ pub async fn run(service: Arc<TokenService>, listeners: Listeners, shutdown: Shu
             if let Some(f) = https {
                 f.await
             }
-        }
+        },
+        retire,
     );
-}
-
-pub(crate) fn now_secs() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
 }
 
 /// A freshly signed access token and what the token response reports about it.
@@ -128,9 +188,24 @@ pub(crate) struct Issued {
     pub refresh_token: Option<String>,
 }
 
+/// The scopes a user token for `client` may carry: the client's `scopes` the user is granted
+/// (all of them for a user without a scope list), in the client's order.
+fn user_scopes(client: &OAuthClient, user: Option<&User>) -> Vec<String> {
+    match user.and_then(|u| u.scopes.as_ref()) {
+        None => client.scopes.clone(),
+        Some(granted) => client.scopes.iter().filter(|s| *s == "openid" || granted.contains(s)).cloned().collect(),
+    }
+}
+
 impl TokenService {
-    /// Validates `config` and builds the service.
+    /// Validates `config` and builds the service. Plain passwords are hashed here (Argon2id,
+    /// some tens of milliseconds per user).
     pub fn new(config: TokenServiceConfig) -> Result<Arc<Self>, ConfigError> {
+        Self::with_clock(config, Arc::new(SystemClock))
+    }
+
+    /// [`TokenService::new`] with another clock, for tests of expiry (see [`ManualClock`]).
+    pub fn with_clock(config: TokenServiceConfig, clock: Arc<dyn Clock>) -> Result<Arc<Self>, ConfigError> {
         config::validate(&config)?;
         let public_url = config::parse_public_url(&config.public_url)?;
         let uaadomain = config::parse_uaadomain(&config.uaadomain)?;
@@ -138,25 +213,50 @@ impl TokenService {
         // `Verifier` merely requires one. Built once, as building one loads TLS state.
         ferry_core::init_crypto();
         let http = reqwest::Client::builder().build().map_err(|e| ConfigError::Http(e.to_string()))?;
+        let users = config.users.into_iter().map(store_user).collect::<Result<Vec<_>, _>>()?;
+        let passwords = PasswordVerifier::new()
+            .map_err(|e| ConfigError::PasswordHashing { user: String::new(), reason: e.to_string() })?;
+        let token_validity_secs = config.token_validity.as_secs();
+        let longest = config
+            .clients
+            .iter()
+            .filter_map(|c| c.access_token_validity)
+            .map(|d| d.as_secs())
+            .fold(token_validity_secs, u64::max);
+        let key_lifetime_secs = longest.saturating_add(RETIREMENT_GRACE_SECS);
+        let now = clock.now_secs();
         let tenants = config
             .tenants
             .into_iter()
             .map(|tenant| {
                 let (issuer, jwks_uri) = endpoints(&tenant, &public_url, &uaadomain);
                 let verifier = Verifier::new(vec![TrustedIssuer::Local(tenant.keys.clone())], http.clone());
-                TenantState { tenant, verifier, issuer, jwks_uri }
+                let history = KeyHistory::default();
+                // Keys older than the signing one (loaded from disk) are dated now.
+                history.retire(&tenant.keys, now, key_lifetime_secs);
+                TenantState { tenant, verifier, issuer, jwks_uri, history }
             })
             .collect();
         Ok(Arc::new(Self {
             tenants,
             clients: config.clients.into_iter().map(|c| (c.client_id.clone(), c)).collect(),
-            users: config.users,
+            users,
             public_url,
             uaadomain,
-            token_validity_secs: config.token_validity.as_secs(),
+            token_validity_secs,
+            refresh_validity_secs: config.refresh_token_validity.as_secs(),
+            key_lifetime_secs,
             refresh: RefreshStore::default(),
+            auth: AuthStore::default(),
+            passwords,
+            issued_bindings: RwLock::new(HashMap::new()),
+            clock,
             http,
         }))
+    }
+
+    pub(crate) fn now(&self) -> u64 {
+        self.clock.now_secs()
     }
 
     /// A verifier that trusts every tenant's keys, for services that accept this service's
@@ -175,10 +275,73 @@ impl TokenService {
         let user = self
             .find_user(username, None, &client.tenant_id)
             .ok_or_else(|| TokenError::UnknownUser(username.to_owned()))?;
-        let tenant = self.tenant_by_id(&user.tenant_id).ok_or_else(|| TokenError::UnknownUser(username.to_owned()))?;
-        let identity = UserIdentity::from_user(user, now_secs());
-        let issued = self.issue(tenant, client, GRANT_PASSWORD, client.scopes.clone(), Some(&identity), false)?;
+        let tenant =
+            self.tenant_by_id(&user.user.tenant_id).ok_or_else(|| TokenError::UnknownUser(username.to_owned()))?;
+        let identity = UserIdentity::from_user(&user.user, self.now());
+        let scopes = user_scopes(client, Some(&user.user));
+        let issued = self.issue(tenant, client, GRANT_PASSWORD, scopes, Some(&identity), false)?;
         Ok(issued.access_token)
+    }
+
+    /// Adds a signing key to a tenant; it signs every token from now on. The previous keys stay
+    /// in `/token_keys` until the tokens they signed have expired. Returns the new key's `kid`.
+    ///
+    /// The tenant's [`KeySet`](crate::KeySet) is changed in place, so a caller that persists
+    /// keys (`ferry up`) should export it afterwards.
+    pub fn rotate_keys(&self, tenant_id: &str) -> Result<String, TokenError> {
+        let t = self.tenant_by_id(tenant_id).ok_or_else(|| TokenError::UnknownTenant(tenant_id.to_owned()))?;
+        Ok(t.history.rotate(&t.tenant.keys, self.now(), self.key_lifetime_secs)?)
+    }
+
+    /// Removes superseded signing keys whose tokens have all expired, in every tenant; returns
+    /// how many went. Runs by itself on rotation, on `/token_keys` requests and periodically in
+    /// [`run`].
+    pub fn retire_expired_keys(&self) -> usize {
+        let now = self.now();
+        self.tenants.iter().map(|t| t.history.retire(&t.tenant.keys, now, self.key_lifetime_secs)).sum()
+    }
+
+    /// Issues an X.509 client certificate for `client_id`, signed by `ca`, and lets it
+    /// authenticate that client from now on (a [`CertificateBinding::SubjectAndIssuer`] of the
+    /// certificate is added to the client). The certificate and key are what an X.509 service
+    /// key carries as `certificate` and `key`; requests must reach the HTTPS listener
+    /// (`certurl`), whose TLS config must trust `ca` for client certificates
+    /// ([`https_server_config`]).
+    ///
+    /// A client meant to authenticate *only* this way is configured with an empty secret and
+    /// `certificates: vec![CertificateBinding::issued_by(&ca, client_id)]`, which also makes
+    /// certificates issued for it before a restart keep working.
+    pub fn issue_client_certificate(
+        &self,
+        ca: &LocalCa,
+        client_id: &str,
+        validity: Duration,
+    ) -> Result<CertifiedKey, TokenError> {
+        let client = self.clients.get(client_id).ok_or_else(|| TokenError::UnknownClient(client_id.to_owned()))?;
+        let cert = mtls::issue(ca, client_id, validity).map_err(|e| TokenError::Certificate(e.to_string()))?;
+        let (subject, issuer) = certificate_names(&cert.cert_pem)
+            .ok_or_else(|| TokenError::Certificate("the issued certificate does not parse".into()))?;
+        let binding = CertificateBinding::SubjectAndIssuer { subject, issuer };
+        if !client.certificates.contains(&binding) {
+            let mut issued = self.issued_bindings.write().unwrap_or_else(|p| p.into_inner());
+            let list = issued.entry(client_id.to_owned()).or_default();
+            if !list.contains(&binding) {
+                list.push(binding);
+            }
+        }
+        Ok(cert)
+    }
+
+    /// Whether `client` accepts the peer certificate `peer`, by configuration or because
+    /// [`TokenService::issue_client_certificate`] issued it.
+    fn accepts_certificate(&self, client: &OAuthClient, peer: &mtls::PeerIdentity) -> bool {
+        client.certificates.iter().any(|b| b.matches(peer))
+            || self
+                .issued_bindings
+                .read()
+                .unwrap_or_else(|p| p.into_inner())
+                .get(&client.client_id)
+                .is_some_and(|list| list.iter().any(|b| b.matches(peer)))
     }
 
     fn tenant_by_id(&self, id: &str) -> Option<&TenantState> {
@@ -191,12 +354,26 @@ impl TokenService {
 
     /// Finds a user by name: in `tenant` if one was addressed; otherwise in `preferred` (the
     /// client's zone) first and then in any zone, in configuration order.
-    fn find_user(&self, username: &str, tenant: Option<&str>, preferred: &str) -> Option<&User> {
-        let named = || self.users.iter().filter(move |u| u.username == username);
+    fn find_user(&self, username: &str, tenant: Option<&str>, preferred: &str) -> Option<&StoredUser> {
+        let named = || self.users.iter().filter(move |u| u.user.username == username);
         match tenant {
-            Some(t) => named().find(|u| u.tenant_id == t),
-            None => named().find(|u| u.tenant_id == preferred).or_else(|| named().next()),
+            Some(t) => named().find(|u| u.user.tenant_id == t),
+            None => named().find(|u| u.user.tenant_id == preferred).or_else(|| named().next()),
         }
+    }
+
+    /// The configured user behind a user identity of a token, if it is one of ours.
+    fn user_by_id(&self, tenant_id: &str, user_id: &str) -> Option<&User> {
+        self.users.iter().map(|u| &u.user).find(|u| u.tenant_id == tenant_id && u.user_id == user_id)
+    }
+
+    /// Checks a password on the blocking pool; unknown users cost the same as known ones.
+    async fn check_password(&self, user: Option<&StoredUser>, password: &str) -> bool {
+        self.passwords.verify(user.and_then(|u| u.hash.as_ref()), password).await
+    }
+
+    fn access_validity(&self, client: &OAuthClient) -> u64 {
+        client.access_token_validity.map_or(self.token_validity_secs, |d| d.as_secs())
     }
 
     /// Signs an access token (and, with `with_refresh`, stores a refresh token for the user).
@@ -209,7 +386,8 @@ impl TokenService {
         user: Option<&UserIdentity>,
         with_refresh: bool,
     ) -> Result<Issued, KeyError> {
-        let now = now_secs();
+        let now = self.now();
+        let validity = self.access_validity(client);
         let jti = uuid::Uuid::new_v4().simple().to_string();
         let facts = TokenFacts {
             jti: &jti,
@@ -220,25 +398,45 @@ impl TokenService {
             scopes: &scopes,
             user,
             iat: now,
-            exp: now + self.token_validity_secs,
+            exp: now + validity,
         };
         let claims = claims::build(client, &facts);
         let access_token = tenant.tenant.keys.sign(&claims, &[("jku", &tenant.jwks_uri)])?;
         let refresh_token = match (with_refresh, user) {
             (true, Some(u)) => {
+                let refresh_validity =
+                    client.refresh_token_validity.map_or(self.refresh_validity_secs, |d| d.as_secs());
                 let grant = RefreshGrant {
                     client_id: client.client_id.clone(),
                     tenant_id: tenant.tenant.id.clone(),
                     user: u.clone(),
                     scopes: scopes.clone(),
-                    expires_at: now + REFRESH_VALIDITY_SECS,
+                    expires_at: now + refresh_validity,
                 };
                 Some(self.refresh.insert(grant, now).ok_or(KeyError::Sign)?)
             }
             _ => None,
         };
-        Ok(Issued { access_token, jti, expires_in: self.token_validity_secs, scopes, refresh_token })
+        Ok(Issued { access_token, jti, expires_in: validity, scopes, refresh_token })
     }
+}
+
+/// Hashes a configured user's password (unless it is a hash already) and forgets the plain one.
+fn store_user(mut user: User) -> Result<StoredUser, ConfigError> {
+    let given = std::mem::take(&mut user.password);
+    let given = given.expose();
+    let hash = if given.is_empty() {
+        None
+    } else if password::looks_hashed(given) {
+        password::check_hash(given)
+            .map_err(|e| ConfigError::InvalidPasswordHash { user: user.username.clone(), reason: e.to_string() })?;
+        Some(Secret::new(given.clone()))
+    } else {
+        let h = hash_password(given)
+            .map_err(|e| ConfigError::PasswordHashing { user: user.username.clone(), reason: e.to_string() })?;
+        Some(Secret::new(h))
+    };
+    Ok(StoredUser { user, hash })
 }
 
 /// `(iss, jwks_uri)` of a tenant. With a dotted DNS `uaadomain` both live under

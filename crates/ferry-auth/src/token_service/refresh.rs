@@ -12,9 +12,6 @@ use base64::engine::general_purpose::URL_SAFE_NO_PAD as B64URL;
 
 use super::claims::UserIdentity;
 
-/// XSUAA's default refresh-token lifetime (30 days).
-pub(crate) const REFRESH_VALIDITY_SECS: u64 = 30 * 24 * 60 * 60;
-
 /// Bounds the memory an authenticated but misbehaving client can pin by requesting refresh
 /// tokens in a loop.
 const MAX_REFRESH_TOKENS: usize = 100_000;
@@ -86,6 +83,11 @@ impl RefreshStore {
                 Ok(grants.remove(token))
             }
         }
+    }
+
+    /// Forgets `token`, e.g. because the authorization code it was issued for was replayed.
+    pub fn revoke(&self, token: &str) {
+        self.lock().remove(token);
     }
 
     #[cfg(test)]
