@@ -305,9 +305,19 @@ fn scope_list(scope: Option<&Value>) -> Vec<&str> {
     }
 }
 
-/// The zone a token claims: `zid`, or the newer `app_tid` / `zone_uuid`.
-fn claimed_zid(payload: &Map<String, Value>) -> Option<&str> {
-    ["zid", "app_tid", "zone_uuid"].iter().find_map(|k| payload.get(*k).and_then(Value::as_str))
+/// The zone a token claims: `zid`, or the newer `app_tid` / `zone_uuid`. A token whose zone
+/// claims disagree with each other claims a zone it is not bound to: `TenantMismatch`.
+fn claimed_zid(payload: &Map<String, Value>) -> Result<Option<&str>, VerifyError> {
+    let mut zone = None;
+    for key in ["zid", "app_tid", "zone_uuid"] {
+        match (payload.get(key), zone) {
+            (None, _) => {}
+            (Some(Value::String(z)), None) => zone = Some(z.as_str()),
+            (Some(Value::String(z)), Some(first)) if z == first => {}
+            _ => return Err(VerifyError::TenantMismatch),
+        }
+    }
+    Ok(zone)
 }
 
 /// A source of keys the verifier trusts.
@@ -629,7 +639,7 @@ impl Verifier {
             let key = oidc.keys().key(kid, &self.http).await?.ok_or(VerifyError::UnknownKey)?;
             jws.verify_with(&key, alg)?;
             let exp = check_times(&jws.payload, now)?;
-            if claimed_zid(&jws.payload).is_some_and(|z| z != oidc.subaccount()) {
+            if claimed_zid(&jws.payload)?.is_some_and(|z| z != oidc.subaccount()) {
                 return Err(VerifyError::TenantMismatch);
             }
             check_audience(&jws.payload, oidc.audiences())?;
@@ -652,7 +662,7 @@ impl Verifier {
             }
             jws.verify_with(&key, alg)?;
             let exp = check_times(&jws.payload, now)?;
-            let zid = claimed_zid(&jws.payload).ok_or(VerifyError::MissingClaim("zid"))?.to_owned();
+            let zid = claimed_zid(&jws.payload)?.ok_or(VerifyError::MissingClaim("zid"))?.to_owned();
             if let TrustedIssuer::Tenant { zid: own, .. } = issuer
                 && *own != zid
             {

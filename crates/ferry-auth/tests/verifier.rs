@@ -372,6 +372,17 @@ async fn attack_table_every_row_is_rejected_with_its_reason() {
             E::TenantMismatch,
         ),
         (
+            "external, zid right but app_tid of another subaccount",
+            w.ext_token(&with(with(ext.clone(), "zid", json!(EXT_SUBACCOUNT)), "app_tid", json!(ZONE_A))),
+            E::TenantMismatch,
+        ),
+        ("external, zid not a string", w.ext_token(&with(ext.clone(), "zid", json!(7))), E::TenantMismatch),
+        (
+            "tenant A's key, zid A but app_tid B",
+            w.a.sign(&with(w.own(ZONE_A), "app_tid", json!(ZONE_B)), &[]).unwrap(),
+            E::TenantMismatch,
+        ),
+        (
             "own token without zid",
             w.a.sign(&with(w.own(ZONE_A), "zid", Value::Null), &[]).unwrap(),
             E::MissingClaim("zid"),
