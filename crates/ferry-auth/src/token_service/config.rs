@@ -72,11 +72,13 @@ pub struct OAuthClient {
     /// Allowed grants; empty allows every supported grant.
     pub grant_types: Vec<String>,
     /// Where the `authorization_code` grant may send the browser back to. An entry matches a
-    /// requested `redirect_uri` that is equal to it (after URL normalisation), or — if the entry
-    /// ends with `/` — any URI with the same scheme, host and port whose path lies below the
-    /// entry's path (`http://localhost:5000/` allows `http://localhost:5000/login/callback`).
-    /// XSUAA's `*`/`**` wildcards are not supported. Only `http`/`https` URIs without fragment
-    /// or user info. Empty: the client cannot use the authorization-code grant.
+    /// requested `redirect_uri` that is equal to it (after URL normalisation), or — if the
+    /// entry's path ends with `/` and it has no query — any URI with the same scheme, host and
+    /// port whose path lies below the entry's path (`http://localhost:5000/` allows
+    /// `http://localhost:5000/login/callback`; a bare origin normalises to path `/` and so
+    /// allows the whole origin). Dot segments are resolved before comparing. XSUAA's `*`/`**`
+    /// wildcards are not supported. Only `http`/`https` URIs without fragment or user info.
+    /// Empty: the client cannot use the authorization-code grant.
     pub redirect_uris: Vec<String>,
     /// X.509 client certificates that authenticate this client on the HTTPS listener (mTLS, as
     /// xssec does for `credential-type: x509` bindings: the body carries only `client_id`).
