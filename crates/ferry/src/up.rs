@@ -190,6 +190,7 @@ pub async fn up(args: UpArgs) -> anyhow::Result<()> {
         scopes: vec!["openid".into(), format!("{}.Display", c.xsappname)],
         service_instance_id: Some(instance.to_owned()),
         grant_types: vec![],
+        ..Default::default()
     };
     let mut users: Vec<User> = cfg
         .users
@@ -202,6 +203,7 @@ pub async fn up(args: UpArgs) -> anyhow::Result<()> {
             tenant_id: subaccount.clone(),
             given_name: u.given_name.clone(),
             family_name: u.family_name.clone(),
+            ..Default::default()
         })
         .collect();
     if users.is_empty() {
@@ -213,6 +215,7 @@ pub async fn up(args: UpArgs) -> anyhow::Result<()> {
             tenant_id: subaccount.clone(),
             given_name: Some("Dev".into()),
             family_name: Some("Eloper".into()),
+            ..Default::default()
         });
     }
     let token_service = TokenService::new(TokenServiceConfig {
