@@ -28,6 +28,9 @@ struct Args {
     /// Repetitions; the median is reported.
     #[arg(long, default_value_t = 3)]
     reps: usize,
+    /// Tunnel connections between connector and proxy.
+    #[arg(long, default_value_t = 1)]
+    tunnels: usize,
 }
 
 /// A TCP sink that discards everything.
@@ -184,7 +187,7 @@ async fn main() -> anyhow::Result<()> {
         mapping("sink.virtual", 9, sink, Protocol::Tcp),
         mapping("origin.virtual", 80, origin, Protocol::Http),
     ]);
-    pair.connector("", rules, pair.tunnel_addr);
+    pair.connector_with("", rules, pair.tunnel_addr, args.tunnels);
     pair.wait_connected("").await;
     let token = pair.token();
 

@@ -145,7 +145,13 @@ async fn denied_path_is_403_and_nothing_reaches_the_backend() {
     let echo = EchoBackend::start().await;
     let pair = TunnelPair::start().await;
     let rules = AccessRules::new(vec![http_mapping("erp.virtual", 80, echo.addr, &[("/public", true)])]);
-    pair.connector("", rules, pair.tunnel_addr);
+    let audit_dir = tempfile::tempdir().unwrap();
+    let mut cfg = pair.connector_config("", rules, pair.tunnel_addr);
+    cfg.audit = ferry_connector::audit::AuditConfig {
+        level: ferry_connector::audit::AuditLevel::Security,
+        dir: Some(audit_dir.path().to_owned()),
+    };
+    pair.spawn_connector(cfg);
     pair.wait_connected("").await;
     let token = pair.token();
     for uri in [
