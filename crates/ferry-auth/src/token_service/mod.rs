@@ -230,7 +230,8 @@ impl TokenService {
             .into_iter()
             .map(|tenant| {
                 let (issuer, jwks_uri) = endpoints(&tenant, &public_url, &uaadomain);
-                let verifier = Verifier::new(vec![TrustedIssuer::Local(tenant.keys.clone())], http.clone());
+                let verifier =
+                    Verifier::new(vec![TrustedIssuer::tenant(tenant.id.clone(), tenant.keys.clone())], http.clone());
                 let history = KeyHistory::default();
                 // Keys older than the signing one (loaded from disk) are dated now.
                 history.retire(&tenant.keys, now, key_lifetime_secs);
@@ -262,7 +263,8 @@ impl TokenService {
     /// A verifier that trusts every tenant's keys, for services that accept this service's
     /// tokens in-process (`ferry up`) instead of fetching `/token_keys`.
     pub fn verifier(&self) -> Verifier {
-        let issuers = self.tenants.iter().map(|t| TrustedIssuer::Local(t.tenant.keys.clone())).collect();
+        let issuers =
+            self.tenants.iter().map(|t| TrustedIssuer::tenant(t.tenant.id.clone(), t.tenant.keys.clone())).collect();
         Verifier::new(issuers, self.http.clone())
     }
 
