@@ -17,8 +17,13 @@ use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
+mod tokens;
+
 #[derive(Parser)]
 struct Args {
+    /// What to measure: `data-path` (proxy, tunnel, connector) or `tokens` (issue, verify).
+    #[arg(default_value = "data-path")]
+    what: String,
     /// Seconds per measurement.
     #[arg(long, default_value_t = 5)]
     secs: u64,
@@ -164,6 +169,10 @@ fn median(mut v: Vec<f64>) -> f64 {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
+    if args.what == "tokens" {
+        return tokens::run(args.secs).await;
+    }
+    anyhow::ensure!(args.what == "data-path", "unknown benchmark {:?}: use data-path or tokens", args.what);
     let sink = sink().await;
     let origin = origin().await;
     let pair = TunnelPair::start().await;
