@@ -15,9 +15,12 @@ use ferry_auth::{Claims, Verifier, VerifyError};
 const TTL: Duration = Duration::from_secs(60);
 const MAX_ENTRIES: usize = 4096;
 
+/// Verified claims and when they were verified, by token.
+type Entries = HashMap<Box<str>, (Arc<Claims>, Instant)>;
+
 pub(crate) struct TokenCache {
     verifier: Arc<Verifier>,
-    entries: Mutex<HashMap<Box<str>, (Arc<Claims>, Instant)>>,
+    entries: Mutex<Entries>,
 }
 
 fn now_secs() -> u64 {
