@@ -12,14 +12,19 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 use tokio::net::TcpStream;
 
-use crate::access::{AccessRequest, AccessRules, Decision, DenyReason, HostInHeader, SystemMapping};
+use std::sync::Arc;
+
+use crate::access::{AccessRequest, AccessRules, Decision, DenyReason, HostInHeader, Protocol, SystemMapping};
 use crate::audit::{AuditEvent, AuditLog, Outcome};
 
 pub(crate) struct Backend {
     rules: AccessRules,
     audit: AuditLog,
     connect_timeout: Duration,
-    http: Client<HttpConnector, BoxBody>,
+    /// Pooled HTTP/1.1 client for `HTTP` and `HTTPS` mappings.
+    http: Client<hyper_rustls::HttpsConnector<HttpConnector>, BoxBody>,
+    /// TLS for `TCPS`/`LDAPS` mappings.
+    tls: tokio_rustls::TlsConnector,
 }
 
 fn error_response(status: StatusCode, kind: &'static str, message: String) -> Response<BoxBody> {
@@ -44,13 +49,23 @@ fn deny_message(reason: DenyReason, target: &str, path: Option<&str>) -> String 
 }
 
 impl Backend {
-    pub(crate) fn new(rules: AccessRules, audit: AuditLog, connect_timeout: Duration) -> Self {
+    pub(crate) fn new(
+        rules: AccessRules,
+        audit: AuditLog,
+        tls: Arc<rustls::ClientConfig>,
+        connect_timeout: Duration,
+    ) -> Self {
         let mut connector = HttpConnector::new();
         connector.set_nodelay(true);
         connector.set_connect_timeout(Some(connect_timeout));
-        connector.enforce_http(true);
-        let http = Client::builder(TokioExecutor::new()).pool_idle_timeout(Duration::from_secs(30)).build(connector);
-        Self { rules, audit, connect_timeout, http }
+        connector.enforce_http(false);
+        let https = hyper_rustls::HttpsConnectorBuilder::new()
+            .with_tls_config((*tls).clone())
+            .https_or_http()
+            .enable_http1()
+            .wrap_connector(connector);
+        let http = Client::builder(TokioExecutor::new()).pool_idle_timeout(Duration::from_secs(30)).build(https);
+        Self { rules, audit, connect_timeout, http, tls: tokio_rustls::TlsConnector::from(tls) }
     }
 
     pub(crate) async fn handle(&self, req: Request<Incoming>) -> Response<BoxBody> {
@@ -124,7 +139,8 @@ impl Backend {
     async fn forward_http(&self, req: Request<Incoming>, m: &SystemMapping, target: &str) -> Response<BoxBody> {
         let (mut parts, incoming) = req.into_parts();
         let pq = parts.uri.path_and_query().map(|p| p.as_str()).unwrap_or("/");
-        let uri: Uri = match format!("http://{}:{}{}", m.local_host, m.local_port, pq).parse() {
+        let scheme = if m.protocol == Protocol::Https { "https" } else { "http" };
+        let uri: Uri = match format!("{scheme}://{}:{}{}", m.local_host, m.local_port, pq).parse() {
             Ok(u) => u,
             Err(_) => {
                 return error_response(
@@ -192,15 +208,55 @@ impl Backend {
             }
         };
         let _ = stream.set_nodelay(true);
-        let (read, write) = stream.into_split();
-        let upstream = req.into_body();
-        tokio::spawn(async move {
-            if let Err(e) = body::copy_to_writer(upstream, write).await {
-                tracing::debug!(error = %e, "tunnel→backend copy ended");
+        let downstream = if matches!(m.protocol, Protocol::Tcps | Protocol::Ldaps) {
+            let name = match rustls::pki_types::ServerName::try_from(m.local_host.clone()) {
+                Ok(n) => n,
+                Err(_) => {
+                    return error_response(
+                        StatusCode::BAD_GATEWAY,
+                        tunnel::ERROR_UNREACHABLE,
+                        format!("The backend of system {target} has no valid TLS server name"),
+                    );
+                }
+            };
+            match tokio::time::timeout(self.connect_timeout, self.tls.connect(name, stream)).await {
+                Ok(Ok(tls)) => {
+                    let (read, write) = tokio::io::split(tls);
+                    relay_up(req.into_body(), write);
+                    body::from_reader(read)
+                }
+                Ok(Err(e)) => {
+                    tracing::warn!(system = %target, error = %e, "backend TLS handshake failed");
+                    return error_response(
+                        StatusCode::BAD_GATEWAY,
+                        tunnel::ERROR_UNREACHABLE,
+                        format!("The TLS handshake with the backend of system {target} failed"),
+                    );
+                }
+                Err(_) => {
+                    return error_response(
+                        StatusCode::GATEWAY_TIMEOUT,
+                        tunnel::ERROR_TIMEOUT,
+                        format!("The TLS handshake with the backend of system {target} timed out"),
+                    );
+                }
             }
-        });
-        let mut resp = Response::new(body::from_reader(read));
+        } else {
+            let (read, write) = stream.into_split();
+            relay_up(req.into_body(), write);
+            body::from_reader(read)
+        };
+        let mut resp = Response::new(downstream);
         resp.headers_mut().insert(http::header::CONTENT_TYPE, HeaderValue::from_static("application/octet-stream"));
         resp
     }
+}
+
+/// Copies the app's bytes (the tunnel request body) to the backend, half-closing at the end.
+fn relay_up<W: tokio::io::AsyncWrite + Unpin + Send + 'static>(upstream: Incoming, write: W) {
+    tokio::spawn(async move {
+        if let Err(e) = body::copy_to_writer(upstream, write).await {
+            tracing::debug!(error = %e, "tunnel→backend copy ended");
+        }
+    });
 }

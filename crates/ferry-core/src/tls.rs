@@ -202,13 +202,12 @@ pub fn client_config(
     Ok(Arc::new(cfg))
 }
 
-/// An HTTP client for outbound calls (token endpoints, JWKS): the system roots plus
-/// `extra_ca_pem` (the local CA under `ferry up`), TLS 1.2+ through rustls, `TCP_NODELAY`.
-pub fn http_client(extra_ca_pem: Option<&str>) -> Result<reqwest::Client, TlsError> {
+/// A client config trusting the system roots plus `extra_ca_pem`, TLS 1.2+, no client
+/// certificate: for outbound TLS to servers outside Ferry (backends, token endpoints).
+pub fn outbound_client_config(extra_ca_pem: Option<&str>) -> Result<ClientConfig, TlsError> {
     crate::init_crypto();
     let mut roots = RootCertStore::empty();
-    let native = rustls_native_certs::load_native_certs();
-    for c in native.certs {
+    for c in rustls_native_certs::load_native_certs().certs {
         let _ = roots.add(c);
     }
     if let Some(pem) = extra_ca_pem {
@@ -216,7 +215,13 @@ pub fn http_client(extra_ca_pem: Option<&str>) -> Result<reqwest::Client, TlsErr
             roots.add(c)?;
         }
     }
-    let cfg = ClientConfig::builder().with_root_certificates(roots).with_no_client_auth();
+    Ok(ClientConfig::builder().with_root_certificates(roots).with_no_client_auth())
+}
+
+/// An HTTP client for outbound calls (token endpoints, JWKS): the system roots plus
+/// `extra_ca_pem` (the local CA under `ferry up`), TLS 1.2+ through rustls, `TCP_NODELAY`.
+pub fn http_client(extra_ca_pem: Option<&str>) -> Result<reqwest::Client, TlsError> {
+    let cfg = outbound_client_config(extra_ca_pem)?;
     reqwest::Client::builder()
         .use_preconfigured_tls(cfg)
         .tcp_nodelay(true)

@@ -466,3 +466,47 @@ async fn socks5_carries_server_first_protocols() {
     tokio::time::timeout(Duration::from_secs(5), s.read_exact(&mut echo)).await.expect("echo in time").unwrap();
     assert_eq!(&echo, b"EHLO x\r\n");
 }
+
+/// `HTTPS` and `TCPS` mappings: the connector does TLS to the backend and checks its certificate.
+#[tokio::test]
+async fn connector_speaks_tls_to_backends_and_checks_their_certificates() {
+    let pair = TunnelPair::start().await;
+    let backend_cert = pair.ca.issue_server_cert(&["127.0.0.1"]).unwrap();
+    let echo = EchoBackend::start_tls(&backend_cert).await;
+    let https =
+        SystemMapping { protocol: Protocol::Https, ..http_mapping("secure.virtual", 80, echo.addr, &[("/", false)]) };
+    let tcps = SystemMapping { protocol: Protocol::Tcps, ..tcp_mapping("secure-tcp.virtual", 7000, echo.addr) };
+    let mut cfg = pair.connector_config("trusting", AccessRules::new(vec![https.clone(), tcps]), pair.tunnel_addr);
+    cfg.backend_ca_pem = Some(pair.ca.cert_pem().to_owned());
+    pair.spawn_connector(cfg);
+    // A second connector that does not trust the backend's CA.
+    pair.spawn_connector(pair.connector_config("distrusting", AccessRules::new(vec![https]), pair.tunnel_addr));
+    pair.wait_connected("trusting").await;
+    pair.wait_connected("distrusting").await;
+    let token = pair.token();
+
+    let r = one(
+        pair.http_addr,
+        get("http://secure.virtual/tls", Some(&token), Some("trusting")).body(Full::default()).unwrap(),
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.json()["url"], "/tls");
+    assert_eq!(r.json()["headers"]["host"], "secure.virtual:80");
+
+    let (mut s, rep) = socks_connect(pair.socks_addr, &token, "trusting", "secure-tcp.virtual", 7000).await;
+    assert_eq!(rep, 0);
+    s.write_all(b"GET /over-tcps HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n").await.unwrap();
+    let mut out = Vec::new();
+    s.read_to_end(&mut out).await.unwrap();
+    let text = String::from_utf8_lossy(&out);
+    assert!(text.starts_with("HTTP/1.1 200") && text.contains("/over-tcps"), "{text}");
+
+    let r = one(
+        pair.http_addr,
+        get("http://secure.virtual/tls", Some(&token), Some("distrusting")).body(Full::default()).unwrap(),
+    )
+    .await;
+    assert_eq!(r.status, 502, "an untrusted backend certificate is refused: {}", r.text());
+    assert_eq!(echo.hits(), 2);
+}

@@ -63,6 +63,16 @@ pub struct EchoBackend {
 
 impl EchoBackend {
     pub async fn start() -> Self {
+        Self::start_with(None).await
+    }
+
+    /// The same echo server behind TLS with `identity` as its certificate.
+    pub async fn start_tls(identity: &ferry_core::tls::CertifiedKey) -> Self {
+        let cfg = ferry_core::tls::server_config(identity, None, &[b"http/1.1"]).expect("tls config");
+        Self::start_with(Some(tokio_rustls::TlsAcceptor::from(cfg))).await
+    }
+
+    async fn start_with(tls: Option<tokio_rustls::TlsAcceptor>) -> Self {
         let l = listener().await;
         let addr = l.local_addr().expect("addr");
         let hits = Arc::new(AtomicUsize::new(0));
@@ -72,6 +82,7 @@ impl EchoBackend {
                 let Ok((s, _)) = l.accept().await else { return };
                 let _ = s.set_nodelay(true);
                 let h = h.clone();
+                let tls = tls.clone();
                 tokio::spawn(async move {
                     let svc = hyper::service::service_fn(move |req: http::Request<hyper::body::Incoming>| {
                         let h = h.clone();
@@ -94,7 +105,17 @@ impl EchoBackend {
                             Ok::<_, std::convert::Infallible>(resp)
                         }
                     });
-                    let _ = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(s), svc).await;
+                    let builder = hyper::server::conn::http1::Builder::new();
+                    match tls {
+                        Some(acceptor) => {
+                            if let Ok(t) = acceptor.accept(s).await {
+                                let _ = builder.serve_connection(TokioIo::new(t), svc).await;
+                            }
+                        }
+                        None => {
+                            let _ = builder.serve_connection(TokioIo::new(s), svc).await;
+                        }
+                    }
                 });
             }
         });
