@@ -174,6 +174,7 @@ impl Backend {
             Ok(resp) => {
                 let (mut parts, incoming) = resp.into_parts();
                 body::strip_hop_by_hop(&mut parts.headers);
+                self.rewrite_response_headers(&mut parts.headers);
                 Response::from_parts(parts, body::boxed(incoming))
             }
             Err(e) => {
@@ -183,6 +184,33 @@ impl Backend {
                     tunnel::ERROR_UNREACHABLE,
                     format!("The Cloud Connector could not reach the backend of system {target}"),
                 )
+            }
+        }
+    }
+
+    /// Maps internal names in `Location` and cookie domains back to virtual ones.
+    fn rewrite_response_headers(&self, headers: &mut http::HeaderMap) {
+        if let Some(v) = headers.get(http::header::LOCATION).and_then(|v| v.to_str().ok())
+            && let Some(new) = crate::rewrite::location(&self.rules, v)
+            && let Ok(v) = HeaderValue::from_str(&new)
+        {
+            headers.insert(http::header::LOCATION, v);
+        }
+        let cookies: Vec<HeaderValue> = headers
+            .get_all(http::header::SET_COOKIE)
+            .iter()
+            .map(|v| {
+                v.to_str()
+                    .ok()
+                    .and_then(|s| crate::rewrite::set_cookie(&self.rules, s))
+                    .and_then(|s| HeaderValue::from_str(&s).ok())
+                    .unwrap_or_else(|| v.clone())
+            })
+            .collect();
+        if !cookies.is_empty() {
+            headers.remove(http::header::SET_COOKIE);
+            for c in cookies {
+                headers.append(http::header::SET_COOKIE, c);
             }
         }
     }

@@ -8,6 +8,7 @@
 pub mod access;
 pub mod audit;
 mod backend;
+pub mod rewrite;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};

@@ -83,6 +83,7 @@ impl EchoBackend {
                 let _ = s.set_nodelay(true);
                 let h = h.clone();
                 let tls = tls.clone();
+                let tls_on = tls.is_some();
                 tokio::spawn(async move {
                     let svc = hyper::service::service_fn(move |req: http::Request<hyper::body::Incoming>| {
                         let h = h.clone();
@@ -97,11 +98,18 @@ impl EchoBackend {
                                 .collect();
                             let out = json!({"method": parts.method.as_str(), "url": parts.uri.to_string(),
                                              "headers": headers, "body": String::from_utf8_lossy(&body)});
-                            let resp = http::Response::builder()
+                            let mut resp = http::Response::builder()
                                 .header("content-type", "application/json")
-                                .header("x-echo", "1")
-                                .body(Full::new(Bytes::from(out.to_string())))
-                                .expect("response");
+                                .header("x-echo", "1");
+                            // `/redirect`: a backend that names itself, as SAP systems do.
+                            if parts.uri.path() == "/redirect" {
+                                let scheme = if tls_on { "https" } else { "http" };
+                                resp = resp
+                                    .status(302)
+                                    .header("location", format!("{scheme}://{addr}/landing?x=1"))
+                                    .header("set-cookie", format!("sid=1; Domain={}; Path=/", addr.ip()));
+                            }
+                            let resp = resp.body(Full::new(Bytes::from(out.to_string()))).expect("response");
                             Ok::<_, std::convert::Infallible>(resp)
                         }
                     });
