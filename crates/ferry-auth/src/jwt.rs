@@ -544,9 +544,9 @@ fn numeric_date(v: &Value) -> Option<u64> {
 }
 
 /// `exp` (required) and `nbf` (if present), with [`LEEWAY_SECS`] each way; returns `exp`.
-fn check_times(payload: &Map<String, Value>, now: u64) -> Result<u64, VerifyError> {
+fn check_times(payload: &Map<String, Value>, now: u64, exp_tolerance: u64) -> Result<u64, VerifyError> {
     let exp = payload.get("exp").and_then(numeric_date).ok_or(VerifyError::MissingClaim("exp"))?;
-    if now >= exp.saturating_add(LEEWAY_SECS) {
+    if now >= exp.saturating_add(LEEWAY_SECS).saturating_add(exp_tolerance) {
         return Err(VerifyError::Expired);
     }
     if let Some(nbf) = payload.get("nbf") {
@@ -624,6 +624,21 @@ impl Verifier {
 
     /// Verifies a compact JWT and returns its claims.
     pub async fn verify(&self, token: &str) -> Result<Claims, VerifyError> {
+        self.verify_inner(token, 0).await
+    }
+
+    /// Like [`Verifier::verify`], but accepts a token up to `tolerance` after its `exp`: SAP's
+    /// Cloud Connector accepts a propagated principal for a configurable time after its token
+    /// expired (`expirationToleranceInHr`). Everything else is checked as usual.
+    pub async fn verify_with_expiry_tolerance(
+        &self,
+        token: &str,
+        tolerance: std::time::Duration,
+    ) -> Result<Claims, VerifyError> {
+        self.verify_inner(token, tolerance.as_secs()).await
+    }
+
+    async fn verify_inner(&self, token: &str, exp_tolerance: u64) -> Result<Claims, VerifyError> {
         let jws = Jws::parse(token.trim())?;
         if jws.header.contains_key("crit") {
             return Err(VerifyError::CriticalHeader);
@@ -638,7 +653,7 @@ impl Verifier {
         if let Some(oidc) = iss.and_then(|iss| self.oidc().find(|o| o.issuer() == iss)) {
             let key = oidc.keys().key(kid, &self.http).await?.ok_or(VerifyError::UnknownKey)?;
             jws.verify_with(&key, alg)?;
-            let exp = check_times(&jws.payload, now)?;
+            let exp = check_times(&jws.payload, now, exp_tolerance)?;
             if claimed_zid(&jws.payload)?.is_some_and(|z| z != oidc.subaccount()) {
                 return Err(VerifyError::TenantMismatch);
             }
@@ -661,7 +676,7 @@ impl Verifier {
                 return Err(VerifyError::Algorithm);
             }
             jws.verify_with(&key, alg)?;
-            let exp = check_times(&jws.payload, now)?;
+            let exp = check_times(&jws.payload, now, exp_tolerance)?;
             let zid = claimed_zid(&jws.payload)?.ok_or(VerifyError::MissingClaim("zid"))?.to_owned();
             if let TrustedIssuer::Tenant { zid: own, .. } = issuer
                 && *own != zid

@@ -183,6 +183,7 @@ async fn main() -> anyhow::Result<()> {
         local_port: to.port(),
         protocol,
         host_in_header: HostInHeader::Virtual,
+        authentication_mode: Default::default(),
         resources: vec![Resource {
             path: "/".into(),
             exact_match_only: false,

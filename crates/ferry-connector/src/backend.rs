@@ -16,6 +16,7 @@ use std::sync::Arc;
 
 use crate::access::{AccessRequest, AccessRules, Decision, DenyReason, HostInHeader, Protocol, SystemMapping};
 use crate::audit::{AuditEvent, AuditLog, Outcome};
+use crate::principal::PrincipalPropagation;
 
 pub(crate) struct Backend {
     rules: AccessRules,
@@ -25,7 +26,11 @@ pub(crate) struct Backend {
     http: Client<hyper_rustls::HttpsConnector<HttpConnector>, BoxBody>,
     /// TLS for `TCPS`/`LDAPS` mappings.
     tls: tokio_rustls::TlsConnector,
+    principal: Option<Arc<PrincipalPropagation>>,
 }
+
+/// SAP's header for the propagated user's certificate.
+const SSL_CLIENT_CERT: &str = "ssl_client_cert";
 
 fn error_response(status: StatusCode, kind: &'static str, message: String) -> Response<BoxBody> {
     let mut r = Response::new(body::full(message));
@@ -53,6 +58,7 @@ impl Backend {
         rules: AccessRules,
         audit: AuditLog,
         tls: Arc<rustls::ClientConfig>,
+        principal: Option<Arc<PrincipalPropagation>>,
         connect_timeout: Duration,
     ) -> Self {
         let mut connector = HttpConnector::new();
@@ -65,7 +71,7 @@ impl Backend {
             .enable_http1()
             .wrap_connector(connector);
         let http = Client::builder(TokioExecutor::new()).pool_idle_timeout(Duration::from_secs(30)).build(https);
-        Self { rules, audit, connect_timeout, http, tls: tokio_rustls::TlsConnector::from(tls) }
+        Self { rules, audit, connect_timeout, http, tls: tokio_rustls::TlsConnector::from(tls), principal }
     }
 
     pub(crate) async fn handle(&self, req: Request<Incoming>) -> Response<BoxBody> {
@@ -152,6 +158,39 @@ impl Backend {
         };
         parts.uri = uri;
         parts.version = http::Version::HTTP_11;
+        let principal = parts.headers.get(tunnel::PRINCIPAL).and_then(|v| v.to_str().ok()).map(str::to_owned);
+        // The app must never choose the identity the backend logs on with.
+        parts.headers.remove(SSL_CLIENT_CERT);
+        if m.authentication_mode.propagates() {
+            let value = match (principal, &self.principal) {
+                (Some(token), Some(pp)) => match pp.certificate_for(&token).await {
+                    Ok(cert) => cert,
+                    Err(e) => {
+                        tracing::warn!(target: "ferry::audit", system = %target, error = %e, "principal propagation refused");
+                        return error_response(
+                            StatusCode::FORBIDDEN,
+                            tunnel::ERROR_DENIED,
+                            format!("Principal propagation to system {target} failed: {e}"),
+                        );
+                    }
+                },
+                (Some(_), None) => {
+                    return error_response(
+                        StatusCode::FORBIDDEN,
+                        tunnel::ERROR_DENIED,
+                        format!(
+                            "System {target} expects principal propagation, which is not configured on this Cloud Connector"
+                        ),
+                    );
+                }
+                // No user: an empty header tells the backend not to log on with the system
+                // certificate (SAP's behaviour).
+                (None, _) => String::new(),
+            };
+            if let Ok(v) = HeaderValue::from_str(&value) {
+                parts.headers.insert(SSL_CLIENT_CERT, v);
+            }
+        }
         let h = &mut parts.headers;
         for name in [tunnel::KIND, tunnel::TARGET, tunnel::REQUEST_ID, tunnel::PRINCIPAL, tunnel::CLIENT] {
             h.remove(name);

@@ -8,6 +8,7 @@
 pub mod access;
 pub mod audit;
 mod backend;
+pub mod principal;
 pub mod rewrite;
 
 use std::sync::Arc;
@@ -20,6 +21,7 @@ use tokio::net::TcpStream;
 use tokio::sync::watch;
 
 pub use access::{AccessRules, HostInHeader, Protocol, Resource, SystemMapping};
+pub use principal::{AuthenticationMode, PrincipalPropagation};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConnectorError {
@@ -55,6 +57,9 @@ pub struct ConnectorConfig {
     /// Extra trust anchor (PEM) for TLS to backends (`HTTPS`, `TCPS`, `LDAPS` mappings), in
     /// addition to the system's roots.
     pub backend_ca_pem: Option<String>,
+    /// Verifies propagated users and issues their certificates; without it, requests carrying
+    /// a principal to an `X509_*` mapping are refused.
+    pub principal_propagation: Option<Arc<principal::PrincipalPropagation>>,
 }
 
 impl ConnectorConfig {
@@ -78,6 +83,7 @@ impl ConnectorConfig {
             heartbeat: Duration::from_secs(20),
             audit: audit::AuditConfig::default(),
             backend_ca_pem: None,
+            principal_propagation: None,
         }
     }
 }
@@ -110,8 +116,13 @@ impl Connector {
             der.first().and_then(|c| ferry_core::tls::connector_identity(c)).ok_or(ConnectorError::Identity)?;
         let audit = audit::AuditLog::start(&config.audit, &subaccount, &location)?;
         let backend_tls = Arc::new(ferry_core::tls::outbound_client_config(config.backend_ca_pem.as_deref())?);
-        let backend =
-            Arc::new(backend::Backend::new(config.rules.clone(), audit, backend_tls, config.backend_connect_timeout));
+        let backend = Arc::new(backend::Backend::new(
+            config.rules.clone(),
+            audit,
+            backend_tls,
+            config.principal_propagation.clone(),
+            config.backend_connect_timeout,
+        ));
         Ok(Self {
             config: Arc::new(config),
             tls: tokio_rustls::TlsConnector::from(tls),

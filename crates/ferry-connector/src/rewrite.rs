@@ -81,6 +81,7 @@ mod tests {
             local_port: lp,
             protocol,
             host_in_header: HostInHeader::Virtual,
+            authentication_mode: Default::default(),
             resources: vec![],
             description: None,
         };

@@ -101,6 +101,31 @@ impl LocalCa {
         self.issue(params, Duration::days(825))
     }
 
+    /// A short-lived client certificate for a user (principal propagation): the subject is
+    /// given as `(attribute, value)` pairs with attributes `CN`, `EMAIL`/`E`, `OU`, `O`, `L`,
+    /// `ST`, `C`.
+    pub fn issue_user_cert(&self, subject: &[(String, String)], validity: Duration) -> Result<CertifiedKey, TlsError> {
+        let mut params = CertificateParams::default();
+        for (attr, value) in subject {
+            let ty = match attr.to_ascii_uppercase().as_str() {
+                "CN" => DnType::CommonName,
+                "OU" => DnType::OrganizationalUnitName,
+                "O" => DnType::OrganizationName,
+                "L" => DnType::LocalityName,
+                "ST" => DnType::StateOrProvinceName,
+                "C" => DnType::CountryName,
+                "EMAIL" | "E" => DnType::CustomDnType(vec![1, 2, 840, 113549, 1, 9, 1]),
+                other => return Err(TlsError::Pem(format!("unsupported subject attribute {other}"))),
+            };
+            params.distinguished_name.push(ty, value.as_str());
+        }
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        // Issued slightly in the past so clock skew between connector and backend does not
+        // make a fresh certificate "not yet valid".
+        self.issue(params, validity)
+    }
+
     /// A client certificate that identifies a Cloud Connector for `(subaccount, location_id)`.
     pub fn issue_connector_cert(
         &self,
