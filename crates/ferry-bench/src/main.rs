@@ -33,6 +33,9 @@ struct Args {
     /// Repetitions; the median is reported.
     #[arg(long, default_value_t = 3)]
     reps: usize,
+    /// Skip the bulk measurements (e.g. to profile the HTTP path alone).
+    #[arg(long)]
+    http_only: bool,
     /// Tunnel connections between connector and proxy.
     #[arg(long, default_value_t = 1)]
     tunnels: usize,
@@ -205,11 +208,16 @@ async fn main() -> anyhow::Result<()> {
     let (mut http_direct, mut http_ferry) = (Vec::new(), Vec::new());
     for rep in 0..args.reps {
         eprintln!("rep {}/{}", rep + 1, args.reps);
-        let s = TcpStream::connect(sink).await?;
-        s.set_nodelay(true)?;
-        bulk_direct.push(blast(s, args.secs).await);
-        let s = socks_connect(pair.socks_addr, &token, "sink.virtual", 9).await;
-        bulk_ferry.push(blast(s, args.secs).await);
+        if args.http_only {
+            bulk_direct.push(f64::NAN);
+            bulk_ferry.push(f64::NAN);
+        } else {
+            let s = TcpStream::connect(sink).await?;
+            s.set_nodelay(true)?;
+            bulk_direct.push(blast(s, args.secs).await);
+            let s = socks_connect(pair.socks_addr, &token, "sink.virtual", 9).await;
+            bulk_ferry.push(blast(s, args.secs).await);
+        }
         http_direct.push(http_load(origin, "/1k".into(), None, args.conns, args.secs).await);
         http_ferry.push(
             http_load(
