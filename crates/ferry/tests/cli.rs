@@ -1,0 +1,146 @@
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+//! The admin CLI against a real `ferry up` (port 0, temp data folder): create a subaccount, a
+//! destination instance and a key, get a token with the printed credentials, and call the
+//! Destination Service with it.
+
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use serde_json::Value;
+
+struct KillOnDrop(std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn cli(data: &Path, url: &str, args: &[&str]) -> (bool, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_ferry"))
+        .args(args)
+        .arg("--url")
+        .arg(url)
+        .arg("--data-dir")
+        .arg(data)
+        .env("FERRY_LOG", "warn")
+        .env_remove("FERRY_ADMIN_CLIENT_ID")
+        .env_remove("FERRY_ADMIN_CLIENT_SECRET")
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+fn cli_json(data: &Path, url: &str, args: &[&str]) -> Value {
+    let mut all = args.to_vec();
+    all.push("--json");
+    let (ok, out, err) = cli(data, url, &all);
+    assert!(ok, "ferry {args:?} failed: {err}");
+    serde_json::from_str(&out).unwrap_or_else(|e| panic!("ferry {args:?} printed no JSON ({e}): {out}"))
+}
+
+#[tokio::test]
+async fn cli_provisions_a_tenant_that_can_use_the_destination_service() {
+    ferry_core::init_crypto();
+    let dir = std::env::temp_dir().join(format!("ferry-cli-test-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let config = "[listen]\ntoken_port = 0\ntoken_https_port = 0\ndestination_port = 0\nhttp_proxy_port = 0\nsocks5_port = 0\ntunnel_port = 0\n";
+    std::fs::write(dir.join("ferry.toml"), config).unwrap();
+    let data = dir.join("data");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_ferry"))
+        .args(["up", "--no-env-file", "--config"])
+        .arg(dir.join("ferry.toml"))
+        .arg("--data-dir")
+        .arg(&data)
+        .env("FERRY_LOG", "warn")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let _child = KillOnDrop(child);
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut vcap = None;
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            if let Some(v) = line.strip_prefix("VCAP_SERVICES=") {
+                vcap = Some(v.to_owned());
+            }
+            if line == "ready" {
+                let _ = tx.send(vcap.take());
+            }
+        }
+    });
+    let vcap = rx.recv_timeout(Duration::from_secs(30)).expect("ferry up printed ready").expect("VCAP_SERVICES");
+    let vcap: Value = serde_json::from_str(&vcap).unwrap();
+    let url = vcap["xsuaa"][0]["credentials"]["url"].as_str().unwrap().to_owned();
+
+    // Without credentials: a clear error, not a crash.
+    let (ok, _, err) = cli(&dir.join("nowhere"), &url, &["subaccount", "list"]);
+    assert!(!ok);
+    assert!(err.contains("admin credentials"), "{err}");
+
+    let sub = cli_json(&data, &url, &["subaccount", "create", "--subdomain", "cli-tenant"]);
+    let sid = sub["id"].as_str().unwrap().to_owned();
+    let (ok, table, _) = cli(&data, &url, &["subaccount", "list"]);
+    assert!(ok && table.contains("cli-tenant") && table.contains("SUBDOMAIN"), "{table}");
+    let inst = cli_json(
+        &data,
+        &url,
+        &["service-instance", "create", "--subaccount", &sid, "--service", "destination", "--name", "dest"],
+    );
+    let iid = inst["id"].as_str().unwrap().to_owned();
+    let (ok, out, err) =
+        cli(&data, &url, &["service-key", "create", "--subaccount", &sid, "--instance", &iid, "--name", "k1"]);
+    assert!(ok, "{err}");
+    let creds: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(creds["tenantid"], sid.as_str());
+    let keys = cli_json(&data, &url, &["service-key", "list", "--subaccount", &sid, "--instance", &iid]);
+    assert!(!keys.to_string().contains(creds["clientsecret"].as_str().unwrap()));
+
+    // The printed credentials work as an app would use them.
+    let http = ferry_core::tls::http_client(None).unwrap();
+    let form = [
+        ("grant_type", "client_credentials"),
+        ("client_id", creds["clientid"].as_str().unwrap()),
+        ("client_secret", creds["clientsecret"].as_str().unwrap()),
+    ];
+    let r: Value = http
+        .post(format!("{}/oauth/token", creds["url"].as_str().unwrap()))
+        .form(&form)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let token = r["access_token"].as_str().expect("a token").to_owned();
+    let resp = http
+        .get(format!("{}/destination-configuration/v1/subaccountDestinations", creds["uri"].as_str().unwrap()))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+
+    // Deleting the subaccount locks its key out.
+    let (ok, out, err) = cli(&data, &url, &["subaccount", "delete", &sid]);
+    assert!(ok, "{err}");
+    assert!(out.contains("deleted"));
+    let resp = http
+        .get(format!("{}/destination-configuration/v1/subaccountDestinations", creds["uri"].as_str().unwrap()))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 401);
+    let _ = std::fs::remove_dir_all(&dir);
+}
