@@ -559,8 +559,9 @@ impl Directory {
         ))
     }
 
-    /// The key with `client_id`, made to accept `secret` (creating it if needed), and its
-    /// credentials: how `ferry up` keeps the bindings of its configuration file.
+    /// The key with `client_id`, made to accept `secret` (creating it if needed, and replacing
+    /// a key of the same name with another client id), and its credentials: how `ferry up`
+    /// keeps the bindings of its configuration file. Call it before [`Directory::attach`].
     pub fn ensure_key(
         &self,
         subaccount_id: &str,
@@ -571,6 +572,11 @@ impl Directory {
         let secret = new.secret.clone().ok_or_else(|| bad("secret", "required"))?;
         let existing = self.key_rows("k.client_id = ?1", &[&client_id])?.into_iter().next();
         let Some(row) = existing else {
+            // The configuration names another client for this key now: replace the old one.
+            if let Some(old) = self.key_rows("k.instance_id = ?1 AND k.name = ?2", &[instance_id, &new.name])?.pop() {
+                self.remove_client(&old.key.client_id)?;
+                self.db().execute("DELETE FROM service_keys WHERE id = ?1", [&old.key.id])?;
+            }
             let creds = self.create_key(subaccount_id, instance_id, new)?;
             let key = self
                 .key_rows("k.client_id = ?1", &[&client_id])?

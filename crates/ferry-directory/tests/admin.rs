@@ -41,7 +41,11 @@ struct Stack {
 /// A token service with a static system tenant holding the admin client and a client without
 /// the admin authority, plus everything in the directory at `path`.
 fn stack(path: &Path) -> Stack {
-    let dir = Directory::open(path, &Secret::new([9u8; 32]), endpoints(), None).unwrap();
+    stack_with_ca(path, None)
+}
+
+fn stack_with_ca(path: &Path, ca: Option<Arc<ferry_core::tls::LocalCa>>) -> Stack {
+    let dir = Directory::open(path, &Secret::new([9u8; 32]), endpoints(), ca).unwrap();
     let (tenants, clients) = dir.token_entries().unwrap();
     let client = |id: &str, secret: &str, authorities: &[&str]| OAuthClient {
         client_id: id.into(),
@@ -288,4 +292,59 @@ async fn survives_a_restart_and_keeps_secrets_hashed() {
     // A wrong master key cannot open the signing keys.
     let wrong = Directory::open(&path, &Secret::new([1u8; 32]), endpoints(), None).unwrap();
     assert!(wrong.token_entries().is_err());
+}
+
+#[tokio::test]
+async fn x509_keys_carry_a_certificate_and_no_secret() {
+    ferry_core::init_crypto();
+    let tmp = tempfile::tempdir().unwrap();
+    let ca = Arc::new(ferry_core::tls::LocalCa::generate("test CA").unwrap());
+    let s = stack_with_ca(&tmp.path().join("directory.db"), Some(ca));
+    let r = &s.router;
+    let admin = token(r, ADMIN_ID, ADMIN_SECRET).await.unwrap();
+    let admin = Some(admin.as_str());
+    let (_, sub) = api(r, admin, "POST", "/subaccounts", Some(json!({"subdomain": "certs"}))).await;
+    let ipath = format!("/subaccounts/{}/service-instances", sub["id"].as_str().unwrap());
+    let (_, inst) =
+        api(r, admin, "POST", &ipath, Some(json!({"service": "xsuaa", "name": "app", "plan": "broker"}))).await;
+    assert_eq!(inst["plan"], "broker");
+    let kpath = format!("{ipath}/{}/service-keys", inst["id"].as_str().unwrap());
+    let (st, c) = api(r, admin, "POST", &kpath, Some(json!({"name": "cert", "credential_type": "x509"}))).await;
+    assert_eq!(st, StatusCode::CREATED, "{c}");
+    assert_eq!(c["credential-type"], "x509");
+    assert!(c["certificate"].as_str().unwrap().contains("BEGIN CERTIFICATE"));
+    assert!(c["key"].as_str().unwrap().contains("PRIVATE KEY"));
+    assert_eq!(c["certurl"], "https://127.0.0.1:18443");
+    assert!(c.get("clientsecret").is_none());
+    let (_, list) = api(r, admin, "GET", &kpath, None).await;
+    assert_eq!(list["items"][0]["credential_type"], "x509");
+    assert!(!list.to_string().contains("PRIVATE KEY"));
+}
+
+#[tokio::test]
+async fn ensure_key_keeps_configured_bindings() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = Directory::open(&tmp.path().join("d.db"), &Secret::new([3u8; 32]), endpoints(), None).unwrap();
+    let sub = dir.create_subaccount("cfg", Some("conf-zone"), None).unwrap();
+    let inst = dir.create_instance(&sub.id, "destination", "ferry-destination", None, None).unwrap();
+    let key = |id: &str, secret: &str| ferry_directory::NewKey {
+        name: "default".into(),
+        client_id: Some(id.into()),
+        secret: Some(secret.into()),
+        ..Default::default()
+    };
+    let (k1, c1) = dir.ensure_key(&sub.id, &inst.id, key("sb-a!b1", "one")).unwrap();
+    assert_eq!(c1["clientsecret"], "one");
+    assert_eq!(c1["xsappname"], "a!b1");
+    // Same client, new secret: the same key, the new secret.
+    let (k2, c2) = dir.ensure_key(&sub.id, &inst.id, key("sb-a!b1", "two")).unwrap();
+    assert_eq!((k1.id.as_str(), c2["clientsecret"].as_str()), (k2.id.as_str(), Some("two")));
+    // Another client id for the same binding: the key is replaced.
+    let (k3, _) = dir.ensure_key(&sub.id, &inst.id, key("sb-b!b1", "three")).unwrap();
+    assert_ne!(k3.id, k1.id);
+    assert_eq!(dir.list_keys(&sub.id, &inst.id).unwrap().len(), 1);
+    let (_, clients) = dir.token_entries().unwrap();
+    assert_eq!(clients.len(), 1);
+    assert_eq!(clients[0].client_id, "sb-b!b1");
+    assert!(clients[0].client_secret.expose().starts_with("$argon2id$"));
 }

@@ -46,27 +46,20 @@ fn cli_json(data: &Path, url: &str, args: &[&str]) -> Value {
     serde_json::from_str(&out).unwrap_or_else(|e| panic!("ferry {args:?} printed no JSON ({e}): {out}"))
 }
 
-#[tokio::test]
-async fn cli_provisions_a_tenant_that_can_use_the_destination_service() {
-    ferry_core::init_crypto();
-    let dir = std::env::temp_dir().join(format!("ferry-cli-test-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    let config = "[listen]\ntoken_port = 0\ntoken_https_port = 0\ndestination_port = 0\nhttp_proxy_port = 0\nsocks5_port = 0\ntunnel_port = 0\n";
-    std::fs::write(dir.join("ferry.toml"), config).unwrap();
-    let data = dir.join("data");
+/// Starts `ferry up` on port 0; returns it and its VCAP_SERVICES once it is ready.
+fn start(dir: &Path, data: &Path) -> (KillOnDrop, Value) {
     let mut child = Command::new(env!("CARGO_BIN_EXE_ferry"))
         .args(["up", "--no-env-file", "--config"])
         .arg(dir.join("ferry.toml"))
         .arg("--data-dir")
-        .arg(&data)
+        .arg(data)
         .env("FERRY_LOG", "warn")
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
         .spawn()
         .unwrap();
     let stdout = child.stdout.take().unwrap();
-    let _child = KillOnDrop(child);
+    let child = KillOnDrop(child);
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
         let mut vcap = None;
@@ -80,13 +73,51 @@ async fn cli_provisions_a_tenant_that_can_use_the_destination_service() {
         }
     });
     let vcap = rx.recv_timeout(Duration::from_secs(30)).expect("ferry up printed ready").expect("VCAP_SERVICES");
-    let vcap: Value = serde_json::from_str(&vcap).unwrap();
+    (child, serde_json::from_str(&vcap).unwrap())
+}
+
+async fn token(http: &reqwest::Client, url: &str, id: &str, secret: &str) -> Option<String> {
+    let form = [("grant_type", "client_credentials"), ("client_id", id), ("client_secret", secret)];
+    let r = http.post(format!("{url}/oauth/token")).form(&form).send().await.unwrap();
+    if !r.status().is_success() {
+        return None;
+    }
+    let v: Value = r.json().await.unwrap();
+    v["access_token"].as_str().map(str::to_owned)
+}
+
+#[tokio::test]
+async fn cli_provisions_a_tenant_that_can_use_the_destination_service() {
+    ferry_core::init_crypto();
+    let dir = std::env::temp_dir().join(format!("ferry-cli-test-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let config = "[listen]\ntoken_port = 0\ntoken_https_port = 0\ndestination_port = 0\nhttp_proxy_port = 0\nsocks5_port = 0\ntunnel_port = 0\n";
+    std::fs::write(dir.join("ferry.toml"), config).unwrap();
+    let data = dir.join("data");
+    let (child, vcap) = start(&dir, &data);
     let url = vcap["xsuaa"][0]["credentials"]["url"].as_str().unwrap().to_owned();
 
     // Without credentials: a clear error, not a crash.
     let (ok, _, err) = cli(&dir.join("nowhere"), &url, &["subaccount", "list"]);
     assert!(!ok);
     assert!(err.contains("admin credentials"), "{err}");
+    // A binding's client is no admin: 403, named.
+    let d = &vcap["destination"][0]["credentials"];
+    let (ok, _, err) = cli(
+        &data,
+        &url,
+        &[
+            "subaccount",
+            "list",
+            "--client-id",
+            d["clientid"].as_str().unwrap(),
+            "--client-secret",
+            d["clientsecret"].as_str().unwrap(),
+        ],
+    );
+    assert!(!ok);
+    assert!(err.contains("403") && err.contains("ferry.admin"), "{err}");
 
     let sub = cli_json(&data, &url, &["subaccount", "create", "--subdomain", "cli-tenant"]);
     let sid = sub["id"].as_str().unwrap().to_owned();
@@ -108,39 +139,49 @@ async fn cli_provisions_a_tenant_that_can_use_the_destination_service() {
 
     // The printed credentials work as an app would use them.
     let http = ferry_core::tls::http_client(None).unwrap();
-    let form = [
-        ("grant_type", "client_credentials"),
-        ("client_id", creds["clientid"].as_str().unwrap()),
-        ("client_secret", creds["clientsecret"].as_str().unwrap()),
-    ];
-    let r: Value = http
-        .post(format!("{}/oauth/token", creds["url"].as_str().unwrap()))
-        .form(&form)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    let token = r["access_token"].as_str().expect("a token").to_owned();
-    let resp = http
-        .get(format!("{}/destination-configuration/v1/subaccountDestinations", creds["uri"].as_str().unwrap()))
-        .bearer_auth(&token)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(resp.status(), 200);
+    let (id, secret) = (creds["clientid"].as_str().unwrap(), creds["clientsecret"].as_str().unwrap());
+    let token1 = token(&http, creds["url"].as_str().unwrap(), id, secret).await.expect("a token");
+    let dests = |uri: String, t: String| {
+        let http = http.clone();
+        async move {
+            let url = format!("{uri}/destination-configuration/v1/subaccountDestinations");
+            http.get(url).bearer_auth(t).send().await.unwrap().status()
+        }
+    };
+    assert_eq!(dests(creds["uri"].as_str().unwrap().to_owned(), token1.clone()).await, 200);
 
-    // Deleting the subaccount locks its key out.
+    // A second key, deleted again: it gets no tokens.
+    let (ok, out, err) =
+        cli(&data, &url, &["service-key", "create", "--subaccount", &sid, "--instance", &iid, "--name", "k2"]);
+    assert!(ok, "{err}");
+    let gone: Value = serde_json::from_str(&out).unwrap();
+    let keys = cli_json(&data, &url, &["service-key", "list", "--subaccount", &sid, "--instance", &iid]);
+    let gone_id = keys["items"].as_array().unwrap().iter().find(|k| k["name"] == "k2").unwrap()["id"].clone();
+    let (ok, _, err) = cli(
+        &data,
+        &url,
+        &["service-key", "delete", "--subaccount", &sid, "--instance", &iid, gone_id.as_str().unwrap()],
+    );
+    assert!(ok, "{err}");
+    let (gid, gsecret) = (gone["clientid"].as_str().unwrap(), gone["clientsecret"].as_str().unwrap());
+    assert!(token(&http, &url, gid, gsecret).await.is_none());
+
+    // A restart (new ports): the kept key still works, the deleted one still does not.
+    drop(child);
+    let (_child, vcap) = start(&dir, &data);
+    let url = vcap["xsuaa"][0]["credentials"]["url"].as_str().unwrap().to_owned();
+    let uri = vcap["destination"][0]["credentials"]["uri"].as_str().unwrap().to_owned();
+    let token2 = token(&http, &url, id, secret).await.expect("the key survives a restart");
+    assert_eq!(dests(uri.clone(), token2.clone()).await, 200);
+    assert!(token(&http, &url, gid, gsecret).await.is_none());
+    let (ok, table, _) = cli(&data, &url, &["service-instance", "list", "--subaccount", &sid]);
+    assert!(ok && table.contains("destination") && table.contains("dest"), "{table}");
+
+    // Deleting the subaccount locks its key out, and its tokens.
     let (ok, out, err) = cli(&data, &url, &["subaccount", "delete", &sid]);
     assert!(ok, "{err}");
     assert!(out.contains("deleted"));
-    let resp = http
-        .get(format!("{}/destination-configuration/v1/subaccountDestinations", creds["uri"].as_str().unwrap()))
-        .bearer_auth(&token)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(resp.status(), 401);
+    assert_eq!(dests(uri, token2).await, 401);
+    assert!(token(&http, &url, id, secret).await.is_none());
     let _ = std::fs::remove_dir_all(&dir);
 }
