@@ -47,6 +47,10 @@ pub enum DirectoryError {
 
 impl From<rusqlite::Error> for DirectoryError {
     fn from(e: rusqlite::Error) -> Self {
+        // A uniqueness race the checks before an insert could not see.
+        if e.sqlite_error_code() == Some(rusqlite::ErrorCode::ConstraintViolation) {
+            return DirectoryError::Conflict(format!("conflicts with an existing entry: {e}"));
+        }
         DirectoryError::Internal(format!("database: {e}"))
     }
 }

@@ -166,6 +166,12 @@ async fn cli_provisions_a_tenant_that_can_use_the_destination_service() {
     let (gid, gsecret) = (gone["clientid"].as_str().unwrap(), gone["clientsecret"].as_str().unwrap());
     assert!(token(&http, &url, gid, gsecret).await.is_none());
 
+    // The subaccount of ferry up's admin client cannot be deleted.
+    let default_sub = vcap["xsuaa"][0]["credentials"]["tenantid"].as_str().unwrap().to_owned();
+    let (ok, _, err) = cli(&data, &url, &["subaccount", "delete", &default_sub]);
+    assert!(!ok);
+    assert!(err.contains("409"), "{err}");
+
     // A restart (new ports): the kept key still works, the deleted one still does not.
     drop(child);
     let (_child, vcap) = start(&dir, &data);

@@ -55,7 +55,9 @@ pub struct Tenant {
 pub struct OAuthClient {
     pub client_id: String,
     /// May be empty for a client that authenticates only with an X.509 certificate (see
-    /// `certificates`); a client needs one or the other.
+    /// `certificates`); a client needs one or the other. May also be an Argon2 PHC string
+    /// ([`hash_password`](super::hash_password)), as the subaccount directory stores them; it is
+    /// then verified with Argon2 (once per process and secret, then from a SHA-256 cache).
     pub client_secret: Secret<String>,
     /// The zone the client lives in (the provider tenant). Requests that name no zone get a
     /// token there.
