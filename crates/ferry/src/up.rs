@@ -413,6 +413,13 @@ fn provision_defaults(
         }
         Err(e) => return Err(e.into()),
     };
+    if !sub.subdomain.eq_ignore_ascii_case(subdomain) && cfg.subaccount.subdomain.is_some() {
+        tracing::warn!(
+            configured = subdomain,
+            kept = %sub.subdomain,
+            "the subaccount exists with another subdomain; the stored one stays (delete directory.db to start afresh)"
+        );
+    }
     let defaults = [
         (
             Service::Destination,

@@ -172,6 +172,27 @@ async fn cli_provisions_a_tenant_that_can_use_the_destination_service() {
     assert!(!ok);
     assert!(err.contains("409"), "{err}");
 
+    // An X.509 key: certificate and key instead of a secret.
+    let (ok, out, err) = cli(
+        &data,
+        &url,
+        &[
+            "service-key",
+            "create",
+            "--subaccount",
+            &sid,
+            "--instance",
+            &iid,
+            "--name",
+            "cert",
+            "--credential-type",
+            "x509",
+        ],
+    );
+    assert!(ok, "{err}");
+    let x509: Value = serde_json::from_str(&out).unwrap();
+    assert!(x509.get("clientsecret").is_none());
+
     // A restart (new ports): the kept key still works, the deleted one still does not.
     drop(child);
     let (_child, vcap) = start(&dir, &data);
@@ -180,6 +201,18 @@ async fn cli_provisions_a_tenant_that_can_use_the_destination_service() {
     let token2 = token(&http, &url, id, secret).await.expect("the key survives a restart");
     assert_eq!(dests(uri.clone(), token2.clone()).await, 200);
     assert!(token(&http, &url, gid, gsecret).await.is_none());
+    // The X.509 key authenticates by its certificate (mTLS at certurl), after the restart too.
+    let ca_pem = std::fs::read_to_string(data.join("ca.pem")).unwrap();
+    let identity = ferry_core::tls::CertifiedKey {
+        cert_pem: x509["certificate"].as_str().unwrap().to_owned(),
+        key_pem: x509["key"].as_str().unwrap().into(),
+    };
+    let tls = ferry_core::tls::client_config(&ca_pem, Some(&identity), &[]).unwrap();
+    let mtls = reqwest::Client::builder().use_preconfigured_tls((*tls).clone()).build().unwrap();
+    let certurl = format!("https://{}", vcap["xsuaa"][0]["credentials"]["uaadomain"].as_str().unwrap());
+    let form = [("grant_type", "client_credentials"), ("client_id", x509["clientid"].as_str().unwrap())];
+    let r = mtls.post(format!("{certurl}/oauth/token")).form(&form).send().await.unwrap();
+    assert_eq!(r.status(), 200, "{:?}", r.text().await);
     let (ok, table, _) = cli(&data, &url, &["service-instance", "list", "--subaccount", &sid]);
     assert!(ok && table.contains("destination") && table.contains("dest"), "{table}");
 
