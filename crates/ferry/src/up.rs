@@ -409,7 +409,10 @@ fn provision_defaults(
     let sub = match directory.subaccount(subaccount) {
         Ok(s) => s,
         Err(DirectoryError::NotFound(_)) => {
-            directory.create_subaccount(subdomain, Some(subaccount), legacy_keys(dir)?)?
+            let sub = directory.create_subaccount(subdomain, Some(subaccount), legacy_keys(dir)?)?;
+            // Adopted: the keys are now sealed in the directory, so the plain copy goes.
+            let _ = std::fs::remove_file(dir.join("token-keys.json"));
+            sub
         }
         Err(e) => return Err(e.into()),
     };

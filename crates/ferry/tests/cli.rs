@@ -224,3 +224,33 @@ async fn cli_provisions_a_tenant_that_can_use_the_destination_service() {
     assert!(token(&http, &url, id, secret).await.is_none());
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// A data folder of an older `ferry up` (signing keys in `token-keys.json`): the default
+/// subaccount adopts them, sealed in the directory, and the plain file goes.
+#[tokio::test]
+async fn ferry_up_adopts_legacy_signing_keys() {
+    ferry_core::init_crypto();
+    let dir = std::env::temp_dir().join(format!("ferry-legacy-test-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let data = dir.join("data");
+    std::fs::create_dir_all(&data).unwrap();
+    let config = "[listen]\ntoken_port = 0\ntoken_https_port = 0\ndestination_port = 0\nhttp_proxy_port = 0\nsocks5_port = 0\ntunnel_port = 0\n";
+    std::fs::write(dir.join("ferry.toml"), config).unwrap();
+    let keys = ferry_auth::KeySet::generate().unwrap();
+    let stored: Vec<(String, String)> =
+        keys.export_pkcs8().into_iter().map(|(kid, der)| (kid, hex::encode(der.expose()))).collect();
+    std::fs::write(data.join("token-keys.json"), serde_json::to_string(&stored).unwrap()).unwrap();
+    let kid = keys.current_kid().unwrap();
+
+    let (_child, vcap) = start(&dir, &data);
+    assert!(!data.join("token-keys.json").exists());
+    let url = vcap["xsuaa"][0]["credentials"]["url"].as_str().unwrap();
+    let http = ferry_core::tls::http_client(None).unwrap();
+    let jwks: Value = http.get(format!("{url}/token_keys")).send().await.unwrap().json().await.unwrap();
+    assert_eq!(jwks["keys"][0]["kid"], kid.as_str());
+    let db = std::fs::read(data.join("directory.db")).unwrap();
+    let der = hex::decode(&stored[0].1).unwrap();
+    assert!(!String::from_utf8_lossy(&db).contains(&stored[0].1[200..264]), "no key in hex");
+    assert!(!db.windows(32).any(|w| w == &der[200..232]), "no key in DER");
+    let _ = std::fs::remove_dir_all(&dir);
+}
