@@ -10,7 +10,7 @@ use axum::Router;
 use axum::body::Bytes;
 use axum::extract::{Path, State};
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
+use axum::routing::{get, post};
 use http::{HeaderMap, HeaderValue, StatusCode, header};
 use serde::Deserialize;
 use serde::de::DeserializeOwned;
@@ -98,6 +98,7 @@ pub fn router(directory: Arc<Directory>) -> Router {
             &format!("{BASE}/subaccounts/{{id}}/service-instances/{{iid}}/service-keys/{{kid}}"),
             get(get_key).delete(delete_key),
         )
+        .route(&format!("{BASE}/subaccounts/{{id}}/connectors"), post(enroll_connector))
         .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such admin resource") })
         .with_state(directory)
 }
@@ -295,4 +296,57 @@ async fn blocking<T: Send + 'static>(
         .await
         .map_err(|e| ApiError::from(DirectoryError::Internal(e.to_string())))?
         .map_err(ApiError::from)
+}
+
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct EnrollConnector {
+    #[serde(default)]
+    location_id: String,
+}
+
+/// Issues a Cloud Connector's tunnel certificate for a subaccount and location id — Ferry's
+/// "download authentication data": the answer holds everything `ferry connector` needs to dial
+/// in (certificate, key, the CA that signs the tunnel endpoint, and its address).
+async fn enroll_connector(
+    State(dir): State<Arc<Directory>>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+    bytes: Bytes,
+) -> ApiResult {
+    authorize(&dir, &headers).await?;
+    dir.subaccount(&id)?;
+    let req: EnrollConnector = body(&bytes)?;
+    if req.location_id.len() > 128 || req.location_id.chars().any(|c| c.is_control()) {
+        let mut e = ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "bad_request",
+            "location_id must be at most 128 characters without control characters",
+        );
+        e.field = Some("location_id");
+        return Err(e);
+    }
+    let Some(ca) = dir.ca.clone() else {
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "conflict",
+            "this Ferry has no CA to issue connector certificates",
+        ));
+    };
+    let issued = ca
+        .issue_connector_cert(&id, &req.location_id, time::Duration::days(365))
+        .map_err(|e| ApiError::from(DirectoryError::Internal(e.to_string())))?;
+    let mut resp = json_response(
+        StatusCode::CREATED,
+        json!({
+            "subaccount": id,
+            "location_id": req.location_id,
+            "certificate": issued.cert_pem,
+            "key": issued.key_pem.expose(),
+            "ca": ca.cert_pem(),
+            "tunnel": dir.endpoints().tunnel,
+        }),
+    );
+    resp.headers_mut().insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    Ok(resp)
 }

@@ -66,6 +66,8 @@ pub struct Endpoints {
     pub proxy_host: String,
     pub http_proxy_port: u16,
     pub socks5_port: u16,
+    /// `host:port` Cloud Connectors dial (the proxy's tunnel endpoint), for connector enrollment.
+    pub tunnel: String,
 }
 
 /// How a key authenticates: a secret, or an X.509 certificate with its key.

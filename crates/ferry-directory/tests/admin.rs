@@ -29,6 +29,7 @@ fn endpoints() -> Endpoints {
         proxy_host: "127.0.0.1".into(),
         http_proxy_port: 20003,
         socks5_port: 20004,
+        tunnel: "127.0.0.1:20005".into(),
     }
 }
 
@@ -347,4 +348,50 @@ async fn ensure_key_keeps_configured_bindings() {
     assert_eq!(clients.len(), 1);
     assert_eq!(clients[0].client_id, "sb-b!b1");
     assert!(clients[0].client_secret.expose().starts_with("$argon2id$"));
+}
+
+#[tokio::test]
+async fn connector_enrollment_issues_a_tunnel_certificate() {
+    let tmp = tempfile::tempdir().unwrap();
+    let ca = Arc::new(ferry_core::tls::LocalCa::generate("enroll CA").unwrap());
+    let s = stack_with_ca(&tmp.path().join("directory.db"), Some(ca));
+    let r = &s.router;
+    let admin = token(r, ADMIN_ID, ADMIN_SECRET).await.unwrap();
+    let admin = Some(admin.as_str());
+    let (st, v) = api(r, admin, "POST", "/subaccounts", Some(json!({"subdomain": "enroll"}))).await;
+    assert_eq!(st, StatusCode::CREATED, "{v}");
+    let sub = v["id"].as_str().unwrap().to_owned();
+    let path = format!("/subaccounts/{sub}/connectors");
+    let (st, v) = api(r, admin, "POST", &path, Some(json!({"location_id": "plant-7"}))).await;
+    assert_eq!(st, StatusCode::CREATED, "{v}");
+    assert_eq!(v["subaccount"], sub.as_str());
+    assert_eq!(v["location_id"], "plant-7");
+    assert_eq!(v["tunnel"], "127.0.0.1:20005");
+    let der = ferry_core::tls::parse_certs(v["certificate"].as_str().unwrap()).unwrap();
+    assert_eq!(ferry_core::tls::connector_identity(&der[0]), Some((sub.clone(), "plant-7".to_owned())));
+    assert!(v["key"].as_str().unwrap().contains("PRIVATE KEY"));
+    assert!(v["ca"].as_str().unwrap().contains("BEGIN CERTIFICATE"));
+    let (st, v) = api(r, admin, "POST", &path, Some(json!({}))).await;
+    assert_eq!(st, StatusCode::CREATED, "no location id: the default location ({v})");
+    assert_eq!(v["location_id"], "");
+    // Unknown subaccount, bad location id, unknown field, no admin token.
+    assert_eq!(api(r, admin, "POST", "/subaccounts/nope/connectors", Some(json!({}))).await.0, StatusCode::NOT_FOUND);
+    let (st, v) = api(r, admin, "POST", &path, Some(json!({"location_id": "bad\nid"}))).await;
+    assert_eq!(st, StatusCode::BAD_REQUEST, "{v}");
+    assert_eq!(api(r, admin, "POST", &path, Some(json!({"bogus": 1}))).await.0, StatusCode::BAD_REQUEST);
+    assert_eq!(api(r, None, "POST", &path, Some(json!({}))).await.0, StatusCode::UNAUTHORIZED);
+    // Without a CA there is nothing to enroll with.
+    let tmp2 = tempfile::tempdir().unwrap();
+    let s2 = stack(&tmp2.path().join("directory.db"));
+    let admin2 = token(&s2.router, ADMIN_ID, ADMIN_SECRET).await.unwrap();
+    let (_, v) = api(&s2.router, Some(&admin2), "POST", "/subaccounts", Some(json!({"subdomain": "x"}))).await;
+    let (st, _) = api(
+        &s2.router,
+        Some(&admin2),
+        "POST",
+        &format!("/subaccounts/{}/connectors", v["id"].as_str().unwrap()),
+        Some(json!({})),
+    )
+    .await;
+    assert_eq!(st, StatusCode::CONFLICT);
 }

@@ -204,6 +204,7 @@ pub async fn up(args: UpArgs) -> anyhow::Result<()> {
         proxy_host: http_addr.ip().to_string(),
         http_proxy_port: http_addr.port(),
         socks5_port: socks_addr.port(),
+        tunnel: tunnel_addr.to_string(),
     };
     let directory = Directory::open(&dir.join("directory.db"), &master_key, endpoints, Some(ca.clone()))?;
     let (subdomain, vcap) = provision_defaults(&directory, &cfg, &state, &subaccount, &subdomain, dir)?;
