@@ -302,3 +302,43 @@ fn deleted(json_out: bool, what: &str, id: &str) -> anyhow::Result<()> {
     }
     Ok(())
 }
+
+/// `ferry connector enroll`: asks the admin API for a connector certificate and writes what a
+/// standalone `ferry connector run` needs into `out`.
+pub async fn enroll(conn: Connection, subaccount: String, location: String, out: PathBuf) -> anyhow::Result<()> {
+    let c = Client::connect(&conn).await?;
+    let v = c
+        .call(
+            reqwest::Method::POST,
+            &format!("/subaccounts/{subaccount}/connectors"),
+            Some(json!({ "location_id": location })),
+        )
+        .await?;
+    let get = |k: &str| v.get(k).and_then(Value::as_str).map(str::to_owned).context("incomplete enrollment answer");
+    std::fs::create_dir_all(&out).with_context(|| format!("cannot create {}", out.display()))?;
+    std::fs::write(out.join("ca.pem"), get("ca")?)?;
+    std::fs::write(out.join("connector.pem"), get("certificate")?)?;
+    crate::up::write_private(&out.join("connector-key.pem"), get("key")?.as_bytes())?;
+    let config = out.join("connector.toml");
+    if !config.exists() {
+        let tunnel = get("tunnel")?;
+        let server_name = tunnel.rsplit_once(':').map(|(h, _)| h.trim_matches(['[', ']'])).unwrap_or("localhost");
+        std::fs::write(
+            &config,
+            format!(
+                "# Written by `ferry connector enroll`; see docs/configuration.md (standalone connector).\n\
+                 proxies = [\"{tunnel}\"]\nserver_name = \"{server_name}\"\nca_file = \"ca.pem\"\n\
+                 certificate_file = \"connector.pem\"\nkey_file = \"connector-key.pem\"\n\n\
+                 # [[mappings]]\n# virtualHost = \"erp.virtual\"\n# virtualPort = 8000\n# localHost = \"10.0.0.5\"\n\
+                 # localPort = 8000\n# protocol = \"HTTP\"\n# resources = [{{ path = \"/\", exactMatchOnly = false }}]\n"
+            ),
+        )?;
+    }
+    println!(
+        "enrolled: subaccount {subaccount}, location {:?}; files in {} (run: ferry connector run --config {})",
+        location,
+        out.display(),
+        config.display()
+    );
+    Ok(())
+}

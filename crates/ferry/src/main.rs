@@ -2,6 +2,7 @@
 
 mod admin_cli;
 mod config;
+mod standalone;
 mod up;
 
 use clap::{Parser, Subcommand};
@@ -18,6 +19,17 @@ enum Command {
     /// Run the whole stack in one process: token service, Destination Service, Connectivity
     /// Proxy and Cloud Connector(s); print the VCAP_SERVICES an app needs.
     Up(up::UpArgs),
+    /// Run a Cloud Connector on its own (on premises), or enroll one with a running Ferry.
+    Connector {
+        #[command(subcommand)]
+        cmd: ConnectorCmd,
+    },
+    /// Run a Connectivity Proxy replica on its own (HTTP, SOCKS5 and tunnel endpoint).
+    Proxy {
+        /// Proxy configuration file (TOML).
+        #[arg(long, short)]
+        config: std::path::PathBuf,
+    },
     /// Manage subaccounts (tenants) through the admin API of a running Ferry.
     Subaccount {
         #[command(flatten)]
@@ -41,6 +53,28 @@ enum Command {
     },
 }
 
+#[derive(Subcommand)]
+enum ConnectorCmd {
+    /// Obtain a tunnel certificate for a subaccount and location id from a running Ferry's admin
+    /// API, and write it with a starter `connector.toml` into `--out`.
+    Enroll {
+        #[command(flatten)]
+        conn: admin_cli::Connection,
+        #[arg(long)]
+        subaccount: String,
+        /// Location id ("" = the default location).
+        #[arg(long, default_value = "")]
+        location: String,
+        #[arg(long, default_value = "connector")]
+        out: std::path::PathBuf,
+    },
+    /// Run the connector described by a configuration file.
+    Run {
+        #[arg(long, short)]
+        config: std::path::PathBuf,
+    },
+}
+
 fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(
@@ -53,6 +87,11 @@ fn main() -> anyhow::Result<()> {
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     match cli.command {
         Command::Up(args) => rt.block_on(up::up(args)),
+        Command::Connector { cmd: ConnectorCmd::Enroll { conn, subaccount, location, out } } => {
+            rt.block_on(admin_cli::enroll(conn, subaccount, location, out))
+        }
+        Command::Connector { cmd: ConnectorCmd::Run { config } } => rt.block_on(standalone::connector(&config)),
+        Command::Proxy { config } => rt.block_on(standalone::proxy(&config)),
         Command::Subaccount { conn, cmd } => rt.block_on(admin_cli::subaccount(conn, cmd)),
         Command::ServiceInstance { conn, cmd } => rt.block_on(admin_cli::instance(conn, cmd)),
         Command::ServiceKey { conn, cmd } => rt.block_on(admin_cli::key(conn, cmd)),

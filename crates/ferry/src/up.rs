@@ -64,7 +64,7 @@ fn random_secret() -> String {
     hex::encode(bytes)
 }
 
-fn write_private(path: &Path, data: &[u8]) -> anyhow::Result<()> {
+pub(crate) fn write_private(path: &Path, data: &[u8]) -> anyhow::Result<()> {
     use std::io::Write;
     #[cfg(unix)]
     use std::os::unix::fs::OpenOptionsExt;
@@ -389,10 +389,7 @@ pub async fn up(args: UpArgs) -> anyhow::Result<()> {
     println!("VCAP_SERVICES={}", serde_json::to_string(&vcap)?);
     println!("ready");
 
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = terminate() => {}
-    }
+    wait_for_signal().await;
     eprintln!("shutting down");
     shutdown.cancel();
     let drain = async { while tasks.join_next().await.is_some() {} };
@@ -400,6 +397,14 @@ pub async fn up(args: UpArgs) -> anyhow::Result<()> {
         eprintln!("some connections did not finish in time");
     }
     Ok(())
+}
+
+/// Returns on Ctrl-C or SIGTERM.
+pub(crate) async fn wait_for_signal() {
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = terminate() => {}
+    }
 }
 
 #[cfg(unix)]

@@ -1,0 +1,191 @@
+//! `ferry connector run` and `ferry proxy`: the components as separate processes, as they run
+//! in production (a connector on premises, proxy replicas in the cloud). Paths in their config
+//! files are relative to the config file's folder.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use ferry_auth::{TrustedIssuer, Verifier};
+use ferry_connector::{AccessRules, Connector, ConnectorConfig, SystemMapping};
+use ferry_core::Shutdown;
+use ferry_core::tls::{CertifiedKey, LocalCa};
+use serde::Deserialize;
+
+use crate::config::PrincipalPropagationEntry;
+
+fn read(base: &Path, file: &Path) -> anyhow::Result<String> {
+    let path = base.join(file);
+    std::fs::read_to_string(&path).with_context(|| format!("cannot read {}", path.display()))
+}
+
+fn load<T: serde::de::DeserializeOwned>(path: &Path) -> anyhow::Result<(T, PathBuf)> {
+    let text = std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let cfg = toml::from_str(&text).with_context(|| format!("config file {}", path.display()))?;
+    let base = path.parent().map(Path::to_path_buf).unwrap_or_default();
+    Ok((cfg, base))
+}
+
+/// Trust in Ferry's token service from another process: its JWKS endpoint(s).
+fn remote_verifier(urls: &[String], ca_file: Option<&Path>, base: &Path) -> anyhow::Result<Arc<Verifier>> {
+    anyhow::ensure!(!urls.is_empty(), "token_keys_urls must name at least one JWKS endpoint of the token service");
+    let ca = ca_file.map(|f| read(base, f)).transpose()?;
+    let http = ferry_core::tls::http_client(ca.as_deref())?;
+    Ok(Arc::new(Verifier::new(urls.iter().map(TrustedIssuer::jwks_url).collect(), http)))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConnectorFile {
+    /// Tunnel endpoints of every proxy replica (`host:port`).
+    proxies: Vec<String>,
+    /// Name on the proxies' server certificate.
+    server_name: String,
+    ca_file: PathBuf,
+    certificate_file: PathBuf,
+    key_file: PathBuf,
+    #[serde(default = "one")]
+    connections: usize,
+    #[serde(default)]
+    audit_level: ferry_connector::audit::AuditLevel,
+    #[serde(default)]
+    audit_dir: Option<PathBuf>,
+    #[serde(default)]
+    backend_ca_file: Option<PathBuf>,
+    #[serde(default)]
+    principal_propagation: Option<StandalonePp>,
+    #[serde(default)]
+    mappings: Vec<SystemMapping>,
+}
+
+fn one() -> usize {
+    1
+}
+
+/// Principal propagation for a standalone connector: where to verify user tokens, and the CA
+/// that issues user certificates.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct StandalonePp {
+    token_keys_urls: Vec<String>,
+    #[serde(default)]
+    token_ca_file: Option<PathBuf>,
+    ca_certificate_file: PathBuf,
+    ca_key_file: PathBuf,
+    #[serde(flatten)]
+    settings: PrincipalPropagationEntry,
+}
+
+pub async fn connector(config: &Path) -> anyhow::Result<()> {
+    ferry_core::init_crypto();
+    let (cfg, base): (ConnectorFile, PathBuf) = load(config)?;
+    let (first, more) = cfg.proxies.split_first().context("proxies must name at least one proxy tunnel endpoint")?;
+    let identity =
+        CertifiedKey { cert_pem: read(&base, &cfg.certificate_file)?, key_pem: read(&base, &cfg.key_file)?.into() };
+    let mut cc = ConnectorConfig::new(
+        first.clone(),
+        cfg.server_name.clone(),
+        read(&base, &cfg.ca_file)?,
+        identity,
+        AccessRules::new(cfg.mappings),
+    );
+    cc.more_proxy_addrs = more.to_vec();
+    cc.connections = cfg.connections.max(1);
+    cc.audit = ferry_connector::audit::AuditConfig {
+        level: cfg.audit_level,
+        dir: Some(base.join(cfg.audit_dir.unwrap_or_else(|| "audit".into()))),
+    };
+    cc.backend_ca_pem = cfg.backend_ca_file.map(|f| read(&base, &f)).transpose()?;
+    if let Some(pp) = cfg.principal_propagation {
+        let verifier = remote_verifier(&pp.token_keys_urls, pp.token_ca_file.as_deref(), &base)?;
+        let ca = LocalCa::from_pem(&read(&base, &pp.ca_certificate_file)?, &read(&base, &pp.ca_key_file)?)?;
+        let mut p = ferry_connector::PrincipalPropagation::new(verifier, Arc::new(ca));
+        p.subject_pattern = pp.settings.subject_pattern;
+        p.certificate_validity = Duration::from_secs(u64::from(pp.settings.certificate_validity_minutes) * 60);
+        p.expiration_tolerance = Duration::from_secs(u64::from(pp.settings.expiration_tolerance_hours) * 3600);
+        cc.principal_propagation = Some(Arc::new(p));
+    }
+    let connector = Arc::new(Connector::new(cc)?);
+    let mut status = connector.status();
+    let shutdown = Shutdown::new();
+    let task = tokio::spawn(connector.run(shutdown.clone()));
+    tokio::spawn(async move {
+        while status.changed().await.is_ok() {
+            let s = *status.borrow();
+            eprintln!("tunnels connected: {}", s.connected);
+        }
+    });
+    println!("ready");
+    crate::up::wait_for_signal().await;
+    shutdown.cancel();
+    let _ = tokio::time::timeout(Duration::from_secs(15), task).await;
+    Ok(())
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProxyFile {
+    #[serde(default = "localhost")]
+    host: String,
+    #[serde(default = "http_port")]
+    http_port: u16,
+    #[serde(default = "socks5_port")]
+    socks5_port: u16,
+    #[serde(default = "tunnel_port")]
+    tunnel_port: u16,
+    /// Server certificate and key of the tunnel endpoint.
+    certificate_file: PathBuf,
+    key_file: PathBuf,
+    /// The CA that issues connector certificates (enrollment).
+    connector_ca_file: PathBuf,
+    /// JWKS endpoints of the token service(s) whose tokens apps present.
+    token_keys_urls: Vec<String>,
+    #[serde(default)]
+    token_ca_file: Option<PathBuf>,
+}
+
+fn localhost() -> String {
+    "127.0.0.1".into()
+}
+fn http_port() -> u16 {
+    20003
+}
+fn socks5_port() -> u16 {
+    20004
+}
+fn tunnel_port() -> u16 {
+    20005
+}
+
+pub async fn proxy(config: &Path) -> anyhow::Result<()> {
+    ferry_core::init_crypto();
+    let (cfg, base): (ProxyFile, PathBuf) = load(config)?;
+    let verifier = remote_verifier(&cfg.token_keys_urls, cfg.token_ca_file.as_deref(), &base)?;
+    let identity =
+        CertifiedKey { cert_pem: read(&base, &cfg.certificate_file)?, key_pem: read(&base, &cfg.key_file)?.into() };
+    let tls = ferry_core::tls::server_config(
+        &identity,
+        Some(&read(&base, &cfg.connector_ca_file)?),
+        &[ferry_proto::tunnel::ALPN],
+    )?;
+    let bind = |port: u16| format!("{}:{port}", cfg.host);
+    let (http, socks, tunnel) = (
+        ferry_core::serve::bind(&bind(cfg.http_port)).await?,
+        ferry_core::serve::bind(&bind(cfg.socks5_port)).await?,
+        ferry_core::serve::bind(&bind(cfg.tunnel_port)).await?,
+    );
+    println!("proxy: http {} socks5 {} tunnel {}", http.local_addr()?, socks.local_addr()?, tunnel.local_addr()?);
+    println!("ready");
+    let proxy = ferry_proxy::Proxy::new(ferry_proxy::ProxyConfig::new(verifier, tls));
+    let shutdown = Shutdown::new();
+    let task =
+        tokio::spawn(proxy.run(
+            ferry_proxy::Listeners { http: Some(http), socks5: Some(socks), tunnel: Some(tunnel) },
+            shutdown.clone(),
+        ));
+    crate::up::wait_for_signal().await;
+    shutdown.cancel();
+    let _ = tokio::time::timeout(Duration::from_secs(15), task).await;
+    Ok(())
+}
