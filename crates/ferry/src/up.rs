@@ -218,6 +218,19 @@ pub async fn up(args: UpArgs) -> anyhow::Result<()> {
             ..Default::default()
         });
     }
+    let ldap = cfg
+        .ldap
+        .clone()
+        .map(|mut l| {
+            if l.tenant_id.is_empty() {
+                l.tenant_id = subaccount.clone();
+            }
+            token_service::LdapUserStore::new(l)
+        })
+        .transpose()?;
+    let ldap_label = ldap.as_ref().map(|l| format!("{} (base {})", l.config().url, l.config().base_dn));
+    let user_stores: Vec<Arc<dyn token_service::UserStore>> =
+        ldap.into_iter().map(|l| Arc::new(l) as Arc<dyn token_service::UserStore>).collect();
     let token_service = TokenService::new(TokenServiceConfig {
         tenants: vec![Tenant { id: subaccount.clone(), subdomain: subdomain.clone(), keys: keys.clone() }],
         clients: vec![
@@ -226,6 +239,7 @@ pub async fn up(args: UpArgs) -> anyhow::Result<()> {
             oauth(&xsuaa, &state.xsuaa_instance_id, &["uaa.resource"]),
         ],
         users: users.clone(),
+        user_stores,
         public_url: token_url.clone(),
         uaadomain: uaadomain.clone(),
         ..Default::default()
@@ -345,6 +359,9 @@ pub async fn up(args: UpArgs) -> anyhow::Result<()> {
         println!("  trusted issuer       {} (subaccount {})", t.issuer, t.subaccount);
     }
     println!("  users                {}", users.iter().map(|u| u.username.as_str()).collect::<Vec<_>>().join(", "));
+    if let Some(l) = &ldap_label {
+        println!("  LDAP users           {l}");
+    }
     println!("  trust the local CA:  export NODE_EXTRA_CA_CERTS={}", ca_path.display());
     if !args.no_env_file {
         println!("  VCAP_SERVICES written to {}", args.env_file.display());

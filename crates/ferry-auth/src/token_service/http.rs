@@ -26,6 +26,7 @@ use super::config::{
 };
 use super::mtls::{PeerIdentity, TlsInfo};
 use super::refresh::RefreshGrant;
+use super::users::Login;
 use super::{Issued, TenantState, TokenService, authorize, user_scopes};
 
 /// Far above any real token request (a jwt-bearer assertion is at most 16 KiB), far below
@@ -54,6 +55,10 @@ impl OAuthError {
     }
     pub(crate) fn invalid_grant(d: impl Into<String>) -> Self {
         Self::new(StatusCode::BAD_REQUEST, "invalid_grant", d)
+    }
+    /// A user store (LDAP) cannot be asked right now: the client may retry (RFC 6749 §4.1.2.1).
+    pub(crate) fn temporarily_unavailable(d: impl Into<String>) -> Self {
+        Self::new(StatusCode::SERVICE_UNAVAILABLE, "temporarily_unavailable", d)
     }
     fn invalid_scope(d: impl Into<String>) -> Self {
         Self::new(StatusCode::BAD_REQUEST, "invalid_scope", d)
@@ -241,16 +246,22 @@ impl TokenService {
             GRANT_PASSWORD => {
                 let username = params.get("username").ok_or_else(|| OAuthError::missing("username"))?;
                 let password = params.get("password").ok_or_else(|| OAuthError::missing("password"))?;
-                let user = self.find_user(username, addressed.map(|t| t.tenant.id.as_str()), &client.tenant_id);
-                // Verified even for an unknown user (against a dummy hash), so that timing does
-                // not reveal usernames.
-                let ok = self.check_password(user, password).await;
-                let user = user.filter(|_| ok).ok_or_else(|| OAuthError::invalid_grant("Bad credentials"))?;
+                let login = Login {
+                    username,
+                    password,
+                    tenant: addressed.map(|t| t.tenant.id.as_str()),
+                    preferred_tenant: &client.tenant_id,
+                };
+                let user = self
+                    .login_user(login)
+                    .await
+                    .map_err(|e| OAuthError::temporarily_unavailable(e.to_string()))?
+                    .ok_or_else(|| OAuthError::invalid_grant("Bad credentials"))?;
                 let tenant = self
-                    .tenant_by_id(&user.user.tenant_id)
+                    .tenant_by_id(&user.tenant_id)
                     .ok_or_else(|| OAuthError::invalid_grant("the user's zone is not configured"))?;
-                let scopes = narrow(&user_scopes(client, Some(&user.user)), params.get("scope"))?;
-                let identity = UserIdentity::from_user(&user.user, self.now());
+                let scopes = narrow(&user_scopes(client, Some(&user)), params.get("scope"))?;
+                let identity = UserIdentity::from_user(&user, self.now());
                 self.issue(tenant, client, GRANT_PASSWORD, scopes, Some(&identity), true)
             }
             GRANT_JWT_BEARER => {
