@@ -28,6 +28,8 @@ const PROVIDER: &str = "6a8b7c4e-0000-4000-8000-000000000001";
 const SUBSCRIBER: &str = "9d2f1e3a-0000-4000-8000-000000000002";
 const APP: &str = "sb-app!t1";
 const APP_SECRET: &str = "app-secret";
+const OTHER: &str = "sb-other!t2";
+const OTHER_SECRET: &str = "other-secret";
 const CALLBACK: &str = "https://app.example/callback";
 const FORM: &str = "application/x-www-form-urlencoded";
 
@@ -73,15 +75,25 @@ fn service_with(ldap: LdapConfig) -> Arc<TokenService> {
             Tenant { id: PROVIDER.into(), subdomain: "provider".into(), keys: pk.clone() },
             Tenant { id: SUBSCRIBER.into(), subdomain: "subscriber".into(), keys: sk.clone() },
         ],
-        clients: vec![OAuthClient {
-            client_id: APP.into(),
-            client_secret: APP_SECRET.into(),
-            tenant_id: PROVIDER.into(),
-            xsappname: "app!t1".into(),
-            scopes: vec!["openid".into(), "app!t1.Read".into(), "app!t1.Write".into()],
-            redirect_uris: vec![CALLBACK.into()],
-            ..Default::default()
-        }],
+        clients: vec![
+            OAuthClient {
+                client_id: APP.into(),
+                client_secret: APP_SECRET.into(),
+                tenant_id: PROVIDER.into(),
+                xsappname: "app!t1".into(),
+                scopes: vec!["openid".into(), "app!t1.Read".into(), "app!t1.Write".into()],
+                redirect_uris: vec![CALLBACK.into()],
+                ..Default::default()
+            },
+            OAuthClient {
+                client_id: OTHER.into(),
+                client_secret: OTHER_SECRET.into(),
+                tenant_id: PROVIDER.into(),
+                xsappname: "other!t2".into(),
+                scopes: vec!["openid".into(), "other!t2.Read".into(), "other!t2.Write".into()],
+                ..Default::default()
+            },
+        ],
         users: vec![User {
             username: "alice".into(),
             password: "alice-pw".into(),
@@ -192,6 +204,25 @@ async fn password_grant_with_an_ldap_user() {
     assert_eq!(c["family_name"], "Dent");
     assert!(c.get("given_name").is_none_or(Value::is_null), "{c}");
     assert_eq!(scopes(&c), ["app!t1.Write", "openid"]);
+
+    // Exchanged (jwt-bearer) at another client, carol keeps her group: other!t2.Read only.
+    let carol = password_grant(&router, "carol", "carol-pw").await.json()["access_token"].as_str().unwrap().to_owned();
+    let p = [
+        ("grant_type", "urn:ietf:params:oauth:grant-type:jwt-bearer"),
+        ("client_id", OTHER),
+        ("client_secret", OTHER_SECRET),
+        ("assertion", &carol),
+    ];
+    let c = token(&router, &p).await.claims();
+    assert_eq!(c["user_name"], "carol");
+    assert_eq!(scopes(&c), ["openid", "other!t2.Read"]);
+    let p = [
+        ("grant_type", "urn:ietf:params:oauth:grant-type:jwt-bearer"),
+        ("client_id", APP),
+        ("client_secret", APP_SECRET),
+        ("assertion", &carol),
+    ];
+    assert_eq!(scopes(&token(&router, &p).await.claims()), ["app!t1.Read", "openid"]);
 
     // Without group mapping an LDAP user, like a local user without a scope list, gets every
     // scope of the client.

@@ -22,7 +22,7 @@ use serde_json::{Value, json};
 use super::claims::UserIdentity;
 use super::config::{
     GRANT_AUTHORIZATION_CODE, GRANT_CLIENT_CREDENTIALS, GRANT_JWT_BEARER, GRANT_PASSWORD, GRANT_REFRESH_TOKEN,
-    OAuthClient, SUPPORTED_GRANT_TYPES,
+    OAuthClient, SUPPORTED_GRANT_TYPES, User,
 };
 use super::mtls::{PeerIdentity, TlsInfo};
 use super::refresh::RefreshGrant;
@@ -267,7 +267,17 @@ impl TokenService {
             GRANT_JWT_BEARER => {
                 let assertion = params.get("assertion").ok_or_else(|| OAuthError::missing("assertion"))?;
                 let (tenant, identity) = self.check_assertion(assertion, addressed).await?;
-                let user = self.user_by_id(&tenant.tenant.id, &identity.user_id);
+                // A configured user's grants are looked up again. Anyone else (a user of a
+                // user store such as LDAP) keeps what the assertion was granted, so that an
+                // exchange never widens a user's scopes.
+                let carried;
+                let user = match self.user_by_id(&tenant.tenant.id, &identity.user_id) {
+                    Some(u) => Some(u),
+                    None => {
+                        carried = self.grants_of_assertion(assertion);
+                        Some(&carried)
+                    }
+                };
                 let scopes = narrow(&user_scopes(client, user), params.get("scope"))?;
                 self.issue(tenant, client, GRANT_JWT_BEARER, scopes, Some(&identity), true)
             }
@@ -312,6 +322,25 @@ impl TokenService {
             tracing::error!(error = %e, "cannot sign token");
             OAuthError::new(StatusCode::INTERNAL_SERVER_ERROR, "server_error", "token signing failed")
         })
+    }
+
+    /// What a verified assertion of a user who is not configured was granted, as a [`User`]
+    /// scope list for [`user_scopes`]: its scopes, and `$XSAPPNAME.x` for each scope `x` of the
+    /// issuing client's application (so that a group's scope carries over to other clients).
+    fn grants_of_assertion(&self, assertion: &str) -> User {
+        let claims = unverified_payload(assertion).unwrap_or(Value::Null);
+        let scopes: Vec<String> = claims
+            .get("scope")
+            .and_then(Value::as_array)
+            .map(|a| a.iter().filter_map(Value::as_str).map(str::to_owned).collect())
+            .unwrap_or_default();
+        let app = claims.get("cid").and_then(Value::as_str).and_then(|cid| self.clients.get(cid)).map(|c| &c.xsappname);
+        let mut granted = scopes.clone();
+        if let Some(app) = app {
+            let prefix = format!("{app}.");
+            granted.extend(scopes.iter().filter_map(|s| s.strip_prefix(&prefix)).map(|x| format!("$XSAPPNAME.{x}")));
+        }
+        User { scopes: Some(granted), ..Default::default() }
     }
 
     fn own_tenant(&self, client: &OAuthClient) -> Result<&TenantState, OAuthError> {
@@ -574,11 +603,16 @@ pub(crate) fn narrow(allowed: &[String], requested: Option<&str>) -> Result<Vec<
     Ok(out)
 }
 
-/// The `zid` an assertion claims, read without verification only to pick the verifying keys.
-fn unverified_zid(jwt: &str) -> Option<String> {
+/// A JWT's payload, not verified.
+fn unverified_payload(jwt: &str) -> Option<Value> {
     let payload = jwt.split('.').nth(1)?;
     let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(payload.trim_end_matches('=')).ok()?;
-    let v: Value = serde_json::from_slice(&bytes).ok()?;
+    serde_json::from_slice(&bytes).ok()
+}
+
+/// The `zid` an assertion claims, read without verification only to pick the verifying keys.
+fn unverified_zid(jwt: &str) -> Option<String> {
+    let v = unverified_payload(jwt)?;
     ["zid", "app_tid", "zone_uuid"].iter().find_map(|k| v.get(k).and_then(Value::as_str)).map(str::to_owned)
 }
 
