@@ -435,3 +435,30 @@ async fn the_service_password_stays_out_of_debug_output_and_logs() {
     assert!(!logs.contains(READER_PW), "{logs}");
     assert!(!logs.contains("carol-pw"), "{logs}");
 }
+
+#[tokio::test]
+async fn ldaps_and_starttls_with_a_private_ca() {
+    let ca = ferry_core::tls::LocalCa::generate("ldap test ca").unwrap();
+    let cert = ca.issue_server_cert(&["127.0.0.1", "localhost"]).unwrap();
+    let slapd = Slapd::start_tls(&people(), &cert.cert_pem, cert.key_pem.expose());
+    let ca_file = std::env::temp_dir().join(format!("ferry-ldap-ca-{}.pem", std::process::id()));
+    std::fs::write(&ca_file, ca.cert_pem()).unwrap();
+    let ldaps = slapd.ldaps_url.clone().unwrap();
+
+    let over_ldaps = LdapConfig { ca_file: Some(ca_file.clone()), ..ldap_config(&ldaps) };
+    let c = password_grant(&service_with(over_ldaps).router(), "carol", "carol-pw").await.claims();
+    assert_eq!(c["email"], "carol@ferry.test");
+    let starttls = LdapConfig { starttls: true, ca_file: Some(ca_file.clone()), ..ldap_config(&slapd.url) };
+    let router = service_with(starttls).router();
+    assert_eq!(password_grant(&router, "carol", "carol-pw").await.claims()["user_name"], "carol");
+    password_grant(&router, "carol", "nope").await.assert_error(StatusCode::BAD_REQUEST, "invalid_grant", "Bad");
+
+    // A certificate nobody vouches for is the directory's problem: 503, not a login failure.
+    let untrusted = service_with(ldap_config(&ldaps)).router();
+    let r = password_grant(&untrusted, "carol", "carol-pw").await;
+    r.assert_error(StatusCode::SERVICE_UNAVAILABLE, "temporarily_unavailable", "cannot connect");
+    let untrusted = service_with(LdapConfig { starttls: true, ..ldap_config(&slapd.url) }).router();
+    let r = password_grant(&untrusted, "carol", "carol-pw").await;
+    r.assert_error(StatusCode::SERVICE_UNAVAILABLE, "temporarily_unavailable", "cannot connect");
+    let _ = std::fs::remove_file(&ca_file);
+}

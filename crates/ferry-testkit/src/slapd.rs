@@ -33,6 +33,9 @@ pub struct Slapd {
     /// `ldap://127.0.0.1:<port>`.
     pub url: String,
     pub addr: SocketAddr,
+    /// `ldaps://127.0.0.1:<port>` when started with [`Slapd::start_tls`]; StartTLS then works
+    /// on `url` too.
+    pub ldaps_url: Option<String>,
     dir: PathBuf,
     child: Child,
 }
@@ -53,10 +56,15 @@ fn base_ldif() -> String {
     )
 }
 
-fn conf(dir: &Path) -> String {
+fn conf(dir: &Path, tls: bool) -> String {
     let d = dir.display();
+    let tls = if tls {
+        format!("TLSCertificateFile {d}/server.pem\nTLSCertificateKeyFile {d}/server.key\n")
+    } else {
+        String::new()
+    };
     format!(
-        "include {SCHEMA_DIR}/core.schema\n\
+        "{tls}include {SCHEMA_DIR}/core.schema\n\
          include {SCHEMA_DIR}/cosine.schema\n\
          include {SCHEMA_DIR}/inetorgperson.schema\n\
          pidfile {d}/slapd.pid\n\
@@ -95,9 +103,23 @@ impl Slapd {
     /// Starts slapd with the base entries plus `ldif` (entries separated by blank lines, as
     /// `slapadd` reads them). Panics, with slapd's own messages, if it cannot start.
     pub fn start(ldif: &str) -> Slapd {
+        Self::launch(ldif, None)
+    }
+
+    /// [`Slapd::start`] with TLS: the server presents `cert_pem` (chain) with `key_pem` on an
+    /// extra `ldaps://` port and for StartTLS.
+    pub fn start_tls(ldif: &str, cert_pem: &str, key_pem: &str) -> Slapd {
+        Self::launch(ldif, Some((cert_pem, key_pem)))
+    }
+
+    fn launch(ldif: &str, tls: Option<(&str, &str)>) -> Slapd {
         assert!(Path::new(SLAPD).exists() && Path::new(SLAPADD).exists(), "{INSTALL_HINT}");
         let dir = temp_dir();
-        std::fs::write(dir.join("slapd.conf"), conf(&dir)).expect("cannot write slapd.conf");
+        if let Some((cert, key)) = tls {
+            std::fs::write(dir.join("server.pem"), cert).expect("cannot write the certificate");
+            std::fs::write(dir.join("server.key"), key).expect("cannot write the key");
+        }
+        std::fs::write(dir.join("slapd.conf"), conf(&dir, tls.is_some())).expect("cannot write slapd.conf");
         let seed = format!("{}{ldif}\n", base_ldif());
         let mut add = Command::new(SLAPADD)
             .arg("-f")
@@ -119,12 +141,17 @@ impl Slapd {
         for _ in 0..5 {
             let port = free_port();
             let url = format!("ldap://127.0.0.1:{port}");
+            let ldaps_url = tls.map(|_| format!("ldaps://127.0.0.1:{}", free_port()));
+            let listen = match &ldaps_url {
+                Some(s) => format!("{url}/ {s}/"),
+                None => format!("{url}/"),
+            };
             let log = std::fs::File::create(dir.join("slapd.log")).expect("cannot create slapd.log");
             let mut child = Command::new(SLAPD)
                 .arg("-f")
                 .arg(dir.join("slapd.conf"))
                 .arg("-h")
-                .arg(format!("{url}/"))
+                .arg(listen)
                 // -d keeps slapd in the foreground (so the child is slapd itself); level 0
                 // still prints start-up errors to stderr.
                 .args(["-d", "0"])
@@ -135,7 +162,7 @@ impl Slapd {
                 .expect("cannot run slapd");
             let addr = SocketAddr::from(([127, 0, 0, 1], port));
             if wait_ready(&mut child, addr) {
-                return Slapd { url, addr, dir, child };
+                return Slapd { url, addr, ldaps_url, dir, child };
             }
             let _ = child.kill();
             let _ = child.wait();

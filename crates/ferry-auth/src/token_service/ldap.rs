@@ -24,8 +24,11 @@
 //! The directory being unreachable, slow, or refusing the service account is
 //! [`StoreUnavailable`] (the token endpoint answers 503), not a wrong password.
 //!
-//! TLS: `ldaps://` URLs and `starttls = true` use rustls with the system's root certificates.
+//! TLS: `ldaps://` URLs and `starttls = true` use rustls with the system's root certificates,
+//! plus the CA certificates of `ca_file` (PEM) if given; the server name is the URL's host.
 
+use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 use ldap3::{Ldap, LdapConnAsync, LdapConnSettings, LdapResult, Scope, SearchEntry, ldap_escape};
@@ -54,6 +57,8 @@ pub struct LdapConfig {
     pub url: String,
     /// Upgrade an `ldap://` connection with StartTLS.
     pub starttls: bool,
+    /// PEM file of CA certificates to trust for `ldaps://`/StartTLS besides the system's.
+    pub ca_file: Option<PathBuf>,
     /// The service account that searches for users.
     pub bind_dn: String,
     pub bind_password: Secret<String>,
@@ -82,6 +87,7 @@ impl Default for LdapConfig {
         Self {
             url: String::new(),
             starttls: false,
+            ca_file: None,
             bind_dn: String::new(),
             bind_password: Secret::default(),
             base_dn: String::new(),
@@ -100,10 +106,34 @@ impl Default for LdapConfig {
 }
 
 /// Users of an LDAP directory; see the module documentation.
-#[derive(Debug)]
 pub struct LdapUserStore {
     config: LdapConfig,
     timeout: Duration,
+    /// For `ldaps://` and StartTLS.
+    tls: Arc<rustls::ClientConfig>,
+}
+
+impl std::fmt::Debug for LdapUserStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LdapUserStore").field("config", &self.config).finish_non_exhaustive()
+    }
+}
+
+/// The system's root certificates plus those of `ca_file`.
+fn tls_config(ca_file: Option<&std::path::Path>) -> Result<Arc<rustls::ClientConfig>, String> {
+    ferry_core::init_crypto();
+    let mut roots = rustls::RootCertStore::empty();
+    for c in rustls_native_certs::load_native_certs().certs {
+        let _ = roots.add(c);
+    }
+    if let Some(path) = ca_file {
+        let pem = std::fs::read_to_string(path).map_err(|e| format!("cannot read ca_file {}: {e}", path.display()))?;
+        let certs = ferry_core::tls::parse_certs(&pem).map_err(|e| format!("ca_file {}: {e}", path.display()))?;
+        for c in certs {
+            roots.add(c).map_err(|e| format!("ca_file {}: {e}", path.display()))?;
+        }
+    }
+    Ok(Arc::new(rustls::ClientConfig::builder().with_root_certificates(roots).with_no_client_auth()))
 }
 
 /// How a step of a login ended early.
@@ -166,7 +196,8 @@ impl LdapUserStore {
             return Err(err("timeout_secs must be at least 1".into()));
         }
         let timeout = Duration::from_secs(config.timeout_secs);
-        Ok(Self { config, timeout })
+        let tls = tls_config(config.ca_file.as_deref()).map_err(err)?;
+        Ok(Self { config, timeout, tls })
     }
 
     pub fn config(&self) -> &LdapConfig {
@@ -175,7 +206,10 @@ impl LdapUserStore {
 
     /// Connects and binds as the service account.
     async fn connect(&self) -> Result<Ldap, Stop> {
-        let settings = LdapConnSettings::new().set_conn_timeout(self.timeout).set_starttls(self.config.starttls);
+        let settings = LdapConnSettings::new()
+            .set_conn_timeout(self.timeout)
+            .set_starttls(self.config.starttls)
+            .set_config(self.tls.clone());
         let connect = LdapConnAsync::with_settings(settings, &self.config.url);
         let (conn, mut ldap) = tokio::time::timeout(self.timeout, connect)
             .await
