@@ -230,6 +230,19 @@ async fn password_grant_with_an_ldap_user() {
     let c = password_grant(&service_with(no_groups).router(), "carol", "carol-pw").await.claims();
     assert_eq!(scopes(&c), ["app!t1.Read", "app!t1.Write", "openid"]);
 
+    // Many logins at once: each gets its own connection, a bounded number at a time.
+    let mut burst = tokio::task::JoinSet::new();
+    for i in 0..40 {
+        let router = router.clone();
+        let pw = if i % 4 == 0 { "wrong" } else { "carol-pw" };
+        burst.spawn(async move { (pw, password_grant(&router, "carol", pw).await.status) });
+    }
+    while let Some(r) = burst.join_next().await {
+        let (pw, status) = r.unwrap();
+        let expected = if pw == "wrong" { StatusCode::BAD_REQUEST } else { StatusCode::OK };
+        assert_eq!(status, expected);
+    }
+
     // The user id falls back to the DN when the entry lacks the configured attribute.
     let by_dn = LdapConfig { user_id_attribute: "employeeNumber".into(), ..ldap_config(&slapd.url) };
     let c = password_grant(&service_with(by_dn).router(), "carol", "carol-pw").await.claims();

@@ -44,6 +44,10 @@ pub const DEFAULT_USER_FILTER: &str = "(&(objectClass=inetOrgPerson)(uid={userna
 /// The default `group_filter`.
 pub const DEFAULT_GROUP_FILTER: &str = "(&(objectClass=groupOfNames)(member={dn}))";
 
+/// Logins talking to the directory at once; more wait (within the timeout), so that a burst of
+/// logins cannot open unbounded connections to the directory.
+const MAX_CONCURRENT_LOGINS: usize = 16;
+
 /// LDAP result codes that mean "these credentials do not log in" rather than "the directory
 /// has a problem": invalidCredentials, inappropriateAuthentication, unwillingToPerform (e.g. a
 /// locked account).
@@ -111,6 +115,7 @@ pub struct LdapUserStore {
     timeout: Duration,
     /// For `ldaps://` and StartTLS.
     tls: Arc<rustls::ClientConfig>,
+    permits: tokio::sync::Semaphore,
 }
 
 impl std::fmt::Debug for LdapUserStore {
@@ -197,7 +202,7 @@ impl LdapUserStore {
         }
         let timeout = Duration::from_secs(config.timeout_secs);
         let tls = tls_config(config.ca_file.as_deref()).map_err(err)?;
-        Ok(Self { config, timeout, tls })
+        Ok(Self { config, timeout, tls, permits: tokio::sync::Semaphore::new(MAX_CONCURRENT_LOGINS) })
     }
 
     pub fn config(&self) -> &LdapConfig {
@@ -352,6 +357,11 @@ impl UserStore for LdapUserStore {
             if login.password.is_empty() {
                 return Ok(Verdict::WrongPassword);
             }
+            let busy = || StoreUnavailable(format!("the user directory {} is busy: too many logins", self.config.url));
+            let _permit = match tokio::time::timeout(self.timeout, self.permits.acquire()).await {
+                Ok(Ok(p)) => p,
+                _ => return Err(busy()),
+            };
             let outcome = match self.connect().await {
                 Ok(mut ldap) => {
                     let outcome = self.login(&mut ldap, login).await;
