@@ -527,9 +527,6 @@ async fn unknown_kids_refetch_at_most_once_per_interval() {
     // The provider rotates; with a short interval the new kid is picked up by one refetch,
     // the discovery document staying cached.
     let second = TestKey::p256();
-    // Generated before the first fetch: RSA key generation can take longer than the interval
-    // on a loaded machine, which would let the refetch happen "inside" it.
-    let third = TestKey::rsa();
     idp.jwks.write().unwrap()["keys"] = json!([first.jwk("k1", None), second.jwk("k2", None)]);
     let v = Verifier::new(
         vec![TrustedIssuer::Oidc(OidcIssuer::new(idp.trust()).unwrap().with_min_refetch(Duration::from_millis(200)))],
@@ -539,6 +536,7 @@ async fn unknown_kids_refetch_at_most_once_per_interval() {
     let (d0, j0) = idp.hits();
     let t2 = second.sign(&json!({"alg": "ES256", "kid": "k2"}), &claims);
     assert!(v.verify(&t2).await.is_ok(), "k2 is in the first fetch");
+    let third = TestKey::rsa();
     idp.jwks.write().unwrap()["keys"] = json!([second.jwk("k2", None), third.jwk("k3", None)]);
     let t3 = third.sign(&json!({"alg": "RS256", "kid": "k3"}), &claims);
     assert_eq!(v.verify(&t3).await, Err(VerifyError::UnknownKey), "inside the interval");
