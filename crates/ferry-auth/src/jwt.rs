@@ -333,6 +333,47 @@ pub enum TrustedIssuer {
     Jwks(RemoteKeys),
     /// An external OpenID Connect provider, found by its issuer URL (see [`crate::oidc`]).
     Oidc(OidcIssuer),
+    /// A changing set of Ferry tenants held in this process (the token service's tenants,
+    /// which the admin API adds and removes at run time); each bound to its zone like
+    /// [`TrustedIssuer::Tenant`].
+    Tenants(TenantKeys),
+}
+
+/// The current tenants' keys, shared between the token service (which updates it) and the
+/// verifiers of the services in the same process (which read it per token).
+#[derive(Clone, Default)]
+pub struct TenantKeys(Arc<std::sync::RwLock<Vec<ZoneKeys>>>);
+
+/// A zone id and its keys.
+type ZoneKeys = (String, Arc<KeySet>);
+
+impl TenantKeys {
+    /// Adds or replaces a tenant's keys.
+    pub fn insert(&self, zid: &str, keys: Arc<KeySet>) {
+        let mut list = self.0.write().unwrap_or_else(|p| p.into_inner());
+        list.retain(|(z, _)| z != zid);
+        list.push((zid.to_owned(), keys));
+    }
+
+    pub fn remove(&self, zid: &str) {
+        self.0.write().unwrap_or_else(|p| p.into_inner()).retain(|(z, _)| z != zid);
+    }
+
+    /// The zone whose keys hold `kid`, and that key.
+    fn find(&self, kid: &str) -> Option<(String, VerifyKey)> {
+        let list = self.0.read().unwrap_or_else(|p| p.into_inner());
+        list.iter().find_map(|(z, k)| k.verify_key(kid).map(|key| (z.clone(), key)))
+    }
+
+    pub fn zones(&self) -> Vec<String> {
+        self.0.read().unwrap_or_else(|p| p.into_inner()).iter().map(|(z, _)| z.clone()).collect()
+    }
+}
+
+impl std::fmt::Debug for TenantKeys {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_tuple("TenantKeys").field(&self.zones()).finish()
+    }
 }
 
 impl TrustedIssuer {
@@ -358,6 +399,7 @@ impl std::fmt::Debug for TrustedIssuer {
             Self::Tenant { zid, .. } => f.debug_struct("Tenant").field("zid", zid).finish(),
             Self::Jwks(k) => f.debug_tuple("Jwks").field(k).finish(),
             Self::Oidc(o) => f.debug_tuple("Oidc").field(o).finish(),
+            Self::Tenants(t) => t.fmt(f),
         }
     }
 }
@@ -544,9 +586,9 @@ fn numeric_date(v: &Value) -> Option<u64> {
 }
 
 /// `exp` (required) and `nbf` (if present), with [`LEEWAY_SECS`] each way; returns `exp`.
-fn check_times(payload: &Map<String, Value>, now: u64) -> Result<u64, VerifyError> {
+fn check_times(payload: &Map<String, Value>, now: u64, exp_tolerance: u64) -> Result<u64, VerifyError> {
     let exp = payload.get("exp").and_then(numeric_date).ok_or(VerifyError::MissingClaim("exp"))?;
-    if now >= exp.saturating_add(LEEWAY_SECS) {
+    if now >= exp.saturating_add(LEEWAY_SECS).saturating_add(exp_tolerance) {
         return Err(VerifyError::Expired);
     }
     if let Some(nbf) = payload.get("nbf") {
@@ -624,6 +666,21 @@ impl Verifier {
 
     /// Verifies a compact JWT and returns its claims.
     pub async fn verify(&self, token: &str) -> Result<Claims, VerifyError> {
+        self.verify_inner(token, 0).await
+    }
+
+    /// Like [`Verifier::verify`], but accepts a token up to `tolerance` after its `exp`: SAP's
+    /// Cloud Connector accepts a propagated principal for a configurable time after its token
+    /// expired (`expirationToleranceInHr`). Everything else is checked as usual.
+    pub async fn verify_with_expiry_tolerance(
+        &self,
+        token: &str,
+        tolerance: std::time::Duration,
+    ) -> Result<Claims, VerifyError> {
+        self.verify_inner(token, tolerance.as_secs()).await
+    }
+
+    async fn verify_inner(&self, token: &str, exp_tolerance: u64) -> Result<Claims, VerifyError> {
         let jws = Jws::parse(token.trim())?;
         if jws.header.contains_key("crit") {
             return Err(VerifyError::CriticalHeader);
@@ -638,7 +695,7 @@ impl Verifier {
         if let Some(oidc) = iss.and_then(|iss| self.oidc().find(|o| o.issuer() == iss)) {
             let key = oidc.keys().key(kid, &self.http).await?.ok_or(VerifyError::UnknownKey)?;
             jws.verify_with(&key, alg)?;
-            let exp = check_times(&jws.payload, now)?;
+            let exp = check_times(&jws.payload, now, exp_tolerance)?;
             if claimed_zid(&jws.payload)?.is_some_and(|z| z != oidc.subaccount()) {
                 return Err(VerifyError::TenantMismatch);
             }
@@ -648,8 +705,13 @@ impl Verifier {
 
         let mut unavailable = false;
         for issuer in &self.issuers {
+            let mut bound: Option<String> = None;
             let key = match issuer {
                 TrustedIssuer::Local(keys) | TrustedIssuer::Tenant { keys, .. } => keys.verify_key(kid),
+                TrustedIssuer::Tenants(tenants) => tenants.find(kid).map(|(zid, key)| {
+                    bound = Some(zid);
+                    key
+                }),
                 TrustedIssuer::Jwks(remote) => remote.key(kid, &self.http).await.unwrap_or_else(|_| {
                     unavailable = true;
                     None
@@ -661,11 +723,14 @@ impl Verifier {
                 return Err(VerifyError::Algorithm);
             }
             jws.verify_with(&key, alg)?;
-            let exp = check_times(&jws.payload, now)?;
+            let exp = check_times(&jws.payload, now, exp_tolerance)?;
             let zid = claimed_zid(&jws.payload)?.ok_or(VerifyError::MissingClaim("zid"))?.to_owned();
             if let TrustedIssuer::Tenant { zid: own, .. } = issuer
                 && *own != zid
             {
+                return Err(VerifyError::TenantMismatch);
+            }
+            if bound.is_some_and(|own| own != zid) {
                 return Err(VerifyError::TenantMismatch);
             }
             check_audience(&jws.payload, &self.audiences)?;

@@ -9,5 +9,5 @@ pub mod jwt;
 pub mod oidc;
 pub mod token_service;
 
-pub use jwt::{Claims, ExtAttr, Jwk, Jwks, KeySet, TrustedIssuer, Verifier, VerifyError};
+pub use jwt::{Claims, ExtAttr, Jwk, Jwks, KeySet, TenantKeys, TrustedIssuer, Verifier, VerifyError};
 pub use oidc::{OidcIssuer, OidcTrust, TrustConfigError};

@@ -17,8 +17,13 @@ use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
+mod tokens;
+
 #[derive(Parser)]
 struct Args {
+    /// What to measure: `data-path` (proxy, tunnel, connector) or `tokens` (issue, verify).
+    #[arg(default_value = "data-path")]
+    what: String,
     /// Seconds per measurement.
     #[arg(long, default_value_t = 5)]
     secs: u64,
@@ -28,6 +33,9 @@ struct Args {
     /// Repetitions; the median is reported.
     #[arg(long, default_value_t = 3)]
     reps: usize,
+    /// Skip the bulk measurements (e.g. to profile the HTTP path alone).
+    #[arg(long)]
+    http_only: bool,
     /// Tunnel connections between connector and proxy.
     #[arg(long, default_value_t = 1)]
     tunnels: usize,
@@ -164,6 +172,10 @@ fn median(mut v: Vec<f64>) -> f64 {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
+    if args.what == "tokens" {
+        return tokens::run(args.secs).await;
+    }
+    anyhow::ensure!(args.what == "data-path", "unknown benchmark {:?}: use data-path or tokens", args.what);
     let sink = sink().await;
     let origin = origin().await;
     let pair = TunnelPair::start().await;
@@ -174,6 +186,7 @@ async fn main() -> anyhow::Result<()> {
         local_port: to.port(),
         protocol,
         host_in_header: HostInHeader::Virtual,
+        authentication_mode: Default::default(),
         resources: vec![Resource {
             path: "/".into(),
             exact_match_only: false,
@@ -195,11 +208,16 @@ async fn main() -> anyhow::Result<()> {
     let (mut http_direct, mut http_ferry) = (Vec::new(), Vec::new());
     for rep in 0..args.reps {
         eprintln!("rep {}/{}", rep + 1, args.reps);
-        let s = TcpStream::connect(sink).await?;
-        s.set_nodelay(true)?;
-        bulk_direct.push(blast(s, args.secs).await);
-        let s = socks_connect(pair.socks_addr, &token, "sink.virtual", 9).await;
-        bulk_ferry.push(blast(s, args.secs).await);
+        if args.http_only {
+            bulk_direct.push(f64::NAN);
+            bulk_ferry.push(f64::NAN);
+        } else {
+            let s = TcpStream::connect(sink).await?;
+            s.set_nodelay(true)?;
+            bulk_direct.push(blast(s, args.secs).await);
+            let s = socks_connect(pair.socks_addr, &token, "sink.virtual", 9).await;
+            bulk_ferry.push(blast(s, args.secs).await);
+        }
         http_direct.push(http_load(origin, "/1k".into(), None, args.conns, args.secs).await);
         http_ferry.push(
             http_load(

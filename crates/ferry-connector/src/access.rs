@@ -69,6 +69,9 @@ pub struct SystemMapping {
     pub protocol: Protocol,
     #[serde(default)]
     pub host_in_header: HostInHeader,
+    /// Principal propagation (`X509_GENERAL`/`X509_RESTRICTED`) or none.
+    #[serde(default)]
+    pub authentication_mode: crate::principal::AuthenticationMode,
     #[serde(default)]
     pub resources: Vec<Resource>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -206,6 +209,7 @@ mod tests {
                 local_port: 80,
                 protocol: Protocol::Http,
                 host_in_header: HostInHeader::Virtual,
+                authentication_mode: Default::default(),
                 resources: vec![
                     res("/sap/opu", false, true),
                     res("/exact", true, true),
@@ -220,6 +224,7 @@ mod tests {
                 local_port: 2525,
                 protocol: Protocol::Tcp,
                 host_in_header: HostInHeader::Virtual,
+                authentication_mode: Default::default(),
                 resources: vec![],
                 description: None,
             },

@@ -12,15 +12,25 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 use tokio::net::TcpStream;
 
-use crate::access::{AccessRequest, AccessRules, Decision, DenyReason, HostInHeader, SystemMapping};
+use std::sync::Arc;
+
+use crate::access::{AccessRequest, AccessRules, Decision, DenyReason, HostInHeader, Protocol, SystemMapping};
 use crate::audit::{AuditEvent, AuditLog, Outcome};
+use crate::principal::PrincipalPropagation;
 
 pub(crate) struct Backend {
     rules: AccessRules,
     audit: AuditLog,
     connect_timeout: Duration,
-    http: Client<HttpConnector, BoxBody>,
+    /// Pooled HTTP/1.1 client for `HTTP` and `HTTPS` mappings.
+    http: Client<hyper_rustls::HttpsConnector<HttpConnector>, BoxBody>,
+    /// TLS for `TCPS`/`LDAPS` mappings.
+    tls: tokio_rustls::TlsConnector,
+    principal: Option<Arc<PrincipalPropagation>>,
 }
+
+/// SAP's header for the propagated user's certificate.
+const SSL_CLIENT_CERT: &str = "ssl_client_cert";
 
 fn error_response(status: StatusCode, kind: &'static str, message: String) -> Response<BoxBody> {
     let mut r = Response::new(body::full(message));
@@ -44,13 +54,24 @@ fn deny_message(reason: DenyReason, target: &str, path: Option<&str>) -> String 
 }
 
 impl Backend {
-    pub(crate) fn new(rules: AccessRules, audit: AuditLog, connect_timeout: Duration) -> Self {
+    pub(crate) fn new(
+        rules: AccessRules,
+        audit: AuditLog,
+        tls: Arc<rustls::ClientConfig>,
+        principal: Option<Arc<PrincipalPropagation>>,
+        connect_timeout: Duration,
+    ) -> Self {
         let mut connector = HttpConnector::new();
         connector.set_nodelay(true);
         connector.set_connect_timeout(Some(connect_timeout));
-        connector.enforce_http(true);
-        let http = Client::builder(TokioExecutor::new()).pool_idle_timeout(Duration::from_secs(30)).build(connector);
-        Self { rules, audit, connect_timeout, http }
+        connector.enforce_http(false);
+        let https = hyper_rustls::HttpsConnectorBuilder::new()
+            .with_tls_config((*tls).clone())
+            .https_or_http()
+            .enable_http1()
+            .wrap_connector(connector);
+        let http = Client::builder(TokioExecutor::new()).pool_idle_timeout(Duration::from_secs(30)).build(https);
+        Self { rules, audit, connect_timeout, http, tls: tokio_rustls::TlsConnector::from(tls), principal }
     }
 
     pub(crate) async fn handle(&self, req: Request<Incoming>) -> Response<BoxBody> {
@@ -124,7 +145,8 @@ impl Backend {
     async fn forward_http(&self, req: Request<Incoming>, m: &SystemMapping, target: &str) -> Response<BoxBody> {
         let (mut parts, incoming) = req.into_parts();
         let pq = parts.uri.path_and_query().map(|p| p.as_str()).unwrap_or("/");
-        let uri: Uri = match format!("http://{}:{}{}", m.local_host, m.local_port, pq).parse() {
+        let scheme = if m.protocol == Protocol::Https { "https" } else { "http" };
+        let uri: Uri = match format!("{scheme}://{}:{}{}", m.local_host, m.local_port, pq).parse() {
             Ok(u) => u,
             Err(_) => {
                 return error_response(
@@ -136,6 +158,39 @@ impl Backend {
         };
         parts.uri = uri;
         parts.version = http::Version::HTTP_11;
+        let principal = parts.headers.get(tunnel::PRINCIPAL).and_then(|v| v.to_str().ok()).map(str::to_owned);
+        // The app must never choose the identity the backend logs on with.
+        parts.headers.remove(SSL_CLIENT_CERT);
+        if m.authentication_mode.propagates() {
+            let value = match (principal, &self.principal) {
+                (Some(token), Some(pp)) => match pp.certificate_for(&token).await {
+                    Ok(cert) => cert,
+                    Err(e) => {
+                        tracing::warn!(target: "ferry::audit", system = %target, error = %e, "principal propagation refused");
+                        return error_response(
+                            StatusCode::FORBIDDEN,
+                            tunnel::ERROR_DENIED,
+                            format!("Principal propagation to system {target} failed: {e}"),
+                        );
+                    }
+                },
+                (Some(_), None) => {
+                    return error_response(
+                        StatusCode::FORBIDDEN,
+                        tunnel::ERROR_DENIED,
+                        format!(
+                            "System {target} expects principal propagation, which is not configured on this Cloud Connector"
+                        ),
+                    );
+                }
+                // No user: an empty header tells the backend not to log on with the system
+                // certificate (SAP's behaviour).
+                (None, _) => String::new(),
+            };
+            if let Ok(v) = HeaderValue::from_str(&value) {
+                parts.headers.insert(SSL_CLIENT_CERT, v);
+            }
+        }
         let h = &mut parts.headers;
         for name in [tunnel::KIND, tunnel::TARGET, tunnel::REQUEST_ID, tunnel::PRINCIPAL, tunnel::CLIENT] {
             h.remove(name);
@@ -158,6 +213,7 @@ impl Backend {
             Ok(resp) => {
                 let (mut parts, incoming) = resp.into_parts();
                 body::strip_hop_by_hop(&mut parts.headers);
+                self.rewrite_response_headers(&mut parts.headers);
                 Response::from_parts(parts, body::boxed(incoming))
             }
             Err(e) => {
@@ -167,6 +223,33 @@ impl Backend {
                     tunnel::ERROR_UNREACHABLE,
                     format!("The Cloud Connector could not reach the backend of system {target}"),
                 )
+            }
+        }
+    }
+
+    /// Maps internal names in `Location` and cookie domains back to virtual ones.
+    fn rewrite_response_headers(&self, headers: &mut http::HeaderMap) {
+        if let Some(v) = headers.get(http::header::LOCATION).and_then(|v| v.to_str().ok())
+            && let Some(new) = crate::rewrite::location(&self.rules, v)
+            && let Ok(v) = HeaderValue::from_str(&new)
+        {
+            headers.insert(http::header::LOCATION, v);
+        }
+        let cookies: Vec<HeaderValue> = headers
+            .get_all(http::header::SET_COOKIE)
+            .iter()
+            .map(|v| {
+                v.to_str()
+                    .ok()
+                    .and_then(|s| crate::rewrite::set_cookie(&self.rules, s))
+                    .and_then(|s| HeaderValue::from_str(&s).ok())
+                    .unwrap_or_else(|| v.clone())
+            })
+            .collect();
+        if !cookies.is_empty() {
+            headers.remove(http::header::SET_COOKIE);
+            for c in cookies {
+                headers.append(http::header::SET_COOKIE, c);
             }
         }
     }
@@ -192,15 +275,55 @@ impl Backend {
             }
         };
         let _ = stream.set_nodelay(true);
-        let (read, write) = stream.into_split();
-        let upstream = req.into_body();
-        tokio::spawn(async move {
-            if let Err(e) = body::copy_to_writer(upstream, write).await {
-                tracing::debug!(error = %e, "tunnel→backend copy ended");
+        let downstream = if matches!(m.protocol, Protocol::Tcps | Protocol::Ldaps) {
+            let name = match rustls::pki_types::ServerName::try_from(m.local_host.clone()) {
+                Ok(n) => n,
+                Err(_) => {
+                    return error_response(
+                        StatusCode::BAD_GATEWAY,
+                        tunnel::ERROR_UNREACHABLE,
+                        format!("The backend of system {target} has no valid TLS server name"),
+                    );
+                }
+            };
+            match tokio::time::timeout(self.connect_timeout, self.tls.connect(name, stream)).await {
+                Ok(Ok(tls)) => {
+                    let (read, write) = tokio::io::split(tls);
+                    relay_up(req.into_body(), write);
+                    body::from_reader(read)
+                }
+                Ok(Err(e)) => {
+                    tracing::warn!(system = %target, error = %e, "backend TLS handshake failed");
+                    return error_response(
+                        StatusCode::BAD_GATEWAY,
+                        tunnel::ERROR_UNREACHABLE,
+                        format!("The TLS handshake with the backend of system {target} failed"),
+                    );
+                }
+                Err(_) => {
+                    return error_response(
+                        StatusCode::GATEWAY_TIMEOUT,
+                        tunnel::ERROR_TIMEOUT,
+                        format!("The TLS handshake with the backend of system {target} timed out"),
+                    );
+                }
             }
-        });
-        let mut resp = Response::new(body::from_reader(read));
+        } else {
+            let (read, write) = stream.into_split();
+            relay_up(req.into_body(), write);
+            body::from_reader(read)
+        };
+        let mut resp = Response::new(downstream);
         resp.headers_mut().insert(http::header::CONTENT_TYPE, HeaderValue::from_static("application/octet-stream"));
         resp
     }
+}
+
+/// Copies the app's bytes (the tunnel request body) to the backend, half-closing at the end.
+fn relay_up<W: tokio::io::AsyncWrite + Unpin + Send + 'static>(upstream: Incoming, write: W) {
+    tokio::spawn(async move {
+        if let Err(e) = body::copy_to_writer(upstream, write).await {
+            tracing::debug!(error = %e, "tunnel→backend copy ended");
+        }
+    });
 }

@@ -8,6 +8,8 @@
 pub mod access;
 pub mod audit;
 mod backend;
+pub mod principal;
+pub mod rewrite;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -19,6 +21,7 @@ use tokio::net::TcpStream;
 use tokio::sync::watch;
 
 pub use access::{AccessRules, HostInHeader, Protocol, Resource, SystemMapping};
+pub use principal::{AuthenticationMode, PrincipalPropagation};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConnectorError {
@@ -30,8 +33,6 @@ pub enum ConnectorError {
     Audit(#[from] audit::AuditError),
     #[error("the connector certificate does not name a subaccount and location")]
     Identity,
-    #[error("system mapping {0}: protocol {1:?} (TLS to the backend) is not supported yet; use HTTP or TCP")]
-    UnsupportedProtocol(String, Protocol),
 }
 
 #[derive(Clone, Debug)]
@@ -53,6 +54,12 @@ pub struct ConnectorConfig {
     /// HTTP/2 PING interval on the tunnel; a missed answer within the same time drops it.
     pub heartbeat: Duration,
     pub audit: audit::AuditConfig,
+    /// Extra trust anchor (PEM) for TLS to backends (`HTTPS`, `TCPS`, `LDAPS` mappings), in
+    /// addition to the system's roots.
+    pub backend_ca_pem: Option<String>,
+    /// Verifies propagated users and issues their certificates; without it, requests carrying
+    /// a principal to an `X509_*` mapping are refused.
+    pub principal_propagation: Option<Arc<principal::PrincipalPropagation>>,
 }
 
 impl ConnectorConfig {
@@ -75,6 +82,8 @@ impl ConnectorConfig {
             backend_connect_timeout: Duration::from_secs(10),
             heartbeat: Duration::from_secs(20),
             audit: audit::AuditConfig::default(),
+            backend_ca_pem: None,
+            principal_propagation: None,
         }
     }
 }
@@ -99,13 +108,6 @@ pub struct Connector {
 impl Connector {
     /// Must be called inside a Tokio runtime (the audit writer starts here).
     pub fn new(config: ConnectorConfig) -> Result<Self, ConnectorError> {
-        // Refuse rather than silently send plaintext to a backend the admin declared as TLS.
-        if let Some(m) = config.rules.mappings.iter().find(|m| !matches!(m.protocol, Protocol::Http | Protocol::Tcp)) {
-            return Err(ConnectorError::UnsupportedProtocol(
-                format!("{}:{}", m.virtual_host, m.virtual_port),
-                m.protocol,
-            ));
-        }
         let tls = ferry_core::tls::client_config(&config.ca_pem, Some(&config.identity), &[ferry_proto::tunnel::ALPN])?;
         let server_name = rustls::pki_types::ServerName::try_from(config.server_name.clone())
             .map_err(|_| ConnectorError::ServerName(config.server_name.clone()))?;
@@ -113,7 +115,14 @@ impl Connector {
         let (subaccount, location) =
             der.first().and_then(|c| ferry_core::tls::connector_identity(c)).ok_or(ConnectorError::Identity)?;
         let audit = audit::AuditLog::start(&config.audit, &subaccount, &location)?;
-        let backend = Arc::new(backend::Backend::new(config.rules.clone(), audit, config.backend_connect_timeout));
+        let backend_tls = Arc::new(ferry_core::tls::outbound_client_config(config.backend_ca_pem.as_deref())?);
+        let backend = Arc::new(backend::Backend::new(
+            config.rules.clone(),
+            audit,
+            backend_tls,
+            config.principal_propagation.clone(),
+            config.backend_connect_timeout,
+        ));
         Ok(Self {
             config: Arc::new(config),
             tls: tokio_rustls::TlsConnector::from(tls),

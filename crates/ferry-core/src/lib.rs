@@ -5,6 +5,7 @@
 //! accept loop (connection cap, `TCP_NODELAY`, span per connection, drain on shutdown), and
 //! serving an HTTP router over plain TCP or TLS.
 
+pub mod aead;
 pub mod body;
 pub mod secret;
 pub mod serve;

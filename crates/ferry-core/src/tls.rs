@@ -101,6 +101,31 @@ impl LocalCa {
         self.issue(params, Duration::days(825))
     }
 
+    /// A short-lived client certificate for a user (principal propagation): the subject is
+    /// given as `(attribute, value)` pairs with attributes `CN`, `EMAIL`/`E`, `OU`, `O`, `L`,
+    /// `ST`, `C`.
+    pub fn issue_user_cert(&self, subject: &[(String, String)], validity: Duration) -> Result<CertifiedKey, TlsError> {
+        let mut params = CertificateParams::default();
+        for (attr, value) in subject {
+            let ty = match attr.to_ascii_uppercase().as_str() {
+                "CN" => DnType::CommonName,
+                "OU" => DnType::OrganizationalUnitName,
+                "O" => DnType::OrganizationName,
+                "L" => DnType::LocalityName,
+                "ST" => DnType::StateOrProvinceName,
+                "C" => DnType::CountryName,
+                "EMAIL" | "E" => DnType::CustomDnType(vec![1, 2, 840, 113549, 1, 9, 1]),
+                other => return Err(TlsError::Pem(format!("unsupported subject attribute {other}"))),
+            };
+            params.distinguished_name.push(ty, value.as_str());
+        }
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        // Issued slightly in the past so clock skew between connector and backend does not
+        // make a fresh certificate "not yet valid".
+        self.issue(params, validity)
+    }
+
     /// A client certificate that identifies a Cloud Connector for `(subaccount, location_id)`.
     pub fn issue_connector_cert(
         &self,
@@ -202,13 +227,12 @@ pub fn client_config(
     Ok(Arc::new(cfg))
 }
 
-/// An HTTP client for outbound calls (token endpoints, JWKS): the system roots plus
-/// `extra_ca_pem` (the local CA under `ferry up`), TLS 1.2+ through rustls, `TCP_NODELAY`.
-pub fn http_client(extra_ca_pem: Option<&str>) -> Result<reqwest::Client, TlsError> {
+/// A client config trusting the system roots plus `extra_ca_pem`, TLS 1.2+, no client
+/// certificate: for outbound TLS to servers outside Ferry (backends, token endpoints).
+pub fn outbound_client_config(extra_ca_pem: Option<&str>) -> Result<ClientConfig, TlsError> {
     crate::init_crypto();
     let mut roots = RootCertStore::empty();
-    let native = rustls_native_certs::load_native_certs();
-    for c in native.certs {
+    for c in rustls_native_certs::load_native_certs().certs {
         let _ = roots.add(c);
     }
     if let Some(pem) = extra_ca_pem {
@@ -216,7 +240,13 @@ pub fn http_client(extra_ca_pem: Option<&str>) -> Result<reqwest::Client, TlsErr
             roots.add(c)?;
         }
     }
-    let cfg = ClientConfig::builder().with_root_certificates(roots).with_no_client_auth();
+    Ok(ClientConfig::builder().with_root_certificates(roots).with_no_client_auth())
+}
+
+/// An HTTP client for outbound calls (token endpoints, JWKS): the system roots plus
+/// `extra_ca_pem` (the local CA under `ferry up`), TLS 1.2+ through rustls, `TCP_NODELAY`.
+pub fn http_client(extra_ca_pem: Option<&str>) -> Result<reqwest::Client, TlsError> {
+    let cfg = outbound_client_config(extra_ca_pem)?;
     reqwest::Client::builder()
         .use_preconfigured_tls(cfg)
         .tcp_nodelay(true)

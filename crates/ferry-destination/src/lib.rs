@@ -13,7 +13,6 @@
 #![cfg_attr(test, allow(clippy::unwrap_used))]
 
 mod api;
-mod crypto;
 mod store;
 mod tokens;
 
@@ -30,10 +29,10 @@ use ferry_core::{Secret, Shutdown};
 use ferry_model::Destination;
 use sha2::{Digest, Sha256};
 
-use crate::crypto::Sealer;
 pub use crate::store::StoreError;
 use crate::store::{Level, RowKey, Scope, SqliteStore, Store};
 use crate::tokens::{Clock, SystemClock, TokenFetcher};
+use ferry_core::aead::Sealer;
 
 /// SPEC §2.3: token requests time out after 10 s unless the destination says otherwise.
 pub const DEFAULT_TOKEN_FETCH_TIMEOUT: Duration = Duration::from_secs(10);

@@ -6,6 +6,7 @@
 mod http_proxy;
 pub mod registry;
 mod socks;
+mod token_cache;
 mod tunnel_server;
 
 use std::sync::Arc;
@@ -86,7 +87,7 @@ pub(crate) async fn send_on_tunnel(
 }
 
 pub(crate) struct Shared {
-    pub(crate) verifier: Arc<Verifier>,
+    pub(crate) verifier: token_cache::TokenCache,
     pub(crate) registry: Arc<Registry>,
 }
 
@@ -106,7 +107,10 @@ impl Proxy {
 
     /// Serves the given listeners until `shutdown`, then drains.
     pub async fn run(self: Arc<Self>, listeners: Listeners, shutdown: Shutdown) {
-        let shared = Arc::new(Shared { verifier: self.config.verifier.clone(), registry: self.registry.clone() });
+        let shared = Arc::new(Shared {
+            verifier: token_cache::TokenCache::new(self.config.verifier.clone()),
+            registry: self.registry.clone(),
+        });
         let opts = |name| AcceptOptions {
             max_connections: self.config.max_connections,
             handshake_timeout: self.config.handshake_timeout,

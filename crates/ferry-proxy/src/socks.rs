@@ -111,7 +111,7 @@ async fn relay(
     stream: TcpStream,
     leftover: BytesMut,
     shared: Arc<Shared>,
-    claims: ferry_auth::Claims,
+    claims: Arc<ferry_auth::Claims>,
     target: String,
     location: String,
 ) {

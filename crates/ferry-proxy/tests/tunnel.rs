@@ -22,6 +22,7 @@ fn http_mapping(vhost: &str, vport: u16, backend: SocketAddr, resources: &[(&str
         local_port: backend.port(),
         protocol: Protocol::Http,
         host_in_header: HostInHeader::Virtual,
+        authentication_mode: Default::default(),
         resources: resources
             .iter()
             .map(|(p, exact)| Resource {
@@ -465,4 +466,124 @@ async fn socks5_carries_server_first_protocols() {
     let mut echo = [0u8; 8];
     tokio::time::timeout(Duration::from_secs(5), s.read_exact(&mut echo)).await.expect("echo in time").unwrap();
     assert_eq!(&echo, b"EHLO x\r\n");
+}
+
+/// `HTTPS` and `TCPS` mappings: the connector does TLS to the backend and checks its certificate.
+#[tokio::test]
+async fn connector_speaks_tls_to_backends_and_checks_their_certificates() {
+    let pair = TunnelPair::start().await;
+    let backend_cert = pair.ca.issue_server_cert(&["127.0.0.1"]).unwrap();
+    let echo = EchoBackend::start_tls(&backend_cert).await;
+    let https =
+        SystemMapping { protocol: Protocol::Https, ..http_mapping("secure.virtual", 80, echo.addr, &[("/", false)]) };
+    let tcps = SystemMapping { protocol: Protocol::Tcps, ..tcp_mapping("secure-tcp.virtual", 7000, echo.addr) };
+    let mut cfg = pair.connector_config("trusting", AccessRules::new(vec![https.clone(), tcps]), pair.tunnel_addr);
+    cfg.backend_ca_pem = Some(pair.ca.cert_pem().to_owned());
+    pair.spawn_connector(cfg);
+    // A second connector that does not trust the backend's CA.
+    pair.spawn_connector(pair.connector_config("distrusting", AccessRules::new(vec![https]), pair.tunnel_addr));
+    pair.wait_connected("trusting").await;
+    pair.wait_connected("distrusting").await;
+    let token = pair.token();
+
+    let r = one(
+        pair.http_addr,
+        get("http://secure.virtual/tls", Some(&token), Some("trusting")).body(Full::default()).unwrap(),
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.json()["url"], "/tls");
+    assert_eq!(r.json()["headers"]["host"], "secure.virtual:80");
+
+    let (mut s, rep) = socks_connect(pair.socks_addr, &token, "trusting", "secure-tcp.virtual", 7000).await;
+    assert_eq!(rep, 0);
+    s.write_all(b"GET /over-tcps HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n").await.unwrap();
+    let mut out = Vec::new();
+    s.read_to_end(&mut out).await.unwrap();
+    let text = String::from_utf8_lossy(&out);
+    assert!(text.starts_with("HTTP/1.1 200") && text.contains("/over-tcps"), "{text}");
+
+    let r = one(
+        pair.http_addr,
+        get("http://secure.virtual/tls", Some(&token), Some("distrusting")).body(Full::default()).unwrap(),
+    )
+    .await;
+    assert_eq!(r.status, 502, "an untrusted backend certificate is refused: {}", r.text());
+    assert_eq!(echo.hits(), 2);
+}
+
+/// Principal propagation: the connector verifies the user token itself and hands the backend a
+/// short-lived certificate for that user; apps can never inject one.
+#[tokio::test]
+async fn principal_propagation_issues_a_user_certificate() {
+    use std::sync::Arc;
+    let echo = EchoBackend::start().await;
+    let pair = TunnelPair::start().await;
+    let pp_ca = Arc::new(ferry_core::tls::LocalCa::generate("PP CA").unwrap());
+    let pp_mapping = SystemMapping {
+        authentication_mode: ferry_connector::AuthenticationMode::X509General,
+        ..http_mapping("pp.virtual", 80, echo.addr, &[("/", false)])
+    };
+    let plain = http_mapping("plain.virtual", 80, echo.addr, &[("/", false)]);
+    let mut cfg = pair.connector_config("", AccessRules::new(vec![pp_mapping, plain]), pair.tunnel_addr);
+    let mut pp = ferry_connector::PrincipalPropagation::new(
+        Arc::new(ferry_auth::Verifier::local(pair.keys.clone())),
+        pp_ca.clone(),
+    );
+    pp.subject_pattern = "CN=${name},EMAIL=${mail}".into();
+    pp.expiration_tolerance = Duration::from_secs(3600);
+    cfg.principal_propagation = Some(Arc::new(pp));
+    pair.spawn_connector(cfg);
+    pair.wait_connected("").await;
+    let token = pair.token();
+    let user = |exp_in: i64, keys: &ferry_auth::KeySet| {
+        let exp = (ferry_testkit::now() as i64 + exp_in) as u64;
+        keys.sign(
+            &serde_json::json!({"zid": SUBACCOUNT, "user_name": "alice", "email": "alice@example.org",
+                                "user_id": "u-1", "client_id": "sb-app!t1", "exp": exp}),
+            &[],
+        )
+        .unwrap()
+    };
+    let call = |host: &str, principal: Option<String>, injected: bool| {
+        let mut b = get(&format!("http://{host}/whoami"), Some(&token), None);
+        if let Some(p) = principal {
+            b = b.header("sap-connectivity-authentication", format!("Bearer {p}"));
+        }
+        if injected {
+            b = b.header("ssl_client_cert", "forged");
+        }
+        b.body(Full::default()).unwrap()
+    };
+
+    let r = one(pair.http_addr, call("pp.virtual", Some(user(600, &pair.keys)), true)).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    let cert_b64 = r.json()["headers"]["ssl_client_cert"].as_str().unwrap().to_owned();
+    let der = base64::engine::general_purpose::STANDARD.decode(&cert_b64).unwrap();
+    let (_, cert) = x509_parser::parse_x509_certificate(&der).unwrap();
+    let cn = cert.subject().iter_common_name().next().unwrap().as_str().unwrap().to_owned();
+    assert_eq!(cn, "alice");
+    assert!(cert.issuer().to_string().contains("PP CA"), "{}", cert.issuer());
+    assert!(cert.validity().time_to_expiration().is_some());
+
+    // The same user again: the certificate is reused while valid.
+    let r = one(pair.http_addr, call("pp.virtual", Some(user(600, &pair.keys)), false)).await;
+    assert_eq!(r.json()["headers"]["ssl_client_cert"].as_str().unwrap(), cert_b64);
+    // Expired 10 minutes ago, within the one-hour tolerance: accepted.
+    assert_eq!(one(pair.http_addr, call("pp.virtual", Some(user(-600, &pair.keys)), false)).await.status, 200);
+    // Expired beyond the tolerance, or signed by an unknown key: refused, nothing reaches the backend.
+    let hits = echo.hits();
+    assert_eq!(one(pair.http_addr, call("pp.virtual", Some(user(-7200, &pair.keys)), false)).await.status, 403);
+    let foreign = ferry_auth::KeySet::generate().unwrap();
+    let r = one(pair.http_addr, call("pp.virtual", Some(user(600, &foreign)), false)).await;
+    assert_eq!(r.status, 403);
+    assert!(r.text().contains("Principal propagation"), "{}", r.text());
+    assert_eq!(echo.hits(), hits);
+    // No user: an empty header, so the backend does not fall back to the system certificate.
+    let r = one(pair.http_addr, call("pp.virtual", None, true)).await;
+    assert_eq!(r.json()["headers"]["ssl_client_cert"], "");
+    // A mapping without principal propagation: the app's forged header is removed.
+    let r = one(pair.http_addr, call("plain.virtual", Some(user(600, &pair.keys)), true)).await;
+    assert_eq!(r.status, 200);
+    assert!(r.json()["headers"].get("ssl_client_cert").is_none(), "{}", r.json()["headers"]);
 }

@@ -65,6 +65,16 @@ pub struct EchoBackend {
 
 impl EchoBackend {
     pub async fn start() -> Self {
+        Self::start_with(None).await
+    }
+
+    /// The same echo server behind TLS with `identity` as its certificate.
+    pub async fn start_tls(identity: &ferry_core::tls::CertifiedKey) -> Self {
+        let cfg = ferry_core::tls::server_config(identity, None, &[b"http/1.1"]).expect("tls config");
+        Self::start_with(Some(tokio_rustls::TlsAcceptor::from(cfg))).await
+    }
+
+    async fn start_with(tls: Option<tokio_rustls::TlsAcceptor>) -> Self {
         let l = listener().await;
         let addr = l.local_addr().expect("addr");
         let hits = Arc::new(AtomicUsize::new(0));
@@ -74,6 +84,8 @@ impl EchoBackend {
                 let Ok((s, _)) = l.accept().await else { return };
                 let _ = s.set_nodelay(true);
                 let h = h.clone();
+                let tls = tls.clone();
+                let tls_on = tls.is_some();
                 tokio::spawn(async move {
                     let svc = hyper::service::service_fn(move |req: http::Request<hyper::body::Incoming>| {
                         let h = h.clone();
@@ -88,15 +100,32 @@ impl EchoBackend {
                                 .collect();
                             let out = json!({"method": parts.method.as_str(), "url": parts.uri.to_string(),
                                              "headers": headers, "body": String::from_utf8_lossy(&body)});
-                            let resp = http::Response::builder()
+                            let mut resp = http::Response::builder()
                                 .header("content-type", "application/json")
-                                .header("x-echo", "1")
-                                .body(Full::new(Bytes::from(out.to_string())))
-                                .expect("response");
+                                .header("x-echo", "1");
+                            // `/redirect`: a backend that names itself, as SAP systems do.
+                            if parts.uri.path() == "/redirect" {
+                                let scheme = if tls_on { "https" } else { "http" };
+                                resp = resp
+                                    .status(302)
+                                    .header("location", format!("{scheme}://{addr}/landing?x=1"))
+                                    .header("set-cookie", format!("sid=1; Domain={}; Path=/", addr.ip()));
+                            }
+                            let resp = resp.body(Full::new(Bytes::from(out.to_string()))).expect("response");
                             Ok::<_, std::convert::Infallible>(resp)
                         }
                     });
-                    let _ = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(s), svc).await;
+                    let builder = hyper::server::conn::http1::Builder::new();
+                    match tls {
+                        Some(acceptor) => {
+                            if let Ok(t) = acceptor.accept(s).await {
+                                let _ = builder.serve_connection(TokioIo::new(t), svc).await;
+                            }
+                        }
+                        None => {
+                            let _ = builder.serve_connection(TokioIo::new(s), svc).await;
+                        }
+                    }
                 });
             }
         });

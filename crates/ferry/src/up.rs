@@ -10,11 +10,12 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use ferry_auth::token_service::{self, OAuthClient, Tenant, TokenService, TokenServiceConfig, User};
+use ferry_auth::token_service::{self, GRANT_CLIENT_CREDENTIALS, OAuthClient, TokenService, TokenServiceConfig, User};
 use ferry_auth::{KeySet, TrustedIssuer, Verifier};
 use ferry_connector::{AccessRules, Connector, ConnectorConfig};
 use ferry_core::tls::LocalCa;
 use ferry_core::{Secret, Shutdown};
+use ferry_directory::{Directory, DirectoryError, Endpoints, NewKey, Service};
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 use tokio::net::TcpListener;
@@ -48,7 +49,15 @@ struct State {
     connectivity_secret: Secret<String>,
     xsuaa_secret: Secret<String>,
     developer_password: Secret<String>,
+    /// The client of the admin API (authority `ferry.admin`); added to older state files.
+    #[serde(default)]
+    pub admin_client_id: String,
+    #[serde(default)]
+    pub admin_client_secret: Secret<String>,
 }
+
+/// The admin client's id when `state.json` names none yet.
+const ADMIN_CLIENT_ID: &str = "ferry-admin";
 
 fn random_secret() -> String {
     let bytes: [u8; 24] = rand::random();
@@ -71,8 +80,14 @@ fn write_private(path: &Path, data: &[u8]) -> anyhow::Result<()> {
 fn load_state(dir: &Path) -> anyhow::Result<State> {
     let path = dir.join("state.json");
     if let Ok(text) = std::fs::read_to_string(&path) {
-        return serde_json::from_str(&text)
-            .with_context(|| format!("{} is damaged; delete it to start afresh", path.display()));
+        let mut state: State = serde_json::from_str(&text)
+            .with_context(|| format!("{} is damaged; delete it to start afresh", path.display()))?;
+        if state.admin_client_id.is_empty() || state.admin_client_secret.expose().is_empty() {
+            state.admin_client_id = ADMIN_CLIENT_ID.into();
+            state.admin_client_secret = random_secret().into();
+            write_private(&path, serde_json::to_string_pretty(&state)?.as_bytes())?;
+        }
+        return Ok(state);
     }
     let id = || uuid::Uuid::new_v4().to_string();
     let state = State {
@@ -84,6 +99,8 @@ fn load_state(dir: &Path) -> anyhow::Result<State> {
         connectivity_secret: random_secret().into(),
         xsuaa_secret: random_secret().into(),
         developer_password: random_secret().into(),
+        admin_client_id: ADMIN_CLIENT_ID.into(),
+        admin_client_secret: random_secret().into(),
     };
     write_private(&path, serde_json::to_string_pretty(&state)?.as_bytes())?;
     Ok(state)
@@ -100,21 +117,16 @@ fn load_ca(dir: &Path) -> anyhow::Result<LocalCa> {
     Ok(ca)
 }
 
-fn load_keys(dir: &Path) -> anyhow::Result<Arc<KeySet>> {
-    let path = dir.join("token-keys.json");
-    if let Ok(text) = std::fs::read_to_string(&path) {
-        let stored: Vec<(String, String)> = serde_json::from_str(&text)?;
-        let keys = stored
-            .into_iter()
-            .map(|(kid, h)| Ok((kid, Secret::new(hex::decode(h)?))))
-            .collect::<anyhow::Result<Vec<_>>>()?;
-        return Ok(Arc::new(KeySet::from_pkcs8(&keys)?));
-    }
-    let keys = KeySet::generate()?;
-    let stored: Vec<(String, String)> =
-        keys.export_pkcs8().into_iter().map(|(kid, der)| (kid, hex::encode(der.expose()))).collect();
-    write_private(&path, serde_json::to_string(&stored)?.as_bytes())?;
-    Ok(Arc::new(keys))
+/// The signing keys an older `ferry up` kept in `token-keys.json`, adopted by the default
+/// subaccount when the directory creates it, so tokens issued before stay valid.
+fn legacy_keys(dir: &Path) -> anyhow::Result<Option<Arc<KeySet>>> {
+    let Ok(text) = std::fs::read_to_string(dir.join("token-keys.json")) else { return Ok(None) };
+    let stored: Vec<(String, String)> = serde_json::from_str(&text)?;
+    let keys = stored
+        .into_iter()
+        .map(|(kid, h)| Ok((kid, Secret::new(hex::decode(h)?))))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    Ok(Some(Arc::new(KeySet::from_pkcs8(&keys)?)))
 }
 
 fn load_master_key(dir: &Path) -> anyhow::Result<Secret<[u8; 32]>> {
@@ -158,8 +170,7 @@ pub async fn up(args: UpArgs) -> anyhow::Result<()> {
         .with_context(|| format!("cannot create data folder {}", args.data_dir.display()))?;
     let dir = args.data_dir.as_path();
     let state = load_state(dir)?;
-    let ca = load_ca(dir)?;
-    let keys = load_keys(dir)?;
+    let ca = Arc::new(load_ca(dir)?);
     let master_key = load_master_key(dir)?;
     let subaccount = cfg.subaccount.id.clone().unwrap_or_else(|| state.subaccount_id.clone());
     let subdomain = cfg.subaccount.subdomain.clone().unwrap_or_else(|| "ferry".into());
@@ -175,23 +186,22 @@ pub async fn up(args: UpArgs) -> anyhow::Result<()> {
     let server_names: Vec<&str> = vec![host.as_str(), "localhost", "127.0.0.1"];
     let server_cert = ca.issue_server_cert(&server_names)?;
 
-    // Token service: one tenant (the subaccount), the three binding clients, the users.
-    let dest = client(&cfg.bindings.destination, "sb-ferry-destination!b1", &state.destination_secret);
-    let conn = client(&cfg.bindings.connectivity, "sb-ferry-connectivity!b2", &state.connectivity_secret);
-    let xsuaa = client(&cfg.bindings.xsuaa, "sb-ferry-app!t1", &state.xsuaa_secret);
+    // The directory of subaccounts, service instances and keys. On the first start it gets the
+    // default subaccount with one instance of each service and one key each (the ids and
+    // secrets of the config file, else generated ones kept in state.json); the VCAP_SERVICES
+    // for the app are those keys' credentials.
     let token_url = format!("http://{token_addr}");
     let uaadomain = token_tls_addr.to_string();
-    let oauth = |c: &ClientIds, instance: &str, authorities: &[&str]| OAuthClient {
-        client_id: c.id.clone(),
-        client_secret: c.secret.clone(),
-        tenant_id: subaccount.clone(),
-        xsappname: c.xsappname.clone(),
-        authorities: authorities.iter().map(|s| s.to_string()).collect(),
-        scopes: vec!["openid".into(), format!("{}.Display", c.xsappname)],
-        service_instance_id: Some(instance.to_owned()),
-        grant_types: vec![],
-        ..Default::default()
+    let endpoints = Endpoints {
+        token_url: token_url.clone(),
+        uaadomain: uaadomain.clone(),
+        destination_url: format!("http://{dest_addr}"),
+        proxy_host: http_addr.ip().to_string(),
+        http_proxy_port: http_addr.port(),
+        socks5_port: socks_addr.port(),
     };
+    let directory = Directory::open(&dir.join("directory.db"), &master_key, endpoints, Some(ca.clone()))?;
+    let (subdomain, vcap) = provision_defaults(&directory, &cfg, &state, &subaccount, &subdomain, dir)?;
     let mut users: Vec<User> = cfg
         .users
         .iter()
@@ -218,6 +228,17 @@ pub async fn up(args: UpArgs) -> anyhow::Result<()> {
             ..Default::default()
         });
     }
+    // The admin client is the one client of the configuration proper: it cannot be deleted
+    // through the API it authenticates, and neither can the subaccount it lives in.
+    let admin = OAuthClient {
+        client_id: state.admin_client_id.clone(),
+        client_secret: state.admin_client_secret.clone(),
+        tenant_id: subaccount.clone(),
+        xsappname: "ferry-admin".into(),
+        authorities: vec![ferry_directory::admin::ADMIN_SCOPE.into()],
+        grant_types: vec![GRANT_CLIENT_CREDENTIALS.into()],
+        ..Default::default()
+    };
     let ldap = cfg
         .ldap
         .clone()
@@ -231,19 +252,21 @@ pub async fn up(args: UpArgs) -> anyhow::Result<()> {
     let ldap_label = ldap.as_ref().map(|l| format!("{} (base {})", l.config().url, l.config().base_dn));
     let user_stores: Vec<Arc<dyn token_service::UserStore>> =
         ldap.into_iter().map(|l| Arc::new(l) as Arc<dyn token_service::UserStore>).collect();
-    let token_service = TokenService::new(TokenServiceConfig {
-        tenants: vec![Tenant { id: subaccount.clone(), subdomain: subdomain.clone(), keys: keys.clone() }],
-        clients: vec![
-            oauth(&dest, &state.destination_instance_id, &["uaa.resource"]),
-            oauth(&conn, &state.connectivity_instance_id, &["uaa.resource"]),
-            oauth(&xsuaa, &state.xsuaa_instance_id, &["uaa.resource"]),
-        ],
-        users: users.clone(),
-        user_stores,
-        public_url: token_url.clone(),
-        uaadomain: uaadomain.clone(),
-        ..Default::default()
-    })?;
+    let (tenants, clients) = directory.token_entries()?;
+    let token_service = TokenService::with_runtime_entries(
+        TokenServiceConfig {
+            tenants: vec![],
+            clients: vec![admin],
+            users: users.clone(),
+            user_stores,
+            public_url: token_url.clone(),
+            uaadomain: uaadomain.clone(),
+            ..Default::default()
+        },
+        tenants,
+        clients,
+    )?;
+    directory.attach(token_service.clone());
     // The one verifier the Destination Service and the proxy share: every tenant of the token
     // service, each bound to its zone (as `token_service.verifier()` trusts them), plus the
     // external OIDC issuers of `[[trust]]`. Its client fetches their discovery and JWKS
@@ -255,13 +278,14 @@ pub async fn up(args: UpArgs) -> anyhow::Result<()> {
         .map(|t| TrustedIssuer::oidc(t.to_trust(&subaccount)))
         .collect::<Result<Vec<_>, _>>()
         .context("[[trust]]")?;
-    let verifier =
-        Arc::new(Verifier::for_tenants([(subaccount.clone(), keys.clone())], http.clone()).with_issuers(trusted));
+    let verifier = Arc::new(Verifier::new(vec![token_service.trusted_tenants()], http.clone()).with_issuers(trusted));
     let shutdown = Shutdown::new();
     let mut tasks = tokio::task::JoinSet::new();
-    let token_tls = ferry_core::tls::server_config(&server_cert, None, &[b"http/1.1"])?;
-    tasks.spawn(token_service::run(
+    // Client certificates signed by the local CA authenticate X.509 service keys.
+    let token_tls = token_service::https_server_config(&server_cert, Some(ca.cert_pem()))?;
+    tasks.spawn(token_service::run_with_routes(
         token_service.clone(),
+        ferry_directory::admin::router(directory.clone()),
         token_service::Listeners { http: Some(token_l), https: Some((token_tls_l, token_tls)) },
         shutdown.clone(),
     ));
@@ -324,20 +348,6 @@ pub async fn up(args: UpArgs) -> anyhow::Result<()> {
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
 
-    let vcap = vcap_services(&VcapInput {
-        token_url: &token_url,
-        uaadomain: &uaadomain,
-        destination_url: &format!("http://{dest_addr}"),
-        proxy_host: &http_addr.ip().to_string(),
-        http_port: http_addr.port(),
-        socks_port: socks_addr.port(),
-        subaccount: &subaccount,
-        subdomain: &subdomain,
-        dest: &dest,
-        conn: &conn,
-        xsuaa: &xsuaa,
-        state: &state,
-    });
     let ca_path = std::fs::canonicalize(dir.join("ca.pem")).unwrap_or_else(|_| dir.join("ca.pem"));
     if !args.no_env_file {
         let env = json!({ "VCAP_SERVICES": vcap });
@@ -358,6 +368,12 @@ pub async fn up(args: UpArgs) -> anyhow::Result<()> {
         let t = t.to_trust(&subaccount);
         println!("  trusted issuer       {} (subaccount {})", t.issuer, t.subaccount);
     }
+    println!(
+        "  admin API            {token_url}{}  (client {}, secret in {}; try `ferry subaccount list`)",
+        ferry_directory::admin::BASE,
+        state.admin_client_id,
+        dir.join("state.json").display()
+    );
     println!("  users                {}", users.iter().map(|u| u.username.as_str()).collect::<Vec<_>>().join(", "));
     if let Some(l) = &ldap_label {
         println!("  LDAP users           {l}");
@@ -397,50 +413,79 @@ async fn terminate() {
     std::future::pending().await
 }
 
-struct VcapInput<'a> {
-    token_url: &'a str,
-    uaadomain: &'a str,
-    destination_url: &'a str,
-    proxy_host: &'a str,
-    http_port: u16,
-    socks_port: u16,
-    subaccount: &'a str,
-    subdomain: &'a str,
-    dest: &'a ClientIds,
-    conn: &'a ClientIds,
-    xsuaa: &'a ClientIds,
-    state: &'a State,
-}
-
-/// VCAP_SERVICES as Cloud Foundry hands it to an app: `label` for the SAP Cloud SDK, `tags` for
-/// the approuter, every port a string (CLIENT-CONTRACT §1).
-fn vcap_services(v: &VcapInput<'_>) -> Value {
-    let common = |c: &ClientIds, instance: &str| {
-        json!({
-            "clientid": c.id, "clientsecret": c.secret.expose(), "xsappname": c.xsappname,
-            "url": v.token_url, "uaadomain": v.uaadomain, "identityzone": v.subdomain,
-            "tenantid": v.subaccount, "tenantmode": "dedicated", "instanceid": instance,
-            "credential-type": "binding-secret",
-        })
+/// Creates (first start) or finds the default subaccount, its three service instances and a
+/// key for each, and returns the subdomain and the VCAP_SERVICES built from those keys.
+fn provision_defaults(
+    directory: &Directory,
+    cfg: &FileConfig,
+    state: &State,
+    subaccount: &str,
+    subdomain: &str,
+    dir: &Path,
+) -> anyhow::Result<(String, Value)> {
+    let sub = match directory.subaccount(subaccount) {
+        Ok(s) => s,
+        Err(DirectoryError::NotFound(_)) => {
+            let sub = directory.create_subaccount(subdomain, Some(subaccount), legacy_keys(dir)?)?;
+            // Adopted: the keys are now sealed in the directory, so the plain copy goes.
+            let _ = std::fs::remove_file(dir.join("token-keys.json"));
+            sub
+        }
+        Err(e) => return Err(e.into()),
     };
-    let mut dest = common(v.dest, &v.state.destination_instance_id);
-    dest["uri"] = json!(v.destination_url);
-    let mut conn = common(v.conn, &v.state.connectivity_instance_id);
-    let c = conn.as_object_mut().expect("object");
-    c.insert("token_service_url".into(), json!(v.token_url));
-    c.insert("token_service_domain".into(), json!(v.uaadomain));
-    c.insert("onpremise_proxy_host".into(), json!(v.proxy_host));
-    c.insert("onpremise_proxy_port".into(), json!(v.http_port.to_string()));
-    c.insert("onpremise_proxy_http_port".into(), json!(v.http_port.to_string()));
-    c.insert("onpremise_socks5_proxy_port".into(), json!(v.socks_port.to_string()));
-    let xsuaa = common(v.xsuaa, &v.state.xsuaa_instance_id);
-    let binding = |label: &str, name: &str, plan: &str, tags: &[&str], creds: Value, instance: &str| {
-        json!({ "label": label, "name": name, "instance_name": name, "instance_guid": instance,
-                "plan": plan, "tags": tags, "credentials": creds })
-    };
-    json!({
-        "destination": [binding("destination", "ferry-destination", "lite", &["destination", "conn", "connsvc"], dest, &v.state.destination_instance_id)],
-        "connectivity": [binding("connectivity", "ferry-connectivity", "lite", &["connectivity", "conn", "connsvc"], conn, &v.state.connectivity_instance_id)],
-        "xsuaa": [binding("xsuaa", "ferry-xsuaa", "application", &["xsuaa"], xsuaa, &v.state.xsuaa_instance_id)],
-    })
+    if !sub.subdomain.eq_ignore_ascii_case(subdomain) && cfg.subaccount.subdomain.is_some() {
+        tracing::warn!(
+            configured = subdomain,
+            kept = %sub.subdomain,
+            "the subaccount exists with another subdomain; the stored one stays (delete directory.db to start afresh)"
+        );
+    }
+    let defaults = [
+        (
+            Service::Destination,
+            &cfg.bindings.destination,
+            "sb-ferry-destination!b1",
+            &state.destination_secret,
+            &state.destination_instance_id,
+            "ferry-destination",
+        ),
+        (
+            Service::Connectivity,
+            &cfg.bindings.connectivity,
+            "sb-ferry-connectivity!b2",
+            &state.connectivity_secret,
+            &state.connectivity_instance_id,
+            "ferry-connectivity",
+        ),
+        (
+            Service::Xsuaa,
+            &cfg.bindings.xsuaa,
+            "sb-ferry-app!t1",
+            &state.xsuaa_secret,
+            &state.xsuaa_instance_id,
+            "ferry-xsuaa",
+        ),
+    ];
+    let mut vcap = serde_json::Map::new();
+    for (service, entry, default_id, generated, instance_id, name) in defaults {
+        let inst = match directory.instance(&sub.id, instance_id) {
+            Ok(i) => i,
+            Err(DirectoryError::NotFound(_)) => {
+                directory.create_instance(&sub.id, service.as_str(), name, None, Some(instance_id))?
+            }
+            Err(e) => return Err(e.into()),
+        };
+        let c = client(entry, default_id, generated);
+        let new = NewKey {
+            name: "default".into(),
+            client_id: Some(c.id),
+            xsappname: Some(c.xsappname),
+            secret: Some(c.secret),
+            ..Default::default()
+        };
+        let (_, creds) = directory.ensure_key(&sub.id, &inst.id, new)?;
+        let entry = ferry_directory::vcap_entry(service, &inst.name, &inst.id, &inst.plan, creds);
+        vcap.insert(service.as_str().into(), json!([entry]));
+    }
+    Ok((sub.subdomain, Value::Object(vcap)))
 }

@@ -475,10 +475,10 @@ pub(crate) async fn authorize(
     let Some(client_id) = params.get("client_id") else {
         return error_page(StatusCode::BAD_REQUEST, "Invalid authorization request: client_id is missing.");
     };
-    let Some(client) = svc.clients.get(client_id) else {
+    let Some(client) = svc.client(client_id) else {
         return error_page(StatusCode::BAD_REQUEST, &format!("Unknown client {client_id:?}."));
     };
-    let (redirect_uri, redirect_uri_given) = match resolve_redirect(client, params.get("redirect_uri")) {
+    let (redirect_uri, redirect_uri_given) = match resolve_redirect(&client, params.get("redirect_uri")) {
         Ok(r) => r,
         Err(message) => return error_page(StatusCode::BAD_REQUEST, &message),
     };
@@ -572,7 +572,7 @@ pub(crate) async fn login(
         set_cookie(&mut resp, form_id, "", 0, secure);
         resp
     };
-    let Some(client) = svc.clients.get(&request.client_id) else {
+    let Some(client) = svc.client(&request.client_id) else {
         return error_page(StatusCode::BAD_REQUEST, "The client of this sign-in request is no longer configured.");
     };
     if params.get("action") == Some("cancel") {
@@ -606,7 +606,7 @@ pub(crate) async fn login(
     let Some(request) = svc.auth.finish(form_id) else {
         return error_page(StatusCode::BAD_REQUEST, "This sign-in request has expired or was already used.");
     };
-    let allowed = user_scopes(client, Some(&user));
+    let allowed = user_scopes(&client, Some(&user));
     let scopes: Vec<String> = request.scopes.iter().filter(|s| allowed.contains(s)).cloned().collect();
     let grant = CodeGrant {
         client_id: request.client_id.clone(),

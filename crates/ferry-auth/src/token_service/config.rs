@@ -56,7 +56,9 @@ pub struct Tenant {
 pub struct OAuthClient {
     pub client_id: String,
     /// May be empty for a client that authenticates only with an X.509 certificate (see
-    /// `certificates`); a client needs one or the other.
+    /// `certificates`); a client needs one or the other. May also be an Argon2 PHC string
+    /// ([`hash_password`](super::hash_password)), as the subaccount directory stores them; it is
+    /// then verified with Argon2 (once per process and secret, then from a SHA-256 cache).
     pub client_secret: Secret<String>,
     /// The zone the client lives in (the provider tenant). Requests that name no zone get a
     /// token there.
@@ -342,45 +344,9 @@ pub(crate) fn validate(config: &TokenServiceConfig) -> Result<(), ConfigError> {
     }
     let mut clients = HashSet::new();
     for c in &config.clients {
-        if c.client_id.is_empty() {
-            return Err(ConfigError::EmptyClientId);
-        }
+        validate_client(c, |t| ids.contains(t))?;
         if !clients.insert(c.client_id.as_str()) {
             return Err(ConfigError::DuplicateClient(c.client_id.clone()));
-        }
-        if c.client_secret.expose().is_empty() && c.certificates.is_empty() {
-            return Err(ConfigError::EmptyClientSecret(c.client_id.clone()));
-        }
-        for b in &c.certificates {
-            match b {
-                CertificateBinding::Sha256Fingerprint(f) if normalize_fingerprint(f).is_none() => {
-                    return Err(ConfigError::InvalidCertificateFingerprint {
-                        client: c.client_id.clone(),
-                        fingerprint: f.clone(),
-                    });
-                }
-                CertificateBinding::SubjectAndIssuer { subject, issuer }
-                    if subject.trim().is_empty() || issuer.trim().is_empty() =>
-                {
-                    return Err(ConfigError::InvalidCertificateSubject { client: c.client_id.clone() });
-                }
-                _ => {}
-            }
-        }
-        for uri in &c.redirect_uris {
-            if let Err(reason) = parse_redirect_uri(uri) {
-                return Err(ConfigError::InvalidRedirectUri { client: c.client_id.clone(), uri: uri.clone(), reason });
-            }
-        }
-        let zero = |d: Option<Duration>| d.is_some_and(|d| d.as_secs() == 0);
-        if zero(c.access_token_validity) || zero(c.refresh_token_validity) {
-            return Err(ConfigError::ZeroClientValidity { client: c.client_id.clone() });
-        }
-        if !ids.contains(c.tenant_id.as_str()) {
-            return Err(ConfigError::ClientTenantUnknown { client: c.client_id.clone(), tenant: c.tenant_id.clone() });
-        }
-        if let Some(g) = c.grant_types.iter().find(|g| !SUPPORTED_GRANT_TYPES.contains(&g.as_str())) {
-            return Err(ConfigError::UnsupportedGrant { client: c.client_id.clone(), grant: g.clone() });
         }
     }
     let mut users = HashSet::new();
@@ -402,6 +368,59 @@ pub(crate) fn validate(config: &TokenServiceConfig) -> Result<(), ConfigError> {
     }
     parse_public_url(&config.public_url)?;
     parse_uaadomain(&config.uaadomain)?;
+    Ok(())
+}
+
+/// Checks one client on its own; `tenant_exists` says whether its zone is known.
+pub(crate) fn validate_client(c: &OAuthClient, tenant_exists: impl Fn(&str) -> bool) -> Result<(), ConfigError> {
+    if c.client_id.is_empty() {
+        return Err(ConfigError::EmptyClientId);
+    }
+    if c.client_secret.expose().is_empty() && c.certificates.is_empty() {
+        return Err(ConfigError::EmptyClientSecret(c.client_id.clone()));
+    }
+    for b in &c.certificates {
+        match b {
+            CertificateBinding::Sha256Fingerprint(f) if normalize_fingerprint(f).is_none() => {
+                return Err(ConfigError::InvalidCertificateFingerprint {
+                    client: c.client_id.clone(),
+                    fingerprint: f.clone(),
+                });
+            }
+            CertificateBinding::SubjectAndIssuer { subject, issuer }
+                if subject.trim().is_empty() || issuer.trim().is_empty() =>
+            {
+                return Err(ConfigError::InvalidCertificateSubject { client: c.client_id.clone() });
+            }
+            _ => {}
+        }
+    }
+    for uri in &c.redirect_uris {
+        if let Err(reason) = parse_redirect_uri(uri) {
+            return Err(ConfigError::InvalidRedirectUri { client: c.client_id.clone(), uri: uri.clone(), reason });
+        }
+    }
+    let zero = |d: Option<Duration>| d.is_some_and(|d| d.as_secs() == 0);
+    if zero(c.access_token_validity) || zero(c.refresh_token_validity) {
+        return Err(ConfigError::ZeroClientValidity { client: c.client_id.clone() });
+    }
+    if !tenant_exists(c.tenant_id.as_str()) {
+        return Err(ConfigError::ClientTenantUnknown { client: c.client_id.clone(), tenant: c.tenant_id.clone() });
+    }
+    if let Some(g) = c.grant_types.iter().find(|g| !SUPPORTED_GRANT_TYPES.contains(&g.as_str())) {
+        return Err(ConfigError::UnsupportedGrant { client: c.client_id.clone(), grant: g.clone() });
+    }
+    Ok(())
+}
+
+/// Checks a tenant's id and subdomain on their own (uniqueness is the caller's).
+pub(crate) fn validate_tenant(t: &Tenant) -> Result<(), ConfigError> {
+    if !valid_zone_id(&t.id) {
+        return Err(ConfigError::InvalidTenantId(t.id.clone()));
+    }
+    if !valid_subdomain(&t.subdomain) {
+        return Err(ConfigError::InvalidSubdomain(t.subdomain.clone()));
+    }
     Ok(())
 }
 

@@ -104,7 +104,11 @@ impl TokenService {
     /// at `https://{uaadomain}`), else a `Host` of the form `{subdomain}.{uaadomain host}`. A
     /// host that names no configured subdomain addresses nothing, because the provider URL
     /// itself may well have that shape.
-    pub(super) fn addressed_tenant(&self, headers: &HeaderMap, uri: &Uri) -> Result<Option<&TenantState>, OAuthError> {
+    pub(super) fn addressed_tenant(
+        &self,
+        headers: &HeaderMap,
+        uri: &Uri,
+    ) -> Result<Option<Arc<TenantState>>, OAuthError> {
         if let Some(v) = headers.get("x-zid") {
             let zid = v.to_str().map_err(|_| OAuthError::invalid_request("x-zid header is not valid text"))?.trim();
             if !zid.is_empty() {
@@ -126,7 +130,12 @@ impl TokenService {
 
     /// The tenant whose metadata (keys, OpenID configuration) a request asks for: `?zid=` as
     /// xssec sends it, else the addressed tenant, else the first one (the provider).
-    fn metadata_tenant(&self, headers: &HeaderMap, uri: &Uri, query: Option<&str>) -> Result<&TenantState, OAuthError> {
+    fn metadata_tenant(
+        &self,
+        headers: &HeaderMap,
+        uri: &Uri,
+        query: Option<&str>,
+    ) -> Result<Arc<TenantState>, OAuthError> {
         let zid = query.and_then(|q| {
             form_urlencoded::parse(q.as_bytes()).find(|(k, v)| k == "zid" && !v.is_empty()).map(|(_, v)| v)
         });
@@ -136,7 +145,7 @@ impl TokenService {
         }
         match self.addressed_tenant(headers, uri)? {
             Some(t) => Ok(t),
-            None => self.tenants.first().ok_or_else(|| OAuthError::invalid_request("no zone configured")),
+            None => self.first_tenant().ok_or_else(|| OAuthError::invalid_request("no zone configured")),
         }
     }
 
@@ -144,22 +153,26 @@ impl TokenService {
     /// (xssec always uses the body; curl users and other OAuth libraries tend to use Basic), or
     /// by `client_id` alone plus a TLS client certificate bound to that client (xssec's X.509
     /// credentials).
-    fn authenticate(
+    async fn authenticate(
         &self,
         headers: &HeaderMap,
         params: &Params,
         tls: Option<&TlsInfo>,
-    ) -> Result<&OAuthClient, OAuthError> {
+    ) -> Result<Arc<OAuthClient>, OAuthError> {
         if let Some(candidates) = basic_credentials(headers)? {
             if params.get("client_secret").is_some() {
                 return Err(OAuthError::invalid_request(
                     "client credentials given both in the Authorization header and in the body",
                 ));
             }
-            let client = candidates
-                .iter()
-                .find_map(|(id, secret)| self.check_client(id, secret))
-                .ok_or_else(|| OAuthError::invalid_client("Bad credentials", true))?;
+            let mut found = None;
+            for (id, secret) in &candidates {
+                if let Some(c) = self.check_client(id, secret).await {
+                    found = Some(c);
+                    break;
+                }
+            }
+            let client = found.ok_or_else(|| OAuthError::invalid_client("Bad credentials", true))?;
             if params.get("client_id").is_some_and(|id| id != client.client_id) {
                 return Err(OAuthError::invalid_request("client_id in the body differs from the Basic credentials"));
             }
@@ -174,11 +187,11 @@ impl TokenService {
         let Some(secret) = params.get("client_secret") else {
             return self.check_client_certificate(id, tls);
         };
-        self.check_client(id, secret).ok_or_else(|| OAuthError::invalid_client("Bad credentials", false))
+        self.check_client(id, secret).await.ok_or_else(|| OAuthError::invalid_client("Bad credentials", false))
     }
 
     /// The client if the connection's verified client certificate is bound to it.
-    fn check_client_certificate(&self, id: &str, tls: Option<&TlsInfo>) -> Result<&OAuthClient, OAuthError> {
+    fn check_client_certificate(&self, id: &str, tls: Option<&TlsInfo>) -> Result<Arc<OAuthClient>, OAuthError> {
         let Some(cert) = tls.and_then(|t| t.peer_certificate.as_ref()) else {
             return Err(OAuthError::invalid_client(
                 "missing client_secret, and no client certificate was presented \
@@ -187,8 +200,8 @@ impl TokenService {
             ));
         };
         let peer = PeerIdentity::of(cert);
-        match (self.clients.get(id), peer) {
-            (Some(client), Some(peer)) if self.accepts_certificate(client, &peer) => Ok(client),
+        match (self.client(id), peer) {
+            (Some(client), Some(peer)) if self.accepts_certificate(&client, &peer) => Ok(client),
             _ => Err(OAuthError::invalid_client(
                 "Bad credentials: the client certificate does not belong to this client",
                 false,
@@ -198,9 +211,9 @@ impl TokenService {
 
     /// The client if `secret` is its secret. An unknown client still costs a comparison, so
     /// that response time does not tell which client ids exist.
-    fn check_client(&self, id: &str, secret: &str) -> Option<&OAuthClient> {
-        match self.clients.get(id) {
-            Some(c) => secret_matches(c.client_secret.expose(), secret).then_some(c),
+    async fn check_client(&self, id: &str, secret: &str) -> Option<Arc<OAuthClient>> {
+        match self.client(id) {
+            Some(c) => self.secret_ok(&c, secret).await.then_some(c),
             None => {
                 secret_matches("", secret);
                 None
@@ -217,7 +230,8 @@ impl TokenService {
     ) -> Result<Issued, OAuthError> {
         require_form(headers)?;
         let params = Params::parse(body)?;
-        let client = self.authenticate(headers, &params, tls)?;
+        let client = self.authenticate(headers, &params, tls).await?;
+        let client = &*client;
         let addressed = self.addressed_tenant(headers, uri)?;
         let grant = params.get("grant_type").ok_or_else(|| OAuthError::missing("grant_type"))?;
         if !SUPPORTED_GRANT_TYPES.contains(&grant) {
@@ -241,7 +255,7 @@ impl TokenService {
                     None => self.own_tenant(client)?,
                 };
                 let scopes = narrow(&client.authorities, params.get("scope"))?;
-                self.issue(tenant, client, GRANT_CLIENT_CREDENTIALS, scopes, None, false)
+                self.issue(&tenant, client, GRANT_CLIENT_CREDENTIALS, scopes, None, false)
             }
             GRANT_PASSWORD => {
                 let username = params.get("username").ok_or_else(|| OAuthError::missing("username"))?;
@@ -249,7 +263,7 @@ impl TokenService {
                 let login = Login {
                     username,
                     password,
-                    tenant: addressed.map(|t| t.tenant.id.as_str()),
+                    tenant: addressed.as_ref().map(|t| t.tenant.id.as_str()),
                     preferred_tenant: &client.tenant_id,
                 };
                 let user = self
@@ -262,7 +276,7 @@ impl TokenService {
                     .ok_or_else(|| OAuthError::invalid_grant("the user's zone is not configured"))?;
                 let scopes = narrow(&user_scopes(client, Some(&user)), params.get("scope"))?;
                 let identity = UserIdentity::from_user(&user, self.now());
-                self.issue(tenant, client, GRANT_PASSWORD, scopes, Some(&identity), true)
+                self.issue(&tenant, client, GRANT_PASSWORD, scopes, Some(&identity), true)
             }
             GRANT_JWT_BEARER => {
                 let assertion = params.get("assertion").ok_or_else(|| OAuthError::missing("assertion"))?;
@@ -279,16 +293,16 @@ impl TokenService {
                     }
                 };
                 let scopes = narrow(&user_scopes(client, user), params.get("scope"))?;
-                self.issue(tenant, client, GRANT_JWT_BEARER, scopes, Some(&identity), true)
+                self.issue(&tenant, client, GRANT_JWT_BEARER, scopes, Some(&identity), true)
             }
             GRANT_REFRESH_TOKEN => {
                 let token = params.get("refresh_token").ok_or_else(|| OAuthError::missing("refresh_token"))?;
-                let grant = self.redeem_refresh_token(token, client, addressed)?;
+                let grant = self.redeem_refresh_token(token, client, addressed.as_deref())?;
                 let tenant = self
                     .tenant_by_id(&grant.tenant_id)
                     .ok_or_else(|| OAuthError::invalid_grant("the refresh token's zone is not configured"))?;
                 let scopes = narrow(&grant.scopes, params.get("scope"))?;
-                self.issue(tenant, client, GRANT_REFRESH_TOKEN, scopes, Some(&grant.user), true)
+                self.issue(&tenant, client, GRANT_REFRESH_TOKEN, scopes, Some(&grant.user), true)
             }
             GRANT_AUTHORIZATION_CODE => {
                 let code = params.get("code").ok_or_else(|| OAuthError::missing("code"))?;
@@ -300,7 +314,7 @@ impl TokenService {
                     self.now(),
                     &self.refresh,
                 )?;
-                if let Some(t) = addressed.filter(|t| t.tenant.id != grant.tenant_id) {
+                if let Some(t) = addressed.as_ref().filter(|t| t.tenant.id != grant.tenant_id) {
                     return Err(OAuthError::invalid_grant(format!(
                         "authorization code belongs to zone {:?}, not the addressed zone {:?}",
                         grant.tenant_id, t.tenant.id
@@ -310,7 +324,7 @@ impl TokenService {
                     .tenant_by_id(&grant.tenant_id)
                     .ok_or_else(|| OAuthError::invalid_grant("the authorization code's zone is not configured"))?;
                 let scopes = narrow(&grant.scopes, params.get("scope"))?;
-                let issued = self.issue(tenant, client, GRANT_AUTHORIZATION_CODE, scopes, Some(&grant.user), true);
+                let issued = self.issue(&tenant, client, GRANT_AUTHORIZATION_CODE, scopes, Some(&grant.user), true);
                 if let Ok(i) = &issued {
                     self.auth.record_refresh_token(code, i.refresh_token.clone());
                 }
@@ -334,7 +348,8 @@ impl TokenService {
             .and_then(Value::as_array)
             .map(|a| a.iter().filter_map(Value::as_str).map(str::to_owned).collect())
             .unwrap_or_default();
-        let app = claims.get("cid").and_then(Value::as_str).and_then(|cid| self.clients.get(cid)).map(|c| &c.xsappname);
+        let app =
+            claims.get("cid").and_then(Value::as_str).and_then(|cid| self.client(cid)).map(|c| c.xsappname.clone());
         let mut granted = scopes.clone();
         if let Some(app) = app {
             let prefix = format!("{app}.");
@@ -343,7 +358,7 @@ impl TokenService {
         User { scopes: Some(granted), ..Default::default() }
     }
 
-    fn own_tenant(&self, client: &OAuthClient) -> Result<&TenantState, OAuthError> {
+    fn own_tenant(&self, client: &OAuthClient) -> Result<Arc<TenantState>, OAuthError> {
         self.tenant_by_id(&client.tenant_id)
             .ok_or_else(|| OAuthError::invalid_request("the client's zone is not configured"))
     }
@@ -353,11 +368,11 @@ impl TokenService {
     /// A grant that carries a token belongs to that token's zone: a request that addresses no
     /// zone gets a token there, and one that addresses another zone is refused, as XSUAA does
     /// (tokens never cross zones by exchange).
-    async fn check_assertion<'a>(
-        &'a self,
+    async fn check_assertion(
+        &self,
         assertion: &str,
-        addressed: Option<&'a TenantState>,
-    ) -> Result<(&'a TenantState, UserIdentity), OAuthError> {
+        addressed: Option<Arc<TenantState>>,
+    ) -> Result<(Arc<TenantState>, UserIdentity), OAuthError> {
         let claimed = unverified_zid(assertion)
             .ok_or_else(|| OAuthError::invalid_grant("assertion is not a JWT carrying a zone id (zid)"))?;
         let tenant = match addressed {
@@ -581,7 +596,7 @@ fn basic_credentials(headers: &HeaderMap) -> Result<Option<Vec<(String, String)>
 
 /// Compares secrets in constant time. Hashing first also hides the stored secret's length,
 /// which a plain constant-time comparison of unequal lengths would reveal.
-fn secret_matches(stored: &str, given: &str) -> bool {
+pub(crate) fn secret_matches(stored: &str, given: &str) -> bool {
     use aws_lc_rs::digest::{SHA256, digest};
     let a = digest(&SHA256, stored.as_bytes());
     let b = digest(&SHA256, given.as_bytes());

@@ -23,7 +23,7 @@ mod password;
 mod refresh;
 mod users;
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
@@ -42,11 +42,12 @@ pub use mtls::{TlsInfo, certificate_fingerprint, certificate_names, https_server
 pub use password::{PasswordError, hash_password};
 pub use users::{Login, StoreUnavailable, UserFuture, UserStore, Verdict};
 
-use crate::jwt::{KeyError, TrustedIssuer, Verifier};
+use crate::jwt::{KeyError, TenantKeys, TrustedIssuer, Verifier};
 use authorize::AuthStore;
 use claims::{TokenFacts, UserIdentity};
 use config::UaaDomain;
 use keys::KeyHistory;
+use password::PasswordVerifier;
 use refresh::{RefreshGrant, RefreshStore};
 use users::{LocalUserStore, StoredUser};
 
@@ -70,6 +71,10 @@ pub enum TokenError {
     Sign(#[from] KeyError),
     #[error("cannot issue a client certificate: {0}")]
     Certificate(String),
+    #[error("{0:?} comes from the configuration and cannot be removed at run time")]
+    Static(String),
+    #[error("tenant {0:?} is still used by a configured client or user")]
+    TenantInUse(String),
 }
 
 /// A tenant with what is derived from it once instead of per request.
@@ -90,8 +95,17 @@ struct TenantState {
 
 /// The token service's state: configuration, signing keys and the grants it issued.
 pub struct TokenService {
-    tenants: Vec<TenantState>,
-    clients: HashMap<String, OAuthClient>,
+    /// Configured tenants first, then those added at run time ([`TokenService::add_tenant`]).
+    tenants: RwLock<Vec<Arc<TenantState>>>,
+    clients: RwLock<HashMap<String, Arc<OAuthClient>>>,
+    /// Ids of the tenants and clients of the configuration, which cannot be removed.
+    static_tenants: HashSet<String>,
+    static_clients: HashSet<String>,
+    /// Every tenant's keys, for in-process verifiers ([`TokenService::verifier`]).
+    tenant_keys: TenantKeys,
+    /// SHA-256 of secrets already checked against a client's Argon2 hash, so that a client
+    /// with a hashed secret pays for Argon2 once per process, not per token request.
+    verified_secrets: RwLock<HashMap<String, [u8; 32]>>,
     /// The configured users; asked first.
     users: LocalUserStore,
     /// Further user stores (LDAP), asked in order for users the local store does not know.
@@ -105,6 +119,7 @@ pub struct TokenService {
     key_lifetime_secs: u64,
     refresh: RefreshStore,
     auth: AuthStore,
+    passwords: PasswordVerifier,
     /// Certificate bindings added by [`TokenService::issue_client_certificate`], by client id.
     issued_bindings: RwLock<HashMap<String, Vec<CertificateBinding>>>,
     clock: Arc<dyn Clock>,
@@ -114,8 +129,11 @@ pub struct TokenService {
 impl std::fmt::Debug for TokenService {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("TokenService")
-            .field("tenants", &self.tenants.iter().map(|t| &t.tenant).collect::<Vec<_>>())
-            .field("clients", &self.clients.values().collect::<Vec<_>>())
+            .field("tenants", &self.tenants_snapshot().iter().map(|t| t.tenant.clone()).collect::<Vec<_>>())
+            .field(
+                "clients",
+                &self.clients.read().unwrap_or_else(|p| p.into_inner()).values().cloned().collect::<Vec<_>>(),
+            )
             .field("users", &self.users)
             .field("user_stores", &self.user_stores)
             .field("public_url", &self.public_url)
@@ -141,7 +159,18 @@ pub struct Listeners {
 /// Serves the token service on every given listener until `shutdown` fires, then lets open
 /// connections finish their requests. Also retires expired signing keys periodically.
 pub async fn run(service: Arc<TokenService>, listeners: Listeners, shutdown: Shutdown) {
-    let router = service.router();
+    run_with_routes(service, axum::Router::new(), listeners, shutdown).await
+}
+
+/// [`run`], serving `extra` routes (e.g. the admin API of `ferry-directory`) on the same
+/// listeners.
+pub async fn run_with_routes(
+    service: Arc<TokenService>,
+    extra: axum::Router,
+    listeners: Listeners,
+    shutdown: Shutdown,
+) {
+    let router = service.router().merge(extra);
     let http = listeners
         .http
         .map(|l| serve_router(l, router.clone(), None, AcceptOptions::named("token-service"), shutdown.clone()));
@@ -214,6 +243,35 @@ impl TokenService {
 
     /// [`TokenService::new`] with another clock, for tests of expiry (see [`ManualClock`]).
     pub fn with_clock(config: TokenServiceConfig, clock: Arc<dyn Clock>) -> Result<Arc<Self>, ConfigError> {
+        let statics = (
+            config.tenants.iter().map(|t| t.id.clone()).collect(),
+            config.clients.iter().map(|c| c.client_id.clone()).collect(),
+        );
+        Self::build(config, clock, statics)
+    }
+
+    /// [`TokenService::new`] plus tenants and clients kept outside the configuration (a
+    /// subaccount directory): validated together with it, but removable at run time like those
+    /// added by [`TokenService::add_tenant`] and [`TokenService::add_client`].
+    pub fn with_runtime_entries(
+        mut config: TokenServiceConfig,
+        tenants: Vec<Tenant>,
+        clients: Vec<OAuthClient>,
+    ) -> Result<Arc<Self>, ConfigError> {
+        let statics = (
+            config.tenants.iter().map(|t| t.id.clone()).collect(),
+            config.clients.iter().map(|c| c.client_id.clone()).collect(),
+        );
+        config.tenants.extend(tenants);
+        config.clients.extend(clients);
+        Self::build(config, Arc::new(SystemClock), statics)
+    }
+
+    fn build(
+        config: TokenServiceConfig,
+        clock: Arc<dyn Clock>,
+        (static_tenants, static_clients): (HashSet<String>, HashSet<String>),
+    ) -> Result<Arc<Self>, ConfigError> {
         config::validate(&config)?;
         let public_url = config::parse_public_url(&config.public_url)?;
         let uaadomain = config::parse_uaadomain(&config.uaadomain)?;
@@ -222,6 +280,8 @@ impl TokenService {
         ferry_core::init_crypto();
         let http = reqwest::Client::builder().build().map_err(|e| ConfigError::Http(e.to_string()))?;
         let users = LocalUserStore::new(config.users)?;
+        let passwords = PasswordVerifier::new()
+            .map_err(|e| ConfigError::PasswordHashing { user: String::new(), reason: e.to_string() })?;
         let token_validity_secs = config.token_validity.as_secs();
         let longest = config
             .clients
@@ -231,22 +291,22 @@ impl TokenService {
             .fold(token_validity_secs, u64::max);
         let key_lifetime_secs = longest.saturating_add(RETIREMENT_GRACE_SECS);
         let now = clock.now_secs();
+        let tenant_keys = TenantKeys::default();
         let tenants = config
             .tenants
             .into_iter()
             .map(|tenant| {
-                let (issuer, jwks_uri) = endpoints(&tenant, &public_url, &uaadomain);
-                let verifier =
-                    Verifier::new(vec![TrustedIssuer::tenant(tenant.id.clone(), tenant.keys.clone())], http.clone());
-                let history = KeyHistory::default();
-                // Keys older than the signing one (loaded from disk) are dated now.
-                history.retire(&tenant.keys, now, key_lifetime_secs);
-                TenantState { tenant, verifier, issuer, jwks_uri, history }
+                tenant_keys.insert(&tenant.id, tenant.keys.clone());
+                Arc::new(tenant_state(tenant, &public_url, &uaadomain, &http, now, key_lifetime_secs))
             })
             .collect();
         Ok(Arc::new(Self {
-            tenants,
-            clients: config.clients.into_iter().map(|c| (c.client_id.clone(), c)).collect(),
+            tenants: RwLock::new(tenants),
+            clients: RwLock::new(config.clients.into_iter().map(|c| (c.client_id.clone(), Arc::new(c))).collect()),
+            static_tenants,
+            static_clients,
+            tenant_keys,
+            verified_secrets: RwLock::new(HashMap::new()),
             users,
             user_stores: config.user_stores,
             public_url,
@@ -256,6 +316,7 @@ impl TokenService {
             key_lifetime_secs,
             refresh: RefreshStore::default(),
             auth: AuthStore::default(),
+            passwords,
             issued_bindings: RwLock::new(HashMap::new()),
             clock,
             http,
@@ -267,11 +328,120 @@ impl TokenService {
     }
 
     /// A verifier that trusts every tenant's keys, for services that accept this service's
-    /// tokens in-process (`ferry up`) instead of fetching `/token_keys`.
+    /// tokens in-process (`ferry up`) instead of fetching `/token_keys`. It follows tenants
+    /// added and removed later.
     pub fn verifier(&self) -> Verifier {
-        let issuers =
-            self.tenants.iter().map(|t| TrustedIssuer::tenant(t.tenant.id.clone(), t.tenant.keys.clone())).collect();
-        Verifier::new(issuers, self.http.clone())
+        Verifier::new(vec![self.trusted_tenants()], self.http.clone())
+    }
+
+    /// The [`TrustedIssuer`] behind [`TokenService::verifier`], to combine with other issuers.
+    pub fn trusted_tenants(&self) -> TrustedIssuer {
+        TrustedIssuer::Tenants(self.tenant_keys.clone())
+    }
+
+    /// Adds a tenant at run time; tokens can be issued in it at once.
+    pub fn add_tenant(&self, tenant: Tenant) -> Result<(), ConfigError> {
+        config::validate_tenant(&tenant)?;
+        let mut tenants = self.tenants.write().unwrap_or_else(|p| p.into_inner());
+        if tenants.iter().any(|t| t.tenant.id == tenant.id) {
+            return Err(ConfigError::DuplicateTenant(tenant.id));
+        }
+        if tenants.iter().any(|t| t.tenant.subdomain.eq_ignore_ascii_case(&tenant.subdomain)) {
+            return Err(ConfigError::DuplicateSubdomain(tenant.subdomain));
+        }
+        self.tenant_keys.insert(&tenant.id, tenant.keys.clone());
+        let state =
+            tenant_state(tenant, &self.public_url, &self.uaadomain, &self.http, self.now(), self.key_lifetime_secs);
+        tenants.push(Arc::new(state));
+        Ok(())
+    }
+
+    /// Removes a tenant added at run time, with every client added at run time in it. Its
+    /// tokens stop verifying at once. Returns whether it existed.
+    pub fn remove_tenant(&self, id: &str) -> Result<bool, TokenError> {
+        if self.static_tenants.contains(id) {
+            return Err(TokenError::Static(id.to_owned()));
+        }
+        let in_use = self.static_clients.iter().any(|c| self.client(c).is_some_and(|c| c.tenant_id == id))
+            || self.users.any_in_tenant(id)
+            || self.user_stores.iter().any(|s| s.tenant_id() == Some(id));
+        if in_use {
+            return Err(TokenError::TenantInUse(id.to_owned()));
+        }
+        let mut tenants = self.tenants.write().unwrap_or_else(|p| p.into_inner());
+        let before = tenants.len();
+        tenants.retain(|t| t.tenant.id != id);
+        let existed = tenants.len() != before;
+        drop(tenants);
+        self.tenant_keys.remove(id);
+        let gone: Vec<String> = {
+            let mut clients = self.clients.write().unwrap_or_else(|p| p.into_inner());
+            let gone = clients.values().filter(|c| c.tenant_id == id).map(|c| c.client_id.clone()).collect();
+            clients.retain(|_, c| c.tenant_id != id);
+            gone
+        };
+        for c in gone {
+            self.forget_client(&c);
+        }
+        Ok(existed)
+    }
+
+    /// Adds a client at run time (its tenant must exist); it can get tokens at once.
+    /// `client_secret` may be an Argon2 PHC string ([`hash_password`]).
+    pub fn add_client(&self, client: OAuthClient) -> Result<(), ConfigError> {
+        config::validate_client(&client, |t| self.tenant_by_id(t).is_some())?;
+        let mut clients = self.clients.write().unwrap_or_else(|p| p.into_inner());
+        if clients.contains_key(&client.client_id) {
+            return Err(ConfigError::DuplicateClient(client.client_id));
+        }
+        clients.insert(client.client_id.clone(), Arc::new(client));
+        Ok(())
+    }
+
+    /// Removes a client added at run time; returns whether it existed.
+    pub fn remove_client(&self, id: &str) -> Result<bool, TokenError> {
+        if self.static_clients.contains(id) {
+            return Err(TokenError::Static(id.to_owned()));
+        }
+        let existed = self.clients.write().unwrap_or_else(|p| p.into_inner()).remove(id).is_some();
+        self.forget_client(id);
+        Ok(existed)
+    }
+
+    fn forget_client(&self, id: &str) {
+        self.verified_secrets.write().unwrap_or_else(|p| p.into_inner()).remove(id);
+        self.issued_bindings.write().unwrap_or_else(|p| p.into_inner()).remove(id);
+    }
+
+    pub(crate) fn client(&self, id: &str) -> Option<Arc<OAuthClient>> {
+        self.clients.read().unwrap_or_else(|p| p.into_inner()).get(id).cloned()
+    }
+
+    fn tenants_snapshot(&self) -> Vec<Arc<TenantState>> {
+        self.tenants.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Whether a client's stored secret (plain or an Argon2 hash) is `given`.
+    pub(crate) async fn secret_ok(&self, client: &OAuthClient, given: &str) -> bool {
+        let stored = client.client_secret.expose();
+        if !password::looks_hashed(stored) {
+            return http::secret_matches(stored, given);
+        }
+        let digest: [u8; 32] = {
+            let d = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, given.as_bytes());
+            let mut out = [0u8; 32];
+            out.copy_from_slice(d.as_ref());
+            out
+        };
+        let cached = self.verified_secrets.read().unwrap_or_else(|p| p.into_inner()).get(&client.client_id).copied();
+        if let Some(c) = cached {
+            return ferry_core::secret::constant_time_eq(&c, &digest);
+        }
+        let ok = self.passwords.verify(Some(&client.client_secret), given).await;
+        if ok {
+            self.verified_secrets.write().unwrap_or_else(|p| p.into_inner()).insert(client.client_id.clone(), digest);
+        }
+        ok
     }
 
     /// Issues a user token as if `username` had logged in through `client_id` with the
@@ -279,7 +449,8 @@ impl TokenService {
     /// a principal-propagation destination straight away. The token is issued in the user's
     /// own zone; a username configured in several zones resolves to the client's zone first.
     pub fn issue_user_token(&self, username: &str, client_id: &str) -> Result<String, TokenError> {
-        let client = self.clients.get(client_id).ok_or_else(|| TokenError::UnknownClient(client_id.to_owned()))?;
+        let client = self.client(client_id).ok_or_else(|| TokenError::UnknownClient(client_id.to_owned()))?;
+        let client = &*client;
         let user = self
             .find_user(username, None, &client.tenant_id)
             .ok_or_else(|| TokenError::UnknownUser(username.to_owned()))?;
@@ -287,7 +458,7 @@ impl TokenService {
             self.tenant_by_id(&user.user.tenant_id).ok_or_else(|| TokenError::UnknownUser(username.to_owned()))?;
         let identity = UserIdentity::from_user(&user.user, self.now());
         let scopes = user_scopes(client, Some(&user.user));
-        let issued = self.issue(tenant, client, GRANT_PASSWORD, scopes, Some(&identity), false)?;
+        let issued = self.issue(&tenant, client, GRANT_PASSWORD, scopes, Some(&identity), false)?;
         Ok(issued.access_token)
     }
 
@@ -306,7 +477,7 @@ impl TokenService {
     /// [`run`].
     pub fn retire_expired_keys(&self) -> usize {
         let now = self.now();
-        self.tenants.iter().map(|t| t.history.retire(&t.tenant.keys, now, self.key_lifetime_secs)).sum()
+        self.tenants_snapshot().iter().map(|t| t.history.retire(&t.tenant.keys, now, self.key_lifetime_secs)).sum()
     }
 
     /// Issues an X.509 client certificate for `client_id`, signed by `ca`, and lets it
@@ -325,7 +496,7 @@ impl TokenService {
         client_id: &str,
         validity: Duration,
     ) -> Result<CertifiedKey, TokenError> {
-        let client = self.clients.get(client_id).ok_or_else(|| TokenError::UnknownClient(client_id.to_owned()))?;
+        let client = self.client(client_id).ok_or_else(|| TokenError::UnknownClient(client_id.to_owned()))?;
         let cert = mtls::issue(ca, client_id, validity).map_err(|e| TokenError::Certificate(e.to_string()))?;
         let (subject, issuer) = certificate_names(&cert.cert_pem)
             .ok_or_else(|| TokenError::Certificate("the issued certificate does not parse".into()))?;
@@ -352,12 +523,17 @@ impl TokenService {
                 .is_some_and(|list| list.iter().any(|b| b.matches(peer)))
     }
 
-    fn tenant_by_id(&self, id: &str) -> Option<&TenantState> {
-        self.tenants.iter().find(|t| t.tenant.id == id)
+    fn tenant_by_id(&self, id: &str) -> Option<Arc<TenantState>> {
+        self.tenants.read().unwrap_or_else(|p| p.into_inner()).iter().find(|t| t.tenant.id == id).cloned()
     }
 
-    fn tenant_by_subdomain(&self, subdomain: &str) -> Option<&TenantState> {
-        self.tenants.iter().find(|t| t.tenant.subdomain.eq_ignore_ascii_case(subdomain))
+    fn tenant_by_subdomain(&self, subdomain: &str) -> Option<Arc<TenantState>> {
+        let tenants = self.tenants.read().unwrap_or_else(|p| p.into_inner());
+        tenants.iter().find(|t| t.tenant.subdomain.eq_ignore_ascii_case(subdomain)).cloned()
+    }
+
+    fn first_tenant(&self) -> Option<Arc<TenantState>> {
+        self.tenants.read().unwrap_or_else(|p| p.into_inner()).first().cloned()
     }
 
     /// Finds a configured (local) user by name; see [`LocalUserStore::find`].
@@ -442,6 +618,22 @@ impl TokenService {
         };
         Ok(Issued { access_token, jti, expires_in: validity, scopes, refresh_token })
     }
+}
+
+fn tenant_state(
+    tenant: Tenant,
+    public_url: &str,
+    uaadomain: &UaaDomain,
+    http: &reqwest::Client,
+    now: u64,
+    key_lifetime_secs: u64,
+) -> TenantState {
+    let (issuer, jwks_uri) = endpoints(&tenant, public_url, uaadomain);
+    let verifier = Verifier::new(vec![TrustedIssuer::tenant(tenant.id.clone(), tenant.keys.clone())], http.clone());
+    let history = KeyHistory::default();
+    // Keys older than the signing one (loaded from disk) are dated now.
+    history.retire(&tenant.keys, now, key_lifetime_secs);
+    TenantState { tenant, verifier, issuer, jwks_uri, history }
 }
 
 /// `(iss, jwks_uri)` of a tenant. With a dotted DNS `uaadomain` both live under

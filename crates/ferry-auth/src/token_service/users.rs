@@ -106,6 +106,11 @@ impl LocalUserStore {
         }
     }
 
+    /// Whether a configured user belongs to zone `tenant_id`.
+    pub fn any_in_tenant(&self, tenant_id: &str) -> bool {
+        self.users.iter().any(|u| u.user.tenant_id == tenant_id)
+    }
+
     /// The configured user behind a user identity of a token, if it is one of ours.
     pub fn by_id(&self, tenant_id: &str, user_id: &str) -> Option<&User> {
         self.users.iter().map(|u| &u.user).find(|u| u.tenant_id == tenant_id && u.user_id == user_id)

@@ -1,21 +1,22 @@
-//! Encryption at rest for stored destinations.
+//! Encryption at rest (AES-256-GCM under the master key), for the destination store and the
+//! subaccount directory.
 //!
-//! Destinations carry passwords and client secrets, and database files end up in backups and
-//! on shared volumes, so each row is sealed with AES-256-GCM under the master key. The row key
-//! (subaccount, level, name) is the associated data: a ciphertext copied into another row —
+//! Stored rows carry passwords, client secrets and signing keys, and database files end up in
+//! backups and on shared volumes, so each is sealed under the master key. The row key (e.g.
+//! subaccount, level, name) is the associated data: a ciphertext copied into another row —
 //! say, from a tenant the attacker controls into a victim's — fails to open instead of
 //! silently serving someone else's credentials.
 
+use crate::Secret;
 use aws_lc_rs::aead::{AES_256_GCM, Aad, LessSafeKey, NONCE_LEN, Nonce, UnboundKey};
 use aws_lc_rs::rand::{SecureRandom, SystemRandom};
-use ferry_core::Secret;
 
 /// First byte of every sealed blob, so the format (cipher, nonce size) can change later while
 /// old rows stay readable.
 const FORMAT_V1: u8 = 1;
 
 #[derive(Debug, thiserror::Error)]
-pub(crate) enum SealError {
+pub enum SealError {
     #[error("encryption failed")]
     Seal,
     /// Wrong key, tampered data, or data moved to another row: GCM cannot tell them apart.
@@ -25,7 +26,7 @@ pub(crate) enum SealError {
     Format,
 }
 
-pub(crate) struct Sealer {
+pub struct Sealer {
     key: LessSafeKey,
     rng: SystemRandom,
 }
@@ -37,14 +38,14 @@ impl std::fmt::Debug for Sealer {
 }
 
 impl Sealer {
-    pub(crate) fn new(master_key: &Secret<[u8; 32]>) -> Result<Self, SealError> {
+    pub fn new(master_key: &Secret<[u8; 32]>) -> Result<Self, SealError> {
         let key = UnboundKey::new(&AES_256_GCM, master_key.expose()).map_err(|_| SealError::Seal)?;
         Ok(Self { key: LessSafeKey::new(key), rng: SystemRandom::new() })
     }
 
     /// `version || nonce || ciphertext || tag`, with a fresh random nonce per call. Random
     /// 96-bit nonces are safe far beyond the number of writes a destination store sees.
-    pub(crate) fn seal(&self, associated: &[u8], plaintext: &[u8]) -> Result<Vec<u8>, SealError> {
+    pub fn seal(&self, associated: &[u8], plaintext: &[u8]) -> Result<Vec<u8>, SealError> {
         let mut nonce = [0u8; NONCE_LEN];
         self.rng.fill(&mut nonce).map_err(|_| SealError::Seal)?;
         let mut body = plaintext.to_vec();
@@ -58,7 +59,7 @@ impl Sealer {
         Ok(out)
     }
 
-    pub(crate) fn open(&self, associated: &[u8], sealed: &[u8]) -> Result<Vec<u8>, SealError> {
+    pub fn open(&self, associated: &[u8], sealed: &[u8]) -> Result<Vec<u8>, SealError> {
         let (&version, rest) = sealed.split_first().ok_or(SealError::Format)?;
         if version != FORMAT_V1 || rest.len() < NONCE_LEN {
             return Err(SealError::Format);

@@ -1,0 +1,350 @@
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+//! The admin API as values (`router.oneshot`), persistence across a reopen, and secrets at rest.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use axum::Router;
+use axum::body::Body;
+use ferry_auth::KeySet;
+use ferry_auth::token_service::{OAuthClient, Tenant, TokenService, TokenServiceConfig};
+use ferry_core::Secret;
+use ferry_directory::{Directory, Endpoints, admin};
+use http::{Request, StatusCode};
+use http_body_util::BodyExt;
+use serde_json::{Value, json};
+use tower::ServiceExt;
+
+const ADMIN_ID: &str = "ferry-admin";
+const ADMIN_SECRET: &str = "admin-secret";
+const PLAIN_ID: &str = "not-admin";
+const PLAIN_SECRET: &str = "plain-secret";
+const SYSTEM_ZONE: &str = "system-zone";
+
+fn endpoints() -> Endpoints {
+    Endpoints {
+        token_url: "http://127.0.0.1:18081".into(),
+        uaadomain: "127.0.0.1:18443".into(),
+        destination_url: "http://127.0.0.1:18082".into(),
+        proxy_host: "127.0.0.1".into(),
+        http_proxy_port: 20003,
+        socks5_port: 20004,
+    }
+}
+
+struct Stack {
+    dir: Arc<Directory>,
+    tokens: Arc<TokenService>,
+    router: Router,
+}
+
+/// A token service with a static system tenant holding the admin client and a client without
+/// the admin authority, plus everything in the directory at `path`.
+fn stack(path: &Path) -> Stack {
+    stack_with_ca(path, None)
+}
+
+fn stack_with_ca(path: &Path, ca: Option<Arc<ferry_core::tls::LocalCa>>) -> Stack {
+    let dir = Directory::open(path, &Secret::new([9u8; 32]), endpoints(), ca).unwrap();
+    let (tenants, clients) = dir.token_entries().unwrap();
+    let client = |id: &str, secret: &str, authorities: &[&str]| OAuthClient {
+        client_id: id.into(),
+        client_secret: secret.into(),
+        tenant_id: SYSTEM_ZONE.into(),
+        xsappname: id.into(),
+        authorities: authorities.iter().map(|s| s.to_string()).collect(),
+        ..Default::default()
+    };
+    let tokens = TokenService::with_runtime_entries(
+        TokenServiceConfig {
+            tenants: vec![Tenant {
+                id: SYSTEM_ZONE.into(),
+                subdomain: "system".into(),
+                keys: Arc::new(KeySet::generate().unwrap()),
+            }],
+            clients: vec![
+                client(ADMIN_ID, ADMIN_SECRET, &[admin::ADMIN_SCOPE]),
+                client(PLAIN_ID, PLAIN_SECRET, &["uaa.resource"]),
+            ],
+            public_url: "http://127.0.0.1:18081".into(),
+            uaadomain: "127.0.0.1:18443".into(),
+            ..Default::default()
+        },
+        tenants,
+        clients,
+    )
+    .unwrap();
+    dir.attach(tokens.clone());
+    let router = tokens.router().merge(admin::router(dir.clone()));
+    Stack { dir, tokens, router }
+}
+
+async fn send(router: &Router, req: Request<Body>) -> (StatusCode, Value) {
+    let resp = router.clone().oneshot(req).await.unwrap();
+    let status = resp.status();
+    let bytes = resp.into_body().collect().await.unwrap().to_bytes();
+    let v = if bytes.is_empty() { Value::Null } else { serde_json::from_slice(&bytes).unwrap_or(Value::Null) };
+    (status, v)
+}
+
+async fn token(router: &Router, id: &str, secret: &str) -> Option<String> {
+    let body = format!("grant_type=client_credentials&client_id={}&client_secret={secret}", urlencode(id));
+    let req = Request::post("/oauth/token")
+        .header("content-type", "application/x-www-form-urlencoded")
+        .body(Body::from(body))
+        .unwrap();
+    let (status, v) = send(router, req).await;
+    (status == StatusCode::OK).then(|| v["access_token"].as_str().unwrap().to_owned())
+}
+
+fn urlencode(s: &str) -> String {
+    s.replace('!', "%21").replace('|', "%7C")
+}
+
+async fn api(
+    router: &Router,
+    token: Option<&str>,
+    method: &str,
+    path: &str,
+    body: Option<Value>,
+) -> (StatusCode, Value) {
+    let mut req = Request::builder().method(method).uri(format!("{}{path}", admin::BASE));
+    if let Some(t) = token {
+        req = req.header("authorization", format!("Bearer {t}"));
+    }
+    let req = match body {
+        Some(b) => req.header("content-type", "application/json").body(Body::from(b.to_string())),
+        None => req.body(Body::empty()),
+    }
+    .unwrap();
+    send(router, req).await
+}
+
+#[tokio::test]
+async fn every_status_of_the_admin_api() {
+    let tmp = tempfile::tempdir().unwrap();
+    let s = stack(&tmp.path().join("directory.db"));
+    let r = &s.router;
+    let admin = token(r, ADMIN_ID, ADMIN_SECRET).await.unwrap();
+    let admin = Some(admin.as_str());
+
+    // 401 without or with a bad token, 403 without the scope.
+    let (st, v) = api(r, None, "GET", "/subaccounts", None).await;
+    assert_eq!(st, StatusCode::UNAUTHORIZED);
+    assert_eq!(v["error"], "unauthorized");
+    assert_eq!(api(r, Some("garbage"), "GET", "/subaccounts", None).await.0, StatusCode::UNAUTHORIZED);
+    let plain = token(r, PLAIN_ID, PLAIN_SECRET).await.unwrap();
+    let (st, v) = api(r, Some(&plain), "GET", "/subaccounts", None).await;
+    assert_eq!(st, StatusCode::FORBIDDEN);
+    assert!(v["message"].as_str().unwrap().contains("ferry.admin"));
+
+    // Subaccounts: 400 naming the field, 201, 409, 200, 404.
+    let (st, v) = api(r, admin, "POST", "/subaccounts", Some(json!({}))).await;
+    assert_eq!(st, StatusCode::BAD_REQUEST);
+    assert_eq!(v["field"], "subdomain");
+    let (st, v) = api(r, admin, "POST", "/subaccounts", Some(json!({"subdomain": "no spaces"}))).await;
+    assert_eq!((st, v["field"].as_str()), (StatusCode::BAD_REQUEST, Some("subdomain")));
+    let (st, v) = api(r, admin, "POST", "/subaccounts", Some(json!({"subdomain": "ok", "id": "not-a-guid"}))).await;
+    assert_eq!((st, v["field"].as_str()), (StatusCode::BAD_REQUEST, Some("id")));
+    let (st, _) = api(r, admin, "POST", "/subaccounts", None).await;
+    assert_eq!(st, StatusCode::BAD_REQUEST);
+    let (st, sub) = api(r, admin, "POST", "/subaccounts", Some(json!({"subdomain": "tenant-a"}))).await;
+    assert_eq!(st, StatusCode::CREATED, "{sub}");
+    let sid = sub["id"].as_str().unwrap().to_owned();
+    assert!(uuid::Uuid::parse_str(&sid).is_ok());
+    let (st, _) = api(r, admin, "POST", "/subaccounts", Some(json!({"subdomain": "TENANT-A"}))).await;
+    assert_eq!(st, StatusCode::CONFLICT);
+    let (st, _) = api(r, admin, "POST", "/subaccounts", Some(json!({"subdomain": "other", "id": sid}))).await;
+    assert_eq!(st, StatusCode::CONFLICT);
+    // The static system tenant's subdomain is taken too.
+    let (st, _) = api(r, admin, "POST", "/subaccounts", Some(json!({"subdomain": "system"}))).await;
+    assert_eq!(st, StatusCode::CONFLICT);
+    let (st, v) = api(r, admin, "GET", "/subaccounts", None).await;
+    assert_eq!(st, StatusCode::OK);
+    assert_eq!(v["items"].as_array().unwrap().len(), 1);
+    assert_eq!(api(r, admin, "GET", &format!("/subaccounts/{sid}"), None).await.0, StatusCode::OK);
+    let missing = uuid::Uuid::new_v4();
+    assert_eq!(api(r, admin, "GET", &format!("/subaccounts/{missing}"), None).await.0, StatusCode::NOT_FOUND);
+    assert_eq!(api(r, admin, "DELETE", &format!("/subaccounts/{missing}"), None).await.0, StatusCode::NOT_FOUND);
+
+    // Service instances.
+    let ipath = format!("/subaccounts/{sid}/service-instances");
+    let (st, v) = api(r, admin, "POST", &ipath, Some(json!({"service": "mail", "name": "x"}))).await;
+    assert_eq!((st, v["field"].as_str()), (StatusCode::BAD_REQUEST, Some("service")));
+    let (st, v) = api(r, admin, "POST", &ipath, Some(json!({"service": "destination"}))).await;
+    assert_eq!((st, v["field"].as_str()), (StatusCode::BAD_REQUEST, Some("name")));
+    let (st, v) = api(r, admin, "POST", &ipath, Some(json!({"service": "destination", "name": "d", "x": 1}))).await;
+    assert_eq!(st, StatusCode::BAD_REQUEST, "{v}");
+    let (st, inst) = api(r, admin, "POST", &ipath, Some(json!({"service": "destination", "name": "dest"}))).await;
+    assert_eq!(st, StatusCode::CREATED, "{inst}");
+    assert_eq!(inst["plan"], "lite");
+    let iid = inst["id"].as_str().unwrap().to_owned();
+    let (st, _) = api(r, admin, "POST", &ipath, Some(json!({"service": "xsuaa", "name": "dest"}))).await;
+    assert_eq!(st, StatusCode::CONFLICT);
+    let (st, v) = api(r, admin, "GET", &ipath, None).await;
+    assert_eq!((st, v["items"].as_array().unwrap().len()), (StatusCode::OK, 1));
+    let (st, _) = api(r, admin, "GET", &format!("/subaccounts/{missing}/service-instances"), None).await;
+    assert_eq!(st, StatusCode::NOT_FOUND);
+    let (st, _) = api(r, admin, "POST", &format!("/subaccounts/{missing}/service-instances"), Some(json!({}))).await;
+    assert_eq!(st, StatusCode::NOT_FOUND);
+
+    // Service keys: the credentials once, never again in lists.
+    let kpath = format!("{ipath}/{iid}/service-keys");
+    let (st, v) = api(r, admin, "POST", &kpath, Some(json!({"name": "k", "credential_type": "pgp"}))).await;
+    assert_eq!((st, v["field"].as_str()), (StatusCode::BAD_REQUEST, Some("credential_type")));
+    let (st, creds) = api(r, admin, "POST", &kpath, Some(json!({"name": "k1"}))).await;
+    assert_eq!(st, StatusCode::CREATED, "{creds}");
+    for field in
+        ["clientid", "clientsecret", "url", "uaadomain", "identityzone", "tenantid", "xsappname", "instanceid", "uri"]
+    {
+        assert!(creds[field].is_string(), "{field} in {creds}");
+    }
+    assert_eq!(creds["tenantid"], sid.as_str());
+    assert_eq!(creds["identityzone"], "tenant-a");
+    assert_eq!(creds["instanceid"], iid.as_str());
+    assert_eq!(creds["credential-type"], "binding-secret");
+    let (st, _) = api(r, admin, "POST", &kpath, Some(json!({"name": "k1"}))).await;
+    assert_eq!(st, StatusCode::CONFLICT);
+    let (st, list) = api(r, admin, "GET", &kpath, None).await;
+    assert_eq!(st, StatusCode::OK);
+    let secret = creds["clientsecret"].as_str().unwrap();
+    assert!(!list.to_string().contains(secret), "lists never carry secrets");
+    let kid = list["items"][0]["id"].as_str().unwrap().to_owned();
+    assert_eq!(api(r, admin, "GET", &format!("{kpath}/{kid}"), None).await.0, StatusCode::OK);
+    assert_eq!(api(r, admin, "GET", &format!("{kpath}/{missing}"), None).await.0, StatusCode::NOT_FOUND);
+
+    // The key gets tokens in its subaccount at once.
+    let client_id = creds["clientid"].as_str().unwrap();
+    let t = token(r, client_id, secret).await.expect("token for the new key");
+    let claims = s.tokens.verifier().verify(&t).await.unwrap();
+    assert_eq!(claims.zid, sid);
+    assert_eq!(claims.ext_attr.serviceinstanceid.as_deref(), Some(iid.as_str()));
+    assert!(token(r, client_id, "wrong").await.is_none());
+
+    // A connectivity key carries the proxy, ports as strings.
+    let (_, conn) = api(r, admin, "POST", &ipath, Some(json!({"service": "connectivity", "name": "conn"}))).await;
+    let cpath = format!("{ipath}/{}/service-keys", conn["id"].as_str().unwrap());
+    let (st, c) = api(r, admin, "POST", &cpath, Some(json!({"name": "k"}))).await;
+    assert_eq!(st, StatusCode::CREATED);
+    assert_eq!(c["onpremise_proxy_port"], "20003");
+    assert_eq!(c["onpremise_socks5_proxy_port"], "20004");
+
+    // Deleting the key stops its tokens; deleting it again is a 404.
+    assert_eq!(api(r, admin, "DELETE", &format!("{kpath}/{kid}"), None).await.0, StatusCode::NO_CONTENT);
+    assert!(token(r, client_id, secret).await.is_none());
+    assert_eq!(api(r, admin, "DELETE", &format!("{kpath}/{kid}"), None).await.0, StatusCode::NOT_FOUND);
+
+    // Deleting the instance, then the subaccount: its tokens no longer verify.
+    assert_eq!(api(r, admin, "DELETE", &format!("{ipath}/{iid}"), None).await.0, StatusCode::NO_CONTENT);
+    assert_eq!(api(r, admin, "DELETE", &format!("{ipath}/{iid}"), None).await.0, StatusCode::NOT_FOUND);
+    let (_, c2) = api(r, admin, "POST", &cpath, Some(json!({"name": "k2"}))).await;
+    let t2 = token(r, c2["clientid"].as_str().unwrap(), c2["clientsecret"].as_str().unwrap()).await.unwrap();
+    assert_eq!(api(r, admin, "DELETE", &format!("/subaccounts/{sid}"), None).await.0, StatusCode::NO_CONTENT);
+    assert!(s.tokens.verifier().verify(&t2).await.is_err());
+    assert!(token(r, c2["clientid"].as_str().unwrap(), c2["clientsecret"].as_str().unwrap()).await.is_none());
+
+    // The static tenant of the admin client cannot be deleted (it is not in the directory).
+    assert_eq!(api(r, admin, "DELETE", &format!("/subaccounts/{SYSTEM_ZONE}"), None).await.0, StatusCode::NOT_FOUND);
+    // Unknown admin paths are JSON 404s.
+    assert_eq!(api(r, admin, "GET", "/nothing", None).await.0, StatusCode::NOT_FOUND);
+}
+
+#[tokio::test]
+async fn survives_a_restart_and_keeps_secrets_hashed() {
+    let tmp = tempfile::tempdir().unwrap();
+    let path = tmp.path().join("directory.db");
+    let (sid, kept, gone) = {
+        let s = stack(&path);
+        let r = &s.router;
+        let admin = token(r, ADMIN_ID, ADMIN_SECRET).await.unwrap();
+        let admin = Some(admin.as_str());
+        let (_, sub) = api(r, admin, "POST", "/subaccounts", Some(json!({"subdomain": "persisted"}))).await;
+        let sid = sub["id"].as_str().unwrap().to_owned();
+        let ipath = format!("/subaccounts/{sid}/service-instances");
+        let (_, inst) = api(r, admin, "POST", &ipath, Some(json!({"service": "xsuaa", "name": "app"}))).await;
+        let kpath = format!("{ipath}/{}/service-keys", inst["id"].as_str().unwrap());
+        let (_, kept) = api(r, admin, "POST", &kpath, Some(json!({"name": "kept"}))).await;
+        let (_, gone) = api(r, admin, "POST", &kpath, Some(json!({"name": "gone"}))).await;
+        let (_, list) = api(r, admin, "GET", &kpath, None).await;
+        let gone_id = list["items"].as_array().unwrap().iter().find(|k| k["name"] == "gone").unwrap()["id"].clone();
+        let del = format!("{kpath}/{}", gone_id.as_str().unwrap());
+        assert_eq!(api(r, admin, "DELETE", &del, None).await.0, StatusCode::NO_CONTENT);
+        drop(s.dir);
+        (sid, kept, gone)
+    };
+    // Secrets are not in the file, only their hashes.
+    let bytes = std::fs::read(&path).unwrap();
+    let hay = String::from_utf8_lossy(&bytes);
+    for c in [&kept, &gone] {
+        assert!(!hay.contains(c["clientsecret"].as_str().unwrap()), "secret stored in the clear");
+    }
+    assert!(hay.contains("$argon2id$"));
+
+    let s = stack(&path);
+    let r = &s.router;
+    assert_eq!(s.dir.subaccount(&sid).unwrap().subdomain, "persisted");
+    let t = token(r, kept["clientid"].as_str().unwrap(), kept["clientsecret"].as_str().unwrap())
+        .await
+        .expect("the kept key works after a restart");
+    assert_eq!(s.tokens.verifier().verify(&t).await.unwrap().zid, sid);
+    assert!(token(r, gone["clientid"].as_str().unwrap(), gone["clientsecret"].as_str().unwrap()).await.is_none());
+
+    // A wrong master key cannot open the signing keys.
+    let wrong = Directory::open(&path, &Secret::new([1u8; 32]), endpoints(), None).unwrap();
+    assert!(wrong.token_entries().is_err());
+}
+
+#[tokio::test]
+async fn x509_keys_carry_a_certificate_and_no_secret() {
+    ferry_core::init_crypto();
+    let tmp = tempfile::tempdir().unwrap();
+    let ca = Arc::new(ferry_core::tls::LocalCa::generate("test CA").unwrap());
+    let s = stack_with_ca(&tmp.path().join("directory.db"), Some(ca));
+    let r = &s.router;
+    let admin = token(r, ADMIN_ID, ADMIN_SECRET).await.unwrap();
+    let admin = Some(admin.as_str());
+    let (_, sub) = api(r, admin, "POST", "/subaccounts", Some(json!({"subdomain": "certs"}))).await;
+    let ipath = format!("/subaccounts/{}/service-instances", sub["id"].as_str().unwrap());
+    let (_, inst) =
+        api(r, admin, "POST", &ipath, Some(json!({"service": "xsuaa", "name": "app", "plan": "broker"}))).await;
+    assert_eq!(inst["plan"], "broker");
+    let kpath = format!("{ipath}/{}/service-keys", inst["id"].as_str().unwrap());
+    let (st, c) = api(r, admin, "POST", &kpath, Some(json!({"name": "cert", "credential_type": "x509"}))).await;
+    assert_eq!(st, StatusCode::CREATED, "{c}");
+    assert_eq!(c["credential-type"], "x509");
+    assert!(c["certificate"].as_str().unwrap().contains("BEGIN CERTIFICATE"));
+    assert!(c["key"].as_str().unwrap().contains("PRIVATE KEY"));
+    assert_eq!(c["certurl"], "https://127.0.0.1:18443");
+    assert!(c.get("clientsecret").is_none());
+    let (_, list) = api(r, admin, "GET", &kpath, None).await;
+    assert_eq!(list["items"][0]["credential_type"], "x509");
+    assert!(!list.to_string().contains("PRIVATE KEY"));
+}
+
+#[tokio::test]
+async fn ensure_key_keeps_configured_bindings() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = Directory::open(&tmp.path().join("d.db"), &Secret::new([3u8; 32]), endpoints(), None).unwrap();
+    let sub = dir.create_subaccount("cfg", Some("conf-zone"), None).unwrap();
+    let inst = dir.create_instance(&sub.id, "destination", "ferry-destination", None, None).unwrap();
+    let key = |id: &str, secret: &str| ferry_directory::NewKey {
+        name: "default".into(),
+        client_id: Some(id.into()),
+        secret: Some(secret.into()),
+        ..Default::default()
+    };
+    let (k1, c1) = dir.ensure_key(&sub.id, &inst.id, key("sb-a!b1", "one")).unwrap();
+    assert_eq!(c1["clientsecret"], "one");
+    assert_eq!(c1["xsappname"], "a!b1");
+    // Same client, new secret: the same key, the new secret.
+    let (k2, c2) = dir.ensure_key(&sub.id, &inst.id, key("sb-a!b1", "two")).unwrap();
+    assert_eq!((k1.id.as_str(), c2["clientsecret"].as_str()), (k2.id.as_str(), Some("two")));
+    // Another client id for the same binding: the key is replaced.
+    let (k3, _) = dir.ensure_key(&sub.id, &inst.id, key("sb-b!b1", "three")).unwrap();
+    assert_ne!(k3.id, k1.id);
+    assert_eq!(dir.list_keys(&sub.id, &inst.id).unwrap().len(), 1);
+    let (_, clients) = dir.token_entries().unwrap();
+    assert_eq!(clients.len(), 1);
+    assert_eq!(clients[0].client_id, "sb-b!b1");
+    assert!(clients[0].client_secret.expose().starts_with("$argon2id$"));
+}

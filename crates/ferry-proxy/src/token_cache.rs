@@ -1,0 +1,92 @@
+//! Remembers recently verified tokens. An app sends the same `Proxy-Authorization` token with
+//! every request until it expires; verifying an RSA signature each time would be the single
+//! largest cost of a small proxied request.
+//!
+//! Entries live at most [`TTL`] (so a key retired at the issuer stops being accepted soon after)
+//! and never past the token's own `exp`; only successes are cached, so a bad token is checked
+//! every time and cannot evict good ones by failing.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use ferry_auth::{Claims, Verifier, VerifyError};
+
+const TTL: Duration = Duration::from_secs(60);
+const MAX_ENTRIES: usize = 4096;
+
+/// Verified claims and when they were verified, by token.
+type Entries = HashMap<Box<str>, (Arc<Claims>, Instant)>;
+
+pub(crate) struct TokenCache {
+    verifier: Arc<Verifier>,
+    entries: Mutex<Entries>,
+}
+
+fn now_secs() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+}
+
+impl TokenCache {
+    pub(crate) fn new(verifier: Arc<Verifier>) -> Self {
+        Self { verifier, entries: Mutex::new(HashMap::new()) }
+    }
+
+    pub(crate) async fn verify(&self, token: &str) -> Result<Arc<Claims>, VerifyError> {
+        {
+            let entries = self.entries.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some((claims, at)) = entries.get(token)
+                && at.elapsed() < TTL
+                && claims.exp >= now_secs()
+            {
+                return Ok(claims.clone());
+            }
+        }
+        let claims = Arc::new(self.verifier.verify(token).await?);
+        let mut entries = self.entries.lock().unwrap_or_else(|p| p.into_inner());
+        if entries.len() >= MAX_ENTRIES {
+            // Cheaper than an LRU and good enough: the working set refills on its next requests.
+            entries.clear();
+        }
+        entries.insert(token.into(), (claims.clone(), Instant::now()));
+        Ok(claims)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ferry_auth::KeySet;
+    use serde_json::json;
+
+    fn token(keys: &KeySet, exp: u64) -> String {
+        keys.sign(&json!({"zid": "z", "client_id": "c", "exp": exp}), &[]).unwrap()
+    }
+
+    #[tokio::test]
+    async fn caches_successes_only_and_respects_expiry() {
+        let keys = Arc::new(KeySet::generate().unwrap());
+        let cache = TokenCache::new(Arc::new(Verifier::local(keys.clone())));
+        let good = token(&keys, now_secs() + 600);
+        assert_eq!(cache.verify(&good).await.unwrap().zid, "z");
+        assert_eq!(cache.entries.lock().unwrap().len(), 1);
+        assert_eq!(cache.verify(&good).await.unwrap().zid, "z");
+        // Expired (beyond the verifier's leeway): refused, and not cached.
+        let old = token(&keys, now_secs() - 3600);
+        assert_eq!(cache.verify(&old).await.unwrap_err(), VerifyError::Expired);
+        assert_eq!(cache.entries.lock().unwrap().len(), 1);
+        // A cached entry whose token has expired since is checked again (and refused).
+        let soon = token(&keys, now_secs() + 600);
+        cache.verify(&soon).await.unwrap();
+        {
+            let mut e = cache.entries.lock().unwrap();
+            let entry = e.get_mut(soon.as_str()).unwrap();
+            let mut stale = (*entry.0).clone();
+            stale.exp = now_secs() - 1;
+            entry.0 = Arc::new(stale);
+        }
+        // The real token is still valid, so re-verification succeeds and refreshes the entry.
+        assert!(cache.verify(&soon).await.is_ok());
+        assert!(cache.entries.lock().unwrap().get(soon.as_str()).unwrap().0.exp > now_secs());
+    }
+}
