@@ -39,6 +39,9 @@ pub enum ConnectorError {
 pub struct ConnectorConfig {
     /// `host:port` of the proxy's tunnel listener.
     pub proxy_addr: String,
+    /// Further proxy replicas. The connector keeps its tunnels to every replica, so any replica
+    /// behind a load balancer can serve any app request with no state shared between them.
+    pub more_proxy_addrs: Vec<String>,
     /// Name the proxy's server certificate must carry (a DNS name or IP address).
     pub server_name: String,
     /// Trust anchor for the proxy's server certificate.
@@ -72,6 +75,7 @@ impl ConnectorConfig {
     ) -> Self {
         Self {
             proxy_addr,
+            more_proxy_addrs: Vec::new(),
             server_name,
             ca_pem,
             identity,
@@ -136,33 +140,37 @@ impl Connector {
         self.status.subscribe()
     }
 
-    /// Keeps `config.connections` tunnel connections up until `shutdown`.
+    /// Keeps `config.connections` tunnel connections up to every proxy replica until `shutdown`.
     pub async fn run(self: Arc<Self>, shutdown: Shutdown) {
         let mut tasks = tokio::task::JoinSet::new();
-        for slot in 0..self.config.connections.max(1) {
-            let me = self.clone();
-            let sd = shutdown.clone();
-            tasks.spawn(async move { me.keep_connected(slot, sd).await });
+        let proxies = std::iter::once(&self.config.proxy_addr).chain(&self.config.more_proxy_addrs).cloned();
+        for proxy in proxies.collect::<Vec<_>>() {
+            for slot in 0..self.config.connections.max(1) {
+                let me = self.clone();
+                let sd = shutdown.clone();
+                let proxy = proxy.clone();
+                tasks.spawn(async move { me.keep_connected(proxy, slot, sd).await });
+            }
         }
         while tasks.join_next().await.is_some() {}
     }
 
-    async fn keep_connected(&self, slot: usize, shutdown: Shutdown) {
+    async fn keep_connected(&self, proxy: String, slot: usize, shutdown: Shutdown) {
         let mut backoff = self.config.backoff_initial;
         while !shutdown.is_cancelled() {
             let started = Instant::now();
-            match self.connect().await {
+            match self.connect(&proxy).await {
                 Ok(io) => {
-                    tracing::info!(slot, proxy = %self.config.proxy_addr, "tunnel connected");
+                    tracing::info!(slot, %proxy, "tunnel connected");
                     self.status.send_modify(|s| {
                         s.connected += 1;
                         s.established += 1;
                     });
                     self.serve(io, &shutdown).await;
                     self.status.send_modify(|s| s.connected -= 1);
-                    tracing::warn!(slot, "tunnel disconnected");
+                    tracing::warn!(slot, %proxy, "tunnel disconnected");
                 }
-                Err(e) => tracing::warn!(slot, proxy = %self.config.proxy_addr, error = %e, "tunnel connect failed"),
+                Err(e) => tracing::warn!(slot, %proxy, error = %e, "tunnel connect failed"),
             }
             // A connection that lived a while was healthy: start the next backoff afresh.
             if started.elapsed() > Duration::from_secs(10) {
@@ -177,8 +185,8 @@ impl Connector {
         }
     }
 
-    async fn connect(&self) -> std::io::Result<tokio_rustls::client::TlsStream<TcpStream>> {
-        let tcp = tokio::time::timeout(Duration::from_secs(10), TcpStream::connect(&self.config.proxy_addr))
+    async fn connect(&self, proxy: &str) -> std::io::Result<tokio_rustls::client::TlsStream<TcpStream>> {
+        let tcp = tokio::time::timeout(Duration::from_secs(10), TcpStream::connect(proxy))
             .await
             .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "connect timed out"))??;
         tcp.set_nodelay(true)?;

@@ -587,3 +587,36 @@ async fn principal_propagation_issues_a_user_certificate() {
     assert_eq!(r.status, 200);
     assert!(r.json()["headers"].get("ssl_client_cert").is_none(), "{}", r.json()["headers"]);
 }
+
+/// Scale-out: a connector keeps tunnels to every proxy replica, so a request through any replica
+/// reaches the backend, and losing one replica's tunnel leaves the others serving.
+#[tokio::test]
+async fn connector_serves_every_proxy_replica() {
+    let echo = EchoBackend::start().await;
+    let pair = TunnelPair::start().await;
+    let (http_b, _socks_b, tunnel_b, registry_b) = pair.replica().await;
+    let relay_b = CuttableRelay::start(tunnel_b).await;
+    let mut cfg = pair.connector_config(
+        "",
+        AccessRules::new(vec![http_mapping("a.virtual", 80, echo.addr, &[("/", false)])]),
+        pair.tunnel_addr,
+    );
+    cfg.more_proxy_addrs = vec![relay_b.addr.to_string()];
+    let status = pair.spawn_connector(cfg);
+    pair.wait_connected("").await;
+    eventually!("tunnel to replica B", registry_b.is_connected(SUBACCOUNT, ""));
+    assert_eq!(status.borrow().connected, 2);
+    let token = pair.token();
+    for proxy in [pair.http_addr, http_b] {
+        let r = one(proxy, get("http://a.virtual/x", Some(&token), None).body(Full::default()).unwrap()).await;
+        assert_eq!(r.status, 200, "via {proxy}: {}", r.text());
+    }
+    relay_b.cut();
+    let r = one(pair.http_addr, get("http://a.virtual/x", Some(&token), None).body(Full::default()).unwrap()).await;
+    assert_eq!(r.status, 200, "replica A is unaffected by B's tunnel loss");
+    eventually!(
+        "tunnel to replica B is back",
+        registry_b.is_connected(SUBACCOUNT, "") && status.borrow().established >= 3
+    );
+    assert_eq!(echo.hits(), 3);
+}

@@ -207,6 +207,20 @@ impl TunnelPair {
         Self { ca, keys, proxy, http_addr, socks_addr, tunnel_addr, shutdown }
     }
 
+    /// Another proxy (HTTP, SOCKS5, tunnel on port 0) trusting the same CA and token keys: a
+    /// replica. Returns (http, socks5, tunnel) addresses and the replica's registry.
+    pub async fn replica(&self) -> (SocketAddr, SocketAddr, SocketAddr, Arc<ferry_proxy::Registry>) {
+        let server = self.ca.issue_server_cert(&["127.0.0.1", "localhost"]).expect("server cert");
+        let tls = ferry_core::tls::server_config(&server, Some(self.ca.cert_pem()), &[ferry_proto::tunnel::ALPN])
+            .expect("tls");
+        let proxy = Proxy::new(ProxyConfig::new(Arc::new(Verifier::local(self.keys.clone())), tls));
+        let (h, s, t) = (listener().await, listener().await, listener().await);
+        let addrs = (h.local_addr().expect("a"), s.local_addr().expect("a"), t.local_addr().expect("a"));
+        let registry = proxy.registry();
+        tokio::spawn(proxy.run(Listeners { http: Some(h), socks5: Some(s), tunnel: Some(t) }, self.shutdown.clone()));
+        (addrs.0, addrs.1, addrs.2, registry)
+    }
+
     pub fn token(&self) -> String {
         token(&self.keys, SUBACCOUNT, "sb-test-connectivity!b1", 600)
     }

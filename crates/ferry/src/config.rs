@@ -115,7 +115,7 @@ pub struct DestinationEntry {
     pub properties: BTreeMap<String, toml::Value>,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ConnectorEntry {
     /// Location id of this connector ("" = the default location).
@@ -123,6 +123,32 @@ pub struct ConnectorEntry {
     pub location_id: String,
     #[serde(default)]
     pub mappings: Vec<SystemMapping>,
+    /// `OFF`, `SECURITY` (denied requests, the default) or `ALL`; files in `<data>/audit/`.
+    #[serde(default)]
+    pub audit_level: ferry_connector::audit::AuditLevel,
+    /// PEM file of a CA that backends' TLS certificates chain to, besides the system's roots.
+    #[serde(default)]
+    pub backend_ca_file: Option<std::path::PathBuf>,
+    #[serde(default)]
+    pub principal_propagation: PrincipalPropagationEntry,
+}
+
+/// `[connectors.principal_propagation]`: SAP's `ppSettings` and subject pattern.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PrincipalPropagationEntry {
+    /// Subject of user certificates, e.g. `CN=${name}` or `CN=${name},EMAIL=${mail},O=ACME`.
+    pub subject_pattern: String,
+    /// `certificateValidityInMin` (1 to 43200).
+    pub certificate_validity_minutes: u32,
+    /// `expirationToleranceInHr` (0 to 336): how long after the user token's expiry it is accepted.
+    pub expiration_tolerance_hours: u32,
+}
+
+impl Default for PrincipalPropagationEntry {
+    fn default() -> Self {
+        Self { subject_pattern: "CN=${name}".into(), certificate_validity_minutes: 60, expiration_tolerance_hours: 1 }
+    }
 }
 
 /// One `[[trust]]` entry: an external OIDC issuer, found by discovery from its URL.
@@ -159,6 +185,13 @@ impl FileConfig {
         let cfg: FileConfig = toml::from_str(text)?;
         let mut locations = std::collections::HashSet::new();
         for c in &cfg.connectors {
+            let pp = &c.principal_propagation;
+            if !(1..=43_200).contains(&pp.certificate_validity_minutes) {
+                anyhow::bail!("principal_propagation.certificate_validity_minutes must be 1 to 43200");
+            }
+            if pp.expiration_tolerance_hours > 336 {
+                anyhow::bail!("principal_propagation.expiration_tolerance_hours must be 0 to 336");
+            }
             if !locations.insert(c.location_id.as_str()) {
                 anyhow::bail!("two connectors use location id {:?}; each needs its own", c.location_id);
             }

@@ -107,11 +107,16 @@ fn load_state(dir: &Path) -> anyhow::Result<State> {
 }
 
 fn load_ca(dir: &Path) -> anyhow::Result<LocalCa> {
-    let (cert, key) = (dir.join("ca.pem"), dir.join("ca-key.pem"));
+    load_named_ca(dir, "ca", "Ferry local CA")
+}
+
+/// A CA kept as `<stem>.pem` / `<stem>-key.pem` in the data folder, generated on first use.
+fn load_named_ca(dir: &Path, stem: &str, common_name: &str) -> anyhow::Result<LocalCa> {
+    let (cert, key) = (dir.join(format!("{stem}.pem")), dir.join(format!("{stem}-key.pem")));
     if cert.exists() && key.exists() {
         return Ok(LocalCa::from_pem(&std::fs::read_to_string(&cert)?, &std::fs::read_to_string(&key)?)?);
     }
-    let ca = LocalCa::generate("Ferry local CA")?;
+    let ca = LocalCa::generate(common_name)?;
     std::fs::write(&cert, ca.cert_pem())?;
     write_private(&key, ca.key_pem().expose().as_bytes())?;
     Ok(ca)
@@ -326,21 +331,36 @@ pub async fn up(args: UpArgs) -> anyhow::Result<()> {
     ));
 
     // Cloud Connector(s); without any in the config, one with no mappings at the default
-    // location, so the tunnel is there to map systems into.
-    let connectors: Vec<(String, Vec<ferry_connector::SystemMapping>)> = if cfg.connectors.is_empty() {
-        vec![(String::new(), vec![])]
-    } else {
-        cfg.connectors.iter().map(|c| (c.location_id.clone(), c.mappings.clone())).collect()
-    };
-    for (location, mappings) in &connectors {
-        let identity = ca.issue_connector_cert(&subaccount, location, time::Duration::days(30))?;
-        let cc = ConnectorConfig::new(
+    // location, so the tunnel is there to map systems into. Principal propagation uses its own
+    // CA, which backends trust for user certificates (and nothing else).
+    let pp_ca = Arc::new(load_named_ca(dir, "pp-ca", "Ferry principal propagation CA")?);
+    let default_connector = crate::config::ConnectorEntry::default();
+    let entries: Vec<&crate::config::ConnectorEntry> =
+        if cfg.connectors.is_empty() { vec![&default_connector] } else { cfg.connectors.iter().collect() };
+    let connectors: Vec<(String, usize)> = entries.iter().map(|c| (c.location_id.clone(), c.mappings.len())).collect();
+    for c in &entries {
+        let identity = ca.issue_connector_cert(&subaccount, &c.location_id, time::Duration::days(30))?;
+        let mut cc = ConnectorConfig::new(
             tunnel_addr.to_string(),
             "127.0.0.1".into(),
             ca.cert_pem().to_owned(),
             identity,
-            AccessRules::new(mappings.clone()),
+            AccessRules::new(c.mappings.clone()),
         );
+        cc.audit = ferry_connector::audit::AuditConfig { level: c.audit_level, dir: Some(dir.join("audit")) };
+        cc.backend_ca_pem = match &c.backend_ca_file {
+            Some(path) => Some(
+                std::fs::read_to_string(path)
+                    .with_context(|| format!("connector backend_ca_file {}", path.display()))?,
+            ),
+            None => None,
+        };
+        let pp_cfg = &c.principal_propagation;
+        let mut pp = ferry_connector::PrincipalPropagation::new(verifier.clone(), pp_ca.clone());
+        pp.subject_pattern = pp_cfg.subject_pattern.clone();
+        pp.certificate_validity = Duration::from_secs(u64::from(pp_cfg.certificate_validity_minutes) * 60);
+        pp.expiration_tolerance = Duration::from_secs(u64::from(pp_cfg.expiration_tolerance_hours) * 3600);
+        cc.principal_propagation = Some(Arc::new(pp));
         tasks.spawn(Arc::new(Connector::new(cc)?).run(shutdown.clone()));
     }
     let deadline = Instant::now() + Duration::from_secs(5);
@@ -362,7 +382,7 @@ pub async fn up(args: UpArgs) -> anyhow::Result<()> {
     for (loc, m) in &connectors {
         let label = if loc.is_empty() { "(default location)".to_string() } else { format!("location {loc:?}") };
         let state = if registry.is_connected(&subaccount, loc) { "connected" } else { "NOT connected" };
-        println!("  cloud connector      {label}: {state}, {} system mapping(s)", m.len());
+        println!("  cloud connector      {label}: {state}, {m} system mapping(s)");
     }
     for t in &cfg.trust {
         let t = t.to_trust(&subaccount);

@@ -40,6 +40,10 @@ tunnel_port = 0
 [[destinations]]
 properties = {{ Name = "erp", Type = "HTTP", URL = "http://erp.virtual:8000/sap", ProxyType = "OnPremise", Authentication = "BasicAuthentication", User = "ALICE", Password = "s3cret" }}
 
+[[users]]
+username = "alice"
+password = "alice-password"
+
 [[connectors]]
 [[connectors.mappings]]
 virtualHost = "erp.virtual"
@@ -47,6 +51,7 @@ virtualPort = 8000
 localHost = "127.0.0.1"
 localPort = {}
 protocol = "HTTP"
+authenticationMode = "X509_GENERAL"
 resources = [{{ path = "/sap", exactMatchOnly = false }}]
 "#,
         echo.addr.port()
@@ -139,6 +144,38 @@ resources = [{{ path = "/sap", exactMatchOnly = false }}]
     assert_eq!(e["url"], "/sap/items?top=1");
     assert_eq!(e["headers"]["authorization"], "Basic QUxJQ0U6czNjcmV0");
     assert_eq!(echo.hits(), 1);
+    assert_eq!(e["headers"]["ssl_client_cert"], "", "no user: empty SSL_CLIENT_CERT");
+
+    // Principal propagation: a user token from the password grant becomes a user certificate.
+    let xsuaa = &vcap["xsuaa"][0]["credentials"];
+    let form = [
+        ("grant_type", "password".to_owned()),
+        ("client_id", xsuaa["clientid"].as_str().unwrap().to_owned()),
+        ("client_secret", xsuaa["clientsecret"].as_str().unwrap().to_owned()),
+        ("username", "alice".to_owned()),
+        ("password", "alice-password".to_owned()),
+    ];
+    let user: Value = http
+        .post(format!("{}/oauth/token", xsuaa["url"].as_str().unwrap()))
+        .form(&form)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let user_jwt = user["access_token"].as_str().expect("user token").to_owned();
+    let r = via_proxy
+        .get("http://erp.virtual:8000/sap/me")
+        .header("sap-connectivity-authentication", format!("Bearer {user_jwt}"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let e: Value = r.json().await.unwrap();
+    let cert = e["headers"]["ssl_client_cert"].as_str().unwrap();
+    assert!(cert.len() > 100, "a user certificate reached the backend: {cert:?}");
+    assert!(e["headers"].get("sap-connectivity-authentication").is_none());
 
     // SIGTERM: a clean, prompt exit.
     let pid = child.0.id().to_string();
