@@ -9,8 +9,12 @@ cd "$root"
 need_apt=()
 command -v node >/dev/null || need_apt+=(nodejs npm)
 command -v cc >/dev/null || need_apt+=(build-essential)
+# The LDAP user store's tests start their own slapd (as this user, on a free port, with a
+# throw-away config); the system slapd that the package may set up is not used.
+{ command -v slapd >/dev/null || [ -x /usr/sbin/slapd ]; } || need_apt+=(slapd ldap-utils)
 if [ ${#need_apt[@]} -gt 0 ]; then
-  if [ "$(id -u)" = 0 ]; then apt-get update -qq && apt-get install -y -qq "${need_apt[@]}"; else sudo apt-get update -qq && sudo apt-get install -y -qq "${need_apt[@]}"; fi
+  export DEBIAN_FRONTEND=noninteractive
+  if [ "$(id -u)" = 0 ]; then apt-get update -qq && apt-get install -y -qq "${need_apt[@]}"; else sudo -E apt-get update -qq && sudo -E apt-get install -y -qq "${need_apt[@]}"; fi
 fi
 rustup component list --installed 2>/dev/null | grep -q rustfmt || rustup component add rustfmt clippy
 

@@ -19,6 +19,8 @@ pub struct FileConfig {
     pub bindings: Bindings,
     #[serde(default)]
     pub users: Vec<UserEntry>,
+    /// An LDAP directory whose users log in besides `[[users]]` (asked after them).
+    pub ldap: Option<ferry_auth::token_service::LdapConfig>,
     #[serde(default)]
     pub destinations: Vec<DestinationEntry>,
     #[serde(default)]
@@ -194,6 +196,13 @@ impl FileConfig {
                 anyhow::bail!("two connectors use location id {:?}; each needs its own", c.location_id);
             }
         }
+        if let Some(ldap) = &cfg.ldap {
+            let mut checked = ldap.clone();
+            if checked.tenant_id.is_empty() {
+                checked.tenant_id = "subaccount".into();
+            }
+            ferry_auth::token_service::LdapUserStore::new(checked)?;
+        }
         let mut issuers = std::collections::HashSet::new();
         for t in &cfg.trust {
             if !issuers.insert(t.issuer.as_str()) {
@@ -231,6 +240,25 @@ mod tests {
         assert!(FileConfig::parse("[listen]\nhots = \"x\"").is_err());
         assert!(FileConfig::parse("[[connectors]]\n[[connectors]]").is_err());
         assert!(FileConfig::parse("").is_ok());
+    }
+
+    #[test]
+    fn ldap_section() {
+        let cfg = FileConfig::parse(
+            "[ldap]\nurl = \"ldap://127.0.0.1:389\"\nbind_dn = \"cn=reader,dc=x\"\nbind_password = \"pw\"\n\
+             base_dn = \"dc=x\"\ngroup_base_dn = \"ou=groups,dc=x\"\ntimeout_secs = 2",
+        )
+        .unwrap();
+        let ldap = cfg.ldap.unwrap();
+        assert_eq!((ldap.user_filter.as_str(), ldap.timeout_secs), (ferry_auth::token_service::DEFAULT_USER_FILTER, 2));
+        assert!(!format!("{ldap:?}").contains("\"pw\""));
+        for bad in [
+            "[ldap]\nurl = \"ldap://h\"\nbind_dn = \"cn=r\"\nbind_password = \"pw\"\nbase_dn = \"dc=x\"\nbse = 1",
+            "[ldap]\nurl = \"http://h\"\nbind_dn = \"cn=r\"\nbind_password = \"pw\"\nbase_dn = \"dc=x\"",
+            "[ldap]\nurl = \"ldap://h\"\nbind_dn = \"cn=r\"\nbase_dn = \"dc=x\"",
+        ] {
+            assert!(FileConfig::parse(bad).is_err(), "{bad}");
+        }
     }
 
     #[test]

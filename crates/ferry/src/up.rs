@@ -245,12 +245,26 @@ pub async fn up(args: UpArgs) -> anyhow::Result<()> {
         grant_types: vec![GRANT_CLIENT_CREDENTIALS.into()],
         ..Default::default()
     };
+    let ldap = cfg
+        .ldap
+        .clone()
+        .map(|mut l| {
+            if l.tenant_id.is_empty() {
+                l.tenant_id = subaccount.clone();
+            }
+            token_service::LdapUserStore::new(l)
+        })
+        .transpose()?;
+    let ldap_label = ldap.as_ref().map(|l| format!("{} (base {})", l.config().url, l.config().base_dn));
+    let user_stores: Vec<Arc<dyn token_service::UserStore>> =
+        ldap.into_iter().map(|l| Arc::new(l) as Arc<dyn token_service::UserStore>).collect();
     let (tenants, clients) = directory.token_entries()?;
     let token_service = TokenService::with_runtime_entries(
         TokenServiceConfig {
             tenants: vec![],
             clients: vec![admin],
             users: users.clone(),
+            user_stores,
             public_url: token_url.clone(),
             uaadomain: uaadomain.clone(),
             ..Default::default()
@@ -382,6 +396,9 @@ pub async fn up(args: UpArgs) -> anyhow::Result<()> {
         dir.join("state.json").display()
     );
     println!("  users                {}", users.iter().map(|u| u.username.as_str()).collect::<Vec<_>>().join(", "));
+    if let Some(l) = &ldap_label {
+        println!("  LDAP users           {l}");
+    }
     println!("  trust the local CA:  export NODE_EXTRA_CA_CERTS={}", ca_path.display());
     if !args.no_env_file {
         println!("  VCAP_SERVICES written to {}", args.env_file.display());

@@ -35,6 +35,7 @@ use super::config::{GRANT_AUTHORIZATION_CODE, OAuthClient, parse_redirect_uri};
 use super::http::{OAuthError, Params, narrow, require_form};
 use super::mtls::TlsInfo;
 use super::refresh::RefreshStore;
+use super::users::Login;
 use super::{TokenService, user_scopes};
 
 /// Lifetime of an authorization code (RFC 6749 §4.1.2 recommends at most ten minutes; the
@@ -583,32 +584,37 @@ pub(crate) async fn login(
         let msg = "Enter your username and password.";
         return login_form(StatusCode::BAD_REQUEST, &client.client_id, form_id, username, Some(msg));
     };
-    let user = svc.find_user(username, request.tenant_id.as_deref(), &client.tenant_id);
-    if !svc.check_password(user, password).await {
-        if let Some(request) = svc.auth.fail(form_id) {
-            let resp =
-                redirect_error(&request.redirect_uri, state, "access_denied", "too many failed sign-in attempts");
-            return clear(resp);
+    let login = Login { username, password, tenant: request.tenant_id.as_deref(), preferred_tenant: &client.tenant_id };
+    let user = match svc.login_user(login).await {
+        Ok(Some(user)) => user,
+        Ok(None) => {
+            if let Some(request) = svc.auth.fail(form_id) {
+                let resp =
+                    redirect_error(&request.redirect_uri, state, "access_denied", "too many failed sign-in attempts");
+                return clear(resp);
+            }
+            let msg = "Invalid username or password.";
+            return login_form(StatusCode::UNAUTHORIZED, &client.client_id, form_id, username, Some(msg));
         }
-        let msg = "Invalid username or password.";
-        return login_form(StatusCode::UNAUTHORIZED, &client.client_id, form_id, username, Some(msg));
-    }
-    let Some(user) = user else {
-        return error_page(StatusCode::INTERNAL_SERVER_ERROR, "Sign-in failed.");
+        Err(_) => {
+            // Not the user's fault: the form stays usable and the attempt is not counted.
+            let msg = "The user directory is temporarily unavailable. Try again in a moment.";
+            return login_form(StatusCode::SERVICE_UNAVAILABLE, &client.client_id, form_id, username, Some(msg));
+        }
     };
     // The form may have been used up in the meantime (a double submit); only one wins.
     let Some(request) = svc.auth.finish(form_id) else {
         return error_page(StatusCode::BAD_REQUEST, "This sign-in request has expired or was already used.");
     };
-    let allowed = user_scopes(&client, Some(&user.user));
+    let allowed = user_scopes(&client, Some(&user));
     let scopes: Vec<String> = request.scopes.iter().filter(|s| allowed.contains(s)).cloned().collect();
     let grant = CodeGrant {
         client_id: request.client_id.clone(),
         redirect_uri: request.redirect_uri.clone(),
         redirect_uri_given: request.redirect_uri_given,
         challenge: request.challenge.clone(),
-        tenant_id: user.user.tenant_id.clone(),
-        user: UserIdentity::from_user(&user.user, now),
+        tenant_id: user.tenant_id.clone(),
+        user: UserIdentity::from_user(&user, now),
         scopes,
         expires_at: now + CODE_VALIDITY_SECS,
     };

@@ -11,6 +11,7 @@ use std::time::Duration;
 
 use ferry_core::Secret;
 
+use super::users::UserStore;
 use crate::jwt::KeySet;
 
 /// The grant types the token service implements, in the spelling of the `grant_type` form field.
@@ -146,6 +147,9 @@ pub struct TokenServiceConfig {
     pub tenants: Vec<Tenant>,
     pub clients: Vec<OAuthClient>,
     pub users: Vec<User>,
+    /// Further sources of users (e.g. [`LdapUserStore`](super::LdapUserStore)), asked in order
+    /// for usernames that are not in `users`.
+    pub user_stores: Vec<Arc<dyn UserStore>>,
     /// `credentials.url` of bindings, e.g. `http://127.0.0.1:18081`: where provider tokens are
     /// fetched, and the issuer base when `uaadomain` is not a dotted DNS name.
     pub public_url: String,
@@ -166,6 +170,7 @@ impl Default for TokenServiceConfig {
             tenants: Vec::new(),
             clients: Vec::new(),
             users: Vec::new(),
+            user_stores: Vec::new(),
             public_url: String::new(),
             uaadomain: String::new(),
             token_validity: DEFAULT_TOKEN_VALIDITY,
@@ -214,6 +219,8 @@ pub enum ConfigError {
     InvalidPasswordHash { user: String, reason: String },
     #[error("cannot hash the password of user {user:?}: {reason}")]
     PasswordHashing { user: String, reason: String },
+    #[error("user store {store}: {reason}")]
+    UserStore { store: String, reason: String },
     #[error("public_url {0:?} is not an http(s) URL without query or fragment")]
     InvalidPublicUrl(String),
     #[error("uaadomain {0:?} must be host[:port], without scheme or path")]
@@ -352,6 +359,11 @@ pub(crate) fn validate(config: &TokenServiceConfig) -> Result<(), ConfigError> {
         }
         if !users.insert((u.tenant_id.as_str(), u.username.as_str())) {
             return Err(ConfigError::DuplicateUser { user: u.username.clone(), tenant: u.tenant_id.clone() });
+        }
+    }
+    for store in &config.user_stores {
+        if let Some(t) = store.tenant_id().filter(|t| !ids.contains(t)) {
+            return Err(ConfigError::UserStore { store: store.name(), reason: format!("unknown tenant {t:?}") });
         }
     }
     parse_public_url(&config.public_url)?;

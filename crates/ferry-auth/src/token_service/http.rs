@@ -22,10 +22,11 @@ use serde_json::{Value, json};
 use super::claims::UserIdentity;
 use super::config::{
     GRANT_AUTHORIZATION_CODE, GRANT_CLIENT_CREDENTIALS, GRANT_JWT_BEARER, GRANT_PASSWORD, GRANT_REFRESH_TOKEN,
-    OAuthClient, SUPPORTED_GRANT_TYPES,
+    OAuthClient, SUPPORTED_GRANT_TYPES, User,
 };
 use super::mtls::{PeerIdentity, TlsInfo};
 use super::refresh::RefreshGrant;
+use super::users::Login;
 use super::{Issued, TenantState, TokenService, authorize, user_scopes};
 
 /// Far above any real token request (a jwt-bearer assertion is at most 16 KiB), far below
@@ -54,6 +55,10 @@ impl OAuthError {
     }
     pub(crate) fn invalid_grant(d: impl Into<String>) -> Self {
         Self::new(StatusCode::BAD_REQUEST, "invalid_grant", d)
+    }
+    /// A user store (LDAP) cannot be asked right now: the client may retry (RFC 6749 §4.1.2.1).
+    pub(crate) fn temporarily_unavailable(d: impl Into<String>) -> Self {
+        Self::new(StatusCode::SERVICE_UNAVAILABLE, "temporarily_unavailable", d)
     }
     fn invalid_scope(d: impl Into<String>) -> Self {
         Self::new(StatusCode::BAD_REQUEST, "invalid_scope", d)
@@ -255,23 +260,38 @@ impl TokenService {
             GRANT_PASSWORD => {
                 let username = params.get("username").ok_or_else(|| OAuthError::missing("username"))?;
                 let password = params.get("password").ok_or_else(|| OAuthError::missing("password"))?;
-                let user =
-                    self.find_user(username, addressed.as_ref().map(|t| t.tenant.id.as_str()), &client.tenant_id);
-                // Verified even for an unknown user (against a dummy hash), so that timing does
-                // not reveal usernames.
-                let ok = self.check_password(user, password).await;
-                let user = user.filter(|_| ok).ok_or_else(|| OAuthError::invalid_grant("Bad credentials"))?;
+                let login = Login {
+                    username,
+                    password,
+                    tenant: addressed.as_ref().map(|t| t.tenant.id.as_str()),
+                    preferred_tenant: &client.tenant_id,
+                };
+                let user = self
+                    .login_user(login)
+                    .await
+                    .map_err(|e| OAuthError::temporarily_unavailable(e.to_string()))?
+                    .ok_or_else(|| OAuthError::invalid_grant("Bad credentials"))?;
                 let tenant = self
-                    .tenant_by_id(&user.user.tenant_id)
+                    .tenant_by_id(&user.tenant_id)
                     .ok_or_else(|| OAuthError::invalid_grant("the user's zone is not configured"))?;
-                let scopes = narrow(&user_scopes(client, Some(&user.user)), params.get("scope"))?;
-                let identity = UserIdentity::from_user(&user.user, self.now());
+                let scopes = narrow(&user_scopes(client, Some(&user)), params.get("scope"))?;
+                let identity = UserIdentity::from_user(&user, self.now());
                 self.issue(&tenant, client, GRANT_PASSWORD, scopes, Some(&identity), true)
             }
             GRANT_JWT_BEARER => {
                 let assertion = params.get("assertion").ok_or_else(|| OAuthError::missing("assertion"))?;
                 let (tenant, identity) = self.check_assertion(assertion, addressed).await?;
-                let user = self.user_by_id(&tenant.tenant.id, &identity.user_id);
+                // A configured user's grants are looked up again. Anyone else (a user of a
+                // user store such as LDAP) keeps what the assertion was granted, so that an
+                // exchange never widens a user's scopes.
+                let carried;
+                let user = match self.user_by_id(&tenant.tenant.id, &identity.user_id) {
+                    Some(u) => Some(u),
+                    None => {
+                        carried = self.grants_of_assertion(assertion);
+                        Some(&carried)
+                    }
+                };
                 let scopes = narrow(&user_scopes(client, user), params.get("scope"))?;
                 self.issue(&tenant, client, GRANT_JWT_BEARER, scopes, Some(&identity), true)
             }
@@ -316,6 +336,26 @@ impl TokenService {
             tracing::error!(error = %e, "cannot sign token");
             OAuthError::new(StatusCode::INTERNAL_SERVER_ERROR, "server_error", "token signing failed")
         })
+    }
+
+    /// What a verified assertion of a user who is not configured was granted, as a [`User`]
+    /// scope list for [`user_scopes`]: its scopes, and `$XSAPPNAME.x` for each scope `x` of the
+    /// issuing client's application (so that a group's scope carries over to other clients).
+    fn grants_of_assertion(&self, assertion: &str) -> User {
+        let claims = unverified_payload(assertion).unwrap_or(Value::Null);
+        let scopes: Vec<String> = claims
+            .get("scope")
+            .and_then(Value::as_array)
+            .map(|a| a.iter().filter_map(Value::as_str).map(str::to_owned).collect())
+            .unwrap_or_default();
+        let app =
+            claims.get("cid").and_then(Value::as_str).and_then(|cid| self.client(cid)).map(|c| c.xsappname.clone());
+        let mut granted = scopes.clone();
+        if let Some(app) = app {
+            let prefix = format!("{app}.");
+            granted.extend(scopes.iter().filter_map(|s| s.strip_prefix(&prefix)).map(|x| format!("$XSAPPNAME.{x}")));
+        }
+        User { scopes: Some(granted), ..Default::default() }
     }
 
     fn own_tenant(&self, client: &OAuthClient) -> Result<Arc<TenantState>, OAuthError> {
@@ -578,11 +618,16 @@ pub(crate) fn narrow(allowed: &[String], requested: Option<&str>) -> Result<Vec<
     Ok(out)
 }
 
-/// The `zid` an assertion claims, read without verification only to pick the verifying keys.
-fn unverified_zid(jwt: &str) -> Option<String> {
+/// A JWT's payload, not verified.
+fn unverified_payload(jwt: &str) -> Option<Value> {
     let payload = jwt.split('.').nth(1)?;
     let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(payload.trim_end_matches('=')).ok()?;
-    let v: Value = serde_json::from_slice(&bytes).ok()?;
+    serde_json::from_slice(&bytes).ok()
+}
+
+/// The `zid` an assertion claims, read without verification only to pick the verifying keys.
+fn unverified_zid(jwt: &str) -> Option<String> {
+    let v = unverified_payload(jwt)?;
     ["zid", "app_tid", "zone_uuid"].iter().find_map(|k| v.get(k).and_then(Value::as_str)).map(str::to_owned)
 }
 

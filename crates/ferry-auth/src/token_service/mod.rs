@@ -17,17 +17,19 @@ mod clock;
 mod config;
 mod http;
 mod keys;
+mod ldap;
 mod mtls;
 mod password;
 mod refresh;
+mod users;
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
+use ferry_core::Shutdown;
 use ferry_core::serve::{AcceptOptions, serve_router};
 use ferry_core::tls::{CertifiedKey, LocalCa};
-use ferry_core::{Secret, Shutdown};
 
 pub use clock::{Clock, ManualClock, SystemClock};
 pub use config::{
@@ -35,8 +37,10 @@ pub use config::{
     GRANT_CLIENT_CREDENTIALS, GRANT_JWT_BEARER, GRANT_PASSWORD, GRANT_REFRESH_TOKEN, OAuthClient,
     SUPPORTED_GRANT_TYPES, Tenant, TokenServiceConfig, User,
 };
+pub use ldap::{DEFAULT_GROUP_FILTER, DEFAULT_USER_FILTER, LdapConfig, LdapUserStore};
 pub use mtls::{TlsInfo, certificate_fingerprint, certificate_names, https_server_config, serve_router_with_tls_info};
 pub use password::{PasswordError, hash_password};
+pub use users::{Login, StoreUnavailable, UserFuture, UserStore, Verdict};
 
 use crate::jwt::{KeyError, TenantKeys, TrustedIssuer, Verifier};
 use authorize::AuthStore;
@@ -45,6 +49,7 @@ use config::UaaDomain;
 use keys::KeyHistory;
 use password::PasswordVerifier;
 use refresh::{RefreshGrant, RefreshStore};
+use users::{LocalUserStore, StoredUser};
 
 /// How long after its expiry a token may still be accepted somewhere: xssec allows 60 s of
 /// clock skew (Ferry's own verifier 30 s), so a retired key must have been idle that much longer.
@@ -88,14 +93,6 @@ struct TenantState {
     history: KeyHistory,
 }
 
-/// A configured user as the service keeps it: the password only as an Argon2 hash.
-struct StoredUser {
-    /// The configuration, with `password` emptied.
-    user: User,
-    /// `None` for a user configured without a password, who cannot log in.
-    hash: Option<Secret<String>>,
-}
-
 /// The token service's state: configuration, signing keys and the grants it issued.
 pub struct TokenService {
     /// Configured tenants first, then those added at run time ([`TokenService::add_tenant`]).
@@ -109,7 +106,10 @@ pub struct TokenService {
     /// SHA-256 of secrets already checked against a client's Argon2 hash, so that a client
     /// with a hashed secret pays for Argon2 once per process, not per token request.
     verified_secrets: RwLock<HashMap<String, [u8; 32]>>,
-    users: Vec<StoredUser>,
+    /// The configured users; asked first.
+    users: LocalUserStore,
+    /// Further user stores (LDAP), asked in order for users the local store does not know.
+    user_stores: Vec<Arc<dyn UserStore>>,
     public_url: String,
     uaadomain: UaaDomain,
     token_validity_secs: u64,
@@ -134,7 +134,8 @@ impl std::fmt::Debug for TokenService {
                 "clients",
                 &self.clients.read().unwrap_or_else(|p| p.into_inner()).values().cloned().collect::<Vec<_>>(),
             )
-            .field("users", &self.users.iter().map(|u| &u.user).collect::<Vec<_>>())
+            .field("users", &self.users)
+            .field("user_stores", &self.user_stores)
             .field("public_url", &self.public_url)
             .field("uaadomain", &self.uaadomain.full)
             .field("refresh", &self.refresh)
@@ -216,11 +217,20 @@ pub(crate) struct Issued {
 }
 
 /// The scopes a user token for `client` may carry: the client's `scopes` the user is granted
-/// (all of them for a user without a scope list), in the client's order.
+/// (all of them for a user without a scope list), in the client's order. A granted scope
+/// `$XSAPPNAME.x` stands for `<xsappname>.x` of the client at hand (how LDAP groups grant).
 fn user_scopes(client: &OAuthClient, user: Option<&User>) -> Vec<String> {
+    let grants = |granted: &[String], scope: &str| {
+        granted.iter().any(|g| match g.strip_prefix("$XSAPPNAME.") {
+            Some(local) => {
+                scope.strip_prefix(client.xsappname.as_str()).and_then(|r| r.strip_prefix('.')) == Some(local)
+            }
+            None => g == scope,
+        })
+    };
     match user.and_then(|u| u.scopes.as_ref()) {
         None => client.scopes.clone(),
-        Some(granted) => client.scopes.iter().filter(|s| *s == "openid" || granted.contains(s)).cloned().collect(),
+        Some(granted) => client.scopes.iter().filter(|s| *s == "openid" || grants(granted, s)).cloned().collect(),
     }
 }
 
@@ -269,7 +279,7 @@ impl TokenService {
         // `Verifier` merely requires one. Built once, as building one loads TLS state.
         ferry_core::init_crypto();
         let http = reqwest::Client::builder().build().map_err(|e| ConfigError::Http(e.to_string()))?;
-        let users = config.users.into_iter().map(store_user).collect::<Result<Vec<_>, _>>()?;
+        let users = LocalUserStore::new(config.users)?;
         let passwords = PasswordVerifier::new()
             .map_err(|e| ConfigError::PasswordHashing { user: String::new(), reason: e.to_string() })?;
         let token_validity_secs = config.token_validity.as_secs();
@@ -298,6 +308,7 @@ impl TokenService {
             tenant_keys,
             verified_secrets: RwLock::new(HashMap::new()),
             users,
+            user_stores: config.user_stores,
             public_url,
             uaadomain,
             token_validity_secs,
@@ -352,7 +363,8 @@ impl TokenService {
             return Err(TokenError::Static(id.to_owned()));
         }
         let in_use = self.static_clients.iter().any(|c| self.client(c).is_some_and(|c| c.tenant_id == id))
-            || self.users.iter().any(|u| u.user.tenant_id == id);
+            || self.users.any_in_tenant(id)
+            || self.user_stores.iter().any(|s| s.tenant_id() == Some(id));
         if in_use {
             return Err(TokenError::TenantInUse(id.to_owned()));
         }
@@ -524,24 +536,39 @@ impl TokenService {
         self.tenants.read().unwrap_or_else(|p| p.into_inner()).first().cloned()
     }
 
-    /// Finds a user by name: in `tenant` if one was addressed; otherwise in `preferred` (the
-    /// client's zone) first and then in any zone, in configuration order.
+    /// Finds a configured (local) user by name; see [`LocalUserStore::find`].
     fn find_user(&self, username: &str, tenant: Option<&str>, preferred: &str) -> Option<&StoredUser> {
-        let named = || self.users.iter().filter(move |u| u.user.username == username);
-        match tenant {
-            Some(t) => named().find(|u| u.user.tenant_id == t),
-            None => named().find(|u| u.user.tenant_id == preferred).or_else(|| named().next()),
-        }
+        self.users.find(username, tenant, preferred)
     }
 
     /// The configured user behind a user identity of a token, if it is one of ours.
     fn user_by_id(&self, tenant_id: &str, user_id: &str) -> Option<&User> {
-        self.users.iter().map(|u| &u.user).find(|u| u.tenant_id == tenant_id && u.user_id == user_id)
+        self.users.by_id(tenant_id, user_id)
     }
 
-    /// Checks a password on the blocking pool; unknown users cost the same as known ones.
-    async fn check_password(&self, user: Option<&StoredUser>, password: &str) -> bool {
-        self.passwords.verify(user.and_then(|u| u.hash.as_ref()), password).await
+    /// Logs a user in with a password: the local users first, then each further store in
+    /// order; the first store that knows the username decides. `Ok(None)`: wrong password or
+    /// unknown user (one Argon2 verification either way, so timing does not tell them apart
+    /// locally). `Err`: a store that had to be asked cannot answer now.
+    async fn login_user(&self, login: Login<'_>) -> Result<Option<User>, StoreUnavailable> {
+        match self.users.check(login).await {
+            Verdict::Verified(user) => return Ok(Some(*user)),
+            Verdict::WrongPassword => return Ok(None),
+            Verdict::UnknownUser => {}
+        }
+        for store in &self.user_stores {
+            match store.verify(login).await {
+                Ok(Verdict::Verified(user)) => return Ok(Some(*user)),
+                Ok(Verdict::WrongPassword) => return Ok(None),
+                Ok(Verdict::UnknownUser) => {}
+                Err(e) => {
+                    tracing::warn!(store = %store.name(), error = %e, "user store unavailable");
+                    return Err(e);
+                }
+            }
+        }
+        self.users.burn(login.password).await;
+        Ok(None)
     }
 
     fn access_validity(&self, client: &OAuthClient) -> u64 {
@@ -591,24 +618,6 @@ impl TokenService {
         };
         Ok(Issued { access_token, jti, expires_in: validity, scopes, refresh_token })
     }
-}
-
-/// Hashes a configured user's password (unless it is a hash already) and forgets the plain one.
-fn store_user(mut user: User) -> Result<StoredUser, ConfigError> {
-    let given = std::mem::take(&mut user.password);
-    let given = given.expose();
-    let hash = if given.is_empty() {
-        None
-    } else if password::looks_hashed(given) {
-        password::check_hash(given)
-            .map_err(|e| ConfigError::InvalidPasswordHash { user: user.username.clone(), reason: e.to_string() })?;
-        Some(Secret::new(given.clone()))
-    } else {
-        let h = hash_password(given)
-            .map_err(|e| ConfigError::PasswordHashing { user: user.username.clone(), reason: e.to_string() })?;
-        Some(Secret::new(h))
-    };
-    Ok(StoredUser { user, hash })
 }
 
 fn tenant_state(
