@@ -1,0 +1,179 @@
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+//! The components as separate processes, as in production: `ferry up` provides identity and the
+//! first proxy; a connector enrolled through the admin API runs on its own (`ferry connector
+//! run`) and dials both that proxy and a standalone replica (`ferry proxy`); an app reaches the
+//! backend through either proxy.
+
+use std::io::{BufRead, BufReader};
+
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::Duration;
+
+use ferry_testkit::EchoBackend;
+use serde_json::Value;
+
+struct KillOnDrop(Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Starts `ferry <args>` and waits for its `ready` line; returns the process and every line
+/// printed before it.
+fn start(args: &[&str]) -> (KillOnDrop, Vec<String>) {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_ferry"))
+        .args(args)
+        .env("FERRY_LOG", "warn")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let child = KillOnDrop(child);
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        let mut lines = Vec::new();
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            if line == "ready" {
+                let _ = tx.send(std::mem::take(&mut lines));
+            } else {
+                lines.push(line);
+            }
+        }
+    });
+    let lines = rx.recv_timeout(Duration::from_secs(30)).unwrap_or_else(|_| panic!("ferry {args:?} did not get ready"));
+    (child, lines)
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+async fn token(http: &reqwest::Client, c: &Value) -> String {
+    let form = [
+        ("grant_type", "client_credentials".to_owned()),
+        ("client_id", c["clientid"].as_str().unwrap().to_owned()),
+        ("client_secret", c["clientsecret"].as_str().unwrap().to_owned()),
+    ];
+    let v: Value = http
+        .post(format!("{}/oauth/token", c["url"].as_str().unwrap()))
+        .form(&form)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    v["access_token"].as_str().unwrap().to_owned()
+}
+
+async fn through(proxy: &str, token: &str, location: &str) -> (u16, Value) {
+    let client = reqwest::Client::builder()
+        .proxy(reqwest::Proxy::http(proxy).unwrap().custom_http_auth(format!("Bearer {token}").parse().unwrap()))
+        .build()
+        .unwrap();
+    let r = client
+        .get("http://plant.virtual:8000/api/x")
+        .header("sap-connectivity-scc-location_id", location)
+        .send()
+        .await
+        .unwrap();
+    let status = r.status().as_u16();
+    (status, r.json().await.unwrap_or(Value::Null))
+}
+
+#[tokio::test]
+async fn connector_and_proxy_as_separate_processes() {
+    ferry_core::init_crypto();
+    let echo = EchoBackend::start().await;
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    std::fs::write(
+        dir.join("ferry.toml"),
+        "[listen]\ntoken_port = 0\ntoken_https_port = 0\ndestination_port = 0\nhttp_proxy_port = 0\nsocks5_port = 0\ntunnel_port = 0\n",
+    )
+    .unwrap();
+    let data = dir.join("data");
+    let (_up, lines) = start(&[
+        "up",
+        "--config",
+        dir.join("ferry.toml").to_str().unwrap(),
+        "--data-dir",
+        data.to_str().unwrap(),
+        "--env-file",
+        dir.join("env.json").to_str().unwrap(),
+    ]);
+    let vcap: Value =
+        serde_json::from_str(lines.iter().find_map(|l| l.strip_prefix("VCAP_SERVICES=")).unwrap()).unwrap();
+    let conn = &vcap["connectivity"][0]["credentials"];
+    let token_url = conn["url"].as_str().unwrap().to_owned();
+    let subaccount = conn["tenantid"].as_str().unwrap().to_owned();
+    let up_proxy = format!("http://127.0.0.1:{}", conn["onpremise_proxy_http_port"].as_str().unwrap());
+
+    // Enroll a connector for location "plant" through the admin API.
+    let out = dir.join("connector");
+    let status = Command::new(env!("CARGO_BIN_EXE_ferry"))
+        .args(["connector", "enroll", "--subaccount", &subaccount, "--location", "plant", "--url", &token_url])
+        .arg("--data-dir")
+        .arg(&data)
+        .arg("--out")
+        .arg(&out)
+        .status()
+        .unwrap();
+    assert!(status.success());
+
+    // A standalone proxy replica: its tunnel certificate from the same CA, trust in the token
+    // service through its JWKS.
+    let ca = ferry_core::tls::LocalCa::from_pem(
+        &std::fs::read_to_string(data.join("ca.pem")).unwrap(),
+        &std::fs::read_to_string(data.join("ca-key.pem")).unwrap(),
+    )
+    .unwrap();
+    let server = ca.issue_server_cert(&["127.0.0.1"]).unwrap();
+    std::fs::write(dir.join("proxy.pem"), &server.cert_pem).unwrap();
+    std::fs::write(dir.join("proxy-key.pem"), server.key_pem.expose()).unwrap();
+    let (http_b, tunnel_b) = (free_port(), free_port());
+    std::fs::write(
+        dir.join("proxy.toml"),
+        format!(
+            "http_port = {http_b}\nsocks5_port = {}\ntunnel_port = {tunnel_b}\ncertificate_file = \"proxy.pem\"\n\
+             key_file = \"proxy-key.pem\"\nconnector_ca_file = \"data/ca.pem\"\n\
+             token_keys_urls = [\"{token_url}/token_keys?zid={subaccount}\"]\n",
+            free_port()
+        ),
+    )
+    .unwrap();
+    let (_proxy, _) = start(&["proxy", "--config", dir.join("proxy.toml").to_str().unwrap()]);
+
+    // The connector dials both proxies and maps the echo backend.
+    let mut toml = std::fs::read_to_string(out.join("connector.toml")).unwrap();
+    toml = toml.replacen("proxies = [", &format!("proxies = [\"127.0.0.1:{tunnel_b}\", "), 1);
+    toml.push_str(&format!(
+        "\n[[mappings]]\nvirtualHost = \"plant.virtual\"\nvirtualPort = 8000\nlocalHost = \"127.0.0.1\"\nlocalPort = {}\n\
+         protocol = \"HTTP\"\nresources = [{{ path = \"/api\", exactMatchOnly = false }}]\n",
+        echo.addr.port()
+    ));
+    std::fs::write(out.join("connector.toml"), toml).unwrap();
+    let (_connector, _) = start(&["connector", "run", "--config", out.join("connector.toml").to_str().unwrap()]);
+
+    let http = ferry_core::tls::http_client(None).unwrap();
+    let t = token(&http, conn).await;
+    for proxy in [up_proxy.clone(), format!("http://127.0.0.1:{http_b}")] {
+        let mut last = (0, Value::Null);
+        for _ in 0..200 {
+            last = through(&proxy, &t, "plant").await;
+            if last.0 == 200 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+        assert_eq!(last.0, 200, "through {proxy}: {}", last.1);
+        assert_eq!(last.1["url"], "/api/x");
+    }
+    // The enrolled certificate is bound to its location: another location has no connector.
+    assert_eq!(through(&up_proxy, &t, "elsewhere").await.0, 503);
+}
