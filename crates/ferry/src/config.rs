@@ -28,6 +28,24 @@ pub struct FileConfig {
     /// External OpenID Connect issuers whose tokens the Destination Service and the proxy accept.
     #[serde(default)]
     pub trust: Vec<TrustEntry>,
+    #[serde(default)]
+    pub tokens: Tokens,
+}
+
+/// `[tokens]`: lifetimes of the tokens the token service issues.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Tokens {
+    /// Access tokens (XSUAA's default: 12 hours).
+    pub access_token_validity_secs: u64,
+    /// Refresh tokens (default: 30 days).
+    pub refresh_token_validity_secs: u64,
+}
+
+impl Default for Tokens {
+    fn default() -> Self {
+        Self { access_token_validity_secs: 12 * 3600, refresh_token_validity_secs: 30 * 24 * 3600 }
+    }
 }
 
 /// Where `ferry up` listens. Port 0 picks a free port; the printed bindings show the real one.
@@ -184,6 +202,9 @@ impl FileConfig {
     pub fn parse(text: &str) -> anyhow::Result<Self> {
         let cfg: FileConfig = toml::from_str(text)?;
         let mut locations = std::collections::HashSet::new();
+        if cfg.tokens.access_token_validity_secs == 0 || cfg.tokens.refresh_token_validity_secs == 0 {
+            anyhow::bail!("[tokens] validities must be at least one second");
+        }
         for c in &cfg.connectors {
             let pp = &c.principal_propagation;
             if !(1..=43_200).contains(&pp.certificate_validity_minutes) {

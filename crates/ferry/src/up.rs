@@ -267,6 +267,8 @@ pub async fn up(args: UpArgs) -> anyhow::Result<()> {
             user_stores,
             public_url: token_url.clone(),
             uaadomain: uaadomain.clone(),
+            token_validity: Duration::from_secs(cfg.tokens.access_token_validity_secs),
+            refresh_token_validity: Duration::from_secs(cfg.tokens.refresh_token_validity_secs),
             ..Default::default()
         },
         tenants,

@@ -29,6 +29,9 @@ async fn ferry_up_serves_an_app_end_to_end() {
     std::fs::create_dir_all(&dir).unwrap();
     let config = format!(
         r#"
+[tokens]
+access_token_validity_secs = 900
+
 [listen]
 token_port = 0
 token_https_port = 0
@@ -113,6 +116,15 @@ resources = [{{ path = "/sap", exactMatchOnly = false }}]
         }
     };
     let dest_token = token(dest).await;
+    let claims: Value = serde_json::from_slice(
+        &base64::Engine::decode(
+            &base64::engine::general_purpose::URL_SAFE_NO_PAD,
+            dest_token.split('.').nth(1).unwrap(),
+        )
+        .unwrap(),
+    )
+    .unwrap();
+    assert_eq!(claims["exp"].as_u64().unwrap() - claims["iat"].as_u64().unwrap(), 900, "[tokens] lifetime applies");
     let found: Value = http
         .get(format!("{}/destination-configuration/v1/destinations/erp", dest["uri"].as_str().unwrap()))
         .bearer_auth(&dest_token)
