@@ -269,7 +269,6 @@ pub async fn up(args: UpArgs) -> anyhow::Result<()> {
             uaadomain: uaadomain.clone(),
             token_validity: Duration::from_secs(cfg.tokens.access_token_validity_secs),
             refresh_token_validity: Duration::from_secs(cfg.tokens.refresh_token_validity_secs),
-            ..Default::default()
         },
         tenants,
         clients,
