@@ -91,20 +91,32 @@ impl Backend {
         match header(tunnel::KIND).as_deref() {
             Some(tunnel::KIND_HTTP) => {
                 let path = req.uri().path().to_owned();
-                match self.rules.check(AccessRequest::Http { host, port, path: &path }) {
+                let decision = self.rules.check(AccessRequest::Http { host, port, path: &path });
+                let (outcome, reason) = match &decision {
+                    Decision::Allow(_) => (Outcome::Allowed, String::new()),
+                    Decision::Deny(r) => (Outcome::Denied, format!("{r:?}")),
+                };
+                let event = AuditEvent {
+                    outcome,
+                    request_id,
+                    client,
+                    system: target.clone(),
+                    protocol: "HTTP",
+                    method: req.method().to_string(),
+                    path: path.clone(),
+                    reason,
+                };
+                self.audit.record(event).await;
+                match decision {
                     Decision::Allow(m) => {
-                        tracing::info!(target: "ferry::audit", %request_id, %client, system = %target, method = %req.method(), %path, "Access allowed");
                         let m = m.clone();
                         self.forward_http(req, &m, &target).await
                     }
-                    Decision::Deny(reason) => {
-                        tracing::warn!(target: "ferry::audit", %request_id, %client, system = %target, method = %req.method(), %path, ?reason, "Access denied");
-                        error_response(
-                            StatusCode::FORBIDDEN,
-                            tunnel::ERROR_DENIED,
-                            deny_message(reason, &target, Some(&path)),
-                        )
-                    }
+                    Decision::Deny(reason) => error_response(
+                        StatusCode::FORBIDDEN,
+                        tunnel::ERROR_DENIED,
+                        deny_message(reason, &target, Some(&path)),
+                    ),
                 }
             }
             Some(tunnel::KIND_TCP) => {

@@ -171,6 +171,22 @@ async fn denied_path_is_403_and_nothing_reaches_the_backend() {
         one(pair.http_addr, get("http://erp.virtual/public", Some(&token), None).body(Full::default()).unwrap()).await;
     assert_eq!(r.status, 200);
     assert_eq!(echo.hits(), 1);
+
+    // Every denial is in the audit log (SECURITY level), chained; the allowed request is not.
+    let folder = audit_dir.path().join(SUBACCOUNT);
+    eventually!("five denials written to the audit log", {
+        std::fs::read_dir(&folder)
+            .ok()
+            .and_then(|mut d| d.next())
+            .and_then(|e| e.ok())
+            .is_some_and(|e| ferry_connector::audit::verify_file(&e.path()) == Ok(5))
+    });
+    let file = std::fs::read_dir(&folder).unwrap().next().unwrap().unwrap().path();
+    let text = std::fs::read_to_string(file).unwrap();
+    assert!(
+        text.contains("/secret") && text.contains("unmapped.virtual:80") && !text.contains("Access Allowed"),
+        "{text}"
+    );
 }
 
 #[tokio::test]

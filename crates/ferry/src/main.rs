@@ -68,6 +68,12 @@ enum ConnectorCmd {
         #[arg(long, default_value = "connector")]
         out: std::path::PathBuf,
     },
+    /// Check the hash chain of audit log files; exits non-zero naming the first changed line.
+    AuditVerify {
+        /// Audit log files (`audit-log_<date>.csv`).
+        #[arg(required = true)]
+        files: Vec<std::path::PathBuf>,
+    },
     /// Run the connector described by a configuration file.
     Run {
         #[arg(long, short)]
@@ -91,6 +97,20 @@ fn main() -> anyhow::Result<()> {
             rt.block_on(admin_cli::enroll(conn, subaccount, location, out))
         }
         Command::Connector { cmd: ConnectorCmd::Run { config } } => rt.block_on(standalone::connector(&config)),
+        Command::Connector { cmd: ConnectorCmd::AuditVerify { files } } => {
+            let mut bad = 0;
+            for f in &files {
+                match ferry_connector::audit::verify_file(f) {
+                    Ok(n) => println!("{}: ok, {n} entries", f.display()),
+                    Err(e) => {
+                        println!("{}: {e}", f.display());
+                        bad += 1;
+                    }
+                }
+            }
+            anyhow::ensure!(bad == 0, "{bad} audit log file(s) failed verification");
+            Ok(())
+        }
         Command::Proxy { config } => rt.block_on(standalone::proxy(&config)),
         Command::Subaccount { conn, cmd } => rt.block_on(admin_cli::subaccount(conn, cmd)),
         Command::ServiceInstance { conn, cmd } => rt.block_on(admin_cli::instance(conn, cmd)),

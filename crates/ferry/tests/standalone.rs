@@ -176,4 +176,53 @@ async fn connector_and_proxy_as_separate_processes() {
     }
     // The enrolled certificate is bound to its location: another location has no connector.
     assert_eq!(through(&up_proxy, &t, "elsewhere").await.0, 503);
+
+    // A denied request lands in the standalone connector's audit log; `audit verify` checks the
+    // chain and notices an edited line.
+    let client = reqwest::Client::builder()
+        .proxy(reqwest::Proxy::http(&up_proxy).unwrap().custom_http_auth(format!("Bearer {t}").parse().unwrap()))
+        .build()
+        .unwrap();
+    let r = client
+        .get("http://plant.virtual:8000/admin")
+        .header("sap-connectivity-scc-location_id", "plant")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 403);
+    let folder = out.join("audit").join(&subaccount);
+    let mut file = None;
+    for _ in 0..200 {
+        file = std::fs::read_dir(&folder).ok().and_then(|mut d| d.next()).and_then(|e| e.ok()).map(|e| e.path());
+        if file.as_ref().is_some_and(|f| std::fs::read_to_string(f).unwrap_or_default().contains("/admin")) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    let file = file.unwrap_or_else(|| {
+        let listing: Vec<String> = walk(&out);
+        panic!("no audit file in {}; connector folder holds {listing:?}", folder.display())
+    });
+    let verify = |f: &std::path::Path| {
+        Command::new(env!("CARGO_BIN_EXE_ferry")).args(["connector", "audit-verify"]).arg(f).output().unwrap()
+    };
+    let ok = verify(&file);
+    assert!(ok.status.success(), "{}", String::from_utf8_lossy(&ok.stdout));
+    let text = std::fs::read_to_string(&file).unwrap();
+    std::fs::write(&file, text.replace("/admin", "/public")).unwrap();
+    let bad = verify(&file);
+    assert!(!bad.status.success());
+    assert!(String::from_utf8_lossy(&bad.stdout).contains("line 2"), "{}", String::from_utf8_lossy(&bad.stdout));
+}
+
+fn walk(dir: &std::path::Path) -> Vec<String> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        let p = e.path();
+        out.push(p.display().to_string());
+        if p.is_dir() {
+            out.extend(walk(&p));
+        }
+    }
+    out
 }
