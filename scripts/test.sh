@@ -12,6 +12,8 @@ command -v cc >/dev/null || need_apt+=(build-essential)
 # The LDAP user store's tests start their own slapd (as this user, on a free port, with a
 # throw-away config); the system slapd that the package may set up is not used.
 { command -v slapd >/dev/null || [ -x /usr/sbin/slapd ]; } || need_apt+=(slapd ldap-utils)
+# Real backends for the connector's tests (TLS with client-certificate verification).
+[ -x /usr/sbin/nginx ] || need_apt+=(nginx)
 if [ ${#need_apt[@]} -gt 0 ]; then
   export DEBIAN_FRONTEND=noninteractive
   if [ "$(id -u)" = 0 ]; then apt-get update -qq && apt-get install -y -qq "${need_apt[@]}"; else sudo -E apt-get update -qq && sudo -E apt-get install -y -qq "${need_apt[@]}"; fi

@@ -187,6 +187,7 @@ async fn main() -> anyhow::Result<()> {
         protocol,
         host_in_header: HostInHeader::Virtual,
         authentication_mode: Default::default(),
+        principal_certificate_in: Default::default(),
         resources: vec![Resource {
             path: "/".into(),
             exact_match_only: false,

@@ -72,6 +72,9 @@ pub struct SystemMapping {
     /// Principal propagation (`X509_GENERAL`/`X509_RESTRICTED`) or none.
     #[serde(default)]
     pub authentication_mode: crate::principal::AuthenticationMode,
+    /// Where an `X509_*` mapping puts the user certificate: `header` (default) or `tls`.
+    #[serde(default)]
+    pub principal_certificate_in: crate::principal::PrincipalDelivery,
     #[serde(default)]
     pub resources: Vec<Resource>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -210,6 +213,7 @@ mod tests {
                 protocol: Protocol::Http,
                 host_in_header: HostInHeader::Virtual,
                 authentication_mode: Default::default(),
+                principal_certificate_in: Default::default(),
                 resources: vec![
                     res("/sap/opu", false, true),
                     res("/exact", true, true),
@@ -225,6 +229,7 @@ mod tests {
                 protocol: Protocol::Tcp,
                 host_in_header: HostInHeader::Virtual,
                 authentication_mode: Default::default(),
+                principal_certificate_in: Default::default(),
                 resources: vec![],
                 description: None,
             },

@@ -16,7 +16,7 @@ use std::sync::Arc;
 
 use crate::access::{AccessRequest, AccessRules, Decision, DenyReason, HostInHeader, Protocol, SystemMapping};
 use crate::audit::{AuditEvent, AuditLog, Outcome};
-use crate::principal::PrincipalPropagation;
+use crate::principal::{PrincipalDelivery, PrincipalPropagation};
 
 pub(crate) struct Backend {
     rules: AccessRules,
@@ -26,6 +26,8 @@ pub(crate) struct Backend {
     http: Client<hyper_rustls::HttpsConnector<HttpConnector>, BoxBody>,
     /// TLS for `TCPS`/`LDAPS` mappings.
     tls: tokio_rustls::TlsConnector,
+    /// Trust anchors for backends, for connections that present a user certificate.
+    roots: Arc<rustls::RootCertStore>,
     principal: Option<Arc<PrincipalPropagation>>,
 }
 
@@ -57,10 +59,11 @@ impl Backend {
     pub(crate) fn new(
         rules: AccessRules,
         audit: AuditLog,
-        tls: Arc<rustls::ClientConfig>,
+        roots: Arc<rustls::RootCertStore>,
         principal: Option<Arc<PrincipalPropagation>>,
         connect_timeout: Duration,
     ) -> Self {
+        let tls = Arc::new(rustls::ClientConfig::builder().with_root_certificates(roots.clone()).with_no_client_auth());
         let mut connector = HttpConnector::new();
         connector.set_nodelay(true);
         connector.set_connect_timeout(Some(connect_timeout));
@@ -71,7 +74,7 @@ impl Backend {
             .enable_http1()
             .wrap_connector(connector);
         let http = Client::builder(TokioExecutor::new()).pool_idle_timeout(Duration::from_secs(30)).build(https);
-        Self { rules, audit, connect_timeout, http, tls: tokio_rustls::TlsConnector::from(tls), principal }
+        Self { rules, audit, connect_timeout, http, tls: tokio_rustls::TlsConnector::from(tls), roots, principal }
     }
 
     pub(crate) async fn handle(&self, req: Request<Incoming>) -> Response<BoxBody> {
@@ -173,10 +176,16 @@ impl Backend {
         let principal = parts.headers.get(tunnel::PRINCIPAL).and_then(|v| v.to_str().ok()).map(str::to_owned);
         // The app must never choose the identity the backend logs on with.
         parts.headers.remove(SSL_CLIENT_CERT);
+        let mut user_tls = None;
         if m.authentication_mode.propagates() {
             let value = match (principal, &self.principal) {
-                (Some(token), Some(pp)) => match pp.certificate_for(&token).await {
-                    Ok(cert) => cert,
+                (Some(token), Some(pp)) => match pp.user_certificate(&token).await {
+                    Ok(cert) => {
+                        if m.principal_certificate_in == PrincipalDelivery::Tls && m.protocol == Protocol::Https {
+                            user_tls = Some(cert.identity);
+                        }
+                        cert.header
+                    }
                     Err(e) => {
                         tracing::warn!(target: "ferry::audit", system = %target, error = %e, "principal propagation refused");
                         return error_response(
@@ -221,7 +230,11 @@ impl Backend {
             h.insert(http::header::HOST, v);
         }
         let req = Request::from_parts(parts, body::boxed(incoming));
-        match self.http.request(req).await {
+        let sent = match user_tls {
+            Some(identity) => self.send_as_user(req, m, &identity).await,
+            None => self.http.request(req).await.map_err(Into::into),
+        };
+        match sent {
             Ok(resp) => {
                 let (mut parts, incoming) = resp.into_parts();
                 body::strip_hop_by_hop(&mut parts.headers);
@@ -237,6 +250,40 @@ impl Backend {
                 )
             }
         }
+    }
+
+    /// Sends one request on a fresh TLS connection that presents the user's certificate: the
+    /// identity differs per user, so such connections are not pooled.
+    async fn send_as_user(
+        &self,
+        req: Request<BoxBody>,
+        m: &SystemMapping,
+        identity: &ferry_core::tls::CertifiedKey,
+    ) -> Result<Response<Incoming>, ferry_core::body::BoxError> {
+        let certs = ferry_core::tls::parse_certs(&identity.cert_pem)?;
+        let key = ferry_core::tls::parse_key(identity.key_pem.expose())?;
+        let cfg = rustls::ClientConfig::builder()
+            .with_root_certificates(self.roots.clone())
+            .with_client_auth_cert(certs, key)?;
+        let name = rustls::pki_types::ServerName::try_from(m.local_host.clone())?;
+        let tcp = tokio::time::timeout(self.connect_timeout, TcpStream::connect((m.local_host.as_str(), m.local_port)))
+            .await??;
+        let _ = tcp.set_nodelay(true);
+        let tls = tokio::time::timeout(
+            self.connect_timeout,
+            tokio_rustls::TlsConnector::from(Arc::new(cfg)).connect(name, tcp),
+        )
+        .await??;
+        let (mut sender, conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tls)).await?;
+        tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                tracing::debug!(error = %e, "user-certificate backend connection ended");
+            }
+        });
+        // The pooled client sends origin-form; this connection must too.
+        let (mut parts, body) = req.into_parts();
+        parts.uri = parts.uri.path_and_query().map(|pq| pq.as_str()).unwrap_or("/").parse()?;
+        Ok(sender.send_request(Request::from_parts(parts, body)).await?)
     }
 
     /// Maps internal names in `Location` and cookie domains back to virtual ones.

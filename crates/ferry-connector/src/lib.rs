@@ -21,7 +21,7 @@ use tokio::net::TcpStream;
 use tokio::sync::watch;
 
 pub use access::{AccessRules, HostInHeader, Protocol, Resource, SystemMapping};
-pub use principal::{AuthenticationMode, PrincipalPropagation};
+pub use principal::{AuthenticationMode, PrincipalDelivery, PrincipalPropagation};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConnectorError {
@@ -119,11 +119,11 @@ impl Connector {
         let (subaccount, location) =
             der.first().and_then(|c| ferry_core::tls::connector_identity(c)).ok_or(ConnectorError::Identity)?;
         let audit = audit::AuditLog::start(&config.audit, &subaccount, &location)?;
-        let backend_tls = Arc::new(ferry_core::tls::outbound_client_config(config.backend_ca_pem.as_deref())?);
+        let backend_roots = Arc::new(ferry_core::tls::outbound_roots(config.backend_ca_pem.as_deref())?);
         let backend = Arc::new(backend::Backend::new(
             config.rules.clone(),
             audit,
-            backend_tls,
+            backend_roots,
             config.principal_propagation.clone(),
             config.backend_connect_timeout,
         ));

@@ -35,6 +35,26 @@ impl AuthenticationMode {
     }
 }
 
+/// A user certificate: for `SSL_CLIENT_CERT` (`header`, base64 DER) or as the TLS client
+/// certificate towards the backend (`identity`).
+#[derive(Clone, Debug)]
+pub struct UserCertificate {
+    pub header: String,
+    pub identity: ferry_core::tls::CertifiedKey,
+}
+
+/// How the backend receives the user certificate.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PrincipalDelivery {
+    /// In the `SSL_CLIENT_CERT` header (SAP's way for HTTPS backends).
+    #[default]
+    Header,
+    /// As the client certificate of the TLS connection to an `HTTPS` backend (a fresh
+    /// connection per request, since the identity differs per user), plus the header.
+    Tls,
+}
+
 pub struct PrincipalPropagation {
     pub verifier: Arc<Verifier>,
     pub ca: Arc<LocalCa>,
@@ -44,7 +64,7 @@ pub struct PrincipalPropagation {
     pub expiration_tolerance: Duration,
     /// Subject pattern, e.g. `CN=${name}` or `CN=${user_name},EMAIL=${email},O=ACME`.
     pub subject_pattern: String,
-    cache: Mutex<HashMap<String, (String, Instant)>>,
+    cache: Mutex<HashMap<String, (UserCertificate, Instant)>>,
 }
 
 impl std::fmt::Debug for PrincipalPropagation {
@@ -77,6 +97,11 @@ impl PrincipalPropagation {
 
     /// The value of `SSL_CLIENT_CERT` for `token`: the certificate's DER, base64, one line.
     pub async fn certificate_for(&self, token: &str) -> Result<String, PrincipalError> {
+        Ok(self.user_certificate(token).await?.header)
+    }
+
+    /// The user certificate (with its key) for `token`.
+    pub async fn user_certificate(&self, token: &str) -> Result<UserCertificate, PrincipalError> {
         let claims = self
             .verifier
             .verify_with_expiry_tolerance(token, self.expiration_tolerance)
@@ -99,12 +124,13 @@ impl PrincipalPropagation {
         })?;
         let der = ferry_core::tls::parse_certs(&issued.cert_pem).map_err(|_| PrincipalError::Issue)?;
         let value = base64::engine::general_purpose::STANDARD.encode(der[0].as_ref());
+        let cert = UserCertificate { header: value, identity: issued };
         let mut cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
         if cache.len() > 10_000 {
             cache.clear();
         }
-        cache.insert(key, (value.clone(), Instant::now() + self.certificate_validity));
-        Ok(value)
+        cache.insert(key, (cert.clone(), Instant::now() + self.certificate_validity));
+        Ok(cert)
     }
 }
 

@@ -82,6 +82,7 @@ mod tests {
             protocol,
             host_in_header: HostInHeader::Virtual,
             authentication_mode: Default::default(),
+            principal_certificate_in: Default::default(),
             resources: vec![],
             description: None,
         };

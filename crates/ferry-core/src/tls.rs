@@ -230,6 +230,11 @@ pub fn client_config(
 /// A client config trusting the system roots plus `extra_ca_pem`, TLS 1.2+, no client
 /// certificate: for outbound TLS to servers outside Ferry (backends, token endpoints).
 pub fn outbound_client_config(extra_ca_pem: Option<&str>) -> Result<ClientConfig, TlsError> {
+    Ok(ClientConfig::builder().with_root_certificates(outbound_roots(extra_ca_pem)?).with_no_client_auth())
+}
+
+/// The system's roots plus `extra_ca_pem`.
+pub fn outbound_roots(extra_ca_pem: Option<&str>) -> Result<RootCertStore, TlsError> {
     crate::init_crypto();
     let mut roots = RootCertStore::empty();
     for c in rustls_native_certs::load_native_certs().certs {
@@ -240,7 +245,7 @@ pub fn outbound_client_config(extra_ca_pem: Option<&str>) -> Result<ClientConfig
             roots.add(c)?;
         }
     }
-    Ok(ClientConfig::builder().with_root_certificates(roots).with_no_client_auth())
+    Ok(roots)
 }
 
 /// An HTTP client for outbound calls (token endpoints, JWKS): the system roots plus

@@ -23,6 +23,7 @@ fn http_mapping(vhost: &str, vport: u16, backend: SocketAddr, resources: &[(&str
         protocol: Protocol::Http,
         host_in_header: HostInHeader::Virtual,
         authentication_mode: Default::default(),
+        principal_certificate_in: Default::default(),
         resources: resources
             .iter()
             .map(|(p, exact)| Resource {
@@ -635,4 +636,58 @@ async fn connector_serves_every_proxy_replica() {
         registry_b.is_connected(SUBACCOUNT, "") && status.borrow().established >= 3
     );
     assert_eq!(echo.hits(), 3);
+}
+
+/// Principal propagation over mTLS to a real nginx that verifies client certificates
+/// (`ssl_verify_client on`) against the connector's principal-propagation CA.
+#[tokio::test]
+async fn nginx_sees_the_propagated_user_as_its_tls_client() {
+    use std::sync::Arc;
+    let pair = TunnelPair::start().await;
+    let pp_ca = Arc::new(ferry_core::tls::LocalCa::generate("PP CA").unwrap());
+    let server = pair.ca.issue_server_cert(&["127.0.0.1"]).unwrap();
+    let nginx = ferry_testkit::nginx::Nginx::start(
+        "    listen 127.0.0.1:{PORT} ssl;\n\
+         ssl_certificate {DIR}/server.pem;\n    ssl_certificate_key {DIR}/server-key.pem;\n\
+         ssl_client_certificate {DIR}/pp-ca.pem;\n    ssl_verify_client on;\n\
+         location / { return 200 \"subject=$ssl_client_s_dn verify=$ssl_client_verify\\n\"; }",
+        &[
+            ("server.pem", &server.cert_pem),
+            ("server-key.pem", server.key_pem.expose()),
+            ("pp-ca.pem", pp_ca.cert_pem()),
+        ],
+    );
+    let mapping = SystemMapping {
+        protocol: Protocol::Https,
+        authentication_mode: ferry_connector::AuthenticationMode::X509General,
+        principal_certificate_in: ferry_connector::PrincipalDelivery::Tls,
+        ..http_mapping("erp.virtual", 443, nginx.addr, &[("/", false)])
+    };
+    let mut cfg = pair.connector_config("", AccessRules::new(vec![mapping]), pair.tunnel_addr);
+    cfg.backend_ca_pem = Some(pair.ca.cert_pem().to_owned());
+    cfg.principal_propagation = Some(Arc::new(ferry_connector::PrincipalPropagation::new(
+        Arc::new(ferry_auth::Verifier::local(pair.keys.clone())),
+        pp_ca,
+    )));
+    pair.spawn_connector(cfg);
+    pair.wait_connected("").await;
+    let exp = ferry_testkit::now() + 600;
+    let user = pair
+        .keys
+        .sign(&serde_json::json!({"zid": SUBACCOUNT, "user_name": "alice", "user_id": "u1", "exp": exp}), &[])
+        .unwrap();
+    let req = get("http://erp.virtual:443/sap/me", Some(&pair.token()), None)
+        .header("sap-connectivity-authentication", format!("Bearer {user}"))
+        .body(Full::default())
+        .unwrap();
+    let r = one(pair.http_addr, req).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert!(r.text().contains("CN=alice") && r.text().contains("verify=SUCCESS"), "{}", r.text());
+    // Without a user there is no client certificate, and nginx refuses.
+    let r = one(
+        pair.http_addr,
+        get("http://erp.virtual:443/sap/me", Some(&pair.token()), None).body(Full::default()).unwrap(),
+    )
+    .await;
+    assert_eq!(r.status, 400, "{}", r.text());
 }
