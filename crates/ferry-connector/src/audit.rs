@@ -107,6 +107,14 @@ impl AuditLog {
     }
 
     pub async fn record(&self, event: AuditEvent) {
+        let decision = if event.outcome == Outcome::Allowed { "allowed" } else { "denied" };
+        ferry_core::metrics::global()
+            .counter(
+                "ferry_connector_requests_total",
+                "Requests the Cloud Connector decided on, by protocol and decision.",
+                &[("protocol", event.protocol), ("decision", decision)],
+            )
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let wanted = match event.outcome {
             Outcome::Denied => self.level >= AuditLevel::Security,
             Outcome::Allowed => self.level >= AuditLevel::All,

@@ -230,10 +230,18 @@ impl Backend {
             h.insert(http::header::HOST, v);
         }
         let req = Request::from_parts(parts, body::boxed(incoming));
+        let started = std::time::Instant::now();
         let sent = match user_tls {
             Some(identity) => self.send_as_user(req, m, &identity).await,
             None => self.http.request(req).await.map_err(Into::into),
         };
+        ferry_core::metrics::global()
+            .histogram(
+                "ferry_connector_backend_seconds",
+                "Time from forwarding an HTTP request to the backend's response headers, by system.",
+                &[("system", target)],
+            )
+            .observe(started.elapsed());
         match sent {
             Ok(resp) => {
                 let (mut parts, incoming) = resp.into_parts();

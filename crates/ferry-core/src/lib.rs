@@ -7,6 +7,7 @@
 
 pub mod aead;
 pub mod body;
+pub mod metrics;
 pub mod secret;
 pub mod serve;
 pub mod tls;

@@ -49,6 +49,14 @@ where
     Fut: Future<Output = ()> + Send + 'static,
 {
     let permits = Arc::new(Semaphore::new(opts.max_connections.max(1)));
+    let reg = crate::metrics::global();
+    let open =
+        reg.gauge("ferry_open_connections", "Connections currently open, by listener.", &[("listener", opts.name)]);
+    let accepted_total = reg.counter(
+        "ferry_accepted_connections_total",
+        "Connections accepted, by listener.",
+        &[("listener", opts.name)],
+    );
     let tracker = TaskTracker::new();
     let mut backoff = Duration::from_millis(5);
     let local = listener.local_addr().ok();
@@ -68,9 +76,12 @@ where
                 let _ = stream.set_nodelay(true);
                 let span = tracing::info_span!("conn", listener = opts.name, %peer);
                 let fut = handler(stream, peer);
+                accepted_total.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                let guard = crate::metrics::GaugeGuard::new(open.clone());
                 tracker.spawn(
                     async move {
                         fut.await;
+                        drop(guard);
                         drop(permit);
                     }
                     .instrument(span),

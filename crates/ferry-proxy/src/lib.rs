@@ -148,7 +148,17 @@ impl Proxy {
 async fn serve_http(stream: tokio::net::TcpStream, shared: Arc<Shared>, shutdown: Shutdown) {
     let service = hyper::service::service_fn(move |req| {
         let shared = shared.clone();
-        async move { Ok::<_, std::convert::Infallible>(http_proxy::handle(shared, req).await) }
+        async move {
+            let resp = http_proxy::handle(shared, req).await;
+            ferry_core::metrics::global()
+                .counter(
+                    "ferry_proxy_requests_total",
+                    "Requests answered by the Connectivity Proxy, by protocol and status or SOCKS5 reply.",
+                    &[("protocol", "http"), ("code", resp.status().as_str())],
+                )
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            Ok::<_, std::convert::Infallible>(resp)
+        }
     });
     let conn = hyper::server::conn::http1::Builder::new()
         .timer(TokioTimer::new())

@@ -90,13 +90,13 @@ pub(crate) async fn serve(mut stream: TcpStream, shared: Arc<Shared>, handshake_
         Ok(Ok(r)) => r,
         Ok(Err(HandshakeError::Protocol(e))) => {
             tracing::info!(error = %e, "SOCKS5 request refused");
-            let _ = stream.write_all(&socks5::encode_reply(e.reply_code())).await;
+            let _ = stream.write_all(&count_reply(e.reply_code())).await;
             return;
         }
         Ok(Err(_)) | Err(_) => return,
     };
     if !request.is_connect() {
-        let _ = stream.write_all(&socks5::encode_reply(Reply::CommandNotSupported)).await;
+        let _ = stream.write_all(&count_reply(Reply::CommandNotSupported)).await;
         return;
     }
     let target = match &request.address {
@@ -118,7 +118,7 @@ async fn relay(
     let Some(sender) = shared.registry.pick(&claims.zid, &location) else {
         tracing::info!(subaccount = %claims.zid, %location, "SOCKS5: no Cloud Connector connected");
         let mut stream = stream;
-        let _ = stream.write_all(&socks5::encode_reply(Reply::NetworkUnreachable)).await;
+        let _ = stream.write_all(&count_reply(Reply::NetworkUnreachable)).await;
         return;
     };
     let (read, mut write) = stream.into_split();
@@ -135,7 +135,7 @@ async fn relay(
         Ok(r) => r,
         Err(e) => {
             tracing::warn!(%request_id, error = %e, "SOCKS5: tunnel request failed");
-            let _ = write.write_all(&socks5::encode_reply(Reply::GeneralFailure)).await;
+            let _ = write.write_all(&count_reply(Reply::GeneralFailure)).await;
             return;
         }
     };
@@ -145,7 +145,7 @@ async fn relay(
         (_, Some(tunnel::ERROR_UNREACHABLE)) | (_, Some(tunnel::ERROR_TIMEOUT)) => Reply::HostUnreachable,
         _ => Reply::GeneralFailure,
     };
-    if write.write_all(&socks5::encode_reply(reply)).await.is_err() || reply != Reply::Succeeded {
+    if write.write_all(&count_reply(reply)).await.is_err() || reply != Reply::Succeeded {
         return;
     }
     let replied = tokio::time::Instant::now();
@@ -175,3 +175,16 @@ async fn relay(
 
 /// See the comment at its use in [`relay`].
 const FIRST_DATA_GAP: Duration = Duration::from_millis(25);
+
+/// Encodes a SOCKS5 reply and counts it.
+fn count_reply(code: Reply) -> [u8; 10] {
+    let label = format!("{:02x}", u8::from(code));
+    ferry_core::metrics::global()
+        .counter(
+            "ferry_proxy_requests_total",
+            "Requests answered by the Connectivity Proxy, by protocol and status or SOCKS5 reply.",
+            &[("protocol", "socks5"), ("code", &label)],
+        )
+        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    socks5::encode_reply(code)
+}

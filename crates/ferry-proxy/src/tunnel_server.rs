@@ -61,6 +61,11 @@ pub(crate) async fn serve(
     };
     let key = (subaccount.clone(), location.clone());
     let id = registry.add(key.clone(), sender);
+    let _connected = ferry_core::metrics::GaugeGuard::new(ferry_core::metrics::global().gauge(
+        "ferry_tunnels_connected",
+        "Cloud Connector tunnel connections currently up at this proxy.",
+        &[],
+    ));
     tracing::info!(%subaccount, location = %location, "Cloud Connector connected");
     tokio::select! {
         r = conn => if let Err(e) = r { tracing::info!(error = %e, "tunnel connection ended") },

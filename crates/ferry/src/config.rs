@@ -59,6 +59,8 @@ pub struct Listen {
     pub http_proxy_port: u16,
     pub socks5_port: u16,
     pub tunnel_port: u16,
+    /// Prometheus `/metrics` and `/healthz`; off unless set (9494 is the customary port).
+    pub metrics_port: Option<u16>,
 }
 
 impl Default for Listen {
@@ -71,6 +73,7 @@ impl Default for Listen {
             http_proxy_port: 20003,
             socks5_port: 20004,
             tunnel_port: 20005,
+            metrics_port: None,
         }
     }
 }

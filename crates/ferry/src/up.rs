@@ -187,6 +187,10 @@ pub async fn up(args: UpArgs) -> anyhow::Result<()> {
     let (http_l, http_addr) = bind(&l.host, l.http_proxy_port).await?;
     let (socks_l, socks_addr) = bind(&l.host, l.socks5_port).await?;
     let (tunnel_l, tunnel_addr) = bind(&l.host, l.tunnel_port).await?;
+    let metrics_l = match l.metrics_port {
+        Some(port) => Some(bind(&l.host, port).await?),
+        None => None,
+    };
     let host = l.host.clone();
     let server_names: Vec<&str> = vec![host.as_str(), "localhost", "127.0.0.1"];
     let server_cert = ca.issue_server_cert(&server_names)?;
@@ -327,6 +331,17 @@ pub async fn up(args: UpArgs) -> anyhow::Result<()> {
     let tunnel_tls = ferry_core::tls::server_config(&server_cert, Some(ca.cert_pem()), &[ferry_proto::tunnel::ALPN])?;
     let proxy = ferry_proxy::Proxy::new(ferry_proxy::ProxyConfig::new(verifier.clone(), tunnel_tls));
     let registry = proxy.registry();
+    let metrics_addr = metrics_l.as_ref().map(|(_, a)| *a);
+    if let Some((listener, _)) = metrics_l {
+        let router = ops_router(registry.clone());
+        tasks.spawn(ferry_core::serve::serve_router(
+            listener,
+            router,
+            None,
+            ferry_core::serve::AcceptOptions::named("metrics"),
+            shutdown.clone(),
+        ));
+    }
     tasks.spawn(proxy.run(
         ferry_proxy::Listeners { http: Some(http_l), socks5: Some(socks_l), tunnel: Some(tunnel_l) },
         shutdown.clone(),
@@ -380,6 +395,9 @@ pub async fn up(args: UpArgs) -> anyhow::Result<()> {
     println!("  destination service  http://{dest_addr}");
     println!("  connectivity proxy   http://{http_addr}  socks5://{socks_addr}");
     println!("  tunnel endpoint      {tunnel_addr}");
+    if let Some(addr) = metrics_addr {
+        println!("  metrics              http://{addr}/metrics  (health: /healthz)");
+    }
     println!("  subaccount           {subaccount} (subdomain {subdomain})");
     for (loc, m) in &connectors {
         let label = if loc.is_empty() { "(default location)".to_string() } else { format!("location {loc:?}") };
@@ -515,4 +533,33 @@ fn provision_defaults(
         vcap.insert(service.as_str().into(), json!([entry]));
     }
     Ok((sub.subdomain, Value::Object(vcap)))
+}
+
+/// `/metrics` (Prometheus text) and `/healthz` (200 while at least one connector is connected,
+/// 503 otherwise, with the connected subaccount/location pairs as JSON).
+fn ops_router(registry: Arc<ferry_proxy::Registry>) -> axum::Router {
+    use axum::routing::get;
+    axum::Router::new()
+        .route(
+            "/metrics",
+            get(|| async {
+                ([(http::header::CONTENT_TYPE, "text/plain; version=0.0.4")], ferry_core::metrics::global().render())
+            }),
+        )
+        .route(
+            "/healthz",
+            get(move || {
+                let registry = registry.clone();
+                async move {
+                    let tunnels: Vec<Value> = registry
+                        .keys()
+                        .into_iter()
+                        .map(|((sub, loc), n)| json!({"subaccount": sub, "location_id": loc, "connections": n}))
+                        .collect();
+                    let status =
+                        if tunnels.is_empty() { http::StatusCode::SERVICE_UNAVAILABLE } else { http::StatusCode::OK };
+                    (status, axum::Json(json!({"tunnels": tunnels})))
+                }
+            }),
+        )
 }

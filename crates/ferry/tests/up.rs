@@ -39,6 +39,7 @@ destination_port = 0
 http_proxy_port = 0
 socks5_port = 0
 tunnel_port = 0
+metrics_port = 0
 
 [[destinations]]
 properties = {{ Name = "erp", Type = "HTTP", URL = "http://erp.virtual:8000/sap", ProxyType = "OnPremise", Authentication = "BasicAuthentication", User = "ALICE", Password = "s3cret" }}
@@ -78,16 +79,19 @@ resources = [{{ path = "/sap", exactMatchOnly = false }}]
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
         let mut vcap = None;
+        let mut banner = Vec::new();
         for line in BufReader::new(stdout).lines().map_while(Result::ok) {
             if let Some(v) = line.strip_prefix("VCAP_SERVICES=") {
                 vcap = Some(v.to_owned());
-            }
-            if line == "ready" {
-                let _ = tx.send(vcap.take());
+            } else if line == "ready" {
+                let _ = tx.send((vcap.take(), std::mem::take(&mut banner)));
+            } else {
+                banner.push(line);
             }
         }
     });
-    let vcap = rx.recv_timeout(Duration::from_secs(30)).expect("ferry up printed ready").expect("VCAP_SERVICES line");
+    let (vcap, banner) = rx.recv_timeout(Duration::from_secs(30)).expect("ferry up printed ready");
+    let vcap = vcap.expect("VCAP_SERVICES line");
     assert!(started.elapsed() < Duration::from_secs(10));
     let vcap: Value = serde_json::from_str(&vcap).unwrap();
     let file: Value = serde_json::from_slice(&std::fs::read(dir.join("default-env.json")).unwrap()).unwrap();
@@ -189,6 +193,16 @@ resources = [{{ path = "/sap", exactMatchOnly = false }}]
     assert!(cert.len() > 100, "a user certificate reached the backend: {cert:?}");
     assert!(e["headers"].get("sap-connectivity-authentication").is_none());
 
+    // Operations: Prometheus metrics count what just happened; /healthz sees the connector.
+    let metrics_url = lines_metrics(&banner);
+    let text = http.get(format!("{metrics_url}/metrics")).send().await.unwrap().text().await.unwrap();
+    assert!(text.contains("ferry_proxy_requests_total{protocol=\"http\",code=\"200\"} 2"), "{text}");
+    assert!(text.contains("ferry_connector_requests_total{protocol=\"HTTP\",decision=\"allowed\"} 2"), "{text}");
+    assert!(text.contains("ferry_tunnels_connected 1"), "{text}");
+    assert!(text.contains("ferry_connector_backend_seconds_count"), "{text}");
+    let health = http.get(format!("{metrics_url}/healthz")).send().await.unwrap();
+    assert_eq!(health.status(), 200);
+
     // SIGTERM: a clean, prompt exit.
     let pid = child.0.id().to_string();
     Command::new("kill").args(["-TERM", &pid]).status().unwrap();
@@ -202,4 +216,11 @@ resources = [{{ path = "/sap", exactMatchOnly = false }}]
         std::thread::sleep(Duration::from_millis(20));
     }
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// The metrics base URL from `ferry up`'s banner line `  metrics   http://127.0.0.1:PORT/metrics ...`.
+fn lines_metrics(banner: &[String]) -> String {
+    let line = banner.iter().find(|l| l.trim_start().starts_with("metrics")).expect("metrics line in the banner");
+    let url = line.split_whitespace().nth(1).expect("metrics URL");
+    url.trim_end_matches("/metrics").to_owned()
 }
