@@ -3,21 +3,12 @@
 //! destination instance and a key, get a token with the printed credentials, and call the
 //! Destination Service with it.
 
-use std::io::{BufRead, BufReader};
+use std::ffi::OsStr;
 use std::path::Path;
-use std::process::{Command, Stdio};
-use std::time::Duration;
+use std::process::Command;
 
+use ferry_testkit::process::FerryProcess;
 use serde_json::Value;
-
-struct KillOnDrop(std::process::Child);
-
-impl Drop for KillOnDrop {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
 
 fn cli(data: &Path, url: &str, args: &[&str]) -> (bool, String, String) {
     let out = Command::new(env!("CARGO_BIN_EXE_ferry"))
@@ -47,33 +38,19 @@ fn cli_json(data: &Path, url: &str, args: &[&str]) -> Value {
 }
 
 /// Starts `ferry up` on port 0; returns it and its VCAP_SERVICES once it is ready.
-fn start(dir: &Path, data: &Path) -> (KillOnDrop, Value) {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_ferry"))
-        .args(["up", "--no-env-file", "--config"])
-        .arg(dir.join("ferry.toml"))
-        .arg("--data-dir")
-        .arg(data)
-        .env("FERRY_LOG", "warn")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .unwrap();
-    let stdout = child.stdout.take().unwrap();
-    let child = KillOnDrop(child);
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        let mut vcap = None;
-        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-            if let Some(v) = line.strip_prefix("VCAP_SERVICES=") {
-                vcap = Some(v.to_owned());
-            }
-            if line == "ready" {
-                let _ = tx.send(vcap.take());
-            }
-        }
-    });
-    let vcap = rx.recv_timeout(Duration::from_secs(30)).expect("ferry up printed ready").expect("VCAP_SERVICES");
-    (child, serde_json::from_str(&vcap).unwrap())
+fn start(dir: &Path, data: &Path) -> (FerryProcess, Value) {
+    let config = dir.join("ferry.toml");
+    let args = [
+        OsStr::new("up"),
+        OsStr::new("--no-env-file"),
+        OsStr::new("--config"),
+        config.as_os_str(),
+        OsStr::new("--data-dir"),
+        data.as_os_str(),
+    ];
+    let p = FerryProcess::start(env!("CARGO_BIN_EXE_ferry"), &args, &[("FERRY_LOG", "warn")], false);
+    let vcap = p.vcap.clone().expect("VCAP_SERVICES");
+    (p, vcap)
 }
 
 async fn token(http: &reqwest::Client, url: &str, id: &str, secret: &str) -> Option<String> {

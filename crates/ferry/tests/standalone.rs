@@ -4,49 +4,16 @@
 //! run`) and dials both that proxy and a standalone replica (`ferry proxy`); an app reaches the
 //! backend through either proxy.
 
-use std::io::{BufRead, BufReader};
-
-use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
+use std::process::Command;
 use std::time::Duration;
 
 use ferry_testkit::EchoBackend;
+use ferry_testkit::process::FerryProcess;
 use serde_json::Value;
 
-struct KillOnDrop(Child);
-
-impl Drop for KillOnDrop {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-/// Starts `ferry <args>` and waits for its `ready` line; returns the process and every line
-/// printed before it.
-fn start(args: &[&str]) -> (KillOnDrop, Vec<String>) {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_ferry"))
-        .args(args)
-        .env("FERRY_LOG", "warn")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .unwrap();
-    let stdout = child.stdout.take().unwrap();
-    let child = KillOnDrop(child);
-    let (tx, rx) = mpsc::channel();
-    std::thread::spawn(move || {
-        let mut lines = Vec::new();
-        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-            if line == "ready" {
-                let _ = tx.send(std::mem::take(&mut lines));
-            } else {
-                lines.push(line);
-            }
-        }
-    });
-    let lines = rx.recv_timeout(Duration::from_secs(30)).unwrap_or_else(|_| panic!("ferry {args:?} did not get ready"));
-    (child, lines)
+/// Starts `ferry <args>` and waits for its `ready` line.
+fn start(args: &[&str]) -> FerryProcess {
+    FerryProcess::start(env!("CARGO_BIN_EXE_ferry"), args, &[("FERRY_LOG", "warn")], false)
 }
 
 fn free_port() -> u16 {
@@ -98,7 +65,7 @@ async fn connector_and_proxy_as_separate_processes() {
     )
     .unwrap();
     let data = dir.join("data");
-    let (_up, lines) = start(&[
+    let up = start(&[
         "up",
         "--config",
         dir.join("ferry.toml").to_str().unwrap(),
@@ -107,8 +74,7 @@ async fn connector_and_proxy_as_separate_processes() {
         "--env-file",
         dir.join("env.json").to_str().unwrap(),
     ]);
-    let vcap: Value =
-        serde_json::from_str(lines.iter().find_map(|l| l.strip_prefix("VCAP_SERVICES=")).unwrap()).unwrap();
+    let vcap = up.vcap.clone().expect("VCAP_SERVICES");
     let conn = &vcap["connectivity"][0]["credentials"];
     let token_url = conn["url"].as_str().unwrap().to_owned();
     let subaccount = conn["tenantid"].as_str().unwrap().to_owned();
@@ -147,7 +113,7 @@ async fn connector_and_proxy_as_separate_processes() {
         ),
     )
     .unwrap();
-    let (_proxy, _) = start(&["proxy", "--config", dir.join("proxy.toml").to_str().unwrap()]);
+    let _proxy = start(&["proxy", "--config", dir.join("proxy.toml").to_str().unwrap()]);
 
     // The connector dials both proxies and maps the echo backend.
     let mut toml = std::fs::read_to_string(out.join("connector.toml")).unwrap();
@@ -158,7 +124,7 @@ async fn connector_and_proxy_as_separate_processes() {
         echo.addr.port()
     ));
     std::fs::write(out.join("connector.toml"), toml).unwrap();
-    let (_connector, _) = start(&["connector", "run", "--config", out.join("connector.toml").to_str().unwrap()]);
+    let _connector = start(&["connector", "run", "--config", out.join("connector.toml").to_str().unwrap()]);
 
     let http = ferry_core::tls::http_client(None).unwrap();
     let t = token(&http, conn).await;

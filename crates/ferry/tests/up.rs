@@ -3,22 +3,12 @@
 //! request the way the SAP Cloud SDK makes it (token → destination → connectivity proxy), and a
 //! clean exit on SIGTERM.
 
-use std::io::{BufRead, BufReader};
-use std::process::{Command, Stdio};
+use std::ffi::OsStr;
 use std::time::{Duration, Instant};
 
 use ferry_testkit::EchoBackend;
+use ferry_testkit::process::FerryProcess;
 use serde_json::Value;
-
-/// Kills the child if the test fails half-way, so no `ferry up` outlives its test.
-struct KillOnDrop(std::process::Child);
-
-impl Drop for KillOnDrop {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
 
 #[tokio::test]
 async fn ferry_up_serves_an_app_end_to_end() {
@@ -61,39 +51,21 @@ resources = [{{ path = "/sap", exactMatchOnly = false }}]
         echo.addr.port()
     );
     std::fs::write(dir.join("ferry.toml"), config).unwrap();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_ferry"))
-        .args(["up", "--config"])
-        .arg(dir.join("ferry.toml"))
-        .arg("--data-dir")
-        .arg(dir.join("data"))
-        .arg("--env-file")
-        .arg(dir.join("default-env.json"))
-        .env("FERRY_LOG", "warn")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .unwrap();
-    let stdout = child.stdout.take().unwrap();
-    let mut child = KillOnDrop(child);
     let started = Instant::now();
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        let mut vcap = None;
-        let mut banner = Vec::new();
-        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-            if let Some(v) = line.strip_prefix("VCAP_SERVICES=") {
-                vcap = Some(v.to_owned());
-            } else if line == "ready" {
-                let _ = tx.send((vcap.take(), std::mem::take(&mut banner)));
-            } else {
-                banner.push(line);
-            }
-        }
-    });
-    let (vcap, banner) = rx.recv_timeout(Duration::from_secs(30)).expect("ferry up printed ready");
-    let vcap = vcap.expect("VCAP_SERVICES line");
+    let (config, data, env_file) = (dir.join("ferry.toml"), dir.join("data"), dir.join("default-env.json"));
+    let args = [
+        OsStr::new("up"),
+        OsStr::new("--config"),
+        config.as_os_str(),
+        OsStr::new("--data-dir"),
+        data.as_os_str(),
+        OsStr::new("--env-file"),
+        env_file.as_os_str(),
+    ];
+    let mut child = FerryProcess::start(env!("CARGO_BIN_EXE_ferry"), &args, &[("FERRY_LOG", "warn")], false);
+    let vcap = child.vcap.clone().expect("VCAP_SERVICES line");
+    let banner = child.banner.clone();
     assert!(started.elapsed() < Duration::from_secs(10));
-    let vcap: Value = serde_json::from_str(&vcap).unwrap();
     let file: Value = serde_json::from_slice(&std::fs::read(dir.join("default-env.json")).unwrap()).unwrap();
     assert_eq!(file["VCAP_SERVICES"], vcap, "default-env.json holds the printed VCAP_SERVICES");
     for (label, tag) in [("destination", "destination"), ("connectivity", "connectivity"), ("xsuaa", "xsuaa")] {
@@ -204,17 +176,8 @@ resources = [{{ path = "/sap", exactMatchOnly = false }}]
     assert_eq!(health.status(), 200);
 
     // SIGTERM: a clean, prompt exit.
-    let pid = child.0.id().to_string();
-    Command::new("kill").args(["-TERM", &pid]).status().unwrap();
-    let deadline = Instant::now() + Duration::from_secs(15);
-    loop {
-        if let Some(status) = child.0.try_wait().unwrap() {
-            assert!(status.success(), "ferry up exited with {status}");
-            break;
-        }
-        assert!(Instant::now() < deadline, "ferry up did not stop on SIGTERM");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    let status = child.terminate();
+    assert!(status.success(), "ferry up exited with {status}");
     let _ = std::fs::remove_dir_all(&dir);
 }
 

@@ -3,21 +3,11 @@
 //! directory user gets a token from the xsuaa binding, with a group as scope, and the service
 //! account's password shows up neither in the output nor in the debug logs.
 
-use std::io::{BufRead, BufReader, Read};
-use std::process::{Command, Stdio};
-use std::time::Duration;
+use std::ffi::OsStr;
 
+use ferry_testkit::process::FerryProcess;
 use ferry_testkit::slapd::{READER_DN, READER_PW, SUFFIX, Slapd};
 use serde_json::Value;
-
-struct KillOnDrop(std::process::Child);
-
-impl Drop for KillOnDrop {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
 
 #[tokio::test]
 async fn ferry_up_logs_in_ldap_users() {
@@ -51,44 +41,18 @@ group_base_dn = "ou=groups,{SUFFIX}"
         slapd.url
     );
     std::fs::write(dir.join("ferry.toml"), config).unwrap();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_ferry"))
-        .args(["up", "--config"])
-        .arg(dir.join("ferry.toml"))
-        .arg("--data-dir")
-        .arg(dir.join("data"))
-        .arg("--env-file")
-        .arg(dir.join("default-env.json"))
-        .env("FERRY_LOG", "trace")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let stdout = child.stdout.take().unwrap();
-    let mut stderr = child.stderr.take().unwrap();
-    let mut child = KillOnDrop(child);
-    let (tx, rx) = std::sync::mpsc::channel();
-    let printed = std::thread::spawn(move || {
-        let mut all = String::new();
-        let mut vcap = None;
-        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-            all.push_str(&line);
-            all.push('\n');
-            if let Some(v) = line.strip_prefix("VCAP_SERVICES=") {
-                vcap = Some(v.to_owned());
-            }
-            if line == "ready" {
-                let _ = tx.send(vcap.take());
-            }
-        }
-        all
-    });
-    let logs = std::thread::spawn(move || {
-        let mut all = String::new();
-        let _ = stderr.read_to_string(&mut all);
-        all
-    });
-    let vcap = rx.recv_timeout(Duration::from_secs(30)).expect("ferry up printed ready").expect("VCAP_SERVICES line");
-    let vcap: Value = serde_json::from_str(&vcap).unwrap();
+    let (config, data, env_file) = (dir.join("ferry.toml"), dir.join("data"), dir.join("default-env.json"));
+    let args = [
+        OsStr::new("up"),
+        OsStr::new("--config"),
+        config.as_os_str(),
+        OsStr::new("--data-dir"),
+        data.as_os_str(),
+        OsStr::new("--env-file"),
+        env_file.as_os_str(),
+    ];
+    let child = FerryProcess::start(env!("CARGO_BIN_EXE_ferry"), &args, &[("FERRY_LOG", "trace")], true);
+    let vcap = child.vcap.clone().expect("VCAP_SERVICES line");
     let xsuaa = &vcap["xsuaa"][0]["credentials"];
     let http = ferry_core::tls::http_client(None).unwrap();
     let login = |user: &'static str, pw: &'static str| {
@@ -125,11 +89,8 @@ group_base_dn = "ou=groups,{SUFFIX}"
     let (status, body) = login("carol", "carol-pw").await;
     assert_eq!((status, body["error"].as_str()), (503, Some("temporarily_unavailable")), "{body}");
 
-    // SIGTERM-free stop: kill, then read everything that was printed and logged.
-    let _ = child.0.kill();
-    let _ = child.0.wait();
-    let printed = printed.join().unwrap();
-    let logs = logs.join().unwrap();
+    // Stop, then read everything that was printed and logged.
+    let (printed, logs) = child.kill_and_collect();
     assert!(printed.contains("LDAP users"), "{printed}");
     assert!(logs.contains("user store unavailable"), "debug logs were captured: {logs}");
     for text in [&printed, &logs] {
