@@ -18,12 +18,12 @@ use axum::routing::{MethodRouter, get};
 use axum::{Json, Router};
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD as B64;
-use ferry_model::{AuthenticationType, Destination, RawDestination};
+use ferry_model::{AuthenticationType, Destination, Fragment, RawDestination, raw_fragment_name};
 use serde::de::{MapAccess, SeqAccess, Visitor, value::MapAccessDeserializer};
 use serde::{Deserialize, Deserializer, Serialize};
 use serde_json::json;
 
-use crate::store::{Level, RowKey, Scope};
+use crate::store::{Kind, Level, RowKey, Scope};
 use crate::tokens::{self, CacheOwner, Grant, Token, TokenRequest};
 use crate::{DestinationService, Error};
 
@@ -43,6 +43,10 @@ pub(crate) fn router(service: Arc<DestinationService>) -> Router {
         .route(&format!("{V1}/subaccountDestinations/{{name}}"), item(Collection::Subaccount))
         .route(&format!("{V1}/instanceDestinations"), collection(Collection::Instance))
         .route(&format!("{V1}/instanceDestinations/{{name}}"), item(Collection::Instance))
+        .route(&format!("{V1}/subaccountDestinationFragments"), fragment_collection(Collection::Subaccount))
+        .route(&format!("{V1}/subaccountDestinationFragments/{{name}}"), fragment_item(Collection::Subaccount))
+        .route(&format!("{V1}/instanceDestinationFragments"), fragment_collection(Collection::Instance))
+        .route(&format!("{V1}/instanceDestinationFragments/{{name}}"), fragment_item(Collection::Instance))
         .route(&format!("{V1}/destinations/{{name}}"), get(find))
         .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "No such endpoint in the Destination Service API") })
         .method_not_allowed_fallback(|| async {
@@ -138,6 +142,36 @@ pub(crate) struct Caller {
     instance: Option<String>,
     /// Tenant subdomain, for `tokenServiceURLType: Common` when no `X-tenant` is sent.
     subdomain: Option<String>,
+    /// The bearer token itself when it is a user's token (user flows use it as the assertion
+    /// unless `X-user-token` is sent).
+    user: Option<UserToken>,
+}
+
+/// A verified user JWT and who it belongs to.
+#[derive(Clone)]
+pub(crate) struct UserToken {
+    jwt: String,
+    /// `<zid>/<user id>`: the token cache never hands one user's token to another.
+    key: String,
+    /// For `tokenServiceURLType: Common` in user flows.
+    subdomain: Option<String>,
+}
+
+impl UserToken {
+    /// `None` for a technical (client-credentials) token.
+    fn from_claims(jwt: &str, claims: &ferry_auth::Claims) -> Option<Self> {
+        if !claims.is_user() {
+            return None;
+        }
+        let sub = claims.raw.get("sub").and_then(serde_json::Value::as_str).map(str::to_owned);
+        let id =
+            [claims.user_id.clone(), sub, claims.user_name.clone()].into_iter().flatten().find(|s| !s.is_empty())?;
+        Some(Self { jwt: jwt.to_owned(), key: format!("{}/{id}", claims.zid), subdomain: claims_subdomain(claims) })
+    }
+}
+
+fn claims_subdomain(claims: &ferry_auth::Claims) -> Option<String> {
+    claims.ext_attr.zdn.clone().filter(|s| !s.is_empty()).or_else(|| claims.iss.as_deref().and_then(iss_subdomain))
 }
 
 impl Caller {
@@ -151,11 +185,11 @@ impl Caller {
                 )
             })?),
         };
-        Ok(Scope { subaccount: self.subaccount.clone(), level })
+        Ok(Scope { subaccount: self.subaccount.clone(), level, kind: Kind::Destination })
     }
 
     fn subaccount_scope(&self) -> Scope {
-        Scope { subaccount: self.subaccount.clone(), level: Level::Subaccount }
+        Scope { subaccount: self.subaccount.clone(), level: Level::Subaccount, kind: Kind::Destination }
     }
 }
 
@@ -179,13 +213,14 @@ impl FromRequestParts<Arc<DestinationService>> for Caller {
             .ok_or_else(|| ApiError::unauthorized("The Authorization header must use the Bearer scheme"))?;
         let claims = service.verifier.verify(token).await.map_err(|e| ApiError::invalid_token(&e))?;
         let non_empty = |s: Option<String>| s.filter(|s| !s.is_empty());
-        let subdomain =
-            non_empty(claims.ext_attr.zdn.clone()).or_else(|| claims.iss.as_deref().and_then(iss_subdomain));
+        let subdomain = claims_subdomain(&claims);
+        let user = UserToken::from_claims(token, &claims);
         Ok(Caller {
             instance: non_empty(claims.ext_attr.serviceinstanceid.clone())
                 .or_else(|| non_empty(claims.client_id.clone())),
             subaccount: claims.zid,
             subdomain,
+            user,
         })
     }
 }
@@ -261,11 +296,26 @@ where
     F: Fn(Destination) -> Fut,
     Fut: Future<Output = Result<(), ApiError>>,
 {
+    bulk_of(items, ok, |raw| raw.name(), validate, op).await
+}
+
+/// [`bulk`] for any kind of object: `name` labels an item, `check` validates it.
+async fn bulk_of<T, F, Fut>(
+    items: Vec<RawDestination>,
+    ok: StatusCode,
+    name: fn(&RawDestination) -> Option<&str>,
+    check: fn(RawDestination) -> Result<T, ApiError>,
+    op: F,
+) -> Response
+where
+    F: Fn(T) -> Fut,
+    Fut: Future<Output = Result<(), ApiError>>,
+{
     let mut results = Vec::with_capacity(items.len());
     for raw in items {
-        let name = raw.name().unwrap_or_default().to_owned();
-        let outcome = match validate(raw) {
-            Ok(dest) => op(dest).await,
+        let name = name(&raw).unwrap_or_default().to_owned();
+        let outcome = match check(raw) {
+            Ok(item) => op(item).await,
             Err(e) => Err(e),
         };
         results.push(match outcome {
@@ -280,7 +330,8 @@ where
 async fn list(State(s): Svc, caller: Caller, kind: Collection) -> Result<Response, ApiError> {
     let scope = caller.scope(kind)?;
     // Secrets never leave through a list, whatever SAP does: lists end up in UIs and logs.
-    let items: Vec<Destination> = s.list(&scope).await?.iter().map(Destination::without_secrets).collect();
+    let items: Vec<Destination> =
+        s.list::<Destination>(&scope).await?.iter().map(Destination::without_secrets).collect();
     Ok(Json(items).into_response())
 }
 
@@ -338,18 +389,8 @@ async fn get_one(
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
     let Ok(Path(name)) = path else { return Err(ApiError::not_found()) };
-    let stored = s.load(&caller.scope(kind)?.row(&name)).await?.ok_or_else(ApiError::not_found)?;
-    let etag = HeaderValue::from_str(&stored.etag).ok();
-    let matches = headers
-        .get(IF_NONE_MATCH)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| v.split(',').map(str::trim).any(|t| t == "*" || t.trim_start_matches("W/") == stored.etag));
-    let mut response =
-        if matches { StatusCode::NOT_MODIFIED.into_response() } else { Json(&stored.destination).into_response() };
-    if let Some(etag) = etag {
-        response.headers_mut().insert(ETAG, etag);
-    }
-    Ok(response)
+    let stored = s.load::<Destination>(&caller.scope(kind)?.row(&name)).await?.ok_or_else(ApiError::not_found)?;
+    Ok(with_etag(&headers, &stored.etag, Json(&stored.destination).into_response()))
 }
 
 async fn delete_one(
@@ -365,6 +406,162 @@ async fn delete_one(
     }
     tracing::info!(subaccount = %scope.subaccount, level = ?scope.level, %name, "destination deleted");
     Ok(Json(json!({ "Count": 1 })).into_response())
+}
+
+fn fragment_collection(kind: Collection) -> MethodRouter<Arc<DestinationService>> {
+    get(move |s: Svc, c: Caller| list_fragments(s, c, kind))
+        .post(move |s: Svc, c: Caller, b: Body| write_fragments(s, c, kind, b, true))
+        .put(move |s: Svc, c: Caller, b: Body| write_fragments(s, c, kind, b, false))
+}
+
+fn fragment_item(kind: Collection) -> MethodRouter<Arc<DestinationService>> {
+    get(move |s: Svc, c: Caller, p: Result<Path<String>, PathRejection>, h: HeaderMap| get_fragment(s, c, kind, p, h))
+        .delete(move |s: Svc, c: Caller, p: Result<Path<String>, PathRejection>| delete_fragment(s, c, kind, p))
+}
+
+const FRAGMENT_NOT_FOUND: &str = "Fragment with the specified name was not found";
+
+fn validate_fragment(raw: RawDestination) -> Result<Fragment, ApiError> {
+    Fragment::try_from(raw).map_err(|e| ApiError::bad_request(format!("Invalid destination fragment: {e}")))
+}
+
+async fn list_fragments(State(s): Svc, caller: Caller, kind: Collection) -> Result<Response, ApiError> {
+    let scope = caller.scope(kind)?.of(Kind::Fragment);
+    let items: Vec<Fragment> = s.list::<Fragment>(&scope).await?.iter().map(Fragment::without_secrets).collect();
+    Ok(Json(items).into_response())
+}
+
+/// POST (`create`) or PUT of one fragment or an array of them.
+async fn write_fragments(
+    State(s): Svc,
+    caller: Caller,
+    kind: Collection,
+    body: Body,
+    create: bool,
+) -> Result<Response, ApiError> {
+    let scope = caller.scope(kind)?.of(Kind::Fragment);
+    let write_one = |fragment: Fragment| {
+        let (s, scope) = (&s, &scope);
+        async move {
+            let key = scope.row(fragment.name());
+            if create {
+                if !s.create(&key, &fragment).await? {
+                    return Err(ApiError::new(StatusCode::CONFLICT, "Fragment with the same name already exists"));
+                }
+            } else if !s.replace(&key, &fragment).await? {
+                return Err(ApiError::new(StatusCode::NOT_FOUND, FRAGMENT_NOT_FOUND));
+            }
+            tracing::info!(subaccount = %scope.subaccount, level = ?scope.level, name = %key.name, create, "fragment written");
+            Ok(())
+        }
+    };
+    let ok = if create { StatusCode::CREATED } else { StatusCode::OK };
+    match parse_body(body)? {
+        Payload::One(raw) => {
+            write_one(validate_fragment(raw)?).await?;
+            Ok(if create { StatusCode::CREATED.into_response() } else { Json(json!({ "Count": 1 })).into_response() })
+        }
+        Payload::Many(items) => Ok(bulk_of(items, ok, raw_fragment_name, validate_fragment, write_one).await),
+    }
+}
+
+async fn get_fragment(
+    State(s): Svc,
+    caller: Caller,
+    kind: Collection,
+    path: Result<Path<String>, PathRejection>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    let not_found = || ApiError::new(StatusCode::NOT_FOUND, FRAGMENT_NOT_FOUND);
+    let Ok(Path(name)) = path else { return Err(not_found()) };
+    let key = caller.scope(kind)?.of(Kind::Fragment).row(&name);
+    let stored = s.load::<Fragment>(&key).await?.ok_or_else(not_found)?;
+    Ok(with_etag(&headers, &stored.etag, Json(&stored.destination).into_response()))
+}
+
+async fn delete_fragment(
+    State(s): Svc,
+    caller: Caller,
+    kind: Collection,
+    path: Result<Path<String>, PathRejection>,
+) -> Result<Response, ApiError> {
+    let not_found = || ApiError::new(StatusCode::NOT_FOUND, FRAGMENT_NOT_FOUND);
+    let Ok(Path(name)) = path else { return Err(not_found()) };
+    let scope = caller.scope(kind)?.of(Kind::Fragment);
+    if !s.remove(&scope.row(&name)).await? {
+        return Err(not_found());
+    }
+    tracing::info!(subaccount = %scope.subaccount, level = ?scope.level, %name, "fragment deleted");
+    Ok(Json(json!({ "Count": 1 })).into_response())
+}
+
+/// `response` with the `ETag`, or a 304 when `If-None-Match` names it.
+fn with_etag(headers: &HeaderMap, etag: &str, response: Response) -> Response {
+    let matches = headers
+        .get(IF_NONE_MATCH)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.split(',').map(str::trim).any(|t| t == "*" || t.trim_start_matches("W/") == etag));
+    let mut response = if matches { StatusCode::NOT_MODIFIED.into_response() } else { response };
+    if let Ok(value) = HeaderValue::from_str(etag) {
+        response.headers_mut().insert(ETAG, value);
+    }
+    response
+}
+
+/// SPEC §1.7: merges the fragments named by `X-fragment-name` (comma-separated, in order) from
+/// the destination's own level. A missing fragment is a 404 unless `X-fragment-optional: true`
+/// (only honoured for a single fragment).
+async fn apply_fragments(
+    s: &DestinationService,
+    key: &RowKey,
+    destination: Destination,
+    headers: &HeaderMap,
+) -> Result<Destination, ApiError> {
+    if headers.get_all("x-fragment-name").iter().count() > 1 {
+        return Err(ApiError::bad_request("Send the X-fragment-name header once (a comma-separated list for several)"));
+    }
+    let Some(list) = header(headers, "x-fragment-name")? else { return Ok(destination) };
+    let names: Vec<&str> = list.split(',').map(str::trim).collect();
+    if let Some(bad) =
+        names.iter().find(|n| n.is_empty() || !n.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-'))
+    {
+        return Err(ApiError::bad_request(format!(
+            "X-fragment-name '{bad}' is not a fragment name (letters, digits, '_' and '-', comma-separated)"
+        )));
+    }
+    let optional = match header(headers, "x-fragment-optional")? {
+        None => false,
+        Some(v) if v.eq_ignore_ascii_case("true") => true,
+        Some(v) if v.eq_ignore_ascii_case("false") => false,
+        Some(_) => return Err(ApiError::bad_request("Header X-fragment-optional must be 'true' or 'false'")),
+    };
+    let optional = optional && names.len() == 1;
+    let scope = key.scope.of(Kind::Fragment);
+    let mut merged = destination;
+    let mut applied = Vec::with_capacity(names.len());
+    for name in names {
+        match s.load::<Fragment>(&scope.row(name)).await? {
+            Some(stored) => {
+                merged = merged.merged_with(&stored.destination);
+                applied.push(name);
+            }
+            None if optional => return Ok(merged),
+            None => {
+                return Err(ApiError::new(
+                    StatusCode::NOT_FOUND,
+                    format!(
+                        "Fragment '{name}' named in X-fragment-name was not found on the level of destination '{}'; \
+                         create it there or send X-fragment-optional: true",
+                        key.name
+                    ),
+                ));
+            }
+        }
+    }
+    merged
+        .set("FragmentName", applied.join(","))
+        .map_err(|e| ApiError::bad_request(format!("Merged destination is invalid: {e}")))?;
+    Ok(merged)
 }
 
 #[derive(Serialize)]
@@ -487,17 +684,18 @@ async fn find(
     let mut found = None;
     for scope in scopes {
         let key = scope.row(&name);
-        if let Some(stored) = s.load(&key).await? {
+        if let Some(stored) = s.load::<Destination>(&key).await? {
             found = Some((key, stored.destination));
             break;
         }
     }
     let (key, destination) = found.ok_or_else(ApiError::not_found)?;
+    let destination = apply_fragments(&s, &key, destination, &headers).await?;
 
     let auth_tokens = if query_flag(query.as_deref(), "$skipTokenRetrieval") {
         None
     } else {
-        auth_tokens(&s, &caller, &key, &destination, tenant).await?
+        auth_tokens(&s, &caller, &key, &destination, &headers).await?
     };
     let destination =
         if query_flag(query.as_deref(), "$skipCredentials") { destination.without_secrets() } else { destination };
@@ -510,23 +708,63 @@ async fn find(
 }
 
 /// `authTokens` for a found destination, or `None` where SAP sends none. A failed token
-/// retrieval is an entry with `error`, not an HTTP error: the client decides what to do.
+/// retrieval is an entry with `error`, not an HTTP error: the client decides what to do. A
+/// request that cannot be served as sent (a missing `X-refresh-token`) is a 400.
 async fn auth_tokens(
     s: &DestinationService,
     caller: &Caller,
     key: &RowKey,
     dest: &Destination,
-    tenant: Option<&str>,
+    headers: &HeaderMap,
 ) -> Result<Option<Vec<AuthToken>>, ApiError> {
     use AuthenticationType::*;
+    let tenant = header(headers, "x-tenant")?;
+    let flow = |grant| TokenFlow { s, caller, key, dest, grant, tenant, user: None };
     let token = match dest.authentication() {
         None | Some(NoAuthentication | PrincipalPropagation | ClientCertificateAuthentication) => return Ok(None),
         Some(BasicAuthentication) => match (dest.get("User"), dest.get("Password")) {
             (Some(user), Some(password)) => AuthToken::authorization("Basic", B64.encode(format!("{user}:{password}"))),
             _ => AuthToken::failed("BasicAuthentication destinations need the properties 'User' and 'Password'"),
         },
-        Some(OAuth2ClientCredentials) => oauth_token(s, caller, key, dest, Grant::ClientCredentials, tenant).await?,
-        Some(OAuth2Password) => oauth_token(s, caller, key, dest, Grant::Password, tenant).await?,
+        Some(OAuth2ClientCredentials) => flow(Grant::ClientCredentials).run().await?,
+        Some(OAuth2Password) => flow(Grant::Password).run().await?,
+        Some(OAuth2TechnicalUserPropagation) => {
+            let mut token = flow(Grant::TechnicalUser).run().await?;
+            if let Some(h) = token.http_header.as_mut() {
+                h.key = TECHNICAL_AUTH_HEADER;
+            }
+            token
+        }
+        Some(auth @ (OAuth2UserTokenExchange | OAuth2JWTBearer)) => match user_token(s, caller, headers).await? {
+            Ok(user) => {
+                let grant = Grant::JwtBearer { auth: auth.as_str(), assertion: &user.jwt };
+                TokenFlow { user: Some(&user), ..flow(grant) }.run().await?
+            }
+            Err(reason) => AuthToken::failed(reason),
+        },
+        Some(OAuth2RefreshToken) => {
+            let refresh = header(headers, "x-refresh-token")?.ok_or_else(|| {
+                ApiError::bad_request(format!(
+                    "Destination '{}' uses OAuth2RefreshToken: send the refresh token in the X-refresh-token header",
+                    key.name
+                ))
+            })?;
+            flow(Grant::RefreshToken(refresh)).run().await?
+        }
+        Some(OAuth2AuthorizationCode) => {
+            let code = header(headers, "x-code")?.ok_or_else(|| {
+                ApiError::bad_request(format!(
+                    "Destination '{}' uses OAuth2AuthorizationCode: send the authorization code in the X-code header",
+                    key.name
+                ))
+            })?;
+            let grant = Grant::AuthorizationCode {
+                code,
+                redirect_uri: header(headers, "x-redirect-uri")?,
+                code_verifier: header(headers, "x-code-verifier")?,
+            };
+            flow(grant).run().await?
+        }
         Some(other) => AuthToken::failed(format!(
             "Authentication '{other}' is not supported by this Destination Service yet; no token was retrieved"
         )),
@@ -537,35 +775,79 @@ async fn auth_tokens(
     Ok(Some(vec![token]))
 }
 
-async fn oauth_token(
+/// SPEC §2.1: where OAuth2TechnicalUserPropagation puts its token, for the Connectivity Proxy.
+const TECHNICAL_AUTH_HEADER: &str = "SAP-Connectivity-Technical-Authentication";
+
+/// The user of a user flow: `X-user-token` if sent, else the bearer token if it is a user's.
+/// `Ok(Err(reason))` when there is none or it is refused: that fails the token, not the call.
+async fn user_token(
     s: &DestinationService,
     caller: &Caller,
-    key: &RowKey,
-    dest: &Destination,
-    grant: Grant,
-    tenant_header: Option<&str>,
-) -> Result<AuthToken, ApiError> {
-    let common = tokens::is_common(dest);
-    if tenant_header.is_some() && !common {
-        return Err(ApiError::bad_request(format!(
-            "Header X-tenant is only allowed for destinations with tokenServiceURLType 'Common'; destination '{}' \
-             uses a dedicated token service URL",
-            key.name
-        )));
+    headers: &HeaderMap,
+) -> Result<Result<UserToken, String>, ApiError> {
+    let Some(jwt) = header(headers, "x-user-token")? else {
+        return Ok(caller.user.clone().ok_or_else(|| {
+            "this destination exchanges a user's token, but none was sent: send the user's JWT in the \
+             X-user-token header (or call with the user's token in Authorization)"
+                .to_owned()
+        }));
+    };
+    // Verified, not just decoded: the user it names keys the token cache.
+    let claims = match s.verifier.verify(jwt).await {
+        Ok(claims) => claims,
+        Err(e) => return Ok(Err(format!("the X-user-token was refused: {e}"))),
+    };
+    Ok(UserToken::from_claims(jwt, &claims).ok_or_else(|| {
+        "the X-user-token is not a user's token (it has no user_name or user_id); send the JWT of the logged-in user"
+            .to_owned()
+    }))
+}
+
+/// One OAuth token retrieval for a found destination.
+#[derive(Clone, Copy)]
+struct TokenFlow<'a> {
+    s: &'a DestinationService,
+    caller: &'a Caller,
+    key: &'a RowKey,
+    dest: &'a Destination,
+    grant: Grant<'a>,
+    /// The `X-tenant` header.
+    tenant: Option<&'a str>,
+    /// Set for user flows: the tenant comes from this user's token and the cache is per user.
+    user: Option<&'a UserToken>,
+}
+
+impl TokenFlow<'_> {
+    async fn run(self) -> Result<AuthToken, ApiError> {
+        let Self { s, caller, key, dest, grant, tenant: tenant_header, user } = self;
+        let common = tokens::is_common(dest);
+        if tenant_header.is_some() && !common {
+            return Err(ApiError::bad_request(format!(
+                "Header X-tenant is only allowed for destinations with tokenServiceURLType 'Common'; destination '{}' \
+                 uses a dedicated token service URL",
+                key.name
+            )));
+        }
+        let tenant = match (common, user) {
+            (false, _) => None,
+            // SPEC §2.2: user flows take the tenant from the user's token.
+            (true, Some(user)) => user.subdomain.clone(),
+            (true, None) => tenant_header.map(str::to_owned).or_else(|| caller.subdomain.clone()),
+        };
+        let request = match TokenRequest::build(dest, grant, tenant.as_deref(), s.tokens.default_timeout) {
+            Ok(request) => request,
+            Err(e) => return Ok(AuthToken::failed(e.to_string())),
+        };
+        let owner = CacheOwner {
+            subaccount: key.scope.subaccount.clone(),
+            instance: key.scope.instance_id().map(str::to_owned),
+            name: key.name.clone(),
+            tenant,
+            user: user.map(|u| u.key.clone()),
+        };
+        Ok(match s.tokens.token(owner, request).await {
+            Ok(token) => AuthToken::bearer(token),
+            Err(e) => AuthToken::failed(e.to_string()),
+        })
     }
-    let tenant = if common { tenant_header.map(str::to_owned).or_else(|| caller.subdomain.clone()) } else { None };
-    let request = match TokenRequest::build(dest, grant, tenant.as_deref(), s.tokens.default_timeout) {
-        Ok(request) => request,
-        Err(e) => return Ok(AuthToken::failed(e.to_string())),
-    };
-    let owner = CacheOwner {
-        subaccount: key.scope.subaccount.clone(),
-        instance: key.scope.instance_id().map(str::to_owned),
-        name: key.name.clone(),
-        tenant,
-    };
-    Ok(match s.tokens.token(owner, request).await {
-        Ok(token) => AuthToken::bearer(token),
-        Err(e) => AuthToken::failed(e.to_string()),
-    })
 }

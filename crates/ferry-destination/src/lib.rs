@@ -30,9 +30,11 @@ use ferry_model::Destination;
 use sha2::{Digest, Sha256};
 
 pub use crate::store::StoreError;
-use crate::store::{Level, RowKey, Scope, SqliteStore, Store};
+use crate::store::{Kind, Level, RowKey, Scope, SqliteStore, Store};
 use crate::tokens::{Clock, SystemClock, TokenFetcher};
 use ferry_core::aead::Sealer;
+use serde::Serialize;
+use serde::de::DeserializeOwned;
 
 /// SPEC §2.3: token requests time out after 10 s unless the destination says otherwise.
 pub const DEFAULT_TOKEN_FETCH_TIMEOUT: Duration = Duration::from_secs(10);
@@ -91,9 +93,10 @@ impl std::fmt::Debug for DestinationService {
     }
 }
 
-/// A destination as read from the store, with the ETag of its stored form.
-pub(crate) struct Stored {
-    pub destination: Destination,
+/// A destination (or fragment, certificate) as read from the store, with the ETag of its
+/// stored form.
+pub(crate) struct Stored<T = Destination> {
+    pub destination: T,
     pub etag: String,
 }
 
@@ -145,18 +148,18 @@ impl DestinationService {
         destination: Destination,
     ) -> Result<(), Error> {
         let level = instance.map_or(Level::Subaccount, |i| Level::Instance(i.to_owned()));
-        let key = Scope { subaccount: subaccount.to_owned(), level }.row(destination.name());
+        let key = Scope { subaccount: subaccount.to_owned(), level, kind: Kind::Destination }.row(destination.name());
         let sealed = self.seal(&key, &destination)?;
         self.store.upsert(key, sealed).await?;
         Ok(())
     }
 
-    fn seal(&self, key: &RowKey, destination: &Destination) -> Result<Vec<u8>, Error> {
+    fn seal<T: Serialize>(&self, key: &RowKey, destination: &T) -> Result<Vec<u8>, Error> {
         let plain = serde_json::to_vec(destination).map_err(|_| Error::Encrypt)?;
         self.sealer.seal(&key.associated_data(), &plain).map_err(|_| Error::Encrypt)
     }
 
-    fn unseal(&self, key: &RowKey, sealed: &[u8]) -> Result<Stored, Error> {
+    fn unseal<T: DeserializeOwned>(&self, key: &RowKey, sealed: &[u8]) -> Result<Stored<T>, Error> {
         let plain = self.sealer.open(&key.associated_data(), sealed).map_err(|e| {
             // Names and ids only: the content is exactly what must not reach a log.
             tracing::error!(subaccount = %key.scope.subaccount, level = ?key.scope.level, name = %key.name, error = %e,
@@ -170,26 +173,26 @@ impl DestinationService {
         Ok(Stored { destination, etag: format!("\"{}\"", hex::encode(Sha256::digest(&plain))) })
     }
 
-    pub(crate) async fn load(&self, key: &RowKey) -> Result<Option<Stored>, Error> {
+    pub(crate) async fn load<T: DeserializeOwned>(&self, key: &RowKey) -> Result<Option<Stored<T>>, Error> {
         match self.store.get(key.clone()).await? {
             Some(sealed) => self.unseal(key, &sealed).map(Some),
             None => Ok(None),
         }
     }
 
-    pub(crate) async fn list(&self, scope: &Scope) -> Result<Vec<Destination>, Error> {
+    pub(crate) async fn list<T: DeserializeOwned>(&self, scope: &Scope) -> Result<Vec<T>, Error> {
         let rows = self.store.list(scope.clone()).await?;
         rows.into_iter().map(|(name, sealed)| self.unseal(&scope.row(&name), &sealed).map(|s| s.destination)).collect()
     }
 
     /// `false` if the name is taken.
-    pub(crate) async fn create(&self, key: &RowKey, destination: &Destination) -> Result<bool, Error> {
+    pub(crate) async fn create<T: Serialize>(&self, key: &RowKey, destination: &T) -> Result<bool, Error> {
         let sealed = self.seal(key, destination)?;
         Ok(self.store.insert(key.clone(), sealed).await?)
     }
 
     /// `false` if there is no such destination.
-    pub(crate) async fn replace(&self, key: &RowKey, destination: &Destination) -> Result<bool, Error> {
+    pub(crate) async fn replace<T: Serialize>(&self, key: &RowKey, destination: &T) -> Result<bool, Error> {
         let sealed = self.seal(key, destination)?;
         Ok(self.store.update(key.clone(), sealed).await?)
     }

@@ -10,9 +10,11 @@
 #![cfg_attr(test, allow(clippy::unwrap_used))]
 
 mod destination;
+mod fragment;
 mod kinds;
 mod secrets;
 
 pub use destination::{Destination, MAX_NAME_LEN, RawDestination, RawValue, ValidationError};
+pub use fragment::{Fragment, raw_fragment_name};
 pub use kinds::{AuthenticationType, DestinationType, ProxyType, UnknownValue};
 pub use secrets::is_secret_property;

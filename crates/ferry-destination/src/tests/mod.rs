@@ -2,8 +2,10 @@
 //! against a token endpoint on a real socket, and the database file on disk.
 
 mod api;
+mod fragments;
 mod oauth;
 mod storage;
+mod user_flows;
 
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
