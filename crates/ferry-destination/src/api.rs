@@ -18,7 +18,7 @@ use axum::routing::{MethodRouter, get};
 use axum::{Json, Router};
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD as B64;
-use ferry_model::{AuthenticationType, Destination, Fragment, RawDestination, raw_fragment_name};
+use ferry_model::{AuthenticationType, Certificate, Destination, Fragment, RawDestination, raw_fragment_name};
 use serde::de::{MapAccess, SeqAccess, Visitor, value::MapAccessDeserializer};
 use serde::{Deserialize, Deserializer, Serialize};
 use serde_json::json;
@@ -47,6 +47,10 @@ pub(crate) fn router(service: Arc<DestinationService>) -> Router {
         .route(&format!("{V1}/subaccountDestinationFragments/{{name}}"), fragment_item(Collection::Subaccount))
         .route(&format!("{V1}/instanceDestinationFragments"), fragment_collection(Collection::Instance))
         .route(&format!("{V1}/instanceDestinationFragments/{{name}}"), fragment_item(Collection::Instance))
+        .route(&format!("{V1}/subaccountCertificates"), certificate_collection(Collection::Subaccount))
+        .route(&format!("{V1}/subaccountCertificates/{{name}}"), certificate_item(Collection::Subaccount))
+        .route(&format!("{V1}/instanceCertificates"), certificate_collection(Collection::Instance))
+        .route(&format!("{V1}/instanceCertificates/{{name}}"), certificate_item(Collection::Instance))
         .route(&format!("{V1}/destinations/{{name}}"), get(find))
         .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "No such endpoint in the Destination Service API") })
         .method_not_allowed_fallback(|| async {
@@ -492,6 +496,140 @@ async fn delete_fragment(
         return Err(not_found());
     }
     tracing::info!(subaccount = %scope.subaccount, level = ?scope.level, %name, "fragment deleted");
+    Ok(Json(json!({ "Count": 1 })).into_response())
+}
+
+fn certificate_collection(kind: Collection) -> MethodRouter<Arc<DestinationService>> {
+    get(move |s: Svc, c: Caller| list_certificates(s, c, kind))
+        .post(move |s: Svc, c: Caller, b: Body| write_certificates(s, c, kind, b, true))
+        .put(move |s: Svc, c: Caller, b: Body| write_certificates(s, c, kind, b, false))
+}
+
+fn certificate_item(kind: Collection) -> MethodRouter<Arc<DestinationService>> {
+    get(move |s: Svc, c: Caller, p: Result<Path<String>, PathRejection>, h: HeaderMap| {
+        get_certificate(s, c, kind, p, h)
+    })
+    .delete(move |s: Svc, c: Caller, p: Result<Path<String>, PathRejection>| delete_certificate(s, c, kind, p))
+}
+
+const CERTIFICATE_NOT_FOUND: &str = "Certificate with the specified name was not found";
+
+/// One uploaded item: its `Name` as sent (to label a per-item result) and the outcome of
+/// parsing and validating it.
+type CertificateItem = (Option<String>, Result<Certificate, ApiError>);
+
+fn parse_certificates(body: Body) -> Result<Vec<CertificateItem>, ApiError> {
+    let bytes = body.map_err(|rejection| ApiError::new(rejection.status(), rejection.body_text()))?;
+    let value: serde_json::Value = serde_json::from_slice(&bytes)
+        .map_err(|e| ApiError::bad_request(format!("Request body is not valid JSON: {e}")))?;
+    let items = match value {
+        serde_json::Value::Array(items) if items.is_empty() => {
+            return Err(ApiError::bad_request("Request body is an empty array: send at least one certificate"));
+        }
+        serde_json::Value::Array(items) => items,
+        other => vec![other],
+    };
+    let parsed: Vec<_> = items
+        .into_iter()
+        .map(|item| {
+            let name = item.get("Name").and_then(serde_json::Value::as_str).map(str::to_owned);
+            let cert = serde_json::from_value::<Certificate>(item)
+                .map_err(|e| {
+                    ApiError::bad_request(format!(
+                        "Request body is not a valid certificate ({{\"Name\", \"Type\", \"Content\": base64}}): {e}"
+                    ))
+                })
+                .and_then(|c| {
+                    c.validate().map_err(|e| ApiError::bad_request(format!("Invalid certificate: {e}"))).map(|()| c)
+                });
+            (name, cert)
+        })
+        .collect();
+    Ok(parsed)
+}
+
+async fn list_certificates(State(s): Svc, caller: Caller, kind: Collection) -> Result<Response, ApiError> {
+    let scope = caller.scope(kind)?.of(Kind::Certificate);
+    // Content may hold private keys: lists give names and types only.
+    let items: Vec<Certificate> =
+        s.list::<Certificate>(&scope).await?.iter().map(Certificate::without_content).collect();
+    Ok(Json(items).into_response())
+}
+
+async fn write_certificates(
+    State(s): Svc,
+    caller: Caller,
+    kind: Collection,
+    body: Body,
+    create: bool,
+) -> Result<Response, ApiError> {
+    let scope = caller.scope(kind)?.of(Kind::Certificate);
+    let ok = if create { StatusCode::CREATED } else { StatusCode::OK };
+    let items = parse_certificates(body)?;
+    let single = items.len() == 1;
+    let mut results = Vec::with_capacity(items.len());
+    for (name, cert) in items {
+        let outcome = match cert {
+            Ok(cert) => {
+                let key = scope.row(&cert.name);
+                if create {
+                    if s.create(&key, &cert).await? {
+                        Ok(())
+                    } else {
+                        Err(ApiError::new(StatusCode::CONFLICT, "Certificate with the same name already exists"))
+                    }
+                } else if s.replace(&key, &cert).await? {
+                    Ok(())
+                } else {
+                    Err(ApiError::new(StatusCode::NOT_FOUND, CERTIFICATE_NOT_FOUND))
+                }
+            }
+            Err(e) => Err(e),
+        };
+        if outcome.is_ok() {
+            tracing::info!(subaccount = %scope.subaccount, level = ?scope.level, name = ?name, create, "certificate written");
+        }
+        if single {
+            outcome?;
+            return Ok(if create { ok.into_response() } else { Json(json!({ "Count": 1 })).into_response() });
+        }
+        let name = name.unwrap_or_default();
+        results.push(match outcome {
+            Ok(()) => ItemResult { name, status: ok.as_u16(), cause: None },
+            Err(e) => ItemResult { name, status: e.status.as_u16(), cause: Some(e.message) },
+        });
+    }
+    let status = if results.iter().all(|r| r.status == ok.as_u16()) { ok } else { StatusCode::MULTI_STATUS };
+    Ok((status, Json(results)).into_response())
+}
+
+async fn get_certificate(
+    State(s): Svc,
+    caller: Caller,
+    kind: Collection,
+    path: Result<Path<String>, PathRejection>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    let not_found = || ApiError::new(StatusCode::NOT_FOUND, CERTIFICATE_NOT_FOUND);
+    let Ok(Path(name)) = path else { return Err(not_found()) };
+    let key = caller.scope(kind)?.of(Kind::Certificate).row(&name);
+    let stored = s.load::<Certificate>(&key).await?.ok_or_else(not_found)?;
+    Ok(with_etag(&headers, &stored.etag, Json(&stored.destination).into_response()))
+}
+
+async fn delete_certificate(
+    State(s): Svc,
+    caller: Caller,
+    kind: Collection,
+    path: Result<Path<String>, PathRejection>,
+) -> Result<Response, ApiError> {
+    let not_found = || ApiError::new(StatusCode::NOT_FOUND, CERTIFICATE_NOT_FOUND);
+    let Ok(Path(name)) = path else { return Err(not_found()) };
+    let scope = caller.scope(kind)?.of(Kind::Certificate);
+    if !s.remove(&scope.row(&name)).await? {
+        return Err(not_found());
+    }
+    tracing::info!(subaccount = %scope.subaccount, level = ?scope.level, %name, "certificate deleted");
     Ok(Json(json!({ "Count": 1 })).into_response())
 }
 

@@ -47,7 +47,6 @@ pub(crate) enum Level {
 pub(crate) enum Kind {
     Destination,
     Fragment,
-    #[allow(dead_code)] // used by the certificate routes, next
     Certificate,
 }
 

@@ -2,6 +2,7 @@
 //! against a token endpoint on a real socket, and the database file on disk.
 
 mod api;
+mod certificates;
 mod fragments;
 mod oauth;
 mod storage;

@@ -51,12 +51,20 @@ async fn secrets_are_encrypted_at_rest_and_the_key_is_checked() {
     let frag = json!({"FragmentName": "encfrag", "clientSecret": SECRET, "tokenServicePassword": PASSWORD});
     let r = env.call(Method::POST, &format!("{V1}/subaccountDestinationFragments"), Some(&t), Some(frag)).await;
     assert_eq!(r.status, StatusCode::CREATED, "{}", r.text);
+    // A certificate's content (a keystore may hold private keys) is sealed too.
+    let pem = format!("-----BEGIN PRIVATE KEY-----{SECRET}");
+    let content = base64::Engine::encode(&base64::engine::general_purpose::STANDARD, &pem);
+    let cert = json!({"Name": "enccert.pem", "Type": "PEM", "Content": content.clone()});
+    let r = env.call(Method::POST, &format!("{V1}/subaccountCertificates"), Some(&t), Some(cert)).await;
+    assert_eq!(r.status, StatusCode::CREATED, "{}", r.text);
 
     let raw = all_bytes(dir.path());
     assert!(contains(&raw, "enc2"), "names stay in clear (sanity check of the scan)");
     assert!(contains(&raw, "encfrag"), "fragment names stay in clear (sanity check of the scan)");
     assert!(!contains(&raw, PASSWORD), "password found on disk");
     assert!(!contains(&raw, SECRET), "client secret found on disk");
+    assert!(!contains(&raw, &content), "certificate content found on disk");
+    assert!(contains(&raw, "enccert.pem"), "certificate names stay in clear (sanity check of the scan)");
     assert!(!contains(&raw, "https://enc.example"), "the whole configuration is sealed, not only secrets");
     #[cfg(unix)]
     {
