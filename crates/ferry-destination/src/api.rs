@@ -23,6 +23,7 @@ use serde::de::{MapAccess, SeqAccess, Visitor, value::MapAccessDeserializer};
 use serde::{Deserialize, Deserializer, Serialize};
 use serde_json::json;
 
+use crate::query;
 use crate::store::{Kind, Level, RowKey, Scope};
 use crate::tokens::{self, CacheOwner, Grant, Token, TokenRequest};
 use crate::{DestinationService, Error};
@@ -67,9 +68,10 @@ enum Collection {
 }
 
 fn collection(kind: Collection) -> MethodRouter<Arc<DestinationService>> {
-    get(move |s: Svc, c: Caller| list(s, c, kind))
+    get(move |s: Svc, c: Caller, q: RawQuery| list(s, c, kind, q))
         .post(move |s: Svc, c: Caller, b: Body| create(s, c, kind, b))
         .put(move |s: Svc, c: Caller, b: Body| update(s, c, kind, b))
+        .delete(move |s: Svc, c: Caller, q: RawQuery| delete_many(s, c, kind, Kind::Destination, q))
 }
 
 fn item(kind: Collection) -> MethodRouter<Arc<DestinationService>> {
@@ -331,12 +333,105 @@ where
     (status, Json(results)).into_response()
 }
 
-async fn list(State(s): Svc, caller: Caller, kind: Collection) -> Result<Response, ApiError> {
+async fn list(
+    State(s): Svc,
+    caller: Caller,
+    kind: Collection,
+    RawQuery(query): RawQuery,
+) -> Result<Response, ApiError> {
+    let mode = query::parse(query.as_deref()).map_err(ApiError::bad_request)?;
     let scope = caller.scope(kind)?;
     // Secrets never leave through a list, whatever SAP does: lists end up in UIs and logs.
     let items: Vec<Destination> =
         s.list::<Destination>(&scope).await?.iter().map(Destination::without_secrets).collect();
-    Ok(Json(items).into_response())
+    Ok(list_response(items, Destination::name, mode, kind.path("Destinations")))
+}
+
+impl Collection {
+    /// `subaccountDestinations`, `instanceCertificates`, ...
+    fn path(self, what: &str) -> String {
+        match self {
+            Collection::Subaccount => format!("subaccount{what}"),
+            Collection::Instance => format!("instance{what}"),
+        }
+    }
+}
+
+/// A list answer in the query's mode: all, filtered, names only, or one page with the
+/// `Page-Count`/`Entity-Count`/`Link` headers asked for.
+fn list_response<T: Serialize>(items: Vec<T>, name: fn(&T) -> &str, mode: query::Mode, path: String) -> Response {
+    use query::Mode;
+    match mode {
+        Mode::All => Json(items).into_response(),
+        Mode::Filter(f) => Json(items.into_iter().filter(|i| f.matches(name(i))).collect::<Vec<_>>()).into_response(),
+        Mode::SelectName => Json(items.iter().map(|i| json!({ "Name": name(i) })).collect::<Vec<_>>()).into_response(),
+        Mode::Page(p) => {
+            let total = items.len();
+            let pages = total.div_ceil(p.size);
+            let page: Vec<T> = items.into_iter().skip((p.page - 1).saturating_mul(p.size)).take(p.size).collect();
+            let mut response = Json(page).into_response();
+            let headers = response.headers_mut();
+            if p.page_count {
+                headers.insert("Page-Count", HeaderValue::from(pages));
+            }
+            if p.entity_count {
+                headers.insert("Entity-Count", HeaderValue::from(total));
+            }
+            let link = |n: usize, rel: &str| format!("</{path}?$page={n}&$pageSize={}>; rel='{rel}'", p.size);
+            let mut links = Vec::new();
+            if p.page > 1 && p.page <= pages {
+                links.push(link(p.page - 1, "previous"));
+            }
+            if p.page < pages {
+                links.push(link(p.page + 1, "next"));
+            }
+            if !links.is_empty()
+                && let Ok(v) = HeaderValue::from_str(&links.join(", "))
+            {
+                headers.insert("Link", v);
+            }
+            response
+        }
+    }
+}
+
+#[derive(Serialize)]
+struct DeleteSummary {
+    name: String,
+    status: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    reason: Option<&'static str>,
+}
+
+/// Bulk DELETE on a collection: `$filter=Name in (...)` is required (SPEC §1.6).
+async fn delete_many(
+    State(s): Svc,
+    caller: Caller,
+    collection: Collection,
+    kind: Kind,
+    RawQuery(query): RawQuery,
+) -> Result<Response, ApiError> {
+    let names = match query::parse(query.as_deref()).map_err(ApiError::bad_request)? {
+        query::Mode::Filter(query::Filter::In(names)) => names,
+        _ => {
+            return Err(ApiError::bad_request(
+                "Deleting from a collection needs $filter=Name in ('a','b') naming what to delete",
+            ));
+        }
+    };
+    let scope = caller.scope(collection)?.of(kind);
+    let mut summary = Vec::with_capacity(names.len());
+    let mut count = 0;
+    for name in names {
+        if s.remove(&scope.row(&name)).await? {
+            count += 1;
+            tracing::info!(subaccount = %scope.subaccount, level = ?scope.level, kind = ?scope.kind, %name, "deleted");
+            summary.push(DeleteSummary { name, status: "DELETED", reason: None });
+        } else {
+            summary.push(DeleteSummary { name, status: "NOT_FOUND", reason: Some("Could not find configuration") });
+        }
+    }
+    Ok(Json(json!({ "Count": count, "Summary": summary })).into_response())
 }
 
 async fn create(State(s): Svc, caller: Caller, kind: Collection, body: Body) -> Result<Response, ApiError> {
@@ -413,7 +508,7 @@ async fn delete_one(
 }
 
 fn fragment_collection(kind: Collection) -> MethodRouter<Arc<DestinationService>> {
-    get(move |s: Svc, c: Caller| list_fragments(s, c, kind))
+    get(move |s: Svc, c: Caller, q: RawQuery| list_fragments(s, c, kind, q))
         .post(move |s: Svc, c: Caller, b: Body| write_fragments(s, c, kind, b, true))
         .put(move |s: Svc, c: Caller, b: Body| write_fragments(s, c, kind, b, false))
 }
@@ -429,10 +524,16 @@ fn validate_fragment(raw: RawDestination) -> Result<Fragment, ApiError> {
     Fragment::try_from(raw).map_err(|e| ApiError::bad_request(format!("Invalid destination fragment: {e}")))
 }
 
-async fn list_fragments(State(s): Svc, caller: Caller, kind: Collection) -> Result<Response, ApiError> {
+async fn list_fragments(
+    State(s): Svc,
+    caller: Caller,
+    kind: Collection,
+    RawQuery(query): RawQuery,
+) -> Result<Response, ApiError> {
+    let mode = query::parse(query.as_deref()).map_err(ApiError::bad_request)?;
     let scope = caller.scope(kind)?.of(Kind::Fragment);
     let items: Vec<Fragment> = s.list::<Fragment>(&scope).await?.iter().map(Fragment::without_secrets).collect();
-    Ok(Json(items).into_response())
+    Ok(list_response(items, Fragment::name, mode, kind.path("DestinationFragments")))
 }
 
 /// POST (`create`) or PUT of one fragment or an array of them.
@@ -500,9 +601,10 @@ async fn delete_fragment(
 }
 
 fn certificate_collection(kind: Collection) -> MethodRouter<Arc<DestinationService>> {
-    get(move |s: Svc, c: Caller| list_certificates(s, c, kind))
+    get(move |s: Svc, c: Caller, q: RawQuery| list_certificates(s, c, kind, q))
         .post(move |s: Svc, c: Caller, b: Body| write_certificates(s, c, kind, b, true))
         .put(move |s: Svc, c: Caller, b: Body| write_certificates(s, c, kind, b, false))
+        .delete(move |s: Svc, c: Caller, q: RawQuery| delete_many(s, c, kind, Kind::Certificate, q))
 }
 
 fn certificate_item(kind: Collection) -> MethodRouter<Arc<DestinationService>> {
@@ -548,12 +650,21 @@ fn parse_certificates(body: Body) -> Result<Vec<CertificateItem>, ApiError> {
     Ok(parsed)
 }
 
-async fn list_certificates(State(s): Svc, caller: Caller, kind: Collection) -> Result<Response, ApiError> {
+async fn list_certificates(
+    State(s): Svc,
+    caller: Caller,
+    kind: Collection,
+    RawQuery(query): RawQuery,
+) -> Result<Response, ApiError> {
+    let mode = query::parse(query.as_deref()).map_err(ApiError::bad_request)?;
+    if matches!(mode, query::Mode::Filter(ref f) if !matches!(f, query::Filter::In(_))) {
+        return Err(ApiError::bad_request("Certificates can only be filtered with $filter=Name in ('a','b')"));
+    }
     let scope = caller.scope(kind)?.of(Kind::Certificate);
     // Content may hold private keys: lists give names and types only.
     let items: Vec<Certificate> =
         s.list::<Certificate>(&scope).await?.iter().map(Certificate::without_content).collect();
-    Ok(Json(items).into_response())
+    Ok(list_response(items, |c| &c.name, mode, kind.path("Certificates")))
 }
 
 async fn write_certificates(

@@ -173,7 +173,7 @@ async fn unknown_routes_and_methods() {
     let r = env.call(Method::GET, "/destination-configuration/v1/nothing", Some(&t), None).await;
     assert_eq!(r.status, StatusCode::NOT_FOUND);
     assert!(r.json["ErrorMessage"].is_string());
-    let r = env.call(Method::DELETE, &format!("{V1}/subaccountDestinations"), Some(&t), None).await;
+    let r = env.call(Method::PATCH, &format!("{V1}/subaccountDestinations"), Some(&t), None).await;
     assert_eq!(r.status, StatusCode::METHOD_NOT_ALLOWED);
     assert!(r.json["ErrorMessage"].is_string());
 }

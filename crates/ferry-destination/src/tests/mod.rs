@@ -4,6 +4,7 @@
 mod api;
 mod certificates;
 mod fragments;
+mod lists;
 mod oauth;
 mod storage;
 mod user_flows;
