@@ -53,6 +53,7 @@ pub(crate) fn router(service: Arc<DestinationService>) -> Router {
         .route(&format!("{V1}/instanceCertificates"), certificate_collection(Collection::Instance))
         .route(&format!("{V1}/instanceCertificates/{{name}}"), certificate_item(Collection::Instance))
         .route(&format!("{V1}/destinations/{{name}}"), get(find))
+        .route("/destination-configuration/v2/destinations/{name}", get(consume))
         .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "No such endpoint in the Destination Service API") })
         .method_not_allowed_fallback(|| async {
             ApiError::new(StatusCode::METHOD_NOT_ALLOWED, "This endpoint does not support the request method")
@@ -765,18 +766,25 @@ async fn apply_fragments(
     key: &RowKey,
     destination: Destination,
     headers: &HeaderMap,
+    levels: Option<&Caller>,
 ) -> Result<Destination, ApiError> {
     if headers.get_all("x-fragment-name").iter().count() > 1 {
         return Err(ApiError::bad_request("Send the X-fragment-name header once (a comma-separated list for several)"));
     }
     let Some(list) = header(headers, "x-fragment-name")? else { return Ok(destination) };
-    let names: Vec<&str> = list.split(',').map(str::trim).collect();
-    if let Some(bad) =
-        names.iter().find(|n| n.is_empty() || !n.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-'))
-    {
-        return Err(ApiError::bad_request(format!(
-            "X-fragment-name '{bad}' is not a fragment name (letters, digits, '_' and '-', comma-separated)"
-        )));
+    // v2 (`levels` set): `name@subaccount` / `name@instance`; otherwise the destination's level.
+    let mut names = Vec::new();
+    for item in list.split(',').map(str::trim) {
+        let (name, scope) = match (levels, item.rsplit_once('@')) {
+            (Some(caller), Some((name, level))) => (name, caller.scope(parse_level(level)?)?),
+            _ => (item, key.scope.clone()),
+        };
+        if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-') {
+            return Err(ApiError::bad_request(format!(
+                "X-fragment-name '{item}' is not a fragment name (letters, digits, '_' and '-', comma-separated)"
+            )));
+        }
+        names.push((name, scope.of(Kind::Fragment)));
     }
     let optional = match header(headers, "x-fragment-optional")? {
         None => false,
@@ -785,10 +793,9 @@ async fn apply_fragments(
         Some(_) => return Err(ApiError::bad_request("Header X-fragment-optional must be 'true' or 'false'")),
     };
     let optional = optional && names.len() == 1;
-    let scope = key.scope.of(Kind::Fragment);
     let mut merged = destination;
     let mut applied = Vec::with_capacity(names.len());
-    for name in names {
+    for (name, scope) in names {
         match s.load::<Fragment>(&scope.row(name)).await? {
             Some(stored) => {
                 merged = merged.merged_with(&stored.destination);
@@ -799,8 +806,9 @@ async fn apply_fragments(
                 return Err(ApiError::new(
                     StatusCode::NOT_FOUND,
                     format!(
-                        "Fragment '{name}' named in X-fragment-name was not found on the level of destination '{}'; \
-                         create it there or send X-fragment-optional: true",
+                        "Fragment '{name}' named in X-fragment-name was not found on the level it was looked up \
+                         (that of destination '{}' unless '@level' is given); create it there or send \
+                         X-fragment-optional: true",
                         key.name
                     ),
                 ));
@@ -918,13 +926,7 @@ async fn find(
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
     let Ok(Path(name)) = path else { return Err(ApiError::not_found()) };
-    let tenant = header(&headers, "x-tenant")?;
-    if tenant.is_some() && header(&headers, "x-user-token")?.is_some() {
-        return Err(ApiError::bad_request("The headers X-user-token and X-tenant cannot be used together"));
-    }
-    if tenant.is_some_and(|t| !tokens::is_valid_subdomain(t)) {
-        return Err(ApiError::bad_request("Header X-tenant must be a tenant subdomain (letters, digits and '-')"));
-    }
+    check_tenant_headers(&headers)?;
     let mut scopes = Vec::with_capacity(2);
     if let Ok(instance) = caller.scope(Collection::Instance) {
         scopes.push(instance);
@@ -939,20 +941,100 @@ async fn find(
         }
     }
     let (key, destination) = found.ok_or_else(ApiError::not_found)?;
-    let destination = apply_fragments(&s, &key, destination, &headers).await?;
-
-    let auth_tokens = if query_flag(query.as_deref(), "$skipTokenRetrieval") {
-        None
-    } else {
-        auth_tokens(&s, &caller, &key, &destination, &headers).await?
-    };
-    let destination =
-        if query_flag(query.as_deref(), "$skipCredentials") { destination.without_secrets() } else { destination };
+    let destination = apply_fragments(&s, &key, destination, &headers, None).await?;
+    let (destination, auth_tokens) = finish(&s, &caller, &key, destination, query.as_deref(), &headers).await?;
     let body = FindResponse {
         owner: Owner { subaccount_id: &key.scope.subaccount, instance_id: key.scope.instance_id() },
         destination_configuration: &destination,
         auth_tokens,
     };
+    Ok(Json(body).into_response())
+}
+
+fn check_tenant_headers(headers: &HeaderMap) -> Result<(), ApiError> {
+    let tenant = header(headers, "x-tenant")?;
+    if tenant.is_some() && header(headers, "x-user-token")?.is_some() {
+        return Err(ApiError::bad_request("The headers X-user-token and X-tenant cannot be used together"));
+    }
+    if tenant.is_some_and(|t| !tokens::is_valid_subdomain(t)) {
+        return Err(ApiError::bad_request("Header X-tenant must be a tenant subdomain (letters, digits and '-')"));
+    }
+    Ok(())
+}
+
+/// Token retrieval and `$skipCredentials`, shared by find and consume.
+async fn finish(
+    s: &DestinationService,
+    caller: &Caller,
+    key: &RowKey,
+    destination: Destination,
+    query: Option<&str>,
+    headers: &HeaderMap,
+) -> Result<(Destination, Option<Vec<AuthToken>>), ApiError> {
+    let auth_tokens = if query_flag(query, "$skipTokenRetrieval") {
+        None
+    } else {
+        auth_tokens(s, caller, key, &destination, headers).await?
+    };
+    let destination = if query_flag(query, "$skipCredentials") { destination.without_secrets() } else { destination };
+    Ok((destination, auth_tokens))
+}
+
+/// `@subaccount` / `@instance` of the consume API (SPEC §1.5).
+fn parse_level(level: &str) -> Result<Collection, ApiError> {
+    match level {
+        "subaccount" => Ok(Collection::Subaccount),
+        "instance" => Ok(Collection::Instance),
+        "provider_subaccount" | "provider_instance" => Err(ApiError::bad_request(format!(
+            "Level '{level}' is for subscriber tokens of multi-tenant applications, which this Destination Service \
+             does not support; use 'subaccount' or 'instance'"
+        ))),
+        other => Err(ApiError::bad_request(format!("Unknown level '{other}': use 'subaccount' or 'instance'"))),
+    }
+}
+
+/// `GET /v2/destinations/{name}[@{level}]`: one level only (default `instance`), no fallback.
+async fn consume(
+    State(s): Svc,
+    caller: Caller,
+    path: Result<Path<String>, PathRejection>,
+    RawQuery(query): RawQuery,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    let Ok(Path(target)) = path else { return Err(ApiError::not_found()) };
+    let (name, level) = match target.rsplit_once('@') {
+        Some((name, level)) => (name, parse_level(level)?),
+        None => (target.as_str(), Collection::Instance),
+    };
+    check_tenant_headers(&headers)?;
+    let include_owner = match form_urlencoded::parse(query.as_deref().unwrap_or_default().as_bytes())
+        .find(|(k, _)| k == "$includeMetadata" || k == "includeMetadata")
+    {
+        None => false,
+        Some((_, v)) if v == "owner" => true,
+        Some((_, v)) => {
+            return Err(ApiError::bad_request(format!("$includeMetadata='{v}' is not supported; only 'owner' is")));
+        }
+    };
+    let key = caller.scope(level)?.row(name);
+    let destination = s.load::<Destination>(&key).await?.ok_or_else(ApiError::not_found)?.destination;
+    let destination = apply_fragments(&s, &key, destination, &headers, Some(&caller)).await?;
+    let (destination, auth_tokens) = finish(&s, &caller, &key, destination, query.as_deref(), &headers).await?;
+    let mut configuration = serde_json::to_value(&destination)
+        .map_err(|_| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "Cannot encode the destination"))?;
+    if include_owner && let Some(map) = configuration.as_object_mut() {
+        let owner =
+            json!({"Name": key.name, "SubaccountId": key.scope.subaccount, "InstanceId": key.scope.instance_id()});
+        let mut fragments = Vec::new();
+        if let Some(applied) = destination.get("FragmentName") {
+            fragments.extend(applied.split(',').map(|f| json!({"FragmentName": f})));
+        }
+        map.insert("$metadata".into(), json!({"owner": {"destinations": [owner], "fragments": fragments}}));
+    }
+    let mut body = json!({ "destinationConfiguration": configuration });
+    if let Some(tokens) = auth_tokens {
+        body["authTokens"] = serde_json::to_value(tokens).unwrap_or_default();
+    }
     Ok(Json(body).into_response())
 }
 

@@ -3,6 +3,7 @@
 
 mod api;
 mod certificates;
+mod consume;
 mod fragments;
 mod lists;
 mod oauth;
