@@ -5,6 +5,28 @@
 //! its `zid` is the subaccount, its service instance id (or, failing that, its client id) the
 //! instance level, so there are no tenant ids in URLs to forge.
 //!
+//! What is served (base `/destination-configuration`): `v1/{subaccount,instance}Destinations`
+//! (CRUD, bulk POST/PUT with 207, bulk DELETE by `$filter=Name in (...)`, list modes `$filter`,
+//! `$select=Name`, `$page`/`$pageSize`/`$pageCount`/`$entityCount`),
+//! `v1/{subaccount,instance}DestinationFragments`, `v1/{subaccount,instance}Certificates`,
+//! find-by-name `v1/destinations/{name}` (instance level, then subaccount level; `X-fragment-name`
+//! merging) and the consume API `v2/destinations/{name}[@level]` (no fallback, default
+//! `instance`). Token flows on find: Basic, OAuth2ClientCredentials, OAuth2Password,
+//! OAuth2UserTokenExchange and OAuth2JWTBearer (both as RFC 7523 jwt-bearer with the user's JWT,
+//! from `X-user-token` or a user token in `Authorization`, verified by the service's verifier;
+//! their tokens are cached per user), OAuth2RefreshToken (`X-refresh-token`),
+//! OAuth2AuthorizationCode (`X-code`, `X-redirect-uri`, `X-code-verifier`) and
+//! OAuth2TechnicalUserPropagation (client credentials; the token goes in
+//! `SAP-Connectivity-Technical-Authentication`).
+//!
+//! Deviations from SAP's service, on purpose or not yet built: lists never contain secrets (and
+//! certificate lists no `Content`); a missing `X-refresh-token` or `X-code` is a 400 rather than a
+//! failed token; a user JWT that this service cannot verify (non-XSUAA issuers with
+//! `x_user_token.jwks`) fails the token; `modifiedwithin`, `$includeMetadata` on lists, labels,
+//! certificate generation and `publicKeys`, the `provider_*` consume levels, SAML flows,
+//! OAuth2TokenExchange, client assertions, mTLS to token services and chaining are not
+//! supported yet.
+//!
 //! Layers, top to bottom: `api` (HTTP shapes and status codes), [`DestinationService`]
 //! (sealing, lookups, token retrieval), `tokens` (remote OAuth calls and their cache) and
 //! `store` (sealed rows in SQLite).
