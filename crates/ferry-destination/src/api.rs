@@ -10,7 +10,7 @@ use std::sync::Arc;
 use axum::body::Bytes;
 use axum::extract::rejection::{BytesRejection, PathRejection};
 use axum::extract::{DefaultBodyLimit, FromRequestParts, Path, RawQuery, State};
-use axum::http::header::{AUTHORIZATION, ETAG, IF_NONE_MATCH, WWW_AUTHENTICATE};
+use axum::http::header::{AUTHORIZATION, ETAG, IF_MATCH, IF_NONE_MATCH, WWW_AUTHENTICATE};
 use axum::http::request::Parts;
 use axum::http::{HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
@@ -747,11 +747,23 @@ async fn delete_certificate(
 
 /// `response` with the `ETag`, or a 304 when `If-None-Match` names it.
 fn with_etag(headers: &HeaderMap, etag: &str, response: Response) -> Response {
-    let matches = headers
-        .get(IF_NONE_MATCH)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| v.split(',').map(str::trim).any(|t| t == "*" || t.trim_start_matches("W/") == etag));
-    let mut response = if matches { StatusCode::NOT_MODIFIED.into_response() } else { response };
+    let names = |h| {
+        headers.get(h).map(|v: &HeaderValue| {
+            v.to_str()
+                .is_ok_and(|v| v.split(',').map(str::trim).any(|t| t == "*" || t.trim_start_matches("W/") == etag))
+        })
+    };
+    let mut response = if names(IF_MATCH) == Some(false) {
+        ApiError::new(
+            StatusCode::PRECONDITION_FAILED,
+            "If-Match does not match the current ETag: the object has changed; read it again",
+        )
+        .into_response()
+    } else if names(IF_NONE_MATCH) == Some(true) {
+        StatusCode::NOT_MODIFIED.into_response()
+    } else {
+        response
+    };
     if let Ok(value) = HeaderValue::from_str(etag) {
         response.headers_mut().insert(ETAG, value);
     }

@@ -28,7 +28,15 @@ async fn crud_on_both_levels_and_lists_without_content() {
         let r = env.call(Method::GET, &format!("{url}/trust.pem"), Some(&t), None).await;
         assert_eq!(r.status, StatusCode::OK);
         assert_eq!(r.json, cert);
-        assert!(r.headers.contains_key("etag"));
+        let etag = r.headers["etag"].to_str().unwrap().to_owned();
+        let one = format!("{url}/trust.pem");
+        let r = env.call_raw(Method::GET, &one, Some(&t), None, &[("if-match", &etag)]).await;
+        assert_eq!(r.status, StatusCode::OK);
+        let r = env.call_raw(Method::GET, &one, Some(&t), None, &[("if-match", "\"other\"")]).await;
+        assert_eq!(r.status, StatusCode::PRECONDITION_FAILED);
+        assert!(r.json["ErrorMessage"].as_str().unwrap().contains("If-Match"));
+        let r = env.call_raw(Method::GET, &one, Some(&t), None, &[("if-none-match", &etag)]).await;
+        assert_eq!(r.status, StatusCode::NOT_MODIFIED);
 
         let r = env.call(Method::GET, &url, Some(&t), None).await;
         assert_eq!(r.json, json!([{"Name": "trust.pem", "Type": "PEM"}]));
