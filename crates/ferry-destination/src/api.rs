@@ -1062,7 +1062,8 @@ async fn auth_tokens(
 ) -> Result<Option<Vec<AuthToken>>, ApiError> {
     use AuthenticationType::*;
     let tenant = header(headers, "x-tenant")?;
-    let flow = |grant| TokenFlow { s, caller, key, dest, grant, tenant, user: None };
+    let assertion = client_assertion(headers)?;
+    let flow = |grant| TokenFlow { s, caller, key, dest, grant, tenant, user: None, assertion };
     let token = match dest.authentication() {
         None | Some(NoAuthentication | PrincipalPropagation | ClientCertificateAuthentication) => return Ok(None),
         Some(BasicAuthentication) => match (dest.get("User"), dest.get("Password")) {
@@ -1118,6 +1119,29 @@ async fn auth_tokens(
     Ok(Some(vec![token]))
 }
 
+/// SPEC §2.5: `X-client-assertion` with `X-client-assertion-type`, both or neither.
+fn client_assertion(headers: &HeaderMap) -> Result<Option<(&str, &str)>, ApiError> {
+    let assertion = header(headers, "x-client-assertion")?;
+    let kind = header(headers, "x-client-assertion-type")?;
+    if header(headers, "x-client-assertion-destination-name")?.is_some() {
+        if assertion.is_some() || kind.is_some() {
+            return Err(ApiError::bad_request(
+                "Cannot mix header 'x-client-assertion-destination-name' with headers 'x-client-assertion' and \
+                 'x-client-assertion-type'",
+            ));
+        }
+        return Err(ApiError::bad_request(
+            "Header X-client-assertion-destination-name is not supported by this Destination Service yet; send \
+             X-client-assertion and X-client-assertion-type instead",
+        ));
+    }
+    match (assertion, kind) {
+        (None, None) => Ok(None),
+        (Some(a), Some(k)) => Ok(Some((a, k))),
+        _ => Err(ApiError::bad_request("Headers X-client-assertion and X-client-assertion-type must be sent together")),
+    }
+}
+
 /// SPEC §2.1: where OAuth2TechnicalUserPropagation puts its token, for the Connectivity Proxy.
 const TECHNICAL_AUTH_HEADER: &str = "SAP-Connectivity-Technical-Authentication";
 
@@ -1158,11 +1182,13 @@ struct TokenFlow<'a> {
     tenant: Option<&'a str>,
     /// Set for user flows: the tenant comes from this user's token and the cache is per user.
     user: Option<&'a UserToken>,
+    /// The caller's client assertion and its type (SPEC §2.5).
+    assertion: Option<(&'a str, &'a str)>,
 }
 
 impl TokenFlow<'_> {
     async fn run(self) -> Result<AuthToken, ApiError> {
-        let Self { s, caller, key, dest, grant, tenant: tenant_header, user } = self;
+        let Self { s, caller, key, dest, grant, tenant: tenant_header, user, assertion } = self;
         let common = tokens::is_common(dest);
         if tenant_header.is_some() && !common {
             return Err(ApiError::bad_request(format!(
@@ -1178,7 +1204,10 @@ impl TokenFlow<'_> {
             (true, None) => tenant_header.map(str::to_owned).or_else(|| caller.subdomain.clone()),
         };
         let request = match TokenRequest::build(dest, grant, tenant.as_deref(), s.tokens.default_timeout) {
-            Ok(request) => request,
+            Ok(request) => match assertion {
+                Some((a, kind)) => request.with_client_assertion(a, kind),
+                None => request,
+            },
             Err(e) => return Ok(AuthToken::failed(e.to_string())),
         };
         let owner = CacheOwner {

@@ -24,7 +24,9 @@
 //! failed token; a user JWT that this service cannot verify (non-XSUAA issuers with
 //! `x_user_token.jwks`) fails the token; `modifiedwithin`, `$includeMetadata` on lists, labels,
 //! certificate generation and `publicKeys`, the `provider_*` consume levels, SAML flows,
-//! OAuth2TokenExchange, client assertions, mTLS to token services and chaining are not
+//! OAuth2TokenExchange, client assertions fetched through another destination
+//! (`X-client-assertion-destination-name`; caller-supplied `X-client-assertion` works), mTLS to
+//! token services and chaining are not
 //! supported yet.
 //!
 //! Layers, top to bottom: `api` (HTTP shapes and status codes), [`DestinationService`]

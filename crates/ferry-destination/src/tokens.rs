@@ -239,6 +239,19 @@ impl TokenRequest {
         Ok(Self { url, form, headers, basic, timeout, per_user })
     }
 
+    /// SPEC §2.5: the caller's client assertion authenticates the client instead of a secret.
+    pub(crate) fn with_client_assertion(mut self, assertion: &str, assertion_type: &str) -> Self {
+        self.form.retain(|(k, _)| k != "client_secret");
+        if let Some((client_id, _)) = self.basic.take()
+            && !self.form.iter().any(|(k, _)| k == "client_id")
+        {
+            self.form.push(("client_id".into(), client_id));
+        }
+        self.form.push(("client_assertion".into(), assertion.to_owned()));
+        self.form.push(("client_assertion_type".into(), assertion_type.to_owned()));
+        self
+    }
+
     /// A digest of everything that goes on the wire, used in the cache key.
     fn fingerprint(&self) -> [u8; 32] {
         let mut h = Sha256::new();

@@ -339,3 +339,43 @@ async fn jwt_bearer_against_ferrys_token_service() {
     assert_eq!(claims.grant_type.as_deref(), Some(GRANT_JWT_BEARER));
     shutdown.cancel();
 }
+
+#[tokio::test]
+async fn caller_client_assertion_replaces_the_secret() {
+    let env = Env::new().await;
+    let remote = TokenServer::start().await;
+    let t = env.token("zone-1", "client-1");
+    env.create(&t, "subaccount", dest("ca", "OAuth2ClientCredentials", &remote.url("/oauth/token"))).await;
+    let kind = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer";
+    let r = env.find(&t, "ca", &[("X-client-assertion", "signed-jwt"), ("X-client-assertion-type", kind)]).await;
+    assert_eq!(r.json["authTokens"][0]["value"], "remote-token-1", "{}", r.text);
+    let call = remote.calls().pop().unwrap();
+    assert_eq!(
+        call.form,
+        pairs(&[
+            ("grant_type", "client_credentials"),
+            ("client_id", "remote-client"),
+            ("client_assertion", "signed-jwt"),
+            ("client_assertion_type", kind),
+        ])
+    );
+
+    let r = env.find(&t, "ca", &[("X-client-assertion", "signed-jwt")]).await;
+    assert_eq!(r.status, StatusCode::BAD_REQUEST);
+    let r = env
+        .find(
+            &t,
+            "ca",
+            &[
+                ("X-client-assertion", "a"),
+                ("X-client-assertion-type", kind),
+                ("X-client-assertion-destination-name", "p"),
+            ],
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::BAD_REQUEST);
+    assert_eq!(
+        r.json["ErrorMessage"],
+        "Cannot mix header 'x-client-assertion-destination-name' with headers 'x-client-assertion' and 'x-client-assertion-type'"
+    );
+}
