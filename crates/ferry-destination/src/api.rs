@@ -868,6 +868,8 @@ struct AuthToken {
     #[serde(skip_serializing_if = "Option::is_none")]
     refresh_token: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
+    issued_token_type: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     error: Option<String>,
 }
 
@@ -886,6 +888,7 @@ impl AuthToken {
             expires_in: None,
             scope: None,
             refresh_token: None,
+            issued_token_type: None,
             error: None,
         }
     }
@@ -895,6 +898,7 @@ impl AuthToken {
             expires_in: token.expires_in.map(|s| s.to_string()),
             scope: token.scope,
             refresh_token: token.refresh_token.map(|t| t.into_inner()),
+            issued_token_type: token.issued_token_type,
             ..Self::authorization("Bearer", token.access_token.into_inner())
         }
     }
@@ -907,6 +911,7 @@ impl AuthToken {
             expires_in: None,
             scope: None,
             refresh_token: None,
+            issued_token_type: None,
             error: Some(reason.into()),
         }
     }
@@ -1109,6 +1114,26 @@ async fn auth_tokens(
             };
             flow(grant).run().await?
         }
+        Some(OAuth2TokenExchange) => {
+            let subject = header(headers, "x-subject-token")?.zip(header(headers, "x-subject-token-type")?);
+            let subject = subject.ok_or_else(|| {
+                ApiError::bad_request(format!(
+                    "Destination '{}' uses OAuth2TokenExchange: send the X-subject-token and X-subject-token-type \
+                     headers",
+                    key.name
+                ))
+            })?;
+            let actor = match (header(headers, "x-actor-token")?, header(headers, "x-actor-token-type")?) {
+                (None, None) => None,
+                (Some(t), Some(k)) => Some((t, k)),
+                _ => {
+                    return Err(ApiError::bad_request(
+                        "Headers X-actor-token and X-actor-token-type must be sent together",
+                    ));
+                }
+            };
+            flow(Grant::TokenExchange { subject, actor }).run().await?
+        }
         Some(other) => AuthToken::failed(format!(
             "Authentication '{other}' is not supported by this Destination Service yet; no token was retrieved"
         )),
@@ -1189,7 +1214,7 @@ struct TokenFlow<'a> {
 impl TokenFlow<'_> {
     async fn run(self) -> Result<AuthToken, ApiError> {
         let Self { s, caller, key, dest, grant, tenant: tenant_header, user, assertion } = self;
-        let common = tokens::is_common(dest);
+        let common = tokens::is_common(dest) && grant.uses_tenant();
         if tenant_header.is_some() && !common {
             return Err(ApiError::bad_request(format!(
                 "Header X-tenant is only allowed for destinations with tokenServiceURLType 'Common'; destination '{}' \

@@ -17,17 +17,17 @@
 //! their tokens are cached per user), OAuth2RefreshToken (`X-refresh-token`),
 //! OAuth2AuthorizationCode (`X-code`, `X-redirect-uri`, `X-code-verifier`) and
 //! OAuth2TechnicalUserPropagation (client credentials; the token goes in
-//! `SAP-Connectivity-Technical-Authentication`).
+//! `SAP-Connectivity-Technical-Authentication`) and OAuth2TokenExchange (RFC 8693 with
+//! `X-subject-token(-type)` and optional `X-actor-token(-type)`; `issued_token_type` returned).
+//! `X-client-assertion` with `X-client-assertion-type` replaces the client secret in any of them.
 //!
 //! Deviations from SAP's service, on purpose or not yet built: lists never contain secrets (and
 //! certificate lists no `Content`); a missing `X-refresh-token` or `X-code` is a 400 rather than a
-//! failed token; a user JWT that this service cannot verify (non-XSUAA issuers with
+//! failed token, and so are missing `X-subject-token` headers; a user JWT that this service cannot verify (non-XSUAA issuers with
 //! `x_user_token.jwks`) fails the token; `modifiedwithin`, `$includeMetadata` on lists, labels,
-//! certificate generation and `publicKeys`, the `provider_*` consume levels, SAML flows,
-//! OAuth2TokenExchange, client assertions fetched through another destination
-//! (`X-client-assertion-destination-name`; caller-supplied `X-client-assertion` works), mTLS to
-//! token services and chaining are not
-//! supported yet.
+//! certificate generation and `publicKeys`, the `provider_*` consume levels, SAML flows, client
+//! assertions fetched through another destination (`X-client-assertion-destination-name`), mTLS
+//! to token services and chaining are not supported yet.
 //!
 //! Layers, top to bottom: `api` (HTTP shapes and status codes), [`DestinationService`]
 //! (sealing, lookups, token retrieval), `tokens` (remote OAuth calls and their cache) and

@@ -63,10 +63,17 @@ pub(crate) enum Grant<'a> {
         redirect_uri: Option<&'a str>,
         code_verifier: Option<&'a str>,
     },
+    /// `OAuth2TokenExchange` (RFC 8693): subject token and type, optional actor token and type.
+    TokenExchange {
+        subject: (&'a str, &'a str),
+        actor: Option<(&'a str, &'a str)>,
+    },
 }
 
 /// RFC 7523 grant type, as XSUAA and Ferry's token service understand it.
 pub(crate) const GRANT_JWT_BEARER: &str = "urn:ietf:params:oauth:grant-type:jwt-bearer";
+/// RFC 8693 grant type.
+pub(crate) const GRANT_TOKEN_EXCHANGE: &str = "urn:ietf:params:oauth:grant-type:token-exchange";
 
 impl Grant<'_> {
     fn auth_name(self) -> &'static str {
@@ -77,7 +84,13 @@ impl Grant<'_> {
             Grant::JwtBearer { auth, .. } => auth,
             Grant::RefreshToken(_) => "OAuth2RefreshToken",
             Grant::AuthorizationCode { .. } => "OAuth2AuthorizationCode",
+            Grant::TokenExchange { .. } => "OAuth2TokenExchange",
         }
+    }
+
+    /// SPEC §2.2: OAuth2TokenExchange takes `tokenServiceURL` as it is, never per tenant.
+    pub(crate) fn uses_tenant(self) -> bool {
+        !matches!(self, Grant::TokenExchange { .. })
     }
 }
 
@@ -116,6 +129,8 @@ pub(crate) struct Token {
     pub expires_in: Option<u64>,
     pub scope: Option<String>,
     pub refresh_token: Option<Secret<String>>,
+    /// RFC 8693 `issued_token_type`, for token exchange.
+    pub issued_token_type: Option<String>,
 }
 
 /// A fully resolved token request. Not `Debug`: the form and credentials hold secrets.
@@ -150,7 +165,7 @@ impl TokenRequest {
             return Err(TokenError::OnPremise);
         }
         let raw_url = required("tokenServiceURL")?;
-        let resolved = if is_common(dest) {
+        let resolved = if is_common(dest) && grant.uses_tenant() {
             let tenant = tenant.ok_or_else(|| {
                 TokenError::Tenant(
                     "tokenServiceURLType is Common but the tenant is unknown: send the X-tenant header with the \
@@ -197,6 +212,15 @@ impl TokenRequest {
             Grant::RefreshToken(token) => {
                 push("grant_type", "refresh_token");
                 push("refresh_token", token);
+            }
+            Grant::TokenExchange { subject, actor } => {
+                push("grant_type", GRANT_TOKEN_EXCHANGE);
+                push("subject_token", subject.0);
+                push("subject_token_type", subject.1);
+                if let Some((token, kind)) = actor {
+                    push("actor_token", token);
+                    push("actor_token_type", kind);
+                }
             }
             Grant::AuthorizationCode { code, redirect_uri, code_verifier } => {
                 push("grant_type", "authorization_code");
@@ -351,6 +375,7 @@ struct Cached {
     expires_at: Instant,
     scope: Option<String>,
     refresh_token: Option<Secret<String>>,
+    issued_token_type: Option<String>,
 }
 
 impl Cached {
@@ -364,6 +389,7 @@ impl Cached {
             expires_in: Some(self.expires_at.saturating_duration_since(now).as_secs()),
             scope: self.scope.clone(),
             refresh_token: self.refresh_token.clone(),
+            issued_token_type: self.issued_token_type.clone(),
         }
     }
 }
@@ -411,6 +437,7 @@ impl TokenFetcher {
                 expires_at: self.clock.now() + Duration::from_secs(secs),
                 scope: fetched.scope.clone(),
                 refresh_token: fetched.refresh_token.clone(),
+                issued_token_type: fetched.issued_token_type.clone(),
             });
         }
         Ok(fetched)
@@ -472,6 +499,7 @@ impl TokenFetcher {
             expires_in,
             scope: str_field("scope"),
             refresh_token: str_field("refresh_token").map(Secret::new),
+            issued_token_type: str_field("issued_token_type"),
         })
     }
 }

@@ -379,3 +379,52 @@ async fn caller_client_assertion_replaces_the_secret() {
         "Cannot mix header 'x-client-assertion-destination-name' with headers 'x-client-assertion' and 'x-client-assertion-type'"
     );
 }
+
+#[tokio::test]
+async fn token_exchange_grant() {
+    let env = Env::new().await;
+    let remote = TokenServer::start().await;
+    let at = "urn:ietf:params:oauth:token-type:access_token";
+    remote.answer(StatusCode::OK, json!({"access_token": "exchanged", "expires_in": 600, "issued_token_type": at}));
+    let t = env.token("zone-1", "client-1");
+    // Common is ignored: the URL is taken as it is (SPEC §2.2).
+    let mut d = dest("te", "OAuth2TokenExchange", &remote.url("/oauth/token"));
+    d["tokenServiceURLType"] = json!("Common");
+    env.create(&t, "subaccount", d).await;
+
+    let r = env.find(&t, "te", &[("X-subject-token", "subj")]).await;
+    assert_eq!(r.status, StatusCode::BAD_REQUEST);
+    let r =
+        env.find(&t, "te", &[("X-subject-token", "subj"), ("X-subject-token-type", at), ("X-actor-token", "a")]).await;
+    assert_eq!(r.status, StatusCode::BAD_REQUEST);
+
+    let r = env
+        .find(
+            &t,
+            "te",
+            &[
+                ("X-subject-token", "subj"),
+                ("X-subject-token-type", at),
+                ("X-actor-token", "act"),
+                ("X-actor-token-type", at),
+            ],
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text);
+    assert_eq!(r.json["authTokens"][0]["value"], "exchanged");
+    assert_eq!(r.json["authTokens"][0]["issued_token_type"], at);
+    let call = remote.calls().pop().unwrap();
+    assert_eq!(call.path, "/oauth/token");
+    assert_eq!(
+        call.form,
+        pairs(&[
+            ("grant_type", crate::tokens::GRANT_TOKEN_EXCHANGE),
+            ("subject_token", "subj"),
+            ("subject_token_type", at),
+            ("actor_token", "act"),
+            ("actor_token_type", at),
+            ("client_id", "remote-client"),
+            ("client_secret", "remote-secret"),
+        ])
+    );
+}
