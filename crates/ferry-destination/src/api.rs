@@ -293,8 +293,20 @@ fn validate(raw: RawDestination) -> Result<Destination, ApiError> {
 struct ItemResult {
     name: String,
     status: u16,
+    /// The stored object's ETag, on success (SPEC §1.6).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    etag: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     cause: Option<String>,
+}
+
+impl ItemResult {
+    fn of(name: String, ok: StatusCode, outcome: Result<Option<String>, ApiError>) -> Self {
+        match outcome {
+            Ok(etag) => Self { name, status: ok.as_u16(), etag, cause: None },
+            Err(e) => Self { name, status: e.status.as_u16(), etag: None, cause: Some(e.message) },
+        }
+    }
 }
 
 /// Runs `op` for every item and answers `ok` if all succeeded, 207 otherwise.
@@ -307,7 +319,7 @@ where
 }
 
 /// [`bulk`] for any kind of object: `name` labels an item, `check` validates it.
-async fn bulk_of<T, F, Fut>(
+async fn bulk_of<T: Serialize, F, Fut>(
     items: Vec<RawDestination>,
     ok: StatusCode,
     name: fn(&RawDestination) -> Option<&str>,
@@ -322,13 +334,13 @@ where
     for raw in items {
         let name = name(&raw).unwrap_or_default().to_owned();
         let outcome = match check(raw) {
-            Ok(item) => op(item).await,
+            Ok(item) => {
+                let etag = crate::etag_of(&item);
+                op(item).await.map(|()| etag)
+            }
             Err(e) => Err(e),
         };
-        results.push(match outcome {
-            Ok(()) => ItemResult { name, status: ok.as_u16(), cause: None },
-            Err(e) => ItemResult { name, status: e.status.as_u16(), cause: Some(e.message) },
-        });
+        results.push(ItemResult::of(name, ok, outcome));
     }
     let status = if results.iter().all(|r| r.status == ok.as_u16()) { ok } else { StatusCode::MULTI_STATUS };
     (status, Json(results)).into_response()
@@ -621,16 +633,17 @@ const CERTIFICATE_NOT_FOUND: &str = "Certificate with the specified name was not
 /// parsing and validating it.
 type CertificateItem = (Option<String>, Result<Certificate, ApiError>);
 
-fn parse_certificates(body: Body) -> Result<Vec<CertificateItem>, ApiError> {
+/// The items, and whether the body was one object rather than an array.
+fn parse_certificates(body: Body) -> Result<(Vec<CertificateItem>, bool), ApiError> {
     let bytes = body.map_err(|rejection| ApiError::new(rejection.status(), rejection.body_text()))?;
     let value: serde_json::Value = serde_json::from_slice(&bytes)
         .map_err(|e| ApiError::bad_request(format!("Request body is not valid JSON: {e}")))?;
-    let items = match value {
+    let (items, single) = match value {
         serde_json::Value::Array(items) if items.is_empty() => {
             return Err(ApiError::bad_request("Request body is an empty array: send at least one certificate"));
         }
-        serde_json::Value::Array(items) => items,
-        other => vec![other],
+        serde_json::Value::Array(items) => (items, false),
+        other => (vec![other], true),
     };
     let parsed: Vec<_> = items
         .into_iter()
@@ -648,7 +661,7 @@ fn parse_certificates(body: Body) -> Result<Vec<CertificateItem>, ApiError> {
             (name, cert)
         })
         .collect();
-    Ok(parsed)
+    Ok((parsed, single))
 }
 
 async fn list_certificates(
@@ -677,21 +690,21 @@ async fn write_certificates(
 ) -> Result<Response, ApiError> {
     let scope = caller.scope(kind)?.of(Kind::Certificate);
     let ok = if create { StatusCode::CREATED } else { StatusCode::OK };
-    let items = parse_certificates(body)?;
-    let single = items.len() == 1;
+    let (items, single) = parse_certificates(body)?;
     let mut results = Vec::with_capacity(items.len());
     for (name, cert) in items {
         let outcome = match cert {
             Ok(cert) => {
                 let key = scope.row(&cert.name);
+                let etag = crate::etag_of(&cert);
                 if create {
                     if s.create(&key, &cert).await? {
-                        Ok(())
+                        Ok(etag)
                     } else {
                         Err(ApiError::new(StatusCode::CONFLICT, "Certificate with the same name already exists"))
                     }
                 } else if s.replace(&key, &cert).await? {
-                    Ok(())
+                    Ok(etag)
                 } else {
                     Err(ApiError::new(StatusCode::NOT_FOUND, CERTIFICATE_NOT_FOUND))
                 }
@@ -705,11 +718,7 @@ async fn write_certificates(
             outcome?;
             return Ok(if create { ok.into_response() } else { Json(json!({ "Count": 1 })).into_response() });
         }
-        let name = name.unwrap_or_default();
-        results.push(match outcome {
-            Ok(()) => ItemResult { name, status: ok.as_u16(), cause: None },
-            Err(e) => ItemResult { name, status: e.status.as_u16(), cause: Some(e.message) },
-        });
+        results.push(ItemResult::of(name.unwrap_or_default(), ok, outcome));
     }
     let status = if results.iter().all(|r| r.status == ok.as_u16()) { ok } else { StatusCode::MULTI_STATUS };
     Ok((status, Json(results)).into_response())

@@ -195,7 +195,7 @@ impl DestinationService {
             tracing::error!(subaccount = %key.scope.subaccount, name = %key.name, "stored destination is invalid");
             Error::Corrupt { name: key.name.clone(), reason: e.to_string() }
         })?;
-        Ok(Stored { destination, etag: format!("\"{}\"", hex::encode(Sha256::digest(&plain))) })
+        Ok(Stored { destination, etag: etag_of_bytes(&plain) })
     }
 
     pub(crate) async fn load<T: DeserializeOwned>(&self, key: &RowKey) -> Result<Option<Stored<T>>, Error> {
@@ -226,6 +226,16 @@ impl DestinationService {
     pub(crate) async fn remove(&self, key: &RowKey) -> Result<bool, Error> {
         Ok(self.store.delete(key.clone()).await?)
     }
+}
+
+/// The ETag of a stored object: the SHA-256 of its stored JSON, quoted.
+fn etag_of_bytes(plain: &[u8]) -> String {
+    format!("\"{}\"", hex::encode(Sha256::digest(plain)))
+}
+
+/// The ETag `value` gets when stored (as a GET of it reports it).
+pub(crate) fn etag_of<T: Serialize>(value: &T) -> Option<String> {
+    serde_json::to_vec(value).ok().map(|plain| etag_of_bytes(&plain))
 }
 
 /// Serves the Destination Service API on `listener` until `shutdown` fires.
