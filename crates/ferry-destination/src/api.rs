@@ -754,6 +754,15 @@ async fn delete_certificate(
     Ok(Json(json!({ "Count": 1 })).into_response())
 }
 
+/// Find and consume: the ETag is that of the destination configuration as answered (merged
+/// fragments included), so `If-None-Match` saves a client the body when nothing changed.
+fn respond_with_etag(headers: &HeaderMap, destination: &Destination, response: Response) -> Response {
+    match crate::etag_of(destination) {
+        Some(etag) => with_etag(headers, &etag, response),
+        None => response,
+    }
+}
+
 /// `response` with the `ETag`, or a 304 when `If-None-Match` names it.
 fn with_etag(headers: &HeaderMap, etag: &str, response: Response) -> Response {
     let names = |h| {
@@ -974,7 +983,7 @@ async fn find(
         destination_configuration: &destination,
         auth_tokens,
     };
-    Ok(Json(body).into_response())
+    Ok(respond_with_etag(&headers, &destination, Json(body).into_response()))
 }
 
 fn check_tenant_headers(headers: &HeaderMap) -> Result<(), ApiError> {
@@ -1061,7 +1070,7 @@ async fn consume(
     if let Some(tokens) = auth_tokens {
         body["authTokens"] = serde_json::to_value(tokens).unwrap_or_default();
     }
-    Ok(Json(body).into_response())
+    Ok(respond_with_etag(&headers, &destination, Json(body).into_response()))
 }
 
 /// `authTokens` for a found destination, or `None` where SAP sends none. A failed token

@@ -74,3 +74,29 @@ async fn levels_without_fallback() {
     let r = get(format!("{V2}/sub@subaccount"), vec![("X-fragment-name", "f")]).await;
     assert_eq!(r.status, StatusCode::NOT_FOUND);
 }
+
+#[tokio::test]
+async fn find_has_an_etag_of_the_configuration() {
+    let env = Env::new().await;
+    let t = env.token("zone-1", "client-1");
+    env.create(&t, "subaccount", json!({"Name": "d", "Type": "HTTP", "URL": "https://a.example"})).await;
+    let r = env.find(&t, "d", &[]).await;
+    let etag = r.headers["etag"].to_str().unwrap().to_owned();
+    let stored = env.call(Method::GET, &format!("{V1}/subaccountDestinations/d"), Some(&t), None).await;
+    assert_eq!(stored.headers["etag"], etag.as_str());
+    let r = env.find(&t, "d", &[("if-none-match", &etag)]).await;
+    assert_eq!(r.status, StatusCode::NOT_MODIFIED);
+    let r = env.find(&t, "d", &[("if-match", "\"other\"")]).await;
+    assert_eq!(r.status, StatusCode::PRECONDITION_FAILED);
+    let r = env.call_raw(Method::GET, &format!("{V2}/d@subaccount"), Some(&t), None, &[("if-none-match", &etag)]).await;
+    assert_eq!(r.status, StatusCode::NOT_MODIFIED);
+    env.call(
+        Method::PUT,
+        &format!("{V1}/subaccountDestinations"),
+        Some(&t),
+        Some(json!({"Name": "d", "Type": "HTTP", "URL": "https://b.example"})),
+    )
+    .await;
+    let r = env.find(&t, "d", &[("if-none-match", &etag)]).await;
+    assert_eq!(r.status, StatusCode::OK);
+}
