@@ -23,10 +23,10 @@ use serde::de::{MapAccess, SeqAccess, Visitor, value::MapAccessDeserializer};
 use serde::{Deserialize, Deserializer, Serialize};
 use serde_json::json;
 
-use crate::query;
 use crate::store::{Kind, Level, RowKey, Scope};
 use crate::tokens::{self, CacheOwner, Grant, Token, TokenRequest};
 use crate::{DestinationService, Error};
+use crate::{labels, query};
 
 /// Request bodies above this are refused with 413; a destination is a few hundred bytes.
 pub(crate) const MAX_BODY_BYTES: usize = 1024 * 1024;
@@ -52,6 +52,30 @@ pub(crate) fn router(service: Arc<DestinationService>) -> Router {
         .route(&format!("{V1}/subaccountCertificates/{{name}}"), certificate_item(Collection::Subaccount))
         .route(&format!("{V1}/instanceCertificates"), certificate_collection(Collection::Instance))
         .route(&format!("{V1}/instanceCertificates/{{name}}"), certificate_item(Collection::Instance))
+        .route(
+            &format!("{V1}/subaccountDestinations/{{name}}/labels"),
+            labels::route(Collection::Subaccount, Kind::Destination),
+        )
+        .route(
+            &format!("{V1}/instanceDestinations/{{name}}/labels"),
+            labels::route(Collection::Instance, Kind::Destination),
+        )
+        .route(
+            &format!("{V1}/subaccountDestinationFragments/{{name}}/labels"),
+            labels::route(Collection::Subaccount, Kind::Fragment),
+        )
+        .route(
+            &format!("{V1}/instanceDestinationFragments/{{name}}/labels"),
+            labels::route(Collection::Instance, Kind::Fragment),
+        )
+        .route(
+            &format!("{V1}/subaccountCertificates/{{name}}/labels"),
+            labels::route(Collection::Subaccount, Kind::Certificate),
+        )
+        .route(
+            &format!("{V1}/instanceCertificates/{{name}}/labels"),
+            labels::route(Collection::Instance, Kind::Certificate),
+        )
         .route(&format!("{V1}/destinations/{{name}}"), get(find))
         .route("/destination-configuration/v2/destinations/{name}", get(consume))
         .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "No such endpoint in the Destination Service API") })
@@ -63,7 +87,7 @@ pub(crate) fn router(service: Arc<DestinationService>) -> Router {
 }
 
 #[derive(Clone, Copy, Debug)]
-enum Collection {
+pub(crate) enum Collection {
     Subaccount,
     Instance,
 }
@@ -91,10 +115,10 @@ pub(crate) struct ApiError {
 }
 
 impl ApiError {
-    fn new(status: StatusCode, message: impl Into<String>) -> Self {
+    pub(crate) fn new(status: StatusCode, message: impl Into<String>) -> Self {
         Self { status, message: message.into(), challenge: None }
     }
-    fn bad_request(message: impl Into<String>) -> Self {
+    pub(crate) fn bad_request(message: impl Into<String>) -> Self {
         Self::new(StatusCode::BAD_REQUEST, message)
     }
     fn unauthorized(message: impl Into<String>) -> Self {
@@ -182,7 +206,7 @@ fn claims_subdomain(claims: &ferry_auth::Claims) -> Option<String> {
 }
 
 impl Caller {
-    fn scope(&self, kind: Collection) -> Result<Scope, ApiError> {
+    pub(crate) fn scope(&self, kind: Collection) -> Result<Scope, ApiError> {
         let level = match kind {
             Collection::Subaccount => Level::Subaccount,
             Collection::Instance => Level::Instance(self.instance.clone().ok_or_else(|| {

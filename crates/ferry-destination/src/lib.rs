@@ -8,7 +8,8 @@
 //! What is served (base `/destination-configuration`): `v1/{subaccount,instance}Destinations`
 //! (CRUD, bulk POST/PUT with 207, bulk DELETE by `$filter=Name in (...)`, list modes `$filter`,
 //! `$select=Name`, `$page`/`$pageSize`/`$pageCount`/`$entityCount`),
-//! `v1/{subaccount,instance}DestinationFragments`, `v1/{subaccount,instance}Certificates`,
+//! `v1/{subaccount,instance}DestinationFragments`, `v1/{subaccount,instance}Certificates`, labels
+//! of all three (`.../{name}/labels`, GET/PUT/PATCH),
 //! find-by-name `v1/destinations/{name}` (instance level, then subaccount level; `X-fragment-name`
 //! merging) and the consume API `v2/destinations/{name}[@level]` (no fallback, default
 //! `instance`). Token flows on find: Basic, OAuth2ClientCredentials, OAuth2Password,
@@ -24,7 +25,7 @@
 //! Deviations from SAP's service, on purpose or not yet built: lists never contain secrets (and
 //! certificate lists no `Content`); a missing `X-refresh-token` or `X-code` is a 400 rather than a
 //! failed token, and so are missing `X-subject-token` headers; a user JWT that this service cannot verify (non-XSUAA issuers with
-//! `x_user_token.jwks`) fails the token; `modifiedwithin`, `$includeMetadata` on lists, labels,
+//! `x_user_token.jwks`) fails the token; `modifiedwithin`, `$includeMetadata` on lists, label filters,
 //! certificate generation and `publicKeys`, the `provider_*` consume levels, SAML flows, client
 //! assertions fetched through another destination (`X-client-assertion-destination-name`), mTLS
 //! to token services and chaining are not supported yet.
@@ -37,6 +38,7 @@
 #![cfg_attr(test, allow(clippy::unwrap_used))]
 
 mod api;
+mod labels;
 mod query;
 mod store;
 mod tokens;
@@ -222,9 +224,25 @@ impl DestinationService {
         Ok(self.store.update(key.clone(), sealed).await?)
     }
 
+    /// Whether a row exists (its content is not opened).
+    pub(crate) async fn exists(&self, key: &RowKey) -> Result<bool, Error> {
+        Ok(self.store.get(key.clone()).await?.is_some())
+    }
+
+    /// Creates or replaces a row.
+    pub(crate) async fn put<T: Serialize>(&self, key: &RowKey, value: &T) -> Result<(), Error> {
+        let sealed = self.seal(key, value)?;
+        Ok(self.store.upsert(key.clone(), sealed).await?)
+    }
+
     /// `false` if there is no such destination.
     pub(crate) async fn remove(&self, key: &RowKey) -> Result<bool, Error> {
-        Ok(self.store.delete(key.clone()).await?)
+        let removed = self.store.delete(key.clone()).await?;
+        // Labels go with their object, so a new object of the same name starts without any.
+        if let Some(labels) = Scope::labels_of(key) {
+            self.store.delete(labels).await?;
+        }
+        Ok(removed)
     }
 }
 

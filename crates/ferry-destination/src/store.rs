@@ -48,6 +48,8 @@ pub(crate) enum Kind {
     Destination,
     Fragment,
     Certificate,
+    /// Labels of one destination, fragment or certificate (row name `<d|f|c>/<name>`).
+    Label,
 }
 
 impl Kind {
@@ -57,6 +59,7 @@ impl Kind {
             Kind::Destination => "destinations",
             Kind::Fragment => "fragments",
             Kind::Certificate => "certificates",
+            Kind::Label => "labels",
         }
     }
 }
@@ -80,6 +83,17 @@ impl Scope {
 
     pub(crate) fn row(&self, name: &str) -> RowKey {
         RowKey { scope: self.clone(), name: name.to_owned() }
+    }
+
+    /// The row holding the labels of `key`'s object; `None` for a label row itself.
+    pub(crate) fn labels_of(key: &RowKey) -> Option<RowKey> {
+        let tag = match key.scope.kind {
+            Kind::Destination => "d",
+            Kind::Fragment => "f",
+            Kind::Certificate => "c",
+            Kind::Label => return None,
+        };
+        Some(key.scope.of(Kind::Label).row(&format!("{tag}/{}", key.name)))
     }
 
     /// The same subaccount and level, another kind of row.
@@ -115,6 +129,7 @@ impl RowKey {
             Kind::Destination => {}
             Kind::Fragment => part(b'k', "fragment"),
             Kind::Certificate => part(b'k', "certificate"),
+            Kind::Label => part(b'k', "label"),
         }
         out
     }
@@ -162,6 +177,16 @@ const MIGRATIONS: &[&str] = &[
         subaccount  TEXT    NOT NULL,
         instance    TEXT    NOT NULL,
         name        TEXT    NOT NULL,
+        sealed      BLOB    NOT NULL,
+        modified_at INTEGER NOT NULL,
+        PRIMARY KEY (subaccount, instance, name)
+    ) WITHOUT ROWID;
+",
+    "
+    CREATE TABLE labels (
+        subaccount  TEXT    NOT NULL,
+        instance    TEXT    NOT NULL,
+        name        TEXT    NOT NULL,  -- '<d|f|c>/<object name>'
         sealed      BLOB    NOT NULL,
         modified_at INTEGER NOT NULL,
         PRIMARY KEY (subaccount, instance, name)

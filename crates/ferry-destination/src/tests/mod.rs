@@ -5,6 +5,7 @@ mod api;
 mod certificates;
 mod consume;
 mod fragments;
+mod labels;
 mod lists;
 mod oauth;
 mod storage;

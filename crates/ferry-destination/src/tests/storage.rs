@@ -120,10 +120,13 @@ async fn schema_version_is_tracked() {
     let path = dir.path().join("nested").join("destinations.db");
     let db = rusqlite::Connection::open(&path).unwrap();
     let version: i64 = db.query_row("SELECT version FROM schema_version", [], |r| r.get(0)).unwrap();
-    assert_eq!(version, 2);
+    assert_eq!(version, 3);
 
     // A version-1 database (destinations only) gains the fragment and certificate tables.
-    db.execute_batch("DROP TABLE fragments; DROP TABLE certificates; UPDATE schema_version SET version = 1").unwrap();
+    db.execute_batch(
+        "DROP TABLE fragments; DROP TABLE certificates; DROP TABLE labels; UPDATE schema_version SET version = 1",
+    )
+    .unwrap();
     drop(open(dir.path(), [6; 32]).await.unwrap());
     let tables: i64 = db
         .query_row("SELECT count(*) FROM sqlite_master WHERE name IN ('fragments', 'certificates')", [], |r| r.get(0))
@@ -134,5 +137,5 @@ async fn schema_version_is_tracked() {
     drop(open(dir.path(), [6; 32]).await.unwrap());
     db.execute("UPDATE schema_version SET version = 99", []).unwrap();
     let err = open(dir.path(), [6; 32]).await.err().unwrap();
-    assert!(matches!(err, Error::Store(StoreError::SchemaTooNew { found: 99, supported: 2 })), "{err:?}");
+    assert!(matches!(err, Error::Store(StoreError::SchemaTooNew { found: 99, supported: 3 })), "{err:?}");
 }
