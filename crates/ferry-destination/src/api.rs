@@ -10,7 +10,7 @@ use std::sync::Arc;
 use axum::body::Bytes;
 use axum::extract::rejection::{BytesRejection, PathRejection};
 use axum::extract::{DefaultBodyLimit, FromRequestParts, Path, RawQuery, State};
-use axum::http::header::{AUTHORIZATION, ETAG, IF_NONE_MATCH, WWW_AUTHENTICATE};
+use axum::http::header::{AUTHORIZATION, ETAG, IF_MATCH, IF_NONE_MATCH, WWW_AUTHENTICATE};
 use axum::http::request::Parts;
 use axum::http::{HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
@@ -18,14 +18,15 @@ use axum::routing::{MethodRouter, get};
 use axum::{Json, Router};
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD as B64;
-use ferry_model::{AuthenticationType, Destination, RawDestination};
+use ferry_model::{AuthenticationType, Certificate, Destination, Fragment, RawDestination, raw_fragment_name};
 use serde::de::{MapAccess, SeqAccess, Visitor, value::MapAccessDeserializer};
 use serde::{Deserialize, Deserializer, Serialize};
 use serde_json::json;
 
-use crate::store::{Level, RowKey, Scope};
+use crate::store::{Kind, Level, RowKey, Scope};
 use crate::tokens::{self, CacheOwner, Grant, Token, TokenRequest};
 use crate::{DestinationService, Error};
+use crate::{labels, query};
 
 /// Request bodies above this are refused with 413; a destination is a few hundred bytes.
 pub(crate) const MAX_BODY_BYTES: usize = 1024 * 1024;
@@ -43,7 +44,40 @@ pub(crate) fn router(service: Arc<DestinationService>) -> Router {
         .route(&format!("{V1}/subaccountDestinations/{{name}}"), item(Collection::Subaccount))
         .route(&format!("{V1}/instanceDestinations"), collection(Collection::Instance))
         .route(&format!("{V1}/instanceDestinations/{{name}}"), item(Collection::Instance))
+        .route(&format!("{V1}/subaccountDestinationFragments"), fragment_collection(Collection::Subaccount))
+        .route(&format!("{V1}/subaccountDestinationFragments/{{name}}"), fragment_item(Collection::Subaccount))
+        .route(&format!("{V1}/instanceDestinationFragments"), fragment_collection(Collection::Instance))
+        .route(&format!("{V1}/instanceDestinationFragments/{{name}}"), fragment_item(Collection::Instance))
+        .route(&format!("{V1}/subaccountCertificates"), certificate_collection(Collection::Subaccount))
+        .route(&format!("{V1}/subaccountCertificates/{{name}}"), certificate_item(Collection::Subaccount))
+        .route(&format!("{V1}/instanceCertificates"), certificate_collection(Collection::Instance))
+        .route(&format!("{V1}/instanceCertificates/{{name}}"), certificate_item(Collection::Instance))
+        .route(
+            &format!("{V1}/subaccountDestinations/{{name}}/labels"),
+            labels::route(Collection::Subaccount, Kind::Destination),
+        )
+        .route(
+            &format!("{V1}/instanceDestinations/{{name}}/labels"),
+            labels::route(Collection::Instance, Kind::Destination),
+        )
+        .route(
+            &format!("{V1}/subaccountDestinationFragments/{{name}}/labels"),
+            labels::route(Collection::Subaccount, Kind::Fragment),
+        )
+        .route(
+            &format!("{V1}/instanceDestinationFragments/{{name}}/labels"),
+            labels::route(Collection::Instance, Kind::Fragment),
+        )
+        .route(
+            &format!("{V1}/subaccountCertificates/{{name}}/labels"),
+            labels::route(Collection::Subaccount, Kind::Certificate),
+        )
+        .route(
+            &format!("{V1}/instanceCertificates/{{name}}/labels"),
+            labels::route(Collection::Instance, Kind::Certificate),
+        )
         .route(&format!("{V1}/destinations/{{name}}"), get(find))
+        .route("/destination-configuration/v2/destinations/{name}", get(consume))
         .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "No such endpoint in the Destination Service API") })
         .method_not_allowed_fallback(|| async {
             ApiError::new(StatusCode::METHOD_NOT_ALLOWED, "This endpoint does not support the request method")
@@ -53,15 +87,16 @@ pub(crate) fn router(service: Arc<DestinationService>) -> Router {
 }
 
 #[derive(Clone, Copy, Debug)]
-enum Collection {
+pub(crate) enum Collection {
     Subaccount,
     Instance,
 }
 
 fn collection(kind: Collection) -> MethodRouter<Arc<DestinationService>> {
-    get(move |s: Svc, c: Caller| list(s, c, kind))
+    get(move |s: Svc, c: Caller, q: RawQuery| list(s, c, kind, q))
         .post(move |s: Svc, c: Caller, b: Body| create(s, c, kind, b))
         .put(move |s: Svc, c: Caller, b: Body| update(s, c, kind, b))
+        .delete(move |s: Svc, c: Caller, q: RawQuery| delete_many(s, c, kind, Kind::Destination, q))
 }
 
 fn item(kind: Collection) -> MethodRouter<Arc<DestinationService>> {
@@ -80,10 +115,10 @@ pub(crate) struct ApiError {
 }
 
 impl ApiError {
-    fn new(status: StatusCode, message: impl Into<String>) -> Self {
+    pub(crate) fn new(status: StatusCode, message: impl Into<String>) -> Self {
         Self { status, message: message.into(), challenge: None }
     }
-    fn bad_request(message: impl Into<String>) -> Self {
+    pub(crate) fn bad_request(message: impl Into<String>) -> Self {
         Self::new(StatusCode::BAD_REQUEST, message)
     }
     fn unauthorized(message: impl Into<String>) -> Self {
@@ -138,10 +173,40 @@ pub(crate) struct Caller {
     instance: Option<String>,
     /// Tenant subdomain, for `tokenServiceURLType: Common` when no `X-tenant` is sent.
     subdomain: Option<String>,
+    /// The bearer token itself when it is a user's token (user flows use it as the assertion
+    /// unless `X-user-token` is sent).
+    user: Option<UserToken>,
+}
+
+/// A verified user JWT and who it belongs to.
+#[derive(Clone)]
+pub(crate) struct UserToken {
+    jwt: String,
+    /// `<zid>/<user id>`: the token cache never hands one user's token to another.
+    key: String,
+    /// For `tokenServiceURLType: Common` in user flows.
+    subdomain: Option<String>,
+}
+
+impl UserToken {
+    /// `None` for a technical (client-credentials) token.
+    fn from_claims(jwt: &str, claims: &ferry_auth::Claims) -> Option<Self> {
+        if !claims.is_user() {
+            return None;
+        }
+        let sub = claims.raw.get("sub").and_then(serde_json::Value::as_str).map(str::to_owned);
+        let id =
+            [claims.user_id.clone(), sub, claims.user_name.clone()].into_iter().flatten().find(|s| !s.is_empty())?;
+        Some(Self { jwt: jwt.to_owned(), key: format!("{}/{id}", claims.zid), subdomain: claims_subdomain(claims) })
+    }
+}
+
+fn claims_subdomain(claims: &ferry_auth::Claims) -> Option<String> {
+    claims.ext_attr.zdn.clone().filter(|s| !s.is_empty()).or_else(|| claims.iss.as_deref().and_then(iss_subdomain))
 }
 
 impl Caller {
-    fn scope(&self, kind: Collection) -> Result<Scope, ApiError> {
+    pub(crate) fn scope(&self, kind: Collection) -> Result<Scope, ApiError> {
         let level = match kind {
             Collection::Subaccount => Level::Subaccount,
             Collection::Instance => Level::Instance(self.instance.clone().ok_or_else(|| {
@@ -151,11 +216,11 @@ impl Caller {
                 )
             })?),
         };
-        Ok(Scope { subaccount: self.subaccount.clone(), level })
+        Ok(Scope { subaccount: self.subaccount.clone(), level, kind: Kind::Destination })
     }
 
     fn subaccount_scope(&self) -> Scope {
-        Scope { subaccount: self.subaccount.clone(), level: Level::Subaccount }
+        Scope { subaccount: self.subaccount.clone(), level: Level::Subaccount, kind: Kind::Destination }
     }
 }
 
@@ -179,13 +244,14 @@ impl FromRequestParts<Arc<DestinationService>> for Caller {
             .ok_or_else(|| ApiError::unauthorized("The Authorization header must use the Bearer scheme"))?;
         let claims = service.verifier.verify(token).await.map_err(|e| ApiError::invalid_token(&e))?;
         let non_empty = |s: Option<String>| s.filter(|s| !s.is_empty());
-        let subdomain =
-            non_empty(claims.ext_attr.zdn.clone()).or_else(|| claims.iss.as_deref().and_then(iss_subdomain));
+        let subdomain = claims_subdomain(&claims);
+        let user = UserToken::from_claims(token, &claims);
         Ok(Caller {
             instance: non_empty(claims.ext_attr.serviceinstanceid.clone())
                 .or_else(|| non_empty(claims.client_id.clone())),
             subaccount: claims.zid,
             subdomain,
+            user,
         })
     }
 }
@@ -251,8 +317,20 @@ fn validate(raw: RawDestination) -> Result<Destination, ApiError> {
 struct ItemResult {
     name: String,
     status: u16,
+    /// The stored object's ETag, on success (SPEC §1.6).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    etag: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     cause: Option<String>,
+}
+
+impl ItemResult {
+    fn of(name: String, ok: StatusCode, outcome: Result<Option<String>, ApiError>) -> Self {
+        match outcome {
+            Ok(etag) => Self { name, status: ok.as_u16(), etag, cause: None },
+            Err(e) => Self { name, status: e.status.as_u16(), etag: None, cause: Some(e.message) },
+        }
+    }
 }
 
 /// Runs `op` for every item and answers `ok` if all succeeded, 207 otherwise.
@@ -261,27 +339,136 @@ where
     F: Fn(Destination) -> Fut,
     Fut: Future<Output = Result<(), ApiError>>,
 {
+    bulk_of(items, ok, |raw| raw.name(), validate, op).await
+}
+
+/// [`bulk`] for any kind of object: `name` labels an item, `check` validates it.
+async fn bulk_of<T: Serialize, F, Fut>(
+    items: Vec<RawDestination>,
+    ok: StatusCode,
+    name: fn(&RawDestination) -> Option<&str>,
+    check: fn(RawDestination) -> Result<T, ApiError>,
+    op: F,
+) -> Response
+where
+    F: Fn(T) -> Fut,
+    Fut: Future<Output = Result<(), ApiError>>,
+{
     let mut results = Vec::with_capacity(items.len());
     for raw in items {
-        let name = raw.name().unwrap_or_default().to_owned();
-        let outcome = match validate(raw) {
-            Ok(dest) => op(dest).await,
+        let name = name(&raw).unwrap_or_default().to_owned();
+        let outcome = match check(raw) {
+            Ok(item) => {
+                let etag = crate::etag_of(&item);
+                op(item).await.map(|()| etag)
+            }
             Err(e) => Err(e),
         };
-        results.push(match outcome {
-            Ok(()) => ItemResult { name, status: ok.as_u16(), cause: None },
-            Err(e) => ItemResult { name, status: e.status.as_u16(), cause: Some(e.message) },
-        });
+        results.push(ItemResult::of(name, ok, outcome));
     }
     let status = if results.iter().all(|r| r.status == ok.as_u16()) { ok } else { StatusCode::MULTI_STATUS };
     (status, Json(results)).into_response()
 }
 
-async fn list(State(s): Svc, caller: Caller, kind: Collection) -> Result<Response, ApiError> {
+async fn list(
+    State(s): Svc,
+    caller: Caller,
+    kind: Collection,
+    RawQuery(query): RawQuery,
+) -> Result<Response, ApiError> {
+    let mode = query::parse(query.as_deref()).map_err(ApiError::bad_request)?;
     let scope = caller.scope(kind)?;
     // Secrets never leave through a list, whatever SAP does: lists end up in UIs and logs.
-    let items: Vec<Destination> = s.list(&scope).await?.iter().map(Destination::without_secrets).collect();
-    Ok(Json(items).into_response())
+    let items: Vec<Destination> =
+        s.list::<Destination>(&scope).await?.iter().map(Destination::without_secrets).collect();
+    Ok(list_response(items, Destination::name, mode, kind.path("Destinations")))
+}
+
+impl Collection {
+    /// `subaccountDestinations`, `instanceCertificates`, ...
+    fn path(self, what: &str) -> String {
+        match self {
+            Collection::Subaccount => format!("subaccount{what}"),
+            Collection::Instance => format!("instance{what}"),
+        }
+    }
+}
+
+/// A list answer in the query's mode: all, filtered, names only, or one page with the
+/// `Page-Count`/`Entity-Count`/`Link` headers asked for.
+fn list_response<T: Serialize>(items: Vec<T>, name: fn(&T) -> &str, mode: query::Mode, path: String) -> Response {
+    use query::Mode;
+    match mode {
+        Mode::All => Json(items).into_response(),
+        Mode::Filter(f) => Json(items.into_iter().filter(|i| f.matches(name(i))).collect::<Vec<_>>()).into_response(),
+        Mode::SelectName => Json(items.iter().map(|i| json!({ "Name": name(i) })).collect::<Vec<_>>()).into_response(),
+        Mode::Page(p) => {
+            let total = items.len();
+            let pages = total.div_ceil(p.size);
+            let page: Vec<T> = items.into_iter().skip((p.page - 1).saturating_mul(p.size)).take(p.size).collect();
+            let mut response = Json(page).into_response();
+            let headers = response.headers_mut();
+            if p.page_count {
+                headers.insert("Page-Count", HeaderValue::from(pages));
+            }
+            if p.entity_count {
+                headers.insert("Entity-Count", HeaderValue::from(total));
+            }
+            let link = |n: usize, rel: &str| format!("</{path}?$page={n}&$pageSize={}>; rel='{rel}'", p.size);
+            let mut links = Vec::new();
+            if p.page > 1 && p.page <= pages {
+                links.push(link(p.page - 1, "previous"));
+            }
+            if p.page < pages {
+                links.push(link(p.page + 1, "next"));
+            }
+            if !links.is_empty()
+                && let Ok(v) = HeaderValue::from_str(&links.join(", "))
+            {
+                headers.insert("Link", v);
+            }
+            response
+        }
+    }
+}
+
+#[derive(Serialize)]
+struct DeleteSummary {
+    name: String,
+    status: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    reason: Option<&'static str>,
+}
+
+/// Bulk DELETE on a collection: `$filter=Name in (...)` is required (SPEC §1.6).
+async fn delete_many(
+    State(s): Svc,
+    caller: Caller,
+    collection: Collection,
+    kind: Kind,
+    RawQuery(query): RawQuery,
+) -> Result<Response, ApiError> {
+    let names = match query::parse(query.as_deref()).map_err(ApiError::bad_request)? {
+        query::Mode::Filter(query::Filter::In(names)) => names,
+        _ => {
+            return Err(ApiError::bad_request(
+                "Deleting from a collection needs $filter=Name in ('a','b') naming what to delete",
+            ));
+        }
+    };
+    let scope = caller.scope(collection)?.of(kind);
+    let mut summary = Vec::with_capacity(names.len());
+    let mut count = 0;
+    for name in names {
+        if s.remove(&scope.row(&name)).await? {
+            count += 1;
+            tracing::info!(subaccount = %scope.subaccount, level = ?scope.level, kind = ?scope.kind, %name, "deleted");
+            summary.push(DeleteSummary { name, status: "DELETED", reason: None });
+        } else {
+            summary.push(DeleteSummary { name, status: "NOT_FOUND", reason: Some("Could not find configuration") });
+        }
+    }
+    Ok(Json(json!({ "Count": count, "Summary": summary })).into_response())
 }
 
 async fn create(State(s): Svc, caller: Caller, kind: Collection, body: Body) -> Result<Response, ApiError> {
@@ -338,18 +525,8 @@ async fn get_one(
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
     let Ok(Path(name)) = path else { return Err(ApiError::not_found()) };
-    let stored = s.load(&caller.scope(kind)?.row(&name)).await?.ok_or_else(ApiError::not_found)?;
-    let etag = HeaderValue::from_str(&stored.etag).ok();
-    let matches = headers
-        .get(IF_NONE_MATCH)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| v.split(',').map(str::trim).any(|t| t == "*" || t.trim_start_matches("W/") == stored.etag));
-    let mut response =
-        if matches { StatusCode::NOT_MODIFIED.into_response() } else { Json(&stored.destination).into_response() };
-    if let Some(etag) = etag {
-        response.headers_mut().insert(ETAG, etag);
-    }
-    Ok(response)
+    let stored = s.load::<Destination>(&caller.scope(kind)?.row(&name)).await?.ok_or_else(ApiError::not_found)?;
+    Ok(with_etag(&headers, &stored.etag, Json(&stored.destination).into_response()))
 }
 
 async fn delete_one(
@@ -365,6 +542,337 @@ async fn delete_one(
     }
     tracing::info!(subaccount = %scope.subaccount, level = ?scope.level, %name, "destination deleted");
     Ok(Json(json!({ "Count": 1 })).into_response())
+}
+
+fn fragment_collection(kind: Collection) -> MethodRouter<Arc<DestinationService>> {
+    get(move |s: Svc, c: Caller, q: RawQuery| list_fragments(s, c, kind, q))
+        .post(move |s: Svc, c: Caller, b: Body| write_fragments(s, c, kind, b, true))
+        .put(move |s: Svc, c: Caller, b: Body| write_fragments(s, c, kind, b, false))
+}
+
+fn fragment_item(kind: Collection) -> MethodRouter<Arc<DestinationService>> {
+    get(move |s: Svc, c: Caller, p: Result<Path<String>, PathRejection>, h: HeaderMap| get_fragment(s, c, kind, p, h))
+        .delete(move |s: Svc, c: Caller, p: Result<Path<String>, PathRejection>| delete_fragment(s, c, kind, p))
+}
+
+const FRAGMENT_NOT_FOUND: &str = "Fragment with the specified name was not found";
+
+fn validate_fragment(raw: RawDestination) -> Result<Fragment, ApiError> {
+    Fragment::try_from(raw).map_err(|e| ApiError::bad_request(format!("Invalid destination fragment: {e}")))
+}
+
+async fn list_fragments(
+    State(s): Svc,
+    caller: Caller,
+    kind: Collection,
+    RawQuery(query): RawQuery,
+) -> Result<Response, ApiError> {
+    let mode = query::parse(query.as_deref()).map_err(ApiError::bad_request)?;
+    let scope = caller.scope(kind)?.of(Kind::Fragment);
+    let items: Vec<Fragment> = s.list::<Fragment>(&scope).await?.iter().map(Fragment::without_secrets).collect();
+    Ok(list_response(items, Fragment::name, mode, kind.path("DestinationFragments")))
+}
+
+/// POST (`create`) or PUT of one fragment or an array of them.
+async fn write_fragments(
+    State(s): Svc,
+    caller: Caller,
+    kind: Collection,
+    body: Body,
+    create: bool,
+) -> Result<Response, ApiError> {
+    let scope = caller.scope(kind)?.of(Kind::Fragment);
+    let write_one = |fragment: Fragment| {
+        let (s, scope) = (&s, &scope);
+        async move {
+            let key = scope.row(fragment.name());
+            if create {
+                if !s.create(&key, &fragment).await? {
+                    return Err(ApiError::new(StatusCode::CONFLICT, "Fragment with the same name already exists"));
+                }
+            } else if !s.replace(&key, &fragment).await? {
+                return Err(ApiError::new(StatusCode::NOT_FOUND, FRAGMENT_NOT_FOUND));
+            }
+            tracing::info!(subaccount = %scope.subaccount, level = ?scope.level, name = %key.name, create, "fragment written");
+            Ok(())
+        }
+    };
+    let ok = if create { StatusCode::CREATED } else { StatusCode::OK };
+    match parse_body(body)? {
+        Payload::One(raw) => {
+            write_one(validate_fragment(raw)?).await?;
+            Ok(if create { StatusCode::CREATED.into_response() } else { Json(json!({ "Count": 1 })).into_response() })
+        }
+        Payload::Many(items) => Ok(bulk_of(items, ok, raw_fragment_name, validate_fragment, write_one).await),
+    }
+}
+
+async fn get_fragment(
+    State(s): Svc,
+    caller: Caller,
+    kind: Collection,
+    path: Result<Path<String>, PathRejection>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    let not_found = || ApiError::new(StatusCode::NOT_FOUND, FRAGMENT_NOT_FOUND);
+    let Ok(Path(name)) = path else { return Err(not_found()) };
+    let key = caller.scope(kind)?.of(Kind::Fragment).row(&name);
+    let stored = s.load::<Fragment>(&key).await?.ok_or_else(not_found)?;
+    Ok(with_etag(&headers, &stored.etag, Json(&stored.destination).into_response()))
+}
+
+async fn delete_fragment(
+    State(s): Svc,
+    caller: Caller,
+    kind: Collection,
+    path: Result<Path<String>, PathRejection>,
+) -> Result<Response, ApiError> {
+    let not_found = || ApiError::new(StatusCode::NOT_FOUND, FRAGMENT_NOT_FOUND);
+    let Ok(Path(name)) = path else { return Err(not_found()) };
+    let scope = caller.scope(kind)?.of(Kind::Fragment);
+    if !s.remove(&scope.row(&name)).await? {
+        return Err(not_found());
+    }
+    tracing::info!(subaccount = %scope.subaccount, level = ?scope.level, %name, "fragment deleted");
+    Ok(Json(json!({ "Count": 1 })).into_response())
+}
+
+fn certificate_collection(kind: Collection) -> MethodRouter<Arc<DestinationService>> {
+    get(move |s: Svc, c: Caller, q: RawQuery| list_certificates(s, c, kind, q))
+        .post(move |s: Svc, c: Caller, b: Body| write_certificates(s, c, kind, b, true))
+        .put(move |s: Svc, c: Caller, b: Body| write_certificates(s, c, kind, b, false))
+        .delete(move |s: Svc, c: Caller, q: RawQuery| delete_many(s, c, kind, Kind::Certificate, q))
+}
+
+fn certificate_item(kind: Collection) -> MethodRouter<Arc<DestinationService>> {
+    get(move |s: Svc, c: Caller, p: Result<Path<String>, PathRejection>, h: HeaderMap| {
+        get_certificate(s, c, kind, p, h)
+    })
+    .delete(move |s: Svc, c: Caller, p: Result<Path<String>, PathRejection>| delete_certificate(s, c, kind, p))
+}
+
+const CERTIFICATE_NOT_FOUND: &str = "Certificate with the specified name was not found";
+
+/// One uploaded item: its `Name` as sent (to label a per-item result) and the outcome of
+/// parsing and validating it.
+type CertificateItem = (Option<String>, Result<Certificate, ApiError>);
+
+/// The items, and whether the body was one object rather than an array.
+fn parse_certificates(body: Body) -> Result<(Vec<CertificateItem>, bool), ApiError> {
+    let bytes = body.map_err(|rejection| ApiError::new(rejection.status(), rejection.body_text()))?;
+    let value: serde_json::Value = serde_json::from_slice(&bytes)
+        .map_err(|e| ApiError::bad_request(format!("Request body is not valid JSON: {e}")))?;
+    let (items, single) = match value {
+        serde_json::Value::Array(items) if items.is_empty() => {
+            return Err(ApiError::bad_request("Request body is an empty array: send at least one certificate"));
+        }
+        serde_json::Value::Array(items) => (items, false),
+        other => (vec![other], true),
+    };
+    let parsed: Vec<_> = items
+        .into_iter()
+        .map(|item| {
+            let name = item.get("Name").and_then(serde_json::Value::as_str).map(str::to_owned);
+            let cert = serde_json::from_value::<Certificate>(item)
+                .map_err(|e| {
+                    ApiError::bad_request(format!(
+                        "Request body is not a valid certificate ({{\"Name\", \"Type\", \"Content\": base64}}): {e}"
+                    ))
+                })
+                .and_then(|c| {
+                    c.validate().map_err(|e| ApiError::bad_request(format!("Invalid certificate: {e}"))).map(|()| c)
+                });
+            (name, cert)
+        })
+        .collect();
+    Ok((parsed, single))
+}
+
+async fn list_certificates(
+    State(s): Svc,
+    caller: Caller,
+    kind: Collection,
+    RawQuery(query): RawQuery,
+) -> Result<Response, ApiError> {
+    let mode = query::parse(query.as_deref()).map_err(ApiError::bad_request)?;
+    if matches!(mode, query::Mode::Filter(ref f) if !matches!(f, query::Filter::In(_))) {
+        return Err(ApiError::bad_request("Certificates can only be filtered with $filter=Name in ('a','b')"));
+    }
+    let scope = caller.scope(kind)?.of(Kind::Certificate);
+    // Content may hold private keys: lists give names and types only.
+    let items: Vec<Certificate> =
+        s.list::<Certificate>(&scope).await?.iter().map(Certificate::without_content).collect();
+    Ok(list_response(items, |c| &c.name, mode, kind.path("Certificates")))
+}
+
+async fn write_certificates(
+    State(s): Svc,
+    caller: Caller,
+    kind: Collection,
+    body: Body,
+    create: bool,
+) -> Result<Response, ApiError> {
+    let scope = caller.scope(kind)?.of(Kind::Certificate);
+    let ok = if create { StatusCode::CREATED } else { StatusCode::OK };
+    let (items, single) = parse_certificates(body)?;
+    let mut results = Vec::with_capacity(items.len());
+    for (name, cert) in items {
+        let outcome = match cert {
+            Ok(cert) => {
+                let key = scope.row(&cert.name);
+                let etag = crate::etag_of(&cert);
+                if create {
+                    if s.create(&key, &cert).await? {
+                        Ok(etag)
+                    } else {
+                        Err(ApiError::new(StatusCode::CONFLICT, "Certificate with the same name already exists"))
+                    }
+                } else if s.replace(&key, &cert).await? {
+                    Ok(etag)
+                } else {
+                    Err(ApiError::new(StatusCode::NOT_FOUND, CERTIFICATE_NOT_FOUND))
+                }
+            }
+            Err(e) => Err(e),
+        };
+        if outcome.is_ok() {
+            tracing::info!(subaccount = %scope.subaccount, level = ?scope.level, name = ?name, create, "certificate written");
+        }
+        if single {
+            outcome?;
+            return Ok(if create { ok.into_response() } else { Json(json!({ "Count": 1 })).into_response() });
+        }
+        results.push(ItemResult::of(name.unwrap_or_default(), ok, outcome));
+    }
+    let status = if results.iter().all(|r| r.status == ok.as_u16()) { ok } else { StatusCode::MULTI_STATUS };
+    Ok((status, Json(results)).into_response())
+}
+
+async fn get_certificate(
+    State(s): Svc,
+    caller: Caller,
+    kind: Collection,
+    path: Result<Path<String>, PathRejection>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    let not_found = || ApiError::new(StatusCode::NOT_FOUND, CERTIFICATE_NOT_FOUND);
+    let Ok(Path(name)) = path else { return Err(not_found()) };
+    let key = caller.scope(kind)?.of(Kind::Certificate).row(&name);
+    let stored = s.load::<Certificate>(&key).await?.ok_or_else(not_found)?;
+    Ok(with_etag(&headers, &stored.etag, Json(&stored.destination).into_response()))
+}
+
+async fn delete_certificate(
+    State(s): Svc,
+    caller: Caller,
+    kind: Collection,
+    path: Result<Path<String>, PathRejection>,
+) -> Result<Response, ApiError> {
+    let not_found = || ApiError::new(StatusCode::NOT_FOUND, CERTIFICATE_NOT_FOUND);
+    let Ok(Path(name)) = path else { return Err(not_found()) };
+    let scope = caller.scope(kind)?.of(Kind::Certificate);
+    if !s.remove(&scope.row(&name)).await? {
+        return Err(not_found());
+    }
+    tracing::info!(subaccount = %scope.subaccount, level = ?scope.level, %name, "certificate deleted");
+    Ok(Json(json!({ "Count": 1 })).into_response())
+}
+
+/// Find and consume: the ETag is that of the destination configuration as answered (merged
+/// fragments included), so `If-None-Match` saves a client the body when nothing changed.
+fn respond_with_etag(headers: &HeaderMap, destination: &Destination, response: Response) -> Response {
+    match crate::etag_of(destination) {
+        Some(etag) => with_etag(headers, &etag, response),
+        None => response,
+    }
+}
+
+/// `response` with the `ETag`, or a 304 when `If-None-Match` names it.
+fn with_etag(headers: &HeaderMap, etag: &str, response: Response) -> Response {
+    let names = |h| {
+        headers.get(h).map(|v: &HeaderValue| {
+            v.to_str()
+                .is_ok_and(|v| v.split(',').map(str::trim).any(|t| t == "*" || t.trim_start_matches("W/") == etag))
+        })
+    };
+    let mut response = if names(IF_MATCH) == Some(false) {
+        ApiError::new(
+            StatusCode::PRECONDITION_FAILED,
+            "If-Match does not match the current ETag: the object has changed; read it again",
+        )
+        .into_response()
+    } else if names(IF_NONE_MATCH) == Some(true) {
+        StatusCode::NOT_MODIFIED.into_response()
+    } else {
+        response
+    };
+    if let Ok(value) = HeaderValue::from_str(etag) {
+        response.headers_mut().insert(ETAG, value);
+    }
+    response
+}
+
+/// SPEC §1.7: merges the fragments named by `X-fragment-name` (comma-separated, in order) from
+/// the destination's own level. A missing fragment is a 404 unless `X-fragment-optional: true`
+/// (only honoured for a single fragment).
+async fn apply_fragments(
+    s: &DestinationService,
+    key: &RowKey,
+    destination: Destination,
+    headers: &HeaderMap,
+    levels: Option<&Caller>,
+) -> Result<Destination, ApiError> {
+    if headers.get_all("x-fragment-name").iter().count() > 1 {
+        return Err(ApiError::bad_request("Send the X-fragment-name header once (a comma-separated list for several)"));
+    }
+    let Some(list) = header(headers, "x-fragment-name")? else { return Ok(destination) };
+    // v2 (`levels` set): `name@subaccount` / `name@instance`; otherwise the destination's level.
+    let mut names = Vec::new();
+    for item in list.split(',').map(str::trim) {
+        let (name, scope) = match (levels, item.rsplit_once('@')) {
+            (Some(caller), Some((name, level))) => (name, caller.scope(parse_level(level)?)?),
+            _ => (item, key.scope.clone()),
+        };
+        if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-') {
+            return Err(ApiError::bad_request(format!(
+                "X-fragment-name '{item}' is not a fragment name (letters, digits, '_' and '-', comma-separated)"
+            )));
+        }
+        names.push((name, scope.of(Kind::Fragment)));
+    }
+    let optional = match header(headers, "x-fragment-optional")? {
+        None => false,
+        Some(v) if v.eq_ignore_ascii_case("true") => true,
+        Some(v) if v.eq_ignore_ascii_case("false") => false,
+        Some(_) => return Err(ApiError::bad_request("Header X-fragment-optional must be 'true' or 'false'")),
+    };
+    let optional = optional && names.len() == 1;
+    let mut merged = destination;
+    let mut applied = Vec::with_capacity(names.len());
+    for (name, scope) in names {
+        match s.load::<Fragment>(&scope.row(name)).await? {
+            Some(stored) => {
+                merged = merged.merged_with(&stored.destination);
+                applied.push(name);
+            }
+            None if optional => return Ok(merged),
+            None => {
+                return Err(ApiError::new(
+                    StatusCode::NOT_FOUND,
+                    format!(
+                        "Fragment '{name}' named in X-fragment-name was not found on the level it was looked up \
+                         (that of destination '{}' unless '@level' is given); create it there or send \
+                         X-fragment-optional: true",
+                        key.name
+                    ),
+                ));
+            }
+        }
+    }
+    merged
+        .set("FragmentName", applied.join(","))
+        .map_err(|e| ApiError::bad_request(format!("Merged destination is invalid: {e}")))?;
+    Ok(merged)
 }
 
 #[derive(Serialize)]
@@ -402,6 +910,8 @@ struct AuthToken {
     #[serde(skip_serializing_if = "Option::is_none")]
     refresh_token: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
+    issued_token_type: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     error: Option<String>,
 }
 
@@ -420,6 +930,7 @@ impl AuthToken {
             expires_in: None,
             scope: None,
             refresh_token: None,
+            issued_token_type: None,
             error: None,
         }
     }
@@ -429,6 +940,7 @@ impl AuthToken {
             expires_in: token.expires_in.map(|s| s.to_string()),
             scope: token.scope,
             refresh_token: token.refresh_token.map(|t| t.into_inner()),
+            issued_token_type: token.issued_token_type,
             ..Self::authorization("Bearer", token.access_token.into_inner())
         }
     }
@@ -441,6 +953,7 @@ impl AuthToken {
             expires_in: None,
             scope: None,
             refresh_token: None,
+            issued_token_type: None,
             error: Some(reason.into()),
         }
     }
@@ -472,13 +985,7 @@ async fn find(
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
     let Ok(Path(name)) = path else { return Err(ApiError::not_found()) };
-    let tenant = header(&headers, "x-tenant")?;
-    if tenant.is_some() && header(&headers, "x-user-token")?.is_some() {
-        return Err(ApiError::bad_request("The headers X-user-token and X-tenant cannot be used together"));
-    }
-    if tenant.is_some_and(|t| !tokens::is_valid_subdomain(t)) {
-        return Err(ApiError::bad_request("Header X-tenant must be a tenant subdomain (letters, digits and '-')"));
-    }
+    check_tenant_headers(&headers)?;
     let mut scopes = Vec::with_capacity(2);
     if let Ok(instance) = caller.scope(Collection::Instance) {
         scopes.push(instance);
@@ -487,46 +994,188 @@ async fn find(
     let mut found = None;
     for scope in scopes {
         let key = scope.row(&name);
-        if let Some(stored) = s.load(&key).await? {
+        if let Some(stored) = s.load::<Destination>(&key).await? {
             found = Some((key, stored.destination));
             break;
         }
     }
     let (key, destination) = found.ok_or_else(ApiError::not_found)?;
-
-    let auth_tokens = if query_flag(query.as_deref(), "$skipTokenRetrieval") {
-        None
-    } else {
-        auth_tokens(&s, &caller, &key, &destination, tenant).await?
-    };
-    let destination =
-        if query_flag(query.as_deref(), "$skipCredentials") { destination.without_secrets() } else { destination };
+    let destination = apply_fragments(&s, &key, destination, &headers, None).await?;
+    let (destination, auth_tokens) = finish(&s, &caller, &key, destination, query.as_deref(), &headers).await?;
     let body = FindResponse {
         owner: Owner { subaccount_id: &key.scope.subaccount, instance_id: key.scope.instance_id() },
         destination_configuration: &destination,
         auth_tokens,
     };
-    Ok(Json(body).into_response())
+    Ok(respond_with_etag(&headers, &destination, Json(body).into_response()))
+}
+
+fn check_tenant_headers(headers: &HeaderMap) -> Result<(), ApiError> {
+    let tenant = header(headers, "x-tenant")?;
+    if tenant.is_some() && header(headers, "x-user-token")?.is_some() {
+        return Err(ApiError::bad_request("The headers X-user-token and X-tenant cannot be used together"));
+    }
+    if tenant.is_some_and(|t| !tokens::is_valid_subdomain(t)) {
+        return Err(ApiError::bad_request("Header X-tenant must be a tenant subdomain (letters, digits and '-')"));
+    }
+    Ok(())
+}
+
+/// Token retrieval and `$skipCredentials`, shared by find and consume.
+async fn finish(
+    s: &DestinationService,
+    caller: &Caller,
+    key: &RowKey,
+    destination: Destination,
+    query: Option<&str>,
+    headers: &HeaderMap,
+) -> Result<(Destination, Option<Vec<AuthToken>>), ApiError> {
+    let auth_tokens = if query_flag(query, "$skipTokenRetrieval") {
+        None
+    } else {
+        auth_tokens(s, caller, key, &destination, headers).await?
+    };
+    let destination = if query_flag(query, "$skipCredentials") { destination.without_secrets() } else { destination };
+    Ok((destination, auth_tokens))
+}
+
+/// `@subaccount` / `@instance` of the consume API (SPEC §1.5).
+fn parse_level(level: &str) -> Result<Collection, ApiError> {
+    match level {
+        "subaccount" => Ok(Collection::Subaccount),
+        "instance" => Ok(Collection::Instance),
+        "provider_subaccount" | "provider_instance" => Err(ApiError::bad_request(format!(
+            "Level '{level}' is for subscriber tokens of multi-tenant applications, which this Destination Service \
+             does not support; use 'subaccount' or 'instance'"
+        ))),
+        other => Err(ApiError::bad_request(format!("Unknown level '{other}': use 'subaccount' or 'instance'"))),
+    }
+}
+
+/// `GET /v2/destinations/{name}[@{level}]`: one level only (default `instance`), no fallback.
+async fn consume(
+    State(s): Svc,
+    caller: Caller,
+    path: Result<Path<String>, PathRejection>,
+    RawQuery(query): RawQuery,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    let Ok(Path(target)) = path else { return Err(ApiError::not_found()) };
+    let (name, level) = match target.rsplit_once('@') {
+        Some((name, level)) => (name, parse_level(level)?),
+        None => (target.as_str(), Collection::Instance),
+    };
+    check_tenant_headers(&headers)?;
+    let include_owner = match form_urlencoded::parse(query.as_deref().unwrap_or_default().as_bytes())
+        .find(|(k, _)| k == "$includeMetadata" || k == "includeMetadata")
+    {
+        None => false,
+        Some((_, v)) if v == "owner" => true,
+        Some((_, v)) => {
+            return Err(ApiError::bad_request(format!("$includeMetadata='{v}' is not supported; only 'owner' is")));
+        }
+    };
+    let key = caller.scope(level)?.row(name);
+    let destination = s.load::<Destination>(&key).await?.ok_or_else(ApiError::not_found)?.destination;
+    let destination = apply_fragments(&s, &key, destination, &headers, Some(&caller)).await?;
+    let (destination, auth_tokens) = finish(&s, &caller, &key, destination, query.as_deref(), &headers).await?;
+    let mut configuration = serde_json::to_value(&destination)
+        .map_err(|_| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "Cannot encode the destination"))?;
+    if include_owner && let Some(map) = configuration.as_object_mut() {
+        let owner =
+            json!({"Name": key.name, "SubaccountId": key.scope.subaccount, "InstanceId": key.scope.instance_id()});
+        let mut fragments = Vec::new();
+        if let Some(applied) = destination.get("FragmentName") {
+            fragments.extend(applied.split(',').map(|f| json!({"FragmentName": f})));
+        }
+        map.insert("$metadata".into(), json!({"owner": {"destinations": [owner], "fragments": fragments}}));
+    }
+    let mut body = json!({ "destinationConfiguration": configuration });
+    if let Some(tokens) = auth_tokens {
+        body["authTokens"] = serde_json::to_value(tokens).unwrap_or_default();
+    }
+    Ok(respond_with_etag(&headers, &destination, Json(body).into_response()))
 }
 
 /// `authTokens` for a found destination, or `None` where SAP sends none. A failed token
-/// retrieval is an entry with `error`, not an HTTP error: the client decides what to do.
+/// retrieval is an entry with `error`, not an HTTP error: the client decides what to do. A
+/// request that cannot be served as sent (a missing `X-refresh-token`) is a 400.
 async fn auth_tokens(
     s: &DestinationService,
     caller: &Caller,
     key: &RowKey,
     dest: &Destination,
-    tenant: Option<&str>,
+    headers: &HeaderMap,
 ) -> Result<Option<Vec<AuthToken>>, ApiError> {
     use AuthenticationType::*;
+    let tenant = header(headers, "x-tenant")?;
+    let assertion = client_assertion(headers)?;
+    let flow = |grant| TokenFlow { s, caller, key, dest, grant, tenant, user: None, assertion };
     let token = match dest.authentication() {
         None | Some(NoAuthentication | PrincipalPropagation | ClientCertificateAuthentication) => return Ok(None),
         Some(BasicAuthentication) => match (dest.get("User"), dest.get("Password")) {
             (Some(user), Some(password)) => AuthToken::authorization("Basic", B64.encode(format!("{user}:{password}"))),
             _ => AuthToken::failed("BasicAuthentication destinations need the properties 'User' and 'Password'"),
         },
-        Some(OAuth2ClientCredentials) => oauth_token(s, caller, key, dest, Grant::ClientCredentials, tenant).await?,
-        Some(OAuth2Password) => oauth_token(s, caller, key, dest, Grant::Password, tenant).await?,
+        Some(OAuth2ClientCredentials) => flow(Grant::ClientCredentials).run().await?,
+        Some(OAuth2Password) => flow(Grant::Password).run().await?,
+        Some(OAuth2TechnicalUserPropagation) => {
+            let mut token = flow(Grant::TechnicalUser).run().await?;
+            if let Some(h) = token.http_header.as_mut() {
+                h.key = TECHNICAL_AUTH_HEADER;
+            }
+            token
+        }
+        Some(auth @ (OAuth2UserTokenExchange | OAuth2JWTBearer)) => match user_token(s, caller, headers).await? {
+            Ok(user) => {
+                let grant = Grant::JwtBearer { auth: auth.as_str(), assertion: &user.jwt };
+                TokenFlow { user: Some(&user), ..flow(grant) }.run().await?
+            }
+            Err(reason) => AuthToken::failed(reason),
+        },
+        Some(OAuth2RefreshToken) => {
+            let refresh = header(headers, "x-refresh-token")?.ok_or_else(|| {
+                ApiError::bad_request(format!(
+                    "Destination '{}' uses OAuth2RefreshToken: send the refresh token in the X-refresh-token header",
+                    key.name
+                ))
+            })?;
+            flow(Grant::RefreshToken(refresh)).run().await?
+        }
+        Some(OAuth2AuthorizationCode) => {
+            let code = header(headers, "x-code")?.ok_or_else(|| {
+                ApiError::bad_request(format!(
+                    "Destination '{}' uses OAuth2AuthorizationCode: send the authorization code in the X-code header",
+                    key.name
+                ))
+            })?;
+            let grant = Grant::AuthorizationCode {
+                code,
+                redirect_uri: header(headers, "x-redirect-uri")?,
+                code_verifier: header(headers, "x-code-verifier")?,
+            };
+            flow(grant).run().await?
+        }
+        Some(OAuth2TokenExchange) => {
+            let subject = header(headers, "x-subject-token")?.zip(header(headers, "x-subject-token-type")?);
+            let subject = subject.ok_or_else(|| {
+                ApiError::bad_request(format!(
+                    "Destination '{}' uses OAuth2TokenExchange: send the X-subject-token and X-subject-token-type \
+                     headers",
+                    key.name
+                ))
+            })?;
+            let actor = match (header(headers, "x-actor-token")?, header(headers, "x-actor-token-type")?) {
+                (None, None) => None,
+                (Some(t), Some(k)) => Some((t, k)),
+                _ => {
+                    return Err(ApiError::bad_request(
+                        "Headers X-actor-token and X-actor-token-type must be sent together",
+                    ));
+                }
+            };
+            flow(Grant::TokenExchange { subject, actor }).run().await?
+        }
         Some(other) => AuthToken::failed(format!(
             "Authentication '{other}' is not supported by this Destination Service yet; no token was retrieved"
         )),
@@ -537,35 +1186,107 @@ async fn auth_tokens(
     Ok(Some(vec![token]))
 }
 
-async fn oauth_token(
+/// SPEC §2.5: `X-client-assertion` with `X-client-assertion-type`, both or neither.
+fn client_assertion(headers: &HeaderMap) -> Result<Option<(&str, &str)>, ApiError> {
+    let assertion = header(headers, "x-client-assertion")?;
+    let kind = header(headers, "x-client-assertion-type")?;
+    if header(headers, "x-client-assertion-destination-name")?.is_some() {
+        if assertion.is_some() || kind.is_some() {
+            return Err(ApiError::bad_request(
+                "Cannot mix header 'x-client-assertion-destination-name' with headers 'x-client-assertion' and \
+                 'x-client-assertion-type'",
+            ));
+        }
+        return Err(ApiError::bad_request(
+            "Header X-client-assertion-destination-name is not supported by this Destination Service yet; send \
+             X-client-assertion and X-client-assertion-type instead",
+        ));
+    }
+    match (assertion, kind) {
+        (None, None) => Ok(None),
+        (Some(a), Some(k)) => Ok(Some((a, k))),
+        _ => Err(ApiError::bad_request("Headers X-client-assertion and X-client-assertion-type must be sent together")),
+    }
+}
+
+/// SPEC §2.1: where OAuth2TechnicalUserPropagation puts its token, for the Connectivity Proxy.
+const TECHNICAL_AUTH_HEADER: &str = "SAP-Connectivity-Technical-Authentication";
+
+/// The user of a user flow: `X-user-token` if sent, else the bearer token if it is a user's.
+/// `Ok(Err(reason))` when there is none or it is refused: that fails the token, not the call.
+async fn user_token(
     s: &DestinationService,
     caller: &Caller,
-    key: &RowKey,
-    dest: &Destination,
-    grant: Grant,
-    tenant_header: Option<&str>,
-) -> Result<AuthToken, ApiError> {
-    let common = tokens::is_common(dest);
-    if tenant_header.is_some() && !common {
-        return Err(ApiError::bad_request(format!(
-            "Header X-tenant is only allowed for destinations with tokenServiceURLType 'Common'; destination '{}' \
-             uses a dedicated token service URL",
-            key.name
-        )));
+    headers: &HeaderMap,
+) -> Result<Result<UserToken, String>, ApiError> {
+    let Some(jwt) = header(headers, "x-user-token")? else {
+        return Ok(caller.user.clone().ok_or_else(|| {
+            "this destination exchanges a user's token, but none was sent: send the user's JWT in the \
+             X-user-token header (or call with the user's token in Authorization)"
+                .to_owned()
+        }));
+    };
+    // Verified, not just decoded: the user it names keys the token cache.
+    let claims = match s.verifier.verify(jwt).await {
+        Ok(claims) => claims,
+        Err(e) => return Ok(Err(format!("the X-user-token was refused: {e}"))),
+    };
+    Ok(UserToken::from_claims(jwt, &claims).ok_or_else(|| {
+        "the X-user-token is not a user's token (it has no user_name or user_id); send the JWT of the logged-in user"
+            .to_owned()
+    }))
+}
+
+/// One OAuth token retrieval for a found destination.
+#[derive(Clone, Copy)]
+struct TokenFlow<'a> {
+    s: &'a DestinationService,
+    caller: &'a Caller,
+    key: &'a RowKey,
+    dest: &'a Destination,
+    grant: Grant<'a>,
+    /// The `X-tenant` header.
+    tenant: Option<&'a str>,
+    /// Set for user flows: the tenant comes from this user's token and the cache is per user.
+    user: Option<&'a UserToken>,
+    /// The caller's client assertion and its type (SPEC §2.5).
+    assertion: Option<(&'a str, &'a str)>,
+}
+
+impl TokenFlow<'_> {
+    async fn run(self) -> Result<AuthToken, ApiError> {
+        let Self { s, caller, key, dest, grant, tenant: tenant_header, user, assertion } = self;
+        let common = tokens::is_common(dest) && grant.uses_tenant();
+        if tenant_header.is_some() && !common {
+            return Err(ApiError::bad_request(format!(
+                "Header X-tenant is only allowed for destinations with tokenServiceURLType 'Common'; destination '{}' \
+                 uses a dedicated token service URL",
+                key.name
+            )));
+        }
+        let tenant = match (common, user) {
+            (false, _) => None,
+            // SPEC §2.2: user flows take the tenant from the user's token.
+            (true, Some(user)) => user.subdomain.clone(),
+            (true, None) => tenant_header.map(str::to_owned).or_else(|| caller.subdomain.clone()),
+        };
+        let request = match TokenRequest::build(dest, grant, tenant.as_deref(), s.tokens.default_timeout) {
+            Ok(request) => match assertion {
+                Some((a, kind)) => request.with_client_assertion(a, kind),
+                None => request,
+            },
+            Err(e) => return Ok(AuthToken::failed(e.to_string())),
+        };
+        let owner = CacheOwner {
+            subaccount: key.scope.subaccount.clone(),
+            instance: key.scope.instance_id().map(str::to_owned),
+            name: key.name.clone(),
+            tenant,
+            user: user.map(|u| u.key.clone()),
+        };
+        Ok(match s.tokens.token(owner, request).await {
+            Ok(token) => AuthToken::bearer(token),
+            Err(e) => AuthToken::failed(e.to_string()),
+        })
     }
-    let tenant = if common { tenant_header.map(str::to_owned).or_else(|| caller.subdomain.clone()) } else { None };
-    let request = match TokenRequest::build(dest, grant, tenant.as_deref(), s.tokens.default_timeout) {
-        Ok(request) => request,
-        Err(e) => return Ok(AuthToken::failed(e.to_string())),
-    };
-    let owner = CacheOwner {
-        subaccount: key.scope.subaccount.clone(),
-        instance: key.scope.instance_id().map(str::to_owned),
-        name: key.name.clone(),
-        tenant,
-    };
-    Ok(match s.tokens.token(owner, request).await {
-        Ok(token) => AuthToken::bearer(token),
-        Err(e) => AuthToken::failed(e.to_string()),
-    })
 }

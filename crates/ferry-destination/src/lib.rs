@@ -5,6 +5,31 @@
 //! its `zid` is the subaccount, its service instance id (or, failing that, its client id) the
 //! instance level, so there are no tenant ids in URLs to forge.
 //!
+//! What is served (base `/destination-configuration`): `v1/{subaccount,instance}Destinations`
+//! (CRUD, bulk POST/PUT with 207, bulk DELETE by `$filter=Name in (...)`, list modes `$filter`,
+//! `$select=Name`, `$page`/`$pageSize`/`$pageCount`/`$entityCount`),
+//! `v1/{subaccount,instance}DestinationFragments`, `v1/{subaccount,instance}Certificates`, labels
+//! of all three (`.../{name}/labels`, GET/PUT/PATCH),
+//! find-by-name `v1/destinations/{name}` (instance level, then subaccount level; `X-fragment-name`
+//! merging) and the consume API `v2/destinations/{name}[@level]` (no fallback, default
+//! `instance`). Token flows on find: Basic, OAuth2ClientCredentials, OAuth2Password,
+//! OAuth2UserTokenExchange and OAuth2JWTBearer (both as RFC 7523 jwt-bearer with the user's JWT,
+//! from `X-user-token` or a user token in `Authorization`, verified by the service's verifier;
+//! their tokens are cached per user), OAuth2RefreshToken (`X-refresh-token`),
+//! OAuth2AuthorizationCode (`X-code`, `X-redirect-uri`, `X-code-verifier`) and
+//! OAuth2TechnicalUserPropagation (client credentials; the token goes in
+//! `SAP-Connectivity-Technical-Authentication`) and OAuth2TokenExchange (RFC 8693 with
+//! `X-subject-token(-type)` and optional `X-actor-token(-type)`; `issued_token_type` returned).
+//! `X-client-assertion` with `X-client-assertion-type` replaces the client secret in any of them.
+//!
+//! Deviations from SAP's service, on purpose or not yet built: lists never contain secrets (and
+//! certificate lists no `Content`); a missing `X-refresh-token` or `X-code` is a 400 rather than a
+//! failed token, and so are missing `X-subject-token` headers; a user JWT that this service cannot verify (non-XSUAA issuers with
+//! `x_user_token.jwks`) fails the token; `modifiedwithin`, `$includeMetadata` on lists, label filters,
+//! certificate generation and `publicKeys`, the `provider_*` consume levels, SAML flows, client
+//! assertions fetched through another destination (`X-client-assertion-destination-name`), mTLS
+//! to token services and chaining are not supported yet.
+//!
 //! Layers, top to bottom: `api` (HTTP shapes and status codes), [`DestinationService`]
 //! (sealing, lookups, token retrieval), `tokens` (remote OAuth calls and their cache) and
 //! `store` (sealed rows in SQLite).
@@ -13,6 +38,8 @@
 #![cfg_attr(test, allow(clippy::unwrap_used))]
 
 mod api;
+mod labels;
+mod query;
 mod store;
 mod tokens;
 
@@ -30,9 +57,11 @@ use ferry_model::Destination;
 use sha2::{Digest, Sha256};
 
 pub use crate::store::StoreError;
-use crate::store::{Level, RowKey, Scope, SqliteStore, Store};
+use crate::store::{Kind, Level, RowKey, Scope, SqliteStore, Store};
 use crate::tokens::{Clock, SystemClock, TokenFetcher};
 use ferry_core::aead::Sealer;
+use serde::Serialize;
+use serde::de::DeserializeOwned;
 
 /// SPEC §2.3: token requests time out after 10 s unless the destination says otherwise.
 pub const DEFAULT_TOKEN_FETCH_TIMEOUT: Duration = Duration::from_secs(10);
@@ -91,9 +120,10 @@ impl std::fmt::Debug for DestinationService {
     }
 }
 
-/// A destination as read from the store, with the ETag of its stored form.
-pub(crate) struct Stored {
-    pub destination: Destination,
+/// A destination (or fragment, certificate) as read from the store, with the ETag of its
+/// stored form.
+pub(crate) struct Stored<T = Destination> {
+    pub destination: T,
     pub etag: String,
 }
 
@@ -145,18 +175,18 @@ impl DestinationService {
         destination: Destination,
     ) -> Result<(), Error> {
         let level = instance.map_or(Level::Subaccount, |i| Level::Instance(i.to_owned()));
-        let key = Scope { subaccount: subaccount.to_owned(), level }.row(destination.name());
+        let key = Scope { subaccount: subaccount.to_owned(), level, kind: Kind::Destination }.row(destination.name());
         let sealed = self.seal(&key, &destination)?;
         self.store.upsert(key, sealed).await?;
         Ok(())
     }
 
-    fn seal(&self, key: &RowKey, destination: &Destination) -> Result<Vec<u8>, Error> {
+    fn seal<T: Serialize>(&self, key: &RowKey, destination: &T) -> Result<Vec<u8>, Error> {
         let plain = serde_json::to_vec(destination).map_err(|_| Error::Encrypt)?;
         self.sealer.seal(&key.associated_data(), &plain).map_err(|_| Error::Encrypt)
     }
 
-    fn unseal(&self, key: &RowKey, sealed: &[u8]) -> Result<Stored, Error> {
+    fn unseal<T: DeserializeOwned>(&self, key: &RowKey, sealed: &[u8]) -> Result<Stored<T>, Error> {
         let plain = self.sealer.open(&key.associated_data(), sealed).map_err(|e| {
             // Names and ids only: the content is exactly what must not reach a log.
             tracing::error!(subaccount = %key.scope.subaccount, level = ?key.scope.level, name = %key.name, error = %e,
@@ -167,37 +197,63 @@ impl DestinationService {
             tracing::error!(subaccount = %key.scope.subaccount, name = %key.name, "stored destination is invalid");
             Error::Corrupt { name: key.name.clone(), reason: e.to_string() }
         })?;
-        Ok(Stored { destination, etag: format!("\"{}\"", hex::encode(Sha256::digest(&plain))) })
+        Ok(Stored { destination, etag: etag_of_bytes(&plain) })
     }
 
-    pub(crate) async fn load(&self, key: &RowKey) -> Result<Option<Stored>, Error> {
+    pub(crate) async fn load<T: DeserializeOwned>(&self, key: &RowKey) -> Result<Option<Stored<T>>, Error> {
         match self.store.get(key.clone()).await? {
             Some(sealed) => self.unseal(key, &sealed).map(Some),
             None => Ok(None),
         }
     }
 
-    pub(crate) async fn list(&self, scope: &Scope) -> Result<Vec<Destination>, Error> {
+    pub(crate) async fn list<T: DeserializeOwned>(&self, scope: &Scope) -> Result<Vec<T>, Error> {
         let rows = self.store.list(scope.clone()).await?;
         rows.into_iter().map(|(name, sealed)| self.unseal(&scope.row(&name), &sealed).map(|s| s.destination)).collect()
     }
 
     /// `false` if the name is taken.
-    pub(crate) async fn create(&self, key: &RowKey, destination: &Destination) -> Result<bool, Error> {
+    pub(crate) async fn create<T: Serialize>(&self, key: &RowKey, destination: &T) -> Result<bool, Error> {
         let sealed = self.seal(key, destination)?;
         Ok(self.store.insert(key.clone(), sealed).await?)
     }
 
     /// `false` if there is no such destination.
-    pub(crate) async fn replace(&self, key: &RowKey, destination: &Destination) -> Result<bool, Error> {
+    pub(crate) async fn replace<T: Serialize>(&self, key: &RowKey, destination: &T) -> Result<bool, Error> {
         let sealed = self.seal(key, destination)?;
         Ok(self.store.update(key.clone(), sealed).await?)
     }
 
+    /// Whether a row exists (its content is not opened).
+    pub(crate) async fn exists(&self, key: &RowKey) -> Result<bool, Error> {
+        Ok(self.store.get(key.clone()).await?.is_some())
+    }
+
+    /// Creates or replaces a row.
+    pub(crate) async fn put<T: Serialize>(&self, key: &RowKey, value: &T) -> Result<(), Error> {
+        let sealed = self.seal(key, value)?;
+        Ok(self.store.upsert(key.clone(), sealed).await?)
+    }
+
     /// `false` if there is no such destination.
     pub(crate) async fn remove(&self, key: &RowKey) -> Result<bool, Error> {
-        Ok(self.store.delete(key.clone()).await?)
+        let removed = self.store.delete(key.clone()).await?;
+        // Labels go with their object, so a new object of the same name starts without any.
+        if let Some(labels) = Scope::labels_of(key) {
+            self.store.delete(labels).await?;
+        }
+        Ok(removed)
     }
+}
+
+/// The ETag of a stored object: the SHA-256 of its stored JSON, quoted.
+fn etag_of_bytes(plain: &[u8]) -> String {
+    format!("\"{}\"", hex::encode(Sha256::digest(plain)))
+}
+
+/// The ETag `value` gets when stored (as a GET of it reports it).
+pub(crate) fn etag_of<T: Serialize>(value: &T) -> Option<String> {
+    serde_json::to_vec(value).ok().map(|plain| etag_of_bytes(&plain))
 }
 
 /// Serves the Destination Service API on `listener` until `shutdown` fires.

@@ -42,12 +42,35 @@ pub(crate) enum Level {
     Instance(String),
 }
 
-/// One collection of destinations: what `/subaccountDestinations` or `/instanceDestinations`
+/// What a row holds; each kind has its own table and name space.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub(crate) enum Kind {
+    Destination,
+    Fragment,
+    Certificate,
+    /// Labels of one destination, fragment or certificate (row name `<d|f|c>/<name>`).
+    Label,
+}
+
+impl Kind {
+    /// The table; a fixed string, never from input.
+    fn table(self) -> &'static str {
+        match self {
+            Kind::Destination => "destinations",
+            Kind::Fragment => "fragments",
+            Kind::Certificate => "certificates",
+            Kind::Label => "labels",
+        }
+    }
+}
+
+/// One collection: what `/subaccountDestinations`, `/instanceDestinationFragments`, ...
 /// addresses for a given caller.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub(crate) struct Scope {
     pub subaccount: String,
     pub level: Level,
+    pub kind: Kind,
 }
 
 impl Scope {
@@ -60,6 +83,22 @@ impl Scope {
 
     pub(crate) fn row(&self, name: &str) -> RowKey {
         RowKey { scope: self.clone(), name: name.to_owned() }
+    }
+
+    /// The row holding the labels of `key`'s object; `None` for a label row itself.
+    pub(crate) fn labels_of(key: &RowKey) -> Option<RowKey> {
+        let tag = match key.scope.kind {
+            Kind::Destination => "d",
+            Kind::Fragment => "f",
+            Kind::Certificate => "c",
+            Kind::Label => return None,
+        };
+        Some(key.scope.of(Kind::Label).row(&format!("{tag}/{}", key.name)))
+    }
+
+    /// The same subaccount and level, another kind of row.
+    pub(crate) fn of(&self, kind: Kind) -> Scope {
+        Scope { kind, ..self.clone() }
     }
 }
 
@@ -85,6 +124,13 @@ impl RowKey {
             Level::Instance(i) => part(b'I', i),
         }
         part(b'n', &self.name);
+        // Destinations keep the original encoding, so existing rows still open.
+        match self.scope.kind {
+            Kind::Destination => {}
+            Kind::Fragment => part(b'k', "fragment"),
+            Kind::Certificate => part(b'k', "certificate"),
+            Kind::Label => part(b'k', "label"),
+        }
         out
     }
 }
@@ -106,7 +152,8 @@ pub(crate) trait Store: Send + Sync {
 
 /// Schema migrations, applied in order; `schema_version` holds how many have run. Append
 /// only: a released migration is never edited.
-const MIGRATIONS: &[&str] = &["
+const MIGRATIONS: &[&str] = &[
+    "
     CREATE TABLE destinations (
         subaccount  TEXT    NOT NULL,
         instance    TEXT    NOT NULL,  -- '' for subaccount level
@@ -116,7 +163,36 @@ const MIGRATIONS: &[&str] = &["
         PRIMARY KEY (subaccount, instance, name)
     ) WITHOUT ROWID;
     CREATE TABLE meta (key TEXT PRIMARY KEY, value BLOB NOT NULL) WITHOUT ROWID;
-"];
+",
+    "
+    CREATE TABLE fragments (
+        subaccount  TEXT    NOT NULL,
+        instance    TEXT    NOT NULL,
+        name        TEXT    NOT NULL,
+        sealed      BLOB    NOT NULL,
+        modified_at INTEGER NOT NULL,
+        PRIMARY KEY (subaccount, instance, name)
+    ) WITHOUT ROWID;
+    CREATE TABLE certificates (
+        subaccount  TEXT    NOT NULL,
+        instance    TEXT    NOT NULL,
+        name        TEXT    NOT NULL,
+        sealed      BLOB    NOT NULL,
+        modified_at INTEGER NOT NULL,
+        PRIMARY KEY (subaccount, instance, name)
+    ) WITHOUT ROWID;
+",
+    "
+    CREATE TABLE labels (
+        subaccount  TEXT    NOT NULL,
+        instance    TEXT    NOT NULL,
+        name        TEXT    NOT NULL,  -- '<d|f|c>/<object name>'
+        sealed      BLOB    NOT NULL,
+        modified_at INTEGER NOT NULL,
+        PRIMARY KEY (subaccount, instance, name)
+    ) WITHOUT ROWID;
+",
+];
 
 pub(crate) struct SqliteStore {
     conn: Arc<Mutex<Connection>>,
@@ -224,7 +300,10 @@ impl Store for SqliteStore {
     fn get(&self, key: RowKey) -> StoreFuture<'_, Option<Vec<u8>>> {
         self.call("reading a destination", move |c| {
             c.query_row(
-                "SELECT sealed FROM destinations WHERE subaccount = ?1 AND instance = ?2 AND name = ?3",
+                &format!(
+                    "SELECT sealed FROM {} WHERE subaccount = ?1 AND instance = ?2 AND name = ?3",
+                    key.scope.kind.table()
+                ),
                 params![key.scope.subaccount, instance_column(&key.scope.level), key.name],
                 |r| r.get(0),
             )
@@ -234,9 +313,10 @@ impl Store for SqliteStore {
 
     fn list(&self, scope: Scope) -> StoreFuture<'_, Vec<(String, Vec<u8>)>> {
         self.call("listing destinations", move |c| {
-            let mut stmt = c.prepare_cached(
-                "SELECT name, sealed FROM destinations WHERE subaccount = ?1 AND instance = ?2 ORDER BY name",
-            )?;
+            let mut stmt = c.prepare_cached(&format!(
+                "SELECT name, sealed FROM {} WHERE subaccount = ?1 AND instance = ?2 ORDER BY name",
+                scope.kind.table()
+            ))?;
             let rows = stmt
                 .query_map(params![scope.subaccount, instance_column(&scope.level)], |r| Ok((r.get(0)?, r.get(1)?)))?;
             rows.collect()
@@ -246,8 +326,11 @@ impl Store for SqliteStore {
     fn insert(&self, key: RowKey, sealed: Vec<u8>) -> StoreFuture<'_, bool> {
         self.call("creating a destination", move |c| {
             let n = c.execute(
-                "INSERT INTO destinations (subaccount, instance, name, sealed, modified_at) VALUES (?1, ?2, ?3, ?4, ?5)
-                 ON CONFLICT DO NOTHING",
+                &format!(
+                    "INSERT INTO {} (subaccount, instance, name, sealed, modified_at) VALUES (?1, ?2, ?3, ?4, ?5)
+                     ON CONFLICT DO NOTHING",
+                    key.scope.kind.table()
+                ),
                 params![key.scope.subaccount, instance_column(&key.scope.level), key.name, sealed, now_secs()],
             )?;
             Ok(n == 1)
@@ -257,8 +340,10 @@ impl Store for SqliteStore {
     fn update(&self, key: RowKey, sealed: Vec<u8>) -> StoreFuture<'_, bool> {
         self.call("updating a destination", move |c| {
             let n = c.execute(
-                "UPDATE destinations SET sealed = ?4, modified_at = ?5
-                 WHERE subaccount = ?1 AND instance = ?2 AND name = ?3",
+                &format!(
+                    "UPDATE {} SET sealed = ?4, modified_at = ?5 WHERE subaccount = ?1 AND instance = ?2 AND name = ?3",
+                    key.scope.kind.table()
+                ),
                 params![key.scope.subaccount, instance_column(&key.scope.level), key.name, sealed, now_secs()],
             )?;
             Ok(n == 1)
@@ -268,8 +353,11 @@ impl Store for SqliteStore {
     fn upsert(&self, key: RowKey, sealed: Vec<u8>) -> StoreFuture<'_, ()> {
         self.call("storing a destination", move |c| {
             c.execute(
-                "INSERT INTO destinations (subaccount, instance, name, sealed, modified_at) VALUES (?1, ?2, ?3, ?4, ?5)
-                 ON CONFLICT (subaccount, instance, name) DO UPDATE SET sealed = ?4, modified_at = ?5",
+                &format!(
+                    "INSERT INTO {} (subaccount, instance, name, sealed, modified_at) VALUES (?1, ?2, ?3, ?4, ?5)
+                     ON CONFLICT (subaccount, instance, name) DO UPDATE SET sealed = ?4, modified_at = ?5",
+                    key.scope.kind.table()
+                ),
                 params![key.scope.subaccount, instance_column(&key.scope.level), key.name, sealed, now_secs()],
             )
             .map(drop)
@@ -279,7 +367,10 @@ impl Store for SqliteStore {
     fn delete(&self, key: RowKey) -> StoreFuture<'_, bool> {
         self.call("deleting a destination", move |c| {
             let n = c.execute(
-                "DELETE FROM destinations WHERE subaccount = ?1 AND instance = ?2 AND name = ?3",
+                &format!(
+                    "DELETE FROM {} WHERE subaccount = ?1 AND instance = ?2 AND name = ?3",
+                    key.scope.kind.table()
+                ),
                 params![key.scope.subaccount, instance_column(&key.scope.level), key.name],
             )?;
             Ok(n == 1)

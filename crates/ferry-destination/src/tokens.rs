@@ -43,18 +43,54 @@ impl Clock for SystemClock {
 }
 
 /// The grants the service performs itself; they share everything but the form fields.
+///
+/// User-bound inputs (`assertion`, refresh token, code) are borrowed from the request: they are
+/// secrets and live no longer than it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) enum Grant {
+pub(crate) enum Grant<'a> {
     ClientCredentials,
     Password,
+    /// `OAuth2TechnicalUserPropagation`: client credentials, token service always over the Internet.
+    TechnicalUser,
+    /// `OAuth2UserTokenExchange` and `OAuth2JWTBearer`: RFC 7523 with the user's JWT.
+    JwtBearer {
+        auth: &'static str,
+        assertion: &'a str,
+    },
+    RefreshToken(&'a str),
+    AuthorizationCode {
+        code: &'a str,
+        redirect_uri: Option<&'a str>,
+        code_verifier: Option<&'a str>,
+    },
+    /// `OAuth2TokenExchange` (RFC 8693): subject token and type, optional actor token and type.
+    TokenExchange {
+        subject: (&'a str, &'a str),
+        actor: Option<(&'a str, &'a str)>,
+    },
 }
 
-impl Grant {
+/// RFC 7523 grant type, as XSUAA and Ferry's token service understand it.
+pub(crate) const GRANT_JWT_BEARER: &str = "urn:ietf:params:oauth:grant-type:jwt-bearer";
+/// RFC 8693 grant type.
+pub(crate) const GRANT_TOKEN_EXCHANGE: &str = "urn:ietf:params:oauth:grant-type:token-exchange";
+
+impl Grant<'_> {
     fn auth_name(self) -> &'static str {
         match self {
             Grant::ClientCredentials => "OAuth2ClientCredentials",
             Grant::Password => "OAuth2Password",
+            Grant::TechnicalUser => "OAuth2TechnicalUserPropagation",
+            Grant::JwtBearer { auth, .. } => auth,
+            Grant::RefreshToken(_) => "OAuth2RefreshToken",
+            Grant::AuthorizationCode { .. } => "OAuth2AuthorizationCode",
+            Grant::TokenExchange { .. } => "OAuth2TokenExchange",
         }
+    }
+
+    /// SPEC §2.2: OAuth2TokenExchange takes `tokenServiceURL` as it is, never per tenant.
+    pub(crate) fn uses_tenant(self) -> bool {
+        !matches!(self, Grant::TokenExchange { .. })
     }
 }
 
@@ -93,6 +129,8 @@ pub(crate) struct Token {
     pub expires_in: Option<u64>,
     pub scope: Option<String>,
     pub refresh_token: Option<Secret<String>>,
+    /// RFC 8693 `issued_token_type`, for token exchange.
+    pub issued_token_type: Option<String>,
 }
 
 /// A fully resolved token request. Not `Debug`: the form and credentials hold secrets.
@@ -102,6 +140,8 @@ pub(crate) struct TokenRequest {
     headers: Vec<(HeaderName, HeaderValue)>,
     basic: Option<(String, String)>,
     timeout: Duration,
+    /// Form fields left out of the fingerprint (see `build`).
+    per_user: Vec<&'static str>,
 }
 
 impl TokenRequest {
@@ -109,7 +149,7 @@ impl TokenRequest {
     /// the subdomain for `tokenServiceURLType: Common` (from `X-tenant` or the caller's token).
     pub(crate) fn build(
         dest: &Destination,
-        grant: Grant,
+        grant: Grant<'_>,
         tenant: Option<&str>,
         default_timeout: Duration,
     ) -> Result<Self, TokenError> {
@@ -117,11 +157,15 @@ impl TokenRequest {
         let prop = |key: &'static str| dest.get(key).filter(|v| !v.is_empty());
         let required = |key: &'static str| prop(key).ok_or(TokenError::MissingProperty { auth, key });
 
-        if dest.get("ProxyType") == Some("OnPremise") && dest.get("tokenServiceURL.ProxyType") != Some("Internet") {
+        // SPEC §2.3: the technical-user flow always reaches its token service over the Internet.
+        if grant != Grant::TechnicalUser
+            && dest.get("ProxyType") == Some("OnPremise")
+            && dest.get("tokenServiceURL.ProxyType") != Some("Internet")
+        {
             return Err(TokenError::OnPremise);
         }
         let raw_url = required("tokenServiceURL")?;
-        let resolved = if is_common(dest) {
+        let resolved = if is_common(dest) && grant.uses_tenant() {
             let tenant = tenant.ok_or_else(|| {
                 TokenError::Tenant(
                     "tokenServiceURLType is Common but the tenant is unknown: send the X-tenant header with the \
@@ -148,13 +192,45 @@ impl TokenRequest {
             headers.push(header.ok_or_else(|| TokenError::InvalidHeader(format!("tokenServiceURL.headers.{name}")))?);
         }
 
-        let mut form = Vec::new();
+        let mut form: Vec<(String, String)> = Vec::new();
+        // Fields that identify the user rather than the request: the cache keys on the user's
+        // identity instead, so one user's next JWT still finds that user's token.
+        let mut per_user = Vec::new();
+        let mut push = |k: &str, v: &str| form.push((k.to_owned(), v.to_owned()));
         match grant {
-            Grant::ClientCredentials => form.push(("grant_type".into(), "client_credentials".into())),
+            Grant::ClientCredentials | Grant::TechnicalUser => push("grant_type", "client_credentials"),
             Grant::Password => {
-                form.push(("grant_type".into(), "password".into()));
-                form.push(("username".into(), required("User")?.to_owned()));
-                form.push(("password".into(), dest.get("Password").unwrap_or_default().to_owned()));
+                push("grant_type", "password");
+                push("username", required("User")?);
+                push("password", dest.get("Password").unwrap_or_default());
+            }
+            Grant::JwtBearer { assertion, .. } => {
+                push("grant_type", GRANT_JWT_BEARER);
+                push("assertion", assertion);
+                per_user.push("assertion");
+            }
+            Grant::RefreshToken(token) => {
+                push("grant_type", "refresh_token");
+                push("refresh_token", token);
+            }
+            Grant::TokenExchange { subject, actor } => {
+                push("grant_type", GRANT_TOKEN_EXCHANGE);
+                push("subject_token", subject.0);
+                push("subject_token_type", subject.1);
+                if let Some((token, kind)) = actor {
+                    push("actor_token", token);
+                    push("actor_token_type", kind);
+                }
+            }
+            Grant::AuthorizationCode { code, redirect_uri, code_verifier } => {
+                push("grant_type", "authorization_code");
+                push("code", code);
+                if let Some(uri) = redirect_uri {
+                    push("redirect_uri", uri);
+                }
+                if let Some(verifier) = code_verifier {
+                    push("code_verifier", verifier);
+                }
             }
         }
         // Client authentication: a token service user wins, then the body/Basic switch.
@@ -184,7 +260,20 @@ impl TokenRequest {
             .filter(|s| (1..=MAX_READ_TIMEOUT_SECS).contains(s))
             .map_or(default_timeout, Duration::from_secs);
 
-        Ok(Self { url, form, headers, basic, timeout })
+        Ok(Self { url, form, headers, basic, timeout, per_user })
+    }
+
+    /// SPEC §2.5: the caller's client assertion authenticates the client instead of a secret.
+    pub(crate) fn with_client_assertion(mut self, assertion: &str, assertion_type: &str) -> Self {
+        self.form.retain(|(k, _)| k != "client_secret");
+        if let Some((client_id, _)) = self.basic.take()
+            && !self.form.iter().any(|(k, _)| k == "client_id")
+        {
+            self.form.push(("client_id".into(), client_id));
+        }
+        self.form.push(("client_assertion".into(), assertion.to_owned()));
+        self.form.push(("client_assertion_type".into(), assertion_type.to_owned()));
+        self
     }
 
     /// A digest of everything that goes on the wire, used in the cache key.
@@ -195,7 +284,7 @@ impl TokenRequest {
             h.update(b);
         };
         field(self.url.as_str().as_bytes());
-        for (k, v) in &self.form {
+        for (k, v) in self.form.iter().filter(|(k, _)| !self.per_user.contains(&k.as_str())) {
             field(k.as_bytes());
             field(v.as_bytes());
         }
@@ -271,6 +360,8 @@ pub(crate) struct CacheOwner {
     pub instance: Option<String>,
     pub name: String,
     pub tenant: Option<String>,
+    /// `<zid>/<user id>` for user flows: their tokens are never shared between users.
+    pub user: Option<String>,
 }
 
 #[derive(Clone, PartialEq, Eq, Hash)]
@@ -284,6 +375,7 @@ struct Cached {
     expires_at: Instant,
     scope: Option<String>,
     refresh_token: Option<Secret<String>>,
+    issued_token_type: Option<String>,
 }
 
 impl Cached {
@@ -297,6 +389,7 @@ impl Cached {
             expires_in: Some(self.expires_at.saturating_duration_since(now).as_secs()),
             scope: self.scope.clone(),
             refresh_token: self.refresh_token.clone(),
+            issued_token_type: self.issued_token_type.clone(),
         }
     }
 }
@@ -344,6 +437,7 @@ impl TokenFetcher {
                 expires_at: self.clock.now() + Duration::from_secs(secs),
                 scope: fetched.scope.clone(),
                 refresh_token: fetched.refresh_token.clone(),
+                issued_token_type: fetched.issued_token_type.clone(),
             });
         }
         Ok(fetched)
@@ -405,6 +499,7 @@ impl TokenFetcher {
             expires_in,
             scope: str_field("scope"),
             refresh_token: str_field("refresh_token").map(Secret::new),
+            issued_token_type: str_field("issued_token_type"),
         })
     }
 }

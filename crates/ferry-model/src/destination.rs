@@ -40,6 +40,12 @@ pub enum ValidationError {
     DuplicateProperty(String),
     #[error("a property has an empty name")]
     EmptyPropertyName,
+    #[error("property 'FragmentName' is missing: every fragment needs a FragmentName")]
+    MissingFragmentName,
+    #[error(
+        "a fragment must not contain the property '{0}'; fragments add to a destination, they do not name or type it"
+    )]
+    ReservedFragmentProperty(String),
 }
 
 /// A property value as it arrived, before validation: scalars are already in their string
@@ -141,13 +147,26 @@ impl Destination {
         Ok(())
     }
 
+    /// SPEC §1.7: this destination with `fragment`'s properties merged in, the fragment's
+    /// value winning on conflicts, and `FragmentName` set to the fragment's name.
+    pub fn merged_with(&self, fragment: &crate::Fragment) -> Destination {
+        let mut props = self.props.clone();
+        for (k, v) in fragment.iter() {
+            match props.iter_mut().find(|(p, _)| p == k) {
+                Some((_, old)) => *old = v.to_owned(),
+                None => props.push((k.to_owned(), v.to_owned())),
+            }
+        }
+        Destination { props }
+    }
+
     /// A copy without secret properties, for list responses.
     pub fn without_secrets(&self) -> Destination {
         Destination { props: self.props.iter().filter(|(k, _)| !is_secret_property(k)).cloned().collect() }
     }
 }
 
-fn validate_name(name: &str) -> Result<(), ValidationError> {
+pub(crate) fn validate_name(name: &str) -> Result<(), ValidationError> {
     if name.is_empty() {
         return Err(ValidationError::EmptyName);
     }
@@ -162,7 +181,7 @@ fn validate_name(name: &str) -> Result<(), ValidationError> {
 }
 
 /// Validation of the few keys whose value the model interprets.
-fn validate_known(key: &str, value: &str) -> Result<(), ValidationError> {
+pub(crate) fn validate_known(key: &str, value: &str) -> Result<(), ValidationError> {
     match key {
         "Name" => validate_name(value),
         "Type" => value.parse::<DestinationType>().map(drop).map_err(Into::into),

@@ -9,10 +9,16 @@
 // Tests state their expectations with unwrap; a panic there is the failure report.
 #![cfg_attr(test, allow(clippy::unwrap_used))]
 
+mod certificate;
 mod destination;
+mod fragment;
 mod kinds;
 mod secrets;
 
+pub use certificate::{
+    CERTIFICATE_TYPES, Certificate, CertificateError, MAX_CERTIFICATE_BYTES, MAX_CERTIFICATE_NAME_LEN,
+};
 pub use destination::{Destination, MAX_NAME_LEN, RawDestination, RawValue, ValidationError};
+pub use fragment::{Fragment, raw_fragment_name};
 pub use kinds::{AuthenticationType, DestinationType, ProxyType, UnknownValue};
 pub use secrets::is_secret_property;

@@ -2,8 +2,14 @@
 //! against a token endpoint on a real socket, and the database file on disk.
 
 mod api;
+mod certificates;
+mod consume;
+mod fragments;
+mod labels;
+mod lists;
 mod oauth;
 mod storage;
+mod user_flows;
 
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};

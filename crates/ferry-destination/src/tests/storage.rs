@@ -48,11 +48,23 @@ async fn secrets_are_encrypted_at_rest_and_the_key_is_checked() {
     });
     env.create(&t, "subaccount", dest.clone()).await;
     env.create(&t, "instance", json!({"Name": "enc2", "Type": "HTTP", "Password": PASSWORD})).await;
+    let frag = json!({"FragmentName": "encfrag", "clientSecret": SECRET, "tokenServicePassword": PASSWORD});
+    let r = env.call(Method::POST, &format!("{V1}/subaccountDestinationFragments"), Some(&t), Some(frag)).await;
+    assert_eq!(r.status, StatusCode::CREATED, "{}", r.text);
+    // A certificate's content (a keystore may hold private keys) is sealed too.
+    let pem = format!("-----BEGIN PRIVATE KEY-----{SECRET}");
+    let content = base64::Engine::encode(&base64::engine::general_purpose::STANDARD, &pem);
+    let cert = json!({"Name": "enccert.pem", "Type": "PEM", "Content": content.clone()});
+    let r = env.call(Method::POST, &format!("{V1}/subaccountCertificates"), Some(&t), Some(cert)).await;
+    assert_eq!(r.status, StatusCode::CREATED, "{}", r.text);
 
     let raw = all_bytes(dir.path());
     assert!(contains(&raw, "enc2"), "names stay in clear (sanity check of the scan)");
+    assert!(contains(&raw, "encfrag"), "fragment names stay in clear (sanity check of the scan)");
     assert!(!contains(&raw, PASSWORD), "password found on disk");
     assert!(!contains(&raw, SECRET), "client secret found on disk");
+    assert!(!contains(&raw, &content), "certificate content found on disk");
+    assert!(contains(&raw, "enccert.pem"), "certificate names stay in clear (sanity check of the scan)");
     assert!(!contains(&raw, "https://enc.example"), "the whole configuration is sealed, not only secrets");
     #[cfg(unix)]
     {
@@ -108,11 +120,22 @@ async fn schema_version_is_tracked() {
     let path = dir.path().join("nested").join("destinations.db");
     let db = rusqlite::Connection::open(&path).unwrap();
     let version: i64 = db.query_row("SELECT version FROM schema_version", [], |r| r.get(0)).unwrap();
-    assert_eq!(version, 1);
+    assert_eq!(version, 3);
+
+    // A version-1 database (destinations only) gains the fragment and certificate tables.
+    db.execute_batch(
+        "DROP TABLE fragments; DROP TABLE certificates; DROP TABLE labels; UPDATE schema_version SET version = 1",
+    )
+    .unwrap();
+    drop(open(dir.path(), [6; 32]).await.unwrap());
+    let tables: i64 = db
+        .query_row("SELECT count(*) FROM sqlite_master WHERE name IN ('fragments', 'certificates')", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(tables, 2);
 
     // Reopening is idempotent; a database from a newer Ferry is refused.
     drop(open(dir.path(), [6; 32]).await.unwrap());
     db.execute("UPDATE schema_version SET version = 99", []).unwrap();
     let err = open(dir.path(), [6; 32]).await.err().unwrap();
-    assert!(matches!(err, Error::Store(StoreError::SchemaTooNew { found: 99, supported: 1 })), "{err:?}");
+    assert!(matches!(err, Error::Store(StoreError::SchemaTooNew { found: 99, supported: 3 })), "{err:?}");
 }
