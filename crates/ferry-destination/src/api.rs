@@ -100,8 +100,7 @@ fn collection(kind: Collection) -> MethodRouter<Arc<DestinationService>> {
 }
 
 fn item(kind: Collection) -> MethodRouter<Arc<DestinationService>> {
-    get(move |s: Svc, c: Caller, p: Result<Path<String>, PathRejection>, h: HeaderMap| get_one(s, c, kind, p, h))
-        .delete(move |s: Svc, c: Caller, p: Result<Path<String>, PathRejection>| delete_one(s, c, kind, p))
+    object_item::<Destination>(kind, DESTINATION)
 }
 
 /// An error answer: `{"ErrorMessage": "..."}`, the shape SAP clients read and append to
@@ -517,30 +516,58 @@ async fn update(State(s): Svc, caller: Caller, kind: Collection, body: Body) -> 
     }
 }
 
-async fn get_one(
+/// What an item route serves: the stored kind, the 404 message, and the noun for the log.
+#[derive(Clone, Copy)]
+struct Object {
+    kind: Kind,
+    not_found: &'static str,
+    noun: &'static str,
+}
+
+const DESTINATION: Object = Object { kind: Kind::Destination, not_found: NOT_FOUND_MESSAGE, noun: "destination" };
+const FRAGMENT: Object = Object { kind: Kind::Fragment, not_found: FRAGMENT_NOT_FOUND, noun: "fragment" };
+const CERTIFICATE: Object = Object { kind: Kind::Certificate, not_found: CERTIFICATE_NOT_FOUND, noun: "certificate" };
+
+/// `GET` (with ETag) and `DELETE` of one destination, fragment or certificate.
+fn object_item<T>(kind: Collection, object: Object) -> MethodRouter<Arc<DestinationService>>
+where
+    T: serde::de::DeserializeOwned + Serialize + Send + Sync + 'static,
+{
+    get(move |s: Svc, c: Caller, p: Result<Path<String>, PathRejection>, h: HeaderMap| {
+        get_stored::<T>(s, c, kind, object, p, h)
+    })
+    .delete(move |s: Svc, c: Caller, p: Result<Path<String>, PathRejection>| delete_stored(s, c, kind, object, p))
+}
+
+async fn get_stored<T: serde::de::DeserializeOwned + Serialize>(
     State(s): Svc,
     caller: Caller,
     kind: Collection,
+    object: Object,
     path: Result<Path<String>, PathRejection>,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
-    let Ok(Path(name)) = path else { return Err(ApiError::not_found()) };
-    let stored = s.load::<Destination>(&caller.scope(kind)?.row(&name)).await?.ok_or_else(ApiError::not_found)?;
+    let not_found = || ApiError::new(StatusCode::NOT_FOUND, object.not_found);
+    let Ok(Path(name)) = path else { return Err(not_found()) };
+    let key = caller.scope(kind)?.of(object.kind).row(&name);
+    let stored = s.load::<T>(&key).await?.ok_or_else(not_found)?;
     Ok(with_etag(&headers, &stored.etag, Json(&stored.destination).into_response()))
 }
 
-async fn delete_one(
+async fn delete_stored(
     State(s): Svc,
     caller: Caller,
     kind: Collection,
+    object: Object,
     path: Result<Path<String>, PathRejection>,
 ) -> Result<Response, ApiError> {
-    let Ok(Path(name)) = path else { return Err(ApiError::not_found()) };
-    let scope = caller.scope(kind)?;
+    let not_found = || ApiError::new(StatusCode::NOT_FOUND, object.not_found);
+    let Ok(Path(name)) = path else { return Err(not_found()) };
+    let scope = caller.scope(kind)?.of(object.kind);
     if !s.remove(&scope.row(&name)).await? {
-        return Err(ApiError::not_found());
+        return Err(not_found());
     }
-    tracing::info!(subaccount = %scope.subaccount, level = ?scope.level, %name, "destination deleted");
+    tracing::info!(subaccount = %scope.subaccount, level = ?scope.level, %name, "{} deleted", object.noun);
     Ok(Json(json!({ "Count": 1 })).into_response())
 }
 
@@ -551,8 +578,7 @@ fn fragment_collection(kind: Collection) -> MethodRouter<Arc<DestinationService>
 }
 
 fn fragment_item(kind: Collection) -> MethodRouter<Arc<DestinationService>> {
-    get(move |s: Svc, c: Caller, p: Result<Path<String>, PathRejection>, h: HeaderMap| get_fragment(s, c, kind, p, h))
-        .delete(move |s: Svc, c: Caller, p: Result<Path<String>, PathRejection>| delete_fragment(s, c, kind, p))
+    object_item::<Fragment>(kind, FRAGMENT)
 }
 
 const FRAGMENT_NOT_FOUND: &str = "Fragment with the specified name was not found";
@@ -607,36 +633,6 @@ async fn write_fragments(
     }
 }
 
-async fn get_fragment(
-    State(s): Svc,
-    caller: Caller,
-    kind: Collection,
-    path: Result<Path<String>, PathRejection>,
-    headers: HeaderMap,
-) -> Result<Response, ApiError> {
-    let not_found = || ApiError::new(StatusCode::NOT_FOUND, FRAGMENT_NOT_FOUND);
-    let Ok(Path(name)) = path else { return Err(not_found()) };
-    let key = caller.scope(kind)?.of(Kind::Fragment).row(&name);
-    let stored = s.load::<Fragment>(&key).await?.ok_or_else(not_found)?;
-    Ok(with_etag(&headers, &stored.etag, Json(&stored.destination).into_response()))
-}
-
-async fn delete_fragment(
-    State(s): Svc,
-    caller: Caller,
-    kind: Collection,
-    path: Result<Path<String>, PathRejection>,
-) -> Result<Response, ApiError> {
-    let not_found = || ApiError::new(StatusCode::NOT_FOUND, FRAGMENT_NOT_FOUND);
-    let Ok(Path(name)) = path else { return Err(not_found()) };
-    let scope = caller.scope(kind)?.of(Kind::Fragment);
-    if !s.remove(&scope.row(&name)).await? {
-        return Err(not_found());
-    }
-    tracing::info!(subaccount = %scope.subaccount, level = ?scope.level, %name, "fragment deleted");
-    Ok(Json(json!({ "Count": 1 })).into_response())
-}
-
 fn certificate_collection(kind: Collection) -> MethodRouter<Arc<DestinationService>> {
     get(move |s: Svc, c: Caller, q: RawQuery| list_certificates(s, c, kind, q))
         .post(move |s: Svc, c: Caller, b: Body| write_certificates(s, c, kind, b, true))
@@ -645,10 +641,7 @@ fn certificate_collection(kind: Collection) -> MethodRouter<Arc<DestinationServi
 }
 
 fn certificate_item(kind: Collection) -> MethodRouter<Arc<DestinationService>> {
-    get(move |s: Svc, c: Caller, p: Result<Path<String>, PathRejection>, h: HeaderMap| {
-        get_certificate(s, c, kind, p, h)
-    })
-    .delete(move |s: Svc, c: Caller, p: Result<Path<String>, PathRejection>| delete_certificate(s, c, kind, p))
+    object_item::<Certificate>(kind, CERTIFICATE)
 }
 
 const CERTIFICATE_NOT_FOUND: &str = "Certificate with the specified name was not found";
@@ -748,38 +741,6 @@ async fn write_certificates(
     Ok((status, Json(results)).into_response())
 }
 
-async fn get_certificate(
-    State(s): Svc,
-    caller: Caller,
-    kind: Collection,
-    path: Result<Path<String>, PathRejection>,
-    headers: HeaderMap,
-) -> Result<Response, ApiError> {
-    let not_found = || ApiError::new(StatusCode::NOT_FOUND, CERTIFICATE_NOT_FOUND);
-    let Ok(Path(name)) = path else { return Err(not_found()) };
-    let key = caller.scope(kind)?.of(Kind::Certificate).row(&name);
-    let stored = s.load::<Certificate>(&key).await?.ok_or_else(not_found)?;
-    Ok(with_etag(&headers, &stored.etag, Json(&stored.destination).into_response()))
-}
-
-async fn delete_certificate(
-    State(s): Svc,
-    caller: Caller,
-    kind: Collection,
-    path: Result<Path<String>, PathRejection>,
-) -> Result<Response, ApiError> {
-    let not_found = || ApiError::new(StatusCode::NOT_FOUND, CERTIFICATE_NOT_FOUND);
-    let Ok(Path(name)) = path else { return Err(not_found()) };
-    let scope = caller.scope(kind)?.of(Kind::Certificate);
-    if !s.remove(&scope.row(&name)).await? {
-        return Err(not_found());
-    }
-    tracing::info!(subaccount = %scope.subaccount, level = ?scope.level, %name, "certificate deleted");
-    Ok(Json(json!({ "Count": 1 })).into_response())
-}
-
-/// Find and consume: the ETag is that of the destination configuration as answered (merged
-/// fragments included), so `If-None-Match` saves a client the body when nothing changed.
 fn respond_with_etag(headers: &HeaderMap, destination: &Destination, response: Response) -> Response {
     match crate::etag_of(destination) {
         Some(etag) => with_etag(headers, &etag, response),
