@@ -42,6 +42,16 @@ fn error_response(status: StatusCode, kind: &'static str, message: String) -> Re
     r
 }
 
+/// The backend could not be reached (502; the proxy tells the app it is the backend's fault).
+fn unreachable(message: String) -> Response<BoxBody> {
+    error_response(StatusCode::BAD_GATEWAY, tunnel::ERROR_UNREACHABLE, message)
+}
+
+/// Reaching the backend took too long (504).
+fn timed_out(message: String) -> Response<BoxBody> {
+    error_response(StatusCode::GATEWAY_TIMEOUT, tunnel::ERROR_TIMEOUT, message)
+}
+
 fn deny_message(reason: DenyReason, target: &str, path: Option<&str>) -> String {
     match (reason, path) {
         (DenyReason::Resource, Some(p)) => format!("Access denied to resource {p} on system {target}"),
@@ -251,11 +261,7 @@ impl Backend {
             }
             Err(e) => {
                 tracing::warn!(system = %target, error = %e, "backend request failed");
-                error_response(
-                    StatusCode::BAD_GATEWAY,
-                    tunnel::ERROR_UNREACHABLE,
-                    format!("The Cloud Connector could not reach the backend of system {target}"),
-                )
+                unreachable(format!("The Cloud Connector could not reach the backend of system {target}"))
             }
         }
     }
@@ -327,18 +333,10 @@ impl Backend {
             Ok(Ok(s)) => s,
             Ok(Err(e)) => {
                 tracing::warn!(system = %target, error = %e, "backend connect failed");
-                return error_response(
-                    StatusCode::BAD_GATEWAY,
-                    tunnel::ERROR_UNREACHABLE,
-                    format!("The Cloud Connector could not reach the backend of system {target}"),
-                );
+                return unreachable(format!("The Cloud Connector could not reach the backend of system {target}"));
             }
             Err(_) => {
-                return error_response(
-                    StatusCode::GATEWAY_TIMEOUT,
-                    tunnel::ERROR_TIMEOUT,
-                    format!("Connecting to the backend of system {target} timed out"),
-                );
+                return timed_out(format!("Connecting to the backend of system {target} timed out"));
             }
         };
         let _ = stream.set_nodelay(true);
@@ -346,11 +344,7 @@ impl Backend {
             let name = match rustls::pki_types::ServerName::try_from(m.local_host.clone()) {
                 Ok(n) => n,
                 Err(_) => {
-                    return error_response(
-                        StatusCode::BAD_GATEWAY,
-                        tunnel::ERROR_UNREACHABLE,
-                        format!("The backend of system {target} has no valid TLS server name"),
-                    );
+                    return unreachable(format!("The backend of system {target} has no valid TLS server name"));
                 }
             };
             match tokio::time::timeout(self.connect_timeout, self.tls.connect(name, stream)).await {
@@ -361,18 +355,10 @@ impl Backend {
                 }
                 Ok(Err(e)) => {
                     tracing::warn!(system = %target, error = %e, "backend TLS handshake failed");
-                    return error_response(
-                        StatusCode::BAD_GATEWAY,
-                        tunnel::ERROR_UNREACHABLE,
-                        format!("The TLS handshake with the backend of system {target} failed"),
-                    );
+                    return unreachable(format!("The TLS handshake with the backend of system {target} failed"));
                 }
                 Err(_) => {
-                    return error_response(
-                        StatusCode::GATEWAY_TIMEOUT,
-                        tunnel::ERROR_TIMEOUT,
-                        format!("The TLS handshake with the backend of system {target} timed out"),
-                    );
+                    return timed_out(format!("The TLS handshake with the backend of system {target} timed out"));
                 }
             }
         } else {
