@@ -231,26 +231,33 @@ impl TryFrom<RawDestination> for Destination {
 /// Secrets are masked so that logging a destination can never leak one.
 impl fmt::Debug for Destination {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let mut map = f.debug_map();
-        for (k, v) in &self.props {
-            if is_secret_property(k) {
-                map.entry(k, &"***");
-            } else {
-                map.entry(k, v);
-            }
-        }
-        map.finish()
+        debug_masked(f, &self.props)
     }
 }
 
 impl Serialize for Destination {
     fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-        let mut map = serializer.serialize_map(Some(self.props.len()))?;
-        for (k, v) in &self.props {
-            map.serialize_entry(k, v)?;
-        }
-        map.end()
+        serialize_props(serializer, &self.props)
     }
+}
+
+/// `Debug` of a property list with secret values shown as `***`.
+pub(crate) fn debug_masked(f: &mut fmt::Formatter<'_>, props: &[(String, String)]) -> fmt::Result {
+    let mut map = f.debug_map();
+    for (k, v) in props {
+        let shown: &str = if is_secret_property(k) { "***" } else { v };
+        map.entry(k, &shown);
+    }
+    map.finish()
+}
+
+/// A property list as a flat JSON object, in its order.
+pub(crate) fn serialize_props<S: Serializer>(serializer: S, props: &[(String, String)]) -> Result<S::Ok, S::Error> {
+    let mut map = serializer.serialize_map(Some(props.len()))?;
+    for (k, v) in props {
+        map.serialize_entry(k, v)?;
+    }
+    map.end()
 }
 
 impl<'de> Deserialize<'de> for Destination {

@@ -3,7 +3,7 @@
 use std::collections::HashSet;
 use std::fmt;
 
-use serde::ser::{SerializeMap, Serializer};
+use serde::ser::Serializer;
 use serde::{Deserialize, Deserializer, Serialize, de};
 
 use crate::destination::{RawDestination, RawValue, ValidationError, validate_known, validate_name};
@@ -99,22 +99,13 @@ impl TryFrom<RawDestination> for Fragment {
 
 impl fmt::Debug for Fragment {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let mut map = f.debug_map();
-        for (k, v) in &self.props {
-            let shown: &str = if is_secret_property(k) { "***" } else { v };
-            map.entry(k, &shown);
-        }
-        map.finish()
+        crate::destination::debug_masked(f, &self.props)
     }
 }
 
 impl Serialize for Fragment {
     fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-        let mut map = serializer.serialize_map(Some(self.props.len()))?;
-        for (k, v) in &self.props {
-            map.serialize_entry(k, v)?;
-        }
-        map.end()
+        crate::destination::serialize_props(serializer, &self.props)
     }
 }
 
