@@ -39,43 +39,23 @@ type Body = Result<Bytes, BytesRejection>;
 
 pub(crate) fn router(service: Arc<DestinationService>) -> Router {
     const V1: &str = "/destination-configuration/v1";
-    Router::new()
-        .route(&format!("{V1}/subaccountDestinations"), collection(Collection::Subaccount))
-        .route(&format!("{V1}/subaccountDestinations/{{name}}"), item(Collection::Subaccount))
-        .route(&format!("{V1}/instanceDestinations"), collection(Collection::Instance))
-        .route(&format!("{V1}/instanceDestinations/{{name}}"), item(Collection::Instance))
-        .route(&format!("{V1}/subaccountDestinationFragments"), fragment_collection(Collection::Subaccount))
-        .route(&format!("{V1}/subaccountDestinationFragments/{{name}}"), fragment_item(Collection::Subaccount))
-        .route(&format!("{V1}/instanceDestinationFragments"), fragment_collection(Collection::Instance))
-        .route(&format!("{V1}/instanceDestinationFragments/{{name}}"), fragment_item(Collection::Instance))
-        .route(&format!("{V1}/subaccountCertificates"), certificate_collection(Collection::Subaccount))
-        .route(&format!("{V1}/subaccountCertificates/{{name}}"), certificate_item(Collection::Subaccount))
-        .route(&format!("{V1}/instanceCertificates"), certificate_collection(Collection::Instance))
-        .route(&format!("{V1}/instanceCertificates/{{name}}"), certificate_item(Collection::Instance))
-        .route(
-            &format!("{V1}/subaccountDestinations/{{name}}/labels"),
-            labels::route(Collection::Subaccount, Kind::Destination),
-        )
-        .route(
-            &format!("{V1}/instanceDestinations/{{name}}/labels"),
-            labels::route(Collection::Instance, Kind::Destination),
-        )
-        .route(
-            &format!("{V1}/subaccountDestinationFragments/{{name}}/labels"),
-            labels::route(Collection::Subaccount, Kind::Fragment),
-        )
-        .route(
-            &format!("{V1}/instanceDestinationFragments/{{name}}/labels"),
-            labels::route(Collection::Instance, Kind::Fragment),
-        )
-        .route(
-            &format!("{V1}/subaccountCertificates/{{name}}/labels"),
-            labels::route(Collection::Subaccount, Kind::Certificate),
-        )
-        .route(
-            &format!("{V1}/instanceCertificates/{{name}}/labels"),
-            labels::route(Collection::Instance, Kind::Certificate),
-        )
+    type Routes = fn(Collection) -> MethodRouter<Arc<DestinationService>>;
+    // Every object type on both levels: the collection, one object, and its labels.
+    let objects: [(&str, Kind, Routes, Routes); 3] = [
+        ("Destinations", Kind::Destination, collection, item),
+        ("DestinationFragments", Kind::Fragment, fragment_collection, fragment_item),
+        ("Certificates", Kind::Certificate, certificate_collection, certificate_item),
+    ];
+    let mut router = Router::new();
+    for (level, coll) in [("subaccount", Collection::Subaccount), ("instance", Collection::Instance)] {
+        for (noun, kind, collection_routes, item_routes) in objects {
+            router = router
+                .route(&format!("{V1}/{level}{noun}"), collection_routes(coll))
+                .route(&format!("{V1}/{level}{noun}/{{name}}"), item_routes(coll))
+                .route(&format!("{V1}/{level}{noun}/{{name}}/labels"), labels::route(coll, kind));
+        }
+    }
+    router
         .route(&format!("{V1}/destinations/{{name}}"), get(find))
         .route("/destination-configuration/v2/destinations/{name}", get(consume))
         .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "No such endpoint in the Destination Service API") })
