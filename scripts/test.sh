@@ -14,6 +14,9 @@ command -v cc >/dev/null || need_apt+=(build-essential)
 { command -v slapd >/dev/null || [ -x /usr/sbin/slapd ]; } || need_apt+=(slapd ldap-utils)
 # Real backends for the connector's tests (TLS with client-certificate verification).
 [ -x /usr/sbin/nginx ] || need_apt+=(nginx)
+# schemathesis runs from a virtualenv (scripts/schemathesis.sh).
+command -v python3 >/dev/null || need_apt+=(python3)
+python3 -c 'import venv, ensurepip' 2>/dev/null || need_apt+=(python3-venv)
 if [ ${#need_apt[@]} -gt 0 ]; then
   export DEBIAN_FRONTEND=noninteractive
   if [ "$(id -u)" = 0 ]; then apt-get update -qq && apt-get install -y -qq "${need_apt[@]}"; else sudo -E apt-get update -qq && sudo -E apt-get install -y -qq "${need_apt[@]}"; fi
@@ -23,5 +26,6 @@ rustup component list --installed 2>/dev/null | grep -q rustfmt || rustup compon
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets --quiet -- -D warnings
 cargo test --workspace
+scripts/schemathesis.sh
 scripts/conformance.sh
 scripts/node-tests.sh

@@ -63,7 +63,7 @@ async fn bad_fragments_are_400_and_unauthenticated_calls_401() {
     ] {
         let r = env.call(Method::POST, &url, Some(&t), Some(body.clone())).await;
         assert_eq!(r.status, StatusCode::BAD_REQUEST, "{body}");
-        assert!(r.json["ErrorMessage"].as_str().unwrap().contains(needle), "{}", r.text);
+        assert!(r.error().contains(needle), "{}", r.text);
     }
     let r = env.call_raw(Method::POST, &url, Some(&t), Some("{"), &[]).await;
     assert_eq!(r.status, StatusCode::BAD_REQUEST);
@@ -132,7 +132,7 @@ async fn find_merges_fragments_and_uses_them_for_tokens() {
 
     let r = env.find(&t, "d", &[("X-fragment-name", "missing")]).await;
     assert_eq!(r.status, StatusCode::NOT_FOUND);
-    assert!(r.json["ErrorMessage"].as_str().unwrap().contains("Fragment 'missing'"), "{}", r.text);
+    assert!(r.error().contains("Fragment 'missing'"), "{}", r.text);
     let r = env
         .call_raw(
             Method::GET,

@@ -72,6 +72,19 @@ pub(crate) struct Resp {
     pub json: Value,
 }
 
+impl Resp {
+    /// The message of an error answer, whichever shape SAP's document gives it for the route:
+    /// `{"ErrorMessage": ...}` JSON or plain text.
+    pub fn error(&self) -> &str {
+        let json = self.headers.get("content-type").is_some_and(|v| v.as_bytes().starts_with(b"application/json"));
+        if json {
+            self.json["ErrorMessage"].as_str().unwrap_or_else(|| panic!("no ErrorMessage: {}", self.text))
+        } else {
+            &self.text
+        }
+    }
+}
+
 impl Env {
     pub(crate) async fn new() -> Self {
         Self::with_config(config(DatabaseConfig::SqliteMemory, [42; 32])).await

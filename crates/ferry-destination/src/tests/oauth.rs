@@ -284,12 +284,7 @@ async fn common_token_urls_use_the_tenant() {
 
     let r = env.find(&t, "dedicated", &[("x-tenant", "acme")]).await;
     assert_eq!(r.status, StatusCode::BAD_REQUEST);
-    assert!(
-        r.json["ErrorMessage"]
-            .as_str()
-            .unwrap()
-            .contains("only allowed for destinations with tokenServiceURLType 'Common'")
-    );
+    assert!(r.error().contains("only allowed for destinations with tokenServiceURLType 'Common'"));
     // With token retrieval skipped, X-tenant does not matter.
     let r = env
         .call_raw(

@@ -105,7 +105,7 @@ async fn a_row_that_does_not_decrypt_is_a_clear_500() {
 
     let r = env.find(&t, "b", &[]).await;
     assert_eq!(r.status, StatusCode::INTERNAL_SERVER_ERROR);
-    let msg = r.json["ErrorMessage"].as_str().unwrap();
+    let msg = r.error();
     assert!(msg.starts_with("stored destination 'b' cannot be decrypted"), "{msg}");
     assert!(!msg.contains("secret-"), "{msg}");
     let r = env.call(Method::GET, &format!("{V1}/subaccountDestinations"), Some(&t), None).await;

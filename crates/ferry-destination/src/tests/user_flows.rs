@@ -172,7 +172,7 @@ async fn refresh_token_grant() {
 
     let r = env.find(&t, "rt", &[]).await;
     assert_eq!(r.status, StatusCode::BAD_REQUEST);
-    assert!(r.json["ErrorMessage"].as_str().unwrap().contains("X-refresh-token"), "{}", r.text);
+    assert!(r.error().contains("X-refresh-token"), "{}", r.text);
     // The SDK's first call skips token retrieval, so it needs no header.
     let r =
         env.call_raw(Method::GET, &format!("{V1}/destinations/rt?$skipTokenRetrieval=true"), Some(&t), None, &[]).await;
@@ -203,7 +203,7 @@ async fn authorization_code_grant() {
 
     let r = env.find(&t, "ac", &[]).await;
     assert_eq!(r.status, StatusCode::BAD_REQUEST);
-    assert!(r.json["ErrorMessage"].as_str().unwrap().contains("X-code"), "{}", r.text);
+    assert!(r.error().contains("X-code"), "{}", r.text);
 
     let r = env
         .find(&t, "ac", &[("X-code", "c-1"), ("X-redirect-uri", "https://app/cb"), ("X-code-verifier", "v-1")])
@@ -375,7 +375,7 @@ async fn caller_client_assertion_replaces_the_secret() {
         .await;
     assert_eq!(r.status, StatusCode::BAD_REQUEST);
     assert_eq!(
-        r.json["ErrorMessage"],
+        r.error(),
         "Cannot mix header 'x-client-assertion-destination-name' with headers 'x-client-assertion' and 'x-client-assertion-type'"
     );
 }
