@@ -17,11 +17,13 @@ use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
+mod find;
 mod tokens;
 
 #[derive(Parser)]
 struct Args {
-    /// What to measure: `data-path` (proxy, tunnel, connector) or `tokens` (issue, verify).
+    /// What to measure: `data-path` (proxy, tunnel, connector), `tokens` (issue, verify) or
+    /// `find` (the Destination Service's find API next to nginx).
     #[arg(default_value = "data-path")]
     what: String,
     /// Seconds per measurement.
@@ -124,13 +126,19 @@ struct HttpResult {
 }
 
 /// `conns` keep-alive connections, each sending GETs back to back for `secs`.
-async fn http_load(addr: SocketAddr, uri: String, proxy_auth: Option<String>, conns: usize, secs: u64) -> HttpResult {
+async fn http_load(
+    addr: SocketAddr,
+    uri: String,
+    headers: Vec<(String, String)>,
+    conns: usize,
+    secs: u64,
+) -> HttpResult {
     let deadline = Instant::now() + Duration::from_secs(secs);
     let start = Instant::now();
     let mut tasks = Vec::new();
     for _ in 0..conns {
         let uri = uri.clone();
-        let auth = proxy_auth.clone();
+        let headers = headers.clone();
         tasks.push(tokio::spawn(async move {
             let s = TcpStream::connect(addr).await.expect("connect");
             s.set_nodelay(true).expect("nodelay");
@@ -139,8 +147,8 @@ async fn http_load(addr: SocketAddr, uri: String, proxy_auth: Option<String>, co
             let mut lat = Vec::new();
             while Instant::now() < deadline {
                 let mut b = http::Request::get(uri.as_str()).header("host", "origin.virtual:80");
-                if let Some(a) = &auth {
-                    b = b.header("proxy-authorization", a.as_str());
+                for (k, v) in &headers {
+                    b = b.header(k.as_str(), v.as_str());
                 }
                 let t = Instant::now();
                 let resp = tx.send_request(b.body(Empty::<Bytes>::new()).expect("request")).await.expect("response");
@@ -172,10 +180,12 @@ fn median(mut v: Vec<f64>) -> f64 {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    if args.what == "tokens" {
-        return tokens::run(args.secs).await;
+    match args.what.as_str() {
+        "tokens" => return tokens::run(args.secs).await,
+        "find" => return find::run(args.secs, args.conns, args.reps).await,
+        "data-path" => {}
+        other => anyhow::bail!("unknown benchmark {other:?}: use data-path, tokens or find"),
     }
-    anyhow::ensure!(args.what == "data-path", "unknown benchmark {:?}: use data-path or tokens", args.what);
     let sink = sink().await;
     let origin = origin().await;
     let pair = TunnelPair::start().await;
@@ -219,12 +229,12 @@ async fn main() -> anyhow::Result<()> {
             let s = socks_connect(pair.socks_addr, &token, "sink.virtual", 9).await;
             bulk_ferry.push(blast(s, args.secs).await);
         }
-        http_direct.push(http_load(origin, "/1k".into(), None, args.conns, args.secs).await);
+        http_direct.push(http_load(origin, "/1k".into(), Vec::new(), args.conns, args.secs).await);
         http_ferry.push(
             http_load(
                 pair.http_addr,
                 "http://origin.virtual:80/1k".into(),
-                Some(format!("Bearer {token}")),
+                vec![("proxy-authorization".into(), format!("Bearer {token}"))],
                 args.conns,
                 args.secs,
             )
