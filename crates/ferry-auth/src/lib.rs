@@ -7,7 +7,9 @@
 
 pub mod jwt;
 pub mod oidc;
+pub mod token_cache;
 pub mod token_service;
 
 pub use jwt::{Claims, ExtAttr, Jwk, Jwks, KeySet, TenantKeys, TrustedIssuer, Verifier, VerifyError};
 pub use oidc::{OidcIssuer, OidcTrust, TrustConfigError};
+pub use token_cache::TokenCache;

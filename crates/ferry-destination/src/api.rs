@@ -304,7 +304,7 @@ impl FromRequestParts<Arc<DestinationService>> for Caller {
         Ok(Caller {
             instance: non_empty(claims.ext_attr.serviceinstanceid.clone())
                 .or_else(|| non_empty(claims.client_id.clone())),
-            subaccount: claims.zid,
+            subaccount: claims.zid.clone(),
             subdomain,
             user,
         })

@@ -110,7 +110,8 @@ const KEY_CHECK_PLAINTEXT: &[u8] = b"ferry destination master key check";
 pub struct DestinationService {
     store: Box<dyn Store>,
     sealer: Sealer,
-    verifier: Arc<Verifier>,
+    /// Callers send the same token with every request: verified signatures are remembered.
+    verifier: ferry_auth::TokenCache,
     tokens: TokenFetcher,
 }
 
@@ -159,7 +160,7 @@ impl DestinationService {
             }
         }
         let tokens = TokenFetcher::new(http, config.token_fetch_timeout, clock);
-        Ok(Arc::new(Self { store: Box::new(store), sealer, verifier, tokens }))
+        Ok(Arc::new(Self { store: Box::new(store), sealer, verifier: ferry_auth::TokenCache::new(verifier), tokens }))
     }
 
     pub fn router(self: &Arc<Self>) -> axum::Router {

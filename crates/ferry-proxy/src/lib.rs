@@ -6,7 +6,6 @@
 mod http_proxy;
 pub mod registry;
 mod socks;
-mod token_cache;
 mod tunnel_server;
 
 use std::sync::Arc;
@@ -87,7 +86,7 @@ pub(crate) async fn send_on_tunnel(
 }
 
 pub(crate) struct Shared {
-    pub(crate) verifier: token_cache::TokenCache,
+    pub(crate) verifier: ferry_auth::TokenCache,
     pub(crate) registry: Arc<Registry>,
 }
 
@@ -108,7 +107,7 @@ impl Proxy {
     /// Serves the given listeners until `shutdown`, then drains.
     pub async fn run(self: Arc<Self>, listeners: Listeners, shutdown: Shutdown) {
         let shared = Arc::new(Shared {
-            verifier: token_cache::TokenCache::new(self.config.verifier.clone()),
+            verifier: ferry_auth::TokenCache::new(self.config.verifier.clone()),
             registry: self.registry.clone(),
         });
         let opts = |name| AcceptOptions {

@@ -1,6 +1,6 @@
-//! Remembers recently verified tokens. An app sends the same `Proxy-Authorization` token with
-//! every request until it expires; verifying an RSA signature each time would be the single
-//! largest cost of a small proxied request.
+//! Remembers recently verified tokens. A client sends the same bearer token with every request
+//! until it expires (an app to the proxy, an app or SDK to the Destination Service); verifying an
+//! RSA signature each time would be the single largest cost of a small request.
 //!
 //! Entries live at most [`TTL`] (so a key retired at the issuer stops being accepted soon after)
 //! and never past the token's own `exp`; only successes are cached, so a bad token is checked
@@ -10,7 +10,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use ferry_auth::{Claims, Verifier, VerifyError};
+use crate::{Claims, Verifier, VerifyError};
 
 const TTL: Duration = Duration::from_secs(60);
 const MAX_ENTRIES: usize = 4096;
@@ -18,7 +18,7 @@ const MAX_ENTRIES: usize = 4096;
 /// Verified claims and when they were verified, by token.
 type Entries = HashMap<Box<str>, (Arc<Claims>, Instant)>;
 
-pub(crate) struct TokenCache {
+pub struct TokenCache {
     verifier: Arc<Verifier>,
     entries: Mutex<Entries>,
 }
@@ -28,11 +28,17 @@ fn now_secs() -> u64 {
 }
 
 impl TokenCache {
-    pub(crate) fn new(verifier: Arc<Verifier>) -> Self {
+    pub fn new(verifier: Arc<Verifier>) -> Self {
         Self { verifier, entries: Mutex::new(HashMap::new()) }
     }
 
-    pub(crate) async fn verify(&self, token: &str) -> Result<Arc<Claims>, VerifyError> {
+    /// The verifier behind the cache, for checks that must not be cached.
+    pub fn verifier(&self) -> &Arc<Verifier> {
+        &self.verifier
+    }
+
+    /// Verifies `token`, or returns the claims of an earlier verification of the same token.
+    pub async fn verify(&self, token: &str) -> Result<Arc<Claims>, VerifyError> {
         {
             let entries = self.entries.lock().unwrap_or_else(|p| p.into_inner());
             if let Some((claims, at)) = entries.get(token)
@@ -56,7 +62,7 @@ impl TokenCache {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use ferry_auth::KeySet;
+    use crate::KeySet;
     use serde_json::json;
 
     fn token(keys: &KeySet, exp: u64) -> String {
