@@ -14,12 +14,14 @@ use tokio::net::TcpStream;
 
 use std::sync::Arc;
 
-use crate::access::{AccessRequest, AccessRules, Decision, DenyReason, HostInHeader, Protocol, SystemMapping};
+use crate::access::{
+    AccessRequest, AccessRules, Decision, DenyReason, HostInHeader, LiveRules, Protocol, SystemMapping,
+};
 use crate::audit::{AuditEvent, AuditLog, Outcome};
 use crate::principal::{PrincipalDelivery, PrincipalPropagation};
 
 pub(crate) struct Backend {
-    rules: AccessRules,
+    rules: Arc<LiveRules>,
     audit: AuditLog,
     connect_timeout: Duration,
     /// Pooled HTTP/1.1 client for `HTTP` and `HTTPS` mappings.
@@ -67,7 +69,7 @@ fn deny_message(reason: DenyReason, target: &str, path: Option<&str>) -> String 
 
 impl Backend {
     pub(crate) fn new(
-        rules: AccessRules,
+        rules: Arc<LiveRules>,
         audit: AuditLog,
         roots: Arc<rustls::RootCertStore>,
         principal: Option<Arc<PrincipalPropagation>>,
@@ -104,7 +106,8 @@ impl Backend {
         match header(tunnel::KIND).as_deref() {
             Some(tunnel::KIND_HTTP) => {
                 let path = req.uri().path().to_owned();
-                let decision = self.rules.check(AccessRequest::Http { host, port, path: &path });
+                let rules = self.rules.get();
+                let decision = rules.check(AccessRequest::Http { host, port, path: &path });
                 let (outcome, reason) = match &decision {
                     Decision::Allow(_) => (Outcome::Allowed, String::new()),
                     Decision::Deny(r) => (Outcome::Denied, format!("{r:?}")),
@@ -123,7 +126,7 @@ impl Backend {
                 match decision {
                     Decision::Allow(m) => {
                         let m = m.clone();
-                        self.forward_http(req, &m, &target).await
+                        self.forward_http(req, &m, &target, &rules).await
                     }
                     Decision::Deny(reason) => error_response(
                         StatusCode::FORBIDDEN,
@@ -133,7 +136,8 @@ impl Backend {
                 }
             }
             Some(tunnel::KIND_TCP) => {
-                let decision = self.rules.check(AccessRequest::Tcp { host, port });
+                let rules = self.rules.get();
+                let decision = rules.check(AccessRequest::Tcp { host, port });
                 let (outcome, reason) = match &decision {
                     Decision::Allow(_) => (Outcome::Allowed, String::new()),
                     Decision::Deny(r) => (Outcome::Denied, format!("{r:?}")),
@@ -167,7 +171,13 @@ impl Backend {
         }
     }
 
-    async fn forward_http(&self, req: Request<Incoming>, m: &SystemMapping, target: &str) -> Response<BoxBody> {
+    async fn forward_http(
+        &self,
+        req: Request<Incoming>,
+        m: &SystemMapping,
+        target: &str,
+        rules: &AccessRules,
+    ) -> Response<BoxBody> {
         let (mut parts, incoming) = req.into_parts();
         let pq = parts.uri.path_and_query().map(|p| p.as_str()).unwrap_or("/");
         let scheme = if m.protocol == Protocol::Https { "https" } else { "http" };
@@ -256,7 +266,7 @@ impl Backend {
             Ok(resp) => {
                 let (mut parts, incoming) = resp.into_parts();
                 body::strip_hop_by_hop(&mut parts.headers);
-                self.rewrite_response_headers(&mut parts.headers);
+                self.rewrite_response_headers(&mut parts.headers, rules);
                 Response::from_parts(parts, body::boxed(incoming))
             }
             Err(e) => {
@@ -301,9 +311,9 @@ impl Backend {
     }
 
     /// Maps internal names in `Location` and cookie domains back to virtual ones.
-    fn rewrite_response_headers(&self, headers: &mut http::HeaderMap) {
+    fn rewrite_response_headers(&self, headers: &mut http::HeaderMap, rules: &AccessRules) {
         if let Some(v) = headers.get(http::header::LOCATION).and_then(|v| v.to_str().ok())
-            && let Some(new) = crate::rewrite::location(&self.rules, v)
+            && let Some(new) = crate::rewrite::location(rules, v)
             && let Ok(v) = HeaderValue::from_str(&new)
         {
             headers.insert(http::header::LOCATION, v);
@@ -314,7 +324,7 @@ impl Backend {
             .map(|v| {
                 v.to_str()
                     .ok()
-                    .and_then(|s| crate::rewrite::set_cookie(&self.rules, s))
+                    .and_then(|s| crate::rewrite::set_cookie(rules, s))
                     .and_then(|s| HeaderValue::from_str(&s).ok())
                     .unwrap_or_else(|| v.clone())
             })
