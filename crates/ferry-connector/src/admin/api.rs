@@ -97,6 +97,78 @@ impl Admin {
     }
 }
 
+/// A subaccount connection made outside the API (e.g. by `ferry up`, which issues its own
+/// connector certificate on every start).
+#[derive(Debug)]
+pub struct Enrollment {
+    pub subaccount: String,
+    pub location_id: String,
+    /// Tunnel endpoint `host:port`: the region host.
+    pub tunnel: String,
+    pub server_name: String,
+    pub ca: String,
+    pub identity: ferry_core::tls::CertifiedKey,
+}
+
+impl Admin {
+    /// Adds the connection for (subaccount, location), or refreshes the address and
+    /// certificate of the one stored, keeping its mappings and settings; `seed` becomes the
+    /// mappings of a new one. Connects it unless the administrator disconnected it.
+    pub async fn ensure_subaccount(
+        &self,
+        e: Enrollment,
+        seed: Vec<SystemMapping>,
+        audit_level: AuditLevel,
+    ) -> std::result::Result<(), super::AdminError> {
+        let key_sealed = self.store.seal_key(&e.tunnel, &e.subaccount, e.identity.key_pem.expose())?;
+        let mut guard = self.state.lock().await;
+        let mut next = guard.clone();
+        let existing =
+            next.subaccounts.iter().position(|s| s.subaccount == e.subaccount && s.location_id == e.location_id);
+        let entry = match existing {
+            Some(i) => {
+                let old = next.subaccounts[i].key();
+                self.instance.disconnect(&old).await;
+                &mut next.subaccounts[i]
+            }
+            None => {
+                next.subaccounts.push(StoredSubaccount {
+                    region_host: String::new(),
+                    subaccount: e.subaccount.clone(),
+                    location_id: e.location_id.clone(),
+                    display_name: String::new(),
+                    description: String::new(),
+                    connected: true,
+                    audit_level,
+                    server_name: String::new(),
+                    ca: String::new(),
+                    certificate: String::new(),
+                    key_sealed: None,
+                    key_pem: None,
+                    system_mappings: seed
+                        .into_iter()
+                        .map(|mapping| StoredMapping { backend_type: None, mapping })
+                        .collect(),
+                });
+                let last = next.subaccounts.len() - 1;
+                &mut next.subaccounts[last]
+            }
+        };
+        entry.region_host = e.tunnel;
+        entry.server_name = e.server_name;
+        entry.ca = e.ca;
+        entry.certificate = e.identity.cert_pem;
+        entry.key_sealed = Some(key_sealed);
+        let entry = entry.clone();
+        self.store.save(&next)?;
+        *guard = next.clone();
+        if entry.connected {
+            self.connect(&next, &entry).await.map_err(|e| super::AdminError::Connect(e.message))?;
+        }
+        Ok(())
+    }
+}
+
 // ---- common
 
 async fn version() -> Json<Value> {

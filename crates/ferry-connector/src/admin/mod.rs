@@ -12,6 +12,8 @@
 mod api;
 pub mod store;
 
+pub use api::Enrollment;
+
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, PoisonError};
@@ -43,6 +45,8 @@ pub enum AdminError {
     Tls(#[from] ferry_core::tls::TlsError),
     #[error("audit log: {0}")]
     Audit(#[from] crate::audit::AuditError),
+    #[error("cannot connect the subaccount: {0}")]
+    Connect(String),
 }
 
 /// Settings every subaccount connection of the instance shares.
