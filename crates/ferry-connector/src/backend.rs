@@ -30,7 +30,8 @@ pub(crate) struct Backend {
     tls: tokio_rustls::TlsConnector,
     /// Trust anchors for backends, for connections that present a user certificate.
     roots: Arc<rustls::RootCertStore>,
-    principal: Option<Arc<PrincipalPropagation>>,
+    /// Swappable like the rules: the admin API changes its settings at run time.
+    principal: std::sync::RwLock<Option<Arc<PrincipalPropagation>>>,
 }
 
 /// SAP's header for the propagated user's certificate.
@@ -86,7 +87,19 @@ impl Backend {
             .enable_http1()
             .wrap_connector(connector);
         let http = Client::builder(TokioExecutor::new()).pool_idle_timeout(Duration::from_secs(30)).build(https);
-        Self { rules, audit, connect_timeout, http, tls: tokio_rustls::TlsConnector::from(tls), roots, principal }
+        Self {
+            rules,
+            audit,
+            connect_timeout,
+            http,
+            tls: tokio_rustls::TlsConnector::from(tls),
+            roots,
+            principal: std::sync::RwLock::new(principal),
+        }
+    }
+
+    pub(crate) fn set_principal(&self, principal: Option<Arc<PrincipalPropagation>>) {
+        *self.principal.write().unwrap_or_else(std::sync::PoisonError::into_inner) = principal;
     }
 
     pub(crate) async fn handle(&self, req: Request<Incoming>) -> Response<BoxBody> {
@@ -198,7 +211,8 @@ impl Backend {
         parts.headers.remove(SSL_CLIENT_CERT);
         let mut user_tls = None;
         if m.authentication_mode.propagates() {
-            let value = match (principal, &self.principal) {
+            let pp = self.principal.read().unwrap_or_else(std::sync::PoisonError::into_inner).clone();
+            let value = match (principal, &pp) {
                 (Some(token), Some(pp)) => match pp.user_certificate(&token).await {
                     Ok(cert) => {
                         if m.principal_certificate_in == PrincipalDelivery::Tls && m.protocol == Protocol::Https {

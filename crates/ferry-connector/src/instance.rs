@@ -108,6 +108,12 @@ impl Instance {
         }
     }
 
+    pub fn set_principal_propagation(&self, key: &SubaccountKey, pp: Option<Arc<crate::PrincipalPropagation>>) {
+        if let Some(r) = self.lock().get(key) {
+            r.connector.set_principal_propagation(pp);
+        }
+    }
+
     pub fn set_audit_level(&self, key: &SubaccountKey, level: AuditLevel) {
         if let Some(r) = self.lock().get(key) {
             r.connector.audit().set_level(level);

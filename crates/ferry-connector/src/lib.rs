@@ -152,6 +152,11 @@ impl Connector {
         self.rules.get()
     }
 
+    /// Replaces the principal propagation settings; the next request uses them.
+    pub fn set_principal_propagation(&self, principal: Option<Arc<principal::PrincipalPropagation>>) {
+        self.backend.set_principal(principal);
+    }
+
     /// The connector's audit log (e.g. to change its level at run time).
     pub fn audit(&self) -> &audit::AuditLog {
         &self.audit

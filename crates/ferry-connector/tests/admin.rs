@@ -4,6 +4,7 @@
 
 use std::net::SocketAddr;
 use std::path::Path;
+use std::sync::Arc;
 use std::time::Duration;
 
 use base64::Engine;
@@ -29,10 +30,15 @@ struct Running {
 
 impl Running {
     async fn start(dir: &Path) -> Self {
+        Self::start_with(dir, |_| {}).await
+    }
+
+    async fn start_with(dir: &Path, adjust: impl FnOnce(&mut AdminConfig)) -> Self {
         ferry_core::init_crypto();
         let mut cfg = AdminConfig::new(dir.to_owned());
         cfg.connection.backoff_initial = Duration::from_millis(20);
         cfg.connection.backoff_max = Duration::from_millis(200);
+        adjust(&mut cfg);
         let shutdown = Shutdown::new();
         let admin = Admin::start(cfg, shutdown.clone()).await.unwrap();
         let listener = ferry_testkit::listener().await;
@@ -101,12 +107,19 @@ impl ProxyClient {
     }
 
     async fn get(&mut self, pair: &TunnelPair, location: &str, uri: &str) -> u16 {
-        let req = http::Request::get(uri)
+        self.get_as(pair, location, uri, None).await
+    }
+
+    /// With `user`, the request propagates that user token (`SAP-Connectivity-Authentication`).
+    async fn get_as(&mut self, pair: &TunnelPair, location: &str, uri: &str, user: Option<&str>) -> u16 {
+        let mut req = http::Request::get(uri)
             .header("host", uri.split('/').nth(2).unwrap())
             .header("proxy-authorization", format!("Bearer {}", pair.token()))
-            .header("sap-connectivity-scc-location_id", location)
-            .body(Full::new(Bytes::new()))
-            .unwrap();
+            .header("sap-connectivity-scc-location_id", location);
+        if let Some(u) = user {
+            req = req.header("sap-connectivity-authentication", format!("Bearer {u}"));
+        }
+        let req = req.body(Full::new(Bytes::new())).unwrap();
         let resp = self.sender.send_request(req).await.unwrap();
         let status = resp.status().as_u16();
         resp.into_body().collect().await.unwrap();
@@ -422,5 +435,60 @@ async fn configuration_survives_restarts_and_backups_restore_it() {
         let mut app = ProxyClient::connect(pair.http_addr).await;
         app.get(&pair, "persist", "http://erp.virtual:80/any").await == 200
     });
+    api.stop().await;
+}
+
+#[tokio::test]
+async fn principal_propagation_settings_apply_to_the_next_request() {
+    let pair = TunnelPair::start().await;
+    let echo = EchoBackend::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let pp_ca = Arc::new(ferry_core::tls::LocalCa::generate("PP CA").unwrap());
+    let verifier = Arc::new(ferry_auth::Verifier::local(pair.keys.clone()));
+    let api = Running::start_with(dir.path(), |c| {
+        c.connection.principal_propagation =
+            Some(Arc::new(ferry_connector::PrincipalPropagation::new(verifier, pp_ca)));
+    })
+    .await;
+    api.change_initial_password().await;
+    add_subaccount(&api, &pair, "pp").await;
+    let maps = format!("{}/systemMappings", sub_path(&pair));
+    let (s, body) = api
+        .admin_call(
+            Method::POST,
+            &maps,
+            Some(json!({"virtualHost": "pp.virtual", "virtualPort": 80, "localHost": "127.0.0.1",
+                        "localPort": echo.addr.port(), "protocol": "HTTP", "authenticationMode": "X509_GENERAL",
+                        "resources": [{"id": "/", "enabled": true}]})),
+        )
+        .await;
+    assert_eq!(s, StatusCode::CREATED, "{body}");
+    pair.wait_connected("pp").await;
+    // A user token that expired two hours ago: beyond the default tolerance of one hour.
+    let exp = ferry_testkit::now() - 7200;
+    let user = pair
+        .keys
+        .sign(&json!({"zid": SUBACCOUNT, "user_name": "alice", "client_id": "sb-app!t1", "exp": exp}), &[])
+        .unwrap();
+    let mut app = ProxyClient::connect(pair.http_addr).await;
+    assert_eq!(app.get_as(&pair, "pp", "http://pp.virtual:80/x", Some(&user)).await, 403);
+    let (s, _) = api
+        .admin_call(
+            Method::PATCH,
+            &format!("{CONF}/connector/onPremises/ppSettings"),
+            Some(json!({"expirationToleranceInHr": 3})),
+        )
+        .await;
+    assert_eq!(s, StatusCode::NO_CONTENT);
+    assert_eq!(app.get_as(&pair, "pp", "http://pp.virtual:80/x", Some(&user)).await, 200);
+    let (s, body) = api
+        .admin_call(
+            Method::PUT,
+            &format!("{CONF}/connector/onPremises/ppSettings"),
+            Some(json!({"expirationToleranceInHr": 0, "certificateValidityInMin": 60})),
+        )
+        .await;
+    assert_eq!(s, StatusCode::BAD_REQUEST);
+    assert!(body["message"].as_str().unwrap().contains("expirationToleranceInHr"), "{body}");
     api.stop().await;
 }

@@ -326,11 +326,15 @@ fn check_pp(p: &PpSettings) -> Result<()> {
 
 async fn set_pp(a: &Admin, user: &str, p: PpSettings) -> Result<Response> {
     check_pp(&p)?;
-    a.change(|c| {
-        c.pp_settings = p;
-        Ok(())
-    })
-    .await?;
+    let (_, cfg) = a
+        .change(|c| {
+            c.pp_settings = p;
+            Ok(())
+        })
+        .await?;
+    for s in &cfg.subaccounts {
+        a.instance.set_principal_propagation(&s.key(), a.principal(&cfg));
+    }
     a.record(user, "PrincipalPropagationConfiguration", "changed", "", "ppSettings").await;
     Ok(no_content())
 }
@@ -746,6 +750,14 @@ fn mapping_from(mut v: Value) -> Result<StoredMapping> {
     };
     for k in ["totalResourcesCount", "enabledResourcesCount", "_links"] {
         o.remove(k);
+    }
+    // As for resources posted on their own: a missing `enabled` means false in SAP's API.
+    if let Some(Value::Array(rs)) = o.get_mut("resources") {
+        for r in rs.iter_mut() {
+            if let Value::Object(r) = r {
+                r.entry("enabled").or_insert(json!(false));
+            }
+        }
     }
     let mapping: SystemMapping =
         serde_json::from_value(v).map_err(|e| ApiError::invalid(format!("invalid system mapping: {e}")))?;

@@ -254,14 +254,19 @@ impl Admin {
             level: sub.audit_level,
             dir: Some(self.config.audit_dir.clone().unwrap_or_else(|| self.config.data_dir.join("audit"))),
         };
-        cc.principal_propagation = d.principal_propagation.as_ref().map(|t| {
+        cc.principal_propagation = self.principal(scc);
+        Ok(cc)
+    }
+
+    /// Principal propagation from the instance's verifier and CA with the API's settings.
+    fn principal(&self, scc: &SccConfig) -> Option<Arc<PrincipalPropagation>> {
+        self.config.connection.principal_propagation.as_ref().map(|t| {
             let mut p = PrincipalPropagation::new(t.verifier.clone(), t.ca.clone());
             p.subject_pattern = t.subject_pattern.clone();
             p.certificate_validity = Duration::from_secs(u64::from(scc.pp_settings.certificate_validity_in_min) * 60);
             p.expiration_tolerance = Duration::from_secs(u64::from(scc.pp_settings.expiration_tolerance_in_hr) * 3600);
             Arc::new(p)
-        });
-        Ok(cc)
+        })
     }
 
     async fn connect(&self, scc: &SccConfig, sub: &StoredSubaccount) -> Result<(), ApiError> {
