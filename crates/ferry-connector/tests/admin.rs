@@ -304,8 +304,21 @@ async fn mappings_and_resources_apply_to_the_next_request_on_a_kept_alive_connec
         .unwrap();
     assert_eq!(r.status(), StatusCode::CREATED);
     assert!(r.headers()["location"].to_str().unwrap().ends_with("/resources/-sap-opu"));
+    // Level ALL for this subaccount: allowed requests are audited from now on.
+    let level = format!("{CONF}/connector/auditLog/subaccounts/{}/{SUBACCOUNT}", pair.tunnel_addr);
+    let (s, _) = api.admin_call(Method::PUT, &level, Some(json!({"level": "ALL"}))).await;
+    assert_eq!(s, StatusCode::NO_CONTENT);
+    assert_eq!(api.admin_call(Method::GET, &level, None).await.1, json!({"level": "ALL"}));
     assert_eq!(app.get(&pair, "admin-loc", url).await, 200);
     assert_eq!(echo.hits(), 1);
+    let requests = dir.path().join("audit").join(SUBACCOUNT);
+    eventually!("the allowed request in the subaccount's audit log", {
+        std::fs::read_dir(&requests)
+            .ok()
+            .and_then(|mut d| d.next())
+            .and_then(|e| e.ok())
+            .is_some_and(|e| std::fs::read_to_string(e.path()).unwrap_or_default().contains("Access Allowed"))
+    });
 
     // Suspend it: the next request on the same connection is refused.
     let one = format!("{res}/-sap-opu");
@@ -351,7 +364,7 @@ async fn mappings_and_resources_apply_to_the_next_request_on_a_kept_alive_connec
     let folder = dir.path().join("audit").join("_configuration");
     let file = std::fs::read_dir(&folder).unwrap().next().unwrap().unwrap().path();
     let text = std::fs::read_to_string(&file).unwrap();
-    for category in ["SCCPassword", "Account", "BackendMapping", "AllowedResource"] {
+    for category in ["SCCPassword", "Account", "BackendMapping", "AllowedResource", "AuditLogLevel"] {
         assert!(text.contains(category), "{category} missing in {text}");
     }
     assert!(!text.contains(NEW_PASSWORD));

@@ -267,9 +267,9 @@ async fn get_audit(State(a): A) -> Json<Value> {
 #[serde(deny_unknown_fields)]
 struct LevelBody {
     level: AuditLevel,
-    #[serde(default)]
-    #[allow(dead_code)]
-    cleanup: Option<u32>,
+    /// Accepted for SAP clients; Ferry keeps audit files until removed.
+    #[serde(default, rename = "cleanup")]
+    _cleanup: Option<u32>,
 }
 
 async fn patch_audit(State(a): A, Extension(u): Extension<Caller>, body: Bytes) -> Result<Response> {
@@ -500,10 +500,11 @@ struct NewSubaccount {
     authentication_data: Option<Value>,
     cloud_user: Option<String>,
     cloud_password: Option<ferry_core::Secret<String>>,
-    #[allow(dead_code)]
-    auto_cert_renewal: Option<bool>,
-    #[allow(dead_code)]
-    is_managed: Option<bool>,
+    /// Accepted for SAP clients; Ferry's certificates come from enrollment.
+    #[serde(rename = "autoCertRenewal")]
+    _auto_cert_renewal: Option<bool>,
+    #[serde(rename = "isManaged")]
+    _is_managed: Option<bool>,
 }
 
 /// Ferry's "authentication data": what `POST /ferry/admin/v1/subaccounts/{id}/connectors`
