@@ -399,7 +399,12 @@ async fn configuration_survives_restarts_and_backups_restore_it() {
     let registry = pair.proxy.registry();
     eventually!("tunnel closed on shutdown", !registry.is_connected(SUBACCOUNT, "persist"));
 
-    let api = Running::start(dir.path()).await;
+    // Another name for the UI: a new certificate from the same CA, so clients keep trusting it.
+    let read = |f: &str| std::fs::read_to_string(dir.path().join(f)).unwrap();
+    let (ca_before, cert_before) = (read("ui-ca.pem"), read("ui-cert.pem"));
+    let api = Running::start_with(dir.path(), |c| c.ui_names.push("scc.example".into())).await;
+    assert_eq!(read("ui-ca.pem"), ca_before);
+    assert_ne!(read("ui-cert.pem"), cert_before);
     assert_eq!(api.call(Method::GET, &maps, "manage", None).await.0, StatusCode::UNAUTHORIZED);
     let (s, now) = api.admin_call(Method::GET, &maps, None).await;
     assert_eq!(s, StatusCode::OK);

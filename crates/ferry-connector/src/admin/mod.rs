@@ -152,22 +152,43 @@ fn random_token() -> String {
     base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(b)
 }
 
-/// The UI certificate: issued once by a local CA (whose certificate clients may trust) and
-/// kept in the data folder, the key sealed like the connection keys.
+/// The UI certificate: issued by a local CA (whose certificate, `ui-ca.pem`, clients may
+/// trust) and kept in the data folder with the keys sealed like the connection keys. A change of
+/// the configured names reissues it from the same CA, so clients keep trusting it.
 fn ui_certificate(store: &Store, names: &[String]) -> Result<(CertifiedKey, String), AdminError> {
     let dir = store.dir();
-    let (cert, key, ca) = (dir.join("ui-cert.pem"), dir.join("ui-key.sealed"), dir.join("ui-ca.pem"));
-    if let (Ok(c), Ok(k), Ok(a)) = (std::fs::read_to_string(&cert), std::fs::read(&key), std::fs::read_to_string(&ca)) {
-        let key_pem = store.open_blob(b"ui-key", &k)?;
-        return Ok((CertifiedKey { cert_pem: c, key_pem: key_pem.into() }, a));
+    let path = |f: &str| dir.join(f);
+    let ca = match (std::fs::read_to_string(path("ui-ca.pem")), std::fs::read(path("ui-ca-key.sealed"))) {
+        (Ok(cert), Ok(key)) => LocalCa::from_pem(&cert, &store.open_blob(b"ui-ca-key", &key)?)?,
+        _ => {
+            let ca = LocalCa::generate("Ferry Cloud Connector UI")?;
+            store::write_atomic(
+                &path("ui-ca-key.sealed"),
+                &store.seal_blob(b"ui-ca-key", ca.key_pem().expose().as_bytes())?,
+            )?;
+            store::write_atomic(&path("ui-ca.pem"), ca.cert_pem().as_bytes())?;
+            let _ = std::fs::remove_file(path("ui-cert.pem"));
+            ca
+        }
+    };
+    let wanted = names.join("\n");
+    let stored = (
+        std::fs::read_to_string(path("ui-names.txt")),
+        std::fs::read_to_string(path("ui-cert.pem")),
+        std::fs::read(path("ui-key.sealed")),
+    );
+    if let (Ok(n), Ok(cert), Ok(key)) = stored
+        && n == wanted
+    {
+        let key_pem = store.open_blob(b"ui-key", &key)?;
+        return Ok((CertifiedKey { cert_pem: cert, key_pem: key_pem.into() }, ca.cert_pem().to_owned()));
     }
-    let local = LocalCa::generate("Ferry Cloud Connector UI")?;
     let refs: Vec<&str> = names.iter().map(String::as_str).collect();
-    let issued = local.issue_server_cert(&refs)?;
-    store::write_atomic(&key, &store.seal_blob(b"ui-key", issued.key_pem.expose().as_bytes())?)?;
-    store::write_atomic(&cert, issued.cert_pem.as_bytes())?;
-    store::write_atomic(&ca, local.cert_pem().as_bytes())?;
-    Ok((issued, local.cert_pem().to_owned()))
+    let issued = ca.issue_server_cert(&refs)?;
+    store::write_atomic(&path("ui-key.sealed"), &store.seal_blob(b"ui-key", issued.key_pem.expose().as_bytes())?)?;
+    store::write_atomic(&path("ui-cert.pem"), issued.cert_pem.as_bytes())?;
+    store::write_atomic(&path("ui-names.txt"), wanted.as_bytes())?;
+    Ok((issued, ca.cert_pem().to_owned()))
 }
 
 impl Admin {
