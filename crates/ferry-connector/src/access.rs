@@ -39,8 +39,8 @@ pub enum HostInHeader {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct Resource {
-    /// URL path, case-sensitive, compared without the query.
-    #[serde(alias = "id")]
+    /// URL path, case-sensitive, compared without the query. SAP's REST name is `id`.
+    #[serde(rename = "id", alias = "path")]
     pub path: String,
     /// `true`: "path only"; `false`: "path and all sub-paths" (string prefix).
     #[serde(default)]
@@ -85,6 +85,27 @@ pub struct SystemMapping {
 #[serde(transparent)]
 pub struct AccessRules {
     pub mappings: Vec<SystemMapping>,
+}
+
+/// The rules a running connector checks, replaceable while tunnels stay up: each request
+/// takes a snapshot at its start, so a change applies to the next request (also on a
+/// keep-alive connection) and never to half a request.
+#[derive(Debug, Default)]
+pub struct LiveRules(std::sync::RwLock<std::sync::Arc<AccessRules>>);
+
+impl LiveRules {
+    pub fn new(rules: AccessRules) -> Self {
+        Self(std::sync::RwLock::new(std::sync::Arc::new(rules)))
+    }
+
+    pub fn get(&self) -> std::sync::Arc<AccessRules> {
+        // A poisoned lock still holds a complete `Arc` (writers only swap it).
+        self.0.read().unwrap_or_else(std::sync::PoisonError::into_inner).clone()
+    }
+
+    pub fn set(&self, rules: AccessRules) {
+        *self.0.write().unwrap_or_else(std::sync::PoisonError::into_inner) = std::sync::Arc::new(rules);
+    }
 }
 
 /// What the cloud side asks for.

@@ -20,6 +20,7 @@ use tokio::sync::mpsc;
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(rename_all = "UPPERCASE")]
+#[repr(u8)]
 pub enum AuditLevel {
     Off,
     /// Denied requests only (SAP's default).
@@ -51,6 +52,39 @@ pub struct AuditEvent {
     pub reason: String,
 }
 
+impl AuditLevel {
+    fn from_u8(v: u8) -> Self {
+        match v {
+            0 => AuditLevel::Off,
+            2 => AuditLevel::All,
+            _ => AuditLevel::Security,
+        }
+    }
+}
+
+/// One configuration change (SAP's categories such as `BackendMapping`, `AllowedResource`,
+/// `Account`, `SCCPassword`, `AuditLogLevel`, `PrincipalPropagationConfiguration`). Recorded at
+/// levels `SECURITY` and `ALL`.
+#[derive(Clone, Debug)]
+pub struct ChangeEvent {
+    pub category: &'static str,
+    /// The administrator who made the change.
+    pub user: String,
+    /// `created`, `changed`, `deleted`, ...
+    pub action: &'static str,
+    /// Subaccount the change belongs to ("" for connector-wide settings).
+    pub subaccount: String,
+    /// What was changed, e.g. `erp.virtual:443` or `erp.virtual:443/sap/opu`.
+    pub object: String,
+    /// Free text, never a secret.
+    pub detail: String,
+}
+
+enum Entry {
+    Access(AuditEvent),
+    Change(ChangeEvent),
+}
+
 const ZERO_HASH: &str = "0000000000000000000000000000000000000000000000000000000000000000";
 const HEADER: &str = "timestamp,event,subaccount,location,request_id,client,system,protocol,method,path,reason,chain";
 
@@ -65,15 +99,16 @@ pub struct AuditConfig {
 /// A handle to the audit log; cheap to clone.
 #[derive(Clone)]
 pub struct AuditLog {
-    level: AuditLevel,
+    /// Shared by the clones, so a level change applies to every holder at once.
+    level: std::sync::Arc<std::sync::atomic::AtomicU8>,
     subaccount: String,
     location: String,
-    tx: Option<mpsc::Sender<(SystemTime, AuditEvent)>>,
+    tx: Option<mpsc::Sender<(SystemTime, Entry)>>,
 }
 
 impl std::fmt::Debug for AuditLog {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("AuditLog").field("level", &self.level).field("to_file", &self.tx.is_some()).finish()
+        f.debug_struct("AuditLog").field("level", &self.level()).field("to_file", &self.tx.is_some()).finish()
     }
 }
 
@@ -84,10 +119,11 @@ pub enum AuditError {
 }
 
 impl AuditLog {
-    /// Starts the writer (if `config.dir` is set). Must be called inside a Tokio runtime.
+    /// Starts the writer (if `config.dir` is set; also at level `OFF`, since the level can be
+    /// raised at run time). Must be called inside a Tokio runtime.
     pub fn start(config: &AuditConfig, subaccount: &str, location: &str) -> Result<Self, AuditError> {
-        let tx = match (&config.dir, config.level) {
-            (Some(dir), level) if level != AuditLevel::Off => {
+        let tx = match &config.dir {
+            Some(dir) => {
                 let folder = dir.join(sanitize(subaccount));
                 std::fs::create_dir_all(&folder).map_err(|e| AuditError::Folder(folder.clone(), e))?;
                 let (tx, rx) = mpsc::channel(4096);
@@ -96,14 +132,43 @@ impl AuditLog {
                 tokio::task::spawn_blocking(move || writer.run(rx, &sub, &loc));
                 Some(tx)
             }
-            _ => None,
+            None => None,
         };
-        Ok(Self { level: config.level, subaccount: subaccount.to_owned(), location: location.to_owned(), tx })
+        let level = std::sync::Arc::new(std::sync::atomic::AtomicU8::new(config.level as u8));
+        Ok(Self { level, subaccount: subaccount.to_owned(), location: location.to_owned(), tx })
     }
 
     /// Tracing only, at `level`.
     pub fn tracing_only(level: AuditLevel) -> Self {
+        let level = std::sync::Arc::new(std::sync::atomic::AtomicU8::new(level as u8));
         Self { level, subaccount: String::new(), location: String::new(), tx: None }
+    }
+
+    pub fn level(&self) -> AuditLevel {
+        AuditLevel::from_u8(self.level.load(std::sync::atomic::Ordering::Relaxed))
+    }
+
+    /// Changes the level for this log and every clone of it, from the next entry on.
+    pub fn set_level(&self, level: AuditLevel) {
+        self.level.store(level as u8, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Records a configuration change (at levels `SECURITY` and `ALL`).
+    pub async fn record_change(&self, change: ChangeEvent) {
+        tracing::info!(target: "ferry::audit", category = change.category, user = %change.user, action = change.action,
+            subaccount = %change.subaccount, object = %change.object, detail = %change.detail, "configuration change");
+        if self.level() == AuditLevel::Off {
+            return;
+        }
+        self.send(Entry::Change(change)).await;
+    }
+
+    async fn send(&self, entry: Entry) {
+        if let Some(tx) = &self.tx
+            && tx.send((SystemTime::now(), entry)).await.is_err()
+        {
+            tracing::error!("audit log writer has stopped; audit lines are no longer written to disk");
+        }
     }
 
     pub async fn record(&self, event: AuditEvent) {
@@ -115,9 +180,10 @@ impl AuditLog {
                 &[("protocol", event.protocol), ("decision", decision)],
             )
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let level = self.level();
         let wanted = match event.outcome {
-            Outcome::Denied => self.level >= AuditLevel::Security,
-            Outcome::Allowed => self.level >= AuditLevel::All,
+            Outcome::Denied => level >= AuditLevel::Security,
+            Outcome::Allowed => level >= AuditLevel::All,
         };
         match event.outcome {
             Outcome::Denied => {
@@ -133,11 +199,7 @@ impl AuditLog {
         if !wanted {
             return;
         }
-        if let Some(tx) = &self.tx
-            && tx.send((SystemTime::now(), event)).await.is_err()
-        {
-            tracing::error!("audit log writer has stopped; audit lines are no longer written to disk");
-        }
+        self.send(Entry::Access(event)).await;
     }
 }
 
@@ -177,7 +239,7 @@ struct Writer {
 }
 
 impl Writer {
-    fn run(&mut self, mut rx: mpsc::Receiver<(SystemTime, AuditEvent)>, subaccount: &str, location: &str) {
+    fn run(&mut self, mut rx: mpsc::Receiver<(SystemTime, Entry)>, subaccount: &str, location: &str) {
         while let Some(first) = rx.blocking_recv() {
             let mut batch = vec![first];
             while let Ok(more) = rx.try_recv() {
@@ -216,28 +278,38 @@ impl Writer {
         Ok(())
     }
 
-    fn write(&mut self, t: SystemTime, e: &AuditEvent, subaccount: &str, location: &str) -> std::io::Result<()> {
+    fn write(&mut self, t: SystemTime, e: &Entry, subaccount: &str, location: &str) -> std::io::Result<()> {
         let (day, ts) = timestamp(t);
         if self.file.is_none() || day != self.day {
             self.open(&day)?;
         }
-        let event = match e.outcome {
-            Outcome::Allowed => "Access Allowed",
-            Outcome::Denied => "Access Denied",
+        let fields = match e {
+            Entry::Access(e) => {
+                let event = match e.outcome {
+                    Outcome::Allowed => "Access Allowed",
+                    Outcome::Denied => "Access Denied",
+                };
+                [
+                    ts.as_str(),
+                    event,
+                    subaccount,
+                    location,
+                    &e.request_id,
+                    &e.client,
+                    &e.system,
+                    e.protocol,
+                    &e.method,
+                    &e.path,
+                    &e.reason,
+                ]
+            }
+            // Same columns: the user in `client`, the changed object in `system`, the action
+            // in `method`, the detail in `reason`.
+            Entry::Change(c) => {
+                let sub = if c.subaccount.is_empty() { subaccount } else { &c.subaccount };
+                [ts.as_str(), c.category, sub, location, "", &c.user, &c.object, "", c.action, "", &c.detail]
+            }
         };
-        let fields = [
-            ts.as_str(),
-            event,
-            subaccount,
-            location,
-            &e.request_id,
-            &e.client,
-            &e.system,
-            e.protocol,
-            &e.method,
-            &e.path,
-            &e.reason,
-        ];
         let line = fields.iter().map(|f| csv_field(f)).collect::<Vec<_>>().join(",");
         let hash = chain(&self.prev, &line);
         if let Some(f) = &mut self.file {

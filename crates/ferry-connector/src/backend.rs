@@ -14,12 +14,14 @@ use tokio::net::TcpStream;
 
 use std::sync::Arc;
 
-use crate::access::{AccessRequest, AccessRules, Decision, DenyReason, HostInHeader, Protocol, SystemMapping};
+use crate::access::{
+    AccessRequest, AccessRules, Decision, DenyReason, HostInHeader, LiveRules, Protocol, SystemMapping,
+};
 use crate::audit::{AuditEvent, AuditLog, Outcome};
 use crate::principal::{PrincipalDelivery, PrincipalPropagation};
 
 pub(crate) struct Backend {
-    rules: AccessRules,
+    rules: Arc<LiveRules>,
     audit: AuditLog,
     connect_timeout: Duration,
     /// Pooled HTTP/1.1 client for `HTTP` and `HTTPS` mappings.
@@ -28,7 +30,8 @@ pub(crate) struct Backend {
     tls: tokio_rustls::TlsConnector,
     /// Trust anchors for backends, for connections that present a user certificate.
     roots: Arc<rustls::RootCertStore>,
-    principal: Option<Arc<PrincipalPropagation>>,
+    /// Swappable like the rules: the admin API changes its settings at run time.
+    principal: std::sync::RwLock<Option<Arc<PrincipalPropagation>>>,
 }
 
 /// SAP's header for the propagated user's certificate.
@@ -67,7 +70,7 @@ fn deny_message(reason: DenyReason, target: &str, path: Option<&str>) -> String 
 
 impl Backend {
     pub(crate) fn new(
-        rules: AccessRules,
+        rules: Arc<LiveRules>,
         audit: AuditLog,
         roots: Arc<rustls::RootCertStore>,
         principal: Option<Arc<PrincipalPropagation>>,
@@ -84,7 +87,19 @@ impl Backend {
             .enable_http1()
             .wrap_connector(connector);
         let http = Client::builder(TokioExecutor::new()).pool_idle_timeout(Duration::from_secs(30)).build(https);
-        Self { rules, audit, connect_timeout, http, tls: tokio_rustls::TlsConnector::from(tls), roots, principal }
+        Self {
+            rules,
+            audit,
+            connect_timeout,
+            http,
+            tls: tokio_rustls::TlsConnector::from(tls),
+            roots,
+            principal: std::sync::RwLock::new(principal),
+        }
+    }
+
+    pub(crate) fn set_principal(&self, principal: Option<Arc<PrincipalPropagation>>) {
+        *self.principal.write().unwrap_or_else(std::sync::PoisonError::into_inner) = principal;
     }
 
     pub(crate) async fn handle(&self, req: Request<Incoming>) -> Response<BoxBody> {
@@ -104,7 +119,8 @@ impl Backend {
         match header(tunnel::KIND).as_deref() {
             Some(tunnel::KIND_HTTP) => {
                 let path = req.uri().path().to_owned();
-                let decision = self.rules.check(AccessRequest::Http { host, port, path: &path });
+                let rules = self.rules.get();
+                let decision = rules.check(AccessRequest::Http { host, port, path: &path });
                 let (outcome, reason) = match &decision {
                     Decision::Allow(_) => (Outcome::Allowed, String::new()),
                     Decision::Deny(r) => (Outcome::Denied, format!("{r:?}")),
@@ -123,7 +139,7 @@ impl Backend {
                 match decision {
                     Decision::Allow(m) => {
                         let m = m.clone();
-                        self.forward_http(req, &m, &target).await
+                        self.forward_http(req, &m, &target, &rules).await
                     }
                     Decision::Deny(reason) => error_response(
                         StatusCode::FORBIDDEN,
@@ -133,7 +149,8 @@ impl Backend {
                 }
             }
             Some(tunnel::KIND_TCP) => {
-                let decision = self.rules.check(AccessRequest::Tcp { host, port });
+                let rules = self.rules.get();
+                let decision = rules.check(AccessRequest::Tcp { host, port });
                 let (outcome, reason) = match &decision {
                     Decision::Allow(_) => (Outcome::Allowed, String::new()),
                     Decision::Deny(r) => (Outcome::Denied, format!("{r:?}")),
@@ -167,7 +184,13 @@ impl Backend {
         }
     }
 
-    async fn forward_http(&self, req: Request<Incoming>, m: &SystemMapping, target: &str) -> Response<BoxBody> {
+    async fn forward_http(
+        &self,
+        req: Request<Incoming>,
+        m: &SystemMapping,
+        target: &str,
+        rules: &AccessRules,
+    ) -> Response<BoxBody> {
         let (mut parts, incoming) = req.into_parts();
         let pq = parts.uri.path_and_query().map(|p| p.as_str()).unwrap_or("/");
         let scheme = if m.protocol == Protocol::Https { "https" } else { "http" };
@@ -188,7 +211,8 @@ impl Backend {
         parts.headers.remove(SSL_CLIENT_CERT);
         let mut user_tls = None;
         if m.authentication_mode.propagates() {
-            let value = match (principal, &self.principal) {
+            let pp = self.principal.read().unwrap_or_else(std::sync::PoisonError::into_inner).clone();
+            let value = match (principal, &pp) {
                 (Some(token), Some(pp)) => match pp.user_certificate(&token).await {
                     Ok(cert) => {
                         if m.principal_certificate_in == PrincipalDelivery::Tls && m.protocol == Protocol::Https {
@@ -256,7 +280,7 @@ impl Backend {
             Ok(resp) => {
                 let (mut parts, incoming) = resp.into_parts();
                 body::strip_hop_by_hop(&mut parts.headers);
-                self.rewrite_response_headers(&mut parts.headers);
+                self.rewrite_response_headers(&mut parts.headers, rules);
                 Response::from_parts(parts, body::boxed(incoming))
             }
             Err(e) => {
@@ -301,9 +325,9 @@ impl Backend {
     }
 
     /// Maps internal names in `Location` and cookie domains back to virtual ones.
-    fn rewrite_response_headers(&self, headers: &mut http::HeaderMap) {
+    fn rewrite_response_headers(&self, headers: &mut http::HeaderMap, rules: &AccessRules) {
         if let Some(v) = headers.get(http::header::LOCATION).and_then(|v| v.to_str().ok())
-            && let Some(new) = crate::rewrite::location(&self.rules, v)
+            && let Some(new) = crate::rewrite::location(rules, v)
             && let Ok(v) = HeaderValue::from_str(&new)
         {
             headers.insert(http::header::LOCATION, v);
@@ -314,7 +338,7 @@ impl Backend {
             .map(|v| {
                 v.to_str()
                     .ok()
-                    .and_then(|s| crate::rewrite::set_cookie(&self.rules, s))
+                    .and_then(|s| crate::rewrite::set_cookie(rules, s))
                     .and_then(|s| HeaderValue::from_str(&s).ok())
                     .unwrap_or_else(|| v.clone())
             })

@@ -6,8 +6,10 @@
 //! allowed ones to the internal backend. It reconnects with exponential backoff and jitter.
 
 pub mod access;
+pub mod admin;
 pub mod audit;
 mod backend;
+pub mod instance;
 pub mod principal;
 pub mod rewrite;
 
@@ -20,7 +22,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::net::TcpStream;
 use tokio::sync::watch;
 
-pub use access::{AccessRules, HostInHeader, Protocol, Resource, SystemMapping};
+pub use access::{AccessRules, HostInHeader, LiveRules, Protocol, Resource, SystemMapping};
 pub use principal::{AuthenticationMode, PrincipalDelivery, PrincipalPropagation};
 
 #[derive(Debug, thiserror::Error)]
@@ -107,6 +109,8 @@ pub struct Connector {
     server_name: rustls::pki_types::ServerName<'static>,
     status: watch::Sender<TunnelStatus>,
     backend: Arc<backend::Backend>,
+    rules: Arc<LiveRules>,
+    audit: audit::AuditLog,
 }
 
 impl Connector {
@@ -120,9 +124,10 @@ impl Connector {
             der.first().and_then(|c| ferry_core::tls::connector_identity(c)).ok_or(ConnectorError::Identity)?;
         let audit = audit::AuditLog::start(&config.audit, &subaccount, &location)?;
         let backend_roots = Arc::new(ferry_core::tls::outbound_roots(config.backend_ca_pem.as_deref())?);
+        let rules = Arc::new(LiveRules::new(config.rules.clone()));
         let backend = Arc::new(backend::Backend::new(
-            config.rules.clone(),
-            audit,
+            rules.clone(),
+            audit.clone(),
             backend_roots,
             config.principal_propagation.clone(),
             config.backend_connect_timeout,
@@ -133,7 +138,28 @@ impl Connector {
             server_name,
             status: watch::channel(TunnelStatus::default()).0,
             backend,
+            rules,
+            audit,
         })
+    }
+
+    /// Replaces the access rules; the next request is checked against them, tunnels stay up.
+    pub fn set_rules(&self, rules: AccessRules) {
+        self.rules.set(rules);
+    }
+
+    pub fn rules(&self) -> Arc<AccessRules> {
+        self.rules.get()
+    }
+
+    /// Replaces the principal propagation settings; the next request uses them.
+    pub fn set_principal_propagation(&self, principal: Option<Arc<principal::PrincipalPropagation>>) {
+        self.backend.set_principal(principal);
+    }
+
+    /// The connector's audit log (e.g. to change its level at run time).
+    pub fn audit(&self) -> &audit::AuditLog {
+        &self.audit
     }
 
     pub fn status(&self) -> watch::Receiver<TunnelStatus> {

@@ -319,6 +319,9 @@ pub async fn enroll(conn: Connection, subaccount: String, location: String, out:
     std::fs::write(out.join("ca.pem"), get("ca")?)?;
     std::fs::write(out.join("connector.pem"), get("certificate")?)?;
     crate::up::write_private(&out.join("connector-key.pem"), get("key")?.as_bytes())?;
+    // The same answer as SAP's "authentication data", for the connector admin API
+    // (`POST /api/v1/configuration/subaccounts {"authenticationData": ...}`).
+    crate::up::write_private(&out.join("authentication-data.json"), &serde_json::to_vec_pretty(&v)?)?;
     let config = out.join("connector.toml");
     if !config.exists() {
         let tunnel = get("tunnel")?;

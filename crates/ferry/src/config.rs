@@ -61,6 +61,9 @@ pub struct Listen {
     pub tunnel_port: u16,
     /// Prometheus `/metrics` and `/healthz`; off unless set (9494 is the customary port).
     pub metrics_port: Option<u16>,
+    /// The Cloud Connector's admin REST API (HTTPS, SAP's paths); off unless set (SAP's port
+    /// is 8443). It then manages the first `[[connectors]]` entry.
+    pub connector_admin_port: Option<u16>,
 }
 
 impl Default for Listen {
@@ -74,6 +77,7 @@ impl Default for Listen {
             socks5_port: 20004,
             tunnel_port: 20005,
             metrics_port: None,
+            connector_admin_port: None,
         }
     }
 }

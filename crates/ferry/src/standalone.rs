@@ -38,13 +38,19 @@ fn remote_verifier(urls: &[String], ca_file: Option<&Path>, base: &Path) -> anyh
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ConnectorFile {
-    /// Tunnel endpoints of every proxy replica (`host:port`).
+    /// Tunnel endpoints of every proxy replica (`host:port`) for the connection configured in
+    /// this file; empty when every subaccount is managed through the admin API.
+    #[serde(default)]
     proxies: Vec<String>,
     /// Name on the proxies' server certificate.
+    #[serde(default)]
     server_name: String,
-    ca_file: PathBuf,
-    certificate_file: PathBuf,
-    key_file: PathBuf,
+    #[serde(default)]
+    ca_file: Option<PathBuf>,
+    #[serde(default)]
+    certificate_file: Option<PathBuf>,
+    #[serde(default)]
+    key_file: Option<PathBuf>,
     #[serde(default = "one")]
     connections: usize,
     #[serde(default)]
@@ -57,10 +63,35 @@ pub struct ConnectorFile {
     principal_propagation: Option<StandalonePp>,
     #[serde(default)]
     mappings: Vec<SystemMapping>,
+    /// The administration REST API (SAP's Cloud Connector API) and the subaccounts it manages.
+    #[serde(default)]
+    admin: Option<AdminSection>,
 }
 
 fn one() -> usize {
     1
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AdminSection {
+    #[serde(default = "localhost")]
+    host: String,
+    #[serde(default = "admin_port")]
+    port: u16,
+    /// Configuration, keys, UI certificate and (unless `audit_dir` is set) audit logs.
+    #[serde(default = "admin_data_dir")]
+    data_dir: PathBuf,
+    /// Names on the self-signed UI certificate, besides `localhost` and `127.0.0.1`.
+    #[serde(default)]
+    ui_names: Vec<String>,
+}
+
+fn admin_port() -> u16 {
+    ferry_connector::admin::DEFAULT_PORT
+}
+fn admin_data_dir() -> PathBuf {
+    "scc-data".into()
 }
 
 /// Principal propagation for a standalone connector: where to verify user tokens, and the CA
@@ -80,46 +111,76 @@ struct StandalonePp {
 pub async fn connector(config: &Path) -> anyhow::Result<()> {
     ferry_core::init_crypto();
     let (cfg, base): (ConnectorFile, PathBuf) = load(config)?;
-    let (first, more) = cfg.proxies.split_first().context("proxies must name at least one proxy tunnel endpoint")?;
-    let identity =
-        CertifiedKey { cert_pem: read(&base, &cfg.certificate_file)?, key_pem: read(&base, &cfg.key_file)?.into() };
-    let mut cc = ConnectorConfig::new(
-        first.clone(),
-        cfg.server_name.clone(),
-        read(&base, &cfg.ca_file)?,
-        identity,
-        AccessRules::new(cfg.mappings),
+    anyhow::ensure!(
+        !cfg.proxies.is_empty() || cfg.admin.is_some(),
+        "proxies must name at least one proxy tunnel endpoint, or [admin] must enable the admin API"
     );
-    cc.more_proxy_addrs = more.to_vec();
-    cc.connections = cfg.connections.max(1);
-    cc.audit = ferry_connector::audit::AuditConfig {
-        level: cfg.audit_level,
-        dir: Some(base.join(cfg.audit_dir.unwrap_or_else(|| "audit".into()))),
-    };
-    cc.backend_ca_pem = cfg.backend_ca_file.map(|f| read(&base, &f)).transpose()?;
-    if let Some(pp) = cfg.principal_propagation {
-        let verifier = remote_verifier(&pp.token_keys_urls, pp.token_ca_file.as_deref(), &base)?;
-        let ca = LocalCa::from_pem(&read(&base, &pp.ca_certificate_file)?, &read(&base, &pp.ca_key_file)?)?;
-        let mut p = ferry_connector::PrincipalPropagation::new(verifier, Arc::new(ca));
-        p.subject_pattern = pp.settings.subject_pattern;
-        p.certificate_validity = Duration::from_secs(u64::from(pp.settings.certificate_validity_minutes) * 60);
-        p.expiration_tolerance = Duration::from_secs(u64::from(pp.settings.expiration_tolerance_hours) * 3600);
-        cc.principal_propagation = Some(Arc::new(p));
-    }
-    let connector = Arc::new(Connector::new(cc)?);
-    let mut status = connector.status();
-    let shutdown = Shutdown::new();
-    let task = tokio::spawn(connector.run(shutdown.clone()));
-    tokio::spawn(async move {
-        while status.changed().await.is_ok() {
-            let s = *status.borrow();
-            eprintln!("tunnels connected: {}", s.connected);
+    let backend_ca_pem = cfg.backend_ca_file.as_ref().map(|f| read(&base, f)).transpose()?;
+    let audit_dir = base.join(cfg.audit_dir.clone().unwrap_or_else(|| "audit".into()));
+    let principal = match &cfg.principal_propagation {
+        Some(pp) => {
+            let verifier = remote_verifier(&pp.token_keys_urls, pp.token_ca_file.as_deref(), &base)?;
+            let ca = LocalCa::from_pem(&read(&base, &pp.ca_certificate_file)?, &read(&base, &pp.ca_key_file)?)?;
+            let mut p = ferry_connector::PrincipalPropagation::new(verifier, Arc::new(ca));
+            p.subject_pattern = pp.settings.subject_pattern.clone();
+            p.certificate_validity = Duration::from_secs(u64::from(pp.settings.certificate_validity_minutes) * 60);
+            p.expiration_tolerance = Duration::from_secs(u64::from(pp.settings.expiration_tolerance_hours) * 3600);
+            Some(Arc::new(p))
         }
-    });
+        None => None,
+    };
+    let shutdown = Shutdown::new();
+    let mut tasks = tokio::task::JoinSet::new();
+    if let Some((first, more)) = cfg.proxies.split_first() {
+        let file = |f: &Option<PathBuf>, key: &str| {
+            f.as_ref().with_context(|| format!("{key} is required with proxies")).and_then(|f| read(&base, f))
+        };
+        let identity = CertifiedKey {
+            cert_pem: file(&cfg.certificate_file, "certificate_file")?,
+            key_pem: file(&cfg.key_file, "key_file")?.into(),
+        };
+        let mut cc = ConnectorConfig::new(
+            first.clone(),
+            cfg.server_name.clone(),
+            file(&cfg.ca_file, "ca_file")?,
+            identity,
+            AccessRules::new(cfg.mappings.clone()),
+        );
+        cc.more_proxy_addrs = more.to_vec();
+        cc.connections = cfg.connections.max(1);
+        cc.audit = ferry_connector::audit::AuditConfig { level: cfg.audit_level, dir: Some(audit_dir.clone()) };
+        cc.backend_ca_pem = backend_ca_pem.clone();
+        cc.principal_propagation = principal.clone();
+        let connector = Arc::new(Connector::new(cc)?);
+        let mut status = connector.status();
+        tasks.spawn(connector.run(shutdown.clone()));
+        tokio::spawn(async move {
+            while status.changed().await.is_ok() {
+                let s = *status.borrow();
+                eprintln!("tunnels connected: {}", s.connected);
+            }
+        });
+    }
+    if let Some(a) = &cfg.admin {
+        let mut ac = ferry_connector::admin::AdminConfig::new(base.join(&a.data_dir));
+        ac.audit_dir = Some(audit_dir);
+        ac.ui_names.extend(a.ui_names.iter().cloned());
+        ac.connection.connections = cfg.connections.max(1);
+        ac.connection.backend_ca_pem = backend_ca_pem;
+        ac.connection.principal_propagation = principal;
+        let listener = ferry_core::serve::bind(&format!("{}:{}", a.host, a.port)).await?;
+        let addr = listener.local_addr()?;
+        let admin = ferry_connector::admin::Admin::start(ac, shutdown.clone()).await?;
+        println!(
+            "admin API: https://{addr}  (UI certificate CA: {})",
+            base.join(&a.data_dir).join("ui-ca.pem").display()
+        );
+        tasks.spawn(admin.serve(listener, shutdown.clone()));
+    }
     println!("ready");
     crate::up::wait_for_signal().await;
     shutdown.cancel();
-    let _ = tokio::time::timeout(Duration::from_secs(15), task).await;
+    let _ = tokio::time::timeout(Duration::from_secs(15), async { while tasks.join_next().await.is_some() {} }).await;
     Ok(())
 }
 

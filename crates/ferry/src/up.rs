@@ -191,6 +191,10 @@ pub async fn up(args: UpArgs) -> anyhow::Result<()> {
         Some(port) => Some(bind(&l.host, port).await?),
         None => None,
     };
+    let mut scc_admin_l = match l.connector_admin_port {
+        Some(port) => Some(bind(&l.host, port).await?),
+        None => None,
+    };
     let host = l.host.clone();
     let server_names: Vec<&str> = vec![host.as_str(), "localhost", "127.0.0.1"];
     let server_cert = ca.issue_server_cert(&server_names)?;
@@ -355,17 +359,10 @@ pub async fn up(args: UpArgs) -> anyhow::Result<()> {
     let entries: Vec<&crate::config::ConnectorEntry> =
         if cfg.connectors.is_empty() { vec![&default_connector] } else { cfg.connectors.iter().collect() };
     let connectors: Vec<(String, usize)> = entries.iter().map(|c| (c.location_id.clone(), c.mappings.len())).collect();
-    for c in &entries {
+    let mut scc_admin_addr = None;
+    for (i, c) in entries.iter().enumerate() {
         let identity = ca.issue_connector_cert(&subaccount, &c.location_id, time::Duration::days(30))?;
-        let mut cc = ConnectorConfig::new(
-            tunnel_addr.to_string(),
-            "127.0.0.1".into(),
-            ca.cert_pem().to_owned(),
-            identity,
-            AccessRules::new(c.mappings.clone()),
-        );
-        cc.audit = ferry_connector::audit::AuditConfig { level: c.audit_level, dir: Some(dir.join("audit")) };
-        cc.backend_ca_pem = match &c.backend_ca_file {
+        let backend_ca_pem = match &c.backend_ca_file {
             Some(path) => Some(
                 std::fs::read_to_string(path)
                     .with_context(|| format!("connector backend_ca_file {}", path.display()))?,
@@ -377,6 +374,44 @@ pub async fn up(args: UpArgs) -> anyhow::Result<()> {
         pp.subject_pattern = pp_cfg.subject_pattern.clone();
         pp.certificate_validity = Duration::from_secs(u64::from(pp_cfg.certificate_validity_minutes) * 60);
         pp.expiration_tolerance = Duration::from_secs(u64::from(pp_cfg.expiration_tolerance_hours) * 3600);
+        // With the admin API on, the first connector is one of its subaccounts: its mappings
+        // seed the data folder on the first start and are the API's to change afterwards.
+        if i == 0
+            && let Some((listener, addr)) = scc_admin_l.take()
+        {
+            let mut ac = ferry_connector::admin::AdminConfig::new(dir.join("connector"));
+            ac.audit_dir = Some(dir.join("audit"));
+            ac.ui_names.push(host.clone());
+            ac.connection.backend_ca_pem = backend_ca_pem;
+            ac.connection.principal_propagation = Some(Arc::new(pp));
+            let admin = ferry_connector::admin::Admin::start(ac, shutdown.clone()).await?;
+            admin
+                .ensure_subaccount(
+                    ferry_connector::admin::Enrollment {
+                        subaccount: subaccount.clone(),
+                        location_id: c.location_id.clone(),
+                        tunnel: tunnel_addr.to_string(),
+                        server_name: "127.0.0.1".into(),
+                        ca: ca.cert_pem().to_owned(),
+                        identity,
+                    },
+                    c.mappings.clone(),
+                    c.audit_level,
+                )
+                .await?;
+            tasks.spawn(admin.serve(listener, shutdown.clone()));
+            scc_admin_addr = Some(addr);
+            continue;
+        }
+        let mut cc = ConnectorConfig::new(
+            tunnel_addr.to_string(),
+            "127.0.0.1".into(),
+            ca.cert_pem().to_owned(),
+            identity,
+            AccessRules::new(c.mappings.clone()),
+        );
+        cc.audit = ferry_connector::audit::AuditConfig { level: c.audit_level, dir: Some(dir.join("audit")) };
+        cc.backend_ca_pem = backend_ca_pem;
         cc.principal_propagation = Some(Arc::new(pp));
         tasks.spawn(Arc::new(Connector::new(cc)?).run(shutdown.clone()));
     }
@@ -403,6 +438,12 @@ pub async fn up(args: UpArgs) -> anyhow::Result<()> {
         let label = if loc.is_empty() { "(default location)".to_string() } else { format!("location {loc:?}") };
         let state = if registry.is_connected(&subaccount, loc) { "connected" } else { "NOT connected" };
         println!("  cloud connector      {label}: {state}, {m} system mapping(s)");
+    }
+    if let Some(addr) = scc_admin_addr {
+        println!(
+            "  connector admin API  https://{addr}/api/v1/configuration  (Administrator; UI CA {})",
+            dir.join("connector").join("ui-ca.pem").display()
+        );
     }
     for t in &cfg.trust {
         let t = t.to_trust(&subaccount);

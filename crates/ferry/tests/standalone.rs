@@ -192,3 +192,103 @@ fn walk(dir: &std::path::Path) -> Vec<String> {
     }
     out
 }
+
+/// A standalone connector with only the admin API: the subaccount is added with the
+/// authentication data `ferry connector enroll` wrote, the mapping and resource through the API,
+/// and an app then reaches the backend through `ferry up`'s proxy.
+#[tokio::test]
+async fn standalone_connector_managed_through_its_admin_api() {
+    ferry_core::init_crypto();
+    let echo = EchoBackend::start().await;
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    std::fs::write(
+        dir.join("ferry.toml"),
+        "[listen]\ntoken_port = 0\ntoken_https_port = 0\ndestination_port = 0\nhttp_proxy_port = 0\nsocks5_port = 0\ntunnel_port = 0\n",
+    )
+    .unwrap();
+    let data = dir.join("data");
+    let up = start(&[
+        "up",
+        "--config",
+        dir.join("ferry.toml").to_str().unwrap(),
+        "--data-dir",
+        data.to_str().unwrap(),
+        "--no-env-file",
+    ]);
+    let vcap = up.vcap.clone().expect("VCAP_SERVICES");
+    let conn = &vcap["connectivity"][0]["credentials"];
+    let token_url = conn["url"].as_str().unwrap().to_owned();
+    let subaccount = conn["tenantid"].as_str().unwrap().to_owned();
+    let up_proxy = format!("http://127.0.0.1:{}", conn["onpremise_proxy_http_port"].as_str().unwrap());
+    let out = dir.join("scc");
+    let status = Command::new(env!("CARGO_BIN_EXE_ferry"))
+        .args(["connector", "enroll", "--subaccount", &subaccount, "--location", "depot", "--url", &token_url])
+        .arg("--data-dir")
+        .arg(&data)
+        .arg("--out")
+        .arg(&out)
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let auth_data: Value =
+        serde_json::from_slice(&std::fs::read(out.join("authentication-data.json")).unwrap()).unwrap();
+
+    std::fs::write(dir.join("scc.toml"), format!("[admin]\nport = {}\ndata_dir = \"scc-data\"\n", free_port()))
+        .unwrap();
+    let connector = start(&["connector", "run", "--config", dir.join("scc.toml").to_str().unwrap()]);
+    let line = connector.banner.iter().find(|l| l.starts_with("admin API:")).expect("admin API line");
+    let base = line.split_whitespace().nth(2).unwrap().to_owned();
+    let ca = std::fs::read_to_string(dir.join("scc-data").join("ui-ca.pem")).unwrap();
+    let api = ferry_core::tls::http_client(Some(&ca)).unwrap();
+    let call = |method: reqwest::Method, path: &str, body: Value| {
+        let pw = if path.ends_with("/basic") { "manage" } else { "new password 1" };
+        api.request(method, format!("{base}/api/v1/configuration{path}"))
+            .basic_auth("Administrator", Some(pw))
+            .json(&body)
+            .send()
+    };
+    let r = call(
+        reqwest::Method::PUT,
+        "/connector/authentication/basic",
+        serde_json::json!({"oldPassword": "manage", "newPassword": "new password 1"}),
+    )
+    .await
+    .unwrap();
+    assert_eq!(r.status(), 204);
+    let r = call(reqwest::Method::POST, "/subaccounts", serde_json::json!({"authenticationData": auth_data}))
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 201);
+    let sub = r.headers()["location"].to_str().unwrap().trim_start_matches("/api/v1/configuration").to_owned();
+    let r = call(
+        reqwest::Method::POST,
+        &format!("{sub}/systemMappings"),
+        serde_json::json!({"virtualHost": "plant.virtual", "virtualPort": 8000, "localHost": "127.0.0.1",
+                           "localPort": echo.addr.port(), "protocol": "HTTP", "backendType": "nonSAPsys"}),
+    )
+    .await
+    .unwrap();
+    assert_eq!(r.status(), 201);
+    let r = call(
+        reqwest::Method::POST,
+        &format!("{sub}/systemMappings/plant.virtual:8000/resources"),
+        serde_json::json!({"id": "/api", "enabled": true}),
+    )
+    .await
+    .unwrap();
+    assert_eq!(r.status(), 201);
+
+    let http = ferry_core::tls::http_client(None).unwrap();
+    let t = token(&http, conn).await;
+    let mut last = (0, Value::Null);
+    for _ in 0..200 {
+        last = through(&up_proxy, &t, "depot").await;
+        if last.0 == 200 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    assert_eq!(last.0, 200, "{}", last.1);
+    assert_eq!(last.1["url"], "/api/x");
+}

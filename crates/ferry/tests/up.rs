@@ -187,3 +187,75 @@ fn lines_metrics(banner: &[String]) -> String {
     let url = line.split_whitespace().nth(1).expect("metrics URL");
     url.trim_end_matches("/metrics").to_owned()
 }
+
+/// `[listen] connector_admin_port`: SAP's admin REST API for the first connector, which keeps
+/// its configuration and password in the data folder across restarts (where the tunnel port,
+/// here 0, changes).
+#[tokio::test]
+async fn ferry_up_serves_the_connector_admin_api_and_keeps_its_configuration() {
+    ferry_core::init_crypto();
+    let dir = tempfile::tempdir().unwrap();
+    let config = "[listen]\ntoken_port = 0\ntoken_https_port = 0\ndestination_port = 0\nhttp_proxy_port = 0\n\
+                  socks5_port = 0\ntunnel_port = 0\nconnector_admin_port = 0\n\n[[connectors]]\nlocation_id = \"lab\"\n\
+                  [[connectors.mappings]]\nvirtualHost = \"erp.virtual\"\nvirtualPort = 8000\nlocalHost = \"127.0.0.1\"\n\
+                  localPort = 9\nprotocol = \"HTTP\"\n";
+    std::fs::write(dir.path().join("ferry.toml"), config).unwrap();
+    let (config, data) = (dir.path().join("ferry.toml"), dir.path().join("data"));
+    let args = [
+        OsStr::new("up"),
+        OsStr::new("--config"),
+        config.as_os_str(),
+        OsStr::new("--data-dir"),
+        data.as_os_str(),
+        OsStr::new("--no-env-file"),
+    ];
+    let start = || {
+        let child = FerryProcess::start(env!("CARGO_BIN_EXE_ferry"), &args, &[("FERRY_LOG", "warn")], false);
+        let line = child.banner.iter().find(|l| l.contains("connector admin API")).expect("admin API in the banner");
+        let url = line.split_whitespace().nth(3).unwrap().trim_end_matches("/api/v1/configuration").to_owned();
+        let ca = std::fs::read_to_string(data.join("connector").join("ui-ca.pem")).unwrap();
+        (child, url, ferry_core::tls::http_client(Some(&ca)).unwrap())
+    };
+    let (mut child, url, http) = start();
+    let get = |http: &reqwest::Client, url: &str, pw: &str| {
+        http.get(format!("{url}/api/monitoring/subaccounts")).basic_auth("Administrator", Some(pw.to_owned())).send()
+    };
+    assert_eq!(get(&http, &url, "manage").await.unwrap().status(), 403);
+    let r = http
+        .put(format!("{url}/api/v1/configuration/connector/authentication/basic"))
+        .basic_auth("Administrator", Some("manage"))
+        .json(&serde_json::json!({"oldPassword": "manage", "newPassword": "a new password"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 204);
+    let mon: Value = get(&http, &url, "a new password").await.unwrap().json().await.unwrap();
+    assert_eq!(mon["subaccounts"].as_array().unwrap().len(), 1, "{mon}");
+    assert_eq!(mon["subaccounts"][0]["locationID"], "lab");
+    assert_eq!(child.terminate().code(), Some(0));
+
+    let (mut child, url, http) = start();
+    assert_eq!(get(&http, &url, "manage").await.unwrap().status(), 401, "the changed password persists");
+    let mon: Value = get(&http, &url, "a new password").await.unwrap().json().await.unwrap();
+    let subs = mon["subaccounts"].as_array().unwrap();
+    assert_eq!(subs.len(), 1, "the restarted tunnel endpoint replaces the stored one: {mon}");
+    ferry_testkit::eventually!("the tunnel is up again", {
+        let mon: Value = get(&http, &url, "a new password").await.unwrap().json().await.unwrap();
+        mon["subaccounts"][0]["tunnel"]["state"] == "Connected"
+    });
+    let maps: Value = http
+        .get(format!(
+            "{url}/api/v1/configuration/subaccounts/{}/{}/systemMappings",
+            subs[0]["regionHost"].as_str().unwrap(),
+            subs[0]["subaccount"].as_str().unwrap()
+        ))
+        .basic_auth("Administrator", Some("a new password"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(maps[0]["virtualHost"], "erp.virtual", "the config file's mappings seed the data folder: {maps}");
+    assert_eq!(child.terminate().code(), Some(0));
+}

@@ -1,0 +1,523 @@
+//! The Cloud Connector's administration REST API (SAP's paths and JSON shapes under
+//! `/api/v1/configuration`, `/api/monitoring`, `/exposed`), served over HTTPS with a
+//! self-signed UI certificate, on top of an [`Instance`] whose configuration is persisted in a
+//! data folder ([`store`]) and applied live.
+//!
+//! Security as in SAP's product: one file-based user, `Administrator` / `manage` at first start,
+//! and every API but the password change answers 403 until that password is changed. Basic
+//! authentication or the `JSESSIONID` session it opens; calls that change something with a
+//! session cookie must carry the session's `X-CSRF-Token` (fetched with `X-CSRF-Token: Fetch`).
+//! Repeated wrong passwords lock the user name for a while; every change goes to the audit log.
+
+mod api;
+pub mod store;
+
+pub use api::Enrollment;
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant};
+
+use axum::extract::{Request, State};
+use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use base64::Engine;
+use ferry_core::Shutdown;
+use ferry_core::tls::{CertifiedKey, LocalCa};
+use tokio::net::TcpListener;
+
+use crate::audit::{AuditConfig, AuditLog, ChangeEvent};
+use crate::instance::Instance;
+use crate::{AccessRules, ConnectorConfig, PrincipalPropagation};
+use store::{SccConfig, Store, StoredSubaccount};
+
+pub const DEFAULT_PORT: u16 = 8443;
+/// The one path reachable with the initial password.
+const PASSWORD_PATH: &str = "/api/v1/configuration/connector/authentication/basic";
+
+#[derive(Debug, thiserror::Error)]
+pub enum AdminError {
+    #[error("{0}")]
+    Store(#[from] store::StoreError),
+    #[error("UI certificate: {0}")]
+    Tls(#[from] ferry_core::tls::TlsError),
+    #[error("audit log: {0}")]
+    Audit(#[from] crate::audit::AuditError),
+    #[error("cannot connect the subaccount: {0}")]
+    Connect(String),
+}
+
+/// Settings every subaccount connection of the instance shares.
+#[derive(Clone, Debug)]
+pub struct ConnectionDefaults {
+    pub connections: usize,
+    pub backoff_initial: Duration,
+    pub backoff_max: Duration,
+    pub backend_connect_timeout: Duration,
+    pub heartbeat: Duration,
+    pub backend_ca_pem: Option<String>,
+    /// Token verifier, CA and subject pattern for principal propagation; the PP settings of the
+    /// API (`certificateValidityInMin`, `expirationToleranceInHr`) are applied on top.
+    pub principal_propagation: Option<Arc<PrincipalPropagation>>,
+}
+
+impl Default for ConnectionDefaults {
+    fn default() -> Self {
+        Self {
+            connections: 1,
+            backoff_initial: Duration::from_millis(100),
+            backoff_max: Duration::from_secs(30),
+            backend_connect_timeout: Duration::from_secs(10),
+            heartbeat: Duration::from_secs(20),
+            backend_ca_pem: None,
+            principal_propagation: None,
+        }
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct AdminConfig {
+    /// Configuration, key file and UI certificate live here.
+    pub data_dir: PathBuf,
+    /// Audit log folder; default `<data_dir>/audit`.
+    pub audit_dir: Option<PathBuf>,
+    /// Names on the self-signed UI certificate (generated on first start).
+    pub ui_names: Vec<String>,
+    /// Wrong passwords in a row before a user name is locked.
+    pub max_failed_logons: u32,
+    pub lockout: Duration,
+    /// Idle time after which a session ends.
+    pub session_timeout: Duration,
+    /// Largest request body accepted.
+    pub max_body: usize,
+    pub connection: ConnectionDefaults,
+}
+
+impl AdminConfig {
+    pub fn new(data_dir: PathBuf) -> Self {
+        Self {
+            data_dir,
+            audit_dir: None,
+            ui_names: vec!["localhost".into(), "127.0.0.1".into()],
+            max_failed_logons: 5,
+            lockout: Duration::from_secs(300),
+            session_timeout: Duration::from_secs(30 * 60),
+            max_body: 1 << 20,
+            connection: ConnectionDefaults::default(),
+        }
+    }
+}
+
+struct Session {
+    user: String,
+    csrf: String,
+    last: Instant,
+}
+
+#[derive(Default)]
+struct Failures {
+    count: u32,
+    locked_until: Option<Instant>,
+}
+
+/// The running administration side of a connector instance.
+pub struct Admin {
+    config: AdminConfig,
+    store: Store,
+    /// The current configuration; held across save-and-apply so changes are serialised.
+    state: tokio::sync::Mutex<SccConfig>,
+    instance: Instance,
+    /// Configuration changes (SAP's cross-subaccount audit log).
+    audit: AuditLog,
+    sessions: Mutex<HashMap<String, Session>>,
+    failures: Mutex<HashMap<String, Failures>>,
+    ui_tls: Arc<rustls::ServerConfig>,
+    ui_ca_pem: String,
+}
+
+impl std::fmt::Debug for Admin {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Admin").field("data_dir", &self.config.data_dir).finish_non_exhaustive()
+    }
+}
+
+fn random_token() -> String {
+    let mut b = [0u8; 24];
+    // Without randomness nothing here is safe; aws-lc-rs only fails on a broken system.
+    if aws_lc_rs::rand::fill(&mut b).is_err() {
+        tracing::error!("no randomness available for session tokens");
+    }
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(b)
+}
+
+/// The UI certificate: issued by a local CA (whose certificate, `ui-ca.pem`, clients may
+/// trust) and kept in the data folder with the keys sealed like the connection keys. A change of
+/// the configured names reissues it from the same CA, so clients keep trusting it.
+fn ui_certificate(store: &Store, names: &[String]) -> Result<(CertifiedKey, String), AdminError> {
+    let dir = store.dir();
+    let path = |f: &str| dir.join(f);
+    let ca = match (std::fs::read_to_string(path("ui-ca.pem")), std::fs::read(path("ui-ca-key.sealed"))) {
+        (Ok(cert), Ok(key)) => LocalCa::from_pem(&cert, &store.open_blob(b"ui-ca-key", &key)?)?,
+        _ => {
+            let ca = LocalCa::generate("Ferry Cloud Connector UI")?;
+            store::write_atomic(
+                &path("ui-ca-key.sealed"),
+                &store.seal_blob(b"ui-ca-key", ca.key_pem().expose().as_bytes())?,
+            )?;
+            store::write_atomic(&path("ui-ca.pem"), ca.cert_pem().as_bytes())?;
+            let _ = std::fs::remove_file(path("ui-cert.pem"));
+            ca
+        }
+    };
+    let wanted = names.join("\n");
+    let stored = (
+        std::fs::read_to_string(path("ui-names.txt")),
+        std::fs::read_to_string(path("ui-cert.pem")),
+        std::fs::read(path("ui-key.sealed")),
+    );
+    if let (Ok(n), Ok(cert), Ok(key)) = stored
+        && n == wanted
+    {
+        let key_pem = store.open_blob(b"ui-key", &key)?;
+        return Ok((CertifiedKey { cert_pem: cert, key_pem: key_pem.into() }, ca.cert_pem().to_owned()));
+    }
+    let refs: Vec<&str> = names.iter().map(String::as_str).collect();
+    let issued = ca.issue_server_cert(&refs)?;
+    store::write_atomic(&path("ui-key.sealed"), &store.seal_blob(b"ui-key", issued.key_pem.expose().as_bytes())?)?;
+    store::write_atomic(&path("ui-cert.pem"), issued.cert_pem.as_bytes())?;
+    store::write_atomic(&path("ui-names.txt"), wanted.as_bytes())?;
+    Ok((issued, ca.cert_pem().to_owned()))
+}
+
+impl Admin {
+    /// Opens (or initialises) the data folder and connects every subaccount marked connected.
+    /// Must be called inside a Tokio runtime.
+    pub async fn start(config: AdminConfig, shutdown: Shutdown) -> Result<Arc<Self>, AdminError> {
+        let (store, scc) = Store::open(&config.data_dir)?;
+        let (ui, ui_ca_pem) = ui_certificate(&store, &config.ui_names)?;
+        let ui_tls = ferry_core::tls::server_config(&ui, None, &[b"http/1.1"])?;
+        let audit_dir = config.audit_dir.clone().unwrap_or_else(|| config.data_dir.join("audit"));
+        let audit =
+            AuditLog::start(&AuditConfig { level: scc.audit_level, dir: Some(audit_dir) }, "_configuration", "")?;
+        let admin = Arc::new(Self {
+            store,
+            state: tokio::sync::Mutex::new(scc.clone()),
+            instance: Instance::new(shutdown),
+            audit,
+            sessions: Mutex::new(HashMap::new()),
+            failures: Mutex::new(HashMap::new()),
+            ui_tls,
+            ui_ca_pem,
+            config,
+        });
+        for sub in scc.subaccounts.iter().filter(|s| s.connected) {
+            if let Err(e) = admin.connect(&scc, sub).await {
+                tracing::error!(subaccount = %sub.subaccount, error = %e.message, "cannot connect subaccount");
+            }
+        }
+        Ok(admin)
+    }
+
+    /// PEM of the CA that issued the UI certificate, for clients that want to verify it.
+    pub fn ui_ca_pem(&self) -> &str {
+        &self.ui_ca_pem
+    }
+
+    pub fn instance(&self) -> &Instance {
+        &self.instance
+    }
+
+    /// A snapshot of the configuration.
+    pub async fn config(&self) -> SccConfig {
+        self.state.lock().await.clone()
+    }
+
+    pub fn router(self: &Arc<Self>) -> axum::Router {
+        api::router(self.clone())
+            .layer(axum::middleware::from_fn_with_state(self.clone(), authenticate))
+            .layer(axum::extract::DefaultBodyLimit::max(self.config.max_body))
+    }
+
+    /// Serves the API over HTTPS on `listener` until `shutdown`, then disconnects every
+    /// subaccount.
+    pub async fn serve(self: Arc<Self>, listener: TcpListener, shutdown: Shutdown) {
+        let router = self.router();
+        ferry_core::serve::serve_router(
+            listener,
+            router,
+            Some(self.ui_tls.clone()),
+            ferry_core::serve::AcceptOptions::named("connector-admin"),
+            shutdown,
+        )
+        .await;
+        self.instance.disconnect_all().await;
+    }
+
+    fn connection_config(&self, scc: &SccConfig, sub: &StoredSubaccount) -> Result<ConnectorConfig, ApiError> {
+        let key = self.store.open_key(sub).map_err(|e| ApiError::internal(format!("connection key: {e}")))?;
+        let d = &self.config.connection;
+        let mut cc = ConnectorConfig::new(
+            sub.region_host.clone(),
+            sub.server_name.clone(),
+            sub.ca.clone(),
+            CertifiedKey { cert_pem: sub.certificate.clone(), key_pem: key },
+            rules_of(sub),
+        );
+        cc.connections = d.connections.max(1);
+        cc.backoff_initial = d.backoff_initial;
+        cc.backoff_max = d.backoff_max;
+        cc.backend_connect_timeout = d.backend_connect_timeout;
+        cc.heartbeat = d.heartbeat;
+        cc.backend_ca_pem = d.backend_ca_pem.clone();
+        cc.audit = AuditConfig {
+            level: sub.audit_level,
+            dir: Some(self.config.audit_dir.clone().unwrap_or_else(|| self.config.data_dir.join("audit"))),
+        };
+        cc.principal_propagation = self.principal(scc);
+        Ok(cc)
+    }
+
+    /// Principal propagation from the instance's verifier and CA with the API's settings.
+    fn principal(&self, scc: &SccConfig) -> Option<Arc<PrincipalPropagation>> {
+        self.config.connection.principal_propagation.as_ref().map(|t| {
+            let mut p = PrincipalPropagation::new(t.verifier.clone(), t.ca.clone());
+            p.subject_pattern = t.subject_pattern.clone();
+            p.certificate_validity = Duration::from_secs(u64::from(scc.pp_settings.certificate_validity_in_min) * 60);
+            p.expiration_tolerance = Duration::from_secs(u64::from(scc.pp_settings.expiration_tolerance_in_hr) * 3600);
+            Arc::new(p)
+        })
+    }
+
+    async fn connect(&self, scc: &SccConfig, sub: &StoredSubaccount) -> Result<(), ApiError> {
+        let cc = self.connection_config(scc, sub)?;
+        self.instance
+            .connect(sub.key(), cc)
+            .await
+            .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "INVALID_CONFIGURATION", e.to_string()))
+    }
+
+    async fn record(&self, user: &str, category: &'static str, action: &'static str, sub: &str, object: &str) {
+        self.audit
+            .record_change(ChangeEvent {
+                category,
+                user: user.to_owned(),
+                action,
+                subaccount: sub.to_owned(),
+                object: object.to_owned(),
+                detail: String::new(),
+            })
+            .await;
+    }
+
+    // ---- authentication
+
+    fn session(&self, sid: &str) -> Option<(String, String)> {
+        let mut sessions = self.sessions.lock().unwrap_or_else(PoisonError::into_inner);
+        let s = sessions.get_mut(sid)?;
+        if s.last.elapsed() > self.config.session_timeout {
+            sessions.remove(sid);
+            return None;
+        }
+        s.last = Instant::now();
+        Some((s.user.clone(), s.csrf.clone()))
+    }
+
+    fn new_session(&self, user: &str) -> (String, String) {
+        let mut sessions = self.sessions.lock().unwrap_or_else(PoisonError::into_inner);
+        let timeout = self.config.session_timeout;
+        sessions.retain(|_, s| s.last.elapsed() <= timeout);
+        // Scripts that log on with Basic for every call open a session each time; bound them.
+        if sessions.len() >= 1000
+            && let Some(oldest) = sessions.iter().min_by_key(|(_, s)| s.last).map(|(k, _)| k.clone())
+        {
+            sessions.remove(&oldest);
+        }
+        let (sid, csrf) = (random_token(), random_token());
+        sessions.insert(sid.clone(), Session { user: user.to_owned(), csrf: csrf.clone(), last: Instant::now() });
+        (sid, csrf)
+    }
+
+    fn end_sessions(&self) {
+        self.sessions.lock().unwrap_or_else(PoisonError::into_inner).clear();
+    }
+
+    /// Checks a user name and password, with lockout after repeated failures. Unknown user
+    /// and wrong password cost the same and look the same.
+    async fn logon(&self, user: &str, password: &str) -> Result<(), LogonError> {
+        let name = user.to_lowercase();
+        {
+            let mut f = self.failures.lock().unwrap_or_else(PoisonError::into_inner);
+            if let Some(entry) = f.get_mut(&name)
+                && let Some(until) = entry.locked_until
+            {
+                if Instant::now() < until {
+                    return Err(LogonError::Locked);
+                }
+                *entry = Failures::default();
+            }
+        }
+        let (known, hash) = {
+            let s = self.state.lock().await;
+            (s.admin.user == user, s.admin.password_hash.clone())
+        };
+        let password = password.to_owned();
+        let ok = tokio::task::spawn_blocking(move || store::verify_password(&hash, &password)).await.unwrap_or(false)
+            && known;
+        let mut f = self.failures.lock().unwrap_or_else(PoisonError::into_inner);
+        if ok {
+            f.remove(&name);
+            return Ok(());
+        }
+        // Bound the table: names that never succeed must not grow it without limit.
+        if f.len() > 10_000 {
+            f.retain(|_, e| e.locked_until.is_some());
+        }
+        let entry = f.entry(name).or_default();
+        entry.count += 1;
+        if entry.count >= self.config.max_failed_logons.max(1) {
+            entry.locked_until = Some(Instant::now() + self.config.lockout);
+            tracing::warn!(target: "ferry::audit", "administration logon locked after repeated wrong passwords");
+        }
+        Err(LogonError::Wrong)
+    }
+}
+
+enum LogonError {
+    Wrong,
+    Locked,
+}
+
+fn rules_of(sub: &StoredSubaccount) -> AccessRules {
+    AccessRules::new(sub.system_mappings.iter().map(|m| m.mapping.clone()).collect())
+}
+
+/// SAP's error body `{type, message}`.
+#[derive(Debug)]
+pub(crate) struct ApiError {
+    status: StatusCode,
+    kind: &'static str,
+    message: String,
+}
+
+impl ApiError {
+    fn new(status: StatusCode, kind: &'static str, message: impl Into<String>) -> Self {
+        Self { status, kind, message: message.into() }
+    }
+    fn invalid(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, "INVALID_REQUEST", message)
+    }
+    fn not_found(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::NOT_FOUND, "NOT_FOUND", message)
+    }
+    fn conflict(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::CONFLICT, "ILLEGAL_STATE", message)
+    }
+    fn forbidden(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::FORBIDDEN, "FORBIDDEN_REQUEST", message)
+    }
+    fn internal(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::INTERNAL_SERVER_ERROR, "RUNTIME_FAILURE", message)
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let body = serde_json::json!({"type": self.kind, "message": self.message});
+        (self.status, axum::Json(body)).into_response()
+    }
+}
+
+/// Who is calling, for handlers (audit entries).
+#[derive(Clone, Debug)]
+pub(crate) struct Caller(pub String);
+
+const CSRF: &str = "x-csrf-token";
+
+fn cookie(headers: &HeaderMap, name: &str) -> Option<String> {
+    headers.get_all(header::COOKIE).iter().filter_map(|v| v.to_str().ok()).flat_map(|v| v.split(';')).find_map(|c| {
+        let (k, v) = c.trim().split_once('=')?;
+        (k == name).then(|| v.to_owned())
+    })
+}
+
+fn basic(headers: &HeaderMap) -> Option<(String, String)> {
+    let v = headers.get(header::AUTHORIZATION)?.to_str().ok()?;
+    let (scheme, rest) = v.split_once(' ')?;
+    if !scheme.eq_ignore_ascii_case("basic") {
+        return None;
+    }
+    let decoded = base64::engine::general_purpose::STANDARD.decode(rest.trim()).ok()?;
+    let (u, p) = std::str::from_utf8(&decoded).ok()?.split_once(':')?;
+    Some((u.to_owned(), p.to_owned()))
+}
+
+fn unauthorized() -> Response {
+    let mut r =
+        ApiError::new(StatusCode::UNAUTHORIZED, "FORBIDDEN_REQUEST", "logon failed: wrong user name or password")
+            .into_response();
+    r.headers_mut().insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Basic realm=\"Cloud Connector\""));
+    r
+}
+
+async fn authenticate(State(admin): State<Arc<Admin>>, mut req: Request, next: Next) -> Response {
+    // Load balancer probe, as in SAP's product: no logon.
+    if req.uri().path() == "/exposed" {
+        return next.run(req).await;
+    }
+    let fetch = req.headers().get(CSRF).and_then(|v| v.to_str().ok()).is_some_and(|v| v.eq_ignore_ascii_case("fetch"));
+    let safe = matches!(*req.method(), Method::GET | Method::HEAD | Method::OPTIONS);
+    let session = cookie(req.headers(), "JSESSIONID").and_then(|sid| admin.session(&sid));
+    let (user, csrf, new_cookie) = match session {
+        Some((user, csrf)) => {
+            let sent = req.headers().get(CSRF).map(|v| v.as_bytes().to_vec()).unwrap_or_default();
+            if !safe && !ferry_core::secret::constant_time_eq(&sent, csrf.as_bytes()) {
+                return ApiError::forbidden(
+                    "CSRF token validation failed: send the session's token in X-CSRF-Token (get it with X-CSRF-Token: Fetch)",
+                )
+                .into_response();
+            }
+            (user, csrf, None)
+        }
+        None => {
+            let Some((user, password)) = basic(req.headers()) else { return unauthorized() };
+            match admin.logon(&user, &password).await {
+                Ok(()) => {}
+                Err(LogonError::Wrong) => return unauthorized(),
+                Err(LogonError::Locked) => {
+                    return ApiError::new(
+                        StatusCode::TOO_MANY_REQUESTS,
+                        "FORBIDDEN_REQUEST",
+                        "too many failed logon attempts for this user; try again later",
+                    )
+                    .into_response();
+                }
+            }
+            let (sid, csrf) = admin.new_session(&user);
+            (user, csrf, Some(sid))
+        }
+    };
+    let initial = admin.state.lock().await.admin.initial_password;
+    if initial && !(req.method() == Method::PUT && req.uri().path() == PASSWORD_PATH) {
+        return ApiError::forbidden("initial password must be changed").into_response();
+    }
+    req.extensions_mut().insert(Caller(user));
+    let mut resp = next.run(req).await;
+    if let Some(sid) = new_cookie
+        && let Ok(v) = HeaderValue::from_str(&format!("JSESSIONID={sid}; Path=/; Secure; HttpOnly; SameSite=Strict"))
+    {
+        resp.headers_mut().append(header::SET_COOKIE, v);
+    }
+    if fetch && let Ok(v) = HeaderValue::from_str(&csrf) {
+        resp.headers_mut().insert(CSRF, v);
+    }
+    resp
+}
+
+/// Opens the data folder, serves the API on `listener` until `shutdown`.
+pub async fn run(config: AdminConfig, listener: TcpListener, shutdown: Shutdown) -> Result<(), AdminError> {
+    let admin = Admin::start(config, shutdown.clone()).await?;
+    admin.serve(listener, shutdown).await;
+    Ok(())
+}
