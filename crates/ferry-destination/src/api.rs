@@ -364,7 +364,9 @@ fn parse_body(body: Body) -> Result<Payload, ApiError> {
 }
 
 fn validate(raw: RawDestination) -> Result<Destination, ApiError> {
-    Destination::try_from(raw).map_err(|e| ApiError::bad_request(format!("Invalid destination: {e}")))
+    Destination::try_from(raw)
+        .and_then(|d| d.check().map(|()| d))
+        .map_err(|e| ApiError::bad_request(format!("Invalid destination: {e}")))
 }
 
 /// One entry of a bulk answer (`207 Multi-Status` when any entry failed).
@@ -640,7 +642,9 @@ fn fragment_item(kind: Collection) -> MethodRouter<Arc<DestinationService>> {
 const FRAGMENT_NOT_FOUND: &str = "Fragment with the specified name was not found";
 
 fn validate_fragment(raw: RawDestination) -> Result<Fragment, ApiError> {
-    Fragment::try_from(raw).map_err(|e| ApiError::bad_request(format!("Invalid destination fragment: {e}")))
+    Fragment::try_from(raw)
+        .and_then(|f| f.check().map(|()| f))
+        .map_err(|e| ApiError::bad_request(format!("Invalid destination fragment: {e}")))
 }
 
 async fn list_fragments(

@@ -21,6 +21,10 @@
 //! `SAP-Connectivity-Technical-Authentication`) and OAuth2TokenExchange (RFC 8693 with
 //! `X-subject-token(-type)` and optional `X-actor-token(-type)`; `issued_token_type` returned).
 //! `X-client-assertion` with `X-client-assertion-type` replaces the client secret in any of them.
+//! Destinations and fragments written through the API (POST/PUT, single or bulk) must pass
+//! `ferry_model`'s rules (`Destination::check`: required keys per `Type` and `Authentication`,
+//! enumerations, booleans, numbers, URL forms, length limits); a refusal is a 400 (or a 207 item)
+//! whose `ErrorMessage` names the property and the rule. Stored rows are not re-checked on read.
 //!
 //! Deviations from SAP's service, on purpose or not yet built: lists never contain secrets (and
 //! certificate lists no `Content`); a missing `X-refresh-token` or `X-code` is a 400 rather than a

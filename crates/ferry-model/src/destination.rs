@@ -46,6 +46,9 @@ pub enum ValidationError {
         "a fragment must not contain the property '{0}'; fragments add to a destination, they do not name or type it"
     )]
     ReservedFragmentProperty(String),
+    /// A rule of the destination's `Type` or `Authentication` (see [`Destination::check`]).
+    #[error("property '{property}' {rule}")]
+    Rule { property: String, rule: String },
 }
 
 /// A property value as it arrived, before validation: scalars are already in their string
@@ -158,6 +161,15 @@ impl Destination {
             }
         }
         Destination { props }
+    }
+
+    /// The rules a destination must meet to be written through the API (SPEC §1.12, §1.13,
+    /// §2.1): required keys of its `Type` and `Authentication`, allowed values of enumerations,
+    /// booleans and numbers, URL forms, and length limits. Separate from parsing so that rows
+    /// stored before a rule existed stay readable.
+    pub fn check(&self) -> Result<(), ValidationError> {
+        let props: Vec<(&str, &str)> = self.iter().collect();
+        crate::rules::check_destination(&props)
     }
 
     /// A copy without secret properties, for list responses.

@@ -43,6 +43,12 @@ impl Fragment {
         self.props.iter().map(|(k, v)| (k.as_str(), v.as_str()))
     }
 
+    /// The per-property rules of [`Destination::check`](crate::Destination::check); the rules
+    /// that need a `Type` wait until the fragment is merged into a destination.
+    pub fn check(&self) -> Result<(), ValidationError> {
+        self.iter().try_for_each(|(k, v)| crate::rules::check_property(k, v))
+    }
+
     /// A copy without secret properties, for list responses.
     pub fn without_secrets(&self) -> Fragment {
         Fragment { props: self.props.iter().filter(|(k, _)| !is_secret_property(k)).cloned().collect() }

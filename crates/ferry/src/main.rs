@@ -2,6 +2,7 @@
 
 mod admin_cli;
 mod config;
+mod destinations_cli;
 mod standalone;
 mod up;
 
@@ -50,6 +51,28 @@ enum Command {
         conn: admin_cli::Connection,
         #[command(subcommand)]
         cmd: admin_cli::KeyCmd,
+    },
+    /// Manage destinations through the Destination Service REST API, with a destination
+    /// binding (`--service-key`, `--env-file default-env.json` or VCAP_SERVICES).
+    Destinations {
+        #[command(flatten)]
+        conn: destinations_cli::Connection,
+        #[command(subcommand)]
+        cmd: destinations_cli::DestinationCmd,
+    },
+    /// Manage destination fragments through the Destination Service REST API.
+    Fragments {
+        #[command(flatten)]
+        conn: destinations_cli::Connection,
+        #[command(subcommand)]
+        cmd: destinations_cli::FragmentCmd,
+    },
+    /// Manage certificates and keystores of the Destination Service.
+    Certificates {
+        #[command(flatten)]
+        conn: destinations_cli::Connection,
+        #[command(subcommand)]
+        cmd: destinations_cli::CertificateCmd,
     },
 }
 
@@ -115,5 +138,18 @@ fn main() -> anyhow::Result<()> {
         Command::Subaccount { conn, cmd } => rt.block_on(admin_cli::subaccount(conn, cmd)),
         Command::ServiceInstance { conn, cmd } => rt.block_on(admin_cli::instance(conn, cmd)),
         Command::ServiceKey { conn, cmd } => rt.block_on(admin_cli::key(conn, cmd)),
+        Command::Destinations { conn, cmd } => user_error(rt.block_on(destinations_cli::destinations(conn, cmd))),
+        Command::Fragments { conn, cmd } => user_error(rt.block_on(destinations_cli::fragments(conn, cmd))),
+        Command::Certificates { conn, cmd } => user_error(rt.block_on(destinations_cli::certificates(conn, cmd))),
     }
+}
+
+/// A failed command prints what to fix and exits 1, without the backtrace that returning the
+/// error from `main` adds when RUST_BACKTRACE is set: these errors are the user's to act on.
+fn user_error(result: anyhow::Result<()>) -> anyhow::Result<()> {
+    if let Err(e) = result {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+    Ok(())
 }

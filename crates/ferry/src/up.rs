@@ -325,6 +325,7 @@ pub async fn up(args: UpArgs) -> anyhow::Result<()> {
             (k.clone(), s)
         });
         let destination = ferry_model::Destination::from_properties(props)
+            .and_then(|d| d.check().map(|()| d))
             .map_err(|e| anyhow::anyhow!("destination in the config file: {e}"))?;
         let instance = (d.level == Level::Instance).then_some(state.destination_instance_id.as_str());
         dest_service.upsert(&subaccount, instance, destination).await?;

@@ -14,7 +14,7 @@ async fn levels_without_fallback() {
     env.create(
         &t,
         "subaccount",
-        json!({"Name": "sub", "Type": "HTTP", "Authentication": "BasicAuthentication",
+        json!({"Name": "sub", "Type": "HTTP", "URL": "https://s.example", "Authentication": "BasicAuthentication",
         "User": "u", "Password": "p"}),
     )
     .await;

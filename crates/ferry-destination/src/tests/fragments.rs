@@ -60,6 +60,8 @@ async fn bad_fragments_are_400_and_unauthenticated_calls_401() {
         (json!({"FragmentName": "f", "Type": "HTTP"}), "'Type'"),
         (json!({"FragmentName": "bad name"}), "bad name"),
         (json!({"FragmentName": "f", "Nested": {"a": 1}}), "Nested"),
+        (json!({"FragmentName": "f", "tokenServiceURLType": "common"}), "'tokenServiceURLType' has the value 'common'"),
+        (json!({"FragmentName": "f", "URL": "/relative"}), "property 'URL' is '/relative'"),
     ] {
         let r = env.call(Method::POST, &url, Some(&t), Some(body.clone())).await;
         assert_eq!(r.status, StatusCode::BAD_REQUEST, "{body}");

@@ -9,7 +9,7 @@ use super::{Env, V1};
 async fn get_put_patch_and_cleanup() {
     let env = Env::new().await;
     let t = env.token("zone-1", "client-1");
-    env.create(&t, "subaccount", json!({"Name": "d", "Type": "HTTP"})).await;
+    env.create(&t, "subaccount", json!({"Name": "d", "Type": "HTTP", "URL": "https://d.example"})).await;
     let url = format!("{V1}/subaccountDestinations/d/labels");
 
     let r = env.call(Method::GET, &url, Some(&t), None).await;
@@ -62,7 +62,7 @@ async fn get_put_patch_and_cleanup() {
 
     // Deleting the object drops its labels; a new one of the same name starts without.
     env.call(Method::DELETE, &format!("{V1}/subaccountDestinations/d"), Some(&t), None).await;
-    env.create(&t, "subaccount", json!({"Name": "d", "Type": "HTTP"})).await;
+    env.create(&t, "subaccount", json!({"Name": "d", "Type": "HTTP", "URL": "https://d.example"})).await;
     assert_eq!(env.call(Method::GET, &url, Some(&t), None).await.json, json!([]));
 
     // Fragments and certificates have their own.

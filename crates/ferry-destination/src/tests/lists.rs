@@ -13,7 +13,12 @@ async fn seeded() -> (Env, String) {
     let env = Env::new().await;
     let t = env.token("zone-1", "client-1");
     for name in ["alpha", "alps", "beta", "gamma-x", "delta-x"] {
-        env.create(&t, "subaccount", json!({"Name": name, "Type": "HTTP", "Password": "pw"})).await;
+        env.create(
+            &t,
+            "subaccount",
+            json!({"Name": name, "Type": "HTTP", "URL": "https://x.example", "Password": "pw"}),
+        )
+        .await;
     }
     (env, t)
 }

@@ -47,7 +47,12 @@ async fn secrets_are_encrypted_at_rest_and_the_key_is_checked() {
         "User": "u", "Password": PASSWORD, "clientSecret": SECRET
     });
     env.create(&t, "subaccount", dest.clone()).await;
-    env.create(&t, "instance", json!({"Name": "enc2", "Type": "HTTP", "Password": PASSWORD})).await;
+    env.create(
+        &t,
+        "instance",
+        json!({"Name": "enc2", "Type": "HTTP", "URL": "https://x.example", "Password": PASSWORD}),
+    )
+    .await;
     let frag = json!({"FragmentName": "encfrag", "clientSecret": SECRET, "tokenServicePassword": PASSWORD});
     let r = env.call(Method::POST, &format!("{V1}/subaccountDestinationFragments"), Some(&t), Some(frag)).await;
     assert_eq!(r.status, StatusCode::CREATED, "{}", r.text);
@@ -92,8 +97,18 @@ async fn a_row_that_does_not_decrypt_is_a_clear_500() {
     let dir = tempfile::tempdir().unwrap();
     let env = Env::with_config(config(file_db(dir.path()), [5; 32])).await;
     let t = env.token("zone-1", "client-1");
-    env.create(&t, "subaccount", json!({"Name": "a", "Type": "HTTP", "Password": "secret-a"})).await;
-    env.create(&t, "subaccount", json!({"Name": "b", "Type": "HTTP", "Password": "secret-b"})).await;
+    env.create(
+        &t,
+        "subaccount",
+        json!({"Name": "a", "Type": "HTTP", "URL": "https://a.example", "Password": "secret-a"}),
+    )
+    .await;
+    env.create(
+        &t,
+        "subaccount",
+        json!({"Name": "b", "Type": "HTTP", "URL": "https://b.example", "Password": "secret-b"}),
+    )
+    .await;
 
     // Copy a's ciphertext into b's row: the row key is bound in, so it must not open there.
     let db = rusqlite::Connection::open(dir.path().join("nested").join("destinations.db")).unwrap();
