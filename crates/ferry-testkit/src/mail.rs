@@ -100,14 +100,15 @@ fn passwd_ids(name: &str) -> Option<(u32, u32)> {
     })
 }
 
-fn current_user() -> (String, u32, u32) {
+/// Name, group name, uid and gid of the user running the test.
+fn current_user() -> (String, String, u32, u32) {
     let out = |arg: &str| {
         let o = Command::new("id").arg(arg).output().expect("cannot run id");
         String::from_utf8_lossy(&o.stdout).trim().to_owned()
     };
     let uid = out("-u").parse().expect("uid");
     let gid = out("-g").parse().expect("gid");
-    (out("-un"), uid, gid)
+    (out("-un"), out("-gn"), uid, gid)
 }
 
 struct Ports {
@@ -120,15 +121,19 @@ struct Ports {
 
 fn dovecot_conf(dir: &Path, p: &Ports) -> String {
     let d = dir.display();
-    let (user, uid, gid) = current_user();
-    // Rootless: every process runs as this user, so the unprivileged defaults must name it and
-    // login processes cannot chroot. As root: mail access as `nobody`.
+    let (user, group, uid, gid) = current_user();
+    // Rootless: every process runs as this user, so the unprivileged defaults (and the group of
+    // the internal unix sockets) must name it and login processes cannot chroot. As root: mail
+    // access as `nobody`.
     let (identity, login_chroot, mail_uid, mail_gid) = if uid == 0 {
         let (u, g) = passwd_ids("nobody").expect("no user nobody");
         (String::new(), "", u, g)
     } else {
         (
-            format!("default_login_user = {user}\ndefault_internal_user = {user}\nservice anvil {{\n  chroot =\n}}\n"),
+            format!(
+                "default_login_user = {user}\ndefault_internal_user = {user}\ndefault_internal_group = {group}\n\
+                 service anvil {{\n  chroot =\n}}\n"
+            ),
             "  chroot =\n",
             uid,
             gid,
@@ -200,7 +205,7 @@ impl MailServers {
         write("smtpd.py", SMTP_SERVER);
         let mail = dir.join("mail");
         std::fs::create_dir_all(&mail).expect("mail folder");
-        if current_user().1 == 0 {
+        if current_user().2 == 0 {
             let (u, g) = passwd_ids("nobody").expect("no user nobody");
             std::os::unix::fs::chown(&mail, Some(u), Some(g)).expect("chown mail folder");
         }
