@@ -8,7 +8,7 @@
 //! - `MAIL`: `mail.smtp.host`/`mail.smtp.port`, `mail.imap.*` (also `mail.imap4.*`), `mail.pop3.*`,
 //!   and the `*s` variants (`mail.smtps.*`, `mail.imaps.*`, `mail.pop3s.*`, names UNCONFIRMED for
 //!   SAP) with JavaMail's default ports when the port is missing. Which protocol: the caller's
-//!   choice, else `mail.transport.protocol`, else SMTP.
+//!   choice, else `mail.transport.protocol`, else the first of SMTP, IMAP, POP3 with a host.
 //!
 //! Only `OnPremise` destinations are accepted: the others do not go through the Connectivity Proxy.
 
@@ -161,11 +161,17 @@ pub fn tcp_target(config: &Value, mail: Option<MailProtocol>) -> Result<TcpTarge
         }
         "MAIL" => {
             on_premise(&["ProxyType"])?;
+            let has_host = |p: MailProtocol| {
+                p.prefixes().iter().any(|(prefix, _)| prop(config, &format!("{prefix}.host")).is_some())
+            };
             let protocol = match mail {
                 Some(p) => p,
                 None => match prop(config, "mail.transport.protocol") {
                     Some(p) => p.parse().map_err(|why| invalid("mail.transport.protocol", &p, why))?,
-                    None => MailProtocol::Smtp,
+                    None => [MailProtocol::Smtp, MailProtocol::Imap, MailProtocol::Pop3]
+                        .into_iter()
+                        .find(|&p| has_host(p))
+                        .unwrap_or(MailProtocol::Smtp),
                 },
             };
             let prefixes = protocol.prefixes();
@@ -224,6 +230,8 @@ mod tests {
         assert_eq!(tcp_target(&mail, Some(MailProtocol::Smtp)), Ok(t("smtp.virtual", 587, "")));
         assert_eq!(tcp_target(&mail, None), Ok(t("imap.virtual", 993, "")), "mail.transport.protocol decides");
         assert_eq!(tcp_target(&mail, Some(MailProtocol::Pop3)), Ok(t("pop.virtual", 1110, "")));
+        let pop_only = json!({"Type": "MAIL", "ProxyType": "OnPremise", "mail.pop3s.host": "pop.virtual"});
+        assert_eq!(tcp_target(&pop_only, None), Ok(t("pop.virtual", 995, "")), "the one service it names");
     }
 
     #[test]

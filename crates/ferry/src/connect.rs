@@ -29,7 +29,7 @@ pub struct ConnectArgs {
     #[arg(long, default_value = "127.0.0.1:0")]
     listen: SocketAddr,
     /// MAIL destinations: which service to reach (smtp, imap, pop3). Default: the destination's
-    /// mail.transport.protocol, else smtp.
+    /// mail.transport.protocol, else the first of smtp, imap, pop3 it names a host for.
     #[arg(long)]
     protocol: Option<MailProtocol>,
     /// File with the app environment (`{"VCAP_SERVICES": …}`), used when the VCAP_SERVICES

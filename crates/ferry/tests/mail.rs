@@ -4,7 +4,8 @@
 //! names all three services; `ferry connect --protocol smtp|imap|pop3` opens a local port for
 //! each, and `curl` sends a mail with STARTTLS + AUTH, then reads it back over IMAP with
 //! STARTTLS and over POP3 with implicit TLS. TLS runs between curl and the servers; the proxy,
-//! tunnel and connector only carry bytes.
+//! tunnel and connector only carry bytes. Last, a `TCPS` mapping: plain POP3 from the app, TLS
+//! from the connector to the server.
 
 mod common;
 
@@ -28,8 +29,11 @@ async fn mail_sent_through_the_stack_is_read_back_through_it() {
         r#"{listen}
 [[destinations]]
 properties = {{ Name = "mailer", Type = "MAIL", ProxyType = "OnPremise", "mail.user" = "{USER}", "mail.password" = "{PASSWORD}", "mail.transport.protocol" = "smtp", "mail.smtp.host" = "smtp.virtual", "mail.smtp.port" = "587", "mail.smtp.auth" = "true", "mail.imap.host" = "imap.virtual", "mail.imap.port" = "143", "mail.pop3s.host" = "pop.virtual", "mail.pop3s.port" = "995" }}
+[[destinations]]
+properties = {{ Name = "mailbox-tcps", Type = "MAIL", ProxyType = "OnPremise", "mail.pop3.host" = "pop-tls.virtual", "mail.pop3.port" = "110" }}
 
 [[connectors]]
+backend_ca_file = "{ca}"
 [[connectors.mappings]]
 virtualHost = "smtp.virtual"
 virtualPort = 587
@@ -48,11 +52,18 @@ virtualPort = 995
 localHost = "127.0.0.1"
 localPort = {pop3s}
 protocol = "TCP"
+[[connectors.mappings]]
+virtualHost = "pop-tls.virtual"
+virtualPort = 110
+localHost = "127.0.0.1"
+localPort = {pop3s}
+protocol = "TCPS"
 "#,
         listen = common::LISTEN_ANY,
         smtp = mail.smtp.port(),
         imap = mail.imap.port(),
         pop3s = mail.pop3s.port(),
+        ca = ca_file.display(),
     );
     let (_up, _vcap) = ferry_up(&dir, &config);
     let (_smtp_fwd, smtp) = ferry_connect(&dir, "mailer", &["--protocol", "smtp"]);
@@ -92,6 +103,11 @@ protocol = "TCP"
 
     // POP3 with implicit TLS.
     let got = run_ok(curl(format!("pop3s://{pop3}/1"))).await;
+    assert!(got.contains(&format!("Subject: {subject}")), "{got}\n{}", mail.logs());
+
+    // A TCPS mapping: the app speaks plain POP3, the connector speaks TLS to the POP3S port.
+    let (_tcps_fwd, pop3_plain) = ferry_connect(&dir, "mailbox-tcps", &[]);
+    let got = run_ok(curl(format!("pop3://{pop3_plain}/1"))).await;
     assert!(got.contains(&format!("Subject: {subject}")), "{got}\n{}", mail.logs());
     let _ = std::fs::remove_dir_all(&dir);
 }
