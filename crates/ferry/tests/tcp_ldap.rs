@@ -3,8 +3,8 @@
 //! (destination lookup, SOCKS5 with method 0x80) → Connectivity Proxy → tunnel → Cloud
 //! Connector → slapd, as plain LDAP, as LDAPS end to end (the app's TLS passes through), and as
 //! plain LDAP that the connector turns into LDAPS (an `LDAPS` mapping). Also the SOCKS5 address
-//! types (domain, IPv4, IPv6), half-close, and the reply codes for a denied target and a missing
-//! Cloud Connector, with the denial in the audit log.
+//! types (domain, IPv4, IPv6), half-close, and the reply codes for a denied target (with the
+//! denial in the audit log), an unreachable backend and a missing Cloud Connector.
 
 mod common;
 
@@ -60,6 +60,9 @@ async fn ldap_and_tcp_through_socks5_and_the_tunnel() {
         }
     });
 
+    // A port nothing listens on, for a mapping whose backend is down.
+    let closed_port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+
     let config = format!(
         r#"{listen}
 [[destinations]]
@@ -104,6 +107,12 @@ virtualHost = "10.9.9.9"
 virtualPort = 7
 localHost = "127.0.0.1"
 localPort = {backend_port}
+protocol = "TCP"
+[[connectors.mappings]]
+virtualHost = "down.virtual"
+virtualPort = 1
+localHost = "127.0.0.1"
+localPort = {closed_port}
 protocol = "TCP"
 "#,
         listen = common::LISTEN_ANY,
@@ -173,6 +182,11 @@ protocol = "TCP"
         .unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success() && stderr.contains("404") && stderr.contains("no-such-destination"), "{stderr}");
+
+    // Mapped, but the backend refuses the connection: 0x04.
+    let e = ferry_client::connect_tcp(socks.as_str(), &conn_token, "", "down.virtual", 1).await.unwrap_err();
+    assert_eq!(e.reply_code(), Some(0x04), "{e}");
+    assert!(e.to_string().contains("cannot reach the backend"), "{e}");
 
     // No Cloud Connector at that location: 0x03.
     let e = ferry_client::connect_tcp(socks.as_str(), &conn_token, "elsewhere", "ldap.virtual", 389).await.unwrap_err();
