@@ -17,6 +17,15 @@ command -v cc >/dev/null || need_apt+=(build-essential)
 # schemathesis runs from a virtualenv (scripts/schemathesis.sh).
 command -v python3 >/dev/null || need_apt+=(python3)
 python3 -c 'import venv, ensurepip' 2>/dev/null || need_apt+=(python3-venv)
+# TCP/LDAP/mail through the stack: ldapsearch and curl as clients; Dovecot (IMAP, POP3, LMTP)
+# and an aiosmtpd submission server as mail backends, started by the tests in a temp folder.
+command -v ldapsearch >/dev/null || need_apt+=(ldap-utils)
+command -v curl >/dev/null || need_apt+=(curl)
+[ -x /usr/sbin/dovecot ] || need_apt+=(dovecot-core)
+[ -x /usr/lib/dovecot/imap ] || need_apt+=(dovecot-imapd)
+[ -x /usr/lib/dovecot/pop3 ] || need_apt+=(dovecot-pop3d)
+[ -x /usr/lib/dovecot/lmtp ] || need_apt+=(dovecot-lmtpd)
+/usr/bin/python3 -c 'import aiosmtpd' 2>/dev/null || need_apt+=(python3-aiosmtpd)
 if [ ${#need_apt[@]} -gt 0 ]; then
   export DEBIAN_FRONTEND=noninteractive
   if [ "$(id -u)" = 0 ]; then apt-get update -qq && apt-get install -y -qq "${need_apt[@]}"; else sudo -E apt-get update -qq && sudo -E apt-get install -y -qq "${need_apt[@]}"; fi

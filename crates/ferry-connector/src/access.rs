@@ -142,13 +142,24 @@ pub enum Decision<'a> {
     Deny(DenyReason),
 }
 
+/// Host names compare case-insensitively; IP literals by address, so a mapping may write IPv6
+/// with or without brackets and in any spelling (`[::1]`, `0:0:0:0:0:0:0:1`).
+fn same_host(mapped: &str, requested: &str) -> bool {
+    let bare = |h: &str| h.strip_prefix('[').and_then(|h| h.strip_suffix(']')).unwrap_or(h).to_owned();
+    let (mapped, requested) = (bare(mapped), bare(requested));
+    match (mapped.parse::<std::net::IpAddr>(), requested.parse::<std::net::IpAddr>()) {
+        (Ok(a), Ok(b)) => a == b,
+        _ => mapped.eq_ignore_ascii_case(&requested),
+    }
+}
+
 impl AccessRules {
     pub fn new(mappings: Vec<SystemMapping>) -> Self {
         Self { mappings }
     }
 
     fn mapping(&self, host: &str, port: u16) -> Option<&SystemMapping> {
-        self.mappings.iter().find(|m| m.virtual_port == port && m.virtual_host.eq_ignore_ascii_case(host))
+        self.mappings.iter().find(|m| m.virtual_port == port && same_host(&m.virtual_host, host))
     }
 
     pub fn check(&self, req: AccessRequest<'_>) -> Decision<'_> {
@@ -305,6 +316,30 @@ mod tests {
             r.check(AccessRequest::Tcp { host: "erp.virtual", port: 8080 }),
             Decision::Deny(DenyReason::WrongProtocol)
         );
+    }
+
+    #[test]
+    fn ip_literals_match_by_address() {
+        let m = |host: &str| SystemMapping {
+            virtual_host: host.into(),
+            virtual_port: 389,
+            local_host: "127.0.0.1".into(),
+            local_port: 1389,
+            protocol: Protocol::Ldap,
+            host_in_header: HostInHeader::Virtual,
+            authentication_mode: Default::default(),
+            principal_certificate_in: Default::default(),
+            resources: vec![],
+            description: None,
+        };
+        for mapped in ["[::1]", "::1", "0:0:0:0:0:0:0:1"] {
+            let r = AccessRules::new(vec![m(mapped)]);
+            assert!(matches!(r.check(AccessRequest::Tcp { host: "::1", port: 389 }), Decision::Allow(_)), "{mapped}");
+            assert!(matches!(r.check(AccessRequest::Tcp { host: "[::1]", port: 389 }), Decision::Allow(_)));
+            assert_eq!(r.check(AccessRequest::Tcp { host: "::2", port: 389 }), Decision::Deny(DenyReason::NoMapping));
+        }
+        let r = AccessRules::new(vec![m("LDAP.Virtual")]);
+        assert!(matches!(r.check(AccessRequest::Tcp { host: "ldap.virtual", port: 389 }), Decision::Allow(_)));
     }
 
     #[test]

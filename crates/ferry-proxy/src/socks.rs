@@ -145,6 +145,9 @@ async fn relay(
         (_, Some(tunnel::ERROR_UNREACHABLE)) | (_, Some(tunnel::ERROR_TIMEOUT)) => Reply::HostUnreachable,
         _ => Reply::GeneralFailure,
     };
+    if reply != Reply::Succeeded {
+        tracing::info!(%request_id, %target, reply = format_args!("{:#04x}", reply.code()), "SOCKS5 CONNECT refused");
+    }
     if write.write_all(&count_reply(reply)).await.is_err() || reply != Reply::Succeeded {
         return;
     }

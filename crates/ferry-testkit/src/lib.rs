@@ -1,6 +1,7 @@
 //! Test support (dev-dependency only): real servers on 127.0.0.1 port 0, a test CA, a tunnel
 //! pair (proxy + connector) wired together, an echo backend, and a TCP relay that can be cut.
 
+pub mod mail;
 pub mod nginx;
 pub mod process;
 pub mod slapd;

@@ -2,6 +2,7 @@
 
 mod admin_cli;
 mod config;
+mod connect;
 mod destinations_cli;
 mod standalone;
 mod up;
@@ -20,6 +21,9 @@ enum Command {
     /// Run the whole stack in one process: token service, Destination Service, Connectivity
     /// Proxy and Cloud Connector(s); print the VCAP_SERVICES an app needs.
     Up(up::UpArgs),
+    /// Open a local port that leads to the on-premise system of a TCP, LDAP or MAIL destination
+    /// (through the Connectivity Proxy's SOCKS5 port, as an app on SAP BTP reaches it).
+    Connect(connect::ConnectArgs),
     /// Run a Cloud Connector on its own (on premises), or enroll one with a running Ferry.
     Connector {
         #[command(subcommand)]
@@ -116,6 +120,7 @@ fn main() -> anyhow::Result<()> {
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     match cli.command {
         Command::Up(args) => rt.block_on(up::up(args)),
+        Command::Connect(args) => rt.block_on(connect::connect(args)),
         Command::Connector { cmd: ConnectorCmd::Enroll { conn, subaccount, location, out } } => {
             rt.block_on(admin_cli::enroll(conn, subaccount, location, out))
         }

@@ -1,0 +1,132 @@
+//! Helpers for tests that run `ferry up` and `ferry connect` as processes.
+#![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
+
+use std::ffi::OsStr;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use ferry_testkit::process::FerryProcess;
+use serde_json::Value;
+
+/// A fresh temporary folder for one test.
+pub fn test_dir(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("ferry-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+/// `[listen]` with every port 0, for appending destinations and connectors.
+pub const LISTEN_ANY: &str = "[listen]\ntoken_port = 0\ntoken_https_port = 0\ndestination_port = 0\n\
+     http_proxy_port = 0\nsocks5_port = 0\ntunnel_port = 0\n\n";
+
+/// `ferry up` with `config` in `dir`; returns it and its VCAP_SERVICES.
+pub fn ferry_up(dir: &Path, config: &str) -> (FerryProcess, Value) {
+    std::fs::write(dir.join("ferry.toml"), config).unwrap();
+    let (config, data, env_file) = (dir.join("ferry.toml"), dir.join("data"), dir.join("default-env.json"));
+    let args = [
+        OsStr::new("up"),
+        OsStr::new("--config"),
+        config.as_os_str(),
+        OsStr::new("--data-dir"),
+        data.as_os_str(),
+        OsStr::new("--env-file"),
+        env_file.as_os_str(),
+    ];
+    let child =
+        FerryProcess::start(env!("CARGO_BIN_EXE_ferry"), &args, &[("FERRY_LOG", "warn,ferry::audit=info")], false);
+    let vcap = child.vcap.clone().expect("VCAP_SERVICES line");
+    (child, vcap)
+}
+
+/// `ferry connect <destination>` on a free port, reading `dir/default-env.json`; returns the
+/// process and the address it listens on.
+pub fn ferry_connect(dir: &Path, destination: &str, extra: &[&str]) -> (FerryProcess, SocketAddr) {
+    ferry_connect_with(dir, destination, extra, false)
+}
+
+/// [`ferry_connect`], collecting stderr when `capture_stderr`.
+pub fn ferry_connect_with(
+    dir: &Path,
+    destination: &str,
+    extra: &[&str],
+    capture_stderr: bool,
+) -> (FerryProcess, SocketAddr) {
+    let env_file = dir.join("default-env.json");
+    let mut args = vec![
+        OsStr::new("connect"),
+        OsStr::new(destination),
+        OsStr::new("--listen"),
+        OsStr::new("127.0.0.1:0"),
+        OsStr::new("--env-file"),
+        env_file.as_os_str(),
+    ];
+    args.extend(extra.iter().map(OsStr::new));
+    let child = FerryProcess::start(env!("CARGO_BIN_EXE_ferry"), &args, &[("FERRY_LOG", "info")], capture_stderr);
+    let addr = child
+        .banner
+        .iter()
+        .find_map(|l| l.strip_prefix("listening on "))
+        .unwrap_or_else(|| panic!("no 'listening on' line in {:?}", child.banner))
+        .parse()
+        .unwrap();
+    (child, addr)
+}
+
+/// A client-credentials token of a binding's `credentials`.
+pub async fn token(creds: &Value) -> String {
+    let http = ferry_core::tls::http_client(None).unwrap();
+    let form = [
+        ("grant_type", "client_credentials"),
+        ("client_id", creds["clientid"].as_str().unwrap()),
+        ("client_secret", creds["clientsecret"].as_str().unwrap()),
+    ];
+    let r: Value = http
+        .post(format!("{}/oauth/token", creds["url"].as_str().unwrap()))
+        .form(&form)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    r["access_token"].as_str().unwrap().to_owned()
+}
+
+/// The SOCKS5 port of the connectivity binding.
+pub fn socks_addr(vcap: &Value) -> String {
+    let c = &vcap["connectivity"][0]["credentials"];
+    format!("{}:{}", c["onpremise_proxy_host"].as_str().unwrap(), c["onpremise_socks5_proxy_port"].as_str().unwrap())
+}
+
+/// Runs a command (off the async threads), returning its output; panics with stderr when it fails.
+pub async fn run_ok(mut cmd: Command) -> String {
+    let shown = format!("{cmd:?}");
+    let out: Output = tokio::task::spawn_blocking(move || cmd.output()).await.unwrap().expect("cannot run command");
+    assert!(
+        out.status.success(),
+        "{shown} failed ({}):\n{}{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Every line of the connector audit logs under `data/audit`.
+pub fn audit_lines(dir: &Path) -> String {
+    let mut out = String::new();
+    let mut stack = vec![dir.join("data").join("audit")];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).into_iter().flatten().flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                stack.push(p);
+            } else {
+                out.push_str(&std::fs::read_to_string(&p).unwrap_or_default());
+            }
+        }
+    }
+    out
+}
