@@ -17,6 +17,9 @@ command -v cc >/dev/null || need_apt+=(build-essential)
 # schemathesis runs from a virtualenv (scripts/schemathesis.sh).
 command -v python3 >/dev/null || need_apt+=(python3)
 python3 -c 'import venv, ensurepip' 2>/dev/null || need_apt+=(python3-venv)
+# The Destination Service's tests run on SQLite and on a throw-away PostgreSQL they start
+# (initdb in a temp folder; as the `postgres` user the package creates when run as root).
+{ command -v initdb >/dev/null || compgen -G '/usr/lib/postgresql/*/bin/initdb' >/dev/null; } || need_apt+=(postgresql)
 if [ ${#need_apt[@]} -gt 0 ]; then
   export DEBIAN_FRONTEND=noninteractive
   if [ "$(id -u)" = 0 ]; then apt-get update -qq && apt-get install -y -qq "${need_apt[@]}"; else sudo -E apt-get update -qq && sudo -E apt-get install -y -qq "${need_apt[@]}"; fi

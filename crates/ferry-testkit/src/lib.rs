@@ -2,6 +2,7 @@
 //! pair (proxy + connector) wired together, an echo backend, and a TCP relay that can be cut.
 
 pub mod nginx;
+pub mod postgres;
 pub mod process;
 pub mod slapd;
 
