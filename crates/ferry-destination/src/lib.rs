@@ -40,8 +40,9 @@
 //! keys of `keys` (current and previous, for rotation).
 //!
 //! Replicas: the service keeps no rows or ETags in memory, so several processes can share one
-//! PostgreSQL database and each sees the others' writes at once; conditional writes
-//! (`If-Match`, label PATCH) are compare-and-swaps in the database.
+//! PostgreSQL database and each sees the others' writes at once; conditional writes (`PUT`
+//! with `If-Match`, which SAP's API does not have, answering 412 when stale; label PATCH) are
+//! compare-and-swaps in the database.
 
 // Tests state their expectations with unwrap; a panic there is the failure report.
 #![cfg_attr(test, allow(clippy::unwrap_used))]
