@@ -150,7 +150,7 @@ pub(crate) enum Collection {
 fn collection(kind: Collection) -> MethodRouter<Arc<DestinationService>> {
     get(move |s: Svc, c: Caller, q: RawQuery| list(s, c, kind, q))
         .post(move |s: Svc, c: Caller, b: Body| create(s, c, kind, b))
-        .put(move |s: Svc, c: Caller, b: Body| update(s, c, kind, b))
+        .put(move |s: Svc, c: Caller, h: HeaderMap, b: Body| update(s, c, kind, h, b))
         .delete(move |s: Svc, c: Caller, q: RawQuery| delete_many(s, c, kind, Kind::Destination, q))
 }
 
@@ -213,6 +213,7 @@ impl From<Error> for ApiError {
                 StatusCode::INTERNAL_SERVER_ERROR,
                 format!("{e}. Ask the operator of this Destination Service."),
             ),
+            Error::Contended { .. } => Self::new(StatusCode::CONFLICT, e.to_string()),
             Error::Store(_) | Error::WrongMasterKey | Error::Encrypt => {
                 tracing::error!(error = %e, "destination service request failed");
                 Self::new(StatusCode::INTERNAL_SERVER_ERROR, "The destination store failed; try again later")
@@ -551,8 +552,35 @@ async fn create(State(s): Svc, caller: Caller, kind: Collection, body: Body) -> 
     }
 }
 
-async fn update(State(s): Svc, caller: Caller, kind: Collection, body: Body) -> Result<Response, ApiError> {
+async fn update(
+    State(s): Svc,
+    caller: Caller,
+    kind: Collection,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, ApiError> {
     let scope = caller.scope(kind)?;
+    // If-Match makes the update conditional on the ETag a GET returned, so two clients that
+    // each change one property of what they read cannot silently undo each other's change.
+    if let Some(if_match) = headers.get(IF_MATCH) {
+        let if_match = if_match.to_str().map_err(|_| ApiError::bad_request("If-Match is not valid text"))?;
+        let Payload::One(raw) = parse_body(body)? else {
+            return Err(ApiError::bad_request("If-Match applies to one destination; send it without an array"));
+        };
+        let dest = validate(raw)?;
+        let key = scope.row(dest.name());
+        return match s.replace_if_match(&key, &dest, if_match).await? {
+            crate::Conditional::Done => {
+                tracing::info!(subaccount = %scope.subaccount, level = ?scope.level, name = %key.name, "destination updated");
+                Ok(Json(json!({ "Count": 1 })).into_response())
+            }
+            crate::Conditional::Missing => Err(ApiError::not_found()),
+            crate::Conditional::Changed => Err(ApiError::new(
+                StatusCode::PRECONDITION_FAILED,
+                "If-Match does not match the current ETag: the destination has changed; read it again",
+            )),
+        };
+    }
     let update_one = |dest: Destination| {
         let (s, scope) = (&s, &scope);
         async move {

@@ -306,12 +306,14 @@ pub async fn up(args: UpArgs) -> anyhow::Result<()> {
     ));
 
     // Destination Service, with the destinations of the config file.
-    let dest_service = ferry_destination::DestinationService::open(
+    let (dest_key, previous_keys) = cfg.destination_store.keys(&master_key)?;
+    let dest_service = ferry_destination::DestinationService::open_rotating(
         ferry_destination::Config {
-            database: ferry_destination::DatabaseConfig::Sqlite { path: dir.join("destinations.db") },
-            master_key,
+            database: cfg.destination_store.database(dir)?,
+            master_key: dest_key,
             token_fetch_timeout: Duration::from_secs(10),
         },
+        previous_keys,
         verifier.clone(),
         http,
     )
