@@ -26,6 +26,8 @@ command -v curl >/dev/null || need_apt+=(curl)
 [ -x /usr/lib/dovecot/pop3 ] || need_apt+=(dovecot-pop3d)
 [ -x /usr/lib/dovecot/lmtp ] || need_apt+=(dovecot-lmtpd)
 /usr/bin/python3 -c 'import aiosmtpd' 2>/dev/null || need_apt+=(python3-aiosmtpd)
+# The independent verifier (and signer) of SAML assertions in ferry-auth's tests.
+command -v xmlsec1 >/dev/null || need_apt+=(xmlsec1)
 if [ ${#need_apt[@]} -gt 0 ]; then
   export DEBIAN_FRONTEND=noninteractive
   if [ "$(id -u)" = 0 ]; then apt-get update -qq && apt-get install -y -qq "${need_apt[@]}"; else sudo -E apt-get update -qq && sudo -E apt-get install -y -qq "${need_apt[@]}"; fi
