@@ -34,7 +34,7 @@ use ferry_core::tls::{CertifiedKey, LocalCa};
 pub use clock::{Clock, ManualClock, SystemClock};
 pub use config::{
     CertificateBinding, ConfigError, DEFAULT_REFRESH_TOKEN_VALIDITY, DEFAULT_TOKEN_VALIDITY, GRANT_AUTHORIZATION_CODE,
-    GRANT_CLIENT_CREDENTIALS, GRANT_JWT_BEARER, GRANT_PASSWORD, GRANT_REFRESH_TOKEN, OAuthClient,
+    GRANT_CLIENT_CREDENTIALS, GRANT_JWT_BEARER, GRANT_PASSWORD, GRANT_REFRESH_TOKEN, GRANT_SAML2_BEARER, OAuthClient,
     SUPPORTED_GRANT_TYPES, Tenant, TokenServiceConfig, User,
 };
 pub use ldap::{DEFAULT_GROUP_FILTER, DEFAULT_USER_FILTER, LdapConfig, LdapUserStore};
@@ -124,6 +124,9 @@ pub struct TokenService {
     issued_bindings: RwLock<HashMap<String, Vec<CertificateBinding>>>,
     clock: Arc<dyn Clock>,
     http: reqwest::Client,
+    /// Certificates of the SAML identity providers each tenant trusts for the saml2-bearer
+    /// grant, by tenant id.
+    saml_idps: RwLock<HashMap<String, Vec<crate::saml::TrustedCertificate>>>,
 }
 
 impl std::fmt::Debug for TokenService {
@@ -320,6 +323,7 @@ impl TokenService {
             issued_bindings: RwLock::new(HashMap::new()),
             clock,
             http,
+            saml_idps: RwLock::new(HashMap::new()),
         }))
     }
 
@@ -384,6 +388,35 @@ impl TokenService {
             self.forget_client(&c);
         }
         Ok(existed)
+    }
+
+    /// Lets tenant `tenant_id` accept SAML assertions signed with `certificate`'s key in the
+    /// saml2-bearer grant (RFC 7522), e.g. a Destination Service's subaccount certificate
+    /// (`/destination-configuration/v1/saml2Metadata/certificate`). The same certificate is
+    /// added once only.
+    pub fn trust_saml_idp(
+        &self,
+        tenant_id: &str,
+        certificate: crate::saml::TrustedCertificate,
+    ) -> Result<(), TokenError> {
+        if self.tenant_by_id(tenant_id).is_none() {
+            return Err(TokenError::UnknownTenant(tenant_id.to_owned()));
+        }
+        let mut idps = self.saml_idps.write().unwrap_or_else(|p| p.into_inner());
+        let list = idps.entry(tenant_id.to_owned()).or_default();
+        if !list.iter().any(|c| c.der() == certificate.der()) {
+            list.push(certificate);
+        }
+        Ok(())
+    }
+
+    pub(crate) fn saml_idps(&self, tenant_id: &str) -> Vec<crate::saml::TrustedCertificate> {
+        self.saml_idps.read().unwrap_or_else(|p| p.into_inner()).get(tenant_id).cloned().unwrap_or_default()
+    }
+
+    /// The user behind a configured username in a tenant.
+    pub(crate) fn configured_user(&self, username: &str, tenant_id: &str) -> Option<&User> {
+        self.find_user(username, Some(tenant_id), tenant_id).map(|u| &u.user)
     }
 
     /// Adds a client at run time (its tenant must exist); it can get tokens at once.
