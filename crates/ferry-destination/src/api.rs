@@ -61,6 +61,7 @@ pub(crate) fn router(service: Arc<DestinationService>) -> Router {
         .route(&format!("{V1}/destinations/{{name}}"), get(find))
         .route("/destination-configuration/v2/destinations/{name}", get(consume))
         .route("/destination-configuration/openapi.yaml", get(openapi))
+        .route(&format!("{V1}/saml2Metadata/certificate"), crate::saml::certificate_routes())
         .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "No such endpoint in the Destination Service API") })
         .method_not_allowed_fallback(|| async {
             ApiError::new(StatusCode::METHOD_NOT_ALLOWED, "This endpoint does not support the request method")
@@ -237,6 +238,8 @@ pub(crate) struct Caller {
 #[derive(Clone)]
 pub(crate) struct UserToken {
     jwt: String,
+    /// The verified claims, which SAML flows put into the assertion.
+    claims: Arc<serde_json::Value>,
     /// `<zid>/<user id>`: the token cache never hands one user's token to another.
     key: String,
     /// For `tokenServiceURLType: Common` in user flows.
@@ -252,7 +255,18 @@ impl UserToken {
         let sub = claims.raw.get("sub").and_then(serde_json::Value::as_str).map(str::to_owned);
         let id =
             [claims.user_id.clone(), sub, claims.user_name.clone()].into_iter().flatten().find(|s| !s.is_empty())?;
-        Some(Self { jwt: jwt.to_owned(), key: format!("{}/{id}", claims.zid), subdomain: claims_subdomain(claims) })
+        Some(Self {
+            jwt: jwt.to_owned(),
+            claims: Arc::new(claims.raw.clone()),
+            key: format!("{}/{id}", claims.zid),
+            subdomain: claims_subdomain(claims),
+        })
+    }
+}
+
+impl UserToken {
+    pub(crate) fn saml(&self) -> crate::saml::SamlUser<'_> {
+        crate::saml::SamlUser { claims: &self.claims, key: &self.key, subdomain: self.subdomain.as_deref() }
     }
 }
 
@@ -261,6 +275,10 @@ fn claims_subdomain(claims: &ferry_auth::Claims) -> Option<String> {
 }
 
 impl Caller {
+    pub(crate) fn subaccount(&self) -> &str {
+        &self.subaccount
+    }
+
     pub(crate) fn scope(&self, kind: Collection) -> Result<Scope, ApiError> {
         let level = match kind {
             Collection::Subaccount => Level::Subaccount,
@@ -1197,9 +1215,48 @@ async fn auth_tokens(
             };
             flow(Grant::TokenExchange { subject, actor }).run().await?
         }
-        Some(other) => AuthToken::failed(format!(
-            "Authentication '{other}' is not supported by this Destination Service yet; no token was retrieved"
-        )),
+        Some(SAMLAssertion) => match user_token(s, caller, headers).await? {
+            Ok(user) => match s.saml_assertion(key, dest, &user.saml(), None, true).await {
+                Ok(a) => AuthToken {
+                    expires_in: Some(a.expires_in.to_string()),
+                    ..AuthToken::authorization("SAML2.0", a.encoded)
+                },
+                Err(reason) => AuthToken::failed(reason),
+            },
+            Err(reason) => AuthToken::failed(reason),
+        },
+        Some(OAuth2SAMLBearerAssertion) => {
+            if dest.get("SAMLAssertionProvider").is_some_and(|p| p.eq_ignore_ascii_case("ClientProvided")) {
+                match header(headers, "x-samlassertion")? {
+                    Some(assertion) => flow(Grant::SamlBearer { assertion, for_user: false }).run().await?,
+                    None => AuthToken::failed(
+                        "this destination's SAMLAssertionProvider is ClientProvided: send the assertion in the \
+                         X-samlAssertion header",
+                    ),
+                }
+            } else {
+                match user_token(s, caller, headers).await? {
+                    Ok(user) => {
+                        let saml_user = user.saml();
+                        let recipient = crate::saml::token_service_recipient(dest, &saml_user);
+                        // A fresh assertion for every token request: the cache below keys on
+                        // the user, and the token service may refuse a replayed assertion.
+                        match s.saml_assertion(key, dest, &saml_user, recipient, false).await {
+                            Ok(a) => {
+                                let grant = Grant::SamlBearer { assertion: &a.encoded, for_user: true };
+                                TokenFlow { user: Some(&user), ..flow(grant) }.run().await?
+                            }
+                            Err(reason) => AuthToken::failed(reason),
+                        }
+                    }
+                    Err(reason) => AuthToken::failed(reason),
+                }
+            }
+        }
+        Some(SAPAssertionSSO) => AuthToken::failed(
+            "Authentication 'SAPAssertionSSO' is deprecated by SAP and not supported by this Destination Service; use \
+             SAMLAssertion or PrincipalPropagation instead",
+        ),
     };
     if let Some(reason) = &token.error {
         tracing::warn!(subaccount = %key.scope.subaccount, name = %key.name, %reason, "no auth token for destination");

@@ -44,6 +44,7 @@
 mod api;
 mod labels;
 mod query;
+mod saml;
 mod store;
 mod tokens;
 
@@ -117,6 +118,7 @@ pub struct DestinationService {
     /// Callers send the same token with every request: verified signatures are remembered.
     verifier: ferry_auth::TokenCache,
     tokens: TokenFetcher,
+    saml: saml::SamlState,
 }
 
 impl std::fmt::Debug for DestinationService {
@@ -164,7 +166,13 @@ impl DestinationService {
             }
         }
         let tokens = TokenFetcher::new(http, config.token_fetch_timeout, clock);
-        Ok(Arc::new(Self { store: Box::new(store), sealer, verifier: ferry_auth::TokenCache::new(verifier), tokens }))
+        Ok(Arc::new(Self {
+            store: Box::new(store),
+            sealer,
+            verifier: ferry_auth::TokenCache::new(verifier),
+            tokens,
+            saml: saml::SamlState::default(),
+        }))
     }
 
     pub fn router(self: &Arc<Self>) -> axum::Router {
