@@ -194,6 +194,13 @@ impl DestinationService {
         Ok(())
     }
 
+    /// The subaccount's SAML signing certificate (PEM), generated now if there is none: what a
+    /// token service must trust for this subaccount's OAuth2SAMLBearerAssertion destinations.
+    pub async fn saml_certificate_pem(&self, subaccount: &str) -> Result<String, Error> {
+        let signer = self.subaccount_signer(subaccount, true).await?.ok_or(Error::Encrypt)?;
+        Ok(signer.certificate_pem())
+    }
+
     fn seal<T: Serialize>(&self, key: &RowKey, destination: &T) -> Result<Vec<u8>, Error> {
         let plain = serde_json::to_vec(destination).map_err(|_| Error::Encrypt)?;
         self.sealer.seal(&key.associated_data(), &plain).map_err(|_| Error::Encrypt)
