@@ -25,13 +25,18 @@
 //! `ferry_model`'s rules (`Destination::check`: required keys per `Type` and `Authentication`,
 //! enumerations, booleans, numbers, URL forms, length limits); a refusal is a 400 (or a 207 item)
 //! whose `ErrorMessage` names the property and the rule. Stored rows are not re-checked on read.
+//! SAML flows (`saml`): SAMLAssertion returns a signed SAML 2.0 assertion for the user
+//! (`SAML2.0` token, cached per user) and OAuth2SAMLBearerAssertion exchanges one with RFC 7522;
+//! both sign with the subaccount's key (`v1/saml2Metadata/certificate`) or a PEM
+//! `KeyStoreLocation`. SAPAssertionSSO, deprecated by SAP, answers a failed token.
 //!
 //! Deviations from SAP's service, on purpose or not yet built: lists never contain secrets (and
 //! certificate lists no `Content`); a missing `X-refresh-token` or `X-code` is a 400 rather than a
 //! failed token, and so are missing `X-subject-token` headers; a user JWT that this service cannot verify (non-XSUAA issuers with
 //! `x_user_token.jwks`) fails the token; `modifiedwithin`, `$includeMetadata` on lists, label filters,
-//! certificate generation and `publicKeys`, the `provider_*` consume levels, SAML flows, client
-//! assertions fetched through another destination (`X-client-assertion-destination-name`), mTLS
+//! certificate generation and `publicKeys`, the `provider_*` consume levels, P12/JKS keystores for
+//! SAML signing, `saml2Metadata` IdP metadata and passive certificates, client assertions fetched
+//! through another destination (`X-client-assertion-destination-name`), mTLS
 //! to token services and chaining are not supported yet.
 //!
 //! Layers, top to bottom: `api` (HTTP shapes and status codes), [`DestinationService`]

@@ -136,7 +136,7 @@ impl DestinationService {
                 .subaccount_signer(&key.scope.subaccount, true)
                 .await
                 .map_err(internal)?
-                .ok_or_else(String::new);
+                .ok_or_else(|| "the subaccount has no SAML signing key".to_owned());
         };
         let mut found = None;
         for level in [key.scope.level.clone(), Level::Subaccount] {
@@ -355,7 +355,8 @@ fn attributes(dest: &Destination, claims: &Value) -> Vec<(String, Vec<String>)> 
         groups.extend(values(v));
     }
     if !groups.is_empty() {
-        groups.dedup();
+        let mut seen = std::collections::HashSet::new();
+        groups.retain(|g| seen.insert(g.clone()));
         out.push(("Groups".into(), groups));
     }
     out
