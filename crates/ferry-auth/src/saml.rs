@@ -39,6 +39,11 @@ const ATTRNAME_BASIC: &str = "urn:oasis:names:tc:SAML:2.0:attrname-format:basic"
 pub const MAX_ASSERTION_BYTES: usize = 256 * 1024;
 /// Deeper documents are refused; an assertion is six levels deep.
 const MAX_DEPTH: usize = 32;
+/// Per element: attributes, and namespace bindings in scope. Real assertions have a handful;
+/// the bounds keep parsing linear (each element copies its bindings, attributes are checked
+/// pairwise for duplicates).
+const MAX_ATTRIBUTES: usize = 32;
+const MAX_NAMESPACES: usize = 16;
 /// Tolerated clock difference between the assertion's issuer and this verifier.
 pub const CLOCK_SKEW_SECS: u64 = 60;
 
@@ -534,6 +539,11 @@ fn parse(xml: &[u8]) -> Result<Element, SamlError> {
                         in_scope.insert(p.to_owned(), value);
                     } else {
                         raw_attrs.push((key, value));
+                    }
+                    if raw_attrs.len() > MAX_ATTRIBUTES || in_scope.len() > MAX_NAMESPACES {
+                        return Err(SamlError::Xml(format!(
+                            "more than {MAX_ATTRIBUTES} attributes or {MAX_NAMESPACES} namespaces on one element"
+                        )));
                     }
                 }
                 let resolve = |prefix: &str, is_attr: bool| -> Result<String, SamlError> {

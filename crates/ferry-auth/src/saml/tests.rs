@@ -196,6 +196,10 @@ fn dtds_processing_instructions_and_broken_xml_are_refused() {
     assert!(matches!(verify(&entity), Err(SamlError::Xml(_))));
     let deep = format!("{}{}", "<a>".repeat(100), "</a>".repeat(100));
     assert!(verify(&deep).unwrap_err().to_string().contains("deeper"));
+    let wide: String = (0..40).map(|i| format!(" a{i}=\"x\"")).collect();
+    assert!(verify(&format!("<a{wide}/>")).unwrap_err().to_string().contains("attributes"));
+    let namespaces: String = (0..20).map(|i| format!(" xmlns:n{i}=\"urn:{i}\"")).collect();
+    assert!(verify(&format!("<a{namespaces}/>")).unwrap_err().to_string().contains("namespaces"));
 }
 
 #[test]

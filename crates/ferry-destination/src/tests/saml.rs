@@ -12,7 +12,7 @@ use ferry_auth::saml::{Expectations, SamlSigner, TrustedCertificate, VerifiedAss
 use ferry_auth::token_service::{self, Listeners, OAuthClient, Tenant, TokenService, TokenServiceConfig, User};
 use serde_json::{Value, json};
 
-use super::{Env, V1, now_secs};
+use super::{Env, TokenServer, V1, now_secs};
 use crate::tokens::GRANT_SAML2_BEARER;
 
 const AUDIENCE: &str = "https://backend.example/sap/bc/sec/oauth2/token";
@@ -279,4 +279,54 @@ async fn saml_bearer_against_ferrys_token_service() {
     let again = env.find(&service_token, "sb", &[("X-user-token", &alice)]).await;
     assert_eq!(again.json["authTokens"][0]["value"], access.as_str());
     shutdown.cancel();
+}
+
+#[tokio::test]
+async fn saml_bearer_request_form_cache_and_client_provided_assertions() {
+    let env = Env::new().await;
+    let remote = TokenServer::start().await;
+    let t = env.token("zone-1", "client-1");
+    let token_url = remote.url("/oauth/token");
+    let bearer = |name: &str, extra: Value| {
+        let mut d = saml_dest(name, extra);
+        d["Authentication"] = json!("OAuth2SAMLBearerAssertion");
+        d["tokenServiceURL"] = json!(token_url);
+        d["clientKey"] = json!("client-key");
+        d["companyId"] = json!("ACME");
+        d["scope"] = json!("read");
+        d
+    };
+    env.create(&t, "subaccount", bearer("gen", json!({"tokenServiceUser": "tsu", "tokenServicePassword": "tsp"})))
+        .await;
+    env.create(&t, "subaccount", bearer("given", json!({"SAMLAssertionProvider": "ClientProvided"}))).await;
+
+    let ann = user(&env, "ann");
+    let r = env.find(&t, "gen", &[("X-user-token", &ann)]).await;
+    assert_eq!(r.json["authTokens"][0]["value"], "remote-token-1", "{}", r.text);
+    let call = remote.calls().pop().unwrap();
+    let form: Vec<&str> = call.form.iter().map(|(k, _)| k.as_str()).collect();
+    assert_eq!(form, ["grant_type", "assertion", "client_id", "company_id", "scope"]);
+    assert_eq!(call.form("grant_type"), Some(GRANT_SAML2_BEARER));
+    assert_eq!((call.form("client_id"), call.form("company_id")), (Some("client-key"), Some("ACME")));
+    let basic = call.headers["authorization"].to_str().unwrap();
+    assert_eq!(basic, format!("Basic {}", STANDARD.encode("tsu:tsp")));
+    // RFC 7522: base64url without padding, addressed to the token service.
+    let assertion = call.form("assertion").unwrap();
+    assert!(!assertion.contains(['+', '/', '=']));
+    let trusted = certificate(&env, &t).await;
+    assert_eq!(check(assertion, &trusted, &token_url).name_id, "ann");
+
+    // The token is cached for the user (a new assertion does not miss the cache); another
+    // user gets its own.
+    env.find(&t, "gen", &[("X-user-token", &ann)]).await;
+    assert_eq!(remote.count(), 1);
+    env.find(&t, "gen", &[("X-user-token", &user(&env, "bob"))]).await;
+    assert_eq!(remote.count(), 2);
+
+    // ClientProvided: the caller's assertion goes out as it is; none sent fails the token.
+    let r = env.find(&t, "given", &[("X-samlAssertion", "PHNhbWw-client")]).await;
+    assert_eq!(r.json["authTokens"][0]["value"], "remote-token-1", "{}", r.text);
+    assert_eq!(remote.calls().pop().unwrap().form("assertion"), Some("PHNhbWw-client"));
+    let r = env.find(&t, "given", &[]).await;
+    assert!(r.json["authTokens"][0]["error"].as_str().unwrap().contains("X-samlAssertion"), "{}", r.text);
 }
