@@ -1237,16 +1237,23 @@ async fn auth_tokens(
             } else {
                 match user_token(s, caller, headers).await? {
                     Ok(user) => {
-                        let saml_user = user.saml();
-                        let recipient = crate::saml::token_service_recipient(dest, &saml_user);
-                        // A fresh assertion for every token request: the cache below keys on
-                        // the user, and the token service may refuse a replayed assertion.
-                        match s.saml_assertion(key, dest, &saml_user, recipient, false).await {
-                            Ok(a) => {
-                                let grant = Grant::SamlBearer { assertion: &a.encoded, for_user: true };
-                                TokenFlow { user: Some(&user), ..flow(grant) }.run().await?
+                        // The token cache keys on the user, not the assertion, so a cached
+                        // token is found before an assertion is signed.
+                        let probe = Grant::SamlBearer { assertion: "", for_user: true };
+                        if let Some(token) = (TokenFlow { user: Some(&user), ..flow(probe) }).cached()? {
+                            token
+                        } else {
+                            let saml_user = user.saml();
+                            let recipient = crate::saml::token_service_recipient(dest, &saml_user);
+                            // A fresh assertion for every token request: a token service may
+                            // refuse a replayed one.
+                            match s.saml_assertion(key, dest, &saml_user, recipient, false).await {
+                                Ok(a) => {
+                                    let grant = Grant::SamlBearer { assertion: &a.encoded, for_user: true };
+                                    TokenFlow { user: Some(&user), ..flow(grant) }.run().await?
+                                }
+                                Err(reason) => AuthToken::failed(reason),
                             }
-                            Err(reason) => AuthToken::failed(reason),
                         }
                     }
                     Err(reason) => AuthToken::failed(reason),
@@ -1333,6 +1340,28 @@ struct TokenFlow<'a> {
 
 impl TokenFlow<'_> {
     async fn run(self) -> Result<AuthToken, ApiError> {
+        let (owner, request) = match self.prepare()? {
+            Ok(prepared) => prepared,
+            Err(failed) => return Ok(failed),
+        };
+        Ok(match self.s.tokens.token(owner, request).await {
+            Ok(token) => AuthToken::bearer(token),
+            Err(e) => AuthToken::failed(e.to_string()),
+        })
+    }
+
+    /// The flow's token if the cache has a fresh one; the token service is not called.
+    fn cached(self) -> Result<Option<AuthToken>, ApiError> {
+        Ok(self
+            .prepare()?
+            .ok()
+            .and_then(|(owner, request)| self.s.tokens.cached(owner, &request))
+            .map(AuthToken::bearer))
+    }
+
+    /// The cache owner and request, or (inner `Err`) the failed token when the destination
+    /// cannot make a request.
+    fn prepare(self) -> Result<Result<(CacheOwner, TokenRequest), AuthToken>, ApiError> {
         let Self { s, caller, key, dest, grant, tenant: tenant_header, user, assertion } = self;
         let common = tokens::is_common(dest) && grant.uses_tenant();
         if tenant_header.is_some() && !common {
@@ -1353,7 +1382,7 @@ impl TokenFlow<'_> {
                 Some((a, kind)) => request.with_client_assertion(a, kind),
                 None => request,
             },
-            Err(e) => return Ok(AuthToken::failed(e.to_string())),
+            Err(e) => return Ok(Err(AuthToken::failed(e.to_string()))),
         };
         let owner = CacheOwner {
             subaccount: key.scope.subaccount.clone(),
@@ -1362,9 +1391,6 @@ impl TokenFlow<'_> {
             tenant,
             user: user.map(|u| u.key.clone()),
         };
-        Ok(match s.tokens.token(owner, request).await {
-            Ok(token) => AuthToken::bearer(token),
-            Err(e) => AuthToken::failed(e.to_string()),
-        })
+        Ok(Ok((owner, request)))
     }
 }

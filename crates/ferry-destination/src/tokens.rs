@@ -472,6 +472,16 @@ impl TokenFetcher {
         Ok(fetched)
     }
 
+    /// The cached token for `request` if it is still fresh; never calls the token service, and
+    /// gives up (`None`) rather than wait for a fetch under way.
+    pub(crate) fn cached(&self, owner: CacheOwner, request: &TokenRequest) -> Option<Token> {
+        let key = CacheKey { owner, request: request.fingerprint() };
+        let slot = self.slots.lock().unwrap_or_else(|p| p.into_inner()).get(&key).cloned()?;
+        let cached = slot.try_lock().ok()?;
+        let now = self.clock.now();
+        cached.as_ref().filter(|c| c.fresh(now)).map(|c| c.token(now))
+    }
+
     async fn fetch(&self, req: &TokenRequest) -> Result<Token, TokenError> {
         let url = req.display_url();
         let mut builder =

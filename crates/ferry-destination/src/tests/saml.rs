@@ -323,6 +323,23 @@ async fn saml_bearer_request_form_cache_and_client_provided_assertions() {
     env.find(&t, "gen", &[("X-user-token", &user(&env, "bob"))]).await;
     assert_eq!(remote.count(), 2);
 
+    // A cached token is found before any assertion is signed: with its signing key gone, the
+    // destination still answers the cached token, and only a new user fails.
+    let own = SamlSigner::generate("own key").unwrap();
+    let cert = json!({"Name": "k.pem", "Type": "PEM", "Content": STANDARD.encode(own.to_pem().expose())});
+    env.call(Method::POST, &format!("{V1}/subaccountCertificates"), Some(&t), Some(cert)).await;
+    env.create(&t, "subaccount", bearer("keyed", json!({"KeyStoreLocation": "k.pem"}))).await;
+    let r = env.find(&t, "keyed", &[("X-user-token", &ann)]).await;
+    assert_eq!(r.json["authTokens"][0]["value"], "remote-token-1", "{}", r.text);
+    let r = env.call(Method::DELETE, &format!("{V1}/subaccountCertificates/k.pem"), Some(&t), None).await;
+    assert_eq!(r.status, StatusCode::OK);
+    let calls = remote.count();
+    let r = env.find(&t, "keyed", &[("X-user-token", &ann)]).await;
+    assert_eq!(r.json["authTokens"][0]["value"], "remote-token-1", "{}", r.text);
+    let r = env.find(&t, "keyed", &[("X-user-token", &user(&env, "carl"))]).await;
+    assert!(r.json["authTokens"][0]["error"].as_str().unwrap().contains("not in the certificate store"));
+    assert_eq!(remote.count(), calls);
+
     // ClientProvided: the caller's assertion goes out as it is; none sent fails the token.
     let r = env.find(&t, "given", &[("X-samlAssertion", "PHNhbWw-client")]).await;
     assert_eq!(r.json["authTokens"][0]["value"], "remote-token-1", "{}", r.text);
