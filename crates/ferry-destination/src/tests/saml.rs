@@ -1,6 +1,6 @@
-//! SAML flows (SPEC §2.1, §2.6): `SAMLAssertion` tokens and their content, the subaccount's
-//! signing certificate, `KeyStoreLocation` signing, and `OAuth2SAMLBearerAssertion` end to end
-//! against Ferry's token service over real HTTP.
+//! SAML flows (SPEC §2.1, §2.6): `SAMLAssertion` tokens and their content (checked by xmlsec1
+//! as well), the subaccount's signing certificate, `KeyStoreLocation` signing, and
+//! `OAuth2SAMLBearerAssertion` end to end against Ferry's token service over real HTTP.
 
 use std::sync::Arc;
 
@@ -82,6 +82,20 @@ async fn saml_assertion_tokens_carry_the_user_and_are_cached() {
     assert_eq!(v.attribute("user_uuid").unwrap(), ["id-ann"]);
     assert_eq!(v.attribute("user_attributes.department").unwrap(), ["Sales"]);
     assert_eq!(v.attribute("Groups").unwrap(), ["approvers", "admins"]);
+
+    // An independent relying party accepts it: xmlsec1 with the published certificate.
+    let dir = tempfile::tempdir().unwrap();
+    let r = env.call(Method::GET, &format!("{V1}/saml2Metadata/certificate"), Some(&t), None).await;
+    std::fs::write(dir.path().join("cert.pem"), r.json["certificate"].as_str().unwrap()).unwrap();
+    std::fs::write(dir.path().join("a.xml"), URL_SAFE_NO_PAD.decode(value).unwrap()).unwrap();
+    let out = std::process::Command::new("xmlsec1")
+        .args(["--verify", "--pubkey-cert-pem"])
+        .arg(dir.path().join("cert.pem"))
+        .args(["--id-attr:ID", "urn:oasis:names:tc:SAML:2.0:assertion:Assertion"])
+        .arg(dir.path().join("a.xml"))
+        .output()
+        .expect("xmlsec1 must be installed (scripts/test.sh installs Debian's xmlsec1)");
+    assert!(out.status.success(), "xmlsec1: {}", String::from_utf8_lossy(&out.stderr));
 
     // Cached per user: the same assertion again, another one for another user.
     let again = env.find(&t, "sa", &[("X-user-token", &ann)]).await;
