@@ -127,7 +127,13 @@ async fn trusted_assertions_become_user_tokens() {
     assert_eq!(claims.scope, ["openid", "app!t1.Read"]);
     let dave_id = claims.user_id.clone().unwrap();
 
+    // Each assertion is good for one token.
+    let (st, v) = grant(&router, "app", &b64url(&xml)).await;
+    assert_eq!(st, StatusCode::BAD_REQUEST);
+    assert!(v["error_description"].as_str().unwrap().contains("already used"), "{v}");
+
     // Padded standard base64 is accepted too; the same NameID is the same user.
+    let xml = assertion(&idp, "dave", ENDPOINT, &["$XSAPPNAME.Read"]);
     let (st, v) = grant(&router, "app", &STANDARD.encode(&xml).replace('+', "%2B").replace('=', "%3D")).await;
     assert_eq!(st, StatusCode::OK, "{v}");
     let again = svc.verifier().verify(v["access_token"].as_str().unwrap()).await.unwrap();

@@ -417,6 +417,7 @@ impl TokenService {
     /// The user is the `NameID`: a configured user of that name keeps its own identity and
     /// scopes; anyone else gets a stable id derived from issuer and name, and the scopes its
     /// `Groups` attribute names (read like a configured user's `scopes`, `$XSAPPNAME.x` included).
+    /// Each assertion is redeemed once.
     fn check_saml_assertion(&self, assertion: &str, tenant: &TenantState) -> Result<(UserIdentity, User), OAuthError> {
         use base64::Engine;
         use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
@@ -439,6 +440,11 @@ impl TokenService {
             tracing::info!(zone = %tenant.tenant.id, error = %e, "saml2-bearer assertion refused");
             OAuthError::invalid_grant(e.to_string())
         })?;
+        if !self.first_use_of_assertion(&tenant.tenant.id, &verified.issuer, &verified.id, verified.not_on_or_after) {
+            return Err(OAuthError::invalid_grant(
+                "the assertion was already used; a bearer assertion is good for one token",
+            ));
+        }
         let first = |names: &[&str]| {
             names.iter().find_map(|n| verified.attribute(n).and_then(|v| v.first()).filter(|v| !v.is_empty())).cloned()
         };

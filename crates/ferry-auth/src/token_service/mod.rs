@@ -127,6 +127,9 @@ pub struct TokenService {
     /// Certificates of the SAML identity providers each tenant trusts for the saml2-bearer
     /// grant, by tenant id.
     saml_idps: RwLock<HashMap<String, Vec<crate::saml::TrustedCertificate>>>,
+    /// Assertions already redeemed (zone, issuer, ID) until they expire: a bearer assertion
+    /// is good for one token (RFC 7522 §3, replay).
+    saml_used: std::sync::Mutex<HashMap<(String, String, String), u64>>,
 }
 
 impl std::fmt::Debug for TokenService {
@@ -324,6 +327,7 @@ impl TokenService {
             clock,
             http,
             saml_idps: RwLock::new(HashMap::new()),
+            saml_used: std::sync::Mutex::new(HashMap::new()),
         }))
     }
 
@@ -412,6 +416,25 @@ impl TokenService {
 
     pub(crate) fn saml_idps(&self, tenant_id: &str) -> Vec<crate::saml::TrustedCertificate> {
         self.saml_idps.read().unwrap_or_else(|p| p.into_inner()).get(tenant_id).cloned().unwrap_or_default()
+    }
+
+    /// Records a redeemed assertion; `false` if it was redeemed before and has not expired.
+    pub(crate) fn first_use_of_assertion(&self, zone: &str, issuer: &str, id: &str, expires_at: u64) -> bool {
+        /// Bounds the memory an authenticated client can make this take.
+        const MAX_REMEMBERED: usize = 100_000;
+        let now = self.now();
+        let mut used = self.saml_used.lock().unwrap_or_else(|p| p.into_inner());
+        if used.len() >= MAX_REMEMBERED {
+            used.retain(|_, until| *until > now);
+        }
+        let key = (zone.to_owned(), issuer.to_owned(), id.to_owned());
+        if used.get(&key).is_some_and(|until| *until > now) {
+            return false;
+        }
+        if used.len() < MAX_REMEMBERED {
+            used.insert(key, expires_at.saturating_add(crate::saml::CLOCK_SKEW_SECS));
+        }
+        true
     }
 
     /// The user behind a configured username in a tenant.
