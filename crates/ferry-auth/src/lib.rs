@@ -7,8 +7,8 @@
 
 pub mod jwt;
 pub mod oidc;
-pub mod token_cache;
 pub mod saml;
+pub mod token_cache;
 pub mod token_service;
 
 pub use jwt::{Claims, ExtAttr, Jwk, Jwks, KeySet, TenantKeys, TrustedIssuer, Verifier, VerifyError};
