@@ -25,13 +25,18 @@
 //! `ferry_model`'s rules (`Destination::check`: required keys per `Type` and `Authentication`,
 //! enumerations, booleans, numbers, URL forms, length limits); a refusal is a 400 (or a 207 item)
 //! whose `ErrorMessage` names the property and the rule. Stored rows are not re-checked on read.
+//! SAML flows (`saml`): SAMLAssertion returns a signed SAML 2.0 assertion for the user
+//! (`SAML2.0` token, cached per user) and OAuth2SAMLBearerAssertion exchanges one with RFC 7522;
+//! both sign with the subaccount's key (`v1/saml2Metadata/certificate`) or a PEM
+//! `KeyStoreLocation`. SAPAssertionSSO, deprecated by SAP, answers a failed token.
 //!
 //! Deviations from SAP's service, on purpose or not yet built: lists never contain secrets (and
 //! certificate lists no `Content`); a missing `X-refresh-token` or `X-code` is a 400 rather than a
 //! failed token, and so are missing `X-subject-token` headers; a user JWT that this service cannot verify (non-XSUAA issuers with
 //! `x_user_token.jwks`) fails the token; `modifiedwithin`, `$includeMetadata` on lists, label filters,
-//! certificate generation and `publicKeys`, the `provider_*` consume levels, SAML flows, client
-//! assertions fetched through another destination (`X-client-assertion-destination-name`), mTLS
+//! certificate generation and `publicKeys`, the `provider_*` consume levels, P12/JKS keystores for
+//! SAML signing, `saml2Metadata` IdP metadata and passive certificates, client assertions fetched
+//! through another destination (`X-client-assertion-destination-name`), mTLS
 //! to token services and chaining are not supported yet.
 //!
 //! Layers, top to bottom: `api` (HTTP shapes and status codes), [`DestinationService`]
@@ -52,6 +57,7 @@ mod keys;
 mod labels;
 mod postgres;
 mod query;
+mod saml;
 mod store;
 mod tokens;
 
@@ -135,6 +141,7 @@ pub struct DestinationService {
     /// Callers send the same token with every request: verified signatures are remembered.
     verifier: ferry_auth::TokenCache,
     tokens: TokenFetcher,
+    saml: saml::SamlState,
 }
 
 impl std::fmt::Debug for DestinationService {
@@ -205,7 +212,13 @@ impl DestinationService {
         let keys = Keyring::new(&config.master_key, previous_keys).map_err(|_| Error::Encrypt)?;
         let rotated = check_key(store.as_ref(), &keys).await?;
         let tokens = TokenFetcher::new(http, config.token_fetch_timeout, clock);
-        let service = Arc::new(Self { store, keys, verifier: ferry_auth::TokenCache::new(verifier), tokens });
+        let service = Arc::new(Self {
+            store,
+            keys,
+            verifier: ferry_auth::TokenCache::new(verifier),
+            tokens,
+            saml: saml::SamlState::default(),
+        });
         if rotated || service.keys.has_previous() {
             let r = service.reseal().await?;
             tracing::info!(
@@ -263,6 +276,13 @@ impl DestinationService {
         let sealed = self.seal(&key, &destination)?;
         self.store.upsert(key, sealed).await?;
         Ok(())
+    }
+
+    /// The subaccount's SAML signing certificate (PEM), generated now if there is none: what a
+    /// token service must trust for this subaccount's OAuth2SAMLBearerAssertion destinations.
+    pub async fn saml_certificate_pem(&self, subaccount: &str) -> Result<String, Error> {
+        let signer = self.subaccount_signer(subaccount, true).await?.ok_or(Error::Encrypt)?;
+        Ok(signer.certificate_pem())
     }
 
     fn seal<T: Serialize>(&self, key: &RowKey, destination: &T) -> Result<Vec<u8>, Error> {

@@ -28,6 +28,10 @@ pub struct FileConfig {
     /// External OpenID Connect issuers whose tokens the Destination Service and the proxy accept.
     #[serde(default)]
     pub trust: Vec<TrustEntry>,
+    /// SAML identity providers whose signed assertions the token service's saml2-bearer grant
+    /// accepts (besides the Destination Service's own subaccount key, always trusted).
+    #[serde(default)]
+    pub saml_trust: Vec<SamlTrustEntry>,
     #[serde(default)]
     pub tokens: Tokens,
     #[serde(default)]
@@ -277,6 +281,16 @@ pub struct TrustEntry {
     pub audiences: Vec<String>,
 }
 
+/// One `[[saml_trust]]` entry: a SAML identity provider's signing certificate.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SamlTrustEntry {
+    /// PEM file with the provider's (RSA) signing certificate.
+    pub certificate_file: std::path::PathBuf,
+    /// Subaccount (zone id) whose token endpoint accepts its assertions; default: `ferry up`'s.
+    pub subaccount: Option<String>,
+}
+
 impl TrustEntry {
     pub fn to_trust(&self, default_subaccount: &str) -> ferry_auth::OidcTrust {
         ferry_auth::OidcTrust {
@@ -442,5 +456,18 @@ mod tests {
         ] {
             assert!(FileConfig::parse(bad).is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn saml_trust_entries() {
+        let cfg = FileConfig::parse(
+            "[[saml_trust]]\ncertificate_file = \"/etc/idp.pem\"\n\
+             [[saml_trust]]\ncertificate_file = \"b.pem\"\nsubaccount = \"zone-2\"",
+        )
+        .unwrap();
+        assert_eq!(cfg.saml_trust[0].certificate_file, std::path::Path::new("/etc/idp.pem"));
+        assert_eq!(cfg.saml_trust[1].subaccount.as_deref(), Some("zone-2"));
+        assert!(FileConfig::parse("[[saml_trust]]\nsubaccount = \"z\"").is_err());
+        assert!(FileConfig::parse("[[saml_trust]]\ncertificate_file = \"a\"\nissuer = \"x\"").is_err());
     }
 }

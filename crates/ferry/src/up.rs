@@ -332,6 +332,20 @@ pub async fn up(args: UpArgs) -> anyhow::Result<()> {
         let instance = (d.level == Level::Instance).then_some(state.destination_instance_id.as_str());
         dest_service.upsert(&subaccount, instance, destination).await?;
     }
+    // The token service accepts SAML assertions signed with this Destination Service's
+    // subaccount key, so OAuth2SAMLBearerAssertion destinations can point at it, and those of
+    // the `[[saml_trust]]` identity providers. (A key renewed over the API is trusted after a
+    // restart.)
+    let own = dest_service.saml_certificate_pem(&subaccount).await?;
+    let own = ferry_auth::saml::TrustedCertificate::from_pem(&own).context("the subaccount's SAML certificate")?;
+    token_service.trust_saml_idp(&subaccount, own)?;
+    for t in &cfg.saml_trust {
+        let pem = std::fs::read_to_string(&t.certificate_file)
+            .with_context(|| format!("[[saml_trust]] cannot read {}", t.certificate_file.display()))?;
+        let cert = ferry_auth::saml::TrustedCertificate::from_pem(&pem)
+            .with_context(|| format!("[[saml_trust]] {}", t.certificate_file.display()))?;
+        token_service.trust_saml_idp(t.subaccount.as_deref().unwrap_or(&subaccount), cert).context("[[saml_trust]]")?;
+    }
     tasks.spawn(ferry_destination::run(dest_service, dest_l, shutdown.clone()));
 
     // Connectivity Proxy.

@@ -14,6 +14,7 @@ mod fragments;
 mod labels;
 mod lists;
 mod oauth;
+mod saml;
 mod storage;
 mod user_flows;
 
