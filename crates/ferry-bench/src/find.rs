@@ -1,4 +1,4 @@
-//! The Destination Service's find API under load, next to nginx serving the same bytes as a
+//! The Destination Service's find API under load (on SQLite and on PostgreSQL), next to nginx serving the same bytes as a
 //! static file in the same run (the anchor: what a good HTTP server does with no work at all).
 //!
 //! The destination is `OAuth2ClientCredentials` against Ferry's token service on a real socket;
@@ -48,14 +48,64 @@ pub async fn run(secs: u64, conns: usize, reps: usize) -> anyhow::Result<()> {
         shutdown.clone(),
     ));
 
+    // A real PostgreSQL in a temp folder, as in the tests (stopped when dropped).
+    let postgres = tokio::task::spawn_blocking(ferry_testkit::postgres::Postgres::start).await?;
+    let pg_url = postgres.database();
     let dir = std::env::temp_dir().join(format!("ferry-bench-find-{}", std::process::id()));
-    let config = Config {
-        database: DatabaseConfig::Sqlite { path: dir.join("destinations.db") },
-        master_key: ferry_core::Secret::new([7; 32]),
-        token_fetch_timeout: Duration::from_secs(5),
-    };
-    let service =
-        DestinationService::open(config, Arc::new(tokens.verifier()), ferry_core::tls::http_client(None)?).await?;
+    let verifier = Arc::new(tokens.verifier());
+    let sqlite = serve(DatabaseConfig::Sqlite { path: dir.join("destinations.db") }, &verifier, token_addr, &shutdown);
+    let sqlite = sqlite.await?;
+    let pg = serve(DatabaseConfig::Postgres { url: ferry_core::Secret::new(pg_url) }, &verifier, token_addr, &shutdown);
+    let pg = pg.await?;
+
+    let caller = caller_token(token_addr).await?;
+    let auth = vec![("authorization".to_owned(), format!("Bearer {caller}"))];
+    // The exact answer, token included, becomes nginx's static file.
+    let answer = reqwest_get(sqlite, &caller).await?;
+    anyhow::ensure!(answer.contains("\"authTokens\"") && !answer.contains("\"error\""), "find failed: {answer}");
+    reqwest_get(pg, &caller).await?;
+    let nginx = Nginx::start(
+        "listen 127.0.0.1:{PORT};\nkeepalive_requests 1000000;\nlocation = /find.json { root {DIR}; default_type application/json; }",
+        &[("find.json", &answer)],
+    );
+
+    let (mut anchor, mut on_sqlite, mut on_pg) = (Vec::<HttpResult>::new(), Vec::new(), Vec::new());
+    for rep in 0..reps {
+        eprintln!("rep {}/{}", rep + 1, reps);
+        anchor.push(http_load(nginx.addr, "/find.json".into(), Vec::new(), conns, secs).await);
+        on_sqlite.push(http_load(sqlite, PATH.into(), auth.clone(), conns, secs).await);
+        on_pg.push(http_load(pg, PATH.into(), auth.clone(), conns, secs).await);
+    }
+    let rps = |v: &[HttpResult]| median(v.iter().map(|r| r.rps).collect());
+    let p99 = |v: &[HttpResult]| median(v.iter().map(|r| r.p99_ms).collect());
+    println!("| find, OAuth2ClientCredentials, cached token, {conns} conns | requests/s | ratio to nginx | p99 |");
+    println!("|---|---|---|---|");
+    println!(
+        "| nginx, the same answer as a static file (anchor) | {:.0} | 1.00 | {:.2} ms |",
+        rps(&anchor),
+        p99(&anchor)
+    );
+    for (name, v) in [("Ferry, SQLite", &on_sqlite), ("Ferry, PostgreSQL", &on_pg)] {
+        println!("| {name} | {:.0} | {:.2} | {:.2} ms |", rps(v), rps(v) / rps(&anchor), p99(v));
+    }
+    println!("({secs} s per measurement, median of {reps} reps, load generator and servers on the same cores)");
+    shutdown.cancel();
+    drop(nginx);
+    drop(postgres);
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(())
+}
+
+/// A Destination Service on `database` holding the benchmark's destination, on a free port.
+async fn serve(
+    database: DatabaseConfig,
+    verifier: &Arc<ferry_auth::Verifier>,
+    token_addr: SocketAddr,
+    shutdown: &Shutdown,
+) -> anyhow::Result<SocketAddr> {
+    let config =
+        Config { database, master_key: ferry_core::Secret::new([7; 32]), token_fetch_timeout: Duration::from_secs(5) };
+    let service = DestinationService::open(config, verifier.clone(), ferry_core::tls::http_client(None)?).await?;
     let destination = serde_json::from_value(json!({
         "Name": "bench", "Type": "HTTP", "URL": "https://backend.example/api", "ProxyType": "Internet",
         "Authentication": "OAuth2ClientCredentials",
@@ -64,43 +114,9 @@ pub async fn run(secs: u64, conns: usize, reps: usize) -> anyhow::Result<()> {
     }))?;
     service.upsert(ZID, None, destination).await?;
     let listener = TcpListener::bind("127.0.0.1:0").await?;
-    let dest_addr = listener.local_addr()?;
+    let addr = listener.local_addr()?;
     tokio::spawn(ferry_destination::run(service, listener, shutdown.clone()));
-
-    let caller = caller_token(token_addr).await?;
-    let auth = vec![("authorization".to_owned(), format!("Bearer {caller}"))];
-    // The exact answer, token included, becomes nginx's static file.
-    let answer = reqwest_get(dest_addr, &caller).await?;
-    anyhow::ensure!(answer.contains("\"authTokens\"") && !answer.contains("\"error\""), "find failed: {answer}");
-    let nginx = Nginx::start(
-        "listen 127.0.0.1:{PORT};\nkeepalive_requests 1000000;\nlocation = /find.json { root {DIR}; default_type application/json; }",
-        &[("find.json", &answer)],
-    );
-
-    let (mut anchor, mut ours) = (Vec::<HttpResult>::new(), Vec::<HttpResult>::new());
-    for rep in 0..reps {
-        eprintln!("rep {}/{}", rep + 1, reps);
-        anchor.push(http_load(nginx.addr, "/find.json".into(), Vec::new(), conns, secs).await);
-        ours.push(http_load(dest_addr, PATH.into(), auth.clone(), conns, secs).await);
-    }
-    let rps = |v: &[HttpResult]| median(v.iter().map(|r| r.rps).collect());
-    let p99 = |v: &[HttpResult]| median(v.iter().map(|r| r.p99_ms).collect());
-    println!(
-        "| find, OAuth2ClientCredentials, cached token, {conns} conns | nginx, same bytes (anchor) | Ferry (SQLite) | ratio |"
-    );
-    println!("|---|---|---|---|");
-    println!("| requests/s | {:.0} | {:.0} | {:.2} |", rps(&anchor), rps(&ours), rps(&ours) / rps(&anchor));
-    println!(
-        "| p99 latency | {:.2} ms | {:.2} ms | {:.2} |",
-        p99(&anchor),
-        p99(&ours),
-        p99(&ours) / p99(&anchor).max(1e-9)
-    );
-    println!("({secs} s per measurement, median of {reps} reps, load generator and servers on the same cores)");
-    shutdown.cancel();
-    drop(nginx);
-    let _ = std::fs::remove_dir_all(&dir);
-    Ok(())
+    Ok(addr)
 }
 
 fn client(id: &str, secret: &str) -> OAuthClient {
