@@ -13,6 +13,8 @@ use super::{UiRef, esc};
 pub(super) const STEP: Duration = Duration::from_secs(10);
 /// One hour of samples.
 const KEEP: usize = 360;
+/// Narrowest time window a chart shows, in samples.
+const MIN_SLOTS: usize = 30;
 
 /// Cumulative counters as read from the registry.
 #[derive(Clone, Copy, Debug, Default)]
@@ -138,8 +140,11 @@ pub(super) fn svg(id: &str, title: &str, unit: &str, samples: &[Sample], value: 
     let max = values.iter().copied().fold(0.0, f64::max);
     let total: f64 = values.iter().sum();
     let scale = if max > 0.0 { max } else { 1.0 };
-    let n = values.len().max(2) - 1;
-    let x = |i: usize| PAD + (W - PAD - 8.0) * i as f64 / n as f64;
+    // At least five minutes wide, newest on the right, so a fresh start does not stretch two
+    // samples over the whole chart.
+    let slots = values.len().max(MIN_SLOTS);
+    let offset = slots - values.len();
+    let x = |i: usize| PAD + (W - PAD - 8.0) * (i + offset) as f64 / (slots - 1) as f64;
     let y = |v: f64| H - 20.0 - (H - 32.0) * v / scale;
     let mut points = String::new();
     for (i, v) in values.iter().enumerate() {
@@ -162,7 +167,7 @@ pub(super) fn svg(id: &str, title: &str, unit: &str, samples: &[Sample], value: 
         );
     }
     format!(
-        "<figure class=\"chart\"><figcaption>{t} <span class=\"chart-total\">max {max} {u} per {step} s</span></figcaption>\
+        "<figure class=\"chart\"><figcaption>{t} <span class=\"chart-total\">peak {max} {u}</span></figcaption>\
          <svg id=\"{id}\" role=\"img\" aria-label=\"{t}\" viewBox=\"0 0 {W} {H}\" width=\"{W}\" height=\"{H}\" \
          data-total=\"{total}\" data-max=\"{max}\" xmlns=\"http://www.w3.org/2000/svg\">\
          <line x1=\"{PAD}\" y1=\"{H0}\" x2=\"{W1}\" y2=\"{H0}\" stroke=\"#999\"/>\
@@ -177,7 +182,6 @@ pub(super) fn svg(id: &str, title: &str, unit: &str, samples: &[Sample], value: 
         id = esc(id),
         max = fmt(max),
         total = fmt(total),
-        step = STEP.as_secs(),
         H0 = H - 20.0,
         HL = H - 4.0,
         W1 = W - 8.0,

@@ -988,7 +988,7 @@ async fn monitoring(State(ui): S, headers: HeaderMap) -> Response {
         charts::svg("chart-requests", "Requests", "requests", &samples, |s| s.requests as f64),
         charts::svg("chart-bytes", "HTTP body bytes", "bytes", &samples, |s| s.bytes as f64),
         charts::svg("chart-denied", "Denied requests", "denials", &samples, |s| s.denied as f64),
-        charts::svg("chart-latency", "Backend latency (mean)", "ms", &samples, |s| s.latency_ms),
+        charts::svg("chart-latency", "Backend latency (mean per interval)", "ms", &samples, |s| s.latency_ms),
     );
     ui.render(&ctx, "Monitoring", &body)
 }
