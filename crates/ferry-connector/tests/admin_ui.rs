@@ -255,6 +255,16 @@ async fn subaccount_mapping_resource_then_a_request_shows_in_audit_and_monitorin
     good[8] = ("localPort", &port);
     let p = b.submit(&mapping_page, "/ui/access/mapping", &good).await;
     assert_eq!(p.location.as_deref(), Some("/ui/access"), "{}", p.body);
+    // The edit form shows the stored values; the virtual address stays, the rest changes.
+    let edit = b.get(&format!("{mapping_page}&id=erp.virtual:80")).await;
+    assert!(edit.body.contains("value=\"erp.virtual\" readonly") && edit.body.contains(&format!("value=\"{port}\"")));
+    let mut changed = good;
+    changed[2] = ("orig", "erp.virtual:80");
+    changed[9] = ("hostInHeader", "INTERNAL");
+    let p = b.submit(&mapping_page, "/ui/access/mapping", &changed).await;
+    assert_eq!(p.location.as_deref(), Some("/ui/access"), "{}", p.body);
+    let edit = b.get(&format!("{mapping_page}&id=erp.virtual:80")).await;
+    assert!(edit.body.contains("<option value=\"INTERNAL\" selected>"), "{}", edit.body);
     let id = [("r", region.as_str()), ("s", SUBACCOUNT), ("id", "erp.virtual:80")];
     let p = b.submit("/ui/access", "/ui/access/check", &id).await;
     assert_eq!(p.location.as_deref(), Some("/ui/access"));
@@ -314,6 +324,11 @@ async fn subaccount_mapping_resource_then_a_request_shows_in_audit_and_monitorin
     assert!(p.headers["content-disposition"].to_str().unwrap().contains("attachment"));
 
     let sub = [("r", region.as_str()), ("s", SUBACCOUNT)];
+    let mut renamed = sub.to_vec();
+    renamed.extend([("displayName", "Renamed lab"), ("description", "")]);
+    b.submit("/ui/subaccounts", "/ui/subaccounts/edit", &renamed).await;
+    let p = b.get("/ui/subaccounts").await;
+    assert!(p.body.contains("saved.") && p.body.contains("Renamed lab"), "{}", p.body);
     let p = b.submit("/ui/subaccounts", "/ui/subaccounts/delete", &sub).await;
     assert_eq!(p.location.as_deref(), Some("/ui/subaccounts"));
     assert!(b.get("/ui/subaccounts").await.body.contains("No subaccounts yet"));

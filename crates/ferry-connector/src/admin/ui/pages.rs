@@ -30,6 +30,7 @@ pub(super) fn routes() -> Router<Arc<Ui>> {
         .route("/ui/subaccounts/state", post(subaccount_state))
         .route("/ui/subaccounts/audit", post(subaccount_audit))
         .route("/ui/subaccounts/delete", post(delete_subaccount))
+        .route("/ui/subaccounts/edit", post(edit_subaccount))
         .route("/ui/access", get(access))
         .route("/ui/access/mapping", get(mapping_page).post(save_mapping))
         .route("/ui/access/mapping/delete", post(delete_mapping))
@@ -212,6 +213,13 @@ async fn subaccounts_page(
             Some(&format!("Delete subaccount {id} with all its system mappings? This cannot be undone.")),
             "danger",
         );
+        let edit = format!(
+            "<details class=\"edit\"><summary>Edit</summary><form method=\"post\" action=\"/ui/subaccounts/edit\">{}{hidden}{}{}\
+             <button type=\"submit\">Save</button></form></details>",
+            csrf_field(ctx),
+            field("Display name", &text_input("displayName", &s(sub, "displayName"), ""), None),
+            field("Description", &text_input("description", &s(sub, "description"), ""), None),
+        );
         let audit = format!(
             "<form method=\"post\" action=\"/ui/subaccounts/audit\" class=\"inline\">{}{hidden}{}<button type=\"submit\">Set</button></form>",
             csrf_field(ctx),
@@ -219,7 +227,7 @@ async fn subaccounts_page(
         );
         let _ = write!(
             rows,
-            "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{audit}</td><td class=\"actions\">{connect}{delete}</td></tr>",
+            "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{audit}</td><td class=\"actions\">{connect}{delete}{edit}</td></tr>",
             esc(&id),
             esc(&s(sub, "displayName")),
             esc(&s(sub, "locationID")),
@@ -235,7 +243,9 @@ async fn subaccounts_page(
         "<table><thead><tr><th>Subaccount</th><th>Display name</th><th>Location ID</th><th>Region host (tunnel)</th><th>Tunnel</th>\
          <th>Audit level</th><th></th></tr></thead><tbody>{rows}</tbody></table>\
          <h2>Add subaccount</h2><form method=\"post\" action=\"/ui/subaccounts\" class=\"card\" id=\"add-subaccount\">{csrf}\
-         {data}{loc}{name}{desc}<button type=\"submit\">Add and connect</button></form>",
+         {data}<p class=\"hint\">The location ID comes with the authentication data (<code>ferry connector enroll \
+         --location</code>): it is part of the connection certificate.</p>{name}{desc}\
+         <button type=\"submit\">Add and connect</button></form>",
         csrf = csrf_field(ctx),
         data = field(
             "Authentication data (authentication-data.json of `ferry connector enroll`, as JSON or base64)",
@@ -245,11 +255,6 @@ async fn subaccounts_page(
                 esc(v("authenticationData"))
             ),
             errors.get("authenticationData")
-        ),
-        loc = field(
-            "Location ID (optional; overrides the one in the authentication data)",
-            &text_input("locationID", v("locationID"), ""),
-            errors.get("locationID")
         ),
         name = field("Display name", &text_input("displayName", v("displayName"), ""), None),
         desc = field("Description", &text_input("description", v("description"), ""), None),
@@ -276,19 +281,12 @@ async fn add_subaccount(State(ui): S, headers: HeaderMap, axum::Form(form): F) -
     if data.is_empty() {
         errors.insert("authenticationData", "Paste the authentication data.".to_owned());
     }
-    let loc = get_field(&form, "locationID");
-    if loc.chars().any(|c| c.is_control()) {
-        errors.insert("locationID", "The location ID cannot contain control characters.".to_owned());
-    }
     if errors.is_empty() {
-        let mut body = json!({
+        let body = json!({
             "authenticationData": data,
             "displayName": get_field(&form, "displayName"),
             "description": get_field(&form, "description"),
         });
-        if !loc.is_empty() {
-            body["locationID"] = json!(loc);
-        }
         match ui.api(&ctx, Method::POST, &format!("{CONF}/subaccounts"), Some(body)).await {
             Ok(_) => return done(&ui, &ctx, "/ui/subaccounts", Ok("Subaccount added and connecting.".into())),
             Err(m) => {
@@ -316,6 +314,14 @@ async fn subaccount_audit(State(ui): S, headers: HeaderMap, axum::Form(form): F)
     let path = format!("{CONF}/connector/auditLog/subaccounts/{}/{}", enc(r), enc(sub));
     let res = ui.api(&ctx, Method::PUT, &path, Some(json!({"level": level}))).await;
     done(&ui, &ctx, "/ui/subaccounts", res.map(|_| format!("Audit level of {sub} set to {level}.")))
+}
+
+async fn edit_subaccount(State(ui): S, headers: HeaderMap, axum::Form(form): F) -> Response {
+    let ctx = session!(ui.post_ctx(&headers, &form, false));
+    let (r, sub) = (get_field(&form, "r"), get_field(&form, "s"));
+    let body = json!({"displayName": get_field(&form, "displayName"), "description": get_field(&form, "description")});
+    let res = ui.api(&ctx, Method::PUT, &sub_path(r, sub), Some(body)).await;
+    done(&ui, &ctx, "/ui/subaccounts", res.map(|_| format!("Subaccount {sub} saved.")))
 }
 
 async fn delete_subaccount(State(ui): S, headers: HeaderMap, axum::Form(form): F) -> Response {
