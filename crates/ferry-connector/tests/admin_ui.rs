@@ -131,6 +131,9 @@ async fn logon_forced_password_change_logout_and_timeout() {
     assert_eq!(p.status, StatusCode::OK);
     assert_eq!(p.headers["content-security-policy"], "default-src 'self'; frame-ancestors 'none'");
     assert!(p.body.contains("name=\"password\""));
+    let missing = b.get("/ui/no-such-page").await;
+    assert_eq!(missing.status, StatusCode::NOT_FOUND);
+    assert!(missing.headers.get("www-authenticate").is_none() && missing.body.contains("no such page"));
     let css = b.get("/ui/static/style.css").await;
     assert_eq!(css.status, StatusCode::OK);
 

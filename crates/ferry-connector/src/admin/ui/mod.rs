@@ -63,7 +63,14 @@ pub(super) fn router(admin: Arc<Admin>) -> Router {
         .route("/ui/logout", post(logout))
         .route("/ui/password", get(password_page).post(change_password))
         .merge(pages::routes())
+        // Unknown UI paths get a page, not the API's Basic challenge (a browser would prompt).
+        .route("/ui/{*rest}", get(not_found))
         .with_state(ui)
+}
+
+async fn not_found() -> Response {
+    let body = "<p>There is no such page. <a href=\"/ui/overview\">Go to the overview</a>.</p>";
+    page(StatusCode::NOT_FOUND, "Not found", None, None, body)
 }
 
 fn asset(content_type: &'static str, body: &'static str) -> Response {
