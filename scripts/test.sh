@@ -27,6 +27,11 @@ command -v curl >/dev/null || need_apt+=(curl)
 [ -x /usr/lib/dovecot/pop3 ] || need_apt+=(dovecot-pop3d)
 [ -x /usr/lib/dovecot/lmtp ] || need_apt+=(dovecot-lmtpd)
 /usr/bin/python3 -c 'import aiosmtpd' 2>/dev/null || need_apt+=(python3-aiosmtpd)
+# The Destination Service's tests run on SQLite and on a throw-away PostgreSQL they start
+# (initdb in a temp folder; as the `postgres` user the package creates when run as root).
+{ command -v initdb >/dev/null || compgen -G '/usr/lib/postgresql/*/bin/initdb' >/dev/null; } || need_apt+=(postgresql)
+# The independent verifier (and signer) of SAML assertions in ferry-auth's tests.
+command -v xmlsec1 >/dev/null || need_apt+=(xmlsec1)
 if [ ${#need_apt[@]} -gt 0 ]; then
   export DEBIAN_FRONTEND=noninteractive
   if [ "$(id -u)" = 0 ]; then apt-get update -qq && apt-get install -y -qq "${need_apt[@]}"; else sudo -E apt-get update -qq && sudo -E apt-get install -y -qq "${need_apt[@]}"; fi

@@ -342,7 +342,15 @@ pub enum TrustedIssuer {
 /// The current tenants' keys, shared between the token service (which updates it) and the
 /// verifiers of the services in the same process (which read it per token).
 #[derive(Clone, Default)]
-pub struct TenantKeys(Arc<std::sync::RwLock<Vec<ZoneKeys>>>);
+pub struct TenantKeys(Arc<TenantKeysInner>);
+
+#[derive(Default)]
+struct TenantKeysInner {
+    list: std::sync::RwLock<Vec<ZoneKeys>>,
+    /// Bumped on every change, so caches of verified tokens can tell that trust has changed
+    /// (a removed tenant's tokens must stop working at once, not when a cache entry ages out).
+    generation: std::sync::atomic::AtomicU64,
+}
 
 /// A zone id and its keys.
 type ZoneKeys = (String, Arc<KeySet>);
@@ -350,23 +358,29 @@ type ZoneKeys = (String, Arc<KeySet>);
 impl TenantKeys {
     /// Adds or replaces a tenant's keys.
     pub fn insert(&self, zid: &str, keys: Arc<KeySet>) {
-        let mut list = self.0.write().unwrap_or_else(|p| p.into_inner());
+        let mut list = self.0.list.write().unwrap_or_else(|p| p.into_inner());
         list.retain(|(z, _)| z != zid);
         list.push((zid.to_owned(), keys));
+        self.0.generation.fetch_add(1, std::sync::atomic::Ordering::Release);
     }
 
     pub fn remove(&self, zid: &str) {
-        self.0.write().unwrap_or_else(|p| p.into_inner()).retain(|(z, _)| z != zid);
+        self.0.list.write().unwrap_or_else(|p| p.into_inner()).retain(|(z, _)| z != zid);
+        self.0.generation.fetch_add(1, std::sync::atomic::Ordering::Release);
+    }
+
+    fn generation(&self) -> u64 {
+        self.0.generation.load(std::sync::atomic::Ordering::Acquire)
     }
 
     /// The zone whose keys hold `kid`, and that key.
     fn find(&self, kid: &str) -> Option<(String, VerifyKey)> {
-        let list = self.0.read().unwrap_or_else(|p| p.into_inner());
+        let list = self.0.list.read().unwrap_or_else(|p| p.into_inner());
         list.iter().find_map(|(z, k)| k.verify_key(kid).map(|key| (z.clone(), key)))
     }
 
     pub fn zones(&self) -> Vec<String> {
-        self.0.read().unwrap_or_else(|p| p.into_inner()).iter().map(|(z, _)| z.clone()).collect()
+        self.0.list.read().unwrap_or_else(|p| p.into_inner()).iter().map(|(z, _)| z.clone()).collect()
     }
 }
 
@@ -662,6 +676,18 @@ impl Verifier {
     pub fn with_audiences(mut self, audiences: Vec<String>) -> Self {
         self.audiences = audiences;
         self
+    }
+
+    /// Changes whenever the set of trusted tenants changes; a verification result remembered
+    /// under an older value must be checked again.
+    pub fn trust_generation(&self) -> u64 {
+        self.issuers
+            .iter()
+            .map(|i| match i {
+                TrustedIssuer::Tenants(t) => t.generation(),
+                _ => 0,
+            })
+            .fold(0, u64::wrapping_add)
     }
 
     /// Verifies a compact JWT and returns its claims.

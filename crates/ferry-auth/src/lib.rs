@@ -7,6 +7,7 @@
 
 pub mod jwt;
 pub mod oidc;
+pub mod saml;
 pub mod token_cache;
 pub mod token_service;
 

@@ -3,7 +3,9 @@
 //! RSA signature each time would be the single largest cost of a small request.
 //!
 //! Entries live at most [`TTL`] (so a key retired at the issuer stops being accepted soon after)
-//! and never past the token's own `exp`; only successes are cached, so a bad token is checked
+//! and never past the token's own `exp`, and end when the verifier's set of trusted tenants
+//! changes (a deleted subaccount's tokens stop working at once); only successes are cached, so a
+//! bad token is checked
 //! every time and cannot evict good ones by failing.
 
 use std::collections::HashMap;
@@ -15,8 +17,8 @@ use crate::{Claims, Verifier, VerifyError};
 const TTL: Duration = Duration::from_secs(60);
 const MAX_ENTRIES: usize = 4096;
 
-/// Verified claims and when they were verified, by token.
-type Entries = HashMap<Box<str>, (Arc<Claims>, Instant)>;
+/// Verified claims, when they were verified and under which trust generation, by token.
+type Entries = HashMap<Box<str>, (Arc<Claims>, Instant, u64)>;
 
 pub struct TokenCache {
     verifier: Arc<Verifier>,
@@ -41,20 +43,23 @@ impl TokenCache {
     pub async fn verify(&self, token: &str) -> Result<Arc<Claims>, VerifyError> {
         {
             let entries = self.entries.lock().unwrap_or_else(|p| p.into_inner());
-            if let Some((claims, at)) = entries.get(token)
+            if let Some((claims, at, generation)) = entries.get(token)
                 && at.elapsed() < TTL
                 && claims.exp >= now_secs()
+                && *generation == self.verifier.trust_generation()
             {
                 return Ok(claims.clone());
             }
         }
+        // Read before verifying: a change during verification makes the entry stale, not wrong.
+        let generation = self.verifier.trust_generation();
         let claims = Arc::new(self.verifier.verify(token).await?);
         let mut entries = self.entries.lock().unwrap_or_else(|p| p.into_inner());
         if entries.len() >= MAX_ENTRIES {
             // Cheaper than an LRU and good enough: the working set refills on its next requests.
             entries.clear();
         }
-        entries.insert(token.into(), (claims.clone(), Instant::now()));
+        entries.insert(token.into(), (claims.clone(), Instant::now(), generation));
         Ok(claims)
     }
 }
@@ -67,6 +72,20 @@ mod tests {
 
     fn token(keys: &KeySet, exp: u64) -> String {
         keys.sign(&json!({"zid": "z", "client_id": "c", "exp": exp}), &[]).unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_removed_tenant_is_refused_at_once() {
+        let keys = Arc::new(KeySet::generate().unwrap());
+        let tenants = crate::TenantKeys::default();
+        tenants.insert("z", keys.clone());
+        let verifier = Verifier::new(vec![crate::TrustedIssuer::Tenants(tenants.clone())], reqwest::Client::new());
+        let cache = TokenCache::new(Arc::new(verifier));
+        let good = token(&keys, now_secs() + 600);
+        cache.verify(&good).await.unwrap();
+        cache.verify(&good).await.unwrap();
+        tenants.remove("z");
+        assert!(cache.verify(&good).await.is_err(), "cached verification outlived the tenant");
     }
 
     #[tokio::test]

@@ -61,6 +61,7 @@ pub(crate) fn router(service: Arc<DestinationService>) -> Router {
         .route(&format!("{V1}/destinations/{{name}}"), get(find))
         .route("/destination-configuration/v2/destinations/{name}", get(consume))
         .route("/destination-configuration/openapi.yaml", get(openapi))
+        .route(&format!("{V1}/saml2Metadata/certificate"), crate::saml::certificate_routes())
         .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "No such endpoint in the Destination Service API") })
         .method_not_allowed_fallback(|| async {
             ApiError::new(StatusCode::METHOD_NOT_ALLOWED, "This endpoint does not support the request method")
@@ -150,7 +151,7 @@ pub(crate) enum Collection {
 fn collection(kind: Collection) -> MethodRouter<Arc<DestinationService>> {
     get(move |s: Svc, c: Caller, q: RawQuery| list(s, c, kind, q))
         .post(move |s: Svc, c: Caller, b: Body| create(s, c, kind, b))
-        .put(move |s: Svc, c: Caller, b: Body| update(s, c, kind, b))
+        .put(move |s: Svc, c: Caller, h: HeaderMap, b: Body| update(s, c, kind, h, b))
         .delete(move |s: Svc, c: Caller, q: RawQuery| delete_many(s, c, kind, Kind::Destination, q))
 }
 
@@ -213,6 +214,7 @@ impl From<Error> for ApiError {
                 StatusCode::INTERNAL_SERVER_ERROR,
                 format!("{e}. Ask the operator of this Destination Service."),
             ),
+            Error::Contended { .. } => Self::new(StatusCode::CONFLICT, e.to_string()),
             Error::Store(_) | Error::WrongMasterKey | Error::Encrypt => {
                 tracing::error!(error = %e, "destination service request failed");
                 Self::new(StatusCode::INTERNAL_SERVER_ERROR, "The destination store failed; try again later")
@@ -237,6 +239,8 @@ pub(crate) struct Caller {
 #[derive(Clone)]
 pub(crate) struct UserToken {
     jwt: String,
+    /// The verified claims, which SAML flows put into the assertion.
+    claims: Arc<serde_json::Value>,
     /// `<zid>/<user id>`: the token cache never hands one user's token to another.
     key: String,
     /// For `tokenServiceURLType: Common` in user flows.
@@ -252,7 +256,18 @@ impl UserToken {
         let sub = claims.raw.get("sub").and_then(serde_json::Value::as_str).map(str::to_owned);
         let id =
             [claims.user_id.clone(), sub, claims.user_name.clone()].into_iter().flatten().find(|s| !s.is_empty())?;
-        Some(Self { jwt: jwt.to_owned(), key: format!("{}/{id}", claims.zid), subdomain: claims_subdomain(claims) })
+        Some(Self {
+            jwt: jwt.to_owned(),
+            claims: Arc::new(claims.raw.clone()),
+            key: format!("{}/{id}", claims.zid),
+            subdomain: claims_subdomain(claims),
+        })
+    }
+}
+
+impl UserToken {
+    pub(crate) fn saml(&self) -> crate::saml::SamlUser<'_> {
+        crate::saml::SamlUser { claims: &self.claims, key: &self.key, subdomain: self.subdomain.as_deref() }
     }
 }
 
@@ -261,6 +276,10 @@ fn claims_subdomain(claims: &ferry_auth::Claims) -> Option<String> {
 }
 
 impl Caller {
+    pub(crate) fn subaccount(&self) -> &str {
+        &self.subaccount
+    }
+
     pub(crate) fn scope(&self, kind: Collection) -> Result<Scope, ApiError> {
         let level = match kind {
             Collection::Subaccount => Level::Subaccount,
@@ -551,8 +570,35 @@ async fn create(State(s): Svc, caller: Caller, kind: Collection, body: Body) -> 
     }
 }
 
-async fn update(State(s): Svc, caller: Caller, kind: Collection, body: Body) -> Result<Response, ApiError> {
+async fn update(
+    State(s): Svc,
+    caller: Caller,
+    kind: Collection,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, ApiError> {
     let scope = caller.scope(kind)?;
+    // If-Match makes the update conditional on the ETag a GET returned, so two clients that
+    // each change one property of what they read cannot silently undo each other's change.
+    if let Some(if_match) = headers.get(IF_MATCH) {
+        let if_match = if_match.to_str().map_err(|_| ApiError::bad_request("If-Match is not valid text"))?;
+        let Payload::One(raw) = parse_body(body)? else {
+            return Err(ApiError::bad_request("If-Match applies to one destination; send it without an array"));
+        };
+        let dest = validate(raw)?;
+        let key = scope.row(dest.name());
+        return match s.replace_if_match(&key, &dest, if_match).await? {
+            crate::Conditional::Done => {
+                tracing::info!(subaccount = %scope.subaccount, level = ?scope.level, name = %key.name, "destination updated");
+                Ok(Json(json!({ "Count": 1 })).into_response())
+            }
+            crate::Conditional::Missing => Err(ApiError::not_found()),
+            crate::Conditional::Changed => Err(ApiError::new(
+                StatusCode::PRECONDITION_FAILED,
+                "If-Match does not match the current ETag: the destination has changed; read it again",
+            )),
+        };
+    }
     let update_one = |dest: Destination| {
         let (s, scope) = (&s, &scope);
         async move {
@@ -1197,9 +1243,55 @@ async fn auth_tokens(
             };
             flow(Grant::TokenExchange { subject, actor }).run().await?
         }
-        Some(other) => AuthToken::failed(format!(
-            "Authentication '{other}' is not supported by this Destination Service yet; no token was retrieved"
-        )),
+        Some(SAMLAssertion) => match user_token(s, caller, headers).await? {
+            Ok(user) => match s.saml_assertion(key, dest, &user.saml(), None, true).await {
+                Ok(a) => AuthToken {
+                    expires_in: Some(a.expires_in.to_string()),
+                    ..AuthToken::authorization("SAML2.0", a.encoded)
+                },
+                Err(reason) => AuthToken::failed(reason),
+            },
+            Err(reason) => AuthToken::failed(reason),
+        },
+        Some(OAuth2SAMLBearerAssertion) => {
+            if dest.get("SAMLAssertionProvider").is_some_and(|p| p.eq_ignore_ascii_case("ClientProvided")) {
+                match header(headers, "x-samlassertion")? {
+                    Some(assertion) => flow(Grant::SamlBearer { assertion, for_user: false }).run().await?,
+                    None => AuthToken::failed(
+                        "this destination's SAMLAssertionProvider is ClientProvided: send the assertion in the \
+                         X-samlAssertion header",
+                    ),
+                }
+            } else {
+                match user_token(s, caller, headers).await? {
+                    Ok(user) => {
+                        // The token cache keys on the user, not the assertion, so a cached
+                        // token is found before an assertion is signed.
+                        let probe = Grant::SamlBearer { assertion: "", for_user: true };
+                        if let Some(token) = (TokenFlow { user: Some(&user), ..flow(probe) }).cached()? {
+                            token
+                        } else {
+                            let saml_user = user.saml();
+                            let recipient = crate::saml::token_service_recipient(dest, &saml_user);
+                            // A fresh assertion for every token request: a token service may
+                            // refuse a replayed one.
+                            match s.saml_assertion(key, dest, &saml_user, recipient, false).await {
+                                Ok(a) => {
+                                    let grant = Grant::SamlBearer { assertion: &a.encoded, for_user: true };
+                                    TokenFlow { user: Some(&user), ..flow(grant) }.run().await?
+                                }
+                                Err(reason) => AuthToken::failed(reason),
+                            }
+                        }
+                    }
+                    Err(reason) => AuthToken::failed(reason),
+                }
+            }
+        }
+        Some(SAPAssertionSSO) => AuthToken::failed(
+            "Authentication 'SAPAssertionSSO' is deprecated by SAP and not supported by this Destination Service; use \
+             SAMLAssertion or PrincipalPropagation instead",
+        ),
     };
     if let Some(reason) = &token.error {
         tracing::warn!(subaccount = %key.scope.subaccount, name = %key.name, %reason, "no auth token for destination");
@@ -1276,6 +1368,28 @@ struct TokenFlow<'a> {
 
 impl TokenFlow<'_> {
     async fn run(self) -> Result<AuthToken, ApiError> {
+        let (owner, request) = match self.prepare()? {
+            Ok(prepared) => prepared,
+            Err(failed) => return Ok(failed),
+        };
+        Ok(match self.s.tokens.token(owner, request).await {
+            Ok(token) => AuthToken::bearer(token),
+            Err(e) => AuthToken::failed(e.to_string()),
+        })
+    }
+
+    /// The flow's token if the cache has a fresh one; the token service is not called.
+    fn cached(self) -> Result<Option<AuthToken>, ApiError> {
+        Ok(self
+            .prepare()?
+            .ok()
+            .and_then(|(owner, request)| self.s.tokens.cached(owner, &request))
+            .map(AuthToken::bearer))
+    }
+
+    /// The cache owner and request, or (inner `Err`) the failed token when the destination
+    /// cannot make a request.
+    fn prepare(self) -> Result<Result<(CacheOwner, TokenRequest), AuthToken>, ApiError> {
         let Self { s, caller, key, dest, grant, tenant: tenant_header, user, assertion } = self;
         let common = tokens::is_common(dest) && grant.uses_tenant();
         if tenant_header.is_some() && !common {
@@ -1296,7 +1410,7 @@ impl TokenFlow<'_> {
                 Some((a, kind)) => request.with_client_assertion(a, kind),
                 None => request,
             },
-            Err(e) => return Ok(AuthToken::failed(e.to_string())),
+            Err(e) => return Ok(Err(AuthToken::failed(e.to_string()))),
         };
         let owner = CacheOwner {
             subaccount: key.scope.subaccount.clone(),
@@ -1305,9 +1419,6 @@ impl TokenFlow<'_> {
             tenant,
             user: user.map(|u| u.key.clone()),
         };
-        Ok(match s.tokens.token(owner, request).await {
-            Ok(token) => AuthToken::bearer(token),
-            Err(e) => AuthToken::failed(e.to_string()),
-        })
+        Ok(Ok((owner, request)))
     }
 }

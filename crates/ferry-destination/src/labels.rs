@@ -86,44 +86,29 @@ async fn write(
 ) -> Result<Response, ApiError> {
     let labels_key = rows(&s, &caller, collection, kind, name).await?;
     let bytes = body.map_err(|r| ApiError::new(r.status(), r.body_text()))?;
-    let labels = if patch {
+    if patch {
         let p: Patch = serde_json::from_slice(&bytes).map_err(|e| {
             ApiError::bad_request(format!(
                 "Request body must be {{\"action\": \"ADD\"|\"DELETE\", \"labels\": [{{\"key\", \"values\"}}]}}: {e}"
             ))
         })?;
-        let mut current: Vec<Label> = s.load(&labels_key).await?.map(|st| st.destination).unwrap_or_default();
-        match p.action.as_str() {
-            "ADD" => {
-                for label in p.labels {
-                    match current.iter_mut().find(|l| l.key == label.key) {
-                        Some(l) => l
-                            .values
-                            .extend(label.values.into_iter().filter(|v| !l.values.contains(v)).collect::<Vec<_>>()),
-                        None => current.push(label),
-                    }
-                }
-            }
-            "DELETE" => {
-                for label in p.labels {
-                    if label.values.is_empty() {
-                        current.retain(|l| l.key != label.key);
-                    } else if let Some(l) = current.iter_mut().find(|l| l.key == label.key) {
-                        l.values.retain(|v| !label.values.contains(v));
-                    }
-                }
-                current.retain(|l| !l.values.is_empty());
-            }
-            other => {
-                return Err(ApiError::bad_request(format!("action '{other}' is not known; use ADD or DELETE")));
-            }
+        if p.action != "ADD" && p.action != "DELETE" {
+            return Err(ApiError::bad_request(format!("action '{}' is not known; use ADD or DELETE", p.action)));
         }
-        current
-    } else {
-        serde_json::from_slice(&bytes).map_err(|e| {
-            ApiError::bad_request(format!("Request body must be an array of {{\"key\", \"values\": [...]}}: {e}"))
-        })?
-    };
+        // A compare-and-swap loop: concurrent PATCHes of one object's labels all take effect.
+        // The result may be an empty list, which reads the same as no row.
+        return s
+            .modify(&labels_key, |current: Option<Vec<Label>>| {
+                let labels = apply(current.unwrap_or_default(), &p);
+                validate(&labels)?;
+                Ok::<_, ApiError>(labels)
+            })
+            .await
+            .map(|labels| Json(labels).into_response());
+    }
+    let labels: Vec<Label> = serde_json::from_slice(&bytes).map_err(|e| {
+        ApiError::bad_request(format!("Request body must be an array of {{\"key\", \"values\": [...]}}: {e}"))
+    })?;
     validate(&labels)?;
     if labels.is_empty() {
         s.remove(&labels_key).await?;
@@ -131,6 +116,31 @@ async fn write(
         s.put(&labels_key, &labels).await?;
     }
     Ok(Json(labels).into_response())
+}
+
+/// `current` with an ADD or DELETE patch applied.
+fn apply(mut current: Vec<Label>, p: &Patch) -> Vec<Label> {
+    if p.action == "ADD" {
+        for label in &p.labels {
+            match current.iter_mut().find(|l| l.key == label.key) {
+                Some(l) => {
+                    let new: Vec<String> = label.values.iter().filter(|v| !l.values.contains(v)).cloned().collect();
+                    l.values.extend(new);
+                }
+                None => current.push(label.clone()),
+            }
+        }
+    } else {
+        for label in &p.labels {
+            if label.values.is_empty() {
+                current.retain(|l| l.key != label.key);
+            } else if let Some(l) = current.iter_mut().find(|l| l.key == label.key) {
+                l.values.retain(|v| !label.values.contains(v));
+            }
+        }
+        current.retain(|l| !l.values.is_empty());
+    }
+    current
 }
 
 fn validate(labels: &[Label]) -> Result<(), ApiError> {

@@ -25,25 +25,39 @@
 //! `ferry_model`'s rules (`Destination::check`: required keys per `Type` and `Authentication`,
 //! enumerations, booleans, numbers, URL forms, length limits); a refusal is a 400 (or a 207 item)
 //! whose `ErrorMessage` names the property and the rule. Stored rows are not re-checked on read.
+//! SAML flows (`saml`): SAMLAssertion returns a signed SAML 2.0 assertion for the user
+//! (`SAML2.0` token, cached per user) and OAuth2SAMLBearerAssertion exchanges one with RFC 7522;
+//! both sign with the subaccount's key (`v1/saml2Metadata/certificate`) or a PEM
+//! `KeyStoreLocation`. SAPAssertionSSO, deprecated by SAP, answers a failed token.
 //!
 //! Deviations from SAP's service, on purpose or not yet built: lists never contain secrets (and
 //! certificate lists no `Content`); a missing `X-refresh-token` or `X-code` is a 400 rather than a
 //! failed token, and so are missing `X-subject-token` headers; a user JWT that this service cannot verify (non-XSUAA issuers with
 //! `x_user_token.jwks`) fails the token; `modifiedwithin`, `$includeMetadata` on lists, label filters,
-//! certificate generation and `publicKeys`, the `provider_*` consume levels, SAML flows, client
-//! assertions fetched through another destination (`X-client-assertion-destination-name`), mTLS
+//! certificate generation and `publicKeys`, the `provider_*` consume levels, P12/JKS keystores for
+//! SAML signing, `saml2Metadata` IdP metadata and passive certificates, client assertions fetched
+//! through another destination (`X-client-assertion-destination-name`), mTLS
 //! to token services and chaining are not supported yet.
 //!
 //! Layers, top to bottom: `api` (HTTP shapes and status codes), [`DestinationService`]
 //! (sealing, lookups, token retrieval), `tokens` (remote OAuth calls and their cache) and
-//! `store` (sealed rows in SQLite).
+//! `store` (sealed rows in SQLite, or in PostgreSQL for replicas: `postgres`), sealed under the
+//! keys of `keys` (current and previous, for rotation).
+//!
+//! Replicas: the service keeps no rows or ETags in memory, so several processes can share one
+//! PostgreSQL database and each sees the others' writes at once; conditional writes (`PUT`
+//! with `If-Match`, which SAP's API does not have, answering 412 when stale; label PATCH) are
+//! compare-and-swaps in the database.
 
 // Tests state their expectations with unwrap; a panic there is the failure report.
 #![cfg_attr(test, allow(clippy::unwrap_used))]
 
 mod api;
+mod keys;
 mod labels;
+mod postgres;
 mod query;
+mod saml;
 mod store;
 mod tokens;
 
@@ -60,10 +74,12 @@ use ferry_core::{Secret, Shutdown};
 use ferry_model::Destination;
 use sha2::{Digest, Sha256};
 
+use crate::keys::Keyring;
+pub use crate::keys::{KeyError, KeySource};
+use crate::postgres::PgStore;
 pub use crate::store::StoreError;
 use crate::store::{Kind, Level, RowKey, Scope, SqliteStore, Store};
 use crate::tokens::{Clock, SystemClock, TokenFetcher};
-use ferry_core::aead::Sealer;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
@@ -76,13 +92,17 @@ pub enum DatabaseConfig {
     Sqlite { path: PathBuf },
     /// Nothing survives a restart; for tests and throw-away `ferry up` runs.
     SqliteMemory,
+    /// A PostgreSQL database (`postgres://user[:password]@host[:port]/db`), which several
+    /// service replicas may share.
+    Postgres { url: Secret<String> },
 }
 
 #[derive(Clone, Debug)]
 pub struct Config {
     pub database: DatabaseConfig,
     /// Seals every stored destination. Losing it loses every stored secret; changing it makes
-    /// an existing database refuse to open.
+    /// an existing database refuse to open unless the old key is passed as a previous key
+    /// ([`DestinationService::open_rotating`]).
     pub master_key: Secret<[u8; 32]>,
     /// Default time limit for a call to a destination's token service.
     pub token_fetch_timeout: Duration,
@@ -94,7 +114,8 @@ pub enum Error {
     Store(#[from] StoreError),
     #[error(
         "the master key does not match the key this destination database was written with; start with the \
-         original key (without it the stored destinations cannot be read)"
+         original key, or with it among the previous keys when rotating (without it the stored destinations \
+         cannot be read)"
     )]
     WrongMasterKey,
     #[error("stored destination '{name}' cannot be decrypted; the master key may have changed or the row was altered")]
@@ -103,6 +124,9 @@ pub enum Error {
     Corrupt { name: String, reason: String },
     #[error("encrypting a destination failed")]
     Encrypt,
+    /// A read-modify-write lost the race against other writers too often.
+    #[error("'{name}' is being changed by too many requests at once; try again")]
+    Contended { name: String },
 }
 
 /// Marker sealed under the master key at creation, so a wrong key is reported when the
@@ -113,10 +137,11 @@ const KEY_CHECK_PLAINTEXT: &[u8] = b"ferry destination master key check";
 
 pub struct DestinationService {
     store: Box<dyn Store>,
-    sealer: Sealer,
+    keys: Keyring,
     /// Callers send the same token with every request: verified signatures are remembered.
     verifier: ferry_auth::TokenCache,
     tokens: TokenFetcher,
+    saml: saml::SamlState,
 }
 
 impl std::fmt::Debug for DestinationService {
@@ -132,39 +157,106 @@ pub(crate) struct Stored<T = Destination> {
     pub etag: String,
 }
 
+/// What a conditional write did.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum Conditional {
+    Done,
+    Missing,
+    /// The stored object no longer has the ETag the caller named.
+    Changed,
+}
+
+/// Retries of a read-modify-write that lost a race; each round at least one writer wins.
+const MAX_ATTEMPTS: usize = 64;
+
+/// How many rows [`DestinationService::reseal`] sealed again, and how many it could not.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Resealed {
+    pub resealed: usize,
+    /// Rows that do not open under any configured key, or changed while being re-sealed; while
+    /// this is not 0 the previous keys must stay.
+    pub left: usize,
+}
+
 impl DestinationService {
     /// Opens the database (migrating it), checks the master key against it and returns the
     /// service. `http` is used for calls to destinations' token services.
     pub async fn open(config: Config, verifier: Arc<Verifier>, http: reqwest::Client) -> Result<Arc<Self>, Error> {
-        Self::open_with_clock(config, verifier, http, Arc::new(SystemClock)).await
+        Self::open_rotating(config, Vec::new(), verifier, http).await
+    }
+
+    /// `open` during a key rotation: `previous_keys` open rows but never seal, and every row
+    /// under one of them is sealed again under `config.master_key` at start-up.
+    pub async fn open_rotating(
+        config: Config,
+        previous_keys: Vec<Secret<[u8; 32]>>,
+        verifier: Arc<Verifier>,
+        http: reqwest::Client,
+    ) -> Result<Arc<Self>, Error> {
+        Self::open_with_clock(config, &previous_keys, verifier, http, Arc::new(SystemClock)).await
     }
 
     /// `open` with the token cache's time source replaced, so tests can expire tokens.
     pub(crate) async fn open_with_clock(
         config: Config,
+        previous_keys: &[Secret<[u8; 32]>],
         verifier: Arc<Verifier>,
         http: reqwest::Client,
         clock: Arc<dyn Clock>,
     ) -> Result<Arc<Self>, Error> {
-        let path = match config.database {
-            DatabaseConfig::Sqlite { path } => Some(path),
-            DatabaseConfig::SqliteMemory => None,
+        let store: Box<dyn Store> = match &config.database {
+            DatabaseConfig::Sqlite { path } => Box::new(SqliteStore::open(Some(path.clone())).await?),
+            DatabaseConfig::SqliteMemory => Box::new(SqliteStore::open(None).await?),
+            DatabaseConfig::Postgres { url } => Box::new(PgStore::open(url.expose()).await?),
         };
-        let store = SqliteStore::open(path).await?;
-        let sealer = Sealer::new(&config.master_key).map_err(|_| Error::Encrypt)?;
-        match store.meta(KEY_CHECK_META).await? {
-            Some(sealed) => {
-                if sealer.open(KEY_CHECK_AAD, &sealed).ok().as_deref() != Some(KEY_CHECK_PLAINTEXT) {
-                    return Err(Error::WrongMasterKey);
+        let keys = Keyring::new(&config.master_key, previous_keys).map_err(|_| Error::Encrypt)?;
+        let rotated = check_key(store.as_ref(), &keys).await?;
+        let tokens = TokenFetcher::new(http, config.token_fetch_timeout, clock);
+        let service = Arc::new(Self {
+            store,
+            keys,
+            verifier: ferry_auth::TokenCache::new(verifier),
+            tokens,
+            saml: saml::SamlState::default(),
+        });
+        if rotated || service.keys.has_previous() {
+            let r = service.reseal().await?;
+            tracing::info!(
+                resealed = r.resealed,
+                left = r.left,
+                "destination rows sealed again under the current key; previous keys may go once none are left"
+            );
+        }
+        Ok(service)
+    }
+
+    /// Seals every row that is not under the current key again under it: after a key rotation
+    /// (and once for databases from before key ids). Safe while other replicas write: each row
+    /// is replaced only if it is still what was read.
+    pub async fn reseal(&self) -> Result<Resealed, Error> {
+        let mut out = Resealed::default();
+        for kind in Kind::ALL {
+            for (key, sealed) in self.store.scan(kind).await? {
+                let aad = key.associated_data();
+                let plain = match self.keys.open(&aad, &sealed) {
+                    Ok((_, false)) => continue,
+                    Ok((plain, true)) => plain,
+                    Err(e) => {
+                        tracing::warn!(subaccount = %key.scope.subaccount, level = ?key.scope.level, kind = ?kind,
+                            name = %key.name, error = %e, "row does not open under any configured key; left as it is");
+                        out.left += 1;
+                        continue;
+                    }
+                };
+                let again = self.keys.seal(&aad, &plain).map_err(|_| Error::Encrypt)?;
+                if self.store.update_if(key, sealed, again).await? {
+                    out.resealed += 1;
+                } else {
+                    out.left += 1;
                 }
             }
-            None => {
-                let sealed = sealer.seal(KEY_CHECK_AAD, KEY_CHECK_PLAINTEXT).map_err(|_| Error::Encrypt)?;
-                store.set_meta(KEY_CHECK_META, sealed).await?;
-            }
         }
-        let tokens = TokenFetcher::new(http, config.token_fetch_timeout, clock);
-        Ok(Arc::new(Self { store: Box::new(store), sealer, verifier: ferry_auth::TokenCache::new(verifier), tokens }))
+        Ok(out)
     }
 
     pub fn router(self: &Arc<Self>) -> axum::Router {
@@ -186,13 +278,20 @@ impl DestinationService {
         Ok(())
     }
 
+    /// The subaccount's SAML signing certificate (PEM), generated now if there is none: what a
+    /// token service must trust for this subaccount's OAuth2SAMLBearerAssertion destinations.
+    pub async fn saml_certificate_pem(&self, subaccount: &str) -> Result<String, Error> {
+        let signer = self.subaccount_signer(subaccount, true).await?.ok_or(Error::Encrypt)?;
+        Ok(signer.certificate_pem())
+    }
+
     fn seal<T: Serialize>(&self, key: &RowKey, destination: &T) -> Result<Vec<u8>, Error> {
         let plain = serde_json::to_vec(destination).map_err(|_| Error::Encrypt)?;
-        self.sealer.seal(&key.associated_data(), &plain).map_err(|_| Error::Encrypt)
+        self.keys.seal(&key.associated_data(), &plain).map_err(|_| Error::Encrypt)
     }
 
     fn unseal<T: DeserializeOwned>(&self, key: &RowKey, sealed: &[u8]) -> Result<Stored<T>, Error> {
-        let plain = self.sealer.open(&key.associated_data(), sealed).map_err(|e| {
+        let (plain, _) = self.keys.open(&key.associated_data(), sealed).map_err(|e| {
             // Names and ids only: the content is exactly what must not reach a log.
             tracing::error!(subaccount = %key.scope.subaccount, level = ?key.scope.level, name = %key.name, error = %e,
                 "stored destination cannot be decrypted");
@@ -229,6 +328,57 @@ impl DestinationService {
         Ok(self.store.update(key.clone(), sealed).await?)
     }
 
+    /// Replaces an object only if its stored form still has the ETag `if_match` names (a
+    /// list, or `*` for any); the check and the write are one compare-and-swap in the store.
+    pub(crate) async fn replace_if_match<T: Serialize + DeserializeOwned>(
+        &self,
+        key: &RowKey,
+        value: &T,
+        if_match: &str,
+    ) -> Result<Conditional, Error> {
+        let Some(current) = self.store.get(key.clone()).await? else { return Ok(Conditional::Missing) };
+        let stored = self.unseal::<T>(key, &current)?;
+        if !etag_listed(if_match, &stored.etag) {
+            return Ok(Conditional::Changed);
+        }
+        let sealed = self.seal(key, value)?;
+        Ok(if self.store.update_if(key.clone(), current, sealed).await? {
+            Conditional::Done
+        } else {
+            Conditional::Changed
+        })
+    }
+
+    /// Read-modify-write of one row that loses no concurrent write: `change` gets the current
+    /// value (`None` without a row) and returns the new one; when another write got in
+    /// between, it runs again on the newer value.
+    pub(crate) async fn modify<T, E>(
+        &self,
+        key: &RowKey,
+        mut change: impl FnMut(Option<T>) -> Result<T, E>,
+    ) -> Result<T, E>
+    where
+        T: Serialize + DeserializeOwned,
+        E: From<Error>,
+    {
+        for _ in 0..MAX_ATTEMPTS {
+            let current = self.store.get(key.clone()).await.map_err(Error::from)?;
+            let value = match &current {
+                Some(sealed) => change(Some(self.unseal::<T>(key, sealed)?.destination))?,
+                None => change(None)?,
+            };
+            let sealed = self.seal(key, &value)?;
+            let written = match current {
+                Some(old) => self.store.update_if(key.clone(), old, sealed).await,
+                None => self.store.insert(key.clone(), sealed).await,
+            };
+            if written.map_err(Error::from)? {
+                return Ok(value);
+            }
+        }
+        Err(Error::Contended { name: key.name.clone() }.into())
+    }
+
     /// Whether a row exists (its content is not opened).
     pub(crate) async fn exists(&self, key: &RowKey) -> Result<bool, Error> {
         Ok(self.store.get(key.clone()).await?.is_some())
@@ -249,6 +399,37 @@ impl DestinationService {
         }
         Ok(removed)
     }
+}
+
+/// Checks the key against the key-check marker (written on first start); `true` when the
+/// marker is not under the current key, i.e. the key was rotated since the last start.
+async fn check_key(store: &dyn Store, keys: &Keyring) -> Result<bool, Error> {
+    let fresh = || keys.seal(KEY_CHECK_AAD, KEY_CHECK_PLAINTEXT).map_err(|_| Error::Encrypt);
+    // Replicas starting together on a new database race to write the marker; one wins and the
+    // others check against it.
+    for _ in 0..MAX_ATTEMPTS {
+        let Some(sealed) = store.meta(KEY_CHECK_META).await? else {
+            if store.swap_meta(KEY_CHECK_META, None, fresh()?).await? {
+                return Ok(false);
+            }
+            continue;
+        };
+        return match keys.open(KEY_CHECK_AAD, &sealed) {
+            Ok((plain, stale)) if plain == KEY_CHECK_PLAINTEXT => {
+                if stale {
+                    store.swap_meta(KEY_CHECK_META, Some(sealed), fresh()?).await?;
+                }
+                Ok(stale)
+            }
+            _ => Err(Error::WrongMasterKey),
+        };
+    }
+    Err(Error::Contended { name: KEY_CHECK_META.into() })
+}
+
+/// Whether an `If-Match`-style list (`"a", W/"b"` or `*`) names `etag`.
+pub(crate) fn etag_listed(list: &str, etag: &str) -> bool {
+    list.split(',').map(str::trim).any(|t| t == "*" || t.trim_start_matches("W/") == etag)
 }
 
 /// The ETag of a stored object: the SHA-256 of its stored JSON, quoted.

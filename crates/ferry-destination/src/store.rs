@@ -4,7 +4,12 @@
 //! live above it, so another backend (PostgreSQL for replicated deployments) only has to
 //! implement [`Store`] and cannot get encryption wrong. The methods return boxed futures
 //! because a network database is naturally async, while SQLite runs its blocking calls on
-//! tokio's blocking pool.
+//! tokio's blocking pool. [`PgStore`](crate::postgres::PgStore) is the PostgreSQL backend.
+//!
+//! Several service replicas may share one database, so nothing here caches rows, and every
+//! write that depends on what it read is a compare-and-swap on the sealed bytes
+//! ([`Store::update_if`]): the random nonce makes each write's bytes unique, so equal bytes
+//! mean no write came in between.
 
 use std::future::Future;
 use std::path::{Path, PathBuf};
@@ -27,7 +32,7 @@ pub enum StoreError {
 }
 
 impl StoreError {
-    fn backend(context: impl Into<String>, e: impl std::fmt::Display) -> Self {
+    pub(crate) fn backend(context: impl Into<String>, e: impl std::fmt::Display) -> Self {
         Self::Backend { context: context.into(), message: e.to_string() }
     }
 }
@@ -53,8 +58,10 @@ pub(crate) enum Kind {
 }
 
 impl Kind {
+    pub(crate) const ALL: [Kind; 4] = [Kind::Destination, Kind::Fragment, Kind::Certificate, Kind::Label];
+
     /// The table; a fixed string, never from input.
-    fn table(self) -> &'static str {
+    pub(crate) fn table(self) -> &'static str {
         match self {
             Kind::Destination => "destinations",
             Kind::Fragment => "fragments",
@@ -143,11 +150,18 @@ pub(crate) trait Store: Send + Sync {
     fn insert(&self, key: RowKey, sealed: Vec<u8>) -> StoreFuture<'_, bool>;
     /// `false` when there is no such row.
     fn update(&self, key: RowKey, sealed: Vec<u8>) -> StoreFuture<'_, bool>;
+    /// Replaces the row only if it still holds `expected`, in one statement; `false` when it
+    /// does not (changed or deleted since it was read).
+    fn update_if(&self, key: RowKey, expected: Vec<u8>, sealed: Vec<u8>) -> StoreFuture<'_, bool>;
+    /// Every row of one kind, in all subaccounts and levels (for re-sealing under a new key).
+    fn scan(&self, kind: Kind) -> StoreFuture<'_, Vec<(RowKey, Vec<u8>)>>;
     fn upsert(&self, key: RowKey, sealed: Vec<u8>) -> StoreFuture<'_, ()>;
     /// `false` when there was no such row.
     fn delete(&self, key: RowKey) -> StoreFuture<'_, bool>;
     fn meta(&self, key: &'static str) -> StoreFuture<'_, Option<Vec<u8>>>;
-    fn set_meta(&self, key: &'static str, value: Vec<u8>) -> StoreFuture<'_, ()>;
+    /// Sets `key` to `value` only if it holds `expected` (`None`: only if absent); `false`
+    /// when it does not.
+    fn swap_meta(&self, key: &'static str, expected: Option<Vec<u8>>, value: Vec<u8>) -> StoreFuture<'_, bool>;
 }
 
 /// Schema migrations, applied in order; `schema_version` holds how many have run. Append
@@ -198,14 +212,19 @@ pub(crate) struct SqliteStore {
     conn: Arc<Mutex<Connection>>,
 }
 
-fn instance_column(level: &Level) -> &str {
+pub(crate) fn instance_column(level: &Level) -> &str {
     match level {
         Level::Subaccount => "",
         Level::Instance(i) => i,
     }
 }
 
-fn now_secs() -> i64 {
+/// The inverse of [`instance_column`].
+pub(crate) fn level_of(instance: String) -> Level {
+    if instance.is_empty() { Level::Subaccount } else { Level::Instance(instance) }
+}
+
+pub(crate) fn now_secs() -> i64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or(0)
 }
 
@@ -350,6 +369,41 @@ impl Store for SqliteStore {
         })
     }
 
+    fn update_if(&self, key: RowKey, expected: Vec<u8>, sealed: Vec<u8>) -> StoreFuture<'_, bool> {
+        self.call("updating a destination", move |c| {
+            let n = c.execute(
+                &format!(
+                    "UPDATE {} SET sealed = ?4, modified_at = ?5
+                     WHERE subaccount = ?1 AND instance = ?2 AND name = ?3 AND sealed = ?6",
+                    key.scope.kind.table()
+                ),
+                params![
+                    key.scope.subaccount,
+                    instance_column(&key.scope.level),
+                    key.name,
+                    sealed,
+                    now_secs(),
+                    expected
+                ],
+            )?;
+            Ok(n == 1)
+        })
+    }
+
+    fn scan(&self, kind: Kind) -> StoreFuture<'_, Vec<(RowKey, Vec<u8>)>> {
+        self.call("reading all rows", move |c| {
+            let mut stmt = c.prepare(&format!(
+                "SELECT subaccount, instance, name, sealed FROM {} ORDER BY subaccount, instance, name",
+                kind.table()
+            ))?;
+            let rows = stmt.query_map([], |r| {
+                let scope = Scope { subaccount: r.get(0)?, level: level_of(r.get(1)?), kind };
+                Ok((RowKey { scope, name: r.get(2)? }, r.get(3)?))
+            })?;
+            rows.collect()
+        })
+    }
+
     fn upsert(&self, key: RowKey, sealed: Vec<u8>) -> StoreFuture<'_, ()> {
         self.call("storing a destination", move |c| {
             c.execute(
@@ -383,13 +437,19 @@ impl Store for SqliteStore {
         })
     }
 
-    fn set_meta(&self, key: &'static str, value: Vec<u8>) -> StoreFuture<'_, ()> {
+    fn swap_meta(&self, key: &'static str, expected: Option<Vec<u8>>, value: Vec<u8>) -> StoreFuture<'_, bool> {
         self.call("writing database metadata", move |c| {
-            c.execute(
-                "INSERT INTO meta (key, value) VALUES (?1, ?2) ON CONFLICT (key) DO UPDATE SET value = ?2",
-                params![key, value],
-            )
-            .map(drop)
+            let n = match expected {
+                None => c.execute(
+                    "INSERT INTO meta (key, value) VALUES (?1, ?2) ON CONFLICT DO NOTHING",
+                    params![key, value],
+                )?,
+                Some(expected) => c.execute(
+                    "UPDATE meta SET value = ?2 WHERE key = ?1 AND value = ?3",
+                    params![key, value, expected],
+                )?,
+            };
+            Ok(n == 1)
         })
     }
 }

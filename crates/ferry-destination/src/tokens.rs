@@ -68,8 +68,17 @@ pub(crate) enum Grant<'a> {
         subject: (&'a str, &'a str),
         actor: Option<(&'a str, &'a str)>,
     },
+    /// `OAuth2SAMLBearerAssertion` (RFC 7522) with a base64url assertion. `for_user`: this
+    /// service generated it for the flow's user, so the cache keys on that user rather than
+    /// on the assertion (which is new on every call).
+    SamlBearer {
+        assertion: &'a str,
+        for_user: bool,
+    },
 }
 
+/// RFC 7522 grant type.
+pub(crate) const GRANT_SAML2_BEARER: &str = "urn:ietf:params:oauth:grant-type:saml2-bearer";
 /// RFC 7523 grant type, as XSUAA and Ferry's token service understand it.
 pub(crate) const GRANT_JWT_BEARER: &str = "urn:ietf:params:oauth:grant-type:jwt-bearer";
 /// RFC 8693 grant type.
@@ -85,6 +94,7 @@ impl Grant<'_> {
             Grant::RefreshToken(_) => "OAuth2RefreshToken",
             Grant::AuthorizationCode { .. } => "OAuth2AuthorizationCode",
             Grant::TokenExchange { .. } => "OAuth2TokenExchange",
+            Grant::SamlBearer { .. } => "OAuth2SAMLBearerAssertion",
         }
     }
 
@@ -222,6 +232,18 @@ impl TokenRequest {
                     push("actor_token_type", kind);
                 }
             }
+            Grant::SamlBearer { assertion, for_user } => {
+                push("grant_type", GRANT_SAML2_BEARER);
+                push("assertion", assertion);
+                if for_user {
+                    per_user.push("assertion");
+                }
+                // RFC 7522 §2.1: the client is named even when it does not authenticate.
+                push("client_id", required("clientKey")?);
+                if let Some(company) = prop("companyId") {
+                    push("company_id", company);
+                }
+            }
             Grant::AuthorizationCode { code, redirect_uri, code_verifier } => {
                 push("grant_type", "authorization_code");
                 push("code", code);
@@ -236,6 +258,9 @@ impl TokenRequest {
         // Client authentication: a token service user wins, then the body/Basic switch.
         let basic = if let Some(user) = prop("tokenServiceUser") {
             Some((user.to_owned(), dest.get("tokenServicePassword").unwrap_or_default().to_owned()))
+        } else if matches!(grant, Grant::SamlBearer { .. }) {
+            // The assertion is the credential; `clientKey` is already in the form.
+            None
         } else {
             let client_id = required("clientId")?.to_owned();
             let secret = dest.get("clientSecret").unwrap_or_default().to_owned();
@@ -409,6 +434,10 @@ impl TokenFetcher {
         Self { http, default_timeout, clock, slots: Mutex::new(HashMap::new()) }
     }
 
+    pub(crate) fn now(&self) -> Instant {
+        self.clock.now()
+    }
+
     /// A cached token if one is still fresh, otherwise one fetched now. Failures are not
     /// cached: the next call tries again.
     pub(crate) async fn token(&self, owner: CacheOwner, request: TokenRequest) -> Result<Token, TokenError> {
@@ -441,6 +470,16 @@ impl TokenFetcher {
             });
         }
         Ok(fetched)
+    }
+
+    /// The cached token for `request` if it is still fresh; never calls the token service, and
+    /// gives up (`None`) rather than wait for a fetch under way.
+    pub(crate) fn cached(&self, owner: CacheOwner, request: &TokenRequest) -> Option<Token> {
+        let key = CacheKey { owner, request: request.fingerprint() };
+        let slot = self.slots.lock().unwrap_or_else(|p| p.into_inner()).get(&key).cloned()?;
+        let cached = slot.try_lock().ok()?;
+        let now = self.clock.now();
+        cached.as_ref().filter(|c| c.fresh(now)).map(|c| c.token(now))
     }
 
     async fn fetch(&self, req: &TokenRequest) -> Result<Token, TokenError> {

@@ -3,6 +3,7 @@
 
 pub mod mail;
 pub mod nginx;
+pub mod postgres;
 pub mod process;
 pub mod slapd;
 

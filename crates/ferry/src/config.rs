@@ -2,7 +2,7 @@
 //! `deny_unknown_fields` so a typo is an error rather than a silently ignored setting.
 
 use std::collections::BTreeMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use ferry_connector::SystemMapping;
 use ferry_core::Secret;
@@ -28,8 +28,100 @@ pub struct FileConfig {
     /// External OpenID Connect issuers whose tokens the Destination Service and the proxy accept.
     #[serde(default)]
     pub trust: Vec<TrustEntry>,
+    /// SAML identity providers whose signed assertions the token service's saml2-bearer grant
+    /// accepts (besides the Destination Service's own subaccount key, always trusted).
+    #[serde(default)]
+    pub saml_trust: Vec<SamlTrustEntry>,
     #[serde(default)]
     pub tokens: Tokens,
+    #[serde(default)]
+    pub destination_store: DestinationStore,
+}
+
+type Key = Secret<[u8; 32]>;
+
+/// `[destination_store]`: where the Destination Service keeps destinations, and the keys that
+/// seal them at rest.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DestinationStore {
+    /// `sqlite` (default: `<data-dir>/destinations.db`), `memory`, or a PostgreSQL URL
+    /// `postgres://user[:password]@host[:port]/db` that several replicas may share.
+    pub database: Option<Secret<String>>,
+    /// An environment variable holding `database` (keeps a database password out of the file).
+    pub database_env: Option<String>,
+    /// The key that seals new rows (64 hex digits) in a file, or in an environment variable;
+    /// default: the data folder's `master.key`.
+    pub key_file: Option<PathBuf>,
+    pub key_env: Option<String>,
+    /// Keys rows may still be sealed with after a rotation; rows under them are sealed again
+    /// under the current key at start-up.
+    #[serde(default)]
+    pub previous_key_files: Vec<PathBuf>,
+    #[serde(default)]
+    pub previous_key_envs: Vec<String>,
+}
+
+impl DestinationStore {
+    fn check(&self) -> anyhow::Result<()> {
+        if self.database.is_some() && self.database_env.is_some() {
+            anyhow::bail!("[destination_store] has both database and database_env; keep one");
+        }
+        if self.key_file.is_some() && self.key_env.is_some() {
+            anyhow::bail!("[destination_store] has both key_file and key_env; keep one");
+        }
+        if let Some(db) = &self.database {
+            Self::check_database(db.expose())?;
+        }
+        Ok(())
+    }
+
+    fn check_database(db: &str) -> anyhow::Result<()> {
+        if db == "sqlite" || db == "memory" || db.starts_with("postgres://") || db.starts_with("postgresql://") {
+            Ok(())
+        } else {
+            anyhow::bail!("[destination_store] database must be \"sqlite\", \"memory\" or a postgres:// URL")
+        }
+    }
+
+    /// The database to use, with `data_dir` for the default SQLite file.
+    pub fn database(&self, data_dir: &Path) -> anyhow::Result<ferry_destination::DatabaseConfig> {
+        use ferry_destination::DatabaseConfig;
+        let value = match (&self.database, &self.database_env) {
+            (Some(db), _) => db.clone(),
+            (None, Some(var)) => {
+                let v = std::env::var(var).map_err(|_| {
+                    anyhow::anyhow!("[destination_store] database_env: the environment variable {var} is not set")
+                })?;
+                Self::check_database(&v).map_err(|e| anyhow::anyhow!("{e} (in ${var})"))?;
+                Secret::new(v)
+            }
+            (None, None) => Secret::new("sqlite".to_owned()),
+        };
+        Ok(match value.expose().as_str() {
+            "sqlite" => DatabaseConfig::Sqlite { path: data_dir.join("destinations.db") },
+            "memory" => DatabaseConfig::SqliteMemory,
+            _ => DatabaseConfig::Postgres { url: value },
+        })
+    }
+
+    /// The current key (`default` when none is configured) and the previous keys.
+    pub fn keys(&self, default: &Secret<[u8; 32]>) -> anyhow::Result<(Key, Vec<Key>)> {
+        use ferry_destination::KeySource;
+        let current = match (&self.key_file, &self.key_env) {
+            (Some(path), _) => KeySource::File(path.clone()).load()?,
+            (None, Some(var)) => KeySource::Env(var.clone()).load()?,
+            (None, None) => default.clone(),
+        };
+        let previous = self
+            .previous_key_files
+            .iter()
+            .map(|p| KeySource::File(p.clone()))
+            .chain(self.previous_key_envs.iter().map(|v| KeySource::Env(v.clone())))
+            .map(|source| source.load())
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok((current, previous))
+    }
 }
 
 /// `[tokens]`: lifetimes of the tokens the token service issues.
@@ -189,6 +281,16 @@ pub struct TrustEntry {
     pub audiences: Vec<String>,
 }
 
+/// One `[[saml_trust]]` entry: a SAML identity provider's signing certificate.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SamlTrustEntry {
+    /// PEM file with the provider's (RSA) signing certificate.
+    pub certificate_file: std::path::PathBuf,
+    /// Subaccount (zone id) whose token endpoint accepts its assertions; default: `ferry up`'s.
+    pub subaccount: Option<String>,
+}
+
 impl TrustEntry {
     pub fn to_trust(&self, default_subaccount: &str) -> ferry_auth::OidcTrust {
         ferry_auth::OidcTrust {
@@ -208,6 +310,7 @@ impl FileConfig {
 
     pub fn parse(text: &str) -> anyhow::Result<Self> {
         let cfg: FileConfig = toml::from_str(text)?;
+        cfg.destination_store.check()?;
         let mut locations = std::collections::HashSet::new();
         if cfg.tokens.access_token_validity_secs == 0 || cfg.tokens.refresh_token_validity_secs == 0 {
             anyhow::bail!("[tokens] validities must be at least one second");
@@ -290,6 +393,51 @@ mod tests {
     }
 
     #[test]
+    fn destination_store_section() {
+        let dir = Path::new("/data");
+        let cfg = FileConfig::parse("").unwrap();
+        assert!(matches!(
+            cfg.destination_store.database(dir).unwrap(),
+            ferry_destination::DatabaseConfig::Sqlite { path } if path == dir.join("destinations.db")
+        ));
+        let cfg =
+            FileConfig::parse("[destination_store]\ndatabase = \"postgres://ferry:pw@127.0.0.1:5432/ferry\"").unwrap();
+        let db = cfg.destination_store.database(dir).unwrap();
+        assert!(matches!(&db, ferry_destination::DatabaseConfig::Postgres { url } if url.expose().ends_with("/ferry")));
+        assert!(!format!("{db:?}{cfg:?}").contains("pw@"), "the URL may hold a password");
+        let cfg = FileConfig::parse("[destination_store]\ndatabase = \"memory\"").unwrap();
+        assert!(matches!(
+            cfg.destination_store.database(dir).unwrap(),
+            ferry_destination::DatabaseConfig::SqliteMemory
+        ));
+
+        let keys = tempfile::tempdir().unwrap();
+        let (new, old) = (keys.path().join("new.key"), keys.path().join("old.key"));
+        std::fs::write(&new, "11".repeat(32)).unwrap();
+        std::fs::write(&old, "22".repeat(32)).unwrap();
+        let cfg =
+            FileConfig::parse(&format!("[destination_store]\nkey_file = {new:?}\nprevious_key_files = [{old:?}]"))
+                .unwrap();
+        let default = Secret::new([0u8; 32]);
+        let (current, previous) = cfg.destination_store.keys(&default).unwrap();
+        assert_eq!((current.expose(), previous[0].expose()), (&[0x11; 32], &[0x22; 32]));
+        let (current, previous) = FileConfig::parse("").unwrap().destination_store.keys(&default).unwrap();
+        assert_eq!((current.expose(), previous.len()), (&[0; 32], 0));
+        let cfg = FileConfig::parse("[destination_store]\nkey_env = \"FERRY_TEST_UNSET_KEY_VAR\"").unwrap();
+        let err = cfg.destination_store.keys(&default).err().unwrap().to_string();
+        assert!(err.contains("FERRY_TEST_UNSET_KEY_VAR is not set"), "{err}");
+
+        for bad in [
+            "[destination_store]\ndatabase = \"mysql://x\"",
+            "[destination_store]\ndatabase = \"sqlite\"\ndatabase_env = \"X\"",
+            "[destination_store]\nkey_file = \"a\"\nkey_env = \"X\"",
+            "[destination_store]\nkeyfile = \"a\"",
+        ] {
+            assert!(FileConfig::parse(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
     fn trust_entries() {
         let cfg = FileConfig::parse(
             "[[trust]]\nissuer = \"https://idp.example\"\naudiences = [\"api\"]\n\
@@ -308,5 +456,18 @@ mod tests {
         ] {
             assert!(FileConfig::parse(bad).is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn saml_trust_entries() {
+        let cfg = FileConfig::parse(
+            "[[saml_trust]]\ncertificate_file = \"/etc/idp.pem\"\n\
+             [[saml_trust]]\ncertificate_file = \"b.pem\"\nsubaccount = \"zone-2\"",
+        )
+        .unwrap();
+        assert_eq!(cfg.saml_trust[0].certificate_file, std::path::Path::new("/etc/idp.pem"));
+        assert_eq!(cfg.saml_trust[1].subaccount.as_deref(), Some("zone-2"));
+        assert!(FileConfig::parse("[[saml_trust]]\nsubaccount = \"z\"").is_err());
+        assert!(FileConfig::parse("[[saml_trust]]\ncertificate_file = \"a\"\nissuer = \"x\"").is_err());
     }
 }

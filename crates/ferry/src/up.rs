@@ -306,12 +306,14 @@ pub async fn up(args: UpArgs) -> anyhow::Result<()> {
     ));
 
     // Destination Service, with the destinations of the config file.
-    let dest_service = ferry_destination::DestinationService::open(
+    let (dest_key, previous_keys) = cfg.destination_store.keys(&master_key)?;
+    let dest_service = ferry_destination::DestinationService::open_rotating(
         ferry_destination::Config {
-            database: ferry_destination::DatabaseConfig::Sqlite { path: dir.join("destinations.db") },
-            master_key,
+            database: cfg.destination_store.database(dir)?,
+            master_key: dest_key,
             token_fetch_timeout: Duration::from_secs(10),
         },
+        previous_keys,
         verifier.clone(),
         http,
     )
@@ -329,6 +331,20 @@ pub async fn up(args: UpArgs) -> anyhow::Result<()> {
             .map_err(|e| anyhow::anyhow!("destination in the config file: {e}"))?;
         let instance = (d.level == Level::Instance).then_some(state.destination_instance_id.as_str());
         dest_service.upsert(&subaccount, instance, destination).await?;
+    }
+    // The token service accepts SAML assertions signed with this Destination Service's
+    // subaccount key, so OAuth2SAMLBearerAssertion destinations can point at it, and those of
+    // the `[[saml_trust]]` identity providers. (A key renewed over the API is trusted after a
+    // restart.)
+    let own = dest_service.saml_certificate_pem(&subaccount).await?;
+    let own = ferry_auth::saml::TrustedCertificate::from_pem(&own).context("the subaccount's SAML certificate")?;
+    token_service.trust_saml_idp(&subaccount, own)?;
+    for t in &cfg.saml_trust {
+        let pem = std::fs::read_to_string(&t.certificate_file)
+            .with_context(|| format!("[[saml_trust]] cannot read {}", t.certificate_file.display()))?;
+        let cert = ferry_auth::saml::TrustedCertificate::from_pem(&pem)
+            .with_context(|| format!("[[saml_trust]] {}", t.certificate_file.display()))?;
+        token_service.trust_saml_idp(t.subaccount.as_deref().unwrap_or(&subaccount), cert).context("[[saml_trust]]")?;
     }
     tasks.spawn(ferry_destination::run(dest_service, dest_l, shutdown.clone()));
 

@@ -175,6 +175,50 @@ resources = [{{ path = "/sap", exactMatchOnly = false }}]
     let health = http.get(format!("{metrics_url}/healthz")).send().await.unwrap();
     assert_eq!(health.status(), 200);
 
+    // OAuth2SAMLBearerAssertion against Ferry's own token service, which trusts the Destination
+    // Service's subaccount key: the user's SAML-bearer token then carries principal propagation
+    // through the proxy and connector (which verify it) to the backend.
+    let dest_uri = dest["uri"].as_str().unwrap();
+    let token_url = format!("{}/oauth/token", xsuaa["url"].as_str().unwrap());
+    let saml = serde_json::json!({
+        "Name": "erp-saml", "Type": "HTTP", "URL": "http://erp.virtual:8000/sap", "ProxyType": "Internet",
+        "Authentication": "OAuth2SAMLBearerAssertion", "tokenServiceURL": token_url, "audience": token_url,
+        "clientKey": xsuaa["clientid"], "tokenServiceUser": xsuaa["clientid"],
+        "tokenServicePassword": xsuaa["clientsecret"],
+        "authnContextClassRef": "urn:oasis:names:tc:SAML:2.0:ac:classes:PreviousSession"
+    });
+    let r = http
+        .post(format!("{dest_uri}/destination-configuration/v1/subaccountDestinations"))
+        .bearer_auth(&dest_token)
+        .json(&saml)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 201);
+    let found: Value = http
+        .get(format!("{dest_uri}/destination-configuration/v1/destinations/erp-saml"))
+        .bearer_auth(&dest_token)
+        .header("x-user-token", &user_jwt)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let saml_token = &found["authTokens"][0];
+    assert!(saml_token.get("error").is_none(), "{found}");
+    assert_eq!(saml_token["type"], "Bearer");
+    let saml_jwt = saml_token["value"].as_str().unwrap();
+    let r = via_proxy
+        .get("http://erp.virtual:8000/sap/me")
+        .header("sap-connectivity-authentication", format!("Bearer {saml_jwt}"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let e: Value = r.json().await.unwrap();
+    assert!(e["headers"]["ssl_client_cert"].as_str().unwrap().len() > 100, "the SAML-bearer user reached the backend");
+
     // SIGTERM: a clean, prompt exit.
     let status = child.terminate();
     assert!(status.success(), "ferry up exited with {status}");

@@ -18,10 +18,19 @@ use crate::jwt::KeySet;
 pub const GRANT_CLIENT_CREDENTIALS: &str = "client_credentials";
 pub const GRANT_PASSWORD: &str = "password";
 pub const GRANT_JWT_BEARER: &str = "urn:ietf:params:oauth:grant-type:jwt-bearer";
+/// RFC 7522: a signed SAML 2.0 assertion of a trusted identity provider (see
+/// [`TokenService::trust_saml_idp`](super::TokenService::trust_saml_idp)).
+pub const GRANT_SAML2_BEARER: &str = "urn:ietf:params:oauth:grant-type:saml2-bearer";
 pub const GRANT_REFRESH_TOKEN: &str = "refresh_token";
 pub const GRANT_AUTHORIZATION_CODE: &str = "authorization_code";
-pub const SUPPORTED_GRANT_TYPES: [&str; 5] =
-    [GRANT_CLIENT_CREDENTIALS, GRANT_PASSWORD, GRANT_JWT_BEARER, GRANT_REFRESH_TOKEN, GRANT_AUTHORIZATION_CODE];
+pub const SUPPORTED_GRANT_TYPES: [&str; 6] = [
+    GRANT_CLIENT_CREDENTIALS,
+    GRANT_PASSWORD,
+    GRANT_JWT_BEARER,
+    GRANT_REFRESH_TOKEN,
+    GRANT_AUTHORIZATION_CODE,
+    GRANT_SAML2_BEARER,
+];
 
 /// XSUAA's default access-token lifetime; SAP clients size their token caches by `expires_in`,
 /// so a shorter default would only cause extra token calls.

@@ -22,7 +22,7 @@ use serde_json::{Value, json};
 use super::claims::UserIdentity;
 use super::config::{
     GRANT_AUTHORIZATION_CODE, GRANT_CLIENT_CREDENTIALS, GRANT_JWT_BEARER, GRANT_PASSWORD, GRANT_REFRESH_TOKEN,
-    OAuthClient, SUPPORTED_GRANT_TYPES, User,
+    GRANT_SAML2_BEARER, OAuthClient, SUPPORTED_GRANT_TYPES, User,
 };
 use super::mtls::{PeerIdentity, TlsInfo};
 use super::refresh::RefreshGrant;
@@ -295,6 +295,16 @@ impl TokenService {
                 let scopes = narrow(&user_scopes(client, user), params.get("scope"))?;
                 self.issue(&tenant, client, GRANT_JWT_BEARER, scopes, Some(&identity), true)
             }
+            GRANT_SAML2_BEARER => {
+                let assertion = params.get("assertion").ok_or_else(|| OAuthError::missing("assertion"))?;
+                let tenant = match addressed {
+                    Some(t) => t,
+                    None => self.own_tenant(client)?,
+                };
+                let (identity, user) = self.check_saml_assertion(assertion, &tenant)?;
+                let scopes = narrow(&user_scopes(client, Some(&user)), params.get("scope"))?;
+                self.issue(&tenant, client, GRANT_SAML2_BEARER, scopes, Some(&identity), true)
+            }
             GRANT_REFRESH_TOKEN => {
                 let token = params.get("refresh_token").ok_or_else(|| OAuthError::missing("refresh_token"))?;
                 let grant = self.redeem_refresh_token(token, client, addressed.as_deref())?;
@@ -398,6 +408,70 @@ impl TokenService {
         let user = UserIdentity::from_claims(&claims.raw)
             .ok_or_else(|| OAuthError::invalid_grant("assertion is not a user token (no user_id)"))?;
         Ok((tenant, user))
+    }
+
+    /// Verifies an RFC 7522 assertion (base64url, padded or not) against the tenant's trusted
+    /// SAML identity providers. Audience and recipient must be this tenant's token endpoint:
+    /// its issuer URL or `{public_url}/oauth/token`.
+    ///
+    /// The user is the `NameID`: a configured user of that name keeps its own identity and
+    /// scopes; anyone else gets a stable id derived from issuer and name, and the scopes its
+    /// `Groups` attribute names (read like a configured user's `scopes`, `$XSAPPNAME.x` included).
+    /// Each assertion is redeemed once.
+    fn check_saml_assertion(&self, assertion: &str, tenant: &TenantState) -> Result<(UserIdentity, User), OAuthError> {
+        use base64::Engine;
+        use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
+        let compact: String = assertion.chars().filter(|c| !c.is_ascii_whitespace()).collect();
+        let xml = URL_SAFE_NO_PAD
+            .decode(compact.trim_end_matches('='))
+            .or_else(|_| STANDARD.decode(&compact))
+            .map_err(|_| OAuthError::invalid_grant("assertion is not base64url-encoded"))?;
+        let trusted = self.saml_idps(&tenant.tenant.id);
+        if trusted.is_empty() {
+            return Err(OAuthError::invalid_grant(format!(
+                "zone {:?} trusts no SAML identity provider; add its certificate to the token service's SAML trust",
+                tenant.tenant.id
+            )));
+        }
+        let mut endpoints = vec![tenant.issuer.clone(), format!("{}/oauth/token", self.public_url)];
+        endpoints.dedup();
+        let expect = crate::saml::Expectations { audiences: &endpoints, recipients: &endpoints, now: self.now() };
+        let verified = crate::saml::verify_assertion(&xml, &trusted, &expect).map_err(|e| {
+            tracing::info!(zone = %tenant.tenant.id, error = %e, "saml2-bearer assertion refused");
+            OAuthError::invalid_grant(e.to_string())
+        })?;
+        if !self.first_use_of_assertion(&tenant.tenant.id, &verified.issuer, &verified.id, verified.not_on_or_after) {
+            return Err(OAuthError::invalid_grant(
+                "the assertion was already used; a bearer assertion is good for one token",
+            ));
+        }
+        let first = |names: &[&str]| {
+            names.iter().find_map(|n| verified.attribute(n).and_then(|v| v.first()).filter(|v| !v.is_empty())).cloned()
+        };
+        let user = match self.configured_user(&verified.name_id, &tenant.tenant.id) {
+            Some(u) => u.clone(),
+            None => User {
+                username: verified.name_id.clone(),
+                user_id: uuid::Uuid::new_v5(
+                    &uuid::Uuid::NAMESPACE_URL,
+                    format!("saml:{}:{}:{}", tenant.tenant.id, verified.issuer, verified.name_id).as_bytes(),
+                )
+                .to_string(),
+                email: first(&["email", "mail"])
+                    .or_else(|| {
+                        (verified.name_id_format == crate::saml::NAMEID_EMAIL).then(|| verified.name_id.clone())
+                    })
+                    .unwrap_or_default(),
+                tenant_id: tenant.tenant.id.clone(),
+                given_name: first(&["given_name", "first_name"]),
+                family_name: first(&["family_name", "last_name"]),
+                scopes: Some(verified.attribute("Groups").map(<[String]>::to_vec).unwrap_or_default()),
+                ..Default::default()
+            },
+        };
+        let mut identity = UserIdentity::from_user(&user, self.now());
+        identity.origin = "saml".into();
+        Ok((identity, user))
     }
 
     /// Consumes a refresh token issued to `client`; like an assertion it keeps its zone.

@@ -34,7 +34,7 @@ use ferry_core::tls::{CertifiedKey, LocalCa};
 pub use clock::{Clock, ManualClock, SystemClock};
 pub use config::{
     CertificateBinding, ConfigError, DEFAULT_REFRESH_TOKEN_VALIDITY, DEFAULT_TOKEN_VALIDITY, GRANT_AUTHORIZATION_CODE,
-    GRANT_CLIENT_CREDENTIALS, GRANT_JWT_BEARER, GRANT_PASSWORD, GRANT_REFRESH_TOKEN, OAuthClient,
+    GRANT_CLIENT_CREDENTIALS, GRANT_JWT_BEARER, GRANT_PASSWORD, GRANT_REFRESH_TOKEN, GRANT_SAML2_BEARER, OAuthClient,
     SUPPORTED_GRANT_TYPES, Tenant, TokenServiceConfig, User,
 };
 pub use ldap::{DEFAULT_GROUP_FILTER, DEFAULT_USER_FILTER, LdapConfig, LdapUserStore};
@@ -124,6 +124,12 @@ pub struct TokenService {
     issued_bindings: RwLock<HashMap<String, Vec<CertificateBinding>>>,
     clock: Arc<dyn Clock>,
     http: reqwest::Client,
+    /// Certificates of the SAML identity providers each tenant trusts for the saml2-bearer
+    /// grant, by tenant id.
+    saml_idps: RwLock<HashMap<String, Vec<crate::saml::TrustedCertificate>>>,
+    /// Assertions already redeemed (zone, issuer, ID) until they expire: a bearer assertion
+    /// is good for one token (RFC 7522 §3, replay).
+    saml_used: std::sync::Mutex<HashMap<(String, String, String), u64>>,
 }
 
 impl std::fmt::Debug for TokenService {
@@ -320,6 +326,8 @@ impl TokenService {
             issued_bindings: RwLock::new(HashMap::new()),
             clock,
             http,
+            saml_idps: RwLock::new(HashMap::new()),
+            saml_used: std::sync::Mutex::new(HashMap::new()),
         }))
     }
 
@@ -384,6 +392,54 @@ impl TokenService {
             self.forget_client(&c);
         }
         Ok(existed)
+    }
+
+    /// Lets tenant `tenant_id` accept SAML assertions signed with `certificate`'s key in the
+    /// saml2-bearer grant (RFC 7522), e.g. a Destination Service's subaccount certificate
+    /// (`/destination-configuration/v1/saml2Metadata/certificate`). The same certificate is
+    /// added once only.
+    pub fn trust_saml_idp(
+        &self,
+        tenant_id: &str,
+        certificate: crate::saml::TrustedCertificate,
+    ) -> Result<(), TokenError> {
+        if self.tenant_by_id(tenant_id).is_none() {
+            return Err(TokenError::UnknownTenant(tenant_id.to_owned()));
+        }
+        let mut idps = self.saml_idps.write().unwrap_or_else(|p| p.into_inner());
+        let list = idps.entry(tenant_id.to_owned()).or_default();
+        if !list.iter().any(|c| c.der() == certificate.der()) {
+            list.push(certificate);
+        }
+        Ok(())
+    }
+
+    pub(crate) fn saml_idps(&self, tenant_id: &str) -> Vec<crate::saml::TrustedCertificate> {
+        self.saml_idps.read().unwrap_or_else(|p| p.into_inner()).get(tenant_id).cloned().unwrap_or_default()
+    }
+
+    /// Records a redeemed assertion; `false` if it was redeemed before and has not expired.
+    pub(crate) fn first_use_of_assertion(&self, zone: &str, issuer: &str, id: &str, expires_at: u64) -> bool {
+        /// Bounds the memory an authenticated client can make this take.
+        const MAX_REMEMBERED: usize = 100_000;
+        let now = self.now();
+        let mut used = self.saml_used.lock().unwrap_or_else(|p| p.into_inner());
+        if used.len() >= MAX_REMEMBERED {
+            used.retain(|_, until| *until > now);
+        }
+        let key = (zone.to_owned(), issuer.to_owned(), id.to_owned());
+        if used.get(&key).is_some_and(|until| *until > now) {
+            return false;
+        }
+        if used.len() < MAX_REMEMBERED {
+            used.insert(key, expires_at.saturating_add(crate::saml::CLOCK_SKEW_SECS));
+        }
+        true
+    }
+
+    /// The user behind a configured username in a tenant.
+    pub(crate) fn configured_user(&self, username: &str, tenant_id: &str) -> Option<&User> {
+        self.find_user(username, Some(tenant_id), tenant_id).map(|u| &u.user)
     }
 
     /// Adds a client at run time (its tenant must exist); it can get tokens at once.

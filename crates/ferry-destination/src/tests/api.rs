@@ -308,7 +308,7 @@ async fn token_entries_for_other_authentication_types() {
     env.create(&t, "subaccount", json!({"Name": "unset", "Type": "HTTP", "URL": "https://x.example"})).await;
     // Incomplete destinations cannot be written through the API any more, but rows stored
     // before its rules (or loaded another way) must still be answered on find.
-    for (name, auth) in [("saml", "OAuth2SAMLBearerAssertion"), ("nopw", "BasicAuthentication")] {
+    for (name, auth) in [("sso", "SAPAssertionSSO"), ("nopw", "BasicAuthentication")] {
         let props = [("Name", name), ("Type", "HTTP"), ("URL", "https://x.example"), ("Authentication", auth)];
         let incomplete = ferry_model::Destination::from_properties(props).unwrap();
         env.service.upsert("zone-1", None, incomplete).await.unwrap();
@@ -319,12 +319,13 @@ async fn token_entries_for_other_authentication_types() {
         assert_eq!(r.status, StatusCode::OK);
         assert!(r.json.get("authTokens").is_none(), "{name}: {}", r.text);
     }
-    let r = env.find(&t, "saml", &[]).await;
+    let r = env.find(&t, "sso", &[]).await;
     assert_eq!(r.status, StatusCode::OK);
     assert_eq!(
         r.json["authTokens"],
         json!([{"type": "", "value": "",
-                "error": "Authentication 'OAuth2SAMLBearerAssertion' is not supported by this Destination Service yet; no token was retrieved"}])
+                "error": "Authentication 'SAPAssertionSSO' is deprecated by SAP and not supported by this Destination \
+                          Service; use SAMLAssertion or PrincipalPropagation instead"}])
     );
     let r = env.find(&t, "nopw", &[]).await;
     assert_eq!(

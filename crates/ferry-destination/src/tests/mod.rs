@@ -1,15 +1,26 @@
 //! Tests of the service as a whole: the API as values (`router.oneshot`), token retrieval
 //! against a token endpoint on a real socket, and the database file on disk.
+//!
+//! Every test module runs twice: as declared here on SQLite, and in [`on_postgres`] on a fresh
+//! database of a real PostgreSQL (`ferry_testkit::postgres`), where `Env` and `config` give
+//! PostgreSQL instead of in-memory SQLite. `storage` is SQLite's own (it reads the file);
+//! `postgres_storage` is PostgreSQL's.
 
 mod api;
 mod certificates;
+mod concurrency;
 mod consume;
 mod fragments;
 mod labels;
 mod lists;
 mod oauth;
+mod saml;
 mod storage;
 mod user_flows;
+
+// The same test files again, on PostgreSQL: loading them twice is the point.
+#[allow(clippy::duplicate_mod)]
+mod on_postgres;
 
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
@@ -58,7 +69,22 @@ pub(crate) fn config(database: DatabaseConfig, key: [u8; 32]) -> Config {
     Config { database, master_key: Secret::new(key), token_fetch_timeout: Duration::from_secs(5) }
 }
 
-pub(crate) struct Env {
+/// A database that outlives one service and can be shared by several: a SQLite file in `dir`.
+pub(crate) fn persistent_database(dir: &std::path::Path) -> DatabaseConfig {
+    DatabaseConfig::Sqlite { path: dir.join("destinations.db") }
+}
+
+/// A fresh database on the PostgreSQL server this test binary shares.
+pub(crate) fn postgres_database() -> DatabaseConfig {
+    DatabaseConfig::Postgres { url: Secret::new(ferry_testkit::postgres::Postgres::shared().database()) }
+}
+
+/// The test environment on SQLite.
+pub(crate) type Env = EnvOn<false>;
+
+/// A service with its router; `PG` picks the database `new` opens: in-memory SQLite or a fresh
+/// PostgreSQL database.
+pub(crate) struct EnvOn<const PG: bool> {
     pub keys: Arc<KeySet>,
     pub service: Arc<DestinationService>,
     pub router: Router,
@@ -85,9 +111,10 @@ impl Resp {
     }
 }
 
-impl Env {
+impl<const PG: bool> EnvOn<PG> {
     pub(crate) async fn new() -> Self {
-        Self::with_config(config(DatabaseConfig::SqliteMemory, [42; 32])).await
+        let database = if PG { postgres_database() } else { DatabaseConfig::SqliteMemory };
+        Self::with_config(config(database, [42; 32])).await
     }
 
     pub(crate) async fn with_config(config: Config) -> Self {
@@ -95,11 +122,16 @@ impl Env {
     }
 
     pub(crate) async fn try_with_config(config: Config) -> Result<Self, crate::Error> {
+        Self::try_with_keys(config, &[]).await
+    }
+
+    /// A service during a key rotation: `previous` open rows, `config.master_key` seals.
+    pub(crate) async fn try_with_keys(config: Config, previous: &[Secret<[u8; 32]>]) -> Result<Self, crate::Error> {
         let keys = Arc::new(KeySet::generate().unwrap());
         let clock = ManualClock::new();
         let verifier = Arc::new(Verifier::local(keys.clone()));
         let http = ferry_core::tls::http_client(None).unwrap();
-        let service = DestinationService::open_with_clock(config, verifier, http, clock.clone()).await?;
+        let service = DestinationService::open_with_clock(config, previous, verifier, http, clock.clone()).await?;
         let router = service.router();
         Ok(Self { keys, service, router, clock })
     }

@@ -154,3 +154,27 @@ async fn schema_version_is_tracked() {
     let err = open(dir.path(), [6; 32]).await.err().unwrap();
     assert!(matches!(err, Error::Store(StoreError::SchemaTooNew { found: 99, supported: 3 })), "{err:?}");
 }
+
+#[tokio::test]
+async fn databases_from_before_key_ids_open_and_are_sealed_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let env = open(dir.path(), [7; 32]).await.unwrap();
+    let t = env.token("zone-1", "client-1");
+    let dest = json!({"Name": "old", "Type": "HTTP", "URL": "https://x.example", "Password": "pw-of-an-older-ferry"});
+    env.create(&t, "subaccount", dest.clone()).await;
+    drop(env);
+
+    // Strip `2 || key id` (9 bytes): what is left is the format-1 blob older Ferry versions wrote.
+    let db = rusqlite::Connection::open(dir.path().join("nested").join("destinations.db")).unwrap();
+    db.execute_batch("UPDATE destinations SET sealed = substr(sealed, 10); UPDATE meta SET value = substr(value, 10);")
+        .unwrap();
+    let first_byte = |sql: &str| -> u8 { db.query_row(sql, [], |r| r.get::<_, Vec<u8>>(0)).unwrap()[0] };
+    assert_eq!(first_byte("SELECT sealed FROM destinations"), 1);
+
+    let env = open(dir.path(), [7; 32]).await.unwrap();
+    let t = env.token("zone-1", "client-1");
+    let r = env.call(Method::GET, &format!("{V1}/subaccountDestinations/old"), Some(&t), None).await;
+    assert_eq!(r.json, dest);
+    assert_eq!(first_byte("SELECT sealed FROM destinations"), 2, "sealed again, with a key id");
+    assert_eq!(first_byte("SELECT value FROM meta WHERE key = 'key_check'"), 2);
+}
