@@ -8,6 +8,7 @@ cd "$root"
 
 need_apt=()
 command -v node >/dev/null || need_apt+=(nodejs npm)
+[ -x /usr/bin/chromium ] || need_apt+=(chromium)
 command -v cc >/dev/null || need_apt+=(build-essential)
 # The LDAP user store's tests start their own slapd (as this user, on a free port, with a
 # throw-away config); the system slapd that the package may set up is not used.
@@ -43,3 +44,4 @@ cargo test --workspace
 scripts/schemathesis.sh
 scripts/conformance.sh
 scripts/node-tests.sh
+scripts/ui-tests.sh

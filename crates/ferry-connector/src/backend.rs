@@ -263,7 +263,7 @@ impl Backend {
         if let Ok(v) = HeaderValue::from_str(&host_value) {
             h.insert(http::header::HOST, v);
         }
-        let req = Request::from_parts(parts, body::boxed(incoming));
+        let req = Request::from_parts(parts, body::boxed(Counted { inner: incoming, bytes: http_bytes().0.clone() }));
         let started = std::time::Instant::now();
         let sent = match user_tls {
             Some(identity) => self.send_as_user(req, m, &identity).await,
@@ -281,7 +281,7 @@ impl Backend {
                 let (mut parts, incoming) = resp.into_parts();
                 body::strip_hop_by_hop(&mut parts.headers);
                 self.rewrite_response_headers(&mut parts.headers, rules);
-                Response::from_parts(parts, body::boxed(incoming))
+                Response::from_parts(parts, body::boxed(Counted { inner: incoming, bytes: http_bytes().1.clone() }))
             }
             Err(e) => {
                 tracing::warn!(system = %target, error = %e, "backend request failed");
@@ -403,4 +403,51 @@ fn relay_up<W: tokio::io::AsyncWrite + Unpin + Send + 'static>(upstream: Incomin
             tracing::debug!(error = %e, "tunnel→backend copy ended");
         }
     });
+}
+
+/// Counters of HTTP body bytes relayed to backends and back (the monitoring page's bytes
+/// series), looked up once.
+fn http_bytes() -> &'static (Arc<std::sync::atomic::AtomicU64>, Arc<std::sync::atomic::AtomicU64>) {
+    static C: std::sync::OnceLock<(Arc<std::sync::atomic::AtomicU64>, Arc<std::sync::atomic::AtomicU64>)> =
+        std::sync::OnceLock::new();
+    C.get_or_init(|| {
+        let m = ferry_core::metrics::global();
+        let help = "HTTP body bytes the Cloud Connector relayed, by direction.";
+        (
+            m.counter("ferry_connector_http_bytes_total", help, &[("direction", "request")]),
+            m.counter("ferry_connector_http_bytes_total", help, &[("direction", "response")]),
+        )
+    })
+}
+
+/// A body that adds the size of every data frame to a counter as it streams through.
+struct Counted<B> {
+    inner: B,
+    bytes: Arc<std::sync::atomic::AtomicU64>,
+}
+
+impl<B: http_body::Body + Unpin> http_body::Body for Counted<B> {
+    type Data = B::Data;
+    type Error = B::Error;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
+        let polled = std::pin::Pin::new(&mut self.inner).poll_frame(cx);
+        if let std::task::Poll::Ready(Some(Ok(frame))) = &polled
+            && let Some(data) = frame.data_ref()
+        {
+            self.bytes.fetch_add(bytes::Buf::remaining(data) as u64, std::sync::atomic::Ordering::Relaxed);
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
+    }
 }

@@ -11,6 +11,7 @@
 
 mod api;
 pub mod store;
+mod ui;
 
 pub use api::Enrollment;
 
@@ -237,6 +238,8 @@ impl Admin {
     pub fn router(self: &Arc<Self>) -> axum::Router {
         api::router(self.clone())
             .layer(axum::middleware::from_fn_with_state(self.clone(), authenticate))
+            // The web UI checks sessions itself: its logon page needs none.
+            .merge(ui::router(self.clone()))
             .layer(axum::extract::DefaultBodyLimit::max(self.config.max_body))
     }
 
@@ -337,6 +340,10 @@ impl Admin {
         let (sid, csrf) = (random_token(), random_token());
         sessions.insert(sid.clone(), Session { user: user.to_owned(), csrf: csrf.clone(), last: Instant::now() });
         (sid, csrf)
+    }
+
+    fn end_session(&self, sid: &str) {
+        self.sessions.lock().unwrap_or_else(PoisonError::into_inner).remove(sid);
     }
 
     fn end_sessions(&self) {
