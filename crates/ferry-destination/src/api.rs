@@ -1053,20 +1053,13 @@ async fn find(
 ) -> Result<Response, ApiError> {
     let Ok(Path(name)) = path else { return Err(ApiError::not_found()) };
     check_tenant_headers(&headers)?;
-    let mut scopes = Vec::with_capacity(2);
+    let mut keys = Vec::with_capacity(2);
     if let Ok(instance) = caller.scope(Collection::Instance) {
-        scopes.push(instance);
+        keys.push(instance.row(&name));
     }
-    scopes.push(caller.subaccount_scope());
-    let mut found = None;
-    for scope in scopes {
-        let key = scope.row(&name);
-        if let Some(stored) = s.load::<Destination>(&key).await? {
-            found = Some((key, stored.destination));
-            break;
-        }
-    }
-    let (key, destination) = found.ok_or_else(ApiError::not_found)?;
+    keys.push(caller.subaccount_scope().row(&name));
+    let (key, stored) = s.load_first::<Destination>(keys).await?.ok_or_else(ApiError::not_found)?;
+    let destination = stored.destination;
     let destination = apply_fragments(&s, &key, destination, &headers, None).await?;
     let (destination, auth_tokens) = finish(&s, &caller, &key, destination, query.as_deref(), &headers).await?;
     let body = FindResponse {

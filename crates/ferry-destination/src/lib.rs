@@ -311,6 +311,17 @@ impl DestinationService {
         }
     }
 
+    /// The first of `keys` that exists, read in one round trip to the store.
+    pub(crate) async fn load_first<T: DeserializeOwned>(
+        &self,
+        keys: Vec<RowKey>,
+    ) -> Result<Option<(RowKey, Stored<T>)>, Error> {
+        match self.store.get_first(keys).await? {
+            Some((key, sealed)) => self.unseal(&key, &sealed).map(|s| Some((key, s))),
+            None => Ok(None),
+        }
+    }
+
     pub(crate) async fn list<T: DeserializeOwned>(&self, scope: &Scope) -> Result<Vec<T>, Error> {
         let rows = self.store.list(scope.clone()).await?;
         rows.into_iter().map(|(name, sealed)| self.unseal(&scope.row(&name), &sealed).map(|s| s.destination)).collect()

@@ -164,6 +164,44 @@ impl Store for PgStore {
         })
     }
 
+    fn get_first(&self, keys: Vec<RowKey>) -> StoreFuture<'_, Option<(RowKey, Vec<u8>)>> {
+        let context = "reading a destination";
+        Box::pin(async move {
+            let Some(first) = keys.first() else { return Ok(None) };
+            let table = first.scope.kind.table();
+            // One statement, one round trip: a branch per key, the earliest key that has a row wins.
+            let sql = (0..keys.len())
+                .map(|i| {
+                    let p = 3 * i;
+                    format!(
+                        "SELECT {i}::int4 AS i, sealed FROM {table} WHERE subaccount = ${} AND instance = ${} AND name = ${}",
+                        p + 1,
+                        p + 2,
+                        p + 3
+                    )
+                })
+                .collect::<Vec<_>>()
+                .join(" UNION ALL ")
+                + " ORDER BY i LIMIT 1";
+            let instances: Vec<&str> = keys.iter().map(|k| instance_column(&k.scope.level)).collect();
+            type Param<'a> = &'a (dyn tokio_postgres::types::ToSql + Sync);
+            let mut params: Vec<Param<'_>> = Vec::with_capacity(3 * keys.len());
+            for (key, instance) in keys.iter().zip(&instances) {
+                params.push(&key.scope.subaccount);
+                params.push(instance);
+                params.push(&key.name);
+            }
+            let client = self.client(context).await?;
+            let stmt = client.prepare_cached(&sql).await.map_err(err(context))?;
+            let row = client.query_opt(&stmt, &params).await.map_err(err(context))?;
+            Ok(row.and_then(|r| {
+                let i: i32 = r.get(0);
+                let sealed: Vec<u8> = r.get(1);
+                keys.into_iter().nth(i as usize).map(|k| (k, sealed))
+            }))
+        })
+    }
+
     fn list(&self, scope: Scope) -> StoreFuture<'_, Vec<(String, Vec<u8>)>> {
         let context = "listing destinations";
         Box::pin(async move {

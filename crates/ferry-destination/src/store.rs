@@ -144,6 +144,9 @@ impl RowKey {
 
 pub(crate) trait Store: Send + Sync {
     fn get(&self, key: RowKey) -> StoreFuture<'_, Option<Vec<u8>>>;
+    /// The first of `keys` (all of one kind) that has a row, in one round trip: find looks at
+    /// the instance level, then the subaccount level, on every call.
+    fn get_first(&self, keys: Vec<RowKey>) -> StoreFuture<'_, Option<(RowKey, Vec<u8>)>>;
     /// `(name, sealed)` pairs of one collection, ordered by name.
     fn list(&self, scope: Scope) -> StoreFuture<'_, Vec<(String, Vec<u8>)>>;
     /// `false` when a row with this key already exists (nothing is written then).
@@ -315,18 +318,28 @@ fn migrate(conn: &mut Connection) -> Result<(), StoreError> {
     tx.commit().map_err(err)
 }
 
+fn get_row(c: &Connection, key: &RowKey) -> rusqlite::Result<Option<Vec<u8>>> {
+    c.prepare_cached(&format!(
+        "SELECT sealed FROM {} WHERE subaccount = ?1 AND instance = ?2 AND name = ?3",
+        key.scope.kind.table()
+    ))?
+    .query_row(params![key.scope.subaccount, instance_column(&key.scope.level), key.name], |r| r.get(0))
+    .optional()
+}
+
 impl Store for SqliteStore {
     fn get(&self, key: RowKey) -> StoreFuture<'_, Option<Vec<u8>>> {
+        self.call("reading a destination", move |c| get_row(c, &key))
+    }
+
+    fn get_first(&self, keys: Vec<RowKey>) -> StoreFuture<'_, Option<(RowKey, Vec<u8>)>> {
         self.call("reading a destination", move |c| {
-            c.query_row(
-                &format!(
-                    "SELECT sealed FROM {} WHERE subaccount = ?1 AND instance = ?2 AND name = ?3",
-                    key.scope.kind.table()
-                ),
-                params![key.scope.subaccount, instance_column(&key.scope.level), key.name],
-                |r| r.get(0),
-            )
-            .optional()
+            for key in keys {
+                if let Some(sealed) = get_row(c, &key)? {
+                    return Ok(Some((key, sealed)));
+                }
+            }
+            Ok(None)
         })
     }
 
