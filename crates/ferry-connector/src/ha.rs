@@ -218,6 +218,8 @@ pub enum HaError {
     Unreachable(String, String),
     #[error("the peer refused: {0}")]
     Refused(String),
+    #[error("the peer does not accept this instance's HA credential any more; connect the shadow again")]
+    Unpaired,
     #[error("{0}")]
     State(String),
 }
@@ -530,6 +532,9 @@ impl Admin {
             .send()
             .await
             .map_err(|e| HaError::Unreachable(format!("{host}:{port}"), e.to_string()))?;
+        if r.status() == reqwest::StatusCode::UNAUTHORIZED {
+            return Err(HaError::Unpaired);
+        }
         if !r.status().is_success() {
             return Err(HaError::Refused(format!("{} {}", r.status(), r.text().await.unwrap_or_default())));
         }
@@ -617,6 +622,15 @@ impl Admin {
         if !f.master.allowed_shadow_host.is_empty() && !f.master.allowed_shadow_host.eq_ignore_ascii_case(&req.host) {
             return Err(HaError::Refused(format!("shadow host {} is not the allowed shadow host", req.host)));
         }
+        if let Some(p) = &f.peer
+            && (p.host != req.host || p.port != req.port)
+            && self.ha.shadow_live()
+        {
+            return Err(HaError::State(format!(
+                "the shadow {}:{} is connected; only one shadow is supported (remove it with DELETE ha/master/state)",
+                p.host, p.port
+            )));
+        }
         if req.port == 0 || req.host.is_empty() {
             return Err(HaError::Refused("the shadow must name its host and port".into()));
         }
@@ -681,6 +695,7 @@ impl Admin {
             .map_err(|e| HaError::Unreachable(format!("{}:{}", cfg.master_host, cfg.master_port), e.to_string()))?;
         match r.status().as_u16() {
             204 => Ok(Poll::Unchanged),
+            401 => Err(HaError::Unpaired),
             200 => {
                 let p: SyncPayload = r.json().await.map_err(|e| HaError::Refused(e.to_string()))?;
                 Ok(Poll::Changed(Box::new(p)))
@@ -736,6 +751,12 @@ impl Admin {
                         self.ha.set_shadow_state(ShadowState::Ready);
                     }
                 }
+                // The master is alive but dropped the pairing: never a reason to take over.
+                Err(HaError::Unpaired) => {
+                    tracing::error!("HA: the master refused the HA credential; CONNECT the shadow again");
+                    self.ha.set_shadow_state(ShadowState::Disconnected);
+                    return;
+                }
                 Err(e) => {
                     let since = *first_failure.get_or_insert_with(Instant::now);
                     tracing::warn!(error = %e, "HA: master check failed");
@@ -743,13 +764,17 @@ impl Admin {
                         self.ha.set_shadow_state(ShadowState::Lost);
                     }
                     if since.elapsed() >= cfg.takeover_delay() {
-                        // Last word before taking over: a master that answers now keeps its role.
-                        if let Ok(info) = self.peer_role(Duration::from_millis(cfg.connect_timeout_in_millis)).await
-                            && info.role == Role::Master
-                        {
-                            first_failure = None;
-                            tokio::time::sleep(cfg.check_interval()).await;
-                            continue;
+                        // Last word before taking over: only a peer that cannot be reached, or says it
+                        // is a shadow itself, is replaced.
+                        match self.peer_role(Duration::from_millis(cfg.connect_timeout_in_millis)).await {
+                            Ok(info) if info.role == Role::Shadow => {}
+                            Err(HaError::Unreachable(..)) => {}
+                            other => {
+                                tracing::warn!(answer = ?other.map(|i| i.role), "HA: the master answers; not taking over");
+                                first_failure = None;
+                                tokio::time::sleep(cfg.check_interval()).await;
+                                continue;
+                            }
                         }
                         let me = self.clone();
                         // The promotion replaces this task; run it detached so it is not cancelled with it.

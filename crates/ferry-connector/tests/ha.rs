@@ -317,6 +317,18 @@ async fn shadow_takes_over_the_old_master_returns_as_shadow_and_switch_over_move
         shadow.shadow_state().await == "READY"
     })
     .await;
+
+    // The master drops its shadow: the shadow is refused, stops, and does not take over from a
+    // master that answers.
+    let (s, b) = old.call(Method::DELETE, &format!("{HA}/master/state"), None).await;
+    assert_eq!(s, StatusCode::NO_CONTENT, "{b}");
+    assert_eq!(old.master_state().await, "ALONE");
+    wait_for("unpaired shadow DISCONNECTED", Duration::from_secs(20), || async {
+        shadow.shadow_state().await == "DISCONNECTED"
+    })
+    .await;
+    assert_eq!(shadow.exposed("hasMasterRole").await.1, "false");
+    assert_eq!(old.exposed("hasMasterRole").await.1, "true");
     shadow.stop().await;
     old.stop().await;
 }

@@ -50,7 +50,7 @@ impl From<HaError> for ApiError {
         match e {
             HaError::State(m) => ApiError::conflict(m),
             HaError::Refused(m) => ApiError::invalid(format!("the peer refused: {m}")),
-            e @ HaError::Unreachable(..) => ApiError::internal(e.to_string()),
+            e @ (HaError::Unreachable(..) | HaError::Unpaired) => ApiError::internal(e.to_string()),
             HaError::Store(e) => ApiError::internal(e.to_string()),
         }
     }
