@@ -161,6 +161,11 @@ pub struct HaFile {
     pub shadow: ShadowConfig,
     #[serde(default)]
     pub peer: Option<Peer>,
+    /// This instance holds a configuration worth serving: it was master, or as shadow stored
+    /// the master's configuration at least once since it connected. A shadow without one never
+    /// takes over — its empty configuration would then overwrite the old master's.
+    #[serde(default)]
+    pub synced: bool,
 }
 
 impl HaFile {
@@ -175,6 +180,7 @@ impl HaFile {
                 master: MasterConfig::default(),
                 shadow: ShadowConfig::default(),
                 peer: None,
+                synced: true,
             }),
             Err(e) => Err(store::StoreError::Io(path, e)),
         }
@@ -593,6 +599,7 @@ impl Admin {
                 secret_sealed: sealed,
                 check_interval_ms: body.check_interval_ms,
             });
+            f.synced = false;
         })?;
         self.ha.set_secret(Some(Secret::new(reg.secret)));
         self.ha.master_epoch.store(reg.epoch, Ordering::SeqCst);
@@ -735,6 +742,11 @@ impl Admin {
                     let new_have = p.have.clone();
                     match self.apply_sync(p.config).await {
                         Ok(()) => {
+                            if !self.ha.file().synced
+                                && let Err(e) = self.ha.update_file(&self.store, |f| f.synced = true)
+                            {
+                                tracing::error!(error = %e, "HA: cannot store the sync state");
+                            }
                             have = new_have;
                             first_failure = None;
                             self.ha.set_shadow_state(ShadowState::Ready);
@@ -763,7 +775,11 @@ impl Admin {
                     if self.ha.shadow_state() == ShadowState::Ready {
                         self.ha.set_shadow_state(ShadowState::Lost);
                     }
-                    if since.elapsed() >= cfg.takeover_delay() {
+                    if since.elapsed() >= cfg.takeover_delay() && !self.ha.file().synced {
+                        tracing::error!(
+                            "HA: the master is gone but this shadow never received its configuration; not taking over"
+                        );
+                    } else if since.elapsed() >= cfg.takeover_delay() {
                         // Last word before taking over: only a peer that cannot be reached, or says it
                         // is a shadow itself, is replaced.
                         match self.peer_role(Duration::from_millis(cfg.connect_timeout_in_millis)).await {
@@ -785,7 +801,8 @@ impl Admin {
                         });
                         return;
                     }
-                    let pause = cfg.check_interval().min(cfg.takeover_delay().saturating_sub(since.elapsed()));
+                    let left = cfg.takeover_delay().saturating_sub(since.elapsed());
+                    let pause = if left.is_zero() { cfg.check_interval() } else { cfg.check_interval().min(left) };
                     tokio::select! {
                         _ = tokio::time::sleep(pause.max(Duration::from_millis(20))) => {}
                         _ = sd.cancelled() => return,
@@ -851,6 +868,7 @@ impl Admin {
         self.instance.disconnect_all().await;
         let f = self.ha.update_file(&self.store, |f| {
             f.role = Role::Shadow;
+            f.synced = true;
             if let Some(p) = &f.peer {
                 f.shadow.master_host = p.host.clone();
                 f.shadow.master_port = p.port;
@@ -973,6 +991,9 @@ impl Admin {
     pub(crate) async fn takeover_requested(self: &Arc<Self>, req: TakeoverRequest) -> Result<(), HaError> {
         if self.ha.role() != Role::Shadow {
             return Err(HaError::State("this instance is not a shadow".into()));
+        }
+        if !self.ha.file().synced {
+            return Err(HaError::State("the shadow has not received the configuration yet".into()));
         }
         if !req.force && self.ha.shadow_state() != ShadowState::Ready {
             return Err(HaError::State(format!("the shadow is {}, not READY", self.ha.shadow_state().as_str())));

@@ -264,6 +264,18 @@ async fn acknowledged_writes_are_on_the_shadow_and_the_shadow_refuses_writes() {
     assert_eq!(s, StatusCode::CREATED, "{b}");
     assert_eq!(master.master_state().await, "BROKEN");
     assert_eq!(master.exposed("hasMasterRole").await.1, "true", "a master that lost its shadow stays master");
+
+    // A switch-over needs a shadow in sync; a forced one a shadow that answers. Refused, the
+    // master stays master and its tunnels serve again.
+    let (s, b) = master.call(Method::POST, &format!("{HA}/master/state"), Some(json!({"op": "SWITCH"}))).await;
+    assert_eq!(s, StatusCode::CONFLICT, "{b}");
+    let (s, b) = master.call(Method::POST, &format!("{HA}/master/state"), Some(json!({"op": "FORCE_SWITCH"}))).await;
+    assert_eq!(s, StatusCode::INTERNAL_SERVER_ERROR, "{b}");
+    assert_eq!(master.exposed("hasMasterRole").await.1, "true");
+    wait_for("requests through the master after the refused switch", Duration::from_secs(20), || async {
+        get_via_proxy(&pair, "http://erp.virtual:80/z").await == Some(200)
+    })
+    .await;
     master.stop().await;
 }
 
