@@ -1002,3 +1002,55 @@ impl Admin {
         self.promote(true).await
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shadow_settings_are_validated_and_accept_fractions() {
+        let mut c = ShadowConfig::default();
+        assert!(c.validate().is_ok());
+        assert_eq!((c.check_interval(), c.takeover_delay()), (Duration::from_secs(30), Duration::from_secs(10)));
+        c.check_interval_in_seconds = 0.2;
+        assert!(c.validate().is_ok());
+        assert_eq!(c.check_interval(), Duration::from_millis(200));
+        for bad in [0.0, 0.01, -1.0, f64::NAN, f64::INFINITY, 4000.0] {
+            c.check_interval_in_seconds = bad;
+            assert!(c.validate().is_err(), "{bad}");
+        }
+        c.check_interval_in_seconds = 1.0;
+        c.takeover_delay_in_seconds = -1.0;
+        assert!(c.validate().is_err());
+        c.takeover_delay_in_seconds = 0.0;
+        c.request_timeout_in_millis = 0;
+        assert!(c.validate().is_err());
+    }
+
+    #[test]
+    fn ha_settings_persist_with_the_secret_sealed() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, _) = Store::open(dir.path()).unwrap();
+        let ha = Ha::open(&store).unwrap();
+        assert_eq!(ha.role(), Role::Master);
+        assert_eq!(ha.master_state(), "ALONE");
+        let sealed = B64.encode(store.seal_blob(b"ha-secret", b"the-secret").unwrap());
+        ha.update_file(&store, |f| {
+            f.role = Role::Shadow;
+            f.peer = Some(Peer {
+                host: "h".into(),
+                port: 1,
+                ca_pem: String::new(),
+                secret_sealed: sealed,
+                check_interval_ms: 100,
+            });
+        })
+        .unwrap();
+        let text = std::fs::read_to_string(dir.path().join(HA_FILE)).unwrap();
+        assert!(!text.contains("the-secret"));
+        let again = Ha::open(&store).unwrap();
+        assert_eq!(again.role(), Role::Shadow);
+        assert_eq!(again.shadow_state(), ShadowState::Disconnected);
+        assert_eq!(again.secret().unwrap().expose(), "the-secret");
+    }
+}
