@@ -244,6 +244,38 @@ async fn acknowledged_writes_are_on_the_shadow_and_the_shadow_refuses_writes() {
     let (s, b) = shadow.call(Method::POST, &maps, Some(mapping("nope.virtual", backend.addr))).await;
     assert_eq!(s, StatusCode::FORBIDDEN);
     assert_eq!(b["type"], "SHADOW_UPDATE", "{b}");
+    // The web UI on the shadow is refused too, and the setting stays the master's.
+    let browser = reqwest::Client::builder()
+        .use_preconfigured_tls(ferry_core::tls::outbound_client_config(Some(&shadow.ca)).unwrap())
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .unwrap();
+    let ui_post = |path: &str, cookie: Option<&str>, form: &[(&str, &str)]| {
+        let mut r = browser.post(format!("{}{path}", shadow.base)).form(form);
+        if let Some(c) = cookie {
+            r = r.header("cookie", c);
+        }
+        r.send()
+    };
+    let r = ui_post("/ui/login", None, &[("user", "Administrator"), ("password", PW)]).await.unwrap();
+    let cookie = r.headers()["set-cookie"].to_str().unwrap().split(';').next().unwrap().to_owned();
+    let page = browser
+        .get(format!("{}/ui/principal-propagation", shadow.base))
+        .header("cookie", &cookie)
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let csrf = page.split_once("name=\"_csrf\" value=\"").unwrap().1.split('"').next().unwrap().to_owned();
+    let form = [("_csrf", csrf.as_str()), ("certificateValidityInMin", "30"), ("expirationToleranceInHr", "2")];
+    let r = ui_post("/ui/principal-propagation", Some(&cookie), &form).await.unwrap();
+    let body = r.text().await.unwrap();
+    assert!(body.contains("this instance is the shadow"), "{body}");
+    let pp = format!("{CONF}/connector/onPremises/ppSettings");
+    assert_eq!(shadow.call(Method::GET, &pp, None).await.1["certificateValidityInMin"], 60);
+
     // Not synced: the administrator's password.
     assert_eq!(shadow.call_as(Method::GET, &maps, PW, None).await.0, StatusCode::OK);
 

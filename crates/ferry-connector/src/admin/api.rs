@@ -54,6 +54,7 @@ pub(super) fn router(admin: Arc<Admin>) -> Router {
         )
         .route("/api/monitoring/subaccounts", get(monitoring))
         .fallback(|| async { ApiError::not_found("no such API") })
+        .layer(axum::middleware::from_fn_with_state(admin.clone(), super::shadow_guard))
         .with_state(admin)
 }
 

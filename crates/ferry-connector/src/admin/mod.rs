@@ -544,14 +544,6 @@ async fn authenticate(State(admin): State<Arc<Admin>>, mut req: Request, next: N
     if initial && !(req.method() == Method::PUT && req.uri().path() == PASSWORD_PATH) {
         return ApiError::forbidden("initial password must be changed").into_response();
     }
-    if !safe && admin.ha.role() == Role::Shadow && !ha_api::writable_on_shadow(req.method(), req.uri().path()) {
-        return ApiError::new(
-            StatusCode::FORBIDDEN,
-            "SHADOW_UPDATE",
-            "this instance is the shadow: change the configuration on the master",
-        )
-        .into_response();
-    }
     req.extensions_mut().insert(Caller(user));
     let mut resp = next.run(req).await;
     if let Some(sid) = new_cookie
@@ -563,6 +555,21 @@ async fn authenticate(State(admin): State<Arc<Admin>>, mut req: Request, next: N
         resp.headers_mut().insert(CSRF, v);
     }
     resp
+}
+
+/// A shadow's configuration comes from its master: changes answer SAP's `SHADOW_UPDATE`. Layered
+/// on the API router itself, so the web UI's in-process calls meet it too.
+pub(crate) async fn shadow_guard(State(admin): State<Arc<Admin>>, req: Request, next: Next) -> Response {
+    let safe = matches!(*req.method(), Method::GET | Method::HEAD | Method::OPTIONS);
+    if !safe && admin.ha.role() == Role::Shadow && !ha_api::writable_on_shadow(req.method(), req.uri().path()) {
+        return ApiError::new(
+            StatusCode::FORBIDDEN,
+            "SHADOW_UPDATE",
+            "this instance is the shadow: change the configuration on the master",
+        )
+        .into_response();
+    }
+    next.run(req).await
 }
 
 /// Opens the data folder, serves the API on `listener` until `shutdown`.
