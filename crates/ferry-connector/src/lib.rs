@@ -9,6 +9,7 @@ pub mod access;
 pub mod admin;
 pub mod audit;
 mod backend;
+pub mod ha;
 pub mod instance;
 pub mod principal;
 pub mod rewrite;

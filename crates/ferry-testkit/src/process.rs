@@ -68,6 +68,11 @@ impl FerryProcess {
         me
     }
 
+    /// The process id, for signals a test sends itself (`kill -STOP`, `kill -9`).
+    pub fn id(&self) -> u32 {
+        self.child.id()
+    }
+
     /// Everything printed on stdout so far.
     pub fn stdout(&self) -> String {
         self.stdout.lock().map(|s| s.clone()).unwrap_or_default()

@@ -54,6 +54,7 @@ pub(super) fn router(admin: Arc<Admin>) -> Router {
         )
         .route("/api/monitoring/subaccounts", get(monitoring))
         .fallback(|| async { ApiError::not_found("no such API") })
+        .layer(axum::middleware::from_fn_with_state(admin.clone(), super::shadow_guard))
         .with_state(admin)
 }
 
@@ -84,7 +85,7 @@ impl Admin {
         let mut guard = self.state.lock().await;
         let mut next = guard.clone();
         let r = f(&mut next)?;
-        self.store.save(&next).map_err(|e| ApiError::internal(format!("cannot save the configuration: {e}")))?;
+        self.persist(&next).await?;
         *guard = next.clone();
         Ok((r, next))
     }
@@ -161,6 +162,7 @@ impl Admin {
         entry.key_sealed = Some(key_sealed);
         let entry = entry.clone();
         self.store.save(&next)?;
+        self.replicate(&next).await;
         *guard = next.clone();
         if entry.connected {
             self.connect(&next, &entry).await.map_err(|e| super::AdminError::Connect(e.message))?;
@@ -180,19 +182,24 @@ struct ExposedQuery {
     action: Option<String>,
 }
 
-async fn exposed(Query(q): Query<ExposedQuery>) -> Response {
+/// Load balancer probes: a TCP balancer in front of master and shadow sends traffic to the
+/// instance whose `ensureMasterRole` answers 200.
+async fn exposed(State(a): A, Query(q): Query<ExposedQuery>) -> Response {
+    let master = a.ha.role() == crate::ha::Role::Master;
     match q.action.as_deref() {
         Some("ping") => (StatusCode::OK, "pong").into_response(),
-        // Ferry has no high availability: this instance is always the master.
-        Some("hasMasterRole") => (StatusCode::OK, "true").into_response(),
-        Some("ensureMasterRole") => StatusCode::OK.into_response(),
+        Some("hasMasterRole") => (StatusCode::OK, if master { "true" } else { "false" }).into_response(),
+        Some("ensureMasterRole") if master => StatusCode::OK.into_response(),
+        Some("ensureMasterRole") => {
+            ApiError::new(StatusCode::CONFLICT, "ILLEGAL_STATE", "this instance is not the master").into_response()
+        }
         _ => ApiError::invalid("action must be ping, hasMasterRole or ensureMasterRole").into_response(),
     }
 }
 
 async fn get_connector(State(a): A) -> Json<Value> {
     let c = a.state.lock().await;
-    Json(json!({"ha": false, "description": c.description}))
+    Json(json!({"ha": a.ha.file().peer.is_some(), "description": c.description}))
 }
 
 #[derive(Deserialize)]
@@ -422,7 +429,7 @@ async fn restore(State(a): A, Extension(u): Extension<Caller>, body: Bytes) -> R
     let mut guard = a.state.lock().await;
     // Who may log on is not part of a restore: the current administrator keeps access.
     restored.admin = guard.admin.clone();
-    a.store.save(&restored).map_err(|e| ApiError::internal(format!("cannot save the configuration: {e}")))?;
+    a.persist(&restored).await?;
     *guard = restored.clone();
     a.instance.disconnect_all().await;
     a.audit.set_level(restored.audit_level);
@@ -606,7 +613,7 @@ async fn add_subaccount(State(a): A, Extension(u): Extension<Caller>, body: Byte
     next.subaccounts.push(new.clone());
     // Connect before saving: a connection that cannot even be set up is not stored.
     a.connect(&next, &new).await?;
-    a.store.save(&next).map_err(|e| ApiError::internal(format!("cannot save the configuration: {e}")))?;
+    a.persist(&next).await?;
     *guard = next;
     drop(guard);
     a.record(&u.0, "Account", "created", &new.subaccount, &new.region_host).await;
@@ -691,7 +698,7 @@ async fn put_state(
     } else {
         a.instance.disconnect(&s.key()).await;
     }
-    a.store.save(&next).map_err(|e| ApiError::internal(format!("cannot save the configuration: {e}")))?;
+    a.persist(&next).await?;
     *guard = next;
     drop(guard);
     a.record(&u.0, "Account", if b.connected { "connected" } else { "disconnected" }, &sub, &region).await;

@@ -10,6 +10,7 @@
 //! Repeated wrong passwords lock the user name for a while; every change goes to the audit log.
 
 mod api;
+mod ha_api;
 pub mod store;
 mod ui;
 
@@ -30,6 +31,7 @@ use ferry_core::tls::{CertifiedKey, LocalCa};
 use tokio::net::TcpListener;
 
 use crate::audit::{AuditConfig, AuditLog, ChangeEvent};
+use crate::ha::{Ha, Role};
 use crate::instance::Instance;
 use crate::{AccessRules, ConnectorConfig, PrincipalPropagation};
 use store::{SccConfig, Store, StoredSubaccount};
@@ -126,16 +128,21 @@ struct Failures {
 /// The running administration side of a connector instance.
 pub struct Admin {
     config: AdminConfig,
-    store: Store,
+    pub(crate) store: Store,
     /// The current configuration; held across save-and-apply so changes are serialised.
-    state: tokio::sync::Mutex<SccConfig>,
-    instance: Instance,
+    pub(crate) state: tokio::sync::Mutex<SccConfig>,
+    pub(crate) instance: Instance,
     /// Configuration changes (SAP's cross-subaccount audit log).
-    audit: AuditLog,
+    pub(crate) audit: AuditLog,
     sessions: Mutex<HashMap<String, Session>>,
     failures: Mutex<HashMap<String, Failures>>,
     ui_tls: Arc<rustls::ServerConfig>,
-    ui_ca_pem: String,
+    pub(crate) ui_ca_pem: String,
+    /// Master/shadow role and pairing (`crate::ha`).
+    pub(crate) ha: Ha,
+    pub(crate) shutdown: Shutdown,
+    /// The port `serve` listens on, announced to an HA master.
+    pub(crate) own_port: std::sync::OnceLock<u16>,
 }
 
 impl std::fmt::Debug for Admin {
@@ -202,7 +209,11 @@ impl Admin {
         let audit_dir = config.audit_dir.clone().unwrap_or_else(|| config.data_dir.join("audit"));
         let audit =
             AuditLog::start(&AuditConfig { level: scc.audit_level, dir: Some(audit_dir) }, "_configuration", "")?;
+        let ha = Ha::open(&store)?;
         let admin = Arc::new(Self {
+            ha,
+            shutdown: shutdown.clone(),
+            own_port: std::sync::OnceLock::new(),
             store,
             state: tokio::sync::Mutex::new(scc.clone()),
             instance: Instance::new(shutdown),
@@ -213,11 +224,16 @@ impl Admin {
             ui_ca_pem,
             config,
         });
-        for sub in scc.subaccounts.iter().filter(|s| s.connected) {
-            if let Err(e) = admin.connect(&scc, sub).await {
-                tracing::error!(subaccount = %sub.subaccount, error = %e.message, "cannot connect subaccount");
+        // A master that was down while its shadow took over comes back as shadow: no tunnels.
+        if admin.resolve_role_on_start().await == Role::Master {
+            admin.ha.publish(scc.clone(), &admin.store);
+            for sub in scc.subaccounts.iter().filter(|s| s.connected) {
+                if let Err(e) = admin.connect(&scc, sub).await {
+                    tracing::error!(subaccount = %sub.subaccount, error = %e.message, "cannot connect subaccount");
+                }
             }
         }
+        admin.start_role_task();
         Ok(admin)
     }
 
@@ -237,6 +253,7 @@ impl Admin {
 
     pub fn router(self: &Arc<Self>) -> axum::Router {
         api::router(self.clone())
+            .merge(ha_api::router(self.clone()))
             .layer(axum::middleware::from_fn_with_state(self.clone(), authenticate))
             // The web UI checks sessions itself: its logon page needs none.
             .merge(ui::router(self.clone()))
@@ -246,6 +263,9 @@ impl Admin {
     /// Serves the API over HTTPS on `listener` until `shutdown`, then disconnects every
     /// subaccount.
     pub async fn serve(self: Arc<Self>, listener: TcpListener, shutdown: Shutdown) {
+        if let Ok(a) = listener.local_addr() {
+            let _ = self.own_port.set(a.port());
+        }
         let router = self.router();
         ferry_core::serve::serve_router(
             listener,
@@ -293,7 +313,22 @@ impl Admin {
         })
     }
 
-    async fn connect(&self, scc: &SccConfig, sub: &StoredSubaccount) -> Result<(), ApiError> {
+    /// Saves a changed configuration and, on a master with a live shadow, returns only once the
+    /// shadow has stored it too.
+    pub(crate) async fn persist(&self, cfg: &SccConfig) -> Result<(), ApiError> {
+        self.store.save(cfg).map_err(|e| ApiError::internal(format!("cannot save the configuration: {e}")))?;
+        self.replicate(cfg).await;
+        Ok(())
+    }
+
+    pub(crate) async fn replicate(&self, cfg: &SccConfig) {
+        if self.ha.role() == Role::Master {
+            let v = self.ha.publish(cfg.clone(), &self.store);
+            self.ha.await_ack(v).await;
+        }
+    }
+
+    pub(crate) async fn connect(&self, scc: &SccConfig, sub: &StoredSubaccount) -> Result<(), ApiError> {
         let cc = self.connection_config(scc, sub)?;
         self.instance
             .connect(sub.key(), cc)
@@ -405,7 +440,7 @@ fn rules_of(sub: &StoredSubaccount) -> AccessRules {
 pub(crate) struct ApiError {
     status: StatusCode,
     kind: &'static str,
-    message: String,
+    pub(crate) message: String,
 }
 
 impl ApiError {
@@ -470,7 +505,7 @@ fn unauthorized() -> Response {
 
 async fn authenticate(State(admin): State<Arc<Admin>>, mut req: Request, next: Next) -> Response {
     // Load balancer probe, as in SAP's product: no logon.
-    if req.uri().path() == "/exposed" {
+    if req.uri().path() == "/exposed" || req.uri().path().starts_with(crate::ha::PEER_PREFIX) {
         return next.run(req).await;
     }
     let fetch = req.headers().get(CSRF).and_then(|v| v.to_str().ok()).is_some_and(|v| v.eq_ignore_ascii_case("fetch"));
@@ -520,6 +555,21 @@ async fn authenticate(State(admin): State<Arc<Admin>>, mut req: Request, next: N
         resp.headers_mut().insert(CSRF, v);
     }
     resp
+}
+
+/// A shadow's configuration comes from its master: changes answer SAP's `SHADOW_UPDATE`. Layered
+/// on the API router itself, so the web UI's in-process calls meet it too.
+pub(crate) async fn shadow_guard(State(admin): State<Arc<Admin>>, req: Request, next: Next) -> Response {
+    let safe = matches!(*req.method(), Method::GET | Method::HEAD | Method::OPTIONS);
+    if !safe && admin.ha.role() == Role::Shadow && !ha_api::writable_on_shadow(req.method(), req.uri().path()) {
+        return ApiError::new(
+            StatusCode::FORBIDDEN,
+            "SHADOW_UPDATE",
+            "this instance is the shadow: change the configuration on the master",
+        )
+        .into_response();
+    }
+    next.run(req).await
 }
 
 /// Opens the data folder, serves the API on `listener` until `shutdown`.

@@ -136,6 +136,17 @@ impl SccConfig {
         })
     }
 
+    /// A configuration with nothing in it (placeholder before the first HA publication).
+    pub fn empty() -> Self {
+        Self {
+            description: String::new(),
+            admin: AdminUser { user: String::new(), password_hash: String::new(), initial_password: false },
+            audit_level: AuditLevel::default(),
+            pp_settings: PpSettings::default(),
+            subaccounts: Vec::new(),
+        }
+    }
+
     pub fn subaccount(&self, region: &str, sub: &str) -> Option<&StoredSubaccount> {
         self.subaccounts.iter().find(|s| s.region_host == region && s.subaccount == sub)
     }

@@ -1,0 +1,378 @@
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+//! Master/shadow high availability with two in-process instances over real HTTPS on 127.0.0.1,
+//! a real proxy and an echo backend: sync, write blocking on the shadow, failover, the old
+//! master coming back as shadow, and a manual switch-over.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use base64::Engine;
+use bytes::Bytes;
+use ferry_connector::admin::{Admin, AdminConfig};
+use ferry_core::Shutdown;
+use ferry_testkit::{EchoBackend, SUBACCOUNT, TunnelPair};
+use http_body_util::{BodyExt, Full};
+use hyper_util::rt::TokioIo;
+use reqwest::{Method, StatusCode};
+use serde_json::{Value, json};
+use tokio::net::{TcpListener, TcpStream};
+
+const PW: &str = "correct horse battery";
+const CONF: &str = "/api/v1/configuration";
+const HA: &str = "/api/v1/configuration/connector/ha";
+
+struct Node {
+    dir: PathBuf,
+    port: u16,
+    base: String,
+    client: reqwest::Client,
+    ca: String,
+    shutdown: Shutdown,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Node {
+    async fn start(dir: &Path, port: u16) -> Self {
+        ferry_core::init_crypto();
+        let mut cfg = AdminConfig::new(dir.to_owned());
+        cfg.connection.backoff_initial = Duration::from_millis(20);
+        cfg.connection.backoff_max = Duration::from_millis(200);
+        let listener = TcpListener::bind(("127.0.0.1", port)).await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let shutdown = Shutdown::new();
+        let admin = Admin::start(cfg, shutdown.clone()).await.unwrap();
+        let task = tokio::spawn(admin.clone().serve(listener, shutdown.clone()));
+        let client = ferry_core::tls::http_client(Some(admin.ui_ca_pem())).unwrap();
+        Self {
+            dir: dir.to_owned(),
+            port,
+            base: format!("https://127.0.0.1:{port}"),
+            client,
+            ca: admin.ui_ca_pem().to_owned(),
+            shutdown,
+            task,
+        }
+    }
+
+    async fn stop(self) -> (PathBuf, u16) {
+        self.shutdown.cancel();
+        self.task.await.unwrap();
+        (self.dir, self.port)
+    }
+
+    async fn call_as(&self, method: Method, path: &str, pw: &str, body: Option<Value>) -> (StatusCode, Value) {
+        let mut r = self.client.request(method, format!("{}{path}", self.base)).basic_auth("Administrator", Some(pw));
+        if let Some(b) = body {
+            r = r.json(&b);
+        }
+        let resp = r.send().await.unwrap();
+        let status = resp.status();
+        let text = resp.text().await.unwrap();
+        (status, serde_json::from_str(&text).unwrap_or(Value::String(text)))
+    }
+
+    async fn call(&self, method: Method, path: &str, body: Option<Value>) -> (StatusCode, Value) {
+        self.call_as(method, path, PW, body).await
+    }
+
+    async fn init_password(&self) {
+        let (s, b) = self
+            .call_as(
+                Method::PUT,
+                &format!("{CONF}/connector/authentication/basic"),
+                "manage",
+                Some(json!({"oldPassword": "manage", "newPassword": PW})),
+            )
+            .await;
+        assert_eq!(s, StatusCode::NO_CONTENT, "{b}");
+    }
+
+    async fn exposed(&self, action: &str) -> (StatusCode, String) {
+        let r = self.client.get(format!("{}/exposed?action={action}", self.base)).send().await.unwrap();
+        (r.status(), r.text().await.unwrap())
+    }
+
+    async fn shadow_state(&self) -> String {
+        let (_, b) = self.call(Method::GET, &format!("{HA}/shadow/state"), None).await;
+        b["state"].as_str().unwrap_or_default().to_owned()
+    }
+
+    async fn master_state(&self) -> String {
+        let (_, b) = self.call(Method::GET, &format!("{HA}/master/state"), None).await;
+        b["state"].as_str().unwrap_or_default().to_owned()
+    }
+}
+
+fn sub_path(pair: &TunnelPair) -> String {
+    format!("{CONF}/subaccounts/{}/{SUBACCOUNT}", pair.tunnel_addr)
+}
+
+async fn add_subaccount(node: &Node, pair: &TunnelPair) {
+    let id = pair.ca.issue_connector_cert(SUBACCOUNT, "", time::Duration::days(1)).unwrap();
+    let data = json!({"subaccount": SUBACCOUNT, "location_id": "", "certificate": id.cert_pem,
+                      "key": id.key_pem.expose(), "ca": pair.ca.cert_pem(), "tunnel": pair.tunnel_addr.to_string()});
+    let data = base64::engine::general_purpose::STANDARD.encode(data.to_string());
+    let (s, b) =
+        node.call(Method::POST, &format!("{CONF}/subaccounts"), Some(json!({"authenticationData": data}))).await;
+    assert_eq!(s, StatusCode::CREATED, "{b}");
+}
+
+fn mapping(vhost: &str, backend: SocketAddr) -> Value {
+    json!({"virtualHost": vhost, "virtualPort": 80, "localHost": "127.0.0.1", "localPort": backend.port(),
+           "protocol": "HTTP", "authenticationMode": "NONE", "hostInHeader": "virtual"})
+}
+
+/// One GET through the proxy on a fresh connection; None if the proxy could not be reached.
+async fn get_via_proxy(pair: &TunnelPair, uri: &str) -> Option<u16> {
+    let s = TcpStream::connect(pair.http_addr).await.ok()?;
+    s.set_nodelay(true).unwrap();
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(s)).await.ok()?;
+    tokio::spawn(conn);
+    let req = http::Request::get(uri)
+        .header("host", uri.split('/').nth(2).unwrap())
+        .header("proxy-authorization", format!("Bearer {}", pair.token()))
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    let resp = sender.send_request(req).await.ok()?;
+    let status = resp.status().as_u16();
+    resp.into_body().collect().await.ok()?;
+    Some(status)
+}
+
+/// Polls `f` until it is true or `limit` passes; returns how long it took.
+async fn wait_for<F, Fut>(what: &str, limit: Duration, mut f: F) -> Duration
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let start = Instant::now();
+    loop {
+        if f().await {
+            return start.elapsed();
+        }
+        assert!(start.elapsed() < limit, "timed out after {limit:?} waiting for: {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// A master with a subaccount and a mapping, and a shadow paired with it and READY.
+async fn pair_up(pair: &TunnelPair, backend: SocketAddr, mdir: &Path, sdir: &Path) -> (Node, Node) {
+    let master = Node::start(mdir, 0).await;
+    let shadow = Node::start(sdir, 0).await;
+    master.init_password().await;
+    shadow.init_password().await;
+    add_subaccount(&master, pair).await;
+    let maps = format!("{}/systemMappings", sub_path(pair));
+    let (s, b) = master.call(Method::POST, &maps, Some(mapping("erp.virtual", backend))).await;
+    assert_eq!(s, StatusCode::CREATED, "{b}");
+    let res = format!("{maps}/erp.virtual:80/resources");
+    let (s, b) = master.call(Method::POST, &res, Some(json!({"id": "/", "enabled": true}))).await;
+    assert_eq!(s, StatusCode::CREATED, "{b}");
+
+    // Registration needs HA enabled on the master.
+    let (s, b) = master
+        .call(
+            Method::PUT,
+            &format!("{HA}/master/config"),
+            Some(json!({"haEnabled": true, "allowedShadowHost": "127.0.0.1"})),
+        )
+        .await;
+    assert_eq!(s, StatusCode::OK, "{b}");
+    assert_eq!(b["haEnabled"], true);
+    let (s, _) = shadow.call(Method::PUT, &format!("{CONF}/connector/haRole"), Some(json!("shadow"))).await;
+    assert_eq!(s, StatusCode::NO_CONTENT);
+    let (_, role) = shadow.call(Method::GET, &format!("{CONF}/connector/haRole"), None).await;
+    assert_eq!(role, json!("shadow"));
+    let (s, b) = shadow
+        .call(
+            Method::PUT,
+            &format!("{HA}/shadow/config"),
+            Some(json!({"masterHost": "127.0.0.1", "masterPort": master.port, "ownHost": "127.0.0.1",
+                        "checkIntervalInSeconds": 0.2, "takeoverDelayInSeconds": 0.6,
+                        "connectTimeoutInMillis": 500, "requestTimeoutInMillis": 1000})),
+        )
+        .await;
+    assert_eq!(s, StatusCode::OK, "{b}");
+    let (s, b) =
+        shadow.call(Method::PUT, &format!("{HA}/shadow/config"), Some(json!({"checkIntervalInSeconds": 0.0}))).await;
+    assert_eq!(s, StatusCode::BAD_REQUEST, "a zero check interval is refused: {b}");
+
+    // The wrong password of the master's administrator is refused by the master.
+    let connect =
+        |pw: &str| json!({"op": "CONNECT", "user": "Administrator", "password": pw, "caCertificate": master.ca});
+    let (s, b) = shadow.call(Method::POST, &format!("{HA}/shadow/state"), Some(connect("wrong"))).await;
+    assert_eq!(s, StatusCode::BAD_REQUEST, "{b}");
+    let (s, b) = shadow.call(Method::POST, &format!("{HA}/shadow/state"), Some(connect(PW))).await;
+    assert_eq!(s, StatusCode::NO_CONTENT, "{b}");
+    wait_for("shadow READY", Duration::from_secs(20), || async { shadow.shadow_state().await == "READY" }).await;
+    wait_for("master CONNECTED", Duration::from_secs(20), || async { master.master_state().await == "CONNECTED" })
+        .await;
+    (master, shadow)
+}
+
+#[tokio::test]
+async fn acknowledged_writes_are_on_the_shadow_and_the_shadow_refuses_writes() {
+    let pair = TunnelPair::start().await;
+    let backend = EchoBackend::start().await;
+    let (mdir, sdir) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let (master, shadow) = pair_up(&pair, backend.addr, mdir.path(), sdir.path()).await;
+
+    // The first sync carried the subaccount (with its key) and the mapping.
+    let (s, b) = shadow.call(Method::GET, &format!("{}/systemMappings/erp.virtual:80", sub_path(&pair)), None).await;
+    assert_eq!(s, StatusCode::OK, "{b}");
+    let text = std::fs::read_to_string(sdir.path().join("scc-config.json")).unwrap();
+    assert!(!text.contains("PRIVATE KEY"), "the synced key is sealed on the shadow too");
+    assert!(text.contains("keySealed"));
+
+    // Acknowledged on the master ⇒ present on the shadow, with no waiting.
+    let maps = format!("{}/systemMappings", sub_path(&pair));
+    for i in 0..5 {
+        let (s, b) = master.call(Method::POST, &maps, Some(mapping(&format!("host{i}.virtual"), backend.addr))).await;
+        assert_eq!(s, StatusCode::CREATED, "{b}");
+        // Read the shadow's file at once: the write must be stored there before the master's answer.
+        let stored = std::fs::read_to_string(sdir.path().join("scc-config.json")).unwrap();
+        assert!(stored.contains(&format!("host{i}.virtual")), "mapping {i} acknowledged but not stored on the shadow");
+        let (s, b) = shadow.call(Method::GET, &format!("{maps}/host{i}.virtual:80"), None).await;
+        assert_eq!(s, StatusCode::OK, "mapping {i} acknowledged by the master is missing on the shadow: {b}");
+    }
+    let (s, b) = master.call(Method::DELETE, &format!("{maps}/host0.virtual:80"), None).await;
+    assert_eq!(s, StatusCode::NO_CONTENT, "{b}");
+    assert_eq!(shadow.call(Method::GET, &format!("{maps}/host0.virtual:80"), None).await.0, StatusCode::NOT_FOUND);
+
+    // The shadow refuses configuration changes with SAP's error type, but keeps its own password.
+    let (s, b) = shadow.call(Method::POST, &maps, Some(mapping("nope.virtual", backend.addr))).await;
+    assert_eq!(s, StatusCode::FORBIDDEN);
+    assert_eq!(b["type"], "SHADOW_UPDATE", "{b}");
+    // The web UI on the shadow is refused too, and the setting stays the master's.
+    let browser = reqwest::Client::builder()
+        .use_preconfigured_tls(ferry_core::tls::outbound_client_config(Some(&shadow.ca)).unwrap())
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .unwrap();
+    let ui_post = |path: &str, cookie: Option<&str>, form: &[(&str, &str)]| {
+        let mut r = browser.post(format!("{}{path}", shadow.base)).form(form);
+        if let Some(c) = cookie {
+            r = r.header("cookie", c);
+        }
+        r.send()
+    };
+    let r = ui_post("/ui/login", None, &[("user", "Administrator"), ("password", PW)]).await.unwrap();
+    let cookie = r.headers()["set-cookie"].to_str().unwrap().split(';').next().unwrap().to_owned();
+    let page = browser
+        .get(format!("{}/ui/principal-propagation", shadow.base))
+        .header("cookie", &cookie)
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let csrf = page.split_once("name=\"_csrf\" value=\"").unwrap().1.split('"').next().unwrap().to_owned();
+    let form = [("_csrf", csrf.as_str()), ("certificateValidityInMin", "30"), ("expirationToleranceInHr", "2")];
+    let r = ui_post("/ui/principal-propagation", Some(&cookie), &form).await.unwrap();
+    let body = r.text().await.unwrap();
+    assert!(body.contains("this instance is the shadow"), "{body}");
+    let pp = format!("{CONF}/connector/onPremises/ppSettings");
+    assert_eq!(shadow.call(Method::GET, &pp, None).await.1["certificateValidityInMin"], 60);
+
+    // Not synced: the administrator's password.
+    assert_eq!(shadow.call_as(Method::GET, &maps, PW, None).await.0, StatusCode::OK);
+
+    // Probes: only the master claims the master role.
+    assert_eq!(master.exposed("hasMasterRole").await, (StatusCode::OK, "true".into()));
+    assert_eq!(shadow.exposed("hasMasterRole").await, (StatusCode::OK, "false".into()));
+    assert_eq!(master.exposed("ensureMasterRole").await.0, StatusCode::OK);
+    assert_eq!(shadow.exposed("ensureMasterRole").await.0, StatusCode::CONFLICT);
+    assert_eq!(shadow.exposed("ping").await.0, StatusCode::OK);
+
+    // Forged HA secrets are refused.
+    let r = master.client.get(format!("{}/ferry/ha/v1/role", master.base)).bearer_auth("forged").send().await.unwrap();
+    assert_eq!(r.status(), StatusCode::UNAUTHORIZED);
+
+    // A dead shadow does not block the master for longer than 3 check periods, and it is BROKEN.
+    shadow.stop().await;
+    let (s, b) = master.call(Method::POST, &maps, Some(mapping("alone.virtual", backend.addr))).await;
+    assert_eq!(s, StatusCode::CREATED, "{b}");
+    assert_eq!(master.master_state().await, "BROKEN");
+    assert_eq!(master.exposed("hasMasterRole").await.1, "true", "a master that lost its shadow stays master");
+
+    // A switch-over needs a shadow in sync; a forced one a shadow that answers. Refused, the
+    // master stays master and its tunnels serve again.
+    let (s, b) = master.call(Method::POST, &format!("{HA}/master/state"), Some(json!({"op": "SWITCH"}))).await;
+    assert_eq!(s, StatusCode::CONFLICT, "{b}");
+    let (s, b) = master.call(Method::POST, &format!("{HA}/master/state"), Some(json!({"op": "FORCE_SWITCH"}))).await;
+    assert_eq!(s, StatusCode::INTERNAL_SERVER_ERROR, "{b}");
+    assert_eq!(master.exposed("hasMasterRole").await.1, "true");
+    wait_for("requests through the master after the refused switch", Duration::from_secs(20), || async {
+        get_via_proxy(&pair, "http://erp.virtual:80/z").await == Some(200)
+    })
+    .await;
+    master.stop().await;
+}
+
+#[tokio::test]
+async fn shadow_takes_over_the_old_master_returns_as_shadow_and_switch_over_moves_back() {
+    let pair = TunnelPair::start().await;
+    let backend = EchoBackend::start().await;
+    let (mdir, sdir) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let (master, shadow) = pair_up(&pair, backend.addr, mdir.path(), sdir.path()).await;
+    let uri = "http://erp.virtual:80/x";
+    wait_for("requests through the master", Duration::from_secs(20), || async {
+        get_via_proxy(&pair, uri).await == Some(200)
+    })
+    .await;
+    assert_eq!(shadow.exposed("hasMasterRole").await.1, "false");
+
+    // The master goes away: the shadow takes over and serves the same mapping.
+    let (mdir_path, mport) = master.stop().await;
+    let took = wait_for("the shadow serves after the master stopped", Duration::from_secs(30), || async {
+        get_via_proxy(&pair, uri).await == Some(200)
+    })
+    .await;
+    println!("measured: requests flow again {took:?} after the master stopped (check 0.2 s, takeover delay 0.6 s)");
+    assert_eq!(shadow.exposed("hasMasterRole").await.1, "true");
+
+    // The old master restarts: it asks its peer, finds a newer master and becomes its shadow.
+    let old = Node::start(&mdir_path, mport).await;
+    assert_eq!(old.exposed("hasMasterRole").await.1, "false");
+    wait_for("old master READY as shadow", Duration::from_secs(20), || async { old.shadow_state().await == "READY" })
+        .await;
+    wait_for("new master CONNECTED", Duration::from_secs(20), || async { shadow.master_state().await == "CONNECTED" })
+        .await;
+    // Changes on the new master reach the old one.
+    let maps = format!("{}/systemMappings", sub_path(&pair));
+    let (s, b) = shadow.call(Method::POST, &maps, Some(mapping("after.virtual", backend.addr))).await;
+    assert_eq!(s, StatusCode::CREATED, "{b}");
+    assert_eq!(old.call(Method::GET, &format!("{maps}/after.virtual:80"), None).await.0, StatusCode::OK);
+
+    // Manual switch-over back: the old master is master again, the other one its shadow.
+    let (s, b) = old.call(Method::POST, &format!("{HA}/master/state"), Some(json!({"op": "SWITCH"}))).await;
+    assert_eq!(s, StatusCode::CONFLICT, "only a master switches: {b}");
+    let (s, b) = shadow.call(Method::POST, &format!("{HA}/master/state"), Some(json!({"op": "SWITCH"}))).await;
+    assert_eq!(s, StatusCode::NO_CONTENT, "{b}");
+    assert_eq!(old.exposed("hasMasterRole").await.1, "true");
+    assert_eq!(shadow.exposed("hasMasterRole").await.1, "false");
+    wait_for("requests through the switched master", Duration::from_secs(20), || async {
+        get_via_proxy(&pair, "http://erp.virtual:80/y").await == Some(200)
+    })
+    .await;
+    wait_for("shadow READY after the switch", Duration::from_secs(20), || async {
+        shadow.shadow_state().await == "READY"
+    })
+    .await;
+
+    // The master drops its shadow: the shadow is refused, stops, and does not take over from a
+    // master that answers.
+    let (s, b) = old.call(Method::DELETE, &format!("{HA}/master/state"), None).await;
+    assert_eq!(s, StatusCode::NO_CONTENT, "{b}");
+    assert_eq!(old.master_state().await, "ALONE");
+    wait_for("unpaired shadow DISCONNECTED", Duration::from_secs(20), || async {
+        shadow.shadow_state().await == "DISCONNECTED"
+    })
+    .await;
+    assert_eq!(shadow.exposed("hasMasterRole").await.1, "false");
+    assert_eq!(old.exposed("hasMasterRole").await.1, "true");
+    shadow.stop().await;
+    old.stop().await;
+}
