@@ -55,6 +55,8 @@ token=$(curl -fsS -u 'sb-conf-destination!b1:conf-destination-secret' -d grant_t
   http://127.0.0.1:18081/oauth/token | "$venv/bin/python" -c 'import json,sys; print(json.load(sys.stdin)["access_token"])')
 
 status=0
+# schemathesis keeps a cache folder in the working directory: keep it in the throw-away one.
+cd "$work"
 "$venv/bin/st" run http://127.0.0.1:18082/destination-configuration/openapi.yaml \
   --url http://127.0.0.1:18082/destination-configuration \
   --header "Authorization: Bearer $token" \

@@ -17,6 +17,11 @@ pub enum Protocol {
     Tcps,
     Ldap,
     Ldaps,
+    /// SAP RFC to an application server's gateway (`33<nn>`) or a message server. RFC's wire
+    /// protocol (CPIC) is not publicly documented, so the connector relays it as a TCP stream:
+    /// the mapping's host and port are the whole grant, and RFC function-name resources cannot
+    /// be enforced. RFC with SNC (`RFCS`) is not offered: SNC needs SAP's crypto library.
+    Rfc,
 }
 
 impl Protocol {
@@ -265,6 +270,18 @@ mod tests {
                 resources: vec![],
                 description: None,
             },
+            SystemMapping {
+                virtual_host: "ecc.virtual".into(),
+                virtual_port: 3300,
+                local_host: "10.0.0.3".into(),
+                local_port: 3301,
+                protocol: Protocol::Rfc,
+                host_in_header: HostInHeader::Virtual,
+                authentication_mode: Default::default(),
+                principal_certificate_in: Default::default(),
+                resources: vec![],
+                description: None,
+            },
         ])
     }
 
@@ -316,6 +333,17 @@ mod tests {
             r.check(AccessRequest::Tcp { host: "erp.virtual", port: 8080 }),
             Decision::Deny(DenyReason::WrongProtocol)
         );
+        // RFC is relayed as a stream to the gateway port; the mapping is the whole grant.
+        assert!(
+            matches!(r.check(AccessRequest::Tcp { host: "ecc.virtual", port: 3300 }), Decision::Allow(m) if m.local_port == 3301)
+        );
+        assert_eq!(
+            r.check(AccessRequest::Http { host: "ecc.virtual", port: 3300, path: "/" }),
+            Decision::Deny(DenyReason::WrongProtocol)
+        );
+        let rfc: Protocol = serde_json::from_str("\"RFC\"").unwrap();
+        assert_eq!(rfc, Protocol::Rfc);
+        assert!(serde_json::from_str::<Protocol>("\"RFCS\"").is_err(), "SNC is not offered");
     }
 
     #[test]

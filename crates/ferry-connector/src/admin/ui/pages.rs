@@ -444,7 +444,7 @@ struct MappingQuery {
     id: Option<String>,
 }
 
-const PROTOCOLS: [&str; 6] = ["HTTP", "HTTPS", "TCP", "TCPS", "LDAP", "LDAPS"];
+const PROTOCOLS: [&str; 7] = ["HTTP", "HTTPS", "TCP", "TCPS", "LDAP", "LDAPS", "RFC"];
 const BACKENDS: [(&str, &str); 5] = [
     ("abapSys", "ABAP system"),
     ("netweaverCE", "SAP NetWeaver (Java)"),
