@@ -192,7 +192,8 @@ impl AccessRules {
 }
 
 /// Percent-decodes a request path for matching. Returns `None` for anything a backend could
-/// interpret differently from us: not starting with `/`, `.`/`..` segments (plain or encoded),
+/// interpret differently from us: not starting with `/`, `.`/`..` segments (plain or encoded,
+/// also with path parameters such as `..;`),
 /// encoded `/` or `\`, a backslash, NUL or control characters, malformed escapes, non-UTF-8.
 pub fn normalize_path(raw: &str) -> Option<String> {
     if !raw.starts_with('/') {
@@ -220,7 +221,9 @@ pub fn normalize_path(raw: &str) -> Option<String> {
     if s.chars().any(|c| c == '\\' || c.is_control()) {
         return None;
     }
-    if s.split('/').any(|seg| seg == "." || seg == "..") {
+    // A segment's path parameters (`..;x`) are dropped before dot segments are resolved by
+    // servlet containers (Tomcat, SAP NetWeaver Java), so `/granted/..;/other` escapes there.
+    if s.split('/').map(|seg| seg.split(';').next().unwrap_or(seg)).any(|seg| seg == "." || seg == "..") {
         return None;
     }
     Some(s)
@@ -307,6 +310,10 @@ mod tests {
             ("erp.virtual", 8080, "/sap/opu/%zz", Some(AmbiguousPath)),
             ("erp.virtual", 8080, "/sap/opu/a\\b", Some(AmbiguousPath)),
             ("erp.virtual", 8080, "/sap/opu/%00", Some(AmbiguousPath)),
+            ("erp.virtual", 8080, "/sap/opu/..;/admin", Some(AmbiguousPath)),
+            ("erp.virtual", 8080, "/sap/opu/.;x/y", Some(AmbiguousPath)),
+            ("erp.virtual", 8080, "/sap/opu/%2e%2e;jsessionid=1/admin", Some(AmbiguousPath)),
+            ("erp.virtual", 8080, "/sap/opu/odata;v=2/x", None), // parameters on a real segment
             ("erp.virtual", 8080, "sap/opu", Some(AmbiguousPath)),
             ("erp.virtual", 8080, "/sap/%6Fpu/x", None), // decoded before matching
         ];
