@@ -28,6 +28,10 @@ pub(crate) struct Backend {
     http: Client<hyper_rustls::HttpsConnector<HttpConnector>, BoxBody>,
     /// TLS for `TCPS`/`LDAPS` mappings.
     tls: tokio_rustls::TlsConnector,
+    /// The same two, presenting the connector's system certificate as TLS client certificate,
+    /// when one is configured (SPEC §4.3: sent to `HTTPS`/`TCPS`/`LDAPS` backends of mappings
+    /// whose principal type is not `*_RESTRICTED`).
+    system: Option<(Client<hyper_rustls::HttpsConnector<HttpConnector>, BoxBody>, tokio_rustls::TlsConnector)>,
     /// Trust anchors for backends, for connections that present a user certificate.
     roots: Arc<rustls::RootCertStore>,
     /// Swappable like the rules: the admin API changes its settings at run time.
@@ -75,26 +79,53 @@ impl Backend {
         roots: Arc<rustls::RootCertStore>,
         principal: Option<Arc<PrincipalPropagation>>,
         connect_timeout: Duration,
-    ) -> Self {
-        let tls = Arc::new(rustls::ClientConfig::builder().with_root_certificates(roots.clone()).with_no_client_auth());
-        let mut connector = HttpConnector::new();
-        connector.set_nodelay(true);
-        connector.set_connect_timeout(Some(connect_timeout));
-        connector.enforce_http(false);
-        let https = hyper_rustls::HttpsConnectorBuilder::new()
-            .with_tls_config((*tls).clone())
-            .https_or_http()
-            .enable_http1()
-            .wrap_connector(connector);
-        let http = Client::builder(TokioExecutor::new()).pool_idle_timeout(Duration::from_secs(30)).build(https);
-        Self {
+        system_certificate: Option<&ferry_core::tls::CertifiedKey>,
+    ) -> Result<Self, ferry_core::tls::TlsError> {
+        let builder = || rustls::ClientConfig::builder().with_root_certificates(roots.clone());
+        let clients = |tls: rustls::ClientConfig| {
+            let mut connector = HttpConnector::new();
+            connector.set_nodelay(true);
+            connector.set_connect_timeout(Some(connect_timeout));
+            connector.enforce_http(false);
+            let https = hyper_rustls::HttpsConnectorBuilder::new()
+                .with_tls_config(tls.clone())
+                .https_or_http()
+                .enable_http1()
+                .wrap_connector(connector);
+            let http = Client::builder(TokioExecutor::new()).pool_idle_timeout(Duration::from_secs(30)).build(https);
+            (http, tokio_rustls::TlsConnector::from(Arc::new(tls)))
+        };
+        let (http, tls) = clients(builder().with_no_client_auth());
+        let system = match system_certificate {
+            Some(identity) => {
+                let certs = ferry_core::tls::parse_certs(&identity.cert_pem)?;
+                let key = ferry_core::tls::parse_key(identity.key_pem.expose())?;
+                let cfg = builder().with_client_auth_cert(certs, key)?;
+                Some(clients(cfg))
+            }
+            None => None,
+        };
+        Ok(Self {
             rules,
             audit,
             connect_timeout,
             http,
-            tls: tokio_rustls::TlsConnector::from(tls),
+            tls,
+            system,
             roots,
             principal: std::sync::RwLock::new(principal),
+        })
+    }
+
+    /// The HTTP client and TLS connector for a mapping: with the system certificate unless
+    /// the mapping's principal type forbids it.
+    fn clients_for(
+        &self,
+        m: &SystemMapping,
+    ) -> (&Client<hyper_rustls::HttpsConnector<HttpConnector>, BoxBody>, &tokio_rustls::TlsConnector) {
+        match &self.system {
+            Some((http, tls)) if m.authentication_mode.sends_system_certificate() => (http, tls),
+            _ => (&self.http, &self.tls),
         }
     }
 
@@ -267,7 +298,7 @@ impl Backend {
         let started = std::time::Instant::now();
         let sent = match user_tls {
             Some(identity) => self.send_as_user(req, m, &identity).await,
-            None => self.http.request(req).await.map_err(Into::into),
+            None => self.clients_for(m).0.request(req).await.map_err(Into::into),
         };
         ferry_core::metrics::global()
             .histogram(
@@ -371,7 +402,7 @@ impl Backend {
                     return unreachable(format!("The backend of system {target} has no valid TLS server name"));
                 }
             };
-            match tokio::time::timeout(self.connect_timeout, self.tls.connect(name, stream)).await {
+            match tokio::time::timeout(self.connect_timeout, self.clients_for(m).1.connect(name, stream)).await {
                 Ok(Ok(tls)) => {
                     let (read, write) = tokio::io::split(tls);
                     relay_up(req.into_body(), write);

@@ -66,6 +66,9 @@ pub struct ConnectorConfig {
     /// Verifies propagated users and issues their certificates; without it, requests carrying
     /// a principal to an `X509_*` mapping are refused.
     pub principal_propagation: Option<Arc<principal::PrincipalPropagation>>,
+    /// The connector's system certificate: its TLS client certificate towards `HTTPS`, `TCPS`
+    /// and `LDAPS` backends, for mappings whose principal type allows it.
+    pub system_certificate: Option<CertifiedKey>,
 }
 
 impl ConnectorConfig {
@@ -91,6 +94,7 @@ impl ConnectorConfig {
             audit: audit::AuditConfig::default(),
             backend_ca_pem: None,
             principal_propagation: None,
+            system_certificate: None,
         }
     }
 }
@@ -132,7 +136,8 @@ impl Connector {
             backend_roots,
             config.principal_propagation.clone(),
             config.backend_connect_timeout,
-        ));
+            config.system_certificate.as_ref(),
+        )?);
         Ok(Self {
             config: Arc::new(config),
             tls: tokio_rustls::TlsConnector::from(tls),

@@ -33,6 +33,11 @@ impl AuthenticationMode {
     pub fn propagates(self) -> bool {
         matches!(self, Self::X509General | Self::X509Restricted)
     }
+
+    /// `*_RESTRICTED` never present the system certificate to the backend (SPEC §4.3).
+    pub fn sends_system_certificate(self) -> bool {
+        matches!(self, Self::None | Self::X509General)
+    }
 }
 
 /// A user certificate: for `SSL_CLIENT_CERT` (`header`, base64 DER) or as the TLS client

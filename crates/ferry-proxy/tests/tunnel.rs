@@ -691,3 +691,43 @@ async fn nginx_sees_the_propagated_user_as_its_tls_client() {
     .await;
     assert_eq!(r.status, 400, "{}", r.text());
 }
+
+#[tokio::test]
+async fn the_system_certificate_goes_to_tls_backends_unless_the_mapping_is_restricted() {
+    let pair = TunnelPair::start().await;
+    let system_ca = ferry_core::tls::LocalCa::generate("System CA").unwrap();
+    let system = system_ca.issue_user_cert(&[("CN".into(), "scc-system".into())], time::Duration::days(1)).unwrap();
+    let server = pair.ca.issue_server_cert(&["127.0.0.1"]).unwrap();
+    let nginx = ferry_testkit::nginx::Nginx::start(
+        "    listen 127.0.0.1:{PORT} ssl;\n\
+         ssl_certificate {DIR}/server.pem;\n    ssl_certificate_key {DIR}/server-key.pem;\n\
+         ssl_client_certificate {DIR}/system-ca.pem;\n    ssl_verify_client optional;\n\
+         location / { return 200 \"subject=$ssl_client_s_dn verify=$ssl_client_verify\\n\"; }",
+        &[
+            ("server.pem", &server.cert_pem),
+            ("server-key.pem", server.key_pem.expose()),
+            ("system-ca.pem", system_ca.cert_pem()),
+        ],
+    );
+    let https = |vhost: &str, mode| SystemMapping {
+        protocol: Protocol::Https,
+        authentication_mode: mode,
+        ..http_mapping(vhost, 443, nginx.addr, &[("/", false)])
+    };
+    use ferry_connector::AuthenticationMode::{None as Plain, NoneRestricted};
+    let rules = AccessRules::new(vec![https("erp.virtual", Plain), https("restricted.virtual", NoneRestricted)]);
+    let mut cfg = pair.connector_config("", rules, pair.tunnel_addr);
+    cfg.backend_ca_pem = Some(pair.ca.cert_pem().to_owned());
+    cfg.system_certificate = Some(system);
+    pair.spawn_connector(cfg);
+    pair.wait_connected("").await;
+    let call =
+        |host: &str| get(&format!("http://{host}:443/sap/x"), Some(&pair.token()), None).body(Full::default()).unwrap();
+    let r = one(pair.http_addr, call("erp.virtual")).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert!(r.text().contains("CN=scc-system") && r.text().contains("verify=SUCCESS"), "{}", r.text());
+    // `*_RESTRICTED`: never the system certificate.
+    let r = one(pair.http_addr, call("restricted.virtual")).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert!(r.text().contains("verify=NONE"), "{}", r.text());
+}

@@ -246,6 +246,12 @@ pub struct ConnectorEntry {
     /// PEM file of a CA that backends' TLS certificates chain to, besides the system's roots.
     #[serde(default)]
     pub backend_ca_file: Option<std::path::PathBuf>,
+    /// PEM certificate and key the connector presents to `HTTPS`/`TCPS`/`LDAPS` backends (SAP's
+    /// system certificate), for mappings whose principal type is not `*_RESTRICTED`.
+    #[serde(default)]
+    pub system_certificate_file: Option<std::path::PathBuf>,
+    #[serde(default)]
+    pub system_key_file: Option<std::path::PathBuf>,
     #[serde(default)]
     pub principal_propagation: PrincipalPropagationEntry,
 }

@@ -59,6 +59,11 @@ pub struct ConnectorFile {
     audit_dir: Option<PathBuf>,
     #[serde(default)]
     backend_ca_file: Option<PathBuf>,
+    /// SAP's system certificate: PEM certificate and key presented to TLS backends.
+    #[serde(default)]
+    system_certificate_file: Option<PathBuf>,
+    #[serde(default)]
+    system_key_file: Option<PathBuf>,
     #[serde(default)]
     principal_propagation: Option<StandalonePp>,
     #[serde(default)]
@@ -116,6 +121,13 @@ pub async fn connector(config: &Path) -> anyhow::Result<()> {
         "proxies must name at least one proxy tunnel endpoint, or [admin] must enable the admin API"
     );
     let backend_ca_pem = cfg.backend_ca_file.as_ref().map(|f| read(&base, f)).transpose()?;
+    let system_certificate = match (&cfg.system_certificate_file, &cfg.system_key_file) {
+        (Some(cert), Some(key)) => {
+            Some(CertifiedKey { cert_pem: read(&base, cert)?, key_pem: read(&base, key)?.into() })
+        }
+        (None, None) => None,
+        _ => anyhow::bail!("system_certificate_file and system_key_file go together"),
+    };
     let audit_dir = base.join(cfg.audit_dir.clone().unwrap_or_else(|| "audit".into()));
     let principal = match &cfg.principal_propagation {
         Some(pp) => {
@@ -150,6 +162,7 @@ pub async fn connector(config: &Path) -> anyhow::Result<()> {
         cc.connections = cfg.connections.max(1);
         cc.audit = ferry_connector::audit::AuditConfig { level: cfg.audit_level, dir: Some(audit_dir.clone()) };
         cc.backend_ca_pem = backend_ca_pem.clone();
+        cc.system_certificate = system_certificate.clone();
         cc.principal_propagation = principal.clone();
         let connector = Arc::new(Connector::new(cc)?);
         let mut status = connector.status();
@@ -167,6 +180,7 @@ pub async fn connector(config: &Path) -> anyhow::Result<()> {
         ac.ui_names.extend(a.ui_names.iter().cloned());
         ac.connection.connections = cfg.connections.max(1);
         ac.connection.backend_ca_pem = backend_ca_pem;
+        ac.connection.system_certificate = system_certificate;
         ac.connection.principal_propagation = principal;
         let listener = ferry_core::serve::bind(&format!("{}:{}", a.host, a.port)).await?;
         let addr = listener.local_addr()?;

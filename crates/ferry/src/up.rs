@@ -386,6 +386,17 @@ pub async fn up(args: UpArgs) -> anyhow::Result<()> {
             ),
             None => None,
         };
+        let system_certificate = match (&c.system_certificate_file, &c.system_key_file) {
+            (Some(cert), Some(key)) => Some(ferry_core::tls::CertifiedKey {
+                cert_pem: std::fs::read_to_string(cert)
+                    .with_context(|| format!("connector system_certificate_file {}", cert.display()))?,
+                key_pem: std::fs::read_to_string(key)
+                    .with_context(|| format!("connector system_key_file {}", key.display()))?
+                    .into(),
+            }),
+            (None, None) => None,
+            _ => anyhow::bail!("a connector needs both system_certificate_file and system_key_file, or neither"),
+        };
         let pp_cfg = &c.principal_propagation;
         let mut pp = ferry_connector::PrincipalPropagation::new(verifier.clone(), pp_ca.clone());
         pp.subject_pattern = pp_cfg.subject_pattern.clone();
@@ -400,6 +411,7 @@ pub async fn up(args: UpArgs) -> anyhow::Result<()> {
             ac.audit_dir = Some(dir.join("audit"));
             ac.ui_names.push(host.clone());
             ac.connection.backend_ca_pem = backend_ca_pem;
+            ac.connection.system_certificate = system_certificate;
             ac.connection.principal_propagation = Some(Arc::new(pp));
             let admin = ferry_connector::admin::Admin::start(ac, shutdown.clone()).await?;
             admin
@@ -429,6 +441,7 @@ pub async fn up(args: UpArgs) -> anyhow::Result<()> {
         );
         cc.audit = ferry_connector::audit::AuditConfig { level: c.audit_level, dir: Some(dir.join("audit")) };
         cc.backend_ca_pem = backend_ca_pem;
+        cc.system_certificate = system_certificate;
         cc.principal_propagation = Some(Arc::new(pp));
         tasks.spawn(Arc::new(Connector::new(cc)?).run(shutdown.clone()));
     }

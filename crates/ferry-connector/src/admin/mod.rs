@@ -61,6 +61,8 @@ pub struct ConnectionDefaults {
     pub backend_connect_timeout: Duration,
     pub heartbeat: Duration,
     pub backend_ca_pem: Option<String>,
+    /// TLS client certificate towards backends (see [`ConnectorConfig::system_certificate`]).
+    pub system_certificate: Option<ferry_core::tls::CertifiedKey>,
     /// Token verifier, CA and subject pattern for principal propagation; the PP settings of the
     /// API (`certificateValidityInMin`, `expirationToleranceInHr`) are applied on top.
     pub principal_propagation: Option<Arc<PrincipalPropagation>>,
@@ -75,6 +77,7 @@ impl Default for ConnectionDefaults {
             backend_connect_timeout: Duration::from_secs(10),
             heartbeat: Duration::from_secs(20),
             backend_ca_pem: None,
+            system_certificate: None,
             principal_propagation: None,
         }
     }
@@ -294,6 +297,7 @@ impl Admin {
         cc.backend_connect_timeout = d.backend_connect_timeout;
         cc.heartbeat = d.heartbeat;
         cc.backend_ca_pem = d.backend_ca_pem.clone();
+        cc.system_certificate = d.system_certificate.clone();
         cc.audit = AuditConfig {
             level: sub.audit_level,
             dir: Some(self.config.audit_dir.clone().unwrap_or_else(|| self.config.data_dir.join("audit"))),
