@@ -70,6 +70,7 @@ async fn destination_service_answers_401_with_the_reason() {
             database: ferry_destination::DatabaseConfig::SqliteMemory,
             master_key: Secret::new([7; 32]),
             token_fetch_timeout: Duration::from_secs(5),
+            token_service_ca_pem: None,
         },
         t.verifier.clone(),
         ferry_core::tls::http_client(None).unwrap(),

@@ -103,8 +103,12 @@ async fn serve(
     token_addr: SocketAddr,
     shutdown: &Shutdown,
 ) -> anyhow::Result<SocketAddr> {
-    let config =
-        Config { database, master_key: ferry_core::Secret::new([7; 32]), token_fetch_timeout: Duration::from_secs(5) };
+    let config = Config {
+        database,
+        master_key: ferry_core::Secret::new([7; 32]),
+        token_fetch_timeout: Duration::from_secs(5),
+        token_service_ca_pem: None,
+    };
     let service = DestinationService::open(config, verifier.clone(), ferry_core::tls::http_client(None)?).await?;
     let destination = serde_json::from_value(json!({
         "Name": "bench", "Type": "HTTP", "URL": "https://backend.example/api", "ProxyType": "Internet",

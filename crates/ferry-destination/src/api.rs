@@ -1365,7 +1365,15 @@ impl TokenFlow<'_> {
             Ok(prepared) => prepared,
             Err(failed) => return Ok(failed),
         };
-        Ok(match self.s.tokens.token(owner, request).await {
+        // SPEC §2.4: the client authenticates with a certificate from the certificate store.
+        let identity = match &request.keystore {
+            Some(location) => match self.s.keystore_pem(self.key, "tokenService.KeyStoreLocation", location).await {
+                Ok(pem) => Some(ferry_core::tls::CertifiedKey { cert_pem: pem.expose().clone(), key_pem: pem }),
+                Err(reason) => return Ok(AuthToken::failed(reason)),
+            },
+            None => None,
+        };
+        Ok(match self.s.tokens.token(owner, request, identity.as_ref()).await {
             Ok(token) => AuthToken::bearer(token),
             Err(e) => AuthToken::failed(e.to_string()),
         })

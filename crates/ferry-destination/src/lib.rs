@@ -20,7 +20,9 @@
 //! OAuth2TechnicalUserPropagation (client credentials; the token goes in
 //! `SAP-Connectivity-Technical-Authentication`) and OAuth2TokenExchange (RFC 8693 with
 //! `X-subject-token(-type)` and optional `X-actor-token(-type)`; `issued_token_type` returned).
-//! `X-client-assertion` with `X-client-assertion-type` replaces the client secret in any of them.
+//! `X-client-assertion` with `X-client-assertion-type` replaces the client secret in any of them;
+//! `tokenService.KeyStoreLocation` (a PEM entry of the certificate store: certificate and key)
+//! authenticates the client by mTLS instead (SPEC §2.4).
 //! Destinations and fragments written through the API (POST/PUT, single or bulk) must pass
 //! `ferry_model`'s rules (`Destination::check`: required keys per `Type` and `Authentication`,
 //! enumerations, booleans, numbers, URL forms, length limits); a refusal is a 400 (or a 207 item)
@@ -36,8 +38,8 @@
 //! `x_user_token.jwks`) fails the token; `modifiedwithin`, `$includeMetadata` on lists, label filters,
 //! certificate generation and `publicKeys`, the `provider_*` consume levels, P12/JKS keystores for
 //! SAML signing, `saml2Metadata` IdP metadata and passive certificates, client assertions fetched
-//! through another destination (`X-client-assertion-destination-name`), mTLS
-//! to token services and chaining are not supported yet.
+//! through another destination (`X-client-assertion-destination-name`), P12/JKS keystores for
+//! mTLS to token services and chaining are not supported yet.
 //!
 //! Layers, top to bottom: `api` (HTTP shapes and status codes), [`DestinationService`]
 //! (sealing, lookups, token retrieval), `tokens` (remote OAuth calls and their cache) and
@@ -106,6 +108,9 @@ pub struct Config {
     pub master_key: Secret<[u8; 32]>,
     /// Default time limit for a call to a destination's token service.
     pub token_fetch_timeout: Duration,
+    /// Trust for token services besides the system's roots, for the mTLS connections of
+    /// `tokenService.KeyStoreLocation` (the other calls use the `http` client given to `open`).
+    pub token_service_ca_pem: Option<String>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -211,7 +216,7 @@ impl DestinationService {
         };
         let keys = Keyring::new(&config.master_key, previous_keys).map_err(|_| Error::Encrypt)?;
         let rotated = check_key(store.as_ref(), &keys).await?;
-        let tokens = TokenFetcher::new(http, config.token_fetch_timeout, clock);
+        let tokens = TokenFetcher::new(http, config.token_service_ca_pem.clone(), config.token_fetch_timeout, clock);
         let service = Arc::new(Self {
             store,
             keys,

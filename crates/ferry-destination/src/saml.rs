@@ -138,6 +138,23 @@ impl DestinationService {
                 .map_err(internal)?
                 .ok_or_else(|| "the subaccount has no SAML signing key".to_owned());
         };
+        let pem = self.keystore_pem(key, "KeyStoreLocation", location).await?;
+        SamlSigner::from_pem(pem.expose()).map(Arc::new).map_err(|e| format!("KeyStoreLocation '{location}': {e}"))
+    }
+
+    /// The PEM content (certificate and unencrypted private key) of the certificate-store entry
+    /// `location` names, on the destination's level or else the subaccount's. `property` is the
+    /// destination property that named it, for messages. `Err` is the reason for a failed token.
+    pub(crate) async fn keystore_pem(
+        &self,
+        key: &RowKey,
+        property: &str,
+        location: &str,
+    ) -> Result<ferry_core::Secret<String>, String> {
+        let internal = |e: Error| {
+            tracing::error!(subaccount = %key.scope.subaccount, error = %e, "certificate store unavailable");
+            "the certificate store cannot be read; see the Destination Service log".to_owned()
+        };
         let mut found = None;
         for level in [key.scope.level.clone(), Level::Subaccount] {
             let row = Scope { subaccount: key.scope.subaccount.clone(), level, kind: Kind::Certificate }.row(location);
@@ -146,21 +163,22 @@ impl DestinationService {
                 break;
             }
         }
-        let cert = found.ok_or_else(|| format!("KeyStoreLocation '{location}' is not in the certificate store"))?;
+        let cert = found.ok_or_else(|| format!("{property} '{location}' is not in the certificate store"))?;
         let kind = cert.kind.as_deref().unwrap_or_default().to_ascii_uppercase();
         let lower = location.to_ascii_lowercase();
         if matches!(kind.as_str(), "P12" | "PFX" | "JKS") || [".p12", ".pfx", ".jks"].iter().any(|e| lower.ends_with(e))
         {
             return Err(format!(
-                "KeyStoreLocation '{location}' is a P12/JKS keystore; this Destination Service signs SAML assertions \
-                 with PEM entries only (certificate and unencrypted private key in one file)"
+                "{property} '{location}' is a P12/JKS keystore; this Destination Service reads PEM entries only \
+                 (certificate and unencrypted private key in one file)"
             ));
         }
         let bytes = STANDARD
             .decode(cert.content.as_deref().unwrap_or_default())
-            .map_err(|_| format!("KeyStoreLocation '{location}' has content that is not base64"))?;
-        let pem = String::from_utf8(bytes).map_err(|_| format!("KeyStoreLocation '{location}' is not a PEM file"))?;
-        SamlSigner::from_pem(&pem).map(Arc::new).map_err(|e| format!("KeyStoreLocation '{location}': {e}"))
+            .map_err(|_| format!("{property} '{location}' has content that is not base64"))?;
+        String::from_utf8(bytes)
+            .map(ferry_core::Secret::new)
+            .map_err(|_| format!("{property} '{location}' is not a PEM file"))
     }
 
     /// A signed assertion for `user` as the destination describes it, from the cache while it

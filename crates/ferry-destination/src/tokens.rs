@@ -152,6 +152,9 @@ pub(crate) struct TokenRequest {
     timeout: Duration,
     /// Form fields left out of the fingerprint (see `build`).
     per_user: Vec<&'static str>,
+    /// `tokenService.KeyStoreLocation`: the certificate-store entry whose certificate and key
+    /// authenticate the client by mTLS (SPEC §2.4); the caller loads it.
+    pub(crate) keystore: Option<String>,
 }
 
 impl TokenRequest {
@@ -285,7 +288,8 @@ impl TokenRequest {
             .filter(|s| (1..=MAX_READ_TIMEOUT_SECS).contains(s))
             .map_or(default_timeout, Duration::from_secs);
 
-        Ok(Self { url, form, headers, basic, timeout, per_user })
+        let keystore = prop("tokenService.KeyStoreLocation").map(str::to_owned);
+        Ok(Self { url, form, headers, basic, timeout, per_user, keystore })
     }
 
     /// SPEC §2.5: the caller's client assertion authenticates the client instead of a secret.
@@ -321,6 +325,10 @@ impl TokenRequest {
             field(b"basic");
             field(u.as_bytes());
             field(p.as_bytes());
+        }
+        if let Some(k) = &self.keystore {
+            field(b"keystore");
+            field(k.as_bytes());
         }
         h.finalize().into()
     }
@@ -424,14 +432,60 @@ type Slot = Arc<tokio::sync::Mutex<Option<Cached>>>;
 
 pub(crate) struct TokenFetcher {
     http: reqwest::Client,
+    /// Trust for token services besides the system's roots, for the mTLS clients built here.
+    extra_ca_pem: Option<String>,
+    /// One client per mTLS identity (by a digest of its PEM); few destinations use mTLS.
+    mtls: Mutex<HashMap<[u8; 32], reqwest::Client>>,
     pub(crate) default_timeout: Duration,
     clock: Arc<dyn Clock>,
     slots: Mutex<HashMap<CacheKey, Slot>>,
 }
 
 impl TokenFetcher {
-    pub(crate) fn new(http: reqwest::Client, default_timeout: Duration, clock: Arc<dyn Clock>) -> Self {
-        Self { http, default_timeout, clock, slots: Mutex::new(HashMap::new()) }
+    pub(crate) fn new(
+        http: reqwest::Client,
+        extra_ca_pem: Option<String>,
+        default_timeout: Duration,
+        clock: Arc<dyn Clock>,
+    ) -> Self {
+        Self {
+            http,
+            extra_ca_pem,
+            mtls: Mutex::new(HashMap::new()),
+            default_timeout,
+            clock,
+            slots: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// The HTTP client presenting `identity`, built once per identity.
+    fn mtls_client(&self, identity: &ferry_core::tls::CertifiedKey) -> Result<reqwest::Client, String> {
+        let digest: [u8; 32] = Sha256::new()
+            .chain_update(identity.cert_pem.as_bytes())
+            .chain_update(identity.key_pem.expose())
+            .finalize()
+            .into();
+        let mut clients = self.mtls.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(c) = clients.get(&digest) {
+            return Ok(c.clone());
+        }
+        let certs = ferry_core::tls::parse_certs(&identity.cert_pem).map_err(|e| e.to_string())?;
+        let key = ferry_core::tls::parse_key(identity.key_pem.expose()).map_err(|e| e.to_string())?;
+        let roots = ferry_core::tls::outbound_roots(self.extra_ca_pem.as_deref()).map_err(|e| e.to_string())?;
+        let tls = rustls::ClientConfig::builder()
+            .with_root_certificates(roots)
+            .with_client_auth_cert(certs, key)
+            .map_err(|e| e.to_string())?;
+        let client = reqwest::Client::builder()
+            .use_preconfigured_tls(tls)
+            .tcp_nodelay(true)
+            .build()
+            .map_err(|e| e.to_string())?;
+        if clients.len() >= CACHE_PRUNE_THRESHOLD {
+            clients.clear();
+        }
+        clients.insert(digest, client.clone());
+        Ok(client)
     }
 
     pub(crate) fn now(&self) -> Instant {
@@ -440,7 +494,12 @@ impl TokenFetcher {
 
     /// A cached token if one is still fresh, otherwise one fetched now. Failures are not
     /// cached: the next call tries again.
-    pub(crate) async fn token(&self, owner: CacheOwner, request: TokenRequest) -> Result<Token, TokenError> {
+    pub(crate) async fn token(
+        &self,
+        owner: CacheOwner,
+        request: TokenRequest,
+        identity: Option<&ferry_core::tls::CertifiedKey>,
+    ) -> Result<Token, TokenError> {
         let key = CacheKey { owner, request: request.fingerprint() };
         let slot = {
             let mut slots = self.slots.lock().unwrap_or_else(|p| p.into_inner());
@@ -459,7 +518,7 @@ impl TokenFetcher {
             return Ok(c.token(now));
         }
         *cached = None;
-        let fetched = self.fetch(&request).await?;
+        let fetched = self.fetch(&request, identity).await?;
         if let Some(secs) = fetched.expires_in {
             *cached = Some(Cached {
                 access_token: fetched.access_token.clone(),
@@ -482,10 +541,21 @@ impl TokenFetcher {
         cached.as_ref().filter(|c| c.fresh(now)).map(|c| c.token(now))
     }
 
-    async fn fetch(&self, req: &TokenRequest) -> Result<Token, TokenError> {
+    async fn fetch(
+        &self,
+        req: &TokenRequest,
+        identity: Option<&ferry_core::tls::CertifiedKey>,
+    ) -> Result<Token, TokenError> {
         let url = req.display_url();
+        let client = match identity {
+            Some(identity) => self.mtls_client(identity).map_err(|reason| TokenError::Connect {
+                url: url.clone(),
+                reason: format!("client certificate: {reason}"),
+            })?,
+            None => self.http.clone(),
+        };
         let mut builder =
-            self.http.post(req.url.clone()).header(ACCEPT, "application/json").form(&req.form).timeout(req.timeout);
+            client.post(req.url.clone()).header(ACCEPT, "application/json").form(&req.form).timeout(req.timeout);
         for (k, v) in &req.headers {
             builder = builder.header(k, v);
         }

@@ -312,6 +312,8 @@ pub async fn up(args: UpArgs) -> anyhow::Result<()> {
             database: cfg.destination_store.database(dir)?,
             master_key: dest_key,
             token_fetch_timeout: Duration::from_secs(10),
+            // The token service's HTTPS (mTLS) endpoint has a certificate of the local CA.
+            token_service_ca_pem: Some(ca.cert_pem().to_owned()),
         },
         previous_keys,
         verifier.clone(),

@@ -190,6 +190,25 @@ async fn cli_provisions_a_tenant_that_can_use_the_destination_service() {
     let form = [("grant_type", "client_credentials"), ("client_id", x509["clientid"].as_str().unwrap())];
     let r = mtls.post(format!("{certurl}/oauth/token")).form(&form).send().await.unwrap();
     assert_eq!(r.status(), 200, "{:?}", r.text().await);
+    // The Destination Service does the same for a destination whose tokenService.KeyStoreLocation
+    // names the key pair in its certificate store (SPEC §2.4), and the token it gets works.
+    let api = format!("{uri}/destination-configuration/v1");
+    let pem = format!("{}{}", identity.cert_pem, identity.key_pem.expose());
+    let b64 = base64::Engine::encode(&base64::engine::general_purpose::STANDARD, pem);
+    let cert = serde_json::json!({"Name": "client.pem", "Type": "PEM", "Content": b64});
+    let r = http.post(format!("{api}/subaccountCertificates")).bearer_auth(&token2).json(&cert).send().await.unwrap();
+    assert_eq!(r.status(), 201, "{:?}", r.text().await);
+    let dest = serde_json::json!({
+        "Name": "mtls", "Type": "HTTP", "URL": "https://backend.example", "ProxyType": "Internet",
+        "Authentication": "OAuth2ClientCredentials", "clientId": x509["clientid"],
+        "tokenServiceURL": format!("{certurl}/oauth/token"), "tokenService.KeyStoreLocation": "client.pem",
+    });
+    let r = http.post(format!("{api}/subaccountDestinations")).bearer_auth(&token2).json(&dest).send().await.unwrap();
+    assert_eq!(r.status(), 201, "{:?}", r.text().await);
+    let found: Value =
+        http.get(format!("{api}/destinations/mtls")).bearer_auth(&token2).send().await.unwrap().json().await.unwrap();
+    let by_mtls = found["authTokens"][0]["value"].as_str().unwrap_or_else(|| panic!("{found}")).to_owned();
+    assert_eq!(dests(uri.clone(), by_mtls).await, 200, "the mTLS client's token is accepted");
     let (ok, table, _) = cli(&data, &url, &["service-instance", "list", "--subaccount", &sid]);
     assert!(ok && table.contains("destination") && table.contains("dest"), "{table}");
 

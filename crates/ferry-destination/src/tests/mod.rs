@@ -66,7 +66,12 @@ fn now_secs() -> u64 {
 }
 
 pub(crate) fn config(database: DatabaseConfig, key: [u8; 32]) -> Config {
-    Config { database, master_key: Secret::new(key), token_fetch_timeout: Duration::from_secs(5) }
+    Config {
+        database,
+        master_key: Secret::new(key),
+        token_fetch_timeout: Duration::from_secs(5),
+        token_service_ca_pem: None,
+    }
 }
 
 /// A database that outlives one service and can be shared by several: a SQLite file in `dir`.
