@@ -1169,7 +1169,17 @@ async fn auth_tokens(
 ) -> Result<Option<Vec<AuthToken>>, ApiError> {
     use AuthenticationType::*;
     let tenant = header(headers, "x-tenant")?;
-    let assertion = client_assertion(headers)?;
+    let explicit = client_assertion(headers)?;
+    // SPEC §2.5: without explicit headers, a provider destination may supply the assertion.
+    let provided = match explicit {
+        Some(_) => None,
+        None => match provided_client_assertion(s, caller, key, dest, headers).await? {
+            Some(Ok(pair)) => Some(pair),
+            Some(Err(reason)) => return Ok(Some(vec![AuthToken::failed(reason)])),
+            None => None,
+        },
+    };
+    let assertion = explicit.or(provided.as_ref().map(|(a, k)| (a.as_str(), k.as_str())));
     let flow = |grant| TokenFlow { s, caller, key, dest, grant, tenant, user: None, assertion };
     let token = match dest.authentication() {
         None | Some(NoAuthentication | PrincipalPropagation | ClientCertificateAuthentication) => return Ok(None),
@@ -1296,16 +1306,10 @@ async fn auth_tokens(
 fn client_assertion(headers: &HeaderMap) -> Result<Option<(&str, &str)>, ApiError> {
     let assertion = header(headers, "x-client-assertion")?;
     let kind = header(headers, "x-client-assertion-type")?;
-    if header(headers, "x-client-assertion-destination-name")?.is_some() {
-        if assertion.is_some() || kind.is_some() {
-            return Err(ApiError::bad_request(
-                "Cannot mix header 'x-client-assertion-destination-name' with headers 'x-client-assertion' and \
-                 'x-client-assertion-type'",
-            ));
-        }
+    if header(headers, "x-client-assertion-destination-name")?.is_some() && (assertion.is_some() || kind.is_some()) {
         return Err(ApiError::bad_request(
-            "Header X-client-assertion-destination-name is not supported by this Destination Service yet; send \
-             X-client-assertion and X-client-assertion-type instead",
+            "Cannot mix header 'x-client-assertion-destination-name' with headers 'x-client-assertion' and \
+             'x-client-assertion-type'",
         ));
     }
     match (assertion, kind) {
@@ -1313,6 +1317,76 @@ fn client_assertion(headers: &HeaderMap) -> Result<Option<(&str, &str)>, ApiErro
         (Some(a), Some(k)) => Ok(Some((a, k))),
         _ => Err(ApiError::bad_request("Headers X-client-assertion and X-client-assertion-type must be sent together")),
     }
+}
+
+/// The client assertion types a provider destination may declare (SPEC §2.5).
+const ASSERTION_TYPES: [&str; 2] = [
+    "urn:ietf:params:oauth:client-assertion-type:jwt-bearer",
+    "urn:ietf:params:oauth:client-assertion-type:saml2-bearer",
+];
+
+/// SPEC §2.5, service-fetched: the destination named by `X-client-assertion-destination-name`
+/// (or the consumer's `clientAssertion.destinationName`) is an OAuth2ClientCredentials
+/// destination with a `clientAssertion.type`; its access token is the consumer's client
+/// assertion. `None`: no provider named; inner `Err`: the reason for the consumer's failed token.
+async fn provided_client_assertion(
+    s: &DestinationService,
+    caller: &Caller,
+    key: &RowKey,
+    dest: &Destination,
+    headers: &HeaderMap,
+) -> Result<Option<Result<(String, String), String>>, ApiError> {
+    use AuthenticationType::*;
+    let named = header(headers, "x-client-assertion-destination-name")?
+        .or_else(|| dest.get("clientAssertion.destinationName").filter(|n| !n.is_empty()));
+    let Some(name) = named else { return Ok(None) };
+    if !matches!(
+        dest.authentication(),
+        Some(
+            OAuth2Password
+                | OAuth2ClientCredentials
+                | OAuth2AuthorizationCode
+                | OAuth2TechnicalUserPropagation
+                | OAuth2TokenExchange
+        )
+    ) {
+        return Ok(Some(Err(format!(
+            "a client assertion from destination '{name}' can be used by OAuth2Password, OAuth2ClientCredentials, \
+             OAuth2AuthorizationCode, OAuth2TechnicalUserPropagation and OAuth2TokenExchange destinations only"
+        ))));
+    }
+    // The provider is looked up like a find: the consumer's level first, then the subaccount.
+    let mut keys = vec![key.scope.row(name)];
+    if key.scope.level != Level::Subaccount {
+        keys.push(Scope { level: Level::Subaccount, ..key.scope.clone() }.row(name));
+    }
+    let Some((provider_key, stored)) = s.load_first::<Destination>(keys).await? else {
+        return Ok(Some(Err(format!("the client assertion provider destination '{name}' does not exist"))));
+    };
+    let provider = stored.destination;
+    let kind = provider.get("clientAssertion.type").unwrap_or_default().to_owned();
+    if provider.authentication() != Some(OAuth2ClientCredentials) || !ASSERTION_TYPES.contains(&kind.as_str()) {
+        return Ok(Some(Err(format!(
+            "the client assertion provider destination '{name}' must use OAuth2ClientCredentials and set \
+             clientAssertion.type to {} or {}",
+            ASSERTION_TYPES[0], ASSERTION_TYPES[1]
+        ))));
+    }
+    let flow = TokenFlow {
+        s,
+        caller,
+        key: &provider_key,
+        dest: &provider,
+        grant: Grant::ClientCredentials,
+        tenant: header(headers, "x-tenant")?,
+        user: None,
+        assertion: None,
+    };
+    let token = flow.run().await?;
+    Ok(Some(match token.error {
+        None => Ok((token.value, kind)),
+        Some(e) => Err(format!("the client assertion provider destination '{name}' got no token: {e}")),
+    }))
 }
 
 /// SPEC §2.1: where OAuth2TechnicalUserPropagation puts its token, for the Connectivity Proxy.

@@ -22,7 +22,9 @@
 //! `X-subject-token(-type)` and optional `X-actor-token(-type)`; `issued_token_type` returned).
 //! `X-client-assertion` with `X-client-assertion-type` replaces the client secret in any of them;
 //! `tokenService.KeyStoreLocation` (a PEM entry of the certificate store: certificate and key)
-//! authenticates the client by mTLS instead (SPEC §2.4).
+//! authenticates the client by mTLS instead (SPEC §2.4), and `X-client-assertion-destination-name`
+//! (or the property `clientAssertion.destinationName`) names an OAuth2ClientCredentials provider
+//! destination with `clientAssertion.type` whose access token becomes the client assertion (§2.5).
 //! Destinations and fragments written through the API (POST/PUT, single or bulk) must pass
 //! `ferry_model`'s rules (`Destination::check`: required keys per `Type` and `Authentication`,
 //! enumerations, booleans, numbers, URL forms, length limits); a refusal is a 400 (or a 207 item)
@@ -37,8 +39,8 @@
 //! failed token, and so are missing `X-subject-token` headers; a user JWT that this service cannot verify (non-XSUAA issuers with
 //! `x_user_token.jwks`) fails the token; `modifiedwithin`, `$includeMetadata` on lists, label filters,
 //! certificate generation and `publicKeys`, the `provider_*` consume levels, P12/JKS keystores for
-//! SAML signing, `saml2Metadata` IdP metadata and passive certificates, client assertions fetched
-//! through another destination (`X-client-assertion-destination-name`), P12/JKS keystores for
+//! SAML signing, `saml2Metadata` IdP metadata and passive certificates, refusing to delete a
+//! destination that is another's client assertion provider, P12/JKS keystores for
 //! mTLS to token services and chaining are not supported yet.
 //!
 //! Layers, top to bottom: `api` (HTTP shapes and status codes), [`DestinationService`]

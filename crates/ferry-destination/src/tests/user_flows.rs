@@ -428,3 +428,51 @@ async fn token_exchange_grant() {
         ])
     );
 }
+
+#[tokio::test]
+async fn a_provider_destination_supplies_the_client_assertion() {
+    let env = Env::new().await;
+    let remote = TokenServer::start().await;
+    let t = env.token("zone-1", "client-1");
+    let kind = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer";
+    let mut provider = dest("provider", "OAuth2ClientCredentials", &remote.url("/provider/token"));
+    provider["clientAssertion.type"] = json!(kind);
+    env.create(&t, "subaccount", provider).await;
+    let mut consumer = dest("consumer", "OAuth2ClientCredentials", &remote.url("/oauth/token"));
+    consumer["clientAssertion.destinationName"] = json!("provider");
+    consumer.as_object_mut().unwrap().remove("clientSecret");
+    env.create(&t, "subaccount", consumer).await;
+
+    let r = env.find(&t, "consumer", &[]).await;
+    assert!(r.json["authTokens"][0]["error"].is_null(), "{}", r.text);
+    assert_eq!(r.json["authTokens"][0]["type"], "Bearer", "{}", r.text);
+    let calls = remote.calls();
+    assert_eq!(calls.len(), 2);
+    assert_eq!(calls[0].path, "/provider/token");
+    assert_eq!(calls[1].path, "/oauth/token");
+    assert_eq!(
+        calls[1].form,
+        pairs(&[
+            ("grant_type", "client_credentials"),
+            ("client_id", "remote-client"),
+            ("client_assertion", "remote-token-1"),
+            ("client_assertion_type", kind),
+        ])
+    );
+
+    // The header names the provider for a consumer without the property.
+    env.create(&t, "subaccount", dest("plain", "OAuth2ClientCredentials", &remote.url("/oauth/token"))).await;
+    let r = env.find(&t, "plain", &[("X-client-assertion-destination-name", "provider")]).await;
+    assert!(r.json["authTokens"][0]["error"].is_null(), "{}", r.text);
+    let last = remote.calls().pop().unwrap();
+    assert!(last.form.iter().any(|(k, v)| k == "client_assertion_type" && v == kind), "{:?}", last.form);
+
+    // A provider without clientAssertion.type, or a missing one: the consumer's token fails and says why.
+    env.create(&t, "subaccount", dest("not-a-provider", "OAuth2ClientCredentials", &remote.url("/x"))).await;
+    for (name, why) in [("not-a-provider", "clientAssertion.type"), ("missing", "does not exist")] {
+        let r = env.find(&t, "plain", &[("X-client-assertion-destination-name", name)]).await;
+        assert_eq!(r.status, StatusCode::OK);
+        let error = r.json["authTokens"][0]["error"].as_str().unwrap_or_default().to_owned();
+        assert!(error.contains(why), "{name}: {}", r.text);
+    }
+}
