@@ -36,7 +36,7 @@ pub enum ClientError {
     #[error("{hop} at {url}: {message}")]
     Hop { hop: Hop, url: String, status: Option<u16>, message: String },
     /// The Destination Service has no destination of that name (at the level asked for).
-    #[error("destination {name:?} was not found by the Destination Service")]
+    #[error("destination {name:?} was not found by the Destination Service (404)")]
     NotFound { name: String },
     /// The destination was found but cannot be used as asked.
     #[error("destination {name:?}: {message}")]
