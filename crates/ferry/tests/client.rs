@@ -1,0 +1,219 @@
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+//! `ferry-client` (the Rust SDK) against a running `ferry up`: bindings from its
+//! `default-env.json`, destinations of each authentication type, Internet and OnPremise requests
+//! through the real proxy and connector to a real backend, and a TCP destination over SOCKS5.
+
+mod common;
+
+use ferry_client::{Bindings, Client, ClientError, Hop, HttpClient, Level, Options, Request};
+use ferry_testkit::EchoBackend;
+use ferry_testkit::nginx::Nginx;
+use serde_json::Value;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+#[tokio::test]
+async fn the_sdk_reaches_internet_on_premise_and_tcp_destinations() {
+    ferry_core::init_crypto();
+    let echo = EchoBackend::start().await;
+    // A TCP backend that answers each line with "echo: <line>".
+    let tcp = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let tcp_port = tcp.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = tcp.accept().await {
+            tokio::spawn(async move {
+                let mut buf = [0u8; 256];
+                while let Ok(n) = s.read(&mut buf).await {
+                    if n == 0 || s.write_all(&[b"echo: ", &buf[..n]].concat()).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    let nginx = Nginx::start(
+        r#"listen 127.0.0.1:{PORT};
+  location /svc/ {
+    if ($request_method = HEAD) { add_header x-csrf-token tok-1 always; add_header set-cookie "sid=abc; Path=/" always; return 200; }
+    if ($http_x_csrf_token != "tok-1") { add_header x-csrf-token Required always; return 403; }
+    if ($http_cookie != "sid=abc") { return 412; }
+    return 201 "created $http_authorization";
+  }"#,
+        &[],
+    );
+    let nginx_port = nginx.addr.port();
+    let dir = common::test_dir("sdk");
+    let port = echo.addr.port();
+    let config = format!(
+        r#"{listen}
+[[destinations]]
+properties = {{ Name = "web", Type = "HTTP", URL = "http://127.0.0.1:{port}/base", ProxyType = "Internet", Authentication = "NoAuthentication", "URL.headers.X-Conf" = "h1", "URL.queries.conf-query" = "q1", "sap-client" = "100" }}
+[[destinations]]
+properties = {{ Name = "web-basic", Type = "HTTP", URL = "http://127.0.0.1:{port}", ProxyType = "Internet", Authentication = "BasicAuthentication", User = "ALICE", Password = "s3cret" }}
+[[destinations]]
+properties = {{ Name = "csrf", Type = "HTTP", URL = "http://127.0.0.1:{nginx_port}/svc", Authentication = "BasicAuthentication", User = "ALICE", Password = "s3cret" }}
+[[destinations]]
+properties = {{ Name = "erp", Type = "HTTP", URL = "http://erp.virtual:8000/sap", ProxyType = "OnPremise", Authentication = "BasicAuthentication", User = "ALICE", Password = "s3cret" }}
+[[destinations]]
+properties = {{ Name = "erp-pp", Type = "HTTP", URL = "http://erp.virtual:8000/sap", ProxyType = "OnPremise", Authentication = "PrincipalPropagation" }}
+[[destinations]]
+properties = {{ Name = "raw", Type = "TCP", Address = "tcp.virtual:7000", ProxyType = "OnPremise" }}
+
+[[users]]
+username = "alice"
+password = "alice-password"
+
+[[connectors]]
+[[connectors.mappings]]
+virtualHost = "erp.virtual"
+virtualPort = 8000
+localHost = "127.0.0.1"
+localPort = {port}
+protocol = "HTTP"
+authenticationMode = "X509_GENERAL"
+resources = [{{ path = "/sap", exactMatchOnly = false }}]
+[[connectors.mappings]]
+virtualHost = "tcp.virtual"
+virtualPort = 7000
+localHost = "127.0.0.1"
+localPort = {tcp_port}
+protocol = "TCP"
+"#,
+        listen = common::LISTEN_ANY,
+    );
+    let (mut ferry, vcap) = common::ferry_up(&dir, &config);
+    let ca = std::fs::read_to_string(dir.join("data").join("ca.pem")).unwrap();
+    let bindings = Bindings::from_default_env_file(&dir.join("default-env.json")).unwrap();
+    let client = Client::new(bindings, Some(&ca)).unwrap();
+    let http = HttpClient::new(client.clone(), Default::default()).unwrap();
+    let any = Options::default();
+
+    // Internet, NoAuthentication: URL join, URL.headers.*, URL.queries.*, sap-client.
+    let web = client.get_destination("web", &any).await.unwrap();
+    assert!(!format!("{web:?}").contains("s3cret"));
+    let e: Value = http.get(&web, "/hello?x=1").await.unwrap().json().await.unwrap();
+    assert_eq!(e["url"], "/base/hello?x=1&conf-query=q1");
+    assert_eq!(e["headers"]["x-conf"], "h1");
+    assert_eq!(e["headers"]["sap-client"], "100");
+    assert!(e["headers"].get("authorization").is_none());
+
+    // Internet, Basic: the header of the first auth token; the level-qualified lookup (v2).
+    let sub = Options { level: Some(Level::Subaccount), ..Default::default() };
+    let basic = client.get_destination("web-basic", &sub).await.unwrap();
+    let e: Value = http.get(&basic, "").await.unwrap().json().await.unwrap();
+    assert_eq!(e["headers"]["authorization"], "Basic QUxJQ0U6czNjcmV0");
+    let inst = Options { level: Some(Level::Instance), ..Default::default() };
+    let err = client.get_destination("web-basic", &inst).await.unwrap_err();
+    assert_eq!(err.hop(), Some(Hop::DestinationService), "{err}");
+
+    // A modifying request fetches a CSRF token first (HEAD with x-csrf-token: Fetch) and sends it
+    // with the session cookie; nginx refuses the POST without both.
+    let csrf = client.get_destination("csrf", &any).await.unwrap();
+    let req = Request::new(reqwest::Method::POST, "/items").header("content-type", "text/plain").body("payload");
+    let r = http.send(&csrf, req.clone()).await.unwrap();
+    assert_eq!(r.status(), 201);
+    assert_eq!(r.text().await.unwrap(), "created Basic QUxJQ0U6czNjcmV0");
+    let r = http.send(&csrf, Request { csrf: false, ..req }).await.unwrap();
+    assert_eq!(r.status(), 403, "without the token the backend refuses");
+    // A backend without CSRF protection: HEAD (with and without the slash) finds no token, the POST goes out.
+    let before = echo.hits();
+    let req = Request::new(reqwest::Method::POST, "/items").header("content-type", "text/plain").body("payload");
+    let e: Value = http.send(&basic, req).await.unwrap().json().await.unwrap();
+    assert_eq!((e["method"].as_str(), e["body"].as_str()), (Some("POST"), Some("payload")));
+    assert_eq!(echo.hits() - before, 3, "HEAD …/items/, HEAD …/items, then the POST");
+
+    // OAuth2ClientCredentials: the Destination Service fetches a token from Ferry's token service
+    // on the second find-by-name, and the client sends it.
+    let dest = &vcap["destination"][0]["credentials"];
+    let xsuaa = &vcap["xsuaa"][0]["credentials"];
+    let oauth = serde_json::json!({
+        "Name": "web-oauth", "Type": "HTTP", "URL": format!("http://127.0.0.1:{port}/o"), "ProxyType": "Internet",
+        "Authentication": "OAuth2ClientCredentials",
+        "tokenServiceURL": format!("{}/oauth/token", xsuaa["url"].as_str().unwrap()),
+        "clientId": xsuaa["clientid"], "clientSecret": xsuaa["clientsecret"]
+    });
+    let token = client.destination_service_token(None).await.unwrap();
+    let r = reqwest::Client::new()
+        .post(format!("{}/destination-configuration/v1/subaccountDestinations", dest["uri"].as_str().unwrap()))
+        .bearer_auth(token.expose())
+        .json(&oauth)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 201);
+    let d = client.get_destination("web-oauth", &any).await.unwrap();
+    assert_eq!(d.auth_tokens.len(), 1, "{d:?}");
+    let e: Value = http.get(&d, "/x").await.unwrap().json().await.unwrap();
+    let bearer = e["headers"]["authorization"].as_str().unwrap();
+    let claims = bearer.strip_prefix("Bearer ").and_then(|t| t.split('.').nth(1)).unwrap();
+    let claims: Value = serde_json::from_slice(
+        &base64::Engine::decode(&base64::engine::general_purpose::URL_SAFE_NO_PAD, claims).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(claims["client_id"], xsuaa["clientid"]);
+    // With skip_token_retrieval the configuration comes without tokens, and sending says why.
+    let bare = Options { skip_token_retrieval: true, ..Default::default() };
+    let d = client.get_destination("web-oauth", &bare).await.unwrap();
+    let err = http.get(&d, "/x").await.unwrap_err();
+    assert!(matches!(err, ClientError::Destination { .. }) && err.to_string().contains("no auth token"), "{err}");
+
+    // OnPremise: through the Connectivity Proxy and the connector to the backend.
+    let erp = client.get_destination("erp", &any).await.unwrap();
+    let e: Value = http.get(&erp, "/items?top=1").await.unwrap().json().await.unwrap();
+    assert_eq!(e["url"], "/sap/items?top=1");
+    assert_eq!(e["headers"]["authorization"], "Basic QUxJQ0U6czNjcmV0");
+    assert!(e["headers"].get("proxy-authorization").is_none(), "the proxy strips its credential");
+
+    // PrincipalPropagation: the user's JWT becomes a user certificate at the backend.
+    let err = client.get_destination("erp-pp", &any).await.unwrap_err();
+    assert!(err.to_string().contains("JWT"), "{err}");
+    let form = [
+        ("grant_type", "password"),
+        ("client_id", xsuaa["clientid"].as_str().unwrap()),
+        ("client_secret", xsuaa["clientsecret"].as_str().unwrap()),
+        ("username", "alice"),
+        ("password", "alice-password"),
+    ];
+    let user: Value = reqwest::Client::new()
+        .post(format!("{}/oauth/token", xsuaa["url"].as_str().unwrap()))
+        .form(&form)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let jwt = user["access_token"].as_str().unwrap().to_owned();
+    let as_user = Options { user_jwt: Some(jwt.into()), ..Default::default() };
+    let pp = client.get_destination("erp-pp", &as_user).await.unwrap();
+    let e: Value = http.get(&pp, "/me").await.unwrap().json().await.unwrap();
+    assert!(e["headers"]["ssl_client_cert"].as_str().unwrap().len() > 100, "a user certificate reached the backend");
+    assert!(e["headers"].get("sap-connectivity-authentication").is_none());
+
+    // TCP through SOCKS5.
+    let raw = client.get_destination("raw", &any).await.unwrap();
+    let err = http.get(&raw, "").await.unwrap_err();
+    assert!(err.to_string().contains("connect_tcp"), "{err}");
+    let mut s = client.connect_tcp(&raw, None).await.unwrap();
+    s.write_all(b"ping\n").await.unwrap();
+    let mut buf = [0u8; 11];
+    s.read_exact(&mut buf).await.unwrap();
+    assert_eq!(&buf, b"echo: ping\n");
+
+    // Errors name the hop: an unknown destination, a wrong client secret, a proxy that is gone.
+    let err = client.get_destination("nope", &any).await.unwrap_err();
+    assert!(matches!(err, ClientError::NotFound { .. }), "{err}");
+    let mut wrong = vcap.clone();
+    wrong["destination"][0]["credentials"]["clientsecret"] = "wrong".into();
+    let bad = Client::new(Bindings::from_vcap_services(&wrong.to_string()).unwrap(), None).unwrap();
+    let err = bad.get_destination("web", &any).await.unwrap_err();
+    assert_eq!((err.hop(), err.status()), (Some(Hop::TokenService), Some(401)), "{err}");
+
+    // Ferry gone: the first hop, the token service, is named.
+    drop((http, client, bad, s));
+    assert!(ferry.terminate().success());
+    let client = Client::new(Bindings::from_vcap_services(&vcap.to_string()).unwrap(), None).unwrap();
+    let err = client.get_destination("erp", &any).await.unwrap_err();
+    assert_eq!(err.hop(), Some(Hop::TokenService), "{err}");
+    assert!(err.to_string().contains("cannot connect"), "{err}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
