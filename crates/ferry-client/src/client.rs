@@ -495,6 +495,19 @@ impl Client {
                 message: "PrincipalPropagation needs the user's JWT (Options::user_jwt)".to_owned(),
             });
         }
+        // Keystores and trust stores the answer does not carry: the SDK reads a `.pem` trust
+        // store from the certificate API (subaccount, then instance level; §3.2 step 3); so do
+        // we, for keystores too. A failure leaves the destination without it.
+        if !options.skip_token_retrieval {
+            for key in ["KeyStoreLocation", "TrustStoreLocation"] {
+                if let Some(cert_name) = d.property(key).filter(|n| !n.is_empty())
+                    && d.certificate(key).is_none()
+                    && let Some(c) = self.certificate(&binding, &cert_name, &token).await
+                {
+                    d.certificates.push(c);
+                }
+            }
+        }
         d.tenant = tenant;
         if !options.no_cache && auth != "SAMLAssertion" {
             let ttl = d
@@ -507,6 +520,32 @@ impl Client {
         }
         d.user_jwt = options.user_jwt.clone();
         Ok(d)
+    }
+
+    /// A certificate from the subaccount level, else the instance level.
+    async fn certificate(
+        &self,
+        binding: &DestinationBinding,
+        name: &str,
+        token: &Secret<String>,
+    ) -> Option<Certificate> {
+        for level in ["subaccount", "instance"] {
+            let url = format!("{}/destination-configuration/v1/{level}Certificates/{name}", binding.uri);
+            let resp = self.inner.http.get(&url).bearer_auth(token.expose()).timeout(SERVICE_TIMEOUT).send().await;
+            let Ok(resp) = resp else { continue };
+            if !resp.status().is_success() {
+                continue;
+            }
+            let Ok(body) = resp.json::<Value>().await else { continue };
+            if body.get("Content").is_some() {
+                return Some(Certificate {
+                    name: str_of(&body, "Name"),
+                    kind: str_of(&body, "Type"),
+                    content: Secret::new(str_of(&body, "Content")),
+                });
+            }
+        }
+        None
     }
 
     /// One find-by-name call (v1, or v2 `name@level` when a level is asked for).

@@ -41,6 +41,24 @@ async fn the_sdk_reaches_internet_on_premise_and_tcp_destinations() {
         &[],
     );
     let nginx_port = nginx.addr.port();
+    let test_ca = ferry_core::tls::LocalCa::generate("backend test CA").unwrap();
+    let server_cert = test_ca.issue_server_cert(&["127.0.0.1"]).unwrap();
+    let app_cert =
+        test_ca.issue_user_cert(&[("CN".to_owned(), "app-client".to_owned())], time::Duration::days(1)).unwrap();
+    let tls_nginx = Nginx::start(
+        r#"listen 127.0.0.1:{PORT} ssl;
+  ssl_certificate {DIR}/server.pem;
+  ssl_certificate_key {DIR}/server-key.pem;
+  ssl_client_certificate {DIR}/ca.pem;
+  ssl_verify_client on;
+  location / { return 200 "client $ssl_client_s_dn"; }"#,
+        &[
+            ("server.pem", &server_cert.cert_pem),
+            ("server-key.pem", server_cert.key_pem.expose()),
+            ("ca.pem", test_ca.cert_pem()),
+        ],
+    );
+    let mtls_port = tls_nginx.addr.port();
     let dir = common::test_dir("sdk");
     let port = echo.addr.port();
     let config = format!(
@@ -51,6 +69,8 @@ properties = {{ Name = "web", Type = "HTTP", URL = "http://127.0.0.1:{port}/base
 properties = {{ Name = "web-basic", Type = "HTTP", URL = "http://127.0.0.1:{port}", ProxyType = "Internet", Authentication = "BasicAuthentication", User = "ALICE", Password = "s3cret" }}
 [[destinations]]
 properties = {{ Name = "csrf", Type = "HTTP", URL = "http://127.0.0.1:{nginx_port}/svc", Authentication = "BasicAuthentication", User = "ALICE", Password = "s3cret" }}
+[[destinations]]
+properties = {{ Name = "mtls", Type = "HTTP", URL = "https://127.0.0.1:{mtls_port}", Authentication = "ClientCertificateAuthentication", KeyStoreLocation = "app-client.pem", TrustStoreLocation = "backend-ca.pem" }}
 [[destinations]]
 properties = {{ Name = "erp", Type = "HTTP", URL = "http://erp.virtual:8000/sap", ProxyType = "OnPremise", Authentication = "BasicAuthentication", User = "ALICE", Password = "s3cret" }}
 [[destinations]]
@@ -198,6 +218,32 @@ protocol = "TCP"
     let mut buf = [0u8; 11];
     s.read_exact(&mut buf).await.unwrap();
     assert_eq!(&buf, b"echo: ping\n");
+
+    // ClientCertificateAuthentication with a trust store: nginx over TLS requires a client
+    // certificate from the test CA, which the destination's keystore holds and whose CA its trust
+    // store (not the client's roots) holds.
+    let b64 = |t: &str| base64::Engine::encode(&base64::engine::general_purpose::STANDARD, t);
+    let cert_api = format!("{}/destination-configuration/v1/subaccountCertificates", dest["uri"].as_str().unwrap());
+    let keystore = format!("{}{}", app_cert.cert_pem, app_cert.key_pem.expose());
+    for (name, content) in [("app-client.pem", keystore.as_str()), ("backend-ca.pem", test_ca.cert_pem())] {
+        let r = reqwest::Client::new()
+            .post(&cert_api)
+            .bearer_auth(token.expose())
+            .json(&serde_json::json!({"Name": name, "Type": "PEM", "Content": b64(content)}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 201, "{}", r.text().await.unwrap());
+    }
+    let mtls = client.get_destination("mtls", &any).await.unwrap();
+    assert_eq!(mtls.certificates.len(), 2, "{mtls:?}");
+    let r = http.get(&mtls, "/who").await.unwrap();
+    assert_eq!(r.status(), 200);
+    assert!(r.text().await.unwrap().contains("CN=app-client"));
+    // Without the keystore, nginx refuses the connection's request.
+    let mut no_key = mtls.clone();
+    no_key.configuration.insert("Authentication".into(), "NoAuthentication".into());
+    assert_eq!(http.get(&no_key, "/who").await.unwrap().status(), 400);
 
     // Errors name the hop: an unknown destination, a wrong client secret, a proxy that is gone.
     let err = client.get_destination("nope", &any).await.unwrap_err();
