@@ -76,6 +76,8 @@ pub struct Options {
     pub fragment: Option<String>,
     /// Only the configuration: no second call for tokens the Destination Service would fetch.
     pub skip_token_retrieval: bool,
+    /// For `OAuth2RefreshToken` destinations: sent as `X-refresh-token`.
+    pub refresh_token: Option<Secret<String>>,
     /// Bypass the destination cache.
     pub no_cache: bool,
 }
@@ -577,6 +579,9 @@ impl Client {
         }
         if let Some(jwt) = user_token {
             req = req.header("X-user-token", jwt.expose());
+        }
+        if !skip && let Some(t) = &options.refresh_token {
+            req = req.header("X-refresh-token", t.expose());
         }
         let resp = req.send().await.map_err(|e| ClientError::transport(Hop::DestinationService, &url, &e))?;
         let status = resp.status();

@@ -164,17 +164,78 @@ protocol = "TCP"
     assert_eq!(d.auth_tokens.len(), 1, "{d:?}");
     let e: Value = http.get(&d, "/x").await.unwrap().json().await.unwrap();
     let bearer = e["headers"]["authorization"].as_str().unwrap();
-    let claims = bearer.strip_prefix("Bearer ").and_then(|t| t.split('.').nth(1)).unwrap();
-    let claims: Value = serde_json::from_slice(
-        &base64::Engine::decode(&base64::engine::general_purpose::URL_SAFE_NO_PAD, claims).unwrap(),
-    )
-    .unwrap();
-    assert_eq!(claims["client_id"], xsuaa["clientid"]);
+    assert_eq!(claims_of(bearer.strip_prefix("Bearer ").unwrap())["client_id"], xsuaa["clientid"]);
     // With skip_token_retrieval the configuration comes without tokens, and sending says why.
     let bare = Options { skip_token_retrieval: true, ..Default::default() };
     let d = client.get_destination("web-oauth", &bare).await.unwrap();
     let err = http.get(&d, "/x").await.unwrap_err();
     assert!(matches!(err, ClientError::Destination { .. }) && err.to_string().contains("no auth token"), "{err}");
+
+    // The user and token flows: the Destination Service fetches the token from Ferry's token
+    // service (for the user of the JWT where there is one) and the client sends its header.
+    let user_jwt = password_token(&xsuaa["url"], xsuaa, "alice", "alice-password").await;
+    let token_url = format!("{}/oauth/token", xsuaa["url"].as_str().unwrap());
+    let oauth_base = serde_json::json!({
+        "Type": "HTTP", "URL": format!("http://127.0.0.1:{port}/u"), "ProxyType": "Internet",
+        "tokenServiceURL": token_url, "clientId": xsuaa["clientid"], "clientSecret": xsuaa["clientsecret"],
+    });
+    let saml_base = serde_json::json!({
+        "Type": "HTTP", "URL": format!("http://127.0.0.1:{port}/u"), "ProxyType": "Internet",
+        "tokenServiceURL": token_url, "audience": token_url, "clientKey": xsuaa["clientid"],
+        "tokenServiceUser": xsuaa["clientid"], "tokenServicePassword": xsuaa["clientsecret"],
+        "authnContextClassRef": "urn:oasis:names:tc:SAML:2.0:ac:classes:PreviousSession"
+    });
+    let flows: [(&str, &Value, Value, &str); 6] = [
+        (
+            "OAuth2Password",
+            &oauth_base,
+            serde_json::json!({"User": "alice", "Password": "alice-password"}),
+            "authorization",
+        ),
+        ("OAuth2JWTBearer", &oauth_base, serde_json::json!({}), "authorization"),
+        ("OAuth2UserTokenExchange", &oauth_base, serde_json::json!({}), "authorization"),
+        // On-premise only; the proxy takes the technical user's token off the request.
+        (
+            "OAuth2TechnicalUserPropagation",
+            &oauth_base,
+            serde_json::json!({"ProxyType": "OnPremise", "URL": "http://erp.virtual:8000/sap"}),
+            "",
+        ),
+        ("OAuth2SAMLBearerAssertion", &saml_base, serde_json::json!({}), "authorization"),
+        ("SAMLAssertion", &saml_base, serde_json::json!({}), "authorization"),
+    ];
+    for (auth, base, extra, header) in flows {
+        let mut body = base.clone();
+        body["Name"] = format!("flow-{auth}").into();
+        body["Authentication"] = auth.into();
+        for (k, v) in extra.as_object().unwrap() {
+            body[k] = v.clone();
+        }
+        let r = reqwest::Client::new()
+            .post(format!("{}/destination-configuration/v1/subaccountDestinations", dest["uri"].as_str().unwrap()))
+            .bearer_auth(token.expose())
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 201, "{auth}: {}", r.text().await.unwrap());
+        let options = Options { user_jwt: Some(user_jwt.clone().into()), ..Default::default() };
+        let d = client.get_destination(&format!("flow-{auth}"), &options).await.unwrap();
+        assert!(d.auth_tokens.first().is_some_and(|t| t.error.is_none()), "{auth}: {d:?}");
+        let e: Value = http.get(&d, "/x").await.unwrap().json().await.unwrap();
+        if header.is_empty() {
+            assert_eq!(e["url"], "/sap/x", "{auth}: {e}");
+            assert!(e["headers"].get("sap-connectivity-technical-authentication").is_none(), "{auth}: {e}");
+            continue;
+        }
+        let sent = e["headers"][header].as_str().unwrap_or_else(|| panic!("{auth}: no {header} in {e}"));
+        if let Some(jwt) = sent.strip_prefix("Bearer ") {
+            let claims = claims_of(jwt);
+            assert_eq!(claims["user_name"], "alice", "{auth}: {claims}");
+        } else {
+            assert_eq!(auth, "SAMLAssertion", "{auth}: {sent}");
+        }
+    }
 
     // OnPremise: through the Connectivity Proxy and the connector to the backend.
     let erp = client.get_destination("erp", &any).await.unwrap();
@@ -186,24 +247,7 @@ protocol = "TCP"
     // PrincipalPropagation: the user's JWT becomes a user certificate at the backend.
     let err = client.get_destination("erp-pp", &any).await.unwrap_err();
     assert!(err.to_string().contains("JWT"), "{err}");
-    let form = [
-        ("grant_type", "password"),
-        ("client_id", xsuaa["clientid"].as_str().unwrap()),
-        ("client_secret", xsuaa["clientsecret"].as_str().unwrap()),
-        ("username", "alice"),
-        ("password", "alice-password"),
-    ];
-    let user: Value = reqwest::Client::new()
-        .post(format!("{}/oauth/token", xsuaa["url"].as_str().unwrap()))
-        .form(&form)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    let jwt = user["access_token"].as_str().unwrap().to_owned();
-    let as_user = Options { user_jwt: Some(jwt.into()), ..Default::default() };
+    let as_user = Options { user_jwt: Some(user_jwt.clone().into()), ..Default::default() };
     let pp = client.get_destination("erp-pp", &as_user).await.unwrap();
     let e: Value = http.get(&pp, "/me").await.unwrap().json().await.unwrap();
     assert!(e["headers"]["ssl_client_cert"].as_str().unwrap().len() > 100, "a user certificate reached the backend");
@@ -262,4 +306,32 @@ protocol = "TCP"
     assert_eq!(err.hop(), Some(Hop::TokenService), "{err}");
     assert!(err.to_string().contains("cannot connect"), "{err}");
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A user's token from the password grant of a binding's client.
+async fn password_token(url: &Value, creds: &Value, user: &str, password: &str) -> String {
+    let form = [
+        ("grant_type", "password"),
+        ("client_id", creds["clientid"].as_str().unwrap()),
+        ("client_secret", creds["clientsecret"].as_str().unwrap()),
+        ("username", user),
+        ("password", password),
+    ];
+    let r: Value = reqwest::Client::new()
+        .post(format!("{}/oauth/token", url.as_str().unwrap()))
+        .form(&form)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    r["access_token"].as_str().unwrap().to_owned()
+}
+
+/// A JWT's claims, unverified.
+fn claims_of(jwt: &str) -> Value {
+    let payload = jwt.split('.').nth(1).unwrap();
+    serde_json::from_slice(&base64::Engine::decode(&base64::engine::general_purpose::URL_SAFE_NO_PAD, payload).unwrap())
+        .unwrap()
 }
