@@ -63,7 +63,7 @@ impl Request {
     }
 }
 
-/// Sends requests through destinations. Cheap to clone is not needed: share it behind an `Arc`.
+/// Sends requests through destinations. It holds connection pools: make one and share it (`Arc`).
 pub struct HttpClient {
     client: Client,
     options: HttpOptions,

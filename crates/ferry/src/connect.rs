@@ -32,8 +32,8 @@ pub struct ConnectArgs {
     /// mail.transport.protocol, else the first of smtp, imap, pop3 it names a host for.
     #[arg(long)]
     protocol: Option<MailProtocol>,
-    /// File with the app environment (`{"VCAP_SERVICES": …}`), used when the VCAP_SERVICES
-    /// variable is not set.
+    /// File with the app environment (`{"VCAP_SERVICES": …}`), used when none of VCAP_SERVICES,
+    /// VCAP_SERVICES_FILE_PATH and SERVICE_BINDING_ROOT is set.
     #[arg(long, default_value = "default-env.json")]
     env_file: PathBuf,
     /// PEM file of a CA to trust for the token and Destination Service URLs, besides the system's roots.

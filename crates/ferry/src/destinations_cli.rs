@@ -18,7 +18,7 @@ use serde_json::Value;
 #[derive(clap::Args, Debug, Clone)]
 pub struct Connection {
     /// A `default-env.json` holding VCAP_SERVICES with a destination binding (as `ferry up`
-    /// writes it). Default: $VCAP_SERVICES, else ./default-env.json.
+    /// writes it). Default: $VCAP_SERVICES, else ./default-env.json, else SERVICE_BINDING_ROOT.
     #[arg(long, global = true)]
     env_file: Option<PathBuf>,
     /// A service key of a destination instance (its credentials JSON); wins over --env-file.

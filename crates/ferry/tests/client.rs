@@ -5,6 +5,9 @@
 
 mod common;
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
 use ferry_client::{Bindings, Client, ClientError, Hop, HttpClient, Level, Options, Request};
 use ferry_testkit::EchoBackend;
 use ferry_testkit::nginx::Nginx;
@@ -18,9 +21,13 @@ async fn the_sdk_reaches_internet_on_premise_and_tcp_destinations() {
     // A TCP backend that answers each line with "echo: <line>".
     let tcp = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let tcp_port = tcp.local_addr().unwrap().port();
+    let closed = Arc::new(AtomicUsize::new(0));
+    let closes = closed.clone();
     tokio::spawn(async move {
         while let Ok((mut s, _)) = tcp.accept().await {
+            let closes = closes.clone();
             tokio::spawn(async move {
+                let _count = CountOnDrop(closes);
                 let mut buf = [0u8; 256];
                 while let Ok(n) = s.read(&mut buf).await {
                     if n == 0 || s.write_all(&[b"echo: ", &buf[..n]].concat()).await.is_err() {
@@ -298,8 +305,15 @@ protocol = "TCP"
     let err = bad.get_destination("web", &any).await.unwrap_err();
     assert_eq!((err.hop(), err.status()), (Some(Hop::TokenService), Some(401)), "{err}");
 
-    // Ferry gone: the first hop, the token service, is named.
+    // Ferry gone: the first hop, the token service, is named. Our connections go first, and the TCP backend sees the tunnel close: a SIGTERM while a
+    // SOCKS5 tunnel is still closing makes `ferry up` wait out its 10 s drain.
     drop((http, client, bad, s));
+    for _ in 0..1000 {
+        if closed.load(Ordering::SeqCst) > 0 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
     assert!(ferry.terminate().success());
     let client = Client::new(Bindings::from_vcap_services(&vcap.to_string()).unwrap(), None).unwrap();
     let err = client.get_destination("erp", &any).await.unwrap_err();
@@ -334,4 +348,13 @@ fn claims_of(jwt: &str) -> Value {
     let payload = jwt.split('.').nth(1).unwrap();
     serde_json::from_slice(&base64::Engine::decode(&base64::engine::general_purpose::URL_SAFE_NO_PAD, payload).unwrap())
         .unwrap()
+}
+
+/// Counts the connections the TCP backend has finished.
+struct CountOnDrop(Arc<AtomicUsize>);
+
+impl Drop for CountOnDrop {
+    fn drop(&mut self) {
+        self.0.fetch_add(1, Ordering::SeqCst);
+    }
 }
