@@ -244,6 +244,32 @@ protocol = "TCP"
         }
     }
 
+    // Tenant, fragment and cache.
+    let api = format!("{}/destination-configuration/v1", dest["uri"].as_str().unwrap());
+    let admin = reqwest::Client::new();
+    let zid = claims_of(&user_jwt)["zid"].as_str().unwrap().to_owned();
+    let in_zone = Options { tenant: Some(zid), no_cache: true, ..Default::default() };
+    assert_eq!(client.get_destination("web", &in_zone).await.unwrap().name(), "web");
+    let elsewhere = Options { tenant: Some("no-such-zone".into()), no_cache: true, ..Default::default() };
+    let err = client.get_destination("web", &elsewhere).await.unwrap_err();
+    assert_eq!(err.hop(), Some(Hop::TokenService), "{err}");
+    let fragment = serde_json::json!({"FragmentName": "extra", "URL.headers.X-Frag": "yes"});
+    let r = admin.post(format!("{api}/subaccountDestinationFragments")).bearer_auth(token.expose()).json(&fragment);
+    assert_eq!(r.send().await.unwrap().status(), 201);
+    let with_fragment = Options { fragment: Some("extra".into()), ..Default::default() };
+    let d = client.get_destination("web", &with_fragment).await.unwrap();
+    let e: Value = http.get(&d, "").await.unwrap().json().await.unwrap();
+    assert_eq!(e["headers"]["x-frag"], "yes");
+    // Cached: a change in the service shows only when the cache is bypassed.
+    let moved = format!("http://127.0.0.1:{port}/moved");
+    let changed = serde_json::json!({"Name": "web", "Type": "HTTP", "URL": moved, "ProxyType": "Internet",
+        "Authentication": "NoAuthentication"});
+    let r = admin.put(format!("{api}/subaccountDestinations")).bearer_auth(token.expose()).json(&changed);
+    assert_eq!(r.send().await.unwrap().status(), 200);
+    assert_eq!(client.get_destination("web", &any).await.unwrap().property("URL"), web.property("URL"));
+    let fresh = Options { no_cache: true, ..Default::default() };
+    assert_eq!(client.get_destination("web", &fresh).await.unwrap().property("URL"), Some(moved));
+
     // OnPremise: through the Connectivity Proxy and the connector to the backend.
     let erp = client.get_destination("erp", &any).await.unwrap();
     let e: Value = http.get(&erp, "/items?top=1").await.unwrap().json().await.unwrap();
