@@ -270,6 +270,32 @@ protocol = "TCP"
     let fresh = Options { no_cache: true, ..Default::default() };
     assert_eq!(client.get_destination("web", &fresh).await.unwrap().property("URL"), Some(moved));
 
+    // Mounted bindings (SERVICE_BINDING_ROOT), read by the CLI through Bindings::from_env in a
+    // folder without default-env.json.
+    let mounted = dir.join("bindings").join("my-destination");
+    std::fs::create_dir_all(&mounted).unwrap();
+    std::fs::write(mounted.join("type"), "destination").unwrap();
+    for (k, v) in dest.as_object().unwrap() {
+        if let Some(v) = v.as_str() {
+            std::fs::write(mounted.join(k), v).unwrap();
+        }
+    }
+    let empty = dir.join("elsewhere");
+    std::fs::create_dir_all(&empty).unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_ferry"))
+        .args(["destinations", "list", "-o", "json"])
+        .current_dir(&empty)
+        .env_remove("VCAP_SERVICES")
+        .env("SERVICE_BINDING_ROOT", dir.join("bindings"))
+        .output()
+        .unwrap();
+    let listed = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && listed.contains("\"web-basic\""),
+        "{listed}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
     // OnPremise: through the Connectivity Proxy and the connector to the backend.
     let erp = client.get_destination("erp", &any).await.unwrap();
     let e: Value = http.get(&erp, "/items?top=1").await.unwrap().json().await.unwrap();
