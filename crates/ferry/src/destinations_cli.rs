@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, bail};
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD as B64;
+use ferry_client::Bindings;
 use ferry_model::is_secret_property;
 use reqwest::{Method, StatusCode, Url};
 use serde::ser::{Serialize, SerializeMap, Serializer};
@@ -17,7 +18,7 @@ use serde_json::Value;
 #[derive(clap::Args, Debug, Clone)]
 pub struct Connection {
     /// A `default-env.json` holding VCAP_SERVICES with a destination binding (as `ferry up`
-    /// writes it). Default: $VCAP_SERVICES, else ./default-env.json.
+    /// writes it). Default: $VCAP_SERVICES, else ./default-env.json, else SERVICE_BINDING_ROOT.
     #[arg(long, global = true)]
     env_file: Option<PathBuf>,
     /// A service key of a destination instance (its credentials JSON); wins over --env-file.
@@ -244,47 +245,35 @@ struct ApiFailure {
 
 impl Client {
     async fn connect(conn: &Connection) -> anyhow::Result<Self> {
-        let (creds, source) = binding(conn)?;
-        let field = |k: &str| creds.get(k).and_then(Value::as_str).filter(|s| !s.is_empty());
-        let (Some(uri), Some(url), Some(client_id)) = (field("uri"), field("url"), field("clientid")) else {
-            bail!(
-                "the destination binding in {source} lacks 'uri', 'url' or 'clientid'; use a service key of a destination instance"
-            );
-        };
-        let Some(secret) = field("clientsecret") else {
+        let (bindings, source) = bindings(conn)?;
+        let binding = bindings.destination().with_context(|| {
+            format!(
+                "use a service key of a destination instance (--service-key), or --env-file (binding from {source})"
+            )
+        })?;
+        if binding.credentials.client_secret.is_none() {
             bail!(
                 "the destination binding in {source} has no 'clientsecret' (an x509 key?); this command needs a \
                  binding-secret service key"
             );
-        };
+        }
         let ca = match &conn.ca_file {
             Some(p) => Some(std::fs::read_to_string(p).with_context(|| format!("--ca-file {}", p.display()))?),
             None => None,
         };
         let http = ferry_core::tls::http_client(ca.as_deref())?;
-        let token_url = format!("{}/oauth/token", url.trim_end_matches('/'));
-        let resp = http
-            .post(&token_url)
-            .form(&[("grant_type", "client_credentials"), ("client_id", client_id), ("client_secret", secret)])
-            .send()
-            .await
-            .with_context(|| format!("cannot reach the token service {token_url} (from {source}); is it running?"))?;
-        let status = resp.status();
-        let body: Value = resp.json().await.unwrap_or(Value::Null);
-        let Some(token) = body.get("access_token").and_then(Value::as_str) else {
-            let why = body.get("error_description").or_else(|| body.get("error")).and_then(Value::as_str);
-            bail!(
-                "the token service {token_url} refused the binding's client ({status}: {}); check 'clientid' and \
-                 'clientsecret' in {source}",
-                why.unwrap_or("no reason given")
-            );
-        };
+        let tokens = ferry_client::Client::new(bindings, ca.as_deref())?;
+        let token = tokens.destination_service_token(None).await.with_context(|| {
+            format!("cannot get a token for the destination binding in {source}; is the token service running?")
+        })?;
+        let token = token.expose().clone();
+        let uri = binding.uri.as_str();
         let mut base = Url::parse(uri).with_context(|| format!("'uri' in {source} is not a URL: {uri}"))?;
         base.path_segments_mut()
             .map_err(|()| anyhow::anyhow!("'uri' in {source} cannot be a base URL: {uri}"))?
             .pop_if_empty()
             .extend(["destination-configuration", "v1"]);
-        Ok(Self { http, base, token: token.to_owned(), level: conn.level, source })
+        Ok(Self { http, base, token, level: conn.level, source })
     }
 
     fn url(&self, kind: Kind, name: Option<&str>) -> Url {
@@ -372,52 +361,20 @@ impl Client {
     }
 }
 
-/// The binding's credentials and a label of where they came from.
-fn binding(conn: &Connection) -> anyhow::Result<(Value, String)> {
-    let read = |p: &Path| -> anyhow::Result<Value> {
-        let text = std::fs::read_to_string(p).with_context(|| format!("cannot read {}", p.display()))?;
-        serde_json::from_str(&text).with_context(|| format!("{} is not JSON", p.display()))
-    };
+/// The bindings to use and a label of where they came from: --service-key, else --env-file, else
+/// the environment (VCAP_SERVICES, ./default-env.json, SERVICE_BINDING_ROOT).
+fn bindings(conn: &Connection) -> anyhow::Result<(Bindings, String)> {
     if let Some(p) = &conn.service_key {
-        let v = read(p)?;
-        let creds = v.get("credentials").cloned().unwrap_or(v);
-        return Ok((creds, p.display().to_string()));
+        let text = std::fs::read_to_string(p).with_context(|| format!("cannot read {}", p.display()))?;
+        let key: Value = serde_json::from_str(&text).with_context(|| format!("{} is not JSON", p.display()))?;
+        let source = p.display().to_string();
+        return Ok((Bindings::from_service_key("destination", &key, &source)?, source));
     }
-    let (vcap, source) = if let Some(p) = &conn.env_file {
-        (read(p)?.get("VCAP_SERVICES").cloned().unwrap_or(Value::Null), p.display().to_string())
-    } else if let Ok(text) = std::env::var("VCAP_SERVICES") {
-        (serde_json::from_str(&text).context("$VCAP_SERVICES is not JSON")?, "$VCAP_SERVICES".to_owned())
-    } else if Path::new("default-env.json").is_file() {
-        let p = Path::new("default-env.json");
-        (read(p)?.get("VCAP_SERVICES").cloned().unwrap_or(Value::Null), "./default-env.json".to_owned())
-    } else {
-        bail!(
-            "no Destination Service binding: pass --service-key FILE or --env-file default-env.json (written by \
-             `ferry up`), or set VCAP_SERVICES"
-        );
-    };
-    // VCAP_SERVICES in a default-env.json may itself be a JSON string.
-    let vcap = match vcap {
-        Value::String(s) => {
-            serde_json::from_str(&s).with_context(|| format!("VCAP_SERVICES in {source} is not JSON"))?
-        }
-        v => v,
-    };
-    let is_destination = |b: &&Value| {
-        b.get("label").and_then(Value::as_str) == Some("destination")
-            || b.get("tags").and_then(Value::as_array).is_some_and(|t| t.iter().any(|t| t == "destination"))
-    };
-    let creds = vcap
-        .as_object()
-        .into_iter()
-        .flat_map(|m| m.values())
-        .filter_map(Value::as_array)
-        .flatten()
-        .find(is_destination)
-        .and_then(|b| b.get("credentials"))
-        .cloned()
-        .with_context(|| format!("{source} has no destination binding in VCAP_SERVICES"))?;
-    Ok((creds, source))
+    if let Some(p) = &conn.env_file {
+        return Ok((Bindings::from_default_env_file(p)?, p.display().to_string()));
+    }
+    let source = if std::env::var_os("VCAP_SERVICES").is_some() { "$VCAP_SERVICES" } else { "./default-env.json" };
+    Ok((Bindings::from_env()?, source.to_owned()))
 }
 
 /// A JSON object or array of flat objects, keys in their order.
@@ -858,8 +815,8 @@ mod tests {
                 level: Level::Subaccount,
                 output: Output::Table,
             };
-            let (creds, _) = binding(&conn).unwrap();
-            assert_eq!(creds["clientid"], "c");
+            let (bindings, _) = bindings(&conn).unwrap();
+            assert_eq!(bindings.find("destination").unwrap().text("clientid").as_deref(), Some("c"));
         }
         std::fs::write(&file, r#"{"VCAP_SERVICES": {"xsuaa": []}}"#).unwrap();
         let conn = Connection {
@@ -869,8 +826,8 @@ mod tests {
             level: Level::Instance,
             output: Output::Json,
         };
-        let err = binding(&conn).unwrap_err().to_string();
-        assert!(err.contains("has no destination binding"), "{err}");
+        let err = bindings(&conn).unwrap().0.destination().unwrap_err().to_string();
+        assert!(err.contains("no destination binding"), "{err}");
         let _ = std::fs::remove_dir_all(&dir);
     }
 }

@@ -1,0 +1,412 @@
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+//! `ferry-client` (the Rust SDK) against a running `ferry up`: bindings from its
+//! `default-env.json`, destinations of each authentication type, Internet and OnPremise requests
+//! through the real proxy and connector to a real backend, and a TCP destination over SOCKS5.
+
+mod common;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use ferry_client::{Bindings, Client, ClientError, Hop, HttpClient, Level, Options, Request};
+use ferry_testkit::EchoBackend;
+use ferry_testkit::nginx::Nginx;
+use serde_json::Value;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+#[tokio::test]
+async fn the_sdk_reaches_internet_on_premise_and_tcp_destinations() {
+    ferry_core::init_crypto();
+    let echo = EchoBackend::start().await;
+    // A TCP backend that answers each line with "echo: <line>".
+    let tcp = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let tcp_port = tcp.local_addr().unwrap().port();
+    let closed = Arc::new(AtomicUsize::new(0));
+    let closes = closed.clone();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = tcp.accept().await {
+            let closes = closes.clone();
+            tokio::spawn(async move {
+                let _count = CountOnDrop(closes);
+                let mut buf = [0u8; 256];
+                while let Ok(n) = s.read(&mut buf).await {
+                    if n == 0 || s.write_all(&[b"echo: ", &buf[..n]].concat()).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    let nginx = Nginx::start(
+        r#"listen 127.0.0.1:{PORT};
+  location /svc/ {
+    if ($request_method = HEAD) { add_header x-csrf-token tok-1 always; add_header set-cookie "sid=abc; Path=/" always; return 200; }
+    if ($http_x_csrf_token != "tok-1") { add_header x-csrf-token Required always; return 403; }
+    if ($http_cookie != "sid=abc") { return 412; }
+    return 201 "created $http_authorization";
+  }"#,
+        &[],
+    );
+    let nginx_port = nginx.addr.port();
+    let test_ca = ferry_core::tls::LocalCa::generate("backend test CA").unwrap();
+    let server_cert = test_ca.issue_server_cert(&["127.0.0.1"]).unwrap();
+    let app_cert =
+        test_ca.issue_user_cert(&[("CN".to_owned(), "app-client".to_owned())], time::Duration::days(1)).unwrap();
+    let tls_nginx = Nginx::start(
+        r#"listen 127.0.0.1:{PORT} ssl;
+  ssl_certificate {DIR}/server.pem;
+  ssl_certificate_key {DIR}/server-key.pem;
+  ssl_client_certificate {DIR}/ca.pem;
+  ssl_verify_client on;
+  location / { return 200 "client $ssl_client_s_dn"; }"#,
+        &[
+            ("server.pem", &server_cert.cert_pem),
+            ("server-key.pem", server_cert.key_pem.expose()),
+            ("ca.pem", test_ca.cert_pem()),
+        ],
+    );
+    let mtls_port = tls_nginx.addr.port();
+    let dir = common::test_dir("sdk");
+    let port = echo.addr.port();
+    let config = format!(
+        r#"{listen}
+[[destinations]]
+properties = {{ Name = "web", Type = "HTTP", URL = "http://127.0.0.1:{port}/base", ProxyType = "Internet", Authentication = "NoAuthentication", "URL.headers.X-Conf" = "h1", "URL.queries.conf-query" = "q1", "sap-client" = "100" }}
+[[destinations]]
+properties = {{ Name = "web-basic", Type = "HTTP", URL = "http://127.0.0.1:{port}", ProxyType = "Internet", Authentication = "BasicAuthentication", User = "ALICE", Password = "s3cret" }}
+[[destinations]]
+properties = {{ Name = "csrf", Type = "HTTP", URL = "http://127.0.0.1:{nginx_port}/svc", Authentication = "BasicAuthentication", User = "ALICE", Password = "s3cret" }}
+[[destinations]]
+properties = {{ Name = "mtls", Type = "HTTP", URL = "https://127.0.0.1:{mtls_port}", Authentication = "ClientCertificateAuthentication", KeyStoreLocation = "app-client.pem", TrustStoreLocation = "backend-ca.pem" }}
+[[destinations]]
+properties = {{ Name = "erp", Type = "HTTP", URL = "http://erp.virtual:8000/sap", ProxyType = "OnPremise", Authentication = "BasicAuthentication", User = "ALICE", Password = "s3cret" }}
+[[destinations]]
+properties = {{ Name = "erp-pp", Type = "HTTP", URL = "http://erp.virtual:8000/sap", ProxyType = "OnPremise", Authentication = "PrincipalPropagation" }}
+[[destinations]]
+properties = {{ Name = "raw", Type = "TCP", Address = "tcp.virtual:7000", ProxyType = "OnPremise" }}
+
+[[users]]
+username = "alice"
+password = "alice-password"
+
+[[connectors]]
+[[connectors.mappings]]
+virtualHost = "erp.virtual"
+virtualPort = 8000
+localHost = "127.0.0.1"
+localPort = {port}
+protocol = "HTTP"
+authenticationMode = "X509_GENERAL"
+resources = [{{ path = "/sap", exactMatchOnly = false }}]
+[[connectors.mappings]]
+virtualHost = "tcp.virtual"
+virtualPort = 7000
+localHost = "127.0.0.1"
+localPort = {tcp_port}
+protocol = "TCP"
+"#,
+        listen = common::LISTEN_ANY,
+    );
+    let (mut ferry, vcap) = common::ferry_up(&dir, &config);
+    let ca = std::fs::read_to_string(dir.join("data").join("ca.pem")).unwrap();
+    let bindings = Bindings::from_default_env_file(&dir.join("default-env.json")).unwrap();
+    let client = Client::new(bindings, Some(&ca)).unwrap();
+    let http = HttpClient::new(client.clone(), Default::default()).unwrap();
+    let any = Options::default();
+
+    // Internet, NoAuthentication: URL join, URL.headers.*, URL.queries.*, sap-client.
+    let web = client.get_destination("web", &any).await.unwrap();
+    assert!(!format!("{web:?}").contains("s3cret"));
+    let e: Value = http.get(&web, "/hello?x=1").await.unwrap().json().await.unwrap();
+    assert_eq!(e["url"], "/base/hello?x=1&conf-query=q1");
+    assert_eq!(e["headers"]["x-conf"], "h1");
+    assert_eq!(e["headers"]["sap-client"], "100");
+    assert!(e["headers"].get("authorization").is_none());
+
+    // Internet, Basic: the header of the first auth token; the level-qualified lookup (v2).
+    let sub = Options { level: Some(Level::Subaccount), ..Default::default() };
+    let basic = client.get_destination("web-basic", &sub).await.unwrap();
+    let e: Value = http.get(&basic, "").await.unwrap().json().await.unwrap();
+    assert_eq!(e["headers"]["authorization"], "Basic QUxJQ0U6czNjcmV0");
+    let inst = Options { level: Some(Level::Instance), ..Default::default() };
+    let err = client.get_destination("web-basic", &inst).await.unwrap_err();
+    assert_eq!(err.hop(), Some(Hop::DestinationService), "{err}");
+
+    // A modifying request fetches a CSRF token first (HEAD with x-csrf-token: Fetch) and sends it
+    // with the session cookie; nginx refuses the POST without both.
+    let csrf = client.get_destination("csrf", &any).await.unwrap();
+    let req = Request::new(reqwest::Method::POST, "/items").header("content-type", "text/plain").body("payload");
+    let r = http.send(&csrf, req.clone()).await.unwrap();
+    assert_eq!(r.status(), 201);
+    assert_eq!(r.text().await.unwrap(), "created Basic QUxJQ0U6czNjcmV0");
+    let r = http.send(&csrf, Request { csrf: false, ..req }).await.unwrap();
+    assert_eq!(r.status(), 403, "without the token the backend refuses");
+    // A backend without CSRF protection: HEAD (with and without the slash) finds no token, the POST goes out.
+    let before = echo.hits();
+    let req = Request::new(reqwest::Method::POST, "/items").header("content-type", "text/plain").body("payload");
+    let e: Value = http.send(&basic, req).await.unwrap().json().await.unwrap();
+    assert_eq!((e["method"].as_str(), e["body"].as_str()), (Some("POST"), Some("payload")));
+    assert_eq!(echo.hits() - before, 3, "HEAD …/items/, HEAD …/items, then the POST");
+
+    // OAuth2ClientCredentials: the Destination Service fetches a token from Ferry's token service
+    // on the second find-by-name, and the client sends it.
+    let dest = &vcap["destination"][0]["credentials"];
+    let xsuaa = &vcap["xsuaa"][0]["credentials"];
+    let oauth = serde_json::json!({
+        "Name": "web-oauth", "Type": "HTTP", "URL": format!("http://127.0.0.1:{port}/o"), "ProxyType": "Internet",
+        "Authentication": "OAuth2ClientCredentials",
+        "tokenServiceURL": format!("{}/oauth/token", xsuaa["url"].as_str().unwrap()),
+        "clientId": xsuaa["clientid"], "clientSecret": xsuaa["clientsecret"]
+    });
+    let token = client.destination_service_token(None).await.unwrap();
+    let r = reqwest::Client::new()
+        .post(format!("{}/destination-configuration/v1/subaccountDestinations", dest["uri"].as_str().unwrap()))
+        .bearer_auth(token.expose())
+        .json(&oauth)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 201);
+    let d = client.get_destination("web-oauth", &any).await.unwrap();
+    assert_eq!(d.auth_tokens.len(), 1, "{d:?}");
+    let e: Value = http.get(&d, "/x").await.unwrap().json().await.unwrap();
+    let bearer = e["headers"]["authorization"].as_str().unwrap();
+    assert_eq!(claims_of(bearer.strip_prefix("Bearer ").unwrap())["client_id"], xsuaa["clientid"]);
+    // With skip_token_retrieval the configuration comes without tokens, and sending says why.
+    let bare = Options { skip_token_retrieval: true, ..Default::default() };
+    let d = client.get_destination("web-oauth", &bare).await.unwrap();
+    let err = http.get(&d, "/x").await.unwrap_err();
+    assert!(matches!(err, ClientError::Destination { .. }) && err.to_string().contains("no auth token"), "{err}");
+
+    // The user and token flows: the Destination Service fetches the token from Ferry's token
+    // service (for the user of the JWT where there is one) and the client sends its header.
+    let user_jwt = password_token(&xsuaa["url"], xsuaa, "alice", "alice-password").await;
+    let token_url = format!("{}/oauth/token", xsuaa["url"].as_str().unwrap());
+    let oauth_base = serde_json::json!({
+        "Type": "HTTP", "URL": format!("http://127.0.0.1:{port}/u"), "ProxyType": "Internet",
+        "tokenServiceURL": token_url, "clientId": xsuaa["clientid"], "clientSecret": xsuaa["clientsecret"],
+    });
+    let saml_base = serde_json::json!({
+        "Type": "HTTP", "URL": format!("http://127.0.0.1:{port}/u"), "ProxyType": "Internet",
+        "tokenServiceURL": token_url, "audience": token_url, "clientKey": xsuaa["clientid"],
+        "tokenServiceUser": xsuaa["clientid"], "tokenServicePassword": xsuaa["clientsecret"],
+        "authnContextClassRef": "urn:oasis:names:tc:SAML:2.0:ac:classes:PreviousSession"
+    });
+    let flows: [(&str, &Value, Value, &str); 6] = [
+        (
+            "OAuth2Password",
+            &oauth_base,
+            serde_json::json!({"User": "alice", "Password": "alice-password"}),
+            "authorization",
+        ),
+        ("OAuth2JWTBearer", &oauth_base, serde_json::json!({}), "authorization"),
+        ("OAuth2UserTokenExchange", &oauth_base, serde_json::json!({}), "authorization"),
+        // On-premise only; the proxy takes the technical user's token off the request.
+        (
+            "OAuth2TechnicalUserPropagation",
+            &oauth_base,
+            serde_json::json!({"ProxyType": "OnPremise", "URL": "http://erp.virtual:8000/sap"}),
+            "",
+        ),
+        ("OAuth2SAMLBearerAssertion", &saml_base, serde_json::json!({}), "authorization"),
+        ("SAMLAssertion", &saml_base, serde_json::json!({}), "authorization"),
+    ];
+    for (auth, base, extra, header) in flows {
+        let mut body = base.clone();
+        body["Name"] = format!("flow-{auth}").into();
+        body["Authentication"] = auth.into();
+        for (k, v) in extra.as_object().unwrap() {
+            body[k] = v.clone();
+        }
+        let r = reqwest::Client::new()
+            .post(format!("{}/destination-configuration/v1/subaccountDestinations", dest["uri"].as_str().unwrap()))
+            .bearer_auth(token.expose())
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 201, "{auth}: {}", r.text().await.unwrap());
+        let options = Options { user_jwt: Some(user_jwt.clone().into()), ..Default::default() };
+        let d = client.get_destination(&format!("flow-{auth}"), &options).await.unwrap();
+        assert!(d.auth_tokens.first().is_some_and(|t| t.error.is_none()), "{auth}: {d:?}");
+        let e: Value = http.get(&d, "/x").await.unwrap().json().await.unwrap();
+        if header.is_empty() {
+            assert_eq!(e["url"], "/sap/x", "{auth}: {e}");
+            assert!(e["headers"].get("sap-connectivity-technical-authentication").is_none(), "{auth}: {e}");
+            continue;
+        }
+        let sent = e["headers"][header].as_str().unwrap_or_else(|| panic!("{auth}: no {header} in {e}"));
+        if let Some(jwt) = sent.strip_prefix("Bearer ") {
+            let claims = claims_of(jwt);
+            assert_eq!(claims["user_name"], "alice", "{auth}: {claims}");
+        } else {
+            assert_eq!(auth, "SAMLAssertion", "{auth}: {sent}");
+        }
+    }
+
+    // Tenant, fragment and cache.
+    let api = format!("{}/destination-configuration/v1", dest["uri"].as_str().unwrap());
+    let admin = reqwest::Client::new();
+    let zid = claims_of(&user_jwt)["zid"].as_str().unwrap().to_owned();
+    let in_zone = Options { tenant: Some(zid), no_cache: true, ..Default::default() };
+    assert_eq!(client.get_destination("web", &in_zone).await.unwrap().name(), "web");
+    let elsewhere = Options { tenant: Some("no-such-zone".into()), no_cache: true, ..Default::default() };
+    let err = client.get_destination("web", &elsewhere).await.unwrap_err();
+    assert_eq!(err.hop(), Some(Hop::TokenService), "{err}");
+    let fragment = serde_json::json!({"FragmentName": "extra", "URL.headers.X-Frag": "yes"});
+    let r = admin.post(format!("{api}/subaccountDestinationFragments")).bearer_auth(token.expose()).json(&fragment);
+    assert_eq!(r.send().await.unwrap().status(), 201);
+    let with_fragment = Options { fragment: Some("extra".into()), ..Default::default() };
+    let d = client.get_destination("web", &with_fragment).await.unwrap();
+    let e: Value = http.get(&d, "").await.unwrap().json().await.unwrap();
+    assert_eq!(e["headers"]["x-frag"], "yes");
+    // Cached: a change in the service shows only when the cache is bypassed.
+    let moved = format!("http://127.0.0.1:{port}/moved");
+    let changed = serde_json::json!({"Name": "web", "Type": "HTTP", "URL": moved, "ProxyType": "Internet",
+        "Authentication": "NoAuthentication"});
+    let r = admin.put(format!("{api}/subaccountDestinations")).bearer_auth(token.expose()).json(&changed);
+    assert_eq!(r.send().await.unwrap().status(), 200);
+    assert_eq!(client.get_destination("web", &any).await.unwrap().property("URL"), web.property("URL"));
+    let fresh = Options { no_cache: true, ..Default::default() };
+    assert_eq!(client.get_destination("web", &fresh).await.unwrap().property("URL"), Some(moved));
+
+    // Mounted bindings (SERVICE_BINDING_ROOT), read by the CLI through Bindings::from_env in a
+    // folder without default-env.json.
+    let mounted = dir.join("bindings").join("my-destination");
+    std::fs::create_dir_all(&mounted).unwrap();
+    std::fs::write(mounted.join("type"), "destination").unwrap();
+    for (k, v) in dest.as_object().unwrap() {
+        if let Some(v) = v.as_str() {
+            std::fs::write(mounted.join(k), v).unwrap();
+        }
+    }
+    let empty = dir.join("elsewhere");
+    std::fs::create_dir_all(&empty).unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_ferry"))
+        .args(["destinations", "list", "-o", "json"])
+        .current_dir(&empty)
+        .env_remove("VCAP_SERVICES")
+        .env("SERVICE_BINDING_ROOT", dir.join("bindings"))
+        .output()
+        .unwrap();
+    let listed = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && listed.contains("\"web-basic\""),
+        "{listed}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    // OnPremise: through the Connectivity Proxy and the connector to the backend.
+    let erp = client.get_destination("erp", &any).await.unwrap();
+    let e: Value = http.get(&erp, "/items?top=1").await.unwrap().json().await.unwrap();
+    assert_eq!(e["url"], "/sap/items?top=1");
+    assert_eq!(e["headers"]["authorization"], "Basic QUxJQ0U6czNjcmV0");
+    assert!(e["headers"].get("proxy-authorization").is_none(), "the proxy strips its credential");
+
+    // PrincipalPropagation: the user's JWT becomes a user certificate at the backend.
+    let err = client.get_destination("erp-pp", &any).await.unwrap_err();
+    assert!(err.to_string().contains("JWT"), "{err}");
+    let as_user = Options { user_jwt: Some(user_jwt.clone().into()), ..Default::default() };
+    let pp = client.get_destination("erp-pp", &as_user).await.unwrap();
+    let e: Value = http.get(&pp, "/me").await.unwrap().json().await.unwrap();
+    assert!(e["headers"]["ssl_client_cert"].as_str().unwrap().len() > 100, "a user certificate reached the backend");
+    assert!(e["headers"].get("sap-connectivity-authentication").is_none());
+
+    // TCP through SOCKS5.
+    let raw = client.get_destination("raw", &any).await.unwrap();
+    let err = http.get(&raw, "").await.unwrap_err();
+    assert!(err.to_string().contains("connect_tcp"), "{err}");
+    let mut s = client.connect_tcp(&raw, None).await.unwrap();
+    s.write_all(b"ping\n").await.unwrap();
+    let mut buf = [0u8; 11];
+    s.read_exact(&mut buf).await.unwrap();
+    assert_eq!(&buf, b"echo: ping\n");
+
+    // ClientCertificateAuthentication with a trust store: nginx over TLS requires a client
+    // certificate from the test CA, which the destination's keystore holds and whose CA its trust
+    // store (not the client's roots) holds.
+    let b64 = |t: &str| base64::Engine::encode(&base64::engine::general_purpose::STANDARD, t);
+    let cert_api = format!("{}/destination-configuration/v1/subaccountCertificates", dest["uri"].as_str().unwrap());
+    let keystore = format!("{}{}", app_cert.cert_pem, app_cert.key_pem.expose());
+    for (name, content) in [("app-client.pem", keystore.as_str()), ("backend-ca.pem", test_ca.cert_pem())] {
+        let r = reqwest::Client::new()
+            .post(&cert_api)
+            .bearer_auth(token.expose())
+            .json(&serde_json::json!({"Name": name, "Type": "PEM", "Content": b64(content)}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 201, "{}", r.text().await.unwrap());
+    }
+    let mtls = client.get_destination("mtls", &any).await.unwrap();
+    assert_eq!(mtls.certificates.len(), 2, "{mtls:?}");
+    let r = http.get(&mtls, "/who").await.unwrap();
+    assert_eq!(r.status(), 200);
+    assert!(r.text().await.unwrap().contains("CN=app-client"));
+    // Without the keystore, nginx refuses the connection's request.
+    let mut no_key = mtls.clone();
+    no_key.configuration.insert("Authentication".into(), "NoAuthentication".into());
+    assert_eq!(http.get(&no_key, "/who").await.unwrap().status(), 400);
+
+    // Errors name the hop: an unknown destination, a wrong client secret, a proxy that is gone.
+    let err = client.get_destination("nope", &any).await.unwrap_err();
+    assert!(matches!(err, ClientError::NotFound { .. }), "{err}");
+    let mut wrong = vcap.clone();
+    wrong["destination"][0]["credentials"]["clientsecret"] = "wrong".into();
+    let bad = Client::new(Bindings::from_vcap_services(&wrong.to_string()).unwrap(), None).unwrap();
+    let err = bad.get_destination("web", &any).await.unwrap_err();
+    assert_eq!((err.hop(), err.status()), (Some(Hop::TokenService), Some(401)), "{err}");
+
+    // Ferry gone: the first hop, the token service, is named. Our connections go first, and the TCP backend sees the tunnel close: a SIGTERM while a
+    // SOCKS5 tunnel is still closing makes `ferry up` wait out its 10 s drain.
+    drop((http, client, bad, s));
+    for _ in 0..1000 {
+        if closed.load(Ordering::SeqCst) > 0 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    assert!(ferry.terminate().success());
+    let client = Client::new(Bindings::from_vcap_services(&vcap.to_string()).unwrap(), None).unwrap();
+    let err = client.get_destination("erp", &any).await.unwrap_err();
+    assert_eq!(err.hop(), Some(Hop::TokenService), "{err}");
+    assert!(err.to_string().contains("cannot connect"), "{err}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A user's token from the password grant of a binding's client.
+async fn password_token(url: &Value, creds: &Value, user: &str, password: &str) -> String {
+    let form = [
+        ("grant_type", "password"),
+        ("client_id", creds["clientid"].as_str().unwrap()),
+        ("client_secret", creds["clientsecret"].as_str().unwrap()),
+        ("username", user),
+        ("password", password),
+    ];
+    let r: Value = reqwest::Client::new()
+        .post(format!("{}/oauth/token", url.as_str().unwrap()))
+        .form(&form)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    r["access_token"].as_str().unwrap().to_owned()
+}
+
+/// A JWT's claims, unverified.
+fn claims_of(jwt: &str) -> Value {
+    let payload = jwt.split('.').nth(1).unwrap();
+    serde_json::from_slice(&base64::Engine::decode(&base64::engine::general_purpose::URL_SAFE_NO_PAD, payload).unwrap())
+        .unwrap()
+}
+
+/// Counts the connections the TCP backend has finished.
+struct CountOnDrop(Arc<AtomicUsize>);
+
+impl Drop for CountOnDrop {
+    fn drop(&mut self) {
+        self.0.fetch_add(1, Ordering::SeqCst);
+    }
+}
