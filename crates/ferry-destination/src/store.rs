@@ -213,7 +213,15 @@ const MIGRATIONS: &[&str] = &[
 
 pub(crate) struct SqliteStore {
     conn: Arc<Mutex<Connection>>,
+    /// Read-only connections to a database file, so finds do not queue behind each other or
+    /// behind a write (WAL lets readers run during a write). Empty for an in-memory database,
+    /// which exists only on `conn`.
+    readers: Vec<Arc<Mutex<Connection>>>,
+    next_reader: std::sync::atomic::AtomicUsize,
 }
+
+/// Read connections per database file; the blocking pool runs at most this many reads at once.
+const READERS: usize = 4;
 
 pub(crate) fn instance_column(level: &Level) -> &str {
     match level {
@@ -235,10 +243,23 @@ impl SqliteStore {
     /// Opens (creating if needed) the database at `path`, or an in-memory one for `None`, and
     /// brings its schema up to date.
     pub(crate) async fn open(path: Option<PathBuf>) -> Result<Self, StoreError> {
-        let conn = tokio::task::spawn_blocking(move || Self::open_blocking(path.as_deref()))
-            .await
-            .map_err(|e| StoreError::backend("opening the database", e))??;
-        Ok(Self { conn: Arc::new(Mutex::new(conn)) })
+        let (conn, readers) = tokio::task::spawn_blocking(move || {
+            let conn = Self::open_blocking(path.as_deref())?;
+            let mut readers = Vec::new();
+            if let Some(path) = &path {
+                let ctx = || format!("cannot open the destination database {}", path.display());
+                for _ in 0..READERS {
+                    let flags = rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY | rusqlite::OpenFlags::SQLITE_OPEN_NO_MUTEX;
+                    let r = Connection::open_with_flags(path, flags).map_err(|e| StoreError::backend(ctx(), e))?;
+                    r.busy_timeout(std::time::Duration::from_secs(5)).map_err(|e| StoreError::backend(ctx(), e))?;
+                    readers.push(Arc::new(Mutex::new(r)));
+                }
+            }
+            Ok::<_, StoreError>((conn, readers))
+        })
+        .await
+        .map_err(|e| StoreError::backend("opening the database", e))??;
+        Ok(Self { conn: Arc::new(Mutex::new(conn)), readers, next_reader: Default::default() })
     }
 
     fn open_blocking(path: Option<&Path>) -> Result<Connection, StoreError> {
@@ -270,7 +291,27 @@ impl SqliteStore {
         T: Send + 'static,
         F: FnOnce(&Connection) -> rusqlite::Result<T> + Send + 'static,
     {
-        let conn = self.conn.clone();
+        self.run_on(self.conn.clone(), context, f)
+    }
+
+    /// Like [`call`](Self::call) for a read: on one of the read-only connections, in turn.
+    fn read<T, F>(&self, context: &'static str, f: F) -> StoreFuture<'_, T>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Connection) -> rusqlite::Result<T> + Send + 'static,
+    {
+        let conn = match self.readers.len() {
+            0 => self.conn.clone(),
+            n => self.readers[self.next_reader.fetch_add(1, std::sync::atomic::Ordering::Relaxed) % n].clone(),
+        };
+        self.run_on(conn, context, f)
+    }
+
+    fn run_on<T, F>(&self, conn: Arc<Mutex<Connection>>, context: &'static str, f: F) -> StoreFuture<'_, T>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Connection) -> rusqlite::Result<T> + Send + 'static,
+    {
         Box::pin(async move {
             tokio::task::spawn_blocking(move || {
                 let conn = conn.lock().unwrap_or_else(|p| p.into_inner());
@@ -329,11 +370,11 @@ fn get_row(c: &Connection, key: &RowKey) -> rusqlite::Result<Option<Vec<u8>>> {
 
 impl Store for SqliteStore {
     fn get(&self, key: RowKey) -> StoreFuture<'_, Option<Vec<u8>>> {
-        self.call("reading a destination", move |c| get_row(c, &key))
+        self.read("reading a destination", move |c| get_row(c, &key))
     }
 
     fn get_first(&self, keys: Vec<RowKey>) -> StoreFuture<'_, Option<(RowKey, Vec<u8>)>> {
-        self.call("reading a destination", move |c| {
+        self.read("reading a destination", move |c| {
             for key in keys {
                 if let Some(sealed) = get_row(c, &key)? {
                     return Ok(Some((key, sealed)));
@@ -344,7 +385,7 @@ impl Store for SqliteStore {
     }
 
     fn list(&self, scope: Scope) -> StoreFuture<'_, Vec<(String, Vec<u8>)>> {
-        self.call("listing destinations", move |c| {
+        self.read("listing destinations", move |c| {
             let mut stmt = c.prepare_cached(&format!(
                 "SELECT name, sealed FROM {} WHERE subaccount = ?1 AND instance = ?2 ORDER BY name",
                 scope.kind.table()
