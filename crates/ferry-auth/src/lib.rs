@@ -5,6 +5,8 @@
 // Tests may unwrap: a panic there is the failure report.
 #![cfg_attr(test, allow(clippy::unwrap_used))]
 
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod jwt;
 pub mod oidc;
 pub mod saml;

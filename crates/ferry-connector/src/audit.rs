@@ -85,8 +85,9 @@ enum Entry {
     Change(ChangeEvent),
 }
 
-const ZERO_HASH: &str = "0000000000000000000000000000000000000000000000000000000000000000";
-const HEADER: &str = "timestamp,event,subaccount,location,request_id,client,system,protocol,method,path,reason,chain";
+pub(crate) const ZERO_HASH: &str = "0000000000000000000000000000000000000000000000000000000000000000";
+pub(crate) const HEADER: &str =
+    "timestamp,event,subaccount,location,request_id,client,system,protocol,method,path,reason,chain";
 
 /// Where and how much to audit.
 #[derive(Clone, Debug, Default)]
@@ -212,8 +213,15 @@ fn sanitize(s: &str) -> String {
 
 /// RFC 4180 field: quoted when it contains a comma, quote or line break; a leading `=`, `+`,
 /// `-` or `@` is prefixed with `'` so spreadsheet programs do not run it as a formula.
+/// Control characters (line breaks above all) are written as Rust escapes: the log is read line by
+/// line, by `verify_file` and when the chain resumes after a restart, so a record must stay on one.
 fn csv_field(s: &str) -> String {
     let s = if s.starts_with(['=', '+', '-', '@']) { format!("'{s}") } else { s.to_owned() };
+    let s = if s.contains(char::is_control) {
+        s.chars().map(|c| if c.is_control() { c.escape_default().to_string() } else { c.to_string() }).collect()
+    } else {
+        s
+    };
     if s.contains([',', '"', '\n', '\r']) { format!("\"{}\"", s.replace('"', "\"\"")) } else { s }
 }
 
@@ -310,14 +318,20 @@ impl Writer {
                 [ts.as_str(), c.category, sub, location, "", &c.user, &c.object, "", c.action, "", &c.detail]
             }
         };
-        let line = fields.iter().map(|f| csv_field(f)).collect::<Vec<_>>().join(",");
-        let hash = chain(&self.prev, &line);
+        let (line, hash) = record(&self.prev, &fields);
         if let Some(f) = &mut self.file {
             writeln!(f, "{line},{hash}")?;
         }
         self.prev = hash;
         Ok(())
     }
+}
+
+/// A record's CSV line and its chain hash (the line as written ends with `,<hash>`).
+pub(crate) fn record(prev: &str, fields: &[&str]) -> (String, String) {
+    let line = fields.iter().map(|f| csv_field(f)).collect::<Vec<_>>().join(",");
+    let hash = chain(prev, &line);
+    (line, hash)
 }
 
 fn last_hash(path: &Path) -> std::io::Result<Option<String>> {
@@ -347,6 +361,11 @@ pub enum ChainError {
 /// Checks a day file's hash chain; returns the number of entries.
 pub fn verify_file(path: &Path) -> Result<usize, ChainError> {
     let text = std::fs::read_to_string(path).map_err(|e| ChainError::Read(e.to_string()))?;
+    verify_text(&text)
+}
+
+/// Checks the hash chain of a day file's content; returns the number of entries.
+pub fn verify_text(text: &str) -> Result<usize, ChainError> {
     let mut lines = text.lines();
     if lines.next() != Some(HEADER) {
         return Err(ChainError::NoHeader);
@@ -435,6 +454,15 @@ mod tests {
         let lines: Vec<&str> = text.lines().collect();
         std::fs::write(&f, [lines[0], lines[1], lines[3]].join("\n")).unwrap();
         assert_eq!(verify_file(&f), Err(ChainError::Broken(3)), "a removed line breaks the chain");
+    }
+
+    /// A client id or reason with a line break (a JWT claim can hold one) used to be written as a
+    /// quoted multi-line CSV field, which the line-based chain check then reported as tampering.
+    #[test]
+    fn line_breaks_in_fields_keep_the_chain_verifiable() {
+        let (line, hash) = record(ZERO_HASH, &["sb-app\nfake,line", "cr\rhere", "tab\tx"]);
+        assert_eq!(line, r#""sb-app\nfake,line",cr\rhere,tab\tx"#);
+        assert_eq!(verify_text(&format!("{HEADER}\n{line},{hash}\n")), Ok(1));
     }
 
     #[test]

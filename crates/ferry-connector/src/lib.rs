@@ -9,6 +9,8 @@ pub mod access;
 pub mod admin;
 pub mod audit;
 mod backend;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod ha;
 pub mod instance;
 pub mod principal;

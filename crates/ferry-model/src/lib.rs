@@ -19,6 +19,9 @@ mod kinds;
 mod rules;
 mod secrets;
 
+#[doc(hidden)]
+pub mod fuzzing;
+
 pub use certificate::{
     CERTIFICATE_TYPES, Certificate, CertificateError, MAX_CERTIFICATE_BYTES, MAX_CERTIFICATE_NAME_LEN,
 };

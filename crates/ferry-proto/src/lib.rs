@@ -9,3 +9,6 @@
 
 pub mod socks5;
 pub mod tunnel;
+
+#[doc(hidden)]
+pub mod fuzzing;

@@ -63,6 +63,42 @@ pub(crate) fn location_label(location: &str) -> String {
     }
 }
 
+/// The `host:port` to ask the Cloud Connector for, from an absolute-form request URI; or the
+/// status and message that tell the client what to send instead.
+pub(crate) fn tunnel_target(uri: &http::Uri) -> Result<String, (StatusCode, &'static str)> {
+    match uri.scheme_str() {
+        Some("http") => {}
+        Some("https") => {
+            return Err((
+                StatusCode::METHOD_NOT_ALLOWED,
+                "https:// targets are not supported on the HTTP proxy port: use http://<virtual host>:<virtual port> \
+                 and map the virtual host to an HTTPS backend in the Cloud Connector",
+            ));
+        }
+        _ => {
+            return Err((
+                StatusCode::BAD_REQUEST,
+                "The Connectivity Proxy expects absolute-form requests such as \
+                 GET http://<virtual host>:<virtual port>/path HTTP/1.1",
+            ));
+        }
+    }
+    // `http://:8080/` and `http://[]/` parse with an empty host, which no connector can route.
+    let Some(host) = uri.host().filter(|h| !matches!(*h, "" | "[]")) else {
+        return Err((StatusCode::BAD_REQUEST, "The request URI has no host"));
+    };
+    // The URI parser accepts a port it cannot read (`http://h:8o8o/`) and reports none; that
+    // must not become port 80. An empty port is the default (RFC 3986).
+    let authority = uri.authority().map_or("", |a| a.as_str());
+    let host_port = authority.rsplit_once('@').map_or(authority, |(_, h)| h);
+    let after_host = host_port.rsplit_once(']').map_or(host_port, |(_, rest)| rest);
+    let port: u16 = match after_host.rsplit_once(':').map(|(_, p)| p) {
+        None | Some("") => 80,
+        Some(p) => p.parse().map_err(|_| (StatusCode::BAD_REQUEST, "The port of the request URI is not a number"))?,
+    };
+    Ok(format!("{host}:{port}"))
+}
+
 pub(crate) async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Response<BoxBody> {
     if let Some((name, _)) = req.headers().iter().find(|(n, v)| n.as_str().len() + v.len() + 2 > MAX_HEADER_LINE) {
         return error(
@@ -90,28 +126,10 @@ pub(crate) async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Respo
              or use the SOCKS5 port for end-to-end TLS",
         );
     }
-    let uri = req.uri();
-    match uri.scheme_str() {
-        Some("http") => {}
-        Some("https") => {
-            return error(
-                StatusCode::METHOD_NOT_ALLOWED,
-                "https:// targets are not supported on the HTTP proxy port: use http://<virtual host>:<virtual port> \
-                 and map the virtual host to an HTTPS backend in the Cloud Connector",
-            );
-        }
-        _ => {
-            return error(
-                StatusCode::BAD_REQUEST,
-                "The Connectivity Proxy expects absolute-form requests such as \
-                 GET http://<virtual host>:<virtual port>/path HTTP/1.1",
-            );
-        }
-    }
-    let Some(host) = uri.host() else {
-        return error(StatusCode::BAD_REQUEST, "The request URI has no host");
+    let target = match tunnel_target(req.uri()) {
+        Ok(t) => t,
+        Err((status, message)) => return error(status, message),
     };
-    let target = format!("{}:{}", host, uri.port_u16().unwrap_or(80));
     let location = req.headers().get(LOCATION_HEADER).and_then(|v| v.to_str().ok()).unwrap_or("").trim().to_owned();
     let principal = bearer(req.headers(), PRINCIPAL_HEADER).map(str::to_owned);
 
@@ -155,6 +173,29 @@ pub(crate) async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Respo
                 StatusCode::BAD_GATEWAY,
                 format!("The tunnel to the Cloud Connector failed while forwarding the request to {target}"),
             )
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn target(uri: &str) -> Result<String, StatusCode> {
+        tunnel_target(&uri.parse().unwrap()).map_err(|(status, _)| status)
+    }
+
+    #[test]
+    fn tunnel_targets() {
+        assert_eq!(target("http://erp.virtual:8080/x").unwrap(), "erp.virtual:8080");
+        assert_eq!(target("http://user:pw@erp.virtual/x").unwrap(), "erp.virtual:80");
+        assert_eq!(target("http://[::1]:8080/").unwrap(), "[::1]:8080");
+        assert_eq!(target("http://erp.virtual:/").unwrap(), "erp.virtual:80");
+        assert_eq!(target("https://erp.virtual/"), Err(StatusCode::METHOD_NOT_ALLOWED));
+        assert_eq!(target("/origin-form"), Err(StatusCode::BAD_REQUEST));
+        // Found by fuzzing: each used to be routed (to ":80", "[]:80", "erp.virtual:80").
+        for bad in ["http://:/", "http://[]:80/", "http://erp.virtual:8o8o/", "http://[::1]:x/", "http://h:65536/"] {
+            assert_eq!(target(bad), Err(StatusCode::BAD_REQUEST), "{bad}");
         }
     }
 }

@@ -3,6 +3,8 @@
 //! token, location id) to the tunnel of the matching connector; no state is shared between
 //! replicas — every connector connects to every replica.
 
+#[doc(hidden)]
+pub mod fuzzing;
 mod http_proxy;
 pub mod registry;
 mod socks;

@@ -372,6 +372,23 @@ mod tests {
         assert!(found >= 1, "no shipped config found");
     }
 
+    /// Replays the committed fuzz corpus of the `config` target (fuzz/fuzz_targets/config.rs):
+    /// whatever the text, parsing returns instead of panicking.
+    #[test]
+    fn fuzz_corpus_parses_without_panic() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fuzz/corpus/config");
+        let mut n = 0;
+        for e in std::fs::read_dir(&dir).unwrap() {
+            let path = e.unwrap().path();
+            let data = std::fs::read(&path).unwrap();
+            if let Ok(text) = std::str::from_utf8(&data) {
+                let _ = FileConfig::parse(text);
+            }
+            n += 1;
+        }
+        assert!(n > 0, "no corpus in {}", dir.display());
+    }
+
     #[test]
     fn typos_are_errors() {
         assert!(FileConfig::parse("[listen]\nhots = \"x\"").is_err());

@@ -1,0 +1,28 @@
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+//! Replays the committed fuzz corpus (`fuzz/corpus/<target>/`: seeds and every input a fuzzing
+//! run found failing) through the property the fuzz target checks, so a fixed bug stays fixed.
+
+use std::path::Path;
+
+fn replay(target: &str, property: fn(&[u8])) {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fuzz/corpus").join(target);
+    let mut files: Vec<_> = std::fs::read_dir(&dir).unwrap().map(|e| e.unwrap().path()).collect();
+    files.sort();
+    assert!(!files.is_empty(), "no corpus in {}", dir.display());
+    for file in files {
+        let data = std::fs::read(&file).unwrap();
+        if std::panic::catch_unwind(|| property(&data)).is_err() {
+            panic!("fuzz corpus input {} fails its property", file.display());
+        }
+    }
+}
+
+#[test]
+fn socks5() {
+    replay("socks5", ferry_proto::fuzzing::socks5);
+}
+
+#[test]
+fn tunnel_target() {
+    replay("tunnel_target", ferry_proto::fuzzing::tunnel_target);
+}

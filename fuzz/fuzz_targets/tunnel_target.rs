@@ -1,0 +1,3 @@
+#![no_main]
+// The property is `ferry_proto::fuzzing::tunnel_target`; see there.
+libfuzzer_sys::fuzz_target!(|data: &[u8]| ferry_proto::fuzzing::tunnel_target(data));
