@@ -1059,15 +1059,22 @@ async fn find(
     }
     keys.push(caller.subaccount_scope().row(&name));
     let (key, stored) = s.load_first::<Destination>(keys).await?.ok_or_else(ApiError::not_found)?;
-    let destination = stored.destination;
-    let destination = apply_fragments(&s, &key, destination, &headers, None).await?;
+    // Without fragments or `$skipCredentials` the answer is the stored destination, whose ETag
+    // came with it; otherwise the merged one gets its own.
+    let as_stored = header(&headers, "x-fragment-name")?.is_none() && !query_flag(query.as_deref(), "$skipCredentials");
+    let destination = apply_fragments(&s, &key, stored.destination, &headers, None).await?;
     let (destination, auth_tokens) = finish(&s, &caller, &key, destination, query.as_deref(), &headers).await?;
+    let etag = if as_stored { Some(stored.etag) } else { crate::etag_of(&destination) };
     let body = FindResponse {
         owner: Owner { subaccount_id: &key.scope.subaccount, instance_id: key.scope.instance_id() },
         destination_configuration: &destination,
         auth_tokens,
     };
-    Ok(respond_with_etag(&headers, &destination, Json(body).into_response()))
+    let response = Json(body).into_response();
+    Ok(match etag {
+        Some(etag) => with_etag(&headers, &etag, response),
+        None => response,
+    })
 }
 
 fn check_tenant_headers(headers: &HeaderMap) -> Result<(), ApiError> {

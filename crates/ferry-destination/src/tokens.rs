@@ -307,9 +307,9 @@ impl TokenRequest {
 
     /// A digest of everything that goes on the wire, used in the cache key.
     fn fingerprint(&self) -> [u8; 32] {
-        let mut h = Sha256::new();
+        let mut h = aws_lc_rs::digest::Context::new(&aws_lc_rs::digest::SHA256);
         let mut field = |b: &[u8]| {
-            h.update((b.len() as u64).to_be_bytes());
+            h.update(&(b.len() as u64).to_be_bytes());
             h.update(b);
         };
         field(self.url.as_str().as_bytes());
@@ -330,7 +330,9 @@ impl TokenRequest {
             field(b"keystore");
             field(k.as_bytes());
         }
-        h.finalize().into()
+        let mut out = [0u8; 32];
+        out.copy_from_slice(h.finish().as_ref());
+        out
     }
 
     /// The URL as it may appear in messages: no query (it can carry secrets), no user info.
