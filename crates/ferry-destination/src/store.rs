@@ -251,7 +251,7 @@ impl SqliteStore {
                 for _ in 0..READERS {
                     let flags = rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY | rusqlite::OpenFlags::SQLITE_OPEN_NO_MUTEX;
                     let r = Connection::open_with_flags(path, flags).map_err(|e| StoreError::backend(ctx(), e))?;
-                    r.busy_timeout(std::time::Duration::from_secs(5)).map_err(|e| StoreError::backend(ctx(), e))?;
+                    r.busy_timeout(std::time::Duration::ZERO).map_err(|e| StoreError::backend(ctx(), e))?;
                     readers.push(Arc::new(Mutex::new(r)));
                 }
             }
@@ -294,17 +294,52 @@ impl SqliteStore {
         self.run_on(self.conn.clone(), context, f)
     }
 
-    /// Like [`call`](Self::call) for a read: on one of the read-only connections, in turn.
+    /// A point read by primary key (find's hot path), run right here on a free read-only
+    /// connection: it takes microseconds, less than the hand-off to the blocking pool, and the
+    /// readers never wait for a lock (`busy_timeout` 0). Only when SQLite answers busy (a
+    /// checkpoint or recovery under way), or no reader is free, does the read go to the blocking
+    /// pool, where the writer's connection waits for the lock as long as its timeout allows.
+    fn read_point<T, F>(&self, context: &'static str, f: F) -> StoreFuture<'_, T>
+    where
+        T: Send + 'static,
+        F: Fn(&Connection) -> rusqlite::Result<T> + Send + Sync + 'static,
+    {
+        for reader in &self.readers {
+            let Ok(conn) = reader.try_lock() else { continue };
+            match f(&conn) {
+                Err(e) if is_busy(&e) => break,
+                result => return Box::pin(std::future::ready(result.map_err(|e| StoreError::backend(context, e)))),
+            }
+        }
+        self.call(context, f)
+    }
+
+    /// Like [`call`](Self::call) for a read: on one of the read-only connections, in turn, and
+    /// on the writer's connection (which waits for locks) when SQLite answers busy.
     fn read<T, F>(&self, context: &'static str, f: F) -> StoreFuture<'_, T>
     where
         T: Send + 'static,
-        F: FnOnce(&Connection) -> rusqlite::Result<T> + Send + 'static,
+        F: Fn(&Connection) -> rusqlite::Result<T> + Send + Sync + 'static,
     {
-        let conn = match self.readers.len() {
-            0 => self.conn.clone(),
-            n => self.readers[self.next_reader.fetch_add(1, std::sync::atomic::Ordering::Relaxed) % n].clone(),
-        };
-        self.run_on(conn, context, f)
+        if self.readers.is_empty() {
+            return self.call(context, f);
+        }
+        let reader = self.readers
+            [self.next_reader.fetch_add(1, std::sync::atomic::Ordering::Relaxed) % self.readers.len()]
+        .clone();
+        let writer = self.conn.clone();
+        Box::pin(async move {
+            tokio::task::spawn_blocking(move || {
+                let first = f(&reader.lock().unwrap_or_else(|p| p.into_inner()));
+                match first {
+                    Err(e) if is_busy(&e) => f(&writer.lock().unwrap_or_else(|p| p.into_inner())),
+                    other => other,
+                }
+            })
+            .await
+            .map_err(|e| StoreError::backend(context, e))?
+            .map_err(|e| StoreError::backend(context, e))
+        })
     }
 
     fn run_on<T, F>(&self, conn: Arc<Mutex<Connection>>, context: &'static str, f: F) -> StoreFuture<'_, T>
@@ -359,6 +394,11 @@ fn migrate(conn: &mut Connection) -> Result<(), StoreError> {
     tx.commit().map_err(err)
 }
 
+fn is_busy(e: &rusqlite::Error) -> bool {
+    matches!(e, rusqlite::Error::SqliteFailure(f, _)
+        if matches!(f.code, rusqlite::ErrorCode::DatabaseBusy | rusqlite::ErrorCode::DatabaseLocked))
+}
+
 fn get_row(c: &Connection, key: &RowKey) -> rusqlite::Result<Option<Vec<u8>>> {
     c.prepare_cached(&format!(
         "SELECT sealed FROM {} WHERE subaccount = ?1 AND instance = ?2 AND name = ?3",
@@ -370,14 +410,14 @@ fn get_row(c: &Connection, key: &RowKey) -> rusqlite::Result<Option<Vec<u8>>> {
 
 impl Store for SqliteStore {
     fn get(&self, key: RowKey) -> StoreFuture<'_, Option<Vec<u8>>> {
-        self.read("reading a destination", move |c| get_row(c, &key))
+        self.read_point("reading a destination", move |c| get_row(c, &key))
     }
 
     fn get_first(&self, keys: Vec<RowKey>) -> StoreFuture<'_, Option<(RowKey, Vec<u8>)>> {
-        self.read("reading a destination", move |c| {
-            for key in keys {
-                if let Some(sealed) = get_row(c, &key)? {
-                    return Ok(Some((key, sealed)));
+        self.read_point("reading a destination", move |c| {
+            for key in &keys {
+                if let Some(sealed) = get_row(c, key)? {
+                    return Ok(Some((key.clone(), sealed)));
                 }
             }
             Ok(None)
