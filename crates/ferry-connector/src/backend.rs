@@ -49,6 +49,32 @@ fn error_response(status: StatusCode, kind: &'static str, message: String) -> Re
     r
 }
 
+/// The audit line of one access decision.
+fn audit_event(
+    decision: &Decision<'_>,
+    request_id: String,
+    client: String,
+    target: &str,
+    protocol: &'static str,
+    method: String,
+    path: &str,
+) -> AuditEvent {
+    let (outcome, reason) = match decision {
+        Decision::Allow(_) => (Outcome::Allowed, String::new()),
+        Decision::Deny(r) => (Outcome::Denied, format!("{r:?}")),
+    };
+    AuditEvent {
+        outcome,
+        request_id,
+        client,
+        system: target.to_owned(),
+        protocol,
+        method,
+        path: path.to_owned(),
+        reason,
+    }
+}
+
 /// The backend could not be reached (502; the proxy tells the app it is the backend's fault).
 fn unreachable(message: String) -> Response<BoxBody> {
     error_response(StatusCode::BAD_GATEWAY, tunnel::ERROR_UNREACHABLE, message)
@@ -152,20 +178,8 @@ impl Backend {
                 let path = req.uri().path().to_owned();
                 let rules = self.rules.get();
                 let decision = rules.check(AccessRequest::Http { host, port, path: &path });
-                let (outcome, reason) = match &decision {
-                    Decision::Allow(_) => (Outcome::Allowed, String::new()),
-                    Decision::Deny(r) => (Outcome::Denied, format!("{r:?}")),
-                };
-                let event = AuditEvent {
-                    outcome,
-                    request_id,
-                    client,
-                    system: target.clone(),
-                    protocol: "HTTP",
-                    method: req.method().to_string(),
-                    path: path.clone(),
-                    reason,
-                };
+                let event =
+                    audit_event(&decision, request_id, client, &target, "HTTP", req.method().to_string(), &path);
                 self.audit.record(event).await;
                 match decision {
                     Decision::Allow(m) => {
@@ -182,20 +196,7 @@ impl Backend {
             Some(tunnel::KIND_TCP) => {
                 let rules = self.rules.get();
                 let decision = rules.check(AccessRequest::Tcp { host, port });
-                let (outcome, reason) = match &decision {
-                    Decision::Allow(_) => (Outcome::Allowed, String::new()),
-                    Decision::Deny(r) => (Outcome::Denied, format!("{r:?}")),
-                };
-                let event = AuditEvent {
-                    outcome,
-                    request_id,
-                    client,
-                    system: target.clone(),
-                    protocol: "TCP",
-                    method: String::new(),
-                    path: String::new(),
-                    reason,
-                };
+                let event = audit_event(&decision, request_id, client, &target, "TCP", String::new(), "");
                 self.audit.record(event).await;
                 match decision {
                     Decision::Allow(m) => {

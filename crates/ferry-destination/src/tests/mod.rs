@@ -103,6 +103,83 @@ pub(crate) struct Resp {
     pub json: Value,
 }
 
+/// A real Ferry token service on a socket (tenant `ZONE`, clients `sb-dest` with an instance and
+/// `sb-app`, user `alice`) and a Destination Service that trusts it, with a client-credentials
+/// token of `sb-dest`: for flows checked end to end against Ferry's own token service.
+pub(crate) struct FerryTokens {
+    pub env: Env,
+    pub ts: Arc<ferry_auth::token_service::TokenService>,
+    pub verifier: Arc<Verifier>,
+    pub token_url: String,
+    pub service_token: String,
+    pub shutdown: ferry_core::Shutdown,
+}
+
+impl FerryTokens {
+    pub(crate) const ZONE: &'static str = "6a8b7c4e-0000-4000-8000-000000000001";
+
+    pub(crate) async fn start() -> Self {
+        use ferry_auth::token_service::{self, Listeners, OAuthClient, Tenant, TokenService, TokenServiceConfig, User};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let client = |id: &str, secret: &str, instance: Option<&str>| OAuthClient {
+            client_id: id.into(),
+            client_secret: secret.into(),
+            tenant_id: Self::ZONE.into(),
+            xsappname: format!("{id}-app"),
+            authorities: vec!["uaa.resource".into()],
+            scopes: vec!["openid".into()],
+            service_instance_id: instance.map(str::to_owned),
+            ..Default::default()
+        };
+        let ts = TokenService::new(TokenServiceConfig {
+            tenants: vec![Tenant {
+                id: Self::ZONE.into(),
+                subdomain: "provider".into(),
+                keys: Arc::new(KeySet::generate().unwrap()),
+            }],
+            clients: vec![client("sb-dest", "dest-secret", Some("inst-1")), client("sb-app", "app-secret", None)],
+            users: vec![User {
+                username: "alice".into(),
+                email: "alice@example.com".into(),
+                user_id: "u-alice".into(),
+                tenant_id: Self::ZONE.into(),
+                ..Default::default()
+            }],
+            public_url: format!("http://{addr}"),
+            uaadomain: format!("{addr}"),
+            ..Default::default()
+        })
+        .unwrap();
+        let shutdown = ferry_core::Shutdown::new();
+        tokio::spawn(token_service::run(ts.clone(), Listeners { http: Some(listener), https: None }, shutdown.clone()));
+        let verifier = Arc::new(ts.verifier());
+        let http = ferry_core::tls::http_client(None).unwrap();
+        let service =
+            DestinationService::open(config(DatabaseConfig::SqliteMemory, [7; 32]), verifier.clone(), http.clone())
+                .await
+                .unwrap();
+        let env = Env {
+            keys: Arc::new(KeySet::generate().unwrap()),
+            router: service.router(),
+            service,
+            clock: ManualClock::new(),
+        };
+        let token_url = format!("http://{addr}/oauth/token");
+        let answer: Value = http
+            .post(&token_url)
+            .form(&[("grant_type", "client_credentials"), ("client_id", "sb-dest"), ("client_secret", "dest-secret")])
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        let service_token = answer["access_token"].as_str().unwrap().to_owned();
+        Self { env, ts, verifier, token_url, service_token, shutdown }
+    }
+}
+
 impl Resp {
     /// The message of an error answer, whichever shape SAP's document gives it for the route:
     /// `{"ErrorMessage": ...}` JSON or plain text.

@@ -2,14 +2,11 @@
 //! the remote token endpoint receives, where the user and tenant come from, and that tokens
 //! are cached per user.
 
-use std::sync::Arc;
-
 use axum::http::{Method, StatusCode};
 use ferry_auth::KeySet;
-use ferry_auth::token_service::{self, Listeners, OAuthClient, Tenant, TokenService, TokenServiceConfig, User};
 use serde_json::{Value, json};
 
-use super::{Env, TokenServer, V1, now_secs};
+use super::{Env, FerryTokens, TokenServer, V1, now_secs};
 use crate::tokens::GRANT_JWT_BEARER;
 
 fn dest(name: &str, auth: &str, token_url: &str) -> Value {
@@ -260,68 +257,9 @@ async fn technical_user_propagation_uses_its_own_header_and_the_internet() {
 /// and the token that comes back verifies as that user's.
 #[tokio::test]
 async fn jwt_bearer_against_ferrys_token_service() {
-    const ZONE: &str = "6a8b7c4e-0000-4000-8000-000000000001";
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let client = |id: &str, secret: &str, instance: Option<&str>| OAuthClient {
-        client_id: id.into(),
-        client_secret: secret.into(),
-        tenant_id: ZONE.into(),
-        xsappname: format!("{id}-app"),
-        authorities: vec!["uaa.resource".into()],
-        scopes: vec!["openid".into()],
-        service_instance_id: instance.map(str::to_owned),
-        ..Default::default()
-    };
-    let ts = TokenService::new(TokenServiceConfig {
-        tenants: vec![Tenant {
-            id: ZONE.into(),
-            subdomain: "provider".into(),
-            keys: Arc::new(KeySet::generate().unwrap()),
-        }],
-        clients: vec![client("sb-dest", "dest-secret", Some("inst-1")), client("sb-app", "app-secret", None)],
-        users: vec![User {
-            username: "alice".into(),
-            email: "alice@example.com".into(),
-            user_id: "u-alice".into(),
-            tenant_id: ZONE.into(),
-            ..Default::default()
-        }],
-        public_url: format!("http://{addr}"),
-        uaadomain: format!("{addr}"),
-        ..Default::default()
-    })
-    .unwrap();
-    let shutdown = ferry_core::Shutdown::new();
-    tokio::spawn(token_service::run(ts.clone(), Listeners { http: Some(listener), https: None }, shutdown.clone()));
-
-    let verifier = Arc::new(ts.verifier());
-    let http = ferry_core::tls::http_client(None).unwrap();
-    let service = crate::DestinationService::open(
-        super::config(crate::DatabaseConfig::SqliteMemory, [7; 32]),
-        verifier.clone(),
-        http.clone(),
-    )
-    .await
-    .unwrap();
-    let env = Env {
-        keys: Arc::new(KeySet::generate().unwrap()),
-        router: service.router(),
-        service,
-        clock: super::ManualClock::new(),
-    };
-
-    let service_token: Value = http
-        .post(format!("http://{addr}/oauth/token"))
-        .form(&[("grant_type", "client_credentials"), ("client_id", "sb-dest"), ("client_secret", "dest-secret")])
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    let service_token = service_token["access_token"].as_str().unwrap().to_owned();
-    let mut d = dest("jb", "OAuth2JWTBearer", &format!("http://{addr}/oauth/token"));
+    let FerryTokens { env, ts, verifier, token_url, service_token, shutdown } = FerryTokens::start().await;
+    const ZONE: &str = FerryTokens::ZONE;
+    let mut d = dest("jb", "OAuth2JWTBearer", &token_url);
     d["clientId"] = json!("sb-app");
     d["clientSecret"] = json!("app-secret");
     env.create(&service_token, "subaccount", d).await;
