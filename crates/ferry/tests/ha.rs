@@ -4,6 +4,8 @@
 //! is on the shadow; the master is killed with SIGKILL during a stream of requests and the shadow
 //! serves them again; the restarted old master becomes shadow.
 
+mod common;
+
 use std::path::Path;
 use std::process::Command;
 use std::sync::{Arc, Mutex};
@@ -123,21 +125,8 @@ async fn kill_9_of_the_master_the_shadow_serves_and_the_old_master_returns_as_sh
     let echo = EchoBackend::start().await;
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path();
-    std::fs::write(
-        dir.join("ferry.toml"),
-        "[listen]\ntoken_port = 0\ntoken_https_port = 0\ndestination_port = 0\nhttp_proxy_port = 0\nsocks5_port = 0\ntunnel_port = 0\n",
-    )
-    .unwrap();
-    let data = dir.join("up");
-    let up = start(&[
-        "up",
-        "--config",
-        dir.join("ferry.toml").to_str().unwrap(),
-        "--data-dir",
-        data.to_str().unwrap(),
-        "--no-env-file",
-    ]);
-    let vcap = up.vcap.clone().expect("VCAP_SERVICES");
+    let (up, vcap) = common::ferry_up(dir, common::LISTEN_ANY);
+    let data = dir.join("data");
     let conn = vcap["connectivity"][0]["credentials"].clone();
     let token_url = conn["url"].as_str().unwrap().to_owned();
     let subaccount = conn["tenantid"].as_str().unwrap().to_owned();

@@ -4,6 +4,8 @@
 //! run`) and dials both that proxy and a standalone replica (`ferry proxy`); an app reaches the
 //! backend through either proxy.
 
+mod common;
+
 use std::process::Command;
 use std::time::Duration;
 
@@ -59,22 +61,8 @@ async fn connector_and_proxy_as_separate_processes() {
     let echo = EchoBackend::start().await;
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path();
-    std::fs::write(
-        dir.join("ferry.toml"),
-        "[listen]\ntoken_port = 0\ntoken_https_port = 0\ndestination_port = 0\nhttp_proxy_port = 0\nsocks5_port = 0\ntunnel_port = 0\n",
-    )
-    .unwrap();
+    let (_up, vcap) = common::ferry_up(dir, common::LISTEN_ANY);
     let data = dir.join("data");
-    let up = start(&[
-        "up",
-        "--config",
-        dir.join("ferry.toml").to_str().unwrap(),
-        "--data-dir",
-        data.to_str().unwrap(),
-        "--env-file",
-        dir.join("env.json").to_str().unwrap(),
-    ]);
-    let vcap = up.vcap.clone().expect("VCAP_SERVICES");
     let conn = &vcap["connectivity"][0]["credentials"];
     let token_url = conn["url"].as_str().unwrap().to_owned();
     let subaccount = conn["tenantid"].as_str().unwrap().to_owned();
@@ -202,21 +190,8 @@ async fn standalone_connector_managed_through_its_admin_api() {
     let echo = EchoBackend::start().await;
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path();
-    std::fs::write(
-        dir.join("ferry.toml"),
-        "[listen]\ntoken_port = 0\ntoken_https_port = 0\ndestination_port = 0\nhttp_proxy_port = 0\nsocks5_port = 0\ntunnel_port = 0\n",
-    )
-    .unwrap();
+    let (_up, vcap) = common::ferry_up(dir, common::LISTEN_ANY);
     let data = dir.join("data");
-    let up = start(&[
-        "up",
-        "--config",
-        dir.join("ferry.toml").to_str().unwrap(),
-        "--data-dir",
-        data.to_str().unwrap(),
-        "--no-env-file",
-    ]);
-    let vcap = up.vcap.clone().expect("VCAP_SERVICES");
     let conn = &vcap["connectivity"][0]["credentials"];
     let token_url = conn["url"].as_str().unwrap().to_owned();
     let subaccount = conn["tenantid"].as_str().unwrap().to_owned();
