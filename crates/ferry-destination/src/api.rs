@@ -1446,7 +1446,13 @@ impl TokenFlow<'_> {
             Ok(prepared) => prepared,
             Err(failed) => return Ok(failed),
         };
-        // SPEC §2.4: the client authenticates with a certificate from the certificate store.
+        // SPEC §2.4: the client authenticates with a certificate from the certificate store,
+        // read only when a token must be fetched.
+        if request.keystore.is_some()
+            && let Some(token) = self.s.tokens.cached(owner.clone(), &request)
+        {
+            return Ok(AuthToken::bearer(token));
+        }
         let identity = match &request.keystore {
             Some(location) => match self.s.keystore_pem(self.key, "tokenService.KeyStoreLocation", location).await {
                 Ok(pem) => Some(ferry_core::tls::CertifiedKey { cert_pem: pem.expose().clone(), key_pem: pem }),
