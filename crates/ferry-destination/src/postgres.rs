@@ -202,13 +202,14 @@ impl Store for PgStore {
         })
     }
 
-    fn list(&self, scope: Scope) -> StoreFuture<'_, Vec<(String, Vec<u8>)>> {
+    fn list(&self, scope: Scope) -> StoreFuture<'_, Vec<(String, Vec<u8>, i64)>> {
         let context = "listing destinations";
         Box::pin(async move {
             let client = self.client(context).await?;
             // COLLATE "C": the byte order SQLite uses, whatever the database's locale.
             let sql = format!(
-                "SELECT name, sealed FROM {} WHERE subaccount = $1 AND instance = $2 ORDER BY name COLLATE \"C\"",
+                "SELECT name, sealed, modified_at FROM {} WHERE subaccount = $1 AND instance = $2 \
+                 ORDER BY name COLLATE \"C\"",
                 scope.kind.table()
             );
             let stmt = client.prepare_cached(&sql).await.map_err(err(context))?;
@@ -216,7 +217,7 @@ impl Store for PgStore {
                 .query(&stmt, &[&scope.subaccount, &instance_column(&scope.level)])
                 .await
                 .map_err(err(context))?;
-            Ok(rows.into_iter().map(|r| (r.get(0), r.get(1))).collect())
+            Ok(rows.into_iter().map(|r| (r.get(0), r.get(1), r.get(2))).collect())
         })
     }
 

@@ -147,8 +147,9 @@ pub(crate) trait Store: Send + Sync {
     /// The first of `keys` (all of one kind) that has a row, in one round trip: find looks at
     /// the instance level, then the subaccount level, on every call.
     fn get_first(&self, keys: Vec<RowKey>) -> StoreFuture<'_, Option<(RowKey, Vec<u8>)>>;
-    /// `(name, sealed)` pairs of one collection, ordered by name.
-    fn list(&self, scope: Scope) -> StoreFuture<'_, Vec<(String, Vec<u8>)>>;
+    /// `(name, sealed, modified_at)` of one collection, ordered by name; `modified_at` in unix
+    /// seconds, for `$filter=modifiedwithin(...)` and `$includeMetadata=modification_time`.
+    fn list(&self, scope: Scope) -> StoreFuture<'_, Vec<(String, Vec<u8>, i64)>>;
     /// `false` when a row with this key already exists (nothing is written then).
     fn insert(&self, key: RowKey, sealed: Vec<u8>) -> StoreFuture<'_, bool>;
     /// `false` when there is no such row.
@@ -424,14 +425,15 @@ impl Store for SqliteStore {
         })
     }
 
-    fn list(&self, scope: Scope) -> StoreFuture<'_, Vec<(String, Vec<u8>)>> {
+    fn list(&self, scope: Scope) -> StoreFuture<'_, Vec<(String, Vec<u8>, i64)>> {
         self.read("listing destinations", move |c| {
             let mut stmt = c.prepare_cached(&format!(
-                "SELECT name, sealed FROM {} WHERE subaccount = ?1 AND instance = ?2 ORDER BY name",
+                "SELECT name, sealed, modified_at FROM {} WHERE subaccount = ?1 AND instance = ?2 ORDER BY name",
                 scope.kind.table()
             ))?;
-            let rows = stmt
-                .query_map(params![scope.subaccount, instance_column(&scope.level)], |r| Ok((r.get(0)?, r.get(1)?)))?;
+            let rows = stmt.query_map(params![scope.subaccount, instance_column(&scope.level)], |r| {
+                Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+            })?;
             rows.collect()
         })
     }

@@ -320,6 +320,10 @@ pub async fn up(args: UpArgs) -> anyhow::Result<()> {
         http,
     )
     .await?;
+    // A client's tokens in a subscriber's subaccount reach its provider's destinations through
+    // the consume API's provider levels; the token service knows where each client lives.
+    let zones = token_service.clone();
+    dest_service.set_client_zones(Arc::new(move |client: &str| zones.client_tenant(client)));
     for d in &cfg.destinations {
         let props = d.properties.iter().map(|(k, v)| {
             let s = match v {

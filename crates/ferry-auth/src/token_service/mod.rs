@@ -469,6 +469,12 @@ impl TokenService {
         self.issued_bindings.write().unwrap_or_else(|p| p.into_inner()).remove(id);
     }
 
+    /// The zone (tenant id) client `id` lives in: its provider subaccount, which differs from
+    /// the `zid` of the tokens it gets in a subscriber's zone.
+    pub fn client_tenant(&self, id: &str) -> Option<String> {
+        self.client(id).map(|c| c.tenant_id.clone())
+    }
+
     pub(crate) fn client(&self, id: &str) -> Option<Arc<OAuthClient>> {
         self.clients.read().unwrap_or_else(|p| p.into_inner()).get(id).cloned()
     }
