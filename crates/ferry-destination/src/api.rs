@@ -1228,17 +1228,15 @@ async fn find(
 ) -> Result<Response, ApiError> {
     let Ok(Path(name)) = path else { return Err(ApiError::not_found()) };
     check_tenant_headers(&headers)?;
-    let mut keys = Vec::with_capacity(2);
-    if let Ok(instance) = caller.scope(Collection::Instance) {
-        keys.push(instance.row(&name));
-    }
-    keys.push(caller.subaccount_scope().row(&name));
-    let (key, stored) = s.load_first::<Destination>(keys).await?.ok_or_else(ApiError::not_found)?;
+    let chain = Chain::of(&headers)?;
+    let (key, stored) =
+        s.load_first::<Destination>(find_keys(&caller, &name)).await?.ok_or_else(ApiError::not_found)?;
     // Without fragments or `$skipCredentials` the answer is the stored destination, whose ETag
     // came with it; otherwise the merged one gets its own.
     let as_stored = header(&headers, "x-fragment-name")?.is_none() && !query_flag(query.as_deref(), "$skipCredentials");
     let (destination, _) = apply_fragments(&s, &key, stored.destination, &headers, None).await?;
-    let (destination, auth_tokens) = finish(&s, &caller, &key, destination, query.as_deref(), &headers).await?;
+    let (destination, auth_tokens) =
+        finish(&s, &caller, &key, destination, query.as_deref(), &headers, chain.as_ref()).await?;
     let etag = if as_stored { Some(stored.etag) } else { crate::etag_of(&destination) };
     let body = FindResponse {
         owner: Owner { subaccount_id: &key.scope.subaccount, instance_id: key.scope.instance_id() },
@@ -1252,6 +1250,178 @@ async fn find(
     })
 }
 
+/// Where find looks for `name`: the caller's instance level (if the token names one), then its
+/// subaccount level.
+fn find_keys(caller: &Caller, name: &str) -> Vec<RowKey> {
+    let mut keys = Vec::with_capacity(2);
+    if let Ok(instance) = caller.scope(Collection::Instance) {
+        keys.push(instance.row(name));
+    }
+    keys.push(caller.subaccount_scope().row(name));
+    keys
+}
+
+/// SPEC §1.11: a predefined destination chain, from `X-chain-name` and its `X-chain-var-*`.
+struct Chain {
+    kind: ChainKind,
+    /// The destination of the first step, found like a find.
+    first: String,
+    fragment: Option<String>,
+    fragment_optional: bool,
+    /// The token the first step exchanges, and its RFC 8693 type.
+    token: String,
+    token_type: String,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum ChainKind {
+    /// An IAS-signed SAML assertion from an OAuth2TokenExchange destination, used as the
+    /// client-provided assertion of the OAuth2SAMLBearerAssertion destination asked for.
+    IasSamlBearer,
+    /// A user token exchanged by the first destination, then used as the user token of the
+    /// destination asked for.
+    SequentialUser,
+}
+
+const CHAIN_IAS_SAML: &str = "com.sap.iasGeneratedOAuth2SamlBearerAssertion";
+const CHAIN_SEQUENTIAL_USER: &str = "com.sap.sequentialUserPropagation";
+
+impl Chain {
+    fn of(headers: &HeaderMap) -> Result<Option<Self>, ApiError> {
+        let Some(name) = header(headers, "x-chain-name")? else { return Ok(None) };
+        let (kind, first, fragment, token, token_type) = match name {
+            CHAIN_IAS_SAML => (
+                ChainKind::IasSamlBearer,
+                "samlProviderDestinationName",
+                "samlProviderFragment",
+                "subjectToken",
+                Some("subjectTokenType"),
+            ),
+            CHAIN_SEQUENTIAL_USER => (
+                ChainKind::SequentialUser,
+                "tokenTransformationDestinationName",
+                "tokenTransformationFragment",
+                "userToken",
+                None,
+            ),
+            other => {
+                return Err(ApiError::bad_request(format!(
+                    "Unknown X-chain-name '{other}': the predefined chains are {CHAIN_IAS_SAML} and \
+                     {CHAIN_SEQUENTIAL_USER}"
+                )));
+            }
+        };
+        let var = |v: &str| header(headers, &format!("x-chain-var-{v}"));
+        let required = |v: &str| {
+            var(v)?
+                .map(str::to_owned)
+                .ok_or_else(|| ApiError::bad_request(format!("Chain '{name}' needs the header X-chain-var-{v}")))
+        };
+        let fragment_optional = match var(&format!("{fragment}Optional"))? {
+            None => false,
+            Some(v) if v.eq_ignore_ascii_case("true") => true,
+            Some(v) if v.eq_ignore_ascii_case("false") => false,
+            Some(_) => {
+                return Err(ApiError::bad_request(format!(
+                    "Header X-chain-var-{fragment}Optional must be 'true' or 'false'"
+                )));
+            }
+        };
+        Ok(Some(Self {
+            kind,
+            first: required(first)?,
+            fragment: var(&format!("{fragment}Name"))?.map(str::to_owned),
+            fragment_optional,
+            token: required(token)?,
+            token_type: match token_type {
+                Some(t) => required(t)?,
+                None => TOKEN_TYPE_JWT.to_owned(),
+            },
+        }))
+    }
+
+    /// The chain's token for `dest` (`key`): the first step's token, fed into `dest`'s flow.
+    async fn tokens(
+        &self,
+        s: &DestinationService,
+        caller: &Caller,
+        key: &RowKey,
+        dest: &Destination,
+        headers: &HeaderMap,
+    ) -> Result<Vec<AuthToken>, ApiError> {
+        use AuthenticationType::*;
+        let wants = match self.kind {
+            ChainKind::IasSamlBearer => matches!(dest.authentication(), Some(OAuth2SAMLBearerAssertion)),
+            ChainKind::SequentialUser => matches!(
+                dest.authentication(),
+                Some(OAuth2UserTokenExchange | OAuth2JWTBearer | OAuth2SAMLBearerAssertion | SAMLAssertion)
+            ),
+        };
+        if !wants {
+            let what = match self.kind {
+                ChainKind::IasSamlBearer => "OAuth2SAMLBearerAssertion",
+                ChainKind::SequentialUser => {
+                    "a user flow (OAuth2UserTokenExchange, OAuth2JWTBearer, OAuth2SAMLBearerAssertion or SAMLAssertion)"
+                }
+            };
+            return Err(ApiError::bad_request(format!(
+                "Destination '{}' cannot end this chain: its Authentication must be {what}",
+                key.name
+            )));
+        }
+        // Step 1: the first destination, looked up and merged like a find, with the chain's token.
+        let (first_key, stored) =
+            s.load_first::<Destination>(find_keys(caller, &self.first)).await?.ok_or_else(|| {
+                ApiError::bad_request(format!(
+                    "Destination '{}' named by the chain variables was not found",
+                    self.first
+                ))
+            })?;
+        let mut step = HeaderMap::new();
+        if let Some(fragment) = &self.fragment {
+            step.insert("x-fragment-name", header_value(fragment)?);
+            if self.fragment_optional {
+                step.insert("x-fragment-optional", HeaderValue::from_static("true"));
+            }
+        }
+        let (first, _) = apply_fragments(s, &first_key, stored.destination, &step, None).await?;
+        step.insert("x-subject-token", header_value(&self.token)?);
+        step.insert("x-subject-token-type", header_value(&self.token_type)?);
+        if self.kind == ChainKind::SequentialUser {
+            step.insert("x-user-token", header_value(&self.token)?);
+        }
+        let failed =
+            |why: String| Ok(vec![AuthToken::failed(format!("chain step 1, destination '{}': {why}", self.first))]);
+        let token = match auth_tokens(s, caller, &first_key, &first, &step).await?.and_then(|t| t.into_iter().next()) {
+            None => return failed("its Authentication yields no token".into()),
+            Some(AuthToken { error: Some(e), .. }) => return failed(e),
+            Some(t) => t.value,
+        };
+        // Step 2: the destination asked for, with the first step's token where its flow takes one.
+        let mut step = headers.clone();
+        step.remove("x-tenant");
+        let mut dest = dest.clone();
+        match self.kind {
+            ChainKind::IasSamlBearer => {
+                step.insert("x-samlassertion", header_value(&token)?);
+                dest.set("SAMLAssertionProvider", "ClientProvided".to_owned())
+                    .map_err(|e| ApiError::bad_request(e.to_string()))?;
+            }
+            ChainKind::SequentialUser => {
+                step.insert("x-user-token", header_value(&token)?);
+            }
+        }
+        Ok(auth_tokens(s, caller, key, &dest, &step).await?.unwrap_or_default())
+    }
+}
+
+/// RFC 8693's type of a JWT, which the user token of a sequential chain is.
+const TOKEN_TYPE_JWT: &str = "urn:ietf:params:oauth:token-type:jwt";
+
+fn header_value(value: &str) -> Result<HeaderValue, ApiError> {
+    HeaderValue::from_str(value).map_err(|_| ApiError::bad_request("A chain variable is not a valid header value"))
+}
+
 fn check_tenant_headers(headers: &HeaderMap) -> Result<(), ApiError> {
     let tenant = header(headers, "x-tenant")?;
     if tenant.is_some() && header(headers, "x-user-token")?.is_some() {
@@ -1263,7 +1433,7 @@ fn check_tenant_headers(headers: &HeaderMap) -> Result<(), ApiError> {
     Ok(())
 }
 
-/// Token retrieval and `$skipCredentials`, shared by find and consume.
+/// Token retrieval (through `chain`, if any) and `$skipCredentials`, shared by find and consume.
 async fn finish(
     s: &DestinationService,
     caller: &Caller,
@@ -1271,9 +1441,12 @@ async fn finish(
     destination: Destination,
     query: Option<&str>,
     headers: &HeaderMap,
+    chain: Option<&Chain>,
 ) -> Result<(Destination, Option<Vec<AuthToken>>), ApiError> {
     let auth_tokens = if query_flag(query, "$skipTokenRetrieval") {
         None
+    } else if let Some(chain) = chain {
+        Some(chain.tokens(s, caller, key, &destination, headers).await?)
     } else {
         auth_tokens(s, caller, key, &destination, headers).await?
     };
@@ -1308,6 +1481,11 @@ async fn consume(
         None => (target.as_str(), ConsumeLevel::Instance),
     };
     check_tenant_headers(&headers)?;
+    if header(&headers, "x-chain-name")?.is_some() {
+        return Err(ApiError::bad_request(
+            "Destination chaining (X-chain-name) is served by GET /v1/destinations/{name} only",
+        ));
+    }
     let include_owner = match form_urlencoded::parse(query.as_deref().unwrap_or_default().as_bytes())
         .find(|(k, _)| k == "$includeMetadata" || k == "includeMetadata")
     {
@@ -1321,7 +1499,7 @@ async fn consume(
     let destination = s.load::<Destination>(&key).await?.ok_or_else(ApiError::not_found)?.destination;
     let levels = Levels { caller: &caller, destination: level };
     let (destination, fragments) = apply_fragments(&s, &key, destination, &headers, Some(levels)).await?;
-    let (destination, auth_tokens) = finish(&s, &caller, &key, destination, query.as_deref(), &headers).await?;
+    let (destination, auth_tokens) = finish(&s, &caller, &key, destination, query.as_deref(), &headers, None).await?;
     let mut configuration = serde_json::to_value(&destination)
         .map_err(|_| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "Cannot encode the destination"))?;
     if include_owner && let Some(map) = configuration.as_object_mut() {

@@ -43,7 +43,11 @@
 //! `x_user_token.jwks`) fails the token;
 //! certificate generation and `publicKeys`, P12/JKS keystores for
 //! SAML signing, `saml2Metadata` IdP metadata and passive certificates, P12/JKS keystores for
-//! mTLS to token services and chaining are not supported yet.
+//! mTLS to token services are not supported yet.
+//!
+//! Destination chaining (SPEC §1.11, `X-chain-name` on find): the two predefined chains run
+//! the first destination's flow and feed its token into the found destination's flow (as the
+//! client-provided SAML assertion, or as the user token).
 //!
 //! Layers, top to bottom: `api` (HTTP shapes and status codes), [`DestinationService`]
 //! (sealing, lookups, token retrieval), `tokens` (remote OAuth calls and their cache) and

@@ -8,6 +8,7 @@
 
 mod api;
 mod certificates;
+mod chain;
 mod concurrency;
 mod consume;
 mod fragments;

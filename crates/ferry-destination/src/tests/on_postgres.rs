@@ -22,6 +22,8 @@ pub(crate) fn persistent_database(_dir: &std::path::Path) -> DatabaseConfig {
 mod api;
 #[path = "certificates.rs"]
 mod certificates;
+#[path = "chain.rs"]
+mod chain;
 #[path = "concurrency.rs"]
 mod concurrency;
 #[path = "consume.rs"]
