@@ -248,12 +248,16 @@ pub(crate) struct UserToken {
     key: String,
     /// For `tokenServiceURLType: Common` in user flows.
     subdomain: Option<String>,
+    /// Issued by a trusted external OIDC issuer (IAS), not by one of Ferry's tenants.
+    external: bool,
 }
 
 impl UserToken {
     /// `None` for a technical (client-credentials) token.
     fn from_claims(jwt: &str, claims: &ferry_auth::Claims) -> Option<Self> {
-        if !claims.is_user() {
+        // IAS user tokens name the user by `user_uuid` and `sub`, without XSUAA's user claims.
+        let ias_user = claims.external_issuer && claims.raw.get("user_uuid").is_some();
+        if !claims.is_user() && !ias_user {
             return None;
         }
         let sub = claims.raw.get("sub").and_then(serde_json::Value::as_str).map(str::to_owned);
@@ -264,6 +268,7 @@ impl UserToken {
             claims: Arc::new(claims.raw.clone()),
             key: format!("{}/{id}", claims.zid),
             subdomain: claims_subdomain(claims),
+            external: claims.external_issuer,
         })
     }
 }
@@ -1570,7 +1575,8 @@ async fn auth_tokens(
     let assertion = explicit.or(provided.as_ref().map(|(a, k)| (a.as_str(), k.as_str())));
     let flow = |grant| TokenFlow { s, caller, key, dest, grant, tenant, user: None, assertion };
     let token = match dest.authentication() {
-        None | Some(NoAuthentication | PrincipalPropagation | ClientCertificateAuthentication) => return Ok(None),
+        None | Some(NoAuthentication | ClientCertificateAuthentication) => return Ok(None),
+        Some(PrincipalPropagation) => return corporate_idp_token(s, caller, key, dest, headers).await,
         Some(BasicAuthentication) => match (dest.get("User"), dest.get("Password")) {
             (Some(user), Some(password)) => AuthToken::authorization("Basic", B64.encode(format!("{user}:{password}"))),
             _ => AuthToken::failed("BasicAuthentication destinations need the properties 'User' and 'Password'"),
@@ -1688,6 +1694,83 @@ async fn auth_tokens(
         tracing::warn!(subaccount = %key.scope.subaccount, name = %key.name, %reason, "no auth token for destination");
     }
     Ok(Some(vec![token]))
+}
+
+/// The IAS claim asking for the user's corporate identity provider token, and IAS's resource
+/// name for that provider in the token exchange.
+const FORWARD_CORP_IDP_TOKEN: &str = "forward_corp_idp_token";
+const CORPORATE_IDP_RESOURCE: &str = "urn:sap:identity:corporateidp";
+
+/// SPEC §2.6: a PrincipalPropagation destination normally has no token (the Connectivity Proxy
+/// propagates the user), but an IAS user token carrying `forward_corp_idp_token`
+/// (`access_token` or `id_token`) on an OnPremise one is exchanged, at the token endpoint of the
+/// issuer that signed it, for the user's token of the corporate identity provider (RFC 8693,
+/// `resource=urn:sap:identity:corporateidp`; client `clientId`/`clientSecret` of the destination
+/// if set, else the token's own `azp`). Cached per user like the other user flows.
+async fn corporate_idp_token(
+    s: &DestinationService,
+    caller: &Caller,
+    key: &RowKey,
+    dest: &Destination,
+    headers: &HeaderMap,
+) -> Result<Option<Vec<AuthToken>>, ApiError> {
+    if dest.get("ProxyType") != Some("OnPremise") {
+        return Ok(None);
+    }
+    let Ok(user) = user_token(s, caller, headers).await? else { return Ok(None) };
+    let Some(kind) = user.claims.get(FORWARD_CORP_IDP_TOKEN) else { return Ok(None) };
+    let failed = |reason: String| Ok(Some(vec![AuthToken::failed(reason)]));
+    let requested = match kind.as_str() {
+        Some("access_token") => "urn:ietf:params:oauth:token-type:access_token",
+        Some("id_token") => "urn:ietf:params:oauth:token-type:id_token",
+        _ => return failed(format!("the user token's {FORWARD_CORP_IDP_TOKEN} must be 'access_token' or 'id_token'")),
+    };
+    let issuer = user.claims.get("iss").and_then(serde_json::Value::as_str).filter(|_| user.external);
+    let Some(issuer) = issuer else {
+        return failed(format!(
+            "the user token carries {FORWARD_CORP_IDP_TOKEN} but was not issued by a trusted identity provider \
+             (IAS, a [[trust]] issuer) that could hand out the corporate token"
+        ));
+    };
+    let endpoint = match s.tokens.discover_token_endpoint(issuer).await {
+        Ok(endpoint) => endpoint,
+        Err(reason) => return failed(reason),
+    };
+    // The exchange as an OAuth2TokenExchange flow of the destination (its client credentials
+    // and tokenService.* settings apply), at the issuer's endpoint, over the Internet.
+    let mut exchange = dest.clone();
+    let client = ["azp", "client_id", "cid"]
+        .iter()
+        .find_map(|c| user.claims.get(*c).and_then(serde_json::Value::as_str))
+        .unwrap_or_default()
+        .to_owned();
+    let mut props = vec![
+        ("Authentication", "OAuth2TokenExchange".to_owned()),
+        ("tokenServiceURL", endpoint),
+        ("tokenServiceURL.ProxyType", "Internet".to_owned()),
+        ("tokenService.body.requested_token_type", requested.to_owned()),
+        ("tokenService.body.resource", CORPORATE_IDP_RESOURCE.to_owned()),
+    ];
+    if dest.get("clientId").is_none_or(str::is_empty) {
+        props.push(("clientId", client));
+    }
+    for (k, v) in props {
+        if let Err(e) = exchange.set(k, v) {
+            return failed(format!("cannot build the corporate token exchange: {e}"));
+        }
+    }
+    let subject = (user.jwt.as_str(), "urn:ietf:params:oauth:token-type:access_token");
+    let flow = TokenFlow {
+        s,
+        caller,
+        key,
+        dest: &exchange,
+        grant: Grant::TokenExchange { subject, actor: None },
+        tenant: None,
+        user: Some(&user),
+        assertion: None,
+    };
+    Ok(Some(vec![flow.run().await?]))
 }
 
 /// SPEC §2.5: `X-client-assertion` with `X-client-assertion-type`, both or neither.

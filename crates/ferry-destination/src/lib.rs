@@ -45,6 +45,8 @@
 //! SAML signing, `saml2Metadata` IdP metadata and passive certificates, P12/JKS keystores for
 //! mTLS to token services are not supported yet.
 //!
+//! PrincipalPropagation: an IAS user token with `forward_corp_idp_token` on an OnPremise
+//! destination is exchanged at its issuer for the corporate IdP's token (SPEC §2.6).
 //! Destination chaining (SPEC §1.11, `X-chain-name` on find): the two predefined chains run
 //! the first destination's flow and feed its token into the found destination's flow (as the
 //! client-provided SAML assertion, or as the user token).

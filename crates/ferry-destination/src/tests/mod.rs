@@ -11,6 +11,7 @@ mod certificates;
 mod chain;
 mod concurrency;
 mod consume;
+mod corporate_idp;
 mod fragments;
 mod labels;
 mod lists;

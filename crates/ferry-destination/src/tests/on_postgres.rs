@@ -28,6 +28,8 @@ mod chain;
 mod concurrency;
 #[path = "consume.rs"]
 mod consume;
+#[path = "corporate_idp.rs"]
+mod corporate_idp;
 #[path = "fragments.rs"]
 mod fragments;
 #[path = "labels.rs"]
