@@ -233,8 +233,12 @@ pub(crate) struct Caller {
     /// The bearer token itself when it is a user's token (user flows use it as the assertion
     /// unless `X-user-token` is sent).
     user: Option<UserToken>,
-    /// Set for a subscriber's token: the subaccount the token's client lives in (the provider
-    /// of the multi-tenant application), which the consume API's `provider_*` levels address.
+    /// The token's client, when one of Ferry's own tenants issued the token (only those vouch
+    /// for which client a token was issued to): to find the provider of a subscriber's token.
+    zone_client: Option<String>,
+    /// Set for a subscriber's token, by [`Caller::resolve_provider`]: the subaccount the token's
+    /// client lives in (the provider of the multi-tenant application), which the consume API's
+    /// `provider_*` levels address.
     provider: Option<String>,
 }
 
@@ -299,6 +303,12 @@ impl Caller {
             })?),
         };
         Ok(Scope { subaccount: self.subaccount.clone(), level, kind: Kind::Destination })
+    }
+
+    /// Looks up the provider of a subscriber's token; only the consume API needs it.
+    fn resolve_provider(&mut self, s: &DestinationService) {
+        self.provider =
+            self.zone_client.as_deref().and_then(|c| s.client_zone(c)).filter(|zone| *zone != self.subaccount);
     }
 
     fn subaccount_scope(&self) -> Scope {
@@ -372,14 +382,11 @@ impl FromRequestParts<Arc<DestinationService>> for Caller {
         let non_empty = |s: Option<String>| s.filter(|s| !s.is_empty());
         let subdomain = claims_subdomain(&claims);
         let user = UserToken::from_claims(token, &claims);
-        // Only Ferry's own tenants vouch for which client a token was issued to; an external
-        // issuer's token stays within the subaccount its trust names.
-        let provider = match &claims.client_id {
-            Some(client) if !claims.external_issuer => service.client_zone(client).filter(|zone| *zone != claims.zid),
-            _ => None,
-        };
+        // An external issuer's token stays within the subaccount its trust names.
+        let zone_client = claims.client_id.clone().filter(|_| !claims.external_issuer);
         Ok(Caller {
-            provider,
+            zone_client,
+            provider: None,
             instance: non_empty(claims.ext_attr.serviceinstanceid.clone())
                 .or_else(|| non_empty(claims.client_id.clone())),
             subaccount: claims.zid.clone(),
@@ -1475,7 +1482,7 @@ fn parse_level(level: &str) -> Result<ConsumeLevel, ApiError> {
 /// `GET /v2/destinations/{name}[@{level}]`: one level only (default `instance`), no fallback.
 async fn consume(
     State(s): Svc,
-    caller: Caller,
+    mut caller: Caller,
     path: Result<Path<String>, PathRejection>,
     RawQuery(query): RawQuery,
     headers: HeaderMap,
@@ -1486,6 +1493,7 @@ async fn consume(
         None => (target.as_str(), ConsumeLevel::Instance),
     };
     check_tenant_headers(&headers)?;
+    caller.resolve_provider(&s);
     if header(&headers, "x-chain-name")?.is_some() {
         return Err(ApiError::bad_request(
             "Destination chaining (X-chain-name) is served by GET /v1/destinations/{name} only",

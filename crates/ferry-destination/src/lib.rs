@@ -263,7 +263,7 @@ impl DestinationService {
     pub async fn reseal(&self) -> Result<Resealed, Error> {
         let mut out = Resealed::default();
         for kind in Kind::ALL {
-            for (key, sealed) in self.store.scan(kind).await? {
+            for (key, sealed) in self.store.scan(kind, None).await? {
                 let aad = key.associated_data();
                 let plain = match self.keys.open(&aad, &sealed) {
                     Ok((_, false)) => continue,
@@ -365,7 +365,15 @@ impl DestinationService {
     /// destination of the subaccount: deletes are rare, and no index of the property exists.
     pub(crate) async fn assertion_consumers(&self, key: &RowKey, ignore: &[String]) -> Result<Vec<String>, Error> {
         let mut consumers = Vec::new();
-        for (row, sealed) in self.store.scan(Kind::Destination).await? {
+        let rows = match key.scope.level {
+            Level::Subaccount => self.store.scan(Kind::Destination, Some(key.scope.subaccount.clone())).await?,
+            Level::Instance(_) => {
+                let scope = key.scope.clone();
+                let rows = self.store.list(scope.clone()).await?;
+                rows.into_iter().map(|(name, sealed, _)| (scope.row(&name), sealed)).collect()
+            }
+        };
+        for (row, sealed) in rows {
             let reaches = row.scope.level == key.scope.level || key.scope.level == Level::Subaccount;
             if row.scope.subaccount != key.scope.subaccount || !reaches || row == *key {
                 continue;

@@ -257,12 +257,16 @@ impl Store for PgStore {
         Box::pin(async move { Ok(self.execute("updating a destination", sql, params).await? == 1) })
     }
 
-    fn scan(&self, kind: Kind) -> StoreFuture<'_, Vec<(RowKey, Vec<u8>)>> {
+    fn scan(&self, kind: Kind, subaccount: Option<String>) -> StoreFuture<'_, Vec<(RowKey, Vec<u8>)>> {
         let context = "reading all rows";
         Box::pin(async move {
             let client = self.client(context).await?;
-            let sql = format!("SELECT subaccount, instance, name, sealed FROM {}", kind.table());
-            let rows = client.query(&sql, &[]).await.map_err(err(context))?;
+            // `$1 IS NULL`: every subaccount.
+            let sql = format!(
+                "SELECT subaccount, instance, name, sealed FROM {} WHERE $1::TEXT IS NULL OR subaccount = $1",
+                kind.table()
+            );
+            let rows = client.query(&sql, &[&subaccount]).await.map_err(err(context))?;
             Ok(rows
                 .into_iter()
                 .map(|r| {

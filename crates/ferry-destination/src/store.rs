@@ -157,8 +157,9 @@ pub(crate) trait Store: Send + Sync {
     /// Replaces the row only if it still holds `expected`, in one statement; `false` when it
     /// does not (changed or deleted since it was read).
     fn update_if(&self, key: RowKey, expected: Vec<u8>, sealed: Vec<u8>) -> StoreFuture<'_, bool>;
-    /// Every row of one kind, in all subaccounts and levels (for re-sealing under a new key).
-    fn scan(&self, kind: Kind) -> StoreFuture<'_, Vec<(RowKey, Vec<u8>)>>;
+    /// Every row of one kind in all levels of `subaccount`, or of all subaccounts for `None`
+    /// (for re-sealing under a new key).
+    fn scan(&self, kind: Kind, subaccount: Option<String>) -> StoreFuture<'_, Vec<(RowKey, Vec<u8>)>>;
     fn upsert(&self, key: RowKey, sealed: Vec<u8>) -> StoreFuture<'_, ()>;
     /// `false` when there was no such row.
     fn delete(&self, key: RowKey) -> StoreFuture<'_, bool>;
@@ -486,13 +487,15 @@ impl Store for SqliteStore {
         })
     }
 
-    fn scan(&self, kind: Kind) -> StoreFuture<'_, Vec<(RowKey, Vec<u8>)>> {
+    fn scan(&self, kind: Kind, subaccount: Option<String>) -> StoreFuture<'_, Vec<(RowKey, Vec<u8>)>> {
         self.call("reading all rows", move |c| {
+            // `?1 IS NULL`: every subaccount.
             let mut stmt = c.prepare(&format!(
-                "SELECT subaccount, instance, name, sealed FROM {} ORDER BY subaccount, instance, name",
+                "SELECT subaccount, instance, name, sealed FROM {} WHERE ?1 IS NULL OR subaccount = ?1
+                 ORDER BY subaccount, instance, name",
                 kind.table()
             ))?;
-            let rows = stmt.query_map([], |r| {
+            let rows = stmt.query_map([subaccount], |r| {
                 let scope = Scope { subaccount: r.get(0)?, level: level_of(r.get(1)?), kind };
                 Ok((RowKey { scope, name: r.get(2)? }, r.get(3)?))
             })?;
