@@ -199,3 +199,39 @@ async fn provider_levels_with_a_subscriber_token() {
     assert_eq!(env.find(&subscriber, "s-sub", &[]).await.json["owner"]["SubaccountId"], "subscriber");
     assert_eq!(env.find(&subscriber, "p-sub", &[]).await.status, StatusCode::NOT_FOUND);
 }
+
+/// The same against Ferry's token service: a subscriber token of the destination binding's
+/// client (`x-zid`) reaches the provider's instance level as `provider_instance`.
+#[tokio::test]
+async fn provider_levels_with_ferrys_subscriber_token() {
+    let super::FerryTokens { env, token_url, service_token, shutdown, .. } = super::FerryTokens::start().await;
+    env.create(&service_token, "instance", json!({"Name": "shared", "Type": "HTTP", "URL": "https://p.example"})).await;
+    let answer: serde_json::Value = reqwest::Client::new()
+        .post(&token_url)
+        .header("x-zid", super::FerryTokens::SUBSCRIBER)
+        .form(&[("grant_type", "client_credentials"), ("client_id", "sb-dest"), ("client_secret", "dest-secret")])
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let subscriber = answer["access_token"].as_str().unwrap();
+    let get = |path: &str| {
+        let (env, path) = (&env, format!("{V2}/{path}"));
+        async move { env.call_raw(Method::GET, &path, Some(subscriber), None, &[]).await }
+    };
+    let r = get("shared@provider_instance?$includeMetadata=owner").await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text);
+    let owner = &r.json["destinationConfiguration"]["$metadata"]["owner"]["destinations"][0];
+    assert_eq!(
+        (owner["SubaccountId"].as_str(), owner["InstanceId"].as_str()),
+        (Some(super::FerryTokens::ZONE), Some("inst-1"))
+    );
+    assert_eq!(get("shared").await.status, StatusCode::NOT_FOUND);
+    assert_eq!(get("shared@provider_subaccount").await.status, StatusCode::NOT_FOUND);
+    // The provider's own token has no provider level.
+    let r = env.call_raw(Method::GET, &format!("{V2}/shared@provider_instance"), Some(&service_token), None, &[]).await;
+    assert_eq!(r.status, StatusCode::BAD_REQUEST, "{}", r.text);
+    shutdown.cancel();
+}
