@@ -342,18 +342,32 @@ protocol = "TCP"
     ferry.terminate();
 }
 
-/// `ferry transparent-proxy --config` prints its endpoints and serves them.
+/// `ferry transparent-proxy --config` prints its endpoints and serves them; so does `ferry up`
+/// with a `[transparent_proxy]` section.
 #[tokio::test]
-async fn the_cli_serves_a_folder_and_prints_the_endpoints() {
+async fn the_cli_and_ferry_up_serve_a_folder_and_print_the_endpoints() {
     ferry_core::init_crypto();
     let echo = EchoBackend::start().await;
     let port = echo.addr.port();
     let dir = common::test_dir("tproxy-cli");
+    let up_res = dir.join("up-resources");
+    std::fs::create_dir_all(&up_res).unwrap();
+    std::fs::write(up_res.join("web.yaml"), bound("up-web", "web")).unwrap();
     let config = format!(
-        "{}[[destinations]]\nproperties = {{ Name = \"web\", Type = \"HTTP\", URL = \"http://127.0.0.1:{port}/cli\", Authentication = \"NoAuthentication\" }}\n",
-        common::LISTEN_ANY
+        "{}[[destinations]]\nproperties = {{ Name = \"web\", Type = \"HTTP\", URL = \"http://127.0.0.1:{port}/cli\", Authentication = \"NoAuthentication\" }}\n\
+         [transparent_proxy]\nresources_dir = {:?}\n",
+        common::LISTEN_ANY,
+        up_res.display().to_string()
     );
     let (mut ferry, _vcap) = common::ferry_up(&dir, &config);
+    let line = ferry
+        .banner
+        .iter()
+        .find(|l| l.trim_start().starts_with("endpoint default/up-web http "))
+        .expect("ferry up endpoint line");
+    let addr: SocketAddr = line.split_whitespace().nth(3).unwrap().parse().unwrap();
+    let e: Value = reqwest::get(format!("http://{addr}/up")).await.unwrap().json().await.unwrap();
+    assert_eq!(e["url"], "/cli/up");
     let res: PathBuf = dir.join("resources");
     std::fs::create_dir_all(&res).unwrap();
     std::fs::write(res.join("web.yaml"), bound("web", "web")).unwrap();
