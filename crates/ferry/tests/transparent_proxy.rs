@@ -118,11 +118,17 @@ properties = {{ Name = "web-other", Type = "HTTP", URL = "http://127.0.0.1:{port
 [[destinations]]
 properties = {{ Name = "erp", Type = "HTTP", URL = "http://erp.virtual:8000/sap", ProxyType = "OnPremise", Authentication = "BasicAuthentication", User = "ALICE", Password = "s3cret" }}
 [[destinations]]
+properties = {{ Name = "erp-pp", Type = "HTTP", URL = "http://erp.virtual:8000/sap", ProxyType = "OnPremise", Authentication = "PrincipalPropagation" }}
+[[destinations]]
 properties = {{ Name = "raw", Type = "TCP", Address = "tcp.virtual:7000", ProxyType = "OnPremise" }}
 [[destinations]]
 properties = {{ Name = "common", Type = "HTTP", URL = "http://127.0.0.1:{port}", ProxyType = "Internet", Authentication = "OAuth2ClientCredentials", tokenServiceURL = "https://{{tenant}}.auth.example/oauth/token", tokenServiceURLType = "Common", clientId = "c", clientSecret = "s" }}
 [[destinations]]
 properties = {{ Name = "exchange", Type = "HTTP", URL = "http://127.0.0.1:{port}", ProxyType = "Internet", Authentication = "OAuth2TokenExchange", tokenServiceURL = "https://auth.example/oauth/token", clientId = "c", clientSecret = "s" }}
+
+[[users]]
+username = "alice"
+password = "alice-password"
 
 [[connectors]]
 [[connectors.mappings]]
@@ -131,6 +137,7 @@ virtualPort = 8000
 localHost = "127.0.0.1"
 localPort = {port}
 protocol = "HTTP"
+authenticationMode = "X509_GENERAL"
 resources = [{{ path = "/sap", exactMatchOnly = false }}]
 [[connectors.mappings]]
 virtualHost = "tcp.virtual"
@@ -198,6 +205,38 @@ protocol = "TCP"
     assert_eq!(e["url"], "/sap/items");
     assert_eq!(e["headers"]["authorization"], "Basic QUxJQ0U6czNjcmV0");
     assert!(e["headers"].get("proxy-authorization").is_none(), "{e}");
+
+    // PrincipalPropagation: the caller's JWT goes to the proxy as SAP-Connectivity-Authentication
+    // and the connector turns it into a user certificate; without a JWT the proxy says what is missing.
+    std::fs::write(res.join("pp.yaml"), bound("pp", "erp-pp")).unwrap();
+    let pp = tp.endpoint("pp").await;
+    let form = [
+        ("grant_type", "password"),
+        ("client_id", xsuaa["clientid"].as_str().unwrap()),
+        ("client_secret", xsuaa["clientsecret"].as_str().unwrap()),
+        ("username", "alice"),
+        ("password", "alice-password"),
+    ];
+    let t: Value = http
+        .post(format!("{}/oauth/token", xsuaa["url"].as_str().unwrap()))
+        .form(&form)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let user_jwt = t["access_token"].as_str().unwrap();
+    let r = http.get(format!("http://{pp}/me")).bearer_auth(user_jwt).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    let e: Value = r.json().await.unwrap();
+    assert!(e["headers"]["ssl_client_cert"].as_str().unwrap().len() > 100, "a user certificate reached the backend");
+    assert!(
+        e["headers"].get("authorization").is_none() && e["headers"].get("sap-connectivity-authentication").is_none(),
+        "{e}"
+    );
+    let r = http.get(format!("http://{pp}/me")).send().await.unwrap();
+    assert_error(&r, 400, "Transparent Proxy", "uses PrincipalPropagation");
 
     // A TCP destination: the endpoint speaks SOCKS5 (method 0x80) to the proxy itself.
     std::fs::write(res.join("raw.yaml"), bound("raw", "raw")).unwrap();
