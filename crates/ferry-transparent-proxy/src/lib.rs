@@ -19,7 +19,7 @@ use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use ferry_core::Shutdown;
 use serde::Serialize;
@@ -70,6 +70,7 @@ pub async fn run(config: Config, endpoints: watch::Sender<Endpoints>, shutdown: 
         running: BTreeMap::new(),
         tasks: TaskTracker::new(),
         dir_error: None,
+        bind_errors: BTreeMap::new(),
         shutdown: shutdown.clone(),
     };
     let mut first = true;
@@ -101,9 +102,16 @@ struct Running {
     current: Current,
     wanted_port: u16,
     tcp: bool,
+    /// False when `tcp` is a guess because the destination did not resolve.
+    kind_known: bool,
+    checked: Instant,
     address: SocketAddr,
     stop: Shutdown,
 }
+
+/// How many scans a guessed protocol stands before the destination is looked up again (30 s
+/// at the default interval).
+const RECHECK_SCANS: u32 = 30;
 
 struct Watcher {
     config: Config,
@@ -113,6 +121,8 @@ struct Watcher {
     tasks: TaskTracker,
     /// The last error reading the folder, so it is logged once, not every scan.
     dir_error: Option<String>,
+    /// The last listen error per resource, so each is logged once.
+    bind_errors: BTreeMap<String, String>,
     shutdown: Shutdown,
 }
 
@@ -149,20 +159,28 @@ impl Watcher {
             }
         }
         for (key, d) in desired {
-            if self.running.get(&key).is_some_and(|r| r.resource == d) {
+            // An unchanged resource needs nothing, unless its protocol was a guess that is due
+            // for another look (its destination did not resolve when the endpoint started).
+            if self.running.get(&key).is_some_and(|r| {
+                r.resource == d && (r.kind_known || r.checked.elapsed() < self.config.poll_interval * RECHECK_SCANS)
+            }) {
                 continue;
             }
-            let tcp = self.is_tcp(&d).await;
+            let (tcp, kind_known) = self.is_tcp(&d).await;
             if let Some(r) = self.running.get_mut(&key) {
                 if r.wanted_port == wanted_port(&d) && r.tcp == tcp {
-                    // Same listener, new resource: requests from now on use it.
-                    match r.current.write() {
-                        Ok(mut c) => *c = Arc::new(d.clone()),
-                        Err(p) => *p.into_inner() = Arc::new(d.clone()),
+                    r.kind_known = kind_known;
+                    r.checked = Instant::now();
+                    if r.resource != d {
+                        // Same listener, new resource: requests from now on use it.
+                        match r.current.write() {
+                            Ok(mut c) => *c = Arc::new(d.clone()),
+                            Err(p) => *p.into_inner() = Arc::new(d.clone()),
+                        }
+                        let old_dest = std::mem::replace(&mut r.resource, d);
+                        changed |= old_dest.spec.destination_ref.name != r.resource.spec.destination_ref.name;
+                        tracing::info!(resource = %key, "endpoint updated");
                     }
-                    let old_dest = std::mem::replace(&mut r.resource, d);
-                    changed |= old_dest.spec.destination_ref.name != r.resource.spec.destination_ref.name;
-                    tracing::info!(resource = %key, "endpoint updated");
                     continue;
                 }
                 if let Some(old) = self.running.remove(&key) {
@@ -170,7 +188,7 @@ impl Watcher {
                 }
                 changed = true;
             }
-            if let Some(r) = self.start(&key, d, tcp).await {
+            if let Some(r) = self.start(&key, d, tcp, kind_known).await {
                 self.running.insert(key, r);
                 changed = true;
             }
@@ -226,11 +244,12 @@ impl Watcher {
         self.files.retain(|p, _| seen.contains(p));
     }
 
-    /// Whether a bound resource's destination is TCP, LDAP or MAIL (a gateway is HTTP). When the
-    /// destination cannot be looked up yet the endpoint serves HTTP, which reports why per request.
-    async fn is_tcp(&self, d: &Destination) -> bool {
+    /// Whether a bound resource's destination is TCP, LDAP or MAIL (a gateway is HTTP), and
+    /// whether that is known. When the destination cannot be looked up yet the endpoint serves
+    /// HTTP, which reports why per request, and the question is asked again after [`RECHECK_SCANS`] scans.
+    async fn is_tcp(&self, d: &Destination) -> (bool, bool) {
         if d.is_gateway() {
-            return false;
+            return (false, true);
         }
         let lookup = Lookup {
             name: d.spec.destination_ref.name.clone(),
@@ -241,15 +260,15 @@ impl Watcher {
             ..Default::default()
         };
         match self.shared.resolver.resolve(&lookup, false).await {
-            Ok(r) => matches!(http::destination_type(&r.config).as_str(), "TCP" | "LDAP" | "MAIL"),
+            Ok(r) => (matches!(http::destination_type(&r.config).as_str(), "TCP" | "LDAP" | "MAIL"), true),
             Err(e) => {
                 tracing::info!(resource = d.name(), error = %e.message, "destination not resolvable yet; serving HTTP");
-                false
+                (false, false)
             }
         }
     }
 
-    async fn start(&self, key: &str, d: Destination, tcp: bool) -> Option<Running> {
+    async fn start(&mut self, key: &str, d: Destination, tcp: bool, kind_known: bool) -> Option<Running> {
         let port = wanted_port(&d);
         let addr = SocketAddr::new(self.config.listen_host, port);
         // A listener just closed for the same port may take a moment to go away.
@@ -262,11 +281,17 @@ impl Watcher {
                     tokio::time::sleep(Duration::from_millis(25)).await;
                 }
                 Err(e) => {
-                    tracing::error!(resource = %key, %addr, error = %e, "cannot listen; retrying at the next scan");
+                    // Logged once per distinct error, not at every scan.
+                    let msg = format!("{addr}: {e}");
+                    if self.bind_errors.get(key) != Some(&msg) {
+                        tracing::error!(resource = %key, %addr, error = %e, "cannot listen; retrying at every scan");
+                        self.bind_errors.insert(key.to_owned(), msg);
+                    }
                     return None;
                 }
             }
         };
+        self.bind_errors.remove(key);
         let address = listener.local_addr().ok()?;
         let current: Current = Arc::new(std::sync::RwLock::new(Arc::new(d.clone())));
         let stop = self.shutdown.child_token();
@@ -285,7 +310,16 @@ impl Watcher {
         }
         let protocol = if tcp { "tcp" } else { "http" };
         tracing::info!(resource = %key, %address, protocol, destination = %d.spec.destination_ref.name, "endpoint listening");
-        Some(Running { resource: d, current, wanted_port: port, tcp, address, stop })
+        Some(Running {
+            resource: d,
+            current,
+            wanted_port: port,
+            tcp,
+            kind_known,
+            checked: Instant::now(),
+            address,
+            stop,
+        })
     }
 
     fn endpoints(&self) -> Endpoints {

@@ -249,6 +249,29 @@ protocol = "TCP"
     assert_eq!(&buf[..n], b"echo: hi\n");
     drop(s);
 
+    // A resource whose destination does not exist yet serves HTTP; once the destination exists
+    // and is TCP, the endpoint becomes a TCP endpoint on a later scan.
+    std::fs::write(res.join("late.yaml"), bound("late", "late-tcp")).unwrap();
+    tp.endpoint("late").await;
+    assert_eq!(tp.rx.borrow()["default/late"].protocol, "http");
+    let late =
+        serde_json::json!({"Name": "late-tcp", "Type": "TCP", "Address": "tcp.virtual:7000", "ProxyType": "OnPremise"});
+    let r = http
+        .post(format!("{}/destination-configuration/v1/subaccountDestinations", dest["uri"].as_str().unwrap()))
+        .bearer_auth(&token)
+        .json(&late)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 201);
+    eventually!("late becomes tcp", tp.rx.borrow()["default/late"].protocol == "tcp");
+    let late_addr = tp.rx.borrow()["default/late"].address;
+    let mut s = tokio::net::TcpStream::connect(late_addr).await.unwrap();
+    s.write_all(b"late\n").await.unwrap();
+    let n = s.read(&mut buf).await.unwrap();
+    assert_eq!(&buf[..n], b"echo: late\n");
+    drop(s);
+
     // Update: the same endpoint now serves another destination.
     std::fs::write(res.join("web.yaml"), bound("web", "web-other")).unwrap();
     eventually!("web points at web-other", tp.rx.borrow()["default/web"].destination == "web-other");
