@@ -366,6 +366,11 @@ protocol = "TCP"
     let r = get(gw, &[("x-destination-name", "common")]).await.unwrap();
     assert_error(&r, 400, "Transparent Proxy", "'x-token-service-tenant' request header is missing");
 
+    // The Destination Service refuses the request's headers (a tenant that is no subdomain).
+    let r = get(gw, &[("x-destination-name", "common"), ("x-token-service-tenant", "bad_tenant!")]).await.unwrap();
+    assert_error(&r, 400, "Destination Service", "Destination service returned unsuccessful status code.");
+    assert_eq!(r.headers()["x-internal-error-code"], "400");
+
     // No connectivity binding: OnPremise is not configured.
     let no_conn = dir.join("no-connectivity-env.json");
     write_env(&no_conn, &vcap, None);
@@ -398,6 +403,10 @@ protocol = "TCP"
     assert_error(&r, 400, "Transparent Proxy", "either 'x-tenant-id' or 'x-tenant-subdomain' header is mandatory");
     let r = get(erp4, &[("x-tenant-id", "a"), ("x-tenant-subdomain", "b")]).await.unwrap();
     assert_error(&r, 400, "Transparent Proxy", "only one of the 'x-tenant-id' and 'x-tenant-subdomain'");
+    // A tenant the token service does not know.
+    let r = get(erp4, &[("x-tenant-id", "no-such-zone")]).await.unwrap();
+    assert_error(&r, 500, "XSUAA", "Failed to get a token for the Destination Service");
+    assert!(r.headers().get("x-internal-error-code").is_some(), "the token service's status is passed on");
     tp4.stop().await;
 
     tp.stop().await;
