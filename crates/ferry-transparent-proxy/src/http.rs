@@ -541,7 +541,7 @@ where
     Ok(sender)
 }
 
-/// Unused fields of a find answer are kept as JSON; this names the destination type for logs.
+/// A destination's `Type`, upper-cased; `HTTP` when absent, as the Destination Service defaults it.
 pub(crate) fn destination_type(config: &serde_json::Map<String, Value>) -> String {
     config.get("Type").and_then(Value::as_str).unwrap_or("HTTP").to_ascii_uppercase()
 }
