@@ -5,6 +5,7 @@ mod config;
 mod connect;
 mod destinations_cli;
 mod standalone;
+mod transparent_proxy;
 mod up;
 
 use clap::{Parser, Subcommand};
@@ -32,6 +33,13 @@ enum Command {
     /// Run a Connectivity Proxy replica on its own (HTTP, SOCKS5 and tunnel endpoint).
     Proxy {
         /// Proxy configuration file (TOML).
+        #[arg(long, short)]
+        config: std::path::PathBuf,
+    },
+    /// Run the Transparent Proxy: each Destination resource in a folder of YAML files becomes a
+    /// local endpoint that adds the destination's credentials and route (SPEC §5).
+    TransparentProxy {
+        /// Transparent Proxy configuration file (TOML).
         #[arg(long, short)]
         config: std::path::PathBuf,
     },
@@ -140,6 +148,7 @@ fn main() -> anyhow::Result<()> {
             Ok(())
         }
         Command::Proxy { config } => rt.block_on(standalone::proxy(&config)),
+        Command::TransparentProxy { config } => user_error(rt.block_on(transparent_proxy::run(&config))),
         Command::Subaccount { conn, cmd } => rt.block_on(admin_cli::subaccount(conn, cmd)),
         Command::ServiceInstance { conn, cmd } => rt.block_on(admin_cli::instance(conn, cmd)),
         Command::ServiceKey { conn, cmd } => rt.block_on(admin_cli::key(conn, cmd)),
