@@ -28,6 +28,8 @@ struct Running {
 pub struct ConnectionState {
     pub status: TunnelStatus,
     pub connected_since: Option<SystemTime>,
+    /// See [`Connector::last_heartbeat`].
+    pub last_heartbeat: Option<SystemTime>,
 }
 
 pub struct Instance {
@@ -124,6 +126,7 @@ impl Instance {
         self.lock().get(key).map(|r| ConnectionState {
             status: *r.connector.status().borrow(),
             connected_since: *r.since.lock().unwrap_or_else(PoisonError::into_inner),
+            last_heartbeat: r.connector.last_heartbeat(),
         })
     }
 }

@@ -16,12 +16,16 @@ pub mod instance;
 pub mod principal;
 pub mod rewrite;
 
+use std::pin::Pin;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use ferry_core::Shutdown;
 use ferry_core::tls::CertifiedKey;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::sync::watch;
 
@@ -118,6 +122,9 @@ pub struct Connector {
     backend: Arc<backend::Backend>,
     rules: Arc<LiveRules>,
     audit: audit::AuditLog,
+    /// Epoch millis of the last bytes received from the proxy on any tunnel connection; 0 =
+    /// never. See [`Connector::last_heartbeat`].
+    last_heard: Arc<AtomicU64>,
 }
 
 impl Connector {
@@ -148,7 +155,19 @@ impl Connector {
             backend,
             rules,
             audit,
+            last_heard: Arc::new(AtomicU64::new(0)),
         })
+    }
+
+    /// When the proxy last proved it is alive on a tunnel of this connection: the last bytes it
+    /// sent. hyper has no hook for PING acknowledgements, but its keep-alive PINGs the proxy
+    /// whenever a tunnel was silent for `heartbeat`, so on a healthy tunnel this is never older
+    /// than about one heartbeat interval, idle or busy; on a dead one it stops advancing.
+    pub fn last_heartbeat(&self) -> Option<SystemTime> {
+        match self.last_heard.load(Ordering::Relaxed) {
+            0 => None,
+            ms => Some(UNIX_EPOCH + Duration::from_millis(ms)),
+        }
     }
 
     /// Replaces the access rules; the next request is checked against them, tunnels stay up.
@@ -246,6 +265,7 @@ impl Connector {
             .max_concurrent_streams(MAX_STREAMS)
             .keep_alive_interval(self.config.heartbeat)
             .keep_alive_timeout(self.config.heartbeat);
+        let io = Heard { io, last: self.last_heard.clone() };
         let conn = builder.serve_connection(TokioIo::new(io), service);
         tokio::pin!(conn);
         tokio::select! {
@@ -255,6 +275,46 @@ impl Connector {
                 let _ = tokio::time::timeout(Duration::from_secs(10), conn).await;
             }
         }
+    }
+}
+
+/// A tunnel connection that notes when the proxy last sent something (data or a PING ack).
+struct Heard<T> {
+    io: T,
+    last: Arc<AtomicU64>,
+}
+
+impl<T: AsyncRead + Unpin> AsyncRead for Heard<T> {
+    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let r = Pin::new(&mut self.io).poll_read(cx, buf);
+        if matches!(r, Poll::Ready(Ok(()))) && buf.filled().len() > before {
+            let now = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis()).unwrap_or(0);
+            self.last.fetch_max(u64::try_from(now).unwrap_or(u64::MAX), Ordering::Relaxed);
+        }
+        r
+    }
+}
+
+impl<T: AsyncWrite + Unpin> AsyncWrite for Heard<T> {
+    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write(cx, buf)
+    }
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
+    }
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_flush(cx)
+    }
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_shutdown(cx)
     }
 }
 

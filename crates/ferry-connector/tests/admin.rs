@@ -161,6 +161,43 @@ async fn add_mapping(api: &Running, pair: &TunnelPair, backend: SocketAddr) {
     assert_eq!(m["backendType"], "abapSys");
 }
 
+fn heartbeat_of(mon: &Value) -> u64 {
+    mon["subaccounts"][0]["tunnel"]["lastHeartbeatTimeStamp"].as_u64().unwrap()
+}
+
+#[tokio::test]
+async fn the_last_heartbeat_advances_on_an_idle_tunnel_and_stops_when_the_proxy_is_gone() {
+    let pair = TunnelPair::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let api = Running::start_with(dir.path(), |c| c.connection.heartbeat = Duration::from_millis(100)).await;
+    api.change_initial_password().await;
+    add_subaccount(&api, &pair, "beat-loc").await;
+    pair.wait_connected("beat-loc").await;
+    let mon = Method::GET;
+    let path = "/api/monitoring/subaccounts";
+    eventually!("a first heartbeat", heartbeat_of(&api.admin_call(mon.clone(), path, None).await.1) > 0);
+    let first = heartbeat_of(&api.admin_call(mon.clone(), path, None).await.1);
+    // No app traffic at all: only the keep-alive PINGs and their answers cross the tunnel.
+    eventually!(
+        "the heartbeat advances while idle",
+        heartbeat_of(&api.admin_call(mon.clone(), path, None).await.1) > first
+    );
+    let (_, sub) = api.admin_call(Method::GET, &sub_path(&pair), None).await;
+    assert!(sub["tunnel"]["lastHeartbeatTimeStamp"].as_u64().unwrap() >= first, "the subaccount API shows it too");
+
+    pair.shutdown.cancel();
+    eventually!(
+        "the tunnel is seen down",
+        api.admin_call(mon.clone(), path, None).await.1["subaccounts"][0]["tunnel"]["connections"] == 0
+    );
+    let last = heartbeat_of(&api.admin_call(mon.clone(), path, None).await.1);
+    assert!(last >= first, "the last heartbeat stays visible after the tunnel broke");
+    // Several heartbeat intervals pass (the connector keeps redialling the dead proxy).
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(heartbeat_of(&api.admin_call(mon, path, None).await.1), last, "no heartbeat from a dead proxy");
+    api.stop().await;
+}
+
 #[tokio::test]
 async fn initial_password_must_be_changed_first() {
     let dir = tempfile::tempdir().unwrap();

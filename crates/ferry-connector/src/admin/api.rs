@@ -465,9 +465,15 @@ fn tunnel_json(a: &Admin, s: &StoredSubaccount) -> Value {
         Some(st) => json!({
             "state": if st.status.connected > 0 { "Connected" } else { "ConnectFailure" },
             "connectedSinceTimeStamp": st.connected_since.map(millis).unwrap_or(0),
+            "lastHeartbeatTimeStamp": st.last_heartbeat.map(millis).unwrap_or(0),
             "connections": st.status.connected,
         }),
-        None => json!({"state": "Disconnected", "connectedSinceTimeStamp": 0, "connections": 0}),
+        None => json!({
+            "state": "Disconnected",
+            "connectedSinceTimeStamp": 0,
+            "lastHeartbeatTimeStamp": 0,
+            "connections": 0,
+        }),
     }
 }
 

@@ -140,9 +140,10 @@ async fn overview(State(ui): S, headers: HeaderMap) -> Response {
     for sub in mon.get("subaccounts").and_then(Value::as_array).into_iter().flatten() {
         let t = sub.get("tunnel").cloned().unwrap_or_default();
         let since = t.get("connectedSinceTimeStamp").and_then(Value::as_u64).unwrap_or(0);
+        let heard = t.get("lastHeartbeatTimeStamp").and_then(Value::as_u64).unwrap_or(0);
         let _ = write!(
             rows,
-            "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
+            "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td class=\"heartbeat\">{}</td></tr>",
             esc(&s(sub, "subaccount")),
             esc(&s(sub, "displayName")),
             esc(&s(sub, "locationID")),
@@ -150,15 +151,16 @@ async fn overview(State(ui): S, headers: HeaderMap) -> Response {
             state_badge(&s(&t, "state")),
             esc(&s(&t, "connections")),
             esc(&time_of(since)),
+            esc(&time_of(heard)),
         );
     }
     if rows.is_empty() {
-        rows = "<tr><td colspan=\"7\">No subaccounts yet. <a href=\"/ui/subaccounts\">Add one</a>.</td></tr>".into();
+        rows = "<tr><td colspan=\"8\">No subaccounts yet. <a href=\"/ui/subaccounts\">Add one</a>.</td></tr>".into();
     }
     let body = format!(
         "<dl class=\"facts\"><dt>Version</dt><dd id=\"version\">{}</dd><dt>High availability role</dt><dd id=\"ha-role\">{master}</dd></dl>\
          <h2>Subaccounts</h2><table><thead><tr><th>Subaccount</th><th>Display name</th><th>Location ID</th><th>Region host</th>\
-         <th>Tunnel</th><th>Connections</th><th>Connected since</th></tr></thead><tbody>{rows}</tbody></table>",
+         <th>Tunnel</th><th>Connections</th><th>Connected since</th><th>Last heartbeat</th></tr></thead><tbody>{rows}</tbody></table>",
         esc(env!("CARGO_PKG_VERSION"))
     );
     ui.render(&ctx, "Overview", &body)
