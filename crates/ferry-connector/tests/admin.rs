@@ -547,3 +547,84 @@ async fn principal_propagation_settings_apply_to_the_next_request() {
     assert!(body["message"].as_str().unwrap().contains("expirationToleranceInHr"), "{body}");
     api.stop().await;
 }
+
+/// Calls the API with Basic authentication as `user`.
+async fn call_as(
+    api: &Running,
+    user: &str,
+    password: &str,
+    method: Method,
+    path: &str,
+    body: Option<Value>,
+) -> StatusCode {
+    let mut r = api.req(method, path).basic_auth(user, Some(password));
+    if let Some(b) = body {
+        r = r.json(&b);
+    }
+    r.send().await.unwrap().status()
+}
+
+#[tokio::test]
+async fn ldap_logon_maps_groups_to_roles() {
+    use ferry_testkit::slapd::{READER_DN, READER_PW, SUFFIX, Slapd};
+    let slapd = Slapd::start(&format!(
+        "dn: uid=anna,ou=people,{SUFFIX}\nobjectClass: inetOrgPerson\nuid: anna\ncn: Anna\nsn: A\nuserPassword: anna-pw\n\n\
+         dn: uid=dora,ou=people,{SUFFIX}\nobjectClass: inetOrgPerson\nuid: dora\ncn: Dora\nsn: D\nuserPassword: dora-pw\n\n\
+         dn: uid=nick,ou=people,{SUFFIX}\nobjectClass: inetOrgPerson\nuid: nick\ncn: Nick\nsn: N\nuserPassword: nick-pw\n\n\
+         dn: cn=connector-admins,ou=groups,{SUFFIX}\nobjectClass: groupOfNames\ncn: connector-admins\nmember: uid=anna,ou=people,{SUFFIX}\n\n\
+         dn: cn=sccdisplay,ou=groups,{SUFFIX}\nobjectClass: groupOfNames\ncn: sccdisplay\nmember: uid=dora,ou=people,{SUFFIX}\n"
+    ));
+    let dir = tempfile::tempdir().unwrap();
+    let api = Running::start(dir.path()).await;
+    api.change_initial_password().await;
+    let ldap_path = format!("{CONF}/connector/authentication/ldap");
+    let settings = json!({
+        "enable": true,
+        "configuration": format!("userBase=\"ou=people,{SUFFIX}\" userSearch=\"(uid={{0}})\"\n\
+                                  roleBase=\"ou=groups,{SUFFIX}\" roleName=\"cn\" roleSearch=\"(member={{0}})\""),
+        "hosts": [{"host": "127.0.0.1", "port": slapd.addr.port()}],
+        "user": READER_DN, "password": READER_PW,
+        "customAdminRole": "connector-admins",
+    });
+    let mut bad = settings.clone();
+    bad["configuration"] = json!("userBase=\"ou=people\"");
+    let (s, e) = api.admin_call(Method::PUT, &ldap_path, Some(bad)).await;
+    assert_eq!(s, StatusCode::BAD_REQUEST);
+    assert!(e["message"].as_str().unwrap().contains("userSearch"), "{e}");
+    let mut no_password = settings.clone();
+    no_password.as_object_mut().unwrap().remove("password");
+    assert_eq!(api.admin_call(Method::PUT, &ldap_path, Some(no_password)).await.0, StatusCode::BAD_REQUEST);
+
+    let (s, _) = api.admin_call(Method::PUT, &ldap_path, Some(settings)).await;
+    assert_eq!(s, StatusCode::NO_CONTENT);
+    let stored = std::fs::read_to_string(dir.path().join("scc-ldap.json")).unwrap();
+    assert!(!stored.contains(READER_PW), "the bind password is sealed at rest");
+
+    let conn = format!("{CONF}/connector");
+    assert_eq!(call_as(&api, "anna", "anna-pw", Method::GET, &ldap_path, None).await, StatusCode::OK);
+    let shown = api.req(Method::GET, &ldap_path).basic_auth("anna", Some("anna-pw")).send().await.unwrap();
+    let shown = shown.text().await.unwrap();
+    assert!(shown.contains("connector-admins") && !shown.contains(READER_PW), "{shown}");
+    let change = Some(json!({"description": "changed by anna"}));
+    assert_eq!(call_as(&api, "anna", "anna-pw", Method::PUT, &conn, change.clone()).await, StatusCode::NO_CONTENT);
+    assert_eq!(call_as(&api, "anna", "wrong", Method::GET, &conn, None).await, StatusCode::UNAUTHORIZED);
+    assert_eq!(call_as(&api, "nobody", "x-pw", Method::GET, &conn, None).await, StatusCode::UNAUTHORIZED);
+    assert_eq!(call_as(&api, "dora", "dora-pw", Method::GET, &conn, None).await, StatusCode::OK, "display reads");
+    assert_eq!(call_as(&api, "dora", "dora-pw", Method::PUT, &conn, change.clone()).await, StatusCode::FORBIDDEN);
+    assert_eq!(call_as(&api, "nick", "nick-pw", Method::GET, &conn, None).await, StatusCode::FORBIDDEN, "no group");
+    assert_eq!(
+        call_as(&api, "Administrator", NEW_PASSWORD, Method::GET, &conn, None).await,
+        StatusCode::UNAUTHORIZED,
+        "the file-based user is inactive while LDAP is on"
+    );
+
+    // The setting survives a restart.
+    api.stop().await;
+    let api = Running::start(dir.path()).await;
+    assert_eq!(call_as(&api, "anna", "anna-pw", Method::GET, &conn, None).await, StatusCode::OK);
+
+    // A directory that does not answer is the directory's fault, not a wrong password.
+    drop(slapd);
+    assert_eq!(call_as(&api, "anna", "anna-pw", Method::GET, &conn, None).await, StatusCode::SERVICE_UNAVAILABLE);
+    api.stop().await;
+}

@@ -90,6 +90,9 @@ struct AdminSection {
     /// Names on the self-signed UI certificate, besides `localhost` and `127.0.0.1`.
     #[serde(default)]
     ui_names: Vec<String>,
+    /// Extra trust for LDAPS logon hosts.
+    #[serde(default)]
+    ldap_ca_file: Option<PathBuf>,
 }
 
 fn admin_port() -> u16 {
@@ -178,6 +181,7 @@ pub async fn connector(config: &Path) -> anyhow::Result<()> {
         let mut ac = ferry_connector::admin::AdminConfig::new(base.join(&a.data_dir));
         ac.audit_dir = Some(audit_dir);
         ac.ui_names.extend(a.ui_names.iter().cloned());
+        ac.ldap_ca_file = a.ldap_ca_file.as_ref().map(|f| base.join(f));
         ac.connection.connections = cfg.connections.max(1);
         ac.connection.backend_ca_pem = backend_ca_pem;
         ac.connection.system_certificate = system_certificate;

@@ -53,8 +53,10 @@ pub(super) fn router(admin: Arc<Admin>) -> Router {
             get(get_resource).put(put_resource).delete(delete_resource),
         )
         .route("/api/monitoring/subaccounts", get(monitoring))
+        .route(&format!("{CONF}/connector/authentication/ldap"), get(get_ldap).put(put_ldap))
         .fallback(|| async { ApiError::not_found("no such API") })
         .layer(axum::middleware::from_fn_with_state(admin.clone(), super::shadow_guard))
+        .layer(axum::middleware::from_fn(super::authorize))
         .with_state(admin)
 }
 
@@ -260,6 +262,33 @@ async fn change_password(State(a): A, Extension(u): Extension<Caller>, body: Byt
     // Sessions opened with the old password end with it.
     a.end_sessions();
     a.record(&u.0, "SCCPassword", "changed", "", &u.0).await;
+    Ok(no_content())
+}
+
+// ---- LDAP logon
+
+async fn get_ldap(State(a): A) -> Result<Json<Value>> {
+    let stored = super::ldap::load(&a.store).map_err(|e| ApiError::internal(e.to_string()))?;
+    let settings = stored.map(|(s, _)| s).unwrap_or_default();
+    Ok(Json(serde_json::to_value(settings).map_err(|e| ApiError::internal(e.to_string()))?))
+}
+
+/// Validates, stores and applies the LDAP settings; every session ends, as SAP's product
+/// restarts here. Without `password`, the stored one is kept.
+async fn put_ldap(State(a): A, Extension(u): Extension<Caller>, body: Bytes) -> Result<Response> {
+    let mut b: super::LdapSettings = parse(&body)?;
+    let stored = super::ldap::load(&a.store).map_err(|e| ApiError::internal(e.to_string()))?;
+    let password = match (b.password.take(), stored) {
+        (Some(p), _) => p,
+        (None, Some((_, p))) => p,
+        (None, None) => return Err(ApiError::invalid("password (of the connection user) is required")),
+    };
+    let logon = super::ldap::LdapLogon::new(&b, &password, a.config.ldap_ca_file.as_deref())
+        .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "INVALID_CONFIGURATION", e))?;
+    super::ldap::save(&a.store, &b, &password).map_err(|e| ApiError::internal(e.to_string()))?;
+    *a.ldap.write().unwrap_or_else(std::sync::PoisonError::into_inner) = b.enable.then(|| Arc::new(logon));
+    a.end_sessions();
+    a.record(&u.0, "LDAPConfiguration", if b.enable { "enabled" } else { "disabled" }, "", "LDAP logon").await;
     Ok(no_content())
 }
 
