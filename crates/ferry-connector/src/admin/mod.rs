@@ -91,6 +91,8 @@ pub struct AdminConfig {
     pub data_dir: PathBuf,
     /// Audit log folder; default `<data_dir>/audit`.
     pub audit_dir: Option<PathBuf>,
+    /// Rotation of every audit log of the instance (its level and folder are set per log).
+    pub audit: AuditConfig,
     /// Names on the self-signed UI certificate (generated on first start).
     pub ui_names: Vec<String>,
     /// Wrong passwords in a row before a user name is locked.
@@ -110,6 +112,7 @@ impl AdminConfig {
         Self {
             data_dir,
             audit_dir: None,
+            audit: AuditConfig::default(),
             ui_names: vec!["localhost".into(), "127.0.0.1".into()],
             max_failed_logons: 5,
             lockout: Duration::from_secs(300),
@@ -218,8 +221,11 @@ impl Admin {
         let (ui, ui_ca_pem) = ui_certificate(&store, &config.ui_names)?;
         let ui_tls = ferry_core::tls::server_config(&ui, None, &[b"http/1.1"])?;
         let audit_dir = config.audit_dir.clone().unwrap_or_else(|| config.data_dir.join("audit"));
-        let audit =
-            AuditLog::start(&AuditConfig { level: scc.audit_level, dir: Some(audit_dir) }, "_configuration", "")?;
+        let audit = AuditLog::start(
+            &AuditConfig { level: scc.audit_level, dir: Some(audit_dir), ..config.audit.clone() },
+            "_configuration",
+            "",
+        )?;
         let ha = Ha::open(&store)?;
         let ldap = match ldap::load(&store)? {
             Some((settings, password)) if settings.enable => {
@@ -323,6 +329,7 @@ impl Admin {
         cc.audit = AuditConfig {
             level: sub.audit_level,
             dir: Some(self.config.audit_dir.clone().unwrap_or_else(|| self.config.data_dir.join("audit"))),
+            ..self.config.audit.clone()
         };
         cc.principal_propagation = self.principal(scc);
         Ok(cc)

@@ -849,16 +849,11 @@ fn csv_split(line: &str) -> Vec<String> {
     out
 }
 
-/// Audit lines (as written, header excluded) matching the filter, newest first.
+/// Audit records (as CSV lines) matching the filter, newest first.
 fn audit_lines(dir: &std::path::Path, q: &AuditQuery) -> Vec<String> {
     let mut files = Vec::new();
     for sub in std::fs::read_dir(dir).into_iter().flatten().flatten() {
-        for f in std::fs::read_dir(sub.path()).into_iter().flatten().flatten() {
-            let name = f.file_name().to_string_lossy().into_owned();
-            if name.starts_with("audit-log_") && name.ends_with(".csv") {
-                files.push(f.path());
-            }
-        }
+        files.extend(crate::audit::log_files(&sub.path()));
     }
     let text = q.q.to_lowercase();
     // `datetime-local` values (`2026-11-23T04:10`) compare as text with the timestamps.
@@ -866,8 +861,8 @@ fn audit_lines(dir: &std::path::Path, q: &AuditQuery) -> Vec<String> {
     let mut lines = Vec::new();
     for f in files {
         let Ok(content) = std::fs::read_to_string(&f) else { continue };
-        for line in content.lines().filter(|l| !l.starts_with("timestamp,")) {
-            let cols = csv_split(line);
+        for line in content.lines().filter_map(crate::audit::csv_line) {
+            let cols = csv_split(&line);
             let (ts, event) =
                 (cols.first().map(String::as_str).unwrap_or(""), cols.get(1).map(String::as_str).unwrap_or(""));
             let kind_ok = match q.kind.as_str() {
@@ -879,7 +874,7 @@ fn audit_lines(dir: &std::path::Path, q: &AuditQuery) -> Vec<String> {
             let from_ok = from.is_empty() || ts >= from;
             let to_ok = to.is_empty() || ts.get(..to.len()).is_some_and(|t| t <= to);
             if kind_ok && from_ok && to_ok && (text.is_empty() || line.to_lowercase().contains(&text)) {
-                lines.push(line.to_owned());
+                lines.push(line);
             }
         }
     }
@@ -966,9 +961,7 @@ async fn audit_csv(State(ui): S, headers: HeaderMap, Query(q): Query<AuditQuery>
     let _ctx = session!(ui.ctx(&headers, false));
     let dir = audit_dir(&ui);
     let lines = tokio::task::spawn_blocking(move || audit_lines(&dir, &q)).await.unwrap_or_default();
-    let mut out = String::from(
-        "timestamp,event,subaccount,location,request_id,client,system,protocol,method,path,reason,chain\n",
-    );
+    let mut out = format!("{}\n", crate::audit::CSV_HEADER);
     for l in lines.iter().rev() {
         out.push_str(l);
         out.push('\n');
