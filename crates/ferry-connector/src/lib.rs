@@ -42,6 +42,8 @@ pub enum ConnectorError {
     Audit(#[from] audit::AuditError),
     #[error("the connector certificate does not name a subaccount and location")]
     Identity,
+    #[error("the new certificate is for subaccount {0} location {1:?}, not this connection's")]
+    OtherIdentity(String, String),
 }
 
 #[derive(Clone, Debug)]
@@ -116,7 +118,12 @@ pub struct TunnelStatus {
 
 pub struct Connector {
     config: Arc<ConnectorConfig>,
-    tls: tokio_rustls::TlsConnector,
+    /// Swapped by [`Connector::set_identity`]; each new tunnel connection takes the current one.
+    tls: std::sync::RwLock<tokio_rustls::TlsConnector>,
+    /// (subaccount, location id) the certificate names; a renewed one must name the same.
+    identity: (String, String),
+    /// Bumped on every certificate change: tunnels then reconnect with it and drain the old ones.
+    identity_generation: watch::Sender<u64>,
     server_name: rustls::pki_types::ServerName<'static>,
     status: watch::Sender<TunnelStatus>,
     backend: Arc<backend::Backend>,
@@ -130,13 +137,14 @@ pub struct Connector {
 impl Connector {
     /// Must be called inside a Tokio runtime (the audit writer starts here).
     pub fn new(config: ConnectorConfig) -> Result<Self, ConnectorError> {
-        let tls = ferry_core::tls::client_config(&config.ca_pem, Some(&config.identity), &[ferry_proto::tunnel::ALPN])?;
+        let tls = tunnel_tls(&config.ca_pem, &config.identity)?;
         let server_name = rustls::pki_types::ServerName::try_from(config.server_name.clone())
             .map_err(|_| ConnectorError::ServerName(config.server_name.clone()))?;
         let der = ferry_core::tls::parse_certs(&config.identity.cert_pem)?;
         let (subaccount, location) =
             der.first().and_then(|c| ferry_core::tls::connector_identity(c)).ok_or(ConnectorError::Identity)?;
         let audit = audit::AuditLog::start(&config.audit, &subaccount, &location)?;
+        let (subaccount, location) = (subaccount.clone(), location.clone());
         let backend_roots = Arc::new(ferry_core::tls::outbound_roots(config.backend_ca_pem.as_deref())?);
         let rules = Arc::new(LiveRules::new(config.rules.clone()));
         let backend = Arc::new(backend::Backend::new(
@@ -149,7 +157,9 @@ impl Connector {
         )?);
         Ok(Self {
             config: Arc::new(config),
-            tls: tokio_rustls::TlsConnector::from(tls),
+            tls: std::sync::RwLock::new(tokio_rustls::TlsConnector::from(tls)),
+            identity: (subaccount, location),
+            identity_generation: watch::channel(0).0,
             server_name,
             status: watch::channel(TunnelStatus::default()).0,
             backend,
@@ -168,6 +178,21 @@ impl Connector {
             0 => None,
             ms => Some(UNIX_EPOCH + Duration::from_millis(ms)),
         }
+    }
+
+    /// Renews the connection certificate without dropping traffic: every tunnel connection
+    /// dials anew with `identity`, and only once that one is up does the old connection drain
+    /// (HTTP/2 GOAWAY: the proxy opens no new streams on it, open ones finish).
+    pub fn set_identity(&self, identity: &CertifiedKey) -> Result<(), ConnectorError> {
+        let der = ferry_core::tls::parse_certs(&identity.cert_pem)?;
+        let named = der.first().and_then(|c| ferry_core::tls::connector_identity(c)).ok_or(ConnectorError::Identity)?;
+        if named != self.identity {
+            return Err(ConnectorError::OtherIdentity(named.0, named.1));
+        }
+        let tls = tunnel_tls(&self.config.ca_pem, identity)?;
+        *self.tls.write().unwrap_or_else(std::sync::PoisonError::into_inner) = tokio_rustls::TlsConnector::from(tls);
+        self.identity_generation.send_modify(|g| *g += 1);
+        Ok(())
     }
 
     /// Replaces the access rules; the next request is checked against them, tunnels stay up.
@@ -202,16 +227,25 @@ impl Connector {
                 let me = self.clone();
                 let sd = shutdown.clone();
                 let proxy = proxy.clone();
-                tasks.spawn(async move { me.keep_connected(proxy, slot, sd).await });
+                tasks.spawn(me.keep_connected(proxy, slot, sd));
             }
         }
         while tasks.join_next().await.is_some() {}
     }
 
-    async fn keep_connected(&self, proxy: String, slot: usize, shutdown: Shutdown) {
+    async fn keep_connected(self: Arc<Self>, proxy: String, slot: usize, shutdown: Shutdown) {
         let mut backoff = self.config.backoff_initial;
+        let mut generation = self.identity_generation.subscribe();
+        // After a certificate renewal: the connection being replaced, drained once its successor
+        // is up. Until then it keeps serving, so a failing dial with the new certificate drops
+        // nothing.
+        let mut retiring: Option<Shutdown> = None;
+        // Connections replaced after a renewal, awaited before returning so that `run` ends only
+        // once every tunnel has closed.
+        let mut draining: Vec<tokio::task::JoinHandle<()>> = Vec::new();
         while !shutdown.is_cancelled() {
             let started = Instant::now();
+            generation.mark_unchanged();
             match self.connect(&proxy).await {
                 Ok(io) => {
                     tracing::info!(slot, %proxy, "tunnel connected");
@@ -219,8 +253,26 @@ impl Connector {
                         s.connected += 1;
                         s.established += 1;
                     });
-                    self.serve(io, &shutdown).await;
-                    self.status.send_modify(|s| s.connected -= 1);
+                    if let Some(old) = retiring.take() {
+                        old.cancel();
+                    }
+                    let drain = shutdown.child_token();
+                    let (me, d) = (self.clone(), drain.clone());
+                    let mut conn = tokio::spawn(async move {
+                        me.serve(io, &d).await;
+                        me.status.send_modify(|s| s.connected -= 1);
+                    });
+                    let renewed = tokio::select! {
+                        _ = &mut conn => false,
+                        r = generation.changed() => r.is_ok(),
+                    };
+                    if renewed {
+                        tracing::info!(slot, %proxy, "connection certificate renewed: a new tunnel replaces this one");
+                        retiring = Some(drain);
+                        draining.retain(|h| !h.is_finished());
+                        draining.push(conn);
+                        continue;
+                    }
                     tracing::warn!(slot, %proxy, "tunnel disconnected");
                 }
                 Err(e) => tracing::warn!(slot, %proxy, error = %e, "tunnel connect failed"),
@@ -236,6 +288,9 @@ impl Connector {
             }
             backoff = (backoff * 2).min(self.config.backoff_max);
         }
+        for h in draining {
+            let _ = h.await;
+        }
     }
 
     async fn connect(&self, proxy: &str) -> std::io::Result<tokio_rustls::client::TlsStream<TcpStream>> {
@@ -243,12 +298,15 @@ impl Connector {
             .await
             .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "connect timed out"))??;
         tcp.set_nodelay(true)?;
-        tokio::time::timeout(Duration::from_secs(10), self.tls.connect(self.server_name.clone(), tcp))
+        let tls = self.tls.read().unwrap_or_else(std::sync::PoisonError::into_inner).clone();
+        tokio::time::timeout(Duration::from_secs(10), tls.connect(self.server_name.clone(), tcp))
             .await
             .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "TLS handshake timed out"))?
     }
 
-    async fn serve(&self, io: tokio_rustls::client::TlsStream<TcpStream>, shutdown: &Shutdown) {
+    /// Serves one tunnel connection until it ends or `drain` (a child of the connector's
+    /// shutdown) asks it to finish its open streams.
+    async fn serve(&self, io: tokio_rustls::client::TlsStream<TcpStream>, drain: &Shutdown) {
         use ferry_proto::tunnel::*;
         let backend = self.backend.clone();
         let service = hyper::service::service_fn(move |req| {
@@ -270,12 +328,22 @@ impl Connector {
         tokio::pin!(conn);
         tokio::select! {
             r = conn.as_mut() => if let Err(e) = r { tracing::debug!(error = %e, "tunnel connection error") },
-            _ = shutdown.cancelled() => {
+            _ = drain.cancelled() => {
                 conn.as_mut().graceful_shutdown();
                 let _ = tokio::time::timeout(Duration::from_secs(10), conn).await;
             }
         }
     }
+}
+
+/// TLS towards the proxy, without session resumption: a resumed TLS 1.3 session skips the client
+/// certificate, so an expired or replaced certificate would go on reconnecting on the strength of
+/// an old session. Tunnels reconnect rarely; a full handshake each time costs nothing that matters.
+fn tunnel_tls(ca_pem: &str, identity: &CertifiedKey) -> Result<Arc<rustls::ClientConfig>, ConnectorError> {
+    let base = ferry_core::tls::client_config(ca_pem, Some(identity), &[ferry_proto::tunnel::ALPN])?;
+    let mut cfg = (*base).clone();
+    cfg.resumption = rustls::client::Resumption::disabled();
+    Ok(Arc::new(cfg))
 }
 
 /// A tunnel connection that notes when the proxy last sent something (data or a PING ack).

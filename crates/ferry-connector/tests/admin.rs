@@ -628,3 +628,125 @@ async fn ldap_logon_maps_groups_to_roles() {
     assert_eq!(call_as(&api, "anna", "anna-pw", Method::GET, &conn, None).await, StatusCode::SERVICE_UNAVAILABLE);
     api.stop().await;
 }
+
+/// A backend whose first response stops after "hello" until `release` fires; later ones answer
+/// "helloworld" at once.
+async fn slow_backend(release: Arc<tokio::sync::Notify>) -> SocketAddr {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let l = ferry_testkit::listener().await;
+    let addr = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        let mut first = true;
+        while let Ok((mut s, _)) = l.accept().await {
+            let (slow, release) = (std::mem::replace(&mut first, false), release.clone());
+            tokio::spawn(async move {
+                let mut head = Vec::new();
+                let mut buf = [0u8; 1024];
+                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                    let Ok(n) = s.read(&mut buf).await else { return };
+                    if n == 0 {
+                        return;
+                    }
+                    head.extend_from_slice(&buf[..n]);
+                }
+                let _ = s.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 10\r\n\r\nhello").await;
+                if slow {
+                    release.notified().await;
+                }
+                let _ = s.write_all(b"world").await;
+            });
+        }
+    });
+    addr
+}
+
+#[tokio::test]
+async fn a_renewed_certificate_replaces_a_short_lived_one_without_dropping_a_request() {
+    let pair = TunnelPair::start().await;
+    let relay = ferry_testkit::CuttableRelay::start(pair.tunnel_addr).await;
+    let release = Arc::new(tokio::sync::Notify::new());
+    let backend = slow_backend(release.clone()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let api = Running::start(dir.path()).await;
+    api.change_initial_password().await;
+
+    // Enrolled with a certificate valid for a few seconds, through a relay the test can cut.
+    let issued = std::time::Instant::now();
+    let short = pair.ca.issue_connector_cert(SUBACCOUNT, "renew-loc", time::Duration::seconds(3)).unwrap();
+    let data = |id: &ferry_core::tls::CertifiedKey| {
+        json!({"subaccount": SUBACCOUNT, "location_id": "renew-loc", "certificate": id.cert_pem,
+               "key": id.key_pem.expose(), "ca": pair.ca.cert_pem(), "tunnel": relay.addr.to_string()})
+    };
+    let (s, b) = api
+        .admin_call(Method::POST, &format!("{CONF}/subaccounts"), Some(json!({"authenticationData": data(&short)})))
+        .await;
+    assert_eq!(s, StatusCode::CREATED, "{b}");
+    let sub = format!("{CONF}/subaccounts/{}/{SUBACCOUNT}", relay.addr);
+    let (s, b) = api
+        .admin_call(
+            Method::POST,
+            &format!("{sub}/systemMappings"),
+            Some(json!({"virtualHost": "slow.virtual", "virtualPort": 80, "localHost": "127.0.0.1",
+                        "localPort": backend.port(), "protocol": "HTTP", "authenticationMode": "NONE"})),
+        )
+        .await;
+    assert_eq!(s, StatusCode::CREATED, "{b}");
+    let res = json!({"id": "/", "enabled": true, "exactMatchOnly": false});
+    let (s, b) =
+        api.admin_call(Method::POST, &format!("{sub}/systemMappings/slow.virtual:80/resources"), Some(res)).await;
+    assert_eq!(s, StatusCode::CREATED, "{b}");
+    pair.wait_connected("renew-loc").await;
+
+    // A request is in flight (half its body sent) when the certificate is renewed.
+    let mut app = ProxyClient::connect(pair.http_addr).await;
+    let req = http::Request::get("http://slow.virtual/x")
+        .header("host", "slow.virtual")
+        .header("proxy-authorization", format!("Bearer {}", pair.token()))
+        .header("sap-connectivity-scc-location_id", "renew-loc")
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    let resp = app.sender.send_request(req).await.unwrap();
+    assert_eq!(resp.status(), 200);
+
+    let other = pair.ca.issue_connector_cert(SUBACCOUNT, "other-loc", time::Duration::days(1)).unwrap();
+    let (s, b) = api
+        .admin_call(Method::POST, &format!("{sub}/validity"), Some(json!({"authenticationData": data(&other)})))
+        .await;
+    assert_eq!(s, StatusCode::BAD_REQUEST, "a certificate of another location is refused: {b}");
+    let renewed = pair.ca.issue_connector_cert(SUBACCOUNT, "renew-loc", time::Duration::days(1)).unwrap();
+    let (s, b) = api
+        .admin_call(Method::POST, &format!("{sub}/validity"), Some(json!({"authenticationData": data(&renewed)})))
+        .await;
+    assert_eq!(s, StatusCode::OK, "{b}");
+    let connections = |v: &Value| v["subaccounts"][0]["tunnel"]["connections"].as_u64().unwrap();
+    eventually!(
+        "the new tunnel is up next to the draining one",
+        connections(&api.admin_call(Method::GET, "/api/monitoring/subaccounts", None).await.1) == 2
+    );
+    release.notify_one();
+    let body = resp.into_body().collect().await.unwrap().to_bytes();
+    assert_eq!(&body[..], b"helloworld", "the request in flight completes on the old tunnel");
+    eventually!(
+        "the old tunnel has drained",
+        connections(&api.admin_call(Method::GET, "/api/monitoring/subaccounts", None).await.1) == 1
+    );
+
+    // Once the first certificate has expired, a reconnect works only with the renewed one.
+    tokio::time::sleep(Duration::from_secs(4).saturating_sub(issued.elapsed())).await;
+    let tunnel = |v: Value| v["subaccounts"][0]["tunnel"].clone();
+    let before = tunnel(api.admin_call(Method::GET, "/api/monitoring/subaccounts", None).await.1);
+    relay.cut();
+    // A new streak of connections starts only if the reconnect's TLS handshake succeeds.
+    eventually!("reconnected after the cut", {
+        let now = tunnel(api.admin_call(Method::GET, "/api/monitoring/subaccounts", None).await.1);
+        now["connections"] == 1 && now["connectedSinceTimeStamp"].as_u64() > before["connectedSinceTimeStamp"].as_u64()
+    });
+    pair.wait_connected("renew-loc").await;
+    let mut app = ProxyClient::connect(pair.http_addr).await;
+    assert_eq!(app.get(&pair, "renew-loc", "http://slow.virtual/y").await, 200);
+
+    // The renewed certificate is what a restart uses.
+    api.stop().await;
+    let stored = std::fs::read_to_string(dir.path().join("scc-config.json")).unwrap();
+    assert!(stored.contains(renewed.cert_pem.trim().lines().nth(1).unwrap()), "the new certificate is stored");
+}
