@@ -571,6 +571,8 @@ async fn ldap_logon_maps_groups_to_roles() {
         "dn: uid=anna,ou=people,{SUFFIX}\nobjectClass: inetOrgPerson\nuid: anna\ncn: Anna\nsn: A\nuserPassword: anna-pw\n\n\
          dn: uid=dora,ou=people,{SUFFIX}\nobjectClass: inetOrgPerson\nuid: dora\ncn: Dora\nsn: D\nuserPassword: dora-pw\n\n\
          dn: uid=nick,ou=people,{SUFFIX}\nobjectClass: inetOrgPerson\nuid: nick\ncn: Nick\nsn: N\nuserPassword: nick-pw\n\n\
+         dn: uid=mona,ou=people,{SUFFIX}\nobjectClass: inetOrgPerson\nuid: mona\ncn: Mona\nsn: M\nuserPassword: mona-pw\n\n\
+         dn: cn=sccmonitoring,ou=groups,{SUFFIX}\nobjectClass: groupOfNames\ncn: sccmonitoring\nmember: uid=mona,ou=people,{SUFFIX}\n\n\
          dn: cn=connector-admins,ou=groups,{SUFFIX}\nobjectClass: groupOfNames\ncn: connector-admins\nmember: uid=anna,ou=people,{SUFFIX}\n\n\
          dn: cn=sccdisplay,ou=groups,{SUFFIX}\nobjectClass: groupOfNames\ncn: sccdisplay\nmember: uid=dora,ou=people,{SUFFIX}\n"
     ));
@@ -612,6 +614,15 @@ async fn ldap_logon_maps_groups_to_roles() {
     assert_eq!(call_as(&api, "dora", "dora-pw", Method::GET, &conn, None).await, StatusCode::OK, "display reads");
     assert_eq!(call_as(&api, "dora", "dora-pw", Method::PUT, &conn, change.clone()).await, StatusCode::FORBIDDEN);
     assert_eq!(call_as(&api, "nick", "nick-pw", Method::GET, &conn, None).await, StatusCode::FORBIDDEN, "no group");
+    let mon = "/api/monitoring/subaccounts";
+    assert_eq!(call_as(&api, "mona", "mona-pw", Method::GET, mon, None).await, StatusCode::OK, "monitoring role");
+    assert_eq!(call_as(&api, "mona", "mona-pw", Method::GET, &conn, None).await, StatusCode::FORBIDDEN);
+    assert_eq!(call_as(&api, "nick", "nick-pw", Method::GET, mon, None).await, StatusCode::FORBIDDEN);
+    // Her API session does not open the web UI's pages either.
+    let r = api.req(Method::GET, mon).basic_auth("mona", Some("mona-pw")).send().await.unwrap();
+    let session = r.headers()["set-cookie"].to_str().unwrap().split(';').next().unwrap().to_owned();
+    let page = api.req(Method::GET, "/ui/overview").header("cookie", session).send().await.unwrap();
+    assert_eq!(page.status(), StatusCode::FORBIDDEN);
     assert_eq!(
         call_as(&api, "Administrator", NEW_PASSWORD, Method::GET, &conn, None).await,
         StatusCode::UNAUTHORIZED,

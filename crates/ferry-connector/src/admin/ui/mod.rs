@@ -50,6 +50,8 @@ pub(super) struct Ctx {
 }
 
 const SESSION: &str = "JSESSIONID";
+/// A read every role but `sccmonitoring` may do: who may see the pages.
+const VIEW_CHECK: &str = "/api/v1/configuration/connector";
 
 pub(super) fn router(admin: Arc<Admin>) -> Router {
     let ui = Arc::new(Ui { admin, flash: Mutex::new(HashMap::new()), monitor: charts::Monitor::default() });
@@ -118,6 +120,11 @@ impl Ui {
         };
         if !allow_initial && self.admin.state.lock().await.admin.initial_password {
             return Err(redirect("/ui/password"));
+        }
+        // The pages show configuration: monitoring-only users (sccmonitoring) have the API.
+        if !roles.allow(&Method::GET, VIEW_CHECK) {
+            let body = "<p class=\"error\">Your user may use the monitoring API only, not these pages.</p>";
+            return Err(page(StatusCode::FORBIDDEN, "Not permitted", None, None, body));
         }
         Ok(Ctx { sid, user, csrf, roles })
     }
@@ -347,13 +354,13 @@ async fn login(
             );
         }
     };
-    if roles.0.is_empty() {
+    if !roles.allow(&Method::GET, VIEW_CHECK) {
         return login_form(
             user,
             Some((
                 false,
-                "Your user has none of the connector's roles (sccadmin, sccsubadmin, sccsupport, sccdisplay, \
-                 sccmonitoring): ask your administrator for one.",
+                "Your user has none of the connector's roles for these pages (sccadmin, sccsubadmin, sccsupport, \
+                 sccdisplay): ask your administrator for one.",
             )),
             StatusCode::FORBIDDEN,
         );
