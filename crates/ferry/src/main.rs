@@ -105,7 +105,8 @@ enum ConnectorCmd {
     },
     /// Check the hash chain of audit log files; exits non-zero naming the first changed line.
     AuditVerify {
-        /// Audit log files (`audit-log_<date>.csv`).
+        /// Audit log files (`audit-log.jsonl`, rotated `audit-log_<time>.jsonl`) of one
+        /// folder, or the folder: checked as one chain across the rotated files.
         #[arg(required = true)]
         files: Vec<std::path::PathBuf>,
     },
@@ -134,18 +135,26 @@ fn main() -> anyhow::Result<()> {
         }
         Command::Connector { cmd: ConnectorCmd::Run { config } } => rt.block_on(standalone::connector(&config)),
         Command::Connector { cmd: ConnectorCmd::AuditVerify { files } } => {
-            let mut bad = 0;
-            for f in &files {
-                match ferry_connector::audit::verify_file(f) {
-                    Ok(n) => println!("{}: ok, {n} entries", f.display()),
-                    Err(e) => {
-                        println!("{}: {e}", f.display());
-                        bad += 1;
-                    }
+            let mut set = Vec::new();
+            for f in files {
+                if f.is_dir() {
+                    set.extend(ferry_connector::audit::log_files(&f));
+                } else {
+                    set.push(f);
                 }
             }
-            anyhow::ensure!(bad == 0, "{bad} audit log file(s) failed verification");
-            Ok(())
+            match ferry_connector::audit::verify_set(&set) {
+                Ok(counts) => {
+                    for (f, n) in counts {
+                        println!("{}: ok, {n} entries", f.display());
+                    }
+                    Ok(())
+                }
+                Err((f, e)) => {
+                    println!("{}: {e}", f.display());
+                    anyhow::bail!("the audit log failed verification")
+                }
+            }
         }
         Command::Proxy { config } => rt.block_on(standalone::proxy(&config)),
         Command::TransparentProxy { config } => user_error(rt.block_on(transparent_proxy::run(&config))),

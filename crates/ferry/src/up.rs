@@ -445,7 +445,11 @@ pub async fn up(args: UpArgs) -> anyhow::Result<()> {
             identity,
             AccessRules::new(c.mappings.clone()),
         );
-        cc.audit = ferry_connector::audit::AuditConfig { level: c.audit_level, dir: Some(dir.join("audit")) };
+        cc.audit = ferry_connector::audit::AuditConfig {
+            level: c.audit_level,
+            dir: Some(dir.join("audit")),
+            ..Default::default()
+        };
         cc.backend_ca_pem = backend_ca_pem;
         cc.system_certificate = system_certificate;
         cc.principal_propagation = Some(Arc::new(pp));
