@@ -98,6 +98,10 @@ refuse ferry-transparent-proxy "must be empty or the release namespace" \
   --set 'config.integration.destinationService.instances[0].name=default' \
   --set 'config.integration.destinationService.instances[0].serviceCredentials.secretName=s' \
   --set 'config.integration.destinationService.instances[0].serviceCredentials.secretNamespace=other'
+refuse ferry-transparent-proxy "must name the Secret key holding the service key JSON" \
+  --set 'config.integration.destinationService.instances[0].name=default' \
+  --set 'config.integration.destinationService.instances[0].serviceCredentials.secretName=s' \
+  --set 'config.integration.destinationService.instances[0].serviceCredentials.secretKey='
 refuse ferry-cloud-connector "config.connection.proxies must be empty with config.highAvailability.enabled" \
   --set 'config.connection.proxies[0]=proxy:8042'
 refuse ferry-cloud-connector "config.auditLevel must be OFF, SECURITY or ALL" --set config.auditLevel=some
