@@ -47,6 +47,8 @@ pub async fn controller(args: ControllerArgs) -> anyhow::Result<()> {
     ferry_core::init_crypto();
     let config = ferry_k8s::Config::load(&args.config)?;
     let destinations = ferry_client::Client::from_env().context("the controller needs a destination binding")?;
+    // Without one every reconcile would fail and back off forever; say so at start instead.
+    destinations.bindings().destination().context("the controller needs a destination binding")?;
     let client = kube::Client::try_default()
         .await
         .context("cannot configure the Kubernetes client (in-cluster service account or KUBECONFIG)")?;
