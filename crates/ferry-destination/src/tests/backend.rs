@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::Router;
-use axum::http::{HeaderMap, StatusCode};
+use axum::http::{HeaderMap, Method, StatusCode};
 use base64::Engine;
 use ferry_auth::token_service::{self, Listeners, OAuthClient, Tenant, TokenService, TokenServiceConfig, User};
 use ferry_auth::{KeySet, TrustedIssuer, Verifier};
@@ -41,6 +41,7 @@ struct Stack {
     base: String,
     https_base: String,
     app_cert: CertifiedKey,
+    ca_pem: String,
     service_token: String,
     backend: String,
     http: reqwest::Client,
@@ -115,6 +116,7 @@ impl Stack {
             base,
             https_base: format!("https://{https_addr}"),
             app_cert,
+            ca_pem: ca.cert_pem().to_owned(),
             service_token: String::new(),
             backend,
             http,
@@ -137,6 +139,20 @@ impl Stack {
         let r = self.http.post(self.token_url()).basic_auth(client, Some(secret)).form(form).send().await.unwrap();
         assert_eq!(r.status(), StatusCode::OK);
         r.json().await.unwrap()
+    }
+
+    /// A call to the Destination Service with the service's own token.
+    async fn call(&self, method: Method, uri: String, body: Option<Value>) -> super::Resp {
+        self.env.call(method, &uri, Some(&self.service_token), body).await
+    }
+
+    /// Stores sb-app's certificate and key as the PEM keystore `app.pem`.
+    async fn upload_app_keystore(&self) {
+        let pem = format!("{}{}", self.app_cert.cert_pem, self.app_cert.key_pem.expose());
+        let cert = json!({"Name": "app.pem", "Type": "PEM", "Content": b64(&pem)});
+        let url = format!("{V1}/subaccountCertificates");
+        let r = self.env.call(Method::POST, &url, Some(&self.service_token), Some(cert)).await;
+        assert_eq!(r.status, StatusCode::CREATED, "{}", r.text);
     }
 
     /// A destination of `auth` with the token service and client `sb-app`, plus `extra`.
@@ -259,13 +275,7 @@ async fn client_credentials() {
 #[tokio::test]
 async fn client_credentials_over_mtls() {
     let s = Stack::start().await;
-    let pem = format!("{}{}", s.app_cert.cert_pem, s.app_cert.key_pem.expose());
-    let cert = json!({"Name": "app.pem", "Type": "PEM", "Content": b64(&pem)});
-    let r = s
-        .env
-        .call(axum::http::Method::POST, &format!("{V1}/subaccountCertificates"), Some(&s.service_token), Some(cert))
-        .await;
-    assert_eq!(r.status, StatusCode::CREATED, "{}", r.text);
+    s.upload_app_keystore().await;
     let url = format!("{}/oauth/token", s.https_base);
     s.create(
         "mtls",
@@ -274,6 +284,10 @@ async fn client_credentials_over_mtls() {
     )
     .await;
     let who = s.use_at_backend("mtls", &[]).await;
+    // The token service's keystore stays with the service, unless the caller runs the flow.
+    let find = |query: &'static str| s.call(Method::GET, format!("{V1}/destinations/mtls{query}"), None);
+    assert!(find("").await.json.get("certificates").is_none());
+    assert_eq!(find("?$skipTokenRetrieval=true").await.json["certificates"][0]["Name"], "app.pem");
     assert_eq!((who["client_id"].as_str(), who["grant_type"].as_str()), (Some("sb-app"), Some("client_credentials")));
     // Without the certificate the same client has nothing to authenticate with.
     s.create("no-cert", "OAuth2ClientCredentials", json!({"tokenServiceURL": url, "clientSecret": null})).await;
@@ -378,4 +392,56 @@ async fn technical_user_propagation() {
     assert_eq!(r.json["authTokens"][0]["http_header"]["key"], TECHNICAL_HEADER, "{}", r.text);
     let who = s.use_at_backend("tu", &[]).await;
     assert_eq!((who["client_id"].as_str(), who["grant_type"].as_str()), (Some("sb-app"), Some("client_credentials")));
+}
+
+/// ClientCertificateAuthentication has no token: find hands out the keystore of
+/// `KeyStoreLocation`, and the application presents it in the TLS handshake. The backend is the
+/// token service's HTTPS listener, which gives sb-app a token for `client_id` alone, no secret,
+/// only when the handshake proved sb-app's certificate.
+#[tokio::test]
+async fn client_certificate_authentication() {
+    let s = Stack::start().await;
+    s.upload_app_keystore().await;
+    let url = format!("{}/oauth/token", s.https_base);
+    s.create(
+        "cert",
+        "ClientCertificateAuthentication",
+        json!({"URL": url, "KeyStoreLocation": "app.pem", "tokenServiceURL": null, "tokenServiceURLType": null,
+               "clientId": null, "clientSecret": null}),
+    )
+    .await;
+    let r = s.env.find(&s.service_token, "cert", &[]).await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text);
+    assert!(r.json.get("authTokens").is_none_or(|t| t.as_array().is_some_and(Vec::is_empty)), "{}", r.text);
+    let keystore = &r.json["certificates"][0];
+    assert_eq!(keystore["Name"], "app.pem", "{}", r.text);
+    let content = base64::engine::general_purpose::STANDARD.decode(keystore["Content"].as_str().unwrap()).unwrap();
+    let pem = String::from_utf8(content).unwrap();
+    assert!(pem.contains("PRIVATE KEY"), "the keystore, key included");
+    let url_of = |query: &str| format!("{V1}/destinations/cert{query}");
+    let skipped = s.call(Method::GET, url_of("?$skipCredentials=true"), None).await;
+    assert!(skipped.json.get("certificates").is_none(), "{}", skipped.text);
+
+    let presenting = |with_certificate: bool| {
+        let roots = ferry_core::tls::outbound_roots(Some(&s.ca_pem)).unwrap();
+        let builder = rustls::ClientConfig::builder().with_root_certificates(roots);
+        let tls = if with_certificate {
+            let certs = ferry_core::tls::parse_certs(&pem).unwrap();
+            let key = ferry_core::tls::parse_key(&pem).unwrap();
+            builder.with_client_auth_cert(certs, key).unwrap()
+        } else {
+            builder.with_no_client_auth()
+        };
+        reqwest::Client::builder().use_preconfigured_tls(tls).build().unwrap()
+    };
+    let target = r.json["destinationConfiguration"]["URL"].as_str().unwrap();
+    let form = [("grant_type", "client_credentials"), ("client_id", "sb-app")];
+    let answer = presenting(true).post(target).form(&form).send().await.unwrap();
+    assert_eq!(answer.status(), StatusCode::OK);
+    let answer: Value = answer.json().await.unwrap();
+    let who = s.http.get(&s.backend).bearer_auth(answer["access_token"].as_str().unwrap()).send().await.unwrap();
+    assert_eq!(who.status(), StatusCode::OK);
+    // The server checks: the same request without the certificate is refused.
+    let refused = presenting(false).post(target).form(&form).send().await.unwrap();
+    assert_eq!(refused.status(), StatusCode::UNAUTHORIZED);
 }
