@@ -1137,7 +1137,7 @@ struct FindResponse<'a> {
     #[serde(rename = "authTokens", skip_serializing_if = "Option::is_none")]
     auth_tokens: Option<Vec<AuthToken>>,
     #[serde(skip_serializing_if = "Option::is_none")]
-    certificates: Option<Vec<Certificate>>,
+    certificates: Option<Vec<serde_json::Value>>,
 }
 
 #[derive(Serialize)]
@@ -1534,7 +1534,7 @@ async fn consume(
         body["authTokens"] = serde_json::to_value(tokens).unwrap_or_default();
     }
     if let Some(certificates) = found_certificates(&s, &key, &destination, query.as_deref()).await? {
-        body["certificates"] = serde_json::to_value(certificates).unwrap_or_default();
+        body["certificates"] = certificates.into();
     }
     Ok(respond_with_etag(&headers, &destination, Json(body).into_response()))
 }
@@ -1553,7 +1553,7 @@ async fn found_certificates(
     key: &RowKey,
     destination: &Destination,
     query: Option<&str>,
-) -> Result<Option<Vec<Certificate>>, ApiError> {
+) -> Result<Option<Vec<serde_json::Value>>, ApiError> {
     if query_flag(query, "$skipCredentials") {
         return Ok(None);
     }
@@ -1572,9 +1572,14 @@ async fn found_certificates(
             let row = Scope { subaccount: key.scope.subaccount.clone(), level, kind: Kind::Certificate }.row(name);
             if let Some(stored) = s.load::<Certificate>(&row).await? {
                 // A generated entry without stored content has nothing to hand out.
-                if stored.destination.content.is_some() {
-                    found.push(stored.destination);
+                let cert = stored.destination;
+                let Some(content) = cert.content else { break };
+                // SAP's schema types `Type` as a string: an upload without one goes out without it.
+                let mut entry = json!({"Name": cert.name, "Content": content});
+                if let Some(kind) = cert.kind {
+                    entry["Type"] = kind.into();
                 }
+                found.push(entry);
                 break;
             }
         }

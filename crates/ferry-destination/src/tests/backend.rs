@@ -402,11 +402,15 @@ async fn technical_user_propagation() {
 async fn client_certificate_authentication() {
     let s = Stack::start().await;
     s.upload_app_keystore().await;
+    // The trust store, uploaded without a Type.
+    let ca = json!({"Name": "ca.pem", "Content": b64(&s.ca_pem)});
+    let r = s.call(Method::POST, format!("{V1}/subaccountCertificates"), Some(ca)).await;
+    assert_eq!(r.status, StatusCode::CREATED, "{}", r.text);
     let url = format!("{}/oauth/token", s.https_base);
     s.create(
         "cert",
         "ClientCertificateAuthentication",
-        json!({"URL": url, "KeyStoreLocation": "app.pem", "tokenServiceURL": null, "tokenServiceURLType": null,
+        json!({"URL": url, "KeyStoreLocation": "app.pem", "TrustStoreLocation": "ca.pem", "tokenServiceURL": null, "tokenServiceURLType": null,
                "clientId": null, "clientSecret": null}),
     )
     .await;
@@ -414,7 +418,10 @@ async fn client_certificate_authentication() {
     assert_eq!(r.status, StatusCode::OK, "{}", r.text);
     assert!(r.json.get("authTokens").is_none_or(|t| t.as_array().is_some_and(Vec::is_empty)), "{}", r.text);
     let keystore = &r.json["certificates"][0];
-    assert_eq!(keystore["Name"], "app.pem", "{}", r.text);
+    assert_eq!((keystore["Name"].as_str(), keystore["Type"].as_str()), (Some("app.pem"), Some("PEM")), "{}", r.text);
+    let truststore = r.json["certificates"][1].as_object().unwrap();
+    assert_eq!(truststore["Name"], "ca.pem");
+    assert!(!truststore.contains_key("Type"), "SAP's schema has no null Type: {}", r.text);
     let content = base64::engine::general_purpose::STANDARD.decode(keystore["Content"].as_str().unwrap()).unwrap();
     let pem = String::from_utf8(content).unwrap();
     assert!(pem.contains("PRIVATE KEY"), "the keystore, key included");
