@@ -1136,6 +1136,8 @@ struct FindResponse<'a> {
     destination_configuration: &'a Destination,
     #[serde(rename = "authTokens", skip_serializing_if = "Option::is_none")]
     auth_tokens: Option<Vec<AuthToken>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    certificates: Option<Vec<serde_json::Value>>,
 }
 
 #[derive(Serialize)]
@@ -1249,11 +1251,13 @@ async fn find(
     let (destination, _) = apply_fragments(&s, &key, stored.destination, &headers, None).await?;
     let (destination, auth_tokens) =
         finish(&s, &caller, &key, destination, query.as_deref(), &headers, chain.as_ref()).await?;
+    let certificates = found_certificates(&s, &key, &destination, query.as_deref()).await?;
     let etag = if as_stored { Some(stored.etag) } else { crate::etag_of(&destination) };
     let body = FindResponse {
         owner: Owner { subaccount_id: &key.scope.subaccount, instance_id: key.scope.instance_id() },
         destination_configuration: &destination,
         auth_tokens,
+        certificates,
     };
     let response = Json(body).into_response();
     Ok(match etag {
@@ -1529,11 +1533,59 @@ async fn consume(
     if let Some(tokens) = auth_tokens {
         body["authTokens"] = serde_json::to_value(tokens).unwrap_or_default();
     }
+    if let Some(certificates) = found_certificates(&s, &key, &destination, query.as_deref()).await? {
+        body["certificates"] = certificates.into();
+    }
     Ok(respond_with_etag(&headers, &destination, Json(body).into_response()))
 }
 
 /// The certificate-store properties a destination may name.
 const CERTIFICATE_PROPERTIES: [&str; 3] = ["KeyStoreLocation", "TrustStoreLocation", "tokenService.KeyStoreLocation"];
+
+/// SPEC §1.4: the keystore and trust store a found destination names, with their content, as
+/// SAP's service sends them (`certificates`): SAP's SDKs present a ClientCertificateAuthentication
+/// keystore from this answer without another call. The token service's keystore goes out only
+/// when the caller runs the token flow itself (`$skipTokenRetrieval`); none with
+/// `$skipCredentials`, since a keystore is a credential. Each is read where a token flow would
+/// read it: the destination's level, else its subaccount's.
+async fn found_certificates(
+    s: &DestinationService,
+    key: &RowKey,
+    destination: &Destination,
+    query: Option<&str>,
+) -> Result<Option<Vec<serde_json::Value>>, ApiError> {
+    if query_flag(query, "$skipCredentials") {
+        return Ok(None);
+    }
+    let token_keystore = query_flag(query, "$skipTokenRetrieval").then_some("tokenService.KeyStoreLocation");
+    let mut names: Vec<&str> = Vec::new();
+    for name in
+        ["KeyStoreLocation", "TrustStoreLocation"].into_iter().chain(token_keystore).filter_map(|p| destination.get(p))
+    {
+        if !name.is_empty() && !names.contains(&name) {
+            names.push(name);
+        }
+    }
+    let mut found = Vec::new();
+    for name in names {
+        for level in [key.scope.level.clone(), Level::Subaccount] {
+            let row = Scope { subaccount: key.scope.subaccount.clone(), level, kind: Kind::Certificate }.row(name);
+            if let Some(stored) = s.load::<Certificate>(&row).await? {
+                // A generated entry without stored content has nothing to hand out.
+                let cert = stored.destination;
+                let Some(content) = cert.content else { break };
+                // SAP's schema types `Type` as a string: an upload without one goes out without it.
+                let mut entry = json!({"Name": cert.name, "Content": content});
+                if let Some(kind) = cert.kind {
+                    entry["Type"] = kind.into();
+                }
+                found.push(entry);
+                break;
+            }
+        }
+    }
+    Ok((!found.is_empty()).then_some(found))
+}
 
 /// The stored certificates the destination names, each where a token flow would read it: on the
 /// destination's level, else on its subaccount's level.

@@ -7,6 +7,7 @@
 //! `postgres_storage` is PostgreSQL's.
 
 mod api;
+mod backend;
 mod certificates;
 mod chain;
 mod concurrency;
