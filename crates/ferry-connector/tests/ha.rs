@@ -5,13 +5,15 @@
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use base64::Engine;
 use bytes::Bytes;
 use ferry_connector::admin::{Admin, AdminConfig};
 use ferry_core::Shutdown;
-use ferry_testkit::{EchoBackend, SUBACCOUNT, TunnelPair};
+use ferry_testkit::{CuttableRelay, EchoBackend, SUBACCOUNT, TunnelPair};
 use http_body_util::{BodyExt, Full};
 use hyper_util::rt::TokioIo;
 use reqwest::{Method, StatusCode};
@@ -160,9 +162,23 @@ where
 async fn pair_up(pair: &TunnelPair, backend: SocketAddr, mdir: &Path, sdir: &Path) -> (Node, Node) {
     let master = Node::start(mdir, 0).await;
     let shadow = Node::start(sdir, 0).await;
+    pair_nodes(pair, backend, &master, &shadow, master.port, None).await;
+    (master, shadow)
+}
+
+/// Pairs two started nodes; the shadow reaches the master on `master_port` and names
+/// `shadow_port` (default: its own) as the port the master reaches it on.
+async fn pair_nodes(
+    pair: &TunnelPair,
+    backend: SocketAddr,
+    master: &Node,
+    shadow: &Node,
+    master_port: u16,
+    shadow_port: Option<u16>,
+) {
     master.init_password().await;
     shadow.init_password().await;
-    add_subaccount(&master, pair).await;
+    add_subaccount(master, pair).await;
     let maps = format!("{}/systemMappings", sub_path(pair));
     let (s, b) = master.call(Method::POST, &maps, Some(mapping("erp.virtual", backend))).await;
     assert_eq!(s, StatusCode::CREATED, "{b}");
@@ -188,7 +204,8 @@ async fn pair_up(pair: &TunnelPair, backend: SocketAddr, mdir: &Path, sdir: &Pat
         .call(
             Method::PUT,
             &format!("{HA}/shadow/config"),
-            Some(json!({"masterHost": "127.0.0.1", "masterPort": master.port, "ownHost": "127.0.0.1",
+            Some(json!({"masterHost": "127.0.0.1", "masterPort": master_port, "ownHost": "127.0.0.1",
+                        "haPort": shadow_port,
                         "checkIntervalInSeconds": 0.2, "takeoverDelayInSeconds": 0.6,
                         "connectTimeoutInMillis": 500, "requestTimeoutInMillis": 1000})),
         )
@@ -208,7 +225,6 @@ async fn pair_up(pair: &TunnelPair, backend: SocketAddr, mdir: &Path, sdir: &Pat
     wait_for("shadow READY", Duration::from_secs(20), || async { shadow.shadow_state().await == "READY" }).await;
     wait_for("master CONNECTED", Duration::from_secs(20), || async { master.master_state().await == "CONNECTED" })
         .await;
-    (master, shadow)
 }
 
 #[tokio::test]
@@ -375,4 +391,86 @@ async fn shadow_takes_over_the_old_master_returns_as_shadow_and_switch_over_move
     assert_eq!(old.exposed("hasMasterRole").await.1, "true");
     shadow.stop().await;
     old.stop().await;
+}
+
+#[tokio::test]
+async fn a_partition_between_master_and_shadow_leaves_exactly_one_serving_at_the_proxy() {
+    let pair = TunnelPair::start().await;
+    let backend = EchoBackend::start().await;
+    let (mdir, sdir) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let master = Node::start(mdir.path(), 0).await;
+    let shadow = Node::start(sdir.path(), 0).await;
+    // The HA link in both directions runs through relays; the tunnels to the proxy do not.
+    let to_master = CuttableRelay::start(([127, 0, 0, 1], master.port).into()).await;
+    let to_shadow = CuttableRelay::start(([127, 0, 0, 1], shadow.port).into()).await;
+    pair_nodes(&pair, backend.addr, &master, &shadow, to_master.addr.port(), Some(to_shadow.addr.port())).await;
+    let uri = "http://erp.virtual:80/p";
+    wait_for("requests through the master", Duration::from_secs(20), || async {
+        get_via_proxy(&pair, uri).await == Some(200)
+    })
+    .await;
+
+    // Samples the proxy's registry throughout: the live tunnels of the slot never belong to two
+    // instances (two fences) at once.
+    let registry = pair.proxy.registry();
+    let stop = Arc::new(AtomicBool::new(false));
+    let watcher = {
+        let (registry, stop) = (registry.clone(), stop.clone());
+        tokio::spawn(async move {
+            let (mut samples, mut most, mut seen) = (0u64, 0usize, std::collections::BTreeSet::new());
+            while !stop.load(Ordering::SeqCst) {
+                let serving = registry.serving(SUBACCOUNT, "");
+                most = most.max(serving.len());
+                seen.extend(serving.into_iter().map(|f| f.epoch));
+                samples += 1;
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+            (samples, most, seen)
+        })
+    };
+    let before = registry.serving(SUBACCOUNT, "");
+    assert_eq!(before.len(), 1, "{before:?}");
+
+    // Partition: each side thinks the other is gone; the shadow takes over, the master (which
+    // never steps down for silence) still calls itself master — and still reaches the proxy.
+    to_master.partition();
+    to_shadow.partition();
+    wait_for("the shadow takes over", Duration::from_secs(30), || async {
+        shadow.exposed("hasMasterRole").await.1 == "true"
+    })
+    .await;
+    assert_eq!(master.exposed("hasMasterRole").await.1, "true", "the partition left two masters");
+    wait_for("the new master serves the slot", Duration::from_secs(30), || async {
+        registry.serving(SUBACCOUNT, "").first().is_some_and(|f| f.epoch > before[0].epoch)
+    })
+    .await;
+    let after = registry.serving(SUBACCOUNT, "");
+    for i in 0..20 {
+        assert_eq!(get_via_proxy(&pair, &format!("{uri}{i}")).await, Some(200));
+        assert_eq!(registry.serving(SUBACCOUNT, ""), after, "only the new master serves during the partition");
+    }
+    // The old master's tunnels stay closed: its reconnects are refused (it learns so in the
+    // hello and stops dialling).
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(registry.serving(SUBACCOUNT, ""), after);
+
+    // Healed: the old master meets a master with a higher epoch and becomes its shadow.
+    to_master.heal();
+    to_shadow.heal();
+    wait_for("the old master steps down", Duration::from_secs(30), || async {
+        master.exposed("hasMasterRole").await.1 == "false"
+    })
+    .await;
+    wait_for("the old master READY as shadow", Duration::from_secs(30), || async {
+        master.shadow_state().await == "READY"
+    })
+    .await;
+    assert_eq!(get_via_proxy(&pair, uri).await, Some(200));
+    stop.store(true, Ordering::SeqCst);
+    let (samples, most, seen) = watcher.await.unwrap();
+    println!("registry sampled {samples} times during the partition test; epochs seen {seen:?}");
+    assert_eq!(most, 1, "two instances served the same tunnel slot at once");
+    assert_eq!(seen.len(), 2, "the samples covered both masters: {seen:?}");
+    shadow.stop().await;
+    master.stop().await;
 }

@@ -303,6 +303,9 @@ impl Admin {
             dir: Some(self.config.audit_dir.clone().unwrap_or_else(|| self.config.data_dir.join("audit"))),
         };
         cc.principal_propagation = self.principal(scc);
+        // Read at every (re)connect: a promotion stores the raised epoch before it connects.
+        let ha = self.ha.file();
+        cc.fence = Some(ferry_proto::tunnel::Fence { epoch: ha.epoch, node: ha.node });
         Ok(cc)
     }
 
