@@ -173,15 +173,22 @@ impl HaFile {
         let path = store.dir().join(HA_FILE);
         match std::fs::read(&path) {
             Ok(b) => serde_json::from_slice(&b).map_err(|e| store::StoreError::Parse(path, e)),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Self {
-                role: Role::Master,
-                epoch: 1,
-                node: random_secret(),
-                master: MasterConfig::default(),
-                shadow: ShadowConfig::default(),
-                peer: None,
-                synced: true,
-            }),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                // Stored at once: the proxy fences by (epoch, node), so a restart must present
+                // the same pair, and a fresh install (epoch = now) outranks an older instance
+                // of its subaccount and location id, as a promotion does.
+                let f = Self {
+                    role: Role::Master,
+                    epoch: now_epoch(),
+                    node: random_secret(),
+                    master: MasterConfig::default(),
+                    shadow: ShadowConfig::default(),
+                    peer: None,
+                    synced: true,
+                };
+                f.save(store)?;
+                Ok(f)
+            }
             Err(e) => Err(store::StoreError::Io(path, e)),
         }
     }
@@ -228,6 +235,11 @@ pub enum HaError {
     Unpaired,
     #[error("{0}")]
     State(String),
+}
+
+/// Milliseconds since the Unix epoch: the epoch of a new instance and the floor of a promotion.
+fn now_epoch() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(1)
 }
 
 pub(crate) fn random_secret() -> String {
@@ -836,7 +848,9 @@ impl Admin {
         let seen = self.ha.master_epoch.load(Ordering::SeqCst);
         let f = self.ha.update_file(&self.store, |f| {
             f.role = Role::Master;
-            f.epoch = f.epoch.max(seen) + 1;
+            // Above the replaced master's epoch whatever the clocks say; the time keeps epochs
+            // of instances that never met (reinstalls) in the order they became master.
+            f.epoch = (f.epoch.max(seen) + 1).max(now_epoch());
             // The old master becomes the peer to watch; it comes back as shadow.
             if let Some(p) = f.peer.as_mut() {
                 p.host = f.shadow.master_host.clone();

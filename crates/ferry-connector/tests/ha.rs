@@ -474,3 +474,88 @@ async fn a_partition_between_master_and_shadow_leaves_exactly_one_serving_at_the
     shadow.stop().await;
     master.stop().await;
 }
+
+#[tokio::test]
+async fn the_ha_page_edits_the_settings_with_csrf_and_says_what_to_fix() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = Node::start(dir.path(), 0).await;
+    node.init_password().await;
+    let browser = reqwest::Client::builder()
+        .use_preconfigured_tls(ferry_core::tls::outbound_client_config(Some(&node.ca)).unwrap())
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .unwrap();
+    let r = browser
+        .post(format!("{}/ui/login", node.base))
+        .form(&[("user", "Administrator"), ("password", PW)])
+        .send()
+        .await
+        .unwrap();
+    let cookie = r.headers()["set-cookie"].to_str().unwrap().split(';').next().unwrap().to_owned();
+    let get = |path: &str| browser.get(format!("{}{path}", node.base)).header("cookie", &cookie).send();
+    let post = |path: &str, form: Vec<(&str, &str)>| {
+        let form: Vec<(String, String)> = form.into_iter().map(|(k, v)| (k.to_owned(), v.to_owned())).collect();
+        browser.post(format!("{}{path}", node.base)).header("cookie", &cookie).form(&form).send()
+    };
+    let page = get("/ui/ha").await.unwrap().text().await.unwrap();
+    assert!(page.contains("id=\"ha-shadow\"") && page.contains("id=\"ha-master\""), "{page}");
+    assert!(page.contains("Switch roles"));
+    let csrf = page.split_once("name=\"_csrf\" value=\"").unwrap().1.split('"').next().unwrap().to_owned();
+    let shadow_form = |check: &'static str, csrf: &str| {
+        vec![
+            ("_csrf", csrf.to_owned()),
+            ("masterHost", "master.example".into()),
+            ("masterPort", "8443".into()),
+            ("ownHost", "shadow.example".into()),
+            ("checkIntervalInSeconds", check.into()),
+            ("takeoverDelayInSeconds", "5".into()),
+            ("connectTimeoutInMillis", "1500".into()),
+            ("requestTimeoutInMillis", "2500".into()),
+        ]
+    };
+    let as_refs = |f: &Vec<(&'static str, String)>| f.iter().map(|(k, v)| (*k, v.clone())).collect::<Vec<_>>();
+    let send = |f: Vec<(&'static str, String)>| {
+        let f: Vec<(String, String)> = f.into_iter().map(|(k, v)| (k.to_owned(), v)).collect();
+        browser.post(format!("{}/ui/ha/shadow", node.base)).header("cookie", &cookie).form(&f).send()
+    };
+
+    // Without the session's CSRF token nothing changes.
+    let r = send(as_refs(&shadow_form("2", "forged"))).await.unwrap();
+    assert_eq!(r.status(), StatusCode::FORBIDDEN);
+    // Bad values: the form comes back with a message next to the field, the settings unchanged.
+    for (bad, says) in [("abc", "Enter a number of seconds"), ("0", "checkIntervalInSeconds must be at least 0.05")] {
+        let r = send(as_refs(&shadow_form(bad, &csrf))).await.unwrap();
+        assert_eq!(r.status(), StatusCode::BAD_REQUEST);
+        let body = r.text().await.unwrap();
+        assert!(body.contains("field-error") && body.contains(says), "{bad}: {body}");
+        assert!(body.contains(&format!("value=\"{bad}\"")), "the rejected value is shown again");
+    }
+    let (_, cfg) = node.call(Method::GET, &format!("{HA}/shadow/config"), None).await;
+    assert_eq!(cfg["checkIntervalInSeconds"], 30.0, "{cfg}");
+    // Good values are stored.
+    let r = send(as_refs(&shadow_form("2.5", &csrf))).await.unwrap();
+    assert!(r.status().is_redirection(), "{}", r.status());
+    let (_, cfg) = node.call(Method::GET, &format!("{HA}/shadow/config"), None).await;
+    assert_eq!(
+        (&cfg["checkIntervalInSeconds"], &cfg["takeoverDelayInSeconds"], &cfg["masterHost"], &cfg["masterPort"]),
+        (&json!(2.5), &json!(5.0), &json!("master.example"), &json!(8443)),
+        "{cfg}"
+    );
+    let page = get("/ui/ha").await.unwrap().text().await.unwrap();
+    assert!(page.contains("Shadow settings saved.") && page.contains("value=\"2.5\""), "{page}");
+
+    // The master's settings.
+    let r = post("/ui/ha/master", vec![("_csrf", &csrf), ("haEnabled", "true"), ("allowedShadowHost", "10.1.1.1")])
+        .await
+        .unwrap();
+    assert!(r.status().is_redirection());
+    let (_, m) = node.call(Method::GET, &format!("{HA}/master/config"), None).await;
+    assert_eq!((&m["haEnabled"], &m["allowedShadowHost"]), (&json!(true), &json!("10.1.1.1")), "{m}");
+    // A switch-over with no shadow says why it cannot happen.
+    let r = post("/ui/ha/switch", vec![("_csrf", &csrf)]).await.unwrap();
+    assert!(r.status().is_redirection());
+    let page = get("/ui/ha").await.unwrap().text().await.unwrap();
+    assert!(page.contains("no shadow is registered"), "{page}");
+    assert_eq!(node.exposed("hasMasterRole").await.1, "true");
+    node.stop().await;
+}
