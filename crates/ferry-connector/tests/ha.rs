@@ -36,10 +36,15 @@ struct Node {
 
 impl Node {
     async fn start(dir: &Path, port: u16) -> Self {
+        Self::start_with(dir, port, |_| {}).await
+    }
+
+    async fn start_with(dir: &Path, port: u16, adjust: impl FnOnce(&mut AdminConfig)) -> Self {
         ferry_core::init_crypto();
         let mut cfg = AdminConfig::new(dir.to_owned());
         cfg.connection.backoff_initial = Duration::from_millis(20);
         cfg.connection.backoff_max = Duration::from_millis(200);
+        adjust(&mut cfg);
         let listener = TcpListener::bind(("127.0.0.1", port)).await.unwrap();
         let port = listener.local_addr().unwrap().port();
         let shutdown = Shutdown::new();
@@ -127,19 +132,25 @@ fn mapping(vhost: &str, backend: SocketAddr) -> Value {
 
 /// One GET through the proxy on a fresh connection; None if the proxy could not be reached.
 async fn get_via_proxy(pair: &TunnelPair, uri: &str) -> Option<u16> {
+    get_as_user(pair, uri, None).await.map(|(s, _)| s)
+}
+
+/// A GET through the proxy, propagating `user` (a JWT) if given; returns status and body.
+async fn get_as_user(pair: &TunnelPair, uri: &str, user: Option<&str>) -> Option<(u16, Bytes)> {
     let s = TcpStream::connect(pair.http_addr).await.ok()?;
     s.set_nodelay(true).unwrap();
     let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(s)).await.ok()?;
     tokio::spawn(conn);
-    let req = http::Request::get(uri)
+    let mut req = http::Request::get(uri)
         .header("host", uri.split('/').nth(2).unwrap())
-        .header("proxy-authorization", format!("Bearer {}", pair.token()))
-        .body(Full::new(Bytes::new()))
-        .unwrap();
-    let resp = sender.send_request(req).await.ok()?;
+        .header("proxy-authorization", format!("Bearer {}", pair.token()));
+    if let Some(u) = user {
+        req = req.header("sap-connectivity-authentication", format!("Bearer {u}"));
+    }
+    let resp = sender.send_request(req.body(Full::new(Bytes::new())).unwrap()).await.ok()?;
     let status = resp.status().as_u16();
-    resp.into_body().collect().await.ok()?;
-    Some(status)
+    let body = resp.into_body().collect().await.ok()?.to_bytes();
+    Some((status, body))
 }
 
 /// Polls `f` until it is true or `limit` passes; returns how long it took.
@@ -558,4 +569,77 @@ async fn the_ha_page_edits_the_settings_with_csrf_and_says_what_to_fix() {
     assert!(page.contains("no shadow is registered"), "{page}");
     assert_eq!(node.exposed("hasMasterRole").await.1, "true");
     node.stop().await;
+}
+
+#[tokio::test]
+async fn the_shadow_takes_over_with_the_masters_principal_propagation_ca_and_system_certificate() {
+    let pair = TunnelPair::start().await;
+    let backend = EchoBackend::start().await;
+    let verifier = Arc::new(ferry_auth::Verifier::local(pair.keys.clone()));
+    let master_ca = Arc::new(ferry_core::tls::LocalCa::generate("PP CA of the master").unwrap());
+    let shadow_ca = Arc::new(ferry_core::tls::LocalCa::generate("PP CA of the shadow").unwrap());
+    let system = pair.ca.issue_server_cert(&["scc-system.example"]).unwrap();
+    let (mdir, sdir) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let pp = |ca: &Arc<ferry_core::tls::LocalCa>| {
+        let mut p = ferry_connector::PrincipalPropagation::new(verifier.clone(), ca.clone());
+        p.subject_pattern = "CN=${user_name},O=Master".into();
+        Some(Arc::new(p))
+    };
+    let master = Node::start_with(mdir.path(), 0, |c| {
+        c.connection.principal_propagation = pp(&master_ca);
+        c.connection.system_certificate = Some(system.clone());
+    })
+    .await;
+    // The shadow's own configuration trusts the same tokens but has another CA and no system
+    // certificate: after the takeover it must serve with the master's.
+    let shadow = Node::start_with(sdir.path(), 0, |c| {
+        let mut p = ferry_connector::PrincipalPropagation::new(verifier.clone(), shadow_ca.clone());
+        p.subject_pattern = "CN=${user_name},O=Shadow".into();
+        c.connection.principal_propagation = Some(Arc::new(p));
+    })
+    .await;
+    pair_nodes(&pair, backend.addr, &master, &shadow, master.port, None).await;
+    let maps = format!("{}/systemMappings", sub_path(&pair));
+    let mut m = mapping("pp.virtual", backend.addr);
+    m["authenticationMode"] = json!("X509_GENERAL");
+    let (s, b) = master.call(Method::POST, &maps, Some(m)).await;
+    assert_eq!(s, StatusCode::CREATED, "{b}");
+    let (s, b) = master
+        .call(Method::POST, &format!("{maps}/pp.virtual:80/resources"), Some(json!({"id": "/", "enabled": true})))
+        .await;
+    assert_eq!(s, StatusCode::CREATED, "{b}");
+
+    // Stored on the shadow with the configuration, sealed.
+    let stored = std::fs::read_to_string(sdir.path().join(ferry_connector::ha::KEYS_FILE)).unwrap();
+    assert!(!stored.contains("PRIVATE KEY") && !stored.contains("CERTIFICATE"), "sealed at rest: {stored}");
+
+    let user = pair
+        .keys
+        .sign(&json!({"zid": SUBACCOUNT, "user_name": "alice", "client_id": "sb-app!t1", "exp": ferry_testkit::now() + 600}), &[])
+        .unwrap();
+    let issuer_of = |body: &Bytes| {
+        let e: Value = serde_json::from_slice(body).unwrap();
+        let der = base64::engine::general_purpose::STANDARD
+            .decode(e["headers"]["ssl_client_cert"].as_str().unwrap())
+            .unwrap();
+        let text = String::from_utf8_lossy(&der).into_owned();
+        (text.contains("PP CA of the master"), text.contains("PP CA of the shadow"))
+    };
+    let uri = "http://pp.virtual:80/me";
+    wait_for("a propagated user through the master", Duration::from_secs(20), || async {
+        get_as_user(&pair, uri, Some(&user)).await.is_some_and(|(s, _)| s == 200)
+    })
+    .await;
+    let (_, body) = get_as_user(&pair, uri, Some(&user)).await.unwrap();
+    assert_eq!(issuer_of(&body), (true, false), "the master issues with its own CA");
+
+    master.stop().await;
+    wait_for("a propagated user through the new master", Duration::from_secs(30), || async {
+        get_as_user(&pair, uri, Some(&user)).await.is_some_and(|(s, _)| s == 200)
+    })
+    .await;
+    let (_, body) = get_as_user(&pair, uri, Some(&user)).await.unwrap();
+    assert_eq!(issuer_of(&body), (true, false), "the new master issues user certificates with the master's CA");
+    shadow.stop().await;
+    drop(mdir);
 }

@@ -130,7 +130,7 @@ struct Failures {
 
 /// The running administration side of a connector instance.
 pub struct Admin {
-    config: AdminConfig,
+    pub(crate) config: AdminConfig,
     pub(crate) store: Store,
     /// The current configuration; held across save-and-apply so changes are serialised.
     pub(crate) state: tokio::sync::Mutex<SccConfig>,
@@ -213,6 +213,13 @@ impl Admin {
         let audit =
             AuditLog::start(&AuditConfig { level: scc.audit_level, dir: Some(audit_dir) }, "_configuration", "")?;
         let ha = Ha::open(&store)?;
+        {
+            // The certificates a master synced win over this instance's own (see `crate::ha`).
+            let mut keys = ha.keys.lock().unwrap_or_else(PoisonError::into_inner);
+            if keys.is_none() {
+                *keys = own_keys(&config.connection);
+            }
+        }
         let admin = Arc::new(Self {
             ha,
             shutdown: shutdown.clone(),
@@ -297,7 +304,7 @@ impl Admin {
         cc.backend_connect_timeout = d.backend_connect_timeout;
         cc.heartbeat = d.heartbeat;
         cc.backend_ca_pem = d.backend_ca_pem.clone();
-        cc.system_certificate = d.system_certificate.clone();
+        cc.system_certificate = self.pair_keys().and_then(|k| k.system_certificate());
         cc.audit = AuditConfig {
             level: sub.audit_level,
             dir: Some(self.config.audit_dir.clone().unwrap_or_else(|| self.config.data_dir.join("audit"))),
@@ -309,11 +316,19 @@ impl Admin {
         Ok(cc)
     }
 
-    /// Principal propagation from the instance's verifier and CA with the API's settings.
+    fn pair_keys(&self) -> Option<crate::ha::PairKeys> {
+        self.ha.keys.lock().unwrap_or_else(PoisonError::into_inner).clone()
+    }
+
+    /// Principal propagation from the instance's verifier and the pair's CA (see `crate::ha`)
+    /// with the API's settings.
     fn principal(&self, scc: &SccConfig) -> Option<Arc<PrincipalPropagation>> {
+        let keys = self.pair_keys();
         self.config.connection.principal_propagation.as_ref().map(|t| {
-            let mut p = PrincipalPropagation::new(t.verifier.clone(), t.ca.clone());
-            p.subject_pattern = t.subject_pattern.clone();
+            let ca = keys.as_ref().and_then(|k| k.pp_ca()).map(Arc::new).unwrap_or_else(|| t.ca.clone());
+            let mut p = PrincipalPropagation::new(t.verifier.clone(), ca);
+            p.subject_pattern =
+                keys.as_ref().and_then(|k| k.pp_subject_pattern.clone()).unwrap_or_else(|| t.subject_pattern.clone());
             p.certificate_validity = Duration::from_secs(u64::from(scc.pp_settings.certificate_validity_in_min) * 60);
             p.expiration_tolerance = Duration::from_secs(u64::from(scc.pp_settings.expiration_tolerance_in_hr) * 3600);
             Arc::new(p)
@@ -562,6 +577,22 @@ async fn authenticate(State(admin): State<Arc<Admin>>, mut req: Request, next: N
         resp.headers_mut().insert(CSRF, v);
     }
     resp
+}
+
+/// The certificates of this instance's own configuration, to serve with and sync to a shadow.
+fn own_keys(d: &ConnectionDefaults) -> Option<crate::ha::PairKeys> {
+    let pp = d.principal_propagation.as_ref();
+    let sys = d.system_certificate.as_ref();
+    if pp.is_none() && sys.is_none() {
+        return None;
+    }
+    Some(crate::ha::PairKeys {
+        pp_ca_cert: pp.map(|p| p.ca.cert_pem().to_owned()),
+        pp_ca_key: pp.map(|p| p.ca.key_pem().expose().clone()),
+        pp_subject_pattern: pp.map(|p| p.subject_pattern.clone()),
+        system_cert: sys.map(|c| c.cert_pem.clone()),
+        system_key: sys.map(|c| c.key_pem.expose().clone()),
+    })
 }
 
 /// A shadow's configuration comes from its master: changes answer SAP's `SHADOW_UPDATE`. Layered
