@@ -264,6 +264,31 @@ async function main() {
       await shot(page, '09-monitoring');
     });
 
+    await step('HA settings: a wrong check interval is refused next to its field, good ones are saved', async () => {
+      await page.goto(`${BASE}/ui/ha`);
+      await page.fill('#ha-shadow input[name=checkIntervalInSeconds]', '0');
+      await page.click('#ha-shadow button[type=submit]');
+      const err = await page.locator('#ha-shadow .field.invalid').textContent();
+      assert(err.includes('Check interval') && err.includes('at least 0.05'), `message: ${err}`);
+      await page.fill('#ha-shadow input[name=checkIntervalInSeconds]', '2');
+      await page.fill('#ha-shadow input[name=takeoverDelayInSeconds]', '5');
+      await page.click('#ha-shadow button[type=submit]');
+      await page.waitForURL('**/ui/ha');
+      assert((await flash(page)).includes('Shadow settings saved'), await flash(page));
+      assert(await page.inputValue('#ha-shadow input[name=checkIntervalInSeconds]') === '2.0', 'interval kept');
+      await page.check('#ha-master input[name=haEnabled]');
+      await page.click('#ha-master button[type=submit]');
+      await page.waitForURL('**/ui/ha');
+      assert(await page.textContent('#ha-enabled') === 'enabled', await page.textContent('#ha-enabled'));
+      // The switch-over asks first, then says why it cannot happen without a shadow.
+      let asked = '';
+      page.once('dialog', (d) => { asked = d.message(); d.accept(); });
+      await page.getByRole('button', { name: 'Switch roles', exact: true }).click();
+      await page.waitForURL('**/ui/ha');
+      assert(asked.includes('Make the shadow the master'), `dialog: ${asked}`);
+      assert((await flash(page)).includes('no shadow is registered'), await flash(page));
+    });
+
     await step('the remaining pages render', async () => {
       for (const [name, url] of [['10-principal-propagation', '/ui/principal-propagation'],
         ['11-high-availability', '/ui/ha'], ['12-backup', '/ui/backup']]) {

@@ -16,6 +16,10 @@
 //! shadow has stored it; a shadow silent for 3 check periods is LOST and the master continues
 //! alone.
 //!
+//! The pair's certificates travel with the configuration: the master's principal propagation CA
+//! (with its subject pattern) and system certificate are in every sync payload; the shadow seals
+//! them into `scc-ha-keys.json` and serves with them, rather than its own, from then on.
+//!
 //! Failover: after `takeoverDelayInSeconds` of failed polls the shadow raises its *epoch* above
 //! the master's, becomes master and opens every connected subaccount's tunnels. A master that
 //! meets a master with a higher (epoch, node id) — on start, or in its periodic peer check —
@@ -35,6 +39,8 @@ use crate::admin::Admin;
 use crate::admin::store::{self, SccConfig, Store};
 
 pub const HA_FILE: &str = "scc-ha.json";
+/// The master's principal propagation CA and system certificate as last synced, sealed.
+pub const KEYS_FILE: &str = "scc-ha-keys.json";
 /// Ferry's peer-to-peer paths (not SAP's API): authenticated with the HA secret.
 pub const PEER_PREFIX: &str = "/ferry/ha/v1";
 
@@ -173,15 +179,22 @@ impl HaFile {
         let path = store.dir().join(HA_FILE);
         match std::fs::read(&path) {
             Ok(b) => serde_json::from_slice(&b).map_err(|e| store::StoreError::Parse(path, e)),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Self {
-                role: Role::Master,
-                epoch: 1,
-                node: random_secret(),
-                master: MasterConfig::default(),
-                shadow: ShadowConfig::default(),
-                peer: None,
-                synced: true,
-            }),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                // Stored at once: the proxy fences by (epoch, node), so a restart must present
+                // the same pair, and a fresh install (epoch = now) outranks an older instance
+                // of its subaccount and location id, as a promotion does.
+                let f = Self {
+                    role: Role::Master,
+                    epoch: now_epoch(),
+                    node: random_secret(),
+                    master: MasterConfig::default(),
+                    shadow: ShadowConfig::default(),
+                    peer: None,
+                    synced: true,
+                };
+                f.save(store)?;
+                Ok(f)
+            }
             Err(e) => Err(store::StoreError::Io(path, e)),
         }
     }
@@ -230,6 +243,11 @@ pub enum HaError {
     State(String),
 }
 
+/// Milliseconds since the Unix epoch: the epoch of a new instance and the floor of a promotion.
+fn now_epoch() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(1)
+}
+
 pub(crate) fn random_secret() -> String {
     let mut b = [0u8; 32];
     if aws_lc_rs::rand::fill(&mut b).is_err() {
@@ -239,13 +257,74 @@ pub(crate) fn random_secret() -> String {
 }
 
 /// What the master publishes to its shadow: the configuration (keys in clear, no administrator)
-/// under a version `<boot>:<n>`.
+/// and its certificates under a version `<boot>:<n>`.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub(crate) struct SyncPayload {
     pub have: String,
     pub epoch: u64,
     pub node: String,
     pub config: SccConfig,
+    #[serde(default)]
+    pub keys: Option<PairKeys>,
+}
+
+/// Certificates the pair must share so the shadow serves as the master did (SAP syncs them
+/// with the configuration): the principal propagation CA that issues user certificates, its
+/// subject pattern, and the system certificate towards backends. Keys in PEM, in clear only in
+/// memory and on the authenticated HA channel; sealed in [`KEYS_FILE`].
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PairKeys {
+    pub pp_ca_cert: Option<String>,
+    pub pp_ca_key: Option<String>,
+    #[serde(default)]
+    pub pp_subject_pattern: Option<String>,
+    pub system_cert: Option<String>,
+    pub system_key: Option<String>,
+}
+
+impl std::fmt::Debug for PairKeys {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PairKeys")
+            .field("pp_ca", &self.pp_ca_cert.is_some())
+            .field("system_certificate", &self.system_cert.is_some())
+            .finish_non_exhaustive()
+    }
+}
+
+impl PairKeys {
+    /// The principal propagation CA, if both halves are there and parse.
+    pub fn pp_ca(&self) -> Option<ferry_core::tls::LocalCa> {
+        let ca = ferry_core::tls::LocalCa::from_pem(self.pp_ca_cert.as_deref()?, self.pp_ca_key.as_deref()?);
+        ca.map_err(|e| tracing::error!(error = %e, "HA: the synced principal propagation CA does not load")).ok()
+    }
+
+    pub fn system_certificate(&self) -> Option<ferry_core::tls::CertifiedKey> {
+        Some(ferry_core::tls::CertifiedKey {
+            cert_pem: self.system_cert.clone()?,
+            key_pem: Secret::new(self.system_key.clone()?),
+        })
+    }
+
+    pub(crate) fn load(store: &Store) -> Result<Option<Self>, store::StoreError> {
+        let path = store.dir().join(KEYS_FILE);
+        let text = match std::fs::read_to_string(&path) {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(store::StoreError::Io(path, e)),
+        };
+        let sealed =
+            B64.decode(text.trim()).map_err(|_| store::StoreError::Seal(ferry_core::aead::SealError::Format))?;
+        let json = store.open_blob(b"ha-keys", &sealed)?;
+        serde_json::from_str(&json).map(Some).map_err(|e| store::StoreError::Parse(path, e))
+    }
+
+    fn save(&self, store: &Store) -> Result<(), store::StoreError> {
+        let path = store.dir().join(KEYS_FILE);
+        let json = serde_json::to_vec(self).map_err(|e| store::StoreError::Parse(path.clone(), e))?;
+        let sealed = store.seal_blob(b"ha-keys", &json)?;
+        store::write_atomic(&path, B64.encode(sealed).as_bytes())
+    }
 }
 
 /// Runtime HA state of an instance.
@@ -267,6 +346,9 @@ pub struct Ha {
     master_epoch: AtomicU64,
     /// The running role task (shadow sync loop or master peer check).
     task: Mutex<Option<Shutdown>>,
+    /// The pair's certificates this instance serves with and, as master, publishes: the ones
+    /// last synced from a master if any, else its own configuration's.
+    pub(crate) keys: Mutex<Option<PairKeys>>,
     /// Serialises role changes.
     pub(crate) role_lock: tokio::sync::Mutex<()>,
 }
@@ -304,6 +386,7 @@ impl Ha {
             epoch: file.epoch,
             node: file.node.clone(),
             config: SccConfig::empty(),
+            keys: None,
         });
         Ok(Self {
             file: Mutex::new(file),
@@ -317,6 +400,7 @@ impl Ha {
             shadow_state: Mutex::new(state),
             master_epoch: AtomicU64::new(0),
             task: Mutex::new(None),
+            keys: Mutex::new(PairKeys::load(store)?),
             role_lock: tokio::sync::Mutex::new(()),
         })
     }
@@ -406,7 +490,14 @@ impl Ha {
             let f = lock(&self.file);
             (f.epoch, f.node.clone())
         };
-        self.latest.send_replace(Arc::new(SyncPayload { have: format!("{}:{v}", self.boot), epoch, node, config }));
+        let keys = lock(&self.keys).clone();
+        self.latest.send_replace(Arc::new(SyncPayload {
+            have: format!("{}:{v}", self.boot),
+            epoch,
+            node,
+            config,
+            keys,
+        }));
         v
     }
 
@@ -740,6 +831,13 @@ impl Admin {
                     }
                     self.ha.master_epoch.store(p.epoch, Ordering::SeqCst);
                     let new_have = p.have.clone();
+                    if let Some(keys) = p.keys
+                        && let Err(e) = self.apply_keys(keys).await
+                    {
+                        tracing::error!(error = %e, "HA: cannot store the master's certificates");
+                        tokio::time::sleep(cfg.check_interval()).await;
+                        continue;
+                    }
                     match self.apply_sync(p.config).await {
                         Ok(()) => {
                             if !self.ha.file().synced
@@ -812,6 +910,22 @@ impl Admin {
         }
     }
 
+    /// Stores the master's certificates (sealed) and serves with them from now on.
+    async fn apply_keys(&self, keys: PairKeys) -> Result<(), HaError> {
+        if lock(&self.ha.keys).as_ref() == Some(&keys) {
+            return Ok(());
+        }
+        keys.save(&self.store)?;
+        if keys.pp_ca_cert.is_some() && self.config.connection.principal_propagation.is_none() {
+            tracing::warn!(
+                "HA: the master's principal propagation CA is stored, but this instance has no token verifier \
+                 for principal propagation configured; it cannot propagate users when it takes over"
+            );
+        }
+        *lock(&self.ha.keys) = Some(keys);
+        Ok(())
+    }
+
     /// Stores the master's configuration on this shadow, keeping its own administrator.
     async fn apply_sync(&self, mut cfg: SccConfig) -> Result<(), HaError> {
         let mut guard = self.state.lock().await;
@@ -836,7 +950,9 @@ impl Admin {
         let seen = self.ha.master_epoch.load(Ordering::SeqCst);
         let f = self.ha.update_file(&self.store, |f| {
             f.role = Role::Master;
-            f.epoch = f.epoch.max(seen) + 1;
+            // Above the replaced master's epoch whatever the clocks say; the time keeps epochs
+            // of instances that never met (reinstalls) in the order they became master.
+            f.epoch = (f.epoch.max(seen) + 1).max(now_epoch());
             // The old master becomes the peer to watch; it comes back as shadow.
             if let Some(p) = f.peer.as_mut() {
                 p.host = f.shadow.master_host.clone();

@@ -77,6 +77,9 @@ pub struct ConnectorConfig {
     /// The connector's system certificate: its TLS client certificate towards `HTTPS`, `TCPS`
     /// and `LDAPS` backends, for mappings whose principal type allows it.
     pub system_certificate: Option<CertifiedKey>,
+    /// This instance's HA epoch and node id, answered to the proxy's `hello` (see
+    /// `ferry_proto::tunnel`); `None` for a connector without high availability (epoch 0).
+    pub fence: Option<ferry_proto::tunnel::Fence>,
 }
 
 impl ConnectorConfig {
@@ -103,6 +106,7 @@ impl ConnectorConfig {
             backend_ca_pem: None,
             principal_propagation: None,
             system_certificate: None,
+            fence: None,
         }
     }
 }
@@ -114,6 +118,9 @@ pub struct TunnelStatus {
     pub connected: usize,
     /// Tunnel connections established since start (grows on every reconnect).
     pub established: u64,
+    /// A proxy knows a newer master of this (subaccount, location id): this connector closed
+    /// its tunnels and stays passive.
+    pub fenced: bool,
 }
 
 pub struct Connector {
@@ -132,6 +139,8 @@ pub struct Connector {
     /// Epoch millis of the last bytes received from the proxy on any tunnel connection; 0 =
     /// never. See [`Connector::last_heartbeat`].
     last_heard: Arc<AtomicU64>,
+    /// Cancelled once a proxy says a newer master serves this (subaccount, location id).
+    fenced: Shutdown,
 }
 
 impl Connector {
@@ -166,6 +175,7 @@ impl Connector {
             rules,
             audit,
             last_heard: Arc::new(AtomicU64::new(0)),
+            fenced: Shutdown::new(),
         })
     }
 
@@ -243,7 +253,7 @@ impl Connector {
         // Connections replaced after a renewal, awaited before returning so that `run` ends only
         // once every tunnel has closed.
         let mut draining: Vec<tokio::task::JoinHandle<()>> = Vec::new();
-        while !shutdown.is_cancelled() {
+        while !shutdown.is_cancelled() && !self.fenced.is_cancelled() {
             let started = Instant::now();
             generation.mark_unchanged();
             match self.connect(&proxy).await {
@@ -284,6 +294,7 @@ impl Connector {
             let jittered = backoff.mul_f64(rand::random_range(0.5..=1.0));
             tokio::select! {
                 _ = shutdown.cancelled() => break,
+                _ = self.fenced.cancelled() => break,
                 _ = tokio::time::sleep(jittered) => {}
             }
             backoff = (backoff * 2).min(self.config.backoff_max);
@@ -309,9 +320,19 @@ impl Connector {
     async fn serve(&self, io: tokio_rustls::client::TlsStream<TcpStream>, drain: &Shutdown) {
         use ferry_proto::tunnel::*;
         let backend = self.backend.clone();
-        let service = hyper::service::service_fn(move |req| {
+        let own = self.config.fence.clone().unwrap_or_default();
+        let fenced = self.fenced.clone();
+        let status = self.status.clone();
+        let service = hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
             let backend = backend.clone();
-            async move { Ok::<_, std::convert::Infallible>(backend.handle(req).await) }
+            let hello = req.headers().get(KIND).is_some_and(|k| k == KIND_HELLO);
+            let answer = hello.then(|| hello_answer(&req, &own, &fenced, &status));
+            async move {
+                match answer {
+                    Some(r) => Ok::<_, std::convert::Infallible>(r),
+                    None => Ok(backend.handle(req).await),
+                }
+            }
         });
         let mut builder = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
         builder
@@ -328,6 +349,7 @@ impl Connector {
         tokio::pin!(conn);
         tokio::select! {
             r = conn.as_mut() => if let Err(e) = r { tracing::debug!(error = %e, "tunnel connection error") },
+            _ = self.fenced.cancelled() => {}
             _ = drain.cancelled() => {
                 conn.as_mut().graceful_shutdown();
                 let _ = tokio::time::timeout(Duration::from_secs(10), conn).await;
@@ -384,6 +406,36 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Heard<T> {
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
         Pin::new(&mut self.io).poll_shutdown(cx)
     }
+}
+
+/// Answers the proxy's `hello` with this instance's fence. A proxy that knows a higher one is
+/// about to refuse this tunnel: a newer master serves the slot, so this connector stops all its
+/// tunnels (to every replica, including ones that restarted and forgot) instead of retrying.
+fn hello_answer(
+    req: &hyper::Request<hyper::body::Incoming>,
+    own: &ferry_proto::tunnel::Fence,
+    fenced: &Shutdown,
+    status: &watch::Sender<TunnelStatus>,
+) -> hyper::Response<ferry_core::body::BoxBody> {
+    use ferry_proto::tunnel::{FENCE, Fence};
+    let known = req.headers().get(FENCE).and_then(|v| v.to_str().ok()).and_then(Fence::parse);
+    if let Some(known) = known
+        && known > *own
+        && !fenced.is_cancelled()
+    {
+        tracing::error!(
+            epoch = own.epoch,
+            serving_epoch = known.epoch,
+            "a newer master serves this subaccount and location at the proxy: closing this connector's tunnels"
+        );
+        status.send_modify(|s| s.fenced = true);
+        fenced.cancel();
+    }
+    let mut r = hyper::Response::new(ferry_core::body::empty());
+    if let Ok(v) = hyper::header::HeaderValue::from_str(&own.to_header()) {
+        r.headers_mut().insert(FENCE, v);
+    }
+    r
 }
 
 /// Builds and runs a connector until `shutdown`.

@@ -5,13 +5,15 @@
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use base64::Engine;
 use bytes::Bytes;
 use ferry_connector::admin::{Admin, AdminConfig};
 use ferry_core::Shutdown;
-use ferry_testkit::{EchoBackend, SUBACCOUNT, TunnelPair};
+use ferry_testkit::{CuttableRelay, EchoBackend, SUBACCOUNT, TunnelPair};
 use http_body_util::{BodyExt, Full};
 use hyper_util::rt::TokioIo;
 use reqwest::{Method, StatusCode};
@@ -34,10 +36,15 @@ struct Node {
 
 impl Node {
     async fn start(dir: &Path, port: u16) -> Self {
+        Self::start_with(dir, port, |_| {}).await
+    }
+
+    async fn start_with(dir: &Path, port: u16, adjust: impl FnOnce(&mut AdminConfig)) -> Self {
         ferry_core::init_crypto();
         let mut cfg = AdminConfig::new(dir.to_owned());
         cfg.connection.backoff_initial = Duration::from_millis(20);
         cfg.connection.backoff_max = Duration::from_millis(200);
+        adjust(&mut cfg);
         let listener = TcpListener::bind(("127.0.0.1", port)).await.unwrap();
         let port = listener.local_addr().unwrap().port();
         let shutdown = Shutdown::new();
@@ -125,19 +132,25 @@ fn mapping(vhost: &str, backend: SocketAddr) -> Value {
 
 /// One GET through the proxy on a fresh connection; None if the proxy could not be reached.
 async fn get_via_proxy(pair: &TunnelPair, uri: &str) -> Option<u16> {
+    get_as_user(pair, uri, None).await.map(|(s, _)| s)
+}
+
+/// A GET through the proxy, propagating `user` (a JWT) if given; returns status and body.
+async fn get_as_user(pair: &TunnelPair, uri: &str, user: Option<&str>) -> Option<(u16, Bytes)> {
     let s = TcpStream::connect(pair.http_addr).await.ok()?;
     s.set_nodelay(true).unwrap();
     let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(s)).await.ok()?;
     tokio::spawn(conn);
-    let req = http::Request::get(uri)
+    let mut req = http::Request::get(uri)
         .header("host", uri.split('/').nth(2).unwrap())
-        .header("proxy-authorization", format!("Bearer {}", pair.token()))
-        .body(Full::new(Bytes::new()))
-        .unwrap();
-    let resp = sender.send_request(req).await.ok()?;
+        .header("proxy-authorization", format!("Bearer {}", pair.token()));
+    if let Some(u) = user {
+        req = req.header("sap-connectivity-authentication", format!("Bearer {u}"));
+    }
+    let resp = sender.send_request(req.body(Full::new(Bytes::new())).unwrap()).await.ok()?;
     let status = resp.status().as_u16();
-    resp.into_body().collect().await.ok()?;
-    Some(status)
+    let body = resp.into_body().collect().await.ok()?.to_bytes();
+    Some((status, body))
 }
 
 /// Polls `f` until it is true or `limit` passes; returns how long it took.
@@ -160,9 +173,23 @@ where
 async fn pair_up(pair: &TunnelPair, backend: SocketAddr, mdir: &Path, sdir: &Path) -> (Node, Node) {
     let master = Node::start(mdir, 0).await;
     let shadow = Node::start(sdir, 0).await;
+    pair_nodes(pair, backend, &master, &shadow, master.port, None).await;
+    (master, shadow)
+}
+
+/// Pairs two started nodes; the shadow reaches the master on `master_port` and names
+/// `shadow_port` (default: its own) as the port the master reaches it on.
+async fn pair_nodes(
+    pair: &TunnelPair,
+    backend: SocketAddr,
+    master: &Node,
+    shadow: &Node,
+    master_port: u16,
+    shadow_port: Option<u16>,
+) {
     master.init_password().await;
     shadow.init_password().await;
-    add_subaccount(&master, pair).await;
+    add_subaccount(master, pair).await;
     let maps = format!("{}/systemMappings", sub_path(pair));
     let (s, b) = master.call(Method::POST, &maps, Some(mapping("erp.virtual", backend))).await;
     assert_eq!(s, StatusCode::CREATED, "{b}");
@@ -188,7 +215,8 @@ async fn pair_up(pair: &TunnelPair, backend: SocketAddr, mdir: &Path, sdir: &Pat
         .call(
             Method::PUT,
             &format!("{HA}/shadow/config"),
-            Some(json!({"masterHost": "127.0.0.1", "masterPort": master.port, "ownHost": "127.0.0.1",
+            Some(json!({"masterHost": "127.0.0.1", "masterPort": master_port, "ownHost": "127.0.0.1",
+                        "haPort": shadow_port,
                         "checkIntervalInSeconds": 0.2, "takeoverDelayInSeconds": 0.6,
                         "connectTimeoutInMillis": 500, "requestTimeoutInMillis": 1000})),
         )
@@ -208,7 +236,6 @@ async fn pair_up(pair: &TunnelPair, backend: SocketAddr, mdir: &Path, sdir: &Pat
     wait_for("shadow READY", Duration::from_secs(20), || async { shadow.shadow_state().await == "READY" }).await;
     wait_for("master CONNECTED", Duration::from_secs(20), || async { master.master_state().await == "CONNECTED" })
         .await;
-    (master, shadow)
 }
 
 #[tokio::test]
@@ -375,4 +402,244 @@ async fn shadow_takes_over_the_old_master_returns_as_shadow_and_switch_over_move
     assert_eq!(old.exposed("hasMasterRole").await.1, "true");
     shadow.stop().await;
     old.stop().await;
+}
+
+#[tokio::test]
+async fn a_partition_between_master_and_shadow_leaves_exactly_one_serving_at_the_proxy() {
+    let pair = TunnelPair::start().await;
+    let backend = EchoBackend::start().await;
+    let (mdir, sdir) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let master = Node::start(mdir.path(), 0).await;
+    let shadow = Node::start(sdir.path(), 0).await;
+    // The HA link in both directions runs through relays; the tunnels to the proxy do not.
+    let to_master = CuttableRelay::start(([127, 0, 0, 1], master.port).into()).await;
+    let to_shadow = CuttableRelay::start(([127, 0, 0, 1], shadow.port).into()).await;
+    pair_nodes(&pair, backend.addr, &master, &shadow, to_master.addr.port(), Some(to_shadow.addr.port())).await;
+    let uri = "http://erp.virtual:80/p";
+    wait_for("requests through the master", Duration::from_secs(20), || async {
+        get_via_proxy(&pair, uri).await == Some(200)
+    })
+    .await;
+
+    // Samples the proxy's registry throughout: the live tunnels of the slot never belong to two
+    // instances (two fences) at once.
+    let registry = pair.proxy.registry();
+    let stop = Arc::new(AtomicBool::new(false));
+    let watcher = {
+        let (registry, stop) = (registry.clone(), stop.clone());
+        tokio::spawn(async move {
+            let (mut samples, mut most, mut seen) = (0u64, 0usize, std::collections::BTreeSet::new());
+            while !stop.load(Ordering::SeqCst) {
+                let serving = registry.serving(SUBACCOUNT, "");
+                most = most.max(serving.len());
+                seen.extend(serving.into_iter().map(|f| f.epoch));
+                samples += 1;
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+            (samples, most, seen)
+        })
+    };
+    let before = registry.serving(SUBACCOUNT, "");
+    assert_eq!(before.len(), 1, "{before:?}");
+
+    // Partition: each side thinks the other is gone; the shadow takes over, the master (which
+    // never steps down for silence) still calls itself master — and still reaches the proxy.
+    to_master.partition();
+    to_shadow.partition();
+    wait_for("the shadow takes over", Duration::from_secs(30), || async {
+        shadow.exposed("hasMasterRole").await.1 == "true"
+    })
+    .await;
+    assert_eq!(master.exposed("hasMasterRole").await.1, "true", "the partition left two masters");
+    wait_for("the new master serves the slot", Duration::from_secs(30), || async {
+        registry.serving(SUBACCOUNT, "").first().is_some_and(|f| f.epoch > before[0].epoch)
+    })
+    .await;
+    let after = registry.serving(SUBACCOUNT, "");
+    for i in 0..20 {
+        assert_eq!(get_via_proxy(&pair, &format!("{uri}{i}")).await, Some(200));
+        assert_eq!(registry.serving(SUBACCOUNT, ""), after, "only the new master serves during the partition");
+    }
+    // The old master's tunnels stay closed: its reconnects are refused (it learns so in the
+    // hello and stops dialling).
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(registry.serving(SUBACCOUNT, ""), after);
+
+    // Healed: the old master meets a master with a higher epoch and becomes its shadow.
+    to_master.heal();
+    to_shadow.heal();
+    wait_for("the old master steps down", Duration::from_secs(30), || async {
+        master.exposed("hasMasterRole").await.1 == "false"
+    })
+    .await;
+    wait_for("the old master READY as shadow", Duration::from_secs(30), || async {
+        master.shadow_state().await == "READY"
+    })
+    .await;
+    assert_eq!(get_via_proxy(&pair, uri).await, Some(200));
+    stop.store(true, Ordering::SeqCst);
+    let (samples, most, seen) = watcher.await.unwrap();
+    println!("registry sampled {samples} times during the partition test; epochs seen {seen:?}");
+    assert_eq!(most, 1, "two instances served the same tunnel slot at once");
+    assert_eq!(seen.len(), 2, "the samples covered both masters: {seen:?}");
+    shadow.stop().await;
+    master.stop().await;
+}
+
+#[tokio::test]
+async fn the_ha_page_edits_the_settings_with_csrf_and_says_what_to_fix() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = Node::start(dir.path(), 0).await;
+    node.init_password().await;
+    let browser = reqwest::Client::builder()
+        .use_preconfigured_tls(ferry_core::tls::outbound_client_config(Some(&node.ca)).unwrap())
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .unwrap();
+    let r = browser
+        .post(format!("{}/ui/login", node.base))
+        .form(&[("user", "Administrator"), ("password", PW)])
+        .send()
+        .await
+        .unwrap();
+    let cookie = r.headers()["set-cookie"].to_str().unwrap().split(';').next().unwrap().to_owned();
+    let get = |path: &str| browser.get(format!("{}{path}", node.base)).header("cookie", &cookie).send();
+    let post = |path: &str, form: Vec<(&str, &str)>| {
+        let form: Vec<(String, String)> = form.into_iter().map(|(k, v)| (k.to_owned(), v.to_owned())).collect();
+        browser.post(format!("{}{path}", node.base)).header("cookie", &cookie).form(&form).send()
+    };
+    let page = get("/ui/ha").await.unwrap().text().await.unwrap();
+    assert!(page.contains("id=\"ha-shadow\"") && page.contains("id=\"ha-master\""), "{page}");
+    assert!(page.contains("Switch roles"));
+    let csrf = page.split_once("name=\"_csrf\" value=\"").unwrap().1.split('"').next().unwrap().to_owned();
+    let shadow_form = |check: &'static str, csrf: &str| {
+        vec![
+            ("_csrf", csrf.to_owned()),
+            ("masterHost", "master.example".into()),
+            ("masterPort", "8443".into()),
+            ("ownHost", "shadow.example".into()),
+            ("checkIntervalInSeconds", check.into()),
+            ("takeoverDelayInSeconds", "5".into()),
+            ("connectTimeoutInMillis", "1500".into()),
+            ("requestTimeoutInMillis", "2500".into()),
+        ]
+    };
+    let as_refs = |f: &Vec<(&'static str, String)>| f.iter().map(|(k, v)| (*k, v.clone())).collect::<Vec<_>>();
+    let send = |f: Vec<(&'static str, String)>| {
+        let f: Vec<(String, String)> = f.into_iter().map(|(k, v)| (k.to_owned(), v)).collect();
+        browser.post(format!("{}/ui/ha/shadow", node.base)).header("cookie", &cookie).form(&f).send()
+    };
+
+    // Without the session's CSRF token nothing changes.
+    let r = send(as_refs(&shadow_form("2", "forged"))).await.unwrap();
+    assert_eq!(r.status(), StatusCode::FORBIDDEN);
+    // Bad values: the form comes back with a message next to the field, the settings unchanged.
+    for (bad, says) in [("abc", "Enter a number of seconds"), ("0", "checkIntervalInSeconds must be at least 0.05")] {
+        let r = send(as_refs(&shadow_form(bad, &csrf))).await.unwrap();
+        assert_eq!(r.status(), StatusCode::BAD_REQUEST);
+        let body = r.text().await.unwrap();
+        assert!(body.contains("field-error") && body.contains(says), "{bad}: {body}");
+        assert!(body.contains(&format!("value=\"{bad}\"")), "the rejected value is shown again");
+    }
+    let (_, cfg) = node.call(Method::GET, &format!("{HA}/shadow/config"), None).await;
+    assert_eq!(cfg["checkIntervalInSeconds"], 30.0, "{cfg}");
+    // Good values are stored.
+    let r = send(as_refs(&shadow_form("2.5", &csrf))).await.unwrap();
+    assert!(r.status().is_redirection(), "{}", r.status());
+    let (_, cfg) = node.call(Method::GET, &format!("{HA}/shadow/config"), None).await;
+    assert_eq!(
+        (&cfg["checkIntervalInSeconds"], &cfg["takeoverDelayInSeconds"], &cfg["masterHost"], &cfg["masterPort"]),
+        (&json!(2.5), &json!(5.0), &json!("master.example"), &json!(8443)),
+        "{cfg}"
+    );
+    let page = get("/ui/ha").await.unwrap().text().await.unwrap();
+    assert!(page.contains("Shadow settings saved.") && page.contains("value=\"2.5\""), "{page}");
+
+    // The master's settings.
+    let r = post("/ui/ha/master", vec![("_csrf", &csrf), ("haEnabled", "true"), ("allowedShadowHost", "10.1.1.1")])
+        .await
+        .unwrap();
+    assert!(r.status().is_redirection());
+    let (_, m) = node.call(Method::GET, &format!("{HA}/master/config"), None).await;
+    assert_eq!((&m["haEnabled"], &m["allowedShadowHost"]), (&json!(true), &json!("10.1.1.1")), "{m}");
+    // A switch-over with no shadow says why it cannot happen.
+    let r = post("/ui/ha/switch", vec![("_csrf", &csrf)]).await.unwrap();
+    assert!(r.status().is_redirection());
+    let page = get("/ui/ha").await.unwrap().text().await.unwrap();
+    assert!(page.contains("no shadow is registered"), "{page}");
+    assert_eq!(node.exposed("hasMasterRole").await.1, "true");
+    node.stop().await;
+}
+
+#[tokio::test]
+async fn the_shadow_takes_over_with_the_masters_principal_propagation_ca_and_system_certificate() {
+    let pair = TunnelPair::start().await;
+    let backend = EchoBackend::start().await;
+    let verifier = Arc::new(ferry_auth::Verifier::local(pair.keys.clone()));
+    let master_ca = Arc::new(ferry_core::tls::LocalCa::generate("PP CA of the master").unwrap());
+    let shadow_ca = Arc::new(ferry_core::tls::LocalCa::generate("PP CA of the shadow").unwrap());
+    let system = pair.ca.issue_server_cert(&["scc-system.example"]).unwrap();
+    let (mdir, sdir) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let pp = |ca: &Arc<ferry_core::tls::LocalCa>| {
+        let mut p = ferry_connector::PrincipalPropagation::new(verifier.clone(), ca.clone());
+        p.subject_pattern = "CN=${user_name},O=Master".into();
+        Some(Arc::new(p))
+    };
+    let master = Node::start_with(mdir.path(), 0, |c| {
+        c.connection.principal_propagation = pp(&master_ca);
+        c.connection.system_certificate = Some(system.clone());
+    })
+    .await;
+    // The shadow's own configuration trusts the same tokens but has another CA and no system
+    // certificate: after the takeover it must serve with the master's.
+    let shadow = Node::start_with(sdir.path(), 0, |c| {
+        let mut p = ferry_connector::PrincipalPropagation::new(verifier.clone(), shadow_ca.clone());
+        p.subject_pattern = "CN=${user_name},O=Shadow".into();
+        c.connection.principal_propagation = Some(Arc::new(p));
+    })
+    .await;
+    pair_nodes(&pair, backend.addr, &master, &shadow, master.port, None).await;
+    let maps = format!("{}/systemMappings", sub_path(&pair));
+    let mut m = mapping("pp.virtual", backend.addr);
+    m["authenticationMode"] = json!("X509_GENERAL");
+    let (s, b) = master.call(Method::POST, &maps, Some(m)).await;
+    assert_eq!(s, StatusCode::CREATED, "{b}");
+    let (s, b) = master
+        .call(Method::POST, &format!("{maps}/pp.virtual:80/resources"), Some(json!({"id": "/", "enabled": true})))
+        .await;
+    assert_eq!(s, StatusCode::CREATED, "{b}");
+
+    // Stored on the shadow with the configuration, sealed.
+    let stored = std::fs::read_to_string(sdir.path().join(ferry_connector::ha::KEYS_FILE)).unwrap();
+    assert!(!stored.contains("PRIVATE KEY") && !stored.contains("CERTIFICATE"), "sealed at rest: {stored}");
+
+    let user = pair
+        .keys
+        .sign(&json!({"zid": SUBACCOUNT, "user_name": "alice", "client_id": "sb-app!t1", "exp": ferry_testkit::now() + 600}), &[])
+        .unwrap();
+    let issuer_of = |body: &Bytes| {
+        let e: Value = serde_json::from_slice(body).unwrap();
+        let der = base64::engine::general_purpose::STANDARD
+            .decode(e["headers"]["ssl_client_cert"].as_str().unwrap())
+            .unwrap();
+        let text = String::from_utf8_lossy(&der).into_owned();
+        (text.contains("PP CA of the master"), text.contains("PP CA of the shadow"))
+    };
+    let uri = "http://pp.virtual:80/me";
+    wait_for("a propagated user through the master", Duration::from_secs(20), || async {
+        get_as_user(&pair, uri, Some(&user)).await.is_some_and(|(s, _)| s == 200)
+    })
+    .await;
+    let (_, body) = get_as_user(&pair, uri, Some(&user)).await.unwrap();
+    assert_eq!(issuer_of(&body), (true, false), "the master issues with its own CA");
+
+    master.stop().await;
+    wait_for("a propagated user through the new master", Duration::from_secs(30), || async {
+        get_as_user(&pair, uri, Some(&user)).await.is_some_and(|(s, _)| s == 200)
+    })
+    .await;
+    let (_, body) = get_as_user(&pair, uri, Some(&user)).await.unwrap();
+    assert_eq!(issuer_of(&body), (true, false), "the new master issues user certificates with the master's CA");
+    shadow.stop().await;
+    drop(mdir);
 }

@@ -20,6 +20,12 @@
 //! The connector answers with the backend's response (`http`), or `200` then the byte stream
 //! (`tcp`). When the connector itself refuses, the response carries `ferry-error` so the proxy
 //! can tell the app whose fault it was.
+//!
+//! Fencing: right after the HTTP/2 handshake the proxy opens one stream of kind `hello` carrying
+//! the highest [`Fence`] it knows for the connector's (subaccount, location id) in `ferry-fence`;
+//! the connector answers `200` with its own fence (none: `0`). The proxy admits only the highest
+//! fence per (subaccount, location id) and closes the tunnels of a lower one, so two instances of
+//! a master/shadow pair never serve one tunnel slot at once (ARCHITECTURE.md "Fencing").
 
 pub const KIND: &str = "ferry-kind";
 pub const TARGET: &str = "ferry-target";
@@ -27,9 +33,37 @@ pub const REQUEST_ID: &str = "ferry-request-id";
 pub const PRINCIPAL: &str = "ferry-principal";
 pub const CLIENT: &str = "ferry-client";
 pub const ERROR: &str = "ferry-error";
+pub const FENCE: &str = "ferry-fence";
 
 pub const KIND_HTTP: &str = "http";
 pub const KIND_TCP: &str = "tcp";
+pub const KIND_HELLO: &str = "hello";
+
+/// A connector's claim to be the current master of its (subaccount, location id): the HA epoch
+/// (raised by every promotion, persisted before any tunnel opens) and the node id that breaks
+/// ties. Ordered by epoch, then node. A connector without high availability has epoch 0.
+#[derive(Clone, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Fence {
+    pub epoch: u64,
+    pub node: String,
+}
+
+impl Fence {
+    /// Header value: `<epoch> <node>`.
+    pub fn to_header(&self) -> String {
+        format!("{} {}", self.epoch, self.node)
+    }
+
+    /// Parses a header value; `None` if it is not `<epoch> <node>` with a node of at most 64
+    /// visible ASCII characters.
+    pub fn parse(value: &str) -> Option<Self> {
+        let (epoch, node) = value.split_once(' ').unwrap_or((value, ""));
+        if node.len() > 64 || !node.bytes().all(|b| b.is_ascii_graphic()) {
+            return None;
+        }
+        Some(Self { epoch: epoch.parse().ok()?, node: node.to_owned() })
+    }
+}
 
 /// Values of [`ERROR`].
 pub const ERROR_DENIED: &str = "denied";
@@ -70,5 +104,18 @@ mod tests {
         assert_eq!(split_host_port("a.virtual"), None);
         assert_eq!(split_host_port(":80"), None);
         assert_eq!(split_host_port("a:99999"), None);
+    }
+
+    #[test]
+    fn fences_round_trip_and_order_by_epoch_then_node() {
+        let f = Fence { epoch: 7, node: "n-1_A".into() };
+        assert_eq!(Fence::parse(&f.to_header()), Some(f.clone()));
+        assert_eq!(Fence::parse("0"), Some(Fence::default()));
+        for bad in ["", "x y", "-1 a", "1 a b", "1 \u{7f}"] {
+            assert_eq!(Fence::parse(bad), None, "{bad}");
+        }
+        assert_eq!(Fence::parse(&format!("1 {}", "a".repeat(65))), None);
+        assert!(Fence { epoch: 2, node: "a".into() } > Fence { epoch: 1, node: "z".into() });
+        assert!(Fence { epoch: 2, node: "b".into() } > Fence { epoch: 2, node: "a".into() });
     }
 }

@@ -30,6 +30,10 @@ pub struct ProxyConfig {
     pub heartbeat: Duration,
     pub handshake_timeout: Duration,
     pub max_connections: usize,
+    /// On shutdown: how long in-flight HTTP requests and busy SOCKS5 streams may take before
+    /// they are closed. Idle connections close at once (SOCKS5: after [`socks::IDLE_TICK`]
+    /// without a byte), so the proxy exits as soon as its in-flight work is done.
+    pub drain_timeout: Duration,
 }
 
 impl ProxyConfig {
@@ -40,6 +44,7 @@ impl ProxyConfig {
             heartbeat: Duration::from_secs(20),
             handshake_timeout: Duration::from_secs(10),
             max_connections: 10_000,
+            drain_timeout: Duration::from_secs(10),
         }
     }
 }
@@ -106,47 +111,59 @@ impl Proxy {
         self.registry.clone()
     }
 
-    /// Serves the given listeners until `shutdown`, then drains.
+    /// Serves the given listeners until `shutdown`, then drains: the HTTP and SOCKS5 listeners
+    /// stop accepting and finish their in-flight work first, and only then do the tunnels close
+    /// (closing them earlier would cut the very requests being drained).
     pub async fn run(self: Arc<Self>, listeners: Listeners, shutdown: Shutdown) {
         let shared = Arc::new(Shared {
             verifier: ferry_auth::TokenCache::new(self.config.verifier.clone()),
             registry: self.registry.clone(),
         });
+        let drain = self.config.drain_timeout;
         let opts = |name| AcceptOptions {
             max_connections: self.config.max_connections,
             handshake_timeout: self.config.handshake_timeout,
+            // A little over the handlers' own deadline, so they close their streams themselves.
+            drain_timeout: drain + Duration::from_secs(1),
             ..AcceptOptions::named(name)
         };
-        let mut tasks = tokio::task::JoinSet::new();
+        let mut front = tokio::task::JoinSet::new();
         if let Some(l) = listeners.http {
             let shared = shared.clone();
             let sd = shutdown.clone();
-            tasks.spawn(accept_loop(l, opts("http-proxy"), shutdown.clone(), move |stream, _| {
-                serve_http(stream, shared.clone(), sd.clone())
+            front.spawn(accept_loop(l, opts("http-proxy"), shutdown.clone(), move |stream, _| {
+                serve_http(stream, shared.clone(), sd.clone(), drain)
             }));
         }
         if let Some(l) = listeners.socks5 {
             let shared = shared.clone();
             let hs = self.config.handshake_timeout;
-            tasks.spawn(accept_loop(l, opts("socks5-proxy"), shutdown.clone(), move |stream, _| {
-                socks::serve(stream, shared.clone(), hs)
+            let sd = shutdown.clone();
+            front.spawn(accept_loop(l, opts("socks5-proxy"), shutdown.clone(), move |stream, _| {
+                socks::serve(stream, shared.clone(), hs, socks::Drain { shutdown: sd.clone(), timeout: drain })
             }));
         }
-        if let Some(l) = listeners.tunnel {
+        let tunnels_sd = Shutdown::new();
+        let tunnels = listeners.tunnel.map(|l| {
             let acceptor = tokio_rustls::TlsAcceptor::from(self.config.tunnel_tls.clone());
             let registry = self.registry.clone();
             let hb = self.config.heartbeat;
             let hs = self.config.handshake_timeout;
-            let sd = shutdown.clone();
-            tasks.spawn(accept_loop(l, opts("tunnel"), shutdown.clone(), move |stream, _| {
+            let sd = tunnels_sd.clone();
+            tokio::spawn(accept_loop(l, opts("tunnel"), tunnels_sd.clone(), move |stream, _| {
                 tunnel_server::serve(stream, acceptor.clone(), registry.clone(), hb, hs, sd.clone())
-            }));
+            }))
+        });
+        shutdown.cancelled().await;
+        while front.join_next().await.is_some() {}
+        tunnels_sd.cancel();
+        if let Some(t) = tunnels {
+            let _ = t.await;
         }
-        while tasks.join_next().await.is_some() {}
     }
 }
 
-async fn serve_http(stream: tokio::net::TcpStream, shared: Arc<Shared>, shutdown: Shutdown) {
+async fn serve_http(stream: tokio::net::TcpStream, shared: Arc<Shared>, shutdown: Shutdown, drain: Duration) {
     let service = hyper::service::service_fn(move |req| {
         let shared = shared.clone();
         async move {
@@ -172,8 +189,9 @@ async fn serve_http(stream: tokio::net::TcpStream, shared: Arc<Shared>, shutdown
     tokio::select! {
         r = conn.as_mut() => if let Err(e) = r { tracing::debug!(error = %e, "HTTP proxy connection error") },
         _ = shutdown.cancelled() => {
+            // Idle keep-alive connections close now; one with a request in flight after it.
             conn.as_mut().graceful_shutdown();
-            let _ = tokio::time::timeout(Duration::from_secs(10), conn).await;
+            let _ = tokio::time::timeout(drain, conn).await;
         }
     }
 }

@@ -1,10 +1,13 @@
-//! Which Cloud Connector tunnels are up, keyed by (subaccount, location id).
+//! Which Cloud Connector tunnels are up, keyed by (subaccount, location id), and which connector
+//! instance may serve each key: the one with the highest [`Fence`] seen (see `tunnel_server`).
 
 use std::collections::HashMap;
 use std::sync::RwLock;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 
+use ferry_core::Shutdown;
 use ferry_core::body::BoxBody;
+use ferry_proto::tunnel::Fence;
 use hyper::client::conn::http2::SendRequest;
 
 /// `(subaccount id, location id)`; the empty location id is the default location.
@@ -12,12 +15,23 @@ pub type TunnelKey = (String, String);
 
 struct Tunnel {
     id: u64,
+    fence: Fence,
     sender: SendRequest<BoxBody>,
+    /// Cancelled when a connector with a higher fence takes the key over.
+    close: Shutdown,
+}
+
+#[derive(Default)]
+struct Slot {
+    /// Highest fence admitted for this key since the proxy started; never lowered, and kept
+    /// when the last tunnel goes, so a deposed master cannot return after a reconnect.
+    fence: Fence,
+    tunnels: Vec<Tunnel>,
 }
 
 #[derive(Default)]
 pub struct Registry {
-    tunnels: RwLock<HashMap<TunnelKey, Vec<Tunnel>>>,
+    slots: RwLock<HashMap<TunnelKey, Slot>>,
     ids: AtomicU64,
     round_robin: AtomicUsize,
 }
@@ -28,28 +42,54 @@ impl std::fmt::Debug for Registry {
     }
 }
 
+/// A tunnel the registry refused: a connector with a higher fence serves its key.
+#[derive(Debug)]
+pub(crate) struct Fenced(pub Fence);
+
 impl Registry {
-    pub(crate) fn add(&self, key: TunnelKey, sender: SendRequest<BoxBody>) -> u64 {
+    /// The highest fence admitted for `key` (the default for a key never seen).
+    pub(crate) fn fence(&self, key: &TunnelKey) -> Fence {
+        let map = self.slots.read().unwrap_or_else(|p| p.into_inner());
+        map.get(key).map(|s| s.fence.clone()).unwrap_or_default()
+    }
+
+    /// Admits a tunnel with `fence`, or refuses it if a higher fence holds the key. A higher
+    /// fence closes the key's other tunnels in the same step: `pick` never sees two instances.
+    pub(crate) fn add(
+        &self,
+        key: TunnelKey,
+        fence: Fence,
+        sender: SendRequest<BoxBody>,
+    ) -> Result<(u64, Shutdown), Fenced> {
+        let mut map = self.slots.write().unwrap_or_else(|p| p.into_inner());
+        let slot = map.entry(key).or_default();
+        if fence < slot.fence {
+            return Err(Fenced(slot.fence.clone()));
+        }
+        if fence > slot.fence {
+            for t in slot.tunnels.drain(..) {
+                t.close.cancel();
+            }
+            slot.fence = fence.clone();
+        }
         let id = self.ids.fetch_add(1, Ordering::Relaxed);
-        self.tunnels.write().unwrap_or_else(|p| p.into_inner()).entry(key).or_default().push(Tunnel { id, sender });
-        id
+        let close = Shutdown::new();
+        slot.tunnels.push(Tunnel { id, fence, sender, close: close.clone() });
+        Ok((id, close))
     }
 
     pub(crate) fn remove(&self, key: &TunnelKey, id: u64) {
-        let mut map = self.tunnels.write().unwrap_or_else(|p| p.into_inner());
-        if let Some(list) = map.get_mut(key) {
-            list.retain(|t| t.id != id);
-            if list.is_empty() {
-                map.remove(key);
-            }
+        let mut map = self.slots.write().unwrap_or_else(|p| p.into_inner());
+        if let Some(slot) = map.get_mut(key) {
+            slot.tunnels.retain(|t| t.id != id);
         }
     }
 
     /// A live tunnel for `key`, spreading load round-robin over a connector's connections.
     pub(crate) fn pick(&self, subaccount: &str, location: &str) -> Option<SendRequest<BoxBody>> {
-        let map = self.tunnels.read().unwrap_or_else(|p| p.into_inner());
-        let list = map.get(&(subaccount.to_owned(), location.to_owned()))?;
-        let live: Vec<&Tunnel> = list.iter().filter(|t| !t.sender.is_closed()).collect();
+        let map = self.slots.read().unwrap_or_else(|p| p.into_inner());
+        let slot = map.get(&(subaccount.to_owned(), location.to_owned()))?;
+        let live: Vec<&Tunnel> = slot.tunnels.iter().filter(|t| !t.sender.is_closed()).collect();
         if live.is_empty() {
             return None;
         }
@@ -59,10 +99,23 @@ impl Registry {
 
     /// The connected (subaccount, location id) pairs with their number of tunnel connections.
     pub fn keys(&self) -> Vec<(TunnelKey, usize)> {
-        let map = self.tunnels.read().unwrap_or_else(|p| p.into_inner());
-        let mut keys: Vec<_> = map.iter().map(|(k, v)| (k.clone(), v.len())).collect();
+        let map = self.slots.read().unwrap_or_else(|p| p.into_inner());
+        let mut keys: Vec<_> =
+            map.iter().filter(|(_, s)| !s.tunnels.is_empty()).map(|(k, s)| (k.clone(), s.tunnels.len())).collect();
         keys.sort();
         keys
+    }
+
+    /// The distinct fences of the live tunnels of a key: at most one, by construction.
+    pub fn serving(&self, subaccount: &str, location: &str) -> Vec<Fence> {
+        let map = self.slots.read().unwrap_or_else(|p| p.into_inner());
+        let mut fences: Vec<Fence> = map
+            .get(&(subaccount.to_owned(), location.to_owned()))
+            .map(|s| s.tunnels.iter().filter(|t| !t.sender.is_closed()).map(|t| t.fence.clone()).collect())
+            .unwrap_or_default();
+        fences.sort();
+        fences.dedup();
+        fences
     }
 
     pub fn is_connected(&self, subaccount: &str, location: &str) -> bool {

@@ -1,16 +1,20 @@
 //! The SOCKS5 proxy (SAP's port 20004) with SAP's authentication method 0x80 (JWT + location
 //! id). After CONNECT, bytes are relayed through a `tcp` tunnel stream.
 
+use std::pin::Pin;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::BytesMut;
+use ferry_core::Shutdown;
 use ferry_core::body;
 use ferry_proto::socks5::{self, Address, ConnectRequest, Greeting, Parsed, Reply, SapAuth};
 use ferry_proto::tunnel;
 use http::{Request, StatusCode};
 use http_body_util::BodyExt;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
 
 use crate::Shared;
@@ -60,7 +64,16 @@ async fn handshake(stream: &mut TcpStream, buf: &mut BytesMut) -> Result<Option<
     }
 }
 
-pub(crate) async fn serve(mut stream: TcpStream, shared: Arc<Shared>, handshake_timeout: Duration) {
+/// The proxy's shutdown as a SOCKS5 stream sees it.
+pub(crate) struct Drain {
+    pub shutdown: Shutdown,
+    pub timeout: Duration,
+}
+
+/// While draining, a stream that moved no byte for this long is idle and closed.
+pub const IDLE_TICK: Duration = Duration::from_millis(500);
+
+pub(crate) async fn serve(mut stream: TcpStream, shared: Arc<Shared>, handshake_timeout: Duration, drain: Drain) {
     let mut buf = BytesMut::with_capacity(2048);
     let auth = match tokio::time::timeout(handshake_timeout, handshake(&mut stream, &mut buf)).await {
         Ok(Ok(Some(a))) => a,
@@ -104,7 +117,7 @@ pub(crate) async fn serve(mut stream: TcpStream, shared: Arc<Shared>, handshake_
         a => format!("{}:{}", a, request.port),
     };
     let location = auth.location_id.unwrap_or_default();
-    relay(stream, buf, shared, claims, target, location).await;
+    relay(stream, buf, shared, claims, target, location, drain).await;
 }
 
 async fn relay(
@@ -114,6 +127,7 @@ async fn relay(
     claims: Arc<ferry_auth::Claims>,
     target: String,
     location: String,
+    drain: Drain,
 ) {
     let Some(sender) = shared.registry.pick(&claims.zid, &location) else {
         tracing::info!(subaccount = %claims.zid, %location, "SOCKS5: no Cloud Connector connected");
@@ -121,7 +135,16 @@ async fn relay(
         let _ = stream.write_all(&count_reply(Reply::NetworkUnreachable)).await;
         return;
     };
-    let (read, mut write) = stream.into_split();
+    let (read, write) = stream.into_split();
+    let active = Arc::new(AtomicBool::new(false));
+    let mut write = Active { inner: write, flag: active.clone() };
+    // Closing a drained stream must also end its upstream half, which hyper's send task reads:
+    // an aborted read resets the tunnel stream, so the connector lets go of it too.
+    let stop = Shutdown::new();
+    let read = Stoppable {
+        inner: Active { inner: read, flag: active.clone() },
+        stop: Box::pin(stop.clone().cancelled_owned()),
+    };
     let upstream = std::io::Cursor::new(leftover.to_vec()).chain(read);
     let mut req = Request::new(body::from_reader(upstream));
     *req.method_mut() = http::Method::POST;
@@ -152,18 +175,18 @@ async fn relay(
         return;
     }
     let replied = tokio::time::Instant::now();
-    let mut downstream = resp.into_body();
-    // The `socks` npm package (used by SAP's mail-client through nodemailer) drops bytes that
-    // arrive in the same read as the CONNECT reply: it re-emits them before nodemailer listens,
-    // so an SMTP greeting sent at once by the backend would be lost ("Greeting never received").
-    // A server-first protocol's first bytes therefore go out no sooner than a short gap after the
-    // reply; client-first protocols answer only after the client has read the reply, so they
-    // never wait.
-    let first = downstream.frame().await;
-    if first.is_some() {
-        tokio::time::sleep_until(replied + FIRST_DATA_GAP).await;
-    }
-    let rest = async {
+    let pump = async move {
+        let mut downstream = resp.into_body();
+        // The `socks` npm package (used by SAP's mail-client through nodemailer) drops bytes that
+        // arrive in the same read as the CONNECT reply: it re-emits them before nodemailer listens,
+        // so an SMTP greeting sent at once by the backend would be lost ("Greeting never received").
+        // A server-first protocol's first bytes therefore go out no sooner than a short gap after the
+        // reply; client-first protocols answer only after the client has read the reply, so they
+        // never wait.
+        let first = downstream.frame().await;
+        if first.is_some() {
+            tokio::time::sleep_until(replied + FIRST_DATA_GAP).await;
+        }
         if let Some(frame) = first
             && let Ok(data) = frame?.into_data()
         {
@@ -171,8 +194,91 @@ async fn relay(
         }
         body::copy_to_writer(downstream, write).await
     };
-    if let Err(e) = rest.await {
-        tracing::debug!(%request_id, error = %e, "SOCKS5 relay ended");
+    tokio::pin!(pump);
+    let ended = tokio::select! {
+        r = &mut pump => Some(r),
+        _ = drain.shutdown.cancelled() => drain_stream(pump.as_mut(), &active, drain.timeout).await,
+    };
+    match ended {
+        Some(Err(e)) => tracing::debug!(%request_id, error = %e, "SOCKS5 relay ended"),
+        Some(Ok(_)) => {}
+        None => {
+            stop.cancel();
+            tracing::info!(%request_id, "SOCKS5 stream closed by the proxy's shutdown");
+        }
+    }
+}
+
+/// Lets a stream run on during shutdown while bytes flow, up to `timeout`; `None` when it is
+/// to be closed (idle for a tick, or the deadline passed).
+async fn drain_stream<F: std::future::Future>(
+    mut pump: Pin<&mut F>,
+    active: &AtomicBool,
+    timeout: Duration,
+) -> Option<F::Output> {
+    let deadline = tokio::time::Instant::now() + timeout;
+    active.store(false, Ordering::Relaxed);
+    loop {
+        let tick = (tokio::time::Instant::now() + IDLE_TICK).min(deadline);
+        tokio::select! {
+            r = pump.as_mut() => return Some(r),
+            _ = tokio::time::sleep_until(tick) => {
+                if tick >= deadline || !active.swap(false, Ordering::Relaxed) {
+                    return None;
+                }
+            }
+        }
+    }
+}
+
+/// A reader that fails with `ConnectionAborted` once `stop` fires, even while a read is pending.
+struct Stoppable<R> {
+    inner: R,
+    stop: Pin<Box<tokio_util::sync::WaitForCancellationFutureOwned>>,
+}
+
+impl<R: AsyncRead + Unpin> AsyncRead for Stoppable<R> {
+    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<std::io::Result<()>> {
+        if self.stop.as_mut().poll(cx).is_ready() {
+            return Poll::Ready(Err(std::io::Error::new(
+                std::io::ErrorKind::ConnectionAborted,
+                "SOCKS5 stream closed by the proxy's shutdown",
+            )));
+        }
+        Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+/// Marks `flag` whenever bytes pass, so a drain tells an idle stream from a busy one.
+struct Active<T> {
+    inner: T,
+    flag: Arc<AtomicBool>,
+}
+
+impl<T: AsyncRead + Unpin> AsyncRead for Active<T> {
+    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let r = Pin::new(&mut self.inner).poll_read(cx, buf);
+        if buf.filled().len() > before {
+            self.flag.store(true, Ordering::Relaxed);
+        }
+        r
+    }
+}
+
+impl<T: AsyncWrite + Unpin> AsyncWrite for Active<T> {
+    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, data: &[u8]) -> Poll<std::io::Result<usize>> {
+        let r = Pin::new(&mut self.inner).poll_write(cx, data);
+        if matches!(r, Poll::Ready(Ok(n)) if n > 0) {
+            self.flag.store(true, Ordering::Relaxed);
+        }
+        r
+    }
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
     }
 }
 

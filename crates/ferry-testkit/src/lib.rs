@@ -141,10 +141,12 @@ impl EchoBackend {
     }
 }
 
-/// A TCP relay in front of `target` whose connections the test can cut at will.
+/// A TCP relay in front of `target` whose connections the test can cut at will, or partition:
+/// cut, and every new connection closed at once until healed.
 pub struct CuttableRelay {
     pub addr: SocketAddr,
     cut: watch::Sender<u64>,
+    partitioned: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl CuttableRelay {
@@ -152,9 +154,15 @@ impl CuttableRelay {
         let l = listener().await;
         let addr = l.local_addr().expect("addr");
         let (cut, rx) = watch::channel(0u64);
+        let partitioned = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let blocked = partitioned.clone();
         tokio::spawn(async move {
             loop {
                 let Ok((mut inbound, _)) = l.accept().await else { return };
+                if blocked.load(Ordering::SeqCst) {
+                    drop(inbound);
+                    continue;
+                }
                 let mut rx = rx.clone();
                 rx.mark_unchanged();
                 tokio::spawn(async move {
@@ -168,12 +176,22 @@ impl CuttableRelay {
                 });
             }
         });
-        Self { addr, cut }
+        Self { addr, cut, partitioned }
     }
 
     /// Drops every connection currently relayed.
     pub fn cut(&self) {
         self.cut.send_modify(|n| *n += 1);
+    }
+
+    /// Cuts every connection and refuses new ones until [`CuttableRelay::heal`].
+    pub fn partition(&self) {
+        self.partitioned.store(true, Ordering::SeqCst);
+        self.cut();
+    }
+
+    pub fn heal(&self) {
+        self.partitioned.store(false, Ordering::SeqCst);
     }
 }
 

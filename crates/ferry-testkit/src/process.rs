@@ -81,12 +81,17 @@ impl FerryProcess {
     /// Sends SIGTERM and waits up to 15 s for the exit.
     pub fn terminate(&mut self) -> ExitStatus {
         let _ = Command::new("kill").args(["-TERM", &self.child.id().to_string()]).status();
-        let deadline = Instant::now() + Duration::from_secs(15);
+        self.wait_exit(Duration::from_secs(15))
+    }
+
+    /// Waits up to `limit` for the process to exit (after a signal the test sent).
+    pub fn wait_exit(&mut self, limit: Duration) -> ExitStatus {
+        let deadline = Instant::now() + limit;
         loop {
             if let Ok(Some(status)) = self.child.try_wait() {
                 return status;
             }
-            assert!(Instant::now() < deadline, "the process did not stop on SIGTERM");
+            assert!(Instant::now() < deadline, "the process did not exit within {limit:?}");
             std::thread::sleep(Duration::from_millis(20));
         }
     }

@@ -139,7 +139,7 @@ struct Failures {
 
 /// The running administration side of a connector instance.
 pub struct Admin {
-    config: AdminConfig,
+    pub(crate) config: AdminConfig,
     pub(crate) store: Store,
     /// The current configuration; held across save-and-apply so changes are serialised.
     pub(crate) state: tokio::sync::Mutex<SccConfig>,
@@ -240,6 +240,13 @@ impl Admin {
             }
             _ => None,
         };
+        {
+            // The certificates a master synced win over this instance's own (see `crate::ha`).
+            let mut keys = ha.keys.lock().unwrap_or_else(PoisonError::into_inner);
+            if keys.is_none() {
+                *keys = own_keys(&config.connection);
+            }
+        }
         let admin = Arc::new(Self {
             ldap: std::sync::RwLock::new(ldap),
             ha,
@@ -325,21 +332,32 @@ impl Admin {
         cc.backend_connect_timeout = d.backend_connect_timeout;
         cc.heartbeat = d.heartbeat;
         cc.backend_ca_pem = d.backend_ca_pem.clone();
-        cc.system_certificate = d.system_certificate.clone();
+        cc.system_certificate = self.pair_keys().and_then(|k| k.system_certificate());
         cc.audit = AuditConfig {
             level: sub.audit_level,
             dir: Some(self.config.audit_dir.clone().unwrap_or_else(|| self.config.data_dir.join("audit"))),
             ..self.config.audit.clone()
         };
         cc.principal_propagation = self.principal(scc);
+        // Read at every (re)connect: a promotion stores the raised epoch before it connects.
+        let ha = self.ha.file();
+        cc.fence = Some(ferry_proto::tunnel::Fence { epoch: ha.epoch, node: ha.node });
         Ok(cc)
     }
 
-    /// Principal propagation from the instance's verifier and CA with the API's settings.
+    fn pair_keys(&self) -> Option<crate::ha::PairKeys> {
+        self.ha.keys.lock().unwrap_or_else(PoisonError::into_inner).clone()
+    }
+
+    /// Principal propagation from the instance's verifier and the pair's CA (see `crate::ha`)
+    /// with the API's settings.
     fn principal(&self, scc: &SccConfig) -> Option<Arc<PrincipalPropagation>> {
+        let keys = self.pair_keys();
         self.config.connection.principal_propagation.as_ref().map(|t| {
-            let mut p = PrincipalPropagation::new(t.verifier.clone(), t.ca.clone());
-            p.subject_pattern = t.subject_pattern.clone();
+            let ca = keys.as_ref().and_then(|k| k.pp_ca()).map(Arc::new).unwrap_or_else(|| t.ca.clone());
+            let mut p = PrincipalPropagation::new(t.verifier.clone(), ca);
+            p.subject_pattern =
+                keys.as_ref().and_then(|k| k.pp_subject_pattern.clone()).unwrap_or_else(|| t.subject_pattern.clone());
             p.certificate_validity = Duration::from_secs(u64::from(scc.pp_settings.certificate_validity_in_min) * 60);
             p.expiration_tolerance = Duration::from_secs(u64::from(scc.pp_settings.expiration_tolerance_in_hr) * 3600);
             Arc::new(p)
@@ -644,6 +662,22 @@ pub(crate) async fn authorize(req: Request, next: Next) -> Response {
             .into_response();
     }
     next.run(req).await
+}
+
+/// The certificates of this instance's own configuration, to serve with and sync to a shadow.
+fn own_keys(d: &ConnectionDefaults) -> Option<crate::ha::PairKeys> {
+    let pp = d.principal_propagation.as_ref();
+    let sys = d.system_certificate.as_ref();
+    if pp.is_none() && sys.is_none() {
+        return None;
+    }
+    Some(crate::ha::PairKeys {
+        pp_ca_cert: pp.map(|p| p.ca.cert_pem().to_owned()),
+        pp_ca_key: pp.map(|p| p.ca.key_pem().expose().clone()),
+        pp_subject_pattern: pp.map(|p| p.subject_pattern.clone()),
+        system_cert: sys.map(|c| c.cert_pem.clone()),
+        system_key: sys.map(|c| c.key_pem.expose().clone()),
+    })
 }
 
 /// A shadow's configuration comes from its master: changes answer SAP's `SHADOW_UPDATE`. Layered

@@ -8,6 +8,7 @@
 //! the API does; the UI adds field-level messages in front of that.
 
 mod charts;
+mod ha_page;
 mod pages;
 
 use std::collections::HashMap;
@@ -66,6 +67,7 @@ pub(super) fn router(admin: Arc<Admin>) -> Router {
         .route("/ui/logout", post(logout))
         .route("/ui/password", get(password_page).post(change_password))
         .merge(pages::routes())
+        .merge(ha_page::routes())
         // Unknown UI paths get a page, not the API's Basic challenge (a browser would prompt).
         .route("/ui/{*rest}", get(not_found))
         .with_state(ui)
@@ -185,7 +187,10 @@ impl Ui {
             .body(body)
             .map_err(|e| format!("invalid request: {e}"))?;
         req.extensions_mut().insert(Caller(ctx.user.clone(), ctx.roles.clone()));
-        let resp = super::api::router(self.admin.clone()).oneshot(req).await.unwrap_or_else(|e| match e {});
+        let router = super::api::router(self.admin.clone()).merge(
+            super::ha_api::router(self.admin.clone()).layer(axum::middleware::from_fn(super::authorize)),
+        );
+        let resp = router.oneshot(req).await.unwrap_or_else(|e| match e {});
         let (parts, body) = resp.into_parts();
         let bytes = body.collect().await.map(|b| b.to_bytes()).map_err(|e| format!("cannot read the answer: {e}"))?;
         if parts.status.is_success() {

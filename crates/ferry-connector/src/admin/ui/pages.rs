@@ -42,7 +42,6 @@ pub(super) fn routes() -> Router<Arc<Ui>> {
         .route("/ui/audit", get(audit_page).post(audit_level))
         .route("/ui/audit.csv", get(audit_csv))
         .route("/ui/monitoring", get(monitoring))
-        .route("/ui/ha", get(ha))
         .route("/ui/backup", get(backup_page))
         .route("/ui/backup/download", post(backup_download))
         .route("/ui/backup/restore", post(restore))
@@ -992,24 +991,6 @@ async fn monitoring(State(ui): S, headers: HeaderMap) -> Response {
         charts::svg("chart-latency", "Backend latency (mean per interval)", "ms", &samples, |s| s.latency_ms),
     );
     ui.render(&ctx, "Monitoring", &body)
-}
-
-// ---- high availability
-
-async fn ha(State(ui): S, headers: HeaderMap) -> Response {
-    let ctx = session!(ui.ctx(&headers, false));
-    let connector = ui.api_json(&ctx, &format!("{CONF}/connector")).await.unwrap_or_default();
-    let ha_on = connector.get("ha").and_then(Value::as_bool).unwrap_or(false);
-    let role = match ui.api(&ctx, Method::GET, "/exposed?action=hasMasterRole", None).await {
-        Ok((_, b)) if b.as_ref() == b"false" => "shadow",
-        _ => "master",
-    };
-    let body = format!(
-        "<dl class=\"facts\"><dt>High availability</dt><dd id=\"ha-enabled\">{}</dd><dt>Role of this instance</dt><dd>{role}</dd></dl>\
-         <p class=\"hint\">Read only here; high availability is configured through the REST API.</p>",
-        if ha_on { "enabled" } else { "not enabled" }
-    );
-    ui.render(&ctx, "High availability", &body)
 }
 
 // ---- backup / restore
