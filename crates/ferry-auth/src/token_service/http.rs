@@ -256,6 +256,7 @@ impl TokenService {
                     None => self.own_tenant(client)?,
                 };
                 let scopes = narrow(&client.authorities, params.get("scope"))?;
+                self.dedicated_zone(client, &tenant)?;
                 self.issue(&tenant, client, GRANT_CLIENT_CREDENTIALS, scopes, None, false)
             }
             GRANT_PASSWORD => {
@@ -277,6 +278,7 @@ impl TokenService {
                     .ok_or_else(|| OAuthError::invalid_grant("the user's zone is not configured"))?;
                 let scopes = narrow(&user_scopes(client, Some(&user)), params.get("scope"))?;
                 let identity = UserIdentity::from_user(&user, self.now());
+                self.dedicated_zone(client, &tenant)?;
                 self.issue(&tenant, client, GRANT_PASSWORD, scopes, Some(&identity), true)
             }
             GRANT_JWT_BEARER => {
@@ -294,6 +296,7 @@ impl TokenService {
                     }
                 };
                 let scopes = narrow(&user_scopes(client, user), params.get("scope"))?;
+                self.dedicated_zone(client, &tenant)?;
                 self.issue(&tenant, client, GRANT_JWT_BEARER, scopes, Some(&identity), true)
             }
             GRANT_SAML2_BEARER => {
@@ -304,6 +307,7 @@ impl TokenService {
                 };
                 let (identity, user) = self.check_saml_assertion(assertion, &tenant)?;
                 let scopes = narrow(&user_scopes(client, Some(&user)), params.get("scope"))?;
+                self.dedicated_zone(client, &tenant)?;
                 self.issue(&tenant, client, GRANT_SAML2_BEARER, scopes, Some(&identity), true)
             }
             GRANT_REFRESH_TOKEN => {
@@ -313,6 +317,7 @@ impl TokenService {
                     .tenant_by_id(&grant.tenant_id)
                     .ok_or_else(|| OAuthError::invalid_grant("the refresh token's zone is not configured"))?;
                 let scopes = narrow(&grant.scopes, params.get("scope"))?;
+                self.dedicated_zone(client, &tenant)?;
                 self.issue(&tenant, client, GRANT_REFRESH_TOKEN, scopes, Some(&grant.user), true)
             }
             GRANT_AUTHORIZATION_CODE => {
@@ -335,6 +340,7 @@ impl TokenService {
                     .tenant_by_id(&grant.tenant_id)
                     .ok_or_else(|| OAuthError::invalid_grant("the authorization code's zone is not configured"))?;
                 let scopes = narrow(&grant.scopes, params.get("scope"))?;
+                self.dedicated_zone(client, &tenant)?;
                 let issued = self.issue(&tenant, client, GRANT_AUTHORIZATION_CODE, scopes, Some(&grant.user), true);
                 if let Ok(i) = &issued {
                     self.auth.record_refresh_token(code, i.refresh_token.clone());
@@ -469,6 +475,19 @@ impl TokenService {
             granted.extend(scopes.iter().filter_map(|s| s.strip_prefix(&prefix)).map(|x| format!("$XSAPPNAME.{x}")));
         }
         User { scopes: Some(granted), ..Default::default() }
+    }
+
+    /// Refuses a token for a dedicated client outside its own zone. The same answer as for an
+    /// unknown client, since XSUAA has no such client in that zone.
+    fn dedicated_zone(&self, client: &OAuthClient, tenant: &TenantState) -> Result<(), OAuthError> {
+        if client.dedicated && tenant.tenant.id != client.tenant_id {
+            return Err(OAuthError::new(
+                StatusCode::UNAUTHORIZED,
+                "invalid_client",
+                format!("client {:?} is dedicated to its own zone and gets no tokens in another", client.client_id),
+            ));
+        }
+        Ok(())
     }
 
     fn own_tenant(&self, client: &OAuthClient) -> Result<Arc<TenantState>, OAuthError> {
