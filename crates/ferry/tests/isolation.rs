@@ -78,7 +78,9 @@ impl Admin {
 
     /// A new service instance of `service` in `sub` with one key; returns the key's credentials.
     async fn instance_key(&self, sub: &str, service: &str, name: &str) -> Value {
-        let inst = self.post(&format!("/subaccounts/{sub}/service-instances"), json!({"service": service, "name": name})).await;
+        let inst = self
+            .post(&format!("/subaccounts/{sub}/service-instances"), json!({"service": service, "name": name}))
+            .await;
         let iid = inst["id"].as_str().unwrap();
         self.post(&format!("/subaccounts/{sub}/service-instances/{iid}/service-keys"), json!({"name": "k"})).await
     }
@@ -239,17 +241,28 @@ protocol = "TCP"
         ),
         ("B's token, payload edited to zid A", &forged_a, erp, vec![], 407, 0, 0),
         ("A's token, payload edited to zid B", &forged_b, b_only, vec![], 407, 0, 0),
-        ("A's token, a location A has no connector at", &ta, erp, vec![("sap-connectivity-scc-location_id", "b")], 503, 0, 0),
+        (
+            "A's token, a location A has no connector at",
+            &ta,
+            erp,
+            vec![("sap-connectivity-scc-location_id", "b")],
+            503,
+            0,
+            0,
+        ),
         ("B's token in Authorization, none in Proxy-Authorization", "", b_only, vec![("authorization", "")], 407, 0, 0),
     ];
     let mut failures = Vec::new();
     for (name, token, url, headers, want, want_a, want_b) in rows {
         let (a0, b0) = (echo_a.hits(), echo_b.hits());
         let auth_b = format!("Bearer {tb}");
-        let headers: Vec<(&str, &str)> =
-            headers.into_iter().map(|(k, v)| if k == "authorization" { (k, auth_b.as_str()) } else { (k, v) }).collect();
+        let headers: Vec<(&str, &str)> = headers
+            .into_iter()
+            .map(|(k, v)| if k == "authorization" { (k, auth_b.as_str()) } else { (k, v) })
+            .collect();
         let got = if token.is_empty() {
-            let mut req = reqwest::Client::builder().proxy(reqwest::Proxy::http(&proxy).unwrap()).build().unwrap().get(url);
+            let mut req =
+                reqwest::Client::builder().proxy(reqwest::Proxy::http(&proxy).unwrap()).build().unwrap().get(url);
             for (k, v) in &headers {
                 req = req.header(*k, *v);
             }
