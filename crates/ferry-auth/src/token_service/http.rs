@@ -7,10 +7,11 @@
 
 use std::collections::HashMap;
 use std::collections::hash_map::Entry;
+use std::net::SocketAddr;
 use std::sync::Arc;
 
 use axum::body::Bytes;
-use axum::extract::{DefaultBodyLimit, RawQuery, State};
+use axum::extract::{ConnectInfo, DefaultBodyLimit, RawQuery, State};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Extension, Router};
@@ -63,6 +64,10 @@ impl OAuthError {
     }
     fn invalid_scope(d: impl Into<String>) -> Self {
         Self::new(StatusCode::BAD_REQUEST, "invalid_scope", d)
+    }
+    /// A wrong client secret or user password (what guessing produces).
+    fn is_bad_credentials(&self) -> bool {
+        self.error == "invalid_client" || (self.error == "invalid_grant" && self.description == "Bad credentials")
     }
     fn missing(param: &str) -> Self {
         Self::invalid_request(format!("missing required parameter: {param}"))
@@ -624,9 +629,29 @@ async fn token_endpoint(
     headers: HeaderMap,
     uri: Uri,
     tls: Option<Extension<TlsInfo>>,
+    peer: Option<Extension<ConnectInfo<SocketAddr>>>,
     body: Bytes,
 ) -> Response {
-    match svc.token(&headers, &uri, &body, tls.as_ref().map(|Extension(t)| t)).await {
+    let peer = peer.map(|Extension(ConnectInfo(a))| a.ip());
+    if let Some(wait) = peer.and_then(|p| svc.failed_logons.retry_after(p)) {
+        let mut resp = OAuthError::new(
+            StatusCode::TOO_MANY_REQUESTS,
+            "too_many_requests",
+            format!("too many failed logons from this address; retry in {} s", wait.as_secs().max(1)),
+        )
+        .into_response();
+        if let Ok(v) = HeaderValue::from_str(&wait.as_secs().max(1).to_string()) {
+            resp.headers_mut().insert(http::header::RETRY_AFTER, v);
+        }
+        return resp;
+    }
+    let result = svc.token(&headers, &uri, &body, tls.as_ref().map(|Extension(t)| t)).await;
+    if let (Err(e), Some(p)) = (&result, peer)
+        && e.is_bad_credentials()
+    {
+        svc.failed_logons.failed(p);
+    }
+    match result {
         Ok(issued) => {
             let mut body = json!({
                 "access_token": issued.access_token,
