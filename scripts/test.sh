@@ -40,6 +40,11 @@ rustup component list --installed 2>/dev/null | grep -q rustfmt || rustup compon
 
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets --quiet -- -D warnings
+# Supply chain: licenses, banned crates and sources of every dependency (deny.toml).
+tools="${FERRY_CACHE_DIR:-$HOME/.cache/ferry}/tools"
+export PATH="$tools/bin:$PATH"
+command -v cargo-deny >/dev/null || cargo install --locked cargo-deny --root "$tools"
+cargo deny --log-level error check licenses bans sources
 cargo test --workspace
 scripts/schemathesis.sh
 scripts/conformance.sh

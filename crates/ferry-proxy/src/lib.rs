@@ -8,6 +8,7 @@ pub mod fuzzing;
 mod http_proxy;
 pub mod registry;
 mod socks;
+mod tenant_limit;
 mod tunnel_server;
 
 use std::sync::Arc;
@@ -30,6 +31,9 @@ pub struct ProxyConfig {
     pub heartbeat: Duration,
     pub handshake_timeout: Duration,
     pub max_connections: usize,
+    /// HTTP requests in flight plus open SOCKS5 connections per subaccount; more get 429
+    /// (HTTP) or reply 01 (SOCKS5).
+    pub max_streams_per_subaccount: usize,
 }
 
 impl ProxyConfig {
@@ -40,6 +44,7 @@ impl ProxyConfig {
             heartbeat: Duration::from_secs(20),
             handshake_timeout: Duration::from_secs(10),
             max_connections: 10_000,
+            max_streams_per_subaccount: 2_000,
         }
     }
 }
@@ -90,6 +95,7 @@ pub(crate) async fn send_on_tunnel(
 pub(crate) struct Shared {
     pub(crate) verifier: ferry_auth::TokenCache,
     pub(crate) registry: Arc<Registry>,
+    pub(crate) tenant_streams: tenant_limit::TenantStreams,
 }
 
 pub struct Proxy {
@@ -111,6 +117,7 @@ impl Proxy {
         let shared = Arc::new(Shared {
             verifier: ferry_auth::TokenCache::new(self.config.verifier.clone()),
             registry: self.registry.clone(),
+            tenant_streams: tenant_limit::TenantStreams::new(self.config.max_streams_per_subaccount),
         });
         let opts = |name| AcceptOptions {
             max_connections: self.config.max_connections,
