@@ -390,6 +390,7 @@ impl TokenService {
             return Err(OAuthError::invalid_request("actor_token (delegation) is not supported"));
         }
         let (tenant, identity) = self.check_assertion(subject, addressed).await?;
+        self.dedicated_zone(client, &tenant)?;
         let signing_failed = |e: String| {
             tracing::error!(error = %e, "cannot sign an exchanged token");
             OAuthError::new(StatusCode::INTERNAL_SERVER_ERROR, "server_error", "token signing failed")
