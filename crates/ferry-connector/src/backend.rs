@@ -24,6 +24,7 @@ pub(crate) struct Backend {
     rules: Arc<LiveRules>,
     audit: AuditLog,
     connect_timeout: Duration,
+    response_timeout: Duration,
     /// Pooled HTTP/1.1 client for `HTTP` and `HTTPS` mappings.
     http: Client<hyper_rustls::HttpsConnector<HttpConnector>, BoxBody>,
     /// TLS for `TCPS`/`LDAPS` mappings.
@@ -105,6 +106,7 @@ impl Backend {
         roots: Arc<rustls::RootCertStore>,
         principal: Option<Arc<PrincipalPropagation>>,
         connect_timeout: Duration,
+        response_timeout: Duration,
         system_certificate: Option<&ferry_core::tls::CertifiedKey>,
     ) -> Result<Self, ferry_core::tls::TlsError> {
         let builder = || rustls::ClientConfig::builder().with_root_certificates(roots.clone());
@@ -135,6 +137,7 @@ impl Backend {
             rules,
             audit,
             connect_timeout,
+            response_timeout,
             http,
             tls,
             system,
@@ -297,9 +300,18 @@ impl Backend {
         }
         let req = Request::from_parts(parts, body::boxed(Counted { inner: incoming, bytes: http_bytes().0.clone() }));
         let started = std::time::Instant::now();
-        let sent = match user_tls {
-            Some(identity) => self.send_as_user(req, m, &identity).await,
-            None => self.clients_for(m).0.request(req).await.map_err(Into::into),
+        let send = async {
+            match user_tls {
+                Some(identity) => self.send_as_user(req, m, &identity).await,
+                None => self.clients_for(m).0.request(req).await.map_err(Into::into),
+            }
+        };
+        let Ok(sent) = tokio::time::timeout(self.response_timeout, send).await else {
+            tracing::warn!(system = %target, "backend did not answer in time");
+            return timed_out(format!(
+                "The backend of system {target} did not answer within {:?}",
+                self.response_timeout
+            ));
         };
         ferry_core::metrics::global()
             .histogram(

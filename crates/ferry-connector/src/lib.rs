@@ -65,6 +65,9 @@ pub struct ConnectorConfig {
     pub backoff_initial: Duration,
     pub backoff_max: Duration,
     pub backend_connect_timeout: Duration,
+    /// How long an HTTP backend may take to send its response headers; then the app gets 504
+    /// instead of waiting as long as its own patience lasts.
+    pub backend_response_timeout: Duration,
     /// HTTP/2 PING interval on the tunnel; a missed answer within the same time drops it.
     pub heartbeat: Duration,
     pub audit: audit::AuditConfig,
@@ -101,6 +104,7 @@ impl ConnectorConfig {
             backoff_initial: Duration::from_millis(100),
             backoff_max: Duration::from_secs(30),
             backend_connect_timeout: Duration::from_secs(10),
+            backend_response_timeout: Duration::from_secs(300),
             heartbeat: Duration::from_secs(20),
             audit: audit::AuditConfig::default(),
             backend_ca_pem: None,
@@ -162,6 +166,7 @@ impl Connector {
             backend_roots,
             config.principal_propagation.clone(),
             config.backend_connect_timeout,
+            config.backend_response_timeout,
             config.system_certificate.as_ref(),
         )?);
         Ok(Self {

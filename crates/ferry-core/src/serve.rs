@@ -11,6 +11,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use axum::response::IntoResponse as _;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::service::TowerToHyperService;
 use tokio::net::{TcpListener, TcpStream};
@@ -115,28 +116,51 @@ pub async fn serve_router(
     let acceptor = tls.map(tokio_rustls::TlsAcceptor::from);
     let handshake_timeout = opts.handshake_timeout;
     let sd = shutdown.clone();
-    accept_loop(listener, opts, shutdown, move |stream, _peer| {
+    let router = router.layer(axum::middleware::from_fn(limit_header_bytes));
+    accept_loop(listener, opts, shutdown, move |stream, peer| {
         let router = router.clone();
         let acceptor = acceptor.clone();
         let shutdown = sd.clone();
         async move {
             match acceptor {
                 Some(acceptor) => match tokio::time::timeout(handshake_timeout, acceptor.accept(stream)).await {
-                    Ok(Ok(tls)) => serve_http1(tls, router, shutdown).await,
+                    Ok(Ok(tls)) => serve_http1(tls, peer, router, shutdown).await,
                     Ok(Err(e)) => tracing::debug!(error = %e, "TLS handshake failed"),
                     Err(_) => tracing::debug!("TLS handshake timed out"),
                 },
-                None => serve_http1(stream, router, shutdown).await,
+                None => serve_http1(stream, peer, router, shutdown).await,
             }
         }
     })
     .await
 }
 
-async fn serve_http1<S>(io: S, router: axum::Router, shutdown: Shutdown)
+/// Total size of a request's header names and values an HTTP service accepts. hyper's read
+/// buffer cap only bites while a head is still incomplete, so a large head that arrives in one
+/// read would pass; this is the cap that holds.
+pub const MAX_HEADER_BYTES: usize = 64 * 1024;
+
+/// Answers 431 to a request whose headers exceed [`MAX_HEADER_BYTES`]; a middleware
+/// (`axum::middleware::from_fn`) for routers served outside [`serve_router`].
+pub async fn limit_header_bytes(req: axum::extract::Request, next: axum::middleware::Next) -> axum::response::Response {
+    let size: usize = req.headers().iter().map(|(n, v)| n.as_str().len() + v.len() + 4).sum();
+    if size > MAX_HEADER_BYTES {
+        let msg = format!("request headers are {size} bytes; the limit is {MAX_HEADER_BYTES}\n");
+        return (http::StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE, msg).into_response();
+    }
+    next.run(req).await
+}
+
+/// Serves one connection; handlers can read the peer as `Extension<ConnectInfo<SocketAddr>>`
+/// (e.g. to limit failed logons per address).
+async fn serve_http1<S>(io: S, peer: SocketAddr, router: axum::Router, shutdown: Shutdown)
 where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
+    let router = tower::ServiceExt::map_request(router, move |mut req: http::Request<hyper::body::Incoming>| {
+        req.extensions_mut().insert(axum::extract::ConnectInfo(peer));
+        req
+    });
     let service = TowerToHyperService::new(router);
     let conn = hyper::server::conn::http1::Builder::new()
         .timer(TokioTimer::new())

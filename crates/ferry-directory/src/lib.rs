@@ -686,6 +686,9 @@ impl Directory {
             scopes: vec!["openid".into(), format!("{}.Display", row.xsappname)],
             service_instance_id: Some(row.key.instance_id.clone()),
             certificates,
+            // The credentials say `tenantmode: dedicated`, and subaccounts here subscribe to
+            // nothing: another zone's tokens would cross the tenant boundary.
+            dedicated: true,
             ..Default::default()
         })
     }

@@ -133,6 +133,17 @@ pub(crate) async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Respo
     let location = req.headers().get(LOCATION_HEADER).and_then(|v| v.to_str().ok()).unwrap_or("").trim().to_owned();
     let principal = bearer(req.headers(), PRINCIPAL_HEADER).map(str::to_owned);
 
+    let Some(permit) = shared.tenant_streams.try_acquire(&claims.zid) else {
+        return error(
+            StatusCode::TOO_MANY_REQUESTS,
+            format!(
+                "Subaccount {} has {} requests and SOCKS5 connections open through the proxy, its limit; \
+                 retry when some have finished",
+                claims.zid,
+                shared.tenant_streams.limit()
+            ),
+        );
+    };
     let Some(sender) = shared.registry.pick(&claims.zid, &location) else {
         return error(
             StatusCode::SERVICE_UNAVAILABLE,
@@ -165,7 +176,8 @@ pub(crate) async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Respo
             parts.status = status;
             parts.version = http::Version::HTTP_11;
             body::strip_hop_by_hop(&mut parts.headers);
-            Response::from_parts(parts, body::boxed(incoming))
+            let held = crate::tenant_limit::Held { inner: incoming, _permit: permit };
+            Response::from_parts(parts, body::boxed(held))
         }
         Err(e) => {
             tracing::warn!(%request_id, error = %e, "tunnel request failed");

@@ -8,6 +8,7 @@ pub mod fuzzing;
 mod http_proxy;
 pub mod registry;
 mod socks;
+mod tenant_limit;
 mod tunnel_server;
 
 use std::sync::Arc;
@@ -34,6 +35,9 @@ pub struct ProxyConfig {
     /// they are closed. Idle connections close at once (SOCKS5: after [`socks::IDLE_TICK`]
     /// without a byte), so the proxy exits as soon as its in-flight work is done.
     pub drain_timeout: Duration,
+    /// HTTP requests in flight plus open SOCKS5 connections per subaccount; more get 429
+    /// (HTTP) or reply 01 (SOCKS5).
+    pub max_streams_per_subaccount: usize,
 }
 
 impl ProxyConfig {
@@ -45,6 +49,7 @@ impl ProxyConfig {
             handshake_timeout: Duration::from_secs(10),
             max_connections: 10_000,
             drain_timeout: Duration::from_secs(10),
+            max_streams_per_subaccount: 2_000,
         }
     }
 }
@@ -95,6 +100,7 @@ pub(crate) async fn send_on_tunnel(
 pub(crate) struct Shared {
     pub(crate) verifier: ferry_auth::TokenCache,
     pub(crate) registry: Arc<Registry>,
+    pub(crate) tenant_streams: tenant_limit::TenantStreams,
 }
 
 pub struct Proxy {
@@ -118,6 +124,7 @@ impl Proxy {
         let shared = Arc::new(Shared {
             verifier: ferry_auth::TokenCache::new(self.config.verifier.clone()),
             registry: self.registry.clone(),
+            tenant_streams: tenant_limit::TenantStreams::new(self.config.max_streams_per_subaccount),
         });
         let drain = self.config.drain_timeout;
         let opts = |name| AcceptOptions {

@@ -129,6 +129,13 @@ async fn relay(
     location: String,
     drain: Drain,
 ) {
+    // Held while the connection is relayed.
+    let Some(_permit) = shared.tenant_streams.try_acquire(&claims.zid) else {
+        tracing::info!(subaccount = %claims.zid, limit = shared.tenant_streams.limit(), "SOCKS5: subaccount at its stream limit");
+        let mut stream = stream;
+        let _ = stream.write_all(&count_reply(Reply::GeneralFailure)).await;
+        return;
+    };
     let Some(sender) = shared.registry.pick(&claims.zid, &location) else {
         tracing::info!(subaccount = %claims.zid, %location, "SOCKS5: no Cloud Connector connected");
         let mut stream = stream;

@@ -242,7 +242,7 @@ pub enum Level {
     Instance,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct DestinationEntry {
     #[serde(default)]
@@ -317,6 +317,20 @@ pub struct SamlTrustEntry {
     pub subaccount: Option<String>,
 }
 
+/// Secret properties (`Password`, `clientSecret`, ...) print as `***`, as `Secret<T>` does.
+impl std::fmt::Debug for DestinationEntry {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let shown: BTreeMap<&str, &dyn std::fmt::Debug> = self
+            .properties
+            .iter()
+            .map(|(k, v)| {
+                (k.as_str(), if ferry_model::is_secret_property(k) { &"***" as &dyn std::fmt::Debug } else { v })
+            })
+            .collect();
+        f.debug_struct("DestinationEntry").field("level", &self.level).field("properties", &shown).finish()
+    }
+}
+
 impl TrustEntry {
     pub fn to_trust(&self, default_subaccount: &str) -> ferry_auth::OidcTrust {
         ferry_auth::OidcTrust {
@@ -381,6 +395,34 @@ mod tests {
     }
 
     use super::*;
+
+    /// The Debug output of a parsed configuration (what a `?config` in a log line would print)
+    /// holds none of its secrets.
+    #[test]
+    fn debug_output_hides_every_secret() {
+        let text = r#"
+[bindings.destination]
+client_secret = "S1-binding-secret"
+[[users]]
+username = "alice"
+password = "S2-user-password"
+[ldap]
+url = "ldap://127.0.0.1:389"
+base_dn = "dc=example"
+bind_dn = "cn=svc"
+bind_password = "S3-bind-password"
+[destination_store]
+database = "postgres://u:S4-db-password@127.0.0.1/db"
+[[destinations]]
+properties = { Name = "d", Type = "HTTP", URL = "http://x", Authentication = "BasicAuthentication", User = "u", Password = "S5-dest-password", clientSecret = "S6-client-secret", tokenServicePassword = "S7-ts-password", KeyStorePassword = "S8-ks-password" }
+"#;
+        let cfg = FileConfig::parse(text).unwrap();
+        let shown = format!("{cfg:?} {cfg:#?}");
+        assert!(shown.contains("alice") && shown.contains("\"u\""), "the rest is shown: {shown}");
+        for n in 1..=8 {
+            assert!(!shown.contains(&format!("S{n}-")), "secret S{n} in {shown}");
+        }
+    }
 
     /// Every config file the repository ships must parse.
     #[test]

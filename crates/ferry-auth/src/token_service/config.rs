@@ -111,6 +111,10 @@ pub struct OAuthClient {
     /// Lifetime of this client's refresh tokens; `None`: the service-wide
     /// `refresh_token_validity`.
     pub refresh_token_validity: Option<Duration>,
+    /// XSUAA's `tenantmode: dedicated`: tokens only in `tenant_id`. Without it the client is
+    /// treated as subscribed everywhere (see [`Tenant`]), which would let a binding of one
+    /// subaccount read another's destinations and tunnels with `x-zid`.
+    pub dedicated: bool,
 }
 
 /// Which TLS client certificates authenticate an [`OAuthClient`].

@@ -7,10 +7,11 @@
 
 use std::collections::HashMap;
 use std::collections::hash_map::Entry;
+use std::net::SocketAddr;
 use std::sync::Arc;
 
 use axum::body::Bytes;
-use axum::extract::{DefaultBodyLimit, RawQuery, State};
+use axum::extract::{ConnectInfo, DefaultBodyLimit, RawQuery, State};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Extension, Router};
@@ -63,6 +64,10 @@ impl OAuthError {
     }
     fn invalid_scope(d: impl Into<String>) -> Self {
         Self::new(StatusCode::BAD_REQUEST, "invalid_scope", d)
+    }
+    /// A wrong client secret or user password (what guessing produces).
+    fn is_bad_credentials(&self) -> bool {
+        self.error == "invalid_client" || (self.error == "invalid_grant" && self.description == "Bad credentials")
     }
     fn missing(param: &str) -> Self {
         Self::invalid_request(format!("missing required parameter: {param}"))
@@ -256,6 +261,7 @@ impl TokenService {
                     None => self.own_tenant(client)?,
                 };
                 let scopes = narrow(&client.authorities, params.get("scope"))?;
+                self.dedicated_zone(client, &tenant)?;
                 self.issue(&tenant, client, GRANT_CLIENT_CREDENTIALS, scopes, None, false)
             }
             GRANT_PASSWORD => {
@@ -277,6 +283,7 @@ impl TokenService {
                     .ok_or_else(|| OAuthError::invalid_grant("the user's zone is not configured"))?;
                 let scopes = narrow(&user_scopes(client, Some(&user)), params.get("scope"))?;
                 let identity = UserIdentity::from_user(&user, self.now());
+                self.dedicated_zone(client, &tenant)?;
                 self.issue(&tenant, client, GRANT_PASSWORD, scopes, Some(&identity), true)
             }
             GRANT_JWT_BEARER => {
@@ -294,6 +301,7 @@ impl TokenService {
                     }
                 };
                 let scopes = narrow(&user_scopes(client, user), params.get("scope"))?;
+                self.dedicated_zone(client, &tenant)?;
                 self.issue(&tenant, client, GRANT_JWT_BEARER, scopes, Some(&identity), true)
             }
             GRANT_SAML2_BEARER => {
@@ -304,6 +312,7 @@ impl TokenService {
                 };
                 let (identity, user) = self.check_saml_assertion(assertion, &tenant)?;
                 let scopes = narrow(&user_scopes(client, Some(&user)), params.get("scope"))?;
+                self.dedicated_zone(client, &tenant)?;
                 self.issue(&tenant, client, GRANT_SAML2_BEARER, scopes, Some(&identity), true)
             }
             GRANT_REFRESH_TOKEN => {
@@ -313,6 +322,7 @@ impl TokenService {
                     .tenant_by_id(&grant.tenant_id)
                     .ok_or_else(|| OAuthError::invalid_grant("the refresh token's zone is not configured"))?;
                 let scopes = narrow(&grant.scopes, params.get("scope"))?;
+                self.dedicated_zone(client, &tenant)?;
                 self.issue(&tenant, client, GRANT_REFRESH_TOKEN, scopes, Some(&grant.user), true)
             }
             GRANT_AUTHORIZATION_CODE => {
@@ -335,6 +345,7 @@ impl TokenService {
                     .tenant_by_id(&grant.tenant_id)
                     .ok_or_else(|| OAuthError::invalid_grant("the authorization code's zone is not configured"))?;
                 let scopes = narrow(&grant.scopes, params.get("scope"))?;
+                self.dedicated_zone(client, &tenant)?;
                 let issued = self.issue(&tenant, client, GRANT_AUTHORIZATION_CODE, scopes, Some(&grant.user), true);
                 if let Ok(i) = &issued {
                     self.auth.record_refresh_token(code, i.refresh_token.clone());
@@ -379,6 +390,7 @@ impl TokenService {
             return Err(OAuthError::invalid_request("actor_token (delegation) is not supported"));
         }
         let (tenant, identity) = self.check_assertion(subject, addressed).await?;
+        self.dedicated_zone(client, &tenant)?;
         let signing_failed = |e: String| {
             tracing::error!(error = %e, "cannot sign an exchanged token");
             OAuthError::new(StatusCode::INTERNAL_SERVER_ERROR, "server_error", "token signing failed")
@@ -469,6 +481,19 @@ impl TokenService {
             granted.extend(scopes.iter().filter_map(|s| s.strip_prefix(&prefix)).map(|x| format!("$XSAPPNAME.{x}")));
         }
         User { scopes: Some(granted), ..Default::default() }
+    }
+
+    /// Refuses a token for a dedicated client outside its own zone. The same answer as for an
+    /// unknown client, since XSUAA has no such client in that zone.
+    fn dedicated_zone(&self, client: &OAuthClient, tenant: &TenantState) -> Result<(), OAuthError> {
+        if client.dedicated && tenant.tenant.id != client.tenant_id {
+            return Err(OAuthError::new(
+                StatusCode::UNAUTHORIZED,
+                "invalid_client",
+                format!("client {:?} is dedicated to its own zone and gets no tokens in another", client.client_id),
+            ));
+        }
+        Ok(())
     }
 
     fn own_tenant(&self, client: &OAuthClient) -> Result<Arc<TenantState>, OAuthError> {
@@ -605,9 +630,29 @@ async fn token_endpoint(
     headers: HeaderMap,
     uri: Uri,
     tls: Option<Extension<TlsInfo>>,
+    peer: Option<Extension<ConnectInfo<SocketAddr>>>,
     body: Bytes,
 ) -> Response {
-    match svc.token(&headers, &uri, &body, tls.as_ref().map(|Extension(t)| t)).await {
+    let peer = peer.map(|Extension(ConnectInfo(a))| a.ip());
+    if let Some(wait) = peer.and_then(|p| svc.failed_logons.retry_after(p)) {
+        let mut resp = OAuthError::new(
+            StatusCode::TOO_MANY_REQUESTS,
+            "too_many_requests",
+            format!("too many failed logons from this address; retry in {} s", wait.as_secs().max(1)),
+        )
+        .into_response();
+        if let Ok(v) = HeaderValue::from_str(&wait.as_secs().max(1).to_string()) {
+            resp.headers_mut().insert(http::header::RETRY_AFTER, v);
+        }
+        return resp;
+    }
+    let result = svc.token(&headers, &uri, &body, tls.as_ref().map(|Extension(t)| t)).await;
+    if let (Err(e), Some(p)) = (&result, peer)
+        && e.is_bad_credentials()
+    {
+        svc.failed_logons.failed(p);
+    }
+    match result {
         Ok(issued) => {
             let mut body = json!({
                 "access_token": issued.access_token,

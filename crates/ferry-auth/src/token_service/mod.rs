@@ -21,6 +21,7 @@ mod ldap;
 mod mtls;
 mod password;
 mod refresh;
+mod throttle;
 mod users;
 
 use std::collections::{HashMap, HashSet};
@@ -123,6 +124,8 @@ pub struct TokenService {
     passwords: PasswordVerifier,
     /// Certificate bindings added by [`TokenService::issue_client_certificate`], by client id.
     issued_bindings: RwLock<HashMap<String, Vec<CertificateBinding>>>,
+    /// Failed logons at the token endpoint per peer address (429 after too many).
+    failed_logons: throttle::FailedLogons,
     clock: Arc<dyn Clock>,
     http: reqwest::Client,
     /// Certificates of the SAML identity providers each tenant trusts for the saml2-bearer
@@ -332,6 +335,7 @@ impl TokenService {
             auth: AuthStore::default(),
             passwords,
             issued_bindings: RwLock::new(HashMap::new()),
+            failed_logons: throttle::FailedLogons::default(),
             clock,
             http,
             saml_idps: RwLock::new(HashMap::new()),

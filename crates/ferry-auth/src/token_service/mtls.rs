@@ -67,7 +67,8 @@ pub async fn serve_router_with_tls_info(
     let acceptor = tokio_rustls::TlsAcceptor::from(tls);
     let handshake_timeout = opts.handshake_timeout;
     let sd = shutdown.clone();
-    accept_loop(listener, opts, shutdown, move |stream, _peer| {
+    let router = router.layer(axum::middleware::from_fn(ferry_core::serve::limit_header_bytes));
+    accept_loop(listener, opts, shutdown, move |stream, peer| {
         let router = router.clone();
         let acceptor = acceptor.clone();
         let shutdown = sd.clone();
@@ -82,6 +83,7 @@ pub async fn serve_router_with_tls_info(
             let info = TlsInfo { peer_certificate };
             let service = router.map_request(move |mut req: http::Request<hyper::body::Incoming>| {
                 req.extensions_mut().insert(info.clone());
+                req.extensions_mut().insert(axum::extract::ConnectInfo(peer));
                 req
             });
             let conn = hyper::server::conn::http1::Builder::new()
