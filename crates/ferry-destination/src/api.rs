@@ -1454,7 +1454,16 @@ impl TokenFlow<'_> {
             return Ok(AuthToken::bearer(token));
         }
         let identity = match &request.keystore {
-            Some(location) => match self.s.keystore_pem(self.key, "tokenService.KeyStoreLocation", location).await {
+            Some(location) => match self
+                .s
+                .keystore_pem(
+                    self.key,
+                    "tokenService.KeyStoreLocation",
+                    location,
+                    request.keystore_password.as_ref().map(|p| p.expose().as_str()),
+                )
+                .await
+            {
                 Ok(pem) => Some(ferry_core::tls::CertifiedKey { cert_pem: pem.expose().clone(), key_pem: pem }),
                 Err(reason) => return Ok(AuthToken::failed(reason)),
             },

@@ -21,8 +21,9 @@
 //! `SAP-Connectivity-Technical-Authentication`) and OAuth2TokenExchange (RFC 8693 with
 //! `X-subject-token(-type)` and optional `X-actor-token(-type)`; `issued_token_type` returned).
 //! `X-client-assertion` with `X-client-assertion-type` replaces the client secret in any of them;
-//! `tokenService.KeyStoreLocation` (a PEM entry of the certificate store: certificate and key)
-//! authenticates the client by mTLS instead (SPEC §2.4), and `X-client-assertion-destination-name`
+//! `tokenService.KeyStoreLocation` (an entry of the certificate store: PEM with certificate and
+//! key, or P12/PFX or JKS opened with `tokenService.KeyStorePassword`) authenticates the client by
+//! mTLS instead (SPEC §2.4), and `X-client-assertion-destination-name`
 //! (or the property `clientAssertion.destinationName`) names an OAuth2ClientCredentials provider
 //! destination with `clientAssertion.type` whose access token becomes the client assertion (§2.5).
 //! Destinations and fragments written through the API (POST/PUT, single or bulk) must pass
@@ -31,17 +32,16 @@
 //! whose `ErrorMessage` names the property and the rule. Stored rows are not re-checked on read.
 //! SAML flows (`saml`): SAMLAssertion returns a signed SAML 2.0 assertion for the user
 //! (`SAML2.0` token, cached per user) and OAuth2SAMLBearerAssertion exchanges one with RFC 7522;
-//! both sign with the subaccount's key (`v1/saml2Metadata/certificate`) or a PEM
-//! `KeyStoreLocation`. SAPAssertionSSO, deprecated by SAP, answers a failed token.
+//! both sign with the subaccount's key (`v1/saml2Metadata/certificate`) or a `KeyStoreLocation`
+//! (PEM, or P12/JKS with `KeyStorePassword`). SAPAssertionSSO, deprecated by SAP, answers a failed token.
 //!
 //! Deviations from SAP's service, on purpose or not yet built: lists never contain secrets (and
 //! certificate lists no `Content`); a missing `X-refresh-token` or `X-code` is a 400 rather than a
 //! failed token, and so are missing `X-subject-token` headers; a user JWT that this service cannot verify (non-XSUAA issuers with
 //! `x_user_token.jwks`) fails the token; `modifiedwithin`, `$includeMetadata` on lists, label filters,
-//! certificate generation and `publicKeys`, the `provider_*` consume levels, P12/JKS keystores for
-//! SAML signing, `saml2Metadata` IdP metadata and passive certificates, refusing to delete a
-//! destination that is another's client assertion provider, P12/JKS keystores for
-//! mTLS to token services and chaining are not supported yet.
+//! certificate generation and `publicKeys`, the `provider_*` consume levels,
+//! `saml2Metadata` IdP metadata and passive certificates, refusing to delete a
+//! destination that is another's client assertion provider and chaining are not supported yet.
 //!
 //! Layers, top to bottom: `api` (HTTP shapes and status codes), [`DestinationService`]
 //! (sealing, lookups, token retrieval), `tokens` (remote OAuth calls and their cache) and
