@@ -55,13 +55,13 @@ struct Inner {
 
 /// The breakers of one client, one per key.
 #[derive(Default)]
-pub struct Breakers {
+pub(crate) struct Breakers {
     inner: Mutex<Inner>,
 }
 
 /// How a call ended, as the breaker counts it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Outcome {
+pub(crate) enum Outcome {
     Success,
     Failure,
 }
@@ -80,7 +80,7 @@ impl Outcome {
 
 /// Admission to one call; report its outcome with [`Permit::record`]. Dropped unrecorded (the
 /// call was cancelled), a trial call lets the next caller try instead.
-pub struct Permit<'a> {
+pub(crate) struct Permit<'a> {
     breakers: &'a Breakers,
     key: Option<String>,
 }

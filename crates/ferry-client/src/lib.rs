@@ -23,7 +23,7 @@
 //! ```
 
 pub mod bindings;
-pub mod breaker;
+mod breaker;
 pub mod client;
 pub mod error;
 pub mod http;

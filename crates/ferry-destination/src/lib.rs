@@ -8,7 +8,8 @@
 //! What is served (base `/destination-configuration`): `v1/{subaccount,instance}Destinations`
 //! (CRUD, bulk POST/PUT with 207, bulk DELETE by `$filter=Name in (...)`, list modes `$filter`,
 //! `$select=Name`, `$page`/`$pageSize`/`$pageCount`/`$entityCount`),
-//! `v1/{subaccount,instance}DestinationFragments`, `v1/{subaccount,instance}Certificates`, labels
+//! `v1/{subaccount,instance}DestinationFragments`, `v1/{subaccount,instance}Certificates` (uploads,
+//! or generated from `Attributes` and renewed with `AutomaticRenew`: `certgen`; `.../publicKeys`), labels
 //! of all three (`.../{name}/labels`, GET/PUT/PATCH),
 //! find-by-name `v1/destinations/{name}` (instance level, then subaccount level; `X-fragment-name`
 //! merging) and the consume API `v2/destinations/{name}[@level]` (no fallback, default
@@ -39,7 +40,7 @@
 //! certificate lists no `Content`); a missing `X-refresh-token` or `X-code` is a 400 rather than a
 //! failed token, and so are missing `X-subject-token` headers; a user JWT that this service cannot verify (non-XSUAA issuers with
 //! `x_user_token.jwks`) fails the token; `modifiedwithin`, `$includeMetadata` on lists, label filters,
-//! certificate generation and `publicKeys`, the `provider_*` consume levels,
+//! the `provider_*` consume levels,
 //! `saml2Metadata` IdP metadata and passive certificates, refusing to delete a
 //! destination that is another's client assertion provider and chaining are not supported yet.
 //!
@@ -57,6 +58,7 @@
 #![cfg_attr(test, allow(clippy::unwrap_used))]
 
 mod api;
+mod certgen;
 mod keys;
 mod labels;
 mod postgres;
@@ -461,6 +463,24 @@ pub(crate) fn etag_of<T: Serialize>(value: &T) -> Option<String> {
 }
 
 /// Serves the Destination Service API on `listener` until `shutdown` fires.
+/// Serves the Destination Service API on `listener` until `shutdown` fires, renewing
+/// `AutomaticRenew` certificates every hour meanwhile.
 pub async fn run(service: Arc<DestinationService>, listener: tokio::net::TcpListener, shutdown: Shutdown) {
-    serve_router(listener, service.router(), None, AcceptOptions::named("destination-service"), shutdown).await
+    let renewer = service.clone();
+    let stop = shutdown.clone();
+    let renewals = tokio::spawn(async move {
+        let mut every = tokio::time::interval(certgen::RENEW_CHECK_INTERVAL);
+        loop {
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = every.tick() => {
+                    if let Err(e) = renewer.renew_certificates(std::time::SystemTime::now()).await {
+                        tracing::warn!(error = %e, "certificate renewal failed; trying again in an hour");
+                    }
+                }
+            }
+        }
+    });
+    serve_router(listener, service.router(), None, AcceptOptions::named("destination-service"), shutdown).await;
+    renewals.abort();
 }

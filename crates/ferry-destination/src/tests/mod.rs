@@ -7,6 +7,7 @@
 //! `postgres_storage` is PostgreSQL's.
 
 mod api;
+mod cert_generation;
 mod certificates;
 mod concurrency;
 mod consume;
