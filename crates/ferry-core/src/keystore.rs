@@ -104,13 +104,13 @@ pub struct KeyStore {
 }
 
 /// Decodes `bytes` as `format` (or, when `None`, as what the bytes look like). `password` is
-/// needed for PKCS#12 and JKS; a JKS file without one is read, unverified, for its
-/// certificates only.
+/// needed for PKCS#12, JKS and encrypted PEM keys; a JKS file without one is read, unverified,
+/// for its certificates only.
 pub fn decode(bytes: &[u8], format: Option<Format>, password: Option<&str>) -> Result<KeyStore, KeystoreError> {
     let sniffed = format.is_none();
     let format = format.unwrap_or_else(|| Format::sniff(bytes));
     let store = match format {
-        Format::Pem => decode_pem(bytes)?,
+        Format::Pem => decode_pem(bytes, password)?,
         Format::Der if x509_parser::parse_x509_certificate(bytes).is_ok() => KeyStore {
             entries: vec![Entry { alias: None, chain: vec![CertificateDer::from(bytes.to_vec())], key: None }],
         },
@@ -177,14 +177,7 @@ pub fn pem_block(label: &str, der: &[u8]) -> String {
     out
 }
 
-fn decode_pem(bytes: &[u8]) -> Result<KeyStore, KeystoreError> {
-    if bytes.windows(29).any(|w| w == b"BEGIN ENCRYPTED PRIVATE KEY--") {
-        return Err(KeystoreError::Pem(
-            "encrypted PEM private keys are not supported; store the key unencrypted (the certificate store \
-             encrypts it at rest) or upload a P12 keystore with its password"
-                .into(),
-        ));
-    }
+fn decode_pem(bytes: &[u8], password: Option<&str>) -> Result<KeyStore, KeystoreError> {
     let chain = CertificateDer::pem_slice_iter(bytes)
         .collect::<Result<Vec<_>, _>>()
         .map_err(|e| KeystoreError::Pem(e.to_string()))?;
@@ -193,7 +186,76 @@ fn decode_pem(bytes: &[u8]) -> Result<KeyStore, KeystoreError> {
         Err(rustls::pki_types::pem::Error::NoItemsFound) => None,
         Err(e) => return Err(KeystoreError::Pem(e.to_string())),
     };
+    let encrypted = x509_parser::pem::Pem::iter_from_buffer(bytes)
+        .filter_map(Result::ok)
+        .find(|block| block.label == "ENCRYPTED PRIVATE KEY");
+    let key = match (key, encrypted) {
+        (Some(key), _) => Some(key),
+        (None, None) => None,
+        (None, Some(block)) => {
+            let password = password.ok_or(KeystoreError::PasswordRequired("PEM private key"))?;
+            Some(Secret::new(PrivateKeyDer::Pkcs8(decrypt_private_key(&block.contents, password)?.into())))
+        }
+    };
     Ok(KeyStore { entries: vec![Entry { alias: None, chain, key }] })
+}
+
+/// PBKDF2 rounds for keys this service encrypts; the rows holding them are sealed as well, so
+/// this guards the file a user downloads, and must not make every token fetch slow.
+const PBKDF2_ROUNDS: u32 = 100_000;
+
+/// `pkcs8` as an `EncryptedPrivateKeyInfo` (PBES2: PBKDF2-SHA256, AES-256-CBC), as
+/// `openssl pkcs8 -topk8` writes it; PEM label `ENCRYPTED PRIVATE KEY`.
+pub fn encrypt_private_key(pkcs8: &[u8], password: &str) -> Result<Vec<u8>, KeystoreError> {
+    use der::Encode;
+    let failed = |what: &str| KeystoreError::Pem(format!("cannot encrypt the private key: {what}"));
+    let mut salt = [0u8; 16];
+    let mut iv = [0u8; 16];
+    aws_lc_rs::rand::fill(&mut salt).map_err(|_| failed("no random numbers"))?;
+    aws_lc_rs::rand::fill(&mut iv).map_err(|_| failed("no random numbers"))?;
+    let params = pkcs5::pbes2::Parameters::generate_pbkdf2_sha256_aes256cbc(PBKDF2_ROUNDS, &salt, iv)
+        .map_err(|e| failed(&e.to_string()))?;
+    let scheme = pkcs5::EncryptionScheme::from(params);
+    let ciphertext = scheme.encrypt(password, pkcs8).map_err(|e| failed(&e.to_string()))?;
+    let algorithm = scheme.to_der().map_err(|e| failed(&e.to_string()))?;
+    let octets =
+        der::asn1::OctetString::new(ciphertext).and_then(|o| o.to_der()).map_err(|e| failed(&e.to_string()))?;
+    let mut body = algorithm;
+    body.extend(octets);
+    let mut out = vec![0x30];
+    der_length(body.len(), &mut out);
+    out.extend(body);
+    Ok(out)
+}
+
+fn der_length(len: usize, out: &mut Vec<u8>) {
+    if len < 0x80 {
+        out.push(len as u8);
+    } else {
+        let bytes: Vec<u8> = len.to_be_bytes().into_iter().skip_while(|b| *b == 0).collect();
+        out.push(0x80 | bytes.len() as u8);
+        out.extend(bytes);
+    }
+}
+
+/// Opens an `EncryptedPrivateKeyInfo` (PBES2) with `password`; the PKCS#8 key inside.
+fn decrypt_private_key(der_bytes: &[u8], password: &str) -> Result<Vec<u8>, KeystoreError> {
+    use der::Decode;
+    let bad = |what: &str| KeystoreError::Pem(format!("the encrypted private key cannot be read: {what}"));
+    let (_, info) = der_tlv(der_bytes, 0x30).ok_or_else(|| bad("not an EncryptedPrivateKeyInfo"))?;
+    let (rest, _) = der_tlv(info, 0x30).ok_or_else(|| bad("no algorithm"))?;
+    let algorithm = &info[..info.len() - rest.len()];
+    let (_, ciphertext) = der_tlv(rest, 0x04).ok_or_else(|| bad("no encrypted data"))?;
+    let scheme = pkcs5::EncryptionScheme::from_der(algorithm).map_err(|e| bad(&e.to_string()))?;
+    if scheme.pbes2().is_none() {
+        return Err(bad("only PBES2 encryption is supported (openssl pkcs8 -topk8 -v2 aes-256-cbc)"));
+    }
+    let plain = scheme.decrypt(password, ciphertext).map_err(|_| KeystoreError::WrongPassword("PEM private key"))?;
+    // A wrong password can still unpad by chance; the result must then be one DER SEQUENCE.
+    match der_tlv(&plain, 0x30) {
+        Some(([], _)) => Ok(plain),
+        _ => Err(KeystoreError::WrongPassword("PEM private key")),
+    }
 }
 
 fn decode_p12(bytes: &[u8], password: Option<&str>) -> Result<KeyStore, KeystoreError> {

@@ -230,3 +230,35 @@ fn pem_and_der() {
     assert!(matches!(decode(b"just text", None, None), Err(KeystoreError::UnknownFormat)));
     assert!(matches!(decode(b"just text", Some(Format::Pkcs12), None), Err(KeystoreError::Pkcs12(_))));
 }
+
+#[test]
+fn encrypted_pem_keys_both_ways() {
+    let dir = tempfile::tempdir().unwrap();
+    let key = key_and_cert(dir.path());
+    let cert = std::fs::read(dir.path().join("cert.pem")).unwrap();
+    // openssl encrypts (PBES2, AES-256-CBC), we decrypt.
+    run(
+        dir.path(),
+        "openssl",
+        &["pkcs8", "-topk8", "-in", "key.pem", "-v2", "aes-256-cbc", "-passout", "pass:pem-pw", "-out", "enc.pem"],
+    );
+    let mut pem = cert.clone();
+    pem.extend(std::fs::read(dir.path().join("enc.pem")).unwrap());
+    let store = decode(&pem, None, Some("pem-pw")).unwrap();
+    assert_eq!(key_der(&store), key);
+    assert!(matches!(decode(&pem, None, None), Err(KeystoreError::PasswordRequired(_))));
+    assert!(matches!(decode(&pem, None, Some("nope")), Err(KeystoreError::WrongPassword(_))));
+    // Certificates alone need no password.
+    assert!(decode(&cert, None, None).is_ok());
+    // We encrypt, openssl decrypts.
+    let encrypted = ferry_core::keystore::encrypt_private_key(&key, "our-pw").unwrap();
+    std::fs::write(dir.path().join("ours.pem"), ferry_core::keystore::pem_block("ENCRYPTED PRIVATE KEY", &encrypted))
+        .unwrap();
+    run(dir.path(), "openssl", &["pkcs8", "-in", "ours.pem", "-passin", "pass:our-pw", "-out", "plain.pem"]);
+    run(
+        dir.path(),
+        "openssl",
+        &["pkcs8", "-topk8", "-nocrypt", "-in", "plain.pem", "-outform", "DER", "-out", "back.der"],
+    );
+    assert_eq!(std::fs::read(dir.path().join("back.der")).unwrap(), key);
+}

@@ -899,7 +899,7 @@ async fn write_certificates(
         }
         if single {
             outcome?;
-            return Ok(if create { ok.into_response() } else { Json(json!({ "Count": 1 })).into_response() });
+            return Ok(if create { created_empty() } else { Json(json!({ "Count": 1 })).into_response() });
         }
         results.push(ItemResult::of(name.unwrap_or_default(), ok, outcome));
     }

@@ -3,7 +3,8 @@
 //! entry (`.../{name}/publicKeys`), and automatic renewal.
 //!
 //! Without a CSR the service makes an RSA key pair and a self-signed certificate for `CN`, and
-//! the entry holds both as PEM (usable at once as a `KeyStoreLocation`). With a CSR the
+//! the entry holds both as PEM (usable at once as a `KeyStoreLocation`; with `Password` the key
+//! is encrypted and destinations give it as `KeyStorePassword`). With a CSR the
 //! requester keeps its key: the subject is replaced by `CN` (as SAP does) and the certificate
 //! is signed by the subaccount's certificate issuer, a CA generated on first use and kept
 //! sealed in the store like the SAML signing key; the entry holds the certificate and the CA.
@@ -56,14 +57,22 @@ fn validity_window(attributes: &CertificateAttributes) -> (time::OffsetDateTime,
     (now - time::Duration::minutes(5), now + time::Duration::days(i64::from(days)))
 }
 
-/// A self-signed certificate and its new key, as PEM.
+/// A self-signed certificate and its new key, as PEM; with `Password` the key is encrypted
+/// with it (PKCS#8, PBES2), as SAP's service protects it.
 fn self_signed(attributes: &CertificateAttributes) -> Result<String, String> {
     let key = KeyPair::generate_for(&rcgen::PKCS_RSA_SHA256).map_err(|e| e.to_string())?;
     let mut params = CertificateParams::default();
     params.distinguished_name.push(DnType::CommonName, attributes.common_name.clone().unwrap_or_default());
     (params.not_before, params.not_after) = validity_window(attributes);
     let cert = params.self_signed(&key).map_err(|e| e.to_string())?;
-    Ok(format!("{}{}", cert.pem(), key.serialize_pem()))
+    let key_pem = match &attributes.password {
+        Some(password) => {
+            let encrypted = keystore::encrypt_private_key(&key.serialize_der(), password).map_err(|e| e.to_string())?;
+            keystore::pem_block("ENCRYPTED PRIVATE KEY", &encrypted)
+        }
+        None => key.serialize_pem(),
+    };
+    Ok(format!("{}{}", cert.pem(), key_pem))
 }
 
 /// The requester's CSR signed by `issuer` with the subject replaced by `CN`, followed by the

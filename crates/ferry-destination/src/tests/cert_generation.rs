@@ -39,7 +39,7 @@ async fn self_signed_generation_and_public_keys() {
     assert_eq!(r.json["Attributes"]["CN"], "my-app");
     assert!(!r.text.contains("gen-pass"), "the password is never returned: {}", r.text);
     let pem = pem_of(&r.json);
-    assert!(pem.contains("BEGIN CERTIFICATE") && pem.contains("BEGIN PRIVATE KEY"), "{pem}");
+    assert!(pem.contains("BEGIN CERTIFICATE") && pem.contains("BEGIN ENCRYPTED PRIVATE KEY"), "{pem}");
     // openssl: self-signed for CN=my-app, valid for 30 days (past 29, not past 31), key matches.
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(dir.path().join("gen.pem"), &pem).unwrap();
@@ -49,8 +49,11 @@ async fn self_signed_generation_and_public_keys() {
     assert!(openssl(dir.path(), &["x509", "-in", "gen.pem", "-noout", "-checkend", &(29 * 86400).to_string()]).0);
     assert!(!openssl(dir.path(), &["x509", "-in", "gen.pem", "-noout", "-checkend", &(31 * 86400).to_string()]).0);
     let (_, cert_key) = openssl(dir.path(), &["x509", "-in", "gen.pem", "-noout", "-pubkey"]);
-    let (_, key_key) = openssl(dir.path(), &["pkey", "-in", "gen.pem", "-pubout"]);
+    // The key is encrypted with the Password: openssl opens it with that, and not without.
+    let (ok, key_key) = openssl(dir.path(), &["pkey", "-in", "gen.pem", "-passin", "pass:gen-pass", "-pubout"]);
+    assert!(ok, "{key_key}");
     assert_eq!(cert_key, key_key);
+    assert!(!openssl(dir.path(), &["pkey", "-in", "gen.pem", "-passin", "pass:other", "-pubout"]).0);
 
     // publicKeys: the chain without the key, no alias (not a keystore), with an ETag.
     let keys_url = format!("{url}/gen.pem/publicKeys");
@@ -77,6 +80,7 @@ async fn self_signed_generation_and_public_keys() {
     assert_eq!(r.status, StatusCode::OK, "{}", r.text);
     let r = env.call(Method::GET, &format!("{url}/gen.pem"), Some(&t), None).await;
     assert_ne!(pem_of(&r.json), pem);
+    assert!(pem_of(&r.json).contains("BEGIN PRIVATE KEY"), "no Password, no encryption");
 
     // What cannot be generated is a 400 that says why.
     let validity = json!({"TimeUnit": "DAYS", "Value": 1});
