@@ -184,9 +184,10 @@ impl DestinationService {
 /// Whether less than a fifth of the leaf certificate's validity (and at most 30 days) is left.
 fn renewal_due(cert: &Certificate, now: SystemTime) -> bool {
     let Some(bytes) = cert.content.as_deref().and_then(|c| STANDARD.decode(c.trim()).ok()) else { return true };
-    let Ok(store) = keystore::decode(&bytes, Some(Format::Pem), None) else { return true };
-    let Some(leaf) = store.entries.first().and_then(|e| e.chain.first()) else { return true };
-    let Ok((_, parsed)) = x509_parser::parse_x509_certificate(leaf) else { return true };
+    // The certificate only: the key may be encrypted, and is not needed here.
+    use rustls::pki_types::pem::PemObject;
+    let Some(Ok(leaf)) = rustls::pki_types::CertificateDer::pem_slice_iter(&bytes).next() else { return true };
+    let Ok((_, parsed)) = x509_parser::parse_x509_certificate(&leaf) else { return true };
     let validity = parsed.validity();
     let (from, to) = (validity.not_before.timestamp(), validity.not_after.timestamp());
     let now = now.duration_since(SystemTime::UNIX_EPOCH).map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX));

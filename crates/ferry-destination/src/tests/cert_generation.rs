@@ -227,7 +227,8 @@ async fn automatic_renewal_replaces_certificates_close_to_expiry() {
     let url = format!("{V1}/subaccountCertificates");
     let validity = json!({"TimeUnit": "DAYS", "Value": 30});
     for (name, renew) in [("auto.pem", true), ("manual.pem", false)] {
-        let attrs = json!({"CN": name, "Validity": validity, "AutomaticRenew": renew});
+        // With a Password the key is encrypted; renewal needs only the certificate.
+        let attrs = json!({"CN": name, "Validity": validity, "AutomaticRenew": renew, "Password": "pw"});
         let r = env.call(Method::POST, &url, Some(&t), Some(generate(name, attrs))).await;
         assert_eq!(r.status, StatusCode::CREATED, "{}", r.text);
     }
