@@ -10,15 +10,18 @@
 # authentication data is what the test pastes into the UI), starts `ferry connector run` with
 # only `[admin]` (no subaccount yet), runs `npm ci` and `node run.js` in tests/ui, and exits with
 # its status. Screenshots of every page go to $FERRY_ARTIFACTS/ui-screenshots (default:
-# target/ui-screenshots).
+# target/ui-screenshots). A throw-away slapd (Debian's, as this user, on a free port) holds the
+# users of the LDAP logon steps.
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 work="$(mktemp -d "${TMPDIR:-/tmp}/ferry-ui-tests.XXXXXX")"
 # shellcheck source=lib/ferry-up.sh
 . "$root/scripts/lib/ferry-up.sh"
 scc_pid=""
+slapd_pid=""
 cleanup() {
   if [ -n "$scc_pid" ]; then kill "$scc_pid" 2>/dev/null || true; wait "$scc_pid" 2>/dev/null || true; fi
+  if [ -n "$slapd_pid" ]; then kill "$slapd_pid" 2>/dev/null || true; wait "$slapd_pid" 2>/dev/null || true; fi
   stop_ferry_up
   rm -rf "$work"
 }
@@ -29,6 +32,77 @@ chromium="${CHROMIUM:-/usr/bin/chromium}"
 [ -x "$chromium" ] || { echo "$chromium is required (Debian package chromium)" >&2; exit 2; }
 
 (cd "$root/tests/ui" && npm ci --no-audit --no-fund --loglevel=error)
+
+# The directory of the LDAP logon steps: anna is in the administrators' group, nick in none.
+[ -x /usr/sbin/slapd ] || { echo "/usr/sbin/slapd is required (Debian packages slapd ldap-utils)" >&2; exit 2; }
+ldap="$work/ldap"
+mkdir -p "$ldap/data"
+suffix="dc=ferry,dc=test"
+cat >"$ldap/slapd.conf" <<EOF
+include /etc/ldap/schema/core.schema
+include /etc/ldap/schema/cosine.schema
+include /etc/ldap/schema/inetorgperson.schema
+pidfile $ldap/slapd.pid
+argsfile $ldap/slapd.args
+modulepath /usr/lib/ldap
+moduleload back_mdb
+database mdb
+maxsize 16777216
+suffix "$suffix"
+rootdn "cn=admin,$suffix"
+rootpw admin-secret
+directory $ldap/data
+access to attrs=userPassword by anonymous auth by * none
+access to * by users read by * none
+EOF
+/usr/sbin/slapadd -f "$ldap/slapd.conf" <<EOF
+dn: $suffix
+objectClass: dcObject
+objectClass: organization
+dc: ferry
+o: Ferry
+
+dn: ou=people,$suffix
+objectClass: organizationalUnit
+ou: people
+
+dn: ou=groups,$suffix
+objectClass: organizationalUnit
+ou: groups
+
+dn: cn=reader,$suffix
+objectClass: organizationalRole
+objectClass: simpleSecurityObject
+cn: reader
+userPassword: reader-secret-ui
+
+dn: uid=anna,ou=people,$suffix
+objectClass: inetOrgPerson
+uid: anna
+cn: Anna Admin
+sn: Admin
+userPassword: anna-ldap-pw
+
+dn: uid=nick,ou=people,$suffix
+objectClass: inetOrgPerson
+uid: nick
+cn: Nick Nobody
+sn: Nobody
+userPassword: nick-ldap-pw
+
+dn: cn=sccadmin,ou=groups,$suffix
+objectClass: groupOfNames
+cn: sccadmin
+member: uid=anna,ou=people,$suffix
+EOF
+ldap_port="$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')"
+/usr/sbin/slapd -f "$ldap/slapd.conf" -h "ldap://127.0.0.1:$ldap_port/" -d 0 2>"$ldap/slapd.log" &
+slapd_pid=$!
+for _ in $(seq 1 100); do
+  (exec 3<>"/dev/tcp/127.0.0.1/$ldap_port") 2>/dev/null && break
+  kill -0 "$slapd_pid" 2>/dev/null || { echo "slapd exited:" >&2; cat "$ldap/slapd.log" >&2; exit 1; }
+  sleep 0.1
+done
 
 data="$work/data"
 start_ferry_up "$root/tests/ui/ferry.toml" "$work" >/dev/null
@@ -55,7 +129,8 @@ mkdir -p "$shots"
 status=0
 (cd "$root/tests/ui" && FERRY_UI_URL="$ui_url" FERRY_ENV_FILE="$work/default-env.json" \
   FERRY_AUTH_DATA="$work/enroll/authentication-data.json" FERRY_LOCATION=ui-loc \
-  FERRY_SCREENSHOTS="$shots" CHROMIUM="$chromium" NODE_EXTRA_CA_CERTS="$data/ca.pem" node run.js) || status=$?
+  FERRY_SCREENSHOTS="$shots" CHROMIUM="$chromium" NODE_EXTRA_CA_CERTS="$data/ca.pem" \
+  FERRY_LDAP_PORT="$ldap_port" FERRY_LDAP_SUFFIX="$suffix" node run.js) || status=$?
 if [ "$status" -ne 0 ]; then
   echo "--- ferry up log (last 30 lines) ---" >&2
   tail -n 30 "$work/ferry.log" >&2

@@ -5,11 +5,14 @@
 //  - a system mapping with a resource to an echo backend this script runs, a reachability
 //    check, and a refused confirmation that keeps the mapping;
 //  - an app request through Ferry's HTTP proxy, which then shows in the audit viewer and in the
-//    monitoring charts.
+//    monitoring charts;
+//  - switching the logon to LDAP (slapd run by the script): a user of the sccadmin group logs on
+//    and sees his role, a user in no group is refused, the file-based Administrator is inactive.
 // A screenshot of every page goes to FERRY_SCREENSHOTS. Prints `N passed, N failed` last and
 // exits non-zero on any failure (the first failed step skips the rest: they build on it).
 // Environment: FERRY_UI_URL, FERRY_ENV_FILE (VCAP_SERVICES), FERRY_AUTH_DATA, FERRY_LOCATION,
-// FERRY_SCREENSHOTS, CHROMIUM, NODE_EXTRA_CA_CERTS (Ferry's CA for the token service).
+// FERRY_SCREENSHOTS, CHROMIUM, NODE_EXTRA_CA_CERTS (Ferry's CA for the token service),
+// FERRY_LDAP_PORT and FERRY_LDAP_SUFFIX (the directory).
 
 import fs from 'node:fs';
 import http from 'node:http';
@@ -275,6 +278,53 @@ async function main() {
       await page.waitForURL('**/ui/login');
       await page.goto(`${BASE}/ui/overview`);
       assert(page.url().endsWith('/ui/login'), `at ${page.url()}`);
+    });
+
+    const suffix = process.env.FERRY_LDAP_SUFFIX;
+    async function logon(user, password) {
+      await page.goto(`${BASE}/ui/login`);
+      await page.fill('input[name=user]', user);
+      await page.fill('input[name=password]', password);
+      await page.click('button[type=submit]');
+    }
+
+    await step('switch the logon to LDAP through the REST API', async () => {
+      const auth = `Basic ${Buffer.from(`Administrator:${NEW_PASSWORD}`).toString('base64')}`;
+      const resp = await context.request.put(`${BASE}/api/v1/configuration/connector/authentication/ldap`, {
+        headers: { authorization: auth },
+        data: {
+          enable: true,
+          configuration: `userBase="ou=people,${suffix}" userSearch="(uid={0})" `
+            + `roleBase="ou=groups,${suffix}" roleName="cn" roleSearch="(member={0})"`,
+          hosts: [{ host: '127.0.0.1', port: Number(process.env.FERRY_LDAP_PORT) }],
+          user: `cn=reader,${suffix}`,
+          password: 'reader-secret-ui',
+        },
+      });
+      assert(resp.status() === 204, `PUT ldap: ${resp.status()} ${await resp.text()}`);
+      await context.clearCookies();
+    });
+
+    await step('an LDAP user of the sccadmin group logs on and sees his role', async () => {
+      await logon('anna', 'wrong-password');
+      assert((await flash(page)).includes('Wrong user name or password'), await flash(page));
+      await logon('anna', 'anna-ldap-pw');
+      await page.waitForURL('**/ui/overview');
+      const who = await page.textContent('.user');
+      assert(who.includes('anna') && who.includes('sccadmin'), who);
+      await shot(page, '13-ldap-admin');
+      await page.getByRole('button', { name: 'Log out' }).click();
+      await page.waitForURL('**/ui/login');
+    });
+
+    await step('an LDAP user without a role is refused; the file-based Administrator is inactive', async () => {
+      await logon('nick', 'nick-ldap-pw');
+      assert((await flash(page)).includes("none of the connector's roles"), await flash(page));
+      await shot(page, '14-ldap-no-role');
+      await page.goto(`${BASE}/ui/overview`);
+      assert(page.url().endsWith('/ui/login'), `at ${page.url()}`);
+      await logon('Administrator', NEW_PASSWORD);
+      assert((await flash(page)).includes('Wrong user name or password'), await flash(page));
     });
   } finally {
     await context.close();

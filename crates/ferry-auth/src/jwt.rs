@@ -266,6 +266,9 @@ pub struct Claims {
     pub iss: Option<String>,
     pub exp: u64,
     pub grant_type: Option<String>,
+    /// Verified with the keys of an external OIDC issuer (`[[trust]]`), not those of one of
+    /// Ferry's own tenants: its claims beyond the subaccount are the issuer's word only.
+    pub external_issuer: bool,
     pub raw: Value,
 }
 
@@ -286,6 +289,7 @@ impl Claims {
             iss: s("iss"),
             exp,
             grant_type: s("grant_type"),
+            external_issuer: false,
             raw,
         }
     }
@@ -726,7 +730,10 @@ impl Verifier {
                 return Err(VerifyError::TenantMismatch);
             }
             check_audience(&jws.payload, oidc.audiences())?;
-            return Ok(Claims::from_payload(jws.payload, oidc.subaccount().to_owned(), exp));
+            return Ok(Claims {
+                external_issuer: true,
+                ..Claims::from_payload(jws.payload, oidc.subaccount().to_owned(), exp)
+            });
         }
 
         let mut unavailable = false;

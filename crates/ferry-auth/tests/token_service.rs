@@ -755,3 +755,77 @@ async fn serves_http_and_https_listeners() {
     shutdown.cancel();
     tokio::time::timeout(Duration::from_secs(15), server).await.unwrap().unwrap();
 }
+
+fn token_exchange(id: &str, secret: &str, subject: &str, extra: &[(&str, &str)]) -> String {
+    let mut pairs = vec![
+        ("grant_type", "urn:ietf:params:oauth:grant-type:token-exchange"),
+        ("client_id", id),
+        ("client_secret", secret),
+        ("subject_token", subject),
+        ("subject_token_type", "urn:ietf:params:oauth:token-type:access_token"),
+    ];
+    pairs.extend_from_slice(extra);
+    form(&pairs)
+}
+
+/// RFC 8693: a user's token for an access token of another client, or for a SAML assertion the
+/// tenant signs (as SAP's IAS does for destination chaining), which the saml2-bearer grant
+/// then redeems once.
+#[tokio::test]
+async fn token_exchange_for_access_token_and_saml_assertion() {
+    let svc = service();
+    let router = svc.router();
+    let login = post(&router, &password(APP, APP_SECRET, "alice", "alice-pw"), &[]).await;
+    let user_jwt = login.json["access_token"].as_str().unwrap().to_owned();
+
+    let r = post(&router, &token_exchange(DEST, DEST_SECRET, &user_jwt, &[]), &[]).await;
+    let c = issued(&svc, &r).await;
+    assert_eq!(r.json["issued_token_type"], "urn:ietf:params:oauth:token-type:access_token");
+    assert_eq!(c["grant_type"], "urn:ietf:params:oauth:grant-type:token-exchange");
+    assert_eq!((c["client_id"].as_str(), c["user_name"].as_str()), (Some(DEST), Some("alice")));
+    assert!(r.json.get("refresh_token").is_none());
+
+    let endpoint = "http://127.0.0.1:18081/oauth/token";
+    let saml = [("requested_token_type", "urn:ietf:params:oauth:token-type:saml2"), ("resource", endpoint)];
+    let r = post(&router, &token_exchange(DEST, DEST_SECRET, &user_jwt, &saml), &[]).await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.json);
+    assert_eq!(r.json["token_type"], "N_A");
+    assert_eq!(r.json["issued_token_type"], "urn:ietf:params:oauth:token-type:saml2");
+    let assertion = r.json["access_token"].as_str().unwrap().to_owned();
+    let xml = String::from_utf8(URL_SAFE_NO_PAD.decode(&assertion).unwrap()).unwrap();
+    assert!(xml.contains(">alice</saml2:NameID>") || xml.contains(">alice<"), "{xml}");
+    assert!(xml.contains(endpoint) && xml.contains("Signature"), "{xml}");
+
+    // The tenant trusts its own assertions for the saml2-bearer grant, once each.
+    let redeem = form(&[
+        ("grant_type", "urn:ietf:params:oauth:grant-type:saml2-bearer"),
+        ("client_id", APP),
+        ("client_secret", APP_SECRET),
+        ("assertion", &assertion),
+    ]);
+    let r = post(&router, &redeem, &[]).await;
+    let c = issued(&svc, &r).await;
+    assert_eq!((c["zid"].as_str(), c["user_name"].as_str()), (Some(PROVIDER), Some("alice")));
+    let r = post(&router, &redeem, &[]).await;
+    assert_error(&r, StatusCode::BAD_REQUEST, "invalid_grant", "already used");
+    // Another token service trusts them with this certificate.
+    let pem = svc.saml_certificate_pem(PROVIDER).unwrap();
+    ferry_auth::saml::TrustedCertificate::from_pem(&pem).unwrap();
+    assert!(xml.contains(pem.lines().nth(1).unwrap()), "the assertion embeds the signing certificate");
+
+    for (extra, error, mentions) in [
+        (vec![("requested_token_type", "urn:ietf:params:oauth:token-type:saml2")], "invalid_request", "resource"),
+        (vec![("requested_token_type", "urn:x")], "invalid_request", "requested_token_type"),
+        (vec![("actor_token", "x"), ("actor_token_type", "urn:x")], "invalid_request", "actor_token"),
+    ] {
+        let r = post(&router, &token_exchange(DEST, DEST_SECRET, &user_jwt, &extra), &[]).await;
+        assert_error(&r, StatusCode::BAD_REQUEST, error, mentions);
+    }
+    let body = token_exchange(DEST, DEST_SECRET, &user_jwt, &[]).replace("access_token", "saml2");
+    let r = post(&router, &body, &[]).await;
+    assert_error(&r, StatusCode::BAD_REQUEST, "invalid_request", "subject_token_type");
+    let cc = post(&router, &client_credentials(APP, APP_SECRET), &[]).await;
+    let r =
+        post(&router, &token_exchange(DEST, DEST_SECRET, cc.json["access_token"].as_str().unwrap(), &[]), &[]).await;
+    assert_error(&r, StatusCode::BAD_REQUEST, "invalid_grant", "user");
+}

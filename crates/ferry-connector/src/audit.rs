@@ -1,12 +1,17 @@
 //! The audit log: who reached (or was refused) which system, as SAP's Cloud Connector keeps it.
 //!
 //! Levels follow SAP's product: `SECURITY` (the default) records every denied request, `ALL`
-//! records allowed ones too, `OFF` records nothing. Lines go to `<dir>/<subaccount>/audit-log_<date>.csv`,
-//! one file per UTC day, and to the `ferry::audit` tracing target.
+//! records allowed ones too, `OFF` records nothing. Records are JSON lines in
+//! `<dir>/<subaccount>/audit-log.jsonl`, and go to the `ferry::audit` tracing target too. When
+//! the file would pass `max_file_bytes` it is renamed to `audit-log_<UTC time>.jsonl` and a new
+//! one begins; beyond `max_files` rotated files the oldest is deleted. The UI and its download
+//! show them as CSV, as SAP's viewer does.
 //!
-//! Tamper evidence: each line ends with `sha256(previous line's hash ‖ this line without its
-//! hash)` in hex, the first line of a file chaining from 64 zeros, so removing, reordering or
-//! editing a line breaks every later hash. [`verify_file`] checks a file.
+//! Tamper evidence: each record ends with `"chain":"<sha256(previous hash ‖ the record without
+//! its chain)>"`; a file's header line names the hash its first record chains from: 64 zeros
+//! for the very first file, else the last hash of the file rotated before it. Removing,
+//! reordering or editing a record breaks every later hash, and a missing or changed file breaks
+//! the link between files. [`verify_file`] checks a file, [`verify_set`] a rotated set.
 //!
 //! Writing happens on a blocking thread fed by a bounded channel: a slow disk applies
 //! backpressure to requests rather than dropping audit lines.
@@ -86,15 +91,44 @@ enum Entry {
 }
 
 pub(crate) const ZERO_HASH: &str = "0000000000000000000000000000000000000000000000000000000000000000";
-pub(crate) const HEADER: &str =
+/// The fields of a record, in the order of the CSV download's columns.
+const COLUMNS: [&str; 11] = [
+    "timestamp",
+    "event",
+    "subaccount",
+    "location",
+    "requestId",
+    "client",
+    "system",
+    "protocol",
+    "method",
+    "path",
+    "reason",
+];
+/// The CSV download's header (SAP's viewer offers CSV); `chain` is the record's hash.
+pub const CSV_HEADER: &str =
     "timestamp,event,subaccount,location,request_id,client,system,protocol,method,path,reason,chain";
+/// The active file of a folder; rotated files are `audit-log_<UTC time>.jsonl`.
+pub const ACTIVE_FILE: &str = "audit-log.jsonl";
+const HEADER_START: &str = "{\"ferryAuditLog\":1,\"prev\":\"";
+const CHAIN_KEY: &str = ",\"chain\":\"";
 
 /// Where and how much to audit.
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug)]
 pub struct AuditConfig {
     pub level: AuditLevel,
-    /// Folder for the CSV files; `None` logs to tracing only.
+    /// Folder for the log files; `None` logs to tracing only.
     pub dir: Option<PathBuf>,
+    /// Size at which the active file is rotated.
+    pub max_file_bytes: u64,
+    /// Rotated files kept per folder (the oldest go first); 0 keeps all.
+    pub max_files: usize,
+}
+
+impl Default for AuditConfig {
+    fn default() -> Self {
+        Self { level: AuditLevel::default(), dir: None, max_file_bytes: 10 << 20, max_files: 10 }
+    }
 }
 
 /// A handle to the audit log; cheap to clone.
@@ -128,7 +162,15 @@ impl AuditLog {
                 let folder = dir.join(sanitize(subaccount));
                 std::fs::create_dir_all(&folder).map_err(|e| AuditError::Folder(folder.clone(), e))?;
                 let (tx, rx) = mpsc::channel(4096);
-                let mut writer = Writer { folder, day: String::new(), file: None, prev: ZERO_HASH.to_owned() };
+                let mut writer = Writer {
+                    folder,
+                    file: None,
+                    size: 0,
+                    records: 0,
+                    prev: ZERO_HASH.to_owned(),
+                    max_bytes: config.max_file_bytes.max(1),
+                    max_files: config.max_files,
+                };
                 let (sub, loc) = (subaccount.to_owned(), location.to_owned());
                 tokio::task::spawn_blocking(move || writer.run(rx, &sub, &loc));
                 Some(tx)
@@ -225,25 +267,117 @@ fn csv_field(s: &str) -> String {
     if s.contains([',', '"', '\n', '\r']) { format!("\"{}\"", s.replace('"', "\"\"")) } else { s }
 }
 
-fn chain(prev: &str, line: &str) -> String {
+fn chain(prev: &str, body: &str) -> String {
     let mut ctx = aws_lc_rs::digest::Context::new(&aws_lc_rs::digest::SHA256);
     ctx.update(prev.as_bytes());
-    ctx.update(line.as_bytes());
+    ctx.update(body.as_bytes());
     hex::encode(ctx.finish().as_ref())
 }
 
-fn timestamp(t: SystemTime) -> (String, String) {
+fn timestamp(t: SystemTime) -> String {
     let dt = time::OffsetDateTime::from(t);
-    let day = format!("{:04}-{:02}-{:02}", dt.year(), u8::from(dt.month()), dt.day());
-    let ts = format!("{day}T{:02}:{:02}:{:02}.{:03}Z", dt.hour(), dt.minute(), dt.second(), dt.millisecond());
-    (day, ts)
+    format!(
+        "{:04}-{:02}-{:02}T{:02}:{:02}:{:02}.{:03}Z",
+        dt.year(),
+        u8::from(dt.month()),
+        dt.day(),
+        dt.hour(),
+        dt.minute(),
+        dt.second(),
+        dt.millisecond()
+    )
+}
+
+/// The first line of every file: the hash the file's first record chains from (the last hash
+/// of the file before it, so the chain runs on across rotations).
+pub(crate) fn header_line(prev: &str) -> String {
+    format!("{HEADER_START}{prev}\"}}")
+}
+
+fn header_prev(line: &str) -> Option<&str> {
+    let prev = line.strip_prefix(HEADER_START)?.strip_suffix("\"}")?;
+    (prev.len() == 64 && prev.bytes().all(|b| b.is_ascii_hexdigit()) && header_line(prev) == line).then_some(prev)
+}
+
+/// A record as one JSON line and its chain hash: `hash = sha256(prev ‖ the record's JSON
+/// without the chain)`, and the line is that JSON with `"chain":"<hash>"` as its last member.
+/// Missing fields are empty.
+pub(crate) fn record(prev: &str, fields: &[&str]) -> (String, String) {
+    let mut obj = String::from("{");
+    for (i, key) in COLUMNS.iter().enumerate() {
+        if i > 0 {
+            obj.push(',');
+        }
+        let value = fields.get(i).copied().unwrap_or("");
+        // Strings always serialise.
+        obj.push_str(&format!("\"{key}\":{}", serde_json::Value::String(value.to_owned())));
+    }
+    obj.push('}');
+    let hash = chain(prev, &obj);
+    let line = format!("{}{CHAIN_KEY}{hash}\"}}", &obj[..obj.len() - 1]);
+    (line, hash)
+}
+
+/// Splits a record line into (the JSON the hash covers, the hash).
+fn split_record(line: &str) -> Option<(String, &str)> {
+    let rest = line.strip_suffix("\"}")?;
+    let cut = rest.len().checked_sub(64)?;
+    let (head, hash) = (rest.get(..cut)?, rest.get(cut..)?);
+    let body = head.strip_suffix(CHAIN_KEY)?;
+    Some((format!("{body}}}"), hash))
+}
+
+/// A record line as a CSV line (the download's format; `chain` last), `None` for a header or a
+/// line that is not a record.
+pub fn csv_line(line: &str) -> Option<String> {
+    let (body, hash) = split_record(line)?;
+    let v: serde_json::Map<String, serde_json::Value> = serde_json::from_str(&body).ok()?;
+    let mut cols: Vec<String> =
+        COLUMNS.iter().map(|k| csv_field(v.get(*k).and_then(serde_json::Value::as_str).unwrap_or(""))).collect();
+    cols.push(hash.to_owned());
+    Some(cols.join(","))
+}
+
+fn rotated_name(t: SystemTime) -> String {
+    let ts: String = timestamp(t).chars().filter(|c| c.is_ascii_alphanumeric()).collect();
+    format!("audit-log_{ts}.jsonl")
+}
+
+fn is_log_file(name: &str) -> bool {
+    name == ACTIVE_FILE || (name.starts_with("audit-log_") && name.ends_with(".jsonl"))
+}
+
+/// The log files of a folder, oldest first (rotated by name, which is their rotation time, then
+/// the active file).
+pub fn log_files(folder: &Path) -> Vec<PathBuf> {
+    let mut files: Vec<PathBuf> = std::fs::read_dir(folder)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter(|e| is_log_file(&e.file_name().to_string_lossy()))
+        .map(|e| e.path())
+        .collect();
+    sort_files(&mut files);
+    files
+}
+
+fn sort_files(files: &mut [PathBuf]) {
+    files.sort_by_key(|p| {
+        let name = p.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        (name == ACTIVE_FILE, name)
+    });
 }
 
 struct Writer {
     folder: PathBuf,
-    day: String,
     file: Option<BufWriter<std::fs::File>>,
+    /// Bytes in the active file.
+    size: u64,
+    /// Records in the active file.
+    records: u64,
     prev: String,
+    max_bytes: u64,
+    max_files: usize,
 }
 
 impl Writer {
@@ -266,31 +400,64 @@ impl Writer {
         }
     }
 
-    fn open(&mut self, day: &str) -> std::io::Result<()> {
+    /// Opens the active file, continuing its chain (a restart), or starts one chained to the
+    /// newest rotated file.
+    fn open(&mut self) -> std::io::Result<()> {
+        let path = self.folder.join(ACTIVE_FILE);
+        match tail(&path)? {
+            Some((last, records)) => {
+                self.prev = last;
+                self.records = records;
+            }
+            None => {
+                let newest = log_files(&self.folder).into_iter().rev().find(|p| !p.ends_with(ACTIVE_FILE));
+                self.prev = match newest {
+                    Some(p) => tail(&p)?.map(|(h, _)| h).unwrap_or_else(|| ZERO_HASH.to_owned()),
+                    None => ZERO_HASH.to_owned(),
+                };
+                self.records = 0;
+                let mut f = std::fs::OpenOptions::new().create_new(true).write(true).open(&path)?;
+                writeln!(f, "{}", header_line(&self.prev))?;
+                f.sync_all()?;
+            }
+        }
+        let f = std::fs::OpenOptions::new().append(true).open(&path)?;
+        self.size = f.metadata()?.len();
+        self.file = Some(BufWriter::new(f));
+        Ok(())
+    }
+
+    /// Renames the active file to its rotated name, starts a new one and drops the oldest
+    /// rotated files beyond `max_files`.
+    fn rotate(&mut self) -> std::io::Result<()> {
         if let Some(mut f) = self.file.take() {
             f.flush()?;
+            f.get_ref().sync_all()?;
         }
-        let path = self.folder.join(format!("audit-log_{day}.csv"));
-        // Continue an existing file's chain (a restart on the same day).
-        self.prev = match last_hash(&path)? {
-            Some(h) => h,
-            None => ZERO_HASH.to_owned(),
-        };
-        let existed = path.exists();
-        let mut f = BufWriter::new(std::fs::OpenOptions::new().create(true).append(true).open(&path)?);
-        if !existed {
-            writeln!(f, "{HEADER}")?;
+        let mut t = SystemTime::now();
+        let mut target = self.folder.join(rotated_name(t));
+        // Names must be unique and keep their order: step on by a millisecond.
+        while target.exists() {
+            t += std::time::Duration::from_millis(1);
+            target = self.folder.join(rotated_name(t));
         }
-        self.file = Some(f);
-        self.day = day.to_owned();
+        std::fs::rename(self.folder.join(ACTIVE_FILE), &target)?;
+        self.open()?;
+        if self.max_files > 0 {
+            let rotated: Vec<PathBuf> =
+                log_files(&self.folder).into_iter().filter(|p| !p.ends_with(ACTIVE_FILE)).collect();
+            for old in rotated.iter().take(rotated.len().saturating_sub(self.max_files)) {
+                std::fs::remove_file(old)?;
+            }
+        }
         Ok(())
     }
 
     fn write(&mut self, t: SystemTime, e: &Entry, subaccount: &str, location: &str) -> std::io::Result<()> {
-        let (day, ts) = timestamp(t);
-        if self.file.is_none() || day != self.day {
-            self.open(&day)?;
+        if self.file.is_none() {
+            self.open()?;
         }
+        let ts = timestamp(t);
         let fields = match e {
             Entry::Access(e) => {
                 let event = match e.outcome {
@@ -319,33 +486,41 @@ impl Writer {
             }
         };
         let (line, hash) = record(&self.prev, &fields);
-        if let Some(f) = &mut self.file {
-            writeln!(f, "{line},{hash}")?;
+        let len = line.len() as u64 + 1;
+        if self.records > 0 && self.size + len > self.max_bytes {
+            self.rotate()?;
         }
+        if let Some(f) = &mut self.file {
+            writeln!(f, "{line}")?;
+        }
+        // The chain moves on only once the line is written.
         self.prev = hash;
+        self.size += len;
+        self.records += 1;
         Ok(())
     }
 }
 
-/// A record's CSV line and its chain hash (the line as written ends with `,<hash>`).
-pub(crate) fn record(prev: &str, fields: &[&str]) -> (String, String) {
-    let line = fields.iter().map(|f| csv_field(f)).collect::<Vec<_>>().join(",");
-    let hash = chain(prev, &line);
-    (line, hash)
-}
-
-fn last_hash(path: &Path) -> std::io::Result<Option<String>> {
-    let Ok(f) = std::fs::File::open(path) else { return Ok(None) };
-    let mut last = None;
-    for line in std::io::BufReader::new(f).lines() {
-        let line = line?;
-        if line != HEADER
-            && let Some((_, h)) = line.rsplit_once(',')
-        {
-            last = Some(h.to_owned());
+/// The last hash of a file (its header's when it has no records) and its record count; `None`
+/// when the file does not exist or has no valid header.
+fn tail(path: &Path) -> std::io::Result<Option<(String, u64)>> {
+    let f = match std::fs::File::open(path) {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(e),
+    };
+    let mut lines = std::io::BufReader::new(f).lines();
+    let Some(first) = lines.next().transpose()? else { return Ok(None) };
+    let Some(prev) = header_prev(&first) else { return Ok(None) };
+    let mut last = prev.to_owned();
+    let mut n = 0;
+    for line in lines {
+        if let Some((_, h)) = split_record(&line?) {
+            last = h.to_owned();
+            n += 1;
         }
     }
-    Ok(last)
+    Ok(Some((last, n)))
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -356,31 +531,59 @@ pub enum ChainError {
     NoHeader,
     #[error("line {0} does not match its hash: the log was changed at or before this line")]
     Broken(usize),
+    #[error("the file does not continue the chain of the file before it (a file is missing or was changed)")]
+    Gap,
 }
 
-/// Checks a day file's hash chain; returns the number of entries.
+/// Checks one file's hash chain (from the hash its header names); returns the number of records.
 pub fn verify_file(path: &Path) -> Result<usize, ChainError> {
     let text = std::fs::read_to_string(path).map_err(|e| ChainError::Read(e.to_string()))?;
-    verify_text(&text)
+    verify_text(&text).map(|(n, _, _)| n)
 }
 
-/// Checks the hash chain of a day file's content; returns the number of entries.
-pub fn verify_text(text: &str) -> Result<usize, ChainError> {
+/// Checks a file's content; returns the number of records, the hash the header names and the
+/// last hash.
+pub fn verify_text(text: &str) -> Result<(usize, String, String), ChainError> {
     let mut lines = text.lines();
-    if lines.next() != Some(HEADER) {
-        return Err(ChainError::NoHeader);
-    }
-    let mut prev = ZERO_HASH.to_owned();
+    let first = lines.next().and_then(header_prev).ok_or(ChainError::NoHeader)?;
+    let mut prev = first.to_owned();
     let mut n = 0;
     for (i, line) in lines.enumerate() {
-        let Some((body, hash)) = line.rsplit_once(',') else { return Err(ChainError::Broken(i + 2)) };
-        if chain(&prev, body) != hash {
+        let Some((body, hash)) = split_record(line) else { return Err(ChainError::Broken(i + 2)) };
+        if chain(&prev, &body) != hash {
             return Err(ChainError::Broken(i + 2));
         }
         prev = hash.to_owned();
         n += 1;
     }
-    Ok(n)
+    Ok((n, first.to_owned(), prev))
+}
+
+/// Checks a set of files of one folder (rotated and active, in any order) as one chain: each
+/// file must verify and start from the last hash of the file before it. The oldest file's own
+/// starting hash is taken as given (older files may have been dropped by rotation). Returns the
+/// record count per file, oldest first, or the first file that fails.
+pub fn verify_set(files: &[PathBuf]) -> Result<Vec<(PathBuf, usize)>, (PathBuf, ChainError)> {
+    let mut files = files.to_vec();
+    sort_files(&mut files);
+    let mut out = Vec::new();
+    let mut last: Option<String> = None;
+    for f in files {
+        let text = match std::fs::read_to_string(&f) {
+            Ok(t) => t,
+            Err(e) => return Err((f, ChainError::Read(e.to_string()))),
+        };
+        let (n, start, end) = match verify_text(&text) {
+            Ok(v) => v,
+            Err(e) => return Err((f, e)),
+        };
+        if last.as_ref().is_some_and(|l| *l != start) {
+            return Err((f, ChainError::Gap));
+        }
+        last = Some(end);
+        out.push((f, n));
+    }
+    Ok(out)
 }
 
 #[cfg(test)]
@@ -402,7 +605,12 @@ mod tests {
 
     async fn written(level: AuditLevel, events: Vec<AuditEvent>, expect: usize) -> (tempfile::TempDir, PathBuf) {
         let dir = tempfile::tempdir().unwrap();
-        let log = AuditLog::start(&AuditConfig { level, dir: Some(dir.path().to_owned()) }, "sub/1", "loc").unwrap();
+        let log = AuditLog::start(
+            &AuditConfig { level, dir: Some(dir.path().to_owned()), ..Default::default() },
+            "sub/1",
+            "loc",
+        )
+        .unwrap();
         for e in events {
             log.record(e).await;
         }
@@ -435,7 +643,9 @@ mod tests {
         let text = std::fs::read_to_string(&f).unwrap();
         assert!(!text.contains("/ok"), "allowed requests are not kept at SECURITY level");
         assert!(text.contains("Access Denied") && text.contains("/secret"));
-        assert!(text.contains("\"/x,\"\"y\"\"\""), "CSV quoting: {text}");
+        assert!(text.contains(r#""path":"/x,\"y\"""#), "JSON escaping: {text}");
+        let csv: Vec<String> = text.lines().filter_map(csv_line).collect();
+        assert!(csv[1].contains("\"/x,\"\"y\"\"\""), "CSV quoting: {csv:?}");
         assert_eq!(verify_file(&f), Ok(2));
     }
 
@@ -460,9 +670,67 @@ mod tests {
     /// quoted multi-line CSV field, which the line-based chain check then reported as tampering.
     #[test]
     fn line_breaks_in_fields_keep_the_chain_verifiable() {
-        let (line, hash) = record(ZERO_HASH, &["sb-app\nfake,line", "cr\rhere", "tab\tx"]);
-        assert_eq!(line, r#""sb-app\nfake,line",cr\rhere,tab\tx"#);
-        assert_eq!(verify_text(&format!("{HEADER}\n{line},{hash}\n")), Ok(1));
+        let (line, hash) = record(ZERO_HASH, &["t", "sb-app\nfake,line", "cr\rhere", "tab\tx", "\"}"]);
+        assert!(!line.contains('\n') && line.ends_with(&format!("\"chain\":\"{hash}\"}}")), "{line}");
+        let text = format!("{}\n{line}\n", header_line(ZERO_HASH));
+        assert_eq!(verify_text(&text), Ok((1, ZERO_HASH.to_owned(), hash.clone())));
+        let csv = csv_line(&line).unwrap();
+        assert!(csv.starts_with(r#"t,"sb-app\nfake,line",cr\rhere,tab\tx,"""}""#), "{csv}");
+        assert!(csv.ends_with(&hash));
+    }
+
+    /// Writes `n` allowed requests with 700-byte files, and waits until the writer wrote them.
+    async fn write_events(dir: &Path, tag: &str, n: usize, max_files: usize) {
+        let cfg = AuditConfig { level: AuditLevel::All, dir: Some(dir.to_owned()), max_file_bytes: 700, max_files };
+        let log = AuditLog::start(&cfg, "sub", "loc").unwrap();
+        for i in 0..n {
+            log.record(event(Outcome::Allowed, &format!("/{tag}{i}"))).await;
+        }
+        // The writer ends when every sender is gone; its last record then is on disk.
+        drop(log);
+        let active = dir.join("sub").join(ACTIVE_FILE);
+        let last = format!("\"/{tag}{}\"", n - 1);
+        for _ in 0..500 {
+            if std::fs::read_to_string(&active).is_ok_and(|t| t.contains(&last)) {
+                // One more round for the flush after the last line.
+                tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+                return;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+    }
+
+    #[tokio::test]
+    async fn rotation_keeps_the_chain_across_files_and_the_newest_files() {
+        let dir = tempfile::tempdir().unwrap();
+        write_events(dir.path(), "a", 12, 0).await;
+        // A restart continues the active file's chain.
+        write_events(dir.path(), "b", 12, 0).await;
+        let folder = dir.path().join("sub");
+        let files = log_files(&folder);
+        assert!(files.len() > 3, "{files:?}");
+        let counted = verify_set(&files).unwrap();
+        assert_eq!(counted.iter().map(|(_, n)| n).sum::<usize>(), 24, "no entry lost: {counted:?}");
+        assert!(counted.last().unwrap().0.ends_with(ACTIVE_FILE));
+        for (f, n) in &counted {
+            assert_eq!(verify_file(f), Ok(*n));
+            assert!(std::fs::metadata(f).unwrap().len() <= 700, "{f:?} is above the size");
+        }
+        // A missing file in the middle, or a changed one, is detected.
+        let mut gap = files.clone();
+        gap.remove(1);
+        assert_eq!(verify_set(&gap).unwrap_err().1, ChainError::Gap);
+        let text = std::fs::read_to_string(&files[1]).unwrap();
+        let first = text.lines().nth(1).unwrap().to_owned();
+        std::fs::write(&files[1], text.replacen(&first, &first.replace("/a", "/m"), 1)).unwrap();
+        assert_eq!(verify_set(&files).unwrap_err(), (files[1].clone(), ChainError::Broken(2)));
+
+        // With max_files, the oldest rotated files go; the rest still verify as a set.
+        let dir = tempfile::tempdir().unwrap();
+        write_events(dir.path(), "c", 30, 2).await;
+        let files = log_files(&dir.path().join("sub"));
+        assert_eq!(files.len(), 3, "two rotated files and the active one: {files:?}");
+        assert!(verify_set(&files).is_ok());
     }
 
     #[test]

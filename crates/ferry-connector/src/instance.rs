@@ -28,6 +28,8 @@ struct Running {
 pub struct ConnectionState {
     pub status: TunnelStatus,
     pub connected_since: Option<SystemTime>,
+    /// See [`Connector::last_heartbeat`].
+    pub last_heartbeat: Option<SystemTime>,
 }
 
 pub struct Instance {
@@ -108,6 +110,19 @@ impl Instance {
         }
     }
 
+    /// Renews the connection certificate of a running connection without dropping traffic (see
+    /// [`Connector::set_identity`]); `Ok(false)` if it does not run.
+    pub fn set_identity(
+        &self,
+        key: &SubaccountKey,
+        identity: &ferry_core::tls::CertifiedKey,
+    ) -> Result<bool, ConnectorError> {
+        match self.lock().get(key) {
+            Some(r) => r.connector.set_identity(identity).map(|()| true),
+            None => Ok(false),
+        }
+    }
+
     pub fn set_principal_propagation(&self, key: &SubaccountKey, pp: Option<Arc<crate::PrincipalPropagation>>) {
         if let Some(r) = self.lock().get(key) {
             r.connector.set_principal_propagation(pp);
@@ -124,6 +139,7 @@ impl Instance {
         self.lock().get(key).map(|r| ConnectionState {
             status: *r.connector.status().borrow(),
             connected_since: *r.since.lock().unwrap_or_else(PoisonError::into_inner),
+            last_heartbeat: r.connector.last_heartbeat(),
         })
     }
 }

@@ -16,12 +16,16 @@ pub mod instance;
 pub mod principal;
 pub mod rewrite;
 
+use std::pin::Pin;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use ferry_core::Shutdown;
 use ferry_core::tls::CertifiedKey;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::sync::watch;
 
@@ -38,6 +42,8 @@ pub enum ConnectorError {
     Audit(#[from] audit::AuditError),
     #[error("the connector certificate does not name a subaccount and location")]
     Identity,
+    #[error("the new certificate is for subaccount {0} location {1:?}, not this connection's")]
+    OtherIdentity(String, String),
 }
 
 #[derive(Clone, Debug)]
@@ -112,24 +118,33 @@ pub struct TunnelStatus {
 
 pub struct Connector {
     config: Arc<ConnectorConfig>,
-    tls: tokio_rustls::TlsConnector,
+    /// Swapped by [`Connector::set_identity`]; each new tunnel connection takes the current one.
+    tls: std::sync::RwLock<tokio_rustls::TlsConnector>,
+    /// (subaccount, location id) the certificate names; a renewed one must name the same.
+    identity: (String, String),
+    /// Bumped on every certificate change: tunnels then reconnect with it and drain the old ones.
+    identity_generation: watch::Sender<u64>,
     server_name: rustls::pki_types::ServerName<'static>,
     status: watch::Sender<TunnelStatus>,
     backend: Arc<backend::Backend>,
     rules: Arc<LiveRules>,
     audit: audit::AuditLog,
+    /// Epoch millis of the last bytes received from the proxy on any tunnel connection; 0 =
+    /// never. See [`Connector::last_heartbeat`].
+    last_heard: Arc<AtomicU64>,
 }
 
 impl Connector {
     /// Must be called inside a Tokio runtime (the audit writer starts here).
     pub fn new(config: ConnectorConfig) -> Result<Self, ConnectorError> {
-        let tls = ferry_core::tls::client_config(&config.ca_pem, Some(&config.identity), &[ferry_proto::tunnel::ALPN])?;
+        let tls = tunnel_tls(&config.ca_pem, &config.identity)?;
         let server_name = rustls::pki_types::ServerName::try_from(config.server_name.clone())
             .map_err(|_| ConnectorError::ServerName(config.server_name.clone()))?;
         let der = ferry_core::tls::parse_certs(&config.identity.cert_pem)?;
         let (subaccount, location) =
             der.first().and_then(|c| ferry_core::tls::connector_identity(c)).ok_or(ConnectorError::Identity)?;
         let audit = audit::AuditLog::start(&config.audit, &subaccount, &location)?;
+        let (subaccount, location) = (subaccount.clone(), location.clone());
         let backend_roots = Arc::new(ferry_core::tls::outbound_roots(config.backend_ca_pem.as_deref())?);
         let rules = Arc::new(LiveRules::new(config.rules.clone()));
         let backend = Arc::new(backend::Backend::new(
@@ -142,13 +157,42 @@ impl Connector {
         )?);
         Ok(Self {
             config: Arc::new(config),
-            tls: tokio_rustls::TlsConnector::from(tls),
+            tls: std::sync::RwLock::new(tokio_rustls::TlsConnector::from(tls)),
+            identity: (subaccount, location),
+            identity_generation: watch::channel(0).0,
             server_name,
             status: watch::channel(TunnelStatus::default()).0,
             backend,
             rules,
             audit,
+            last_heard: Arc::new(AtomicU64::new(0)),
         })
+    }
+
+    /// When the proxy last proved it is alive on a tunnel of this connection: the last bytes it
+    /// sent. hyper has no hook for PING acknowledgements, but its keep-alive PINGs the proxy
+    /// whenever a tunnel was silent for `heartbeat`, so on a healthy tunnel this is never older
+    /// than about one heartbeat interval, idle or busy; on a dead one it stops advancing.
+    pub fn last_heartbeat(&self) -> Option<SystemTime> {
+        match self.last_heard.load(Ordering::Relaxed) {
+            0 => None,
+            ms => Some(UNIX_EPOCH + Duration::from_millis(ms)),
+        }
+    }
+
+    /// Renews the connection certificate without dropping traffic: every tunnel connection
+    /// dials anew with `identity`, and only once that one is up does the old connection drain
+    /// (HTTP/2 GOAWAY: the proxy opens no new streams on it, open ones finish).
+    pub fn set_identity(&self, identity: &CertifiedKey) -> Result<(), ConnectorError> {
+        let der = ferry_core::tls::parse_certs(&identity.cert_pem)?;
+        let named = der.first().and_then(|c| ferry_core::tls::connector_identity(c)).ok_or(ConnectorError::Identity)?;
+        if named != self.identity {
+            return Err(ConnectorError::OtherIdentity(named.0, named.1));
+        }
+        let tls = tunnel_tls(&self.config.ca_pem, identity)?;
+        *self.tls.write().unwrap_or_else(std::sync::PoisonError::into_inner) = tokio_rustls::TlsConnector::from(tls);
+        self.identity_generation.send_modify(|g| *g += 1);
+        Ok(())
     }
 
     /// Replaces the access rules; the next request is checked against them, tunnels stay up.
@@ -183,16 +227,25 @@ impl Connector {
                 let me = self.clone();
                 let sd = shutdown.clone();
                 let proxy = proxy.clone();
-                tasks.spawn(async move { me.keep_connected(proxy, slot, sd).await });
+                tasks.spawn(me.keep_connected(proxy, slot, sd));
             }
         }
         while tasks.join_next().await.is_some() {}
     }
 
-    async fn keep_connected(&self, proxy: String, slot: usize, shutdown: Shutdown) {
+    async fn keep_connected(self: Arc<Self>, proxy: String, slot: usize, shutdown: Shutdown) {
         let mut backoff = self.config.backoff_initial;
+        let mut generation = self.identity_generation.subscribe();
+        // After a certificate renewal: the connection being replaced, drained once its successor
+        // is up. Until then it keeps serving, so a failing dial with the new certificate drops
+        // nothing.
+        let mut retiring: Option<Shutdown> = None;
+        // Connections replaced after a renewal, awaited before returning so that `run` ends only
+        // once every tunnel has closed.
+        let mut draining: Vec<tokio::task::JoinHandle<()>> = Vec::new();
         while !shutdown.is_cancelled() {
             let started = Instant::now();
+            generation.mark_unchanged();
             match self.connect(&proxy).await {
                 Ok(io) => {
                     tracing::info!(slot, %proxy, "tunnel connected");
@@ -200,8 +253,26 @@ impl Connector {
                         s.connected += 1;
                         s.established += 1;
                     });
-                    self.serve(io, &shutdown).await;
-                    self.status.send_modify(|s| s.connected -= 1);
+                    if let Some(old) = retiring.take() {
+                        old.cancel();
+                    }
+                    let drain = shutdown.child_token();
+                    let (me, d) = (self.clone(), drain.clone());
+                    let mut conn = tokio::spawn(async move {
+                        me.serve(io, &d).await;
+                        me.status.send_modify(|s| s.connected -= 1);
+                    });
+                    let renewed = tokio::select! {
+                        _ = &mut conn => false,
+                        r = generation.changed() => r.is_ok(),
+                    };
+                    if renewed {
+                        tracing::info!(slot, %proxy, "connection certificate renewed: a new tunnel replaces this one");
+                        retiring = Some(drain);
+                        draining.retain(|h| !h.is_finished());
+                        draining.push(conn);
+                        continue;
+                    }
                     tracing::warn!(slot, %proxy, "tunnel disconnected");
                 }
                 Err(e) => tracing::warn!(slot, %proxy, error = %e, "tunnel connect failed"),
@@ -217,6 +288,9 @@ impl Connector {
             }
             backoff = (backoff * 2).min(self.config.backoff_max);
         }
+        for h in draining {
+            let _ = h.await;
+        }
     }
 
     async fn connect(&self, proxy: &str) -> std::io::Result<tokio_rustls::client::TlsStream<TcpStream>> {
@@ -224,12 +298,15 @@ impl Connector {
             .await
             .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "connect timed out"))??;
         tcp.set_nodelay(true)?;
-        tokio::time::timeout(Duration::from_secs(10), self.tls.connect(self.server_name.clone(), tcp))
+        let tls = self.tls.read().unwrap_or_else(std::sync::PoisonError::into_inner).clone();
+        tokio::time::timeout(Duration::from_secs(10), tls.connect(self.server_name.clone(), tcp))
             .await
             .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "TLS handshake timed out"))?
     }
 
-    async fn serve(&self, io: tokio_rustls::client::TlsStream<TcpStream>, shutdown: &Shutdown) {
+    /// Serves one tunnel connection until it ends or `drain` (a child of the connector's
+    /// shutdown) asks it to finish its open streams.
+    async fn serve(&self, io: tokio_rustls::client::TlsStream<TcpStream>, drain: &Shutdown) {
         use ferry_proto::tunnel::*;
         let backend = self.backend.clone();
         let service = hyper::service::service_fn(move |req| {
@@ -246,15 +323,66 @@ impl Connector {
             .max_concurrent_streams(MAX_STREAMS)
             .keep_alive_interval(self.config.heartbeat)
             .keep_alive_timeout(self.config.heartbeat);
+        let io = Heard { io, last: self.last_heard.clone() };
         let conn = builder.serve_connection(TokioIo::new(io), service);
         tokio::pin!(conn);
         tokio::select! {
             r = conn.as_mut() => if let Err(e) = r { tracing::debug!(error = %e, "tunnel connection error") },
-            _ = shutdown.cancelled() => {
+            _ = drain.cancelled() => {
                 conn.as_mut().graceful_shutdown();
                 let _ = tokio::time::timeout(Duration::from_secs(10), conn).await;
             }
         }
+    }
+}
+
+/// TLS towards the proxy, without session resumption: a resumed TLS 1.3 session skips the client
+/// certificate, so an expired or replaced certificate would go on reconnecting on the strength of
+/// an old session. Tunnels reconnect rarely; a full handshake each time costs nothing that matters.
+fn tunnel_tls(ca_pem: &str, identity: &CertifiedKey) -> Result<Arc<rustls::ClientConfig>, ConnectorError> {
+    let base = ferry_core::tls::client_config(ca_pem, Some(identity), &[ferry_proto::tunnel::ALPN])?;
+    let mut cfg = (*base).clone();
+    cfg.resumption = rustls::client::Resumption::disabled();
+    Ok(Arc::new(cfg))
+}
+
+/// A tunnel connection that notes when the proxy last sent something (data or a PING ack).
+struct Heard<T> {
+    io: T,
+    last: Arc<AtomicU64>,
+}
+
+impl<T: AsyncRead + Unpin> AsyncRead for Heard<T> {
+    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let r = Pin::new(&mut self.io).poll_read(cx, buf);
+        if matches!(r, Poll::Ready(Ok(()))) && buf.filled().len() > before {
+            let now = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis()).unwrap_or(0);
+            self.last.fetch_max(u64::try_from(now).unwrap_or(u64::MAX), Ordering::Relaxed);
+        }
+        r
+    }
+}
+
+impl<T: AsyncWrite + Unpin> AsyncWrite for Heard<T> {
+    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write(cx, buf)
+    }
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
+    }
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_flush(cx)
+    }
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_shutdown(cx)
     }
 }
 

@@ -161,6 +161,43 @@ async fn add_mapping(api: &Running, pair: &TunnelPair, backend: SocketAddr) {
     assert_eq!(m["backendType"], "abapSys");
 }
 
+fn heartbeat_of(mon: &Value) -> u64 {
+    mon["subaccounts"][0]["tunnel"]["lastHeartbeatTimeStamp"].as_u64().unwrap()
+}
+
+#[tokio::test]
+async fn the_last_heartbeat_advances_on_an_idle_tunnel_and_stops_when_the_proxy_is_gone() {
+    let pair = TunnelPair::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let api = Running::start_with(dir.path(), |c| c.connection.heartbeat = Duration::from_millis(100)).await;
+    api.change_initial_password().await;
+    add_subaccount(&api, &pair, "beat-loc").await;
+    pair.wait_connected("beat-loc").await;
+    let mon = Method::GET;
+    let path = "/api/monitoring/subaccounts";
+    eventually!("a first heartbeat", heartbeat_of(&api.admin_call(mon.clone(), path, None).await.1) > 0);
+    let first = heartbeat_of(&api.admin_call(mon.clone(), path, None).await.1);
+    // No app traffic at all: only the keep-alive PINGs and their answers cross the tunnel.
+    eventually!(
+        "the heartbeat advances while idle",
+        heartbeat_of(&api.admin_call(mon.clone(), path, None).await.1) > first
+    );
+    let (_, sub) = api.admin_call(Method::GET, &sub_path(&pair), None).await;
+    assert!(sub["tunnel"]["lastHeartbeatTimeStamp"].as_u64().unwrap() >= first, "the subaccount API shows it too");
+
+    pair.shutdown.cancel();
+    eventually!(
+        "the tunnel is seen down",
+        api.admin_call(mon.clone(), path, None).await.1["subaccounts"][0]["tunnel"]["connections"] == 0
+    );
+    let last = heartbeat_of(&api.admin_call(mon.clone(), path, None).await.1);
+    assert!(last >= first, "the last heartbeat stays visible after the tunnel broke");
+    // Several heartbeat intervals pass (the connector keeps redialling the dead proxy).
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(heartbeat_of(&api.admin_call(mon, path, None).await.1), last, "no heartbeat from a dead proxy");
+    api.stop().await;
+}
+
 #[tokio::test]
 async fn initial_password_must_be_changed_first() {
     let dir = tempfile::tempdir().unwrap();
@@ -509,4 +546,218 @@ async fn principal_propagation_settings_apply_to_the_next_request() {
     assert_eq!(s, StatusCode::BAD_REQUEST);
     assert!(body["message"].as_str().unwrap().contains("expirationToleranceInHr"), "{body}");
     api.stop().await;
+}
+
+/// Calls the API with Basic authentication as `user`.
+async fn call_as(
+    api: &Running,
+    user: &str,
+    password: &str,
+    method: Method,
+    path: &str,
+    body: Option<Value>,
+) -> StatusCode {
+    let mut r = api.req(method, path).basic_auth(user, Some(password));
+    if let Some(b) = body {
+        r = r.json(&b);
+    }
+    r.send().await.unwrap().status()
+}
+
+#[tokio::test]
+async fn ldap_logon_maps_groups_to_roles() {
+    use ferry_testkit::slapd::{READER_DN, READER_PW, SUFFIX, Slapd};
+    let slapd = Slapd::start(&format!(
+        "dn: uid=anna,ou=people,{SUFFIX}\nobjectClass: inetOrgPerson\nuid: anna\ncn: Anna\nsn: A\nuserPassword: anna-pw\n\n\
+         dn: uid=dora,ou=people,{SUFFIX}\nobjectClass: inetOrgPerson\nuid: dora\ncn: Dora\nsn: D\nuserPassword: dora-pw\n\n\
+         dn: uid=nick,ou=people,{SUFFIX}\nobjectClass: inetOrgPerson\nuid: nick\ncn: Nick\nsn: N\nuserPassword: nick-pw\n\n\
+         dn: uid=mona,ou=people,{SUFFIX}\nobjectClass: inetOrgPerson\nuid: mona\ncn: Mona\nsn: M\nuserPassword: mona-pw\n\n\
+         dn: cn=sccmonitoring,ou=groups,{SUFFIX}\nobjectClass: groupOfNames\ncn: sccmonitoring\nmember: uid=mona,ou=people,{SUFFIX}\n\n\
+         dn: cn=connector-admins,ou=groups,{SUFFIX}\nobjectClass: groupOfNames\ncn: connector-admins\nmember: uid=anna,ou=people,{SUFFIX}\n\n\
+         dn: cn=sccdisplay,ou=groups,{SUFFIX}\nobjectClass: groupOfNames\ncn: sccdisplay\nmember: uid=dora,ou=people,{SUFFIX}\n"
+    ));
+    let dir = tempfile::tempdir().unwrap();
+    let api = Running::start(dir.path()).await;
+    api.change_initial_password().await;
+    let ldap_path = format!("{CONF}/connector/authentication/ldap");
+    let settings = json!({
+        "enable": true,
+        "configuration": format!("userBase=\"ou=people,{SUFFIX}\" userSearch=\"(uid={{0}})\"\n\
+                                  roleBase=\"ou=groups,{SUFFIX}\" roleName=\"cn\" roleSearch=\"(member={{0}})\""),
+        "hosts": [{"host": "127.0.0.1", "port": slapd.addr.port()}],
+        "user": READER_DN, "password": READER_PW,
+        "customAdminRole": "connector-admins",
+    });
+    let mut bad = settings.clone();
+    bad["configuration"] = json!("userBase=\"ou=people\"");
+    let (s, e) = api.admin_call(Method::PUT, &ldap_path, Some(bad)).await;
+    assert_eq!(s, StatusCode::BAD_REQUEST);
+    assert!(e["message"].as_str().unwrap().contains("userSearch"), "{e}");
+    let mut no_password = settings.clone();
+    no_password.as_object_mut().unwrap().remove("password");
+    assert_eq!(api.admin_call(Method::PUT, &ldap_path, Some(no_password)).await.0, StatusCode::BAD_REQUEST);
+
+    let (s, _) = api.admin_call(Method::PUT, &ldap_path, Some(settings)).await;
+    assert_eq!(s, StatusCode::NO_CONTENT);
+    let stored = std::fs::read_to_string(dir.path().join("scc-ldap.json")).unwrap();
+    assert!(!stored.contains(READER_PW), "the bind password is sealed at rest");
+
+    let conn = format!("{CONF}/connector");
+    assert_eq!(call_as(&api, "anna", "anna-pw", Method::GET, &ldap_path, None).await, StatusCode::OK);
+    let shown = api.req(Method::GET, &ldap_path).basic_auth("anna", Some("anna-pw")).send().await.unwrap();
+    let shown = shown.text().await.unwrap();
+    assert!(shown.contains("connector-admins") && !shown.contains(READER_PW), "{shown}");
+    let change = Some(json!({"description": "changed by anna"}));
+    assert_eq!(call_as(&api, "anna", "anna-pw", Method::PUT, &conn, change.clone()).await, StatusCode::NO_CONTENT);
+    assert_eq!(call_as(&api, "anna", "wrong", Method::GET, &conn, None).await, StatusCode::UNAUTHORIZED);
+    assert_eq!(call_as(&api, "nobody", "x-pw", Method::GET, &conn, None).await, StatusCode::UNAUTHORIZED);
+    assert_eq!(call_as(&api, "dora", "dora-pw", Method::GET, &conn, None).await, StatusCode::OK, "display reads");
+    assert_eq!(call_as(&api, "dora", "dora-pw", Method::PUT, &conn, change.clone()).await, StatusCode::FORBIDDEN);
+    assert_eq!(call_as(&api, "nick", "nick-pw", Method::GET, &conn, None).await, StatusCode::FORBIDDEN, "no group");
+    let mon = "/api/monitoring/subaccounts";
+    assert_eq!(call_as(&api, "mona", "mona-pw", Method::GET, mon, None).await, StatusCode::OK, "monitoring role");
+    assert_eq!(call_as(&api, "mona", "mona-pw", Method::GET, &conn, None).await, StatusCode::FORBIDDEN);
+    assert_eq!(call_as(&api, "nick", "nick-pw", Method::GET, mon, None).await, StatusCode::FORBIDDEN);
+    // Her API session does not open the web UI's pages either.
+    let r = api.req(Method::GET, mon).basic_auth("mona", Some("mona-pw")).send().await.unwrap();
+    let session = r.headers()["set-cookie"].to_str().unwrap().split(';').next().unwrap().to_owned();
+    let page = api.req(Method::GET, "/ui/overview").header("cookie", session).send().await.unwrap();
+    assert_eq!(page.status(), StatusCode::FORBIDDEN);
+    assert_eq!(
+        call_as(&api, "Administrator", NEW_PASSWORD, Method::GET, &conn, None).await,
+        StatusCode::UNAUTHORIZED,
+        "the file-based user is inactive while LDAP is on"
+    );
+
+    // The setting survives a restart.
+    api.stop().await;
+    let api = Running::start(dir.path()).await;
+    assert_eq!(call_as(&api, "anna", "anna-pw", Method::GET, &conn, None).await, StatusCode::OK);
+
+    // A directory that does not answer is the directory's fault, not a wrong password.
+    drop(slapd);
+    assert_eq!(call_as(&api, "anna", "anna-pw", Method::GET, &conn, None).await, StatusCode::SERVICE_UNAVAILABLE);
+    api.stop().await;
+}
+
+/// A backend whose first response stops after "hello" until `release` fires; later ones answer
+/// "helloworld" at once.
+async fn slow_backend(release: Arc<tokio::sync::Notify>) -> SocketAddr {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let l = ferry_testkit::listener().await;
+    let addr = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        let mut first = true;
+        while let Ok((mut s, _)) = l.accept().await {
+            let (slow, release) = (std::mem::replace(&mut first, false), release.clone());
+            tokio::spawn(async move {
+                let mut head = Vec::new();
+                let mut buf = [0u8; 1024];
+                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                    let Ok(n) = s.read(&mut buf).await else { return };
+                    if n == 0 {
+                        return;
+                    }
+                    head.extend_from_slice(&buf[..n]);
+                }
+                let _ = s.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 10\r\n\r\nhello").await;
+                if slow {
+                    release.notified().await;
+                }
+                let _ = s.write_all(b"world").await;
+            });
+        }
+    });
+    addr
+}
+
+#[tokio::test]
+async fn a_renewed_certificate_replaces_a_short_lived_one_without_dropping_a_request() {
+    let pair = TunnelPair::start().await;
+    let relay = ferry_testkit::CuttableRelay::start(pair.tunnel_addr).await;
+    let release = Arc::new(tokio::sync::Notify::new());
+    let backend = slow_backend(release.clone()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let api = Running::start(dir.path()).await;
+    api.change_initial_password().await;
+
+    // Enrolled with a certificate valid for a few seconds, through a relay the test can cut.
+    let issued = std::time::Instant::now();
+    let short = pair.ca.issue_connector_cert(SUBACCOUNT, "renew-loc", time::Duration::seconds(3)).unwrap();
+    let data = |id: &ferry_core::tls::CertifiedKey| {
+        json!({"subaccount": SUBACCOUNT, "location_id": "renew-loc", "certificate": id.cert_pem,
+               "key": id.key_pem.expose(), "ca": pair.ca.cert_pem(), "tunnel": relay.addr.to_string()})
+    };
+    let (s, b) = api
+        .admin_call(Method::POST, &format!("{CONF}/subaccounts"), Some(json!({"authenticationData": data(&short)})))
+        .await;
+    assert_eq!(s, StatusCode::CREATED, "{b}");
+    let sub = format!("{CONF}/subaccounts/{}/{SUBACCOUNT}", relay.addr);
+    let (s, b) = api
+        .admin_call(
+            Method::POST,
+            &format!("{sub}/systemMappings"),
+            Some(json!({"virtualHost": "slow.virtual", "virtualPort": 80, "localHost": "127.0.0.1",
+                        "localPort": backend.port(), "protocol": "HTTP", "authenticationMode": "NONE"})),
+        )
+        .await;
+    assert_eq!(s, StatusCode::CREATED, "{b}");
+    let res = json!({"id": "/", "enabled": true, "exactMatchOnly": false});
+    let (s, b) =
+        api.admin_call(Method::POST, &format!("{sub}/systemMappings/slow.virtual:80/resources"), Some(res)).await;
+    assert_eq!(s, StatusCode::CREATED, "{b}");
+    pair.wait_connected("renew-loc").await;
+
+    // A request is in flight (half its body sent) when the certificate is renewed.
+    let mut app = ProxyClient::connect(pair.http_addr).await;
+    let req = http::Request::get("http://slow.virtual/x")
+        .header("host", "slow.virtual")
+        .header("proxy-authorization", format!("Bearer {}", pair.token()))
+        .header("sap-connectivity-scc-location_id", "renew-loc")
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    let resp = app.sender.send_request(req).await.unwrap();
+    assert_eq!(resp.status(), 200);
+
+    let other = pair.ca.issue_connector_cert(SUBACCOUNT, "other-loc", time::Duration::days(1)).unwrap();
+    let (s, b) = api
+        .admin_call(Method::POST, &format!("{sub}/validity"), Some(json!({"authenticationData": data(&other)})))
+        .await;
+    assert_eq!(s, StatusCode::BAD_REQUEST, "a certificate of another location is refused: {b}");
+    let renewed = pair.ca.issue_connector_cert(SUBACCOUNT, "renew-loc", time::Duration::days(1)).unwrap();
+    let (s, b) = api
+        .admin_call(Method::POST, &format!("{sub}/validity"), Some(json!({"authenticationData": data(&renewed)})))
+        .await;
+    assert_eq!(s, StatusCode::OK, "{b}");
+    let connections = |v: &Value| v["subaccounts"][0]["tunnel"]["connections"].as_u64().unwrap();
+    eventually!(
+        "the new tunnel is up next to the draining one",
+        connections(&api.admin_call(Method::GET, "/api/monitoring/subaccounts", None).await.1) == 2
+    );
+    release.notify_one();
+    let body = resp.into_body().collect().await.unwrap().to_bytes();
+    assert_eq!(&body[..], b"helloworld", "the request in flight completes on the old tunnel");
+    eventually!(
+        "the old tunnel has drained",
+        connections(&api.admin_call(Method::GET, "/api/monitoring/subaccounts", None).await.1) == 1
+    );
+
+    // Once the first certificate has expired, a reconnect works only with the renewed one.
+    tokio::time::sleep(Duration::from_secs(4).saturating_sub(issued.elapsed())).await;
+    let tunnel = |v: Value| v["subaccounts"][0]["tunnel"].clone();
+    let before = tunnel(api.admin_call(Method::GET, "/api/monitoring/subaccounts", None).await.1);
+    relay.cut();
+    // A new streak of connections starts only if the reconnect's TLS handshake succeeds.
+    eventually!("reconnected after the cut", {
+        let now = tunnel(api.admin_call(Method::GET, "/api/monitoring/subaccounts", None).await.1);
+        now["connections"] == 1 && now["connectedSinceTimeStamp"].as_u64() > before["connectedSinceTimeStamp"].as_u64()
+    });
+    pair.wait_connected("renew-loc").await;
+    let mut app = ProxyClient::connect(pair.http_addr).await;
+    assert_eq!(app.get(&pair, "renew-loc", "http://slow.virtual/y").await, 200);
+
+    // The renewed certificate is what a restart uses.
+    api.stop().await;
+    let stored = std::fs::read_to_string(dir.path().join("scc-config.json")).unwrap();
+    assert!(stored.contains(renewed.cert_pem.trim().lines().nth(1).unwrap()), "the new certificate is stored");
 }

@@ -228,10 +228,10 @@ async fn subaccount_mapping_resource_then_a_request_shows_in_audit_and_monitorin
     assert!(p.body.contains("Subaccount added"));
     assert!(p.body.contains("&lt;b&gt;Lab&lt;/b&gt; &amp; co") && !p.body.contains("<b>Lab"), "values are escaped");
     pair.wait_connected("ui-loc").await;
-    eventually!(
-        "the overview shows the tunnel connected",
-        b.get("/ui/overview").await.body.contains("badge ok\">Connected")
-    );
+    eventually!("the overview shows the tunnel connected with a heartbeat", {
+        let body = b.get("/ui/overview").await.body;
+        body.contains("badge ok\">Connected") && body.contains("<td class=\"heartbeat\">20")
+    });
 
     let region = pair.tunnel_addr.to_string();
     let mapping_page = format!("/ui/access/mapping?r={region}&s={SUBACCOUNT}");

@@ -241,6 +241,13 @@ pub(crate) struct Caller {
     /// The bearer token itself when it is a user's token (user flows use it as the assertion
     /// unless `X-user-token` is sent).
     user: Option<UserToken>,
+    /// The token's client, when one of Ferry's own tenants issued the token (only those vouch
+    /// for which client a token was issued to): to find the provider of a subscriber's token.
+    zone_client: Option<String>,
+    /// Set for a subscriber's token, by [`Caller::resolve_provider`]: the subaccount the token's
+    /// client lives in (the provider of the multi-tenant application), which the consume API's
+    /// `provider_*` levels address.
+    provider: Option<String>,
 }
 
 /// A verified user JWT and who it belongs to.
@@ -253,12 +260,16 @@ pub(crate) struct UserToken {
     key: String,
     /// For `tokenServiceURLType: Common` in user flows.
     subdomain: Option<String>,
+    /// Issued by a trusted external OIDC issuer (IAS), not by one of Ferry's tenants.
+    external: bool,
 }
 
 impl UserToken {
     /// `None` for a technical (client-credentials) token.
     fn from_claims(jwt: &str, claims: &ferry_auth::Claims) -> Option<Self> {
-        if !claims.is_user() {
+        // IAS user tokens name the user by `user_uuid` and `sub`, without XSUAA's user claims.
+        let ias_user = claims.external_issuer && claims.raw.get("user_uuid").is_some();
+        if !claims.is_user() && !ias_user {
             return None;
         }
         let sub = claims.raw.get("sub").and_then(serde_json::Value::as_str).map(str::to_owned);
@@ -269,6 +280,7 @@ impl UserToken {
             claims: Arc::new(claims.raw.clone()),
             key: format!("{}/{id}", claims.zid),
             subdomain: claims_subdomain(claims),
+            external: claims.external_issuer,
         })
     }
 }
@@ -301,8 +313,58 @@ impl Caller {
         Ok(Scope { subaccount: self.subaccount.clone(), level, kind: Kind::Destination })
     }
 
+    /// Looks up the provider of a subscriber's token; only the consume API needs it.
+    fn resolve_provider(&mut self, s: &DestinationService) {
+        self.provider =
+            self.zone_client.as_deref().and_then(|c| s.client_zone(c)).filter(|zone| *zone != self.subaccount);
+    }
+
     fn subaccount_scope(&self) -> Scope {
         Scope { subaccount: self.subaccount.clone(), level: Level::Subaccount, kind: Kind::Destination }
+    }
+
+    /// The destinations a consume-API level names for this caller (SPEC §1.2).
+    fn level_scope(&self, level: ConsumeLevel) -> Result<Scope, ApiError> {
+        let provider = || {
+            self.provider.clone().ok_or_else(|| {
+                ApiError::bad_request(format!(
+                    "Level '{}' is for a subscriber's token (one a multi-tenant application got in a subscriber's \
+                     subaccount); this token is the provider's own, so use 'subaccount' or 'instance'",
+                    level.as_str()
+                ))
+            })
+        };
+        match level {
+            ConsumeLevel::Subaccount => self.scope(Collection::Subaccount),
+            ConsumeLevel::Instance => self.scope(Collection::Instance),
+            ConsumeLevel::ProviderSubaccount => {
+                Ok(Scope { subaccount: provider()?, level: Level::Subaccount, kind: Kind::Destination })
+            }
+            ConsumeLevel::ProviderInstance => {
+                let instance = self.scope(Collection::Instance)?.level;
+                Ok(Scope { subaccount: provider()?, level: instance, kind: Kind::Destination })
+            }
+        }
+    }
+}
+
+/// The levels of the consume API (`/v2/destinations/{name}@{level}`, `X-fragment-name: f@level`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum ConsumeLevel {
+    Subaccount,
+    Instance,
+    ProviderSubaccount,
+    ProviderInstance,
+}
+
+impl ConsumeLevel {
+    fn as_str(self) -> &'static str {
+        match self {
+            ConsumeLevel::Subaccount => "subaccount",
+            ConsumeLevel::Instance => "instance",
+            ConsumeLevel::ProviderSubaccount => "provider_subaccount",
+            ConsumeLevel::ProviderInstance => "provider_instance",
+        }
     }
 }
 
@@ -328,7 +390,11 @@ impl FromRequestParts<Arc<DestinationService>> for Caller {
         let non_empty = |s: Option<String>| s.filter(|s| !s.is_empty());
         let subdomain = claims_subdomain(&claims);
         let user = UserToken::from_claims(token, &claims);
+        // An external issuer's token stays within the subaccount its trust names.
+        let zone_client = claims.client_id.clone().filter(|_| !claims.external_issuer);
         Ok(Caller {
+            zone_client,
+            provider: None,
             instance: non_empty(claims.ext_attr.serviceinstanceid.clone())
                 .or_else(|| non_empty(claims.client_id.clone())),
             subaccount: claims.zid.clone(),
@@ -461,11 +527,78 @@ async fn list(
     RawQuery(query): RawQuery,
 ) -> Result<Response, ApiError> {
     let mode = query::parse(query.as_deref()).map_err(ApiError::bad_request)?;
+    let metadata = query::parse_metadata(query.as_deref(), &mode).map_err(ApiError::bad_request)?;
     let scope = caller.scope(kind)?;
     // Secrets never leave through a list, whatever SAP does: lists end up in UIs and logs.
-    let items: Vec<Destination> =
-        s.list::<Destination>(&scope).await?.iter().map(Destination::without_secrets).collect();
-    Ok(list_response(items, Destination::name, mode, kind.path("Destinations")))
+    list_collection(
+        &s,
+        &scope,
+        mode,
+        metadata,
+        Destination::name,
+        Destination::without_secrets,
+        kind.path("Destinations"),
+    )
+    .await
+}
+
+/// A list answer for one collection: the objects as `public` shows them, filtered, in the
+/// query's mode, each with `$metadata` when `metadata` asks for it.
+async fn list_collection<T: Serialize + serde::de::DeserializeOwned>(
+    s: &DestinationService,
+    scope: &Scope,
+    mode: query::Mode,
+    metadata: query::Metadata,
+    name: fn(&T) -> &str,
+    public: fn(&T) -> T,
+    path: String,
+) -> Result<Response, ApiError> {
+    let mut rows = s.list_stored::<T>(scope).await?;
+    if let query::Mode::Filter(filter) = &mode {
+        let labels = if filter.needs_labels() { labels::of_collection(s, scope).await? } else { Default::default() };
+        let (now, none) = (crate::store::now_secs(), Vec::new());
+        rows.retain(|l| {
+            let labels = labels.get(&l.name).unwrap_or(&none);
+            filter.matches(&query::Item { name: &l.name, modified_at: l.modified_at, labels }, now)
+        });
+    }
+    if metadata.any() {
+        let mut items = Vec::with_capacity(rows.len());
+        for l in &rows {
+            let mut item = serde_json::to_value(public(&l.stored.destination))
+                .map_err(|_| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "Cannot encode a listed object"))?;
+            let mut meta = serde_json::Map::new();
+            if metadata.modification_time {
+                meta.insert("modification_time".into(), rfc3339(l.modified_at).into());
+            }
+            if metadata.etag {
+                meta.insert("etag".into(), l.stored.etag.clone().into());
+            }
+            if let Some(map) = item.as_object_mut() {
+                map.insert("$metadata".into(), meta.into());
+            }
+            items.push(item);
+        }
+        return Ok(Json(items).into_response());
+    }
+    let items: Vec<T> = rows.iter().map(|l| public(&l.stored.destination)).collect();
+    Ok(list_response(items, name, mode, path))
+}
+
+/// Unix seconds as an RFC 3339 UTC time (`2026-11-23T05:40:34Z`).
+fn rfc3339(secs: i64) -> String {
+    // Days to civil date: H. Hinnant's algorithm, proleptic Gregorian calendar.
+    let (days, rem) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!("{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}Z", rem / 3600, rem % 3600 / 60, rem % 60)
 }
 
 impl Collection {
@@ -483,8 +616,8 @@ impl Collection {
 fn list_response<T: Serialize>(items: Vec<T>, name: fn(&T) -> &str, mode: query::Mode, path: String) -> Response {
     use query::Mode;
     match mode {
-        Mode::All => Json(items).into_response(),
-        Mode::Filter(f) => Json(items.into_iter().filter(|i| f.matches(name(i))).collect::<Vec<_>>()).into_response(),
+        // Filters are applied by the caller, which has the rows' names, times and labels.
+        Mode::All | Mode::Filter(_) => Json(items).into_response(),
         Mode::SelectName => Json(items.iter().map(|i| json!({ "Name": name(i) })).collect::<Vec<_>>()).into_response(),
         Mode::Page(p) => {
             let total = items.len();
@@ -541,6 +674,12 @@ async fn delete_many(
         }
     };
     let scope = caller.scope(collection)?.of(kind);
+    if kind == Kind::Destination {
+        // Nothing is deleted while one of them is still another destination's assertion provider.
+        for name in &names {
+            refuse_if_assertion_provider(&s, &scope.row(name), &names).await?;
+        }
+    }
     let mut summary = Vec::with_capacity(names.len());
     let mut count = 0;
     for name in names {
@@ -676,11 +815,33 @@ async fn delete_stored(
     let not_found = || ApiError::new(StatusCode::NOT_FOUND, object.not_found);
     let Ok(Path(name)) = path else { return Err(not_found()) };
     let scope = caller.scope(kind)?.of(object.kind);
+    if object.kind == Kind::Destination {
+        refuse_if_assertion_provider(&s, &scope.row(&name), &[]).await?;
+    }
     if !s.remove(&scope.row(&name)).await? {
         return Err(not_found());
     }
     tracing::info!(subaccount = %scope.subaccount, level = ?scope.level, %name, "{} deleted", object.noun);
     Ok(Json(json!({ "Count": 1 })).into_response())
+}
+
+/// SPEC §1.6, §2.5: a destination that another one uses as its client assertion provider is
+/// not deleted (400, in SAP's words). `deleted_too` are deleted in the same request.
+async fn refuse_if_assertion_provider(
+    s: &DestinationService,
+    key: &RowKey,
+    deleted_too: &[String],
+) -> Result<(), ApiError> {
+    let consumers = s.assertion_consumers(key, deleted_too).await?;
+    if consumers.is_empty() {
+        return Ok(());
+    }
+    Err(ApiError::bad_request(format!(
+        "Cannot perform operation on the destination '{}' because it is used as an assertion provider for \
+         destination '{}'",
+        key.name,
+        consumers.join("', '")
+    )))
 }
 
 fn fragment_collection(kind: Collection) -> MethodRouter<Arc<DestinationService>> {
@@ -709,8 +870,8 @@ async fn list_fragments(
 ) -> Result<Response, ApiError> {
     let mode = query::parse(query.as_deref()).map_err(ApiError::bad_request)?;
     let scope = caller.scope(kind)?.of(Kind::Fragment);
-    let items: Vec<Fragment> = s.list::<Fragment>(&scope).await?.iter().map(Fragment::without_secrets).collect();
-    Ok(list_response(items, Fragment::name, mode, kind.path("DestinationFragments")))
+    let path = kind.path("DestinationFragments");
+    list_collection(&s, &scope, mode, Default::default(), Fragment::name, Fragment::without_secrets, path).await
 }
 
 /// POST (`create`) or PUT of one fragment or an array of them.
@@ -845,14 +1006,16 @@ async fn list_certificates(
     RawQuery(query): RawQuery,
 ) -> Result<Response, ApiError> {
     let mode = query::parse(query.as_deref()).map_err(ApiError::bad_request)?;
-    if matches!(mode, query::Mode::Filter(ref f) if !matches!(f, query::Filter::In(_))) {
-        return Err(ApiError::bad_request("Certificates can only be filtered with $filter=Name in ('a','b')"));
+    if matches!(mode, query::Mode::Filter(ref f) if !matches!(f, query::Filter::In(_) | query::Filter::Labels(_))) {
+        return Err(ApiError::bad_request(
+            "Certificates can only be filtered with $filter=Name in ('a','b') or Label['key'] HAS ('value')",
+        ));
     }
     let scope = caller.scope(kind)?.of(Kind::Certificate);
     // Content may hold private keys: lists give names and types only.
-    let items: Vec<Certificate> =
-        s.list::<Certificate>(&scope).await?.iter().map(Certificate::without_content).collect();
-    Ok(list_response(items, |c| &c.name, mode, kind.path("Certificates")))
+    let path = kind.path("Certificates");
+    list_collection(&s, &scope, mode, Default::default(), |c: &Certificate| &c.name, Certificate::without_content, path)
+        .await
 }
 
 async fn write_certificates(
@@ -939,25 +1102,47 @@ fn with_etag(headers: &HeaderMap, etag: &str, response: Response) -> Response {
     response
 }
 
+/// The consume API's levels of a call: the caller, and the level the destination was read from.
+#[derive(Clone, Copy)]
+struct Levels<'a> {
+    caller: &'a Caller,
+    destination: ConsumeLevel,
+}
+
 /// SPEC §1.7: merges the fragments named by `X-fragment-name` (comma-separated, in order) from
 /// the destination's own level. A missing fragment is a 404 unless `X-fragment-optional: true`
-/// (only honoured for a single fragment).
+/// (only honoured for a single fragment). Returns the merged destination and the rows of the
+/// fragments applied.
 async fn apply_fragments(
     s: &DestinationService,
     key: &RowKey,
     destination: Destination,
     headers: &HeaderMap,
-    levels: Option<&Caller>,
-) -> Result<Destination, ApiError> {
+    levels: Option<Levels<'_>>,
+) -> Result<(Destination, Vec<RowKey>), ApiError> {
     if headers.get_all("x-fragment-name").iter().count() > 1 {
         return Err(ApiError::bad_request("Send the X-fragment-name header once (a comma-separated list for several)"));
     }
-    let Some(list) = header(headers, "x-fragment-name")? else { return Ok(destination) };
-    // v2 (`levels` set): `name@subaccount` / `name@instance`; otherwise the destination's level.
+    let Some(list) = header(headers, "x-fragment-name")? else { return Ok((destination, Vec::new())) };
+    // v2 (`levels` set): `name@<level>`; otherwise the destination's level.
     let mut names = Vec::new();
     for item in list.split(',').map(str::trim) {
         let (name, scope) = match (levels, item.rsplit_once('@')) {
-            (Some(caller), Some((name, level))) => (name, caller.scope(parse_level(level)?)?),
+            (Some(levels), Some((name, level))) => {
+                let level = parse_level(level)?;
+                // SPEC §1.2: in a multi-tenant call the subscriber's subaccount level is not
+                // mixed with another level.
+                let subaccount = [levels.destination, level].contains(&ConsumeLevel::Subaccount);
+                if levels.caller.provider.is_some() && subaccount && level != levels.destination {
+                    return Err(ApiError::bad_request(format!(
+                        "Fragment '{name}@{}' cannot be merged into a destination of level '{}': with a subscriber's \
+                         token the 'subaccount' level cannot be mixed with another level",
+                        level.as_str(),
+                        levels.destination.as_str()
+                    )));
+                }
+                (name, levels.caller.level_scope(level)?)
+            }
             _ => (item, key.scope.clone()),
         };
         if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-') {
@@ -977,12 +1162,13 @@ async fn apply_fragments(
     let mut merged = destination;
     let mut applied = Vec::with_capacity(names.len());
     for (name, scope) in names {
-        match s.load::<Fragment>(&scope.row(name)).await? {
+        let row = scope.row(name);
+        match s.load::<Fragment>(&row).await? {
             Some(stored) => {
                 merged = merged.merged_with(&stored.destination);
-                applied.push(name);
+                applied.push(row);
             }
-            None if optional => return Ok(merged),
+            None if optional => return Ok((merged, applied)),
             None => {
                 return Err(ApiError::new(
                     StatusCode::NOT_FOUND,
@@ -996,10 +1182,11 @@ async fn apply_fragments(
             }
         }
     }
+    let names: Vec<&str> = applied.iter().map(|k| k.name.as_str()).collect();
     merged
-        .set("FragmentName", applied.join(","))
+        .set("FragmentName", names.join(","))
         .map_err(|e| ApiError::bad_request(format!("Merged destination is invalid: {e}")))?;
-    Ok(merged)
+    Ok((merged, applied))
 }
 
 #[derive(Serialize)]
@@ -1113,17 +1300,15 @@ async fn find(
 ) -> Result<Response, ApiError> {
     let Ok(Path(name)) = path else { return Err(ApiError::not_found()) };
     check_tenant_headers(&headers)?;
-    let mut keys = Vec::with_capacity(2);
-    if let Ok(instance) = caller.scope(Collection::Instance) {
-        keys.push(instance.row(&name));
-    }
-    keys.push(caller.subaccount_scope().row(&name));
-    let (key, stored) = s.load_first::<Destination>(keys).await?.ok_or_else(ApiError::not_found)?;
+    let chain = Chain::of(&headers)?;
+    let (key, stored) =
+        s.load_first::<Destination>(find_keys(&caller, &name)).await?.ok_or_else(ApiError::not_found)?;
     // Without fragments or `$skipCredentials` the answer is the stored destination, whose ETag
     // came with it; otherwise the merged one gets its own.
     let as_stored = header(&headers, "x-fragment-name")?.is_none() && !query_flag(query.as_deref(), "$skipCredentials");
-    let destination = apply_fragments(&s, &key, stored.destination, &headers, None).await?;
-    let (destination, auth_tokens) = finish(&s, &caller, &key, destination, query.as_deref(), &headers).await?;
+    let (destination, _) = apply_fragments(&s, &key, stored.destination, &headers, None).await?;
+    let (destination, auth_tokens) =
+        finish(&s, &caller, &key, destination, query.as_deref(), &headers, chain.as_ref()).await?;
     let etag = if as_stored { Some(stored.etag) } else { crate::etag_of(&destination) };
     let body = FindResponse {
         owner: Owner { subaccount_id: &key.scope.subaccount, instance_id: key.scope.instance_id() },
@@ -1137,6 +1322,178 @@ async fn find(
     })
 }
 
+/// Where find looks for `name`: the caller's instance level (if the token names one), then its
+/// subaccount level.
+fn find_keys(caller: &Caller, name: &str) -> Vec<RowKey> {
+    let mut keys = Vec::with_capacity(2);
+    if let Ok(instance) = caller.scope(Collection::Instance) {
+        keys.push(instance.row(name));
+    }
+    keys.push(caller.subaccount_scope().row(name));
+    keys
+}
+
+/// SPEC §1.11: a predefined destination chain, from `X-chain-name` and its `X-chain-var-*`.
+struct Chain {
+    kind: ChainKind,
+    /// The destination of the first step, found like a find.
+    first: String,
+    fragment: Option<String>,
+    fragment_optional: bool,
+    /// The token the first step exchanges, and its RFC 8693 type.
+    token: String,
+    token_type: String,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum ChainKind {
+    /// An IAS-signed SAML assertion from an OAuth2TokenExchange destination, used as the
+    /// client-provided assertion of the OAuth2SAMLBearerAssertion destination asked for.
+    IasSamlBearer,
+    /// A user token exchanged by the first destination, then used as the user token of the
+    /// destination asked for.
+    SequentialUser,
+}
+
+const CHAIN_IAS_SAML: &str = "com.sap.iasGeneratedOAuth2SamlBearerAssertion";
+const CHAIN_SEQUENTIAL_USER: &str = "com.sap.sequentialUserPropagation";
+
+impl Chain {
+    fn of(headers: &HeaderMap) -> Result<Option<Self>, ApiError> {
+        let Some(name) = header(headers, "x-chain-name")? else { return Ok(None) };
+        let (kind, first, fragment, token, token_type) = match name {
+            CHAIN_IAS_SAML => (
+                ChainKind::IasSamlBearer,
+                "samlProviderDestinationName",
+                "samlProviderFragment",
+                "subjectToken",
+                Some("subjectTokenType"),
+            ),
+            CHAIN_SEQUENTIAL_USER => (
+                ChainKind::SequentialUser,
+                "tokenTransformationDestinationName",
+                "tokenTransformationFragment",
+                "userToken",
+                None,
+            ),
+            other => {
+                return Err(ApiError::bad_request(format!(
+                    "Unknown X-chain-name '{other}': the predefined chains are {CHAIN_IAS_SAML} and \
+                     {CHAIN_SEQUENTIAL_USER}"
+                )));
+            }
+        };
+        let var = |v: &str| header(headers, &format!("x-chain-var-{v}"));
+        let required = |v: &str| {
+            var(v)?
+                .map(str::to_owned)
+                .ok_or_else(|| ApiError::bad_request(format!("Chain '{name}' needs the header X-chain-var-{v}")))
+        };
+        let fragment_optional = match var(&format!("{fragment}Optional"))? {
+            None => false,
+            Some(v) if v.eq_ignore_ascii_case("true") => true,
+            Some(v) if v.eq_ignore_ascii_case("false") => false,
+            Some(_) => {
+                return Err(ApiError::bad_request(format!(
+                    "Header X-chain-var-{fragment}Optional must be 'true' or 'false'"
+                )));
+            }
+        };
+        Ok(Some(Self {
+            kind,
+            first: required(first)?,
+            fragment: var(&format!("{fragment}Name"))?.map(str::to_owned),
+            fragment_optional,
+            token: required(token)?,
+            token_type: match token_type {
+                Some(t) => required(t)?,
+                None => TOKEN_TYPE_JWT.to_owned(),
+            },
+        }))
+    }
+
+    /// The chain's token for `dest` (`key`): the first step's token, fed into `dest`'s flow.
+    async fn tokens(
+        &self,
+        s: &DestinationService,
+        caller: &Caller,
+        key: &RowKey,
+        dest: &Destination,
+        headers: &HeaderMap,
+    ) -> Result<Vec<AuthToken>, ApiError> {
+        use AuthenticationType::*;
+        let wants = match self.kind {
+            ChainKind::IasSamlBearer => matches!(dest.authentication(), Some(OAuth2SAMLBearerAssertion)),
+            ChainKind::SequentialUser => matches!(
+                dest.authentication(),
+                Some(OAuth2UserTokenExchange | OAuth2JWTBearer | OAuth2SAMLBearerAssertion | SAMLAssertion)
+            ),
+        };
+        if !wants {
+            let what = match self.kind {
+                ChainKind::IasSamlBearer => "OAuth2SAMLBearerAssertion",
+                ChainKind::SequentialUser => {
+                    "a user flow (OAuth2UserTokenExchange, OAuth2JWTBearer, OAuth2SAMLBearerAssertion or SAMLAssertion)"
+                }
+            };
+            return Err(ApiError::bad_request(format!(
+                "Destination '{}' cannot end this chain: its Authentication must be {what}",
+                key.name
+            )));
+        }
+        // Step 1: the first destination, looked up and merged like a find, with the chain's token.
+        let (first_key, stored) =
+            s.load_first::<Destination>(find_keys(caller, &self.first)).await?.ok_or_else(|| {
+                ApiError::bad_request(format!(
+                    "Destination '{}' named by the chain variables was not found",
+                    self.first
+                ))
+            })?;
+        let mut step = HeaderMap::new();
+        if let Some(fragment) = &self.fragment {
+            step.insert("x-fragment-name", header_value(fragment)?);
+            if self.fragment_optional {
+                step.insert("x-fragment-optional", HeaderValue::from_static("true"));
+            }
+        }
+        let (first, _) = apply_fragments(s, &first_key, stored.destination, &step, None).await?;
+        step.insert("x-subject-token", header_value(&self.token)?);
+        step.insert("x-subject-token-type", header_value(&self.token_type)?);
+        if self.kind == ChainKind::SequentialUser {
+            step.insert("x-user-token", header_value(&self.token)?);
+        }
+        let failed =
+            |why: String| Ok(vec![AuthToken::failed(format!("chain step 1, destination '{}': {why}", self.first))]);
+        let token = match auth_tokens(s, caller, &first_key, &first, &step).await?.and_then(|t| t.into_iter().next()) {
+            None => return failed("its Authentication yields no token".into()),
+            Some(AuthToken { error: Some(e), .. }) => return failed(e),
+            Some(t) => t.value,
+        };
+        // Step 2: the destination asked for, with the first step's token where its flow takes one.
+        let mut step = headers.clone();
+        step.remove("x-tenant");
+        let mut dest = dest.clone();
+        match self.kind {
+            ChainKind::IasSamlBearer => {
+                step.insert("x-samlassertion", header_value(&token)?);
+                dest.set("SAMLAssertionProvider", "ClientProvided".to_owned())
+                    .map_err(|e| ApiError::bad_request(e.to_string()))?;
+            }
+            ChainKind::SequentialUser => {
+                step.insert("x-user-token", header_value(&token)?);
+            }
+        }
+        Ok(auth_tokens(s, caller, key, &dest, &step).await?.unwrap_or_default())
+    }
+}
+
+/// RFC 8693's type of a JWT, which the user token of a sequential chain is.
+const TOKEN_TYPE_JWT: &str = "urn:ietf:params:oauth:token-type:jwt";
+
+fn header_value(value: &str) -> Result<HeaderValue, ApiError> {
+    HeaderValue::from_str(value).map_err(|_| ApiError::bad_request("A chain variable is not a valid header value"))
+}
+
 fn check_tenant_headers(headers: &HeaderMap) -> Result<(), ApiError> {
     let tenant = header(headers, "x-tenant")?;
     if tenant.is_some() && header(headers, "x-user-token")?.is_some() {
@@ -1148,7 +1505,7 @@ fn check_tenant_headers(headers: &HeaderMap) -> Result<(), ApiError> {
     Ok(())
 }
 
-/// Token retrieval and `$skipCredentials`, shared by find and consume.
+/// Token retrieval (through `chain`, if any) and `$skipCredentials`, shared by find and consume.
 async fn finish(
     s: &DestinationService,
     caller: &Caller,
@@ -1156,9 +1513,12 @@ async fn finish(
     destination: Destination,
     query: Option<&str>,
     headers: &HeaderMap,
+    chain: Option<&Chain>,
 ) -> Result<(Destination, Option<Vec<AuthToken>>), ApiError> {
     let auth_tokens = if query_flag(query, "$skipTokenRetrieval") {
         None
+    } else if let Some(chain) = chain {
+        Some(chain.tokens(s, caller, key, &destination, headers).await?)
     } else {
         auth_tokens(s, caller, key, &destination, headers).await?
     };
@@ -1166,23 +1526,23 @@ async fn finish(
     Ok((destination, auth_tokens))
 }
 
-/// `@subaccount` / `@instance` of the consume API (SPEC §1.5).
-fn parse_level(level: &str) -> Result<Collection, ApiError> {
+/// The `@level` of the consume API (SPEC §1.2, §1.5).
+fn parse_level(level: &str) -> Result<ConsumeLevel, ApiError> {
     match level {
-        "subaccount" => Ok(Collection::Subaccount),
-        "instance" => Ok(Collection::Instance),
-        "provider_subaccount" | "provider_instance" => Err(ApiError::bad_request(format!(
-            "Level '{level}' is for subscriber tokens of multi-tenant applications, which this Destination Service \
-             does not support; use 'subaccount' or 'instance'"
+        "subaccount" => Ok(ConsumeLevel::Subaccount),
+        "instance" => Ok(ConsumeLevel::Instance),
+        "provider_subaccount" => Ok(ConsumeLevel::ProviderSubaccount),
+        "provider_instance" => Ok(ConsumeLevel::ProviderInstance),
+        other => Err(ApiError::bad_request(format!(
+            "Unknown level '{other}': use 'subaccount', 'instance', 'provider_subaccount' or 'provider_instance'"
         ))),
-        other => Err(ApiError::bad_request(format!("Unknown level '{other}': use 'subaccount' or 'instance'"))),
     }
 }
 
 /// `GET /v2/destinations/{name}[@{level}]`: one level only (default `instance`), no fallback.
 async fn consume(
     State(s): Svc,
-    caller: Caller,
+    mut caller: Caller,
     path: Result<Path<String>, PathRejection>,
     RawQuery(query): RawQuery,
     headers: HeaderMap,
@@ -1190,9 +1550,15 @@ async fn consume(
     let Ok(Path(target)) = path else { return Err(ApiError::not_found()) };
     let (name, level) = match target.rsplit_once('@') {
         Some((name, level)) => (name, parse_level(level)?),
-        None => (target.as_str(), Collection::Instance),
+        None => (target.as_str(), ConsumeLevel::Instance),
     };
     check_tenant_headers(&headers)?;
+    caller.resolve_provider(&s);
+    if header(&headers, "x-chain-name")?.is_some() {
+        return Err(ApiError::bad_request(
+            "Destination chaining (X-chain-name) is served by GET /v1/destinations/{name} only",
+        ));
+    }
     let include_owner = match form_urlencoded::parse(query.as_deref().unwrap_or_default().as_bytes())
         .find(|(k, _)| k == "$includeMetadata" || k == "includeMetadata")
     {
@@ -1202,26 +1568,54 @@ async fn consume(
             return Err(ApiError::bad_request(format!("$includeMetadata='{v}' is not supported; only 'owner' is")));
         }
     };
-    let key = caller.scope(level)?.row(name);
+    let key = caller.level_scope(level)?.row(name);
     let destination = s.load::<Destination>(&key).await?.ok_or_else(ApiError::not_found)?.destination;
-    let destination = apply_fragments(&s, &key, destination, &headers, Some(&caller)).await?;
-    let (destination, auth_tokens) = finish(&s, &caller, &key, destination, query.as_deref(), &headers).await?;
+    let levels = Levels { caller: &caller, destination: level };
+    let (destination, fragments) = apply_fragments(&s, &key, destination, &headers, Some(levels)).await?;
+    let (destination, auth_tokens) = finish(&s, &caller, &key, destination, query.as_deref(), &headers, None).await?;
     let mut configuration = serde_json::to_value(&destination)
         .map_err(|_| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "Cannot encode the destination"))?;
     if include_owner && let Some(map) = configuration.as_object_mut() {
-        let owner =
-            json!({"Name": key.name, "SubaccountId": key.scope.subaccount, "InstanceId": key.scope.instance_id()});
-        let mut fragments = Vec::new();
-        if let Some(applied) = destination.get("FragmentName") {
-            fragments.extend(applied.split(',').map(|f| json!({"FragmentName": f})));
-        }
-        map.insert("$metadata".into(), json!({"owner": {"destinations": [owner], "fragments": fragments}}));
+        let owner = |name_key: &str, row: &RowKey| json!({name_key: row.name, "SubaccountId": row.scope.subaccount, "InstanceId": row.scope.instance_id()});
+        let fragments: Vec<_> = fragments.iter().map(|row| owner("FragmentName", row)).collect();
+        let certificates: Vec<_> =
+            referenced_certificates(&s, &key, &destination).await?.iter().map(|row| owner("Name", row)).collect();
+        map.insert(
+            "$metadata".into(),
+            json!({"owner": {"destinations": [owner("Name", &key)], "fragments": fragments, "certificates": certificates}}),
+        );
     }
     let mut body = json!({ "destinationConfiguration": configuration });
     if let Some(tokens) = auth_tokens {
         body["authTokens"] = serde_json::to_value(tokens).unwrap_or_default();
     }
     Ok(respond_with_etag(&headers, &destination, Json(body).into_response()))
+}
+
+/// The certificate-store properties a destination may name.
+const CERTIFICATE_PROPERTIES: [&str; 3] = ["KeyStoreLocation", "TrustStoreLocation", "tokenService.KeyStoreLocation"];
+
+/// The stored certificates the destination names, each where a token flow would read it: on the
+/// destination's level, else on its subaccount's level.
+async fn referenced_certificates(
+    s: &DestinationService,
+    key: &RowKey,
+    destination: &Destination,
+) -> Result<Vec<RowKey>, ApiError> {
+    let mut found: Vec<RowKey> = Vec::new();
+    for location in CERTIFICATE_PROPERTIES.iter().filter_map(|p| destination.get(p)).filter(|l| !l.is_empty()) {
+        if found.iter().any(|row| row.name == location) {
+            continue;
+        }
+        for level in [key.scope.level.clone(), Level::Subaccount] {
+            let row = Scope { subaccount: key.scope.subaccount.clone(), level, kind: Kind::Certificate }.row(location);
+            if s.exists(&row).await? {
+                found.push(row);
+                break;
+            }
+        }
+    }
+    Ok(found)
 }
 
 /// `authTokens` for a found destination, or `None` where SAP sends none. A failed token
@@ -1249,7 +1643,8 @@ async fn auth_tokens(
     let assertion = explicit.or(provided.as_ref().map(|(a, k)| (a.as_str(), k.as_str())));
     let flow = |grant| TokenFlow { s, caller, key, dest, grant, tenant, user: None, assertion };
     let token = match dest.authentication() {
-        None | Some(NoAuthentication | PrincipalPropagation | ClientCertificateAuthentication) => return Ok(None),
+        None | Some(NoAuthentication | ClientCertificateAuthentication) => return Ok(None),
+        Some(PrincipalPropagation) => return corporate_idp_token(s, caller, key, dest, headers).await,
         Some(BasicAuthentication) => match (dest.get("User"), dest.get("Password")) {
             (Some(user), Some(password)) => AuthToken::authorization("Basic", B64.encode(format!("{user}:{password}"))),
             _ => AuthToken::failed("BasicAuthentication destinations need the properties 'User' and 'Password'"),
@@ -1367,6 +1762,83 @@ async fn auth_tokens(
         tracing::warn!(subaccount = %key.scope.subaccount, name = %key.name, %reason, "no auth token for destination");
     }
     Ok(Some(vec![token]))
+}
+
+/// The IAS claim asking for the user's corporate identity provider token, and IAS's resource
+/// name for that provider in the token exchange.
+const FORWARD_CORP_IDP_TOKEN: &str = "forward_corp_idp_token";
+const CORPORATE_IDP_RESOURCE: &str = "urn:sap:identity:corporateidp";
+
+/// SPEC §2.6: a PrincipalPropagation destination normally has no token (the Connectivity Proxy
+/// propagates the user), but an IAS user token carrying `forward_corp_idp_token`
+/// (`access_token` or `id_token`) on an OnPremise one is exchanged, at the token endpoint of the
+/// issuer that signed it, for the user's token of the corporate identity provider (RFC 8693,
+/// `resource=urn:sap:identity:corporateidp`; client `clientId`/`clientSecret` of the destination
+/// if set, else the token's own `azp`). Cached per user like the other user flows.
+async fn corporate_idp_token(
+    s: &DestinationService,
+    caller: &Caller,
+    key: &RowKey,
+    dest: &Destination,
+    headers: &HeaderMap,
+) -> Result<Option<Vec<AuthToken>>, ApiError> {
+    if dest.get("ProxyType") != Some("OnPremise") {
+        return Ok(None);
+    }
+    let Ok(user) = user_token(s, caller, headers).await? else { return Ok(None) };
+    let Some(kind) = user.claims.get(FORWARD_CORP_IDP_TOKEN) else { return Ok(None) };
+    let failed = |reason: String| Ok(Some(vec![AuthToken::failed(reason)]));
+    let requested = match kind.as_str() {
+        Some("access_token") => "urn:ietf:params:oauth:token-type:access_token",
+        Some("id_token") => "urn:ietf:params:oauth:token-type:id_token",
+        _ => return failed(format!("the user token's {FORWARD_CORP_IDP_TOKEN} must be 'access_token' or 'id_token'")),
+    };
+    let issuer = user.claims.get("iss").and_then(serde_json::Value::as_str).filter(|_| user.external);
+    let Some(issuer) = issuer else {
+        return failed(format!(
+            "the user token carries {FORWARD_CORP_IDP_TOKEN} but was not issued by a trusted identity provider \
+             (IAS, a [[trust]] issuer) that could hand out the corporate token"
+        ));
+    };
+    let endpoint = match s.tokens.discover_token_endpoint(issuer).await {
+        Ok(endpoint) => endpoint,
+        Err(reason) => return failed(reason),
+    };
+    // The exchange as an OAuth2TokenExchange flow of the destination (its client credentials
+    // and tokenService.* settings apply), at the issuer's endpoint, over the Internet.
+    let mut exchange = dest.clone();
+    let client = ["azp", "client_id", "cid"]
+        .iter()
+        .find_map(|c| user.claims.get(*c).and_then(serde_json::Value::as_str))
+        .unwrap_or_default()
+        .to_owned();
+    let mut props = vec![
+        ("Authentication", "OAuth2TokenExchange".to_owned()),
+        ("tokenServiceURL", endpoint),
+        ("tokenServiceURL.ProxyType", "Internet".to_owned()),
+        ("tokenService.body.requested_token_type", requested.to_owned()),
+        ("tokenService.body.resource", CORPORATE_IDP_RESOURCE.to_owned()),
+    ];
+    if dest.get("clientId").is_none_or(str::is_empty) {
+        props.push(("clientId", client));
+    }
+    for (k, v) in props {
+        if let Err(e) = exchange.set(k, v) {
+            return failed(format!("cannot build the corporate token exchange: {e}"));
+        }
+    }
+    let subject = (user.jwt.as_str(), "urn:ietf:params:oauth:token-type:access_token");
+    let flow = TokenFlow {
+        s,
+        caller,
+        key,
+        dest: &exchange,
+        grant: Grant::TokenExchange { subject, actor: None },
+        tenant: None,
+        user: Some(&user),
+        assertion: None,
+    };
+    Ok(Some(vec![flow.run().await?]))
 }
 
 /// SPEC §2.5: `X-client-assertion` with `X-client-assertion-type`, both or neither.

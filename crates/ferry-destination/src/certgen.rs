@@ -157,7 +157,7 @@ impl DestinationService {
     /// Renews every `AutomaticRenew` certificate that is due at `now`; returns how many.
     pub async fn renew_certificates(&self, now: SystemTime) -> Result<usize, Error> {
         let mut renewed = 0;
-        for (key, sealed) in self.store.scan(Kind::Certificate).await? {
+        for (key, sealed) in self.store.scan(Kind::Certificate, None).await? {
             let Ok(stored) = self.unseal::<Certificate>(&key, &sealed) else { continue };
             let cert = stored.destination;
             if !cert.attributes.as_ref().is_some_and(|a| a.automatic_renew) || !renewal_due(&cert, now) {

@@ -2,6 +2,7 @@
 //! certificates; `GET`/`PUT`/`PATCH .../{name}/labels`. At most 10 labels per object and 10
 //! values per label.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 
 use axum::Json;
@@ -61,6 +62,25 @@ async fn rows(
         return Err(not_found());
     }
     Scope::labels_of(&key).ok_or_else(not_found)
+}
+
+/// The labels of every object in `scope` (a collection of destinations, fragments or
+/// certificates), by object name, as `(key, values)`: for `$filter=Label[...] HAS (...)`.
+pub(crate) async fn of_collection(
+    s: &DestinationService,
+    scope: &Scope,
+) -> Result<HashMap<String, Vec<(String, Vec<String>)>>, crate::Error> {
+    let Some(probe) = Scope::labels_of(&scope.row("")) else { return Ok(HashMap::new()) };
+    // Label rows are named `<tag>/<object name>`; the probe's name is the tag and its slash.
+    let prefix = probe.name;
+    let rows = s.list_stored::<Vec<Label>>(&probe.scope).await?;
+    Ok(rows
+        .into_iter()
+        .filter_map(|l| {
+            let name = l.name.strip_prefix(prefix.as_str())?.to_owned();
+            Some((name, l.stored.destination.into_iter().map(|label| (label.key, label.values)).collect()))
+        })
+        .collect())
 }
 
 async fn read(

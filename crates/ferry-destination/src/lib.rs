@@ -13,7 +13,9 @@
 //! of all three (`.../{name}/labels`, GET/PUT/PATCH),
 //! find-by-name `v1/destinations/{name}` (instance level, then subaccount level; `X-fragment-name`
 //! merging) and the consume API `v2/destinations/{name}[@level]` (no fallback, default
-//! `instance`). Token flows on find: Basic, OAuth2ClientCredentials, OAuth2Password,
+//! `instance`; `provider_subaccount`/`provider_instance` for a subscriber's token, whose client's
+//! home subaccount [`DestinationService::set_client_zones`] tells). Lists also take
+//! `modifiedwithin`, label filters and `$includeMetadata=modification_time;etag`. Token flows on find: Basic, OAuth2ClientCredentials, OAuth2Password,
 //! OAuth2UserTokenExchange and OAuth2JWTBearer (both as RFC 7523 jwt-bearer with the user's JWT,
 //! from `X-user-token` or a user token in `Authorization`, verified by the service's verifier;
 //! their tokens are cached per user), OAuth2RefreshToken (`X-refresh-token`),
@@ -26,7 +28,8 @@
 //! key, or P12/PFX or JKS opened with `tokenService.KeyStorePassword`) authenticates the client by
 //! mTLS instead (SPEC §2.4), and `X-client-assertion-destination-name`
 //! (or the property `clientAssertion.destinationName`) names an OAuth2ClientCredentials provider
-//! destination with `clientAssertion.type` whose access token becomes the client assertion (§2.5).
+//! destination with `clientAssertion.type` whose access token becomes the client assertion (§2.5);
+//! such a provider is not deleted while a destination uses it (400 naming the user).
 //! Destinations and fragments written through the API (POST/PUT, single or bulk) must pass
 //! `ferry_model`'s rules (`Destination::check`: required keys per `Type` and `Authentication`,
 //! enumerations, booleans, numbers, URL forms, length limits); a refusal is a 400 (or a 207 item)
@@ -39,10 +42,14 @@
 //! Deviations from SAP's service, on purpose or not yet built: lists never contain secrets (and
 //! certificate lists no `Content`); a missing `X-refresh-token` or `X-code` is a 400 rather than a
 //! failed token, and so are missing `X-subject-token` headers; a user JWT that this service cannot verify (non-XSUAA issuers with
-//! `x_user_token.jwks`) fails the token; `modifiedwithin`, `$includeMetadata` on lists, label filters,
-//! the `provider_*` consume levels,
-//! `saml2Metadata` IdP metadata and passive certificates, refusing to delete a
-//! destination that is another's client assertion provider and chaining are not supported yet.
+//! `x_user_token.jwks`) fails the token; `saml2Metadata` IdP metadata and passive certificates
+//! are not supported yet.
+//!
+//! PrincipalPropagation: an IAS user token with `forward_corp_idp_token` on an OnPremise
+//! destination is exchanged at its issuer for the corporate IdP's token (SPEC §2.6).
+//! Destination chaining (SPEC §1.11, `X-chain-name` on find): the two predefined chains run
+//! the first destination's flow and feed its token into the found destination's flow (as the
+//! client-provided SAML assertion, or as the user token).
 //!
 //! Layers, top to bottom: `api` (HTTP shapes and status codes), [`DestinationService`]
 //! (sealing, lookups, token retrieval), `tokens` (remote OAuth calls and their cache) and
@@ -150,6 +157,7 @@ pub struct DestinationService {
     verifier: ferry_auth::TokenCache,
     tokens: TokenFetcher,
     saml: saml::SamlState,
+    client_zones: std::sync::OnceLock<ClientZones>,
 }
 
 impl std::fmt::Debug for DestinationService {
@@ -164,6 +172,17 @@ pub(crate) struct Stored<T = Destination> {
     pub destination: T,
     pub etag: String,
 }
+
+/// One row of a list: its name, value and ETag, and when it was last written (unix seconds).
+pub(crate) struct Listed<T> {
+    pub name: String,
+    pub stored: Stored<T>,
+    pub modified_at: i64,
+}
+
+/// Maps an OAuth client id to the subaccount (zone) it belongs to; see
+/// [`DestinationService::set_client_zones`].
+pub type ClientZones = Arc<dyn Fn(&str) -> Option<String> + Send + Sync>;
 
 /// What a conditional write did.
 #[derive(Debug, PartialEq, Eq)]
@@ -226,6 +245,7 @@ impl DestinationService {
             verifier: ferry_auth::TokenCache::new(verifier),
             tokens,
             saml: saml::SamlState::default(),
+            client_zones: std::sync::OnceLock::new(),
         });
         if rotated || service.keys.has_previous() {
             let r = service.reseal().await?;
@@ -244,7 +264,7 @@ impl DestinationService {
     pub async fn reseal(&self) -> Result<Resealed, Error> {
         let mut out = Resealed::default();
         for kind in Kind::ALL {
-            for (key, sealed) in self.store.scan(kind).await? {
+            for (key, sealed) in self.store.scan(kind, None).await? {
                 let aad = key.associated_data();
                 let plain = match self.keys.open(&aad, &sealed) {
                     Ok((_, false)) => continue,
@@ -330,9 +350,64 @@ impl DestinationService {
         }
     }
 
-    pub(crate) async fn list<T: DeserializeOwned>(&self, scope: &Scope) -> Result<Vec<T>, Error> {
+    /// The objects of one collection with their ETags and modification times, ordered by name.
+    pub(crate) async fn list_stored<T: DeserializeOwned>(&self, scope: &Scope) -> Result<Vec<Listed<T>>, Error> {
         let rows = self.store.list(scope.clone()).await?;
-        rows.into_iter().map(|(name, sealed)| self.unseal(&scope.row(&name), &sealed).map(|s| s.destination)).collect()
+        rows.into_iter()
+            .map(|(name, sealed, modified_at)| {
+                self.unseal(&scope.row(&name), &sealed).map(|stored| Listed { name, stored, modified_at })
+            })
+            .collect()
+    }
+
+    /// The destinations that would take `key` (a destination) as their client assertion
+    /// provider (`clientAssertion.destinationName`, looked up like a find: the consumer's level,
+    /// then the subaccount's), leaving out those named in `ignore` on `key`'s level. Reads every
+    /// destination of the subaccount: deletes are rare, and no index of the property exists.
+    pub(crate) async fn assertion_consumers(&self, key: &RowKey, ignore: &[String]) -> Result<Vec<String>, Error> {
+        let mut consumers = Vec::new();
+        let rows = match key.scope.level {
+            Level::Subaccount => self.store.scan(Kind::Destination, Some(key.scope.subaccount.clone())).await?,
+            Level::Instance(_) => {
+                let scope = key.scope.clone();
+                let rows = self.store.list(scope.clone()).await?;
+                rows.into_iter().map(|(name, sealed, _)| (scope.row(&name), sealed)).collect()
+            }
+        };
+        for (row, sealed) in rows {
+            let reaches = row.scope.level == key.scope.level || key.scope.level == Level::Subaccount;
+            if row.scope.subaccount != key.scope.subaccount || !reaches || row == *key {
+                continue;
+            }
+            if row.scope.level == key.scope.level && ignore.contains(&row.name) {
+                continue;
+            }
+            let consumer: Destination = self.unseal(&row, &sealed)?.destination;
+            if consumer.get("clientAssertion.destinationName") != Some(key.name.as_str()) {
+                continue;
+            }
+            // An instance-level consumer uses its own level's provider when there is one.
+            if row.scope.level != key.scope.level && self.exists(&row.scope.row(&key.name)).await? {
+                continue;
+            }
+            consumers.push(row.name);
+        }
+        Ok(consumers)
+    }
+
+    /// Tells the service which subaccount each OAuth client lives in, so that a token a client
+    /// got in another subaccount (a subscriber's) can reach its provider's destinations with the
+    /// consume API's `provider_subaccount` and `provider_instance` levels. Set once, at start;
+    /// without it those levels answer 400.
+    pub fn set_client_zones(&self, zones: ClientZones) {
+        if self.client_zones.set(zones).is_err() {
+            tracing::warn!("the client zones of the Destination Service were set twice; the first setting stays");
+        }
+    }
+
+    /// The provider subaccount of `client_id`, if known.
+    pub(crate) fn client_zone(&self, client_id: &str) -> Option<String> {
+        self.client_zones.get().and_then(|zones| zones(client_id))
     }
 
     /// `false` if the name is taken.

@@ -202,13 +202,14 @@ impl Store for PgStore {
         })
     }
 
-    fn list(&self, scope: Scope) -> StoreFuture<'_, Vec<(String, Vec<u8>)>> {
+    fn list(&self, scope: Scope) -> StoreFuture<'_, Vec<(String, Vec<u8>, i64)>> {
         let context = "listing destinations";
         Box::pin(async move {
             let client = self.client(context).await?;
             // COLLATE "C": the byte order SQLite uses, whatever the database's locale.
             let sql = format!(
-                "SELECT name, sealed FROM {} WHERE subaccount = $1 AND instance = $2 ORDER BY name COLLATE \"C\"",
+                "SELECT name, sealed, modified_at FROM {} WHERE subaccount = $1 AND instance = $2 \
+                 ORDER BY name COLLATE \"C\"",
                 scope.kind.table()
             );
             let stmt = client.prepare_cached(&sql).await.map_err(err(context))?;
@@ -216,7 +217,7 @@ impl Store for PgStore {
                 .query(&stmt, &[&scope.subaccount, &instance_column(&scope.level)])
                 .await
                 .map_err(err(context))?;
-            Ok(rows.into_iter().map(|r| (r.get(0), r.get(1))).collect())
+            Ok(rows.into_iter().map(|r| (r.get(0), r.get(1), r.get(2))).collect())
         })
     }
 
@@ -256,12 +257,16 @@ impl Store for PgStore {
         Box::pin(async move { Ok(self.execute("updating a destination", sql, params).await? == 1) })
     }
 
-    fn scan(&self, kind: Kind) -> StoreFuture<'_, Vec<(RowKey, Vec<u8>)>> {
+    fn scan(&self, kind: Kind, subaccount: Option<String>) -> StoreFuture<'_, Vec<(RowKey, Vec<u8>)>> {
         let context = "reading all rows";
         Box::pin(async move {
             let client = self.client(context).await?;
-            let sql = format!("SELECT subaccount, instance, name, sealed FROM {}", kind.table());
-            let rows = client.query(&sql, &[]).await.map_err(err(context))?;
+            // `$1 IS NULL`: every subaccount.
+            let sql = format!(
+                "SELECT subaccount, instance, name, sealed FROM {} WHERE $1::TEXT IS NULL OR subaccount = $1",
+                kind.table()
+            );
+            let rows = client.query(&sql, &[&subaccount]).await.map_err(err(context))?;
             Ok(rows
                 .into_iter()
                 .map(|r| {

@@ -6,21 +6,91 @@
 pub(crate) const MAX_PAGE_SIZE: usize = 1000;
 const DEFAULT_PAGE_SIZE: usize = 10;
 
+/// Largest `modifiedwithin` window in minutes (SPEC §1.6: one day).
+const MAX_MODIFIED_WITHIN: u32 = 1440;
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) enum Filter {
     In(Vec<String>),
     StartsWith(String),
     EndsWith(String),
+    /// Created or changed within this many minutes.
+    ModifiedWithin(u32),
+    /// `Label['k'] HAS ('v1','v2') AND ...`: every clause must hold; a clause holds when the
+    /// object's label `k` has at least one of the values.
+    Labels(Vec<(String, Vec<String>)>),
+}
+
+/// What a filter looks at of one listed object.
+pub(crate) struct Item<'a> {
+    pub name: &'a str,
+    /// Unix seconds.
+    pub modified_at: i64,
+    /// `(key, values)` of the object's labels.
+    pub labels: &'a [(String, Vec<String>)],
 }
 
 impl Filter {
-    pub(crate) fn matches(&self, name: &str) -> bool {
+    pub(crate) fn matches(&self, item: &Item<'_>, now: i64) -> bool {
+        let name = item.name;
         match self {
             Filter::In(names) => names.iter().any(|n| n == name),
             Filter::StartsWith(p) => name.starts_with(p.as_str()),
             Filter::EndsWith(s) => name.ends_with(s.as_str()),
+            Filter::ModifiedWithin(minutes) => now.saturating_sub(item.modified_at) <= i64::from(*minutes) * 60,
+            Filter::Labels(clauses) => clauses.iter().all(|(key, wanted)| {
+                item.labels.iter().any(|(k, values)| k == key && values.iter().any(|v| wanted.contains(v)))
+            }),
         }
     }
+
+    /// Whether matching needs the objects' labels (read from their own rows).
+    pub(crate) fn needs_labels(&self) -> bool {
+        matches!(self, Filter::Labels(_))
+    }
+}
+
+/// `$includeMetadata=modification_time;etag` on destination lists (SPEC §1.6).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub(crate) struct Metadata {
+    pub modification_time: bool,
+    pub etag: bool,
+}
+
+impl Metadata {
+    pub(crate) fn any(self) -> bool {
+        self.modification_time || self.etag
+    }
+}
+
+/// Reads `$includeMetadata` of a list request in `mode`: allowed in the default mode only
+/// (alone or with `$filter`).
+pub(crate) fn parse_metadata(query: Option<&str>, mode: &Mode) -> Result<Metadata, String> {
+    let mut given =
+        form_urlencoded::parse(query.unwrap_or_default().as_bytes()).filter(|(k, _)| k == "$includeMetadata");
+    let Some((_, value)) = given.next() else { return Ok(Metadata::default()) };
+    if given.next().is_some() {
+        return Err("Query parameter $includeMetadata is given more than once".into());
+    }
+    if matches!(mode, Mode::SelectName | Mode::Page(_)) {
+        return Err("$includeMetadata cannot be combined with $select or paging ($page, ...); use it alone or with \
+                    $filter"
+            .into());
+    }
+    let mut metadata = Metadata::default();
+    for item in value.split(';').map(str::trim) {
+        match item {
+            "modification_time" => metadata.modification_time = true,
+            "etag" => metadata.etag = true,
+            other => {
+                return Err(format!(
+                    "$includeMetadata='{value}': '{other}' is not a metadata name; use modification_time and/or \
+                     etag, separated by ';'"
+                ));
+            }
+        }
+    }
+    Ok(metadata)
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -109,12 +179,39 @@ pub(crate) fn parse(query: Option<&str>) -> Result<Mode, String> {
     }))
 }
 
-const FILTER_HELP: &str = "use Name in ('a','b'), startswith(Name,'prefix') or endswith(Name,'suffix'); quote values with ', doubling a ' inside";
+const FILTER_HELP: &str = "use Name in ('a','b'), startswith(Name,'prefix'), endswith(Name,'suffix'), \
+    modifiedwithin('30','minutes') or Label['key'] HAS ('v1','v2') [AND Label['k2'] HAS (...)]; quote values with ', \
+    doubling a ' inside";
 
-/// `Name in ('a','b')`, `startswith(Name,'x')`, `endswith(Name,'x')`.
+/// `Name in ('a','b')`, `startswith(Name,'x')`, `endswith(Name,'x')`, `modifiedwithin('n',
+/// 'minutes')`, `Label['k'] HAS ('v', ...) AND ...`.
 pub(crate) fn parse_filter(f: &str) -> Result<Filter, String> {
     let bad = || format!("$filter='{f}' is not understood: {FILTER_HELP}");
     let s = f.trim();
+    if s.starts_with("Label[") {
+        return parse_labels(s).ok_or_else(bad);
+    }
+    if let Some(rest) = s.strip_prefix("modifiedwithin") {
+        let inner = rest.trim_start().strip_prefix('(').and_then(|r| r.trim_end().strip_suffix(')')).ok_or_else(bad)?;
+        let (number, after) = quoted(inner.trim_start()).ok_or_else(bad)?;
+        let (unit, after) =
+            quoted(after.trim_start().strip_prefix(',').ok_or_else(bad)?.trim_start()).ok_or_else(bad)?;
+        if !after.trim().is_empty() {
+            return Err(bad());
+        }
+        if unit != "minutes" {
+            return Err(format!("$filter='{f}': modifiedwithin takes the unit 'minutes' only, not '{unit}'"));
+        }
+        return number
+            .trim()
+            .parse::<u32>()
+            .ok()
+            .filter(|n| (1..=MAX_MODIFIED_WITHIN).contains(n))
+            .map(Filter::ModifiedWithin)
+            .ok_or_else(|| {
+                format!("$filter='{f}': the number of minutes must be a whole number from 1 to {MAX_MODIFIED_WITHIN}")
+            });
+    }
     if let Some(rest) = s.strip_prefix("Name").map(str::trim_start).and_then(|r| r.strip_prefix("in")) {
         let rest = rest.trim();
         let inner = rest.strip_prefix('(').and_then(|r| r.strip_suffix(')')).ok_or_else(bad)?;
@@ -146,12 +243,44 @@ pub(crate) fn parse_filter(f: &str) -> Result<Filter, String> {
             return Ok(make(value));
         }
     }
-    if s.starts_with("modifiedwithin") {
-        return Err(format!(
-            "$filter='{f}': modifiedwithin is not supported by this Destination Service; {FILTER_HELP}"
-        ));
-    }
     Err(bad())
+}
+
+/// `Label['k'] HAS ('v1','v2') AND Label['k2'] HAS ('v3')`, as the SAP Cloud SDK for Python
+/// writes it (keys and values percent-encoded inside the quotes).
+fn parse_labels(s: &str) -> Option<Filter> {
+    let mut clauses = Vec::new();
+    let mut rest = s;
+    loop {
+        let (key, after) = quoted(rest.strip_prefix("Label[")?.trim_start())?;
+        let after = after.trim_start().strip_prefix(']')?.trim_start();
+        let after = strip_keyword(after, "HAS")?.trim_start().strip_prefix('(')?;
+        let mut values = Vec::new();
+        let mut cur = after.trim_start();
+        loop {
+            let (value, after) = quoted(cur)?;
+            values.push(value);
+            let after = after.trim_start();
+            if let Some(after) = after.strip_prefix(')') {
+                cur = after;
+                break;
+            }
+            cur = after.strip_prefix(',')?.trim_start();
+        }
+        clauses.push((key, values));
+        let cur = cur.trim_start();
+        if cur.is_empty() {
+            return Some(Filter::Labels(clauses));
+        }
+        rest = strip_keyword(cur, "AND")?.trim_start();
+    }
+}
+
+/// `s` without a leading keyword (any case) that is followed by a space or `(`.
+fn strip_keyword<'a>(s: &'a str, keyword: &str) -> Option<&'a str> {
+    let head = s.get(..keyword.len())?;
+    let rest = &s[keyword.len()..];
+    (head.eq_ignore_ascii_case(keyword) && rest.starts_with([' ', '('])).then_some(rest)
 }
 
 /// A single-quoted value at the start of `s` (`''` is a quote), percent-decoded as SPEC §1.6
@@ -208,7 +337,64 @@ mod tests {
         for bad in ["Name in ()", "Name in ('a'", "Name eq 'a'", "startswith(URL,'x')", "endswith(Name,'x') or 1", ""] {
             assert!(parse_filter(bad).is_err(), "{bad}");
         }
-        assert!(parse_filter("modifiedwithin('30', 'minutes')").unwrap_err().contains("not supported"));
+        assert_eq!(parse_filter("modifiedwithin('30', 'minutes')"), Ok(Filter::ModifiedWithin(30)));
+        assert_eq!(parse_filter("modifiedwithin( '1440','minutes' )"), Ok(Filter::ModifiedWithin(1440)));
+        for bad in [
+            "modifiedwithin('0', 'minutes')",
+            "modifiedwithin('1441', 'minutes')",
+            "modifiedwithin('1.5', 'minutes')",
+            "modifiedwithin('30', 'hours')",
+            "modifiedwithin('30')",
+            "modifiedwithin(30, 'minutes')",
+        ] {
+            assert!(parse_filter(bad).is_err(), "{bad}");
+        }
+        assert_eq!(
+            parse_filter("Label['env'] HAS ('prod', 'e%27u') AND Label['team'] has ('a')"),
+            Ok(Filter::Labels(vec![
+                ("env".into(), vec!["prod".into(), "e'u".into()]),
+                ("team".into(), vec!["a".into()])
+            ]))
+        );
+        for bad in [
+            "Label['env'] HAS ()",
+            "Label['env'] HAS ('a'",
+            "Label['env'] ('a')",
+            "Label[env] HAS ('a')",
+            "Label['env'] HAS ('a') AND",
+            "Label['env'] HAS ('a') OR Label['b'] HAS ('c')",
+            "Label['env'] HASX ('a')",
+        ] {
+            assert!(parse_filter(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn filter_matching() {
+        let labels = vec![("env".to_owned(), vec!["prod".to_owned(), "eu".to_owned()])];
+        let item = Item { name: "d", modified_at: 1_000, labels: &labels };
+        assert!(Filter::ModifiedWithin(1).matches(&item, 1_060));
+        assert!(!Filter::ModifiedWithin(1).matches(&item, 1_061));
+        let f = |s: &str| parse_filter(s).unwrap();
+        assert!(f("Label['env'] HAS ('dev','eu')").matches(&item, 0));
+        assert!(!f("Label['env'] HAS ('dev')").matches(&item, 0));
+        assert!(!f("Label['env'] HAS ('eu') AND Label['team'] HAS ('a')").matches(&item, 0));
+    }
+
+    #[test]
+    fn metadata() {
+        let all = Mode::All;
+        assert_eq!(parse_metadata(None, &all), Ok(Metadata::default()));
+        assert_eq!(
+            parse_metadata(Some("$includeMetadata=modification_time;etag"), &all),
+            Ok(Metadata { modification_time: true, etag: true })
+        );
+        assert_eq!(
+            parse_metadata(Some("$includeMetadata=etag"), &all),
+            Ok(Metadata { modification_time: false, etag: true })
+        );
+        assert!(parse_metadata(Some("$includeMetadata=owner"), &all).is_err());
+        assert!(parse_metadata(Some("$includeMetadata=etag"), &Mode::SelectName).is_err());
     }
 
     #[test]

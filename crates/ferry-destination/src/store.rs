@@ -147,8 +147,9 @@ pub(crate) trait Store: Send + Sync {
     /// The first of `keys` (all of one kind) that has a row, in one round trip: find looks at
     /// the instance level, then the subaccount level, on every call.
     fn get_first(&self, keys: Vec<RowKey>) -> StoreFuture<'_, Option<(RowKey, Vec<u8>)>>;
-    /// `(name, sealed)` pairs of one collection, ordered by name.
-    fn list(&self, scope: Scope) -> StoreFuture<'_, Vec<(String, Vec<u8>)>>;
+    /// `(name, sealed, modified_at)` of one collection, ordered by name; `modified_at` in unix
+    /// seconds, for `$filter=modifiedwithin(...)` and `$includeMetadata=modification_time`.
+    fn list(&self, scope: Scope) -> StoreFuture<'_, Vec<(String, Vec<u8>, i64)>>;
     /// `false` when a row with this key already exists (nothing is written then).
     fn insert(&self, key: RowKey, sealed: Vec<u8>) -> StoreFuture<'_, bool>;
     /// `false` when there is no such row.
@@ -156,8 +157,9 @@ pub(crate) trait Store: Send + Sync {
     /// Replaces the row only if it still holds `expected`, in one statement; `false` when it
     /// does not (changed or deleted since it was read).
     fn update_if(&self, key: RowKey, expected: Vec<u8>, sealed: Vec<u8>) -> StoreFuture<'_, bool>;
-    /// Every row of one kind, in all subaccounts and levels (for re-sealing under a new key).
-    fn scan(&self, kind: Kind) -> StoreFuture<'_, Vec<(RowKey, Vec<u8>)>>;
+    /// Every row of one kind in all levels of `subaccount`, or of all subaccounts for `None`
+    /// (for re-sealing under a new key).
+    fn scan(&self, kind: Kind, subaccount: Option<String>) -> StoreFuture<'_, Vec<(RowKey, Vec<u8>)>>;
     fn upsert(&self, key: RowKey, sealed: Vec<u8>) -> StoreFuture<'_, ()>;
     /// `false` when there was no such row.
     fn delete(&self, key: RowKey) -> StoreFuture<'_, bool>;
@@ -424,14 +426,15 @@ impl Store for SqliteStore {
         })
     }
 
-    fn list(&self, scope: Scope) -> StoreFuture<'_, Vec<(String, Vec<u8>)>> {
+    fn list(&self, scope: Scope) -> StoreFuture<'_, Vec<(String, Vec<u8>, i64)>> {
         self.read("listing destinations", move |c| {
             let mut stmt = c.prepare_cached(&format!(
-                "SELECT name, sealed FROM {} WHERE subaccount = ?1 AND instance = ?2 ORDER BY name",
+                "SELECT name, sealed, modified_at FROM {} WHERE subaccount = ?1 AND instance = ?2 ORDER BY name",
                 scope.kind.table()
             ))?;
-            let rows = stmt
-                .query_map(params![scope.subaccount, instance_column(&scope.level)], |r| Ok((r.get(0)?, r.get(1)?)))?;
+            let rows = stmt.query_map(params![scope.subaccount, instance_column(&scope.level)], |r| {
+                Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+            })?;
             rows.collect()
         })
     }
@@ -484,13 +487,15 @@ impl Store for SqliteStore {
         })
     }
 
-    fn scan(&self, kind: Kind) -> StoreFuture<'_, Vec<(RowKey, Vec<u8>)>> {
+    fn scan(&self, kind: Kind, subaccount: Option<String>) -> StoreFuture<'_, Vec<(RowKey, Vec<u8>)>> {
         self.call("reading all rows", move |c| {
+            // `?1 IS NULL`: every subaccount.
             let mut stmt = c.prepare(&format!(
-                "SELECT subaccount, instance, name, sealed FROM {} ORDER BY subaccount, instance, name",
+                "SELECT subaccount, instance, name, sealed FROM {} WHERE ?1 IS NULL OR subaccount = ?1
+                 ORDER BY subaccount, instance, name",
                 kind.table()
             ))?;
-            let rows = stmt.query_map([], |r| {
+            let rows = stmt.query_map([subaccount], |r| {
                 let scope = Scope { subaccount: r.get(0)?, level: level_of(r.get(1)?), kind };
                 Ok((RowKey { scope, name: r.get(2)? }, r.get(3)?))
             })?;

@@ -447,6 +447,31 @@ pub(crate) struct TokenFetcher {
 }
 
 impl TokenFetcher {
+    /// The OAuth token endpoint an OIDC issuer's discovery document names (`issuer` must be
+    /// one the verifier already trusts: its URL is not checked here).
+    pub(crate) async fn discover_token_endpoint(&self, issuer: &str) -> Result<String, String> {
+        let url = format!("{}/.well-known/openid-configuration", issuer.trim_end_matches('/'));
+        let fail = |e: String| format!("the discovery document of issuer {issuer} cannot be read: {e}");
+        let doc: serde_json::Value = self
+            .http
+            .get(&url)
+            .timeout(self.default_timeout)
+            .send()
+            .await
+            .and_then(reqwest::Response::error_for_status)
+            .map_err(|e| fail(e.without_url().to_string()))?
+            .json()
+            .await
+            .map_err(|e| fail(e.without_url().to_string()))?;
+        if doc.get("issuer").and_then(serde_json::Value::as_str) != Some(issuer) {
+            return Err(fail("its 'issuer' is not the token's issuer".into()));
+        }
+        doc.get("token_endpoint")
+            .and_then(serde_json::Value::as_str)
+            .map(str::to_owned)
+            .ok_or_else(|| fail("it names no token_endpoint".into()))
+    }
+
     pub(crate) fn new(
         http: reqwest::Client,
         extra_ca_pem: Option<String>,

@@ -152,6 +152,7 @@ async fn denied_path_is_403_and_nothing_reaches_the_backend() {
     cfg.audit = ferry_connector::audit::AuditConfig {
         level: ferry_connector::audit::AuditLevel::Security,
         dir: Some(audit_dir.path().to_owned()),
+        ..Default::default()
     };
     pair.spawn_connector(cfg);
     pair.wait_connected("").await;

@@ -36,6 +36,26 @@ pub struct FileConfig {
     pub tokens: Tokens,
     #[serde(default)]
     pub destination_store: DestinationStore,
+    /// Serve the Destination resources of a folder through the Transparent Proxy.
+    pub transparent_proxy: Option<TransparentProxyEntry>,
+}
+
+/// `[transparent_proxy]`: the keys of `ferry transparent-proxy` that `ferry up` cannot fill in
+/// itself (bindings and CA are its own).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TransparentProxyEntry {
+    pub resources_dir: std::path::PathBuf,
+    #[serde(default = "default_tp_poll_ms")]
+    pub poll_interval_ms: u64,
+    #[serde(default)]
+    pub tenant_mode: ferry_transparent_proxy::TenantMode,
+    pub listen_host: Option<std::net::IpAddr>,
+    pub endpoints_file: Option<std::path::PathBuf>,
+}
+
+fn default_tp_poll_ms() -> u64 {
+    1000
 }
 
 type Key = Secret<[u8; 32]>;

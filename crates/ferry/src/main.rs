@@ -5,6 +5,7 @@ mod config;
 mod connect;
 mod destinations_cli;
 mod standalone;
+mod transparent_proxy;
 mod up;
 
 use clap::{Parser, Subcommand};
@@ -32,6 +33,13 @@ enum Command {
     /// Run a Connectivity Proxy replica on its own (HTTP, SOCKS5 and tunnel endpoint).
     Proxy {
         /// Proxy configuration file (TOML).
+        #[arg(long, short)]
+        config: std::path::PathBuf,
+    },
+    /// Run the Transparent Proxy: each Destination resource in a folder of YAML files becomes a
+    /// local endpoint that adds the destination's credentials and route (SPEC §5).
+    TransparentProxy {
+        /// Transparent Proxy configuration file (TOML).
         #[arg(long, short)]
         config: std::path::PathBuf,
     },
@@ -97,7 +105,8 @@ enum ConnectorCmd {
     },
     /// Check the hash chain of audit log files; exits non-zero naming the first changed line.
     AuditVerify {
-        /// Audit log files (`audit-log_<date>.csv`).
+        /// Audit log files (`audit-log.jsonl`, rotated `audit-log_<time>.jsonl`) of one
+        /// folder, or the folder: checked as one chain across the rotated files.
         #[arg(required = true)]
         files: Vec<std::path::PathBuf>,
     },
@@ -126,20 +135,29 @@ fn main() -> anyhow::Result<()> {
         }
         Command::Connector { cmd: ConnectorCmd::Run { config } } => rt.block_on(standalone::connector(&config)),
         Command::Connector { cmd: ConnectorCmd::AuditVerify { files } } => {
-            let mut bad = 0;
-            for f in &files {
-                match ferry_connector::audit::verify_file(f) {
-                    Ok(n) => println!("{}: ok, {n} entries", f.display()),
-                    Err(e) => {
-                        println!("{}: {e}", f.display());
-                        bad += 1;
-                    }
+            let mut set = Vec::new();
+            for f in files {
+                if f.is_dir() {
+                    set.extend(ferry_connector::audit::log_files(&f));
+                } else {
+                    set.push(f);
                 }
             }
-            anyhow::ensure!(bad == 0, "{bad} audit log file(s) failed verification");
-            Ok(())
+            match ferry_connector::audit::verify_set(&set) {
+                Ok(counts) => {
+                    for (f, n) in counts {
+                        println!("{}: ok, {n} entries", f.display());
+                    }
+                    Ok(())
+                }
+                Err((f, e)) => {
+                    println!("{}: {e}", f.display());
+                    anyhow::bail!("the audit log failed verification")
+                }
+            }
         }
         Command::Proxy { config } => rt.block_on(standalone::proxy(&config)),
+        Command::TransparentProxy { config } => user_error(rt.block_on(transparent_proxy::run(&config))),
         Command::Subaccount { conn, cmd } => rt.block_on(admin_cli::subaccount(conn, cmd)),
         Command::ServiceInstance { conn, cmd } => rt.block_on(admin_cli::instance(conn, cmd)),
         Command::ServiceKey { conn, cmd } => rt.block_on(admin_cli::key(conn, cmd)),

@@ -57,6 +57,12 @@ pub struct ConnectorFile {
     audit_level: ferry_connector::audit::AuditLevel,
     #[serde(default)]
     audit_dir: Option<PathBuf>,
+    /// Size at which an audit log file is rotated.
+    #[serde(default = "audit_max_file_bytes")]
+    audit_max_file_bytes: u64,
+    /// Rotated audit log files kept per folder; 0 keeps all.
+    #[serde(default = "audit_max_files")]
+    audit_max_files: usize,
     #[serde(default)]
     backend_ca_file: Option<PathBuf>,
     /// SAP's system certificate: PEM certificate and key presented to TLS backends.
@@ -90,6 +96,17 @@ struct AdminSection {
     /// Names on the self-signed UI certificate, besides `localhost` and `127.0.0.1`.
     #[serde(default)]
     ui_names: Vec<String>,
+    /// Extra trust for LDAPS logon hosts.
+    #[serde(default)]
+    ldap_ca_file: Option<PathBuf>,
+}
+
+fn audit_max_file_bytes() -> u64 {
+    ferry_connector::audit::AuditConfig::default().max_file_bytes
+}
+
+fn audit_max_files() -> usize {
+    ferry_connector::audit::AuditConfig::default().max_files
 }
 
 fn admin_port() -> u16 {
@@ -129,6 +146,12 @@ pub async fn connector(config: &Path) -> anyhow::Result<()> {
         _ => anyhow::bail!("system_certificate_file and system_key_file go together"),
     };
     let audit_dir = base.join(cfg.audit_dir.clone().unwrap_or_else(|| "audit".into()));
+    let audit = ferry_connector::audit::AuditConfig {
+        level: cfg.audit_level,
+        dir: Some(audit_dir.clone()),
+        max_file_bytes: cfg.audit_max_file_bytes,
+        max_files: cfg.audit_max_files,
+    };
     let principal = match &cfg.principal_propagation {
         Some(pp) => {
             let verifier = remote_verifier(&pp.token_keys_urls, pp.token_ca_file.as_deref(), &base)?;
@@ -160,7 +183,7 @@ pub async fn connector(config: &Path) -> anyhow::Result<()> {
         );
         cc.more_proxy_addrs = more.to_vec();
         cc.connections = cfg.connections.max(1);
-        cc.audit = ferry_connector::audit::AuditConfig { level: cfg.audit_level, dir: Some(audit_dir.clone()) };
+        cc.audit = ferry_connector::audit::AuditConfig { level: cfg.audit_level, ..audit.clone() };
         cc.backend_ca_pem = backend_ca_pem.clone();
         cc.system_certificate = system_certificate.clone();
         cc.principal_propagation = principal.clone();
@@ -177,7 +200,9 @@ pub async fn connector(config: &Path) -> anyhow::Result<()> {
     if let Some(a) = &cfg.admin {
         let mut ac = ferry_connector::admin::AdminConfig::new(base.join(&a.data_dir));
         ac.audit_dir = Some(audit_dir);
+        ac.audit = audit;
         ac.ui_names.extend(a.ui_names.iter().cloned());
+        ac.ldap_ca_file = a.ldap_ca_file.as_ref().map(|f| base.join(f));
         ac.connection.connections = cfg.connections.max(1);
         ac.connection.backend_ca_pem = backend_ca_pem;
         ac.connection.system_certificate = system_certificate;

@@ -320,6 +320,10 @@ pub async fn up(args: UpArgs) -> anyhow::Result<()> {
         http,
     )
     .await?;
+    // A client's tokens in a subscriber's subaccount reach its provider's destinations through
+    // the consume API's provider levels; the token service knows where each client lives.
+    let zones = token_service.clone();
+    dest_service.set_client_zones(Arc::new(move |client: &str| zones.client_tenant(client)));
     for d in &cfg.destinations {
         let props = d.properties.iter().map(|(k, v)| {
             let s = match v {
@@ -441,7 +445,11 @@ pub async fn up(args: UpArgs) -> anyhow::Result<()> {
             identity,
             AccessRules::new(c.mappings.clone()),
         );
-        cc.audit = ferry_connector::audit::AuditConfig { level: c.audit_level, dir: Some(dir.join("audit")) };
+        cc.audit = ferry_connector::audit::AuditConfig {
+            level: c.audit_level,
+            dir: Some(dir.join("audit")),
+            ..Default::default()
+        };
         cc.backend_ca_pem = backend_ca_pem;
         cc.system_certificate = system_certificate;
         cc.principal_propagation = Some(Arc::new(pp));
@@ -457,6 +465,10 @@ pub async fn up(args: UpArgs) -> anyhow::Result<()> {
         let env = json!({ "VCAP_SERVICES": vcap });
         write_private(&args.env_file, serde_json::to_string_pretty(&env)?.as_bytes())?;
     }
+    let tp_endpoints = match &cfg.transparent_proxy {
+        Some(tp) => Some(start_transparent_proxy(tp, &vcap, ca.cert_pem(), &mut tasks, &shutdown).await?),
+        None => None,
+    };
     println!("Ferry is up ({} ms).", started.elapsed().as_millis());
     println!("  token service        {token_url}  (HTTPS: https://{uaadomain})");
     println!("  destination service  http://{dest_addr}");
@@ -470,6 +482,12 @@ pub async fn up(args: UpArgs) -> anyhow::Result<()> {
         let label = if loc.is_empty() { "(default location)".to_string() } else { format!("location {loc:?}") };
         let state = if registry.is_connected(&subaccount, loc) { "connected" } else { "NOT connected" };
         println!("  cloud connector      {label}: {state}, {m} system mapping(s)");
+    }
+    if let (Some(tp), Some(list)) = (&cfg.transparent_proxy, &tp_endpoints) {
+        println!("  transparent proxy    {} ({} endpoint(s))", tp.resources_dir.display(), list.len());
+        for e in list.values() {
+            println!("    endpoint {} {} {} {}", e.resource, e.protocol, e.address, e.destination);
+        }
     }
     if let Some(addr) = scc_admin_addr {
         println!(
@@ -506,6 +524,37 @@ pub async fn up(args: UpArgs) -> anyhow::Result<()> {
         eprintln!("some connections did not finish in time");
     }
     Ok(())
+}
+
+/// The Transparent Proxy over this Ferry's own bindings and CA; returns the endpoints of its
+/// first scan, so `ready` means the resources present at start are served.
+async fn start_transparent_proxy(
+    tp: &crate::config::TransparentProxyEntry,
+    vcap: &impl serde::Serialize,
+    ca_pem: &str,
+    tasks: &mut tokio::task::JoinSet<()>,
+    shutdown: &Shutdown,
+) -> anyhow::Result<ferry_transparent_proxy::Endpoints> {
+    anyhow::ensure!(tp.poll_interval_ms > 0, "[transparent_proxy] poll_interval_ms must be at least 1");
+    let config = ferry_transparent_proxy::Config {
+        resources_dir: tp.resources_dir.clone(),
+        poll_interval: Duration::from_millis(tp.poll_interval_ms),
+        tenant_mode: tp.tenant_mode,
+        listen_host: tp.listen_host.unwrap_or(std::net::IpAddr::from([127, 0, 0, 1])),
+        bindings: ferry_client::Bindings::from_vcap_services(&serde_json::to_string(vcap)?)?,
+        ca_pem: Some(ca_pem.to_owned()),
+        endpoints_file: tp.endpoints_file.clone(),
+        proxy_connect_timeout: Duration::from_secs(1),
+    };
+    let (tx, mut rx) = tokio::sync::watch::channel(ferry_transparent_proxy::Endpoints::new());
+    let sd = shutdown.clone();
+    tasks.spawn(async move {
+        if let Err(e) = ferry_transparent_proxy::run(config, tx, sd).await {
+            tracing::error!(error = %e, "transparent proxy stopped");
+        }
+    });
+    rx.changed().await.context("the transparent proxy did not start")?;
+    Ok(rx.borrow().clone())
 }
 
 /// Returns on Ctrl-C or SIGTERM.

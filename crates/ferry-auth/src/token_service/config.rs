@@ -23,14 +23,25 @@ pub const GRANT_JWT_BEARER: &str = "urn:ietf:params:oauth:grant-type:jwt-bearer"
 pub const GRANT_SAML2_BEARER: &str = "urn:ietf:params:oauth:grant-type:saml2-bearer";
 pub const GRANT_REFRESH_TOKEN: &str = "refresh_token";
 pub const GRANT_AUTHORIZATION_CODE: &str = "authorization_code";
-pub const SUPPORTED_GRANT_TYPES: [&str; 6] = [
+/// RFC 8693 token exchange of a user's token from one of the service's tenants, for an access
+/// token or (`requested_token_type` [`TOKEN_TYPE_SAML2`], as SAP's IAS does for destination
+/// chaining) a SAML 2.0 assertion the tenant signs.
+pub const GRANT_TOKEN_EXCHANGE: &str = "urn:ietf:params:oauth:grant-type:token-exchange";
+pub const SUPPORTED_GRANT_TYPES: [&str; 7] = [
     GRANT_CLIENT_CREDENTIALS,
     GRANT_PASSWORD,
     GRANT_JWT_BEARER,
     GRANT_REFRESH_TOKEN,
     GRANT_AUTHORIZATION_CODE,
     GRANT_SAML2_BEARER,
+    GRANT_TOKEN_EXCHANGE,
 ];
+
+/// RFC 8693 token type identifiers.
+pub const TOKEN_TYPE_ACCESS: &str = "urn:ietf:params:oauth:token-type:access_token";
+pub const TOKEN_TYPE_JWT: &str = "urn:ietf:params:oauth:token-type:jwt";
+pub const TOKEN_TYPE_ID: &str = "urn:ietf:params:oauth:token-type:id_token";
+pub const TOKEN_TYPE_SAML2: &str = "urn:ietf:params:oauth:token-type:saml2";
 
 /// XSUAA's default access-token lifetime; SAP clients size their token caches by `expires_in`,
 /// so a shorter default would only cause extra token calls.

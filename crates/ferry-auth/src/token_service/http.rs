@@ -22,7 +22,8 @@ use serde_json::{Value, json};
 use super::claims::UserIdentity;
 use super::config::{
     GRANT_AUTHORIZATION_CODE, GRANT_CLIENT_CREDENTIALS, GRANT_JWT_BEARER, GRANT_PASSWORD, GRANT_REFRESH_TOKEN,
-    GRANT_SAML2_BEARER, OAuthClient, SUPPORTED_GRANT_TYPES, User,
+    GRANT_SAML2_BEARER, GRANT_TOKEN_EXCHANGE, OAuthClient, SUPPORTED_GRANT_TYPES, TOKEN_TYPE_ACCESS, TOKEN_TYPE_ID,
+    TOKEN_TYPE_JWT, TOKEN_TYPE_SAML2, User,
 };
 use super::mtls::{PeerIdentity, TlsInfo};
 use super::refresh::RefreshGrant;
@@ -340,12 +341,114 @@ impl TokenService {
                 }
                 issued
             }
+            GRANT_TOKEN_EXCHANGE => return self.exchange(client, &params, uri, addressed).await,
             _ => return Err(OAuthError::invalid_request("unsupported grant type")),
         };
         issued.map_err(|e| {
             tracing::error!(error = %e, "cannot sign token");
             OAuthError::new(StatusCode::INTERNAL_SERVER_ERROR, "server_error", "token signing failed")
         })
+    }
+
+    /// RFC 8693: a user's token of one of this service's tenants (`subject_token`) for an access
+    /// token of `client` (like jwt-bearer) or, with `requested_token_type` saml2, a SAML 2.0
+    /// assertion for the user signed by the tenant, addressed to the token endpoint named by
+    /// `resource` (audience and recipient). Delegation (`actor_token`) is not supported.
+    /// `requested_token_type`, `resource` and `audience` may also come in the query string, where
+    /// SAP's destination chaining configures them for IAS (`tokenServiceURL.queries.*`).
+    async fn exchange(
+        &self,
+        client: &OAuthClient,
+        params: &Params,
+        uri: &Uri,
+        addressed: Option<Arc<TenantState>>,
+    ) -> Result<Issued, OAuthError> {
+        let query: Vec<(String, String)> =
+            form_urlencoded::parse(uri.query().unwrap_or_default().as_bytes()).into_owned().collect();
+        let param =
+            |name: &str| params.get(name).or_else(|| query.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_str()));
+        let subject = params.get("subject_token").ok_or_else(|| OAuthError::missing("subject_token"))?;
+        let subject_type = params.get("subject_token_type").ok_or_else(|| OAuthError::missing("subject_token_type"))?;
+        if ![TOKEN_TYPE_ACCESS, TOKEN_TYPE_JWT, TOKEN_TYPE_ID].contains(&subject_type) {
+            return Err(OAuthError::invalid_request(format!(
+                "subject_token_type {subject_type:?} is not supported: the subject token must be a JWT of this \
+                 service ({TOKEN_TYPE_ACCESS}, {TOKEN_TYPE_JWT} or {TOKEN_TYPE_ID})"
+            )));
+        }
+        if params.get("actor_token").is_some() {
+            return Err(OAuthError::invalid_request("actor_token (delegation) is not supported"));
+        }
+        let (tenant, identity) = self.check_assertion(subject, addressed).await?;
+        let signing_failed = |e: String| {
+            tracing::error!(error = %e, "cannot sign an exchanged token");
+            OAuthError::new(StatusCode::INTERNAL_SERVER_ERROR, "server_error", "token signing failed")
+        };
+        match param("requested_token_type").unwrap_or(TOKEN_TYPE_ACCESS) {
+            TOKEN_TYPE_ACCESS | TOKEN_TYPE_JWT => {
+                // As for jwt-bearer: a user who is not configured keeps what the subject token
+                // was granted, so an exchange never widens scopes.
+                let carried;
+                let user = match self.user_by_id(&tenant.tenant.id, &identity.user_id) {
+                    Some(u) => u,
+                    None => {
+                        carried = self.grants_of_assertion(subject);
+                        &carried
+                    }
+                };
+                let scopes = narrow(&user_scopes(client, Some(user)), params.get("scope"))?;
+                let issued = self
+                    .issue(&tenant, client, GRANT_TOKEN_EXCHANGE, scopes, Some(&identity), false)
+                    .map_err(|e| signing_failed(e.to_string()))?;
+                Ok(Issued { issued_token_type: Some(TOKEN_TYPE_ACCESS), ..issued })
+            }
+            TOKEN_TYPE_SAML2 => {
+                let resource = param("resource").or_else(|| param("audience")).ok_or_else(|| {
+                    OAuthError::invalid_request(
+                        "a SAML assertion needs `resource`: the token endpoint that is to redeem it (its audience \
+                         and recipient)",
+                    )
+                })?;
+                let signer = self.saml_signer(&tenant.tenant.id).map_err(|e| signing_failed(e.to_string()))?;
+                let mut attributes = Vec::new();
+                for (name, value) in [
+                    ("email", &identity.email),
+                    ("given_name", &identity.given_name),
+                    ("family_name", &identity.family_name),
+                ] {
+                    if let Some(v) = value {
+                        attributes.push((name.to_owned(), vec![v.clone()]));
+                    }
+                }
+                const VALIDITY_SECS: u64 = 600;
+                let assertion = crate::saml::Assertion {
+                    issuer: &tenant.issuer,
+                    name_id: &identity.user_name,
+                    name_id_format: crate::saml::NAMEID_UNSPECIFIED,
+                    name_qualifier: None,
+                    recipient: resource,
+                    audience: resource,
+                    authn_context_class_ref: "urn:oasis:names:tc:SAML:2.0:ac:classes:PreviousSession",
+                    attributes: &attributes,
+                    now: self.now(),
+                    validity_secs: VALIDITY_SECS,
+                    include_certificate: true,
+                };
+                let xml = signer.sign_assertion(&assertion).map_err(|e| signing_failed(e.to_string()))?;
+                use base64::Engine;
+                Ok(Issued {
+                    access_token: base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(xml),
+                    jti: uuid::Uuid::new_v4().simple().to_string(),
+                    expires_in: VALIDITY_SECS,
+                    scopes: Vec::new(),
+                    refresh_token: None,
+                    token_type: "N_A",
+                    issued_token_type: Some(TOKEN_TYPE_SAML2),
+                })
+            }
+            other => Err(OAuthError::invalid_request(format!(
+                "requested_token_type {other:?} is not supported; use {TOKEN_TYPE_ACCESS} or {TOKEN_TYPE_SAML2}"
+            ))),
+        }
     }
 
     /// What a verified assertion of a user who is not configured was granted, as a [`User`]
@@ -508,13 +611,16 @@ async fn token_endpoint(
         Ok(issued) => {
             let mut body = json!({
                 "access_token": issued.access_token,
-                "token_type": "bearer",
+                "token_type": issued.token_type,
                 "expires_in": issued.expires_in,
                 "scope": issued.scopes.join(" "),
                 "jti": issued.jti,
             });
             if let (Some(rt), Some(obj)) = (issued.refresh_token, body.as_object_mut()) {
                 obj.insert("refresh_token".into(), rt.into());
+            }
+            if let (Some(t), Some(obj)) = (issued.issued_token_type, body.as_object_mut()) {
+                obj.insert("issued_token_type".into(), t.into());
             }
             let mut resp = axum::Json(body).into_response();
             no_store(resp.headers_mut());

@@ -34,8 +34,9 @@ use ferry_core::tls::{CertifiedKey, LocalCa};
 pub use clock::{Clock, ManualClock, SystemClock};
 pub use config::{
     CertificateBinding, ConfigError, DEFAULT_REFRESH_TOKEN_VALIDITY, DEFAULT_TOKEN_VALIDITY, GRANT_AUTHORIZATION_CODE,
-    GRANT_CLIENT_CREDENTIALS, GRANT_JWT_BEARER, GRANT_PASSWORD, GRANT_REFRESH_TOKEN, GRANT_SAML2_BEARER, OAuthClient,
-    SUPPORTED_GRANT_TYPES, Tenant, TokenServiceConfig, User,
+    GRANT_CLIENT_CREDENTIALS, GRANT_JWT_BEARER, GRANT_PASSWORD, GRANT_REFRESH_TOKEN, GRANT_SAML2_BEARER,
+    GRANT_TOKEN_EXCHANGE, OAuthClient, SUPPORTED_GRANT_TYPES, TOKEN_TYPE_ACCESS, TOKEN_TYPE_ID, TOKEN_TYPE_JWT,
+    TOKEN_TYPE_SAML2, Tenant, TokenServiceConfig, User,
 };
 pub use ldap::{DEFAULT_GROUP_FILTER, DEFAULT_USER_FILTER, LdapConfig, LdapUserStore};
 pub use mtls::{TlsInfo, certificate_fingerprint, certificate_names, https_server_config, serve_router_with_tls_info};
@@ -130,6 +131,9 @@ pub struct TokenService {
     /// Assertions already redeemed (zone, issuer, ID) until they expire: a bearer assertion
     /// is good for one token (RFC 7522 §3, replay).
     saml_used: std::sync::Mutex<HashMap<(String, String, String), u64>>,
+    /// Each tenant's SAML signing key and certificate, made when first needed (token exchange
+    /// for a SAML assertion); every tenant trusts its own for the saml2-bearer grant.
+    saml_signers: RwLock<HashMap<String, Arc<crate::saml::SamlSigner>>>,
 }
 
 impl std::fmt::Debug for TokenService {
@@ -220,6 +224,10 @@ pub(crate) struct Issued {
     pub expires_in: u64,
     pub scopes: Vec<String>,
     pub refresh_token: Option<String>,
+    /// `token_type` of the response: `bearer`, or RFC 8693's `N_A` for a SAML assertion.
+    pub token_type: &'static str,
+    /// RFC 8693 `issued_token_type`, for token exchange.
+    pub issued_token_type: Option<&'static str>,
 }
 
 /// The scopes a user token for `client` may carry: the client's `scopes` the user is granted
@@ -328,6 +336,7 @@ impl TokenService {
             http,
             saml_idps: RwLock::new(HashMap::new()),
             saml_used: std::sync::Mutex::new(HashMap::new()),
+            saml_signers: RwLock::new(HashMap::new()),
         }))
     }
 
@@ -414,8 +423,36 @@ impl TokenService {
         Ok(())
     }
 
+    /// The identity providers tenant `tenant_id` trusts, its own SAML signer (if made) included.
     pub(crate) fn saml_idps(&self, tenant_id: &str) -> Vec<crate::saml::TrustedCertificate> {
-        self.saml_idps.read().unwrap_or_else(|p| p.into_inner()).get(tenant_id).cloned().unwrap_or_default()
+        let mut trusted =
+            self.saml_idps.read().unwrap_or_else(|p| p.into_inner()).get(tenant_id).cloned().unwrap_or_default();
+        let own = self.saml_signers.read().unwrap_or_else(|p| p.into_inner()).get(tenant_id).cloned();
+        if let Some(own) = own.and_then(|s| crate::saml::TrustedCertificate::from_der(s.certificate_der()).ok()) {
+            trusted.push(own);
+        }
+        trusted
+    }
+
+    /// The key tenant `tenant_id` signs SAML assertions with (token exchange for
+    /// [`TOKEN_TYPE_SAML2`]), made on first use. Not persisted: after a restart a new one
+    /// signs, so a token service outside that trusts it needs [`Self::saml_certificate_pem`]
+    /// again.
+    pub(crate) fn saml_signer(&self, tenant_id: &str) -> Result<Arc<crate::saml::SamlSigner>, TokenError> {
+        if let Some(s) = self.saml_signers.read().unwrap_or_else(|p| p.into_inner()).get(tenant_id) {
+            return Ok(s.clone());
+        }
+        let tenant = self.tenant_by_id(tenant_id).ok_or_else(|| TokenError::UnknownTenant(tenant_id.to_owned()))?;
+        let made = crate::saml::SamlSigner::generate(&format!("{} SAML", tenant.tenant.subdomain))
+            .map_err(|e| TokenError::Certificate(e.to_string()))?;
+        let mut signers = self.saml_signers.write().unwrap_or_else(|p| p.into_inner());
+        Ok(signers.entry(tenant_id.to_owned()).or_insert_with(|| Arc::new(made)).clone())
+    }
+
+    /// The certificate (PEM) of tenant `tenant_id`'s SAML signing key: what another token
+    /// service must trust to redeem the assertions this one issues by token exchange.
+    pub fn saml_certificate_pem(&self, tenant_id: &str) -> Result<String, TokenError> {
+        Ok(self.saml_signer(tenant_id)?.certificate_pem())
     }
 
     /// Records a redeemed assertion; `false` if it was redeemed before and has not expired.
@@ -467,6 +504,12 @@ impl TokenService {
     fn forget_client(&self, id: &str) {
         self.verified_secrets.write().unwrap_or_else(|p| p.into_inner()).remove(id);
         self.issued_bindings.write().unwrap_or_else(|p| p.into_inner()).remove(id);
+    }
+
+    /// The zone (tenant id) client `id` lives in: its provider subaccount, which differs from
+    /// the `zid` of the tokens it gets in a subscriber's zone.
+    pub fn client_tenant(&self, id: &str) -> Option<String> {
+        self.client(id).map(|c| c.tenant_id.clone())
     }
 
     pub(crate) fn client(&self, id: &str) -> Option<Arc<OAuthClient>> {
@@ -672,7 +715,15 @@ impl TokenService {
             }
             _ => None,
         };
-        Ok(Issued { access_token, jti, expires_in: validity, scopes, refresh_token })
+        Ok(Issued {
+            access_token,
+            jti,
+            expires_in: validity,
+            scopes,
+            refresh_token,
+            token_type: "bearer",
+            issued_token_type: None,
+        })
     }
 }
 

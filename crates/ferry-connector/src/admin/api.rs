@@ -42,6 +42,7 @@ pub(super) fn router(admin: Arc<Admin>) -> Router {
         .route(&format!("{CONF}/subaccounts"), get(list_subaccounts).post(add_subaccount))
         .route(sub, get(get_subaccount).put(put_subaccount).delete(delete_subaccount))
         .route(&format!("{sub}/state"), put(put_state))
+        .route(&format!("{sub}/validity"), axum::routing::post(renew_certificate))
         .route(&maps, get(list_mappings).post(add_mapping).delete(delete_mappings))
         .route(&format!("{maps}/{{mapping}}"), get(get_mapping).put(put_mapping).delete(delete_mapping))
         .route(
@@ -53,8 +54,10 @@ pub(super) fn router(admin: Arc<Admin>) -> Router {
             get(get_resource).put(put_resource).delete(delete_resource),
         )
         .route("/api/monitoring/subaccounts", get(monitoring))
+        .route(&format!("{CONF}/connector/authentication/ldap"), get(get_ldap).put(put_ldap))
         .fallback(|| async { ApiError::not_found("no such API") })
         .layer(axum::middleware::from_fn_with_state(admin.clone(), super::shadow_guard))
+        .layer(axum::middleware::from_fn(super::authorize))
         .with_state(admin)
 }
 
@@ -263,6 +266,33 @@ async fn change_password(State(a): A, Extension(u): Extension<Caller>, body: Byt
     Ok(no_content())
 }
 
+// ---- LDAP logon
+
+async fn get_ldap(State(a): A) -> Result<Json<Value>> {
+    let stored = super::ldap::load(&a.store).map_err(|e| ApiError::internal(e.to_string()))?;
+    let settings = stored.map(|(s, _)| s).unwrap_or_default();
+    Ok(Json(serde_json::to_value(settings).map_err(|e| ApiError::internal(e.to_string()))?))
+}
+
+/// Validates, stores and applies the LDAP settings; every session ends, as SAP's product
+/// restarts here. Without `password`, the stored one is kept.
+async fn put_ldap(State(a): A, Extension(u): Extension<Caller>, body: Bytes) -> Result<Response> {
+    let mut b: super::LdapSettings = parse(&body)?;
+    let stored = super::ldap::load(&a.store).map_err(|e| ApiError::internal(e.to_string()))?;
+    let password = match (b.password.take(), stored) {
+        (Some(p), _) => p,
+        (None, Some((_, p))) => p,
+        (None, None) => return Err(ApiError::invalid("password (of the connection user) is required")),
+    };
+    let logon = super::ldap::LdapLogon::new(&b, &password, a.config.ldap_ca_file.as_deref())
+        .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "INVALID_CONFIGURATION", e))?;
+    super::ldap::save(&a.store, &b, &password).map_err(|e| ApiError::internal(e.to_string()))?;
+    *a.ldap.write().unwrap_or_else(std::sync::PoisonError::into_inner) = b.enable.then(|| Arc::new(logon));
+    a.end_sessions();
+    a.record(&u.0, "LDAPConfiguration", if b.enable { "enabled" } else { "disabled" }, "", "LDAP logon").await;
+    Ok(no_content())
+}
+
 // ---- audit
 
 async fn get_audit(State(a): A) -> Json<Value> {
@@ -465,9 +495,15 @@ fn tunnel_json(a: &Admin, s: &StoredSubaccount) -> Value {
         Some(st) => json!({
             "state": if st.status.connected > 0 { "Connected" } else { "ConnectFailure" },
             "connectedSinceTimeStamp": st.connected_since.map(millis).unwrap_or(0),
+            "lastHeartbeatTimeStamp": st.last_heartbeat.map(millis).unwrap_or(0),
             "connections": st.status.connected,
         }),
-        None => json!({"state": "Disconnected", "connectedSinceTimeStamp": 0, "connections": 0}),
+        None => json!({
+            "state": "Disconnected",
+            "connectedSinceTimeStamp": 0,
+            "lastHeartbeatTimeStamp": 0,
+            "connections": 0,
+        }),
     }
 }
 
@@ -702,6 +738,66 @@ async fn put_state(
     *guard = next;
     drop(guard);
     a.record(&u.0, "Account", if b.connected { "connected" } else { "disconnected" }, &sub, &region).await;
+    Ok(Json(sub_json(&a, &s)))
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct ValidityBody {
+    authentication_data: Option<Value>,
+    user: Option<String>,
+    password: Option<ferry_core::Secret<String>>,
+}
+
+/// SAP's renewal of the subaccount certificate: with fresh authentication data (`ferry
+/// connector enroll` for the same subaccount and location), the connection switches to the new
+/// certificate without dropping traffic — new tunnels first, then the old ones drain.
+async fn renew_certificate(
+    State(a): A,
+    Extension(u): Extension<Caller>,
+    Path((region, sub)): Path<(String, String)>,
+    body: Bytes,
+) -> Result<Json<Value>> {
+    let b: ValidityBody = parse(&body)?;
+    let Some(data) = b.authentication_data else {
+        return Err(ApiError::invalid(if b.user.is_some() || b.password.is_some() {
+            "renewal with user/password is not supported by Ferry; pass fresh authenticationData (ferry connector enroll)"
+        } else {
+            "authenticationData is required"
+        }));
+    };
+    let d = authentication_data(data)?;
+    let mut guard = a.state.lock().await;
+    let mut next = guard.clone();
+    let s = next.subaccount_mut(&region, &sub).ok_or_else(|| no_subaccount(&region, &sub))?;
+    if d.subaccount != s.subaccount || d.location_id != s.location_id {
+        return Err(ApiError::invalid(format!(
+            "the authentication data is for subaccount {} location {:?}; this connection is subaccount {} location {:?}",
+            d.subaccount, d.location_id, s.subaccount, s.location_id
+        )));
+    }
+    let identity = ferry_core::tls::CertifiedKey { cert_pem: d.certificate.clone(), key_pem: d.key.clone() };
+    // The certificate must be usable before it is stored: checked by the running connection,
+    // or by building a client configuration when it does not run.
+    let running = a
+        .instance
+        .set_identity(&s.key(), &identity)
+        .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "INVALID_CONFIGURATION", e.to_string()))?;
+    if !running {
+        ferry_core::tls::client_config(&s.ca, Some(&identity), &[ferry_proto::tunnel::ALPN])
+            .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "INVALID_CONFIGURATION", e.to_string()))?;
+    }
+    s.key_sealed = Some(
+        a.store
+            .seal_key(&s.region_host, &s.subaccount, d.key.expose())
+            .map_err(|e| ApiError::internal(e.to_string()))?,
+    );
+    s.certificate = d.certificate;
+    let s = s.clone();
+    a.persist(&next).await?;
+    *guard = next;
+    drop(guard);
+    a.record(&u.0, "Account", "certificate renewed", &sub, &region).await;
     Ok(Json(sub_json(&a, &s)))
 }
 

@@ -11,10 +11,12 @@
 
 mod api;
 mod ha_api;
+mod ldap;
 pub mod store;
 mod ui;
 
 pub use api::Enrollment;
+pub use ldap::{LdapHost, LdapSettings};
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -89,6 +91,8 @@ pub struct AdminConfig {
     pub data_dir: PathBuf,
     /// Audit log folder; default `<data_dir>/audit`.
     pub audit_dir: Option<PathBuf>,
+    /// Rotation of every audit log of the instance (its level and folder are set per log).
+    pub audit: AuditConfig,
     /// Names on the self-signed UI certificate (generated on first start).
     pub ui_names: Vec<String>,
     /// Wrong passwords in a row before a user name is locked.
@@ -99,6 +103,8 @@ pub struct AdminConfig {
     /// Largest request body accepted.
     pub max_body: usize,
     pub connection: ConnectionDefaults,
+    /// PEM file of CA certificates trusted for LDAPS logon hosts, besides the system's roots.
+    pub ldap_ca_file: Option<PathBuf>,
 }
 
 impl AdminConfig {
@@ -106,18 +112,21 @@ impl AdminConfig {
         Self {
             data_dir,
             audit_dir: None,
+            audit: AuditConfig::default(),
             ui_names: vec!["localhost".into(), "127.0.0.1".into()],
             max_failed_logons: 5,
             lockout: Duration::from_secs(300),
             session_timeout: Duration::from_secs(30 * 60),
             max_body: 1 << 20,
             connection: ConnectionDefaults::default(),
+            ldap_ca_file: None,
         }
     }
 }
 
 struct Session {
     user: String,
+    roles: ldap::Roles,
     csrf: String,
     last: Instant,
 }
@@ -146,6 +155,8 @@ pub struct Admin {
     pub(crate) shutdown: Shutdown,
     /// The port `serve` listens on, announced to an HA master.
     pub(crate) own_port: std::sync::OnceLock<u16>,
+    /// LDAP logon when enabled; the file-based user otherwise.
+    pub(crate) ldap: ldap::LiveLdap,
 }
 
 impl std::fmt::Debug for Admin {
@@ -210,10 +221,27 @@ impl Admin {
         let (ui, ui_ca_pem) = ui_certificate(&store, &config.ui_names)?;
         let ui_tls = ferry_core::tls::server_config(&ui, None, &[b"http/1.1"])?;
         let audit_dir = config.audit_dir.clone().unwrap_or_else(|| config.data_dir.join("audit"));
-        let audit =
-            AuditLog::start(&AuditConfig { level: scc.audit_level, dir: Some(audit_dir) }, "_configuration", "")?;
+        let audit = AuditLog::start(
+            &AuditConfig { level: scc.audit_level, dir: Some(audit_dir), ..config.audit.clone() },
+            "_configuration",
+            "",
+        )?;
         let ha = Ha::open(&store)?;
+        let ldap = match ldap::load(&store)? {
+            Some((settings, password)) if settings.enable => {
+                match ldap::LdapLogon::new(&settings, &password, config.ldap_ca_file.as_deref()) {
+                    Ok(l) => Some(Arc::new(l)),
+                    // Refusing to start would lock every administrator out for good.
+                    Err(e) => {
+                        tracing::error!(error = %e, "stored LDAP logon settings are invalid: the file-based user logs on");
+                        None
+                    }
+                }
+            }
+            _ => None,
+        };
         let admin = Arc::new(Self {
+            ldap: std::sync::RwLock::new(ldap),
             ha,
             shutdown: shutdown.clone(),
             own_port: std::sync::OnceLock::new(),
@@ -256,7 +284,7 @@ impl Admin {
 
     pub fn router(self: &Arc<Self>) -> axum::Router {
         api::router(self.clone())
-            .merge(ha_api::router(self.clone()))
+            .merge(ha_api::router(self.clone()).layer(axum::middleware::from_fn(authorize)))
             .layer(axum::middleware::from_fn_with_state(self.clone(), authenticate))
             // The web UI checks sessions itself: its logon page needs none.
             .merge(ui::router(self.clone()))
@@ -301,6 +329,7 @@ impl Admin {
         cc.audit = AuditConfig {
             level: sub.audit_level,
             dir: Some(self.config.audit_dir.clone().unwrap_or_else(|| self.config.data_dir.join("audit"))),
+            ..self.config.audit.clone()
         };
         cc.principal_propagation = self.principal(scc);
         Ok(cc)
@@ -355,7 +384,7 @@ impl Admin {
 
     // ---- authentication
 
-    fn session(&self, sid: &str) -> Option<(String, String)> {
+    fn session(&self, sid: &str) -> Option<(String, String, ldap::Roles)> {
         let mut sessions = self.sessions.lock().unwrap_or_else(PoisonError::into_inner);
         let s = sessions.get_mut(sid)?;
         if s.last.elapsed() > self.config.session_timeout {
@@ -363,10 +392,10 @@ impl Admin {
             return None;
         }
         s.last = Instant::now();
-        Some((s.user.clone(), s.csrf.clone()))
+        Some((s.user.clone(), s.csrf.clone(), s.roles.clone()))
     }
 
-    fn new_session(&self, user: &str) -> (String, String) {
+    fn new_session(&self, user: &str, roles: ldap::Roles) -> (String, String) {
         let mut sessions = self.sessions.lock().unwrap_or_else(PoisonError::into_inner);
         let timeout = self.config.session_timeout;
         sessions.retain(|_, s| s.last.elapsed() <= timeout);
@@ -377,7 +406,8 @@ impl Admin {
             sessions.remove(&oldest);
         }
         let (sid, csrf) = (random_token(), random_token());
-        sessions.insert(sid.clone(), Session { user: user.to_owned(), csrf: csrf.clone(), last: Instant::now() });
+        sessions
+            .insert(sid.clone(), Session { user: user.to_owned(), roles, csrf: csrf.clone(), last: Instant::now() });
         (sid, csrf)
     }
 
@@ -389,9 +419,25 @@ impl Admin {
         self.sessions.lock().unwrap_or_else(PoisonError::into_inner).clear();
     }
 
-    /// Checks a user name and password, with lockout after repeated failures. Unknown user
-    /// and wrong password cost the same and look the same.
+    /// Logs on as an administrator (`sccadmin`): what pairing a shadow needs. A directory
+    /// that does not answer counts as a failed logon here.
     async fn logon(&self, user: &str, password: &str) -> Result<(), LogonError> {
+        match self.logon_roles(user, password).await {
+            Ok(roles) if roles.allow(&Method::PUT, "/") => Ok(()),
+            Ok(_) => Err(LogonError::Wrong),
+            Err(LogonFailure::Locked) => Err(LogonError::Locked),
+            Err(LogonFailure::Wrong) => Err(LogonError::Wrong),
+            Err(LogonFailure::Unavailable(why)) => {
+                tracing::warn!(error = %why, "administration logon: the LDAP directory did not answer");
+                Err(LogonError::Wrong)
+            }
+        }
+    }
+
+    /// Checks a user name and password against LDAP when enabled, else the file-based user,
+    /// with lockout after repeated failures, and returns the user's roles. Unknown user and
+    /// wrong password cost the same and look the same.
+    async fn logon_roles(&self, user: &str, password: &str) -> Result<ldap::Roles, LogonFailure> {
         let name = user.to_lowercase();
         {
             let mut f = self.failures.lock().unwrap_or_else(PoisonError::into_inner);
@@ -399,22 +445,31 @@ impl Admin {
                 && let Some(until) = entry.locked_until
             {
                 if Instant::now() < until {
-                    return Err(LogonError::Locked);
+                    return Err(LogonFailure::Locked);
                 }
                 *entry = Failures::default();
             }
         }
-        let (known, hash) = {
-            let s = self.state.lock().await;
-            (s.admin.user == user, s.admin.password_hash.clone())
+        let directory = self.ldap.read().unwrap_or_else(PoisonError::into_inner).clone();
+        let roles = match directory {
+            Some(d) => d.verify(user, password).await.map_err(|e| LogonFailure::Unavailable(e.0))?,
+            None => {
+                let (known, hash) = {
+                    let s = self.state.lock().await;
+                    (s.admin.user == user, s.admin.password_hash.clone())
+                };
+                let password = password.to_owned();
+                let ok = tokio::task::spawn_blocking(move || store::verify_password(&hash, &password))
+                    .await
+                    .unwrap_or(false)
+                    && known;
+                ok.then(ldap::Roles::admin)
+            }
         };
-        let password = password.to_owned();
-        let ok = tokio::task::spawn_blocking(move || store::verify_password(&hash, &password)).await.unwrap_or(false)
-            && known;
         let mut f = self.failures.lock().unwrap_or_else(PoisonError::into_inner);
-        if ok {
+        if let Some(roles) = roles {
             f.remove(&name);
-            return Ok(());
+            return Ok(roles);
         }
         // Bound the table: names that never succeed must not grow it without limit.
         if f.len() > 10_000 {
@@ -426,13 +481,20 @@ impl Admin {
             entry.locked_until = Some(Instant::now() + self.config.lockout);
             tracing::warn!(target: "ferry::audit", "administration logon locked after repeated wrong passwords");
         }
-        Err(LogonError::Wrong)
+        Err(LogonFailure::Wrong)
     }
 }
 
 enum LogonError {
     Wrong,
     Locked,
+}
+
+enum LogonFailure {
+    Wrong,
+    Locked,
+    /// The LDAP directory did not answer: 503, not a wrong password.
+    Unavailable(String),
 }
 
 fn rules_of(sub: &StoredSubaccount) -> AccessRules {
@@ -475,9 +537,9 @@ impl IntoResponse for ApiError {
     }
 }
 
-/// Who is calling, for handlers (audit entries).
+/// Who is calling, for handlers (audit entries), and with which roles.
 #[derive(Clone, Debug)]
-pub(crate) struct Caller(pub String);
+pub(crate) struct Caller(pub String, pub(crate) ldap::Roles);
 
 const CSRF: &str = "x-csrf-token";
 
@@ -515,8 +577,8 @@ async fn authenticate(State(admin): State<Arc<Admin>>, mut req: Request, next: N
     let fetch = req.headers().get(CSRF).and_then(|v| v.to_str().ok()).is_some_and(|v| v.eq_ignore_ascii_case("fetch"));
     let safe = matches!(*req.method(), Method::GET | Method::HEAD | Method::OPTIONS);
     let session = cookie(req.headers(), "JSESSIONID").and_then(|sid| admin.session(&sid));
-    let (user, csrf, new_cookie) = match session {
-        Some((user, csrf)) => {
+    let (user, roles, csrf, new_cookie) = match session {
+        Some((user, csrf, roles)) => {
             let sent = req.headers().get(CSRF).map(|v| v.as_bytes().to_vec()).unwrap_or_default();
             if !safe && !ferry_core::secret::constant_time_eq(&sent, csrf.as_bytes()) {
                 return ApiError::forbidden(
@@ -524,14 +586,22 @@ async fn authenticate(State(admin): State<Arc<Admin>>, mut req: Request, next: N
                 )
                 .into_response();
             }
-            (user, csrf, None)
+            (user, roles, csrf, None)
         }
         None => {
             let Some((user, password)) = basic(req.headers()) else { return unauthorized() };
-            match admin.logon(&user, &password).await {
-                Ok(()) => {}
-                Err(LogonError::Wrong) => return unauthorized(),
-                Err(LogonError::Locked) => {
+            let roles = match admin.logon_roles(&user, &password).await {
+                Ok(roles) => roles,
+                Err(LogonFailure::Wrong) => return unauthorized(),
+                Err(LogonFailure::Unavailable(why)) => {
+                    return ApiError::new(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        "RUNTIME_FAILURE",
+                        format!("cannot check the logon: {why}"),
+                    )
+                    .into_response();
+                }
+                Err(LogonFailure::Locked) => {
                     return ApiError::new(
                         StatusCode::TOO_MANY_REQUESTS,
                         "FORBIDDEN_REQUEST",
@@ -539,16 +609,16 @@ async fn authenticate(State(admin): State<Arc<Admin>>, mut req: Request, next: N
                     )
                     .into_response();
                 }
-            }
-            let (sid, csrf) = admin.new_session(&user);
-            (user, csrf, Some(sid))
+            };
+            let (sid, csrf) = admin.new_session(&user, roles.clone());
+            (user, roles, csrf, Some(sid))
         }
     };
     let initial = admin.state.lock().await.admin.initial_password;
     if initial && !(req.method() == Method::PUT && req.uri().path() == PASSWORD_PATH) {
         return ApiError::forbidden("initial password must be changed").into_response();
     }
-    req.extensions_mut().insert(Caller(user));
+    req.extensions_mut().insert(Caller(user, roles));
     let mut resp = next.run(req).await;
     if let Some(sid) = new_cookie
         && let Ok(v) = HeaderValue::from_str(&format!("JSESSIONID={sid}; Path=/; Secure; HttpOnly; SameSite=Strict"))
@@ -559,6 +629,21 @@ async fn authenticate(State(admin): State<Arc<Admin>>, mut req: Request, next: N
         resp.headers_mut().insert(CSRF, v);
     }
     resp
+}
+
+/// The caller's roles must allow the call (see [`ldap::Roles::allow`]). Layered on the API
+/// router itself, so the web UI's in-process calls meet it too. Only the unauthenticated probe
+/// and HA peer paths come without a caller.
+pub(crate) async fn authorize(req: Request, next: Next) -> Response {
+    let allowed = match req.extensions().get::<Caller>() {
+        Some(c) => c.1.allow(req.method(), req.uri().path()),
+        None => req.uri().path() == "/exposed" || req.uri().path().starts_with(crate::ha::PEER_PREFIX),
+    };
+    if !allowed {
+        return ApiError::forbidden("your user lacks the role for this call (see the connector's LDAP role mapping)")
+            .into_response();
+    }
+    next.run(req).await
 }
 
 /// A shadow's configuration comes from its master: changes answer SAP's `SHADOW_UPDATE`. Layered

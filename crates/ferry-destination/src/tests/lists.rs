@@ -111,3 +111,77 @@ async fn bulk_delete_needs_a_name_filter() {
     let r = env.call(Method::DELETE, &format!("{certs}?$filter=Name%20in%20('a.pem')"), Some(&t), None).await;
     assert_eq!(r.json["Count"], 1, "{}", r.text);
 }
+
+#[tokio::test]
+async fn metadata_time_window_and_label_filters() {
+    let (env, t) = seeded().await;
+    let get = |q: String| {
+        let (env, t) = (&env, &t);
+        let uri = format!("{V1}/subaccountDestinations?{q}");
+        async move { env.call(Method::GET, &uri, Some(t), None).await }
+    };
+
+    // `$metadata` per item: the ETag a GET of the item reports, and when it was written.
+    let r = get("$includeMetadata=modification_time;etag".into()).await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text);
+    assert_eq!(names(&r.json).len(), 5);
+    let alpha = &r.json[0];
+    let one = env.call(Method::GET, &format!("{V1}/subaccountDestinations/alpha"), Some(&t), None).await;
+    assert_eq!(alpha["$metadata"]["etag"], one.headers["etag"].to_str().unwrap());
+    let time = alpha["$metadata"]["modification_time"].as_str().unwrap();
+    let year = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() / 31_556_952;
+    assert!(time.starts_with(&format!("{}-", 1970 + year)) && time.ends_with('Z') && time.len() == 20, "{time}");
+    assert!(alpha.get("Password").is_none());
+    let r = get("$includeMetadata=etag&$filter=startswith(Name,'al')".into()).await;
+    assert_eq!(names(&r.json), ["alpha", "alps"]);
+    assert!(r.json[0]["$metadata"].get("modification_time").is_none());
+    assert!(r.json[0]["$metadata"]["etag"].is_string());
+    let r = get(String::new()).await;
+    assert!(r.json[0].get("$metadata").is_none());
+
+    let r = get("$filter=modifiedwithin('1',%20'minutes')".into()).await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text);
+    assert_eq!(names(&r.json), ["alpha", "alps", "beta", "delta-x", "gamma-x"]);
+
+    for (key, body) in [
+        ("alpha", json!([{"key": "env", "values": ["prod"]}])),
+        ("beta", json!([{"key": "env", "values": ["dev"]}, {"key": "team", "values": ["a b"]}])),
+        ("alps", json!([{"key": "team", "values": ["a b"]}])),
+    ] {
+        let r = env.call(Method::PUT, &format!("{V1}/subaccountDestinations/{key}/labels"), Some(&t), Some(body)).await;
+        assert_eq!(r.status, StatusCode::OK, "{}", r.text);
+    }
+    let r = get("$filter=Label['env']%20HAS%20('prod','dev')".into()).await;
+    assert_eq!(names(&r.json), ["alpha", "beta"], "{}", r.text);
+    // As the Python SDK encodes it: values percent-encoded inside the quotes.
+    let filter = "Label['env'] HAS ('dev') AND Label['team'] HAS ('a%20b')";
+    let r = get(format!("$filter={}", form_urlencoded::byte_serialize(filter.as_bytes()).collect::<String>())).await;
+    assert_eq!(names(&r.json), ["beta"], "{}", r.text);
+
+    for (q, needle) in [
+        ("$filter=modifiedwithin('0','minutes')", "1 to 1440"),
+        ("$filter=modifiedwithin('1441','minutes')", "1 to 1440"),
+        ("$filter=modifiedwithin('5','hours')", "'minutes'"),
+        ("$filter=Label['env']%20HAS%20()", "Label['key'] HAS"),
+        ("$includeMetadata=owner", "modification_time"),
+        ("$includeMetadata=etag&$select=Name", "cannot be combined"),
+        ("$includeMetadata=etag&$page=1", "cannot be combined"),
+    ] {
+        let r = get(q.into()).await;
+        assert_eq!(r.status, StatusCode::BAD_REQUEST, "{q}");
+        assert!(r.error().contains(needle), "{q}: {}", r.text);
+    }
+
+    // Certificates filter by labels too (the Python SDK's list options apply to both).
+    let certs = format!("{V1}/subaccountCertificates");
+    for name in ["a.pem", "b.pem"] {
+        let r = env.call(Method::POST, &certs, Some(&t), Some(json!({"Name": name, "Content": "AAEC"}))).await;
+        assert_eq!(r.status, StatusCode::CREATED);
+    }
+    let r = env
+        .call(Method::PUT, &format!("{certs}/b.pem/labels"), Some(&t), Some(json!([{"key": "k", "values": ["v"]}])))
+        .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text);
+    let r = env.call(Method::GET, &format!("{certs}?$filter=Label['k']%20HAS%20('v')"), Some(&t), None).await;
+    assert_eq!(r.json, json!([{"Name": "b.pem", "Type": null}]), "{}", r.text);
+}

@@ -9,8 +9,10 @@
 mod api;
 mod cert_generation;
 mod certificates;
+mod chain;
 mod concurrency;
 mod consume;
+mod corporate_idp;
 mod fragments;
 mod labels;
 mod lists;
@@ -118,6 +120,8 @@ pub(crate) struct FerryTokens {
 
 impl FerryTokens {
     pub(crate) const ZONE: &'static str = "6a8b7c4e-0000-4000-8000-000000000001";
+    /// A second tenant, where the clients get subscriber tokens (`x-zid`).
+    pub(crate) const SUBSCRIBER: &'static str = "9d2f1e3a-0000-4000-8000-000000000002";
 
     pub(crate) async fn start() -> Self {
         use ferry_auth::token_service::{self, Listeners, OAuthClient, Tenant, TokenService, TokenServiceConfig, User};
@@ -134,11 +138,18 @@ impl FerryTokens {
             ..Default::default()
         };
         let ts = TokenService::new(TokenServiceConfig {
-            tenants: vec![Tenant {
-                id: Self::ZONE.into(),
-                subdomain: "provider".into(),
-                keys: Arc::new(KeySet::generate().unwrap()),
-            }],
+            tenants: vec![
+                Tenant {
+                    id: Self::ZONE.into(),
+                    subdomain: "provider".into(),
+                    keys: Arc::new(KeySet::generate().unwrap()),
+                },
+                Tenant {
+                    id: Self::SUBSCRIBER.into(),
+                    subdomain: "subscriber".into(),
+                    keys: Arc::new(KeySet::generate().unwrap()),
+                },
+            ],
             clients: vec![client("sb-dest", "dest-secret", Some("inst-1")), client("sb-app", "app-secret", None)],
             users: vec![User {
                 username: "alice".into(),
@@ -160,6 +171,9 @@ impl FerryTokens {
             DestinationService::open(config(DatabaseConfig::SqliteMemory, [7; 32]), verifier.clone(), http.clone())
                 .await
                 .unwrap();
+        // As `ferry up` does: the token service tells where each client lives.
+        let zones = ts.clone();
+        service.set_client_zones(Arc::new(move |client: &str| zones.client_tenant(client)));
         let env = Env {
             keys: Arc::new(KeySet::generate().unwrap()),
             router: service.router(),

@@ -24,10 +24,14 @@ mod api;
 mod cert_generation;
 #[path = "certificates.rs"]
 mod certificates;
+#[path = "chain.rs"]
+mod chain;
 #[path = "concurrency.rs"]
 mod concurrency;
 #[path = "consume.rs"]
 mod consume;
+#[path = "corporate_idp.rs"]
+mod corporate_idp;
 #[path = "fragments.rs"]
 mod fragments;
 #[path = "labels.rs"]

@@ -414,3 +414,44 @@ async fn a_provider_destination_supplies_the_client_assertion() {
         assert!(error.contains(why), "{name}: {}", r.text);
     }
 }
+
+/// SPEC §1.6, §2.5: a destination in use as a client assertion provider is not deleted; the 400
+/// names the destination that uses it.
+#[tokio::test]
+async fn an_assertion_provider_in_use_is_not_deleted() {
+    let env = Env::new().await;
+    let t = env.token("zone-1", "client-1");
+    let url = "https://token.example/oauth/token";
+    let mut provider = dest("provider", "OAuth2ClientCredentials", url);
+    provider["clientAssertion.type"] = json!("urn:ietf:params:oauth:client-assertion-type:jwt-bearer");
+    env.create(&t, "subaccount", provider.clone()).await;
+    let mut consumer = dest("consumer", "OAuth2ClientCredentials", url);
+    consumer["clientAssertion.destinationName"] = json!("provider");
+    // An instance-level consumer reaches the subaccount's provider too.
+    env.create(&t, "instance", consumer.clone()).await;
+    let one = format!("{V1}/subaccountDestinations/provider");
+
+    let r = env.call(Method::DELETE, &one, Some(&t), None).await;
+    assert_eq!(r.status, StatusCode::BAD_REQUEST, "{}", r.text);
+    assert_eq!(
+        r.error(),
+        "Cannot perform operation on the destination 'provider' because it is used as an assertion provider for \
+         destination 'consumer'"
+    );
+    let bulk = format!("{V1}/subaccountDestinations?$filter=Name%20in%20('provider')");
+    let r = env.call(Method::DELETE, &bulk, Some(&t), None).await;
+    assert_eq!(r.status, StatusCode::BAD_REQUEST, "{}", r.text);
+    assert!(r.error().contains("'consumer'"), "{}", r.text);
+
+    // With a provider of its own on the instance level, the consumer no longer uses the
+    // subaccount's; that one goes, the instance's stays while in use.
+    env.create(&t, "instance", provider).await;
+    let r = env.call(Method::DELETE, &format!("{V1}/instanceDestinations/provider"), Some(&t), None).await;
+    assert_eq!(r.status, StatusCode::BAD_REQUEST, "{}", r.text);
+    let r = env.call(Method::DELETE, &one, Some(&t), None).await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text);
+    // Deleted together with its consumer, a provider may go.
+    let both = format!("{V1}/instanceDestinations?$filter=Name%20in%20('provider','consumer')");
+    let r = env.call(Method::DELETE, &both, Some(&t), None).await;
+    assert_eq!(r.json["Count"], 2, "{}", r.text);
+}

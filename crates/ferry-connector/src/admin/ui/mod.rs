@@ -23,7 +23,7 @@ use http_body_util::BodyExt;
 use serde_json::Value;
 use tower::ServiceExt;
 
-use super::{Admin, Caller, LogonError, cookie};
+use super::{Admin, Caller, LogonFailure, cookie};
 
 /// Form fields as posted.
 pub(super) type Form = HashMap<String, String>;
@@ -46,9 +46,12 @@ pub(super) struct Ctx {
     sid: String,
     user: String,
     csrf: String,
+    roles: super::ldap::Roles,
 }
 
 const SESSION: &str = "JSESSIONID";
+/// A read every role but `sccmonitoring` may do: who may see the pages.
+const VIEW_CHECK: &str = "/api/v1/configuration/connector";
 
 pub(super) fn router(admin: Arc<Admin>) -> Router {
     let ui = Arc::new(Ui { admin, flash: Mutex::new(HashMap::new()), monitor: charts::Monitor::default() });
@@ -112,11 +115,18 @@ impl Ui {
     /// initial password is in force.
     pub(super) async fn ctx(&self, headers: &HeaderMap, allow_initial: bool) -> Result<Ctx, Response> {
         let Some(sid) = cookie(headers, SESSION) else { return Err(redirect("/ui/login")) };
-        let Some((user, csrf)) = self.admin.session(&sid) else { return Err(redirect("/ui/login?expired=1")) };
+        let Some((user, csrf, roles)) = self.admin.session(&sid) else {
+            return Err(redirect("/ui/login?expired=1"));
+        };
         if !allow_initial && self.admin.state.lock().await.admin.initial_password {
             return Err(redirect("/ui/password"));
         }
-        Ok(Ctx { sid, user, csrf })
+        // The pages show configuration: monitoring-only users (sccmonitoring) have the API.
+        if !roles.allow(&Method::GET, VIEW_CHECK) {
+            let body = "<p class=\"error\">Your user may use the monitoring API only, not these pages.</p>";
+            return Err(page(StatusCode::FORBIDDEN, "Not permitted", None, None, body));
+        }
+        Ok(Ctx { sid, user, csrf, roles })
     }
 
     /// As [`Ui::ctx`], for a form post: the form must carry the session's CSRF token.
@@ -174,7 +184,7 @@ impl Ui {
             .header(header::CONTENT_TYPE, "application/json")
             .body(body)
             .map_err(|e| format!("invalid request: {e}"))?;
-        req.extensions_mut().insert(Caller(ctx.user.clone()));
+        req.extensions_mut().insert(Caller(ctx.user.clone(), ctx.roles.clone()));
         let resp = super::api::router(self.admin.clone()).oneshot(req).await.unwrap_or_else(|e| match e {});
         let (parts, body) = resp.into_parts();
         let bytes = body.collect().await.map(|b| b.to_bytes()).map_err(|e| format!("cannot read the answer: {e}"))?;
@@ -215,10 +225,10 @@ fn page(status: StatusCode, title: &str, ctx: Option<&Ctx>, flash: Option<&Flash
             nav.push_str(&format!("<a href=\"{href}\"{current}>{label}</a>"));
         }
         nav.push_str(&format!(
-            "<form method=\"post\" action=\"/ui/logout\" class=\"logout\">{}<span>{}</span> \
+            "<form method=\"post\" action=\"/ui/logout\" class=\"logout\">{}<span class=\"user\">{}</span> \
              <button type=\"submit\">Log out</button></form></nav>",
             csrf_field(ctx),
-            esc(&ctx.user)
+            esc(&format!("{} ({})", ctx.user, ctx.roles.names().join(", ")))
         ));
     }
     let flash = flash
@@ -324,20 +334,38 @@ async fn login(
     if user.is_empty() || password.is_empty() {
         return login_form(user, Some((false, "Enter the user name and the password.")), StatusCode::BAD_REQUEST);
     }
-    match ui.admin.logon(user, password).await {
-        Ok(()) => {}
-        Err(LogonError::Wrong) => {
+    let roles = match ui.admin.logon_roles(user, password).await {
+        Ok(roles) => roles,
+        Err(LogonFailure::Unavailable(_)) => {
+            return login_form(
+                user,
+                Some((false, "The user directory (LDAP) does not answer; try again later.")),
+                StatusCode::SERVICE_UNAVAILABLE,
+            );
+        }
+        Err(LogonFailure::Wrong) => {
             return login_form(user, Some((false, "Wrong user name or password.")), StatusCode::UNAUTHORIZED);
         }
-        Err(LogonError::Locked) => {
+        Err(LogonFailure::Locked) => {
             return login_form(
                 user,
                 Some((false, "Too many failed logon attempts for this user; try again later.")),
                 StatusCode::TOO_MANY_REQUESTS,
             );
         }
+    };
+    if !roles.allow(&Method::GET, VIEW_CHECK) {
+        return login_form(
+            user,
+            Some((
+                false,
+                "Your user has none of the connector's roles for these pages (sccadmin, sccsubadmin, sccsupport, \
+                 sccdisplay): ask your administrator for one.",
+            )),
+            StatusCode::FORBIDDEN,
+        );
     }
-    let (sid, _) = ui.admin.new_session(user);
+    let (sid, _) = ui.admin.new_session(user, roles);
     let initial = ui.admin.state.lock().await.admin.initial_password;
     let mut r = redirect(if initial { "/ui/password" } else { "/ui/overview" });
     if let Some(c) = session_cookie(&sid) {

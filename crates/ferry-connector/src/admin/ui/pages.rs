@@ -140,9 +140,10 @@ async fn overview(State(ui): S, headers: HeaderMap) -> Response {
     for sub in mon.get("subaccounts").and_then(Value::as_array).into_iter().flatten() {
         let t = sub.get("tunnel").cloned().unwrap_or_default();
         let since = t.get("connectedSinceTimeStamp").and_then(Value::as_u64).unwrap_or(0);
+        let heard = t.get("lastHeartbeatTimeStamp").and_then(Value::as_u64).unwrap_or(0);
         let _ = write!(
             rows,
-            "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
+            "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td class=\"heartbeat\">{}</td></tr>",
             esc(&s(sub, "subaccount")),
             esc(&s(sub, "displayName")),
             esc(&s(sub, "locationID")),
@@ -150,15 +151,16 @@ async fn overview(State(ui): S, headers: HeaderMap) -> Response {
             state_badge(&s(&t, "state")),
             esc(&s(&t, "connections")),
             esc(&time_of(since)),
+            esc(&time_of(heard)),
         );
     }
     if rows.is_empty() {
-        rows = "<tr><td colspan=\"7\">No subaccounts yet. <a href=\"/ui/subaccounts\">Add one</a>.</td></tr>".into();
+        rows = "<tr><td colspan=\"8\">No subaccounts yet. <a href=\"/ui/subaccounts\">Add one</a>.</td></tr>".into();
     }
     let body = format!(
         "<dl class=\"facts\"><dt>Version</dt><dd id=\"version\">{}</dd><dt>High availability role</dt><dd id=\"ha-role\">{master}</dd></dl>\
          <h2>Subaccounts</h2><table><thead><tr><th>Subaccount</th><th>Display name</th><th>Location ID</th><th>Region host</th>\
-         <th>Tunnel</th><th>Connections</th><th>Connected since</th></tr></thead><tbody>{rows}</tbody></table>",
+         <th>Tunnel</th><th>Connections</th><th>Connected since</th><th>Last heartbeat</th></tr></thead><tbody>{rows}</tbody></table>",
         esc(env!("CARGO_PKG_VERSION"))
     );
     ui.render(&ctx, "Overview", &body)
@@ -847,16 +849,11 @@ fn csv_split(line: &str) -> Vec<String> {
     out
 }
 
-/// Audit lines (as written, header excluded) matching the filter, newest first.
+/// Audit records (as CSV lines) matching the filter, newest first.
 fn audit_lines(dir: &std::path::Path, q: &AuditQuery) -> Vec<String> {
     let mut files = Vec::new();
     for sub in std::fs::read_dir(dir).into_iter().flatten().flatten() {
-        for f in std::fs::read_dir(sub.path()).into_iter().flatten().flatten() {
-            let name = f.file_name().to_string_lossy().into_owned();
-            if name.starts_with("audit-log_") && name.ends_with(".csv") {
-                files.push(f.path());
-            }
-        }
+        files.extend(crate::audit::log_files(&sub.path()));
     }
     let text = q.q.to_lowercase();
     // `datetime-local` values (`2026-11-23T04:10`) compare as text with the timestamps.
@@ -864,8 +861,8 @@ fn audit_lines(dir: &std::path::Path, q: &AuditQuery) -> Vec<String> {
     let mut lines = Vec::new();
     for f in files {
         let Ok(content) = std::fs::read_to_string(&f) else { continue };
-        for line in content.lines().filter(|l| !l.starts_with("timestamp,")) {
-            let cols = csv_split(line);
+        for line in content.lines().filter_map(crate::audit::csv_line) {
+            let cols = csv_split(&line);
             let (ts, event) =
                 (cols.first().map(String::as_str).unwrap_or(""), cols.get(1).map(String::as_str).unwrap_or(""));
             let kind_ok = match q.kind.as_str() {
@@ -877,7 +874,7 @@ fn audit_lines(dir: &std::path::Path, q: &AuditQuery) -> Vec<String> {
             let from_ok = from.is_empty() || ts >= from;
             let to_ok = to.is_empty() || ts.get(..to.len()).is_some_and(|t| t <= to);
             if kind_ok && from_ok && to_ok && (text.is_empty() || line.to_lowercase().contains(&text)) {
-                lines.push(line.to_owned());
+                lines.push(line);
             }
         }
     }
@@ -964,9 +961,7 @@ async fn audit_csv(State(ui): S, headers: HeaderMap, Query(q): Query<AuditQuery>
     let _ctx = session!(ui.ctx(&headers, false));
     let dir = audit_dir(&ui);
     let lines = tokio::task::spawn_blocking(move || audit_lines(&dir, &q)).await.unwrap_or_default();
-    let mut out = String::from(
-        "timestamp,event,subaccount,location,request_id,client,system,protocol,method,path,reason,chain\n",
-    );
+    let mut out = format!("{}\n", crate::audit::CSV_HEADER);
     for l in lines.iter().rev() {
         out.push_str(l);
         out.push('\n');

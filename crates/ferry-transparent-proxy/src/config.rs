@@ -1,0 +1,165 @@
+//! The proxy's configuration file (TOML) and what it resolves to.
+
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use ferry_client::Bindings;
+use serde::Deserialize;
+
+use crate::TpError;
+
+/// `dedicated`: one tenant (the binding's); `shared`: every request names its tenant with
+/// `X-Tenant-Id` or `X-Tenant-Subdomain` (SPEC §5.2).
+#[derive(Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum TenantMode {
+    #[default]
+    Dedicated,
+    Shared,
+}
+
+/// The TOML file as written (keys documented in docs/configuration.md).
+#[derive(Deserialize, Clone, Debug)]
+#[serde(deny_unknown_fields)]
+pub struct FileConfig {
+    /// Folder whose `*.yaml`/`*.yml` files hold `Destination` resources.
+    pub resources_dir: PathBuf,
+    /// How often the folder is scanned for changes.
+    #[serde(default = "default_poll_ms")]
+    pub poll_interval_ms: u64,
+    #[serde(default)]
+    pub tenant_mode: TenantMode,
+    /// Address every endpoint listens on.
+    #[serde(default = "default_listen_host")]
+    pub listen_host: IpAddr,
+    /// A `default-env.json`-style file (`{"VCAP_SERVICES": …}`) with the `destination` and,
+    /// for OnPremise destinations, `connectivity` bindings.
+    pub env_file: Option<PathBuf>,
+    /// Instead of `env_file`: a service key (JSON) of the Destination Service instance.
+    pub destination_service_key: Option<PathBuf>,
+    /// With `destination_service_key`: a service key of the connectivity instance.
+    pub connectivity_service_key: Option<PathBuf>,
+    /// PEM file of a CA to trust besides the system roots (token service, Destination Service, backends).
+    pub ca_file: Option<PathBuf>,
+    /// Where the current endpoint list (resource → address) is written as JSON on every change.
+    pub endpoints_file: Option<PathBuf>,
+    /// Connect timeout towards the Connectivity Proxy (SAP's `connectionTimeoutSeconds`, default 1 s).
+    #[serde(default = "default_proxy_connect_ms")]
+    pub connectivity_proxy_connect_timeout_ms: u64,
+}
+
+fn default_poll_ms() -> u64 {
+    1000
+}
+fn default_listen_host() -> IpAddr {
+    IpAddr::from([127, 0, 0, 1])
+}
+fn default_proxy_connect_ms() -> u64 {
+    1000
+}
+
+/// The resolved configuration [`crate::run`] takes.
+#[derive(Clone, Debug)]
+pub struct Config {
+    pub resources_dir: PathBuf,
+    pub poll_interval: Duration,
+    pub tenant_mode: TenantMode,
+    pub listen_host: IpAddr,
+    pub bindings: Bindings,
+    pub ca_pem: Option<String>,
+    pub endpoints_file: Option<PathBuf>,
+    pub proxy_connect_timeout: Duration,
+}
+
+impl Config {
+    /// Reads a TOML file; relative paths in it are relative to the file's folder.
+    pub fn from_file(path: &Path) -> Result<Config, TpError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| TpError::Config(format!("cannot read {}: {e}", path.display())))?;
+        let file: FileConfig =
+            toml::from_str(&text).map_err(|e| TpError::Config(format!("{}: {e}", path.display())))?;
+        Config::resolve(file, path.parent().unwrap_or(Path::new(".")))
+    }
+
+    /// Loads the bindings and CA a [`FileConfig`] names. Without `env_file` and service keys the
+    /// bindings come from the environment (`VCAP_SERVICES`, `SERVICE_BINDING_ROOT`, …).
+    pub fn resolve(file: FileConfig, base: &Path) -> Result<Config, TpError> {
+        let abs = |p: &Path| if p.is_absolute() { p.to_owned() } else { base.join(p) };
+        let read = |p: &Path| {
+            std::fs::read_to_string(abs(p))
+                .map_err(|e| TpError::Config(format!("cannot read {}: {e}", abs(p).display())))
+        };
+        let bindings = match (&file.env_file, &file.destination_service_key) {
+            (Some(_), Some(_)) => {
+                return Err(TpError::Config("set either env_file or destination_service_key, not both".into()));
+            }
+            (Some(env), None) => Bindings::from_default_env_file(&abs(env))?,
+            (None, Some(key)) => {
+                let parse = |p: &Path| -> Result<serde_json::Value, TpError> {
+                    serde_json::from_str(&read(p)?)
+                        .map_err(|e| TpError::Config(format!("{} is not JSON: {e}", abs(p).display())))
+                };
+                let credentials = |v: serde_json::Value| v.get("credentials").cloned().unwrap_or(v);
+                let mut vcap = serde_json::json!({
+                    "destination": [{"label": "destination", "credentials": credentials(parse(key)?)}]
+                });
+                if let Some(c) = &file.connectivity_service_key {
+                    vcap["connectivity"] =
+                        serde_json::json!([{"label": "connectivity", "credentials": credentials(parse(c)?)}]);
+                }
+                Bindings::from_vcap_services(&vcap.to_string())?
+            }
+            (None, None) => Bindings::from_env()?,
+        };
+        if file.connectivity_service_key.is_some() && file.destination_service_key.is_none() {
+            return Err(TpError::Config("connectivity_service_key needs destination_service_key".into()));
+        }
+        // Fail at start, not at the first request, when the destination binding is unusable.
+        bindings.destination()?;
+        if file.poll_interval_ms == 0 {
+            return Err(TpError::Config("poll_interval_ms must be at least 1".into()));
+        }
+        Ok(Config {
+            resources_dir: abs(&file.resources_dir),
+            poll_interval: Duration::from_millis(file.poll_interval_ms),
+            tenant_mode: file.tenant_mode,
+            listen_host: file.listen_host,
+            bindings,
+            ca_pem: file.ca_file.as_deref().map(read).transpose()?,
+            endpoints_file: file.endpoints_file.as_deref().map(abs),
+            proxy_connect_timeout: Duration::from_millis(file.connectivity_proxy_connect_timeout_ms.max(1)),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn service_keys_become_bindings_and_paths_are_relative_to_the_file() {
+        let dir = std::env::temp_dir().join(format!("ferry-tp-config-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let key = r#"{"uri": "http://127.0.0.1:1", "url": "http://127.0.0.1:2", "clientid": "c", "clientsecret": "s"}"#;
+        std::fs::write(dir.join("dest.json"), key).unwrap();
+        std::fs::write(
+            dir.join("tp.toml"),
+            "resources_dir = \"res\"\ndestination_service_key = \"dest.json\"\ntenant_mode = \"shared\"\n",
+        )
+        .unwrap();
+        let c = Config::from_file(&dir.join("tp.toml")).unwrap();
+        assert_eq!(c.resources_dir, dir.join("res"));
+        assert_eq!(c.tenant_mode, TenantMode::Shared);
+        assert_eq!(c.bindings.destination().unwrap().uri, "http://127.0.0.1:1");
+        assert!(c.bindings.connectivity().is_err());
+        assert_eq!(c.proxy_connect_timeout, Duration::from_secs(1));
+
+        std::fs::write(dir.join("bad.toml"), "resources_dir = \"res\"\ntenant_mode = \"both\"\n").unwrap();
+        let err = Config::from_file(&dir.join("bad.toml")).unwrap_err().to_string();
+        assert!(err.contains("tenant_mode") || err.contains("both"), "{err}");
+        std::fs::write(dir.join("none.toml"), "resources_dir = \"res\"\nenv_file = \"missing.json\"\n").unwrap();
+        assert!(Config::from_file(&dir.join("none.toml")).is_err());
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}
