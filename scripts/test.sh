@@ -34,6 +34,8 @@ command -v tar >/dev/null || need_apt+=(tar)
 { command -v initdb >/dev/null || compgen -G '/usr/lib/postgresql/*/bin/initdb' >/dev/null; } || need_apt+=(postgresql)
 # The independent verifier (and signer) of SAML assertions in ferry-auth's tests.
 command -v xmlsec1 >/dev/null || need_apt+=(xmlsec1)
+# Java's keytool writes the JKS keystores the keystore tests read (openssl writes the P12 ones).
+command -v keytool >/dev/null || need_apt+=(default-jre-headless)
 if [ ${#need_apt[@]} -gt 0 ]; then
   export DEBIAN_FRONTEND=noninteractive
   if [ "$(id -u)" = 0 ]; then apt-get update -qq && apt-get install -y -qq "${need_apt[@]}"; else sudo -E apt-get update -qq && sudo -E apt-get install -y -qq "${need_apt[@]}"; fi

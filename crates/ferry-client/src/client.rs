@@ -16,6 +16,7 @@ use serde_json::{Map, Value};
 use tokio::sync::Mutex;
 
 use crate::bindings::{Bindings, ConnectivityBinding, DestinationBinding, OAuthCredentials};
+use crate::breaker::{BreakerOptions, Breakers, Outcome};
 use crate::error::{ClientError, Hop};
 
 /// Tokens are renewed when less than this is left, so a request never carries one that expires
@@ -267,6 +268,7 @@ struct Inner {
     ca_pem: Option<String>,
     tokens: Mutex<HashMap<String, CachedToken>>,
     destinations: Mutex<HashMap<String, (Destination, Instant)>>,
+    breakers: Breakers,
 }
 
 /// The entry point: bindings, tokens and destination lookups. Cheap to clone (shared caches).
@@ -301,6 +303,7 @@ impl Client {
                 ca_pem: ca_pem.map(str::to_owned),
                 tokens: Mutex::new(HashMap::new()),
                 destinations: Mutex::new(HashMap::new()),
+                breakers: Breakers::default(),
             }),
         })
     }
@@ -322,6 +325,19 @@ impl Client {
             None => None,
         };
         Self::new(Bindings::from_env()?, ca.as_deref())
+    }
+
+    /// Replaces the circuit breakers' settings (the SDK's by default) and closes them all.
+    ///
+    /// ```
+    /// # let vcap = r#"{"destination": [{"label": "destination", "credentials": {
+    /// #   "uri": "http://127.0.0.1:1", "url": "http://127.0.0.1:2", "clientid": "c", "clientsecret": "s"}}]}"#;
+    /// let client = ferry_client::Client::new(ferry_client::Bindings::from_vcap_services(vcap)?, None)?;
+    /// client.set_circuit_breaker(ferry_client::BreakerOptions { enabled: false, ..Default::default() });
+    /// # Ok::<(), ferry_client::ClientError>(())
+    /// ```
+    pub fn set_circuit_breaker(&self, options: BreakerOptions) {
+        self.inner.breakers.set_options(options);
     }
 
     pub fn bindings(&self) -> &Bindings {
@@ -397,22 +413,31 @@ impl Client {
         if let Some(t) = tenant {
             req = req.header("x-zid", t);
         }
-        let resp = req.send().await.map_err(|e| ClientError::transport(Hop::TokenService, &url, &e))?;
-        let status = resp.status();
-        let body: Value = resp.json().await.unwrap_or(Value::Null);
-        let Some(token) = body.get("access_token").and_then(Value::as_str).filter(|_| status.is_success()) else {
+        let permit =
+            self.inner.breakers.admit(&format!("token {url} {}", tenant.unwrap_or("")), Hop::TokenService, &url)?;
+        let result = async {
+            let resp = req.send().await.map_err(|e| ClientError::transport(Hop::TokenService, &url, &e))?;
+            let status = resp.status();
+            let body: Value = resp.json().await.unwrap_or(Value::Null);
+            if body.get("access_token").and_then(Value::as_str).is_some() && status.is_success() {
+                return Ok(body);
+            }
             let why = body.get("error_description").or_else(|| body.get("error")).and_then(Value::as_str);
-            return Err(ClientError::Hop {
+            Err(ClientError::Hop {
                 hop: Hop::TokenService,
-                url,
+                url: url.clone(),
                 status: Some(status.as_u16()),
                 message: format!(
                     "refused client {:?} ({status}: {}); check `clientid` and the secret of the binding",
                     creds.client_id,
                     why.unwrap_or("no reason given")
                 ),
-            });
-        };
+            })
+        }
+        .await;
+        permit.record(Outcome::of(&result));
+        let body = result?;
+        let token = body.get("access_token").and_then(Value::as_str).unwrap_or_default();
         let lifetime = body.get("expires_in").and_then(Value::as_u64).unwrap_or(0);
         let token = Secret::new(token.to_owned());
         cache.insert(
@@ -583,6 +608,24 @@ impl Client {
         if !skip && let Some(t) = &options.refresh_token {
             req = req.header("X-refresh-token", t.expose());
         }
+        let tenant_key = options.tenant.as_deref().unwrap_or("");
+        let permit = self.inner.breakers.admit(
+            &format!("destination {} {tenant_key}", binding.uri),
+            Hop::DestinationService,
+            &url,
+        )?;
+        let result = self.read_find(req, url, name, options).await;
+        permit.record(Outcome::of(&result));
+        result
+    }
+
+    async fn read_find(
+        &self,
+        req: reqwest::RequestBuilder,
+        url: String,
+        name: &str,
+        options: &Options,
+    ) -> Result<Value, ClientError> {
         let resp = req.send().await.map_err(|e| ClientError::transport(Hop::DestinationService, &url, &e))?;
         let status = resp.status();
         let text = resp.text().await.unwrap_or_default();
@@ -620,22 +663,35 @@ pub(crate) fn build_http(
     identity: Option<(&str, &str)>,
     extra_roots: Option<&str>,
 ) -> Result<reqwest::Client, ClientError> {
-    http_builder(ca_pem, identity, extra_roots)?.build().map_err(|e| ClientError::Tls(e.to_string()))
+    http_builder(ca_pem, identity, extra_roots, false)?.build().map_err(|e| ClientError::Tls(e.to_string()))
 }
 
+/// `trust_all` (a destination's `TrustAll=true`) accepts any server certificate, as the SDK
+/// does; the handshake signature is still checked, so the server must hold the key it shows.
 pub(crate) fn http_builder(
     ca_pem: Option<&str>,
     identity: Option<(&str, &str)>,
     extra_roots: Option<&str>,
+    trust_all: bool,
 ) -> Result<reqwest::ClientBuilder, ClientError> {
     let tls = |e: ferry_core::tls::TlsError| ClientError::Tls(e.to_string());
-    let mut roots = ferry_core::tls::outbound_roots(ca_pem).map_err(tls)?;
-    if let Some(pem) = extra_roots {
-        for c in ferry_core::tls::parse_certs(pem).map_err(tls)? {
-            roots.add(c).map_err(|e| ClientError::Tls(e.to_string()))?;
+    let builder = if trust_all {
+        ferry_core::init_crypto();
+        let provider = rustls::crypto::CryptoProvider::get_default()
+            .cloned()
+            .ok_or_else(|| ClientError::Tls("no TLS crypto provider".to_owned()))?;
+        rustls::ClientConfig::builder()
+            .dangerous()
+            .with_custom_certificate_verifier(std::sync::Arc::new(TrustAll(provider)))
+    } else {
+        let mut roots = ferry_core::tls::outbound_roots(ca_pem).map_err(tls)?;
+        if let Some(pem) = extra_roots {
+            for c in ferry_core::tls::parse_certs(pem).map_err(tls)? {
+                roots.add(c).map_err(|e| ClientError::Tls(e.to_string()))?;
+            }
         }
-    }
-    let builder = rustls::ClientConfig::builder().with_root_certificates(roots);
+        rustls::ClientConfig::builder().with_root_certificates(roots)
+    };
     let config = match identity {
         Some((cert, key)) => builder
             .with_client_auth_cert(
@@ -646,4 +702,43 @@ pub(crate) fn http_builder(
         None => builder.with_no_client_auth(),
     };
     Ok(reqwest::Client::builder().use_preconfigured_tls(config).tcp_nodelay(true).connect_timeout(SERVICE_TIMEOUT))
+}
+
+/// Accepts every server certificate and name (`TrustAll`), verifying only the handshake signature.
+#[derive(Debug)]
+struct TrustAll(std::sync::Arc<rustls::crypto::CryptoProvider>);
+
+impl rustls::client::danger::ServerCertVerifier for TrustAll {
+    fn verify_server_cert(
+        &self,
+        _end_entity: &rustls::pki_types::CertificateDer<'_>,
+        _intermediates: &[rustls::pki_types::CertificateDer<'_>],
+        _server_name: &rustls::pki_types::ServerName<'_>,
+        _ocsp_response: &[u8],
+        _now: rustls::pki_types::UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        Ok(rustls::client::danger::ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &rustls::pki_types::CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.0.signature_verification_algorithms)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &rustls::pki_types::CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.0.signature_verification_algorithms)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.0.signature_verification_algorithms.supported_schemes()
+    }
 }

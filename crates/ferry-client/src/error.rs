@@ -44,6 +44,9 @@ pub enum ClientError {
     /// TLS material (a CA, a client certificate) is unusable.
     #[error("TLS setup: {0}")]
     Tls(String),
+    /// The hop failed so often lately that its circuit breaker refuses calls for a while.
+    #[error("{hop} at {url}: {message}")]
+    CircuitOpen { hop: Hop, url: String, message: String },
     /// The SOCKS5 handshake with the Connectivity Proxy failed.
     #[error("Connectivity Proxy (SOCKS5): {0}")]
     Socks(#[from] crate::socks5::ConnectError),
@@ -53,7 +56,7 @@ impl ClientError {
     /// The hop that failed, where one did.
     pub fn hop(&self) -> Option<Hop> {
         match self {
-            ClientError::Hop { hop, .. } => Some(*hop),
+            ClientError::Hop { hop, .. } | ClientError::CircuitOpen { hop, .. } => Some(*hop),
             ClientError::NotFound { .. } => Some(Hop::DestinationService),
             ClientError::Socks(_) => Some(Hop::ConnectivityProxy),
             _ => None,

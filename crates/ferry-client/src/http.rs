@@ -14,6 +14,8 @@ use reqwest::{Method, StatusCode};
 use tokio::net::TcpStream;
 use tokio::sync::Mutex;
 
+use ferry_core::keystore;
+
 use crate::client::{Client, Destination, http_builder};
 use crate::error::{ClientError, Hop};
 use crate::target::{MailProtocol, tcp_target};
@@ -98,7 +100,7 @@ impl HttpClient {
     /// # Ok(()) }
     /// ```
     pub fn new(client: Client, options: HttpOptions) -> Result<Self, ClientError> {
-        let direct = http_builder(client.ca_pem(), None, None)?
+        let direct = http_builder(client.ca_pem(), None, None, false)?
             .timeout(options.timeout)
             .build()
             .map_err(|e| ClientError::Tls(e.to_string()))?;
@@ -266,17 +268,40 @@ impl HttpClient {
             let cert = d.certificate("KeyStoreLocation").ok_or_else(|| {
                 unusable("ClientCertificateAuthentication needs KeyStoreLocation naming one of its certificates".into())
             })?;
-            Some(pem_of(cert).map_err(|m| unusable(format!("keystore {}: {m}", cert.name)))?)
+            let store = keystore_of(cert, d.property("KeyStorePassword"))
+                .map_err(|m| unusable(format!("keystore {}: {m}", cert.name)))?;
+            if store.key_entry().is_none() {
+                return Err(unusable(format!("keystore {} holds no private key with its certificate", cert.name)));
+            }
+            Some(store.to_pem().into_inner())
         } else {
             None
         };
         let trust = match d.certificate("TrustStoreLocation") {
-            Some(c) => Some(pem_of(c).map_err(|m| unusable(format!("trust store {}: {m}", c.name)))?),
+            Some(c) => {
+                let store = keystore_of(c, d.property("TrustStorePassword"))
+                    .map_err(|m| unusable(format!("trust store {}: {m}", c.name)))?;
+                Some(
+                    store
+                        .entries
+                        .iter()
+                        .flat_map(|e| &e.chain)
+                        .map(|c| keystore::pem_block("CERTIFICATE", c))
+                        .collect::<String>(),
+                )
+            }
             None => None,
         };
-        let custom_tls = identity.is_some() || trust.is_some();
+        let trust_all = d.property("TrustAll").is_some_and(|v| v.eq_ignore_ascii_case("true"));
+        if trust_all {
+            tracing::warn!(
+                destination = %name,
+                "TrustAll=true: the server's certificate is not verified; use a TrustStoreLocation instead"
+            );
+        }
+        let custom_tls = identity.is_some() || trust.is_some() || trust_all;
         let builder = || {
-            http_builder(self.client.ca_pem(), identity.as_deref().map(|p| (p, p)), trust.as_deref())
+            http_builder(self.client.ca_pem(), identity.as_deref().map(|p| (p, p)), trust.as_deref(), trust_all)
                 .map(|b| b.timeout(self.options.timeout))
         };
         if !d.is_on_premise() {
@@ -352,14 +377,12 @@ fn token_errors(d: &Destination, auth: &str) -> String {
     }
 }
 
-/// A PEM certificate entry's text (certificate chain, and key for keystores).
-fn pem_of(c: &crate::client::Certificate) -> Result<String, String> {
+/// A certificate entry decoded whatever its format (PEM, DER, P12/PFX, JKS); `password` opens
+/// P12 and JKS files.
+fn keystore_of(c: &crate::client::Certificate, password: Option<String>) -> Result<keystore::KeyStore, String> {
     let bytes = B64.decode(c.content.expose().trim()).map_err(|e| format!("content is not base64: {e}"))?;
-    let text = String::from_utf8(bytes).map_err(|_| "only PEM keystores are supported (not P12/PFX/JKS)".to_owned())?;
-    if !text.contains("-----BEGIN") {
-        return Err("only PEM keystores are supported (not P12/PFX/JKS)".to_owned());
-    }
-    Ok(text)
+    let format = keystore::Format::from_type_or_name(Some(&c.kind), &c.name);
+    keystore::decode(&bytes, format, password.as_deref().filter(|p| !p.is_empty())).map_err(|e| e.to_string())
 }
 
 impl Client {

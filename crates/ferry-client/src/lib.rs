@@ -9,7 +9,8 @@
 //!   destinations through the proxy's SOCKS5 port;
 //! - [`socks5`] and [`target`]: the protocol plumbing under `connect_tcp`.
 //!
-//! Every error says which hop failed ([`Hop`]).
+//! Every error says which hop failed ([`Hop`]). Token and Destination Service calls go through
+//! the SDK's circuit breaker ([`BreakerOptions`], [`Client::set_circuit_breaker`]).
 //!
 //! ```no_run
 //! use ferry_client::{Client, HttpClient};
@@ -22,6 +23,7 @@
 //! ```
 
 pub mod bindings;
+mod breaker;
 pub mod client;
 pub mod error;
 pub mod http;
@@ -29,6 +31,7 @@ pub mod socks5;
 pub mod target;
 
 pub use bindings::{BindingError, Bindings, ConnectivityBinding, DestinationBinding, OAuthCredentials, XsuaaBinding};
+pub use breaker::BreakerOptions;
 pub use client::{AuthToken, Certificate, Client, Destination, Level, Options};
 pub use error::{ClientError, Hop};
 pub use http::{HttpClient, HttpOptions, Request};

@@ -7,6 +7,7 @@
 
 pub mod aead;
 pub mod body;
+pub mod keystore;
 pub mod metrics;
 pub mod secret;
 pub mod serve;

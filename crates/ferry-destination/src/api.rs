@@ -57,6 +57,14 @@ pub(crate) fn router(service: Arc<DestinationService>) -> Router {
                 .route(&format!("{V1}/{level}{noun}/{{name}}/labels"), labels::route(coll, kind));
         }
     }
+    for (level, coll) in [("subaccount", Collection::Subaccount), ("instance", Collection::Instance)] {
+        router = router.route(
+            &format!("{V1}/{level}Certificates/{{name}}/publicKeys"),
+            get(move |s: Svc, c: Caller, p: Result<Path<String>, PathRejection>, h: HeaderMap| {
+                public_keys(s, c, coll, p, h)
+            }),
+        );
+    }
     router
         .route(&format!("{V1}/destinations/{{name}}"), get(find))
         .route("/destination-configuration/v2/destinations/{name}", get(consume))
@@ -908,7 +916,49 @@ fn certificate_collection(kind: Collection) -> MethodRouter<Arc<DestinationServi
 }
 
 fn certificate_item(kind: Collection) -> MethodRouter<Arc<DestinationService>> {
-    object_item::<Certificate>(kind, CERTIFICATE)
+    get(move |s: Svc, c: Caller, p: Result<Path<String>, PathRejection>, h: HeaderMap| {
+        get_certificate(s, c, kind, p, h)
+    })
+    .delete(move |s: Svc, c: Caller, p: Result<Path<String>, PathRejection>| delete_stored(s, c, kind, CERTIFICATE, p))
+}
+
+async fn load_certificate(
+    s: &DestinationService,
+    caller: &Caller,
+    kind: Collection,
+    path: Result<Path<String>, PathRejection>,
+) -> Result<crate::Stored<Certificate>, ApiError> {
+    let not_found = || ApiError::new(StatusCode::NOT_FOUND, CERTIFICATE_NOT_FOUND);
+    let Ok(Path(name)) = path else { return Err(not_found()) };
+    let key = caller.scope(kind)?.of(Kind::Certificate).row(&name);
+    s.load::<Certificate>(&key).await?.ok_or_else(not_found)
+}
+
+/// One certificate with its content ("including any private data", as SAP's documentation
+/// says) but never the password of a generated one.
+async fn get_certificate(
+    State(s): Svc,
+    caller: Caller,
+    kind: Collection,
+    path: Result<Path<String>, PathRejection>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    let stored = load_certificate(&s, &caller, kind, path).await?;
+    Ok(with_etag(&headers, &stored.etag, Json(stored.destination.without_secrets()).into_response()))
+}
+
+/// `GET .../{name}/publicKeys`: the certificate chains of an entry, without keys.
+async fn public_keys(
+    State(s): Svc,
+    caller: Caller,
+    kind: Collection,
+    path: Result<Path<String>, PathRejection>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    let stored = load_certificate(&s, &caller, kind, path).await?;
+    let keys = crate::certgen::public_keys(&stored.destination).map_err(ApiError::bad_request)?;
+    let etag = crate::etag_of(&keys).unwrap_or_default();
+    Ok(with_etag(&headers, &etag, Json(keys).into_response()))
 }
 
 const CERTIFICATE_NOT_FOUND: &str = "Certificate with the specified name was not found";
@@ -936,7 +986,8 @@ fn parse_certificates(body: Body) -> Result<(Vec<CertificateItem>, bool), ApiErr
             let cert = serde_json::from_value::<Certificate>(item)
                 .map_err(|e| {
                     ApiError::bad_request(format!(
-                        "Request body is not a valid certificate ({{\"Name\", \"Type\", \"Content\": base64}}): {e}"
+                        "Request body is not a valid certificate ({{\"Name\", \"Type\", \"Content\": base64}} or \
+                         {{\"Name\", \"Attributes\": {{\"CN\", \"Validity\", ...}}}}): {e}"
                     ))
                 })
                 .and_then(|c| {
@@ -979,6 +1030,15 @@ async fn write_certificates(
     let (items, single) = parse_certificates(body)?;
     let mut results = Vec::with_capacity(items.len());
     for (name, cert) in items {
+        let cert = match cert {
+            Ok(cert) if cert.attributes.is_some() => match s.generate_certificate(&scope.subaccount, cert).await? {
+                Ok(generated) => Ok(generated),
+                Err(crate::certgen::BadAttributes(why)) => {
+                    Err(ApiError::bad_request(format!("Invalid certificate: {why}")))
+                }
+            },
+            other => other,
+        };
         let outcome = match cert {
             Ok(cert) => {
                 let key = scope.row(&cert.name);
@@ -1002,7 +1062,7 @@ async fn write_certificates(
         }
         if single {
             outcome?;
-            return Ok(if create { ok.into_response() } else { Json(json!({ "Count": 1 })).into_response() });
+            return Ok(if create { created_empty() } else { Json(json!({ "Count": 1 })).into_response() });
         }
         results.push(ItemResult::of(name.unwrap_or_default(), ok, outcome));
     }
@@ -1978,7 +2038,16 @@ impl TokenFlow<'_> {
             return Ok(AuthToken::bearer(token));
         }
         let identity = match &request.keystore {
-            Some(location) => match self.s.keystore_pem(self.key, "tokenService.KeyStoreLocation", location).await {
+            Some(location) => match self
+                .s
+                .keystore_pem(
+                    self.key,
+                    "tokenService.KeyStoreLocation",
+                    location,
+                    request.keystore_password.as_ref().map(|p| p.expose().as_str()),
+                )
+                .await
+            {
                 Ok(pem) => Some(ferry_core::tls::CertifiedKey { cert_pem: pem.expose().clone(), key_pem: pem }),
                 Err(reason) => return Ok(AuthToken::failed(reason)),
             },

@@ -8,7 +8,8 @@
 //! What is served (base `/destination-configuration`): `v1/{subaccount,instance}Destinations`
 //! (CRUD, bulk POST/PUT with 207, bulk DELETE by `$filter=Name in (...)`, list modes `$filter`,
 //! `$select=Name`, `$page`/`$pageSize`/`$pageCount`/`$entityCount`),
-//! `v1/{subaccount,instance}DestinationFragments`, `v1/{subaccount,instance}Certificates`, labels
+//! `v1/{subaccount,instance}DestinationFragments`, `v1/{subaccount,instance}Certificates` (uploads,
+//! or generated from `Attributes` and renewed with `AutomaticRenew`: `certgen`; `.../publicKeys`), labels
 //! of all three (`.../{name}/labels`, GET/PUT/PATCH),
 //! find-by-name `v1/destinations/{name}` (instance level, then subaccount level; `X-fragment-name`
 //! merging) and the consume API `v2/destinations/{name}[@level]` (no fallback, default
@@ -23,8 +24,9 @@
 //! `SAP-Connectivity-Technical-Authentication`) and OAuth2TokenExchange (RFC 8693 with
 //! `X-subject-token(-type)` and optional `X-actor-token(-type)`; `issued_token_type` returned).
 //! `X-client-assertion` with `X-client-assertion-type` replaces the client secret in any of them;
-//! `tokenService.KeyStoreLocation` (a PEM entry of the certificate store: certificate and key)
-//! authenticates the client by mTLS instead (SPEC §2.4), and `X-client-assertion-destination-name`
+//! `tokenService.KeyStoreLocation` (an entry of the certificate store: PEM with certificate and
+//! key, or P12/PFX or JKS opened with `tokenService.KeyStorePassword`) authenticates the client by
+//! mTLS instead (SPEC §2.4), and `X-client-assertion-destination-name`
 //! (or the property `clientAssertion.destinationName`) names an OAuth2ClientCredentials provider
 //! destination with `clientAssertion.type` whose access token becomes the client assertion (§2.5);
 //! such a provider is not deleted while a destination uses it (400 naming the user).
@@ -34,16 +36,14 @@
 //! whose `ErrorMessage` names the property and the rule. Stored rows are not re-checked on read.
 //! SAML flows (`saml`): SAMLAssertion returns a signed SAML 2.0 assertion for the user
 //! (`SAML2.0` token, cached per user) and OAuth2SAMLBearerAssertion exchanges one with RFC 7522;
-//! both sign with the subaccount's key (`v1/saml2Metadata/certificate`) or a PEM
-//! `KeyStoreLocation`. SAPAssertionSSO, deprecated by SAP, answers a failed token.
+//! both sign with the subaccount's key (`v1/saml2Metadata/certificate`) or a `KeyStoreLocation`
+//! (PEM, or P12/JKS with `KeyStorePassword`). SAPAssertionSSO, deprecated by SAP, answers a failed token.
 //!
 //! Deviations from SAP's service, on purpose or not yet built: lists never contain secrets (and
 //! certificate lists no `Content`); a missing `X-refresh-token` or `X-code` is a 400 rather than a
 //! failed token, and so are missing `X-subject-token` headers; a user JWT that this service cannot verify (non-XSUAA issuers with
-//! `x_user_token.jwks`) fails the token;
-//! certificate generation and `publicKeys`, P12/JKS keystores for
-//! SAML signing, `saml2Metadata` IdP metadata and passive certificates, P12/JKS keystores for
-//! mTLS to token services are not supported yet.
+//! `x_user_token.jwks`) fails the token; `saml2Metadata` IdP metadata and passive certificates
+//! are not supported yet.
 //!
 //! PrincipalPropagation: an IAS user token with `forward_corp_idp_token` on an OnPremise
 //! destination is exchanged at its issuer for the corporate IdP's token (SPEC §2.6).
@@ -65,6 +65,7 @@
 #![cfg_attr(test, allow(clippy::unwrap_used))]
 
 mod api;
+mod certgen;
 mod keys;
 mod labels;
 mod postgres;
@@ -537,6 +538,24 @@ pub(crate) fn etag_of<T: Serialize>(value: &T) -> Option<String> {
 }
 
 /// Serves the Destination Service API on `listener` until `shutdown` fires.
+/// Serves the Destination Service API on `listener` until `shutdown` fires, renewing
+/// `AutomaticRenew` certificates every hour meanwhile.
 pub async fn run(service: Arc<DestinationService>, listener: tokio::net::TcpListener, shutdown: Shutdown) {
-    serve_router(listener, service.router(), None, AcceptOptions::named("destination-service"), shutdown).await
+    let renewer = service.clone();
+    let stop = shutdown.clone();
+    let renewals = tokio::spawn(async move {
+        let mut every = tokio::time::interval(certgen::RENEW_CHECK_INTERVAL);
+        loop {
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = every.tick() => {
+                    if let Err(e) = renewer.renew_certificates(std::time::SystemTime::now()).await {
+                        tracing::warn!(error = %e, "certificate renewal failed; trying again in an hour");
+                    }
+                }
+            }
+        }
+    });
+    serve_router(listener, service.router(), None, AcceptOptions::named("destination-service"), shutdown).await;
+    renewals.abort();
 }

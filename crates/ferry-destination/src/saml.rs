@@ -4,8 +4,8 @@
 //!
 //! The subaccount's key is generated on first use and kept sealed in the store like every
 //! other row (in the label table under a name no label can have, so the store needs no new
-//! table); a destination's `KeyStoreLocation` names a PEM certificate-store entry to sign with
-//! instead.
+//! table); a destination's `KeyStoreLocation` names a certificate-store entry (PEM, P12, JKS)
+//! to sign with instead.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -19,6 +19,7 @@ use axum::routing::{MethodRouter, get};
 use base64::Engine;
 use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
 use ferry_auth::saml::{Assertion, NAMEID_EMAIL, NAMEID_UNSPECIFIED, SamlSigner};
+use ferry_core::keystore;
 use ferry_model::{Certificate, Destination};
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
@@ -138,18 +139,21 @@ impl DestinationService {
                 .map_err(internal)?
                 .ok_or_else(|| "the subaccount has no SAML signing key".to_owned());
         };
-        let pem = self.keystore_pem(key, "KeyStoreLocation", location).await?;
+        let password = dest.get("KeyStorePassword").filter(|p| !p.is_empty());
+        let pem = self.keystore_pem(key, "KeyStoreLocation", location, password).await?;
         SamlSigner::from_pem(pem.expose()).map(Arc::new).map_err(|e| format!("KeyStoreLocation '{location}': {e}"))
     }
 
-    /// The PEM content (certificate and unencrypted private key) of the certificate-store entry
-    /// `location` names, on the destination's level or else the subaccount's. `property` is the
+    /// The certificate chain and private key of the certificate-store entry `location` names,
+    /// on the destination's level or else the subaccount's, as PEM whatever the entry's format
+    /// (PEM, P12/PFX or JKS, the latter two opened with `password`). `property` is the
     /// destination property that named it, for messages. `Err` is the reason for a failed token.
     pub(crate) async fn keystore_pem(
         &self,
         key: &RowKey,
         property: &str,
         location: &str,
+        password: Option<&str>,
     ) -> Result<ferry_core::Secret<String>, String> {
         let internal = |e: Error| {
             tracing::error!(subaccount = %key.scope.subaccount, error = %e, "certificate store unavailable");
@@ -164,21 +168,23 @@ impl DestinationService {
             }
         }
         let cert = found.ok_or_else(|| format!("{property} '{location}' is not in the certificate store"))?;
-        let kind = cert.kind.as_deref().unwrap_or_default().to_ascii_uppercase();
-        let lower = location.to_ascii_lowercase();
-        if matches!(kind.as_str(), "P12" | "PFX" | "JKS") || [".p12", ".pfx", ".jks"].iter().any(|e| lower.ends_with(e))
-        {
-            return Err(format!(
-                "{property} '{location}' is a P12/JKS keystore; this Destination Service reads PEM entries only \
-                 (certificate and unencrypted private key in one file)"
-            ));
-        }
         let bytes = STANDARD
-            .decode(cert.content.as_deref().unwrap_or_default())
+            .decode(cert.content.as_deref().unwrap_or_default().trim())
             .map_err(|_| format!("{property} '{location}' has content that is not base64"))?;
-        String::from_utf8(bytes)
-            .map(ferry_core::Secret::new)
-            .map_err(|_| format!("{property} '{location}' is not a PEM file"))
+        let format = keystore::Format::from_type_or_name(cert.kind.as_deref(), &cert.name);
+        let store = keystore::decode(&bytes, format, password).map_err(|e| {
+            let hint = match e {
+                keystore::KeystoreError::PasswordRequired(_) | keystore::KeystoreError::WrongPassword(_) => {
+                    format!("; check the destination's {}", property.replace("Location", "Password"))
+                }
+                _ => String::new(),
+            };
+            format!("{property} '{location}': {e}{hint}")
+        })?;
+        if store.key_entry().is_none() {
+            return Err(format!("{property} '{location}' holds no private key with its certificate"));
+        }
+        Ok(store.to_pem())
     }
 
     /// A signed assertion for `user` as the destination describes it, from the cache while it

@@ -155,6 +155,8 @@ pub(crate) struct TokenRequest {
     /// `tokenService.KeyStoreLocation`: the certificate-store entry whose certificate and key
     /// authenticate the client by mTLS (SPEC §2.4); the caller loads it.
     pub(crate) keystore: Option<String>,
+    /// `tokenService.KeyStorePassword`, for P12 and JKS keystores.
+    pub(crate) keystore_password: Option<Secret<String>>,
 }
 
 impl TokenRequest {
@@ -289,7 +291,8 @@ impl TokenRequest {
             .map_or(default_timeout, Duration::from_secs);
 
         let keystore = prop("tokenService.KeyStoreLocation").map(str::to_owned);
-        Ok(Self { url, form, headers, basic, timeout, per_user, keystore })
+        let keystore_password = prop("tokenService.KeyStorePassword").map(Secret::from);
+        Ok(Self { url, form, headers, basic, timeout, per_user, keystore, keystore_password })
     }
 
     /// SPEC §2.5: the caller's client assertion authenticates the client instead of a secret.

@@ -23,7 +23,8 @@ mod secrets;
 pub mod fuzzing;
 
 pub use certificate::{
-    CERTIFICATE_TYPES, Certificate, CertificateError, MAX_CERTIFICATE_BYTES, MAX_CERTIFICATE_NAME_LEN,
+    CERTIFICATE_TYPES, Certificate, CertificateAttributes, CertificateError, MAX_CERTIFICATE_BYTES,
+    MAX_CERTIFICATE_NAME_LEN, Validity,
 };
 pub use destination::{Destination, MAX_NAME_LEN, RawDestination, RawValue, ValidationError};
 pub use export::{FileFormat, FormatError, parse_file, parse_properties, to_properties};

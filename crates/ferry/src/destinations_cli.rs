@@ -12,7 +12,7 @@ use ferry_client::Bindings;
 use ferry_model::is_secret_property;
 use reqwest::{Method, StatusCode, Url};
 use serde::ser::{Serialize, SerializeMap, Serializer};
-use serde_json::Value;
+use serde_json::{Value, json};
 
 /// Which binding to use and how to print.
 #[derive(clap::Args, Debug, Clone)]
@@ -177,6 +177,29 @@ pub enum CertificateCmd {
         #[arg(long = "type")]
         kind: Option<String>,
     },
+    /// Have the service generate a key and certificate (self-signed, or for --csr).
+    Generate {
+        /// Name of the entry, such as my-app.pem.
+        #[arg(long)]
+        name: String,
+        /// Common name of the certificate.
+        #[arg(long)]
+        cn: String,
+        /// Validity: a number with d (days), m (months) or y (years), such as 30d or 1y.
+        #[arg(long, default_value = "1y")]
+        validity: String,
+        /// Renew it before it expires.
+        #[arg(long)]
+        auto_renew: bool,
+        /// Encrypt the generated private key with the password in this environment variable.
+        #[arg(long)]
+        password_env: Option<String>,
+        /// A certificate signing request (PEM file): the service signs it and keeps no key.
+        #[arg(long)]
+        csr: Option<PathBuf>,
+    },
+    /// Print the certificate chains of an entry (PEM), without keys.
+    PublicKeys { name: String },
     /// Delete certificates.
     Delete {
         #[arg(required = true)]
@@ -735,7 +758,8 @@ pub async fn certificates(conn: Connection, cmd: CertificateCmd) -> anyhow::Resu
             }
         }
         CertificateCmd::Get { name, out, show_secrets } => {
-            let mut props = c.get(kind, &name).await?;
+            let text = c.call(Method::GET, kind, Some(&name), None).await?;
+            let mut props = flat_certificate(&text)?;
             let content = get(&props, "Content").unwrap_or_default();
             let compact: String = content.chars().filter(|c| !c.is_ascii_whitespace()).collect();
             let bytes = B64.decode(compact).context("the service answered a Content that is not base64")?;
@@ -768,8 +792,81 @@ pub async fn certificates(conn: Connection, cmd: CertificateCmd) -> anyhow::Resu
             c.write(Method::POST, kind, &name, &item).await?;
             done(conn.output, "created", kind, &name)
         }
+        CertificateCmd::Generate { name, cn, validity, auto_renew, password_env, csr } => {
+            let (value, unit) = parse_validity(&validity)?;
+            let mut attributes = json!({"CN": cn, "Validity": {"TimeUnit": unit, "Value": value}});
+            if auto_renew {
+                attributes["AutomaticRenew"] = true.into();
+            }
+            if let Some(var) = password_env {
+                let password = std::env::var(&var).with_context(|| format!("--password-env: ${var} is not set"))?;
+                attributes["Password"] = password.into();
+            }
+            if let Some(p) = csr {
+                let bytes = std::fs::read(&p).with_context(|| format!("cannot read {}", p.display()))?;
+                attributes["CSR"] = B64.encode(bytes).into();
+            }
+            let body = json!({"Name": name, "Type": "PEM", "Attributes": attributes}).to_string();
+            c.call(Method::POST, kind, None, Some(body)).await?;
+            done(conn.output, "generated", kind, &name)
+        }
+        CertificateCmd::PublicKeys { name } => {
+            let mut url = c.url(kind, Some(&name));
+            if let Ok(mut segments) = url.path_segments_mut() {
+                segments.push("publicKeys");
+            }
+            let text = match c.send(Method::GET, url, None).await? {
+                Ok(text) => text,
+                Err(f) => return Err(c.explain(kind, Some(&name), &f)),
+            };
+            let keys: Vec<Value> =
+                serde_json::from_str(&text).context("the service answered something that is not a list")?;
+            match conn.output {
+                Output::Json => print_json(&keys),
+                Output::Table => {
+                    for k in &keys {
+                        let alias = k.get("Alias").and_then(Value::as_str).map(|a| format!(" (alias {a})"));
+                        let dn = k.get("SubjectDN").and_then(Value::as_str).unwrap_or_default();
+                        println!("# {dn}{}", alias.unwrap_or_default());
+                        print!("{}", k.get("Content").and_then(Value::as_str).unwrap_or_default());
+                    }
+                    Ok(())
+                }
+            }
+        }
         CertificateCmd::Delete { names } => delete_objects(&c, kind, &names, conn.output).await,
     }
+}
+
+/// A certificate answer as properties, `Attributes` flattened to `Attributes.CN` and so on.
+fn flat_certificate(text: &str) -> anyhow::Result<Props> {
+    let value: Value = serde_json::from_str(text).context("the service answered something that is not JSON")?;
+    let object = value.as_object().context("the service answered something that is not an object")?;
+    let scalar = |v: &Value| match v {
+        Value::String(s) => s.clone(),
+        other => other.to_string(),
+    };
+    let mut props = Vec::new();
+    for (k, v) in object {
+        match v.as_object() {
+            Some(inner) => props.extend(inner.iter().map(|(ik, iv)| (format!("{k}.{ik}"), scalar(iv)))),
+            None => props.push((k.clone(), scalar(v))),
+        }
+    }
+    Ok(props)
+}
+
+/// `30d`, `6m`, `1y` as SAP's `Validity` value and unit.
+fn parse_validity(text: &str) -> anyhow::Result<(u32, &'static str)> {
+    let bad = || anyhow::anyhow!("--validity {text:?}: write a number and d, m or y, such as 30d, 6m or 1y");
+    let (number, unit) = text.trim().split_at(text.trim().len().saturating_sub(1));
+    let unit = match unit.to_ascii_lowercase().as_str() {
+        "d" => "DAYS",
+        "m" => "MONTHS",
+        "y" => "YEARS",
+        _ => return Err(bad()),
+    };
+    Ok((number.parse().map_err(|_| bad())?, unit))
 }
 
 #[cfg(test)]

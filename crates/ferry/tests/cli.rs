@@ -194,7 +194,7 @@ async fn cli_provisions_a_tenant_that_can_use_the_destination_service() {
     // names the key pair in its certificate store (SPEC §2.4), and the token it gets works.
     let api = format!("{uri}/destination-configuration/v1");
     let pem = format!("{}{}", identity.cert_pem, identity.key_pem.expose());
-    let b64 = base64::Engine::encode(&base64::engine::general_purpose::STANDARD, pem);
+    let b64 = base64::Engine::encode(&base64::engine::general_purpose::STANDARD, &pem);
     let cert = serde_json::json!({"Name": "client.pem", "Type": "PEM", "Content": b64});
     let r = http.post(format!("{api}/subaccountCertificates")).bearer_auth(&token2).json(&cert).send().await.unwrap();
     assert_eq!(r.status(), 201, "{:?}", r.text().await);
@@ -209,6 +209,77 @@ async fn cli_provisions_a_tenant_that_can_use_the_destination_service() {
         http.get(format!("{api}/destinations/mtls")).bearer_auth(&token2).send().await.unwrap().json().await.unwrap();
     let by_mtls = found["authTokens"][0]["value"].as_str().unwrap_or_else(|| panic!("{found}")).to_owned();
     assert_eq!(dests(uri.clone(), by_mtls).await, 200, "the mTLS client's token is accepted");
+    // The same key pair as a P12 (openssl) and a JKS (keytool) keystore with a password.
+    let stores = dir.join("stores");
+    std::fs::create_dir_all(&stores).unwrap();
+    std::fs::write(stores.join("client.pem"), &pem).unwrap();
+    let tool = |program: &str, args: &[&str]| {
+        let out = std::process::Command::new(program).args(args).current_dir(&stores).output().unwrap();
+        assert!(out.status.success(), "{program}: {}", String::from_utf8_lossy(&out.stderr));
+    };
+    tool(
+        "openssl",
+        &[
+            "pkcs12",
+            "-export",
+            "-in",
+            "client.pem",
+            "-name",
+            "client",
+            "-passout",
+            "pass:store-pw",
+            "-out",
+            "client.p12",
+        ],
+    );
+    tool(
+        "keytool",
+        &[
+            "-importkeystore",
+            "-noprompt",
+            "-srckeystore",
+            "client.p12",
+            "-srcstoretype",
+            "PKCS12",
+            "-srcstorepass",
+            "store-pw",
+            "-destkeystore",
+            "client.jks",
+            "-deststoretype",
+            "JKS",
+            "-deststorepass",
+            "store-pw",
+        ],
+    );
+    for (file, kind) in [("client.p12", "P12"), ("client.jks", "JKS")] {
+        let b64 = base64::Engine::encode(
+            &base64::engine::general_purpose::STANDARD,
+            std::fs::read(stores.join(file)).unwrap(),
+        );
+        let cert = serde_json::json!({"Name": file, "Type": kind, "Content": b64});
+        let r =
+            http.post(format!("{api}/subaccountCertificates")).bearer_auth(&token2).json(&cert).send().await.unwrap();
+        assert_eq!(r.status(), 201, "{:?}", r.text().await);
+        let name = format!("mtls-{kind}");
+        let mut dest = dest.clone();
+        dest["Name"] = name.clone().into();
+        dest["tokenService.KeyStoreLocation"] = file.into();
+        dest["tokenService.KeyStorePassword"] = "store-pw".into();
+        let r =
+            http.post(format!("{api}/subaccountDestinations")).bearer_auth(&token2).json(&dest).send().await.unwrap();
+        assert_eq!(r.status(), 201, "{:?}", r.text().await);
+        let found: Value = http
+            .get(format!("{api}/destinations/{name}"))
+            .bearer_auth(&token2)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        let by_store = found["authTokens"][0]["value"].as_str().unwrap_or_else(|| panic!("{kind}: {found}")).to_owned();
+        assert_eq!(dests(uri.clone(), by_store).await, 200, "the {kind} keystore's token is accepted");
+    }
     let (ok, table, _) = cli(&data, &url, &["service-instance", "list", "--subaccount", &sid]);
     assert!(ok && table.contains("destination") && table.contains("dest"), "{table}");
 

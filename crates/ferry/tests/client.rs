@@ -347,6 +347,117 @@ protocol = "TCP"
     let mut no_key = mtls.clone();
     no_key.configuration.insert("Authentication".into(), "NoAuthentication".into());
     assert_eq!(http.get(&no_key, "/who").await.unwrap().status(), 400);
+    // The same key pair as a P12 keystore with a password (as `openssl pkcs12 -export` writes it).
+    let stores = dir.join("stores");
+    std::fs::create_dir_all(&stores).unwrap();
+    std::fs::write(stores.join("app.pem"), &keystore).unwrap();
+    let out = std::process::Command::new("openssl")
+        .args(["pkcs12", "-export", "-in", "app.pem", "-passout", "pass:p12-pw", "-out", "app.p12"])
+        .current_dir(&stores)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let p12 = base64::Engine::encode(
+        &base64::engine::general_purpose::STANDARD,
+        std::fs::read(stores.join("app.p12")).unwrap(),
+    );
+    let r = admin_post(&cert_api, &token, serde_json::json!({"Name": "app-client.p12", "Type": "P12", "Content": p12}))
+        .await;
+    assert_eq!(r.status(), 201, "{}", r.text().await.unwrap());
+    let mut p12_dest = serde_json::json!({
+        "Name": "mtls-p12", "Type": "HTTP", "URL": format!("https://127.0.0.1:{mtls_port}"), "ProxyType": "Internet",
+        "Authentication": "ClientCertificateAuthentication", "KeyStoreLocation": "app-client.p12",
+        "KeyStorePassword": "p12-pw", "TrustStoreLocation": "backend-ca.pem",
+    });
+    let dest_api = format!("{}/destination-configuration/v1/subaccountDestinations", dest["uri"].as_str().unwrap());
+    assert_eq!(admin_post(&dest_api, &token, p12_dest.clone()).await.status(), 201);
+    let d = client.get_destination("mtls-p12", &any).await.unwrap();
+    let r = http.get(&d, "/who").await.unwrap();
+    assert_eq!(r.status(), 200);
+    assert!(r.text().await.unwrap().contains("CN=app-client"));
+    // A wrong keystore password is the destination's fault, and says so.
+    p12_dest["Name"] = "mtls-p12-wrong".into();
+    p12_dest["KeyStorePassword"] = "guess".into();
+    assert_eq!(admin_post(&dest_api, &token, p12_dest).await.status(), 201);
+    let d = client.get_destination("mtls-p12-wrong", &any).await.unwrap();
+    let err = http.get(&d, "/who").await.unwrap_err();
+    assert!(matches!(err, ClientError::Destination { .. }) && err.to_string().contains("password is wrong"), "{err}");
+    // TrustAll=true: no trust store, and the server's certificate (from a CA nobody trusts) is
+    // accepted; without it the TLS handshake fails at the backend hop.
+    let mut untrusted = mtls.clone();
+    untrusted.configuration.remove("TrustStoreLocation");
+    let err = http.get(&untrusted, "/who").await.unwrap_err();
+    assert_eq!(err.hop(), Some(Hop::Backend), "{err}");
+    untrusted.configuration.insert("TrustAll".into(), "true".into());
+    let r = http.get(&untrusted, "/who").await.unwrap();
+    assert_eq!(r.status(), 200);
+    assert!(r.text().await.unwrap().contains("CN=app-client"));
+
+    // The SDK's circuit breaker around Destination Service calls: a service that answers 503
+    // gets ten calls, then none while the breaker is open; 4xx answers never open it.
+    let failing = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let failing_port = failing.local_addr().unwrap().port();
+    let failing_hits = Arc::new(AtomicUsize::new(0));
+    let hits = failing_hits.clone();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = failing.accept().await {
+            let hits = hits.clone();
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 8192];
+                let mut seen = Vec::new();
+                while let Ok(n) = s.read(&mut buf).await {
+                    if n == 0 {
+                        return;
+                    }
+                    seen.extend_from_slice(&buf[..n]);
+                    while let Some(end) = seen.windows(4).position(|w| w == b"\r\n\r\n") {
+                        seen.drain(..end + 4);
+                        hits.fetch_add(1, Ordering::SeqCst);
+                        let body = r#"{"ErrorMessage":"down for maintenance"}"#;
+                        let resp = format!(
+                            "HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
+                            body.len()
+                        );
+                        if s.write_all(resp.as_bytes()).await.is_err() {
+                            return;
+                        }
+                    }
+                }
+            });
+        }
+    });
+    let mut down = vcap.clone();
+    down["destination"][0]["credentials"]["uri"] = format!("http://127.0.0.1:{failing_port}").into();
+    let down = Client::new(Bindings::from_vcap_services(&down.to_string()).unwrap(), Some(&ca)).unwrap();
+    let fresh = Options { no_cache: true, ..Default::default() };
+    for i in 0..10 {
+        let err = down.get_destination("web", &fresh).await.unwrap_err();
+        assert_eq!((err.hop(), err.status()), (Some(Hop::DestinationService), Some(503)), "call {i}: {err}");
+        assert!(err.to_string().contains("down for maintenance"), "{err}");
+    }
+    assert_eq!(failing_hits.load(Ordering::SeqCst), 10);
+    let err = down.get_destination("web", &fresh).await.unwrap_err();
+    assert!(matches!(err, ClientError::CircuitOpen { hop: Hop::DestinationService, .. }), "{err}");
+    assert_eq!(failing_hits.load(Ordering::SeqCst), 10, "an open breaker does not call");
+    // Breakers are per service: the real Destination Service still answers.
+    assert!(client.get_destination("web", &fresh).await.is_ok());
+    // After the open time one trial call goes out; it fails, so the breaker opens again.
+    down.set_circuit_breaker(ferry_client::BreakerOptions {
+        reset_timeout: std::time::Duration::ZERO,
+        ..Default::default()
+    });
+    for _ in 0..10 {
+        down.get_destination("web", &fresh).await.unwrap_err();
+    }
+    assert_eq!(failing_hits.load(Ordering::SeqCst), 20);
+    let err = down.get_destination("web", &fresh).await.unwrap_err();
+    assert_eq!(err.status(), Some(503), "the trial call reached the service: {err}");
+    assert_eq!(failing_hits.load(Ordering::SeqCst), 21);
+    // Not found (404) is the caller's business: any number of them leave the breaker closed.
+    for _ in 0..15 {
+        let err = client.get_destination("nope", &fresh).await.unwrap_err();
+        assert!(matches!(err, ClientError::NotFound { .. }), "{err}");
+    }
 
     // Errors name the hop: an unknown destination, a wrong client secret, a proxy that is gone.
     let err = client.get_destination("nope", &any).await.unwrap_err();
@@ -356,6 +467,10 @@ protocol = "TCP"
     let bad = Client::new(Bindings::from_vcap_services(&wrong.to_string()).unwrap(), None).unwrap();
     let err = bad.get_destination("web", &any).await.unwrap_err();
     assert_eq!((err.hop(), err.status()), (Some(Hop::TokenService), Some(401)), "{err}");
+    // A refused client (401) does not open the token service's breaker either.
+    for _ in 0..12 {
+        assert_eq!(bad.get_destination("web", &any).await.unwrap_err().status(), Some(401));
+    }
 
     // Ferry gone: the first hop, the token service, is named. Our connections go first, and the TCP backend sees the tunnel close: a SIGTERM while a
     // SOCKS5 tunnel is still closing makes `ferry up` wait out its 10 s drain.
@@ -371,7 +486,17 @@ protocol = "TCP"
     let err = client.get_destination("erp", &any).await.unwrap_err();
     assert_eq!(err.hop(), Some(Hop::TokenService), "{err}");
     assert!(err.to_string().contains("cannot connect"), "{err}");
+    // An unreachable token service counts as failing: after ten calls its breaker opens.
+    for _ in 0..9 {
+        assert!(client.get_destination("erp", &any).await.unwrap_err().to_string().contains("cannot connect"));
+    }
+    let err = client.get_destination("erp", &any).await.unwrap_err();
+    assert!(matches!(err, ClientError::CircuitOpen { hop: Hop::TokenService, .. }), "{err}");
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+async fn admin_post(url: &str, token: &ferry_core::Secret<String>, body: Value) -> reqwest::Response {
+    reqwest::Client::new().post(url).bearer_auth(token.expose()).json(&body).send().await.unwrap()
 }
 
 /// A user's token from the password grant of a binding's client.

@@ -187,6 +187,27 @@ fn destinations_cli_round_trips_through_a_running_service() {
     ok(env, cwd, &["certificates", "get", "trust.pem", "--out", back.to_str().unwrap()]);
     assert_eq!(std::fs::read_to_string(&back).unwrap(), pem);
     ok(env, cwd, &["certificates", "delete", "trust.pem"]);
+    // A certificate the service generates: its attributes without the password, its public key.
+    let r = Command::new(env!("CARGO_BIN_EXE_ferry"))
+        .args(["certificates", "generate", "--name", "gen.pem", "--cn", "cli-app", "--validity", "90d"])
+        .args(["--auto-renew", "--password-env", "GEN_PW", "--env-file", env.to_str().unwrap()])
+        .current_dir(cwd)
+        .env("GEN_PW", "from-the-env")
+        .env("FERRY_LOG", "warn")
+        .env_remove("VCAP_SERVICES")
+        .env_remove("FERRY_CA_FILE")
+        .output()
+        .unwrap();
+    assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+    let g = json_of(env, cwd, &["certificates", "get", "gen.pem"]);
+    assert_eq!((&g["Attributes.CN"], &g["Attributes.AutomaticRenew"]), (&json!("cli-app"), &json!("true")), "{g}");
+    assert!(!g.to_string().contains("from-the-env"), "{g}");
+    let keys = ok(env, cwd, &["certificates", "public-keys", "gen.pem"]);
+    assert!(keys.starts_with("# CN=cli-app\n-----BEGIN CERTIFICATE-----") && !keys.contains("PRIVATE"), "{keys}");
+    let bad = ferry(env, cwd, &["certificates", "generate", "--name", "x.pem", "--cn", "x", "--validity", "3w"]);
+    assert!(!bad.ok && bad.err.contains("30d, 6m or 1y"), "{}", bad.err);
+    let bad = ferry(env, cwd, &["certificates", "generate", "--name", "x.pem", "--cn", "x", "--validity", "11y"]);
+    assert!(!bad.ok && bad.err.contains("between 1 and 10"), "{}", bad.err);
 
     // No binding at all: says what to pass.
     let r = Command::new(env!("CARGO_BIN_EXE_ferry"))

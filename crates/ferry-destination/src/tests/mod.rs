@@ -8,6 +8,7 @@
 
 mod api;
 mod backend;
+mod cert_generation;
 mod certificates;
 mod chain;
 mod concurrency;

@@ -20,6 +20,8 @@ pub(crate) fn persistent_database(_dir: &std::path::Path) -> DatabaseConfig {
 
 #[path = "api.rs"]
 mod api;
+#[path = "cert_generation.rs"]
+mod cert_generation;
 #[path = "certificates.rs"]
 mod certificates;
 #[path = "chain.rs"]

@@ -173,10 +173,31 @@ async fn key_store_location_signs_instead_of_the_subaccount_key() {
     let cert = json!({"Name": "saml.pem", "Type": "PEM", "Content": STANDARD.encode(own.to_pem().expose())});
     let r = env.call(Method::POST, &format!("{V1}/subaccountCertificates"), Some(&t), Some(cert)).await;
     assert_eq!(r.status, StatusCode::CREATED, "{}", r.text);
-    let p12 = json!({"Name": "saml.p12", "Type": "P12", "Content": "AAEC"});
-    env.call(Method::POST, &format!("{V1}/subaccountCertificates"), Some(&t), Some(p12)).await;
+    // The same key in a PKCS#12 file as `openssl pkcs12 -export` writes it, under a password.
+    let p12_key = SamlSigner::generate("p12 key").unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("in.pem"), p12_key.to_pem().expose()).unwrap();
+    let out = std::process::Command::new("openssl")
+        .args(["pkcs12", "-export", "-in", "in.pem", "-passout", "pass:p12-pass", "-out", "saml.p12"])
+        .current_dir(dir.path())
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let p12_b64 = STANDARD.encode(std::fs::read(dir.path().join("saml.p12")).unwrap());
+    let p12 = json!({"Name": "saml.p12", "Type": "P12", "Content": p12_b64});
+    let r = env.call(Method::POST, &format!("{V1}/subaccountCertificates"), Some(&t), Some(p12)).await;
+    assert_eq!(r.status, StatusCode::CREATED, "{}", r.text);
     env.create(&t, "subaccount", saml_dest("own", json!({"KeyStoreLocation": "saml.pem"}))).await;
-    env.create(&t, "subaccount", saml_dest("p12", json!({"KeyStoreLocation": "saml.p12"}))).await;
+    let p12_dest = |name: &str, password: Option<&str>| {
+        let mut extra = json!({"KeyStoreLocation": "saml.p12"});
+        if let Some(p) = password {
+            extra["KeyStorePassword"] = json!(p);
+        }
+        saml_dest(name, extra)
+    };
+    env.create(&t, "subaccount", p12_dest("p12", Some("p12-pass"))).await;
+    env.create(&t, "subaccount", p12_dest("p12-nopass", None)).await;
+    env.create(&t, "subaccount", p12_dest("p12-wrong", Some("guess"))).await;
     env.create(&t, "subaccount", saml_dest("gone", json!({"KeyStoreLocation": "nothing.pem"}))).await;
 
     let ann = user(&env, "ann");
@@ -188,7 +209,16 @@ async fn key_store_location_signs_instead_of_the_subaccount_key() {
     assert_eq!(r.status, StatusCode::NOT_FOUND);
 
     let r = env.find(&t, "p12", &[("X-user-token", &ann)]).await;
-    assert!(r.json["authTokens"][0]["error"].as_str().unwrap().contains("PEM entries only"), "{}", r.text);
+    let p12_trusted = TrustedCertificate::from_der(p12_key.certificate_der()).unwrap();
+    check(r.json["authTokens"][0]["value"].as_str().unwrap_or_else(|| panic!("{}", r.text)), &p12_trusted, AUDIENCE);
+    let r = env.find(&t, "p12-nopass", &[("X-user-token", &ann)]).await;
+    let error = r.json["authTokens"][0]["error"].as_str().unwrap();
+    assert!(
+        error.contains("needs its password") && error.contains("check the destination's KeyStorePassword"),
+        "{error}"
+    );
+    let r = env.find(&t, "p12-wrong", &[("X-user-token", &ann)]).await;
+    assert!(r.json["authTokens"][0]["error"].as_str().unwrap().contains("password is wrong"), "{}", r.text);
     let r = env.find(&t, "gone", &[("X-user-token", &ann)]).await;
     assert!(r.json["authTokens"][0]["error"].as_str().unwrap().contains("not in the certificate store"), "{}", r.text);
 }
