@@ -187,9 +187,8 @@ impl Ui {
             .body(body)
             .map_err(|e| format!("invalid request: {e}"))?;
         req.extensions_mut().insert(Caller(ctx.user.clone(), ctx.roles.clone()));
-        let router = super::api::router(self.admin.clone()).merge(
-            super::ha_api::router(self.admin.clone()).layer(axum::middleware::from_fn(super::authorize)),
-        );
+        let router = super::api::router(self.admin.clone())
+            .merge(super::ha_api::router(self.admin.clone()).layer(axum::middleware::from_fn(super::authorize)));
         let resp = router.oneshot(req).await.unwrap_or_else(|e| match e {});
         let (parts, body) = resp.into_parts();
         let bytes = body.collect().await.map(|b| b.to_bytes()).map_err(|e| format!("cannot read the answer: {e}"))?;
