@@ -1136,6 +1136,8 @@ struct FindResponse<'a> {
     destination_configuration: &'a Destination,
     #[serde(rename = "authTokens", skip_serializing_if = "Option::is_none")]
     auth_tokens: Option<Vec<AuthToken>>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    certificates: Vec<Certificate>,
 }
 
 #[derive(Serialize)]
@@ -1250,10 +1252,12 @@ async fn find(
     let (destination, auth_tokens) =
         finish(&s, &caller, &key, destination, query.as_deref(), &headers, chain.as_ref()).await?;
     let etag = if as_stored { Some(stored.etag) } else { crate::etag_of(&destination) };
+    let certificates = client_certificates(&s, &key, &destination).await?;
     let body = FindResponse {
         owner: Owner { subaccount_id: &key.scope.subaccount, instance_id: key.scope.instance_id() },
         destination_configuration: &destination,
         auth_tokens,
+        certificates,
     };
     let response = Json(body).into_response();
     Ok(match etag {
@@ -1529,7 +1533,33 @@ async fn consume(
     if let Some(tokens) = auth_tokens {
         body["authTokens"] = serde_json::to_value(tokens).unwrap_or_default();
     }
+    let certificates = client_certificates(&s, &key, &destination).await?;
+    if !certificates.is_empty() {
+        body["certificates"] = serde_json::to_value(certificates).unwrap_or_default();
+    }
     Ok(respond_with_etag(&headers, &destination, Json(body).into_response()))
+}
+
+/// The keystore and truststore of a ClientCertificateAuthentication destination, with their
+/// content: the caller (an SDK or the Transparent Proxy) presents the client certificate itself
+/// (SPEC §1.4).
+async fn client_certificates(
+    s: &DestinationService,
+    key: &RowKey,
+    destination: &Destination,
+) -> Result<Vec<Certificate>, ApiError> {
+    if destination.get("Authentication") != Some("ClientCertificateAuthentication") {
+        return Ok(Vec::new());
+    }
+    let mut out = Vec::new();
+    for row in referenced_certificates(s, key, destination).await? {
+        let is_store =
+            ["KeyStoreLocation", "TrustStoreLocation"].iter().any(|p| destination.get(p) == Some(row.name.as_str()));
+        if is_store && let Some(c) = s.load::<Certificate>(&row).await? {
+            out.push(c.destination);
+        }
+    }
+    Ok(out)
 }
 
 /// The certificate-store properties a destination may name.
