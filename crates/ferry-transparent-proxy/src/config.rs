@@ -47,6 +47,23 @@ pub struct FileConfig {
     /// Connect timeout towards the Connectivity Proxy (SAP's `connectionTimeoutSeconds`, default 1 s).
     #[serde(default = "default_proxy_connect_ms")]
     pub connectivity_proxy_connect_timeout_ms: u64,
+    /// Name of the instance the `destination` binding above is (SAP's
+    /// `config.integration.destinationService.defaultInstanceName`); resources without
+    /// `spec.destinationServiceInstanceName` use it.
+    #[serde(default = "default_instance_name")]
+    pub default_instance_name: String,
+    /// Further Destination Service instances (SAP's `config.integration.destinationService.instances[]`).
+    #[serde(default)]
+    pub instances: Vec<InstanceConfig>,
+}
+
+/// One more Destination Service instance, referred to by `spec.destinationServiceInstanceName`.
+#[derive(Deserialize, Clone, Debug)]
+#[serde(deny_unknown_fields)]
+pub struct InstanceConfig {
+    pub name: String,
+    /// Its service key (JSON, `credentials` or bare).
+    pub destination_service_key: PathBuf,
 }
 
 fn default_poll_ms() -> u64 {
@@ -57,6 +74,9 @@ fn default_listen_host() -> IpAddr {
 }
 fn default_proxy_connect_ms() -> u64 {
     1000
+}
+fn default_instance_name() -> String {
+    "default".to_owned()
 }
 
 /// The resolved configuration [`crate::run`] takes.
@@ -70,6 +90,10 @@ pub struct Config {
     pub ca_pem: Option<String>,
     pub endpoints_file: Option<PathBuf>,
     pub proxy_connect_timeout: Duration,
+    /// Name of the instance of `bindings`' destination binding.
+    pub default_instance_name: String,
+    /// Further Destination Service instances by name, each as bindings with a `destination` binding.
+    pub instances: Vec<(String, Bindings)>,
 }
 
 impl Config {
@@ -90,17 +114,17 @@ impl Config {
             std::fs::read_to_string(abs(p))
                 .map_err(|e| TpError::Config(format!("cannot read {}: {e}", abs(p).display())))
         };
+        let parse = |p: &Path| -> Result<serde_json::Value, TpError> {
+            serde_json::from_str(&read(p)?)
+                .map_err(|e| TpError::Config(format!("{} is not JSON: {e}", abs(p).display())))
+        };
+        let credentials = |v: serde_json::Value| v.get("credentials").cloned().unwrap_or(v);
         let bindings = match (&file.env_file, &file.destination_service_key) {
             (Some(_), Some(_)) => {
                 return Err(TpError::Config("set either env_file or destination_service_key, not both".into()));
             }
             (Some(env), None) => Bindings::from_default_env_file(&abs(env))?,
             (None, Some(key)) => {
-                let parse = |p: &Path| -> Result<serde_json::Value, TpError> {
-                    serde_json::from_str(&read(p)?)
-                        .map_err(|e| TpError::Config(format!("{} is not JSON: {e}", abs(p).display())))
-                };
-                let credentials = |v: serde_json::Value| v.get("credentials").cloned().unwrap_or(v);
                 let mut vcap = serde_json::json!({
                     "destination": [{"label": "destination", "credentials": credentials(parse(key)?)}]
                 });
@@ -117,6 +141,22 @@ impl Config {
         }
         // Fail at start, not at the first request, when the destination binding is unusable.
         bindings.destination()?;
+        let mut instances: Vec<(String, Bindings)> = Vec::new();
+        for i in &file.instances {
+            if i.name.is_empty() || i.name == file.default_instance_name || instances.iter().any(|(n, _)| *n == i.name)
+            {
+                return Err(TpError::Config(format!(
+                    "instances: the name '{}' is empty, the default_instance_name, or used twice",
+                    i.name
+                )));
+            }
+            let vcap = serde_json::json!({
+                "destination": [{"label": "destination", "name": i.name, "credentials": credentials(parse(&i.destination_service_key)?)}]
+            });
+            let b = Bindings::from_vcap_services(&vcap.to_string())?;
+            b.destination()?;
+            instances.push((i.name.clone(), b));
+        }
         if file.poll_interval_ms == 0 {
             return Err(TpError::Config("poll_interval_ms must be at least 1".into()));
         }
@@ -129,6 +169,8 @@ impl Config {
             ca_pem: file.ca_file.as_deref().map(read).transpose()?,
             endpoints_file: file.endpoints_file.as_deref().map(abs),
             proxy_connect_timeout: Duration::from_millis(file.connectivity_proxy_connect_timeout_ms.max(1)),
+            default_instance_name: file.default_instance_name,
+            instances,
         })
     }
 }
@@ -154,6 +196,26 @@ mod tests {
         assert_eq!(c.bindings.destination().unwrap().uri, "http://127.0.0.1:1");
         assert!(c.bindings.connectivity().is_err());
         assert_eq!(c.proxy_connect_timeout, Duration::from_secs(1));
+
+        assert_eq!(c.default_instance_name, "default");
+        std::fs::write(
+            dir.join("multi.toml"),
+            "resources_dir = \"res\"\ndestination_service_key = \"dest.json\"\ndefault_instance_name = \"a\"\n\
+             [[instances]]\nname = \"b\"\ndestination_service_key = \"dest.json\"\n",
+        )
+        .unwrap();
+        let c = Config::from_file(&dir.join("multi.toml")).unwrap();
+        assert_eq!(c.default_instance_name, "a");
+        assert_eq!(c.instances[0].0, "b");
+        assert_eq!(c.instances[0].1.destination().unwrap().uri, "http://127.0.0.1:1");
+        std::fs::write(
+            dir.join("twice.toml"),
+            "resources_dir = \"res\"\ndestination_service_key = \"dest.json\"\n\
+             [[instances]]\nname = \"default\"\ndestination_service_key = \"dest.json\"\n",
+        )
+        .unwrap();
+        let err = Config::from_file(&dir.join("twice.toml")).unwrap_err().to_string();
+        assert!(err.contains("'default'"), "{err}");
 
         std::fs::write(dir.join("bad.toml"), "resources_dir = \"res\"\ntenant_mode = \"both\"\n").unwrap();
         let err = Config::from_file(&dir.join("bad.toml")).unwrap_err().to_string();

@@ -19,14 +19,38 @@ use crate::config::TenantMode;
 use crate::error::{Origin, ProxyError, header_text};
 use crate::resolve::{Lookup, Resolved, Resolver};
 use crate::resource::{Destination, Level, MAX_DESTINATION_NAME_LEN, check_destination_name};
+use crate::upstream::{PoolKey, Pools};
 
 /// What every endpoint shares.
 pub(crate) struct Shared {
-    pub resolver: Resolver,
+    /// One resolver per configured Destination Service instance, by name.
+    pub resolvers: std::collections::BTreeMap<String, Resolver>,
+    pub default_instance: String,
     pub client: Client,
     pub tenant_mode: TenantMode,
     pub tls: tokio_rustls::TlsConnector,
-    pub proxy_connect_timeout: Duration,
+    pub ca_pem: Option<String>,
+    pub pools: Pools,
+}
+
+impl Shared {
+    /// The resolver of the Destination Service instance `resource` names (or the default one).
+    pub fn resolver(&self, resource: &Destination) -> Result<&Resolver, ProxyError> {
+        let name = resource.spec.destination_service_instance_name.as_deref().unwrap_or(&self.default_instance);
+        self.resolvers.get(name).ok_or_else(|| {
+            let known: Vec<&str> = self.resolvers.keys().map(String::as_str).collect();
+            ProxyError::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                Origin::TransparentProxy,
+                format!(
+                    "Destination Service instance '{name}' referred in Destination CR '{}' is not configured; \
+                     configured instances: {}.",
+                    resource.name(),
+                    known.join(", ")
+                ),
+            )
+        })
+    }
 }
 
 /// The resource an endpoint serves; swapped in place when its file changes.
@@ -102,7 +126,7 @@ const USER_FLOWS: &[&str] = &[
     "OAuth2TokenExchange",
 ];
 
-const BACKEND_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+pub(crate) const BACKEND_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Serves HTTP/1.1 on one accepted connection until it closes or `shutdown` fires.
 pub(crate) async fn serve_connection(
@@ -120,7 +144,8 @@ pub(crate) async fn serve_connection(
         .timer(TokioTimer::new())
         .header_read_timeout(Duration::from_secs(30))
         .max_buf_size(64 * 1024)
-        .serve_connection(TokioIo::new(stream), service);
+        .serve_connection(TokioIo::new(stream), service)
+        .with_upgrades();
     tokio::pin!(conn);
     tokio::select! {
         r = conn.as_mut() => if let Err(e) = r { tracing::debug!(error = %e, "connection ended with error") },
@@ -230,8 +255,8 @@ fn lookup_of(resource: &Destination, h: &HeaderMap, tenant: Option<String>) -> R
         lookup.name = name;
         lookup.level = level_header(h, "x-destination-level")?;
         lookup.fragment = text(h, "x-fragment-name")?;
-        // The find API looks fragments up on the destination's level; the header is checked only.
-        if level_header(h, "x-fragment-level")?.is_some() && lookup.fragment.is_none() {
+        lookup.fragment_level = level_header(h, "x-fragment-level")?;
+        if lookup.fragment_level.is_some() && lookup.fragment.is_none() {
             return Err(ProxyError::bad_request(
                 "The header 'x-fragment-level' requires the header 'x-fragment-name'.",
             ));
@@ -255,6 +280,7 @@ fn lookup_of(resource: &Destination, h: &HeaderMap, tenant: Option<String>) -> R
         lookup.level = spec.destination_ref.level;
         if let Some(f) = &spec.fragment_ref {
             lookup.fragment = Some(f.name.clone());
+            lookup.fragment_level = f.level;
             lookup.fragment_optional = f.optional;
         }
     }
@@ -298,7 +324,8 @@ async fn proxy(
     check_duplicates(h)?;
     let tenant = tenant(shared.tenant_mode, h)?;
     let mut lookup = lookup_of(resource, h, tenant)?;
-    let meta = shared.resolver.resolve(&lookup, false).await?;
+    let resolver = shared.resolver(resource)?;
+    let meta = resolver.resolve(&lookup, false).await?;
     let auth = meta.prop("Authentication").unwrap_or("NoAuthentication").to_owned();
     let ty = meta.prop("Type").unwrap_or("HTTP");
     if !ty.eq_ignore_ascii_case("HTTP") {
@@ -338,7 +365,7 @@ async fn proxy(
                 lookup.headers.push((to, Secret::new(v)));
             }
         }
-        shared.resolver.resolve(&lookup, true).await?
+        resolver.resolve(&lookup, true).await?
     } else {
         meta
     };
@@ -359,9 +386,13 @@ async fn forward(
     d: &Resolved,
     auth: &str,
     jwt: Option<String>,
-    req: Request<Incoming>,
+    mut req: Request<Incoming>,
 ) -> Result<Response<BoxBody>, ProxyError> {
     let name = lookup.name.as_str();
+    // A WebSocket (or other) upgrade passes through: its headers are kept and, once the backend
+    // answers 101, both upgraded connections are joined.
+    let upgrade = upgrade_of(req.headers());
+    let client_upgrade = upgrade.is_some().then(|| hyper::upgrade::on(&mut req));
     let url = d.prop("URL").ok_or_else(|| bad_config(name, "it has no URL"))?;
     let base: Uri = url.parse().map_err(|_| bad_config(name, "its URL is not a URL"))?;
     let https = match base.scheme_str().map(str::to_ascii_lowercase).as_deref() {
@@ -395,6 +426,10 @@ async fn forward(
     let region = parts.headers.get("sap-connectivity-region-configuration-id").cloned();
     let headers = &mut parts.headers;
     body::strip_hop_by_hop(headers);
+    if let Some(u) = &upgrade {
+        headers.insert(http::header::CONNECTION, HeaderValue::from_static("upgrade"));
+        headers.insert(http::header::UPGRADE, u.clone());
+    }
     headers.remove(HOST);
     for n in PROXY_HEADERS.iter().filter(|n| **n != "authorization") {
         headers.remove(*n);
@@ -433,9 +468,11 @@ async fn forward(
     }
     headers.insert(HOST, HeaderValue::from_str(authority.as_str()).map_err(|_| bad_config(name, "bad host"))?);
 
-    let port = authority.port_u16().unwrap_or(if https { 443 } else { 80 });
-    let host = authority.host().trim_start_matches('[').trim_end_matches(']').to_owned();
-    let sender = if on_premise {
+    let scheme = if https { "https" } else { "http" };
+    parts.uri = format!("{scheme}://{authority}{path_and_query}")
+        .parse()
+        .map_err(|_| ProxyError::bad_request("The request path is not valid."))?;
+    let client = if on_premise {
         let conn = shared.client.bindings().connectivity().map_err(|_| {
             ProxyError::new(
                 StatusCode::BAD_GATEWAY,
@@ -451,10 +488,6 @@ async fn forward(
                 format!("Failed to get a token for the Connectivity Proxy: {e}"),
             )
         })?;
-        let scheme = if https { "https" } else { "http" };
-        parts.uri = format!("{scheme}://{authority}{path_and_query}")
-            .parse()
-            .map_err(|_| ProxyError::bad_request("The request path is not valid."))?;
         let mut bearer = HeaderValue::from_str(&format!("Bearer {}", token.expose())).map_err(|_| {
             ProxyError::new(StatusCode::BAD_GATEWAY, Origin::Xsuaa, "The connectivity token is not a valid header")
         })?;
@@ -477,68 +510,99 @@ async fn forward(
             v.set_sensitive(true);
             parts.headers.insert("sap-connectivity-authentication", v);
         }
-        let proxy_down = || {
-            ProxyError::new(
+        let key = PoolKey::Proxy { host: conn.proxy_host.clone(), port: conn.http_port, tenant: lookup.tenant.clone() };
+        shared.pools.client(key, || Ok::<_, ProxyError>(shared.tls.clone()))?
+    } else if let Some(cert) = &d.client_cert {
+        let key = PoolKey::Direct { client_cert: Some(cert.hash) };
+        shared.pools.client(key, || client_cert_tls(shared, name, cert))?
+    } else {
+        shared.pools.client(PoolKey::Direct { client_cert: None }, || Ok::<_, ProxyError>(shared.tls.clone()))?
+    };
+    let mut resp = client.request(Request::from_parts(parts, body)).await.map_err(|e| {
+        use std::error::Error as _;
+        let connect = e.is_connect();
+        let why = e.source().map(|s| s.to_string()).unwrap_or_else(|| e.to_string());
+        match (on_premise, connect) {
+            (true, true) => ProxyError::new(
                 StatusCode::BAD_GATEWAY,
                 Origin::ConnectivityProxy,
                 "Failed to establish connection to the Connectivity Proxy. Check the configuration and the \
                  Connectivity Proxy status.",
-            )
-        };
-        let stream = tokio::time::timeout(
-            shared.proxy_connect_timeout,
-            TcpStream::connect((conn.proxy_host.as_str(), conn.http_port)),
-        )
-        .await
-        .map_err(|_| proxy_down())?
-        .map_err(|_| proxy_down())?;
-        let _ = stream.set_nodelay(true);
-        handshake(stream).await.map_err(|_| proxy_down())?
-    } else {
-        parts.uri = path_and_query.parse().map_err(|_| ProxyError::bad_request("The request path is not valid."))?;
-        let unreachable = |e: String| {
-            ProxyError::new(
+            ),
+            (false, true) => ProxyError::new(
                 StatusCode::BAD_GATEWAY,
                 Origin::TransparentProxy,
-                format!("Failed to connect to the URL of destination '{name}': {e}"),
-            )
-        };
-        let stream = tokio::time::timeout(BACKEND_CONNECT_TIMEOUT, TcpStream::connect((host.as_str(), port)))
-            .await
-            .map_err(|_| unreachable("connect timed out".into()))?
-            .map_err(|e| unreachable(e.to_string()))?;
-        let _ = stream.set_nodelay(true);
-        if https {
-            let server =
-                rustls::pki_types::ServerName::try_from(host.clone()).map_err(|e| unreachable(e.to_string()))?;
-            let tls = shared.tls.connect(server, stream).await.map_err(|e| unreachable(e.to_string()))?;
-            handshake(tls).await.map_err(|e| unreachable(e.to_string()))?
-        } else {
-            handshake(stream).await.map_err(|e| unreachable(e.to_string()))?
+                format!("Failed to connect to the URL of destination '{name}': {why}"),
+            ),
+            (true, false) => ProxyError::new(
+                StatusCode::BAD_GATEWAY,
+                Origin::ConnectivityProxy,
+                format!("The request to destination '{name}' failed: {why}"),
+            ),
+            (false, false) => ProxyError::new(
+                StatusCode::BAD_GATEWAY,
+                Origin::TransparentProxy,
+                format!("The request to destination '{name}' failed: {why}"),
+            ),
         }
-    };
-    let mut sender = sender;
-    let resp = sender.send_request(Request::from_parts(parts, body)).await.map_err(|e| {
-        let origin = if on_premise { Origin::ConnectivityProxy } else { Origin::TransparentProxy };
-        ProxyError::new(StatusCode::BAD_GATEWAY, origin, format!("The request to destination '{name}' failed: {e}"))
     })?;
+    if resp.status() == StatusCode::SWITCHING_PROTOCOLS
+        && let Some(client_side) = client_upgrade
+    {
+        let backend_side = hyper::upgrade::on(&mut resp);
+        tokio::spawn(async move {
+            match tokio::try_join!(client_side, backend_side) {
+                Ok((a, b)) => {
+                    let (mut a, mut b) = (TokioIo::new(a), TokioIo::new(b));
+                    if let Err(e) = tokio::io::copy_bidirectional(&mut a, &mut b).await {
+                        tracing::debug!(error = %e, "upgraded connection ended");
+                    }
+                }
+                Err(e) => tracing::debug!(error = %e, "upgrade failed"),
+            }
+        });
+        let (mut parts, _) = resp.into_parts();
+        let upgrade_to = parts.headers.get(http::header::UPGRADE).cloned();
+        body::strip_hop_by_hop(&mut parts.headers);
+        parts.headers.insert(http::header::CONNECTION, HeaderValue::from_static("upgrade"));
+        if let Some(u) = upgrade_to {
+            parts.headers.insert(http::header::UPGRADE, u);
+        }
+        return Ok(Response::from_parts(parts, body::empty()));
+    }
     let (mut parts, body) = resp.into_parts();
     body::strip_hop_by_hop(&mut parts.headers);
     Ok(Response::from_parts(parts, body::boxed(body)))
 }
 
-/// One HTTP/1.1 client connection; the connection task ends when the exchange does.
-async fn handshake<S>(io: S) -> Result<hyper::client::conn::http1::SendRequest<Incoming>, hyper::Error>
-where
-    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
-{
-    let (sender, conn) = hyper::client::conn::http1::Builder::new().handshake(TokioIo::new(io)).await?;
-    tokio::spawn(async move {
-        if let Err(e) = conn.await {
-            tracing::debug!(error = %e, "upstream connection ended with error");
-        }
-    });
-    Ok(sender)
+/// TLS that presents a ClientCertificateAuthentication destination's certificate.
+fn client_cert_tls(
+    shared: &Shared,
+    name: &str,
+    cert: &crate::resolve::ClientCert,
+) -> Result<tokio_rustls::TlsConnector, ProxyError> {
+    let bad = |e: ferry_core::tls::TlsError| {
+        bad_config(name, &format!("its keystore is not a PEM certificate chain with a private key: {e}"))
+    };
+    let chain = ferry_core::tls::parse_certs(cert.pem.expose()).map_err(bad)?;
+    let key = ferry_core::tls::parse_key(cert.pem.expose()).map_err(bad)?;
+    let roots = ferry_core::tls::outbound_roots(shared.ca_pem.as_deref()).map_err(bad)?;
+    let mut cfg = rustls::ClientConfig::builder()
+        .with_root_certificates(roots)
+        .with_client_auth_cert(chain, key)
+        .map_err(|e| bad_config(name, &format!("its keystore's key does not fit its certificate: {e}")))?;
+    cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(tokio_rustls::TlsConnector::from(Arc::new(cfg)))
+}
+
+/// The `Upgrade` header of a request that asks for one (`Connection: upgrade`).
+fn upgrade_of(h: &HeaderMap) -> Option<HeaderValue> {
+    let asks = h
+        .get_all(http::header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .any(|v| v.split(',').any(|t| t.trim().eq_ignore_ascii_case("upgrade")));
+    if asks { h.get(http::header::UPGRADE).cloned() } else { None }
 }
 
 /// A destination's `Type`, upper-cased; `HTTP` when absent, as the Destination Service defaults it.

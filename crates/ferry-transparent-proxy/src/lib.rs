@@ -14,6 +14,7 @@ mod http;
 pub mod resolve;
 pub mod resource;
 mod tcp;
+mod upstream;
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -43,6 +44,13 @@ pub struct Endpoint {
     /// `http`, or `tcp` for TCP, LDAP and MAIL destinations.
     pub protocol: &'static str,
     pub address: SocketAddr,
+    /// The tenant subdomain of a per-tenant TCP endpoint (shared tenant mode).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tenant: Option<String>,
+    /// Why the endpoint cannot serve, when that is known without a request (an unknown
+    /// `destinationServiceInstanceName`); its requests are answered with the same message.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
 }
 
 /// Every served resource by `<namespace>/<name>`.
@@ -53,15 +61,22 @@ pub type Endpoints = BTreeMap<String, Endpoint>;
 pub async fn run(config: Config, endpoints: watch::Sender<Endpoints>, shutdown: Shutdown) -> Result<(), TpError> {
     ferry_core::init_crypto();
     let client = ferry_client::Client::new(config.bindings.clone(), config.ca_pem.as_deref())?;
-    let resolver = Resolver::new(client.clone(), config.ca_pem.as_deref())?;
+    let mut resolvers = BTreeMap::new();
+    resolvers.insert(config.default_instance_name.clone(), Resolver::new(client.clone(), config.ca_pem.as_deref())?);
+    for (name, bindings) in &config.instances {
+        let c = ferry_client::Client::new(bindings.clone(), config.ca_pem.as_deref())?;
+        resolvers.insert(name.clone(), Resolver::new(c, config.ca_pem.as_deref())?);
+    }
     let mut tls = ferry_core::tls::outbound_client_config(config.ca_pem.as_deref())?;
     tls.alpn_protocols = vec![b"http/1.1".to_vec()];
     let shared = Arc::new(Shared {
-        resolver,
+        resolvers,
+        default_instance: config.default_instance_name.clone(),
         client,
         tenant_mode: config.tenant_mode,
         tls: tokio_rustls::TlsConnector::from(Arc::new(tls)),
-        proxy_connect_timeout: config.proxy_connect_timeout,
+        ca_pem: config.ca_pem.clone(),
+        pools: upstream::Pools::new(http::BACKEND_CONNECT_TIMEOUT, config.proxy_connect_timeout),
     });
     let mut watcher = Watcher {
         config,
@@ -99,6 +114,7 @@ struct FileState {
 
 struct Running {
     resource: Destination,
+    tenant: Option<String>,
     current: Current,
     wanted_port: u16,
     tcp: bool,
@@ -130,7 +146,12 @@ fn key_of(d: &Destination) -> String {
     format!("{}/{}", d.namespace_or_default(), d.name())
 }
 
-fn wanted_port(d: &Destination) -> u16 {
+/// The port to listen on: `spec.service.port`, except for per-tenant endpoints, which cannot
+/// all have it and take free ports.
+fn wanted_port(d: &Destination, tenant: Option<&str>) -> u16 {
+    if tenant.is_some() {
+        return 0;
+    }
     d.spec.service.as_ref().map(|s| s.port).unwrap_or(0)
 }
 
@@ -138,15 +159,27 @@ impl Watcher {
     /// Re-reads changed files and brings the listeners in line; true when the endpoint list changed.
     async fn reconcile(&mut self) -> bool {
         self.scan();
-        let mut desired: BTreeMap<String, Destination> = BTreeMap::new();
+        let mut desired: BTreeMap<String, (Destination, Option<String>)> = BTreeMap::new();
         for (path, file) in &self.files {
             for d in &file.resources {
-                let key = key_of(d);
-                if desired.contains_key(&key) {
-                    tracing::warn!(resource = %key, file = %path.display(), "resource defined twice; the first file wins");
-                    continue;
+                // Shared tenant mode: a raw TCP connection cannot name its tenant, so the
+                // annotation's tenants get one endpoint each, `<name>-<tenant>` (SPEC §5.1).
+                let tenants = match self.config.tenant_mode {
+                    TenantMode::Shared => d.tenant_subdomains().unwrap_or_default(),
+                    TenantMode::Dedicated => Vec::new(),
+                };
+                let entries: Vec<(String, Option<String>)> = if tenants.is_empty() {
+                    vec![(key_of(d), None)]
+                } else {
+                    tenants.into_iter().map(|t| (format!("{}-{t}", key_of(d)), Some(t))).collect()
+                };
+                for (key, tenant) in entries {
+                    if desired.contains_key(&key) {
+                        tracing::warn!(resource = %key, file = %path.display(), "resource defined twice; the first file wins");
+                        continue;
+                    }
+                    desired.insert(key, (d.clone(), tenant));
                 }
-                desired.insert(key, d.clone());
             }
         }
         let mut changed = false;
@@ -158,17 +191,19 @@ impl Watcher {
                 changed = true;
             }
         }
-        for (key, d) in desired {
+        for (key, (d, tenant)) in desired {
             // An unchanged resource needs nothing, unless its protocol was a guess that is due
             // for another look (its destination did not resolve when the endpoint started).
             if self.running.get(&key).is_some_and(|r| {
-                r.resource == d && (r.kind_known || r.checked.elapsed() < self.config.poll_interval * RECHECK_SCANS)
+                r.resource == d
+                    && r.tenant == tenant
+                    && (r.kind_known || r.checked.elapsed() < self.config.poll_interval * RECHECK_SCANS)
             }) {
                 continue;
             }
-            let (tcp, kind_known) = self.is_tcp(&d).await;
+            let (tcp, kind_known) = self.is_tcp(&d, tenant.as_deref()).await;
             if let Some(r) = self.running.get_mut(&key) {
-                if r.wanted_port == wanted_port(&d) && r.tcp == tcp {
+                if r.wanted_port == wanted_port(&d, tenant.as_deref()) && r.tcp == tcp && r.tenant == tenant {
                     r.kind_known = kind_known;
                     r.checked = Instant::now();
                     if r.resource != d {
@@ -188,7 +223,7 @@ impl Watcher {
                 }
                 changed = true;
             }
-            if let Some(r) = self.start(&key, d, tcp, kind_known).await {
+            if let Some(r) = self.start(&key, d, tenant, tcp, kind_known).await {
                 self.running.insert(key, r);
                 changed = true;
             }
@@ -246,8 +281,9 @@ impl Watcher {
 
     /// Whether a bound resource's destination is TCP, LDAP or MAIL (a gateway is HTTP), and
     /// whether that is known. When the destination cannot be looked up yet the endpoint serves
-    /// HTTP, which reports why per request, and the question is asked again after [`RECHECK_SCANS`] scans.
-    async fn is_tcp(&self, d: &Destination) -> (bool, bool) {
+    /// HTTP (a per-tenant endpoint TCP), which reports why per request, and the question is asked
+    /// again after [`RECHECK_SCANS`] scans.
+    async fn is_tcp(&self, d: &Destination, tenant: Option<&str>) -> (bool, bool) {
         if d.is_gateway() {
             return (false, true);
         }
@@ -255,21 +291,39 @@ impl Watcher {
             name: d.spec.destination_ref.name.clone(),
             level: d.spec.destination_ref.level,
             fragment: d.spec.fragment_ref.as_ref().map(|f| f.name.clone()),
+            fragment_level: d.spec.fragment_ref.as_ref().and_then(|f| f.level),
             fragment_optional: d.spec.fragment_ref.as_ref().and_then(|f| f.optional),
             resource: d.name().to_owned(),
+            tenant: tenant.map(str::to_owned),
             ..Default::default()
         };
-        match self.shared.resolver.resolve(&lookup, false).await {
-            Ok(r) => (matches!(http::destination_type(&r.config).as_str(), "TCP" | "LDAP" | "MAIL"), true),
+        let resolver = match self.shared.resolver(d) {
+            Ok(r) => r,
             Err(e) => {
-                tracing::info!(resource = d.name(), error = %e.message, "destination not resolvable yet; serving HTTP");
-                (false, false)
+                tracing::error!(resource = d.name(), error = %e.message, "endpoint cannot serve");
+                return (false, true);
+            }
+        };
+        match resolver.resolve(&lookup, false).await {
+            Ok(r) => (matches!(http::destination_type(&r.config).as_str(), "TCP" | "LDAP" | "MAIL"), true),
+            // A per-tenant endpoint exists for non-HTTP destinations only, so it stays raw TCP.
+            Err(e) => {
+                let protocol = if tenant.is_some() { "TCP" } else { "HTTP" };
+                tracing::info!(resource = d.name(), tenant, error = %e.message, "destination not resolvable yet; serving {protocol}");
+                (tenant.is_some(), false)
             }
         }
     }
 
-    async fn start(&mut self, key: &str, d: Destination, tcp: bool, kind_known: bool) -> Option<Running> {
-        let port = wanted_port(&d);
+    async fn start(
+        &mut self,
+        key: &str,
+        d: Destination,
+        tenant: Option<String>,
+        tcp: bool,
+        kind_known: bool,
+    ) -> Option<Running> {
+        let port = wanted_port(&d, tenant.as_deref());
         let addr = SocketAddr::new(self.config.listen_host, port);
         // A listener just closed for the same port may take a moment to go away.
         let mut attempt = 0;
@@ -300,8 +354,9 @@ impl Watcher {
         let sd = stop.clone();
         let opts = ferry_core::serve::AcceptOptions::named("transparent-proxy");
         if tcp {
+            let t = tenant.clone();
             self.tasks.spawn(ferry_core::serve::accept_loop(listener, opts, stop.clone(), move |stream, _| {
-                tcp::serve_connection(stream, shared.clone(), cur.clone())
+                tcp::serve_connection(stream, shared.clone(), cur.clone(), t.clone())
             }));
         } else {
             self.tasks.spawn(ferry_core::serve::accept_loop(listener, opts, stop.clone(), move |stream, _| {
@@ -312,6 +367,7 @@ impl Watcher {
         tracing::info!(resource = %key, %address, protocol, destination = %d.spec.destination_ref.name, "endpoint listening");
         Some(Running {
             resource: d,
+            tenant,
             current,
             wanted_port: port,
             tcp,
@@ -331,6 +387,8 @@ impl Watcher {
                     destination: r.resource.spec.destination_ref.name.clone(),
                     protocol: if r.tcp { "tcp" } else { "http" },
                     address: r.address,
+                    tenant: r.tenant.clone(),
+                    error: self.shared.resolver(&r.resource).err().map(|e| e.message),
                 };
                 (k.clone(), e)
             })

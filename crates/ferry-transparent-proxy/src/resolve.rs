@@ -27,6 +27,8 @@ pub struct Lookup {
     pub name: String,
     pub level: Option<Level>,
     pub fragment: Option<String>,
+    /// Sent as `X-fragment-name: <fragment>@<level>` on the v2 find API.
+    pub fragment_level: Option<Level>,
     pub fragment_optional: Option<bool>,
     pub chain: Option<(String, Vec<(String, String)>)>,
     /// Tenant of the service token (shared tenant mode).
@@ -38,11 +40,56 @@ pub struct Lookup {
     pub resource: String,
 }
 
-/// A find answer: the destination's properties and the header its first token gives.
+/// A find answer: the destination's properties, the header its first token gives, and the
+/// client certificate of a ClientCertificateAuthentication destination.
 #[derive(Clone)]
 pub struct Resolved {
     pub config: Map<String, Value>,
     pub auth_header: Option<(String, Secret<String>)>,
+    pub client_cert: Option<ClientCert>,
+}
+
+/// A PEM keystore (certificate chain and private key) from the find answer's `certificates`.
+#[derive(Clone)]
+pub struct ClientCert {
+    pub pem: Secret<String>,
+    /// SHA-256 of the PEM: connections made with this certificate are pooled under it.
+    pub hash: [u8; 32],
+}
+
+/// The keystore `KeyStoreLocation` names, from the find answer's `certificates`. P12/JKS
+/// keystores are refused for now; that is where a keystore parser would plug in.
+fn client_cert(name: &str, config: &Map<String, Value>, body: &Value) -> Result<Option<ClientCert>, String> {
+    use base64::Engine;
+    if config.get("Authentication").and_then(Value::as_str) != Some("ClientCertificateAuthentication") {
+        return Ok(None);
+    }
+    let location =
+        config.get("KeyStoreLocation").and_then(Value::as_str).filter(|l| !l.is_empty()).ok_or_else(|| {
+            format!("destination '{name}' uses ClientCertificateAuthentication but has no KeyStoreLocation")
+        })?;
+    let entry = body
+        .get("certificates")
+        .and_then(Value::as_array)
+        .and_then(|all| all.iter().find(|c| c.get("Name").and_then(Value::as_str) == Some(location)))
+        .ok_or_else(|| {
+            format!("the keystore '{location}' of destination '{name}' is not in the answer's certificates")
+        })?;
+    let kind = entry.get("Type").and_then(Value::as_str).unwrap_or_default().to_ascii_uppercase();
+    let lower = location.to_ascii_lowercase();
+    if matches!(kind.as_str(), "P12" | "PFX" | "JKS") || [".p12", ".pfx", ".jks"].iter().any(|e| lower.ends_with(e)) {
+        return Err(format!(
+            "the keystore '{location}' of destination '{name}' is a P12/JKS keystore; only PEM keystores \
+             (certificate and unencrypted private key) are supported"
+        ));
+    }
+    let bytes = base64::engine::general_purpose::STANDARD
+        .decode(entry.get("Content").and_then(Value::as_str).unwrap_or_default())
+        .map_err(|_| format!("the keystore '{location}' of destination '{name}' is not base64"))?;
+    let pem = String::from_utf8(bytes)
+        .map_err(|_| format!("the keystore '{location}' of destination '{name}' is not a PEM file"))?;
+    let hash = Sha256::digest(pem.as_bytes()).into();
+    Ok(Some(ClientCert { pem: Secret::new(pem), hash }))
 }
 
 impl Resolved {
@@ -88,6 +135,21 @@ impl Resolver {
     }
 
     async fn find(&self, lookup: &Lookup, with_tokens: bool) -> Result<(Resolved, Duration), ProxyError> {
+        // A fragment's own level exists only in the v2 API, which never falls back between
+        // levels; without a destination level, look where v1 would: instance, then subaccount.
+        if lookup.level.is_none() && lookup.fragment_level.is_some() {
+            let at_instance = Lookup { level: Some(Level::Instance), ..lookup.clone() };
+            match self.find_at(&at_instance, with_tokens).await {
+                Err(e) if e.internal == Some(404) => {}
+                other => return other,
+            }
+            let at_subaccount = Lookup { level: Some(Level::Subaccount), ..lookup.clone() };
+            return self.find_at(&at_subaccount, with_tokens).await;
+        }
+        self.find_at(lookup, with_tokens).await
+    }
+
+    async fn find_at(&self, lookup: &Lookup, with_tokens: bool) -> Result<(Resolved, Duration), ProxyError> {
         let token = self.client.destination_service_token(lookup.tenant.as_deref()).await.map_err(token_error)?;
         let name = &lookup.name;
         let mut url = match lookup.level {
@@ -100,7 +162,10 @@ impl Resolver {
         let mut req =
             self.http.get(&url).bearer_auth(token.expose()).header("accept", "application/json").timeout(FIND_TIMEOUT);
         if let Some(f) = &lookup.fragment {
-            req = req.header("X-fragment-name", f);
+            req = match lookup.fragment_level {
+                Some(l) => req.header("X-fragment-name", format!("{f}@{}", l.as_str())),
+                None => req.header("X-fragment-name", f),
+            };
             if let Some(o) = lookup.fragment_optional {
                 req = req.header("X-fragment-optional", if o { "true" } else { "false" });
             }
@@ -192,7 +257,8 @@ impl Resolver {
                 ttl = ttl.min(Duration::from_secs(secs.saturating_sub(30)));
             }
         }
-        Ok((Resolved { config, auth_header }, ttl))
+        let client_cert = client_cert(name, &config, &body).map_err(|why| invalid(&why))?;
+        Ok((Resolved { config, auth_header, client_cert }, ttl))
     }
 }
 
@@ -233,6 +299,7 @@ fn cache_key(l: &Lookup, with_tokens: bool) -> [u8; 32] {
     field(&l.name);
     field(l.level.map(Level::as_str).unwrap_or("-"));
     field(l.fragment.as_deref().unwrap_or("-"));
+    field(l.fragment_level.map(Level::as_str).unwrap_or("-"));
     field(match l.fragment_optional {
         None => "-",
         Some(true) => "t",
@@ -269,6 +336,7 @@ mod tests {
             Lookup { level: Some(Level::Instance), ..base.clone() },
             Lookup { fragment: Some("f".into()), ..base.clone() },
             Lookup { fragment_optional: Some(true), ..base.clone() },
+            Lookup { fragment_level: Some(Level::Subaccount), ..base.clone() },
             Lookup { tenant: Some("t".into()), ..base.clone() },
             Lookup { chain: Some(("c".into(), vec![])), ..base.clone() },
             Lookup { headers: vec![("X-user-token", Secret::new("jwt".into()))], ..base.clone() },
@@ -278,6 +346,6 @@ mod tests {
         }
         assert_ne!(cache_key(&base, false), k);
         // Token headers do not matter when tokens are not fetched.
-        assert_eq!(cache_key(&variants[6], false), cache_key(&base, false));
+        assert_eq!(cache_key(&variants[7], false), cache_key(&base, false));
     }
 }

@@ -15,18 +15,31 @@ const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// A raw connection has no way to carry an error message, so failures are logged and the
 /// connection is closed.
-pub(crate) async fn serve_connection(mut local: TcpStream, shared: Arc<Shared>, current: Current) {
+/// `tenant` is the endpoint's tenant in shared tenant mode: its token is used for the find call
+/// and towards the Connectivity Proxy.
+pub(crate) async fn serve_connection(
+    mut local: TcpStream,
+    shared: Arc<Shared>,
+    current: Current,
+    tenant: Option<String>,
+) {
     let resource = current_of(&current);
     let spec = &resource.spec;
     let lookup = Lookup {
         name: spec.destination_ref.name.clone(),
         level: spec.destination_ref.level,
         fragment: spec.fragment_ref.as_ref().map(|f| f.name.clone()),
+        fragment_level: spec.fragment_ref.as_ref().and_then(|f| f.level),
         fragment_optional: spec.fragment_ref.as_ref().and_then(|f| f.optional),
         resource: resource.name().to_owned(),
+        tenant: tenant.clone(),
         ..Default::default()
     };
-    let meta = match shared.resolver.resolve(&lookup, false).await {
+    let resolver = match shared.resolver(&resource) {
+        Ok(r) => r,
+        Err(e) => return tracing::warn!(resource = resource.name(), error = %e.message, "TCP connection refused"),
+    };
+    let meta = match resolver.resolve(&lookup, false).await {
         Ok(m) => m,
         Err(e) => return tracing::warn!(resource = resource.name(), error = %e.message, "TCP connection refused"),
     };
@@ -43,7 +56,7 @@ pub(crate) async fn serve_connection(mut local: TcpStream, shared: Arc<Shared>, 
             );
         }
     };
-    let token = match shared.client.connectivity_token(None).await {
+    let token = match shared.client.connectivity_token(tenant.as_deref()).await {
         Ok(t) => t,
         Err(e) => return tracing::warn!(resource = resource.name(), error = %e, "no connectivity token"),
     };

@@ -49,6 +49,11 @@ fn finish(r: Result<Result<(), ferry_transparent_proxy::TpError>, tokio::task::J
 fn print_endpoints(list: &Endpoints) {
     println!("endpoints: {}", list.len());
     for e in list.values() {
-        println!("endpoint {} {} {} {}", e.resource, e.protocol, e.address, e.destination);
+        match &e.error {
+            None => println!("endpoint {} {} {} {}", e.resource, e.protocol, e.address, e.destination),
+            Some(err) => {
+                println!("endpoint {} {} {} {} error: {err}", e.resource, e.protocol, e.address, e.destination)
+            }
+        }
     }
 }

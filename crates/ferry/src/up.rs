@@ -545,6 +545,8 @@ async fn start_transparent_proxy(
         ca_pem: Some(ca_pem.to_owned()),
         endpoints_file: tp.endpoints_file.clone(),
         proxy_connect_timeout: Duration::from_secs(1),
+        default_instance_name: "default".to_owned(),
+        instances: Vec::new(),
     };
     let (tx, mut rx) = tokio::sync::watch::channel(ferry_transparent_proxy::Endpoints::new());
     let sd = shutdown.clone();

@@ -409,6 +409,38 @@ protocol = "TCP"
     assert!(r.headers().get("x-internal-error-code").is_some(), "the token service's status is passed on");
     tp4.stop().await;
 
+    // Shared tenant mode, TCP: one endpoint per subdomain of the annotation, each using its
+    // tenant's token; a tenant the token service does not know gets its connections closed.
+    let zid = claims_of(&token)["zid"].as_str().unwrap().to_owned();
+    let res3 = dir.join("resources-3");
+    std::fs::create_dir_all(&res3).unwrap();
+    let annotated = bound("raw", "raw").replace(
+        "metadata:\n  name: raw\n",
+        &format!(
+            "metadata:\n  name: raw\n  annotations:\n    transparent-proxy.connectivity.api.sap/tenant-subdomains: '[\"{zid}\",\"no-such-zone\"]'\n"
+        ),
+    );
+    assert!(annotated.contains("tenant-subdomains"));
+    std::fs::write(res3.join("raw.yaml"), annotated).unwrap();
+    let tp5 = Tp::start(&dir, "tp5", &res3, &env_file, "tenant_mode = \"shared\"\n").await;
+    let mine = tp5.endpoint(&format!("raw-{zid}")).await;
+    let unknown = tp5.endpoint("raw-no-such-zone").await;
+    eventually!("per-tenant endpoints are tcp", {
+        let list = tp5.rx.borrow();
+        list.values().filter(|e| e.resource.starts_with("default/raw-") && e.protocol == "tcp").count() == 2
+    });
+    assert!(!tp5.rx.borrow().contains_key("default/raw"), "no tenant-less endpoint besides the per-tenant ones");
+    assert_eq!(tp5.rx.borrow()[&format!("default/raw-{zid}")].tenant.as_deref(), Some(zid.as_str()));
+    let mut s = tokio::net::TcpStream::connect(mine).await.unwrap();
+    s.write_all(b"tenant\n").await.unwrap();
+    let n = s.read(&mut buf).await.unwrap();
+    assert_eq!(&buf[..n], b"echo: tenant\n");
+    drop(s);
+    let mut s = tokio::net::TcpStream::connect(unknown).await.unwrap();
+    let _ = s.write_all(b"nobody\n").await;
+    assert_eq!(s.read(&mut buf).await.unwrap_or(0), 0, "an unknown tenant's connection is closed");
+    tp5.stop().await;
+
     tp.stop().await;
     ferry.terminate();
 }
@@ -463,5 +495,281 @@ async fn the_cli_and_ferry_up_serve_a_folder_and_print_the_endpoints() {
     let e: Value = reqwest::get(format!("http://{addr}/z")).await.unwrap().json().await.unwrap();
     assert_eq!(e["url"], "/cli/z");
     tp.terminate();
+    ferry.terminate();
+}
+
+/// Counts the TCP connections it accepts and relays each to `target`.
+async fn counting_relay(target: SocketAddr) -> (SocketAddr, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    let count = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let c = count.clone();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            c.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            tokio::spawn(async move {
+                let mut t = tokio::net::TcpStream::connect(target).await.unwrap();
+                let _ = tokio::io::copy_bidirectional(&mut s, &mut t).await;
+            });
+        }
+    });
+    (addr, count)
+}
+
+/// Reads an HTTP/1.1 head (up to the blank line) byte by byte, so nothing after it is consumed.
+async fn read_head(s: &mut tokio::net::TcpStream) -> String {
+    let mut head = Vec::new();
+    let mut b = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        assert_eq!(
+            s.read(&mut b).await.unwrap(),
+            1,
+            "connection closed in the head: {:?}",
+            String::from_utf8_lossy(&head)
+        );
+        head.push(b[0]);
+    }
+    String::from_utf8(head).unwrap()
+}
+
+/// A WebSocket-style backend: answers an upgrade request on `/ws/...` with 101 and then echoes
+/// bytes; anything else gets 400.
+async fn upgrade_echo() -> SocketAddr {
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            tokio::spawn(async move {
+                let head = read_head(&mut s).await.to_ascii_lowercase();
+                let ok = head.starts_with("get /ws/chat ")
+                    && head.contains("\r\nupgrade: websocket\r\n")
+                    && head.contains("\r\nconnection: upgrade\r\n")
+                    && head.contains("\r\nsec-websocket-key: dghlihnhbxbszsbub25jzq==\r\n")
+                    && head.contains("\r\nx-ws-conf: w1\r\n");
+                if !ok {
+                    let _ = s.write_all(b"HTTP/1.1 400 Bad Request\r\ncontent-length: 0\r\n\r\n").await;
+                    return;
+                }
+                s.write_all(
+                    b"HTTP/1.1 101 Switching Protocols\r\nupgrade: websocket\r\nconnection: Upgrade\r\n\
+                      sec-websocket-accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=\r\n\r\n",
+                )
+                .await
+                .unwrap();
+                let (mut r, mut w) = s.split();
+                let _ = tokio::io::copy(&mut r, &mut w).await;
+            });
+        }
+    });
+    addr
+}
+
+/// Connections to backends are pooled; a WebSocket upgrade passes through; `X-Fragment-Level`
+/// and `fragmentRef.level` reach the find call; resources name one of several Destination
+/// Service instances.
+#[tokio::test]
+async fn pooled_connections_upgrades_fragment_levels_and_instances() {
+    ferry_core::init_crypto();
+    let echo = EchoBackend::start().await;
+    let (relay, accepted) = counting_relay(echo.addr).await;
+    let ws = upgrade_echo().await;
+    let dir = common::test_dir("tproxy-pool");
+    let config = format!(
+        r#"{listen}
+[[destinations]]
+properties = {{ Name = "pooled", Type = "HTTP", URL = "http://127.0.0.1:{relay_port}/p", ProxyType = "Internet", Authentication = "NoAuthentication" }}
+[[destinations]]
+properties = {{ Name = "ws", Type = "HTTP", URL = "http://127.0.0.1:{ws_port}/ws", ProxyType = "Internet", Authentication = "NoAuthentication", "URL.headers.X-WS-Conf" = "w1" }}
+"#,
+        listen = common::LISTEN_ANY,
+        relay_port = relay.port(),
+        ws_port = ws.port(),
+    );
+    let (mut ferry, vcap) = common::ferry_up(&dir, &config);
+    let dest = &vcap["destination"][0]["credentials"];
+    let token = common::token(dest).await;
+    let http = reqwest::Client::new();
+    let fragment = serde_json::json!({"FragmentName": "frag", "URL.headers.X-Frag": "f1"});
+    let r = http
+        .post(format!("{}/destination-configuration/v1/subaccountDestinationFragments", dest["uri"].as_str().unwrap()))
+        .bearer_auth(&token)
+        .json(&fragment)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 201, "{}", r.text().await.unwrap());
+
+    // A second instance whose key the token service refuses, and one that is not configured.
+    let mut bad_key = dest.clone();
+    bad_key["clientsecret"] = "wrong".into();
+    std::fs::write(dir.join("second-key.json"), bad_key.to_string()).unwrap();
+    let env_file = dir.join("default-env.json");
+    let res = dir.join("resources");
+    std::fs::create_dir_all(&res).unwrap();
+    std::fs::write(res.join("pooled.yaml"), bound("pooled", "pooled")).unwrap();
+    std::fs::write(res.join("ws.yaml"), bound("ws", "ws")).unwrap();
+    std::fs::write(res.join("gw.yaml"), resource("gw", "  destinationRef:\n    name: \"*\"\n")).unwrap();
+    let frag_spec = |level: &str| {
+        format!("  destinationRef:\n    name: pooled\n  fragmentRef:\n    name: frag\n    level: {level}\n")
+    };
+    std::fs::write(res.join("frag-sub.yaml"), resource("frag-sub", &frag_spec("subaccount"))).unwrap();
+    std::fs::write(res.join("frag-inst.yaml"), resource("frag-inst", &frag_spec("instance"))).unwrap();
+    let on =
+        |instance: &str| format!("  destinationRef:\n    name: pooled\n  destinationServiceInstanceName: {instance}\n");
+    std::fs::write(res.join("main.yaml"), resource("on-main", &on("main"))).unwrap();
+    std::fs::write(res.join("second.yaml"), resource("on-second", &on("second"))).unwrap();
+    std::fs::write(res.join("nowhere.yaml"), resource("on-nowhere", &on("nowhere"))).unwrap();
+    let extra = format!(
+        "default_instance_name = \"main\"\n[[instances]]\nname = \"second\"\ndestination_service_key = {:?}\n",
+        dir.join("second-key.json").display().to_string()
+    );
+    let tp = Tp::start(&dir, "tp", &res, &env_file, &extra).await;
+
+    // Pooling: sequential requests, streamed bodies and all, share one backend connection.
+    let pooled = tp.endpoint("pooled").await;
+    for i in 0..5 {
+        let e: Value = http
+            .post(format!("http://{pooled}/n{i}"))
+            .body(vec![b'x'; 100_000])
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        assert_eq!(e["url"], format!("/p/n{i}"));
+        assert_eq!(e["body"].as_str().unwrap().len(), 100_000);
+    }
+    assert_eq!(accepted.load(std::sync::atomic::Ordering::SeqCst), 1, "one pooled connection to the backend");
+
+    // WebSocket: the upgrade reaches the backend with the destination's headers, then bytes flow both ways.
+    let ws_ep = tp.endpoint("ws").await;
+    let mut s = tokio::net::TcpStream::connect(ws_ep).await.unwrap();
+    s.write_all(
+        b"GET /chat HTTP/1.1\r\nHost: ws\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\
+          Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n",
+    )
+    .await
+    .unwrap();
+    let head = read_head(&mut s).await.to_ascii_lowercase();
+    assert!(head.starts_with("http/1.1 101"), "{head}");
+    assert!(head.contains("\r\nupgrade: websocket\r\n") && head.contains("sec-websocket-accept:"), "{head}");
+    for msg in [&b"ping"[..], &[0x81, 0x85, 1, 2, 3, 4, 5, 6, 7, 8, 9][..]] {
+        s.write_all(msg).await.unwrap();
+        let mut back = vec![0u8; msg.len()];
+        s.read_exact(&mut back).await.unwrap();
+        assert_eq!(back, msg);
+    }
+    drop(s);
+
+    // X-Fragment-Level: the fragment is looked up on the level asked for.
+    let gw = tp.endpoint("gw").await;
+    let frag = |level: &'static str| {
+        http.get(format!("http://{gw}/f"))
+            .header("x-destination-name", "pooled")
+            .header("x-fragment-name", "frag")
+            .header("x-fragment-level", level)
+            .send()
+    };
+    let e: Value = frag("subaccount").await.unwrap().json().await.unwrap();
+    assert_eq!(e["headers"]["x-frag"], "f1", "{e}");
+    let r = frag("instance").await.unwrap();
+    assert_error(&r, 502, "Destination Service", "is not found");
+    let e: Value =
+        http.get(format!("http://{}/f", tp.endpoint("frag-sub").await)).send().await.unwrap().json().await.unwrap();
+    assert_eq!(e["headers"]["x-frag"], "f1", "{e}");
+    let r = http.get(format!("http://{}/f", tp.endpoint("frag-inst").await)).send().await.unwrap();
+    assert_error(&r, 502, "Destination Service", "is not found");
+
+    // Instances: the default by its name, the second with its own (refused) key, an unknown one.
+    let e: Value =
+        http.get(format!("http://{}/i", tp.endpoint("on-main").await)).send().await.unwrap().json().await.unwrap();
+    assert_eq!(e["url"], "/p/i");
+    let r = http.get(format!("http://{}/i", tp.endpoint("on-second").await)).send().await.unwrap();
+    assert_eq!(r.headers()["x-error-origin"], "XSUAA");
+    let nowhere = tp.endpoint("on-nowhere").await;
+    let listed = tp.rx.borrow()["default/on-nowhere"].error.clone().unwrap();
+    assert!(listed.contains("Destination Service instance 'nowhere'") && listed.contains("main, second"), "{listed}");
+    assert!(tp.rx.borrow()["default/on-main"].error.is_none());
+    let r = http.get(format!("http://{nowhere}/i")).send().await.unwrap();
+    assert_error(
+        &r,
+        500,
+        "Transparent Proxy",
+        "Destination Service instance 'nowhere' referred in Destination CR 'on-nowhere' is not configured",
+    );
+
+    // ClientCertificateAuthentication: the keystore from the find answer's `certificates` is
+    // presented to an nginx that requires a client certificate; connections made with one
+    // certificate are never used for another destination (or for none).
+    let data = dir.join("data");
+    let ferry_ca = ferry_core::tls::LocalCa::from_pem(
+        &std::fs::read_to_string(data.join("ca.pem")).unwrap(),
+        &std::fs::read_to_string(data.join("ca-key.pem")).unwrap(),
+    )
+    .unwrap();
+    let server = ferry_ca.issue_server_cert(&["127.0.0.1"]).unwrap();
+    let client_ca = ferry_core::tls::LocalCa::generate("tproxy client CA").unwrap();
+    let nginx = ferry_testkit::nginx::Nginx::start(
+        "    listen 127.0.0.1:{PORT} ssl;\n\
+         ssl_certificate {DIR}/server.pem;\n    ssl_certificate_key {DIR}/server-key.pem;\n\
+         ssl_client_certificate {DIR}/client-ca.pem;\n    ssl_verify_client on;\n\
+         location / { return 200 \"subject=$ssl_client_s_dn verify=$ssl_client_verify uri=$request_uri\\n\"; }",
+        &[
+            ("server.pem", &server.cert_pem),
+            ("server-key.pem", server.key_pem.expose()),
+            ("client-ca.pem", client_ca.cert_pem()),
+        ],
+    );
+    let nginx_url = format!("https://127.0.0.1:{}/m", nginx.addr.port());
+    for (who, store) in [("app-a", "a.pem"), ("app-b", "b.pem")] {
+        let id = client_ca.issue_user_cert(&[("CN".to_owned(), who.to_owned())], time::Duration::days(1)).unwrap();
+        let pem = format!("{}{}", id.cert_pem, id.key_pem.expose());
+        let content = base64::engine::general_purpose::STANDARD.encode(pem);
+        let cert = serde_json::json!({"Name": store, "Type": "CERTIFICATE", "Content": content});
+        let r = http
+            .post(format!("{}/destination-configuration/v1/subaccountCertificates", dest["uri"].as_str().unwrap()))
+            .bearer_auth(&token)
+            .json(&cert)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 201, "{}", r.text().await.unwrap());
+        let d = serde_json::json!({"Name": format!("mtls-{who}"), "Type": "HTTP", "URL": nginx_url, "ProxyType": "Internet",
+            "Authentication": "ClientCertificateAuthentication", "KeyStoreLocation": store, "KeyStorePassword": "unused"});
+        let r = http
+            .post(format!("{}/destination-configuration/v1/subaccountDestinations", dest["uri"].as_str().unwrap()))
+            .bearer_auth(&token)
+            .json(&d)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 201, "{}", r.text().await.unwrap());
+    }
+    let plain = serde_json::json!({"Name": "mtls-none", "Type": "HTTP", "URL": nginx_url, "ProxyType": "Internet",
+        "Authentication": "NoAuthentication"});
+    let r = http
+        .post(format!("{}/destination-configuration/v1/subaccountDestinations", dest["uri"].as_str().unwrap()))
+        .bearer_auth(&token)
+        .json(&plain)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 201);
+    let via = |d: &'static str| http.get(format!("http://{gw}/x")).header("x-destination-name", d).send();
+    for _ in 0..2 {
+        for (d, cn) in [("mtls-app-a", "CN=app-a"), ("mtls-none", ""), ("mtls-app-b", "CN=app-b")] {
+            let r = via(d).await.unwrap();
+            if cn.is_empty() {
+                assert_eq!(r.status(), 400, "nginx refuses a request without a client certificate");
+                continue;
+            }
+            let text = r.text().await.unwrap();
+            assert!(text.contains(cn) && text.contains("verify=SUCCESS") && text.contains("uri=/m/x"), "{d}: {text}");
+        }
+    }
+    drop(nginx);
+
+    tp.stop().await;
     ferry.terminate();
 }
