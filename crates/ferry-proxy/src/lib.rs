@@ -30,7 +30,24 @@ pub struct ProxyConfig {
     pub heartbeat: Duration,
     pub handshake_timeout: Duration,
     pub max_connections: usize,
+    /// Where connections of [`Listeners::socks5_no_auth`] go. Benchmarks only: see [`NoAuthRoute`].
+    pub socks5_no_auth: Option<NoAuthRoute>,
 }
+
+/// Benchmark/development mode, not for production: SOCKS5 clients that cannot speak SAP's method
+/// 0x80 (generic load generators) may connect without a token on a loopback-only listener; all
+/// their connections go to this one (subaccount, location id). Anyone who can reach the listener
+/// acts as that subaccount, which is why [`Proxy::run`] refuses to serve it on any address but
+/// loopback.
+#[derive(Clone, Debug)]
+pub struct NoAuthRoute {
+    pub subaccount: String,
+    pub location: String,
+}
+
+/// The client id the tunnel stream header carries for connections of the no-auth listener, so
+/// the connector's audit log shows where they came from.
+pub const NO_AUTH_CLIENT_ID: &str = "ferry-bench-socks5-no-auth";
 
 impl ProxyConfig {
     pub fn new(verifier: Arc<Verifier>, tunnel_tls: Arc<rustls::ServerConfig>) -> Self {
@@ -40,6 +57,7 @@ impl ProxyConfig {
             heartbeat: Duration::from_secs(20),
             handshake_timeout: Duration::from_secs(10),
             max_connections: 10_000,
+            socks5_no_auth: None,
         }
     }
 }
@@ -50,6 +68,32 @@ pub struct Listeners {
     pub http: Option<TcpListener>,
     pub socks5: Option<TcpListener>,
     pub tunnel: Option<TcpListener>,
+    /// The benchmark-only SOCKS5 listener without authentication ([`NoAuthRoute`]); must be bound
+    /// to a loopback address and needs [`ProxyConfig::socks5_no_auth`].
+    pub socks5_no_auth: Option<TcpListener>,
+}
+
+/// Why [`Proxy::run`] refuses to start.
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error(
+        "the SOCKS5 no-auth listener (benchmarks only) is bound to {0}: it must listen on a loopback address \
+         (127.0.0.0/8 or ::1), because anyone who reaches it acts as the configured subaccount"
+    )]
+    NoAuthNotLoopback(std::net::SocketAddr),
+    #[error("a SOCKS5 no-auth listener is given but ProxyConfig::socks5_no_auth names no subaccount for it")]
+    NoAuthWithoutRoute,
+    #[error("cannot read the address of the SOCKS5 no-auth listener: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// Checks that a no-auth SOCKS5 listener may be served: bound to loopback, with a route.
+pub fn check_no_auth(listener: &TcpListener, route: Option<&NoAuthRoute>) -> Result<(), RunError> {
+    let addr = listener.local_addr()?;
+    if !addr.ip().is_loopback() {
+        return Err(RunError::NoAuthNotLoopback(addr));
+    }
+    route.map(|_| ()).ok_or(RunError::NoAuthWithoutRoute)
 }
 
 /// Writes the tunnel stream header (see `ferry_proto::tunnel`) and returns the request id.
@@ -106,7 +150,9 @@ impl Proxy {
         self.registry.clone()
     }
 
-    /// Serves the given listeners until `shutdown`, then drains.
+    /// Serves the given listeners until `shutdown`, then drains. A no-auth SOCKS5 listener that
+    /// [`check_no_auth`] refuses is not served (logged as an error); call that check first to
+    /// fail at start-up.
     pub async fn run(self: Arc<Self>, listeners: Listeners, shutdown: Shutdown) {
         let shared = Arc::new(Shared {
             verifier: ferry_auth::TokenCache::new(self.config.verifier.clone()),
@@ -129,8 +175,33 @@ impl Proxy {
             let shared = shared.clone();
             let hs = self.config.handshake_timeout;
             tasks.spawn(accept_loop(l, opts("socks5-proxy"), shutdown.clone(), move |stream, _| {
-                socks::serve(stream, shared.clone(), hs)
+                socks::serve(stream, shared.clone(), hs, None)
             }));
+        }
+        if let Some(l) = listeners.socks5_no_auth {
+            match check_no_auth(&l, self.config.socks5_no_auth.as_ref()) {
+                Err(e) => tracing::error!(error = %e, "SOCKS5 no-auth listener not served"),
+                Ok(()) => {
+                    let shared = shared.clone();
+                    let hs = self.config.handshake_timeout;
+                    let route = self.config.socks5_no_auth.clone().map(|r| {
+                        Arc::new(ferry_auth::Claims {
+                            zid: r.subaccount,
+                            client_id: Some(NO_AUTH_CLIENT_ID.into()),
+                            ..Default::default()
+                        })
+                    });
+                    let location = self.config.socks5_no_auth.as_ref().map(|r| r.location.clone()).unwrap_or_default();
+                    let route = route.map(|c| Arc::new((c, location)));
+                    tracing::warn!(
+                        addr = ?l.local_addr().ok(),
+                        "SOCKS5 without authentication is enabled (benchmark mode, not for production)"
+                    );
+                    tasks.spawn(accept_loop(l, opts("socks5-no-auth"), shutdown.clone(), move |stream, _| {
+                        socks::serve(stream, shared.clone(), hs, route.clone())
+                    }));
+                }
+            }
         }
         if let Some(l) = listeners.tunnel {
             let acceptor = tokio_rustls::TlsAcceptor::from(self.config.tunnel_tls.clone());

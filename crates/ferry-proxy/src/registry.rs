@@ -15,9 +15,13 @@ struct Tunnel {
     sender: SendRequest<BoxBody>,
 }
 
+/// Subaccount → location id → tunnels: nested so a request looks its tunnel up by `&str`
+/// without allocating a key.
+type Tunnels = HashMap<String, HashMap<String, Vec<Tunnel>>>;
+
 #[derive(Default)]
 pub struct Registry {
-    tunnels: RwLock<HashMap<TunnelKey, Vec<Tunnel>>>,
+    tunnels: RwLock<Tunnels>,
     ids: AtomicU64,
     round_robin: AtomicUsize,
 }
@@ -31,36 +35,48 @@ impl std::fmt::Debug for Registry {
 impl Registry {
     pub(crate) fn add(&self, key: TunnelKey, sender: SendRequest<BoxBody>) -> u64 {
         let id = self.ids.fetch_add(1, Ordering::Relaxed);
-        self.tunnels.write().unwrap_or_else(|p| p.into_inner()).entry(key).or_default().push(Tunnel { id, sender });
+        let (subaccount, location) = key;
+        let mut map = self.tunnels.write().unwrap_or_else(|p| p.into_inner());
+        map.entry(subaccount).or_default().entry(location).or_default().push(Tunnel { id, sender });
         id
     }
 
     pub(crate) fn remove(&self, key: &TunnelKey, id: u64) {
         let mut map = self.tunnels.write().unwrap_or_else(|p| p.into_inner());
-        if let Some(list) = map.get_mut(key) {
+        let Some(locations) = map.get_mut(&key.0) else { return };
+        if let Some(list) = locations.get_mut(&key.1) {
             list.retain(|t| t.id != id);
             if list.is_empty() {
-                map.remove(key);
+                locations.remove(&key.1);
             }
+        }
+        if locations.is_empty() {
+            map.remove(&key.0);
         }
     }
 
     /// A live tunnel for `key`, spreading load round-robin over a connector's connections.
     pub(crate) fn pick(&self, subaccount: &str, location: &str) -> Option<SendRequest<BoxBody>> {
+        // Called for every request: no allocation on this path.
         let map = self.tunnels.read().unwrap_or_else(|p| p.into_inner());
-        let list = map.get(&(subaccount.to_owned(), location.to_owned()))?;
-        let live: Vec<&Tunnel> = list.iter().filter(|t| !t.sender.is_closed()).collect();
-        if live.is_empty() {
+        let list = map.get(subaccount)?.get(location)?;
+        let live = list.iter().filter(|t| !t.sender.is_closed()).count();
+        if live == 0 {
             return None;
         }
-        let i = self.round_robin.fetch_add(1, Ordering::Relaxed) % live.len();
-        Some(live[i].sender.clone())
+        let i = self.round_robin.fetch_add(1, Ordering::Relaxed) % live;
+        // A tunnel that closed since the count moves the pick on to any other live one.
+        let mut live = list.iter().filter(|t| !t.sender.is_closed());
+        live.clone().nth(i).or_else(|| live.next()).map(|t| t.sender.clone())
     }
 
     /// The connected (subaccount, location id) pairs with their number of tunnel connections.
     pub fn keys(&self) -> Vec<(TunnelKey, usize)> {
         let map = self.tunnels.read().unwrap_or_else(|p| p.into_inner());
-        let mut keys: Vec<_> = map.iter().map(|(k, v)| (k.clone(), v.len())).collect();
+        let mut keys: Vec<_> = map
+            .iter()
+            .flat_map(|(s, locations)| locations.iter().map(|(l, v)| ((s.clone(), l.clone()), v.len())))
+            .collect();
         keys.sort();
         keys
     }

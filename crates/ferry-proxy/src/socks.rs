@@ -1,7 +1,10 @@
 //! The SOCKS5 proxy (SAP's port 20004) with SAP's authentication method 0x80 (JWT + location
 //! id). After CONNECT, bytes are relayed through a `tcp` tunnel stream.
 
+use std::pin::Pin;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::BytesMut;
@@ -10,7 +13,7 @@ use ferry_proto::socks5::{self, Address, ConnectRequest, Greeting, Parsed, Reply
 use ferry_proto::tunnel;
 use http::{Request, StatusCode};
 use http_body_util::BodyExt;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
 
 use crate::Shared;
@@ -42,17 +45,28 @@ async fn read_msg<T>(
     }
 }
 
-async fn handshake(stream: &mut TcpStream, buf: &mut BytesMut) -> Result<Option<SapAuth>, HandshakeError> {
+/// How a client authenticated.
+enum Auth {
+    Sap(SapAuth),
+    /// Method 0x00 on the benchmark-only no-auth listener.
+    None,
+}
+
+async fn handshake(stream: &mut TcpStream, buf: &mut BytesMut, no_auth: bool) -> Result<Option<Auth>, HandshakeError> {
     let greeting = read_msg(stream, buf, Greeting::parse).await?;
     let Some(method) = socks5::choose_method(&greeting) else {
+        if no_auth && greeting.offers(socks5::METHOD_NO_AUTH) {
+            stream.write_all(&socks5::encode_method_selection(socks5::METHOD_NO_AUTH)).await?;
+            return Ok(Some(Auth::None));
+        }
         // 0xFF: no acceptable method. SAP's proxy only speaks 0x80; accepting 0x00 would mean
         // no authentication at all.
-        stream.write_all(&socks5::encode_method_selection(0xFF)).await?;
+        stream.write_all(&socks5::encode_method_selection(socks5::METHOD_NO_ACCEPTABLE)).await?;
         return Ok(None);
     };
     stream.write_all(&socks5::encode_method_selection(method)).await?;
     match read_msg(stream, buf, SapAuth::parse).await {
-        Ok(a) => Ok(Some(a)),
+        Ok(a) => Ok(Some(Auth::Sap(a))),
         Err(e) => {
             let _ = stream.write_all(&socks5::encode_auth_reply(false)).await;
             Err(e)
@@ -60,9 +74,18 @@ async fn handshake(stream: &mut TcpStream, buf: &mut BytesMut) -> Result<Option<
     }
 }
 
-pub(crate) async fn serve(mut stream: TcpStream, shared: Arc<Shared>, handshake_timeout: Duration) {
+/// The fixed identity of the no-auth listener: claims and location id.
+pub(crate) type NoAuth = Arc<(Arc<ferry_auth::Claims>, String)>;
+
+pub(crate) async fn serve(
+    mut stream: TcpStream,
+    shared: Arc<Shared>,
+    handshake_timeout: Duration,
+    no_auth: Option<NoAuth>,
+) {
     let mut buf = BytesMut::with_capacity(2048);
-    let auth = match tokio::time::timeout(handshake_timeout, handshake(&mut stream, &mut buf)).await {
+    let hs = handshake(&mut stream, &mut buf, no_auth.is_some());
+    let auth = match tokio::time::timeout(handshake_timeout, hs).await {
         Ok(Ok(Some(a))) => a,
         Ok(Ok(None)) => return,
         Ok(Err(e)) => {
@@ -74,17 +97,25 @@ pub(crate) async fn serve(mut stream: TcpStream, shared: Arc<Shared>, handshake_
             return;
         }
     };
-    let claims = match shared.verifier.verify(&auth.token).await {
-        Ok(c) => c,
-        Err(e) => {
-            tracing::info!(error = %e, "SOCKS5 authentication failed");
-            let _ = stream.write_all(&socks5::encode_auth_reply(false)).await;
-            return;
+    let (claims, location) = match (auth, no_auth) {
+        (Auth::Sap(auth), _) => {
+            let claims = match shared.verifier.verify(&auth.token).await {
+                Ok(c) => c,
+                Err(e) => {
+                    tracing::info!(error = %e, "SOCKS5 authentication failed");
+                    let _ = stream.write_all(&socks5::encode_auth_reply(false)).await;
+                    return;
+                }
+            };
+            if stream.write_all(&socks5::encode_auth_reply(true)).await.is_err() {
+                return;
+            }
+            (claims, auth.location_id.unwrap_or_default())
         }
+        (Auth::None, Some(route)) => (route.0.clone(), route.1.clone()),
+        // `handshake` chooses 0x00 only when a route exists.
+        (Auth::None, None) => return,
     };
-    if stream.write_all(&socks5::encode_auth_reply(true)).await.is_err() {
-        return;
-    }
     let read = tokio::time::timeout(handshake_timeout, read_msg(&mut stream, &mut buf, ConnectRequest::parse)).await;
     let request = match read {
         Ok(Ok(r)) => r,
@@ -103,7 +134,6 @@ pub(crate) async fn serve(mut stream: TcpStream, shared: Arc<Shared>, handshake_
         Address::Ipv6(_) => format!("[{}]:{}", request.address, request.port),
         a => format!("{}:{}", a, request.port),
     };
-    let location = auth.location_id.unwrap_or_default();
     relay(stream, buf, shared, claims, target, location).await;
 }
 
@@ -122,7 +152,11 @@ async fn relay(
         return;
     };
     let (read, mut write) = stream.into_split();
-    let upstream = std::io::Cursor::new(leftover.to_vec()).chain(read);
+    let client_spoke = Arc::new(AtomicBool::new(!leftover.is_empty()));
+    let upstream =
+        std::io::Cursor::new(leftover.to_vec()).chain(NoticeData { inner: read, seen: client_spoke.clone() });
+    // The handshake buffer would otherwise live as long as the connection.
+    drop(leftover);
     let mut req = Request::new(body::from_reader(upstream));
     *req.method_mut() = http::Method::POST;
     *req.version_mut() = http::Version::HTTP_2;
@@ -157,10 +191,11 @@ async fn relay(
     // arrive in the same read as the CONNECT reply: it re-emits them before nodemailer listens,
     // so an SMTP greeting sent at once by the backend would be lost ("Greeting never received").
     // A server-first protocol's first bytes therefore go out no sooner than a short gap after the
-    // reply; client-first protocols answer only after the client has read the reply, so they
-    // never wait.
+    // reply. Client-first protocols (the client sent bytes before the backend's first answer)
+    // never wait: their client has read the reply already, and a wait would cap a
+    // connection-per-request client at 40 connections per second.
     let first = downstream.frame().await;
-    if first.is_some() {
+    if first.is_some() && !client_spoke.load(Ordering::Acquire) {
         tokio::time::sleep_until(replied + FIRST_DATA_GAP).await;
     }
     let rest = async {
@@ -173,6 +208,23 @@ async fn relay(
     };
     if let Err(e) = rest.await {
         tracing::debug!(%request_id, error = %e, "SOCKS5 relay ended");
+    }
+}
+
+/// Notes in `seen` that the client sent at least one byte.
+struct NoticeData<R> {
+    inner: R,
+    seen: Arc<AtomicBool>,
+}
+
+impl<R: AsyncRead + Unpin> AsyncRead for NoticeData<R> {
+    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let r = Pin::new(&mut self.inner).poll_read(cx, buf);
+        if buf.filled().len() > before {
+            self.seen.store(true, Ordering::Release);
+        }
+        r
     }
 }
 
