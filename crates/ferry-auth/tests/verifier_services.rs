@@ -119,9 +119,10 @@ async fn proxy(t: &Tenants) -> (std::net::SocketAddr, std::net::SocketAddr, ferr
     let (h, s, tun) = (bind().await.unwrap(), bind().await.unwrap(), bind().await.unwrap());
     let (http_addr, socks_addr) = (h.local_addr().unwrap(), s.local_addr().unwrap());
     let shutdown = ferry_core::Shutdown::new();
-    tokio::spawn(
-        proxy.run(ferry_proxy::Listeners { http: Some(h), socks5: Some(s), tunnel: Some(tun) }, shutdown.clone()),
-    );
+    tokio::spawn(proxy.run(
+        ferry_proxy::Listeners { http: Some(h), socks5: Some(s), tunnel: Some(tun), socks5_no_auth: None },
+        shutdown.clone(),
+    ));
     (http_addr, socks_addr, shutdown)
 }
 

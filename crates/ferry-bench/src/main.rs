@@ -41,6 +41,9 @@ struct Args {
     /// Tunnel connections between connector and proxy.
     #[arg(long, default_value_t = 1)]
     tunnels: usize,
+    /// Workers for the connection-setup measurements (a new TCP connection per request).
+    #[arg(long, default_value_t = 16)]
+    setup_conns: usize,
 }
 
 /// A TCP sink that discards everything.
@@ -172,6 +175,78 @@ async fn http_load(
     HttpResult { rps: all.len() as f64 / elapsed, p50_ms: pct(0.50), p99_ms: pct(0.99) }
 }
 
+/// Connection setup: `conns` workers, each opening a new TCP connection for every request
+/// (HTTP/1.1 with `connection: close`, through the HTTP proxy when `proxied`), for `secs`.
+/// Returns connections (= requests) per second.
+async fn setup_http(addr: SocketAddr, uri: String, headers: Vec<(String, String)>, conns: usize, secs: u64) -> f64 {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    let start = Instant::now();
+    let mut tasks = Vec::new();
+    for _ in 0..conns {
+        let (uri, headers) = (uri.clone(), headers.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut n = 0u64;
+            while Instant::now() < deadline {
+                let s = TcpStream::connect(addr).await.expect("connect");
+                s.set_nodelay(true).expect("nodelay");
+                let (mut tx, conn) = hyper::client::conn::http1::handshake(TokioIo::new(s)).await.expect("handshake");
+                tokio::spawn(conn);
+                let mut b =
+                    http::Request::get(uri.as_str()).header("host", "origin.virtual:80").header("connection", "close");
+                for (k, v) in &headers {
+                    b = b.header(k.as_str(), v.as_str());
+                }
+                let resp = tx.send_request(b.body(Empty::<Bytes>::new()).expect("request")).await.expect("response");
+                assert_eq!(resp.status(), 200);
+                let _ = resp.into_body().collect().await.expect("body");
+                n += 1;
+            }
+            n
+        }));
+    }
+    let mut total = 0;
+    for t in tasks {
+        total += t.await.expect("task");
+    }
+    total as f64 / start.elapsed().as_secs_f64()
+}
+
+/// Connection setup through SOCKS5: a new SOCKS5 connection (method 0x80, token) and tunnel
+/// stream per request, one HTTP/1.1 GET with `connection: close` to the origin over it, read to
+/// EOF; `via` None = the same without the proxy (direct TCP to the origin).
+async fn setup_socks(via: Option<(SocketAddr, String)>, origin: SocketAddr, conns: usize, secs: u64) -> f64 {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    let start = Instant::now();
+    let mut tasks = Vec::new();
+    for _ in 0..conns {
+        let via = via.clone();
+        tasks.push(tokio::spawn(async move {
+            let (mut n, mut buf) = (0u64, Vec::with_capacity(4096));
+            while Instant::now() < deadline {
+                let mut s = match &via {
+                    Some((proxy, token)) => socks_connect(*proxy, token, "origin-tcp.virtual", 81).await,
+                    None => {
+                        let s = TcpStream::connect(origin).await.expect("connect");
+                        s.set_nodelay(true).expect("nodelay");
+                        s
+                    }
+                };
+                s.write_all(b"GET /1k HTTP/1.1\r\nhost: origin\r\nconnection: close\r\n\r\n").await.expect("write");
+                buf.clear();
+                s.read_to_end(&mut buf).await.expect("read");
+                assert!(buf.starts_with(b"HTTP/1.1 200"), "{}", String::from_utf8_lossy(&buf));
+                n += 1;
+            }
+            n
+        }));
+    }
+    let mut total = 0;
+    for t in tasks {
+        total += t.await.expect("task");
+    }
+    total as f64 / start.elapsed().as_secs_f64()
+}
+
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(|a, b| a.total_cmp(b));
     v[v.len() / 2]
@@ -210,6 +285,7 @@ async fn main() -> anyhow::Result<()> {
     let rules = AccessRules::new(vec![
         mapping("sink.virtual", 9, sink, Protocol::Tcp),
         mapping("origin.virtual", 80, origin, Protocol::Http),
+        mapping("origin-tcp.virtual", 81, origin, Protocol::Tcp),
     ]);
     pair.connector_with("", rules, pair.tunnel_addr, args.tunnels);
     pair.wait_connected("").await;
@@ -217,6 +293,7 @@ async fn main() -> anyhow::Result<()> {
 
     let (mut bulk_direct, mut bulk_ferry) = (Vec::new(), Vec::new());
     let (mut http_direct, mut http_ferry) = (Vec::new(), Vec::new());
+    let (mut setup_direct, mut setup_ferry_http, mut setup_ferry_socks) = (Vec::new(), Vec::new(), Vec::new());
     for rep in 0..args.reps {
         eprintln!("rep {}/{}", rep + 1, args.reps);
         if args.http_only {
@@ -240,6 +317,19 @@ async fn main() -> anyhow::Result<()> {
             )
             .await,
         );
+        setup_direct.push(setup_socks(None, origin, args.setup_conns, args.secs).await);
+        setup_ferry_http.push(
+            setup_http(
+                pair.http_addr,
+                "http://origin.virtual:80/1k".into(),
+                vec![("proxy-authorization".into(), format!("Bearer {token}"))],
+                args.setup_conns,
+                args.secs,
+            )
+            .await,
+        );
+        setup_ferry_socks
+            .push(setup_socks(Some((pair.socks_addr, token.clone())), origin, args.setup_conns, args.secs).await);
     }
     let bd = median(bulk_direct);
     let bf = median(bulk_ferry);
@@ -257,6 +347,18 @@ async fn main() -> anyhow::Result<()> {
         rf / rd
     );
     println!("| HTTP p99 latency | {p99d:.2} ms | {p99f:.2} ms (p50 {p50f:.2} ms) | {:.2} |", p99f / p99d.max(1e-9));
+    let sd = median(setup_direct);
+    let (sh, ss) = (median(setup_ferry_http), median(setup_ferry_socks));
+    println!(
+        "| new connection per request, {} workers: HTTP proxy → tunnel → origin | {sd:.0} conn/s | {sh:.0} conn/s | {:.2} |",
+        args.setup_conns,
+        sh / sd
+    );
+    println!(
+        "| new connection per request, {} workers: SOCKS5 (0x80) → tunnel stream → new backend connection | {sd:.0} conn/s | {ss:.0} conn/s | {:.2} |",
+        args.setup_conns,
+        ss / sd
+    );
     println!(
         "({} s per measurement, median of {} reps, load generator and servers on the same cores)",
         args.secs, args.reps

@@ -3,12 +3,11 @@
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
-use bytes::Bytes;
+use bytes::{BufMut, Bytes, BytesMut};
 use http::HeaderMap;
 use http_body::{Body, Frame};
 use http_body_util::BodyExt;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
-use tokio_util::io::ReaderStream;
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 pub type BoxBody = http_body_util::combinators::BoxBody<Bytes, BoxError>;
@@ -30,14 +29,26 @@ where
     body.map_err(Into::into).boxed()
 }
 
-/// A body that streams what `reader` yields, in chunks of up to 64 KiB. Backpressure: the
-/// reader is polled only when the consumer asks for the next frame.
+/// First read buffer of a [`from_reader`] body. Every idle tunnelled connection holds one per
+/// direction, so it stays small; measured with 1,000 idle SOCKS5 connections (bench/README.md).
+const READ_MIN: usize = 4 * 1024;
+/// Largest read buffer: one read fills one HTTP/2 frame of the tunnel (`MAX_FRAME`).
+const READ_MAX: usize = 64 * 1024;
+
+/// A body that streams what `reader` yields. Reads start with a small buffer; a read that fills
+/// it makes the next buffer four times larger, up to 64 KiB, so bulk transfers move large frames
+/// while idle connections hold little memory. Backpressure: the reader is polled only when the
+/// consumer asks for the next frame.
 pub fn from_reader<R: AsyncRead + Unpin + Send + Sync + 'static>(reader: R) -> BoxBody {
-    BoxBody::new(ReaderBody { inner: ReaderStream::with_capacity(reader, 64 * 1024) })
+    BoxBody::new(ReaderBody { reader: Some(reader), buf: BytesMut::new(), next: READ_MIN })
 }
 
 struct ReaderBody<R> {
-    inner: ReaderStream<R>,
+    /// `None` after end of stream or an error.
+    reader: Option<R>,
+    buf: BytesMut,
+    /// Size of the next buffer to allocate.
+    next: usize,
 }
 
 impl<R: AsyncRead + Unpin> Body for ReaderBody<R> {
@@ -45,11 +56,30 @@ impl<R: AsyncRead + Unpin> Body for ReaderBody<R> {
     type Error = BoxError;
 
     fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        match futures_util::Stream::poll_next(Pin::new(&mut self.get_mut().inner), cx) {
-            Poll::Ready(Some(Ok(b))) => Poll::Ready(Some(Ok(Frame::data(b)))),
-            Poll::Ready(Some(Err(e))) => Poll::Ready(Some(Err(e.into()))),
-            Poll::Ready(None) => Poll::Ready(None),
+        let this = self.get_mut();
+        let Some(reader) = this.reader.as_mut() else { return Poll::Ready(None) };
+        // The rest of a partly filled buffer is reused until it gets too small to be worth a read.
+        if this.buf.capacity() < READ_MIN {
+            this.buf.reserve(this.next);
+        }
+        // `reserve` may hand back a reclaimed buffer larger than asked for; reads stay bounded.
+        let room = this.buf.capacity().min(this.next);
+        match tokio_util::io::poll_read_buf(Pin::new(reader), cx, &mut (&mut this.buf).limit(room)) {
             Poll::Pending => Poll::Pending,
+            Poll::Ready(Err(e)) => {
+                this.reader = None;
+                Poll::Ready(Some(Err(e.into())))
+            }
+            Poll::Ready(Ok(0)) => {
+                this.reader = None;
+                Poll::Ready(None)
+            }
+            Poll::Ready(Ok(n)) => {
+                if n == room {
+                    this.next = (this.next * 4).min(READ_MAX);
+                }
+                Poll::Ready(Some(Ok(Frame::data(this.buf.split().freeze()))))
+            }
         }
     }
 }
@@ -107,6 +137,25 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Frames carry every byte in order; reads grow from 4 KiB to 64 KiB while the source keeps
+    /// the buffer full, and the body ends at end of stream.
+    #[tokio::test]
+    async fn reader_body_streams_everything_with_growing_reads() {
+        let data: Vec<u8> = (0..300_000u32).map(|i| (i % 251) as u8).collect();
+        let mut body = from_reader(std::io::Cursor::new(data.clone()));
+        let (mut out, mut sizes) = (Vec::new(), Vec::new());
+        while let Some(frame) = body.frame().await {
+            let chunk = frame.unwrap().into_data().unwrap();
+            sizes.push(chunk.len());
+            out.extend_from_slice(&chunk);
+        }
+        assert_eq!(out, data);
+        assert_eq!(sizes[0], READ_MIN);
+        assert!(sizes.contains(&READ_MAX), "{sizes:?}");
+        assert!(sizes.iter().all(|&n| n <= READ_MAX), "{sizes:?}");
+        assert!(body.frame().await.is_none());
+    }
 
     #[test]
     fn strips_hop_by_hop_and_connection_named() {

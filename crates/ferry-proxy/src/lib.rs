@@ -38,6 +38,8 @@ pub struct ProxyConfig {
     /// HTTP requests in flight plus open SOCKS5 connections per subaccount; more get 429
     /// (HTTP) or reply 01 (SOCKS5).
     pub max_streams_per_subaccount: usize,
+    /// Where connections of [`Listeners::socks5_no_auth`] go. Benchmarks only: see [`NoAuthRoute`].
+    pub socks5_no_auth: Option<NoAuthRoute>,
 }
 
 impl ProxyConfig {
@@ -50,6 +52,7 @@ impl ProxyConfig {
             max_connections: 10_000,
             drain_timeout: Duration::from_secs(10),
             max_streams_per_subaccount: 2_000,
+            socks5_no_auth: None,
         }
     }
 }
@@ -60,7 +63,48 @@ pub struct Listeners {
     pub http: Option<TcpListener>,
     pub socks5: Option<TcpListener>,
     pub tunnel: Option<TcpListener>,
+    /// The benchmark-only SOCKS5 listener without authentication ([`NoAuthRoute`]); must be bound
+    /// to a loopback address and needs [`ProxyConfig::socks5_no_auth`].
+    pub socks5_no_auth: Option<TcpListener>,
 }
+
+/// Why [`Proxy::run`] refuses to start.
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error(
+        "the SOCKS5 no-auth listener (benchmarks only) is bound to {0}: it must listen on a loopback address \
+         (127.0.0.0/8 or ::1), because anyone who reaches it acts as the configured subaccount"
+    )]
+    NoAuthNotLoopback(std::net::SocketAddr),
+    #[error("a SOCKS5 no-auth listener is given but ProxyConfig::socks5_no_auth names no subaccount for it")]
+    NoAuthWithoutRoute,
+    #[error("cannot read the address of the SOCKS5 no-auth listener: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// Checks that a no-auth SOCKS5 listener may be served: bound to loopback, with a route.
+pub fn check_no_auth(listener: &TcpListener, route: Option<&NoAuthRoute>) -> Result<(), RunError> {
+    let addr = listener.local_addr()?;
+    if !addr.ip().is_loopback() {
+        return Err(RunError::NoAuthNotLoopback(addr));
+    }
+    route.map(|_| ()).ok_or(RunError::NoAuthWithoutRoute)
+}
+
+/// Benchmark/development mode, not for production: SOCKS5 clients that cannot speak SAP's method
+/// 0x80 (generic load generators) may connect without a token on a loopback-only listener; all
+/// their connections go to this one (subaccount, location id). Anyone who can reach the listener
+/// acts as that subaccount, which is why [`Proxy::run`] refuses to serve it on any address but
+/// loopback.
+#[derive(Clone, Debug)]
+pub struct NoAuthRoute {
+    pub subaccount: String,
+    pub location: String,
+}
+
+/// The client id the tunnel stream header carries for connections of the no-auth listener, so
+/// the connector's audit log shows where they came from.
+pub const NO_AUTH_CLIENT_ID: &str = "ferry-bench-socks5-no-auth";
 
 /// Writes the tunnel stream header (see `ferry_proto::tunnel`) and returns the request id.
 pub(crate) fn stamp_tunnel_headers(
@@ -147,8 +191,34 @@ impl Proxy {
             let hs = self.config.handshake_timeout;
             let sd = shutdown.clone();
             front.spawn(accept_loop(l, opts("socks5-proxy"), shutdown.clone(), move |stream, _| {
-                socks::serve(stream, shared.clone(), hs, socks::Drain { shutdown: sd.clone(), timeout: drain })
+                socks::serve(stream, shared.clone(), hs, None, socks::Drain { shutdown: sd.clone(), timeout: drain })
             }));
+        }
+        if let Some(l) = listeners.socks5_no_auth {
+            match check_no_auth(&l, self.config.socks5_no_auth.as_ref()) {
+                Err(e) => tracing::error!(error = %e, "SOCKS5 no-auth listener not served"),
+                Ok(()) => {
+                    let shared = shared.clone();
+                    let hs = self.config.handshake_timeout;
+                    let sd = shutdown.clone();
+                    let route = self.config.socks5_no_auth.clone().map(|r| {
+                        let claims = Arc::new(ferry_auth::Claims {
+                            zid: r.subaccount,
+                            client_id: Some(NO_AUTH_CLIENT_ID.into()),
+                            ..Default::default()
+                        });
+                        Arc::new((claims, r.location))
+                    });
+                    tracing::warn!(
+                        addr = ?l.local_addr().ok(),
+                        "SOCKS5 without authentication is enabled (benchmark mode, not for production)"
+                    );
+                    front.spawn(accept_loop(l, opts("socks5-no-auth"), shutdown.clone(), move |stream, _| {
+                        let drain = socks::Drain { shutdown: sd.clone(), timeout: drain };
+                        socks::serve(stream, shared.clone(), hs, route.clone(), drain)
+                    }));
+                }
+            }
         }
         let tunnels_sd = Shutdown::new();
         let tunnels = listeners.tunnel.map(|l| {

@@ -29,9 +29,13 @@ struct Slot {
     tunnels: Vec<Tunnel>,
 }
 
+/// Subaccount → location id → slot: nested so a request looks its tunnel up by `&str` without
+/// allocating a key.
+type Slots = HashMap<String, HashMap<String, Slot>>;
+
 #[derive(Default)]
 pub struct Registry {
-    slots: RwLock<HashMap<TunnelKey, Slot>>,
+    slots: RwLock<Slots>,
     ids: AtomicU64,
     round_robin: AtomicUsize,
 }
@@ -50,7 +54,7 @@ impl Registry {
     /// The highest fence admitted for `key` (the default for a key never seen).
     pub(crate) fn fence(&self, key: &TunnelKey) -> Fence {
         let map = self.slots.read().unwrap_or_else(|p| p.into_inner());
-        map.get(key).map(|s| s.fence.clone()).unwrap_or_default()
+        map.get(&key.0).and_then(|l| l.get(&key.1)).map(|s| s.fence.clone()).unwrap_or_default()
     }
 
     /// Admits a tunnel with `fence`, or refuses it if a higher fence holds the key. A higher
@@ -62,7 +66,8 @@ impl Registry {
         sender: SendRequest<BoxBody>,
     ) -> Result<(u64, Shutdown), Fenced> {
         let mut map = self.slots.write().unwrap_or_else(|p| p.into_inner());
-        let slot = map.entry(key).or_default();
+        let (subaccount, location) = key;
+        let slot = map.entry(subaccount).or_default().entry(location).or_default();
         if fence < slot.fence {
             return Err(Fenced(slot.fence.clone()));
         }
@@ -80,28 +85,36 @@ impl Registry {
 
     pub(crate) fn remove(&self, key: &TunnelKey, id: u64) {
         let mut map = self.slots.write().unwrap_or_else(|p| p.into_inner());
-        if let Some(slot) = map.get_mut(key) {
+        // The slot itself stays: it remembers the highest fence (see `Slot::fence`).
+        if let Some(slot) = map.get_mut(&key.0).and_then(|l| l.get_mut(&key.1)) {
             slot.tunnels.retain(|t| t.id != id);
         }
     }
 
     /// A live tunnel for `key`, spreading load round-robin over a connector's connections.
     pub(crate) fn pick(&self, subaccount: &str, location: &str) -> Option<SendRequest<BoxBody>> {
+        // Called for every request: no allocation on this path.
         let map = self.slots.read().unwrap_or_else(|p| p.into_inner());
-        let slot = map.get(&(subaccount.to_owned(), location.to_owned()))?;
-        let live: Vec<&Tunnel> = slot.tunnels.iter().filter(|t| !t.sender.is_closed()).collect();
-        if live.is_empty() {
+        let slot = map.get(subaccount)?.get(location)?;
+        let live = slot.tunnels.iter().filter(|t| !t.sender.is_closed()).count();
+        if live == 0 {
             return None;
         }
-        let i = self.round_robin.fetch_add(1, Ordering::Relaxed) % live.len();
-        Some(live[i].sender.clone())
+        let i = self.round_robin.fetch_add(1, Ordering::Relaxed) % live;
+        // A tunnel that closed since the count moves the pick on to any other live one.
+        let mut live = slot.tunnels.iter().filter(|t| !t.sender.is_closed());
+        live.clone().nth(i).or_else(|| live.next()).map(|t| t.sender.clone())
     }
 
     /// The connected (subaccount, location id) pairs with their number of tunnel connections.
     pub fn keys(&self) -> Vec<(TunnelKey, usize)> {
         let map = self.slots.read().unwrap_or_else(|p| p.into_inner());
-        let mut keys: Vec<_> =
-            map.iter().filter(|(_, s)| !s.tunnels.is_empty()).map(|(k, s)| (k.clone(), s.tunnels.len())).collect();
+        let mut keys: Vec<_> = map
+            .iter()
+            .flat_map(|(sub, locations)| locations.iter().map(move |(loc, s)| (sub, loc, s)))
+            .filter(|(_, _, s)| !s.tunnels.is_empty())
+            .map(|(sub, loc, s)| ((sub.clone(), loc.clone()), s.tunnels.len()))
+            .collect();
         keys.sort();
         keys
     }
@@ -110,7 +123,8 @@ impl Registry {
     pub fn serving(&self, subaccount: &str, location: &str) -> Vec<Fence> {
         let map = self.slots.read().unwrap_or_else(|p| p.into_inner());
         let mut fences: Vec<Fence> = map
-            .get(&(subaccount.to_owned(), location.to_owned()))
+            .get(subaccount)
+            .and_then(|l| l.get(location))
             .map(|s| s.tunnels.iter().filter(|t| !t.sender.is_closed()).map(|t| t.fence.clone()).collect())
             .unwrap_or_default();
         fences.sort();

@@ -46,17 +46,28 @@ async fn read_msg<T>(
     }
 }
 
-async fn handshake(stream: &mut TcpStream, buf: &mut BytesMut) -> Result<Option<SapAuth>, HandshakeError> {
+/// How a client authenticated.
+enum Auth {
+    Sap(SapAuth),
+    /// Method 0x00 on the benchmark-only no-auth listener.
+    None,
+}
+
+async fn handshake(stream: &mut TcpStream, buf: &mut BytesMut, no_auth: bool) -> Result<Option<Auth>, HandshakeError> {
     let greeting = read_msg(stream, buf, Greeting::parse).await?;
     let Some(method) = socks5::choose_method(&greeting) else {
+        if no_auth && greeting.offers(socks5::METHOD_NO_AUTH) {
+            stream.write_all(&socks5::encode_method_selection(socks5::METHOD_NO_AUTH)).await?;
+            return Ok(Some(Auth::None));
+        }
         // 0xFF: no acceptable method. SAP's proxy only speaks 0x80; accepting 0x00 would mean
         // no authentication at all.
-        stream.write_all(&socks5::encode_method_selection(0xFF)).await?;
+        stream.write_all(&socks5::encode_method_selection(socks5::METHOD_NO_ACCEPTABLE)).await?;
         return Ok(None);
     };
     stream.write_all(&socks5::encode_method_selection(method)).await?;
     match read_msg(stream, buf, SapAuth::parse).await {
-        Ok(a) => Ok(Some(a)),
+        Ok(a) => Ok(Some(Auth::Sap(a))),
         Err(e) => {
             let _ = stream.write_all(&socks5::encode_auth_reply(false)).await;
             Err(e)
@@ -73,9 +84,19 @@ pub(crate) struct Drain {
 /// While draining, a stream that moved no byte for this long is idle and closed.
 pub const IDLE_TICK: Duration = Duration::from_millis(500);
 
-pub(crate) async fn serve(mut stream: TcpStream, shared: Arc<Shared>, handshake_timeout: Duration, drain: Drain) {
+/// The fixed identity of the no-auth listener: claims and location id.
+pub(crate) type NoAuth = Arc<(Arc<ferry_auth::Claims>, String)>;
+
+pub(crate) async fn serve(
+    mut stream: TcpStream,
+    shared: Arc<Shared>,
+    handshake_timeout: Duration,
+    no_auth: Option<NoAuth>,
+    drain: Drain,
+) {
     let mut buf = BytesMut::with_capacity(2048);
-    let auth = match tokio::time::timeout(handshake_timeout, handshake(&mut stream, &mut buf)).await {
+    let hs = handshake(&mut stream, &mut buf, no_auth.is_some());
+    let auth = match tokio::time::timeout(handshake_timeout, hs).await {
         Ok(Ok(Some(a))) => a,
         Ok(Ok(None)) => return,
         Ok(Err(e)) => {
@@ -87,17 +108,25 @@ pub(crate) async fn serve(mut stream: TcpStream, shared: Arc<Shared>, handshake_
             return;
         }
     };
-    let claims = match shared.verifier.verify(&auth.token).await {
-        Ok(c) => c,
-        Err(e) => {
-            tracing::info!(error = %e, "SOCKS5 authentication failed");
-            let _ = stream.write_all(&socks5::encode_auth_reply(false)).await;
-            return;
+    let (claims, location) = match (auth, no_auth) {
+        (Auth::Sap(auth), _) => {
+            let claims = match shared.verifier.verify(&auth.token).await {
+                Ok(c) => c,
+                Err(e) => {
+                    tracing::info!(error = %e, "SOCKS5 authentication failed");
+                    let _ = stream.write_all(&socks5::encode_auth_reply(false)).await;
+                    return;
+                }
+            };
+            if stream.write_all(&socks5::encode_auth_reply(true)).await.is_err() {
+                return;
+            }
+            (claims, auth.location_id.unwrap_or_default())
         }
+        (Auth::None, Some(route)) => (route.0.clone(), route.1.clone()),
+        // `handshake` chooses 0x00 only when a route exists.
+        (Auth::None, None) => return,
     };
-    if stream.write_all(&socks5::encode_auth_reply(true)).await.is_err() {
-        return;
-    }
     let read = tokio::time::timeout(handshake_timeout, read_msg(&mut stream, &mut buf, ConnectRequest::parse)).await;
     let request = match read {
         Ok(Ok(r)) => r,
@@ -116,7 +145,6 @@ pub(crate) async fn serve(mut stream: TcpStream, shared: Arc<Shared>, handshake_
         Address::Ipv6(_) => format!("[{}]:{}", request.address, request.port),
         a => format!("{}:{}", a, request.port),
     };
-    let location = auth.location_id.unwrap_or_default();
     relay(stream, buf, shared, claims, target, location, drain).await;
 }
 
@@ -148,11 +176,14 @@ async fn relay(
     // Closing a drained stream must also end its upstream half, which hyper's send task reads:
     // an aborted read resets the tunnel stream, so the connector lets go of it too.
     let stop = Shutdown::new();
+    let client_spoke = Arc::new(AtomicBool::new(!leftover.is_empty()));
     let read = Stoppable {
-        inner: Active { inner: read, flag: active.clone() },
+        inner: Active { inner: NoticeData { inner: read, seen: client_spoke.clone() }, flag: active.clone() },
         stop: Box::pin(stop.clone().cancelled_owned()),
     };
     let upstream = std::io::Cursor::new(leftover.to_vec()).chain(read);
+    // The handshake buffer would otherwise live as long as the connection.
+    drop(leftover);
     let mut req = Request::new(body::from_reader(upstream));
     *req.method_mut() = http::Method::POST;
     *req.version_mut() = http::Version::HTTP_2;
@@ -188,10 +219,11 @@ async fn relay(
         // arrive in the same read as the CONNECT reply: it re-emits them before nodemailer listens,
         // so an SMTP greeting sent at once by the backend would be lost ("Greeting never received").
         // A server-first protocol's first bytes therefore go out no sooner than a short gap after the
-        // reply; client-first protocols answer only after the client has read the reply, so they
-        // never wait.
+        // reply. Client-first protocols (the client sent bytes before the backend's first answer)
+        // never wait: their client has read the reply already, and a wait would cap a
+        // connection-per-request client at 40 connections per second.
         let first = downstream.frame().await;
-        if first.is_some() {
+        if first.is_some() && !client_spoke.load(Ordering::Acquire) {
             tokio::time::sleep_until(replied + FIRST_DATA_GAP).await;
         }
         if let Some(frame) = first
@@ -286,6 +318,23 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Active<T> {
     }
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
         Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+/// Notes in `seen` that the client sent at least one byte.
+struct NoticeData<R> {
+    inner: R,
+    seen: Arc<AtomicBool>,
+}
+
+impl<R: AsyncRead + Unpin> AsyncRead for NoticeData<R> {
+    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let r = Pin::new(&mut self.inner).poll_read(cx, buf);
+        if buf.filled().len() > before {
+            self.seen.store(true, Ordering::Release);
+        }
+        r
     }
 }
 

@@ -84,7 +84,12 @@ async fn one_subaccount_cannot_take_every_stream() {
     let (http_addr, socks_addr, tunnel_addr) =
         (h.local_addr().unwrap(), so.local_addr().unwrap(), t.local_addr().unwrap());
     let shutdown = Shutdown::new();
-    tokio::spawn(proxy.clone().run(Listeners { http: Some(h), socks5: Some(so), tunnel: Some(t) }, shutdown.clone()));
+    tokio::spawn(
+        proxy.clone().run(
+            Listeners { http: Some(h), socks5: Some(so), tunnel: Some(t), socks5_no_auth: None },
+            shutdown.clone(),
+        ),
+    );
 
     let backend = streaming_backend().await;
     let map = |vhost: &str, protocol| SystemMapping {

@@ -223,9 +223,10 @@ impl TunnelPair {
         let (http_addr, socks_addr, tunnel_addr) =
             (h.local_addr().expect("a"), s.local_addr().expect("a"), t.local_addr().expect("a"));
         let shutdown = Shutdown::new();
-        tokio::spawn(
-            proxy.clone().run(Listeners { http: Some(h), socks5: Some(s), tunnel: Some(t) }, shutdown.clone()),
-        );
+        tokio::spawn(proxy.clone().run(
+            Listeners { http: Some(h), socks5: Some(s), tunnel: Some(t), socks5_no_auth: None },
+            shutdown.clone(),
+        ));
         Self { ca, keys, proxy, http_addr, socks_addr, tunnel_addr, shutdown }
     }
 
@@ -239,7 +240,10 @@ impl TunnelPair {
         let (h, s, t) = (listener().await, listener().await, listener().await);
         let addrs = (h.local_addr().expect("a"), s.local_addr().expect("a"), t.local_addr().expect("a"));
         let registry = proxy.registry();
-        tokio::spawn(proxy.run(Listeners { http: Some(h), socks5: Some(s), tunnel: Some(t) }, self.shutdown.clone()));
+        tokio::spawn(proxy.run(
+            Listeners { http: Some(h), socks5: Some(s), tunnel: Some(t), socks5_no_auth: None },
+            self.shutdown.clone(),
+        ));
         (addrs.0, addrs.1, addrs.2, registry)
     }
 

@@ -243,6 +243,29 @@ pub struct ProxyFile {
     token_keys_urls: Vec<String>,
     #[serde(default)]
     token_ca_file: Option<PathBuf>,
+    /// Open connections allowed per listener.
+    #[serde(default = "max_connections")]
+    max_connections: usize,
+    /// Benchmark/development mode, not for production: SOCKS5 without authentication.
+    #[serde(default)]
+    bench_socks5_no_auth: Option<BenchNoAuth>,
+}
+
+/// A loopback-only SOCKS5 listener that accepts method 0x00 (no authentication) and sends every
+/// connection to one (subaccount, location id), so generic SOCKS5 load generators, which cannot
+/// speak SAP's method 0x80, can drive the tunnel. Whoever reaches it acts as that subaccount.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct BenchNoAuth {
+    /// `127.0.0.1:port` or `[::1]:port`; any other address is refused at start-up.
+    listen: std::net::SocketAddr,
+    subaccount: String,
+    #[serde(default)]
+    location: String,
+}
+
+fn max_connections() -> usize {
+    10_000
 }
 
 fn localhost() -> String {
@@ -261,6 +284,15 @@ fn tunnel_port() -> u16 {
 pub async fn proxy(config: &Path) -> anyhow::Result<()> {
     ferry_core::init_crypto();
     let (cfg, base): (ProxyFile, PathBuf) = load(config)?;
+    if let Some(b) = &cfg.bench_socks5_no_auth {
+        anyhow::ensure!(
+            b.listen.ip().is_loopback(),
+            "bench_socks5_no_auth.listen = {}: the SOCKS5 listener without authentication may only listen on a \
+             loopback address (127.0.0.1 or [::1]); it is a benchmark mode, not for production",
+            b.listen
+        );
+        anyhow::ensure!(!b.subaccount.is_empty(), "bench_socks5_no_auth.subaccount must name the subaccount id");
+    }
     let verifier = remote_verifier(&cfg.token_keys_urls, cfg.token_ca_file.as_deref(), &base)?;
     let identity =
         CertifiedKey { cert_pem: read(&base, &cfg.certificate_file)?, key_pem: read(&base, &cfg.key_file)?.into() };
@@ -276,14 +308,28 @@ pub async fn proxy(config: &Path) -> anyhow::Result<()> {
         ferry_core::serve::bind(&bind(cfg.tunnel_port)).await?,
     );
     println!("proxy: http {} socks5 {} tunnel {}", http.local_addr()?, socks.local_addr()?, tunnel.local_addr()?);
+    let mut pc = ferry_proxy::ProxyConfig::new(verifier, tls);
+    pc.max_connections = cfg.max_connections;
+    let mut no_auth = None;
+    if let Some(b) = &cfg.bench_socks5_no_auth {
+        let l = ferry_core::serve::bind(&b.listen.to_string()).await?;
+        pc.socks5_no_auth =
+            Some(ferry_proxy::NoAuthRoute { subaccount: b.subaccount.clone(), location: b.location.clone() });
+        ferry_proxy::check_no_auth(&l, pc.socks5_no_auth.as_ref())?;
+        println!(
+            "proxy: socks5 WITHOUT authentication {} for subaccount {} (benchmark mode, not for production)",
+            l.local_addr()?,
+            b.subaccount
+        );
+        no_auth = Some(l);
+    }
     println!("ready");
-    let proxy = ferry_proxy::Proxy::new(ferry_proxy::ProxyConfig::new(verifier, tls));
+    let proxy = ferry_proxy::Proxy::new(pc);
     let shutdown = Shutdown::new();
-    let task =
-        tokio::spawn(proxy.run(
-            ferry_proxy::Listeners { http: Some(http), socks5: Some(socks), tunnel: Some(tunnel) },
-            shutdown.clone(),
-        ));
+    let task = tokio::spawn(proxy.run(
+        ferry_proxy::Listeners { http: Some(http), socks5: Some(socks), tunnel: Some(tunnel), socks5_no_auth: no_auth },
+        shutdown.clone(),
+    ));
     crate::up::wait_for_signal().await;
     shutdown.cancel();
     let _ = tokio::time::timeout(Duration::from_secs(15), task).await;

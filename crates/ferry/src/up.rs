@@ -370,7 +370,12 @@ pub async fn up(args: UpArgs) -> anyhow::Result<()> {
         ));
     }
     tasks.spawn(proxy.run(
-        ferry_proxy::Listeners { http: Some(http_l), socks5: Some(socks_l), tunnel: Some(tunnel_l) },
+        ferry_proxy::Listeners {
+            http: Some(http_l),
+            socks5: Some(socks_l),
+            tunnel: Some(tunnel_l),
+            socks5_no_auth: None,
+        },
         shutdown.clone(),
     ));
 

@@ -267,3 +267,28 @@ async fn standalone_connector_managed_through_its_admin_api() {
     assert_eq!(last.0, 200, "{}", last.1);
     assert_eq!(last.1["url"], "/api/x");
 }
+
+/// The benchmark-only SOCKS5 listener without authentication is refused at start-up unless it
+/// listens on loopback, before anything else is read or bound.
+#[test]
+fn proxy_refuses_a_no_auth_socks5_listener_off_loopback() {
+    let tmp = tempfile::tempdir().unwrap();
+    let config = tmp.path().join("proxy.toml");
+    for (listen, ok) in [("0.0.0.0:0", false), ("[::]:0", false), ("192.0.2.1:1080", false), ("127.0.0.1:0", true)] {
+        std::fs::write(
+            &config,
+            format!(
+                "certificate_file = \"missing.pem\"\nkey_file = \"missing-key.pem\"\nconnector_ca_file = \"missing-ca.pem\"\n\
+                 token_keys_urls = [\"http://127.0.0.1:9/token_keys\"]\n\
+                 [bench_socks5_no_auth]\nlisten = \"{listen}\"\nsubaccount = \"s1\"\n"
+            ),
+        )
+        .unwrap();
+        let out = Command::new(env!("CARGO_BIN_EXE_ferry")).arg("proxy").arg("--config").arg(&config).output().unwrap();
+        assert!(!out.status.success(), "{listen}: the files are missing, so the proxy never starts");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        // A loopback address passes the check and fails later, on the missing certificate.
+        assert_eq!(stderr.contains("may only listen on a loopback address"), !ok, "{listen}: {stderr}");
+        assert_eq!(stderr.contains("missing.pem"), ok, "{listen}: {stderr}");
+    }
+}
