@@ -133,14 +133,45 @@ impl LocalCa {
         location_id: &str,
         validity: Duration,
     ) -> Result<CertifiedKey, TlsError> {
-        let mut params = CertificateParams::default();
-        params.distinguished_name.push(DnType::CommonName, format!("connector {subaccount}"));
-        params.distinguished_name.push(DnType::OrganizationalUnitName, location_id);
-        params.subject_alt_names = vec![SanType::URI(connector_uri(subaccount, location_id).try_into()?)];
-        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
-        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-        self.issue(params, validity)
+        self.issue(connector_params(subaccount, location_id)?, validity)
     }
+
+    /// Signs the public key of a PEM certificate signing request (whose signature is checked) as
+    /// a connector certificate for `(subaccount, location_id)`. Everything else the CSR asks for
+    /// (subject, extensions) is ignored: the identity comes from the caller, never from the CSR.
+    pub fn sign_connector_csr(
+        &self,
+        csr_pem: &str,
+        subaccount: &str,
+        location_id: &str,
+        validity: Duration,
+    ) -> Result<String, TlsError> {
+        let csr = rcgen::CertificateSigningRequestParams::from_pem(csr_pem)?;
+        let mut params = connector_params(subaccount, location_id)?;
+        let now = OffsetDateTime::now_utc();
+        params.not_before = now - Duration::minutes(5);
+        params.not_after = now + validity;
+        params.use_authority_key_identifier_extension = true;
+        Ok(params.signed_by(&csr.public_key, &self.issuer)?.pem())
+    }
+}
+
+fn connector_params(subaccount: &str, location_id: &str) -> Result<CertificateParams, TlsError> {
+    let mut params = CertificateParams::default();
+    params.distinguished_name.push(DnType::CommonName, format!("connector {subaccount}"));
+    params.distinguished_name.push(DnType::OrganizationalUnitName, location_id);
+    params.subject_alt_names = vec![SanType::URI(connector_uri(subaccount, location_id).try_into()?)];
+    params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+    params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+    Ok(params)
+}
+
+/// A fresh key and a PEM certificate signing request for it (the connector's side of a
+/// certificate renewal; the key never leaves the connector).
+pub fn connector_csr(subaccount: &str, location_id: &str) -> Result<(String, Secret<String>), TlsError> {
+    let key = KeyPair::generate()?;
+    let csr = connector_params(subaccount, location_id)?.serialize_request(&key)?.pem()?;
+    Ok((csr, Secret::new(key.serialize_pem())))
 }
 
 /// The URI SAN carrying a connector's identity. The location id is percent-encoded so that any
