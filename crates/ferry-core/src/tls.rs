@@ -133,7 +133,27 @@ impl LocalCa {
         location_id: &str,
         validity: Duration,
     ) -> Result<CertifiedKey, TlsError> {
-        self.issue(connector_params(subaccount, location_id)?, validity)
+        let key = KeyPair::generate()?;
+        let cert = self.sign_connector(&key, subaccount, location_id, validity)?;
+        Ok(CertifiedKey { cert_pem: cert, key_pem: Secret::new(key.serialize_pem()) })
+    }
+
+    /// Backdated by at most the validity itself (not the usual five minutes), so that a
+    /// short-lived certificate's lifetime stays short and "renew at 2/3 of the lifetime" works;
+    /// [`connector_validity`] reads the requested validity back.
+    fn sign_connector(
+        &self,
+        public_key: &impl rcgen::PublicKeyData,
+        subaccount: &str,
+        location_id: &str,
+        validity: Duration,
+    ) -> Result<String, TlsError> {
+        let mut params = connector_params(subaccount, location_id)?;
+        let now = OffsetDateTime::now_utc();
+        params.not_before = now - validity.min(CONNECTOR_BACKDATE);
+        params.not_after = now + validity;
+        params.use_authority_key_identifier_extension = true;
+        Ok(params.signed_by(public_key, &self.issuer)?.pem())
     }
 
     /// Signs the public key of a PEM certificate signing request (whose signature is checked) as
@@ -147,13 +167,27 @@ impl LocalCa {
         validity: Duration,
     ) -> Result<String, TlsError> {
         let csr = rcgen::CertificateSigningRequestParams::from_pem(csr_pem)?;
-        let mut params = connector_params(subaccount, location_id)?;
-        let now = OffsetDateTime::now_utc();
-        params.not_before = now - Duration::minutes(5);
-        params.not_after = now + validity;
-        params.use_authority_key_identifier_extension = true;
-        Ok(params.signed_by(&csr.public_key, &self.issuer)?.pem())
+        self.sign_connector(&csr.public_key, subaccount, location_id, validity)
     }
+}
+
+const CONNECTOR_BACKDATE: Duration = Duration::minutes(5);
+
+/// `(not_before, not_after)` of a certificate (DER), as Unix seconds.
+pub fn validity_of(cert_der: &[u8]) -> Option<(i64, i64)> {
+    let (_, x509) = x509_parser::parse_x509_certificate(cert_der).ok()?;
+    Some((x509.validity().not_before.timestamp(), x509.validity().not_after.timestamp()))
+}
+
+/// The validity a connector certificate was requested with (its lifetime without the backdating
+/// of [`LocalCa::issue_connector_cert`]), so a renewal can ask for the same.
+pub fn connector_validity(cert_der: &[u8]) -> Option<Duration> {
+    let (from, to) = validity_of(cert_der)?;
+    let lifetime = Duration::seconds(to - from);
+    if lifetime <= Duration::ZERO {
+        return None;
+    }
+    Some(if lifetime >= CONNECTOR_BACKDATE * 2 { lifetime - CONNECTOR_BACKDATE } else { lifetime / 2 })
 }
 
 fn connector_params(subaccount: &str, location_id: &str) -> Result<CertificateParams, TlsError> {

@@ -368,6 +368,9 @@ async fn enroll_connector(
             "key": issued.key_pem.expose(),
             "ca": ca.cert_pem(),
             "tunnel": dir.endpoints().tunnel,
+            // Where the connector renews this certificate with itself over mTLS (the token
+            // service's HTTPS listener, which asks for client certificates from the same CA).
+            "renewal": format!("https://{}{BASE}/connectors/certificate", dir.endpoints().uaadomain),
         }),
     );
     resp.headers_mut().insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
@@ -405,7 +408,14 @@ async fn renew_connector(
     // A connector of a deleted subaccount cannot renew.
     dir.subaccount(&sub)?;
     let req: RenewConnector = body(&bytes)?;
-    let validity = connector_validity(req.validity_seconds)?;
+    // By default the same validity as the certificate being renewed.
+    let validity = match req.validity_seconds {
+        None => match ferry_core::tls::connector_validity(&peer) {
+            Some(v) => v.min(time::Duration::seconds(MAX_CONNECTOR_VALIDITY as i64)),
+            None => connector_validity(None)?,
+        },
+        some => connector_validity(some)?,
+    };
     let Some(ca) = dir.ca.clone() else {
         return Err(ApiError::new(
             StatusCode::CONFLICT,
