@@ -55,6 +55,14 @@ pub struct AuditEvent {
     pub method: String,
     pub path: String,
     pub reason: String,
+    /// Subject of the propagated user's certificate (e.g. `CN=alice`), empty without one.
+    pub user: String,
+    /// Bytes from the app to the backend (HTTP body or TCP stream).
+    pub bytes_in: u64,
+    /// Bytes from the backend back to the app.
+    pub bytes_out: u64,
+    /// From the decision to the end of both directions (for a denial: the decision alone).
+    pub duration: std::time::Duration,
 }
 
 impl AuditLevel {
@@ -92,7 +100,7 @@ enum Entry {
 
 pub(crate) const ZERO_HASH: &str = "0000000000000000000000000000000000000000000000000000000000000000";
 /// The fields of a record, in the order of the CSV download's columns.
-const COLUMNS: [&str; 11] = [
+const COLUMNS: [&str; 15] = [
     "timestamp",
     "event",
     "subaccount",
@@ -104,10 +112,14 @@ const COLUMNS: [&str; 11] = [
     "method",
     "path",
     "reason",
+    "user",
+    "bytesIn",
+    "bytesOut",
+    "durationMs",
 ];
 /// The CSV download's header (SAP's viewer offers CSV); `chain` is the record's hash.
-pub const CSV_HEADER: &str =
-    "timestamp,event,subaccount,location,request_id,client,system,protocol,method,path,reason,chain";
+pub const CSV_HEADER: &str = "timestamp,event,subaccount,location,request_id,client,system,protocol,method,path,reason,\
+     user,bytes_in,bytes_out,duration_ms,chain";
 /// The active file of a folder; rotated files are `audit-log_<UTC time>.jsonl`.
 pub const ACTIVE_FILE: &str = "audit-log.jsonl";
 const HEADER_START: &str = "{\"ferryAuditLog\":1,\"prev\":\"";
@@ -236,7 +248,9 @@ impl AuditLog {
             }
             Outcome::Allowed => {
                 tracing::info!(target: "ferry::audit", subaccount = %self.subaccount, location = %self.location, request_id = %event.request_id,
-                client = %event.client, system = %event.system, method = %event.method, path = %event.path, "Access Allowed")
+                client = %event.client, system = %event.system, method = %event.method, path = %event.path,
+                user = %event.user, bytes_in = event.bytes_in, bytes_out = event.bytes_out,
+                duration_ms = event.duration.as_millis() as u64, "Access Allowed")
             }
         }
         if !wanted {
@@ -458,6 +472,10 @@ impl Writer {
             self.open()?;
         }
         let ts = timestamp(t);
+        let (bytes_in, bytes_out, ms) = match e {
+            Entry::Access(e) => (e.bytes_in.to_string(), e.bytes_out.to_string(), e.duration.as_millis().to_string()),
+            Entry::Change(_) => Default::default(),
+        };
         let fields = match e {
             Entry::Access(e) => {
                 let event = match e.outcome {
@@ -476,13 +494,33 @@ impl Writer {
                     &e.method,
                     &e.path,
                     &e.reason,
+                    &e.user,
+                    &bytes_in,
+                    &bytes_out,
+                    &ms,
                 ]
             }
             // Same columns: the user in `client`, the changed object in `system`, the action
             // in `method`, the detail in `reason`.
             Entry::Change(c) => {
                 let sub = if c.subaccount.is_empty() { subaccount } else { &c.subaccount };
-                [ts.as_str(), c.category, sub, location, "", &c.user, &c.object, "", c.action, "", &c.detail]
+                [
+                    ts.as_str(),
+                    c.category,
+                    sub,
+                    location,
+                    "",
+                    &c.user,
+                    &c.object,
+                    "",
+                    c.action,
+                    "",
+                    &c.detail,
+                    "",
+                    "",
+                    "",
+                    "",
+                ]
             }
         };
         let (line, hash) = record(&self.prev, &fields);
@@ -600,6 +638,10 @@ mod tests {
             method: "GET".into(),
             path: path.into(),
             reason: String::new(),
+            user: String::new(),
+            bytes_in: 0,
+            bytes_out: 0,
+            duration: std::time::Duration::ZERO,
         }
     }
 

@@ -1,7 +1,8 @@
 //! The connector's side of a tunnel stream: access check, audit line, and the relay to the
 //! internal backend.
 
-use std::time::Duration;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
 
 use ferry_core::body::{self, BoxBody};
 use ferry_proto::tunnel;
@@ -73,6 +74,60 @@ fn audit_event(
         method,
         path: path.to_owned(),
         reason,
+        user: String::new(),
+        bytes_in: 0,
+        bytes_out: 0,
+        duration: Duration::ZERO,
+    }
+}
+
+/// The audit record of an allowed exchange, written when both directions have ended (every
+/// holder — the two counted bodies and the forwarding code — has dropped it), so that it can
+/// carry the bytes relayed and the duration.
+struct Exchange {
+    audit: AuditLog,
+    event: std::sync::Mutex<Option<AuditEvent>>,
+    started: Instant,
+    bytes_in: AtomicU64,
+    bytes_out: AtomicU64,
+}
+
+impl Exchange {
+    fn new(audit: &AuditLog, event: AuditEvent, started: Instant) -> Arc<Self> {
+        Arc::new(Self {
+            audit: audit.clone(),
+            event: std::sync::Mutex::new(Some(event)),
+            started,
+            bytes_in: AtomicU64::new(0),
+            bytes_out: AtomicU64::new(0),
+        })
+    }
+
+    fn update(&self, f: impl FnOnce(&mut AuditEvent)) {
+        if let Some(e) = self.event.lock().unwrap_or_else(std::sync::PoisonError::into_inner).as_mut() {
+            f(e);
+        }
+    }
+}
+
+impl Drop for Exchange {
+    fn drop(&mut self) {
+        let Some(mut event) = self.event.get_mut().unwrap_or_else(std::sync::PoisonError::into_inner).take() else {
+            return;
+        };
+        event.bytes_in = self.bytes_in.load(Ordering::Relaxed);
+        event.bytes_out = self.bytes_out.load(Ordering::Relaxed);
+        event.duration = self.started.elapsed();
+        let audit = self.audit.clone();
+        // Bodies are dropped on runtime threads; without a runtime (shutdown) the line still
+        // reaches tracing.
+        match tokio::runtime::Handle::try_current() {
+            Ok(rt) => {
+                rt.spawn(async move { audit.record(event).await });
+            }
+            Err(_) => tracing::warn!(target: "ferry::audit", request_id = %event.request_id, system = %event.system,
+                "audit record of a finished exchange could not be written: the runtime has stopped"),
+        }
     }
 }
 
@@ -174,6 +229,7 @@ impl Backend {
                 format!("invalid target {target:?}; expected host:port"),
             );
         };
+        let started = Instant::now();
         let request_id = header(tunnel::REQUEST_ID).unwrap_or_default();
         let client = header(tunnel::CLIENT).unwrap_or_default();
         match header(tunnel::KIND).as_deref() {
@@ -183,30 +239,34 @@ impl Backend {
                 let decision = rules.check(AccessRequest::Http { host, port, path: &path });
                 let event =
                     audit_event(&decision, request_id, client, &target, "HTTP", req.method().to_string(), &path);
-                self.audit.record(event).await;
                 match decision {
                     Decision::Allow(m) => {
                         let m = m.clone();
-                        self.forward_http(req, &m, &target, &rules).await
+                        let exchange = Exchange::new(&self.audit, event, started);
+                        self.forward_http(req, &m, &target, &rules, exchange).await
                     }
-                    Decision::Deny(reason) => error_response(
-                        StatusCode::FORBIDDEN,
-                        tunnel::ERROR_DENIED,
-                        deny_message(reason, &target, Some(&path)),
-                    ),
+                    Decision::Deny(reason) => {
+                        self.audit.record(AuditEvent { duration: started.elapsed(), ..event }).await;
+                        error_response(
+                            StatusCode::FORBIDDEN,
+                            tunnel::ERROR_DENIED,
+                            deny_message(reason, &target, Some(&path)),
+                        )
+                    }
                 }
             }
             Some(tunnel::KIND_TCP) => {
                 let rules = self.rules.get();
                 let decision = rules.check(AccessRequest::Tcp { host, port });
                 let event = audit_event(&decision, request_id, client, &target, "TCP", String::new(), "");
-                self.audit.record(event).await;
                 match decision {
                     Decision::Allow(m) => {
                         let m = m.clone();
-                        self.forward_tcp(req, &m, &target).await
+                        let exchange = Exchange::new(&self.audit, event, started);
+                        self.forward_tcp(req, &m, &target, exchange).await
                     }
                     Decision::Deny(reason) => {
+                        self.audit.record(AuditEvent { duration: started.elapsed(), ..event }).await;
                         error_response(StatusCode::FORBIDDEN, tunnel::ERROR_DENIED, deny_message(reason, &target, None))
                     }
                 }
@@ -225,6 +285,7 @@ impl Backend {
         m: &SystemMapping,
         target: &str,
         rules: &AccessRules,
+        exchange: Arc<Exchange>,
     ) -> Response<BoxBody> {
         let (mut parts, incoming) = req.into_parts();
         let pq = parts.uri.path_and_query().map(|p| p.as_str()).unwrap_or("/");
@@ -250,6 +311,7 @@ impl Backend {
             let value = match (principal, &pp) {
                 (Some(token), Some(pp)) => match pp.user_certificate(&token).await {
                     Ok(cert) => {
+                        exchange.update(|e| e.user = cert.subject.clone());
                         if m.principal_certificate_in == PrincipalDelivery::Tls && m.protocol == Protocol::Https {
                             user_tls = Some(cert.identity);
                         }
@@ -257,6 +319,10 @@ impl Backend {
                     }
                     Err(e) => {
                         tracing::warn!(target: "ferry::audit", system = %target, error = %e, "principal propagation refused");
+                        exchange.update(|ev| {
+                            ev.outcome = Outcome::Denied;
+                            ev.reason = format!("PrincipalPropagation: {e}");
+                        });
                         return error_response(
                             StatusCode::FORBIDDEN,
                             tunnel::ERROR_DENIED,
@@ -265,6 +331,10 @@ impl Backend {
                     }
                 },
                 (Some(_), None) => {
+                    exchange.update(|ev| {
+                        ev.outcome = Outcome::Denied;
+                        ev.reason = "PrincipalPropagationNotConfigured".into();
+                    });
                     return error_response(
                         StatusCode::FORBIDDEN,
                         tunnel::ERROR_DENIED,
@@ -298,7 +368,8 @@ impl Backend {
         if let Ok(v) = HeaderValue::from_str(&host_value) {
             h.insert(http::header::HOST, v);
         }
-        let req = Request::from_parts(parts, body::boxed(Counted { inner: incoming, bytes: http_bytes().0.clone() }));
+        let counted = Counted::new(incoming, Some(http_bytes().0.clone()), &exchange, true);
+        let req = Request::from_parts(parts, body::boxed(counted));
         let started = std::time::Instant::now();
         let send = async {
             match user_tls {
@@ -325,10 +396,12 @@ impl Backend {
                 let (mut parts, incoming) = resp.into_parts();
                 body::strip_hop_by_hop(&mut parts.headers);
                 self.rewrite_response_headers(&mut parts.headers, rules);
-                Response::from_parts(parts, body::boxed(Counted { inner: incoming, bytes: http_bytes().1.clone() }))
+                let counted = Counted::new(incoming, Some(http_bytes().1.clone()), &exchange, false);
+                Response::from_parts(parts, body::boxed(counted))
             }
             Err(e) => {
                 tracing::warn!(system = %target, error = %e, "backend request failed");
+                exchange.update(|ev| ev.reason = "BackendUnreachable".into());
                 unreachable(format!("The Cloud Connector could not reach the backend of system {target}"))
             }
         }
@@ -395,15 +468,23 @@ impl Backend {
         }
     }
 
-    async fn forward_tcp(&self, req: Request<Incoming>, m: &SystemMapping, target: &str) -> Response<BoxBody> {
+    async fn forward_tcp(
+        &self,
+        req: Request<Incoming>,
+        m: &SystemMapping,
+        target: &str,
+        exchange: Arc<Exchange>,
+    ) -> Response<BoxBody> {
         let addr = (m.local_host.as_str(), m.local_port);
         let stream = match tokio::time::timeout(self.connect_timeout, TcpStream::connect(addr)).await {
             Ok(Ok(s)) => s,
             Ok(Err(e)) => {
                 tracing::warn!(system = %target, error = %e, "backend connect failed");
+                exchange.update(|ev| ev.reason = "BackendUnreachable".into());
                 return unreachable(format!("The Cloud Connector could not reach the backend of system {target}"));
             }
             Err(_) => {
+                exchange.update(|ev| ev.reason = "BackendTimeout".into());
                 return timed_out(format!("Connecting to the backend of system {target} timed out"));
             }
         };
@@ -418,21 +499,23 @@ impl Backend {
             match tokio::time::timeout(self.connect_timeout, self.clients_for(m).1.connect(name, stream)).await {
                 Ok(Ok(tls)) => {
                     let (read, write) = tokio::io::split(tls);
-                    relay_up(req.into_body(), write);
-                    body::from_reader(read)
+                    relay_up(Counted::new(req.into_body(), None, &exchange, true), write);
+                    body::boxed(Counted::new(body::from_reader(read), None, &exchange, false))
                 }
                 Ok(Err(e)) => {
                     tracing::warn!(system = %target, error = %e, "backend TLS handshake failed");
+                    exchange.update(|ev| ev.reason = "BackendTlsHandshake".into());
                     return unreachable(format!("The TLS handshake with the backend of system {target} failed"));
                 }
                 Err(_) => {
+                    exchange.update(|ev| ev.reason = "BackendTimeout".into());
                     return timed_out(format!("The TLS handshake with the backend of system {target} timed out"));
                 }
             }
         } else {
             let (read, write) = stream.into_split();
-            relay_up(req.into_body(), write);
-            body::from_reader(read)
+            relay_up(Counted::new(req.into_body(), None, &exchange, true), write);
+            body::boxed(Counted::new(body::from_reader(read), None, &exchange, false))
         };
         let mut resp = Response::new(downstream);
         resp.headers_mut().insert(http::header::CONTENT_TYPE, HeaderValue::from_static("application/octet-stream"));
@@ -441,7 +524,7 @@ impl Backend {
 }
 
 /// Copies the app's bytes (the tunnel request body) to the backend, half-closing at the end.
-fn relay_up<W: tokio::io::AsyncWrite + Unpin + Send + 'static>(upstream: Incoming, write: W) {
+fn relay_up<W: tokio::io::AsyncWrite + Unpin + Send + 'static>(upstream: Counted<Incoming>, write: W) {
     tokio::spawn(async move {
         if let Err(e) = body::copy_to_writer(upstream, write).await {
             tracing::debug!(error = %e, "tunnel→backend copy ended");
@@ -464,10 +547,20 @@ fn http_bytes() -> &'static (Arc<std::sync::atomic::AtomicU64>, Arc<std::sync::a
     })
 }
 
-/// A body that adds the size of every data frame to a counter as it streams through.
+/// A body that adds the size of every data frame to a metrics counter and to its exchange's
+/// audit record as it streams through.
 struct Counted<B> {
     inner: B,
-    bytes: Arc<std::sync::atomic::AtomicU64>,
+    bytes: Option<Arc<AtomicU64>>,
+    exchange: Arc<Exchange>,
+    /// App → backend.
+    upstream: bool,
+}
+
+impl<B> Counted<B> {
+    fn new(inner: B, bytes: Option<Arc<AtomicU64>>, exchange: &Arc<Exchange>, upstream: bool) -> Self {
+        Self { inner, bytes, exchange: exchange.clone(), upstream }
+    }
 }
 
 impl<B: http_body::Body + Unpin> http_body::Body for Counted<B> {
@@ -482,7 +575,12 @@ impl<B: http_body::Body + Unpin> http_body::Body for Counted<B> {
         if let std::task::Poll::Ready(Some(Ok(frame))) = &polled
             && let Some(data) = frame.data_ref()
         {
-            self.bytes.fetch_add(bytes::Buf::remaining(data) as u64, std::sync::atomic::Ordering::Relaxed);
+            let n = bytes::Buf::remaining(data) as u64;
+            if let Some(c) = &self.bytes {
+                c.fetch_add(n, Ordering::Relaxed);
+            }
+            let mine = if self.upstream { &self.exchange.bytes_in } else { &self.exchange.bytes_out };
+            mine.fetch_add(n, Ordering::Relaxed);
         }
         polled
     }

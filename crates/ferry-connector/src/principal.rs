@@ -46,6 +46,8 @@ impl AuthenticationMode {
 pub struct UserCertificate {
     pub header: String,
     pub identity: ferry_core::tls::CertifiedKey,
+    /// The subject, e.g. `CN=alice,EMAIL=alice@example.org` (for the audit log).
+    pub subject: String,
 }
 
 /// How the backend receives the user certificate.
@@ -129,7 +131,7 @@ impl PrincipalPropagation {
         })?;
         let der = ferry_core::tls::parse_certs(&issued.cert_pem).map_err(|_| PrincipalError::Issue)?;
         let value = base64::engine::general_purpose::STANDARD.encode(der[0].as_ref());
-        let cert = UserCertificate { header: value, identity: issued };
+        let cert = UserCertificate { header: value, identity: issued, subject: key.clone() };
         let mut cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
         if cache.len() > 10_000 {
             cache.clear();

@@ -133,14 +133,79 @@ impl LocalCa {
         location_id: &str,
         validity: Duration,
     ) -> Result<CertifiedKey, TlsError> {
-        let mut params = CertificateParams::default();
-        params.distinguished_name.push(DnType::CommonName, format!("connector {subaccount}"));
-        params.distinguished_name.push(DnType::OrganizationalUnitName, location_id);
-        params.subject_alt_names = vec![SanType::URI(connector_uri(subaccount, location_id).try_into()?)];
-        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
-        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-        self.issue(params, validity)
+        let key = KeyPair::generate()?;
+        let cert = self.sign_connector(&key, subaccount, location_id, validity)?;
+        Ok(CertifiedKey { cert_pem: cert, key_pem: Secret::new(key.serialize_pem()) })
     }
+
+    /// Backdated by at most the validity itself (not the usual five minutes), so that a
+    /// short-lived certificate's lifetime stays short and "renew at 2/3 of the lifetime" works;
+    /// [`connector_validity`] reads the requested validity back.
+    fn sign_connector(
+        &self,
+        public_key: &impl rcgen::PublicKeyData,
+        subaccount: &str,
+        location_id: &str,
+        validity: Duration,
+    ) -> Result<String, TlsError> {
+        let mut params = connector_params(subaccount, location_id)?;
+        let now = OffsetDateTime::now_utc();
+        params.not_before = now - validity.min(CONNECTOR_BACKDATE);
+        params.not_after = now + validity;
+        params.use_authority_key_identifier_extension = true;
+        Ok(params.signed_by(public_key, &self.issuer)?.pem())
+    }
+
+    /// Signs the public key of a PEM certificate signing request (whose signature is checked) as
+    /// a connector certificate for `(subaccount, location_id)`. Everything else the CSR asks for
+    /// (subject, extensions) is ignored: the identity comes from the caller, never from the CSR.
+    pub fn sign_connector_csr(
+        &self,
+        csr_pem: &str,
+        subaccount: &str,
+        location_id: &str,
+        validity: Duration,
+    ) -> Result<String, TlsError> {
+        let csr = rcgen::CertificateSigningRequestParams::from_pem(csr_pem)?;
+        self.sign_connector(&csr.public_key, subaccount, location_id, validity)
+    }
+}
+
+const CONNECTOR_BACKDATE: Duration = Duration::minutes(5);
+
+/// `(not_before, not_after)` of a certificate (DER), as Unix seconds.
+pub fn validity_of(cert_der: &[u8]) -> Option<(i64, i64)> {
+    let (_, x509) = x509_parser::parse_x509_certificate(cert_der).ok()?;
+    Some((x509.validity().not_before.timestamp(), x509.validity().not_after.timestamp()))
+}
+
+/// The validity a connector certificate was requested with (its lifetime without the backdating
+/// of [`LocalCa::issue_connector_cert`]), so a renewal can ask for the same.
+pub fn connector_validity(cert_der: &[u8]) -> Option<Duration> {
+    let (from, to) = validity_of(cert_der)?;
+    let lifetime = Duration::seconds(to - from);
+    if lifetime <= Duration::ZERO {
+        return None;
+    }
+    Some(if lifetime >= CONNECTOR_BACKDATE * 2 { lifetime - CONNECTOR_BACKDATE } else { lifetime / 2 })
+}
+
+fn connector_params(subaccount: &str, location_id: &str) -> Result<CertificateParams, TlsError> {
+    let mut params = CertificateParams::default();
+    params.distinguished_name.push(DnType::CommonName, format!("connector {subaccount}"));
+    params.distinguished_name.push(DnType::OrganizationalUnitName, location_id);
+    params.subject_alt_names = vec![SanType::URI(connector_uri(subaccount, location_id).try_into()?)];
+    params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+    params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+    Ok(params)
+}
+
+/// A fresh key and a PEM certificate signing request for it (the connector's side of a
+/// certificate renewal; the key never leaves the connector).
+pub fn connector_csr(subaccount: &str, location_id: &str) -> Result<(String, Secret<String>), TlsError> {
+    let key = KeyPair::generate()?;
+    let csr = connector_params(subaccount, location_id)?.serialize_request(&key)?.pem()?;
+    Ok((csr, Secret::new(key.serialize_pem())))
 }
 
 /// The URI SAN carrying a connector's identity. The location id is percent-encoded so that any

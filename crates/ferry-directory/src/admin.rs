@@ -99,6 +99,7 @@ pub fn router(directory: Arc<Directory>) -> Router {
             get(get_key).delete(delete_key),
         )
         .route(&format!("{BASE}/subaccounts/{{id}}/connectors"), post(enroll_connector))
+        .route(&format!("{BASE}/connectors/certificate"), post(renew_connector))
         .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such admin resource") })
         .with_state(directory)
 }
@@ -303,6 +304,27 @@ async fn blocking<T: Send + 'static>(
 struct EnrollConnector {
     #[serde(default)]
     location_id: String,
+    /// Lifetime of the certificate; a year by default.
+    #[serde(default)]
+    validity_seconds: Option<u64>,
+}
+
+const MAX_CONNECTOR_VALIDITY: u64 = 365 * 24 * 3600;
+
+fn connector_validity(seconds: Option<u64>) -> Result<time::Duration, ApiError> {
+    match seconds {
+        None => Ok(time::Duration::seconds(MAX_CONNECTOR_VALIDITY as i64)),
+        Some(s) if (1..=MAX_CONNECTOR_VALIDITY).contains(&s) => Ok(time::Duration::seconds(s as i64)),
+        Some(_) => {
+            let mut e = ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "bad_request",
+                format!("validity_seconds must be between 1 and {MAX_CONNECTOR_VALIDITY} (a year)"),
+            );
+            e.field = Some("validity_seconds");
+            Err(e)
+        }
+    }
 }
 
 /// Issues a Cloud Connector's tunnel certificate for a subaccount and location id — Ferry's
@@ -333,8 +355,9 @@ async fn enroll_connector(
             "this Ferry has no CA to issue connector certificates",
         ));
     };
+    let validity = connector_validity(req.validity_seconds)?;
     let issued = ca
-        .issue_connector_cert(&id, &req.location_id, time::Duration::days(365))
+        .issue_connector_cert(&id, &req.location_id, validity)
         .map_err(|e| ApiError::from(DirectoryError::Internal(e.to_string())))?;
     let mut resp = json_response(
         StatusCode::CREATED,
@@ -345,8 +368,69 @@ async fn enroll_connector(
             "key": issued.key_pem.expose(),
             "ca": ca.cert_pem(),
             "tunnel": dir.endpoints().tunnel,
+            // Where the connector renews this certificate with itself over mTLS (the token
+            // service's HTTPS listener, which asks for client certificates from the same CA).
+            "renewal": format!("https://{}{BASE}/connectors/certificate", dir.endpoints().uaadomain),
         }),
     );
     resp.headers_mut().insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
     Ok(resp)
+}
+
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RenewConnector {
+    /// PEM certificate signing request for the connector's new key.
+    csr: String,
+    #[serde(default)]
+    validity_seconds: Option<u64>,
+}
+
+/// Renews a Cloud Connector's tunnel certificate: the caller authenticates with its current,
+/// still valid certificate as TLS client certificate (the HTTPS listener verifies it against
+/// Ferry's CA during the handshake), and gets its CSR's key signed for the same subaccount and
+/// location id — the identity comes from the presented certificate, never from the CSR. The
+/// new private key never leaves the connector.
+async fn renew_connector(
+    State(dir): State<Arc<Directory>>,
+    tls: Option<axum::Extension<ferry_auth::token_service::TlsInfo>>,
+    bytes: Bytes,
+) -> ApiResult {
+    let unauthorized = |m: &str| ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", m);
+    let Some(peer) = tls.and_then(|axum::Extension(t)| t.peer_certificate) else {
+        return Err(unauthorized(
+            "present the connector's current certificate as TLS client certificate (HTTPS with mTLS)",
+        ));
+    };
+    let Some((sub, location)) = ferry_core::tls::connector_identity(&peer) else {
+        return Err(unauthorized("the client certificate is not a Cloud Connector certificate"));
+    };
+    // A connector of a deleted subaccount cannot renew.
+    dir.subaccount(&sub)?;
+    let req: RenewConnector = body(&bytes)?;
+    // By default the same validity as the certificate being renewed.
+    let validity = match req.validity_seconds {
+        None => match ferry_core::tls::connector_validity(&peer) {
+            Some(v) => v.min(time::Duration::seconds(MAX_CONNECTOR_VALIDITY as i64)),
+            None => connector_validity(None)?,
+        },
+        some => connector_validity(some)?,
+    };
+    let Some(ca) = dir.ca.clone() else {
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "conflict",
+            "this Ferry has no CA to issue connector certificates",
+        ));
+    };
+    let cert = ca.sign_connector_csr(&req.csr, &sub, &location, validity).map_err(|e| {
+        let mut err = ApiError::new(StatusCode::BAD_REQUEST, "bad_request", format!("csr: not a valid PEM CSR: {e}"));
+        err.field = Some("csr");
+        err
+    })?;
+    tracing::info!(subaccount = %sub, location_id = %location, "connector certificate renewed");
+    Ok(json_response(
+        StatusCode::OK,
+        json!({ "subaccount": sub, "location_id": location, "certificate": cert, "ca": ca.cert_pem() }),
+    ))
 }

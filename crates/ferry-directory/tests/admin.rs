@@ -395,3 +395,107 @@ async fn connector_enrollment_issues_a_tunnel_certificate() {
     .await;
     assert_eq!(st, StatusCode::CONFLICT);
 }
+
+/// Certificate renewal over real mTLS: the connector's current certificate authenticates, its CSR's
+/// key is signed for the same identity; no certificate, a non-connector certificate, an expired one
+/// or a bad CSR are refused.
+#[tokio::test]
+async fn a_connector_renews_its_certificate_with_the_current_one_over_mtls() {
+    let tmp = tempfile::tempdir().unwrap();
+    let ca = Arc::new(ferry_core::tls::LocalCa::generate("renew CA").unwrap());
+    let s = stack_with_ca(&tmp.path().join("directory.db"), Some(ca.clone()));
+    let admin = token(&s.router, ADMIN_ID, ADMIN_SECRET).await.unwrap();
+    let (_, v) = api(&s.router, Some(&admin), "POST", "/subaccounts", Some(json!({"subdomain": "renew"}))).await;
+    let sub = v["id"].as_str().unwrap().to_owned();
+    let enroll = |validity: u64| {
+        let (r, admin, sub) = (s.router.clone(), admin.clone(), sub.clone());
+        async move {
+            let body = json!({"location_id": "plant-9", "validity_seconds": validity});
+            let (st, v) = api(&r, Some(&admin), "POST", &format!("/subaccounts/{sub}/connectors"), Some(body)).await;
+            assert_eq!(st, StatusCode::CREATED, "{v}");
+            ferry_core::tls::CertifiedKey {
+                cert_pem: v["certificate"].as_str().unwrap().into(),
+                key_pem: Secret::new(v["key"].as_str().unwrap().into()),
+            }
+        }
+    };
+    let (st, v) = api(
+        &s.router,
+        Some(&admin),
+        "POST",
+        &format!("/subaccounts/{sub}/connectors"),
+        Some(json!({"validity_seconds": 0})),
+    )
+    .await;
+    assert_eq!((st, v["field"].as_str()), (StatusCode::BAD_REQUEST, Some("validity_seconds")), "{v}");
+
+    // The admin router on a real HTTPS listener that requests client certificates from the CA.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url =
+        format!("https://localhost:{}{}/connectors/certificate", listener.local_addr().unwrap().port(), admin::BASE);
+    let server_tls = ferry_auth::token_service::https_server_config(
+        &ca.issue_server_cert(&["localhost"]).unwrap(),
+        Some(ca.cert_pem()),
+    )
+    .unwrap();
+    let shutdown = ferry_core::Shutdown::new();
+    tokio::spawn(ferry_auth::token_service::serve_router_with_tls_info(
+        listener,
+        s.router.clone(),
+        server_tls,
+        ferry_core::serve::AcceptOptions::named("renew-test"),
+        shutdown.clone(),
+    ));
+    let renew = |identity: Option<ferry_core::tls::CertifiedKey>, csr: String| {
+        let (url, ca_pem) = (url.clone(), ca.cert_pem().to_owned());
+        async move {
+            let tls = ferry_core::tls::client_config(&ca_pem, identity.as_ref(), &[b"http/1.1"]).unwrap();
+            let client = reqwest::Client::builder().use_preconfigured_tls((*tls).clone()).build().unwrap();
+            let r = client.post(&url).json(&json!({"csr": csr, "validity_seconds": 3600})).send().await?;
+            let status = r.status();
+            Ok::<_, reqwest::Error>((status, r.json::<Value>().await.unwrap_or(Value::Null)))
+        }
+    };
+
+    let current = enroll(3600).await;
+    let (csr, new_key) = ferry_core::tls::connector_csr("ignored", "ignored").unwrap();
+    let (st, v) = renew(Some(current.clone()), csr).await.unwrap();
+    assert_eq!(st, StatusCode::OK, "{v}");
+    let renewed =
+        ferry_core::tls::CertifiedKey { cert_pem: v["certificate"].as_str().unwrap().into(), key_pem: new_key };
+    let der = ferry_core::tls::parse_certs(&renewed.cert_pem).unwrap();
+    assert_eq!(
+        ferry_core::tls::connector_identity(&der[0]),
+        Some((sub.clone(), "plant-9".to_owned())),
+        "the identity comes from the presented certificate, not from the CSR"
+    );
+    // The renewed certificate works with the connector's new key: it renews in turn.
+    let (csr, _) = ferry_core::tls::connector_csr(&sub, "plant-9").unwrap();
+    assert_eq!(renew(Some(renewed), csr.clone()).await.unwrap().0, StatusCode::OK);
+
+    // Refused: no client certificate, a certificate of the CA that is not a connector's, a bad CSR.
+    let (st, v) = renew(None, csr.clone()).await.unwrap();
+    assert_eq!(st, StatusCode::UNAUTHORIZED, "{v}");
+    let user = ca.issue_user_cert(&[("CN".into(), "alice".into())], time::Duration::hours(1)).unwrap();
+    assert_eq!(renew(Some(user), csr.clone()).await.unwrap().0, StatusCode::UNAUTHORIZED);
+    let (st, v) = renew(
+        Some(current.clone()),
+        "-----BEGIN CERTIFICATE REQUEST-----\nAAAA\n-----END CERTIFICATE REQUEST-----\n".into(),
+    )
+    .await
+    .unwrap();
+    assert_eq!((st, v["field"].as_str()), (StatusCode::BAD_REQUEST, Some("csr")), "{v}");
+
+    // A short-lived certificate renews while valid; once expired the handshake refuses it.
+    let short = enroll(2).await;
+    assert_eq!(renew(Some(short.clone()), csr.clone()).await.unwrap().0, StatusCode::OK);
+    let der = ferry_core::tls::parse_certs(&short.cert_pem).unwrap();
+    let (_, x509) = x509_parser::parse_x509_certificate(&der[0]).unwrap();
+    let not_after = x509.validity().not_after.timestamp();
+    while (std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() as i64) <= not_after {
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+    let expired = renew(Some(short), csr).await;
+    assert!(!matches!(expired, Ok((StatusCode::OK, _))), "an expired certificate renewed: {expired:?}");
+    shutdown.cancel();
+}

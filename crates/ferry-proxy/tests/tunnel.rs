@@ -606,6 +606,86 @@ async fn principal_propagation_issues_a_user_certificate() {
     assert!(r.json()["headers"].get("ssl_client_cert").is_none(), "{}", r.json()["headers"]);
 }
 
+/// SPEC §4.6: an allowed exchange's audit record names the propagated user and carries the
+/// bytes each way and the duration, all covered by the hash chain.
+#[tokio::test]
+async fn audit_records_carry_the_user_bytes_and_duration_under_the_chain() {
+    use std::sync::Arc;
+    let echo = EchoBackend::start().await;
+    let pair = TunnelPair::start().await;
+    let pp_ca = Arc::new(ferry_core::tls::LocalCa::generate("PP CA").unwrap());
+    let pp_mapping = SystemMapping {
+        authentication_mode: ferry_connector::AuthenticationMode::X509General,
+        ..http_mapping("pp.virtual", 80, echo.addr, &[("/", false)])
+    };
+    let rules = AccessRules::new(vec![pp_mapping, tcp_mapping("tcp.virtual", 7000, echo.addr)]);
+    let mut cfg = pair.connector_config("", rules, pair.tunnel_addr);
+    let audit_dir = tempfile::tempdir().unwrap();
+    cfg.audit = ferry_connector::audit::AuditConfig {
+        level: ferry_connector::audit::AuditLevel::All,
+        dir: Some(audit_dir.path().to_owned()),
+        ..Default::default()
+    };
+    let pp =
+        ferry_connector::PrincipalPropagation::new(Arc::new(ferry_auth::Verifier::local(pair.keys.clone())), pp_ca);
+    cfg.principal_propagation = Some(Arc::new(pp));
+    pair.spawn_connector(cfg);
+    pair.wait_connected("").await;
+    let token = pair.token();
+    let exp = ferry_testkit::now() + 600;
+    let user = pair
+        .keys
+        .sign(&serde_json::json!({"zid": SUBACCOUNT, "user_name": "alice", "client_id": "sb-app!t1", "exp": exp}), &[])
+        .unwrap();
+
+    let sent = "y".repeat(12_345);
+    let req = http::Request::post("http://pp.virtual/upload")
+        .header("host", "pp.virtual")
+        .header("proxy-authorization", format!("Bearer {token}"))
+        .header("sap-connectivity-authentication", format!("Bearer {user}"))
+        .body(Full::new(Bytes::from(sent.clone())))
+        .unwrap();
+    let r = one(pair.http_addr, req).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    let http_out = r.body.len();
+
+    let (mut s, rep) = socks_connect(pair.socks_addr, &token, "", "tcp.virtual", 7000).await;
+    assert_eq!(rep, 0);
+    let raw = b"GET /raw HTTP/1.1\r\nhost: tcp.virtual\r\nconnection: close\r\n\r\n";
+    s.write_all(raw).await.unwrap();
+    let mut tcp_out = Vec::new();
+    s.read_to_end(&mut tcp_out).await.unwrap();
+    drop(s);
+
+    // Records are written when both directions of an exchange have ended.
+    let file = audit_dir.path().join(SUBACCOUNT).join(ferry_connector::audit::ACTIVE_FILE);
+    eventually!("both exchanges in the audit log", ferry_connector::audit::verify_file(&file) == Ok(2));
+    let text = std::fs::read_to_string(&file).unwrap();
+    let records: Vec<Value> = text.lines().skip(1).map(|l| serde_json::from_str(l).unwrap()).collect();
+    let http = records.iter().find(|r| r["protocol"] == "HTTP").unwrap();
+    assert_eq!(http["event"], "Access Allowed", "{http}");
+    assert_eq!(http["user"], "CN=alice", "{http}");
+    assert_eq!(http["bytesIn"], sent.len().to_string(), "{http}");
+    assert_eq!(http["bytesOut"], http_out.to_string(), "{http}");
+    assert!(http["durationMs"].as_str().unwrap().parse::<u64>().is_ok(), "{http}");
+    let tcp = records.iter().find(|r| r["protocol"] == "TCP").unwrap();
+    assert_eq!(tcp["user"], "", "{tcp}");
+    assert_eq!(tcp["bytesIn"], raw.len().to_string(), "{tcp}");
+    assert_eq!(tcp["bytesOut"], tcp_out.len().to_string(), "{tcp}");
+
+    // The chain covers the new fields: changing any of them is detected.
+    for (old, new) in [
+        ("\"user\":\"CN=alice\"".to_owned(), "\"user\":\"CN=bob\"".to_owned()),
+        (format!("\"bytesOut\":\"{}\"", tcp_out.len()), "\"bytesOut\":\"1\"".to_owned()),
+        (format!("\"bytesIn\":\"{}\"", sent.len()), "\"bytesIn\":\"0\"".to_owned()),
+    ] {
+        assert!(text.contains(&old), "{old} in {text}");
+        let tampered = file.with_extension("tampered");
+        std::fs::write(&tampered, text.replacen(&old, &new, 1)).unwrap();
+        assert!(ferry_connector::audit::verify_file(&tampered).is_err(), "changing {old} went unnoticed");
+    }
+}
+
 /// Scale-out: a connector keeps tunnels to every proxy replica, so a request through any replica
 /// reaches the backend, and losing one replica's tunnel leaves the others serving.
 #[tokio::test]

@@ -305,15 +305,19 @@ fn deleted(json_out: bool, what: &str, id: &str) -> anyhow::Result<()> {
 
 /// `ferry connector enroll`: asks the admin API for a connector certificate and writes what a
 /// standalone `ferry connector run` needs into `out`.
-pub async fn enroll(conn: Connection, subaccount: String, location: String, out: PathBuf) -> anyhow::Result<()> {
+pub async fn enroll(
+    conn: Connection,
+    subaccount: String,
+    location: String,
+    out: PathBuf,
+    validity_seconds: Option<u64>,
+) -> anyhow::Result<()> {
     let c = Client::connect(&conn).await?;
-    let v = c
-        .call(
-            reqwest::Method::POST,
-            &format!("/subaccounts/{subaccount}/connectors"),
-            Some(json!({ "location_id": location })),
-        )
-        .await?;
+    let mut body = json!({ "location_id": location });
+    if let Some(v) = validity_seconds {
+        body["validity_seconds"] = json!(v);
+    }
+    let v = c.call(reqwest::Method::POST, &format!("/subaccounts/{subaccount}/connectors"), Some(body)).await?;
     let get = |k: &str| v.get(k).and_then(Value::as_str).map(str::to_owned).context("incomplete enrollment answer");
     std::fs::create_dir_all(&out).with_context(|| format!("cannot create {}", out.display()))?;
     std::fs::write(out.join("ca.pem"), get("ca")?)?;

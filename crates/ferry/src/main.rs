@@ -108,6 +108,10 @@ enum ConnectorCmd {
         location: String,
         #[arg(long, default_value = "connector")]
         out: std::path::PathBuf,
+        /// Lifetime of the certificate in seconds (default: a year). A connector run with the
+        /// admin API renews it at `certificate_renew_at` of its lifetime.
+        #[arg(long)]
+        validity_seconds: Option<u64>,
     },
     /// Check the hash chain of audit log files; exits non-zero naming the first changed line.
     AuditVerify {
@@ -136,8 +140,8 @@ fn main() -> anyhow::Result<()> {
     match cli.command {
         Command::Up(args) => rt.block_on(up::up(args)),
         Command::Connect(args) => rt.block_on(connect::connect(args)),
-        Command::Connector { cmd: ConnectorCmd::Enroll { conn, subaccount, location, out } } => {
-            rt.block_on(admin_cli::enroll(conn, subaccount, location, out))
+        Command::Connector { cmd: ConnectorCmd::Enroll { conn, subaccount, location, out, validity_seconds } } => {
+            rt.block_on(admin_cli::enroll(conn, subaccount, location, out, validity_seconds))
         }
         Command::Connector { cmd: ConnectorCmd::Run { config } } => rt.block_on(standalone::connector(&config)),
         Command::Connector { cmd: ConnectorCmd::AuditVerify { files } } => {

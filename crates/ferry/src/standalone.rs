@@ -99,6 +99,13 @@ struct AdminSection {
     /// Extra trust for LDAPS logon hosts.
     #[serde(default)]
     ldap_ca_file: Option<PathBuf>,
+    /// Fraction of a subaccount certificate's lifetime after which it is renewed.
+    #[serde(default = "certificate_renew_at")]
+    certificate_renew_at: f64,
+}
+
+fn certificate_renew_at() -> f64 {
+    2.0 / 3.0
 }
 
 fn audit_max_file_bytes() -> u64 {
@@ -203,6 +210,10 @@ pub async fn connector(config: &Path) -> anyhow::Result<()> {
         ac.audit = audit;
         ac.ui_names.extend(a.ui_names.iter().cloned());
         ac.ldap_ca_file = a.ldap_ca_file.as_ref().map(|f| base.join(f));
+        if !(a.certificate_renew_at > 0.0 && a.certificate_renew_at < 1.0) {
+            anyhow::bail!("[admin] certificate_renew_at must be a fraction between 0 and 1, e.g. 0.67");
+        }
+        ac.renew_at = a.certificate_renew_at;
         ac.connection.connections = cfg.connections.max(1);
         ac.connection.backend_ca_pem = backend_ca_pem;
         ac.connection.system_certificate = system_certificate;

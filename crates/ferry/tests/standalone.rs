@@ -292,3 +292,116 @@ fn proxy_refuses_a_no_auth_socks5_listener_off_loopback() {
         assert_eq!(stderr.contains("missing.pem"), ok, "{listen}: {stderr}");
     }
 }
+
+/// A connector enrolled with a short-lived certificate (seconds) renews it at the directory with
+/// the current one over mTLS, at `certificate_renew_at` of its lifetime, and keeps serving.
+#[tokio::test]
+async fn standalone_connector_renews_its_short_lived_certificate() {
+    ferry_core::init_crypto();
+    let echo = EchoBackend::start().await;
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let (_up, vcap) = common::ferry_up(dir, common::LISTEN_ANY);
+    let conn = &vcap["connectivity"][0]["credentials"];
+    let token_url = conn["url"].as_str().unwrap().to_owned();
+    let subaccount = conn["tenantid"].as_str().unwrap().to_owned();
+    let up_proxy = format!("http://127.0.0.1:{}", conn["onpremise_proxy_http_port"].as_str().unwrap());
+    let out = dir.join("scc");
+    let status = Command::new(env!("CARGO_BIN_EXE_ferry"))
+        .args(["connector", "enroll", "--subaccount", &subaccount, "--location", "plant", "--url", &token_url])
+        .args(["--validity-seconds", "8"])
+        .arg("--data-dir")
+        .arg(dir.join("data"))
+        .arg("--out")
+        .arg(&out)
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let auth_data: Value =
+        serde_json::from_slice(&std::fs::read(out.join("authentication-data.json")).unwrap()).unwrap();
+    assert!(auth_data["renewal"].as_str().unwrap().starts_with("https://"), "{auth_data}");
+
+    std::fs::write(
+        dir.join("scc.toml"),
+        format!("[admin]\nport = {}\ndata_dir = \"scc-data\"\ncertificate_renew_at = 0.5\n", free_port()),
+    )
+    .unwrap();
+    let connector = start(&["connector", "run", "--config", dir.join("scc.toml").to_str().unwrap()]);
+    let line = connector.banner.iter().find(|l| l.starts_with("admin API:")).expect("admin API line");
+    let base = line.split_whitespace().nth(2).unwrap().to_owned();
+    let ca = std::fs::read_to_string(dir.join("scc-data").join("ui-ca.pem")).unwrap();
+    let api = ferry_core::tls::http_client(Some(&ca)).unwrap();
+    let call = |method: reqwest::Method, path: &str, body: Option<Value>| {
+        let pw = if path.ends_with("/basic") { "manage" } else { "new password 1" };
+        let mut r =
+            api.request(method, format!("{base}/api/v1/configuration{path}")).basic_auth("Administrator", Some(pw));
+        if let Some(b) = body {
+            r = r.json(&b);
+        }
+        r.send()
+    };
+    let r = call(
+        reqwest::Method::PUT,
+        "/connector/authentication/basic",
+        Some(serde_json::json!({"oldPassword": "manage", "newPassword": "new password 1"})),
+    )
+    .await
+    .unwrap();
+    assert_eq!(r.status(), 204);
+    let r = call(reqwest::Method::POST, "/subaccounts", Some(serde_json::json!({"authenticationData": auth_data})))
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 201);
+    let sub = r.headers()["location"].to_str().unwrap().trim_start_matches("/api/v1/configuration").to_owned();
+    let first: Value = r.json().await.unwrap();
+    assert_eq!(first["autoCertRenewal"], true, "{first}");
+    let first_valid_to = first["subaccountCertificate"]["validTo"].as_i64().unwrap();
+    let r = call(
+        reqwest::Method::POST,
+        &format!("{sub}/systemMappings"),
+        Some(serde_json::json!({"virtualHost": "plant.virtual", "virtualPort": 8000, "localHost": "127.0.0.1",
+                           "localPort": echo.addr.port(), "protocol": "HTTP", "backendType": "nonSAPsys"})),
+    )
+    .await
+    .unwrap();
+    assert_eq!(r.status(), 201);
+    let r = call(
+        reqwest::Method::POST,
+        &format!("{sub}/systemMappings/plant.virtual:8000/resources"),
+        Some(serde_json::json!({"id": "/api", "enabled": true})),
+    )
+    .await
+    .unwrap();
+    assert_eq!(r.status(), 201);
+
+    // Renewed before the first certificate expires: a later validTo, with a tunnel that serves.
+    let mut now = Value::Null;
+    for _ in 0..400 {
+        now = call(reqwest::Method::GET, &sub, None).await.unwrap().json().await.unwrap();
+        if now["subaccountCertificate"]["validTo"].as_i64().unwrap() > first_valid_to {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    assert!(now["subaccountCertificate"]["validTo"].as_i64().unwrap() > first_valid_to, "not renewed: {now}");
+    let http = ferry_core::tls::http_client(None).unwrap();
+    let t = token(&http, conn).await;
+    let mut last = (0, Value::Null);
+    for _ in 0..200 {
+        last = through(&up_proxy, &t, "plant").await;
+        if last.0 == 200 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    assert_eq!(last.0, 200, "{}", last.1);
+    // Past the first certificate's end the connection still serves: on the renewed one.
+    let expired_at = std::time::UNIX_EPOCH + Duration::from_millis(first_valid_to as u64 + 1000);
+    while std::time::SystemTime::now() < expired_at {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(through(&up_proxy, &t, "plant").await.0, 200);
+    let audit =
+        std::fs::read_to_string(dir.join("audit").join("_configuration").join("audit-log.jsonl")).unwrap_or_default();
+    assert!(audit.contains("certificate renewed automatically"), "{audit}");
+}

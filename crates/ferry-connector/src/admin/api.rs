@@ -153,6 +153,7 @@ impl Admin {
                         .into_iter()
                         .map(|mapping| StoredMapping { backend_type: None, mapping })
                         .collect(),
+                    renewal_url: None,
                 });
                 let last = next.subaccounts.len() - 1;
                 &mut next.subaccounts[last]
@@ -508,13 +509,18 @@ fn tunnel_json(a: &Admin, s: &StoredSubaccount) -> Value {
 }
 
 fn sub_json(a: &Admin, s: &StoredSubaccount) -> Value {
+    let validity = ferry_core::tls::parse_certs(&s.certificate)
+        .ok()
+        .and_then(|c| c.first().and_then(|c| ferry_core::tls::validity_of(c)))
+        .unwrap_or_default();
     json!({
         "regionHost": s.region_host,
         "subaccount": s.subaccount,
         "locationID": s.location_id,
         "displayName": s.display_name,
         "description": s.description,
-        "autoCertRenewal": false,
+        "autoCertRenewal": s.renewal_url.is_some(),
+        "subaccountCertificate": {"validFrom": validity.0 * 1000, "validTo": validity.1 * 1000},
         "tunnel": tunnel_json(a, s),
         "_links": {"self": {"href": sub_location(s)}},
     })
@@ -561,6 +567,9 @@ struct AuthenticationData {
     key: ferry_core::Secret<String>,
     ca: String,
     tunnel: String,
+    /// The directory's renewal endpoint (absent in authentication data of older enrollments).
+    #[serde(default)]
+    renewal: Option<String>,
 }
 
 fn authentication_data(v: Value) -> Result<AuthenticationData> {
@@ -640,6 +649,7 @@ async fn add_subaccount(State(a): A, Extension(u): Extension<Caller>, body: Byte
         key_sealed: Some(key_sealed),
         key_pem: None,
         system_mappings: Vec::new(),
+        renewal_url: d.renewal,
     };
     let mut guard = a.state.lock().await;
     if guard.subaccount(&new.region_host, &new.subaccount).is_some() {
@@ -767,38 +777,90 @@ async fn renew_certificate(
         }));
     };
     let d = authentication_data(data)?;
-    let mut guard = a.state.lock().await;
-    let mut next = guard.clone();
-    let s = next.subaccount_mut(&region, &sub).ok_or_else(|| no_subaccount(&region, &sub))?;
-    if d.subaccount != s.subaccount || d.location_id != s.location_id {
-        return Err(ApiError::invalid(format!(
-            "the authentication data is for subaccount {} location {:?}; this connection is subaccount {} location {:?}",
-            d.subaccount, d.location_id, s.subaccount, s.location_id
-        )));
-    }
-    let identity = ferry_core::tls::CertifiedKey { cert_pem: d.certificate.clone(), key_pem: d.key.clone() };
-    // The certificate must be usable before it is stored: checked by the running connection,
-    // or by building a client configuration when it does not run.
-    let running = a
-        .instance
-        .set_identity(&s.key(), &identity)
-        .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "INVALID_CONFIGURATION", e.to_string()))?;
-    if !running {
-        ferry_core::tls::client_config(&s.ca, Some(&identity), &[ferry_proto::tunnel::ALPN])
-            .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "INVALID_CONFIGURATION", e.to_string()))?;
-    }
-    s.key_sealed = Some(
-        a.store
-            .seal_key(&s.region_host, &s.subaccount, d.key.expose())
-            .map_err(|e| ApiError::internal(e.to_string()))?,
-    );
-    s.certificate = d.certificate;
-    let s = s.clone();
-    a.persist(&next).await?;
-    *guard = next;
-    drop(guard);
+    let s = a.swap_certificate(&region, &sub, d).await?;
     a.record(&u.0, "Account", "certificate renewed", &sub, &region).await;
     Ok(Json(sub_json(&a, &s)))
+}
+
+impl Admin {
+    /// Replaces a connection's certificate and key (checked usable first, by the running
+    /// connection without dropping it), and stores them sealed.
+    async fn swap_certificate(&self, region: &str, sub: &str, d: AuthenticationData) -> Result<StoredSubaccount> {
+        let a = self;
+        let mut guard = a.state.lock().await;
+        let mut next = guard.clone();
+        let s = next.subaccount_mut(region, sub).ok_or_else(|| no_subaccount(region, sub))?;
+        if d.subaccount != s.subaccount || d.location_id != s.location_id {
+            return Err(ApiError::invalid(format!(
+                "the authentication data is for subaccount {} location {:?}; this connection is subaccount {} location {:?}",
+                d.subaccount, d.location_id, s.subaccount, s.location_id
+            )));
+        }
+        let identity = ferry_core::tls::CertifiedKey { cert_pem: d.certificate.clone(), key_pem: d.key.clone() };
+        // The certificate must be usable before it is stored: checked by the running connection,
+        // or by building a client configuration when it does not run.
+        let running = a
+            .instance
+            .set_identity(&s.key(), &identity)
+            .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "INVALID_CONFIGURATION", e.to_string()))?;
+        if !running {
+            ferry_core::tls::client_config(&s.ca, Some(&identity), &[ferry_proto::tunnel::ALPN])
+                .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "INVALID_CONFIGURATION", e.to_string()))?;
+        }
+        s.key_sealed = Some(
+            a.store
+                .seal_key(&s.region_host, &s.subaccount, d.key.expose())
+                .map_err(|e| ApiError::internal(e.to_string()))?,
+        );
+        s.certificate = d.certificate;
+        if d.renewal.is_some() {
+            s.renewal_url = d.renewal;
+        }
+        let s = s.clone();
+        a.persist(&next).await?;
+        *guard = next;
+        Ok(s)
+    }
+
+    /// Renews a connection's certificate at the directory's renewal endpoint: a new key and CSR,
+    /// sent over mTLS with the current certificate, and the answer swapped in as by
+    /// `POST .../validity`.
+    pub(crate) async fn renew_with_directory(
+        &self,
+        s: &StoredSubaccount,
+        url: &str,
+    ) -> std::result::Result<(), String> {
+        let key = self.store.open_key(s).map_err(|e| e.to_string())?;
+        let current = ferry_core::tls::CertifiedKey { cert_pem: s.certificate.clone(), key_pem: key };
+        let tls = ferry_core::tls::client_config(&s.ca, Some(&current), &[b"http/1.1"]).map_err(|e| e.to_string())?;
+        let client = reqwest::Client::builder()
+            .use_preconfigured_tls((*tls).clone())
+            .tcp_nodelay(true)
+            .timeout(std::time::Duration::from_secs(30))
+            .build()
+            .map_err(|e| e.to_string())?;
+        let (csr, new_key) =
+            ferry_core::tls::connector_csr(&s.subaccount, &s.location_id).map_err(|e| e.to_string())?;
+        let r = client.post(url).json(&json!({ "csr": csr })).send().await.map_err(|e| e.to_string())?;
+        let status = r.status();
+        let v: Value = r.json().await.map_err(|e| format!("{status}: {e}"))?;
+        let Some(cert) = v["certificate"].as_str().filter(|_| status.is_success()) else {
+            return Err(format!("{status}: {}", v["message"].as_str().unwrap_or("no certificate in the answer")));
+        };
+        let d = AuthenticationData {
+            subaccount: s.subaccount.clone(),
+            location_id: s.location_id.clone(),
+            certificate: cert.to_owned(),
+            key: new_key,
+            ca: s.ca.clone(),
+            tunnel: s.region_host.clone(),
+            renewal: None,
+        };
+        self.swap_certificate(&s.region_host, &s.subaccount, d).await.map_err(|e| e.message)?;
+        self.record("Cloud Connector", "Account", "certificate renewed automatically", &s.subaccount, &s.region_host)
+            .await;
+        Ok(())
+    }
 }
 
 async fn monitoring(State(a): A) -> Json<Value> {

@@ -105,6 +105,9 @@ pub struct AdminConfig {
     pub connection: ConnectionDefaults,
     /// PEM file of CA certificates trusted for LDAPS logon hosts, besides the system's roots.
     pub ldap_ca_file: Option<PathBuf>,
+    /// Fraction of a subaccount certificate's lifetime after which it is renewed at the
+    /// directory (connections whose authentication data named a renewal endpoint).
+    pub renew_at: f64,
 }
 
 impl AdminConfig {
@@ -115,6 +118,7 @@ impl AdminConfig {
             audit: AuditConfig::default(),
             ui_names: vec!["localhost".into(), "127.0.0.1".into()],
             max_failed_logons: 5,
+            renew_at: 2.0 / 3.0,
             lockout: Duration::from_secs(300),
             session_timeout: Duration::from_secs(30 * 60),
             max_body: 1 << 20,
@@ -140,6 +144,8 @@ struct Failures {
 /// The running administration side of a connector instance.
 pub struct Admin {
     pub(crate) config: AdminConfig,
+    /// Wakes the renewal task when the configuration changes (a subaccount added).
+    renewal_wake: tokio::sync::Notify,
     pub(crate) store: Store,
     /// The current configuration; held across save-and-apply so changes are serialised.
     pub(crate) state: tokio::sync::Mutex<SccConfig>,
@@ -261,6 +267,7 @@ impl Admin {
             ui_tls,
             ui_ca_pem,
             config,
+            renewal_wake: tokio::sync::Notify::new(),
         });
         // A master that was down while its shadow took over comes back as shadow: no tunnels.
         if admin.resolve_role_on_start().await == Role::Master {
@@ -272,6 +279,7 @@ impl Admin {
             }
         }
         admin.start_role_task();
+        admin.start_renewal_task();
         Ok(admin)
     }
 
@@ -367,6 +375,7 @@ impl Admin {
     /// Saves a changed configuration and, on a master with a live shadow, returns only once the
     /// shadow has stored it too.
     pub(crate) async fn persist(&self, cfg: &SccConfig) -> Result<(), ApiError> {
+        self.renewal_wake.notify_one();
         self.store.save(cfg).map_err(|e| ApiError::internal(format!("cannot save the configuration: {e}")))?;
         self.replicate(cfg).await;
         Ok(())
@@ -696,6 +705,67 @@ pub(crate) async fn shadow_guard(State(admin): State<Arc<Admin>>, req: Request, 
 }
 
 /// Opens the data folder, serves the API on `listener` until `shutdown`.
+impl Admin {
+    /// Renews subaccount certificates once `renew_at` of their lifetime has passed, on the
+    /// master only (a shadow receives the new certificate with the configuration). A failed
+    /// renewal is retried: the current certificate keeps working until it expires.
+    fn start_renewal_task(self: &Arc<Self>) {
+        let admin = Arc::downgrade(self);
+        let shutdown = self.shutdown.clone();
+        tokio::spawn(async move {
+            loop {
+                let Some(a) = admin.upgrade() else { return };
+                let wait = a.renew_due().await;
+                tokio::select! {
+                    _ = tokio::time::sleep(wait) => {}
+                    _ = a.renewal_wake.notified() => {}
+                    _ = shutdown.cancelled() => return,
+                }
+            }
+        });
+    }
+
+    /// Renews what is due; returns how long to wait before looking again.
+    async fn renew_due(&self) -> Duration {
+        // Configuration changes (a new subaccount) are picked up within this.
+        const MAX_WAIT: Duration = Duration::from_secs(60);
+        const RETRY: Duration = Duration::from_secs(5);
+        if self.ha.role() != Role::Master {
+            return MAX_WAIT;
+        }
+        let fraction = self.config.renew_at.clamp(0.05, 0.95);
+        let subs = self.state.lock().await.subaccounts.clone();
+        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_secs_f64();
+        let mut wait = MAX_WAIT;
+        for s in subs {
+            let Some(url) = s.renewal_url.as_deref() else { continue };
+            let Some((from, to)) = ferry_core::tls::parse_certs(&s.certificate)
+                .ok()
+                .and_then(|c| c.first().and_then(|c| ferry_core::tls::validity_of(c)))
+            else {
+                continue;
+            };
+            let due = from as f64 + (to - from) as f64 * fraction;
+            if now < due {
+                wait = wait.min(Duration::from_secs_f64((due - now).max(0.1)));
+                continue;
+            }
+            match self.renew_with_directory(&s, url).await {
+                Ok(()) => {
+                    tracing::info!(subaccount = %s.subaccount, location_id = %s.location_id, "subaccount certificate renewed");
+                    wait = Duration::from_millis(100);
+                }
+                Err(e) => {
+                    tracing::warn!(subaccount = %s.subaccount, location_id = %s.location_id, error = %e,
+                        "cannot renew the subaccount certificate; retrying");
+                    wait = wait.min(RETRY);
+                }
+            }
+        }
+        wait
+    }
+}
+
 pub async fn run(config: AdminConfig, listener: TcpListener, shutdown: Shutdown) -> Result<(), AdminError> {
     let admin = Admin::start(config, shutdown.clone()).await?;
     admin.serve(listener, shutdown).await;

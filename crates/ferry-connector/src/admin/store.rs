@@ -95,6 +95,10 @@ pub struct StoredSubaccount {
     pub key_pem: Option<Secret<String>>,
     #[serde(default)]
     pub system_mappings: Vec<StoredMapping>,
+    /// Where the certificate is renewed before it expires (the directory's mTLS endpoint, from
+    /// the authentication data); `None`: renewal is manual (`POST .../validity`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub renewal_url: Option<String>,
 }
 
 impl StoredSubaccount {
@@ -346,6 +350,7 @@ mod tests {
             key_sealed: Some(sealed),
             key_pem: None,
             system_mappings: vec![],
+            renewal_url: None,
         });
         store.save(&cfg).unwrap();
         let text = std::fs::read_to_string(dir.path().join(CONFIG_FILE)).unwrap();

@@ -902,6 +902,13 @@ async fn audit_page(State(ui): S, headers: HeaderMap, Query(q): Query<AuditQuery
             Some("Access Allowed") => " class=\"allowed\"",
             _ => "",
         };
+        // The propagated user next to the app; an exchange's bytes and duration after the reason.
+        let who = if g(11).is_empty() { g(5) } else { format!("{} / {}", g(5), g(11)) };
+        let what = if g(14).is_empty() {
+            g(10)
+        } else {
+            format!("{} {} B in, {} B out, {} ms", g(10), g(12), g(13), g(14)).trim_start().to_owned()
+        };
         let _ = write!(
             rows,
             "<tr{class}><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{} {}</td><td>{}</td></tr>",
@@ -909,11 +916,11 @@ async fn audit_page(State(ui): S, headers: HeaderMap, Query(q): Query<AuditQuery
             g(1),
             g(2),
             g(3),
-            g(5),
+            who,
             g(6),
             g(8),
             g(9),
-            g(10)
+            what
         );
     }
     if rows.is_empty() {
