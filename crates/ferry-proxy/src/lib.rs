@@ -231,6 +231,10 @@ impl Proxy {
                 tunnel_server::serve(stream, acceptor.clone(), registry.clone(), hb, hs, sd.clone())
             }))
         });
+        if front.is_empty() && tunnels.is_none() {
+            // Nothing to serve (e.g. a refused no-auth listener was the only one).
+            return;
+        }
         shutdown.cancelled().await;
         while front.join_next().await.is_some() {}
         tunnels_sd.cancel();
