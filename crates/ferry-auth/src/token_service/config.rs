@@ -106,6 +106,13 @@ pub struct OAuthClient {
     /// X.509 client certificates that authenticate this client on the HTTPS listener (mTLS, as
     /// xssec does for `credential-type: x509` bindings: the body carries only `client_id`).
     pub certificates: Vec<CertificateBinding>,
+    /// Public keys that verify this client's signed client assertions (RFC 7523 §2.2, OIDC
+    /// `private_key_jwt`: `client_assertion_type=urn:ietf:params:oauth:client-assertion-type:jwt-bearer`),
+    /// each a PEM certificate (an X.509 service key's `certificate`), a PEM `PUBLIC KEY`, a JWK
+    /// or a JWKS. Certificates issued by
+    /// [`issue_client_certificate`](super::TokenService::issue_client_certificate) verify
+    /// assertions too.
+    pub assertion_keys: Vec<String>,
     /// Lifetime of this client's access tokens; `None`: the service-wide `token_validity`.
     pub access_token_validity: Option<Duration>,
     /// Lifetime of this client's refresh tokens; `None`: the service-wide
@@ -215,10 +222,12 @@ pub enum ConfigError {
     EmptyClientId,
     #[error("client {0:?} is configured twice")]
     DuplicateClient(String),
-    #[error("client {0:?} has neither a secret nor a certificate binding, so it cannot authenticate")]
+    #[error("client {0:?} has neither a secret, a certificate binding nor an assertion key, so it cannot authenticate")]
     EmptyClientSecret(String),
     #[error("client {client:?} has an invalid certificate fingerprint {fingerprint:?} (want 64 hex digits of SHA-256)")]
     InvalidCertificateFingerprint { client: String, fingerprint: String },
+    #[error("client {client:?} has an unusable assertion key: {reason}")]
+    InvalidAssertionKey { client: String, reason: String },
     #[error("client {client:?} has an empty certificate subject or issuer")]
     InvalidCertificateSubject { client: String },
     #[error("client {client:?} has an invalid redirect URI {uri:?}: {reason}")]
@@ -396,7 +405,7 @@ pub(crate) fn validate_client(c: &OAuthClient, tenant_exists: impl Fn(&str) -> b
     if c.client_id.is_empty() {
         return Err(ConfigError::EmptyClientId);
     }
-    if c.client_secret.expose().is_empty() && c.certificates.is_empty() {
+    if c.client_secret.expose().is_empty() && c.certificates.is_empty() && c.assertion_keys.is_empty() {
         return Err(ConfigError::EmptyClientSecret(c.client_id.clone()));
     }
     for b in &c.certificates {
@@ -414,6 +423,10 @@ pub(crate) fn validate_client(c: &OAuthClient, tenant_exists: impl Fn(&str) -> b
             }
             _ => {}
         }
+    }
+    for key in &c.assertion_keys {
+        crate::jwt::VerifyKey::from_registered(key)
+            .map_err(|reason| ConfigError::InvalidAssertionKey { client: c.client_id.clone(), reason })?;
     }
     for uri in &c.redirect_uris {
         if let Err(reason) = parse_redirect_uri(uri) {

@@ -13,6 +13,7 @@
 
 mod authorize;
 mod claims;
+mod client_assertion;
 mod clock;
 mod config;
 mod http;
@@ -31,6 +32,7 @@ use ferry_core::Shutdown;
 use ferry_core::serve::{AcceptOptions, serve_router};
 use ferry_core::tls::{CertifiedKey, LocalCa};
 
+pub use client_assertion::MAX_CLIENT_ASSERTION_LIFETIME_SECS;
 pub use clock::{Clock, ManualClock, SystemClock};
 pub use config::{
     CertificateBinding, ConfigError, DEFAULT_REFRESH_TOKEN_VALIDITY, DEFAULT_TOKEN_VALIDITY, GRANT_AUTHORIZATION_CODE,
@@ -123,6 +125,8 @@ pub struct TokenService {
     passwords: PasswordVerifier,
     /// Certificate bindings added by [`TokenService::issue_client_certificate`], by client id.
     issued_bindings: RwLock<HashMap<String, Vec<CertificateBinding>>>,
+    /// The same certificates (PEM), whose keys also verify the client's client assertions.
+    issued_certificates: RwLock<HashMap<String, Vec<String>>>,
     clock: Arc<dyn Clock>,
     http: reqwest::Client,
     /// Certificates of the SAML identity providers each tenant trusts for the saml2-bearer
@@ -332,6 +336,7 @@ impl TokenService {
             auth: AuthStore::default(),
             passwords,
             issued_bindings: RwLock::new(HashMap::new()),
+            issued_certificates: RwLock::new(HashMap::new()),
             clock,
             http,
             saml_idps: RwLock::new(HashMap::new()),
@@ -504,6 +509,7 @@ impl TokenService {
     fn forget_client(&self, id: &str) {
         self.verified_secrets.write().unwrap_or_else(|p| p.into_inner()).remove(id);
         self.issued_bindings.write().unwrap_or_else(|p| p.into_inner()).remove(id);
+        self.issued_certificates.write().unwrap_or_else(|p| p.into_inner()).remove(id);
     }
 
     /// The zone (tenant id) client `id` lives in: its provider subaccount, which differs from
@@ -600,6 +606,12 @@ impl TokenService {
         let (subject, issuer) = certificate_names(&cert.cert_pem)
             .ok_or_else(|| TokenError::Certificate("the issued certificate does not parse".into()))?;
         let binding = CertificateBinding::SubjectAndIssuer { subject, issuer };
+        self.issued_certificates
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(client_id.to_owned())
+            .or_default()
+            .push(cert.cert_pem.clone());
         if !client.certificates.contains(&binding) {
             let mut issued = self.issued_bindings.write().unwrap_or_else(|p| p.into_inner());
             let list = issued.entry(client_id.to_owned()).or_default();
