@@ -12,8 +12,8 @@ use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD as B64URL;
 use ferry_auth::KeySet;
 use ferry_auth::token_service::{
-    CertificateBinding, ConfigError, Listeners, MAX_CLIENT_ASSERTION_LIFETIME_SECS, ManualClock, OAuthClient, Tenant,
-    TokenService, TokenServiceConfig, run,
+    CertificateBinding, ConfigError, FederatedAssertion, Listeners, MAX_CLIENT_ASSERTION_LIFETIME_SECS, ManualClock,
+    OAuthClient, Tenant, TokenService, TokenServiceConfig, run,
 };
 use ferry_core::tls::LocalCa;
 use serde_json::{Value, json};
@@ -23,6 +23,10 @@ const X509: &str = "sb-x509!b7";
 const JWKS: &str = "sb-jwks!b8";
 const PEM: &str = "sb-pem!b9";
 const SECRET_ONLY: &str = "sb-secret!b1";
+/// Trusts tokens of [`IDP`] about [`WORKLOAD`] as its client assertions.
+const FEDERATED: &str = "sb-federated!b2";
+const IDP: &str = "https://idp.example/oauth2/token";
+const WORKLOAD: &str = "workload-1";
 const JWT_BEARER: &str = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer";
 
 fn client(id: &str) -> OAuthClient {
@@ -43,6 +47,8 @@ struct Env {
     x509_key: EcdsaKeyPair,
     /// The RS256 keys registered for [`JWKS`] (as a JWKS) and [`PEM`] (as a PEM public key).
     rsa: Arc<KeySet>,
+    /// The keys of [`IDP`].
+    idp: KeySet,
     http: reqwest::Client,
     shutdown: ferry_core::Shutdown,
 }
@@ -55,6 +61,13 @@ impl Env {
         let rsa = Arc::new(KeySet::generate().unwrap());
         let jwks = serde_json::to_string(&rsa.jwks()).unwrap();
         let pem = rsa.jwks().keys[0].public_key_pem().unwrap();
+        let idp = KeySet::generate().unwrap();
+        let federated = FederatedAssertion {
+            issuer: IDP.into(),
+            subject: WORKLOAD.into(),
+            audience: None,
+            keys: serde_json::to_string(&idp.jwks()).unwrap(),
+        };
         let config = TokenServiceConfig {
             tenants: vec![Tenant {
                 id: ZONE.into(),
@@ -66,6 +79,7 @@ impl Env {
                 OAuthClient { assertion_keys: vec![jwks], ..client(JWKS) },
                 OAuthClient { assertion_keys: vec![pem], ..client(PEM) },
                 OAuthClient { client_secret: "s3cret".into(), ..client(SECRET_ONLY) },
+                OAuthClient { federated_assertions: vec![federated], ..client(FEDERATED) },
             ],
             public_url: format!("http://{addr}"),
             uaadomain: "127.0.0.1:1".into(),
@@ -84,6 +98,7 @@ impl Env {
             token_url: format!("http://{addr}/oauth/token"),
             x509_key,
             rsa,
+            idp,
             http: reqwest::Client::new(),
             shutdown,
         }
@@ -294,4 +309,53 @@ fn unusable_assertion_keys_are_configuration_errors() {
             other => panic!("{key}: {other:?}"),
         }
     }
+}
+
+/// Workload identity federation: a token another issuer made about a trusted subject, meant for
+/// the client, authenticates it when sent with its client_id.
+#[tokio::test]
+async fn tokens_of_a_trusted_issuer_authenticate_as_federated_assertions() {
+    let env = Env::start().await;
+    let idp_token = |sub: &str, aud: &str| {
+        let claims = json!({
+            "iss": IDP, "sub": sub, "aud": [aud], "exp": env.now() + 300,
+            "jti": uuid::Uuid::new_v4().to_string(),
+        });
+        env.idp.sign(&claims, &[]).unwrap()
+    };
+    let with_id = |assertion: String| {
+        let env = &env;
+        async move {
+            env.token(&[
+                ("client_id", FEDERATED),
+                ("client_assertion_type", JWT_BEARER),
+                ("client_assertion", &assertion),
+            ])
+            .await
+        }
+    };
+    let (status, body) = with_id(idp_token(WORKLOAD, FEDERATED)).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(payload(body["access_token"].as_str().unwrap())["client_id"], FEDERATED);
+
+    let stranger = KeySet::generate().unwrap();
+    let strange = json!({"iss": IDP, "sub": WORKLOAD, "aud": FEDERATED, "exp": env.now() + 60, "jti": "j"});
+    for (assertion, why) in [
+        (idp_token("workload-2", FEDERATED), "is not a subject"),
+        (idp_token(WORKLOAD, "someone-else"), "aud"),
+        (stranger.sign(&strange, &[]).unwrap(), "signature does not verify"),
+    ] {
+        let (status, body) = with_id(assertion).await;
+        assert_eq!((status, body["error"].as_str()), (401, Some("invalid_client")), "{why}: {body}");
+        assert!(body["error_description"].as_str().unwrap().contains(why), "{why}: {body}");
+    }
+    // Without client_id the issuer is taken for the client, which does not exist.
+    env.refused(&idp_token(WORKLOAD, FEDERATED), "Bad credentials").await;
+    // Another client does not trust the issuer.
+    let assertion = idp_token(WORKLOAD, JWKS);
+    let (status, body) = env
+        .token(&[("client_id", JWKS), ("client_assertion_type", JWT_BEARER), ("client_assertion", &assertion)])
+        .await;
+    assert_eq!(status, 401, "{body}");
+    assert!(body["error_description"].as_str().unwrap().contains("nor an issuer the client trusts"), "{body}");
 }

@@ -1,7 +1,8 @@
 //! Client authentication by a signed JWT (RFC 7523 §2.2, OIDC `private_key_jwt`): instead of a
 //! secret the client sends `client_assertion_type=urn:ietf:params:oauth:client-assertion-type:jwt-bearer`
 //! and a `client_assertion` it signed with a key it registered ([`OAuthClient::assertion_keys`],
-//! or the certificate of its X.509 service key). SAP's Destination Service sends one for
+//! or the certificate of its X.509 service key), or a token of an issuer the client trusts
+//! ([`OAuthClient::federated_assertions`]). SAP's Destination Service sends one for
 //! OAuth2ClientCredentials destinations with `X-client-assertion` or an assertion provider
 //! destination (SPEC §2.5).
 
@@ -46,49 +47,69 @@ impl TokenService {
         let Some(iss) = claim("iss").filter(|i| !i.is_empty()) else {
             return Err(fail("client_assertion lacks the iss claim (it must be the client_id)".into()));
         };
-        if let Some(id) = claimed_id.filter(|id| *id != iss) {
-            return Err(fail(format!("client_assertion iss {iss:?} is not the client_id {id:?} of the request")));
-        }
-        let client = self.client(iss).ok_or_else(|| fail("Bad credentials".into()))?;
-        let keys = self.assertion_keys(&client);
-        if keys.is_empty() {
-            return Err(fail(format!(
-                "client {iss:?} has no key registered for client assertions; authenticate with its secret or \
-                 certificate"
-            )));
-        }
+        let id = claimed_id.unwrap_or(iss);
+        let client = self.client(id).ok_or_else(|| fail("Bad credentials".into()))?;
+        // Signed by the client itself (iss = client_id), or a token of an issuer it trusts.
+        let (keys, audiences) = if iss == id {
+            let keys = self.assertion_keys(&client);
+            if keys.is_empty() {
+                return Err(fail(format!(
+                    "client {id:?} has no key registered for client assertions; authenticate with its secret or \
+                     certificate"
+                )));
+            }
+            if claim("sub") != Some(id) {
+                return Err(fail(format!("client_assertion sub must be the client_id {id:?}")));
+            }
+            (keys, self.assertion_audiences())
+        } else {
+            let from_issuer: Vec<_> = client.federated_assertions.iter().filter(|f| f.issuer == iss).collect();
+            if from_issuer.is_empty() {
+                return Err(fail(format!(
+                    "client_assertion iss {iss:?} is neither the client_id {id:?} nor an issuer the client trusts"
+                )));
+            }
+            let sub = claim("sub").unwrap_or_default();
+            let trusted: Vec<_> = from_issuer.into_iter().filter(|f| f.subject == sub).collect();
+            if trusted.is_empty() {
+                return Err(fail(format!(
+                    "client_assertion sub {sub:?} is not a subject client {id:?} trusts from issuer {iss:?}"
+                )));
+            }
+            let keys = trusted.iter().filter_map(|f| VerifyKey::from_registered(&f.keys).ok()).flatten().collect();
+            let audiences = trusted.iter().map(|f| f.audience.clone().unwrap_or_else(|| id.to_owned())).collect();
+            (keys, audiences)
+        };
         let claims = verify_client_assertion(assertion, &keys).map_err(|e| {
             fail(match e {
                 VerifyError::Algorithm => {
                     "client_assertion must be signed with RS256 or ES256 by a key registered for the client".into()
                 }
                 VerifyError::Signature | VerifyError::UnknownKey => {
-                    format!("client_assertion signature does not verify with the keys registered for client {iss:?}")
+                    format!("client_assertion signature does not verify with the keys registered for client {id:?}")
                 }
                 other => format!("client_assertion: {other}"),
             })
         })?;
-        self.check_assertion_claims(&client, &claims).map_err(fail)?;
+        self.check_assertion_claims(iss, &audiences, &claims).map_err(fail)?;
         Ok(client)
     }
 
     /// The claims of RFC 7523 §3 that a signature cannot vouch for.
-    fn check_assertion_claims(&self, client: &OAuthClient, claims: &Map<String, Value>) -> Result<(), String> {
-        let id = client.client_id.as_str();
+    fn check_assertion_claims(
+        &self,
+        iss: &str,
+        accepted: &[String],
+        claims: &Map<String, Value>,
+    ) -> Result<(), String> {
         let claim = |name: &str| claims.get(name).and_then(Value::as_str);
-        if claim("sub") != Some(id) {
-            return Err(format!("client_assertion sub must be the client_id {id:?}"));
-        }
         let auds: Vec<&str> = match claims.get("aud") {
             Some(Value::String(s)) => vec![s.as_str()],
             Some(Value::Array(a)) => a.iter().filter_map(Value::as_str).collect(),
             _ => Vec::new(),
         };
-        let accepted = self.assertion_audiences();
         if !auds.iter().any(|a| accepted.iter().any(|x| x == a.trim_end_matches('/'))) {
-            return Err(format!(
-                "client_assertion aud {auds:?} names neither this token endpoint nor its issuer; use one of {accepted:?}"
-            ));
+            return Err(format!("client_assertion aud {auds:?} names none of {accepted:?}"));
         }
         let now = self.now();
         let exp = claims
@@ -109,7 +130,7 @@ impl TokenService {
         let Some(jti) = claim("jti").filter(|j| !j.is_empty()) else {
             return Err("client_assertion lacks the jti claim (a unique id, as it is single-use)".into());
         };
-        if !self.first_use_of_assertion(REPLAY_ZONE, id, jti, exp.saturating_add(LEEWAY_SECS)) {
+        if !self.first_use_of_assertion(REPLAY_ZONE, iss, jti, exp.saturating_add(LEEWAY_SECS)) {
             return Err(format!("client_assertion jti {jti:?} was used before; sign a new assertion per request"));
         }
         Ok(())

@@ -113,11 +113,30 @@ pub struct OAuthClient {
     /// [`issue_client_certificate`](super::TokenService::issue_client_certificate) verify
     /// assertions too.
     pub assertion_keys: Vec<String>,
+    /// Issuers whose tokens this client may present as its client assertion (workload identity
+    /// federation, as IAS and Entra ID offer it; SAP's assertion provider destinations hand
+    /// over another token service's access token this way).
+    pub federated_assertions: Vec<FederatedAssertion>,
     /// Lifetime of this client's access tokens; `None`: the service-wide `token_validity`.
     pub access_token_validity: Option<Duration>,
     /// Lifetime of this client's refresh tokens; `None`: the service-wide
     /// `refresh_token_validity`.
     pub refresh_token_validity: Option<Duration>,
+}
+
+/// A token issuer an [`OAuthClient`] trusts for its client assertions: a token of `issuer` whose
+/// `sub` is `subject` and whose `aud` names `audience`, signed by one of `keys`, authenticates
+/// the client (sent with `client_id`, as the token's `iss` is not the client).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct FederatedAssertion {
+    /// `iss` of the tokens, exactly.
+    pub issuer: String,
+    /// `sub` of the tokens, exactly: the client of the other token service, say.
+    pub subject: String,
+    /// What `aud` must name; `None`: this client's id.
+    pub audience: Option<String>,
+    /// The issuer's signature keys as for [`OAuthClient::assertion_keys`] (its JWKS, say).
+    pub keys: String,
 }
 
 /// Which TLS client certificates authenticate an [`OAuthClient`].
@@ -405,7 +424,11 @@ pub(crate) fn validate_client(c: &OAuthClient, tenant_exists: impl Fn(&str) -> b
     if c.client_id.is_empty() {
         return Err(ConfigError::EmptyClientId);
     }
-    if c.client_secret.expose().is_empty() && c.certificates.is_empty() && c.assertion_keys.is_empty() {
+    if c.client_secret.expose().is_empty()
+        && c.certificates.is_empty()
+        && c.assertion_keys.is_empty()
+        && c.federated_assertions.is_empty()
+    {
         return Err(ConfigError::EmptyClientSecret(c.client_id.clone()));
     }
     for b in &c.certificates {
@@ -424,9 +447,15 @@ pub(crate) fn validate_client(c: &OAuthClient, tenant_exists: impl Fn(&str) -> b
             _ => {}
         }
     }
-    for key in &c.assertion_keys {
+    for key in c.assertion_keys.iter().chain(c.federated_assertions.iter().map(|f| &f.keys)) {
         crate::jwt::VerifyKey::from_registered(key)
             .map_err(|reason| ConfigError::InvalidAssertionKey { client: c.client_id.clone(), reason })?;
+    }
+    if c.federated_assertions.iter().any(|f| f.issuer.is_empty() || f.subject.is_empty()) {
+        return Err(ConfigError::InvalidAssertionKey {
+            client: c.client_id.clone(),
+            reason: "a federated assertion issuer needs a non-empty issuer and subject".into(),
+        });
     }
     for uri in &c.redirect_uris {
         if let Err(reason) = parse_redirect_uri(uri) {
