@@ -334,9 +334,15 @@ async fn tokens_of_a_trusted_issuer_authenticate_as_federated_assertions() {
             .await
         }
     };
-    let (status, body) = with_id(idp_token(WORKLOAD, FEDERATED)).await;
+    let federated = idp_token(WORKLOAD, FEDERATED);
+    let (status, body) = with_id(federated.clone()).await;
     assert_eq!(status, 200, "{body}");
     assert_eq!(payload(body["access_token"].as_str().unwrap())["client_id"], FEDERATED);
+    // An access token of another service is reused by its holder until it expires.
+    assert_eq!(with_id(federated.clone()).await.0, 200);
+    env.clock.advance(Duration::from_secs(300 + 31));
+    let (status, body) = with_id(federated).await;
+    assert!(body["error_description"].as_str().unwrap().contains("expired"), "{status} {body}");
 
     let stranger = KeySet::generate().unwrap();
     let strange = json!({"iss": IDP, "sub": WORKLOAD, "aud": FEDERATED, "exp": env.now() + 60, "jti": "j"});

@@ -50,7 +50,7 @@ impl TokenService {
         let id = claimed_id.unwrap_or(iss);
         let client = self.client(id).ok_or_else(|| fail("Bad credentials".into()))?;
         // Signed by the client itself (iss = client_id), or a token of an issuer it trusts.
-        let (keys, audiences) = if iss == id {
+        let (keys, audiences, single_use) = if iss == id {
             let keys = self.assertion_keys(&client);
             if keys.is_empty() {
                 return Err(fail(format!(
@@ -61,7 +61,7 @@ impl TokenService {
             if claim("sub") != Some(id) {
                 return Err(fail(format!("client_assertion sub must be the client_id {id:?}")));
             }
-            (keys, self.assertion_audiences())
+            (keys, self.assertion_audiences(), true)
         } else {
             let from_issuer: Vec<_> = client.federated_assertions.iter().filter(|f| f.issuer == iss).collect();
             if from_issuer.is_empty() {
@@ -78,7 +78,11 @@ impl TokenService {
             }
             let keys = trusted.iter().filter_map(|f| VerifyKey::from_registered(&f.keys).ok()).flatten().collect();
             let audiences = trusted.iter().map(|f| f.audience.clone().unwrap_or_else(|| id.to_owned())).collect();
-            (keys, audiences)
+            // Not single-use: this is another service's access token, which its holder (the
+            // Destination Service, for an assertion provider destination) caches and presents
+            // again until it expires, as IAS and Entra ID accept federated tokens. Its
+            // lifetime is bounded below instead.
+            (keys, audiences, false)
         };
         let claims = verify_client_assertion(assertion, &keys).map_err(|e| {
             fail(match e {
@@ -91,7 +95,7 @@ impl TokenService {
                 other => format!("client_assertion: {other}"),
             })
         })?;
-        self.check_assertion_claims(iss, &audiences, &claims).map_err(fail)?;
+        self.check_assertion_claims(iss, &audiences, single_use, &claims).map_err(fail)?;
         Ok(client)
     }
 
@@ -100,6 +104,7 @@ impl TokenService {
         &self,
         iss: &str,
         accepted: &[String],
+        single_use: bool,
         claims: &Map<String, Value>,
     ) -> Result<(), String> {
         let claim = |name: &str| claims.get(name).and_then(Value::as_str);
@@ -126,6 +131,9 @@ impl TokenService {
         }
         if claims.get("nbf").and_then(Value::as_u64).is_some_and(|nbf| nbf > now.saturating_add(LEEWAY_SECS)) {
             return Err("client_assertion is not valid yet (nbf)".into());
+        }
+        if !single_use {
+            return Ok(());
         }
         let Some(jti) = claim("jti").filter(|j| !j.is_empty()) else {
             return Err("client_assertion lacks the jti claim (a unique id, as it is single-use)".into());

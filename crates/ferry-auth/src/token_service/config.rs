@@ -126,7 +126,9 @@ pub struct OAuthClient {
 
 /// A token issuer an [`OAuthClient`] trusts for its client assertions: a token of `issuer` whose
 /// `sub` is `subject` and whose `aud` names `audience`, signed by one of `keys`, authenticates
-/// the client (sent with `client_id`, as the token's `iss` is not the client).
+/// the client (sent with `client_id`, as the token's `iss` is not the client). Unlike a
+/// self-signed assertion such a token may be presented again until it expires (its holder
+/// caches it), but it must expire within `MAX_CLIENT_ASSERTION_LIFETIME_SECS`.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct FederatedAssertion {
     /// `iss` of the tokens, exactly.
