@@ -553,6 +553,108 @@ impl VerifyKey {
     }
 }
 
+impl VerifyKey {
+    /// The keys of a client's registered assertion key: a PEM certificate (an X.509 service
+    /// key's `certificate`) or public key (`PUBLIC KEY`, SPKI), a JWK, or a JWKS. RSA and P-256
+    /// keys only, which is all the client-assertion allow-list (RS256, ES256) can use.
+    pub(crate) fn from_registered(text: &str) -> Result<Vec<Self>, String> {
+        let text = text.trim();
+        if text.starts_with('{') {
+            let v: Value = serde_json::from_str(text).map_err(|e| format!("not valid JSON: {e}"))?;
+            let jwks: Vec<&Value> = match v.get("keys").and_then(Value::as_array) {
+                Some(keys) => keys.iter().collect(),
+                None => vec![&v],
+            };
+            let keys: Vec<Self> = jwks
+                .into_iter()
+                .filter_map(|k| {
+                    // A single JWK needs no kid here: the client, not the kid, selects the keys.
+                    let mut k = k.clone();
+                    if let Some(o) = k.as_object_mut() {
+                        o.entry("kid").or_insert_with(|| "registered".into());
+                    }
+                    Self::from_jwk(&k).map(|(_, key)| key)
+                })
+                .collect();
+            if keys.is_empty() {
+                return Err("the JWK(S) holds no RSA or EC P-256 signature key".into());
+            }
+            return Ok(keys);
+        }
+        let mut keys = Vec::new();
+        for block in x509_parser::pem::Pem::iter_from_buffer(text.as_bytes()) {
+            let block = block.map_err(|e| format!("the PEM text does not parse: {e}"))?;
+            let key = match block.label.as_str() {
+                "CERTIFICATE" => {
+                    let (_, cert) = x509_parser::parse_x509_certificate(&block.contents)
+                        .map_err(|e| format!("the certificate does not parse: {e}"))?;
+                    Self::from_spki(cert.public_key())?
+                }
+                "PUBLIC KEY" => {
+                    use x509_parser::prelude::FromDer;
+                    let (_, spki) = x509_parser::x509::SubjectPublicKeyInfo::from_der(&block.contents)
+                        .map_err(|e| format!("the public key does not parse: {e}"))?;
+                    Self::from_spki(&spki)?
+                }
+                other => return Err(format!("a PEM block {other:?} is no public key; use CERTIFICATE or PUBLIC KEY")),
+            };
+            keys.push(key);
+        }
+        if keys.is_empty() {
+            return Err("no key found: expected a PEM certificate or public key, a JWK or a JWKS".into());
+        }
+        Ok(keys)
+    }
+
+    fn from_spki(spki: &x509_parser::x509::SubjectPublicKeyInfo<'_>) -> Result<Self, String> {
+        use x509_parser::public_key::PublicKey;
+        let strip = |b: &[u8]| b.iter().skip_while(|x| **x == 0).copied().collect::<Vec<u8>>();
+        match spki.parsed().map_err(|e| format!("the public key does not parse: {e}"))? {
+            PublicKey::RSA(rsa) => Ok(Self::Rsa { n: strip(rsa.modulus), e: strip(rsa.exponent), alg: None }),
+            PublicKey::EC(point) => {
+                let p256 = spki
+                    .algorithm
+                    .parameters
+                    .as_ref()
+                    .and_then(|p| p.as_oid().ok())
+                    .is_some_and(|oid| oid == x509_parser::oid_registry::OID_EC_P256);
+                if !p256 || point.data().len() != 65 {
+                    return Err("only EC keys on P-256 are supported".into());
+                }
+                Ok(Self::Ec { curve: Curve::P256, point: point.data().to_vec(), alg: None })
+            }
+            _ => Err("only RSA and EC P-256 keys are supported".into()),
+        }
+    }
+}
+
+/// Checks the signature of a client assertion (RFC 7523 §2.2) against a client's registered
+/// keys and returns its claims, unchecked. Only RS256 and ES256 are allowed: what OIDC's
+/// `private_key_jwt` clients (xssec, the Cloud SDK, IAS) sign with; never `none` or HMAC.
+pub(crate) fn verify_client_assertion(token: &str, keys: &[VerifyKey]) -> Result<Map<String, Value>, VerifyError> {
+    let jws = Jws::parse(token)?;
+    if jws.header.contains_key("crit") {
+        return Err(VerifyError::CriticalHeader);
+    }
+    let alg = match jws.header.get("alg").and_then(Value::as_str).and_then(Alg::parse) {
+        Some(a @ (Alg::Rs256 | Alg::Es256)) => a,
+        _ => return Err(VerifyError::Algorithm),
+    };
+    let mut verdict = Err(VerifyError::UnknownKey);
+    for key in keys {
+        match jws.verify_with(key, alg) {
+            Ok(()) => return Ok(jws.payload),
+            // A key of the wrong type says less than a key that did not verify.
+            Err(VerifyError::Algorithm) if matches!(verdict, Err(VerifyError::UnknownKey)) => {
+                verdict = Err(VerifyError::Algorithm)
+            }
+            Err(VerifyError::Algorithm) => {}
+            Err(e) => verdict = Err(e),
+        }
+    }
+    verdict.map(|()| Map::new())
+}
+
 impl KeySet {
     fn verify_key(&self, kid: &str) -> Option<VerifyKey> {
         self.jwk(kid).as_ref().and_then(VerifyKey::from_local)

@@ -106,6 +106,17 @@ pub struct OAuthClient {
     /// X.509 client certificates that authenticate this client on the HTTPS listener (mTLS, as
     /// xssec does for `credential-type: x509` bindings: the body carries only `client_id`).
     pub certificates: Vec<CertificateBinding>,
+    /// Public keys that verify this client's signed client assertions (RFC 7523 §2.2, OIDC
+    /// `private_key_jwt`: `client_assertion_type=urn:ietf:params:oauth:client-assertion-type:jwt-bearer`),
+    /// each a PEM certificate (an X.509 service key's `certificate`), a PEM `PUBLIC KEY`, a JWK
+    /// or a JWKS. Certificates issued by
+    /// [`issue_client_certificate`](super::TokenService::issue_client_certificate) verify
+    /// assertions too.
+    pub assertion_keys: Vec<String>,
+    /// Issuers whose tokens this client may present as its client assertion (workload identity
+    /// federation, as IAS and Entra ID offer it; SAP's assertion provider destinations hand
+    /// over another token service's access token this way).
+    pub federated_assertions: Vec<FederatedAssertion>,
     /// Lifetime of this client's access tokens; `None`: the service-wide `token_validity`.
     pub access_token_validity: Option<Duration>,
     /// Lifetime of this client's refresh tokens; `None`: the service-wide
@@ -115,6 +126,23 @@ pub struct OAuthClient {
     /// treated as subscribed everywhere (see [`Tenant`]), which would let a binding of one
     /// subaccount read another's destinations and tunnels with `x-zid`.
     pub dedicated: bool,
+}
+
+/// A token issuer an [`OAuthClient`] trusts for its client assertions: a token of `issuer` whose
+/// `sub` is `subject` and whose `aud` names `audience`, signed by one of `keys`, authenticates
+/// the client (sent with `client_id`, as the token's `iss` is not the client). Unlike a
+/// self-signed assertion such a token may be presented again until it expires (its holder
+/// caches it), but it must expire within `MAX_CLIENT_ASSERTION_LIFETIME_SECS`.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct FederatedAssertion {
+    /// `iss` of the tokens, exactly.
+    pub issuer: String,
+    /// `sub` of the tokens, exactly: the client of the other token service, say.
+    pub subject: String,
+    /// What `aud` must name; `None`: this client's id.
+    pub audience: Option<String>,
+    /// The issuer's signature keys as for [`OAuthClient::assertion_keys`] (its JWKS, say).
+    pub keys: String,
 }
 
 /// Which TLS client certificates authenticate an [`OAuthClient`].
@@ -219,10 +247,12 @@ pub enum ConfigError {
     EmptyClientId,
     #[error("client {0:?} is configured twice")]
     DuplicateClient(String),
-    #[error("client {0:?} has neither a secret nor a certificate binding, so it cannot authenticate")]
+    #[error("client {0:?} has neither a secret, a certificate binding nor an assertion key, so it cannot authenticate")]
     EmptyClientSecret(String),
     #[error("client {client:?} has an invalid certificate fingerprint {fingerprint:?} (want 64 hex digits of SHA-256)")]
     InvalidCertificateFingerprint { client: String, fingerprint: String },
+    #[error("client {client:?} has an unusable assertion key: {reason}")]
+    InvalidAssertionKey { client: String, reason: String },
     #[error("client {client:?} has an empty certificate subject or issuer")]
     InvalidCertificateSubject { client: String },
     #[error("client {client:?} has an invalid redirect URI {uri:?}: {reason}")]
@@ -400,7 +430,11 @@ pub(crate) fn validate_client(c: &OAuthClient, tenant_exists: impl Fn(&str) -> b
     if c.client_id.is_empty() {
         return Err(ConfigError::EmptyClientId);
     }
-    if c.client_secret.expose().is_empty() && c.certificates.is_empty() {
+    if c.client_secret.expose().is_empty()
+        && c.certificates.is_empty()
+        && c.assertion_keys.is_empty()
+        && c.federated_assertions.is_empty()
+    {
         return Err(ConfigError::EmptyClientSecret(c.client_id.clone()));
     }
     for b in &c.certificates {
@@ -418,6 +452,16 @@ pub(crate) fn validate_client(c: &OAuthClient, tenant_exists: impl Fn(&str) -> b
             }
             _ => {}
         }
+    }
+    for key in c.assertion_keys.iter().chain(c.federated_assertions.iter().map(|f| &f.keys)) {
+        crate::jwt::VerifyKey::from_registered(key)
+            .map_err(|reason| ConfigError::InvalidAssertionKey { client: c.client_id.clone(), reason })?;
+    }
+    if c.federated_assertions.iter().any(|f| f.issuer.is_empty() || f.subject.is_empty()) {
+        return Err(ConfigError::InvalidAssertionKey {
+            client: c.client_id.clone(),
+            reason: "a federated assertion issuer needs a non-empty issuer and subject".into(),
+        });
     }
     for uri in &c.redirect_uris {
         if let Err(reason) = parse_redirect_uri(uri) {

@@ -52,7 +52,7 @@ impl OAuthError {
     pub(crate) fn invalid_request(d: impl Into<String>) -> Self {
         Self::new(StatusCode::BAD_REQUEST, "invalid_request", d)
     }
-    fn invalid_client(d: impl Into<String>, basic: bool) -> Self {
+    pub(crate) fn invalid_client(d: impl Into<String>, basic: bool) -> Self {
         Self { basic_challenge: basic, ..Self::new(StatusCode::UNAUTHORIZED, "invalid_client", d) }
     }
     pub(crate) fn invalid_grant(d: impl Into<String>) -> Self {
@@ -165,6 +165,21 @@ impl TokenService {
         params: &Params,
         tls: Option<&TlsInfo>,
     ) -> Result<Arc<OAuthClient>, OAuthError> {
+        let assertion = (params.get("client_assertion_type"), params.get("client_assertion"));
+        if assertion != (None, None) {
+            let (Some(kind), Some(assertion)) = assertion else {
+                return Err(OAuthError::invalid_request(
+                    "client_assertion and client_assertion_type must be sent together",
+                ));
+            };
+            if headers.contains_key(AUTHORIZATION) || params.get("client_secret").is_some() {
+                return Err(OAuthError::invalid_request(
+                    "a client_assertion authenticates the client alone: send no client_secret or Basic credentials \
+                     with it",
+                ));
+            }
+            return self.check_client_assertion(params.get("client_id"), kind, assertion);
+        }
         if let Some(candidates) = basic_credentials(headers)? {
             if params.get("client_secret").is_some() {
                 return Err(OAuthError::invalid_request(

@@ -13,6 +13,7 @@
 
 mod authorize;
 mod claims;
+mod client_assertion;
 mod clock;
 mod config;
 mod http;
@@ -32,12 +33,13 @@ use ferry_core::Shutdown;
 use ferry_core::serve::{AcceptOptions, serve_router};
 use ferry_core::tls::{CertifiedKey, LocalCa};
 
+pub use client_assertion::MAX_CLIENT_ASSERTION_LIFETIME_SECS;
 pub use clock::{Clock, ManualClock, SystemClock};
 pub use config::{
-    CertificateBinding, ConfigError, DEFAULT_REFRESH_TOKEN_VALIDITY, DEFAULT_TOKEN_VALIDITY, GRANT_AUTHORIZATION_CODE,
-    GRANT_CLIENT_CREDENTIALS, GRANT_JWT_BEARER, GRANT_PASSWORD, GRANT_REFRESH_TOKEN, GRANT_SAML2_BEARER,
-    GRANT_TOKEN_EXCHANGE, OAuthClient, SUPPORTED_GRANT_TYPES, TOKEN_TYPE_ACCESS, TOKEN_TYPE_ID, TOKEN_TYPE_JWT,
-    TOKEN_TYPE_SAML2, Tenant, TokenServiceConfig, User,
+    CertificateBinding, ConfigError, DEFAULT_REFRESH_TOKEN_VALIDITY, DEFAULT_TOKEN_VALIDITY, FederatedAssertion,
+    GRANT_AUTHORIZATION_CODE, GRANT_CLIENT_CREDENTIALS, GRANT_JWT_BEARER, GRANT_PASSWORD, GRANT_REFRESH_TOKEN,
+    GRANT_SAML2_BEARER, GRANT_TOKEN_EXCHANGE, OAuthClient, SUPPORTED_GRANT_TYPES, TOKEN_TYPE_ACCESS, TOKEN_TYPE_ID,
+    TOKEN_TYPE_JWT, TOKEN_TYPE_SAML2, Tenant, TokenServiceConfig, User,
 };
 pub use ldap::{DEFAULT_GROUP_FILTER, DEFAULT_USER_FILTER, LdapConfig, LdapUserStore};
 pub use mtls::{TlsInfo, certificate_fingerprint, certificate_names, https_server_config, serve_router_with_tls_info};
@@ -126,6 +128,8 @@ pub struct TokenService {
     issued_bindings: RwLock<HashMap<String, Vec<CertificateBinding>>>,
     /// Failed logons at the token endpoint per peer address (429 after too many).
     failed_logons: throttle::FailedLogons,
+    /// The same certificates (PEM), whose keys also verify the client's client assertions.
+    issued_certificates: RwLock<HashMap<String, Vec<String>>>,
     clock: Arc<dyn Clock>,
     http: reqwest::Client,
     /// Certificates of the SAML identity providers each tenant trusts for the saml2-bearer
@@ -336,6 +340,7 @@ impl TokenService {
             passwords,
             issued_bindings: RwLock::new(HashMap::new()),
             failed_logons: throttle::FailedLogons::default(),
+            issued_certificates: RwLock::new(HashMap::new()),
             clock,
             http,
             saml_idps: RwLock::new(HashMap::new()),
@@ -508,6 +513,7 @@ impl TokenService {
     fn forget_client(&self, id: &str) {
         self.verified_secrets.write().unwrap_or_else(|p| p.into_inner()).remove(id);
         self.issued_bindings.write().unwrap_or_else(|p| p.into_inner()).remove(id);
+        self.issued_certificates.write().unwrap_or_else(|p| p.into_inner()).remove(id);
     }
 
     /// The zone (tenant id) client `id` lives in: its provider subaccount, which differs from
@@ -604,6 +610,12 @@ impl TokenService {
         let (subject, issuer) = certificate_names(&cert.cert_pem)
             .ok_or_else(|| TokenError::Certificate("the issued certificate does not parse".into()))?;
         let binding = CertificateBinding::SubjectAndIssuer { subject, issuer };
+        self.issued_certificates
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(client_id.to_owned())
+            .or_default()
+            .push(cert.cert_pem.clone());
         if !client.certificates.contains(&binding) {
             let mut issued = self.issued_bindings.write().unwrap_or_else(|p| p.into_inner());
             let list = issued.entry(client_id.to_owned()).or_default();

@@ -11,7 +11,9 @@ use std::time::Duration;
 use axum::Router;
 use axum::http::{HeaderMap, Method, StatusCode};
 use base64::Engine;
-use ferry_auth::token_service::{self, Listeners, OAuthClient, Tenant, TokenService, TokenServiceConfig, User};
+use ferry_auth::token_service::{
+    self, FederatedAssertion, Listeners, OAuthClient, Tenant, TokenService, TokenServiceConfig, User,
+};
 use ferry_auth::{KeySet, TrustedIssuer, Verifier};
 use ferry_core::tls::{CertifiedKey, LocalCa};
 use serde_json::{Value, json};
@@ -28,6 +30,12 @@ const BACKEND_USER: &str = "backend-user";
 const BACKEND_PASSWORD: &str = "backend:pw";
 /// The header a Connectivity Proxy turns into the backend's `Authorization` (SPEC §2.1).
 const TECHNICAL_HEADER: &str = "SAP-Connectivity-Technical-Authentication";
+const JWT_BEARER_ASSERTION: &str = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer";
+/// A client whose access tokens serve as client assertions of [`ASSERTION_CONSUMER`] (SPEC §2.5,
+/// an assertion provider destination): short-lived, and meant for the consumer by its scope.
+const ASSERTION_PROVIDER: &str = "sb-assertion-provider";
+/// A client without a secret that trusts [`ASSERTION_PROVIDER`]'s tokens as its client assertions.
+const ASSERTION_CONSUMER: &str = "sb-assertion-consumer";
 
 fn b64(s: &str) -> String {
     base64::engine::general_purpose::STANDARD.encode(s)
@@ -64,15 +72,25 @@ impl Stack {
             redirect_uris: vec![CALLBACK.into()],
             ..Default::default()
         };
+        let zone_keys = Arc::new(KeySet::generate().unwrap());
+        // The consumer trusts the zone's own tokens about the provider client, addressed to it.
+        let federated = FederatedAssertion {
+            issuer: format!("http://{addr}/oauth/token"),
+            subject: ASSERTION_PROVIDER.into(),
+            audience: None,
+            keys: serde_json::to_string(&zone_keys.jwks()).unwrap(),
+        };
         let ts = TokenService::new(TokenServiceConfig {
-            tenants: vec![Tenant {
-                id: ZONE.into(),
-                subdomain: "provider".into(),
-                keys: Arc::new(KeySet::generate().unwrap()),
-            }],
+            tenants: vec![Tenant { id: ZONE.into(), subdomain: "provider".into(), keys: zone_keys }],
             clients: vec![
                 OAuthClient { service_instance_id: Some("inst-1".into()), ..client("sb-dest", "dest-secret") },
                 client("sb-app", "app-secret"),
+                OAuthClient {
+                    authorities: vec![format!("{ASSERTION_CONSUMER}.assertion")],
+                    access_token_validity: Some(Duration::from_secs(300)),
+                    ..client(ASSERTION_PROVIDER, "provider-secret")
+                },
+                OAuthClient { federated_assertions: vec![federated], ..client(ASSERTION_CONSUMER, "") },
             ],
             users: vec![User {
                 username: "alice".into(),
@@ -139,6 +157,29 @@ impl Stack {
         let r = self.http.post(self.token_url()).basic_auth(client, Some(secret)).form(form).send().await.unwrap();
         assert_eq!(r.status(), StatusCode::OK);
         r.json().await.unwrap()
+    }
+
+    /// What sb-app signs as its client assertion: for the token endpoint, a minute, once.
+    fn assertion_claims(&self, client: &str) -> Value {
+        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs();
+        let mut jti = [0u8; 16];
+        aws_lc_rs::rand::fill(&mut jti).unwrap();
+        json!({"iss": client, "sub": client, "aud": self.token_url(), "iat": now, "exp": now + 60,
+               "jti": hex::encode(jti)})
+    }
+
+    /// A client assertion of sb-app, signed (ES256) with the key of its X.509 service key.
+    fn app_assertion(&self) -> String {
+        use aws_lc_rs::signature::{ECDSA_P256_SHA256_FIXED_SIGNING, EcdsaKeyPair};
+        let pem = self.app_cert.key_pem.expose();
+        let b64: String = pem.lines().filter(|l| !l.starts_with("-----")).collect();
+        let der = base64::engine::general_purpose::STANDARD.decode(b64).unwrap();
+        let key = EcdsaKeyPair::from_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, &der).unwrap();
+        let enc = |v: &Value| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(serde_json::to_vec(v).unwrap());
+        let input =
+            format!("{}.{}", enc(&json!({"alg": "ES256", "typ": "JWT"})), enc(&self.assertion_claims("sb-app")));
+        let sig = key.sign(&aws_lc_rs::rand::SystemRandom::new(), input.as_bytes()).unwrap();
+        format!("{input}.{}", base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(sig.as_ref()))
     }
 
     /// A call to the Destination Service with the service's own token.
@@ -292,6 +333,58 @@ async fn client_credentials_over_mtls() {
     // Without the certificate the same client has nothing to authenticate with.
     s.create("no-cert", "OAuth2ClientCredentials", json!({"tokenServiceURL": url, "clientSecret": null})).await;
     let r = s.env.find(&s.service_token, "no-cert", &[]).await;
+    assert!(r.json["authTokens"][0]["error"].as_str().is_some(), "{}", r.text);
+}
+
+/// SPEC §2.5: a client assertion instead of a secret, both ways SAP describes. The caller's own
+/// (`X-client-assertion`): the application signs it (ES256) with the key of its X.509 service key,
+/// whose certificate the token service knows. Service-fetched (`clientAssertion.destinationName`
+/// or `X-client-assertion-destination-name`): the provider destination's access token is the
+/// assertion, which the consumer client trusts by federation.
+#[tokio::test]
+async fn client_credentials_with_client_assertion() {
+    let s = Stack::start().await;
+    s.create("asserted", "OAuth2ClientCredentials", json!({"clientSecret": null})).await;
+    let assertion = s.app_assertion();
+    let headers = [("X-client-assertion", assertion.as_str()), ("X-client-assertion-type", JWT_BEARER_ASSERTION)];
+    let who = s.use_at_backend("asserted", &headers).await;
+    assert_eq!((who["client_id"].as_str(), who["grant_type"].as_str()), (Some("sb-app"), Some("client_credentials")));
+    // The token service checks: an assertion the application did not sign gets no token.
+    let forged = KeySet::generate().unwrap().sign(&s.assertion_claims("sb-app"), &[]).unwrap();
+    let headers = [("X-client-assertion", forged.as_str()), ("X-client-assertion-type", JWT_BEARER_ASSERTION)];
+    let r = s.env.find(&s.service_token, "asserted", &headers).await;
+    let error = r.json["authTokens"][0]["error"].as_str().unwrap_or_default().to_owned();
+    assert!(error.contains("invalid_client"), "{}", r.text);
+
+    s.create(
+        "assertion-provider",
+        "OAuth2ClientCredentials",
+        json!({"clientId": ASSERTION_PROVIDER, "clientSecret": "provider-secret",
+               "clientAssertion.type": JWT_BEARER_ASSERTION}),
+    )
+    .await;
+    let consumer = json!({"clientId": ASSERTION_CONSUMER, "clientSecret": null});
+    let mut by_property = consumer.clone();
+    by_property["clientAssertion.destinationName"] = json!("assertion-provider");
+    s.create("consumer", "OAuth2ClientCredentials", by_property).await;
+    let who = s.use_at_backend("consumer", &[]).await;
+    assert_eq!(
+        (who["client_id"].as_str(), who["grant_type"].as_str()),
+        (Some(ASSERTION_CONSUMER), Some("client_credentials"))
+    );
+    // The header names the provider for a consumer without the property. Its `scope` makes a
+    // new token request, which presents the provider's cached token a second time.
+    s.create(
+        "consumer-by-header",
+        "OAuth2ClientCredentials",
+        json!({"clientId": ASSERTION_CONSUMER, "clientSecret": null, "scope": "uaa.resource"}),
+    )
+    .await;
+    let who =
+        s.use_at_backend("consumer-by-header", &[("X-client-assertion-destination-name", "assertion-provider")]).await;
+    assert_eq!(who["client_id"], ASSERTION_CONSUMER);
+    // Without an assertion the consumer has nothing to authenticate with.
+    let r = s.env.find(&s.service_token, "consumer-by-header", &[]).await;
     assert!(r.json["authTokens"][0]["error"].as_str().is_some(), "{}", r.text);
 }
 
