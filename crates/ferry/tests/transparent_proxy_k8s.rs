@@ -115,3 +115,33 @@ properties = {{ Name = "web-other", Type = "HTTP", URL = "http://127.0.0.1:{port
     task.await.unwrap().unwrap();
     ferry.terminate();
 }
+
+/// Outside a cluster `--kubernetes` says what it needs instead of serving nothing; `--http-listen`
+/// alone is refused, as it means nothing in the folder mode.
+#[test]
+fn the_kubernetes_mode_needs_a_cluster_and_http_listen_needs_it() {
+    let dir = common::test_dir("tproxy-k8s-cli");
+    let key = r#"{"uri": "http://127.0.0.1:1", "url": "http://127.0.0.1:2", "clientid": "c", "clientsecret": "s"}"#;
+    std::fs::write(dir.join("dest.json"), key).unwrap();
+    std::fs::write(dir.join("tp.toml"), "resources_dir = \"res\"\ndestination_service_key = \"dest.json\"\n").unwrap();
+    let ferry = |args: &[&str]| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_ferry"))
+            .args(["transparent-proxy", "--config"])
+            .arg(dir.join("tp.toml"))
+            .args(args)
+            .env_remove("KUBERNETES_SERVICE_HOST")
+            .env_remove("KUBERNETES_SERVICE_PORT")
+            .env("KUBECONFIG", dir.join("no-kubeconfig"))
+            .env("HOME", &dir)
+            .output()
+            .unwrap()
+    };
+    let out = ferry(&["--kubernetes", "--http-listen", "127.0.0.1:0"]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("Kubernetes client"), "{err}");
+    let out = ferry(&["--http-listen", "127.0.0.1:0"]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("--kubernetes"), "{err}");
+}
