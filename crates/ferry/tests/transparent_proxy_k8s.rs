@@ -55,6 +55,8 @@ async fn resources_from_a_channel_are_served_by_host_and_swapped_in_place() {
 properties = {{ Name = "web", Type = "HTTP", URL = "http://127.0.0.1:{port}/base", Authentication = "BasicAuthentication", User = "ALICE", Password = "s3cret" }}
 [[destinations]]
 properties = {{ Name = "web-other", Type = "HTTP", URL = "http://127.0.0.1:{port}/other", Authentication = "NoAuthentication" }}
+[[destinations]]
+properties = {{ Name = "raw", Type = "TCP", Address = "tcp.virtual:7000", ProxyType = "OnPremise" }}
 "#,
         listen = common::LISTEN_ANY,
     );
@@ -104,6 +106,18 @@ properties = {{ Name = "web-other", Type = "HTTP", URL = "http://127.0.0.1:{port
     assert_eq!(url_at(&http, addr, "web.team.svc").await, "/base/hello");
     let r = get(&http, addr, "web").await;
     assert_error(&r, 404, "several namespaces");
+
+    // A TCP resource listens on the port its backend Service targets and is no HTTP route.
+    source.send_replace(vec![
+        destination("apps", "web", "web-other"),
+        destination("team", "web", "web"),
+        destination("apps", "raw", "raw"),
+    ]);
+    eventually!("apps/raw served", endpoints.borrow().contains_key("apps/raw"));
+    let raw = endpoints.borrow()["apps/raw"].clone();
+    assert_eq!(raw.protocol, "tcp");
+    assert_eq!(raw.address.port(), ferry_transparent_proxy::cluster::tcp_port("apps", "raw"));
+    assert_error(&get(&http, addr, "raw.apps").await, 404, "No Destination resource");
 
     // Removed from the set: no longer served, the other one still is.
     source.send_replace(vec![destination("team", "web", "web")]);
