@@ -23,7 +23,9 @@ pub struct Config {
     pub cluster_domain: String,
     /// Pods and port serving HTTP destinations.
     pub http: Target,
-    /// Pods and port serving TCP, LDAP and MAIL destinations.
+    /// Pods serving TCP, LDAP and MAIL destinations; without `target_port`, each resource's own
+    /// port (`ferry_transparent_proxy::cluster::tcp_port`), which `ferry transparent-proxy
+    /// --kubernetes` listens on.
     pub tcp: Target,
 }
 
@@ -32,7 +34,8 @@ pub struct Config {
 #[serde(deny_unknown_fields)]
 pub struct Target {
     pub selector: BTreeMap<String, String>,
-    pub target_port: String,
+    #[serde(default)]
+    pub target_port: Option<String>,
 }
 
 fn resync_secs() -> u64 {
@@ -69,6 +72,9 @@ impl Config {
             if t.selector.is_empty() {
                 return Err(invalid(field, "must not be empty: the Services would select every pod"));
             }
+        }
+        if cfg.http.target_port.is_none() {
+            return Err(invalid("http.target_port", "must name the HTTP container port (number or name)"));
         }
         if let Some(sel) = &cfg.namespace_selector {
             if sel.split_once('=').is_none_or(|(k, _)| k.is_empty()) {
@@ -110,7 +116,7 @@ selector = { app = "tp", kind = "tcp" }
         assert_eq!(c.resync_secs, 180);
         assert_eq!(c.cluster_domain, "cluster.local");
         assert_eq!(c.http.selector["kind"], "http");
-        assert_eq!(c.tcp.target_port, "20004");
+        assert_eq!(c.tcp.target_port.as_deref(), Some("20004"));
     }
 
     #[test]

@@ -191,6 +191,12 @@ async fn apply(d: &Destination, ctx: &Context) -> Result<Action, Error> {
     let backend = backend_name(&namespace, &name);
     let apply = PatchParams::apply(MANAGER).force();
     let target = ctx.config.target(protocol);
+    // Without a fixed port (HTTP always has one) the proxy listens for each TCP resource on a port
+    // of its own: a byte stream names no host to route by.
+    let target_port = match &target.target_port {
+        Some(p) => p.clone(),
+        None => ferry_transparent_proxy::cluster::tcp_port(&namespace, &name).to_string(),
+    };
     let backend_svc = Service {
         metadata: ObjectMeta {
             name: Some(backend.clone()),
@@ -201,7 +207,7 @@ async fn apply(d: &Destination, ctx: &Context) -> Result<Action, Error> {
         spec: Some(ServiceSpec {
             type_: Some("ClusterIP".into()),
             selector: Some(target.selector.clone()),
-            ports: Some(vec![service_port(port, Some(&target.target_port))]),
+            ports: Some(vec![service_port(port, Some(&target_port))]),
             ..Default::default()
         }),
         ..Default::default()

@@ -10,9 +10,11 @@
 
 pub mod config;
 pub mod controller;
+pub mod source;
 
 pub use config::{Config, ConfigError, Target};
 pub use controller::{Context, Error, Protocol, Resolver, error_policy, reconcile, run};
+pub use source::watch_destinations;
 
 use ferry_transparent_proxy::resource::Destination;
 use kube::CustomResourceExt;

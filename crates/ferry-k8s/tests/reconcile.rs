@@ -329,3 +329,28 @@ fn backend_names_are_valid_and_distinct() {
     assert!(long.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-'), "{long}");
     assert_eq!(backend_name("apps", "erp"), backend_name("apps", "erp"));
 }
+
+#[tokio::test]
+async fn tcp_services_target_the_port_the_proxy_listens_on_for_the_resource() {
+    // The chart's shape: no `[tcp] target_port`, so each TCP resource has a port of its own.
+    let config = CONFIG.replace("target_port = \"tcp\"\n", "");
+    assert_ne!(config, CONFIG, "the test removed the TCP target_port");
+    let (ctx, mut api) = setup(&config, vec![Ok(Protocol::Tcp)]);
+    let backend = backend_name("apps", "erp");
+    let available = json!({"status": {"conditions": [{
+        "type": "Available", "status": "True", "reason": "ConfigurationSuccessful",
+        "message": success_message("erp"), "lastUpdateTime": "2022-09-28T07:26:46Z"}]}});
+    let task = run(destination(available), &ctx);
+    let (_, svc) =
+        ok(&mut api, "PATCH", &format!("/api/v1/namespaces/ferry/services/{backend}"), json!({"kind": "Service"}))
+            .await;
+    let port = ferry_transparent_proxy::cluster::tcp_port("apps", "erp");
+    assert_eq!(svc["spec"]["ports"][0]["port"], 20004);
+    assert_eq!(svc["spec"]["ports"][0]["targetPort"], i64::from(port));
+    ok(&mut api, "PATCH", "/api/v1/namespaces/apps/services/erp", json!({"kind": "Service"})).await;
+    assert_eq!(done(task).await.unwrap(), Action::requeue(Duration::from_secs(180)));
+
+    // An HTTP target port stays required: without it the Services would lead nowhere.
+    let e = Config::parse("c.toml", &CONFIG.replace("target_port = \"http\"\n", "")).unwrap_err().to_string();
+    assert!(e.contains("http.target_port"), "{e}");
+}

@@ -156,7 +156,7 @@ pub(crate) async fn serve_connection(
     }
 }
 
-async fn handle(shared: &Shared, resource: &Destination, req: Request<Incoming>) -> Response<BoxBody> {
+pub(crate) async fn handle(shared: &Shared, resource: &Destination, req: Request<Incoming>) -> Response<BoxBody> {
     let request_id = req
         .headers()
         .get("x-request-id")

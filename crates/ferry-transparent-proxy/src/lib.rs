@@ -7,7 +7,11 @@
 //! a free port), a changed one is swapped in place (or re-bound when its port or protocol
 //! changes), a removed one is closed. [`run`] publishes the current endpoints on a watch channel
 //! and, when configured, in a JSON file.
+//!
+//! On Kubernetes [`run_with_source`] takes the resources from a channel instead and serves them
+//! the cluster's way (module [`cluster`]).
 
+pub mod cluster;
 pub mod config;
 pub mod error;
 mod http;
@@ -27,6 +31,7 @@ use serde::Serialize;
 use tokio::sync::watch;
 use tokio_util::task::TaskTracker;
 
+pub use cluster::run_with_source;
 pub use config::{Config, FileConfig, TenantMode};
 pub use error::{Origin, ProxyError, TpError};
 pub use resource::{Destination, DestinationSpec, DestinationStatus, LoadError, ValidationError};
@@ -59,6 +64,16 @@ pub type Endpoints = BTreeMap<String, Endpoint>;
 /// Serves the resources of `config.resources_dir` until `shutdown` fires; `endpoints` gets the
 /// endpoint list after the first scan and after every change.
 pub async fn run(config: Config, endpoints: watch::Sender<Endpoints>, shutdown: Shutdown) -> Result<(), TpError> {
+    serve(config, None, endpoints, shutdown).await
+}
+
+/// The folder mode (`cluster` absent) or the Kubernetes mode.
+async fn serve(
+    config: Config,
+    cluster: Option<cluster::Cluster>,
+    endpoints: watch::Sender<Endpoints>,
+    shutdown: Shutdown,
+) -> Result<(), TpError> {
     ferry_core::init_crypto();
     let client = ferry_client::Client::new(config.bindings.clone(), config.ca_pem.as_deref())?;
     let mut resolvers = BTreeMap::new();
@@ -87,7 +102,11 @@ pub async fn run(config: Config, endpoints: watch::Sender<Endpoints>, shutdown: 
         dir_error: None,
         bind_errors: BTreeMap::new(),
         shutdown: shutdown.clone(),
+        cluster,
     };
+    if let Some(c) = &mut watcher.cluster {
+        c.start(&watcher.tasks, watcher.shared.clone(), shutdown.clone());
+    }
     let mut first = true;
     loop {
         let changed = watcher.reconcile().await;
@@ -100,6 +119,7 @@ pub async fn run(config: Config, endpoints: watch::Sender<Endpoints>, shutdown: 
         tokio::select! {
             _ = shutdown.cancelled() => break,
             _ = tokio::time::sleep(watcher.config.poll_interval) => {}
+            _ = async { if let Some(c) = &mut watcher.cluster { c.changed().await } else { std::future::pending().await } } => {}
         }
     }
     watcher.tasks.close();
@@ -140,6 +160,8 @@ struct Watcher {
     /// The last listen error per resource, so each is logged once.
     bind_errors: BTreeMap<String, String>,
     shutdown: Shutdown,
+    /// Kubernetes mode: where resources come from and how HTTP ones are served.
+    cluster: Option<cluster::Cluster>,
 }
 
 fn key_of(d: &Destination) -> String {
@@ -158,28 +180,34 @@ fn wanted_port(d: &Destination, tenant: Option<&str>) -> u16 {
 impl Watcher {
     /// Re-reads changed files and brings the listeners in line; true when the endpoint list changed.
     async fn reconcile(&mut self) -> bool {
-        self.scan();
+        let mut sources: Vec<(String, Destination)> = Vec::new();
+        if let Some(c) = &self.cluster {
+            sources.extend(c.desired().into_iter().map(|d| ("the Kubernetes API".to_owned(), d)));
+        } else {
+            self.scan();
+            for (path, file) in &self.files {
+                sources.extend(file.resources.iter().map(|d| (path.display().to_string(), d.clone())));
+            }
+        }
         let mut desired: BTreeMap<String, (Destination, Option<String>)> = BTreeMap::new();
-        for (path, file) in &self.files {
-            for d in &file.resources {
-                // Shared tenant mode: a raw TCP connection cannot name its tenant, so the
-                // annotation's tenants get one endpoint each, `<name>-<tenant>` (SPEC §5.1).
-                let tenants = match self.config.tenant_mode {
-                    TenantMode::Shared => d.tenant_subdomains().unwrap_or_default(),
-                    TenantMode::Dedicated => Vec::new(),
-                };
-                let entries: Vec<(String, Option<String>)> = if tenants.is_empty() {
-                    vec![(key_of(d), None)]
-                } else {
-                    tenants.into_iter().map(|t| (format!("{}-{t}", key_of(d)), Some(t))).collect()
-                };
-                for (key, tenant) in entries {
-                    if desired.contains_key(&key) {
-                        tracing::warn!(resource = %key, file = %path.display(), "resource defined twice; the first file wins");
-                        continue;
-                    }
-                    desired.insert(key, (d.clone(), tenant));
+        for (origin, d) in &sources {
+            // Shared tenant mode: a raw TCP connection cannot name its tenant, so the
+            // annotation's tenants get one endpoint each, `<name>-<tenant>` (SPEC §5.1).
+            let tenants = match self.config.tenant_mode {
+                TenantMode::Shared => d.tenant_subdomains().unwrap_or_default(),
+                TenantMode::Dedicated => Vec::new(),
+            };
+            let entries: Vec<(String, Option<String>)> = if tenants.is_empty() {
+                vec![(key_of(d), None)]
+            } else {
+                tenants.into_iter().map(|t| (format!("{}-{t}", key_of(d)), Some(t))).collect()
+            };
+            for (key, tenant) in entries {
+                if desired.contains_key(&key) {
+                    tracing::warn!(resource = %key, from = %origin, "resource defined twice; the first one wins");
+                    continue;
                 }
+                desired.insert(key, (d.clone(), tenant));
             }
         }
         let mut changed = false;
@@ -202,8 +230,9 @@ impl Watcher {
                 continue;
             }
             let (tcp, kind_known) = self.is_tcp(&d, tenant.as_deref()).await;
+            let port = self.wanted_port(&d, tenant.as_deref());
             if let Some(r) = self.running.get_mut(&key) {
-                if r.wanted_port == wanted_port(&d, tenant.as_deref()) && r.tcp == tcp && r.tenant == tenant {
+                if r.wanted_port == port && r.tcp == tcp && r.tenant == tenant {
                     r.kind_known = kind_known;
                     r.checked = Instant::now();
                     if r.resource != d {
@@ -228,7 +257,20 @@ impl Watcher {
                 changed = true;
             }
         }
+        if let Some(c) = &self.cluster {
+            c.set_routes(self.running.values().filter(|r| !r.tcp).map(|r| {
+                (r.resource.namespace_or_default().to_owned(), r.resource.name().to_owned(), r.current.clone())
+            }));
+        }
         changed
+    }
+
+    /// The port a resource asks for: on Kubernetes the one its backend Service targets.
+    fn wanted_port(&self, d: &Destination, tenant: Option<&str>) -> u16 {
+        match &self.cluster {
+            Some(_) if tenant.is_none() => cluster::tcp_port(d.namespace_or_default(), d.name()),
+            _ => wanted_port(d, tenant),
+        }
     }
 
     fn scan(&mut self) {
@@ -323,7 +365,22 @@ impl Watcher {
         tcp: bool,
         kind_known: bool,
     ) -> Option<Running> {
-        let port = wanted_port(&d, tenant.as_deref());
+        let port = self.wanted_port(&d, tenant.as_deref());
+        if let (Some(c), false) = (&self.cluster, tcp) {
+            // Served by the shared listener once the routes are rebuilt.
+            tracing::info!(resource = %key, address = %c.http_addr, destination = %d.spec.destination_ref.name, "endpoint routed");
+            return Some(Running {
+                current: Arc::new(std::sync::RwLock::new(Arc::new(d.clone()))),
+                resource: d,
+                wanted_port: port,
+                tcp,
+                kind_known,
+                checked: Instant::now(),
+                address: c.http_addr,
+                stop: self.shutdown.child_token(),
+                tenant,
+            });
+        }
         let addr = SocketAddr::new(self.config.listen_host, port);
         // A listener just closed for the same port may take a moment to go away.
         let mut attempt = 0;

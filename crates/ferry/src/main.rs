@@ -43,6 +43,14 @@ enum Command {
         /// Transparent Proxy configuration file (TOML).
         #[arg(long, short)]
         config: std::path::PathBuf,
+        /// Take the resources from the Kubernetes API (in-cluster service account or KUBECONFIG)
+        /// instead of `resources_dir`, serve HTTP ones on `--http-listen` by Host and TCP ones on
+        /// the port their backend Service targets.
+        #[arg(long)]
+        kubernetes: bool,
+        /// With `--kubernetes`: the shared HTTP listener.
+        #[arg(long, default_value = "0.0.0.0:8080", requires = "kubernetes")]
+        http_listen: std::net::SocketAddr,
     },
     /// Print the CustomResourceDefinition of the Transparent Proxy's `Destination` resource (YAML).
     Crdgen,
@@ -167,7 +175,9 @@ fn main() -> anyhow::Result<()> {
             }
         }
         Command::Proxy { config } => rt.block_on(standalone::proxy(&config)),
-        Command::TransparentProxy { config } => user_error(rt.block_on(transparent_proxy::run(&config))),
+        Command::TransparentProxy { config, kubernetes, http_listen } => {
+            user_error(rt.block_on(transparent_proxy::run(&config, kubernetes.then_some(http_listen))))
+        }
         Command::Crdgen => k8s::crdgen(),
         Command::K8sController(args) => rt.block_on(k8s::controller(args)),
         Command::Subaccount { conn, cmd } => rt.block_on(admin_cli::subaccount(conn, cmd)),

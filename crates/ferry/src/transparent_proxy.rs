@@ -3,6 +3,7 @@
 //! `endpoint <namespace>/<name> <protocol> <address> <destination>` line per endpoint at start and
 //! again whenever the list changes.
 
+use std::net::SocketAddr;
 use std::path::Path;
 use std::time::Duration;
 
@@ -11,12 +12,27 @@ use ferry_core::Shutdown;
 use ferry_transparent_proxy::{Config, Endpoints};
 use tokio::sync::watch;
 
-pub async fn run(config: &Path) -> anyhow::Result<()> {
+/// `kubernetes`: the shared HTTP listener of the Kubernetes mode (`--kubernetes`).
+pub async fn run(config: &Path, kubernetes: Option<SocketAddr>) -> anyhow::Result<()> {
     let config = Config::from_file(config).with_context(|| format!("transparent proxy config {}", config.display()))?;
-    println!("resources: {}", config.resources_dir.display());
     let (tx, mut rx) = watch::channel(Endpoints::new());
     let shutdown = Shutdown::new();
-    let mut task = tokio::spawn(ferry_transparent_proxy::run(config, tx, shutdown.clone()));
+    let mut task = match kubernetes {
+        None => {
+            println!("resources: {}", config.resources_dir.display());
+            tokio::spawn(ferry_transparent_proxy::run(config, tx, shutdown.clone()))
+        }
+        Some(http_listen) => {
+            let client = kube::Client::try_default()
+                .await
+                .context("cannot configure the Kubernetes client (in-cluster service account or KUBECONFIG)")?;
+            println!("resources: Destination resources of the cluster");
+            let (source, resources) = watch::channel(Vec::new());
+            // Ends with the process; the proxy keeps its last set if the watch ever stops.
+            tokio::spawn(ferry_k8s::watch_destinations(kube::Api::all(client), source));
+            tokio::spawn(ferry_transparent_proxy::run_with_source(config, http_listen, resources, tx, shutdown.clone()))
+        }
+    };
     // The first list arrives after the first scan; `ready` means every resource present at start is served.
     tokio::select! {
         r = rx.changed() => if r.is_err() { return finish(task.await) },
