@@ -173,13 +173,7 @@ async fn serve_connection(stream: tokio::net::TcpStream, shared: Arc<Shared>, ro
             Ok::<_, std::convert::Infallible>(match picked {
                 Ok(resource) => crate::http::handle(&shared, &resource, req).await,
                 Err(e) => {
-                    let id = req
-                        .headers()
-                        .get("x-request-id")
-                        .and_then(|v| v.to_str().ok())
-                        .filter(|v| !v.is_empty() && v.len() <= 200)
-                        .map(str::to_owned)
-                        .unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
+                    let id = crate::http::request_id(&req);
                     tracing::info!(host = host.as_deref().unwrap_or(""), "request for no resource");
                     e.into_response(&id)
                 }
@@ -190,7 +184,9 @@ async fn serve_connection(stream: tokio::net::TcpStream, shared: Arc<Shared>, ro
         .timer(TokioTimer::new())
         .header_read_timeout(std::time::Duration::from_secs(30))
         .max_buf_size(64 * 1024)
-        .serve_connection(TokioIo::new(stream), service);
+        .serve_connection(TokioIo::new(stream), service)
+        // WebSocket and other upgrades pass through as on the per-resource listeners.
+        .with_upgrades();
     tokio::pin!(conn);
     tokio::select! {
         r = conn.as_mut() => if let Err(e) = r { tracing::debug!(error = %e, "connection ended with error") },

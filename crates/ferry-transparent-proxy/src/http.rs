@@ -156,14 +156,18 @@ pub(crate) async fn serve_connection(
     }
 }
 
-pub(crate) async fn handle(shared: &Shared, resource: &Destination, req: Request<Incoming>) -> Response<BoxBody> {
-    let request_id = req
-        .headers()
+/// The caller's `x-request-id` when it is usable, else a new one: SAP's error headers carry it.
+pub(crate) fn request_id<B>(req: &Request<B>) -> String {
+    req.headers()
         .get("x-request-id")
         .and_then(|v| v.to_str().ok())
         .filter(|v| !v.is_empty() && v.len() <= 200)
         .map(str::to_owned)
-        .unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
+        .unwrap_or_else(|| uuid::Uuid::new_v4().to_string())
+}
+
+pub(crate) async fn handle(shared: &Shared, resource: &Destination, req: Request<Incoming>) -> Response<BoxBody> {
+    let request_id = request_id(&req);
     let mut resp = match proxy(shared, resource, req).await {
         Ok(r) => r,
         Err(e) => {
