@@ -10,8 +10,8 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use clap::Parser;
-use ferry_connector::{AccessRules, HostInHeader, Protocol, Resource, SystemMapping};
-use ferry_testkit::TunnelPair;
+use ferry_connector::{AccessRules, Protocol};
+use ferry_testkit::{TunnelPair, open_mapping};
 use http_body_util::{BodyExt, Empty, Full};
 use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -264,28 +264,11 @@ async fn main() -> anyhow::Result<()> {
     let sink = sink().await;
     let origin = origin().await;
     let pair = TunnelPair::start().await;
-    let mapping = |vhost: &str, vport: u16, to: SocketAddr, protocol: Protocol| SystemMapping {
-        virtual_host: vhost.into(),
-        virtual_port: vport,
-        local_host: to.ip().to_string(),
-        local_port: to.port(),
-        protocol,
-        host_in_header: HostInHeader::Virtual,
-        authentication_mode: Default::default(),
-        principal_certificate_in: Default::default(),
-        resources: vec![Resource {
-            path: "/".into(),
-            exact_match_only: false,
-            enabled: true,
-            websocket_upgrade_allowed: false,
-            description: None,
-        }],
-        description: None,
-    };
+
     let rules = AccessRules::new(vec![
-        mapping("sink.virtual", 9, sink, Protocol::Tcp),
-        mapping("origin.virtual", 80, origin, Protocol::Http),
-        mapping("origin-tcp.virtual", 81, origin, Protocol::Tcp),
+        open_mapping("sink.virtual", 9, sink, Protocol::Tcp),
+        open_mapping("origin.virtual", 80, origin, Protocol::Http),
+        open_mapping("origin-tcp.virtual", 81, origin, Protocol::Tcp),
     ]);
     pair.connector_with("", rules, pair.tunnel_addr, args.tunnels);
     pair.wait_connected("").await;

@@ -9,35 +9,14 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use ferry_connector::{AccessRules, HostInHeader, Protocol, Resource, SystemMapping};
-use ferry_testkit::{CuttableRelay, TunnelPair, eventually};
+use ferry_connector::{AccessRules, Protocol};
+use ferry_testkit::{CuttableRelay, TunnelPair, eventually, open_mapping};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
 /// What a test must never wait longer for: far above any answer on loopback, there only so that
 /// a hang fails the test instead of blocking it.
 const HANG: Duration = Duration::from_secs(30);
-
-fn mapping(vhost: &str, backend: SocketAddr, protocol: Protocol) -> SystemMapping {
-    SystemMapping {
-        virtual_host: vhost.into(),
-        virtual_port: 80,
-        local_host: backend.ip().to_string(),
-        local_port: backend.port(),
-        protocol,
-        host_in_header: HostInHeader::Virtual,
-        authentication_mode: Default::default(),
-        principal_certificate_in: Default::default(),
-        resources: vec![Resource {
-            path: "/".into(),
-            exact_match_only: false,
-            enabled: true,
-            websocket_upgrade_allowed: false,
-            description: None,
-        }],
-        description: None,
-    }
-}
 
 /// A backend that reads a request head and then does `act` with the socket.
 async fn backend<F, Fut>(act: F) -> SocketAddr
@@ -135,12 +114,12 @@ async fn faults_give_prompt_truthful_errors_and_leak_nothing() {
     })
     .await;
     let rules = AccessRules::new(vec![
-        mapping("reset.virtual", reset, Protocol::Http),
-        mapping("close.virtual", close, Protocol::Http),
-        mapping("silent.virtual", silent, Protocol::Http),
-        mapping("refused.virtual", refused, Protocol::Http),
-        mapping("stream.virtual", streaming, Protocol::Http),
-        mapping("tcp.virtual", tcp_open, Protocol::Tcp),
+        open_mapping("reset.virtual", 80, reset, Protocol::Http),
+        open_mapping("close.virtual", 80, close, Protocol::Http),
+        open_mapping("silent.virtual", 80, silent, Protocol::Http),
+        open_mapping("refused.virtual", 80, refused, Protocol::Http),
+        open_mapping("stream.virtual", 80, streaming, Protocol::Http),
+        open_mapping("tcp.virtual", 80, tcp_open, Protocol::Tcp),
     ]);
     let mut cfg = pair.connector_config("", rules, relay.addr);
     cfg.backend_response_timeout = Duration::from_secs(2);

@@ -18,9 +18,9 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use bytes::BytesMut;
-use ferry_connector::{AccessRules, HostInHeader, Protocol, Resource, SystemMapping};
+use ferry_connector::{AccessRules, Protocol};
 use ferry_proto::socks5::{Address, CMD_CONNECT, ConnectRequest, Greeting, METHOD_SAP, SapAuth};
-use ferry_testkit::{EchoBackend, TunnelPair};
+use ferry_testkit::{EchoBackend, TunnelPair, open_mapping};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
@@ -39,27 +39,6 @@ async fn counting_listener() -> (SocketAddr, Arc<AtomicUsize>) {
         }
     });
     (addr, hits)
-}
-
-fn mapping(vhost: &str, vport: u16, target: SocketAddr, protocol: Protocol) -> SystemMapping {
-    SystemMapping {
-        virtual_host: vhost.into(),
-        virtual_port: vport,
-        local_host: target.ip().to_string(),
-        local_port: target.port(),
-        protocol,
-        host_in_header: HostInHeader::Virtual,
-        authentication_mode: Default::default(),
-        principal_certificate_in: Default::default(),
-        resources: vec![Resource {
-            path: "/".into(),
-            exact_match_only: false,
-            enabled: true,
-            websocket_upgrade_allowed: false,
-            description: None,
-        }],
-        description: None,
-    }
 }
 
 /// Sends `raw` to the HTTP proxy and returns the status line of the answer.
@@ -113,10 +92,10 @@ async fn the_connector_dials_only_mapped_internal_hosts() {
     let echo = EchoBackend::start().await;
     let pair = TunnelPair::start().await;
     let rules = AccessRules::new(vec![
-        mapping("erp.virtual", 8080, echo.addr, Protocol::Http),
-        mapping("tcp.virtual", 7000, tcp_backend, Protocol::Tcp),
+        open_mapping("erp.virtual", 8080, echo.addr, Protocol::Http),
+        open_mapping("tcp.virtual", 7000, tcp_backend, Protocol::Tcp),
         // A mapped name that also resolves (to the secret's address): only its own port counts.
-        mapping("localhost", 7001, tcp_backend, Protocol::Tcp),
+        open_mapping("localhost", 7001, tcp_backend, Protocol::Tcp),
     ]);
     pair.connector("", rules, pair.tunnel_addr);
     pair.wait_connected("").await;

@@ -8,11 +8,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use ferry_auth::{KeySet, Verifier};
-use ferry_connector::{AccessRules, Connector, ConnectorConfig, HostInHeader, Protocol, Resource, SystemMapping};
+use ferry_connector::{AccessRules, Connector, ConnectorConfig, Protocol};
 use ferry_core::Shutdown;
 use ferry_core::tls::LocalCa;
 use ferry_proxy::{Listeners, Proxy, ProxyConfig};
-use ferry_testkit::{SUBACCOUNT, eventually};
+use ferry_testkit::{SUBACCOUNT, eventually, open_mapping};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
@@ -92,25 +92,11 @@ async fn one_subaccount_cannot_take_every_stream() {
     );
 
     let backend = streaming_backend().await;
-    let map = |vhost: &str, protocol| SystemMapping {
-        virtual_host: vhost.into(),
-        virtual_port: 80,
-        local_host: backend.ip().to_string(),
-        local_port: backend.port(),
-        protocol,
-        host_in_header: HostInHeader::Virtual,
-        authentication_mode: Default::default(),
-        principal_certificate_in: Default::default(),
-        resources: vec![Resource {
-            path: "/".into(),
-            exact_match_only: false,
-            enabled: true,
-            websocket_upgrade_allowed: false,
-            description: None,
-        }],
-        description: None,
-    };
-    let rules = AccessRules::new(vec![map("erp.virtual", Protocol::Http), map("tcp.virtual", Protocol::Tcp)]);
+
+    let rules = AccessRules::new(vec![
+        open_mapping("erp.virtual", 80, backend, Protocol::Http),
+        open_mapping("tcp.virtual", 80, backend, Protocol::Tcp),
+    ]);
     let id = ca.issue_connector_cert(SUBACCOUNT, "", time::Duration::days(1)).unwrap();
     let connector = Arc::new(
         Connector::new(ConnectorConfig::new(

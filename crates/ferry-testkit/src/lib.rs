@@ -46,6 +46,35 @@ pub async fn listener() -> TcpListener {
     TcpListener::bind("127.0.0.1:0").await.expect("bind 127.0.0.1:0")
 }
 
+/// A system mapping `vhost:vport` → `backend` that grants every path (resource `/` with
+/// sub-paths): for tests and benchmarks about the data path rather than access control.
+pub fn open_mapping(
+    vhost: &str,
+    vport: u16,
+    backend: SocketAddr,
+    protocol: ferry_connector::access::Protocol,
+) -> ferry_connector::access::SystemMapping {
+    use ferry_connector::access::{HostInHeader, Resource, SystemMapping};
+    SystemMapping {
+        virtual_host: vhost.into(),
+        virtual_port: vport,
+        local_host: backend.ip().to_string(),
+        local_port: backend.port(),
+        protocol,
+        host_in_header: HostInHeader::Virtual,
+        authentication_mode: Default::default(),
+        principal_certificate_in: Default::default(),
+        resources: vec![Resource {
+            path: "/".into(),
+            exact_match_only: false,
+            enabled: true,
+            websocket_upgrade_allowed: false,
+            description: None,
+        }],
+        description: None,
+    }
+}
+
 pub fn now() -> u64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
 }
