@@ -13,7 +13,7 @@ use bytes::Bytes;
 use serde::Deserialize;
 use serde_json::{Value, json};
 
-use super::{Admin, ApiError, Caller, LogonError, basic};
+use super::{Admin, ApiError, Caller, LogonFailure, basic};
 use crate::ha::{HaError, MasterConfig, PEER_PREFIX, RegisterRequest, Role, RoleInfo, ShadowConfig, TakeoverRequest};
 
 type A = State<Arc<Admin>>;
@@ -268,13 +268,22 @@ async fn peer_register(State(a): A, headers: HeaderMap, body: Bytes) -> Result<R
             "the master's administrator must log on",
         ));
     };
-    match a.logon(&user, &password).await {
-        Ok(()) => {}
-        Err(LogonError::Wrong) => {
+    match a.logon_roles(&user, &password).await {
+        // Pairing changes the configuration: only an administrator may do it.
+        Ok(roles) if roles.allow(&axum::http::Method::PUT, "/") => {}
+        Ok(_) => return Err(ApiError::forbidden("only an administrator may pair a shadow")),
+        Err(LogonFailure::Wrong) => {
             return Err(ApiError::new(StatusCode::UNAUTHORIZED, "FORBIDDEN_REQUEST", "wrong user name or password"));
         }
-        Err(LogonError::Locked) => {
+        Err(LogonFailure::Locked) => {
             return Err(ApiError::new(StatusCode::TOO_MANY_REQUESTS, "FORBIDDEN_REQUEST", "too many failed logons"));
+        }
+        Err(LogonFailure::Unavailable(why)) => {
+            return Err(ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "RUNTIME_FAILURE",
+                format!("cannot check the logon: {why}"),
+            ));
         }
     }
     if a.state.lock().await.admin.initial_password {

@@ -448,23 +448,10 @@ impl Admin {
 
     /// Logs on as an administrator (`sccadmin`): what pairing a shadow needs. A directory
     /// that does not answer counts as a failed logon here.
-    async fn logon(&self, user: &str, password: &str) -> Result<(), LogonError> {
-        match self.logon_roles(user, password).await {
-            Ok(roles) if roles.allow(&Method::PUT, "/") => Ok(()),
-            Ok(_) => Err(LogonError::Wrong),
-            Err(LogonFailure::Locked) => Err(LogonError::Locked),
-            Err(LogonFailure::Wrong) => Err(LogonError::Wrong),
-            Err(LogonFailure::Unavailable(why)) => {
-                tracing::warn!(error = %why, "administration logon: the LDAP directory did not answer");
-                Err(LogonError::Wrong)
-            }
-        }
-    }
-
     /// Checks a user name and password against LDAP when enabled, else the file-based user,
     /// with lockout after repeated failures, and returns the user's roles. Unknown user and
     /// wrong password cost the same and look the same.
-    async fn logon_roles(&self, user: &str, password: &str) -> Result<ldap::Roles, LogonFailure> {
+    pub(super) async fn logon_roles(&self, user: &str, password: &str) -> Result<ldap::Roles, LogonFailure> {
         let name = user.to_lowercase();
         {
             let mut f = self.failures.lock().unwrap_or_else(PoisonError::into_inner);
@@ -512,12 +499,7 @@ impl Admin {
     }
 }
 
-enum LogonError {
-    Wrong,
-    Locked,
-}
-
-enum LogonFailure {
+pub(super) enum LogonFailure {
     Wrong,
     Locked,
     /// The LDAP directory did not answer: 503, not a wrong password.
