@@ -448,13 +448,20 @@ impl Writer {
             f.flush()?;
             f.get_ref().sync_all()?;
         }
+        // Names must be unique and sort after every rotated file still there, also one named a
+        // step ahead of the clock by an earlier rotation (while an older one with the current
+        // time may have been deleted already): step on by a millisecond.
+        let newest = log_files(&self.folder)
+            .into_iter()
+            .filter_map(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()))
+            .rfind(|n| n != ACTIVE_FILE);
         let mut t = SystemTime::now();
-        let mut target = self.folder.join(rotated_name(t));
-        // Names must be unique and keep their order: step on by a millisecond.
-        while target.exists() {
+        let mut name = rotated_name(t);
+        while self.folder.join(&name).exists() || newest.as_ref().is_some_and(|n| name <= *n) {
             t += std::time::Duration::from_millis(1);
-            target = self.folder.join(rotated_name(t));
+            name = rotated_name(t);
         }
+        let target = self.folder.join(name);
         std::fs::rename(self.folder.join(ACTIVE_FILE), &target)?;
         self.open()?;
         if self.max_files > 0 {
