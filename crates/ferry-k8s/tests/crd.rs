@@ -2,12 +2,11 @@
 //! The CRD the transparent-proxy chart installs must be what the Rust types generate, or the API
 //! server would accept resources the proxy cannot read (or refuse ones it can).
 
-use std::path::Path;
-
 #[test]
 fn the_chart_ships_the_generated_crd() {
-    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../../deploy/helm/ferry-transparent-proxy/crds/destinations.destination.connectivity.api.sap.yaml");
+    let path =
+        std::path::PathBuf::from(std::env::var_os("CARGO_MANIFEST_DIR").expect("cargo test sets CARGO_MANIFEST_DIR"))
+            .join("../../deploy/helm/ferry-transparent-proxy/crds/destinations.destination.connectivity.api.sap.yaml");
     let shipped = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
     let generated = ferry_k8s::crd_yaml().unwrap();
     assert!(

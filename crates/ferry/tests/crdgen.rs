@@ -5,8 +5,9 @@
 fn crdgen_prints_the_charts_crd() {
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_ferry")).arg("crdgen").output().unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let chart = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../../deploy/helm/ferry-transparent-proxy/crds/destinations.destination.connectivity.api.sap.yaml");
+    let chart =
+        std::path::PathBuf::from(std::env::var_os("CARGO_MANIFEST_DIR").expect("cargo test sets CARGO_MANIFEST_DIR"))
+            .join("../../deploy/helm/ferry-transparent-proxy/crds/destinations.destination.connectivity.api.sap.yaml");
     assert_eq!(String::from_utf8(out.stdout).unwrap(), std::fs::read_to_string(chart).unwrap());
 }
 
