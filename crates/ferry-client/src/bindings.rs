@@ -200,25 +200,34 @@ impl Bindings {
     /// # Ok::<(), ferry_client::BindingError>(())
     /// ```
     pub fn from_env() -> Result<Self, BindingError> {
-        let default_env = Path::new("default-env.json");
+        Self::from_sources(|name| std::env::var_os(name), Path::new("default-env.json"))
+    }
+
+    /// [`Bindings::from_env`] with `var` for the process environment and `default_env` for
+    /// `./default-env.json`, so the precedence is testable without changing the environment.
+    fn from_sources(
+        var: impl Fn(&str) -> Option<std::ffi::OsString>,
+        default_env: &Path,
+    ) -> Result<Self, BindingError> {
         let default_env = if default_env.is_file() { Some(read_json(default_env)?) } else { None };
+        let text_var = |name: &str| var(name).and_then(|v| v.into_string().ok());
         let mut out = Bindings::default();
-        if let Some(path) = std::env::var_os("VCAP_SERVICES_FILE_PATH") {
+        if let Some(path) = var("VCAP_SERVICES_FILE_PATH") {
             let path = PathBuf::from(path);
             out.bindings = parse_vcap(&read_json(&path)?, &path.display().to_string())?;
-        } else if let Ok(text) = std::env::var("VCAP_SERVICES") {
+        } else if let Some(text) = text_var("VCAP_SERVICES") {
             out.bindings = Self::from_vcap_services(&text)?.bindings;
         } else if let Some(env) = &default_env
             && let Some(vcap) = env.get("VCAP_SERVICES")
         {
             out.bindings = parse_vcap(&unstring(vcap, "VCAP_SERVICES in default-env.json")?, "./default-env.json")?;
         }
-        if let Some(root) = std::env::var_os("SERVICE_BINDING_ROOT") {
+        if let Some(root) = var("SERVICE_BINDING_ROOT") {
             out.bindings.extend(read_binding_root(Path::new(&root))?);
         }
-        let destinations = match std::env::var("destinations") {
-            Ok(text) => Some(parse_json(&text, "the destinations variable")?),
-            Err(_) => default_env.as_ref().and_then(|e| e.get("destinations")).cloned(),
+        let destinations = match text_var("destinations") {
+            Some(text) => Some(parse_json(&text, "the destinations variable")?),
+            None => default_env.as_ref().and_then(|e| e.get("destinations")).cloned(),
         };
         if let Some(d) = destinations {
             out.env_destinations = Secret::new(env_destination_list(&d)?);
@@ -576,6 +585,63 @@ mod tests {
         assert_eq!((dest.name.as_str(), dest.uri.as_str()), ("dest", "http://127.0.0.1:1"));
         assert_eq!(b.find("destination").unwrap().credentials()["extra"]["a"], 1);
         std::fs::remove_dir_all(&root).unwrap();
+    }
+
+    /// CLIENT-CONTRACT §1.1/§1.5: `VCAP_SERVICES_FILE_PATH` before `VCAP_SERVICES` before
+    /// `default-env.json`; mounted bindings only for services those lack; the `destinations`
+    /// variable before the file's.
+    #[test]
+    fn environment_precedence() {
+        let dir = std::env::temp_dir().join(format!("ferry-client-precedence-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let mounted = dir.join("bindings").join("mounted-dest");
+        std::fs::create_dir_all(&mounted).unwrap();
+        for (k, v) in [
+            ("type", "destination"),
+            ("uri", "http://mounted"),
+            ("url", "http://t"),
+            ("clientid", "m"),
+            ("clientsecret", "s"),
+        ] {
+            std::fs::write(mounted.join(k), v).unwrap();
+        }
+        let vcap = |name: &str, uri: &str| {
+            serde_json::json!({"destination": [{"name": name, "label": "destination",
+                "credentials": {"uri": uri, "url": "http://t", "clientid": "c", "clientsecret": "s"}}]})
+        };
+        let default_env = dir.join("default-env.json");
+        let file_env = serde_json::json!({
+            "VCAP_SERVICES": vcap("from-file", "http://file"),
+            "destinations": [{"Name": "d", "URL": "http://file-destination"}]
+        });
+        std::fs::write(&default_env, file_env.to_string()).unwrap();
+        let vcap_file = dir.join("vcap.json");
+        std::fs::write(&vcap_file, vcap("from-path", "http://path").to_string()).unwrap();
+        let vars = |pairs: Vec<(&'static str, String)>| {
+            move |name: &str| pairs.iter().find(|(k, _)| *k == name).map(|(_, v)| v.into())
+        };
+        let chosen = |b: &Bindings| b.destination().unwrap().name;
+        let env_url = |b: &Bindings| b.env_destination("d").map(|d| d["URL"].as_str().unwrap().to_owned());
+        let vcap_var = ("VCAP_SERVICES", vcap("from-var", "http://var").to_string());
+        let path_var = ("VCAP_SERVICES_FILE_PATH", vcap_file.display().to_string());
+        let root_var = ("SERVICE_BINDING_ROOT", dir.join("bindings").display().to_string());
+        let destinations_var = ("destinations", r#"[{"Name": "d", "URL": "http://variable"}]"#.to_owned());
+
+        let b = Bindings::from_sources(vars(vec![path_var.clone(), vcap_var.clone()]), &default_env).unwrap();
+        assert_eq!(chosen(&b), "from-path");
+        let b = Bindings::from_sources(vars(vec![vcap_var.clone()]), &default_env).unwrap();
+        assert_eq!(chosen(&b), "from-var");
+        let b = Bindings::from_sources(vars(vec![root_var.clone()]), &default_env).unwrap();
+        assert_eq!(chosen(&b), "from-file", "a VCAP binding of the service wins over a mounted one");
+        assert_eq!(env_url(&b).as_deref(), Some("http://file-destination"));
+        let b = Bindings::from_sources(vars(vec![root_var, destinations_var]), &dir.join("absent.json")).unwrap();
+        assert_eq!(chosen(&b), "mounted-dest", "mounted bindings serve a service VCAP_SERVICES lacks");
+        assert_eq!(env_url(&b).as_deref(), Some("http://variable"));
+        let b = Bindings::from_sources(vars(vec![("destinations", "[]".into())]), &default_env).unwrap();
+        assert_eq!(env_url(&b), None, "the variable replaces the file's destinations, even when empty");
+        let broken = Bindings::from_sources(vars(vec![("destinations", "{".into())]), &default_env).unwrap_err();
+        assert!(broken.to_string().contains("the destinations variable"), "{broken}");
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

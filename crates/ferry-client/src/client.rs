@@ -676,13 +676,7 @@ pub(crate) fn http_builder(
 ) -> Result<reqwest::ClientBuilder, ClientError> {
     let tls = |e: ferry_core::tls::TlsError| ClientError::Tls(e.to_string());
     let builder = if trust_all {
-        ferry_core::init_crypto();
-        let provider = rustls::crypto::CryptoProvider::get_default()
-            .cloned()
-            .ok_or_else(|| ClientError::Tls("no TLS crypto provider".to_owned()))?;
-        rustls::ClientConfig::builder()
-            .dangerous()
-            .with_custom_certificate_verifier(std::sync::Arc::new(TrustAll(provider)))
+        ferry_core::tls::trust_all_builder()
     } else {
         let mut roots = ferry_core::tls::outbound_roots(ca_pem).map_err(tls)?;
         if let Some(pem) = extra_roots {
@@ -702,43 +696,4 @@ pub(crate) fn http_builder(
         None => builder.with_no_client_auth(),
     };
     Ok(reqwest::Client::builder().use_preconfigured_tls(config).tcp_nodelay(true).connect_timeout(SERVICE_TIMEOUT))
-}
-
-/// Accepts every server certificate and name (`TrustAll`), verifying only the handshake signature.
-#[derive(Debug)]
-struct TrustAll(std::sync::Arc<rustls::crypto::CryptoProvider>);
-
-impl rustls::client::danger::ServerCertVerifier for TrustAll {
-    fn verify_server_cert(
-        &self,
-        _end_entity: &rustls::pki_types::CertificateDer<'_>,
-        _intermediates: &[rustls::pki_types::CertificateDer<'_>],
-        _server_name: &rustls::pki_types::ServerName<'_>,
-        _ocsp_response: &[u8],
-        _now: rustls::pki_types::UnixTime,
-    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
-        Ok(rustls::client::danger::ServerCertVerified::assertion())
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &rustls::pki_types::CertificateDer<'_>,
-        dss: &rustls::DigitallySignedStruct,
-    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.0.signature_verification_algorithms)
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &rustls::pki_types::CertificateDer<'_>,
-        dss: &rustls::DigitallySignedStruct,
-    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.0.signature_verification_algorithms)
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
-        self.0.signature_verification_algorithms.supported_schemes()
-    }
 }

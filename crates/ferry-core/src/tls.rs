@@ -298,6 +298,55 @@ pub fn outbound_client_config(extra_ca_pem: Option<&str>) -> Result<ClientConfig
     Ok(ClientConfig::builder().with_root_certificates(outbound_roots(extra_ca_pem)?).with_no_client_auth())
 }
 
+/// A client config builder that accepts any server certificate for any name: a destination's
+/// `TrustAll=true`, which SAP documents as "the server certificate is not checked". The
+/// handshake signature is still verified, so the server must hold the key of the certificate
+/// it shows.
+pub fn trust_all_builder() -> rustls::ConfigBuilder<ClientConfig, rustls::client::WantsClientCert> {
+    crate::init_crypto();
+    let algorithms = rustls::crypto::aws_lc_rs::default_provider().signature_verification_algorithms;
+    ClientConfig::builder().dangerous().with_custom_certificate_verifier(Arc::new(TrustAll(algorithms)))
+}
+
+/// The verifier behind [`trust_all_builder`].
+#[derive(Debug)]
+struct TrustAll(rustls::crypto::WebPkiSupportedAlgorithms);
+
+impl rustls::client::danger::ServerCertVerifier for TrustAll {
+    fn verify_server_cert(
+        &self,
+        _end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _server_name: &rustls::pki_types::ServerName<'_>,
+        _ocsp_response: &[u8],
+        _now: rustls::pki_types::UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        Ok(rustls::client::danger::ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.0)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.0)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.0.supported_schemes()
+    }
+}
+
 /// The system's roots plus `extra_ca_pem`.
 pub fn outbound_roots(extra_ca_pem: Option<&str>) -> Result<RootCertStore, TlsError> {
     crate::init_crypto();

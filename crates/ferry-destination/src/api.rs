@@ -26,7 +26,7 @@ use serde::{Deserialize, Deserializer, Serialize};
 use serde_json::json;
 
 use crate::store::{Kind, Level, RowKey, Scope};
-use crate::tokens::{self, CacheOwner, Grant, Token, TokenRequest};
+use crate::tokens::{self, CacheOwner, Grant, TlsSetup, Token, TokenRequest};
 use crate::{DestinationService, Error};
 use crate::{labels, query};
 
@@ -2030,9 +2030,9 @@ impl TokenFlow<'_> {
             Ok(prepared) => prepared,
             Err(failed) => return Ok(failed),
         };
-        // SPEC §2.4: the client authenticates with a certificate from the certificate store,
-        // read only when a token must be fetched.
-        if request.keystore.is_some()
+        // SPEC §2.3/§2.4: the client's certificate and the trusted ones come from the
+        // certificate store, read only when a token must be fetched.
+        if (request.keystore.is_some() || request.truststore.is_some())
             && let Some(token) = self.s.tokens.cached(owner.clone(), &request)
         {
             return Ok(AuthToken::bearer(token));
@@ -2053,7 +2053,24 @@ impl TokenFlow<'_> {
             },
             None => None,
         };
-        Ok(match self.s.tokens.token(owner, request, identity.as_ref()).await {
+        let trust_pem = match &request.truststore {
+            Some(location) => match self
+                .s
+                .trust_store_pem(
+                    self.key,
+                    "TrustStoreLocation",
+                    location,
+                    request.truststore_password.as_ref().map(|p| p.expose().as_str()),
+                )
+                .await
+            {
+                Ok(pem) => Some(pem),
+                Err(reason) => return Ok(AuthToken::failed(reason)),
+            },
+            None => None,
+        };
+        let tls = TlsSetup { identity: identity.as_ref(), trust_pem: trust_pem.as_deref() };
+        Ok(match self.s.tokens.token(owner, request, tls).await {
             Ok(token) => AuthToken::bearer(token),
             Err(e) => AuthToken::failed(e.to_string()),
         })

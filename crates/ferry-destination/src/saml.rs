@@ -155,6 +155,33 @@ impl DestinationService {
         location: &str,
         password: Option<&str>,
     ) -> Result<ferry_core::Secret<String>, String> {
+        let store = self.load_keystore(key, property, location, password).await?;
+        if store.key_entry().is_none() {
+            return Err(format!("{property} '{location}' holds no private key with its certificate"));
+        }
+        Ok(store.to_pem())
+    }
+
+    /// Every certificate of the certificate-store entry `location` names, as PEM: a trust store
+    /// (`TrustStoreLocation`), found and decoded as [`Self::keystore_pem`] does.
+    pub(crate) async fn trust_store_pem(
+        &self,
+        key: &RowKey,
+        property: &str,
+        location: &str,
+        password: Option<&str>,
+    ) -> Result<String, String> {
+        let store = self.load_keystore(key, property, location, password).await?;
+        Ok(store.entries.iter().flat_map(|e| &e.chain).map(|c| keystore::pem_block("CERTIFICATE", c)).collect())
+    }
+
+    async fn load_keystore(
+        &self,
+        key: &RowKey,
+        property: &str,
+        location: &str,
+        password: Option<&str>,
+    ) -> Result<keystore::KeyStore, String> {
         let internal = |e: Error| {
             tracing::error!(subaccount = %key.scope.subaccount, error = %e, "certificate store unavailable");
             "the certificate store cannot be read; see the Destination Service log".to_owned()
@@ -172,7 +199,7 @@ impl DestinationService {
             .decode(cert.content.as_deref().unwrap_or_default().trim())
             .map_err(|_| format!("{property} '{location}' has content that is not base64"))?;
         let format = keystore::Format::from_type_or_name(cert.kind.as_deref(), &cert.name);
-        let store = keystore::decode(&bytes, format, password).map_err(|e| {
+        keystore::decode(&bytes, format, password).map_err(|e| {
             let hint = match e {
                 keystore::KeystoreError::PasswordRequired(_) | keystore::KeystoreError::WrongPassword(_) => {
                     format!("; check the destination's {}", property.replace("Location", "Password"))
@@ -180,11 +207,7 @@ impl DestinationService {
                 _ => String::new(),
             };
             format!("{property} '{location}': {e}{hint}")
-        })?;
-        if store.key_entry().is_none() {
-            return Err(format!("{property} '{location}' holds no private key with its certificate"));
-        }
-        Ok(store.to_pem())
+        })
     }
 
     /// A signed assertion for `user` as the destination describes it, from the cache while it

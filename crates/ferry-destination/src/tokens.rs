@@ -126,6 +126,11 @@ pub(crate) enum TokenError {
     Timeout { url: String, after: Duration },
     #[error("cannot reach token service at {url}: {reason}")]
     Connect { url: String, reason: String },
+    #[error(
+        "the certificate of the token service at {url} is not trusted ({problem}); upload its CA certificate \
+         and name it in the destination's TrustStoreLocation, or set TrustAll to true (not for production)"
+    )]
+    UntrustedCertificate { url: String, problem: String },
     #[error("token service at {url} answered HTTP {status}{detail}")]
     Status { url: String, status: u16, detail: String },
     #[error("token service at {url} sent an unusable response: {reason}")]
@@ -157,6 +162,12 @@ pub(crate) struct TokenRequest {
     pub(crate) keystore: Option<String>,
     /// `tokenService.KeyStorePassword`, for P12 and JKS keystores.
     pub(crate) keystore_password: Option<Secret<String>>,
+    /// `TrustStoreLocation`: certificates trusted for the token service besides the usual
+    /// roots (SPEC §2.3: its server trust follows the destination's); the caller loads them.
+    pub(crate) truststore: Option<String>,
+    pub(crate) truststore_password: Option<Secret<String>>,
+    /// `TrustAll=true`: the token service's certificate is not checked.
+    trust_all: bool,
 }
 
 impl TokenRequest {
@@ -292,7 +303,22 @@ impl TokenRequest {
 
         let keystore = prop("tokenService.KeyStoreLocation").map(str::to_owned);
         let keystore_password = prop("tokenService.KeyStorePassword").map(Secret::from);
-        Ok(Self { url, form, headers, basic, timeout, per_user, keystore, keystore_password })
+        let truststore = prop("TrustStoreLocation").map(str::to_owned);
+        let truststore_password = prop("TrustStorePassword").map(Secret::from);
+        let trust_all = dest.get("TrustAll").is_some_and(|v| v.trim().eq_ignore_ascii_case("true"));
+        Ok(Self {
+            url,
+            form,
+            headers,
+            basic,
+            timeout,
+            per_user,
+            keystore,
+            keystore_password,
+            truststore,
+            truststore_password,
+            trust_all,
+        })
     }
 
     /// SPEC §2.5: the caller's client assertion authenticates the client instead of a secret.
@@ -332,6 +358,13 @@ impl TokenRequest {
         if let Some(k) = &self.keystore {
             field(b"keystore");
             field(k.as_bytes());
+        }
+        if let Some(t) = &self.truststore {
+            field(b"truststore");
+            field(t.as_bytes());
+        }
+        if self.trust_all {
+            field(b"trust-all");
         }
         let mut out = [0u8; 32];
         out.copy_from_slice(h.finish().as_ref());
@@ -432,15 +465,24 @@ impl Cached {
     }
 }
 
+/// What a token request presents and trusts besides the service's defaults, read from the
+/// certificate store by the caller: `tokenService.KeyStoreLocation` and `TrustStoreLocation`.
+#[derive(Clone, Copy, Default)]
+pub(crate) struct TlsSetup<'a> {
+    pub identity: Option<&'a ferry_core::tls::CertifiedKey>,
+    pub trust_pem: Option<&'a str>,
+}
+
 /// One slot per key; its async lock makes concurrent misses wait for the first fetch.
 type Slot = Arc<tokio::sync::Mutex<Option<Cached>>>;
 
 pub(crate) struct TokenFetcher {
     http: reqwest::Client,
-    /// Trust for token services besides the system's roots, for the mTLS clients built here.
+    /// Trust for token services besides the system's roots, for the clients built here.
     extra_ca_pem: Option<String>,
-    /// One client per mTLS identity (by a digest of its PEM); few destinations use mTLS.
-    mtls: Mutex<HashMap<[u8; 32], reqwest::Client>>,
+    /// One client per TLS set-up other than the default (by a digest of the identity's PEM,
+    /// the trust store and `TrustAll`); few destinations have one.
+    custom: Mutex<HashMap<[u8; 32], reqwest::Client>>,
     pub(crate) default_timeout: Duration,
     clock: Arc<dyn Clock>,
     slots: Mutex<HashMap<CacheKey, Slot>>,
@@ -481,31 +523,54 @@ impl TokenFetcher {
         Self {
             http,
             extra_ca_pem,
-            mtls: Mutex::new(HashMap::new()),
+            custom: Mutex::new(HashMap::new()),
             default_timeout,
             clock,
             slots: Mutex::new(HashMap::new()),
         }
     }
 
-    /// The HTTP client presenting `identity`, built once per identity.
-    fn mtls_client(&self, identity: &ferry_core::tls::CertifiedKey) -> Result<reqwest::Client, String> {
-        let digest: [u8; 32] = Sha256::new()
-            .chain_update(identity.cert_pem.as_bytes())
-            .chain_update(identity.key_pem.expose())
-            .finalize()
-            .into();
-        let mut clients = self.mtls.lock().unwrap_or_else(|p| p.into_inner());
+    /// The HTTP client for `tls`, built once per set-up. `Err` says which part is unusable.
+    fn custom_client(&self, tls: TlsSetup<'_>, trust_all: bool) -> Result<reqwest::Client, String> {
+        let mut digest = Sha256::new();
+        if let Some(identity) = tls.identity {
+            digest.update(b"identity");
+            digest.update((identity.cert_pem.len() as u64).to_be_bytes());
+            digest.update(identity.cert_pem.as_bytes());
+            digest.update(identity.key_pem.expose());
+        }
+        if let Some(trust) = tls.trust_pem {
+            digest.update(b"trust");
+            digest.update((trust.len() as u64).to_be_bytes());
+            digest.update(trust.as_bytes());
+        }
+        digest.update([u8::from(trust_all)]);
+        let digest: [u8; 32] = digest.finalize().into();
+        let mut clients = self.custom.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(c) = clients.get(&digest) {
             return Ok(c.clone());
         }
-        let certs = ferry_core::tls::parse_certs(&identity.cert_pem).map_err(|e| e.to_string())?;
-        let key = ferry_core::tls::parse_key(identity.key_pem.expose()).map_err(|e| e.to_string())?;
-        let roots = ferry_core::tls::outbound_roots(self.extra_ca_pem.as_deref()).map_err(|e| e.to_string())?;
-        let tls = rustls::ClientConfig::builder()
-            .with_root_certificates(roots)
-            .with_client_auth_cert(certs, key)
-            .map_err(|e| e.to_string())?;
+        let builder = if trust_all {
+            ferry_core::tls::trust_all_builder()
+        } else {
+            // SPEC §1.4: the trust store adds to the default roots, as the JDK's does.
+            let mut roots = ferry_core::tls::outbound_roots(self.extra_ca_pem.as_deref()).map_err(|e| e.to_string())?;
+            if let Some(pem) = tls.trust_pem {
+                for cert in ferry_core::tls::parse_certs(pem).map_err(|e| format!("trust store: {e}"))? {
+                    roots.add(cert).map_err(|e| format!("trust store: {e}"))?;
+                }
+            }
+            rustls::ClientConfig::builder().with_root_certificates(roots)
+        };
+        let tls = match tls.identity {
+            Some(identity) => {
+                let client_cert = |e: ferry_core::tls::TlsError| format!("client certificate: {e}");
+                let certs = ferry_core::tls::parse_certs(&identity.cert_pem).map_err(client_cert)?;
+                let key = ferry_core::tls::parse_key(identity.key_pem.expose()).map_err(client_cert)?;
+                builder.with_client_auth_cert(certs, key).map_err(|e| format!("client certificate: {e}"))?
+            }
+            None => builder.with_no_client_auth(),
+        };
         let client = reqwest::Client::builder()
             .use_preconfigured_tls(tls)
             .tcp_nodelay(true)
@@ -528,7 +593,7 @@ impl TokenFetcher {
         &self,
         owner: CacheOwner,
         request: TokenRequest,
-        identity: Option<&ferry_core::tls::CertifiedKey>,
+        tls: TlsSetup<'_>,
     ) -> Result<Token, TokenError> {
         let key = CacheKey { owner, request: request.fingerprint() };
         let slot = {
@@ -548,7 +613,7 @@ impl TokenFetcher {
             return Ok(c.token(now));
         }
         *cached = None;
-        let fetched = self.fetch(&request, identity).await?;
+        let fetched = self.fetch(&request, tls).await?;
         if let Some(secs) = fetched.expires_in {
             *cached = Some(Cached {
                 access_token: fetched.access_token.clone(),
@@ -571,18 +636,12 @@ impl TokenFetcher {
         cached.as_ref().filter(|c| c.fresh(now)).map(|c| c.token(now))
     }
 
-    async fn fetch(
-        &self,
-        req: &TokenRequest,
-        identity: Option<&ferry_core::tls::CertifiedKey>,
-    ) -> Result<Token, TokenError> {
+    async fn fetch(&self, req: &TokenRequest, tls: TlsSetup<'_>) -> Result<Token, TokenError> {
         let url = req.display_url();
-        let client = match identity {
-            Some(identity) => self.mtls_client(identity).map_err(|reason| TokenError::Connect {
-                url: url.clone(),
-                reason: format!("client certificate: {reason}"),
-            })?,
-            None => self.http.clone(),
+        let client = if tls.identity.is_none() && tls.trust_pem.is_none() && !req.trust_all {
+            self.http.clone()
+        } else {
+            self.custom_client(tls, req.trust_all).map_err(|reason| TokenError::Connect { url: url.clone(), reason })?
         };
         let mut builder =
             client.post(req.url.clone()).header(ACCEPT, "application/json").form(&req.form).timeout(req.timeout);
@@ -596,7 +655,10 @@ impl TokenFetcher {
         let mut response = match tokio::time::timeout(req.timeout, builder.send()).await {
             Err(_) => return Err(timeout(url)),
             Ok(Err(e)) if e.is_timeout() => return Err(timeout(url)),
-            Ok(Err(e)) => return Err(TokenError::Connect { url, reason: root_cause(&e) }),
+            Ok(Err(e)) => match untrusted_certificate(&e) {
+                Some(problem) => return Err(TokenError::UntrustedCertificate { url, problem }),
+                None => return Err(TokenError::Connect { url, reason: root_cause(&e) }),
+            },
             Ok(Ok(r)) => r,
         };
         let status = response.status();
@@ -641,6 +703,23 @@ impl TokenFetcher {
             issued_token_type: str_field("issued_token_type"),
         })
     }
+}
+
+/// The rustls certificate problem behind a failed request, if that is why it failed.
+fn untrusted_certificate(e: &(dyn std::error::Error + 'static)) -> Option<String> {
+    let mut cur = Some(e);
+    while let Some(mut err) = cur {
+        // Connectors wrap rustls errors in `io::Error`s (even nested ones), whose `source`
+        // skips the error they wrap.
+        while let Some(inner) = err.downcast_ref::<std::io::Error>().and_then(|io| io.get_ref()) {
+            err = inner;
+        }
+        if let Some(rustls::Error::InvalidCertificate(problem)) = err.downcast_ref::<rustls::Error>() {
+            return Some(format!("{problem:?}"));
+        }
+        cur = err.source();
+    }
+    None
 }
 
 /// The innermost error text ("Connection refused (os error 111)"), which is what tells an

@@ -121,6 +121,9 @@ pub fn credentials(e: &Endpoints, k: &KeyFacts<'_>) -> Value {
             obj.insert("onpremise_proxy_port".into(), json!(e.http_proxy_port.to_string()));
             obj.insert("onpremise_proxy_http_port".into(), json!(e.http_proxy_port.to_string()));
             obj.insert("onpremise_socks5_proxy_port".into(), json!(e.socks5_port.to_string()));
+            // No `onpremise_proxy_rfc_port`/`onpremise_proxy_ldap_port`: SAP's port 20001 speaks
+            // an undocumented protocol that Ferry does not serve (SPEC §3.2); LDAP goes through
+            // SOCKS5, and a JCo client that finds no port fails at once rather than at a dead one.
         }
         Service::Xsuaa => {}
     }

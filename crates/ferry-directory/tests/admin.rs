@@ -229,6 +229,9 @@ async fn every_status_of_the_admin_api() {
     assert_eq!(st, StatusCode::CREATED);
     assert_eq!(c["onpremise_proxy_port"], "20003");
     assert_eq!(c["onpremise_socks5_proxy_port"], "20004");
+    // BTP also hands out the RFC/LDAP port 20001, whose protocol is undocumented and not served:
+    // a client must not be sent to a port where nothing answers.
+    assert!(c.get("onpremise_proxy_rfc_port").is_none() && c.get("onpremise_proxy_ldap_port").is_none(), "{c}");
 
     // Deleting the key stops its tokens; deleting it again is a 404.
     assert_eq!(api(r, admin, "DELETE", &format!("{kpath}/{kid}"), None).await.0, StatusCode::NO_CONTENT);

@@ -318,12 +318,22 @@ pub(crate) struct Answer {
 /// A remote OAuth token endpoint on 127.0.0.1:0 that records and counts its calls.
 pub(crate) struct TokenServer {
     pub addr: SocketAddr,
+    scheme: &'static str,
     calls: Arc<Mutex<Vec<Recorded>>>,
     answer: Arc<Mutex<Answer>>,
 }
 
 impl TokenServer {
     pub(crate) async fn start() -> Self {
+        Self::serve(None).await
+    }
+
+    /// The same endpoint over HTTPS with `identity` as its server certificate.
+    pub(crate) async fn start_tls(identity: &ferry_core::tls::CertifiedKey) -> Self {
+        Self::serve(Some(ferry_core::tls::server_config(identity, None, &[b"http/1.1"]).unwrap())).await
+    }
+
+    async fn serve(tls: Option<Arc<rustls::ServerConfig>>) -> Self {
         let calls: Arc<Mutex<Vec<Recorded>>> = Arc::default();
         let answer = Arc::new(Mutex::new(Answer {
             status: StatusCode::OK,
@@ -350,12 +360,14 @@ impl TokenServer {
         });
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
-        tokio::spawn(async move { axum::serve(listener, app).await });
-        Self { addr, calls, answer }
+        let scheme = if tls.is_some() { "https" } else { "http" };
+        let options = ferry_core::serve::AcceptOptions::named("test-token-endpoint");
+        tokio::spawn(ferry_core::serve::serve_router(listener, app, tls, options, ferry_core::Shutdown::new()));
+        Self { addr, scheme, calls, answer }
     }
 
     pub(crate) fn url(&self, path: &str) -> String {
-        format!("http://{}{path}", self.addr)
+        format!("{}://{}{path}", self.scheme, self.addr)
     }
 
     pub(crate) fn calls(&self) -> Vec<Recorded> {

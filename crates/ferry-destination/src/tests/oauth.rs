@@ -316,6 +316,51 @@ async fn onpremise_token_services_are_reported_not_called() {
     assert_eq!(r.json["authTokens"][0]["value"], "remote-token-1");
 }
 
+/// SPEC §2.3: the token service's certificate is trusted as the destination says. One that no
+/// trusted CA issued fails with an error naming both fixes and no token request is sent;
+/// `TrustAll=true` accepts it, and so does a `TrustStoreLocation` holding its CA.
+#[tokio::test]
+async fn token_service_trust_follows_the_destination() {
+    let env = Env::new().await;
+    let ca = ferry_core::tls::LocalCa::generate("untrusted token service ca").unwrap();
+    let remote = TokenServer::start_tls(&ca.issue_server_cert(&["127.0.0.1"]).unwrap()).await;
+    let t = env.token("zone-1", "client-1");
+    let url = remote.url("/oauth/token");
+    let refused = |r: &super::Resp| {
+        let error = r.json["authTokens"][0]["error"].as_str().unwrap_or_default().to_owned();
+        let expected = format!("the certificate of the token service at {url} is not trusted (UnknownIssuer)");
+        assert!(error.starts_with(&expected), "{}", r.text);
+        assert!(error.contains("TrustStoreLocation") && error.contains("TrustAll"), "{error}");
+    };
+    env.create(&t, "subaccount", oauth("strict", &url)).await;
+    refused(&env.find(&t, "strict", &[]).await);
+    let mut not_trusting = oauth("trust-all-false", &url);
+    not_trusting["TrustAll"] = json!("false");
+    env.create(&t, "subaccount", not_trusting).await;
+    refused(&env.find(&t, "trust-all-false", &[]).await);
+    assert_eq!(remote.count(), 0);
+
+    let mut trusting = oauth("trust-all", &url);
+    trusting["TrustAll"] = json!("true");
+    env.create(&t, "subaccount", trusting).await;
+    let r = env.find(&t, "trust-all", &[]).await;
+    assert_eq!(r.json["authTokens"][0]["value"], "remote-token-1", "{}", r.text);
+    assert_eq!(remote.count(), 1);
+
+    let mut with_store = oauth("trust-store", &url);
+    with_store["TrustStoreLocation"] = json!("token-ca.pem");
+    env.create(&t, "subaccount", with_store).await;
+    let r = env.find(&t, "trust-store", &[]).await;
+    let error = r.json["authTokens"][0]["error"].as_str().unwrap_or_default().to_owned();
+    assert_eq!(error, "TrustStoreLocation 'token-ca.pem' is not in the certificate store", "{}", r.text);
+    let cert = json!({"Name": "token-ca.pem", "Type": "PEM", "Content": b64(ca.cert_pem())});
+    let r = env.call(Method::POST, &format!("{V1}/subaccountCertificates"), Some(&t), Some(cert)).await;
+    assert_eq!(r.status, StatusCode::CREATED, "{}", r.text);
+    let r = env.find(&t, "trust-store", &[]).await;
+    assert_eq!(r.json["authTokens"][0]["value"], "remote-token-1", "{}", r.text);
+    assert_eq!(remote.count(), 2);
+}
+
 /// The whole path over TCP, as the SDK drives it: seed, find with the literal `$` flag, then
 /// find with token retrieval.
 #[tokio::test]
