@@ -44,6 +44,8 @@ rustup component list --installed 2>/dev/null | grep -q rustfmt || rustup compon
 
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets --quiet -- -D warnings
+# The SDK's rustdoc is its manual: no broken links or other warnings (issue 9).
+RUSTDOCFLAGS="-D warnings" cargo doc -p ferry-client --no-deps --quiet
 # Supply chain: licenses, banned crates and sources of every dependency (deny.toml).
 tools="${FERRY_CACHE_DIR:-$HOME/.cache/ferry}/tools"
 export PATH="$tools/bin:$PATH"

@@ -21,11 +21,19 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let path = args.next().unwrap_or_default();
 
     let client = Client::from_env()?;
-    let http = HttpClient::new(client.clone(), Default::default())?;
-    let destination = client.get_destination(&name, &Options::default()).await?;
-    eprintln!("{destination:?}");
-    let response = http.get(&destination, &path).await?;
-    eprintln!("{}", response.status());
-    println!("{}", response.text().await?);
+    let (status, body) = fetch(&client, &name, &path).await?;
+    eprintln!("{status}");
+    println!("{body}");
     Ok(())
+}
+
+/// The destination's resource at `path`: its HTTP status and body. (`crates/ferry/tests/client.rs`
+/// runs this function against `ferry up`.)
+pub async fn fetch(client: &Client, name: &str, path: &str) -> Result<(u16, String), Box<dyn std::error::Error>> {
+    let http = HttpClient::new(client.clone(), Default::default())?;
+    let destination = client.get_destination(name, &Options::default()).await?;
+    eprintln!("{destination:?}");
+    let response = http.get(&destination, path).await?;
+    let status = response.status().as_u16();
+    Ok((status, response.text().await?))
 }

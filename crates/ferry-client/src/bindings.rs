@@ -252,6 +252,18 @@ impl Bindings {
     }
 
     /// Bindings (and env destinations) from a `default-env.json` file.
+    ///
+    /// ```
+    /// let file = std::env::temp_dir().join(format!("doc-default-env-{}.json", std::process::id()));
+    /// std::fs::write(&file, r#"{"VCAP_SERVICES": {"destination": [{"label": "destination", "credentials":
+    ///   {"uri": "https://dest.example", "url": "https://auth.example", "clientid": "c", "clientsecret": "s"}}]},
+    ///   "destinations": [{"Name": "web", "URL": "https://web.example"}]}"#).unwrap();
+    /// let bindings = ferry_client::Bindings::from_default_env_file(&file)?;
+    /// assert_eq!(bindings.destination()?.uri, "https://dest.example");
+    /// assert_eq!(bindings.env_destination("web").unwrap()["URL"], "https://web.example");
+    /// # std::fs::remove_file(&file).unwrap();
+    /// # Ok::<(), ferry_client::BindingError>(())
+    /// ```
     pub fn from_default_env_file(path: &Path) -> Result<Self, BindingError> {
         let env = read_json(path)?;
         let shown = path.display().to_string();
@@ -268,6 +280,22 @@ impl Bindings {
     }
 
     /// Mounted bindings under `root` (servicebinding.io layout).
+    ///
+    /// ```
+    /// let root = std::env::temp_dir().join(format!("doc-bindings-{}", std::process::id()));
+    /// let dir = root.join("my-connectivity");
+    /// std::fs::create_dir_all(&dir).unwrap();
+    /// for (file, value) in [("type", "connectivity"), ("onpremise_proxy_host", "proxy.local"),
+    ///     ("onpremise_proxy_http_port", "20003"), ("onpremise_socks5_proxy_port", "20004"),
+    ///     ("url", "https://auth.example"), ("clientid", "c"), ("clientsecret", "s")] {
+    ///     std::fs::write(dir.join(file), value).unwrap();
+    /// }
+    /// let connectivity = ferry_client::Bindings::from_service_binding_root(&root)?.connectivity()?;
+    /// assert_eq!(connectivity.http_proxy(), "proxy.local:20003");
+    /// assert_eq!(connectivity.socks5_proxy().as_deref(), Some("proxy.local:20004"));
+    /// # std::fs::remove_dir_all(&root).unwrap();
+    /// # Ok::<(), ferry_client::BindingError>(())
+    /// ```
     pub fn from_service_binding_root(root: &Path) -> Result<Self, BindingError> {
         Ok(Bindings { bindings: read_binding_root(root)?, env_destinations: Secret::default() })
     }

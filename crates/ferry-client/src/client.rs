@@ -41,6 +41,8 @@ const NEEDS_TOKEN_RETRIEVAL: &[&str] = &[
     "OAuth2SAMLBearerAssertion",
     "OAuth2RefreshToken",
     "OAuth2TechnicalUserPropagation",
+    "OAuth2TokenExchange",
+    "OAuth2AuthorizationCode",
 ];
 
 /// Authentication types that act for the user of `user_jwt` (sent as `X-user-token`).
@@ -79,6 +81,12 @@ pub struct Options {
     pub skip_token_retrieval: bool,
     /// For `OAuth2RefreshToken` destinations: sent as `X-refresh-token`.
     pub refresh_token: Option<Secret<String>>,
+    /// Further inputs of the token flows, sent as headers of the find call that fetches tokens:
+    /// `X-subject-token` and `X-subject-token-type` (OAuth2TokenExchange), `X-code`,
+    /// `X-redirect-uri`, `X-code-verifier` (OAuth2AuthorizationCode), `X-client-assertion`,
+    /// `X-client-assertion-type` (client assertions). Like `refresh_token`, they make the
+    /// result uncacheable: the token belongs to this input.
+    pub token_headers: Vec<(String, Secret<String>)>,
     /// Bypass the destination cache.
     pub no_cache: bool,
 }
@@ -153,6 +161,14 @@ impl fmt::Debug for Destination {
 
 impl Destination {
     /// A destination from a configuration object, without tokens (env destinations, tests).
+    ///
+    /// ```
+    /// let config = serde_json::json!({"Name": "erp", "URL": "http://erp.virtual:8000", "ProxyType": "OnPremise",
+    ///                                 "Authentication": "NoAuthentication", "sap-client": 100});
+    /// let d = ferry_client::Destination::from_configuration(config.as_object().unwrap().clone());
+    /// assert!(d.is_on_premise());
+    /// assert_eq!(d.property("sap-client").as_deref(), Some("100"));
+    /// ```
     pub fn from_configuration(configuration: Map<String, Value>) -> Self {
         Self { configuration, auth_tokens: Vec::new(), certificates: Vec::new(), user_jwt: None, tenant: None }
     }
@@ -361,6 +377,13 @@ impl Client {
     }
 
     /// A client-credentials token of the connectivity binding: the Connectivity Proxy's credential.
+    ///
+    /// ```no_run
+    /// # async fn run(client: ferry_client::Client) -> Result<(), ferry_client::ClientError> {
+    /// let token = client.connectivity_token(None).await?;
+    /// let header = format!("Bearer {}", token.expose()); // Proxy-Authorization at port 20003
+    /// # let _ = header; Ok(()) }
+    /// ```
     pub async fn connectivity_token(&self, tenant: Option<&str>) -> Result<Secret<String>, ClientError> {
         let b = self.inner.bindings.connectivity()?;
         self.service_token(&b.credentials, tenant).await
@@ -459,6 +482,21 @@ impl Client {
     /// assert_eq!(d.name(), "erp");
     /// # Ok(()) }
     /// ```
+    ///
+    /// A destination of the `destinations` variable (here from a `default-env.json`) is found
+    /// without any service call:
+    ///
+    /// ```
+    /// # fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// let file = std::env::temp_dir().join(format!("doc-env-destinations-{}.json", std::process::id()));
+    /// std::fs::write(&file, r#"{"destinations": [{"name": "web", "url": "https://web.example"}]}"#)?;
+    /// let client = ferry_client::Client::new(ferry_client::Bindings::from_default_env_file(&file)?, None)?;
+    /// let runtime = tokio::runtime::Builder::new_current_thread().build()?;
+    /// let web = runtime.block_on(client.get_destination("web", &Default::default()))?;
+    /// assert_eq!(web.property("URL").as_deref(), Some("https://web.example"));
+    /// # std::fs::remove_file(&file)?;
+    /// # Ok(()) }
+    /// ```
     pub async fn get_destination(&self, name: &str, options: &Options) -> Result<Destination, ClientError> {
         if let Some(config) = self.inner.bindings.env_destination(name) {
             let mut d = Destination::from_configuration(config);
@@ -480,7 +518,8 @@ impl Client {
             options.skip_token_retrieval,
             name
         );
-        if !options.no_cache
+        let cacheable = !options.no_cache && options.refresh_token.is_none() && options.token_headers.is_empty();
+        if cacheable
             && let Some((d, until)) = self.inner.destinations.lock().await.get(&key)
             && Instant::now() < *until
         {
@@ -536,7 +575,7 @@ impl Client {
             }
         }
         d.tenant = tenant;
-        if !options.no_cache && auth != "SAMLAssertion" {
+        if cacheable && auth != "SAMLAssertion" {
             let ttl = d
                 .auth_tokens
                 .first()
@@ -605,8 +644,22 @@ impl Client {
         if let Some(jwt) = user_token {
             req = req.header("X-user-token", jwt.expose());
         }
-        if !skip && let Some(t) = &options.refresh_token {
-            req = req.header("X-refresh-token", t.expose());
+        if !skip {
+            if let Some(t) = &options.refresh_token {
+                req = req.header("X-refresh-token", t.expose());
+            }
+            for (header, value) in &options.token_headers {
+                let parsed = reqwest::header::HeaderName::from_bytes(header.as_bytes())
+                    .ok()
+                    .zip(reqwest::header::HeaderValue::from_str(value.expose()).ok());
+                let Some((header, value)) = parsed else {
+                    return Err(ClientError::Destination {
+                        name: name.to_owned(),
+                        message: format!("Options::token_headers: {header:?} is not a valid HTTP header and value"),
+                    });
+                };
+                req = req.header(header, value);
+            }
         }
         let tenant_key = options.tenant.as_deref().unwrap_or("");
         let permit = self.inner.breakers.admit(

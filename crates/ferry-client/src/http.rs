@@ -108,6 +108,13 @@ impl HttpClient {
     }
 
     /// `GET` of `path` relative to the destination's URL.
+    ///
+    /// ```no_run
+    /// # async fn run(client: ferry_client::Client, http: ferry_client::HttpClient) -> Result<(), ferry_client::ClientError> {
+    /// let erp = client.get_destination("erp", &Default::default()).await?;
+    /// let items = http.get(&erp, "/items?$top=1").await?.text().await.unwrap_or_default();
+    /// # let _ = items; Ok(()) }
+    /// ```
     pub async fn get(&self, destination: &Destination, path: &str) -> Result<reqwest::Response, ClientError> {
         self.send(destination, Request::new(Method::GET, path)).await
     }

@@ -93,6 +93,13 @@ async fn read_exact<S: AsyncRead + Unpin>(stream: &mut S, buf: &mut [u8]) -> Res
 /// Runs the SOCKS5 handshake on `stream` (already connected to the proxy): method 0x80 with
 /// `token` (raw JWT, no `Bearer `) and `location_id` ("" = the default location), then CONNECT
 /// to `host:port`. On success the stream carries the backend's bytes.
+///
+/// ```no_run
+/// # async fn run(jwt: &str) -> Result<(), ferry_client::ConnectError> {
+/// let mut stream = tokio::net::TcpStream::connect("127.0.0.1:20004").await?;
+/// ferry_client::handshake(&mut stream, jwt, "my-location", "ldap.virtual", 389).await?;
+/// # Ok(()) }
+/// ```
 pub async fn handshake<S: AsyncRead + AsyncWrite + Unpin>(
     stream: &mut S,
     token: &str,
@@ -150,6 +157,14 @@ pub async fn handshake<S: AsyncRead + AsyncWrite + Unpin>(
 }
 
 /// Connects to the proxy's SOCKS5 port at `proxy`, with `TCP_NODELAY`, and runs [`handshake`].
+///
+/// ```no_run
+/// # async fn run(jwt: &str) -> Result<(), ferry_client::ConnectError> {
+/// use tokio::io::AsyncWriteExt;
+/// let mut smtp = ferry_client::connect_tcp("127.0.0.1:20004", jwt, "", "mail.virtual", 587).await?;
+/// smtp.write_all(b"EHLO app\r\n").await?;
+/// # Ok(()) }
+/// ```
 pub async fn connect_tcp(
     proxy: impl ToSocketAddrs,
     token: &str,

@@ -118,6 +118,19 @@ fn host_port(s: &str, default_port: Option<u16>) -> Result<(String, u16), String
 
 /// The target of `config` (a destination's properties). `mail` picks the mail service of a
 /// `MAIL` destination and is ignored for other types.
+///
+/// ```
+/// use ferry_client::{MailProtocol, tcp_target};
+/// let ldap = serde_json::json!({"Name": "dir", "Type": "LDAP", "ldap.proxyType": "OnPremise",
+///                               "ldap.url": "ldaps://dir.virtual"});
+/// let t = tcp_target(&ldap, None)?;
+/// assert_eq!((t.host.as_str(), t.port), ("dir.virtual", 636));
+/// let mail = serde_json::json!({"Name": "mail", "Type": "MAIL", "ProxyType": "OnPremise", "mail.smtp.host": "smtp.virtual",
+///                               "mail.smtp.port": "587", "mail.imap.host": "imap.virtual"});
+/// assert_eq!(tcp_target(&mail, Some(MailProtocol::Smtp))?.port, 587);
+/// assert_eq!(tcp_target(&mail, Some(MailProtocol::Imap))?.port, 143);
+/// # Ok::<(), ferry_client::TargetError>(())
+/// ```
 pub fn tcp_target(config: &Value, mail: Option<MailProtocol>) -> Result<TcpTarget, TargetError> {
     let name = prop(config, "Name").unwrap_or_default();
     let missing = |key: &str| TargetError::Missing { name: name.clone(), key: key.to_owned() };

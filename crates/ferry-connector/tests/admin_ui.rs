@@ -32,6 +32,8 @@ struct Page {
     location: Option<String>,
     headers: reqwest::header::HeaderMap,
     body: String,
+    /// The body as received (downloads are binary).
+    bytes: Bytes,
 }
 
 impl Browser {
@@ -74,7 +76,8 @@ impl Browser {
         let status = resp.status();
         let location = resp.headers().get("location").map(|v| v.to_str().unwrap().to_owned());
         let headers = resp.headers().clone();
-        Page { status, location, headers, body: resp.text().await.unwrap() }
+        let bytes = resp.bytes().await.unwrap();
+        Page { status, location, headers, body: String::from_utf8_lossy(&bytes).into_owned(), bytes }
     }
 
     async fn get(&mut self, path: &str) -> Page {
@@ -177,6 +180,83 @@ async fn logon_forced_password_change_logout_and_timeout() {
     b.stop().await;
 }
 
+/// Every page of the UI, and every form action.
+const PAGES: &[&str] = &[
+    "/ui/overview",
+    "/ui/subaccounts",
+    "/ui/access",
+    "/ui/access/mapping",
+    "/ui/principal-propagation",
+    "/ui/audit",
+    "/ui/audit.csv",
+    "/ui/monitoring",
+    "/ui/ha",
+    "/ui/backup",
+];
+const FORMS: &[&str] = &[
+    "/ui/password",
+    "/ui/logout",
+    "/ui/subaccounts",
+    "/ui/subaccounts/state",
+    "/ui/subaccounts/audit",
+    "/ui/subaccounts/delete",
+    "/ui/subaccounts/edit",
+    "/ui/access/mapping",
+    "/ui/access/mapping/delete",
+    "/ui/access/check",
+    "/ui/access/resource",
+    "/ui/access/resource/enabled",
+    "/ui/access/resource/delete",
+    "/ui/principal-propagation",
+    "/ui/audit",
+    "/ui/backup/download",
+    "/ui/backup/restore",
+    "/ui/ha/master",
+    "/ui/ha/shadow",
+    "/ui/ha/switch",
+    "/ui/ha/connect",
+    "/ui/ha/disconnect",
+    "/ui/ha/role",
+];
+
+/// No page without a logon and no form without the session's CSRF token, for every route (a
+/// route added without the guard fails here); a refused form changes nothing.
+#[tokio::test]
+async fn every_page_needs_a_session_and_every_form_its_csrf_token() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut b = Browser::start(dir.path(), |_| {}).await;
+    for path in PAGES {
+        let p = b.get(path).await;
+        assert_eq!((p.status, p.location.as_deref()), (StatusCode::SEE_OTHER, Some("/ui/login")), "GET {path}");
+    }
+    for path in FORMS {
+        let p = b.post(path, &[("_csrf", "x"), ("connected", "false"), ("haEnabled", "on")]).await;
+        assert_eq!((p.status, p.location.as_deref()), (StatusCode::SEE_OTHER, Some("/ui/login")), "POST {path}");
+    }
+    first_login(&mut b).await;
+    for path in PAGES {
+        let p = b.get(path).await;
+        // The mapping form needs a subaccount; without one it sends the browser back to the list.
+        let ok = p.status == StatusCode::OK
+            || (*path == "/ui/access/mapping" && p.location.as_deref() == Some("/ui/access"));
+        assert!(ok, "GET {path}: {} {:?}", p.status, p.location);
+        assert!(!p.body.contains("manage\"") && !p.body.contains(NEW_PASSWORD), "GET {path} shows a password");
+    }
+    for path in FORMS {
+        for csrf in [None, Some("forged")] {
+            let mut form = vec![("old", NEW_PASSWORD), ("new", "another password"), ("repeat", "another password")];
+            form.extend(csrf.map(|c| ("_csrf", c)));
+            let p = b.post(path, &form).await;
+            assert_eq!(p.status, StatusCode::FORBIDDEN, "POST {path} with CSRF token {csrf:?}");
+        }
+    }
+    // The password did not change and the session is still there.
+    assert_eq!(b.get("/ui/overview").await.status, StatusCode::OK);
+    b.cookie = None;
+    assert_eq!(b.login(NEW_PASSWORD).await.location.as_deref(), Some("/ui/overview"));
+    b.stop().await;
+}
+
 async fn proxied_get(pair: &TunnelPair, location: &str, uri: &str) -> u16 {
     let s = TcpStream::connect(pair.http_addr).await.unwrap();
     s.set_nodelay(true).unwrap();
@@ -215,6 +295,11 @@ async fn subaccount_mapping_resource_then_a_request_shows_in_audit_and_monitorin
     let p = b.submit("/ui/subaccounts", "/ui/subaccounts", &[("authenticationData", "{\"x\": 1}")]).await;
     assert_eq!(p.status, StatusCode::BAD_REQUEST);
     assert!(p.body.contains("is incomplete"), "the API's message is shown: {}", p.body);
+    // Data that is refused is not shown again: it may hold the connection's private key.
+    let keyed = json!({"key": "-----BEGIN PRIVATE KEY-----\nsecret-key-material\n"}).to_string();
+    let p = b.submit("/ui/subaccounts", "/ui/subaccounts", &[("authenticationData", &keyed)]).await;
+    assert_eq!(p.status, StatusCode::BAD_REQUEST);
+    assert!(!p.body.contains("secret-key-material"), "{}", p.body);
     let data = authentication_data(&pair, "ui-loc");
     let p = b
         .submit(
@@ -327,6 +412,27 @@ async fn subaccount_mapping_resource_then_a_request_shows_in_audit_and_monitorin
     assert!(p.headers["content-disposition"].to_str().unwrap().contains("attachment"));
 
     let sub = [("r", region.as_str()), ("s", SUBACCOUNT)];
+    // Disconnect (the page offers Connect then), connect again.
+    let mut state = sub.to_vec();
+    state.push(("connected", "false"));
+    b.submit("/ui/subaccounts", "/ui/subaccounts/state", &state).await;
+    let p = b.get("/ui/subaccounts").await;
+    assert!(p.body.contains(&format!("Subaccount {SUBACCOUNT} disconnected.")), "{}", p.body);
+    assert!(p.body.contains("name=\"connected\" value=\"true\""), "a Connect button: {}", p.body);
+    state[2] = ("connected", "true");
+    b.submit("/ui/subaccounts", "/ui/subaccounts/state", &state).await;
+    assert!(b.get("/ui/subaccounts").await.body.contains(&format!("Subaccount {SUBACCOUNT} connected.")));
+    pair.wait_connected("ui-loc").await;
+
+    // Restore: a wrong password is refused and changes nothing; the right one brings back the
+    // configuration of the backup (the subaccount deleted after it was taken).
+    let p = b.submit("/ui/backup", "/ui/backup/download", &[("password", "backup-password")]).await;
+    let backup = base64::Engine::encode(&base64::engine::general_purpose::STANDARD, &p.bytes);
+    let p = b.submit("/ui/backup", "/ui/backup/restore", &[("backup", &backup), ("password", "wrong-password")]).await;
+    assert_eq!(p.location.as_deref(), Some("/ui/backup"));
+    let p = b.get("/ui/backup").await;
+    assert!(p.body.contains("class=\"flash error\""), "{}", p.body);
+
     let mut renamed = sub.to_vec();
     renamed.extend([("displayName", "Renamed lab"), ("description", "")]);
     b.submit("/ui/subaccounts", "/ui/subaccounts/edit", &renamed).await;
@@ -335,5 +441,10 @@ async fn subaccount_mapping_resource_then_a_request_shows_in_audit_and_monitorin
     let p = b.submit("/ui/subaccounts", "/ui/subaccounts/delete", &sub).await;
     assert_eq!(p.location.as_deref(), Some("/ui/subaccounts"));
     assert!(b.get("/ui/subaccounts").await.body.contains("No subaccounts yet"));
+    let p = b.submit("/ui/backup", "/ui/backup/restore", &[("backup", &backup), ("password", "backup-password")]).await;
+    assert_eq!(p.location.as_deref(), Some("/ui/backup"));
+    assert!(b.get("/ui/backup").await.body.contains("Configuration restored"));
+    let p = b.get("/ui/subaccounts").await;
+    assert!(p.body.contains("&lt;b&gt;Lab&lt;/b&gt; &amp; co"), "the backup's subaccount is back: {}", p.body);
     b.stop().await;
 }

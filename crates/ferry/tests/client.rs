@@ -5,6 +5,11 @@
 
 mod common;
 
+/// The SDK's `examples/` program, run here against `ferry up` (its `main` is not called).
+#[allow(dead_code)]
+#[path = "../../ferry-client/examples/onpremise.rs"]
+mod onpremise_example;
+
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
@@ -244,6 +249,51 @@ protocol = "TCP"
         }
     }
 
+    // The flows whose input comes from the caller: a refresh token (Options::refresh_token) and
+    // a subject token (Options::token_headers). Each fetches its own token: nothing is cached.
+    let login = password_login(&xsuaa["url"], xsuaa, "alice", "alice-password").await;
+    let caller_flows: [(&str, Options); 2] = [
+        (
+            "OAuth2RefreshToken",
+            Options { refresh_token: Some(login["refresh_token"].as_str().unwrap().to_owned().into()), ..any.clone() },
+        ),
+        (
+            "OAuth2TokenExchange",
+            Options {
+                token_headers: vec![
+                    ("X-subject-token".into(), user_jwt.clone().into()),
+                    ("X-subject-token-type".into(), "urn:ietf:params:oauth:token-type:access_token".to_owned().into()),
+                ],
+                ..any.clone()
+            },
+        ),
+    ];
+    for (auth, options) in caller_flows {
+        let mut body = oauth_base.clone();
+        body["Name"] = format!("flow-{auth}").into();
+        body["Authentication"] = auth.into();
+        let r = reqwest::Client::new()
+            .post(format!("{}/destination-configuration/v1/subaccountDestinations", dest["uri"].as_str().unwrap()))
+            .bearer_auth(token.expose())
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 201, "{auth}: {}", r.text().await.unwrap());
+        let d = client.get_destination(&format!("flow-{auth}"), &options).await.unwrap();
+        assert!(d.auth_tokens.first().is_some_and(|t| t.error.is_none()), "{auth}: {d:?}");
+        let e: Value = http.get(&d, "/x").await.unwrap().json().await.unwrap();
+        let sent = e["headers"]["authorization"].as_str().unwrap_or_else(|| panic!("{auth}: {e}"));
+        assert_eq!(claims_of(sent.strip_prefix("Bearer ").unwrap())["user_name"], "alice", "{auth}");
+        // Without its input the service cannot run the flow (a failed token or a 400).
+        let without = client.get_destination(&format!("flow-{auth}"), &any).await;
+        let unusable = without.as_ref().map_or(true, |d| d.auth_tokens.first().is_none_or(|t| t.error.is_some()));
+        assert!(unusable, "{auth}: {without:?}");
+    }
+    let bad = Options { token_headers: vec![("X bad".into(), "v".to_owned().into())], ..any.clone() };
+    let err = client.get_destination("flow-OAuth2TokenExchange", &bad).await.unwrap_err();
+    assert!(matches!(err, ClientError::Destination { .. }) && err.to_string().contains("X bad"), "{err}");
+
     // Tenant, fragment and cache.
     let api = format!("{}/destination-configuration/v1", dest["uri"].as_str().unwrap());
     let admin = reqwest::Client::new();
@@ -302,6 +352,10 @@ protocol = "TCP"
     assert_eq!(e["url"], "/sap/items?top=1");
     assert_eq!(e["headers"]["authorization"], "Basic QUxJQ0U6czNjcmV0");
     assert!(e["headers"].get("proxy-authorization").is_none(), "the proxy strips its credential");
+    // The examples/ program does the same.
+    let (status, body) = onpremise_example::fetch(&client, "erp", "/items?top=1").await.unwrap();
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(serde_json::from_str::<Value>(&body).unwrap()["url"], "/sap/items?top=1");
 
     // PrincipalPropagation: the user's JWT becomes a user certificate at the backend.
     let err = client.get_destination("erp-pp", &any).await.unwrap_err();
@@ -501,6 +555,11 @@ async fn admin_post(url: &str, token: &ferry_core::Secret<String>, body: Value) 
 
 /// A user's token from the password grant of a binding's client.
 async fn password_token(url: &Value, creds: &Value, user: &str, password: &str) -> String {
+    password_login(url, creds, user, password).await["access_token"].as_str().unwrap().to_owned()
+}
+
+/// The token service's whole answer to a password grant (access and refresh token).
+async fn password_login(url: &Value, creds: &Value, user: &str, password: &str) -> Value {
     let form = [
         ("grant_type", "password"),
         ("client_id", creds["clientid"].as_str().unwrap()),
@@ -517,7 +576,7 @@ async fn password_token(url: &Value, creds: &Value, user: &str, password: &str) 
         .json()
         .await
         .unwrap();
-    r["access_token"].as_str().unwrap().to_owned()
+    r
 }
 
 /// A JWT's claims, unverified.

@@ -250,11 +250,9 @@ async fn subaccounts_page(
         csrf = csrf_field(ctx),
         data = field(
             "Authentication data (authentication-data.json of `ferry connector enroll`, as JSON or base64)",
-            &format!(
-                "<textarea name=\"authenticationData\" rows=\"6\" required data-file-target>{}</textarea>\
-                 <input type=\"file\" accept=\".json,application/json\" data-file-into=\"authenticationData\" class=\"js-only\">",
-                esc(v("authenticationData"))
-            ),
+            // Never filled in again after an error: the data holds the connection's private key.
+            "<textarea name=\"authenticationData\" rows=\"6\" required data-file-target></textarea>\
+             <input type=\"file\" accept=\".json,application/json\" data-file-into=\"authenticationData\" class=\"js-only\">",
             errors.get("authenticationData")
         ),
         name = field("Display name", &text_input("displayName", v("displayName"), ""), None),
@@ -438,9 +436,13 @@ async fn access(State(ui): S, headers: HeaderMap) -> Response {
     ui.render(&ctx, "Access control", &body)
 }
 
+/// Every field optional, so that a request without a session meets the logon redirect, not a
+/// query rejection.
 #[derive(serde::Deserialize)]
 struct MappingQuery {
+    #[serde(default)]
     r: String,
+    #[serde(default)]
     s: String,
     id: Option<String>,
 }
@@ -527,6 +529,14 @@ fn mapping_form(ui: &Ui, ctx: &Ctx, f: &Form, errors: &HashMap<&str, String>, st
 
 async fn mapping_page(State(ui): S, headers: HeaderMap, Query(q): Query<MappingQuery>) -> Response {
     let ctx = session!(ui.ctx(&headers, false));
+    if q.r.is_empty() || q.s.is_empty() {
+        return done(
+            &ui,
+            &ctx,
+            "/ui/access",
+            Err("Add system mappings from a subaccount's section of this page.".into()),
+        );
+    }
     let mut f = Form::new();
     f.insert("r".into(), q.r.clone());
     f.insert("s".into(), q.s.clone());
