@@ -135,6 +135,15 @@ impl OAuthCredentials {
     }
 }
 
+/// A service binding that the SAP Cloud SDK turns into a destination when a destination of the
+/// binding's instance name is asked for (CLIENT-CONTRACT §1.1, lookup step 3).
+pub(crate) enum BoundDestination {
+    /// `OAuth2ClientCredentials` with a token of the binding's own client.
+    ClientCredentials { url: String, credentials: OAuthCredentials },
+    /// `s4-hana-cloud` bindings carry a user and password.
+    Basic { url: String, user: String, password: Secret<String> },
+}
+
 /// The `destination` binding: where the Destination Service is and how to get a token for it.
 #[derive(Clone, Debug)]
 pub struct DestinationBinding {
@@ -326,6 +335,42 @@ impl Bindings {
 
     fn require(&self, label: &str) -> Result<&ServiceBinding, BindingError> {
         self.find(label).ok_or_else(|| BindingError::Missing { label: label.to_owned() })
+    }
+
+    /// The binding whose instance name is `name`, as the destination the SDK's transformers
+    /// make of it: the URL each service's credentials name, and its client. `None` when no
+    /// binding has that name, its service has no transformer, or its credentials lack a field
+    /// (the SDK then asks the Destination Service).
+    pub(crate) fn bound_destination(&self, name: &str) -> Option<BoundDestination> {
+        let b = self.bindings.iter().find(|b| b.name == name)?;
+        let creds = b.credentials();
+        let text = |v: Option<&Value>| v.and_then(Value::as_str).filter(|s| !s.is_empty()).map(str::to_owned);
+        // The services whose token client sits in a nested `uaa` object.
+        let nested = |b: &ServiceBinding| {
+            let uaa = creds.get("uaa")?.as_object()?.clone();
+            OAuthCredentials::from_binding(&ServiceBinding { credentials: Secret::new(uaa), ..b.clone() }).ok()
+        };
+        let (url, credentials) = match b.label.as_str() {
+            "destination" => (text(creds.get("uri")), OAuthCredentials::from_binding(b).ok()),
+            "xsuaa" => (text(creds.get("apiurl")), OAuthCredentials::from_binding(b).ok()),
+            "service-manager" => (text(creds.get("sm_url")), OAuthCredentials::from_binding(b).ok()),
+            "saas-registry" => (text(creds.get("saas_registry_url")), OAuthCredentials::from_binding(b).ok()),
+            "aicore" => (
+                text(creds.get("serviceurls").and_then(|u| u.get("AI_API_URL"))),
+                OAuthCredentials::from_binding(b).ok(),
+            ),
+            "business-logging" => (text(creds.get("writeUrl")), nested(b)),
+            "workflow" => (text(creds.get("endpoints").and_then(|e| e.get("workflow_odata_url"))), nested(b)),
+            "s4-hana-cloud" => {
+                return Some(BoundDestination::Basic {
+                    url: text(creds.get("URL"))?,
+                    user: text(creds.get("User"))?,
+                    password: Secret::new(text(creds.get("Password")).unwrap_or_default()),
+                });
+            }
+            _ => return None,
+        };
+        Some(BoundDestination::ClientCredentials { url: url?, credentials: credentials? })
     }
 
     /// The `destination` binding.
@@ -613,6 +658,39 @@ mod tests {
         assert_eq!((dest.name.as_str(), dest.uri.as_str()), ("dest", "http://127.0.0.1:1"));
         assert_eq!(b.find("destination").unwrap().credentials()["extra"]["a"], 1);
         std::fs::remove_dir_all(&root).unwrap();
+    }
+
+    /// The SDK's service-binding transformers: each service's URL field, a nested `uaa` client
+    /// where the service has one, Basic for `s4-hana-cloud`; anything else is no destination.
+    #[test]
+    fn bound_service_instances_as_destinations() {
+        let client = r#""url": "https://auth", "clientid": "c", "clientsecret": "s""#;
+        let vcap = format!(
+            r#"{{"destination": [{{"name": "d", "label": "destination", "credentials": {{"uri": "https://dest", {client}}}}}],
+              "aicore": [{{"name": "ai", "label": "aicore", "credentials": {{"serviceurls": {{"AI_API_URL": "https://ai"}}, {client}}}}}],
+              "workflow": [{{"name": "wf", "label": "workflow", "credentials": {{"endpoints": {{"workflow_odata_url": "https://wf"}},
+                "uaa": {{{client}}}}}}}],
+              "s4-hana-cloud": [{{"name": "s4", "label": "s4-hana-cloud", "credentials": {{"URL": "https://s4", "User": "U", "Password": "P"}}}}],
+              "broken": [{{"name": "no-url", "label": "xsuaa", "credentials": {{{client}}}}}],
+              "other": [{{"name": "hana", "label": "hana", "credentials": {{"url": "jdbc:x"}}}}]}}"#
+        );
+        let b = Bindings::from_vcap_services(&vcap).unwrap();
+        let oauth = |name: &str| match b.bound_destination(name) {
+            Some(BoundDestination::ClientCredentials { url, credentials }) => Some((url, credentials.client_id)),
+            _ => None,
+        };
+        assert_eq!(oauth("d"), Some(("https://dest".into(), "c".into())));
+        assert_eq!(oauth("ai"), Some(("https://ai".into(), "c".into())));
+        assert_eq!(oauth("wf"), Some(("https://wf".into(), "c".into())));
+        match b.bound_destination("s4") {
+            Some(BoundDestination::Basic { url, user, password }) => {
+                assert_eq!((url.as_str(), user.as_str(), password.expose().as_str()), ("https://s4", "U", "P"))
+            }
+            _ => panic!("s4-hana-cloud is Basic"),
+        }
+        for none in ["no-url", "hana", "not-bound"] {
+            assert!(b.bound_destination(none).is_none(), "{none}");
+        }
     }
 
     /// CLIENT-CONTRACT §1.1/§1.5: `VCAP_SERVICES_FILE_PATH` before `VCAP_SERVICES` before

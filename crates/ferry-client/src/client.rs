@@ -15,7 +15,7 @@ use ferry_core::Secret;
 use serde_json::{Map, Value};
 use tokio::sync::Mutex;
 
-use crate::bindings::{Bindings, ConnectivityBinding, DestinationBinding, OAuthCredentials};
+use crate::bindings::{Bindings, BoundDestination, ConnectivityBinding, DestinationBinding, OAuthCredentials};
 use crate::breaker::{BreakerOptions, Breakers, Outcome};
 use crate::error::{ClientError, Hop};
 
@@ -503,6 +503,9 @@ impl Client {
             d.user_jwt = options.user_jwt.clone();
             return Ok(d);
         }
+        if let Some(d) = self.bound_destination(name, options).await {
+            return Ok(d);
+        }
         let claims = options.user_jwt.as_ref().and_then(|j| jwt_claims(j.expose()));
         let tenant = options.tenant.clone().or_else(|| claims.as_ref().and_then(zone_of));
         let user = claims
@@ -586,6 +589,54 @@ impl Client {
         }
         d.user_jwt = options.user_jwt.clone();
         Ok(d)
+    }
+
+    /// Lookup step 3 (CLIENT-CONTRACT §1.1): the bound service instance called `name`, made a
+    /// destination as the SDK's transformers do (its URL, a client-credentials token of its
+    /// client for the caller's tenant). `None` lets the lookup go on to the Destination
+    /// Service, also when no token can be had, as in the SDK.
+    async fn bound_destination(&self, name: &str, options: &Options) -> Option<Destination> {
+        let bound = self.inner.bindings.bound_destination(name)?;
+        let mut config = Map::new();
+        config.insert("Name".into(), name.into());
+        let mut d = match bound {
+            BoundDestination::Basic { url, user, password } => {
+                config.insert("URL".into(), url.into());
+                config.insert("Authentication".into(), "BasicAuthentication".into());
+                config.insert("User".into(), user.into());
+                config.insert("Password".into(), password.expose().clone().into());
+                Destination::from_configuration(config)
+            }
+            BoundDestination::ClientCredentials { url, credentials } => {
+                let claims = options.user_jwt.as_ref().and_then(|j| jwt_claims(j.expose()));
+                let tenant = options.tenant.clone().or_else(|| claims.as_ref().and_then(zone_of));
+                let token = match self.service_token(&credentials, tenant.as_deref()).await {
+                    Ok(t) => t,
+                    Err(e) => {
+                        tracing::debug!(destination = name, error = %e, "no destination from the service binding");
+                        return None;
+                    }
+                };
+                config.insert("URL".into(), url.into());
+                config.insert("Authentication".into(), "OAuth2ClientCredentials".into());
+                let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+                let expires_in = jwt_claims(token.expose())
+                    .and_then(|c| c.get("exp").and_then(Value::as_u64))
+                    .map(|exp| exp.saturating_sub(now.as_secs()));
+                let header = Secret::new(format!("Bearer {}", token.expose()));
+                let mut d = Destination::from_configuration(config);
+                d.auth_tokens.push(AuthToken {
+                    kind: "bearer".into(),
+                    value: token,
+                    http_header: Some(("Authorization".into(), header)),
+                    expires_in,
+                    error: None,
+                });
+                d
+            }
+        };
+        d.user_jwt = options.user_jwt.clone();
+        Some(d)
     }
 
     /// A certificate from the subaccount level, else the instance level.

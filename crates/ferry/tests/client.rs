@@ -249,6 +249,15 @@ protocol = "TCP"
         }
     }
 
+    // A bound service instance asked for by its name is a destination of its own (SDK lookup
+    // step 3): the destination binding becomes one to the Destination Service with its token.
+    let bound_name = vcap["destination"][0]["name"].as_str().unwrap();
+    let bound = client.get_destination(bound_name, &any).await.unwrap();
+    assert_eq!(bound.property("URL").as_deref(), dest["uri"].as_str());
+    let listed: Value =
+        http.get(&bound, "/destination-configuration/v1/subaccountDestinations").await.unwrap().json().await.unwrap();
+    assert!(listed.as_array().unwrap().iter().any(|d| d["Name"] == "web-oauth"), "{listed}");
+
     // The flows whose input comes from the caller: a refresh token (Options::refresh_token) and
     // a subject token (Options::token_headers). Each fetches its own token: nothing is cached.
     let login = password_login(&xsuaa["url"], xsuaa, "alice", "alice-password").await;
