@@ -285,7 +285,15 @@ impl Connector {
                 None => configured.iter().cloned().collect(),
                 Some(_) => {
                     for entry in &configured {
-                        match resolve(entry).await {
+                        // A resolver that does not answer must not hold up shutdown.
+                        let looked_up = tokio::select! {
+                            r = tokio::time::timeout(Duration::from_secs(10), resolve(entry)) => r,
+                            _ = shutdown.cancelled() => break,
+                        };
+                        let looked_up = looked_up.unwrap_or_else(|_| {
+                            Err(std::io::Error::new(std::io::ErrorKind::TimedOut, "no answer within 10 s"))
+                        });
+                        match looked_up {
                             Ok(addrs) if !addrs.is_empty() => {
                                 known.insert(entry.clone(), addrs);
                             }
