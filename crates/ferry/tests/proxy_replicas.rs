@@ -135,13 +135,15 @@ async fn setup() -> Setup {
     let why = r.text().await.unwrap();
     assert!(why.contains("proxyReplicas entry") && why.contains("must be a proxy tunnel endpoint host:port"), "{why}");
     let endpoints: Vec<String> = replicas.iter().map(|r| format!("127.0.0.1:{}", r.tunnel)).collect();
-    let r = call(Method::POST, "/subaccounts".into(), json!({"authenticationData": auth, "proxyReplicas": endpoints}))
-        .await
-        .unwrap();
+    // Added with two replicas; the third comes with a later change of the list.
+    let r =
+        call(Method::POST, "/subaccounts".into(), json!({"authenticationData": auth, "proxyReplicas": endpoints[..2]}))
+            .await
+            .unwrap();
     assert_eq!(r.status(), 201);
     let sub = r.headers()["location"].to_str().unwrap().trim_start_matches("/api/v1/configuration").to_owned();
     let created: Value = r.json().await.unwrap();
-    assert_eq!(created["proxyReplicas"], json!(endpoints));
+    assert_eq!(created["proxyReplicas"], json!(endpoints[..2]));
     let r = call(
         Method::POST,
         format!("{sub}/systemMappings"),
@@ -159,6 +161,10 @@ async fn setup() -> Setup {
     .await
     .unwrap();
     assert_eq!(r.status(), 201);
+    let r = call(Method::PUT, sub.clone(), json!({"proxyReplicas": endpoints})).await.unwrap();
+    assert_eq!(r.status(), 200);
+    let changed: Value = r.json().await.unwrap();
+    assert_eq!(changed["proxyReplicas"], json!(endpoints));
 
     let http = ferry_core::tls::http_client(None).unwrap();
     let form = [
