@@ -18,7 +18,7 @@ pub mod rewrite;
 
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -152,7 +152,9 @@ pub struct Connector {
     /// Cancelled once a proxy says a newer master serves this (subaccount, location id).
     fenced: Shutdown,
     /// Tunnel connections up per replica address being dialled (see [`Connector::replicas`]).
-    replicas: std::sync::Mutex<std::collections::BTreeMap<String, usize>>,
+    /// A replica dropped from DNS and added back gets a fresh counter, so connections of its
+    /// first incarnation that are still draining do not count against the new one.
+    replicas: std::sync::Mutex<std::collections::BTreeMap<String, Arc<AtomicUsize>>>,
 }
 
 /// One proxy replica the connector dials, for monitoring.
@@ -255,15 +257,8 @@ impl Connector {
     pub fn replicas(&self) -> Vec<ReplicaState> {
         let map = self.replicas.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         map.iter()
-            .map(|(address, connected)| ReplicaState { address: address.clone(), connected: *connected })
+            .map(|(address, n)| ReplicaState { address: address.clone(), connected: n.load(Ordering::Relaxed) })
             .collect()
-    }
-
-    fn count_replica(&self, proxy: &str, f: impl FnOnce(&mut usize)) {
-        let mut map = self.replicas.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        if let Some(n) = map.get_mut(proxy) {
-            f(n);
-        }
     }
 
     /// Keeps `config.connections` tunnel connections up to every proxy replica until `shutdown`.
@@ -314,9 +309,13 @@ impl Connector {
             }
             for proxy in start {
                 let token = shutdown.child_token();
-                self.replicas.lock().unwrap_or_else(std::sync::PoisonError::into_inner).insert(proxy.clone(), 0);
+                let up = Arc::new(AtomicUsize::new(0));
+                self.replicas
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                    .insert(proxy.clone(), up.clone());
                 for slot in 0..self.config.connections.max(1) {
-                    tasks.spawn(self.clone().keep_connected(proxy.clone(), slot, token.clone()));
+                    tasks.spawn(self.clone().keep_connected(proxy.clone(), slot, token.clone(), up.clone()));
                 }
                 running.insert(proxy, token);
             }
@@ -332,7 +331,8 @@ impl Connector {
         while tasks.join_next().await.is_some() {}
     }
 
-    async fn keep_connected(self: Arc<Self>, proxy: String, slot: usize, shutdown: Shutdown) {
+    /// `up` counts this replica's connections that are up.
+    async fn keep_connected(self: Arc<Self>, proxy: String, slot: usize, shutdown: Shutdown, up: Arc<AtomicUsize>) {
         let mut backoff = self.config.backoff_initial;
         let mut generation = self.identity_generation.subscribe();
         // After a certificate renewal: the connection being replaced, drained once its successor
@@ -352,16 +352,16 @@ impl Connector {
                         s.connected += 1;
                         s.established += 1;
                     });
-                    self.count_replica(&proxy, |n| *n += 1);
+                    up.fetch_add(1, Ordering::Relaxed);
                     if let Some(old) = retiring.take() {
                         old.cancel();
                     }
                     let drain = shutdown.child_token();
-                    let (me, d, p) = (self.clone(), drain.clone(), proxy.clone());
+                    let (me, d, up) = (self.clone(), drain.clone(), up.clone());
                     let mut conn = tokio::spawn(async move {
                         me.serve(io, &d).await;
                         me.status.send_modify(|s| s.connected -= 1);
-                        me.count_replica(&p, |n| *n = n.saturating_sub(1));
+                        up.fetch_sub(1, Ordering::Relaxed);
                     });
                     let renewed = tokio::select! {
                         _ = &mut conn => false,
