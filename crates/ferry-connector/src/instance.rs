@@ -135,6 +135,11 @@ impl Instance {
         }
     }
 
+    /// The proxy replicas a running connection dials (see [`Connector::replicas`]).
+    pub fn replicas(&self, key: &SubaccountKey) -> Vec<crate::ReplicaState> {
+        self.lock().get(key).map(|r| r.connector.replicas()).unwrap_or_default()
+    }
+
     pub fn state(&self, key: &SubaccountKey) -> Option<ConnectionState> {
         self.lock().get(key).map(|r| ConnectionState {
             status: *r.connector.status().borrow(),

@@ -18,7 +18,7 @@ pub mod rewrite;
 
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -53,6 +53,11 @@ pub struct ConnectorConfig {
     /// Further proxy replicas. The connector keeps its tunnels to every replica, so any replica
     /// behind a load balancer can serve any app request with no state shared between them.
     pub more_proxy_addrs: Vec<String>,
+    /// `Some(interval)`: each proxy address's host stands for all its A/AAAA records (as a
+    /// Kubernetes headless service lists its pods), one tunnel set per address, looked up again
+    /// every `interval`; replicas that appear get tunnels, ones that vanish are drained. `None`:
+    /// each address is one replica (a name is resolved at every dial, reaching one of them).
+    pub resolve_replicas: Option<Duration>,
     /// Name the proxy's server certificate must carry (a DNS name or IP address).
     pub server_name: String,
     /// Trust anchor for the proxy's server certificate.
@@ -96,6 +101,7 @@ impl ConnectorConfig {
         Self {
             proxy_addr,
             more_proxy_addrs: Vec::new(),
+            resolve_replicas: None,
             server_name,
             ca_pem,
             identity,
@@ -145,6 +151,19 @@ pub struct Connector {
     last_heard: Arc<AtomicU64>,
     /// Cancelled once a proxy says a newer master serves this (subaccount, location id).
     fenced: Shutdown,
+    /// Tunnel connections up per replica address being dialled (see [`Connector::replicas`]).
+    /// A replica dropped from DNS and added back gets a fresh counter, so connections of its
+    /// first incarnation that are still draining do not count against the new one.
+    replicas: std::sync::Mutex<std::collections::BTreeMap<String, Arc<AtomicUsize>>>,
+}
+
+/// One proxy replica the connector dials, for monitoring.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ReplicaState {
+    /// `host:port` as dialled: an address from DNS when replicas are resolved.
+    pub address: String,
+    /// Tunnel connections to it that are up.
+    pub connected: usize,
 }
 
 impl Connector {
@@ -181,6 +200,7 @@ impl Connector {
             audit,
             last_heard: Arc::new(AtomicU64::new(0)),
             fenced: Shutdown::new(),
+            replicas: std::sync::Mutex::default(),
         })
     }
 
@@ -233,22 +253,86 @@ impl Connector {
         self.status.subscribe()
     }
 
+    /// Every proxy replica currently dialled and its tunnel connections up, sorted by address.
+    pub fn replicas(&self) -> Vec<ReplicaState> {
+        let map = self.replicas.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        map.iter()
+            .map(|(address, n)| ReplicaState { address: address.clone(), connected: n.load(Ordering::Relaxed) })
+            .collect()
+    }
+
     /// Keeps `config.connections` tunnel connections up to every proxy replica until `shutdown`.
+    /// Each replica has its own tasks and backoff: a dead replica delays nothing else.
     pub async fn run(self: Arc<Self>, shutdown: Shutdown) {
+        let mut configured: Vec<String> = Vec::new();
+        for a in std::iter::once(&self.config.proxy_addr).chain(&self.config.more_proxy_addrs) {
+            if !configured.contains(a) {
+                configured.push(a.clone());
+            }
+        }
         let mut tasks = tokio::task::JoinSet::new();
-        let proxies = std::iter::once(&self.config.proxy_addr).chain(&self.config.more_proxy_addrs).cloned();
-        for proxy in proxies.collect::<Vec<_>>() {
-            for slot in 0..self.config.connections.max(1) {
-                let me = self.clone();
-                let sd = shutdown.clone();
-                let proxy = proxy.clone();
-                tasks.spawn(me.keep_connected(proxy, slot, sd));
+        // Dial address → the token that stops its tunnel tasks.
+        let mut running: std::collections::BTreeMap<String, Shutdown> = std::collections::BTreeMap::new();
+        // Per configured entry, what it resolved to last: kept while a lookup fails.
+        let mut known: std::collections::HashMap<String, Vec<String>> = std::collections::HashMap::new();
+        loop {
+            let wanted = match self.config.resolve_replicas {
+                None => configured.iter().cloned().collect(),
+                Some(_) => {
+                    for entry in &configured {
+                        // A resolver that does not answer must not hold up shutdown.
+                        let looked_up = tokio::select! {
+                            r = tokio::time::timeout(Duration::from_secs(10), resolve(entry)) => r,
+                            _ = shutdown.cancelled() => break,
+                        };
+                        let looked_up = looked_up.unwrap_or_else(|_| {
+                            Err(std::io::Error::new(std::io::ErrorKind::TimedOut, "no answer within 10 s"))
+                        });
+                        match looked_up {
+                            Ok(addrs) if !addrs.is_empty() => {
+                                known.insert(entry.clone(), addrs);
+                            }
+                            Ok(_) => tracing::warn!(%entry, "proxy replica lookup returned no address"),
+                            Err(e) => tracing::warn!(%entry, error = %e, "proxy replica lookup failed"),
+                        }
+                    }
+                    replica_set(&configured, &known)
+                }
+            };
+            let (start, stop) = replica_changes(&running, &wanted);
+            for proxy in stop {
+                tracing::info!(%proxy, "proxy replica gone from DNS: draining its tunnels");
+                if let Some(token) = running.remove(&proxy) {
+                    token.cancel();
+                }
+                self.replicas.lock().unwrap_or_else(std::sync::PoisonError::into_inner).remove(&proxy);
+            }
+            for proxy in start {
+                let token = shutdown.child_token();
+                let up = Arc::new(AtomicUsize::new(0));
+                self.replicas
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                    .insert(proxy.clone(), up.clone());
+                for slot in 0..self.config.connections.max(1) {
+                    tasks.spawn(self.clone().keep_connected(proxy.clone(), slot, token.clone(), up.clone()));
+                }
+                running.insert(proxy, token);
+            }
+            let Some(interval) = self.config.resolve_replicas else { break };
+            // Tasks of drained replicas are done: reaped so the set does not grow.
+            while tasks.try_join_next().is_some() {}
+            tokio::select! {
+                _ = shutdown.cancelled() => break,
+                _ = self.fenced.cancelled() => break,
+                _ = tokio::time::sleep(interval) => {}
             }
         }
         while tasks.join_next().await.is_some() {}
     }
 
-    async fn keep_connected(self: Arc<Self>, proxy: String, slot: usize, shutdown: Shutdown) {
+    /// `up` counts this replica's connections that are up.
+    async fn keep_connected(self: Arc<Self>, proxy: String, slot: usize, shutdown: Shutdown, up: Arc<AtomicUsize>) {
         let mut backoff = self.config.backoff_initial;
         let mut generation = self.identity_generation.subscribe();
         // After a certificate renewal: the connection being replaced, drained once its successor
@@ -268,14 +352,16 @@ impl Connector {
                         s.connected += 1;
                         s.established += 1;
                     });
+                    up.fetch_add(1, Ordering::Relaxed);
                     if let Some(old) = retiring.take() {
                         old.cancel();
                     }
                     let drain = shutdown.child_token();
-                    let (me, d) = (self.clone(), drain.clone());
+                    let (me, d, up) = (self.clone(), drain.clone(), up.clone());
                     let mut conn = tokio::spawn(async move {
                         me.serve(io, &d).await;
                         me.status.send_modify(|s| s.connected -= 1);
+                        up.fetch_sub(1, Ordering::Relaxed);
                     });
                     let renewed = tokio::select! {
                         _ = &mut conn => false,
@@ -363,6 +449,33 @@ impl Connector {
     }
 }
 
+/// Every address `entry` (`host:port`) resolves to, as `ip:port` (IPv6 in brackets), sorted.
+async fn resolve(entry: &str) -> std::io::Result<Vec<String>> {
+    let mut addrs: Vec<String> = tokio::net::lookup_host(entry).await?.map(|a| a.to_string()).collect();
+    addrs.sort();
+    addrs.dedup();
+    Ok(addrs)
+}
+
+/// The dial addresses for `configured` entries given their last lookups; an entry never
+/// resolved is dialled by name, so a connector whose DNS is down at start still tries.
+fn replica_set(
+    configured: &[String],
+    known: &std::collections::HashMap<String, Vec<String>>,
+) -> std::collections::BTreeSet<String> {
+    configured.iter().flat_map(|e| known.get(e).cloned().unwrap_or_else(|| vec![e.clone()])).collect()
+}
+
+/// (replicas to start, replicas to drain) to get from `running` to `wanted`.
+fn replica_changes<V>(
+    running: &std::collections::BTreeMap<String, V>,
+    wanted: &std::collections::BTreeSet<String>,
+) -> (Vec<String>, Vec<String>) {
+    let start = wanted.iter().filter(|a| !running.contains_key(*a)).cloned().collect();
+    let stop = running.keys().filter(|a| !wanted.contains(*a)).cloned().collect();
+    (start, stop)
+}
+
 /// TLS towards the proxy, without session resumption: a resumed TLS 1.3 session skips the client
 /// certificate, so an expired or replaced certificate would go on reconnecting on the strength of
 /// an old session. Tunnels reconnect rarely; a full handshake each time costs nothing that matters.
@@ -447,4 +560,34 @@ fn hello_answer(
 pub async fn run(config: ConnectorConfig, shutdown: Shutdown) -> Result<(), ConnectorError> {
     Arc::new(Connector::new(config)?).run(shutdown).await;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn an_ip_literal_resolves_to_itself_and_a_name_to_its_addresses() {
+        assert_eq!(resolve("127.0.0.1:20005").await.unwrap(), vec!["127.0.0.1:20005"]);
+        assert_eq!(resolve("[::1]:7").await.unwrap(), vec!["[::1]:7"]);
+        let local = resolve("localhost:20005").await.unwrap();
+        assert!(local.contains(&"127.0.0.1:20005".to_owned()), "{local:?}");
+    }
+
+    #[test]
+    fn replicas_follow_the_lookups_and_an_unresolved_name_is_dialled_as_is() {
+        let configured = vec!["proxy.ns:20005".to_owned(), "10.0.0.9:20005".to_owned()];
+        let mut known = std::collections::HashMap::new();
+        let set = replica_set(&configured, &known);
+        assert_eq!(set.into_iter().collect::<Vec<_>>(), ["10.0.0.9:20005", "proxy.ns:20005"]);
+        known.insert(configured[0].clone(), vec!["10.0.0.1:20005".to_owned(), "10.0.0.2:20005".to_owned()]);
+        known.insert(configured[1].clone(), vec!["10.0.0.9:20005".to_owned()]);
+        let wanted = replica_set(&configured, &known);
+        let mut running = std::collections::BTreeMap::new();
+        running.insert("proxy.ns:20005".to_owned(), ());
+        running.insert("10.0.0.2:20005".to_owned(), ());
+        let (start, stop) = replica_changes(&running, &wanted);
+        assert_eq!(start, ["10.0.0.1:20005", "10.0.0.9:20005"]);
+        assert_eq!(stop, ["proxy.ns:20005"]);
+    }
 }

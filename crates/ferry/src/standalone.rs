@@ -42,6 +42,13 @@ pub struct ConnectorFile {
     /// this file; empty when every subaccount is managed through the admin API.
     #[serde(default)]
     proxies: Vec<String>,
+    /// Each entry of `proxies` stands for all the A/AAAA records of its host, one tunnel set per
+    /// address, looked up again every `resolve_interval_seconds`.
+    #[serde(default)]
+    resolve_proxies: bool,
+    /// Also for subaccounts of the admin API that set `resolveProxyReplicas`.
+    #[serde(default = "resolve_interval_seconds")]
+    resolve_interval_seconds: u64,
     /// Name on the proxies' server certificate.
     #[serde(default)]
     server_name: String,
@@ -81,6 +88,10 @@ pub struct ConnectorFile {
 
 fn one() -> usize {
     1
+}
+
+fn resolve_interval_seconds() -> u64 {
+    30
 }
 
 #[derive(Debug, Deserialize)]
@@ -171,6 +182,8 @@ pub async fn connector(config: &Path) -> anyhow::Result<()> {
         }
         None => None,
     };
+    anyhow::ensure!(cfg.resolve_interval_seconds > 0, "resolve_interval_seconds must be at least 1");
+    let resolve_interval = Duration::from_secs(cfg.resolve_interval_seconds);
     let shutdown = Shutdown::new();
     let mut tasks = tokio::task::JoinSet::new();
     if let Some((first, more)) = cfg.proxies.split_first() {
@@ -189,6 +202,7 @@ pub async fn connector(config: &Path) -> anyhow::Result<()> {
             AccessRules::new(cfg.mappings.clone()),
         );
         cc.more_proxy_addrs = more.to_vec();
+        cc.resolve_replicas = cfg.resolve_proxies.then_some(resolve_interval);
         cc.connections = cfg.connections.max(1);
         cc.audit = ferry_connector::audit::AuditConfig { level: cfg.audit_level, ..audit.clone() };
         cc.backend_ca_pem = backend_ca_pem.clone();
@@ -215,6 +229,7 @@ pub async fn connector(config: &Path) -> anyhow::Result<()> {
         }
         ac.renew_at = a.certificate_renew_at;
         ac.connection.connections = cfg.connections.max(1);
+        ac.connection.resolve_interval = resolve_interval;
         ac.connection.backend_ca_pem = backend_ca_pem;
         ac.connection.system_certificate = system_certificate;
         ac.connection.principal_propagation = principal;

@@ -138,6 +138,8 @@ impl Admin {
             None => {
                 next.subaccounts.push(StoredSubaccount {
                     region_host: String::new(),
+                    proxy_replicas: Vec::new(),
+                    resolve_proxy_replicas: false,
                     subaccount: e.subaccount.clone(),
                     location_id: e.location_id.clone(),
                     display_name: String::new(),
@@ -498,6 +500,9 @@ fn tunnel_json(a: &Admin, s: &StoredSubaccount) -> Value {
             "connectedSinceTimeStamp": st.connected_since.map(millis).unwrap_or(0),
             "lastHeartbeatTimeStamp": st.last_heartbeat.map(millis).unwrap_or(0),
             "connections": st.status.connected,
+            "proxyReplicas": a.instance.replicas(&s.key()).iter()
+                .map(|r| json!({"address": r.address, "connections": r.connected}))
+                .collect::<Vec<_>>(),
         }),
         None => json!({
             "state": "Disconnected",
@@ -517,6 +522,8 @@ fn sub_json(a: &Admin, s: &StoredSubaccount) -> Value {
         "regionHost": s.region_host,
         "subaccount": s.subaccount,
         "locationID": s.location_id,
+        "proxyReplicas": s.proxy_replicas,
+        "resolveProxyReplicas": s.resolve_proxy_replicas,
         "displayName": s.display_name,
         "description": s.description,
         "autoCertRenewal": s.renewal_url.is_some(),
@@ -544,6 +551,9 @@ struct NewSubaccount {
     subaccount: Option<String>,
     #[serde(rename = "locationID")]
     location_id: Option<String>,
+    /// Ferry: see [`StoredSubaccount::proxy_replicas`].
+    proxy_replicas: Option<Vec<String>>,
+    resolve_proxy_replicas: Option<bool>,
     display_name: Option<String>,
     description: Option<String>,
     authentication_data: Option<Value>,
@@ -594,6 +604,23 @@ fn authentication_data(v: Value) -> Result<AuthenticationData> {
     serde_json::from_value(v).map_err(|e| bad(&format!("is incomplete ({e})")))
 }
 
+/// `proxyReplicas` as given, each checked to be a `host:port`.
+fn proxy_replicas(list: Vec<String>) -> Result<Vec<String>> {
+    let mut out: Vec<String> = Vec::with_capacity(list.len());
+    for r in list {
+        let r = r.trim().to_owned();
+        if host_of(&r).is_none() {
+            return Err(ApiError::invalid(format!(
+                "proxyReplicas entry {r:?} must be a proxy tunnel endpoint host:port, e.g. \"10.0.0.7:20005\""
+            )));
+        }
+        if !out.contains(&r) {
+            out.push(r);
+        }
+    }
+    Ok(out)
+}
+
 /// `host` of `host:port` (IPv6 in brackets allowed).
 fn host_of(addr: &str) -> Option<&str> {
     let (host, port) = addr.rsplit_once(':')?;
@@ -629,6 +656,7 @@ async fn add_subaccount(State(a): A, Extension(u): Extension<Caller>, body: Byte
     }
     ferry_core::tls::parse_key(d.key.expose())
         .map_err(|e| ApiError::invalid(format!("authenticationData key: {e}")))?;
+    let replicas = proxy_replicas(b.proxy_replicas.unwrap_or_default())?;
     let region = b.region_host.unwrap_or(d.tunnel);
     let server_name = host_of(&region)
         .ok_or_else(|| ApiError::invalid(format!("regionHost {region:?} must be the tunnel endpoint host:port")))?
@@ -637,6 +665,8 @@ async fn add_subaccount(State(a): A, Extension(u): Extension<Caller>, body: Byte
         a.store.seal_key(&region, &d.subaccount, d.key.expose()).map_err(|e| ApiError::internal(e.to_string()))?;
     let new = StoredSubaccount {
         region_host: region,
+        proxy_replicas: replicas,
+        resolve_proxy_replicas: b.resolve_proxy_replicas.unwrap_or(false),
         subaccount: d.subaccount,
         location_id: d.location_id,
         display_name: b.display_name.unwrap_or_default(),
@@ -673,6 +703,8 @@ struct SubaccountUpdate {
     description: Option<String>,
     #[serde(rename = "locationID")]
     location_id: Option<String>,
+    proxy_replicas: Option<Vec<String>>,
+    resolve_proxy_replicas: Option<bool>,
 }
 
 async fn put_subaccount(
@@ -682,7 +714,8 @@ async fn put_subaccount(
     body: Bytes,
 ) -> Result<Json<Value>> {
     let b: SubaccountUpdate = parse(&body)?;
-    let (s, _) = a
+    let replicas = b.proxy_replicas.map(proxy_replicas).transpose()?;
+    let (s, cfg) = a
         .change(|c| {
             let s = c.subaccount_mut(&region, &sub).ok_or_else(|| no_subaccount(&region, &sub))?;
             if b.location_id.as_ref().is_some_and(|l| *l != s.location_id) {
@@ -696,9 +729,21 @@ async fn put_subaccount(
             if let Some(v) = b.description {
                 s.description = v;
             }
-            Ok(s.clone())
+            let dialled = (s.proxy_replicas.clone(), s.resolve_proxy_replicas);
+            if let Some(v) = replicas {
+                s.proxy_replicas = v;
+            }
+            if let Some(v) = b.resolve_proxy_replicas {
+                s.resolve_proxy_replicas = v;
+            }
+            Ok((s.clone(), dialled != (s.proxy_replicas.clone(), s.resolve_proxy_replicas)))
         })
         .await?;
+    let (s, redial) = s;
+    // Other replicas to dial: the connection restarts with them (its tunnels drain first).
+    if redial && a.instance.is_running(&s.key()) {
+        a.connect(&cfg, &s).await?;
+    }
     a.record(&u.0, "Account", "changed", &sub, &region).await;
     Ok(Json(sub_json(&a, &s)))
 }

@@ -62,6 +62,8 @@ pub struct ConnectionDefaults {
     pub backoff_max: Duration,
     pub backend_connect_timeout: Duration,
     pub heartbeat: Duration,
+    /// How often the proxy replicas of a subaccount with `resolveProxyReplicas` are looked up.
+    pub resolve_interval: Duration,
     pub backend_ca_pem: Option<String>,
     /// TLS client certificate towards backends (see [`ConnectorConfig::system_certificate`]).
     pub system_certificate: Option<ferry_core::tls::CertifiedKey>,
@@ -78,6 +80,7 @@ impl Default for ConnectionDefaults {
             backoff_max: Duration::from_secs(30),
             backend_connect_timeout: Duration::from_secs(10),
             heartbeat: Duration::from_secs(20),
+            resolve_interval: Duration::from_secs(30),
             backend_ca_pem: None,
             system_certificate: None,
             principal_propagation: None,
@@ -327,13 +330,17 @@ impl Admin {
     fn connection_config(&self, scc: &SccConfig, sub: &StoredSubaccount) -> Result<ConnectorConfig, ApiError> {
         let key = self.store.open_key(sub).map_err(|e| ApiError::internal(format!("connection key: {e}")))?;
         let d = &self.config.connection;
+        let mut proxies = sub.proxies();
+        let first = proxies.remove(0);
         let mut cc = ConnectorConfig::new(
-            sub.region_host.clone(),
+            first,
             sub.server_name.clone(),
             sub.ca.clone(),
             CertifiedKey { cert_pem: sub.certificate.clone(), key_pem: key },
             rules_of(sub),
         );
+        cc.more_proxy_addrs = proxies;
+        cc.resolve_replicas = sub.resolve_proxy_replicas.then_some(d.resolve_interval);
         cc.connections = d.connections.max(1);
         cc.backoff_initial = d.backoff_initial;
         cc.backoff_max = d.backoff_max;

@@ -70,6 +70,14 @@ pub struct StoredMapping {
 pub struct StoredSubaccount {
     /// Ferry: the tunnel endpoint `host:port` (SAP: the region host).
     pub region_host: String,
+    /// Ferry: the tunnel endpoint of every proxy replica (`host:port`), dialled instead of the
+    /// region host alone; empty: the region host.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub proxy_replicas: Vec<String>,
+    /// Ferry: each endpoint's host stands for all its A/AAAA records, one tunnel set per
+    /// address, looked up again periodically (see `ConnectorConfig::resolve_replicas`).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub resolve_proxy_replicas: bool,
     pub subaccount: String,
     #[serde(rename = "locationID", default)]
     pub location_id: String,
@@ -104,6 +112,11 @@ pub struct StoredSubaccount {
 impl StoredSubaccount {
     pub fn key(&self) -> (String, String) {
         (self.region_host.clone(), self.subaccount.clone())
+    }
+
+    /// The tunnel endpoints to dial: the replicas, or else the region host.
+    pub fn proxies(&self) -> Vec<String> {
+        if self.proxy_replicas.is_empty() { vec![self.region_host.clone()] } else { self.proxy_replicas.clone() }
     }
 }
 
@@ -338,6 +351,8 @@ mod tests {
         let sealed = store.seal_key("h:1", "sub", "PEM KEY").unwrap();
         cfg.subaccounts.push(StoredSubaccount {
             region_host: "h:1".into(),
+            proxy_replicas: Vec::new(),
+            resolve_proxy_replicas: false,
             subaccount: "sub".into(),
             location_id: String::new(),
             display_name: String::new(),
