@@ -268,19 +268,30 @@ impl Connector {
                         s.connected += 1;
                         s.established += 1;
                     });
-                    if let Some(old) = retiring.take() {
-                        old.cancel();
-                    }
                     let drain = shutdown.child_token();
-                    let (me, d) = (self.clone(), drain.clone());
+                    let greeted = Shutdown::new();
+                    let (me, d, g) = (self.clone(), drain.clone(), greeted.clone());
                     let mut conn = tokio::spawn(async move {
-                        me.serve(io, &d).await;
+                        me.serve(io, &d, &g).await;
                         me.status.send_modify(|s| s.connected -= 1);
                     });
-                    let renewed = tokio::select! {
-                        _ = &mut conn => false,
-                        r = generation.changed() => r.is_ok(),
+                    // The replaced connection drains only once the proxy has greeted its successor
+                    // (and so admits it next): in between, a request finds no tunnel to go to.
+                    let ended = match retiring.is_some() {
+                        false => false,
+                        true => tokio::select! {
+                            _ = greeted.cancelled() => false,
+                            _ = &mut conn => true,
+                        },
                     };
+                    if !ended && let Some(old) = retiring.take() {
+                        old.cancel();
+                    }
+                    let renewed = !ended
+                        && tokio::select! {
+                            _ = &mut conn => false,
+                            r = generation.changed() => r.is_ok(),
+                        };
                     if renewed {
                         tracing::info!(slot, %proxy, "connection certificate renewed: a new tunnel replaces this one");
                         retiring = Some(drain);
@@ -321,17 +332,22 @@ impl Connector {
     }
 
     /// Serves one tunnel connection until it ends or `drain` (a child of the connector's
-    /// shutdown) asks it to finish its open streams.
-    async fn serve(&self, io: tokio_rustls::client::TlsStream<TcpStream>, drain: &Shutdown) {
+    /// shutdown) asks it to finish its open streams; cancels `greeted` once the proxy's hello
+    /// is answered.
+    async fn serve(&self, io: tokio_rustls::client::TlsStream<TcpStream>, drain: &Shutdown, greeted: &Shutdown) {
         use ferry_proto::tunnel::*;
         let backend = self.backend.clone();
         let own = self.config.fence.clone().unwrap_or_default();
         let fenced = self.fenced.clone();
         let status = self.status.clone();
+        let greeted = greeted.clone();
         let service = hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
             let backend = backend.clone();
             let hello = req.headers().get(KIND).is_some_and(|k| k == KIND_HELLO);
-            let answer = hello.then(|| hello_answer(&req, &own, &fenced, &status));
+            let answer = hello.then(|| {
+                greeted.cancel();
+                hello_answer(&req, &own, &fenced, &status)
+            });
             async move {
                 match answer {
                     Some(r) => Ok::<_, std::convert::Infallible>(r),

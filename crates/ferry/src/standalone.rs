@@ -257,6 +257,9 @@ pub struct ProxyFile {
     /// Open connections allowed per listener.
     #[serde(default = "max_connections")]
     max_connections: usize,
+    /// How long a request waits for a connector's next tunnel while its tunnel drains.
+    #[serde(default = "tunnel_swap_wait_seconds")]
+    tunnel_swap_wait_seconds: u64,
     /// Benchmark/development mode, not for production: SOCKS5 without authentication.
     #[serde(default)]
     bench_socks5_no_auth: Option<BenchNoAuth>,
@@ -277,6 +280,10 @@ struct BenchNoAuth {
 
 fn max_connections() -> usize {
     10_000
+}
+
+fn tunnel_swap_wait_seconds() -> u64 {
+    5
 }
 
 fn localhost() -> String {
@@ -321,6 +328,7 @@ pub async fn proxy(config: &Path) -> anyhow::Result<()> {
     println!("proxy: http {} socks5 {} tunnel {}", http.local_addr()?, socks.local_addr()?, tunnel.local_addr()?);
     let mut pc = ferry_proxy::ProxyConfig::new(verifier, tls);
     pc.max_connections = cfg.max_connections;
+    pc.tunnel_swap_wait = Duration::from_secs(cfg.tunnel_swap_wait_seconds);
     let mut no_auth = None;
     if let Some(b) = &cfg.bench_socks5_no_auth {
         let l = ferry_core::serve::bind(&b.listen.to_string()).await?;
