@@ -30,6 +30,7 @@ use tokio::net::TcpStream;
 use tokio::sync::watch;
 
 pub use access::{AccessRules, HostInHeader, LiveRules, Protocol, Resource, SystemMapping};
+pub use backend::IDLE_TICK;
 pub use principal::{AuthenticationMode, PrincipalDelivery, PrincipalPropagation};
 
 #[derive(Debug, thiserror::Error)]
@@ -70,6 +71,10 @@ pub struct ConnectorConfig {
     pub backend_response_timeout: Duration,
     /// HTTP/2 PING interval on the tunnel; a missed answer within the same time drops it.
     pub heartbeat: Duration,
+    /// How long a tunnel connection being closed (shutdown, or replaced after a certificate
+    /// renewal) may take to finish its open streams; then they are cut. On shutdown a TCP relay
+    /// that moves no byte for [`IDLE_TICK`] is closed at once instead of holding the exit.
+    pub drain_timeout: Duration,
     pub audit: audit::AuditConfig,
     /// Extra trust anchor (PEM) for TLS to backends (`HTTPS`, `TCPS`, `LDAPS` mappings), in
     /// addition to the system's roots.
@@ -106,6 +111,7 @@ impl ConnectorConfig {
             backend_connect_timeout: Duration::from_secs(10),
             backend_response_timeout: Duration::from_secs(300),
             heartbeat: Duration::from_secs(20),
+            drain_timeout: Duration::from_secs(10),
             audit: audit::AuditConfig::default(),
             backend_ca_pem: None,
             principal_propagation: None,
@@ -236,6 +242,11 @@ impl Connector {
     /// Keeps `config.connections` tunnel connections up to every proxy replica until `shutdown`.
     pub async fn run(self: Arc<Self>, shutdown: Shutdown) {
         let mut tasks = tokio::task::JoinSet::new();
+        let (sd, backend) = (shutdown.clone(), self.backend.clone());
+        tasks.spawn(async move {
+            sd.cancelled().await;
+            backend.stopping.cancel();
+        });
         let proxies = std::iter::once(&self.config.proxy_addr).chain(&self.config.more_proxy_addrs).cloned();
         for proxy in proxies.collect::<Vec<_>>() {
             for slot in 0..self.config.connections.max(1) {
@@ -373,7 +384,9 @@ impl Connector {
             _ = self.fenced.cancelled() => {}
             _ = drain.cancelled() => {
                 conn.as_mut().graceful_shutdown();
-                let _ = tokio::time::timeout(Duration::from_secs(10), conn).await;
+                if tokio::time::timeout(self.config.drain_timeout, conn).await.is_err() {
+                    tracing::info!("tunnel drain deadline passed: closing the streams still open");
+                }
             }
         }
     }

@@ -53,6 +53,9 @@ pub struct ConnectorFile {
     key_file: Option<PathBuf>,
     #[serde(default = "one")]
     connections: usize,
+    /// At SIGTERM (and for a tunnel replaced after a renewal): how long open streams may take.
+    #[serde(default = "drain_timeout_seconds")]
+    drain_timeout_seconds: u64,
     #[serde(default)]
     audit_level: ferry_connector::audit::AuditLevel,
     #[serde(default)]
@@ -81,6 +84,10 @@ pub struct ConnectorFile {
 
 fn one() -> usize {
     1
+}
+
+fn drain_timeout_seconds() -> u64 {
+    10
 }
 
 #[derive(Debug, Deserialize)]
@@ -190,6 +197,7 @@ pub async fn connector(config: &Path) -> anyhow::Result<()> {
         );
         cc.more_proxy_addrs = more.to_vec();
         cc.connections = cfg.connections.max(1);
+        cc.drain_timeout = Duration::from_secs(cfg.drain_timeout_seconds);
         cc.audit = ferry_connector::audit::AuditConfig { level: cfg.audit_level, ..audit.clone() };
         cc.backend_ca_pem = backend_ca_pem.clone();
         cc.system_certificate = system_certificate.clone();
@@ -215,6 +223,7 @@ pub async fn connector(config: &Path) -> anyhow::Result<()> {
         }
         ac.renew_at = a.certificate_renew_at;
         ac.connection.connections = cfg.connections.max(1);
+        ac.connection.drain_timeout = Duration::from_secs(cfg.drain_timeout_seconds);
         ac.connection.backend_ca_pem = backend_ca_pem;
         ac.connection.system_certificate = system_certificate;
         ac.connection.principal_propagation = principal;
@@ -230,7 +239,9 @@ pub async fn connector(config: &Path) -> anyhow::Result<()> {
     println!("ready");
     crate::up::wait_for_signal().await;
     shutdown.cancel();
-    let _ = tokio::time::timeout(Duration::from_secs(15), async { while tasks.join_next().await.is_some() {} }).await;
+    // The tunnels close themselves by the drain deadline; the margin is for the rest.
+    let limit = Duration::from_secs(cfg.drain_timeout_seconds.saturating_add(5));
+    let _ = tokio::time::timeout(limit, async { while tasks.join_next().await.is_some() {} }).await;
     Ok(())
 }
 
