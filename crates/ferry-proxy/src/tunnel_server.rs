@@ -3,6 +3,7 @@
 
 use std::pin::Pin;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -57,7 +58,7 @@ pub(crate) async fn serve(
         .keep_alive_interval(heartbeat)
         .keep_alive_timeout(heartbeat)
         .keep_alive_while_idle(true);
-    let goaway = Arc::new(Notify::new());
+    let goaway = Arc::new(Goaway::default());
     let io = GoawayWatch { io: tls, scan: FrameScan::default(), seen: goaway.clone() };
     let (mut sender, conn) = match builder.handshake::<_, BoxBody>(TokioIo::new(io)).await {
         Ok(pair) => pair,
@@ -108,6 +109,11 @@ pub(crate) async fn serve(
         tokio::select! {
             r = &mut conn => {
                 if let Err(e) = r { tracing::info!(error = %e, "tunnel connection ended") }
+                // A GOAWAY and the end it announced can be noticed in the same turn: the key
+                // must still learn that a successor is likely (see `Registry::drained_lately`).
+                if !draining && goaway.seen.load(Ordering::Acquire) {
+                    registry.mark_draining(&subaccount, &location, id);
+                }
                 break;
             }
             _ = close.cancelled() => {
@@ -115,7 +121,7 @@ pub(crate) async fn serve(
                 break;
             }
             _ = shutdown.cancelled() => break,
-            _ = goaway.notified(), if !draining => {
+            _ = goaway.notify.notified(), if !draining => {
                 // New streams go to the connector's next tunnel from now on; open ones finish here.
                 draining = true;
                 registry.mark_draining(&subaccount, &location, id);
@@ -152,7 +158,13 @@ async fn hello(sender: &mut SendRequest<BoxBody>, known: Fence) -> Option<Fence>
 struct GoawayWatch<T> {
     io: T,
     scan: FrameScan,
-    seen: Arc<Notify>,
+    seen: Arc<Goaway>,
+}
+
+#[derive(Default)]
+struct Goaway {
+    seen: AtomicBool,
+    notify: Notify,
 }
 
 /// Where the reader is in the connector's HTTP/2 frame sequence (a server sends no preface).
@@ -196,7 +208,8 @@ impl<T: AsyncRead + Unpin> AsyncRead for GoawayWatch<T> {
         let before = buf.filled().len();
         let r = Pin::new(&mut self.io).poll_read(cx, buf);
         if matches!(r, Poll::Ready(Ok(()))) && self.scan.feed(&buf.filled()[before..]) {
-            self.seen.notify_one();
+            self.seen.seen.store(true, Ordering::Release);
+            self.seen.notify.notify_one();
         }
         r
     }

@@ -154,10 +154,18 @@ async fn a_connector_restarted_with_sigterm_fails_no_request() {
         }
     };
     flowing(done.load(Ordering::Relaxed) + 50).await;
+    let t0 = std::time::Instant::now();
     terminate(first).await;
+    let exited = t0.elapsed();
     let at_exit = done.load(Ordering::Relaxed);
-    let _second = connector(&s.config);
+    let config = s.config.clone();
+    let _second = tokio::task::spawn_blocking(move || connector(&config)).await.unwrap();
+    let ready = t0.elapsed();
     flowing(at_exit + 50).await;
+    eprintln!(
+        "measured: old connector exited {exited:?} after SIGTERM, new one ready at {ready:?}, serving by {:?}",
+        t0.elapsed()
+    );
     stop.store(true, Ordering::Relaxed);
     let mut failures = Vec::new();
     while let Some(r) = load.join_next().await {
