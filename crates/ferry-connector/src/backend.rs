@@ -20,6 +20,7 @@ use crate::access::{
 };
 use crate::audit::{AuditEvent, AuditLog, Outcome};
 use crate::principal::{PrincipalDelivery, PrincipalPropagation};
+use ferry_core::Shutdown;
 
 pub(crate) struct Backend {
     rules: Arc<LiveRules>,
@@ -38,6 +39,8 @@ pub(crate) struct Backend {
     roots: Arc<rustls::RootCertStore>,
     /// Swappable like the rules: the admin API changes its settings at run time.
     principal: std::sync::RwLock<Option<Arc<PrincipalPropagation>>>,
+    /// Cancelled when the connector shuts down: idle TCP relays close then (see [`Stopping`]).
+    pub(crate) stopping: Shutdown,
 }
 
 /// SAP's header for the propagated user's certificate.
@@ -198,6 +201,7 @@ impl Backend {
             system,
             roots,
             principal: std::sync::RwLock::new(principal),
+            stopping: Shutdown::new(),
         })
     }
 
@@ -517,6 +521,7 @@ impl Backend {
             relay_up(Counted::new(req.into_body(), None, &exchange, true), write);
             body::boxed(Counted::new(body::from_reader(read), None, &exchange, false))
         };
+        let downstream = body::boxed(Stopping::new(downstream, &self.stopping, exchange));
         let mut resp = Response::new(downstream);
         resp.headers_mut().insert(http::header::CONTENT_TYPE, HeaderValue::from_static("application/octet-stream"));
         resp
@@ -583,6 +588,82 @@ impl<B: http_body::Body + Unpin> http_body::Body for Counted<B> {
             mine.fetch_add(n, Ordering::Relaxed);
         }
         polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// While the connector shuts down, a TCP relay that moved no byte (either way) for this long is
+/// idle and closed, so a pooled connection nobody uses does not hold the exit until the drain
+/// deadline; busy ones run on until it.
+pub const IDLE_TICK: Duration = Duration::from_millis(500);
+
+/// The backend → app half of a TCP relay, ended with an error (the tunnel stream is reset, and
+/// with it the app's connection and the app → backend half) once the connector is stopping and
+/// the relay has been idle for an [`IDLE_TICK`].
+struct Stopping<B> {
+    inner: B,
+    stopping: std::pin::Pin<Box<tokio_util::sync::WaitForCancellationFutureOwned>>,
+    /// The next look at the byte counters, once stopping.
+    tick: Option<std::pin::Pin<Box<tokio::time::Sleep>>>,
+    exchange: Arc<Exchange>,
+    seen: u64,
+}
+
+impl<B> Stopping<B> {
+    fn new(inner: B, stopping: &Shutdown, exchange: Arc<Exchange>) -> Self {
+        Self { inner, stopping: Box::pin(stopping.clone().cancelled_owned()), tick: None, exchange, seen: 0 }
+    }
+
+    fn moved(&self) -> u64 {
+        self.exchange.bytes_in.load(Ordering::Relaxed) + self.exchange.bytes_out.load(Ordering::Relaxed)
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("idle TCP relay closed by the connector's shutdown")]
+struct ClosedIdle;
+
+impl<B> http_body::Body for Stopping<B>
+where
+    B: http_body::Body<Data = bytes::Bytes, Error = body::BoxError> + Unpin,
+{
+    type Data = bytes::Bytes;
+    type Error = body::BoxError;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<bytes::Bytes>, body::BoxError>>> {
+        use std::task::Poll;
+        if let r @ Poll::Ready(_) = std::pin::Pin::new(&mut self.inner).poll_frame(cx) {
+            return r;
+        }
+        if self.tick.is_none() {
+            if self.stopping.as_mut().poll(cx).is_pending() {
+                return Poll::Pending;
+            }
+            self.seen = self.moved();
+            self.tick = Some(Box::pin(tokio::time::sleep(IDLE_TICK)));
+        }
+        loop {
+            let Some(tick) = self.tick.as_mut() else { return Poll::Pending };
+            if tick.as_mut().poll(cx).is_pending() {
+                return Poll::Pending;
+            }
+            let now = self.moved();
+            if now == self.seen {
+                return Poll::Ready(Some(Err(Box::new(ClosedIdle))));
+            }
+            self.seen = now;
+            self.tick = Some(Box::pin(tokio::time::sleep(IDLE_TICK)));
+        }
     }
 
     fn is_end_stream(&self) -> bool {

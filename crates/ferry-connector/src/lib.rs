@@ -30,6 +30,7 @@ use tokio::net::TcpStream;
 use tokio::sync::watch;
 
 pub use access::{AccessRules, HostInHeader, LiveRules, Protocol, Resource, SystemMapping};
+pub use backend::IDLE_TICK;
 pub use principal::{AuthenticationMode, PrincipalDelivery, PrincipalPropagation};
 
 #[derive(Debug, thiserror::Error)]
@@ -75,6 +76,10 @@ pub struct ConnectorConfig {
     pub backend_response_timeout: Duration,
     /// HTTP/2 PING interval on the tunnel; a missed answer within the same time drops it.
     pub heartbeat: Duration,
+    /// How long a tunnel connection being closed (shutdown, or replaced after a certificate
+    /// renewal) may take to finish its open streams; then they are cut. On shutdown a TCP relay
+    /// that moves no byte for [`IDLE_TICK`] is closed at once instead of holding the exit.
+    pub drain_timeout: Duration,
     pub audit: audit::AuditConfig,
     /// Extra trust anchor (PEM) for TLS to backends (`HTTPS`, `TCPS`, `LDAPS` mappings), in
     /// addition to the system's roots.
@@ -112,6 +117,7 @@ impl ConnectorConfig {
             backend_connect_timeout: Duration::from_secs(10),
             backend_response_timeout: Duration::from_secs(300),
             heartbeat: Duration::from_secs(20),
+            drain_timeout: Duration::from_secs(10),
             audit: audit::AuditConfig::default(),
             backend_ca_pem: None,
             principal_propagation: None,
@@ -271,6 +277,15 @@ impl Connector {
             }
         }
         let mut tasks = tokio::task::JoinSet::new();
+        let (sd, fenced, backend) = (shutdown.clone(), self.fenced.clone(), self.backend.clone());
+        tasks.spawn(async move {
+            // A fenced connector stops as well: waiting only for shutdown would keep `run` alive.
+            tokio::select! {
+                _ = sd.cancelled() => {}
+                _ = fenced.cancelled() => {}
+            }
+            backend.stopping.cancel();
+        });
         // Dial address → the token that stops its tunnel tasks.
         let mut running: std::collections::BTreeMap<String, Shutdown> = std::collections::BTreeMap::new();
         // Per configured entry, what it resolved to last: kept while a lookup fails.
@@ -353,20 +368,31 @@ impl Connector {
                         s.established += 1;
                     });
                     up.fetch_add(1, Ordering::Relaxed);
-                    if let Some(old) = retiring.take() {
-                        old.cancel();
-                    }
                     let drain = shutdown.child_token();
-                    let (me, d, up) = (self.clone(), drain.clone(), up.clone());
+                    let greeted = Shutdown::new();
+                    let (me, d, g, up) = (self.clone(), drain.clone(), greeted.clone(), up.clone());
                     let mut conn = tokio::spawn(async move {
-                        me.serve(io, &d).await;
+                        me.serve(io, &d, &g).await;
                         me.status.send_modify(|s| s.connected -= 1);
                         up.fetch_sub(1, Ordering::Relaxed);
                     });
-                    let renewed = tokio::select! {
-                        _ = &mut conn => false,
-                        r = generation.changed() => r.is_ok(),
+                    // The replaced connection drains only once the proxy has greeted its successor
+                    // (and so admits it next): in between, a request finds no tunnel to go to.
+                    let ended = match retiring.is_some() {
+                        false => false,
+                        true => tokio::select! {
+                            _ = greeted.cancelled() => false,
+                            _ = &mut conn => true,
+                        },
                     };
+                    if !ended && let Some(old) = retiring.take() {
+                        old.cancel();
+                    }
+                    let renewed = !ended
+                        && tokio::select! {
+                            _ = &mut conn => false,
+                            r = generation.changed() => r.is_ok(),
+                        };
                     if renewed {
                         tracing::info!(slot, %proxy, "connection certificate renewed: a new tunnel replaces this one");
                         retiring = Some(drain);
@@ -407,17 +433,22 @@ impl Connector {
     }
 
     /// Serves one tunnel connection until it ends or `drain` (a child of the connector's
-    /// shutdown) asks it to finish its open streams.
-    async fn serve(&self, io: tokio_rustls::client::TlsStream<TcpStream>, drain: &Shutdown) {
+    /// shutdown) asks it to finish its open streams; cancels `greeted` once the proxy's hello
+    /// is answered.
+    async fn serve(&self, io: tokio_rustls::client::TlsStream<TcpStream>, drain: &Shutdown, greeted: &Shutdown) {
         use ferry_proto::tunnel::*;
         let backend = self.backend.clone();
         let own = self.config.fence.clone().unwrap_or_default();
         let fenced = self.fenced.clone();
         let status = self.status.clone();
+        let greeted = greeted.clone();
         let service = hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
             let backend = backend.clone();
             let hello = req.headers().get(KIND).is_some_and(|k| k == KIND_HELLO);
-            let answer = hello.then(|| hello_answer(&req, &own, &fenced, &status));
+            let answer = hello.then(|| {
+                greeted.cancel();
+                hello_answer(&req, &own, &fenced, &status)
+            });
             async move {
                 match answer {
                     Some(r) => Ok::<_, std::convert::Infallible>(r),
@@ -443,7 +474,9 @@ impl Connector {
             _ = self.fenced.cancelled() => {}
             _ = drain.cancelled() => {
                 conn.as_mut().graceful_shutdown();
-                let _ = tokio::time::timeout(Duration::from_secs(10), conn).await;
+                if tokio::time::timeout(self.config.drain_timeout, conn).await.is_err() {
+                    tracing::info!("tunnel drain deadline passed: closing the streams still open");
+                }
             }
         }
     }

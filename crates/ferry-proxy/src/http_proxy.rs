@@ -10,6 +10,7 @@ use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode};
 use hyper::body::Incoming;
 
 use crate::Shared;
+use crate::retry::OpenError;
 
 /// SAP's documented limit for a request line or a header line.
 pub const MAX_HEADER_LINE: usize = 8192;
@@ -144,13 +145,6 @@ pub(crate) async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Respo
             ),
         );
     };
-    let Some(sender) = shared.registry.pick(&claims.zid, &location) else {
-        return error(
-            StatusCode::SERVICE_UNAVAILABLE,
-            format!("No Cloud Connector is connected for subaccount {} with {}", claims.zid, location_label(&location)),
-        );
-    };
-
     let (mut parts, incoming) = req.into_parts();
     body::strip_hop_by_hop(&mut parts.headers);
     let sap: Vec<_> = parts.headers.keys().filter(|k| k.as_str().starts_with("sap-connectivity-")).cloned().collect();
@@ -162,7 +156,7 @@ pub(crate) async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Respo
     parts.version = http::Version::HTTP_2;
     let tunnel_req = Request::from_parts(parts, body::boxed(incoming));
     tracing::debug!(%request_id, subaccount = %claims.zid, %location, %target, "proxying HTTP request");
-    match crate::send_on_tunnel(sender, tunnel_req).await {
+    match shared.open_stream(&claims.zid, &location, tunnel_req, &request_id).await {
         Ok(resp) => {
             let (mut parts, incoming) = resp.into_parts();
             let fault = parts.headers.remove(tunnel::ERROR);
@@ -179,7 +173,11 @@ pub(crate) async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Respo
             let held = crate::tenant_limit::Held { inner: incoming, _permit: permit };
             Response::from_parts(parts, body::boxed(held))
         }
-        Err(e) => {
+        Err(OpenError::NoTunnel) => error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("No Cloud Connector is connected for subaccount {} with {}", claims.zid, location_label(&location)),
+        ),
+        Err(OpenError::Failed(e)) => {
             tracing::warn!(%request_id, error = %e, "tunnel request failed");
             error(
                 StatusCode::BAD_GATEWAY,

@@ -7,6 +7,7 @@
 pub mod fuzzing;
 mod http_proxy;
 pub mod registry;
+mod retry;
 mod socks;
 mod tenant_limit;
 mod tunnel_server;
@@ -40,6 +41,10 @@ pub struct ProxyConfig {
     pub max_streams_per_subaccount: usize,
     /// Where connections of [`Listeners::socks5_no_auth`] go. Benchmarks only: see [`NoAuthRoute`].
     pub socks5_no_auth: Option<NoAuthRoute>,
+    /// How long a request waits for a connector's next tunnel when the one it was put on is
+    /// draining (HTTP/2 GOAWAY: a certificate renewal, a connector restart or switch-over), before
+    /// it gets 503 / SOCKS5 reply 03. Without a recent drain, no tunnel means 503 at once.
+    pub tunnel_swap_wait: Duration,
 }
 
 impl ProxyConfig {
@@ -53,6 +58,7 @@ impl ProxyConfig {
             drain_timeout: Duration::from_secs(10),
             max_streams_per_subaccount: 2_000,
             socks5_no_auth: None,
+            tunnel_swap_wait: Duration::from_secs(5),
         }
     }
 }
@@ -132,19 +138,25 @@ pub(crate) fn stamp_tunnel_headers(
     request_id
 }
 
-/// Opens a stream on the tunnel once it has capacity for one more.
-pub(crate) async fn send_on_tunnel(
-    mut sender: hyper::client::conn::http2::SendRequest<ferry_core::body::BoxBody>,
-    req: http::Request<ferry_core::body::BoxBody>,
-) -> hyper::Result<http::Response<hyper::body::Incoming>> {
-    sender.ready().await?;
-    sender.send_request(req).await
-}
-
 pub(crate) struct Shared {
     pub(crate) verifier: ferry_auth::TokenCache,
     pub(crate) registry: Arc<Registry>,
     pub(crate) tenant_streams: tenant_limit::TenantStreams,
+    pub(crate) tunnel_swap_wait: Duration,
+}
+
+impl Shared {
+    /// Opens a stream on a tunnel of (subaccount, location), retrying what a draining tunnel
+    /// refused unprocessed (see `retry`).
+    pub(crate) async fn open_stream(
+        &self,
+        subaccount: &str,
+        location: &str,
+        req: http::Request<ferry_core::body::BoxBody>,
+        request_id: &str,
+    ) -> Result<http::Response<hyper::body::Incoming>, retry::OpenError> {
+        retry::send(&self.registry, subaccount, location, req, self.tunnel_swap_wait, request_id).await
+    }
 }
 
 pub struct Proxy {
@@ -169,6 +181,7 @@ impl Proxy {
             verifier: ferry_auth::TokenCache::new(self.config.verifier.clone()),
             registry: self.registry.clone(),
             tenant_streams: tenant_limit::TenantStreams::new(self.config.max_streams_per_subaccount),
+            tunnel_swap_wait: self.config.tunnel_swap_wait,
         });
         let drain = self.config.drain_timeout;
         let opts = |name| AcceptOptions {

@@ -3,7 +3,8 @@
 
 use std::collections::HashMap;
 use std::sync::RwLock;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
 
 use ferry_core::Shutdown;
 use ferry_core::body::BoxBody;
@@ -19,6 +20,20 @@ struct Tunnel {
     sender: SendRequest<BoxBody>,
     /// Cancelled when a connector with a higher fence takes the key over.
     close: Shutdown,
+    /// The connector sent GOAWAY on it (seen when a stream was refused): new streams go elsewhere.
+    draining: AtomicBool,
+}
+
+impl Tunnel {
+    fn usable(&self) -> bool {
+        !self.sender.is_closed() && !self.draining.load(Ordering::Relaxed)
+    }
+}
+
+/// A tunnel `pick_tunnel` chose: its id (to report it draining) and a handle to open streams.
+pub(crate) struct Picked {
+    pub(crate) id: u64,
+    pub(crate) sender: SendRequest<BoxBody>,
 }
 
 #[derive(Default)]
@@ -27,17 +42,32 @@ struct Slot {
     /// when the last tunnel goes, so a deposed master cannot return after a reconnect.
     fence: Fence,
     tunnels: Vec<Tunnel>,
+    /// When a tunnel of this key last drained (GOAWAY): a successor is probably on its way, so a
+    /// request finding no tunnel for a short while waits for it instead of failing.
+    drained_at: Option<Instant>,
 }
 
 /// Subaccount → location id → slot: nested so a request looks its tunnel up by `&str` without
 /// allocating a key.
 type Slots = HashMap<String, HashMap<String, Slot>>;
 
-#[derive(Default)]
 pub struct Registry {
     slots: RwLock<Slots>,
     ids: AtomicU64,
     round_robin: AtomicUsize,
+    /// Bumped on every admitted tunnel, for requests waiting for a successor.
+    added: tokio::sync::watch::Sender<u64>,
+}
+
+impl Default for Registry {
+    fn default() -> Self {
+        Self {
+            slots: RwLock::default(),
+            ids: AtomicU64::default(),
+            round_robin: AtomicUsize::default(),
+            added: tokio::sync::watch::channel(0).0,
+        }
+    }
 }
 
 impl std::fmt::Debug for Registry {
@@ -79,7 +109,9 @@ impl Registry {
         }
         let id = self.ids.fetch_add(1, Ordering::Relaxed);
         let close = Shutdown::new();
-        slot.tunnels.push(Tunnel { id, fence, sender, close: close.clone() });
+        slot.tunnels.push(Tunnel { id, fence, sender, close: close.clone(), draining: AtomicBool::new(false) });
+        drop(map);
+        self.added.send_modify(|n| *n += 1);
         Ok((id, close))
     }
 
@@ -87,23 +119,71 @@ impl Registry {
         let mut map = self.slots.write().unwrap_or_else(|p| p.into_inner());
         // The slot itself stays: it remembers the highest fence (see `Slot::fence`).
         if let Some(slot) = map.get_mut(&key.0).and_then(|l| l.get_mut(&key.1)) {
+            if slot.tunnels.iter().any(|t| t.id == id && t.draining.load(Ordering::Relaxed)) {
+                slot.drained_at = Some(Instant::now());
+            }
             slot.tunnels.retain(|t| t.id != id);
         }
     }
 
-    /// A live tunnel for `key`, spreading load round-robin over a connector's connections.
-    pub(crate) fn pick(&self, subaccount: &str, location: &str) -> Option<SendRequest<BoxBody>> {
+    /// Notes that tunnel `id` is draining (its connector sent GOAWAY): `pick` skips it from now on.
+    pub(crate) fn mark_draining(&self, subaccount: &str, location: &str, id: u64) {
+        let mut map = self.slots.write().unwrap_or_else(|p| p.into_inner());
+        if let Some(slot) = map.get_mut(subaccount).and_then(|l| l.get_mut(location)) {
+            slot.drained_at = Some(Instant::now());
+            if let Some(t) = slot.tunnels.iter().find(|t| t.id == id) {
+                t.draining.store(true, Ordering::Relaxed);
+            }
+        }
+    }
+
+    /// Whether a tunnel of the key drained less than `within` ago, so a successor is likely to
+    /// register soon (a certificate renewal, a connector restarted or switched over).
+    pub(crate) fn drained_lately(&self, subaccount: &str, location: &str, within: Duration) -> bool {
+        let map = self.slots.read().unwrap_or_else(|p| p.into_inner());
+        map.get(subaccount)
+            .and_then(|l| l.get(location))
+            .and_then(|s| s.drained_at)
+            .is_some_and(|at| at.elapsed() < within)
+    }
+
+    /// A usable tunnel for the key other than those in `tried`, round-robin over the rest.
+    pub(crate) fn pick_tunnel(&self, subaccount: &str, location: &str, tried: &[u64]) -> Option<Picked> {
         // Called for every request: no allocation on this path.
         let map = self.slots.read().unwrap_or_else(|p| p.into_inner());
         let slot = map.get(subaccount)?.get(location)?;
-        let live = slot.tunnels.iter().filter(|t| !t.sender.is_closed()).count();
+        let ok = |t: &&Tunnel| t.usable() && !tried.contains(&t.id);
+        let live = slot.tunnels.iter().filter(ok).count();
         if live == 0 {
             return None;
         }
         let i = self.round_robin.fetch_add(1, Ordering::Relaxed) % live;
         // A tunnel that closed since the count moves the pick on to any other live one.
-        let mut live = slot.tunnels.iter().filter(|t| !t.sender.is_closed());
-        live.clone().nth(i).or_else(|| live.next()).map(|t| t.sender.clone())
+        let mut live = slot.tunnels.iter().filter(ok);
+        live.clone().nth(i).or_else(|| live.next()).map(|t| Picked { id: t.id, sender: t.sender.clone() })
+    }
+
+    /// Like [`Registry::pick_tunnel`], waiting until `deadline` for a tunnel to register if
+    /// there is none.
+    pub(crate) async fn wait_for_tunnel(
+        &self,
+        subaccount: &str,
+        location: &str,
+        tried: &[u64],
+        deadline: tokio::time::Instant,
+    ) -> Option<Picked> {
+        let mut added = self.added.subscribe();
+        loop {
+            // Subscribed before looking, so a tunnel admitted in between wakes the wait.
+            added.mark_unchanged();
+            if let Some(p) = self.pick_tunnel(subaccount, location, tried) {
+                return Some(p);
+            }
+            match tokio::time::timeout_at(deadline, added.changed()).await {
+                Ok(Ok(())) => {}
+                Ok(Err(_)) | Err(_) => return None,
+            }
+        }
     }
 
     /// The connected (subaccount, location id) pairs with their number of tunnel connections.
@@ -132,7 +212,8 @@ impl Registry {
         fences
     }
 
+    /// Whether a tunnel of the key can take new streams (up, and not draining).
     pub fn is_connected(&self, subaccount: &str, location: &str) -> bool {
-        self.pick(subaccount, location).is_some()
+        self.pick_tunnel(subaccount, location, &[]).is_some()
     }
 }

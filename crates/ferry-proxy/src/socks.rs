@@ -18,6 +18,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
 
 use crate::Shared;
+use crate::retry::OpenError;
 
 #[derive(Debug, thiserror::Error)]
 enum HandshakeError {
@@ -164,12 +165,6 @@ async fn relay(
         let _ = stream.write_all(&count_reply(Reply::GeneralFailure)).await;
         return;
     };
-    let Some(sender) = shared.registry.pick(&claims.zid, &location) else {
-        tracing::info!(subaccount = %claims.zid, %location, "SOCKS5: no Cloud Connector connected");
-        let mut stream = stream;
-        let _ = stream.write_all(&count_reply(Reply::NetworkUnreachable)).await;
-        return;
-    };
     let (read, write) = stream.into_split();
     let active = Arc::new(AtomicBool::new(false));
     let mut write = Active { inner: write, flag: active.clone() };
@@ -192,9 +187,14 @@ async fn relay(
         Err(_) => http::Uri::from_static("http://invalid/"),
     };
     let request_id = crate::stamp_tunnel_headers(req.headers_mut(), tunnel::KIND_TCP, &target, &claims, None);
-    let resp = match crate::send_on_tunnel(sender, req).await {
+    let resp = match shared.open_stream(&claims.zid, &location, req, &request_id).await {
         Ok(r) => r,
-        Err(e) => {
+        Err(OpenError::NoTunnel) => {
+            tracing::info!(subaccount = %claims.zid, %location, "SOCKS5: no Cloud Connector connected");
+            let _ = write.write_all(&count_reply(Reply::NetworkUnreachable)).await;
+            return;
+        }
+        Err(OpenError::Failed(e)) => {
             tracing::warn!(%request_id, error = %e, "SOCKS5: tunnel request failed");
             let _ = write.write_all(&count_reply(Reply::GeneralFailure)).await;
             return;

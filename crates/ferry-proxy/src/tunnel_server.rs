@@ -1,14 +1,19 @@
 //! Accepts Cloud Connector tunnels: TLS with a required client certificate, whose URI SAN names
 //! the subaccount and location id; then HTTP/2 with the proxy as the client.
 
+use std::pin::Pin;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use ferry_core::Shutdown;
 use ferry_core::body::BoxBody;
 use ferry_proto::tunnel::*;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
+use tokio::sync::Notify;
 
 use crate::registry::{Fenced, Registry};
 use hyper::client::conn::http2::SendRequest;
@@ -53,7 +58,9 @@ pub(crate) async fn serve(
         .keep_alive_interval(heartbeat)
         .keep_alive_timeout(heartbeat)
         .keep_alive_while_idle(true);
-    let (mut sender, conn) = match builder.handshake::<_, BoxBody>(TokioIo::new(tls)).await {
+    let goaway = Arc::new(Goaway::default());
+    let io = GoawayWatch { io: tls, scan: FrameScan::default(), seen: goaway.clone() };
+    let (mut sender, conn) = match builder.handshake::<_, BoxBody>(TokioIo::new(io)).await {
         Ok(pair) => pair,
         Err(e) => {
             tracing::warn!(%subaccount, location = %location, error = %e, "tunnel HTTP/2 handshake failed");
@@ -97,12 +104,30 @@ pub(crate) async fn serve(
         &[],
     ));
     tracing::info!(%subaccount, location = %location, epoch = fence.epoch, "Cloud Connector connected");
-    tokio::select! {
-        r = conn => if let Err(e) = r { tracing::info!(error = %e, "tunnel connection ended") },
-        _ = close.cancelled() => {
-            tracing::warn!(%subaccount, location = %location, epoch = fence.epoch, "tunnel closed: a connector with a higher HA epoch took over");
+    let mut draining = false;
+    loop {
+        tokio::select! {
+            r = &mut conn => {
+                if let Err(e) = r { tracing::info!(error = %e, "tunnel connection ended") }
+                // A GOAWAY and the end it announced can be noticed in the same turn: the key
+                // must still learn that a successor is likely (see `Registry::drained_lately`).
+                if !draining && goaway.seen.load(Ordering::Acquire) {
+                    registry.mark_draining(&subaccount, &location, id);
+                }
+                break;
+            }
+            _ = close.cancelled() => {
+                tracing::warn!(%subaccount, location = %location, epoch = fence.epoch, "tunnel closed: a connector with a higher HA epoch took over");
+                break;
+            }
+            _ = shutdown.cancelled() => break,
+            _ = goaway.notify.notified(), if !draining => {
+                // New streams go to the connector's next tunnel from now on; open ones finish here.
+                draining = true;
+                registry.mark_draining(&subaccount, &location, id);
+                tracing::info!(%subaccount, location = %location, "tunnel draining: the Cloud Connector sent GOAWAY");
+            }
         }
-        _ = shutdown.cancelled() => {}
     }
     registry.remove(&key, id);
     tracing::info!(%subaccount, location = %location, "Cloud Connector disconnected");
@@ -124,5 +149,125 @@ async fn hello(sender: &mut SendRequest<BoxBody>, known: Fence) -> Option<Fence>
     match resp.headers().get(FENCE) {
         None => Some(Fence::default()),
         Some(v) => Fence::parse(v.to_str().ok()?),
+    }
+}
+
+/// The tunnel connection as the proxy reads it, watched for the connector's GOAWAY: hyper does
+/// not report one until a request fails on it, and by then that request has lost its turn. Only
+/// frame headers are looked at; payloads are skipped by length.
+struct GoawayWatch<T> {
+    io: T,
+    scan: FrameScan,
+    seen: Arc<Goaway>,
+}
+
+#[derive(Default)]
+struct Goaway {
+    seen: AtomicBool,
+    notify: Notify,
+}
+
+/// Where the reader is in the connector's HTTP/2 frame sequence (a server sends no preface).
+#[derive(Default)]
+struct FrameScan {
+    header: [u8; 9],
+    have: usize,
+    skip: usize,
+}
+
+const FRAME_GOAWAY: u8 = 0x7;
+
+impl FrameScan {
+    /// Consumes the next bytes of the stream; true if they complete a GOAWAY frame header.
+    fn feed(&mut self, mut data: &[u8]) -> bool {
+        let mut goaway = false;
+        while !data.is_empty() {
+            if self.skip > 0 {
+                let n = self.skip.min(data.len());
+                self.skip -= n;
+                data = &data[n..];
+                continue;
+            }
+            let n = (9 - self.have).min(data.len());
+            self.header[self.have..self.have + n].copy_from_slice(&data[..n]);
+            self.have += n;
+            data = &data[n..];
+            if self.have == 9 {
+                let h = self.header;
+                self.skip = u32::from_be_bytes([0, h[0], h[1], h[2]]) as usize;
+                goaway |= h[3] == FRAME_GOAWAY;
+                self.have = 0;
+            }
+        }
+        goaway
+    }
+}
+
+impl<T: AsyncRead + Unpin> AsyncRead for GoawayWatch<T> {
+    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let r = Pin::new(&mut self.io).poll_read(cx, buf);
+        if matches!(r, Poll::Ready(Ok(()))) && self.scan.feed(&buf.filled()[before..]) {
+            self.seen.seen.store(true, Ordering::Release);
+            self.seen.notify.notify_one();
+        }
+        r
+    }
+}
+
+impl<T: AsyncWrite + Unpin> AsyncWrite for GoawayWatch<T> {
+    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write(cx, buf)
+    }
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
+    }
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_flush(cx)
+    }
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn frame(kind: u8, payload: usize) -> Vec<u8> {
+        let len = (payload as u32).to_be_bytes();
+        let mut f = vec![len[1], len[2], len[3], kind, 0, 0, 0, 0, 1];
+        f.resize(9 + payload, kind);
+        f
+    }
+
+    #[test]
+    fn a_goaway_is_found_between_frames_split_anywhere() {
+        // SETTINGS, DATA whose payload holds GOAWAY-like bytes, PING, then GOAWAY.
+        let mut data = frame(0x0, 40);
+        data[9..].fill(FRAME_GOAWAY);
+        let mut stream = frame(0x4, 12);
+        stream.extend(data);
+        stream.extend(frame(0x6, 8));
+        let before_goaway = stream.len();
+        stream.extend(frame(FRAME_GOAWAY, 8));
+        for chunk in [1, 2, 5, 9, 10, 64, stream.len()] {
+            let mut scan = FrameScan::default();
+            let mut found_at = None;
+            for (i, c) in stream.chunks(chunk).enumerate() {
+                if scan.feed(c) {
+                    found_at.get_or_insert(i * chunk + c.len());
+                }
+            }
+            let at = found_at.unwrap_or_else(|| panic!("no GOAWAY found with chunks of {chunk}"));
+            assert!(at >= before_goaway + 9, "found before the GOAWAY header was complete (chunks of {chunk})");
+        }
     }
 }

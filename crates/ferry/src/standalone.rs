@@ -60,6 +60,9 @@ pub struct ConnectorFile {
     key_file: Option<PathBuf>,
     #[serde(default = "one")]
     connections: usize,
+    /// At SIGTERM (and for a tunnel replaced after a renewal): how long open streams may take.
+    #[serde(default = "drain_timeout_seconds")]
+    drain_timeout_seconds: u64,
     #[serde(default)]
     audit_level: ferry_connector::audit::AuditLevel,
     #[serde(default)]
@@ -92,6 +95,10 @@ fn one() -> usize {
 
 fn resolve_interval_seconds() -> u64 {
     30
+}
+
+fn drain_timeout_seconds() -> u64 {
+    10
 }
 
 #[derive(Debug, Deserialize)]
@@ -204,6 +211,7 @@ pub async fn connector(config: &Path) -> anyhow::Result<()> {
         cc.more_proxy_addrs = more.to_vec();
         cc.resolve_replicas = cfg.resolve_proxies.then_some(resolve_interval);
         cc.connections = cfg.connections.max(1);
+        cc.drain_timeout = Duration::from_secs(cfg.drain_timeout_seconds);
         cc.audit = ferry_connector::audit::AuditConfig { level: cfg.audit_level, ..audit.clone() };
         cc.backend_ca_pem = backend_ca_pem.clone();
         cc.system_certificate = system_certificate.clone();
@@ -230,6 +238,7 @@ pub async fn connector(config: &Path) -> anyhow::Result<()> {
         ac.renew_at = a.certificate_renew_at;
         ac.connection.connections = cfg.connections.max(1);
         ac.connection.resolve_interval = resolve_interval;
+        ac.connection.drain_timeout = Duration::from_secs(cfg.drain_timeout_seconds);
         ac.connection.backend_ca_pem = backend_ca_pem;
         ac.connection.system_certificate = system_certificate;
         ac.connection.principal_propagation = principal;
@@ -245,7 +254,9 @@ pub async fn connector(config: &Path) -> anyhow::Result<()> {
     println!("ready");
     crate::up::wait_for_signal().await;
     shutdown.cancel();
-    let _ = tokio::time::timeout(Duration::from_secs(15), async { while tasks.join_next().await.is_some() {} }).await;
+    // The tunnels close themselves by the drain deadline; the margin is for the rest.
+    let limit = Duration::from_secs(cfg.drain_timeout_seconds.saturating_add(5));
+    let _ = tokio::time::timeout(limit, async { while tasks.join_next().await.is_some() {} }).await;
     Ok(())
 }
 
@@ -272,6 +283,9 @@ pub struct ProxyFile {
     /// Open connections allowed per listener.
     #[serde(default = "max_connections")]
     max_connections: usize,
+    /// How long a request waits for a connector's next tunnel while its tunnel drains.
+    #[serde(default = "tunnel_swap_wait_seconds")]
+    tunnel_swap_wait_seconds: u64,
     /// Benchmark/development mode, not for production: SOCKS5 without authentication.
     #[serde(default)]
     bench_socks5_no_auth: Option<BenchNoAuth>,
@@ -292,6 +306,10 @@ struct BenchNoAuth {
 
 fn max_connections() -> usize {
     10_000
+}
+
+fn tunnel_swap_wait_seconds() -> u64 {
+    5
 }
 
 fn localhost() -> String {
@@ -336,6 +354,7 @@ pub async fn proxy(config: &Path) -> anyhow::Result<()> {
     println!("proxy: http {} socks5 {} tunnel {}", http.local_addr()?, socks.local_addr()?, tunnel.local_addr()?);
     let mut pc = ferry_proxy::ProxyConfig::new(verifier, tls);
     pc.max_connections = cfg.max_connections;
+    pc.tunnel_swap_wait = Duration::from_secs(cfg.tunnel_swap_wait_seconds);
     let mut no_auth = None;
     if let Some(b) = &cfg.bench_socks5_no_auth {
         let l = ferry_core::serve::bind(&b.listen.to_string()).await?;

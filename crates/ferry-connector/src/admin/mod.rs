@@ -64,6 +64,8 @@ pub struct ConnectionDefaults {
     pub heartbeat: Duration,
     /// How often the proxy replicas of a subaccount with `resolveProxyReplicas` are looked up.
     pub resolve_interval: Duration,
+    /// See [`ConnectorConfig::drain_timeout`].
+    pub drain_timeout: Duration,
     pub backend_ca_pem: Option<String>,
     /// TLS client certificate towards backends (see [`ConnectorConfig::system_certificate`]).
     pub system_certificate: Option<ferry_core::tls::CertifiedKey>,
@@ -81,6 +83,7 @@ impl Default for ConnectionDefaults {
             backend_connect_timeout: Duration::from_secs(10),
             heartbeat: Duration::from_secs(20),
             resolve_interval: Duration::from_secs(30),
+            drain_timeout: Duration::from_secs(10),
             backend_ca_pem: None,
             system_certificate: None,
             principal_propagation: None,
@@ -345,6 +348,7 @@ impl Admin {
         cc.backoff_initial = d.backoff_initial;
         cc.backoff_max = d.backoff_max;
         cc.backend_connect_timeout = d.backend_connect_timeout;
+        cc.drain_timeout = d.drain_timeout;
         cc.heartbeat = d.heartbeat;
         cc.backend_ca_pem = d.backend_ca_pem.clone();
         cc.system_certificate = self.pair_keys().and_then(|k| k.system_certificate());
