@@ -63,6 +63,10 @@ pub struct ConnectorFile {
     /// Rotated audit log files kept per folder; 0 keeps all.
     #[serde(default = "audit_max_files")]
     audit_max_files: usize,
+    /// Age (seconds) of its first record at which an audit log file is rotated; unset rotates by
+    /// size only.
+    #[serde(default)]
+    audit_max_file_age_secs: Option<u64>,
     #[serde(default)]
     backend_ca_file: Option<PathBuf>,
     /// SAP's system certificate: PEM certificate and key presented to TLS backends.
@@ -158,7 +162,9 @@ pub async fn connector(config: &Path) -> anyhow::Result<()> {
         dir: Some(audit_dir.clone()),
         max_file_bytes: cfg.audit_max_file_bytes,
         max_files: cfg.audit_max_files,
+        max_file_age: cfg.audit_max_file_age_secs.map(Duration::from_secs),
     };
+    anyhow::ensure!(cfg.audit_max_file_age_secs != Some(0), "audit_max_file_age_secs must be at least 1");
     let principal = match &cfg.principal_propagation {
         Some(pp) => {
             let verifier = remote_verifier(&pp.token_keys_urls, pp.token_ca_file.as_deref(), &base)?;
