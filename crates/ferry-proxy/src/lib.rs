@@ -3,6 +3,7 @@
 //! token, location id) to the tunnel of the matching connector; no state is shared between
 //! replicas — every connector connects to every replica.
 
+pub mod channels;
 #[doc(hidden)]
 pub mod fuzzing;
 mod http_proxy;
@@ -20,6 +21,7 @@ use ferry_core::serve::{AcceptOptions, accept_loop};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::TcpListener;
 
+pub use channels::{ChannelTarget, ChannelTargets};
 pub use registry::Registry;
 
 pub struct ProxyConfig {
@@ -40,6 +42,8 @@ pub struct ProxyConfig {
     pub max_streams_per_subaccount: usize,
     /// Where connections of [`Listeners::socks5_no_auth`] go. Benchmarks only: see [`NoAuthRoute`].
     pub socks5_no_auth: Option<NoAuthRoute>,
+    /// Cloud-side services that Cloud Connectors' service channels may reach, per subaccount.
+    pub channel_targets: ChannelTargets,
 }
 
 impl ProxyConfig {
@@ -53,6 +57,7 @@ impl ProxyConfig {
             drain_timeout: Duration::from_secs(10),
             max_streams_per_subaccount: 2_000,
             socks5_no_auth: None,
+            channel_targets: ChannelTargets::default(),
         }
     }
 }
@@ -222,13 +227,20 @@ impl Proxy {
         }
         let tunnels_sd = Shutdown::new();
         let tunnels = listeners.tunnel.map(|l| {
-            let acceptor = tokio_rustls::TlsAcceptor::from(self.config.tunnel_tls.clone());
+            // Service channel connections come to the same port under their own ALPN.
+            let mut tls = (*self.config.tunnel_tls).clone();
+            if !tls.alpn_protocols.iter().any(|p| p == ferry_proto::tunnel::CHANNEL_ALPN) {
+                tls.alpn_protocols.push(ferry_proto::tunnel::CHANNEL_ALPN.to_vec());
+            }
+            let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(tls));
+            let channels = Arc::new(self.config.channel_targets.clone());
             let registry = self.registry.clone();
             let hb = self.config.heartbeat;
             let hs = self.config.handshake_timeout;
             let sd = tunnels_sd.clone();
             tokio::spawn(accept_loop(l, opts("tunnel"), tunnels_sd.clone(), move |stream, _| {
-                tunnel_server::serve(stream, acceptor.clone(), registry.clone(), hb, hs, sd.clone())
+                let channels = channels.clone();
+                tunnel_server::serve(stream, acceptor.clone(), registry.clone(), channels, hb, hs, sd.clone())
             }))
         });
         if front.is_empty() && tunnels.is_none() {

@@ -38,6 +38,21 @@ pub struct FileConfig {
     pub destination_store: DestinationStore,
     /// Serve the Destination resources of a folder through the Transparent Proxy.
     pub transparent_proxy: Option<TransparentProxyEntry>,
+    /// Cloud-side services that the connectors' service channels may reach.
+    #[serde(default)]
+    pub channel_targets: Vec<ChannelTargetEntry>,
+}
+
+/// `[[channel_targets]]`: a service a service channel of `subaccount` (default: this one) reaches
+/// as `id`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ChannelTargetEntry {
+    #[serde(default)]
+    pub subaccount: Option<String>,
+    pub id: String,
+    /// `host:port`.
+    pub target: String,
 }
 
 /// `[transparent_proxy]`: the keys of `ferry transparent-proxy` that `ferry up` cannot fill in

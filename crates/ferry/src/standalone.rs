@@ -106,6 +106,13 @@ struct AdminSection {
     /// Fraction of a subaccount certificate's lifetime after which it is renewed.
     #[serde(default = "certificate_renew_at")]
     certificate_renew_at: f64,
+    /// Address the service channels' local ports listen on.
+    #[serde(default = "all_interfaces")]
+    channel_host: String,
+}
+
+fn all_interfaces() -> String {
+    "0.0.0.0".into()
 }
 
 fn certificate_renew_at() -> f64 {
@@ -224,6 +231,7 @@ pub async fn connector(config: &Path) -> anyhow::Result<()> {
         ac.connection.backend_ca_pem = backend_ca_pem;
         ac.connection.system_certificate = system_certificate;
         ac.connection.principal_propagation = principal;
+        ac.connection.channel_host = a.channel_host.clone();
         let listener = ferry_core::serve::bind(&format!("{}:{}", a.host, a.port)).await?;
         let addr = listener.local_addr()?;
         let admin = ferry_connector::admin::Admin::start(ac, shutdown.clone()).await?;
@@ -266,6 +274,9 @@ pub struct ProxyFile {
     /// Benchmark/development mode, not for production: SOCKS5 without authentication.
     #[serde(default)]
     bench_socks5_no_auth: Option<BenchNoAuth>,
+    /// Cloud-side services Cloud Connectors' service channels may reach, per subaccount.
+    #[serde(default)]
+    channel_targets: Vec<ferry_proxy::ChannelTarget>,
 }
 
 /// A loopback-only SOCKS5 listener that accepts method 0x00 (no authentication) and sends every
@@ -327,6 +338,8 @@ pub async fn proxy(config: &Path) -> anyhow::Result<()> {
     println!("proxy: http {} socks5 {} tunnel {}", http.local_addr()?, socks.local_addr()?, tunnel.local_addr()?);
     let mut pc = ferry_proxy::ProxyConfig::new(verifier, tls);
     pc.max_connections = cfg.max_connections;
+    pc.channel_targets =
+        ferry_proxy::ChannelTargets::new(cfg.channel_targets.iter().cloned()).context("[[channel_targets]]")?;
     let mut no_auth = None;
     if let Some(b) = &cfg.bench_socks5_no_auth {
         let l = ferry_core::serve::bind(&b.listen.to_string()).await?;

@@ -55,13 +55,14 @@ pub(super) fn router(admin: Arc<Admin>) -> Router {
         )
         .route("/api/monitoring/subaccounts", get(monitoring))
         .route(&format!("{CONF}/connector/authentication/ldap"), get(get_ldap).put(put_ldap))
+        .merge(super::channels_api::routes())
         .fallback(|| async { ApiError::not_found("no such API") })
         .layer(axum::middleware::from_fn_with_state(admin.clone(), super::shadow_guard))
         .layer(axum::middleware::from_fn(super::authorize))
         .with_state(admin)
 }
 
-fn parse<T: DeserializeOwned>(body: &Bytes) -> Result<T> {
+pub(super) fn parse<T: DeserializeOwned>(body: &Bytes) -> Result<T> {
     serde_json::from_slice(body).map_err(|e| ApiError::invalid(format!("invalid JSON body: {e}")))
 }
 
@@ -69,7 +70,7 @@ fn no_content() -> Response {
     StatusCode::NO_CONTENT.into_response()
 }
 
-fn created(location: String, body: Value) -> Response {
+pub(super) fn created(location: String, body: Value) -> Response {
     let mut r = (StatusCode::CREATED, Json(body)).into_response();
     if let Ok(v) = HeaderValue::from_str(&location) {
         r.headers_mut().insert(header::LOCATION, v);
@@ -154,6 +155,7 @@ impl Admin {
                         .map(|mapping| StoredMapping { backend_type: None, mapping })
                         .collect(),
                     renewal_url: None,
+                    service_channels: Vec::new(),
                 });
                 let last = next.subaccounts.len() - 1;
                 &mut next.subaccounts[last]
@@ -650,6 +652,7 @@ async fn add_subaccount(State(a): A, Extension(u): Extension<Caller>, body: Byte
         key_pem: None,
         system_mappings: Vec::new(),
         renewal_url: d.renewal,
+        service_channels: Vec::new(),
     };
     let mut guard = a.state.lock().await;
     if guard.subaccount(&new.region_host, &new.subaccount).is_some() {

@@ -10,6 +10,7 @@
 //! Repeated wrong passwords lock the user name for a while; every change goes to the audit log.
 
 mod api;
+mod channels_api;
 mod ha_api;
 mod ldap;
 pub mod store;
@@ -68,6 +69,8 @@ pub struct ConnectionDefaults {
     /// Token verifier, CA and subject pattern for principal propagation; the PP settings of the
     /// API (`certificateValidityInMin`, `expirationToleranceInHr`) are applied on top.
     pub principal_propagation: Option<Arc<PrincipalPropagation>>,
+    /// Address service channel ports listen on.
+    pub channel_host: String,
 }
 
 impl Default for ConnectionDefaults {
@@ -81,6 +84,7 @@ impl Default for ConnectionDefaults {
             backend_ca_pem: None,
             system_certificate: None,
             principal_propagation: None,
+            channel_host: "0.0.0.0".into(),
         }
     }
 }
@@ -350,6 +354,7 @@ impl Admin {
         // Read at every (re)connect: a promotion stores the raised epoch before it connects.
         let ha = self.ha.file();
         cc.fence = Some(ferry_proto::tunnel::Fence { epoch: ha.epoch, node: ha.node });
+        cc.channel_host = d.channel_host.clone();
         Ok(cc)
     }
 
@@ -393,7 +398,14 @@ impl Admin {
         self.instance
             .connect(sub.key(), cc)
             .await
-            .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "INVALID_CONFIGURATION", e.to_string()))
+            .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "INVALID_CONFIGURATION", e.to_string()))?;
+        // A channel whose port is taken stays closed (its state says so); the connection is up.
+        for ch in sub.service_channels.iter().filter(|c| c.enabled) {
+            if let Err(e) = self.instance.open_channel(&sub.key(), ch).await {
+                tracing::error!(subaccount = %sub.subaccount, channel = ch.id, error = %e, "cannot open service channel");
+            }
+        }
+        Ok(())
     }
 
     async fn record(&self, user: &str, category: &'static str, action: &'static str, sub: &str, object: &str) {
