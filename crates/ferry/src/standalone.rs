@@ -109,6 +109,10 @@ struct AdminSection {
     /// Address the service channels' local ports listen on.
     #[serde(default = "all_interfaces")]
     channel_host: String,
+    /// Extra trust (PEM) for the region host (Ferry's token service HTTPS) when subaccounts are
+    /// added with `cloudUser`/`cloudPassword`.
+    #[serde(default)]
+    region_ca_file: Option<PathBuf>,
 }
 
 fn all_interfaces() -> String {
@@ -232,6 +236,7 @@ pub async fn connector(config: &Path) -> anyhow::Result<()> {
         ac.connection.system_certificate = system_certificate;
         ac.connection.principal_propagation = principal;
         ac.connection.channel_host = a.channel_host.clone();
+        ac.region_ca_pem = a.region_ca_file.as_ref().map(|f| read(&base, f)).transpose()?;
         let listener = ferry_core::serve::bind(&format!("{}:{}", a.host, a.port)).await?;
         let addr = listener.local_addr()?;
         let admin = ferry_connector::admin::Admin::start(ac, shutdown.clone()).await?;

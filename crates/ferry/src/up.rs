@@ -430,6 +430,8 @@ pub async fn up(args: UpArgs) -> anyhow::Result<()> {
             ac.audit_dir = Some(dir.join("audit"));
             ac.ui_names.push(host.clone());
             ac.connection.channel_host = host.clone();
+            // Subaccounts added with cloudUser/cloudPassword are signed by this Ferry's directory.
+            ac.region_ca_pem = Some(ca.cert_pem().to_owned());
             ac.connection.backend_ca_pem = backend_ca_pem;
             ac.connection.system_certificate = system_certificate;
             ac.connection.principal_propagation = Some(Arc::new(pp));

@@ -112,6 +112,9 @@ pub struct AdminConfig {
     /// Fraction of a subaccount certificate's lifetime after which it is renewed at the
     /// directory (connections whose authentication data named a renewal endpoint).
     pub renew_at: f64,
+    /// Extra trust anchor (PEM) for the region host's HTTPS when a subaccount is added with
+    /// `cloudUser`/`cloudPassword`, besides the system's roots.
+    pub region_ca_pem: Option<String>,
 }
 
 impl AdminConfig {
@@ -128,6 +131,7 @@ impl AdminConfig {
             max_body: 1 << 20,
             connection: ConnectionDefaults::default(),
             ldap_ca_file: None,
+            region_ca_pem: None,
         }
     }
 }
