@@ -222,6 +222,10 @@ async fn channels_carry_bytes_to_their_subaccounts_services_only_and_follow_the_
         api.call(Method::GET, &one, None).await.1["state"]["opened"] == true
     });
     assert_eq!(round_trip(port, b"after restart").await, b"after restart");
+    let (_, mon) = api.call(Method::GET, "/api/monitoring/connections/serviceChannels", None).await;
+    let mon = mon["serviceChannels"].as_array().unwrap().clone();
+    assert_eq!(mon.len(), 2, "{mon:?}");
+    assert!(mon.iter().all(|c| c["subaccount"] == SUBACCOUNT && c["state"]["opened"] == true), "{mon:?}");
 
     // Deleting closes it for good; every change is in the chained configuration audit log.
     let (s, _) = api.call(Method::DELETE, &one, None).await;

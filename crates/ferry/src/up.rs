@@ -357,13 +357,7 @@ pub async fn up(args: UpArgs) -> anyhow::Result<()> {
     // Connectivity Proxy.
     let tunnel_tls = ferry_core::tls::server_config(&server_cert, Some(ca.cert_pem()), &[ferry_proto::tunnel::ALPN])?;
     let mut proxy_config = ferry_proxy::ProxyConfig::new(verifier.clone(), tunnel_tls);
-    proxy_config.channel_targets =
-        ferry_proxy::ChannelTargets::new(cfg.channel_targets.iter().map(|t| ferry_proxy::ChannelTarget {
-            subaccount: t.subaccount.clone().unwrap_or_else(|| subaccount.clone()),
-            id: t.id.clone(),
-            target: t.target.clone(),
-        }))
-        .context("[[channel_targets]]")?;
+    proxy_config.channel_targets = cfg.channel_targets(&subaccount)?;
     let proxy = ferry_proxy::Proxy::new(proxy_config);
     let registry = proxy.registry();
     let metrics_addr = metrics_l.as_ref().map(|(_, a)| *a);

@@ -1,4 +1,5 @@
-//! Service channel routes (SAP §4.8): `.../subaccounts/<region>/<subaccount>/channels[/<type>[/<id>[/state]]]`.
+//! Service channel routes (SAP §4.8): `.../subaccounts/<region>/<subaccount>/channels[/<type>[/<id>[/state]]]`
+//! and `/api/monitoring/connections/serviceChannels`.
 //! Enabling a channel of a connected subaccount opens its local port (a port already taken is
 //! 409 and nothing is stored); disabling or deleting it closes the port and its connections.
 
@@ -30,6 +31,27 @@ pub(super) fn routes() -> Router<Arc<Admin>> {
         .route(&format!("{SUB}/channels/{{kind}}"), get(list_kind).post(create))
         .route(&format!("{SUB}/channels/{{kind}}/{{id}}"), get(get_one).put(update).delete(remove))
         .route(&format!("{SUB}/channels/{{kind}}/{{id}}/state"), put(set_state))
+        .route("/api/monitoring/connections/serviceChannels", get(monitoring))
+}
+
+/// SAP's monitoring of service channels: every channel of every subaccount with its state.
+async fn monitoring(State(a): A) -> Json<Value> {
+    let c = a.state.lock().await;
+    let list: Vec<Value> = c
+        .subaccounts
+        .iter()
+        .flat_map(|s| {
+            let a = &a;
+            s.service_channels.iter().map(move |ch| {
+                let mut v = channel_json(a, s, ch);
+                v["regionHost"] = json!(s.region_host);
+                v["subaccount"] = json!(s.subaccount);
+                v["locationID"] = json!(s.location_id);
+                v
+            })
+        })
+        .collect();
+    Json(json!({ "serviceChannels": list }))
 }
 
 fn kind(s: &str) -> Result<ChannelType> {
