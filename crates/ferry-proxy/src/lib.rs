@@ -229,6 +229,10 @@ impl Proxy {
         let tunnels = listeners.tunnel.map(|l| {
             // Service channel connections come to the same port under their own ALPN.
             let mut tls = (*self.config.tunnel_tls).clone();
+            // A list with only the channel protocol would refuse connectors offering the tunnel's.
+            if tls.alpn_protocols.is_empty() {
+                tls.alpn_protocols.push(ferry_proto::tunnel::ALPN.to_vec());
+            }
             if !tls.alpn_protocols.iter().any(|p| p == ferry_proto::tunnel::CHANNEL_ALPN) {
                 tls.alpn_protocols.push(ferry_proto::tunnel::CHANNEL_ALPN.to_vec());
             }
