@@ -3,8 +3,9 @@
 //! Levels follow SAP's product: `SECURITY` (the default) records every denied request, `ALL`
 //! records allowed ones too, `OFF` records nothing. Records are JSON lines in
 //! `<dir>/<subaccount>/audit-log.jsonl`, and go to the `ferry::audit` tracing target too. When
-//! the file would pass `max_file_bytes` it is renamed to `audit-log_<UTC time>.jsonl` and a new
-//! one begins; beyond `max_files` rotated files the oldest is deleted. The UI and its download
+//! the file would pass `max_file_bytes`, or its first record is older than `max_file_age` when the
+//! next one comes, it is renamed to `audit-log_<UTC time>.jsonl` and a new one begins; beyond
+//! `max_files` rotated files the oldest is deleted. The UI and its download
 //! show them as CSV, as SAP's viewer does.
 //!
 //! Tamper evidence: each record ends with `"chain":"<sha256(previous hash ‖ the record without
@@ -135,11 +136,14 @@ pub struct AuditConfig {
     pub max_file_bytes: u64,
     /// Rotated files kept per folder (the oldest go first); 0 keeps all.
     pub max_files: usize,
+    /// Age of its first record at which the active file is rotated (checked when a record is
+    /// written, so an idle log is not rotated into empty files); `None` rotates by size only.
+    pub max_file_age: Option<std::time::Duration>,
 }
 
 impl Default for AuditConfig {
     fn default() -> Self {
-        Self { level: AuditLevel::default(), dir: None, max_file_bytes: 10 << 20, max_files: 10 }
+        Self { level: AuditLevel::default(), dir: None, max_file_bytes: 10 << 20, max_files: 10, max_file_age: None }
     }
 }
 
@@ -179,9 +183,11 @@ impl AuditLog {
                     file: None,
                     size: 0,
                     records: 0,
+                    first_at: None,
                     prev: ZERO_HASH.to_owned(),
                     max_bytes: config.max_file_bytes.max(1),
                     max_files: config.max_files,
+                    max_age: config.max_file_age,
                 };
                 let (sub, loc) = (subaccount.to_owned(), location.to_owned());
                 tokio::task::spawn_blocking(move || writer.run(rx, &sub, &loc));
@@ -389,9 +395,12 @@ struct Writer {
     size: u64,
     /// Records in the active file.
     records: u64,
+    /// Time of the active file's first record (read back from the file after a restart).
+    first_at: Option<SystemTime>,
     prev: String,
     max_bytes: u64,
     max_files: usize,
+    max_age: Option<std::time::Duration>,
 }
 
 impl Writer {
@@ -422,6 +431,7 @@ impl Writer {
             Some((last, records)) => {
                 self.prev = last;
                 self.records = records;
+                self.first_at = first_record_time(&path)?;
             }
             None => {
                 let newest = log_files(&self.folder).into_iter().rev().find(|p| !p.ends_with(ACTIVE_FILE));
@@ -430,6 +440,7 @@ impl Writer {
                     None => ZERO_HASH.to_owned(),
                 };
                 self.records = 0;
+                self.first_at = None;
                 let mut f = std::fs::OpenOptions::new().create_new(true).write(true).open(&path)?;
                 writeln!(f, "{}", header_line(&self.prev))?;
                 f.sync_all()?;
@@ -532,8 +543,16 @@ impl Writer {
         };
         let (line, hash) = record(&self.prev, &fields);
         let len = line.len() as u64 + 1;
-        if self.records > 0 && self.size + len > self.max_bytes {
+        // A clock stepped back never counts as age: only a first record at least `max_age`
+        // before this one does.
+        let too_old = self.max_age.is_some_and(|age| {
+            self.first_at.is_some_and(|first| t.duration_since(first).is_ok_and(|elapsed| elapsed >= age))
+        });
+        if self.records > 0 && (self.size + len > self.max_bytes || too_old) {
             self.rotate()?;
+        }
+        if self.records == 0 {
+            self.first_at = Some(t);
         }
         if let Some(f) = &mut self.file {
             writeln!(f, "{line}")?;
@@ -566,6 +585,36 @@ fn tail(path: &Path) -> std::io::Result<Option<(String, u64)>> {
         }
     }
     Ok(Some((last, n)))
+}
+
+/// The timestamp of a file's first record; `None` when it has none (or it does not parse, which
+/// then only delays an age rotation to the file's next first record).
+fn first_record_time(path: &Path) -> std::io::Result<Option<SystemTime>> {
+    let f = std::fs::File::open(path)?;
+    let Some(line) = std::io::BufReader::new(f).lines().nth(1).transpose()? else { return Ok(None) };
+    let Some((body, _)) = split_record(&line) else { return Ok(None) };
+    let v: serde_json::Map<String, serde_json::Value> = serde_json::from_str(&body).unwrap_or_default();
+    let ts = v.get("timestamp").and_then(serde_json::Value::as_str).unwrap_or("");
+    Ok(parse_timestamp(ts))
+}
+
+/// Reads back what [`timestamp`] writes (`2026-01-02T03:04:05.678Z`).
+fn parse_timestamp(ts: &str) -> Option<SystemTime> {
+    let b = ts.as_bytes();
+    if b.len() != 24 || b[4] != b'-' || b[7] != b'-' || b[10] != b'T' || b[19] != b'.' || b[23] != b'Z' {
+        return None;
+    }
+    let num = |r: std::ops::Range<usize>| ts.get(r)?.parse::<u16>().ok();
+    let month = time::Month::try_from(u8::try_from(num(5..7)?).ok()?).ok()?;
+    let date = time::Date::from_calendar_date(i32::from(num(0..4)?), month, u8::try_from(num(8..10)?).ok()?).ok()?;
+    let clock = time::Time::from_hms_milli(
+        u8::try_from(num(11..13)?).ok()?,
+        u8::try_from(num(14..16)?).ok()?,
+        u8::try_from(num(17..19)?).ok()?,
+        num(20..23)?,
+    )
+    .ok()?;
+    Some(SystemTime::from(time::PrimitiveDateTime::new(date, clock).assume_utc()))
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -730,7 +779,11 @@ mod tests {
 
     /// Writes `n` allowed requests with 700-byte files, and waits until the writer wrote them.
     async fn write_events(dir: &Path, tag: &str, n: usize, max_files: usize) {
-        let cfg = AuditConfig { level: AuditLevel::All, dir: Some(dir.to_owned()), max_file_bytes: 700, max_files };
+        let cfg = AuditConfig {
+            max_file_bytes: 700,
+            max_files,
+            ..AuditConfig { level: AuditLevel::All, dir: Some(dir.to_owned()), ..Default::default() }
+        };
         let log = AuditLog::start(&cfg, "sub", "loc").unwrap();
         for i in 0..n {
             log.record(event(Outcome::Allowed, &format!("/{tag}{i}"))).await;
@@ -780,6 +833,60 @@ mod tests {
         let files = log_files(&dir.path().join("sub"));
         assert_eq!(files.len(), 3, "two rotated files and the active one: {files:?}");
         assert!(verify_set(&files).is_ok());
+    }
+
+    #[test]
+    fn timestamps_read_back() {
+        let t = SystemTime::UNIX_EPOCH + std::time::Duration::from_millis(1_795_000_000_123);
+        assert_eq!(parse_timestamp(&timestamp(t)), Some(t));
+        for bad in ["", "2026-13-01T00:00:00.000Z", "2026-01-01 00:00:00.000Z", "2026-01-01T00:00:00.000"] {
+            assert_eq!(parse_timestamp(bad), None, "{bad}");
+        }
+    }
+
+    /// With `max_file_age`, a record arriving after the active file's first record got that old
+    /// starts a new file; every record stays in the chain, also across a restart.
+    #[tokio::test]
+    async fn rotation_by_age_keeps_every_entry() {
+        let dir = tempfile::tempdir().unwrap();
+        let age = std::time::Duration::from_millis(200);
+        let cfg = AuditConfig {
+            level: AuditLevel::All,
+            dir: Some(dir.path().to_owned()),
+            max_file_age: Some(age),
+            ..Default::default()
+        };
+        let folder = dir.path().join("sub");
+        for round in 0..2 {
+            let log = AuditLog::start(&cfg, "sub", "loc").unwrap();
+            for batch in 0..3 {
+                for i in 0..2 {
+                    log.record(event(Outcome::Allowed, &format!("/r{round}b{batch}i{i}"))).await;
+                }
+                // Past the age: the next batch's first record finds the file too old.
+                tokio::time::sleep(age + std::time::Duration::from_millis(50)).await;
+            }
+            drop(log);
+            let last = format!("\"/r{round}b2i1\"");
+            for _ in 0..500 {
+                if std::fs::read_to_string(folder.join(ACTIVE_FILE)).is_ok_and(|t| t.contains(&last)) {
+                    break;
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+            }
+        }
+        let files = log_files(&folder);
+        let counted = verify_set(&files).unwrap();
+        assert_eq!(counted.iter().map(|(_, n)| n).sum::<usize>(), 12, "no entry lost: {counted:?}");
+        // No file holds records of two batches (a busy machine may split a batch, never join
+        // two), also across the restart: it read the active file's age back from its first record.
+        assert!(counted.len() >= 6, "{counted:?}");
+        for (f, _) in &counted {
+            let text = std::fs::read_to_string(f).unwrap();
+            let mut batches: Vec<&str> = text.split("\"path\":\"/").skip(1).map(|r| &r[..4]).collect();
+            batches.dedup();
+            assert!(batches.len() <= 1, "{f:?} holds records of several batches: {batches:?}");
+        }
     }
 
     #[test]

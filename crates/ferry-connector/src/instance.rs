@@ -82,6 +82,7 @@ impl Instance {
     /// Stops the connection for `key` (its tunnels close gracefully); false if none ran.
     pub async fn disconnect(&self, key: &SubaccountKey) -> bool {
         let Some(r) = self.lock().remove(key) else { return false };
+        r.connector.close_channels().await;
         r.shutdown.cancel();
         let _ = tokio::time::timeout(Duration::from_secs(15), r.task).await;
         true
@@ -138,6 +139,34 @@ impl Instance {
     /// The proxy replicas a running connection dials (see [`Connector::replicas`]).
     pub fn replicas(&self, key: &SubaccountKey) -> Vec<crate::ReplicaState> {
         self.lock().get(key).map(|r| r.connector.replicas()).unwrap_or_default()
+    }
+
+    fn connector(&self, key: &SubaccountKey) -> Option<Arc<Connector>> {
+        self.lock().get(key).map(|r| r.connector.clone())
+    }
+
+    /// Opens a service channel of a running connection: `Ok(Some(port))`, or `Ok(None)` when the
+    /// connection does not run (the channel opens when it connects).
+    pub async fn open_channel(
+        &self,
+        key: &SubaccountKey,
+        spec: &crate::channel::ServiceChannel,
+    ) -> Result<Option<u16>, crate::channel::ChannelError> {
+        match self.connector(key) {
+            Some(c) => c.open_channel(spec).await.map(Some),
+            None => Ok(None),
+        }
+    }
+
+    /// Closes a service channel of a running connection (its port is free on return).
+    pub async fn close_channel(&self, key: &SubaccountKey, id: u32) {
+        if let Some(c) = self.connector(key) {
+            c.close_channel(id).await;
+        }
+    }
+
+    pub fn channel_state(&self, key: &SubaccountKey, id: u32) -> Option<crate::channel::ChannelState> {
+        self.connector(key)?.channel_state(id)
     }
 
     pub fn state(&self, key: &SubaccountKey) -> Option<ConnectionState> {

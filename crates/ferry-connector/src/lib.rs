@@ -9,6 +9,7 @@ pub mod access;
 pub mod admin;
 pub mod audit;
 mod backend;
+pub mod channel;
 #[doc(hidden)]
 pub mod fuzzing;
 pub mod ha;
@@ -93,6 +94,8 @@ pub struct ConnectorConfig {
     /// This instance's HA epoch and node id, answered to the proxy's `hello` (see
     /// `ferry_proto::tunnel`); `None` for a connector without high availability (epoch 0).
     pub fence: Option<ferry_proto::tunnel::Fence>,
+    /// Address service channel ports listen on (on-premise clients connect there).
+    pub channel_host: String,
 }
 
 impl ConnectorConfig {
@@ -123,6 +126,7 @@ impl ConnectorConfig {
             principal_propagation: None,
             system_certificate: None,
             fence: None,
+            channel_host: "0.0.0.0".into(),
         }
     }
 }
@@ -143,6 +147,11 @@ pub struct Connector {
     config: Arc<ConnectorConfig>,
     /// Swapped by [`Connector::set_identity`]; each new tunnel connection takes the current one.
     tls: std::sync::RwLock<tokio_rustls::TlsConnector>,
+    /// The same identity with the service channel ALPN (see [`channel`]).
+    channel_tls: std::sync::RwLock<tokio_rustls::TlsConnector>,
+    /// The channel connection to a proxy, dialled on first use; `None` or closed: dial again.
+    channel_link: tokio::sync::Mutex<Option<hyper::client::conn::http2::SendRequest<ferry_core::body::BoxBody>>>,
+    channels: channel::Channels,
     /// (subaccount, location id) the certificate names; a renewed one must name the same.
     identity: (String, String),
     /// Bumped on every certificate change: tunnels then reconnect with it and drain the old ones.
@@ -176,6 +185,7 @@ impl Connector {
     /// Must be called inside a Tokio runtime (the audit writer starts here).
     pub fn new(config: ConnectorConfig) -> Result<Self, ConnectorError> {
         let tls = tunnel_tls(&config.ca_pem, &config.identity)?;
+        let channel_tls = channel_tls(&config.ca_pem, &config.identity)?;
         let server_name = rustls::pki_types::ServerName::try_from(config.server_name.clone())
             .map_err(|_| ConnectorError::ServerName(config.server_name.clone()))?;
         let der = ferry_core::tls::parse_certs(&config.identity.cert_pem)?;
@@ -197,6 +207,9 @@ impl Connector {
         Ok(Self {
             config: Arc::new(config),
             tls: std::sync::RwLock::new(tokio_rustls::TlsConnector::from(tls)),
+            channel_tls: std::sync::RwLock::new(tokio_rustls::TlsConnector::from(channel_tls)),
+            channel_link: tokio::sync::Mutex::new(None),
+            channels: channel::Channels::default(),
             identity: (subaccount, location),
             identity_generation: watch::channel(0).0,
             server_name,
@@ -231,9 +244,92 @@ impl Connector {
             return Err(ConnectorError::OtherIdentity(named.0, named.1));
         }
         let tls = tunnel_tls(&self.config.ca_pem, identity)?;
+        let ch = channel_tls(&self.config.ca_pem, identity)?;
         *self.tls.write().unwrap_or_else(std::sync::PoisonError::into_inner) = tokio_rustls::TlsConnector::from(tls);
+        *self.channel_tls.write().unwrap_or_else(std::sync::PoisonError::into_inner) =
+            tokio_rustls::TlsConnector::from(ch);
+        // The next channel stream dials with the new certificate; open ones finish on the old
+        // connection, which closes once its last stream has.
+        if let Ok(mut link) = self.channel_link.try_lock() {
+            *link = None;
+        }
         self.identity_generation.send_modify(|g| *g += 1);
         Ok(())
+    }
+
+    /// Opens (or reopens after a change) a service channel's local listener; `Ok` with the port
+    /// listened on. Must be called inside a Tokio runtime.
+    pub async fn open_channel(self: &Arc<Self>, spec: &channel::ServiceChannel) -> Result<u16, channel::ChannelError> {
+        if let Some(state) = self.channels.state(spec.id).filter(|_| self.channels.is_open_as(spec)) {
+            return Ok(state.port);
+        }
+        // A changed channel may keep its port: the old listener must let go of it first.
+        self.channels.close_and_wait(spec.id).await;
+        let listener = channel::bind(&self.config.channel_host, spec.port).await?;
+        let port = listener.local_addr().map(|a| a.port()).unwrap_or(spec.port);
+        let active = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let stop = Shutdown::new();
+        let task = tokio::spawn(channel::accept(listener, spec.clone(), active.clone(), self.clone(), stop.clone()));
+        self.channels.insert(spec.clone(), port, active, stop, task);
+        tracing::info!(channel = spec.id, port, service = %spec.k8s_service, "service channel open");
+        Ok(port)
+    }
+
+    /// Closes a channel's listener and its connections, and waits until its port is free.
+    pub async fn close_channel(&self, id: u32) {
+        self.channels.close_and_wait(id).await;
+    }
+
+    /// Closes every channel (the connection is going away) and waits until their ports are free.
+    pub async fn close_channels(&self) {
+        self.channels.close_all_and_wait().await;
+    }
+
+    pub fn channel_state(&self, id: u32) -> Option<channel::ChannelState> {
+        self.channels.state(id)
+    }
+
+    /// Dials a channel connection to the first proxy replica that answers.
+    async fn dial_channel(
+        &self,
+    ) -> std::io::Result<hyper::client::conn::http2::SendRequest<ferry_core::body::BoxBody>> {
+        use ferry_proto::tunnel::*;
+        let mut last = std::io::Error::new(std::io::ErrorKind::NotConnected, "no proxy configured");
+        let proxies = std::iter::once(&self.config.proxy_addr).chain(&self.config.more_proxy_addrs);
+        for proxy in proxies {
+            let tls = self.channel_tls.read().unwrap_or_else(std::sync::PoisonError::into_inner).clone();
+            let io = match self.connect_with(proxy, tls).await {
+                Ok(io) => io,
+                Err(e) => {
+                    tracing::warn!(%proxy, error = %e, "service channel connection failed");
+                    last = e;
+                    continue;
+                }
+            };
+            let mut builder = hyper::client::conn::http2::Builder::new(TokioExecutor::new());
+            builder
+                .timer(TokioTimer::new())
+                .initial_stream_window_size(STREAM_WINDOW)
+                .initial_connection_window_size(CONNECTION_WINDOW)
+                .max_frame_size(MAX_FRAME)
+                .max_send_buf_size(SEND_BUFFER)
+                .max_concurrent_streams(MAX_STREAMS)
+                .keep_alive_interval(self.config.heartbeat)
+                .keep_alive_timeout(self.config.heartbeat)
+                .keep_alive_while_idle(true);
+            match builder.handshake::<_, ferry_core::body::BoxBody>(TokioIo::new(io)).await {
+                Ok((sender, conn)) => {
+                    tokio::spawn(async move {
+                        if let Err(e) = conn.await {
+                            tracing::debug!(error = %e, "service channel connection ended");
+                        }
+                    });
+                    return Ok(sender);
+                }
+                Err(e) => last = std::io::Error::other(e),
+            }
+        }
+        Err(last)
     }
 
     /// Replaces the access rules; the next request is checked against them, tunnels stay up.
@@ -344,6 +440,8 @@ impl Connector {
             }
         }
         while tasks.join_next().await.is_some() {}
+        // Stopped or fenced: a passive instance must not carry channel traffic either.
+        self.channels.close_all();
     }
 
     /// `up` counts this replica's connections that are up.
@@ -422,11 +520,19 @@ impl Connector {
     }
 
     async fn connect(&self, proxy: &str) -> std::io::Result<tokio_rustls::client::TlsStream<TcpStream>> {
+        let tls = self.tls.read().unwrap_or_else(std::sync::PoisonError::into_inner).clone();
+        self.connect_with(proxy, tls).await
+    }
+
+    async fn connect_with(
+        &self,
+        proxy: &str,
+        tls: tokio_rustls::TlsConnector,
+    ) -> std::io::Result<tokio_rustls::client::TlsStream<TcpStream>> {
         let tcp = tokio::time::timeout(Duration::from_secs(10), TcpStream::connect(proxy))
             .await
             .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "connect timed out"))??;
         tcp.set_nodelay(true)?;
-        let tls = self.tls.read().unwrap_or_else(std::sync::PoisonError::into_inner).clone();
         tokio::time::timeout(Duration::from_secs(10), tls.connect(self.server_name.clone(), tcp))
             .await
             .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "TLS handshake timed out"))?
@@ -517,6 +623,31 @@ fn tunnel_tls(ca_pem: &str, identity: &CertifiedKey) -> Result<Arc<rustls::Clien
     let mut cfg = (*base).clone();
     cfg.resumption = rustls::client::Resumption::disabled();
     Ok(Arc::new(cfg))
+}
+
+/// TLS for the service channel connection: the tunnel's identity, its own ALPN.
+fn channel_tls(ca_pem: &str, identity: &CertifiedKey) -> Result<Arc<rustls::ClientConfig>, ConnectorError> {
+    let mut cfg = (*tunnel_tls(ca_pem, identity)?).clone();
+    cfg.alpn_protocols = vec![ferry_proto::tunnel::CHANNEL_ALPN.to_vec()];
+    Ok(Arc::new(cfg))
+}
+
+impl channel::Link for Connector {
+    async fn link(
+        self: Arc<Self>,
+    ) -> std::io::Result<hyper::client::conn::http2::SendRequest<ferry_core::body::BoxBody>> {
+        let mut link = self.channel_link.lock().await;
+        if let Some(s) = link.as_ref().filter(|s| !s.is_closed()) {
+            return Ok(s.clone());
+        }
+        let s = self.dial_channel().await?;
+        *link = Some(s.clone());
+        Ok(s)
+    }
+
+    fn audit(&self) -> &audit::AuditLog {
+        &self.audit
+    }
 }
 
 /// A tunnel connection that notes when the proxy last sent something (data or a PING ack).

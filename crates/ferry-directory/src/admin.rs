@@ -99,6 +99,7 @@ pub fn router(directory: Arc<Directory>) -> Router {
             get(get_key).delete(delete_key),
         )
         .route(&format!("{BASE}/subaccounts/{{id}}/connectors"), post(enroll_connector))
+        .route(&format!("{BASE}/subaccounts/{{id}}/connectors/csr"), post(onboard_connector))
         .route(&format!("{BASE}/connectors/certificate"), post(renew_connector))
         .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such admin resource") })
         .with_state(directory)
@@ -370,6 +371,118 @@ async fn enroll_connector(
             "tunnel": dir.endpoints().tunnel,
             // Where the connector renews this certificate with itself over mTLS (the token
             // service's HTTPS listener, which asks for client certificates from the same CA).
+            "renewal": format!("https://{}{BASE}/connectors/certificate", dir.endpoints().uaadomain),
+        }),
+    );
+    resp.headers_mut().insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    Ok(resp)
+}
+
+/// The user scope that lets a subaccount user onboard Cloud Connectors (SAP's role "Cloud
+/// Connector Administrator"); a user configured without a scope list has every scope.
+pub const CONNECTOR_ADMIN_SCOPE: &str = "CloudConnectorAdministrator";
+
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct OnboardConnector {
+    /// PEM certificate signing request for the connector's key, which never leaves it.
+    csr: String,
+    #[serde(default)]
+    location_id: String,
+    #[serde(default)]
+    validity_seconds: Option<u64>,
+}
+
+/// `user:password` of HTTP Basic authentication.
+fn basic_credentials(headers: &HeaderMap) -> Option<(String, ferry_core::Secret<String>)> {
+    use base64::Engine;
+    let v = headers.get(header::AUTHORIZATION)?.to_str().ok()?;
+    let b64 = v.strip_prefix("Basic ").or_else(|| v.strip_prefix("basic "))?;
+    let text = String::from_utf8(base64::engine::general_purpose::STANDARD.decode(b64.trim()).ok()?).ok()?;
+    let (user, password) = text.split_once(':')?;
+    Some((user.to_owned(), ferry_core::Secret::new(password.to_owned())))
+}
+
+/// Onboards a Cloud Connector with the subaccount user's credentials, as SAP's connector does
+/// with the subaccount user and password: HTTP Basic with a user of the subaccount's zone who has
+/// [`CONNECTOR_ADMIN_SCOPE`], and the connector's CSR signed for the subaccount and location id
+/// (the identity comes from the path and body, never from the CSR). The credentials are checked
+/// and forgotten; the answer is the authentication data without a key.
+async fn onboard_connector(
+    State(dir): State<Arc<Directory>>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+    bytes: Bytes,
+) -> ApiResult {
+    let unauthorized = |m: &str| ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", m);
+    let Some((user, password)) = basic_credentials(&headers) else {
+        return Err(unauthorized("log on with the subaccount user: Authorization: Basic <user:password>"));
+    };
+    let Some(tokens) = dir.tokens.get() else {
+        return Err(ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", "the token service is not attached"));
+    };
+    // The subaccount must exist; an unknown one answers like a wrong password, so the endpoint
+    // does not tell which subaccount ids exist.
+    if dir.subaccount(&id).is_err() {
+        tokens.check_user_password(&id, "", password.expose()).await.ok();
+        return Err(unauthorized("wrong user or password for this subaccount"));
+    }
+    let found = match tokens.check_user_password(&id, &user, password.expose()).await {
+        Ok(found) => found,
+        Err(e) => {
+            return Err(ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "temporarily_unavailable",
+                format!("the user directory cannot be asked now: {e}"),
+            ));
+        }
+    };
+    let Some(u) = found else {
+        tracing::warn!(subaccount = %id, "connector onboarding refused: wrong user or password");
+        return Err(unauthorized("wrong user or password for this subaccount"));
+    };
+    if !u.scopes.as_ref().is_none_or(|s| s.iter().any(|x| x == CONNECTOR_ADMIN_SCOPE)) {
+        return Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            "forbidden",
+            format!(
+                "user {} lacks the scope {CONNECTOR_ADMIN_SCOPE} (SAP's role Cloud Connector Administrator)",
+                u.username
+            ),
+        ));
+    }
+    let req: OnboardConnector = body(&bytes)?;
+    if req.location_id.len() > 128 || req.location_id.chars().any(|c| c.is_control()) {
+        let mut e = ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "bad_request",
+            "location_id must be at most 128 characters without control characters",
+        );
+        e.field = Some("location_id");
+        return Err(e);
+    }
+    let Some(ca) = dir.ca.clone() else {
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "conflict",
+            "this Ferry has no CA to issue connector certificates",
+        ));
+    };
+    let validity = connector_validity(req.validity_seconds)?;
+    let cert = ca.sign_connector_csr(&req.csr, &id, &req.location_id, validity).map_err(|e| {
+        let mut err = ApiError::new(StatusCode::BAD_REQUEST, "bad_request", format!("csr: not a valid PEM CSR: {e}"));
+        err.field = Some("csr");
+        err
+    })?;
+    tracing::info!(subaccount = %id, location_id = %req.location_id, user = %u.username, "connector onboarded with subaccount credentials");
+    let mut resp = json_response(
+        StatusCode::CREATED,
+        json!({
+            "subaccount": id,
+            "location_id": req.location_id,
+            "certificate": cert,
+            "ca": ca.cert_pem(),
+            "tunnel": dir.endpoints().tunnel,
             "renewal": format!("https://{}{BASE}/connectors/certificate", dir.endpoints().uaadomain),
         }),
     );

@@ -21,6 +21,11 @@
 //! (`tcp`). When the connector itself refuses, the response carries `ferry-error` so the proxy
 //! can tell the app whose fault it was.
 //!
+//! Service channels (on-premise → cloud) use a second connection to the same port with ALPN
+//! [`CHANNEL_ALPN`], where the connector is the h2 client: each stream is `ferry-kind: channel`
+//! with `ferry-target: <service id>`, request body = on-premise → cloud, answered `200` and the
+//! byte stream back, or `403`/`502`/`504` with `ferry-error` (see `ferry_proxy::channels`).
+//!
 //! Fencing: right after the HTTP/2 handshake the proxy opens one stream of kind `hello` carrying
 //! the highest [`Fence`] it knows for the connector's (subaccount, location id) in `ferry-fence`;
 //! the connector answers `200` with its own fence (none: `0`). The proxy admits only the highest
@@ -38,6 +43,9 @@ pub const FENCE: &str = "ferry-fence";
 pub const KIND_HTTP: &str = "http";
 pub const KIND_TCP: &str = "tcp";
 pub const KIND_HELLO: &str = "hello";
+/// A service channel stream (on-premise → cloud), opened by the connector on its channel
+/// connection (ALPN [`CHANNEL_ALPN`]); `ferry-target` names the registered service.
+pub const KIND_CHANNEL: &str = "channel";
 
 /// A connector's claim to be the current master of its (subaccount, location id): the HA epoch
 /// (raised by every promotion, persisted before any tunnel opens) and the node id that breaks
@@ -73,6 +81,10 @@ pub const ERROR_TIMEOUT: &str = "timeout";
 
 /// ALPN protocol id of the tunnel, so that a connector never talks to something else by mistake.
 pub const ALPN: &[u8] = b"ferry-tunnel/1";
+/// ALPN protocol id of a service channel connection: the same tunnel port and client
+/// certificate, with the HTTP/2 roles the other way round (the connector is the client and opens
+/// a stream per on-premise connection).
+pub const CHANNEL_ALPN: &[u8] = b"ferry-channel/1";
 
 /// HTTP/2 tuning measured on 2 cores (see DESIGN.md "The tunnel"): the 64 KiB defaults cap a
 /// stream at a third of the link; these reach the TLS limit.

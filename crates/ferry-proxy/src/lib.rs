@@ -3,6 +3,7 @@
 //! token, location id) to the tunnel of the matching connector; no state is shared between
 //! replicas — every connector connects to every replica.
 
+pub mod channels;
 #[doc(hidden)]
 pub mod fuzzing;
 mod http_proxy;
@@ -21,6 +22,7 @@ use ferry_core::serve::{AcceptOptions, accept_loop};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::TcpListener;
 
+pub use channels::{ChannelTarget, ChannelTargets};
 pub use registry::Registry;
 
 pub struct ProxyConfig {
@@ -45,6 +47,8 @@ pub struct ProxyConfig {
     /// draining (HTTP/2 GOAWAY: a certificate renewal, a connector restart or switch-over), before
     /// it gets 503 / SOCKS5 reply 03. Without a recent drain, no tunnel means 503 at once.
     pub tunnel_swap_wait: Duration,
+    /// Cloud-side services that Cloud Connectors' service channels may reach, per subaccount.
+    pub channel_targets: ChannelTargets,
 }
 
 impl ProxyConfig {
@@ -59,6 +63,7 @@ impl ProxyConfig {
             max_streams_per_subaccount: 2_000,
             socks5_no_auth: None,
             tunnel_swap_wait: Duration::from_secs(5),
+            channel_targets: ChannelTargets::default(),
         }
     }
 }
@@ -235,13 +240,24 @@ impl Proxy {
         }
         let tunnels_sd = Shutdown::new();
         let tunnels = listeners.tunnel.map(|l| {
-            let acceptor = tokio_rustls::TlsAcceptor::from(self.config.tunnel_tls.clone());
+            // Service channel connections come to the same port under their own ALPN.
+            let mut tls = (*self.config.tunnel_tls).clone();
+            // A list with only the channel protocol would refuse connectors offering the tunnel's.
+            if tls.alpn_protocols.is_empty() {
+                tls.alpn_protocols.push(ferry_proto::tunnel::ALPN.to_vec());
+            }
+            if !tls.alpn_protocols.iter().any(|p| p == ferry_proto::tunnel::CHANNEL_ALPN) {
+                tls.alpn_protocols.push(ferry_proto::tunnel::CHANNEL_ALPN.to_vec());
+            }
+            let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(tls));
+            let channels = Arc::new(self.config.channel_targets.clone());
             let registry = self.registry.clone();
             let hb = self.config.heartbeat;
             let hs = self.config.handshake_timeout;
             let sd = tunnels_sd.clone();
             tokio::spawn(accept_loop(l, opts("tunnel"), tunnels_sd.clone(), move |stream, _| {
-                tunnel_server::serve(stream, acceptor.clone(), registry.clone(), hb, hs, sd.clone())
+                let channels = channels.clone();
+                tunnel_server::serve(stream, acceptor.clone(), registry.clone(), channels, hb, hs, sd.clone())
             }))
         });
         if front.is_empty() && tunnels.is_none() {

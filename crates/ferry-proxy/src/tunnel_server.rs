@@ -22,6 +22,7 @@ pub(crate) async fn serve(
     stream: TcpStream,
     acceptor: tokio_rustls::TlsAcceptor,
     registry: Arc<Registry>,
+    channels: Arc<crate::channels::ChannelTargets>,
     heartbeat: Duration,
     handshake_timeout: Duration,
     shutdown: Shutdown,
@@ -47,6 +48,11 @@ pub(crate) async fn serve(
         tracing::warn!("tunnel refused: the client certificate does not identify a Cloud Connector");
         return;
     };
+    if tls.get_ref().1.alpn_protocol() == Some(CHANNEL_ALPN) {
+        let connect_timeout = handshake_timeout;
+        crate::channels::serve(tls, subaccount, location, channels, heartbeat, connect_timeout, shutdown).await;
+        return;
+    }
     let mut builder = hyper::client::conn::http2::Builder::new(TokioExecutor::new());
     builder
         .timer(TokioTimer::new())

@@ -239,6 +239,12 @@ pub struct TunnelPair {
 
 impl TunnelPair {
     pub async fn start() -> Self {
+        Self::start_with(|_| {}).await
+    }
+
+    /// Like [`TunnelPair::start`], with the proxy's configuration adjusted first (e.g. service
+    /// channel targets).
+    pub async fn start_with(adjust: impl FnOnce(&mut ProxyConfig)) -> Self {
         ferry_core::init_crypto();
         let ca = LocalCa::generate("ferry test CA").expect("CA");
         let keys = Arc::new(KeySet::generate().expect("keys"));
@@ -247,6 +253,7 @@ impl TunnelPair {
             ferry_core::tls::server_config(&server, Some(ca.cert_pem()), &[ferry_proto::tunnel::ALPN]).expect("tls");
         let mut cfg = ProxyConfig::new(Arc::new(Verifier::local(keys.clone())), tls);
         cfg.handshake_timeout = Duration::from_secs(2);
+        adjust(&mut cfg);
         let proxy = Proxy::new(cfg);
         let (h, s, t) = (listener().await, listener().await, listener().await);
         let (http_addr, socks_addr, tunnel_addr) =

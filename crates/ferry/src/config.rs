@@ -38,6 +38,34 @@ pub struct FileConfig {
     pub destination_store: DestinationStore,
     /// Serve the Destination resources of a folder through the Transparent Proxy.
     pub transparent_proxy: Option<TransparentProxyEntry>,
+    /// Cloud-side services that the connectors' service channels may reach.
+    #[serde(default)]
+    pub channel_targets: Vec<ChannelTargetEntry>,
+}
+
+impl FileConfig {
+    /// The proxy's allow-list of service channel targets; entries without a subaccount belong to
+    /// `subaccount`.
+    pub fn channel_targets(&self, subaccount: &str) -> anyhow::Result<ferry_proxy::ChannelTargets> {
+        let entries = self.channel_targets.iter().map(|t| ferry_proxy::ChannelTarget {
+            subaccount: t.subaccount.clone().unwrap_or_else(|| subaccount.to_owned()),
+            id: t.id.clone(),
+            target: t.target.clone(),
+        });
+        ferry_proxy::ChannelTargets::new(entries).map_err(|e| anyhow::anyhow!("[[channel_targets]]: {e}"))
+    }
+}
+
+/// `[[channel_targets]]`: a service a service channel of `subaccount` (default: this one) reaches
+/// as `id`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ChannelTargetEntry {
+    #[serde(default)]
+    pub subaccount: Option<String>,
+    pub id: String,
+    /// `host:port`.
+    pub target: String,
 }
 
 /// `[transparent_proxy]`: the keys of `ferry transparent-proxy` that `ferry up` cannot fill in
@@ -351,6 +379,8 @@ impl FileConfig {
     pub fn parse(text: &str) -> anyhow::Result<Self> {
         let cfg: FileConfig = toml::from_str(text)?;
         cfg.destination_store.check()?;
+        // Checked here too, so a bad entry stops `ferry up` before anything starts.
+        cfg.channel_targets("this subaccount")?;
         let mut locations = std::collections::HashSet::new();
         if cfg.tokens.access_token_validity_secs == 0 || cfg.tokens.refresh_token_validity_secs == 0 {
             anyhow::bail!("[tokens] validities must be at least one second");
@@ -422,6 +452,19 @@ properties = { Name = "d", Type = "HTTP", URL = "http://x", Authentication = "Ba
         for n in 1..=8 {
             assert!(!shown.contains(&format!("S{n}-")), "secret S{n} in {shown}");
         }
+    }
+
+    #[test]
+    fn channel_targets_are_checked_when_parsed() {
+        let ok = "[[channel_targets]]\nid = \"echo\"\ntarget = \"127.0.0.1:7000\"\n\n\
+                  [[channel_targets]]\nsubaccount = \"other\"\nid = \"echo\"\ntarget = \"10.0.0.1:7000\"\n";
+        let cfg = FileConfig::parse(ok).unwrap();
+        let targets = cfg.channel_targets("mine").unwrap();
+        assert_eq!(targets.target("mine", "echo"), Some("127.0.0.1:7000"));
+        assert_eq!(targets.target("other", "echo"), Some("10.0.0.1:7000"));
+        let bad = "[[channel_targets]]\nid = \"echo\"\ntarget = \"no-port\"\n";
+        let e = FileConfig::parse(bad).unwrap_err().to_string();
+        assert!(e.contains("[[channel_targets]]") && e.contains("host:port"), "{e}");
     }
 
     /// Every config file the repository ships must parse.

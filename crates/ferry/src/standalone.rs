@@ -73,6 +73,10 @@ pub struct ConnectorFile {
     /// Rotated audit log files kept per folder; 0 keeps all.
     #[serde(default = "audit_max_files")]
     audit_max_files: usize,
+    /// Age (seconds) of its first record at which an audit log file is rotated; unset rotates by
+    /// size only.
+    #[serde(default)]
+    audit_max_file_age_secs: Option<u64>,
     #[serde(default)]
     backend_ca_file: Option<PathBuf>,
     /// SAP's system certificate: PEM certificate and key presented to TLS backends.
@@ -120,6 +124,17 @@ struct AdminSection {
     /// Fraction of a subaccount certificate's lifetime after which it is renewed.
     #[serde(default = "certificate_renew_at")]
     certificate_renew_at: f64,
+    /// Address the service channels' local ports listen on.
+    #[serde(default = "all_interfaces")]
+    channel_host: String,
+    /// Extra trust (PEM) for the region host (Ferry's token service HTTPS) when subaccounts are
+    /// added with `cloudUser`/`cloudPassword`.
+    #[serde(default)]
+    region_ca_file: Option<PathBuf>,
+}
+
+fn all_interfaces() -> String {
+    "0.0.0.0".into()
 }
 
 fn certificate_renew_at() -> f64 {
@@ -176,7 +191,9 @@ pub async fn connector(config: &Path) -> anyhow::Result<()> {
         dir: Some(audit_dir.clone()),
         max_file_bytes: cfg.audit_max_file_bytes,
         max_files: cfg.audit_max_files,
+        max_file_age: cfg.audit_max_file_age_secs.map(Duration::from_secs),
     };
+    anyhow::ensure!(cfg.audit_max_file_age_secs != Some(0), "audit_max_file_age_secs must be at least 1");
     let principal = match &cfg.principal_propagation {
         Some(pp) => {
             let verifier = remote_verifier(&pp.token_keys_urls, pp.token_ca_file.as_deref(), &base)?;
@@ -242,6 +259,8 @@ pub async fn connector(config: &Path) -> anyhow::Result<()> {
         ac.connection.backend_ca_pem = backend_ca_pem;
         ac.connection.system_certificate = system_certificate;
         ac.connection.principal_propagation = principal;
+        ac.connection.channel_host = a.channel_host.clone();
+        ac.region_ca_pem = a.region_ca_file.as_ref().map(|f| read(&base, f)).transpose()?;
         let listener = ferry_core::serve::bind(&format!("{}:{}", a.host, a.port)).await?;
         let addr = listener.local_addr()?;
         let admin = ferry_connector::admin::Admin::start(ac, shutdown.clone()).await?;
@@ -289,6 +308,9 @@ pub struct ProxyFile {
     /// Benchmark/development mode, not for production: SOCKS5 without authentication.
     #[serde(default)]
     bench_socks5_no_auth: Option<BenchNoAuth>,
+    /// Cloud-side services Cloud Connectors' service channels may reach, per subaccount.
+    #[serde(default)]
+    channel_targets: Vec<ferry_proxy::ChannelTarget>,
 }
 
 /// A loopback-only SOCKS5 listener that accepts method 0x00 (no authentication) and sends every
@@ -355,6 +377,8 @@ pub async fn proxy(config: &Path) -> anyhow::Result<()> {
     let mut pc = ferry_proxy::ProxyConfig::new(verifier, tls);
     pc.max_connections = cfg.max_connections;
     pc.tunnel_swap_wait = Duration::from_secs(cfg.tunnel_swap_wait_seconds);
+    pc.channel_targets =
+        ferry_proxy::ChannelTargets::new(cfg.channel_targets.iter().cloned()).context("[[channel_targets]]")?;
     let mut no_auth = None;
     if let Some(b) = &cfg.bench_socks5_no_auth {
         let l = ferry_core::serve::bind(&b.listen.to_string()).await?;

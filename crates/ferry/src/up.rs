@@ -356,7 +356,9 @@ pub async fn up(args: UpArgs) -> anyhow::Result<()> {
 
     // Connectivity Proxy.
     let tunnel_tls = ferry_core::tls::server_config(&server_cert, Some(ca.cert_pem()), &[ferry_proto::tunnel::ALPN])?;
-    let proxy = ferry_proxy::Proxy::new(ferry_proxy::ProxyConfig::new(verifier.clone(), tunnel_tls));
+    let mut proxy_config = ferry_proxy::ProxyConfig::new(verifier.clone(), tunnel_tls);
+    proxy_config.channel_targets = cfg.channel_targets(&subaccount)?;
+    let proxy = ferry_proxy::Proxy::new(proxy_config);
     let registry = proxy.registry();
     let metrics_addr = metrics_l.as_ref().map(|(_, a)| *a);
     if let Some((listener, _)) = metrics_l {
@@ -421,6 +423,9 @@ pub async fn up(args: UpArgs) -> anyhow::Result<()> {
             let mut ac = ferry_connector::admin::AdminConfig::new(dir.join("connector"));
             ac.audit_dir = Some(dir.join("audit"));
             ac.ui_names.push(host.clone());
+            ac.connection.channel_host = host.clone();
+            // Subaccounts added with cloudUser/cloudPassword are signed by this Ferry's directory.
+            ac.region_ca_pem = Some(ca.cert_pem().to_owned());
             ac.connection.backend_ca_pem = backend_ca_pem;
             ac.connection.system_certificate = system_certificate;
             ac.connection.principal_propagation = Some(Arc::new(pp));

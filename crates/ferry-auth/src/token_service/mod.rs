@@ -661,6 +661,22 @@ impl TokenService {
         self.users.by_id(tenant_id, user_id)
     }
 
+    /// Checks a user's password in the zone `tenant_id` (the stores the password grant asks, in
+    /// the same order), for logons outside OAuth such as a Cloud Connector's onboarding with the
+    /// subaccount user. `Ok(None)`: wrong password or unknown user, indistinguishable by design.
+    pub async fn check_user_password(
+        &self,
+        tenant_id: &str,
+        username: &str,
+        password: &str,
+    ) -> Result<Option<User>, StoreUnavailable> {
+        if username.is_empty() || password.is_empty() {
+            self.users.burn(password).await;
+            return Ok(None);
+        }
+        self.login_user(Login { username, password, tenant: Some(tenant_id), preferred_tenant: tenant_id }).await
+    }
+
     /// Logs a user in with a password: the local users first, then each further store in
     /// order; the first store that knows the username decides. `Ok(None)`: wrong password or
     /// unknown user (one Argon2 verification either way, so timing does not tell them apart

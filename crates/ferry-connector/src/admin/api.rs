@@ -55,13 +55,14 @@ pub(super) fn router(admin: Arc<Admin>) -> Router {
         )
         .route("/api/monitoring/subaccounts", get(monitoring))
         .route(&format!("{CONF}/connector/authentication/ldap"), get(get_ldap).put(put_ldap))
+        .merge(super::channels_api::routes())
         .fallback(|| async { ApiError::not_found("no such API") })
         .layer(axum::middleware::from_fn_with_state(admin.clone(), super::shadow_guard))
         .layer(axum::middleware::from_fn(super::authorize))
         .with_state(admin)
 }
 
-fn parse<T: DeserializeOwned>(body: &Bytes) -> Result<T> {
+pub(super) fn parse<T: DeserializeOwned>(body: &Bytes) -> Result<T> {
     serde_json::from_slice(body).map_err(|e| ApiError::invalid(format!("invalid JSON body: {e}")))
 }
 
@@ -69,7 +70,7 @@ fn no_content() -> Response {
     StatusCode::NO_CONTENT.into_response()
 }
 
-fn created(location: String, body: Value) -> Response {
+pub(super) fn created(location: String, body: Value) -> Response {
     let mut r = (StatusCode::CREATED, Json(body)).into_response();
     if let Ok(v) = HeaderValue::from_str(&location) {
         r.headers_mut().insert(header::LOCATION, v);
@@ -156,6 +157,7 @@ impl Admin {
                         .map(|mapping| StoredMapping { backend_type: None, mapping })
                         .collect(),
                     renewal_url: None,
+                    service_channels: Vec::new(),
                 });
                 let last = next.subaccounts.len() - 1;
                 &mut next.subaccounts[last]
@@ -629,17 +631,103 @@ fn host_of(addr: &str) -> Option<&str> {
     (!host.is_empty()).then_some(host)
 }
 
+impl Admin {
+    /// SAP's onboarding with the subaccount user: a new key and CSR, sent with the user's
+    /// credentials to the directory at `region` (the Ferry token service's HTTPS `host:port`),
+    /// which signs it for the subaccount and location. The credentials are used for this one
+    /// call and never stored; the key never leaves the connector.
+    async fn onboard(
+        &self,
+        region: &str,
+        subaccount: &str,
+        location: &str,
+        user: &str,
+        password: &ferry_core::Secret<String>,
+    ) -> Result<AuthenticationData> {
+        let http = ferry_core::tls::http_client(self.config.region_ca_pem.as_deref())
+            .map_err(|e| ApiError::internal(format!("TLS towards the region host: {e}")))?;
+        let (csr, key) = ferry_core::tls::connector_csr(subaccount, location)
+            .map_err(|e| ApiError::internal(format!("cannot make a key and CSR: {e}")))?;
+        let sub_path: String =
+            percent_encoding::utf8_percent_encode(subaccount, percent_encoding::NON_ALPHANUMERIC).collect();
+        let url = format!("https://{region}/ferry/admin/v1/subaccounts/{sub_path}/connectors/csr");
+        let r = http
+            .post(&url)
+            .basic_auth(user, Some(password.expose()))
+            .timeout(std::time::Duration::from_secs(30))
+            .json(&json!({ "csr": csr, "location_id": location }))
+            .send()
+            .await
+            .map_err(|e| {
+                ApiError::new(
+                    StatusCode::BAD_GATEWAY,
+                    "RUNTIME_FAILURE",
+                    format!("cannot reach the region host {region} to sign the connection certificate: {e}"),
+                )
+            })?;
+        let status = r.status();
+        let v: Value = r.json().await.unwrap_or(Value::Null);
+        let why = v["message"].as_str().unwrap_or("no reason given").to_owned();
+        match status.as_u16() {
+            200 | 201 => {}
+            401 => return Err(ApiError::invalid(format!("the region host refused the subaccount user: {why}"))),
+            403 => return Err(ApiError::forbidden(format!("the subaccount user may not connect connectors: {why}"))),
+            _ => {
+                return Err(ApiError::new(
+                    StatusCode::BAD_GATEWAY,
+                    "RUNTIME_FAILURE",
+                    format!("the region host answered {status}: {why}"),
+                ));
+            }
+        }
+        let field = |k: &str| {
+            v[k].as_str().map(str::to_owned).ok_or_else(|| {
+                ApiError::new(StatusCode::BAD_GATEWAY, "RUNTIME_FAILURE", format!("the region host's answer lacks {k}"))
+            })
+        };
+        Ok(AuthenticationData {
+            subaccount: subaccount.to_owned(),
+            location_id: location.to_owned(),
+            certificate: field("certificate")?,
+            key,
+            ca: field("ca")?,
+            tunnel: field("tunnel")?,
+            renewal: v["renewal"].as_str().map(str::to_owned),
+        })
+    }
+}
+
 async fn add_subaccount(State(a): A, Extension(u): Extension<Caller>, body: Bytes) -> Result<Response> {
     let b: NewSubaccount = parse(&body)?;
-    let Some(data) = b.authentication_data else {
-        return Err(ApiError::invalid(if b.cloud_user.is_some() || b.cloud_password.is_some() {
-            "logon with cloudUser/cloudPassword is not supported by Ferry; download the authentication data \
-             (ferry connector enroll) and pass it as authenticationData"
-        } else {
-            "authenticationData is required"
-        }));
+    let (d, region) = match (b.authentication_data, b.cloud_user, b.cloud_password) {
+        (Some(data), None, None) => {
+            let d = authentication_data(data)?;
+            let region = b.region_host.clone().unwrap_or_else(|| d.tunnel.clone());
+            (d, region)
+        }
+        (None, Some(user), Some(password)) => {
+            let why = "with cloudUser and cloudPassword, regionHost (the Ferry token service's HTTPS host:port) and \
+                       subaccount are required";
+            let region =
+                b.region_host.clone().filter(|r| host_of(r).is_some()).ok_or_else(|| ApiError::invalid(why))?;
+            let sub = b.subaccount.clone().filter(|s| !s.is_empty()).ok_or_else(|| ApiError::invalid(why))?;
+            let location = b.location_id.clone().unwrap_or_default();
+            let d = a.onboard(&region, &sub, &location, &user, &password).await?;
+            // The connection is keyed and dialled by the tunnel endpoint the region named.
+            let tunnel = d.tunnel.clone();
+            (d, tunnel)
+        }
+        (None, None, None) => {
+            return Err(ApiError::invalid(
+                "authenticationData (from ferry connector enroll), or cloudUser and cloudPassword, is required",
+            ));
+        }
+        _ => {
+            return Err(ApiError::invalid(
+                "pass either authenticationData or cloudUser with cloudPassword (both of them), not a mix",
+            ));
+        }
     };
-    let d = authentication_data(data)?;
     if b.subaccount.as_deref().is_some_and(|s| s != d.subaccount) {
         return Err(ApiError::invalid("subaccount differs from the one in the authentication data"));
     }
@@ -657,7 +745,6 @@ async fn add_subaccount(State(a): A, Extension(u): Extension<Caller>, body: Byte
     ferry_core::tls::parse_key(d.key.expose())
         .map_err(|e| ApiError::invalid(format!("authenticationData key: {e}")))?;
     let replicas = proxy_replicas(b.proxy_replicas.unwrap_or_default())?;
-    let region = b.region_host.unwrap_or(d.tunnel);
     let server_name = host_of(&region)
         .ok_or_else(|| ApiError::invalid(format!("regionHost {region:?} must be the tunnel endpoint host:port")))?
         .to_owned();
@@ -680,6 +767,7 @@ async fn add_subaccount(State(a): A, Extension(u): Extension<Caller>, body: Byte
         key_pem: None,
         system_mappings: Vec::new(),
         renewal_url: d.renewal,
+        service_channels: Vec::new(),
     };
     let mut guard = a.state.lock().await;
     if guard.subaccount(&new.region_host, &new.subaccount).is_some() {

@@ -10,6 +10,7 @@
 //! Repeated wrong passwords lock the user name for a while; every change goes to the audit log.
 
 mod api;
+mod channels_api;
 mod ha_api;
 mod ldap;
 pub mod store;
@@ -72,6 +73,8 @@ pub struct ConnectionDefaults {
     /// Token verifier, CA and subject pattern for principal propagation; the PP settings of the
     /// API (`certificateValidityInMin`, `expirationToleranceInHr`) are applied on top.
     pub principal_propagation: Option<Arc<PrincipalPropagation>>,
+    /// Address service channel ports listen on.
+    pub channel_host: String,
 }
 
 impl Default for ConnectionDefaults {
@@ -87,6 +90,7 @@ impl Default for ConnectionDefaults {
             backend_ca_pem: None,
             system_certificate: None,
             principal_propagation: None,
+            channel_host: "0.0.0.0".into(),
         }
     }
 }
@@ -114,6 +118,9 @@ pub struct AdminConfig {
     /// Fraction of a subaccount certificate's lifetime after which it is renewed at the
     /// directory (connections whose authentication data named a renewal endpoint).
     pub renew_at: f64,
+    /// Extra trust anchor (PEM) for the region host's HTTPS when a subaccount is added with
+    /// `cloudUser`/`cloudPassword`, besides the system's roots.
+    pub region_ca_pem: Option<String>,
 }
 
 impl AdminConfig {
@@ -130,6 +137,7 @@ impl AdminConfig {
             max_body: 1 << 20,
             connection: ConnectionDefaults::default(),
             ldap_ca_file: None,
+            region_ca_pem: None,
         }
     }
 }
@@ -361,6 +369,7 @@ impl Admin {
         // Read at every (re)connect: a promotion stores the raised epoch before it connects.
         let ha = self.ha.file();
         cc.fence = Some(ferry_proto::tunnel::Fence { epoch: ha.epoch, node: ha.node });
+        cc.channel_host = d.channel_host.clone();
         Ok(cc)
     }
 
@@ -404,7 +413,14 @@ impl Admin {
         self.instance
             .connect(sub.key(), cc)
             .await
-            .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "INVALID_CONFIGURATION", e.to_string()))
+            .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "INVALID_CONFIGURATION", e.to_string()))?;
+        // A channel whose port is taken stays closed (its state says so); the connection is up.
+        for ch in sub.service_channels.iter().filter(|c| c.enabled) {
+            if let Err(e) = self.instance.open_channel(&sub.key(), ch).await {
+                tracing::error!(subaccount = %sub.subaccount, channel = ch.id, error = %e, "cannot open service channel");
+            }
+        }
+        Ok(())
     }
 
     async fn record(&self, user: &str, category: &'static str, action: &'static str, sub: &str, object: &str) {

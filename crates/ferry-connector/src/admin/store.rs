@@ -107,6 +107,9 @@ pub struct StoredSubaccount {
     /// the authentication data); `None`: renewal is manual (`POST .../validity`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub renewal_url: Option<String>,
+    /// Service channels (on-premise → cloud) of this subaccount.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub service_channels: Vec<crate::channel::ServiceChannel>,
 }
 
 impl StoredSubaccount {
@@ -366,6 +369,7 @@ mod tests {
             key_pem: None,
             system_mappings: vec![],
             renewal_url: None,
+            service_channels: vec![],
         });
         store.save(&cfg).unwrap();
         let text = std::fs::read_to_string(dir.path().join(CONFIG_FILE)).unwrap();
