@@ -74,6 +74,13 @@ pub struct ConnectorFile {
     principal_propagation: Option<StandalonePp>,
     #[serde(default)]
     mappings: Vec<SystemMapping>,
+    /// PING interval and answer timeout on each tunnel: a tunnel that loses packets silently is
+    /// dropped and redialled after at most about twice this.
+    #[serde(default = "heartbeat_seconds")]
+    heartbeat_seconds: u64,
+    /// Upper bound of the exponential backoff between redials of a lost tunnel.
+    #[serde(default = "backoff_max_seconds")]
+    backoff_max_seconds: u64,
     /// The administration REST API (SAP's Cloud Connector API) and the subaccounts it manages.
     #[serde(default)]
     admin: Option<AdminSection>,
@@ -190,6 +197,8 @@ pub async fn connector(config: &Path) -> anyhow::Result<()> {
         );
         cc.more_proxy_addrs = more.to_vec();
         cc.connections = cfg.connections.max(1);
+        cc.heartbeat = heartbeat(cfg.heartbeat_seconds)?;
+        cc.backoff_max = Duration::from_secs(cfg.backoff_max_seconds.max(1));
         cc.audit = ferry_connector::audit::AuditConfig { level: cfg.audit_level, ..audit.clone() };
         cc.backend_ca_pem = backend_ca_pem.clone();
         cc.system_certificate = system_certificate.clone();
@@ -257,6 +266,10 @@ pub struct ProxyFile {
     /// Open connections allowed per listener.
     #[serde(default = "max_connections")]
     max_connections: usize,
+    /// PING interval and answer timeout on each tunnel: requests on a tunnel that loses packets
+    /// silently fail, and the tunnel leaves the registry, after at most about twice this.
+    #[serde(default = "heartbeat_seconds")]
+    heartbeat_seconds: u64,
     /// Benchmark/development mode, not for production: SOCKS5 without authentication.
     #[serde(default)]
     bench_socks5_no_auth: Option<BenchNoAuth>,
@@ -277,6 +290,19 @@ struct BenchNoAuth {
 
 fn max_connections() -> usize {
     10_000
+}
+
+fn heartbeat_seconds() -> u64 {
+    20
+}
+
+fn backoff_max_seconds() -> u64 {
+    30
+}
+
+fn heartbeat(seconds: u64) -> anyhow::Result<Duration> {
+    anyhow::ensure!(seconds > 0, "heartbeat_seconds must be at least 1");
+    Ok(Duration::from_secs(seconds))
 }
 
 fn localhost() -> String {
@@ -321,6 +347,7 @@ pub async fn proxy(config: &Path) -> anyhow::Result<()> {
     println!("proxy: http {} socks5 {} tunnel {}", http.local_addr()?, socks.local_addr()?, tunnel.local_addr()?);
     let mut pc = ferry_proxy::ProxyConfig::new(verifier, tls);
     pc.max_connections = cfg.max_connections;
+    pc.heartbeat = heartbeat(cfg.heartbeat_seconds)?;
     let mut no_auth = None;
     if let Some(b) = &cfg.bench_socks5_no_auth {
         let l = ferry_core::serve::bind(&b.listen.to_string()).await?;
