@@ -38,6 +38,8 @@ command -v xmlsec1 >/dev/null || need_apt+=(xmlsec1)
 # pair and drops packets with nftables.
 { command -v ip >/dev/null || [ -x /usr/sbin/ip ] || [ -x /sbin/ip ]; } || need_apt+=(iproute2)
 { command -v nft >/dev/null || [ -x /usr/sbin/nft ]; } || need_apt+=(nftables)
+# scripts/soak.sh (run by hand, not here: it takes minutes) plots with matplotlib.
+/usr/bin/python3 -c 'import matplotlib' 2>/dev/null || need_apt+=(python3-matplotlib)
 # Java's keytool writes the JKS keystores the keystore tests read (openssl writes the P12 ones).
 command -v keytool >/dev/null || need_apt+=(default-jre-headless)
 if [ ${#need_apt[@]} -gt 0 ]; then
