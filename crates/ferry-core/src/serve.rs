@@ -236,11 +236,7 @@ pub fn too_many_connections(max: usize) -> axum::response::Response {
         "Too many connections from your address: at most {max} may be open at once. Close idle connections or \
          reuse them (keep-alive), then retry.\n"
     );
-    (
-        http::StatusCode::TOO_MANY_REQUESTS,
-        [(http::header::CONNECTION, "close"), (http::header::RETRY_AFTER, "1")],
-        msg,
-    )
+    (http::StatusCode::TOO_MANY_REQUESTS, [(http::header::CONNECTION, "close"), (http::header::RETRY_AFTER, "1")], msg)
         .into_response()
 }
 

@@ -72,10 +72,10 @@ async fn one_client_address_cannot_hold_more_than_its_cap() {
     let (h, s) = (ferry_testkit::listener().await, ferry_testkit::listener().await);
     let (http, socks) = (h.local_addr().unwrap(), s.local_addr().unwrap());
     let shutdown = Shutdown::new();
-    tokio::spawn(Proxy::new(cfg).run(
-        Listeners { http: Some(h), socks5: Some(s), tunnel: None, socks5_no_auth: None },
-        shutdown.clone(),
-    ));
+    tokio::spawn(
+        Proxy::new(cfg)
+            .run(Listeners { http: Some(h), socks5: Some(s), tunnel: None, socks5_no_auth: None }, shutdown.clone()),
+    );
     let token = ferry_testkit::token(&keys, "sub-caps", "client-caps", 600);
 
     for (name, port) in [("HTTP", http), ("SOCKS5", socks)] {

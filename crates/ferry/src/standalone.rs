@@ -109,6 +109,13 @@ struct AdminSection {
     /// Fraction of a subaccount certificate's lifetime after which it is renewed.
     #[serde(default = "certificate_renew_at")]
     certificate_renew_at: f64,
+    /// Connections one client address may hold open on the admin port (0 = no cap).
+    #[serde(default = "admin_connections_per_client")]
+    max_connections_per_client: usize,
+}
+
+fn admin_connections_per_client() -> usize {
+    64
 }
 
 fn certificate_renew_at() -> f64 {
@@ -223,6 +230,7 @@ pub async fn connector(config: &Path) -> anyhow::Result<()> {
             anyhow::bail!("[admin] certificate_renew_at must be a fraction between 0 and 1, e.g. 0.67");
         }
         ac.renew_at = a.certificate_renew_at;
+        ac.max_connections_per_client = a.max_connections_per_client;
         ac.connection.connections = cfg.connections.max(1);
         ac.connection.backend_ca_pem = backend_ca_pem;
         ac.connection.system_certificate = system_certificate;
@@ -266,6 +274,10 @@ pub struct ProxyFile {
     /// Open connections allowed per listener.
     #[serde(default = "max_connections")]
     max_connections: usize,
+    /// Connections one client address may hold open on the HTTP and on the SOCKS5 port (0 = no
+    /// cap).
+    #[serde(default = "max_connections_per_client")]
+    max_connections_per_client: usize,
     /// PING interval and answer timeout on each tunnel: requests on a tunnel that loses packets
     /// silently fail, and the tunnel leaves the registry, after at most about twice this.
     #[serde(default = "heartbeat_seconds")]
@@ -290,6 +302,10 @@ struct BenchNoAuth {
 
 fn max_connections() -> usize {
     10_000
+}
+
+fn max_connections_per_client() -> usize {
+    1_000
 }
 
 fn heartbeat_seconds() -> u64 {
@@ -347,6 +363,7 @@ pub async fn proxy(config: &Path) -> anyhow::Result<()> {
     println!("proxy: http {} socks5 {} tunnel {}", http.local_addr()?, socks.local_addr()?, tunnel.local_addr()?);
     let mut pc = ferry_proxy::ProxyConfig::new(verifier, tls);
     pc.max_connections = cfg.max_connections;
+    pc.max_connections_per_client = cfg.max_connections_per_client;
     pc.heartbeat = heartbeat(cfg.heartbeat_seconds)?;
     let mut no_auth = None;
     if let Some(b) = &cfg.bench_socks5_no_auth {
