@@ -13,6 +13,7 @@ mod backend;
 pub mod fuzzing;
 pub mod ha;
 pub mod instance;
+mod pin;
 pub mod principal;
 pub mod rewrite;
 
