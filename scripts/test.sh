@@ -34,6 +34,12 @@ command -v tar >/dev/null || need_apt+=(tar)
 { command -v initdb >/dev/null || compgen -G '/usr/lib/postgresql/*/bin/initdb' >/dev/null; } || need_apt+=(postgresql)
 # The independent verifier (and signer) of SAML assertions in ferry-auth's tests.
 command -v xmlsec1 >/dev/null || need_apt+=(xmlsec1)
+# The tunnel-loss test (crates/ferry/tests/netns.rs) joins two network namespaces with a veth
+# pair and drops packets with nftables.
+{ command -v ip >/dev/null || [ -x /usr/sbin/ip ] || [ -x /sbin/ip ]; } || need_apt+=(iproute2)
+{ command -v nft >/dev/null || [ -x /usr/sbin/nft ]; } || need_apt+=(nftables)
+# scripts/soak.sh (run by hand, not here: it takes minutes) plots with matplotlib.
+/usr/bin/python3 -c 'import matplotlib' 2>/dev/null || need_apt+=(python3-matplotlib)
 # Java's keytool writes the JKS keystores the keystore tests read (openssl writes the P12 ones).
 command -v keytool >/dev/null || need_apt+=(default-jre-headless)
 if [ ${#need_apt[@]} -gt 0 ]; then

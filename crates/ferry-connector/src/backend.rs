@@ -11,7 +11,6 @@ use hyper::body::Incoming;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
-use tokio::net::TcpStream;
 
 use std::sync::Arc;
 
@@ -19,8 +18,21 @@ use crate::access::{
     AccessRequest, AccessRules, Decision, DenyReason, HostInHeader, LiveRules, Protocol, SystemMapping,
 };
 use crate::audit::{AuditEvent, AuditLog, Outcome};
+use crate::pin::{PinError, PinnedResolver, Pins};
 use crate::principal::{PrincipalDelivery, PrincipalPropagation};
 use ferry_core::Shutdown;
+
+/// A [`PinError`] somewhere in an error's chain (the pooled client wraps its resolver's error).
+fn pin_error<'a>(e: &'a (dyn std::error::Error + 'static)) -> Option<&'a PinError> {
+    let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(err) = cur {
+        if let Some(p) = err.downcast_ref::<PinError>() {
+            return Some(p);
+        }
+        cur = err.source();
+    }
+    None
+}
 
 pub(crate) struct Backend {
     rules: Arc<LiveRules>,
@@ -28,13 +40,16 @@ pub(crate) struct Backend {
     connect_timeout: Duration,
     response_timeout: Duration,
     /// Pooled HTTP/1.1 client for `HTTP` and `HTTPS` mappings.
-    http: Client<hyper_rustls::HttpsConnector<HttpConnector>, BoxBody>,
+    http: Pooled,
     /// TLS for `TCPS`/`LDAPS` mappings.
     tls: tokio_rustls::TlsConnector,
     /// The same two, presenting the connector's system certificate as TLS client certificate,
     /// when one is configured (SPEC §4.3: sent to `HTTPS`/`TCPS`/`LDAPS` backends of mappings
     /// whose principal type is not `*_RESTRICTED`).
-    system: Option<(Client<hyper_rustls::HttpsConnector<HttpConnector>, BoxBody>, tokio_rustls::TlsConnector)>,
+    system: Option<(Pooled, tokio_rustls::TlsConnector)>,
+    /// Addresses of mapped host names, pinned (see `pin.rs`); the pooled clients resolve
+    /// through them too.
+    pins: Arc<Pins>,
     /// Trust anchors for backends, for connections that present a user certificate.
     roots: Arc<rustls::RootCertStore>,
     /// Swappable like the rules: the admin API changes its settings at run time.
@@ -42,6 +57,9 @@ pub(crate) struct Backend {
     /// Cancelled when the connector shuts down: idle TCP relays close then (see [`Stopping`]).
     pub(crate) stopping: Shutdown,
 }
+
+/// The pooled backend client; names resolve through the pins.
+type Pooled = Client<hyper_rustls::HttpsConnector<HttpConnector<PinnedResolver>>, BoxBody>;
 
 /// SAP's header for the propagated user's certificate.
 const SSL_CLIENT_CERT: &str = "ssl_client_cert";
@@ -168,8 +186,10 @@ impl Backend {
         system_certificate: Option<&ferry_core::tls::CertifiedKey>,
     ) -> Result<Self, ferry_core::tls::TlsError> {
         let builder = || rustls::ClientConfig::builder().with_root_certificates(roots.clone());
+        let pins = Arc::new(Pins::default());
+        let resolver = PinnedResolver { pins: pins.clone(), rules: rules.clone() };
         let clients = |tls: rustls::ClientConfig| {
-            let mut connector = HttpConnector::new();
+            let mut connector = HttpConnector::new_with_resolver(resolver.clone());
             connector.set_nodelay(true);
             connector.set_connect_timeout(Some(connect_timeout));
             connector.enforce_http(false);
@@ -199,6 +219,7 @@ impl Backend {
             http,
             tls,
             system,
+            pins,
             roots,
             principal: std::sync::RwLock::new(principal),
             stopping: Shutdown::new(),
@@ -207,10 +228,7 @@ impl Backend {
 
     /// The HTTP client and TLS connector for a mapping: with the system certificate unless
     /// the mapping's principal type forbids it.
-    fn clients_for(
-        &self,
-        m: &SystemMapping,
-    ) -> (&Client<hyper_rustls::HttpsConnector<HttpConnector>, BoxBody>, &tokio_rustls::TlsConnector) {
+    fn clients_for(&self, m: &SystemMapping) -> (&Pooled, &tokio_rustls::TlsConnector) {
         match &self.system {
             Some((http, tls)) if m.authentication_mode.sends_system_certificate() => (http, tls),
             _ => (&self.http, &self.tls),
@@ -405,6 +423,10 @@ impl Backend {
             }
             Err(e) => {
                 tracing::warn!(system = %target, error = %e, "backend request failed");
+                if let Some(pin) = pin_error(&*e) {
+                    exchange.update(|ev| ev.reason = "BackendRebound".into());
+                    return unreachable(format!("The backend of system {target} was not dialled: {pin}"));
+                }
                 exchange.update(|ev| ev.reason = "BackendUnreachable".into());
                 unreachable(format!("The Cloud Connector could not reach the backend of system {target}"))
             }
@@ -425,8 +447,8 @@ impl Backend {
             .with_root_certificates(self.roots.clone())
             .with_client_auth_cert(certs, key)?;
         let name = rustls::pki_types::ServerName::try_from(m.local_host.clone())?;
-        let tcp = tokio::time::timeout(self.connect_timeout, TcpStream::connect((m.local_host.as_str(), m.local_port)))
-            .await??;
+        let addrs = self.pins.resolve(&self.rules.get(), &m.local_host, m.local_port).await?;
+        let tcp = crate::pin::connect(&addrs, self.connect_timeout).await?;
         let _ = tcp.set_nodelay(true);
         let tls = tokio::time::timeout(
             self.connect_timeout,
@@ -479,19 +501,34 @@ impl Backend {
         target: &str,
         exchange: Arc<Exchange>,
     ) -> Response<BoxBody> {
-        let addr = (m.local_host.as_str(), m.local_port);
-        let stream = match tokio::time::timeout(self.connect_timeout, TcpStream::connect(addr)).await {
-            Ok(Ok(s)) => s,
-            Ok(Err(e)) => {
-                tracing::warn!(system = %target, error = %e, "backend connect failed");
-                exchange.update(|ev| ev.reason = "BackendUnreachable".into());
-                return unreachable(format!("The Cloud Connector could not reach the backend of system {target}"));
-            }
-            Err(_) => {
-                exchange.update(|ev| ev.reason = "BackendTimeout".into());
-                return timed_out(format!("Connecting to the backend of system {target} timed out"));
+        let addrs = match self.pins.resolve(&self.rules.get(), &m.local_host, m.local_port).await {
+            Ok(a) => a,
+            Err(e) => {
+                tracing::warn!(system = %target, error = %e, "backend not dialled");
+                let rebound = matches!(e, PinError::Rebound { .. });
+                exchange.update(|ev| ev.reason = if rebound { "BackendRebound" } else { "BackendUnreachable" }.into());
+                return unreachable(format!("The backend of system {target} was not dialled: {e}"));
             }
         };
+        // Each address gets the connect timeout; with one address (the usual case) that is the
+        // whole budget.
+        let stream =
+            match tokio::time::timeout(self.connect_timeout, crate::pin::connect(&addrs, self.connect_timeout)).await {
+                Ok(Ok(s)) => s,
+                Ok(Err(e)) if e.kind() == std::io::ErrorKind::TimedOut => {
+                    exchange.update(|ev| ev.reason = "BackendTimeout".into());
+                    return timed_out(format!("Connecting to the backend of system {target} timed out"));
+                }
+                Ok(Err(e)) => {
+                    tracing::warn!(system = %target, error = %e, "backend connect failed");
+                    exchange.update(|ev| ev.reason = "BackendUnreachable".into());
+                    return unreachable(format!("The Cloud Connector could not reach the backend of system {target}"));
+                }
+                Err(_) => {
+                    exchange.update(|ev| ev.reason = "BackendTimeout".into());
+                    return timed_out(format!("Connecting to the backend of system {target} timed out"));
+                }
+            };
         let _ = stream.set_nodelay(true);
         let downstream = if matches!(m.protocol, Protocol::Tcps | Protocol::Ldaps) {
             let name = match rustls::pki_types::ServerName::try_from(m.local_host.clone()) {

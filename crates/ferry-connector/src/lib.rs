@@ -14,6 +14,7 @@ pub mod channel;
 pub mod fuzzing;
 pub mod ha;
 pub mod instance;
+mod pin;
 pub mod principal;
 pub mod rewrite;
 

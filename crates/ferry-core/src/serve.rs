@@ -7,7 +7,7 @@
 //! running connections to finish (each handler sees the same shutdown token and drains).
 
 use std::future::Future;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -26,6 +26,10 @@ pub struct AcceptOptions {
     /// Name used in log spans (`token-service`, `http-proxy`, …).
     pub name: &'static str,
     pub max_connections: usize,
+    /// Connections one client address may hold open at once; 0 = no cap. One more is handed
+    /// to the listener's refusal (see [`accept_loop_with_refusal`]) instead of its handler, so
+    /// a single client cannot take every slot of `max_connections`.
+    pub max_per_client: usize,
     /// Time allowed for a TLS handshake or protocol greeting.
     pub handshake_timeout: Duration,
     /// How long shutdown waits for open connections before giving up on them.
@@ -37,18 +41,75 @@ impl AcceptOptions {
         Self {
             name,
             max_connections: 10_000,
+            max_per_client: 0,
             handshake_timeout: Duration::from_secs(10),
             drain_timeout: Duration::from_secs(10),
         }
     }
 }
 
-/// Accepts connections until `shutdown` fires, then drains.
+/// Accepts connections until `shutdown` fires, then drains. A client over
+/// [`AcceptOptions::max_per_client`] is closed at once.
 pub async fn accept_loop<F, Fut>(listener: TcpListener, opts: AcceptOptions, shutdown: Shutdown, handler: F)
 where
     F: Fn(TcpStream, SocketAddr) -> Fut + Send + Sync + 'static,
     Fut: Future<Output = ()> + Send + 'static,
 {
+    accept_loop_with_refusal(listener, opts, shutdown, handler, |stream, _| async move { drop(stream) }).await
+}
+
+/// Open connections per client address, for [`AcceptOptions::max_per_client`].
+#[derive(Default)]
+struct PerClient(std::sync::Mutex<std::collections::HashMap<IpAddr, usize>>);
+
+/// One connection's place in [`PerClient`]; gives it back when dropped.
+struct ClientSlot {
+    table: Arc<PerClient>,
+    ip: IpAddr,
+}
+
+impl PerClient {
+    /// Takes a slot for `ip`, or `None` when it already holds `max`.
+    fn take(self: &Arc<Self>, ip: IpAddr, max: usize) -> Option<ClientSlot> {
+        let mut t = self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let n = t.entry(ip).or_insert(0);
+        if *n >= max {
+            return None;
+        }
+        *n += 1;
+        Some(ClientSlot { table: self.clone(), ip })
+    }
+}
+
+impl Drop for ClientSlot {
+    fn drop(&mut self) {
+        let mut t = self.table.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(n) = t.get_mut(&self.ip) {
+            *n -= 1;
+            if *n == 0 {
+                t.remove(&self.ip);
+            }
+        }
+    }
+}
+
+/// [`accept_loop`], with `refuse` serving the connections of a client over
+/// [`AcceptOptions::max_per_client`]: it should answer in the listener's protocol (HTTP 429,
+/// a SOCKS5 reply) and close. Refused connections still count against `max_connections` while
+/// `refuse` runs (it must be short: bound it by the handshake timeout).
+pub async fn accept_loop_with_refusal<F, Fut, R, RFut>(
+    listener: TcpListener,
+    opts: AcceptOptions,
+    shutdown: Shutdown,
+    handler: F,
+    refuse: R,
+) where
+    F: Fn(TcpStream, SocketAddr) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = ()> + Send + 'static,
+    R: Fn(TcpStream, SocketAddr) -> RFut + Send + Sync + 'static,
+    RFut: Future<Output = ()> + Send + 'static,
+{
+    let per_client = Arc::new(PerClient::default());
     let permits = Arc::new(Semaphore::new(opts.max_connections.max(1)));
     let reg = crate::metrics::global();
     let open =
@@ -56,6 +117,11 @@ where
     let accepted_total = reg.counter(
         "ferry_accepted_connections_total",
         "Connections accepted, by listener.",
+        &[("listener", opts.name)],
+    );
+    let refused_total = reg.counter(
+        "ferry_refused_connections_total",
+        "Connections refused because their client address had max_per_client open, by listener.",
         &[("listener", opts.name)],
     );
     let tracker = TaskTracker::new();
@@ -76,6 +142,26 @@ where
                 backoff = Duration::from_millis(5);
                 let _ = stream.set_nodelay(true);
                 let span = tracing::info_span!("conn", listener = opts.name, %peer);
+                let slot = match opts.max_per_client {
+                    0 => None,
+                    max => match per_client.take(peer.ip(), max) {
+                        Some(slot) => Some(slot),
+                        None => {
+                            refused_total.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                            span.in_scope(|| tracing::info!(max, "client over its connection cap; refused"));
+                            let fut = refuse(stream, peer);
+                            let limit = opts.handshake_timeout;
+                            tracker.spawn(
+                                async move {
+                                    let _ = tokio::time::timeout(limit, fut).await;
+                                    drop(permit);
+                                }
+                                .instrument(span),
+                            );
+                            continue;
+                        }
+                    },
+                };
                 let fut = handler(stream, peer);
                 accepted_total.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 let guard = crate::metrics::GaugeGuard::new(open.clone());
@@ -83,6 +169,7 @@ where
                     async move {
                         fut.await;
                         drop(guard);
+                        drop(slot);
                         drop(permit);
                     }
                     .instrument(span),
@@ -117,22 +204,40 @@ pub async fn serve_router(
     let handshake_timeout = opts.handshake_timeout;
     let sd = shutdown.clone();
     let router = router.layer(axum::middleware::from_fn(limit_header_bytes));
-    accept_loop(listener, opts, shutdown, move |stream, peer| {
-        let router = router.clone();
+    let max = opts.max_per_client;
+    let too_many = axum::Router::new().fallback(move || async move { too_many_connections(max) });
+    let serve = move |router: axum::Router| {
         let acceptor = acceptor.clone();
         let shutdown = sd.clone();
-        async move {
-            match acceptor {
-                Some(acceptor) => match tokio::time::timeout(handshake_timeout, acceptor.accept(stream)).await {
-                    Ok(Ok(tls)) => serve_http1(tls, peer, router, shutdown).await,
-                    Ok(Err(e)) => tracing::debug!(error = %e, "TLS handshake failed"),
-                    Err(_) => tracing::debug!("TLS handshake timed out"),
-                },
-                None => serve_http1(stream, peer, router, shutdown).await,
+        move |stream: TcpStream, peer: SocketAddr| {
+            let router = router.clone();
+            let acceptor = acceptor.clone();
+            let shutdown = shutdown.clone();
+            async move {
+                match acceptor {
+                    Some(acceptor) => match tokio::time::timeout(handshake_timeout, acceptor.accept(stream)).await {
+                        Ok(Ok(tls)) => serve_http1(tls, peer, router, shutdown).await,
+                        Ok(Err(e)) => tracing::debug!(error = %e, "TLS handshake failed"),
+                        Err(_) => tracing::debug!("TLS handshake timed out"),
+                    },
+                    None => serve_http1(stream, peer, router, shutdown).await,
+                }
             }
         }
-    })
-    .await
+    };
+    let (handler, refuse) = (serve(router), serve(too_many));
+    accept_loop_with_refusal(listener, opts, shutdown, handler, refuse).await
+}
+
+/// The answer to a request on a connection over [`AcceptOptions::max_per_client`]: 429, and the
+/// connection closes after it.
+pub fn too_many_connections(max: usize) -> axum::response::Response {
+    let msg = format!(
+        "Too many connections from your address: at most {max} may be open at once. Close idle connections or \
+         reuse them (keep-alive), then retry.\n"
+    );
+    (http::StatusCode::TOO_MANY_REQUESTS, [(http::header::CONNECTION, "close"), (http::header::RETRY_AFTER, "1")], msg)
+        .into_response()
 }
 
 /// Total size of a request's header names and values an HTTP service accepts. hyper's read

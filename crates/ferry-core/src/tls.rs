@@ -272,7 +272,41 @@ pub fn server_config(
     };
     let mut cfg = builder.with_single_cert(parse_certs(&identity.cert_pem)?, parse_key(identity.key_pem.expose())?)?;
     cfg.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+    if client_ca.is_some() {
+        without_resumption(&mut cfg);
+    }
     Ok(Arc::new(cfg))
+}
+
+/// Turns off session resumption (TLS 1.2 session ids, TLS 1.3 tickets) on a server that
+/// authenticates clients by certificate. A resumed handshake restores the client certificate
+/// from the session instead of verifying it again, so a certificate that has expired since, or
+/// was issued by a CA no longer trusted, would keep working; every connection must run the full
+/// handshake and the verifier.
+pub fn without_resumption(cfg: &mut ServerConfig) {
+    cfg.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
+    cfg.send_tls13_tickets = 0;
+    cfg.ticketer = Arc::new(NoTickets);
+}
+
+/// A ticketer that never issues stateless tickets (rustls' default, spelled out so the
+/// choice does not depend on it).
+#[derive(Debug)]
+struct NoTickets;
+
+impl rustls::server::ProducesTickets for NoTickets {
+    fn enabled(&self) -> bool {
+        false
+    }
+    fn lifetime(&self) -> u32 {
+        0
+    }
+    fn encrypt(&self, _plain: &[u8]) -> Option<Vec<u8>> {
+        None
+    }
+    fn decrypt(&self, _cipher: &[u8]) -> Option<Vec<u8>> {
+        None
+    }
 }
 
 /// Client config trusting `ca_pem` only, optionally presenting a client certificate.

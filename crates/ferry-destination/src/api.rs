@@ -223,6 +223,14 @@ impl From<Error> for ApiError {
                 format!("{e}. Ask the operator of this Destination Service."),
             ),
             Error::Contended { .. } => Self::new(StatusCode::CONFLICT, e.to_string()),
+            Error::Store(crate::StoreError::Unavailable { .. }) => {
+                // The driver's words go to the log; the caller learns it may retry.
+                tracing::warn!(error = %e, "destination database unavailable");
+                Self::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "The destination database is unavailable (restarting or unreachable); retry in a few seconds",
+                )
+            }
             Error::Store(_) | Error::WrongMasterKey | Error::Encrypt => {
                 tracing::error!(error = %e, "destination service request failed");
                 Self::new(StatusCode::INTERNAL_SERVER_ERROR, "The destination store failed; try again later")

@@ -50,8 +50,22 @@ fn err(context: &'static str) -> impl Fn(tokio_postgres::Error) -> StoreError {
     // `Display` of a tokio-postgres error is terse ("db error"); the source says what failed.
     move |e| {
         let detail = std::error::Error::source(&e).map(|s| format!(": {s}")).unwrap_or_default();
-        StoreError::backend(context, format!("{e}{detail}"))
+        if connection_lost(&e) {
+            StoreError::unavailable(context, format!("{e}{detail}"))
+        } else {
+            StoreError::backend(context, format!("{e}{detail}"))
+        }
     }
+}
+
+/// Whether `e` says the server is gone or going rather than that the statement failed: the
+/// connection closed or broke (an I/O error), SQLSTATE class 08 (connection exception) or 57P
+/// (operator intervention: admin/crash shutdown, cannot connect now). A restart of the database
+/// shows up as these; the next request gets a fresh connection from the pool.
+fn connection_lost(e: &tokio_postgres::Error) -> bool {
+    let io = std::error::Error::source(e).is_some_and(|s| s.is::<std::io::Error>());
+    let state = e.code().map(|c| c.code()).unwrap_or_default();
+    e.is_closed() || io || state.starts_with("08") || state.starts_with("57P")
 }
 
 impl PgStore {
@@ -91,7 +105,7 @@ impl PgStore {
     async fn client(&self, context: &'static str) -> Result<deadpool_postgres::Client, StoreError> {
         self.pool.get().await.map_err(|e| {
             let detail = std::error::Error::source(&e).map(|s| format!(": {s}")).unwrap_or_default();
-            StoreError::backend(context, format!("no database connection ({e}{detail})"))
+            StoreError::unavailable(context, format!("no database connection ({e}{detail})"))
         })
     }
 

@@ -25,6 +25,10 @@ use rusqlite::{Connection, OptionalExtension, params};
 pub enum StoreError {
     #[error("{context}: {message}")]
     Backend { context: String, message: String },
+    /// The database cannot be reached or is restarting (connection refused or lost, server
+    /// shutting down or starting): worth a retry, unlike [`StoreError::Backend`].
+    #[error("{context}: the database is unavailable ({message})")]
+    Unavailable { context: String, message: String },
     #[error(
         "the database has schema version {found}, newer than version {supported} this Ferry understands; upgrade Ferry"
     )]
@@ -34,6 +38,10 @@ pub enum StoreError {
 impl StoreError {
     pub(crate) fn backend(context: impl Into<String>, e: impl std::fmt::Display) -> Self {
         Self::Backend { context: context.into(), message: e.to_string() }
+    }
+
+    pub(crate) fn unavailable(context: impl Into<String>, e: impl std::fmt::Display) -> Self {
+        Self::Unavailable { context: context.into(), message: e.to_string() }
     }
 }
 

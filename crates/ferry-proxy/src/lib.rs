@@ -18,7 +18,7 @@ use std::time::Duration;
 
 use ferry_auth::Verifier;
 use ferry_core::Shutdown;
-use ferry_core::serve::{AcceptOptions, accept_loop};
+use ferry_core::serve::{AcceptOptions, accept_loop, accept_loop_with_refusal};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::TcpListener;
 
@@ -34,6 +34,9 @@ pub struct ProxyConfig {
     pub heartbeat: Duration,
     pub handshake_timeout: Duration,
     pub max_connections: usize,
+    /// Connections one client address may hold open on the HTTP and on the SOCKS5 port (each);
+    /// one more gets 429 (HTTP) or reply 02 (SOCKS5) and is closed. 0 = no cap.
+    pub max_connections_per_client: usize,
     /// On shutdown: how long in-flight HTTP requests and busy SOCKS5 streams may take before
     /// they are closed. Idle connections close at once (SOCKS5: after [`socks::IDLE_TICK`]
     /// without a byte), so the proxy exits as soon as its in-flight work is done.
@@ -59,6 +62,7 @@ impl ProxyConfig {
             heartbeat: Duration::from_secs(20),
             handshake_timeout: Duration::from_secs(10),
             max_connections: 10_000,
+            max_connections_per_client: 1_000,
             drain_timeout: Duration::from_secs(10),
             max_streams_per_subaccount: 2_000,
             socks5_no_auth: None,
@@ -197,20 +201,35 @@ impl Proxy {
             ..AcceptOptions::named(name)
         };
         let mut front = tokio::task::JoinSet::new();
+        let per_client = self.config.max_connections_per_client;
+        let capped = |name| AcceptOptions { max_per_client: per_client, ..opts(name) };
         if let Some(l) = listeners.http {
             let shared = shared.clone();
             let sd = shutdown.clone();
-            front.spawn(accept_loop(l, opts("http-proxy"), shutdown.clone(), move |stream, _| {
-                serve_http(stream, shared.clone(), sd.clone(), drain)
-            }));
+            front.spawn(accept_loop_with_refusal(
+                l,
+                capped("http-proxy"),
+                shutdown.clone(),
+                move |stream, _| serve_http(stream, shared.clone(), sd.clone(), drain),
+                move |stream, _| refuse_http(stream, per_client),
+            ));
         }
         if let Some(l) = listeners.socks5 {
             let shared = shared.clone();
             let hs = self.config.handshake_timeout;
             let sd = shutdown.clone();
-            front.spawn(accept_loop(l, opts("socks5-proxy"), shutdown.clone(), move |stream, _| {
-                socks::serve(stream, shared.clone(), hs, None, socks::Drain { shutdown: sd.clone(), timeout: drain })
-            }));
+            let serve = move |stream, over_cap| {
+                let drain = socks::Drain { shutdown: sd.clone(), timeout: drain };
+                socks::serve(stream, shared.clone(), hs, None, drain, over_cap)
+            };
+            let refuse = serve.clone();
+            front.spawn(accept_loop_with_refusal(
+                l,
+                capped("socks5-proxy"),
+                shutdown.clone(),
+                move |stream, _| serve(stream, None),
+                move |stream, _| refuse(stream, Some(per_client)),
+            ));
         }
         if let Some(l) = listeners.socks5_no_auth {
             match check_no_auth(&l, self.config.socks5_no_auth.as_ref()) {
@@ -233,7 +252,7 @@ impl Proxy {
                     );
                     front.spawn(accept_loop(l, opts("socks5-no-auth"), shutdown.clone(), move |stream, _| {
                         let drain = socks::Drain { shutdown: sd.clone(), timeout: drain };
-                        socks::serve(stream, shared.clone(), hs, route.clone(), drain)
+                        socks::serve(stream, shared.clone(), hs, route.clone(), drain, None)
                     }));
                 }
             }
@@ -270,6 +289,20 @@ impl Proxy {
         if let Some(t) = tunnels {
             let _ = t.await;
         }
+    }
+}
+
+/// Answers every request on a connection over the per-client cap with 429 and closes it.
+async fn refuse_http(stream: tokio::net::TcpStream, max: usize) {
+    let service = hyper::service::service_fn(move |_req| async move {
+        Ok::<_, std::convert::Infallible>(ferry_core::serve::too_many_connections(max))
+    });
+    let conn = hyper::server::conn::http1::Builder::new()
+        .timer(TokioTimer::new())
+        .header_read_timeout(Duration::from_secs(5))
+        .serve_connection(TokioIo::new(stream), service);
+    if let Err(e) = conn.await {
+        tracing::debug!(error = %e, "refused HTTP proxy connection ended with an error");
     }
 }
 

@@ -94,6 +94,7 @@ pub(crate) async fn serve(
     handshake_timeout: Duration,
     no_auth: Option<NoAuth>,
     drain: Drain,
+    over_cap: Option<usize>,
 ) {
     let mut buf = BytesMut::with_capacity(2048);
     let hs = handshake(&mut stream, &mut buf, no_auth.is_some());
@@ -140,6 +141,13 @@ pub(crate) async fn serve(
     };
     if !request.is_connect() {
         let _ = stream.write_all(&count_reply(Reply::CommandNotSupported)).await;
+        return;
+    }
+    if let Some(max) = over_cap {
+        // The client's address holds `max` connections already: refused in SOCKS5's own terms,
+        // after the handshake, so the client sees a reply rather than a bare close.
+        tracing::info!(max, "SOCKS5 client over its connection cap; reply 02");
+        let _ = stream.write_all(&count_reply(Reply::NotAllowed)).await;
         return;
     }
     let target = match &request.address {

@@ -251,3 +251,89 @@ impl Drop for Postgres {
         let _ = self.child.wait();
     }
 }
+
+/// A server of its own run through `pg_ctl`, for tests that stop and start it under load (fast
+/// shutdown, then a start on the same port and data). Stopped at once (immediate mode) and its
+/// folder removed when dropped; unlike [`Postgres`] it does not outlive a killed test process
+/// tidily, so only the few restart tests use it.
+pub struct RestartablePostgres {
+    pub port: u16,
+    bin: PathBuf,
+    dir: PathBuf,
+    root: bool,
+}
+
+impl std::fmt::Debug for RestartablePostgres {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RestartablePostgres").field("port", &self.port).finish_non_exhaustive()
+    }
+}
+
+impl RestartablePostgres {
+    /// Creates the cluster and starts the server; panics with PostgreSQL's messages if it
+    /// cannot.
+    pub fn start() -> Self {
+        let bin = bin_dir();
+        assert!(bin.join("pg_ctl").exists() && bin.join("initdb").exists(), "{INSTALL_HINT}");
+        let root = is_root();
+        let dir = temp_dir(root);
+        let mut initdb = as_server_user(&bin.join("initdb"), root);
+        initdb.arg("-D").arg(dir.join("data")).args([
+            "-U",
+            USER,
+            "--auth=trust",
+            "-E",
+            "UTF8",
+            "--no-locale",
+            "--no-sync",
+        ]);
+        run(initdb, "initdb");
+        let me = Self { port: free_port(), bin, dir, root };
+        me.start_again();
+        me
+    }
+
+    fn pg_ctl(&self) -> Command {
+        let mut c = as_server_user(&self.bin.join("pg_ctl"), self.root);
+        c.arg("-D").arg(self.dir.join("data")).arg("-w").args(["-t", "60"]);
+        c
+    }
+
+    /// Fast shutdown (what `systemctl stop` does): open sessions are ended, the server
+    /// checkpoints and exits; returns once it has.
+    pub fn stop_fast(&self) {
+        let mut c = self.pg_ctl();
+        c.args(["-m", "fast", "stop"]);
+        run(c, "pg_ctl stop");
+    }
+
+    /// Starts the (stopped) server again on the same port; returns once it accepts connections.
+    pub fn start_again(&self) {
+        let options = format!(
+            "-h 127.0.0.1 -p {} -k {} -c fsync=off -c full_page_writes=off -c max_connections=100",
+            self.port,
+            self.dir.display()
+        );
+        let mut c = self.pg_ctl();
+        c.arg("-l").arg(self.dir.join("log")).args(["-o", &options, "start"]);
+        c.stdout(Stdio::null());
+        run(c, "pg_ctl start");
+    }
+
+    /// Creates a new, empty database and returns its URL.
+    pub fn database(&self, name: &str) -> String {
+        let mut createdb = Command::new(self.bin.join("createdb"));
+        createdb.args(["-h", "127.0.0.1", "-p", &self.port.to_string(), "-U", USER, name]);
+        run(createdb, "createdb");
+        format!("postgres://{USER}@127.0.0.1:{}/{name}", self.port)
+    }
+}
+
+impl Drop for RestartablePostgres {
+    fn drop(&mut self) {
+        let mut c = self.pg_ctl();
+        c.args(["-m", "immediate", "stop"]).stdout(Stdio::null()).stderr(Stdio::null());
+        let _ = c.status();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}

@@ -88,6 +88,13 @@ pub struct ConnectorFile {
     principal_propagation: Option<StandalonePp>,
     #[serde(default)]
     mappings: Vec<SystemMapping>,
+    /// PING interval and answer timeout on each tunnel: a tunnel that loses packets silently is
+    /// dropped and redialled after at most about twice this.
+    #[serde(default = "heartbeat_seconds")]
+    heartbeat_seconds: u64,
+    /// Upper bound of the exponential backoff between redials of a lost tunnel.
+    #[serde(default = "backoff_max_seconds")]
+    backoff_max_seconds: u64,
     /// The administration REST API (SAP's Cloud Connector API) and the subaccounts it manages.
     #[serde(default)]
     admin: Option<AdminSection>,
@@ -131,10 +138,17 @@ struct AdminSection {
     /// added with `cloudUser`/`cloudPassword`.
     #[serde(default)]
     region_ca_file: Option<PathBuf>,
+    /// Connections one client address may hold open on the admin port (0 = no cap).
+    #[serde(default = "admin_connections_per_client")]
+    max_connections_per_client: usize,
 }
 
 fn all_interfaces() -> String {
     "0.0.0.0".into()
+}
+
+fn admin_connections_per_client() -> usize {
+    64
 }
 
 fn certificate_renew_at() -> f64 {
@@ -229,6 +243,8 @@ pub async fn connector(config: &Path) -> anyhow::Result<()> {
         cc.resolve_replicas = cfg.resolve_proxies.then_some(resolve_interval);
         cc.connections = cfg.connections.max(1);
         cc.drain_timeout = Duration::from_secs(cfg.drain_timeout_seconds);
+        cc.heartbeat = heartbeat(cfg.heartbeat_seconds)?;
+        cc.backoff_max = Duration::from_secs(cfg.backoff_max_seconds.max(1));
         cc.audit = ferry_connector::audit::AuditConfig { level: cfg.audit_level, ..audit.clone() };
         cc.backend_ca_pem = backend_ca_pem.clone();
         cc.system_certificate = system_certificate.clone();
@@ -253,6 +269,7 @@ pub async fn connector(config: &Path) -> anyhow::Result<()> {
             anyhow::bail!("[admin] certificate_renew_at must be a fraction between 0 and 1, e.g. 0.67");
         }
         ac.renew_at = a.certificate_renew_at;
+        ac.max_connections_per_client = a.max_connections_per_client;
         ac.connection.connections = cfg.connections.max(1);
         ac.connection.resolve_interval = resolve_interval;
         ac.connection.drain_timeout = Duration::from_secs(cfg.drain_timeout_seconds);
@@ -305,6 +322,14 @@ pub struct ProxyFile {
     /// How long a request waits for a connector's next tunnel while its tunnel drains.
     #[serde(default = "tunnel_swap_wait_seconds")]
     tunnel_swap_wait_seconds: u64,
+    /// Connections one client address may hold open on the HTTP and on the SOCKS5 port (0 = no
+    /// cap).
+    #[serde(default = "max_connections_per_client")]
+    max_connections_per_client: usize,
+    /// PING interval and answer timeout on each tunnel: requests on a tunnel that loses packets
+    /// silently fail, and the tunnel leaves the registry, after at most about twice this.
+    #[serde(default = "heartbeat_seconds")]
+    heartbeat_seconds: u64,
     /// Benchmark/development mode, not for production: SOCKS5 without authentication.
     #[serde(default)]
     bench_socks5_no_auth: Option<BenchNoAuth>,
@@ -332,6 +357,23 @@ fn max_connections() -> usize {
 
 fn tunnel_swap_wait_seconds() -> u64 {
     5
+}
+
+fn max_connections_per_client() -> usize {
+    1_000
+}
+
+fn heartbeat_seconds() -> u64 {
+    20
+}
+
+fn backoff_max_seconds() -> u64 {
+    30
+}
+
+fn heartbeat(seconds: u64) -> anyhow::Result<Duration> {
+    anyhow::ensure!(seconds > 0, "heartbeat_seconds must be at least 1");
+    Ok(Duration::from_secs(seconds))
 }
 
 fn localhost() -> String {
@@ -379,6 +421,8 @@ pub async fn proxy(config: &Path) -> anyhow::Result<()> {
     pc.tunnel_swap_wait = Duration::from_secs(cfg.tunnel_swap_wait_seconds);
     pc.channel_targets =
         ferry_proxy::ChannelTargets::new(cfg.channel_targets.iter().cloned()).context("[[channel_targets]]")?;
+    pc.max_connections_per_client = cfg.max_connections_per_client;
+    pc.heartbeat = heartbeat(cfg.heartbeat_seconds)?;
     let mut no_auth = None;
     if let Some(b) = &cfg.bench_socks5_no_auth {
         let l = ferry_core::serve::bind(&b.listen.to_string()).await?;

@@ -52,6 +52,9 @@ pub fn https_server_config(
     };
     let mut cfg = builder.with_single_cert(parse_certs(&identity.cert_pem)?, parse_key(identity.key_pem.expose())?)?;
     cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
+    if client_ca_pem.is_some() {
+        ferry_core::tls::without_resumption(&mut cfg);
+    }
     Ok(Arc::new(cfg))
 }
 

@@ -112,6 +112,9 @@ pub struct AdminConfig {
     pub session_timeout: Duration,
     /// Largest request body accepted.
     pub max_body: usize,
+    /// Connections one client address may hold open on the admin port; one more gets 429 and
+    /// is closed. 0 = no cap.
+    pub max_connections_per_client: usize,
     pub connection: ConnectionDefaults,
     /// PEM file of CA certificates trusted for LDAPS logon hosts, besides the system's roots.
     pub ldap_ca_file: Option<PathBuf>,
@@ -135,6 +138,8 @@ impl AdminConfig {
             lockout: Duration::from_secs(300),
             session_timeout: Duration::from_secs(30 * 60),
             max_body: 1 << 20,
+            // A browser opens about 6; scripts a few more.
+            max_connections_per_client: 64,
             connection: ConnectionDefaults::default(),
             ldap_ca_file: None,
             region_ca_pem: None,
@@ -331,7 +336,10 @@ impl Admin {
             listener,
             router,
             Some(self.ui_tls.clone()),
-            ferry_core::serve::AcceptOptions::named("connector-admin"),
+            ferry_core::serve::AcceptOptions {
+                max_per_client: self.config.max_connections_per_client,
+                ..ferry_core::serve::AcceptOptions::named("connector-admin")
+            },
             shutdown,
         )
         .await;

@@ -14,6 +14,8 @@ mod chain;
 mod concurrency;
 mod consume;
 mod corporate_idp;
+// PostgreSQL only: it restarts the server.
+mod db_restart;
 mod fragments;
 mod labels;
 mod lists;
