@@ -336,7 +336,7 @@ impl Watcher {
             fragment_level: d.spec.fragment_ref.as_ref().and_then(|f| f.level),
             fragment_optional: d.spec.fragment_ref.as_ref().and_then(|f| f.optional),
             resource: d.name().to_owned(),
-            tenant: tenant.map(str::to_owned),
+            tenant: tenant.map(|t| ferry_client::Tenant::Subdomain(t.to_owned())),
             ..Default::default()
         };
         let resolver = match self.shared.resolver(d) {

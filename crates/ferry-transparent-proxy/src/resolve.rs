@@ -5,7 +5,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use ferry_client::{Client, ClientError, DestinationBinding, Hop};
+use ferry_client::{Client, ClientError, DestinationBinding, Hop, Tenant};
 use ferry_core::Secret;
 use http::StatusCode;
 use serde_json::{Map, Value};
@@ -31,8 +31,9 @@ pub struct Lookup {
     pub fragment_level: Option<Level>,
     pub fragment_optional: Option<bool>,
     pub chain: Option<(String, Vec<(String, String)>)>,
-    /// Tenant of the service token (shared tenant mode).
-    pub tenant: Option<String>,
+    /// Tenant of the service token (shared tenant mode): `X-Tenant-Id`, `X-Tenant-Subdomain`
+    /// or a per-tenant endpoint's subdomain.
+    pub tenant: Option<Tenant>,
     /// Headers for the find call (`X-user-token`, `X-tenant`, `X-subject-token`, …); they may
     /// hold tokens, so only their hash goes into the cache key.
     pub headers: Vec<(&'static str, Secret<String>)>,
@@ -150,7 +151,7 @@ impl Resolver {
     }
 
     async fn find_at(&self, lookup: &Lookup, with_tokens: bool) -> Result<(Resolved, Duration), ProxyError> {
-        let token = self.client.destination_service_token(lookup.tenant.as_deref()).await.map_err(token_error)?;
+        let token = self.client.destination_service_token_for(lookup.tenant.as_ref()).await.map_err(token_error)?;
         let name = &lookup.name;
         let mut url = match lookup.level {
             None => format!("{}/destination-configuration/v1/destinations/{name}", self.binding.uri),
@@ -191,7 +192,7 @@ impl Resolver {
         let status = resp.status();
         let body: Value = resp.json().await.unwrap_or(Value::Null);
         if status == reqwest::StatusCode::NOT_FOUND {
-            let tenant = lookup.tenant.as_deref().unwrap_or("provider");
+            let tenant = lookup.tenant.as_ref().map_or("provider", tenant_name);
             let message = if lookup.resource.is_empty() {
                 format!("Destination '{name}' is not found in tenant '{tenant}'.")
             } else {
@@ -290,6 +291,13 @@ fn without_url(e: &reqwest::Error) -> String {
     s
 }
 
+/// The tenant as the request named it.
+pub(crate) fn tenant_name(t: &Tenant) -> &str {
+    match t {
+        Tenant::Id(t) | Tenant::Subdomain(t) => t,
+    }
+}
+
 fn cache_key(l: &Lookup, with_tokens: bool) -> [u8; 32] {
     let mut h = Sha256::new();
     let mut field = |s: &str| {
@@ -305,7 +313,12 @@ fn cache_key(l: &Lookup, with_tokens: bool) -> [u8; 32] {
         Some(true) => "t",
         Some(false) => "f",
     });
-    field(l.tenant.as_deref().unwrap_or("-"));
+    field(match &l.tenant {
+        None => "-",
+        Some(Tenant::Id(_)) => "id",
+        Some(Tenant::Subdomain(_)) => "subdomain",
+    });
+    field(l.tenant.as_ref().map_or("-", tenant_name));
     field(if with_tokens { "tokens" } else { "skip" });
     if let Some((chain, vars)) = &l.chain {
         field(chain);
@@ -337,7 +350,8 @@ mod tests {
             Lookup { fragment: Some("f".into()), ..base.clone() },
             Lookup { fragment_optional: Some(true), ..base.clone() },
             Lookup { fragment_level: Some(Level::Subaccount), ..base.clone() },
-            Lookup { tenant: Some("t".into()), ..base.clone() },
+            Lookup { tenant: Some(Tenant::Id("t".into())), ..base.clone() },
+            Lookup { tenant: Some(Tenant::Subdomain("t".into())), ..base.clone() },
             Lookup { chain: Some(("c".into(), vec![])), ..base.clone() },
             Lookup { headers: vec![("X-user-token", Secret::new("jwt".into()))], ..base.clone() },
         ];
@@ -346,6 +360,6 @@ mod tests {
         }
         assert_ne!(cache_key(&base, false), k);
         // Token headers do not matter when tokens are not fetched.
-        assert_eq!(cache_key(&variants[7], false), cache_key(&base, false));
+        assert_eq!(cache_key(&variants[8], false), cache_key(&base, false));
     }
 }

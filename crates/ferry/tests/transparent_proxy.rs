@@ -403,34 +403,48 @@ protocol = "TCP"
     assert_error(&r, 400, "Transparent Proxy", "either 'x-tenant-id' or 'x-tenant-subdomain' header is mandatory");
     let r = get(erp4, &[("x-tenant-id", "a"), ("x-tenant-subdomain", "b")]).await.unwrap();
     assert_error(&r, 400, "Transparent Proxy", "only one of the 'x-tenant-id' and 'x-tenant-subdomain'");
-    // A tenant the token service does not know.
-    let r = get(erp4, &[("x-tenant-id", "no-such-zone")]).await.unwrap();
-    assert_error(&r, 500, "XSUAA", "Failed to get a token for the Destination Service");
-    assert!(r.headers().get("x-internal-error-code").is_some(), "the token service's status is passed on");
+    // Each header names the tenant its own way (SPEC §5.2): X-Tenant-Id the zone id (`x-zid` to
+    // the token service), X-Tenant-Subdomain the subdomain (its host); either reaches the
+    // OnPremise backend with that tenant's tokens.
+    let zid = claims_of(&token)["zid"].as_str().unwrap().to_owned();
+    let zdn = claims_of(&token)["ext_attr"]["zdn"].as_str().unwrap().to_owned();
+    assert_ne!(zid, zdn);
+    for (header, value) in [("x-tenant-id", &zid), ("x-tenant-subdomain", &zdn)] {
+        let r = get(erp4, &[(header, value)]).await.unwrap();
+        assert_eq!(r.status(), 200, "{header}: {:?}", r.headers().get("x-error-message"));
+        assert_eq!(r.json::<Value>().await.unwrap()["url"], "/sap/p", "{header}");
+    }
+    // A tenant the token service does not know, by id or by subdomain; a zone id is no subdomain.
+    for (header, value) in
+        [("x-tenant-id", "no-such-zone"), ("x-tenant-subdomain", "no-such-subdomain"), ("x-tenant-subdomain", &zid)]
+    {
+        let r = get(erp4, &[(header, value)]).await.unwrap();
+        assert_error(&r, 500, "XSUAA", "Failed to get a token for the Destination Service");
+        assert!(r.headers().get("x-internal-error-code").is_some(), "the token service's status is passed on");
+    }
     tp4.stop().await;
 
     // Shared tenant mode, TCP: one endpoint per subdomain of the annotation, each using its
     // tenant's token; a tenant the token service does not know gets its connections closed.
-    let zid = claims_of(&token)["zid"].as_str().unwrap().to_owned();
     let res3 = dir.join("resources-3");
     std::fs::create_dir_all(&res3).unwrap();
     let annotated = bound("raw", "raw").replace(
         "metadata:\n  name: raw\n",
         &format!(
-            "metadata:\n  name: raw\n  annotations:\n    transparent-proxy.connectivity.api.sap/tenant-subdomains: '[\"{zid}\",\"no-such-zone\"]'\n"
+            "metadata:\n  name: raw\n  annotations:\n    transparent-proxy.connectivity.api.sap/tenant-subdomains: '[\"{zdn}\",\"no-such-zone\"]'\n"
         ),
     );
     assert!(annotated.contains("tenant-subdomains"));
     std::fs::write(res3.join("raw.yaml"), annotated).unwrap();
     let tp5 = Tp::start(&dir, "tp5", &res3, &env_file, "tenant_mode = \"shared\"\n").await;
-    let mine = tp5.endpoint(&format!("raw-{zid}")).await;
+    let mine = tp5.endpoint(&format!("raw-{zdn}")).await;
     let unknown = tp5.endpoint("raw-no-such-zone").await;
     eventually!("per-tenant endpoints are tcp", {
         let list = tp5.rx.borrow();
         list.values().filter(|e| e.resource.starts_with("default/raw-") && e.protocol == "tcp").count() == 2
     });
     assert!(!tp5.rx.borrow().contains_key("default/raw"), "no tenant-less endpoint besides the per-tenant ones");
-    assert_eq!(tp5.rx.borrow()[&format!("default/raw-{zid}")].tenant.as_deref(), Some(zid.as_str()));
+    assert_eq!(tp5.rx.borrow()[&format!("default/raw-{zdn}")].tenant.as_deref(), Some(zdn.as_str()));
     let mut s = tokio::net::TcpStream::connect(mine).await.unwrap();
     s.write_all(b"tenant\n").await.unwrap();
     let n = s.read(&mut buf).await.unwrap();
