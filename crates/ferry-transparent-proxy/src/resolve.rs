@@ -58,10 +58,11 @@ pub struct ClientCert {
     pub hash: [u8; 32],
 }
 
-/// The keystore `KeyStoreLocation` names, from the find answer's `certificates`. P12/JKS
-/// keystores are refused for now; that is where a keystore parser would plug in.
+/// The keystore `KeyStoreLocation` names, from the find answer's `certificates`: PEM, or P12/PFX
+/// or JKS opened with `KeyStorePassword`; kept as PEM (chain, then key), the form TLS reads.
 fn client_cert(name: &str, config: &Map<String, Value>, body: &Value) -> Result<Option<ClientCert>, String> {
     use base64::Engine;
+    use ferry_core::keystore;
     if config.get("Authentication").and_then(Value::as_str) != Some("ClientCertificateAuthentication") {
         return Ok(None);
     }
@@ -76,21 +77,19 @@ fn client_cert(name: &str, config: &Map<String, Value>, body: &Value) -> Result<
         .ok_or_else(|| {
             format!("the keystore '{location}' of destination '{name}' is not in the answer's certificates")
         })?;
-    let kind = entry.get("Type").and_then(Value::as_str).unwrap_or_default().to_ascii_uppercase();
-    let lower = location.to_ascii_lowercase();
-    if matches!(kind.as_str(), "P12" | "PFX" | "JKS") || [".p12", ".pfx", ".jks"].iter().any(|e| lower.ends_with(e)) {
-        return Err(format!(
-            "the keystore '{location}' of destination '{name}' is a P12/JKS keystore; only PEM keystores \
-             (certificate and unencrypted private key) are supported"
-        ));
-    }
     let bytes = base64::engine::general_purpose::STANDARD
-        .decode(entry.get("Content").and_then(Value::as_str).unwrap_or_default())
+        .decode(entry.get("Content").and_then(Value::as_str).unwrap_or_default().trim())
         .map_err(|_| format!("the keystore '{location}' of destination '{name}' is not base64"))?;
-    let pem = String::from_utf8(bytes)
-        .map_err(|_| format!("the keystore '{location}' of destination '{name}' is not a PEM file"))?;
-    let hash = Sha256::digest(pem.as_bytes()).into();
-    Ok(Some(ClientCert { pem: Secret::new(pem), hash }))
+    let format = keystore::Format::from_type_or_name(entry.get("Type").and_then(Value::as_str), location);
+    let password = config.get("KeyStorePassword").and_then(Value::as_str).filter(|p| !p.is_empty());
+    let store = keystore::decode(&bytes, format, password)
+        .map_err(|e| format!("the keystore '{location}' of destination '{name}' cannot be opened: {e}"))?;
+    if store.key_entry().is_none() {
+        return Err(format!("the keystore '{location}' of destination '{name}' holds no private key"));
+    }
+    let pem = store.to_pem();
+    let hash = Sha256::digest(pem.expose().as_bytes()).into();
+    Ok(Some(ClientCert { pem, hash }))
 }
 
 impl Resolved {

@@ -713,9 +713,10 @@ properties = {{ Name = "ws", Type = "HTTP", URL = "http://127.0.0.1:{ws_port}/ws
         "Destination Service instance 'nowhere' referred in Destination CR 'on-nowhere' is not configured",
     );
 
-    // ClientCertificateAuthentication: the keystore from the find answer's `certificates` is
-    // presented to an nginx that requires a client certificate; connections made with one
-    // certificate are never used for another destination (or for none).
+    // ClientCertificateAuthentication: the keystore from the find answer's `certificates` (PEM,
+    // or a P12 opened with KeyStorePassword) is presented to an nginx that requires a client
+    // certificate; connections made with one certificate are never used for another
+    // destination (or for none).
     let data = dir.join("data");
     let ferry_ca = ferry_core::tls::LocalCa::from_pem(
         &std::fs::read_to_string(data.join("ca.pem")).unwrap(),
@@ -736,11 +737,15 @@ properties = {{ Name = "ws", Type = "HTTP", URL = "http://127.0.0.1:{ws_port}/ws
         ],
     );
     let nginx_url = format!("https://127.0.0.1:{}/m", nginx.addr.port());
-    for (who, store) in [("app-a", "a.pem"), ("app-b", "b.pem")] {
+    for (who, store) in [("app-a", "a.pem"), ("app-b", "b.p12")] {
         let id = client_ca.issue_user_cert(&[("CN".to_owned(), who.to_owned())], time::Duration::days(1)).unwrap();
-        let pem = format!("{}{}", id.cert_pem, id.key_pem.expose());
-        let content = base64::engine::general_purpose::STANDARD.encode(pem);
-        let cert = serde_json::json!({"Name": store, "Type": "CERTIFICATE", "Content": content});
+        let (bytes, kind) = if store.ends_with(".p12") {
+            (p12(&dir, &id, "p12-s3cret"), "P12")
+        } else {
+            (format!("{}{}", id.cert_pem, id.key_pem.expose()).into_bytes(), "CERTIFICATE")
+        };
+        let content = base64::engine::general_purpose::STANDARD.encode(bytes);
+        let cert = serde_json::json!({"Name": store, "Type": kind, "Content": content});
         let r = http
             .post(format!("{}/destination-configuration/v1/subaccountCertificates", dest["uri"].as_str().unwrap()))
             .bearer_auth(&token)
@@ -750,7 +755,7 @@ properties = {{ Name = "ws", Type = "HTTP", URL = "http://127.0.0.1:{ws_port}/ws
             .unwrap();
         assert_eq!(r.status(), 201, "{}", r.text().await.unwrap());
         let d = serde_json::json!({"Name": format!("mtls-{who}"), "Type": "HTTP", "URL": nginx_url, "ProxyType": "Internet",
-            "Authentication": "ClientCertificateAuthentication", "KeyStoreLocation": store, "KeyStorePassword": "unused"});
+            "Authentication": "ClientCertificateAuthentication", "KeyStoreLocation": store, "KeyStorePassword": "p12-s3cret"});
         let r = http
             .post(format!("{}/destination-configuration/v1/subaccountDestinations", dest["uri"].as_str().unwrap()))
             .bearer_auth(&token)
@@ -782,8 +787,36 @@ properties = {{ Name = "ws", Type = "HTTP", URL = "http://127.0.0.1:{ws_port}/ws
             assert!(text.contains(cn) && text.contains("verify=SUCCESS") && text.contains("uri=/m/x"), "{d}: {text}");
         }
     }
+
+    // A P12 whose password is wrong: a 502 that says why, and nothing reaches nginx.
+    let d = serde_json::json!({"Name": "mtls-badpass", "Type": "HTTP", "URL": nginx_url, "ProxyType": "Internet",
+        "Authentication": "ClientCertificateAuthentication", "KeyStoreLocation": "b.p12", "KeyStorePassword": "wrong"});
+    let r = http
+        .post(format!("{}/destination-configuration/v1/subaccountDestinations", dest["uri"].as_str().unwrap()))
+        .bearer_auth(&token)
+        .json(&d)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 201);
+    let r = via("mtls-badpass").await.unwrap();
+    assert_error(&r, 502, "Destination Service", "the keystore 'b.p12' of destination 'mtls-badpass' cannot be opened");
     drop(nginx);
 
     tp.stop().await;
     ferry.terminate();
+}
+
+/// A password-protected PKCS#12 keystore of `id`, written by `openssl pkcs12 -export`.
+fn p12(dir: &Path, id: &ferry_core::tls::CertifiedKey, password: &str) -> Vec<u8> {
+    std::fs::write(dir.join("p12-cert.pem"), &id.cert_pem).unwrap();
+    std::fs::write(dir.join("p12-key.pem"), id.key_pem.expose()).unwrap();
+    let out = std::process::Command::new("openssl")
+        .current_dir(dir)
+        .args(["pkcs12", "-export", "-in", "p12-cert.pem", "-inkey", "p12-key.pem", "-name", "client"])
+        .args(["-passout", &format!("pass:{password}"), "-out", "client.p12"])
+        .output()
+        .expect("openssl");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    std::fs::read(dir.join("client.p12")).unwrap()
 }
