@@ -107,4 +107,37 @@ refuse ferry-cloud-connector "config.connection.proxies must be empty with confi
 refuse ferry-cloud-connector "config.auditLevel must be OFF, SECURITY or ALL" --set config.auditLevel=some
 refuse ferry-destination-service "deployment.replicaCount must be 1" --set deployment.replicaCount=2
 refuse ferry-connectivity-proxy "config.logging.level must be one of" --set config.logging.level=loud
+
+# The Dockerfile builds the charts' default image: the binary on the PATH the charts' commands use,
+# as the user their security contexts name. No image is built here.
+if ! "$venv/bin/python" - "$root" <<'PY'
+import pathlib, re, sys, yaml
+root = pathlib.Path(sys.argv[1])
+docker = (root / "Dockerfile").read_text()
+bad = []
+final = docker[docker.rindex("\nFROM "):]
+if not re.search(r"^COPY --from=\S+ \S+ /usr/local/bin/ferry$", final, re.M):
+    bad.append("the final stage must COPY the binary to /usr/local/bin/ferry")
+user = re.search(r"^USER (\d+):(\d+)$", final, re.M)
+if not user:
+    bad.append("the final stage must set USER <uid>:<gid> numerically")
+for values in sorted((root / "deploy/helm").glob("*/values.yaml")):
+    d = yaml.safe_load(values.read_text())["deployment"]
+    if d["image"]["repository"] != "ferry-connectivity/ferry" or d["image"]["registry"] != "ghcr.io":
+        bad.append(f"{values}: deployment.image is not ghcr.io/ferry-connectivity/ferry, which the Dockerfile documents")
+    if user and d["securityContext"]["runAsUser"] != int(user.group(1)):
+        bad.append(f"{values}: runAsUser {d['securityContext']['runAsUser']} is not the image's USER {user.group(1)}")
+for template in sorted((root / "deploy/helm").glob("*/templates/*.yaml")):
+    for cmd in re.findall(r'command: \["([^"]+)"', template.read_text()):
+        if cmd != "ferry":
+            bad.append(f"{template}: command {cmd!r} is not the image's ferry binary")
+if bad:
+    print("\n".join(bad), file=sys.stderr)
+sys.exit(1 if bad else 0)
+PY
+then
+  echo "FAIL the Dockerfile and the charts disagree" >&2; status=1
+else
+  echo "ok   Dockerfile: /usr/local/bin/ferry as the charts' user"
+fi
 exit $status

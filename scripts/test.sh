@@ -42,6 +42,7 @@ command -v xmlsec1 >/dev/null || need_apt+=(xmlsec1)
 /usr/bin/python3 -c 'import matplotlib' 2>/dev/null || need_apt+=(python3-matplotlib)
 # Java's keytool writes the JKS keystores the keystore tests read (openssl writes the P12 ones).
 command -v keytool >/dev/null || need_apt+=(default-jre-headless)
+command -v openssl >/dev/null || need_apt+=(openssl)
 if [ ${#need_apt[@]} -gt 0 ]; then
   export DEBIAN_FRONTEND=noninteractive
   if [ "$(id -u)" = 0 ]; then apt-get update -qq && apt-get install -y -qq "${need_apt[@]}"; else sudo -E apt-get update -qq && sudo -E apt-get install -y -qq "${need_apt[@]}"; fi

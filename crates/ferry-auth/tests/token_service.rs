@@ -386,6 +386,17 @@ async fn x_zid_selects_the_tenant() {
     let r = post(&router, &client_credentials(DEST, DEST_SECRET), &[("x-zid", "no-such-zone")]).await;
     assert_error(&r, StatusCode::BAD_REQUEST, "invalid_request", "unknown zone");
 
+    // An IP uaadomain cannot take a subdomain in a URL: `Host: {subdomain}.{ip:port}` names it
+    // (what ferry-client sends for a tenant subdomain there); the bare address is the provider.
+    let r = post(&router, &client_credentials(DEST, DEST_SECRET), &[("host", "subscriber.127.0.0.1:18443")]).await;
+    assert_eq!(issued(&svc, &r).await["zid"], SUBSCRIBER);
+    for host in ["127.0.0.1:18443", "subscriber.127.0.0.2:18443"] {
+        let r = post(&router, &client_credentials(DEST, DEST_SECRET), &[("host", host)]).await;
+        assert_eq!(issued(&svc, &r).await["zid"], PROVIDER, "{host}");
+    }
+    let r = post(&router, &client_credentials(DEST, DEST_SECRET), &[("host", "nobody.127.0.0.1:18443")]).await;
+    assert_error(&r, StatusCode::BAD_REQUEST, "invalid_request", "unknown subdomain");
+
     // A client in the subscriber zone gets tokens there by default.
     let r = post(&router, &client_credentials(CC_ONLY, "cc-secret"), &[]).await;
     assert_eq!(issued(&svc, &r).await["zid"], SUBSCRIBER);

@@ -65,6 +65,28 @@ impl Level {
     }
 }
 
+/// The subscriber tenant a service token is for, as the Transparent Proxy's `X-Tenant-Id` and
+/// `X-Tenant-Subdomain` name it (SPEC §5.2).
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub enum Tenant {
+    /// A zone id: the token comes from `https://{uaadomain}/oauth/token` with `x-zid`.
+    Id(String),
+    /// A subdomain: the token comes from `https://{subdomain}.{uaadomain}/oauth/token`, as XSUAA
+    /// addresses subscribers. When `uaadomain` is an IP address (a Ferry on one machine), no name
+    /// can be put in front of it, so the request goes to `uaadomain` with `Host:
+    /// {subdomain}.{uaadomain}`, which Ferry's token service reads the same way.
+    Subdomain(String),
+}
+
+impl std::fmt::Display for Tenant {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Tenant::Id(t) => write!(f, "tenant id '{t}'"),
+            Tenant::Subdomain(t) => write!(f, "tenant subdomain '{t}'"),
+        }
+    }
+}
+
 /// Options of [`Client::get_destination`].
 #[derive(Clone, Debug, Default)]
 pub struct Options {
@@ -372,6 +394,11 @@ impl Client {
     /// # let _ = token; Ok(()) }
     /// ```
     pub async fn destination_service_token(&self, tenant: Option<&str>) -> Result<Secret<String>, ClientError> {
+        self.destination_service_token_for(tenant.map(|t| Tenant::Id(t.to_owned())).as_ref()).await
+    }
+
+    /// [`Client::destination_service_token`] for a tenant named by id or by subdomain.
+    pub async fn destination_service_token_for(&self, tenant: Option<&Tenant>) -> Result<Secret<String>, ClientError> {
         let b = self.inner.bindings.destination()?;
         self.service_token(&b.credentials, tenant).await
     }
@@ -385,6 +412,11 @@ impl Client {
     /// # let _ = header; Ok(()) }
     /// ```
     pub async fn connectivity_token(&self, tenant: Option<&str>) -> Result<Secret<String>, ClientError> {
+        self.connectivity_token_for(tenant.map(|t| Tenant::Id(t.to_owned())).as_ref()).await
+    }
+
+    /// [`Client::connectivity_token`] for a tenant named by id or by subdomain.
+    pub async fn connectivity_token_for(&self, tenant: Option<&Tenant>) -> Result<Secret<String>, ClientError> {
         let b = self.inner.bindings.connectivity()?;
         self.service_token(&b.credentials, tenant).await
     }
@@ -393,15 +425,19 @@ impl Client {
         Ok(self.inner.bindings.connectivity()?)
     }
 
-    /// Client credentials at `{url}/oauth/token` (provider) or `https://{uaadomain}/oauth/token`
-    /// with `x-zid` (tenant); client auth in the body (§2.1). Cached per tenant and client id
-    /// until a minute before `expires_in` runs out.
+    /// Client credentials at `{url}/oauth/token` (provider) or, for a tenant, at `uaadomain` as
+    /// [`Tenant`] says; client auth in the body (§2.1). Cached per tenant and client id until a
+    /// minute before `expires_in` runs out.
     async fn service_token(
         &self,
         creds: &OAuthCredentials,
-        tenant: Option<&str>,
+        tenant: Option<&Tenant>,
     ) -> Result<Secret<String>, ClientError> {
-        let key = format!("{}:{}", tenant.unwrap_or("provider-tenant"), creds.client_id);
+        let key = match tenant {
+            None => format!("provider-tenant:{}", creds.client_id),
+            Some(Tenant::Id(t)) => format!("{t}:{}", creds.client_id),
+            Some(Tenant::Subdomain(t)) => format!("subdomain {t}:{}", creds.client_id),
+        };
         let mut cache = self.inner.tokens.lock().await;
         if let Some(t) = cache.get(&key)
             && Instant::now() + TOKEN_MARGIN < t.valid_until
@@ -409,17 +445,35 @@ impl Client {
             return Ok(t.token.clone());
         }
         let x509 = creds.client_secret.is_none();
+        // The tenant's host (`Host` header) when it cannot be in the URL (an IP `uaadomain`).
+        let mut host_header = None;
         let url = match (tenant, &creds.uaadomain) {
-            (Some(_), Some(domain)) if x509 => {
-                format!("https://{}/oauth/token", domain.replacen("authentication.", "authentication.cert.", 1))
+            (Some(t), Some(domain)) => {
+                let domain =
+                    if x509 { domain.replacen("authentication.", "authentication.cert.", 1) } else { domain.clone() };
+                match t {
+                    Tenant::Id(_) => format!("https://{domain}/oauth/token"),
+                    Tenant::Subdomain(sub) if !valid_subdomain(sub) => {
+                        return Err(ClientError::Hop {
+                            hop: Hop::TokenService,
+                            url: creds.url.clone(),
+                            status: None,
+                            message: format!("{t} is not a DNS label (letters, digits and '-')"),
+                        });
+                    }
+                    Tenant::Subdomain(sub) if ip_domain(&domain) => {
+                        host_header = Some(format!("{}.{domain}", sub.to_ascii_lowercase()));
+                        format!("https://{domain}/oauth/token")
+                    }
+                    Tenant::Subdomain(sub) => format!("https://{}.{domain}/oauth/token", sub.to_ascii_lowercase()),
+                }
             }
-            (Some(_), Some(domain)) => format!("https://{domain}/oauth/token"),
             (Some(t), None) => {
                 return Err(ClientError::Hop {
                     hop: Hop::TokenService,
                     url: creds.url.clone(),
                     status: None,
-                    message: format!("a token for tenant {t:?} needs `uaadomain` in the binding"),
+                    message: format!("a token for {t} needs `uaadomain` in the binding"),
                 });
             }
             (None, _) => format!("{}/oauth/token", creds.cert_url.as_deref().filter(|_| x509).unwrap_or(&creds.url)),
@@ -433,11 +487,17 @@ impl Client {
             _ => self.inner.http.clone(),
         };
         let mut req = http.post(&url).form(&form).header("accept", "application/json").timeout(SERVICE_TIMEOUT);
-        if let Some(t) = tenant {
-            req = req.header("x-zid", t);
+        match tenant {
+            Some(Tenant::Id(t)) => req = req.header("x-zid", t),
+            Some(Tenant::Subdomain(_)) => {
+                if let Some(h) = &host_header {
+                    req = req.header(reqwest::header::HOST, h);
+                }
+            }
+            None => {}
         }
-        let permit =
-            self.inner.breakers.admit(&format!("token {url} {}", tenant.unwrap_or("")), Hop::TokenService, &url)?;
+        let breaker_key = format!("token {url} {}", tenant.map(ToString::to_string).unwrap_or_default());
+        let permit = self.inner.breakers.admit(&breaker_key, Hop::TokenService, &url)?;
         let result = async {
             let resp = req.send().await.map_err(|e| ClientError::transport(Hop::TokenService, &url, &e))?;
             let status = resp.status();
@@ -461,6 +521,24 @@ impl Client {
         permit.record(Outcome::of(&result));
         let body = result?;
         let token = body.get("access_token").and_then(Value::as_str).unwrap_or_default();
+        // A token service that does not know the subdomain may answer for the client's own zone;
+        // that token would read another tenant's destinations, so it is refused.
+        if let Some(Tenant::Subdomain(sub)) = tenant {
+            let zdn =
+                jwt_claims(token).and_then(|c| c.pointer("/ext_attr/zdn").and_then(Value::as_str).map(str::to_owned));
+            if zdn.as_deref().is_some_and(|z| !z.eq_ignore_ascii_case(sub)) {
+                return Err(ClientError::Hop {
+                    hop: Hop::TokenService,
+                    url,
+                    status: Some(401),
+                    message: format!(
+                        "asked for a token of tenant subdomain '{sub}', got one of subdomain '{}': the subdomain is not \
+                         subscribed or not known to the token service",
+                        zdn.unwrap_or_default()
+                    ),
+                });
+            }
+        }
         let lifetime = body.get("expires_in").and_then(Value::as_u64).unwrap_or(0);
         let token = Secret::new(token.to_owned());
         cache.insert(
@@ -534,7 +612,7 @@ impl Client {
         // A tenant named explicitly must work; one taken from the user JWT falls back to the
         // provider, as the SDK's subscriber-first selection does.
         let (token, tenant) = match &tenant {
-            Some(t) => match self.service_token(&binding.credentials, Some(t)).await {
+            Some(t) => match self.service_token(&binding.credentials, Some(&Tenant::Id(t.clone()))).await {
                 Ok(tok) => (tok, tenant.clone()),
                 Err(e) if options.tenant.is_some() => return Err(e),
                 Err(_) => (self.service_token(&binding.credentials, None).await?, None),
@@ -762,6 +840,20 @@ impl Client {
 
 /// A reqwest client with the system roots plus `ca_pem` (and `extra_roots`), optionally a TLS
 /// client identity (PEM certificate chain and key).
+/// A subdomain fit to put in front of a domain: one DNS label.
+fn valid_subdomain(s: &str) -> bool {
+    !s.is_empty() && s.len() <= 63 && s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+}
+
+/// Whether `uaadomain` (`host[:port]`) is an IP address, which cannot take a subdomain.
+fn ip_domain(domain: &str) -> bool {
+    let host = match domain.strip_prefix('[') {
+        Some(v6) => v6.split(']').next().unwrap_or(v6),
+        None => domain.rsplit_once(':').map_or(domain, |(h, _)| h),
+    };
+    host.parse::<std::net::IpAddr>().is_ok()
+}
+
 pub(crate) fn build_http(
     ca_pem: Option<&str>,
     identity: Option<(&str, &str)>,

@@ -32,7 +32,7 @@ pub mod target;
 
 pub use bindings::{BindingError, Bindings, ConnectivityBinding, DestinationBinding, OAuthCredentials, XsuaaBinding};
 pub use breaker::BreakerOptions;
-pub use client::{AuthToken, Certificate, Client, Destination, Level, Options};
+pub use client::{AuthToken, Certificate, Client, Destination, Level, Options, Tenant};
 pub use error::{ClientError, Hop};
 pub use http::{HttpClient, HttpOptions, Request};
 pub use socks5::{ConnectError, connect_tcp, handshake};

@@ -117,10 +117,12 @@ impl LiveRules {
 #[derive(Clone, Copy, Debug)]
 pub enum AccessRequest<'a> {
     /// One HTTP request; `path` is the raw path of the request target, without the query.
+    /// `upgrade`: it asks to switch protocols (WebSocket), which a resource must allow.
     Http {
         host: &'a str,
         port: u16,
         path: &'a str,
+        upgrade: bool,
     },
     Tcp {
         host: &'a str,
@@ -139,6 +141,9 @@ pub enum DenyReason {
     /// The path is ambiguous (dot segments, encoded slashes, NUL, bad escapes) and is refused
     /// rather than guessed at, because the backend might read it differently.
     AmbiguousPath,
+    /// The path is granted, but no granting resource allows a protocol upgrade ("Upgrade
+    /// Allowed" in SAP's UI, `websocketUpgradeAllowed`).
+    UpgradeNotAllowed,
 }
 
 #[derive(Debug, PartialEq, Eq)]
@@ -174,18 +179,25 @@ impl AccessRules {
                 Some(m) if m.protocol.is_http() => Decision::Deny(DenyReason::WrongProtocol),
                 Some(m) => Decision::Allow(m),
             },
-            AccessRequest::Http { host, port, path } => {
+            AccessRequest::Http { host, port, path, upgrade } => {
                 let Some(m) = self.mapping(host, port) else { return Decision::Deny(DenyReason::NoMapping) };
                 if !m.protocol.is_http() {
                     return Decision::Deny(DenyReason::WrongProtocol);
                 }
                 let Some(path) = normalize_path(path) else { return Decision::Deny(DenyReason::AmbiguousPath) };
-                let granted = m
+                let mut granting = m
                     .resources
                     .iter()
                     .filter(|r| r.enabled)
-                    .any(|r| if r.exact_match_only { path == r.path } else { path.starts_with(r.path.as_str()) });
-                if granted { Decision::Allow(m) } else { Decision::Deny(DenyReason::Resource) }
+                    .filter(|r| if r.exact_match_only { path == r.path } else { path.starts_with(r.path.as_str()) })
+                    .peekable();
+                if granting.peek().is_none() {
+                    Decision::Deny(DenyReason::Resource)
+                } else if upgrade && !granting.any(|r| r.websocket_upgrade_allowed) {
+                    Decision::Deny(DenyReason::UpgradeNotAllowed)
+                } else {
+                    Decision::Allow(m)
+                }
             }
         }
     }
@@ -258,6 +270,9 @@ mod tests {
                     res("/sap/opu", false, true),
                     res("/exact", true, true),
                     res("/suspended", false, false),
+                    Resource { websocket_upgrade_allowed: true, ..res("/ws/chat", false, true) },
+                    Resource { websocket_upgrade_allowed: true, ..res("/ws/off", false, false) },
+                    res("/ws", false, true),
                 ],
                 description: None,
             },
@@ -293,6 +308,7 @@ mod tests {
         use DenyReason::*;
         let r = rules();
         let table: &[(&str, u16, &str, Option<DenyReason>)] = &[
+            ("erp.virtual", 8080, "/ws", None),
             ("erp.virtual", 8080, "/sap/opu", None),
             ("ERP.Virtual", 8080, "/sap/opu/odata/x", None),
             ("erp.virtual", 8080, "/sap/opu-plus", None), // SAP: plain string prefix
@@ -318,12 +334,25 @@ mod tests {
             ("erp.virtual", 8080, "/sap/%6Fpu/x", None), // decoded before matching
         ];
         for (host, port, path, want) in table {
-            let got = r.check(AccessRequest::Http { host, port: *port, path });
+            let got = r.check(AccessRequest::Http { host, port: *port, path, upgrade: false });
             match want {
                 None => assert!(matches!(got, Decision::Allow(_)), "{host}:{port}{path} -> {got:?}"),
                 Some(reason) => assert_eq!(got, Decision::Deny(*reason), "{host}:{port}{path}"),
             }
         }
+    }
+
+    #[test]
+    fn upgrades_need_a_granting_resource_that_allows_them() {
+        let r = rules();
+        let check = |path| r.check(AccessRequest::Http { host: "erp.virtual", port: 8080, path, upgrade: true });
+        // `/ws` grants the path; `/ws/chat` (also granting it) allows the upgrade.
+        assert!(matches!(check("/ws/chat/room"), Decision::Allow(_)));
+        assert_eq!(check("/ws/other"), Decision::Deny(DenyReason::UpgradeNotAllowed));
+        assert_eq!(check("/ws/off/x"), Decision::Deny(DenyReason::UpgradeNotAllowed), "suspended resource");
+        assert_eq!(check("/sap/opu"), Decision::Deny(DenyReason::UpgradeNotAllowed));
+        assert_eq!(check("/nothing"), Decision::Deny(DenyReason::Resource));
+        assert_eq!(check("/ws/chat/../x"), Decision::Deny(DenyReason::AmbiguousPath));
     }
 
     #[test]
@@ -345,7 +374,7 @@ mod tests {
             matches!(r.check(AccessRequest::Tcp { host: "ecc.virtual", port: 3300 }), Decision::Allow(m) if m.local_port == 3301)
         );
         assert_eq!(
-            r.check(AccessRequest::Http { host: "ecc.virtual", port: 3300, path: "/" }),
+            r.check(AccessRequest::Http { host: "ecc.virtual", port: 3300, path: "/", upgrade: false }),
             Decision::Deny(DenyReason::WrongProtocol)
         );
         let rfc: Protocol = serde_json::from_str("\"RFC\"").unwrap();

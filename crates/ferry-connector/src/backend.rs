@@ -168,6 +168,10 @@ fn deny_message(reason: DenyReason, target: &str, path: Option<&str>) -> String 
         (DenyReason::AmbiguousPath, Some(p)) => {
             format!("Access denied: ambiguous request path {p:?} for system {target}")
         }
+        (DenyReason::UpgradeNotAllowed, Some(p)) => format!(
+            "Access denied: resource {p} on system {target} does not allow a protocol upgrade (WebSocket); \
+             allow it on the resource in the Cloud Connector"
+        ),
         (DenyReason::WrongProtocol, _) => {
             format!("Access denied to system {target}: the mapping is for another protocol")
         }
@@ -257,15 +261,24 @@ impl Backend {
         match header(tunnel::KIND).as_deref() {
             Some(tunnel::KIND_HTTP) => {
                 let path = req.uri().path().to_owned();
+                let upgrade = req.headers().get(tunnel::UPGRADE).cloned();
                 let rules = self.rules.get();
-                let decision = rules.check(AccessRequest::Http { host, port, path: &path });
+                let decision = rules.check(AccessRequest::Http { host, port, path: &path, upgrade: upgrade.is_some() });
+                let protocol = match &upgrade {
+                    None => "HTTP",
+                    Some(u) if u.as_bytes().eq_ignore_ascii_case(b"websocket") => "WebSocket",
+                    Some(_) => "HTTP Upgrade",
+                };
                 let event =
-                    audit_event(&decision, request_id, client, &target, "HTTP", req.method().to_string(), &path);
+                    audit_event(&decision, request_id, client, &target, protocol, req.method().to_string(), &path);
                 match decision {
                     Decision::Allow(m) => {
                         let m = m.clone();
                         let exchange = Exchange::new(&self.audit, event, started);
-                        self.forward_http(req, &m, &target, &rules, exchange).await
+                        match upgrade {
+                            Some(u) => self.forward_upgrade(req, u, &m, &target, &rules, exchange).await,
+                            None => self.forward_http(req, &m, &target, &rules, exchange).await,
+                        }
                     }
                     Decision::Deny(reason) => {
                         self.audit.record(AuditEvent { duration: started.elapsed(), ..event }).await;
@@ -301,25 +314,26 @@ impl Backend {
         }
     }
 
-    async fn forward_http(
+    /// Turns the tunnel request's head into the backend's: internal URI, the propagated user's
+    /// certificate (returned when it goes into the TLS handshake), no tunnel or hop-by-hop
+    /// headers, `Host` per the mapping. `Err` is the refusal to answer.
+    async fn backend_head(
         &self,
-        req: Request<Incoming>,
+        parts: &mut http::request::Parts,
         m: &SystemMapping,
         target: &str,
-        rules: &AccessRules,
-        exchange: Arc<Exchange>,
-    ) -> Response<BoxBody> {
-        let (mut parts, incoming) = req.into_parts();
+        exchange: &Exchange,
+    ) -> Result<Option<ferry_core::tls::CertifiedKey>, Response<BoxBody>> {
         let pq = parts.uri.path_and_query().map(|p| p.as_str()).unwrap_or("/");
         let scheme = if m.protocol == Protocol::Https { "https" } else { "http" };
         let uri: Uri = match format!("{scheme}://{}:{}{}", m.local_host, m.local_port, pq).parse() {
             Ok(u) => u,
             Err(_) => {
-                return error_response(
+                return Err(error_response(
                     StatusCode::BAD_REQUEST,
                     tunnel::ERROR_BAD_REQUEST,
                     "invalid request target".into(),
-                );
+                ));
             }
         };
         parts.uri = uri;
@@ -345,11 +359,11 @@ impl Backend {
                             ev.outcome = Outcome::Denied;
                             ev.reason = format!("PrincipalPropagation: {e}");
                         });
-                        return error_response(
+                        return Err(error_response(
                             StatusCode::FORBIDDEN,
                             tunnel::ERROR_DENIED,
                             format!("Principal propagation to system {target} failed: {e}"),
-                        );
+                        ));
                     }
                 },
                 (Some(_), None) => {
@@ -357,13 +371,13 @@ impl Backend {
                         ev.outcome = Outcome::Denied;
                         ev.reason = "PrincipalPropagationNotConfigured".into();
                     });
-                    return error_response(
+                    return Err(error_response(
                         StatusCode::FORBIDDEN,
                         tunnel::ERROR_DENIED,
                         format!(
                             "System {target} expects principal propagation, which is not configured on this Cloud Connector"
                         ),
-                    );
+                    ));
                 }
                 // No user: an empty header tells the backend not to log on with the system
                 // certificate (SAP's behaviour).
@@ -374,7 +388,9 @@ impl Backend {
             }
         }
         let h = &mut parts.headers;
-        for name in [tunnel::KIND, tunnel::TARGET, tunnel::REQUEST_ID, tunnel::PRINCIPAL, tunnel::CLIENT] {
+        for name in
+            [tunnel::KIND, tunnel::TARGET, tunnel::REQUEST_ID, tunnel::PRINCIPAL, tunnel::CLIENT, tunnel::UPGRADE]
+        {
             h.remove(name);
         }
         body::strip_hop_by_hop(h);
@@ -390,6 +406,22 @@ impl Backend {
         if let Ok(v) = HeaderValue::from_str(&host_value) {
             h.insert(http::header::HOST, v);
         }
+        Ok(user_tls)
+    }
+
+    async fn forward_http(
+        &self,
+        req: Request<Incoming>,
+        m: &SystemMapping,
+        target: &str,
+        rules: &AccessRules,
+        exchange: Arc<Exchange>,
+    ) -> Response<BoxBody> {
+        let (mut parts, incoming) = req.into_parts();
+        let user_tls = match self.backend_head(&mut parts, m, target, &exchange).await {
+            Ok(u) => u,
+            Err(refused) => return refused,
+        };
         let counted = Counted::new(incoming, Some(http_bytes().0.clone()), &exchange, true);
         let req = Request::from_parts(parts, body::boxed(counted));
         let started = std::time::Instant::now();
@@ -441,21 +473,8 @@ impl Backend {
         m: &SystemMapping,
         identity: &ferry_core::tls::CertifiedKey,
     ) -> Result<Response<Incoming>, ferry_core::body::BoxError> {
-        let certs = ferry_core::tls::parse_certs(&identity.cert_pem)?;
-        let key = ferry_core::tls::parse_key(identity.key_pem.expose())?;
-        let cfg = rustls::ClientConfig::builder()
-            .with_root_certificates(self.roots.clone())
-            .with_client_auth_cert(certs, key)?;
-        let name = rustls::pki_types::ServerName::try_from(m.local_host.clone())?;
-        let addrs = self.pins.resolve(&self.rules.get(), &m.local_host, m.local_port).await?;
-        let tcp = crate::pin::connect(&addrs, self.connect_timeout).await?;
-        let _ = tcp.set_nodelay(true);
-        let tls = tokio::time::timeout(
-            self.connect_timeout,
-            tokio_rustls::TlsConnector::from(Arc::new(cfg)).connect(name, tcp),
-        )
-        .await??;
-        let (mut sender, conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tls)).await?;
+        let io = self.dial(m, Some(identity)).await?;
+        let (mut sender, conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(io)).await?;
         tokio::spawn(async move {
             if let Err(e) = conn.await {
                 tracing::debug!(error = %e, "user-certificate backend connection ended");
@@ -465,6 +484,119 @@ impl Backend {
         let (mut parts, body) = req.into_parts();
         parts.uri = parts.uri.path_and_query().map(|pq| pq.as_str()).unwrap_or("/").parse()?;
         Ok(sender.send_request(Request::from_parts(parts, body)).await?)
+    }
+
+    /// A fresh connection to the mapping's backend, with TLS for `HTTPS` presenting the user's
+    /// certificate when given (else the system certificate where the mapping allows it).
+    async fn dial(
+        &self,
+        m: &SystemMapping,
+        user: Option<&ferry_core::tls::CertifiedKey>,
+    ) -> Result<Box<dyn BackendIo>, ferry_core::body::BoxError> {
+        // Only the addresses the mapped name was pinned to (see `pin.rs`): no second lookup.
+        let addrs = self.pins.resolve(&self.rules.get(), &m.local_host, m.local_port).await?;
+        let tcp = crate::pin::connect(&addrs, self.connect_timeout).await?;
+        let _ = tcp.set_nodelay(true);
+        if m.protocol != Protocol::Https {
+            return Ok(Box::new(tcp));
+        }
+        let tls = match user {
+            Some(identity) => {
+                let certs = ferry_core::tls::parse_certs(&identity.cert_pem)?;
+                let key = ferry_core::tls::parse_key(identity.key_pem.expose())?;
+                let cfg = rustls::ClientConfig::builder()
+                    .with_root_certificates(self.roots.clone())
+                    .with_client_auth_cert(certs, key)?;
+                tokio_rustls::TlsConnector::from(Arc::new(cfg))
+            }
+            None => self.clients_for(m).1.clone(),
+        };
+        let name = rustls::pki_types::ServerName::try_from(m.local_host.clone())?;
+        Ok(Box::new(tokio::time::timeout(self.connect_timeout, tls.connect(name, tcp)).await??))
+    }
+
+    /// An upgrade request (WebSocket): sent on a connection of its own, since it will not come
+    /// back to a pool; once the backend switches protocols, the tunnel stream carries the raw
+    /// bytes both ways (see `ferry_proto::tunnel`). A backend that declines answers normally.
+    async fn forward_upgrade(
+        &self,
+        req: Request<Incoming>,
+        upgrade: HeaderValue,
+        m: &SystemMapping,
+        target: &str,
+        rules: &AccessRules,
+        exchange: Arc<Exchange>,
+    ) -> Response<BoxBody> {
+        let (mut parts, upstream) = req.into_parts();
+        let user_tls = match self.backend_head(&mut parts, m, target, &exchange).await {
+            Ok(u) => u,
+            Err(refused) => return refused,
+        };
+        parts.headers.insert(http::header::CONNECTION, HeaderValue::from_static("upgrade"));
+        parts.headers.insert(http::header::UPGRADE, upgrade);
+        parts.uri = match parts.uri.path_and_query().map(|pq| pq.as_str()).unwrap_or("/").parse() {
+            Ok(u) => u,
+            Err(_) => {
+                return error_response(
+                    StatusCode::BAD_REQUEST,
+                    tunnel::ERROR_BAD_REQUEST,
+                    "invalid request target".into(),
+                );
+            }
+        };
+        let send = async {
+            let io = self.dial(m, user_tls.as_ref()).await?;
+            let (mut sender, conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(io)).await?;
+            tokio::spawn(async move {
+                if let Err(e) = conn.with_upgrades().await {
+                    tracing::debug!(error = %e, "upgrade backend connection ended");
+                }
+            });
+            let resp = sender.send_request(Request::from_parts(parts, body::empty())).await?;
+            Ok::<_, ferry_core::body::BoxError>(resp)
+        };
+        let mut resp = match tokio::time::timeout(self.response_timeout, send).await {
+            Err(_) => {
+                return timed_out(format!(
+                    "The backend of system {target} did not answer within {:?}",
+                    self.response_timeout
+                ));
+            }
+            Ok(Err(e)) => {
+                tracing::warn!(system = %target, error = %e, "backend upgrade request failed");
+                exchange.update(|ev| ev.reason = "BackendUnreachable".into());
+                return unreachable(format!("The Cloud Connector could not reach the backend of system {target}"));
+            }
+            Ok(Ok(r)) => r,
+        };
+        if resp.status() != StatusCode::SWITCHING_PROTOCOLS {
+            exchange.update(|ev| ev.reason = format!("UpgradeDeclined {}", resp.status().as_u16()));
+            let (mut parts, incoming) = resp.into_parts();
+            body::strip_hop_by_hop(&mut parts.headers);
+            self.rewrite_response_headers(&mut parts.headers, rules);
+            let counted = Counted::new(incoming, Some(http_bytes().1.clone()), &exchange, false);
+            return Response::from_parts(parts, body::boxed(counted));
+        }
+        let on_upgrade = hyper::upgrade::on(&mut resp);
+        let (mut head, _) = resp.into_parts();
+        let switched_to =
+            head.headers.get(http::header::UPGRADE).cloned().unwrap_or(HeaderValue::from_static("websocket"));
+        let upgraded = match on_upgrade.await {
+            Ok(u) => u,
+            Err(e) => {
+                tracing::warn!(system = %target, error = %e, "backend upgrade failed");
+                exchange.update(|ev| ev.reason = "BackendUpgradeFailed".into());
+                return unreachable(format!("The backend of system {target} did not complete the protocol switch"));
+            }
+        };
+        body::strip_hop_by_hop(&mut head.headers);
+        self.rewrite_response_headers(&mut head.headers, rules);
+        let (read, write) = tokio::io::split(hyper_util::rt::TokioIo::new(upgraded));
+        let read = Exclusive(std::sync::Mutex::new(read));
+        relay_up(Counted::new(upstream, None, &exchange, true), write);
+        head.status = StatusCode::OK;
+        head.headers.insert(tunnel::UPGRADE, switched_to);
+        Response::from_parts(head, body::boxed(Counted::new(body::from_reader(read), None, &exchange, false)))
     }
 
     /// Maps internal names in `Location` and cookie domains back to virtual ones.
@@ -564,6 +696,25 @@ impl Backend {
         resp
     }
 }
+
+/// Makes a reader that is not `Sync` (hyper's upgraded connection) fit a body, which must be:
+/// a reader is only ever used through `&mut`, so the lock is never taken.
+struct Exclusive<R>(std::sync::Mutex<R>);
+
+impl<R: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for Exclusive<R> {
+    fn poll_read(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        let inner = self.get_mut().0.get_mut().unwrap_or_else(std::sync::PoisonError::into_inner);
+        std::pin::Pin::new(inner).poll_read(cx, buf)
+    }
+}
+
+/// A connection to a backend, plain or TLS.
+pub(crate) trait BackendIo: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin + 'static {}
+impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin + 'static> BackendIo for T {}
 
 /// Copies the app's bytes (the tunnel request body) to the backend, half-closing at the end.
 fn relay_up<W: tokio::io::AsyncWrite + Unpin + Send + 'static>(upstream: Counted<Incoming>, write: W) {

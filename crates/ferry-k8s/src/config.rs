@@ -18,6 +18,11 @@ pub struct Config {
     /// Full re-check period of every resource, besides reacting to changes.
     #[serde(default = "resync_secs")]
     pub resync_secs: u64,
+    /// `shared` (SAP's `config.tenantMode`): a TCP resource with the `tenant-subdomains`
+    /// annotation gets a Service per tenant, `<name>-<subdomain>`, as the proxy serves one
+    /// endpoint per tenant.
+    #[serde(default)]
+    pub tenant_mode: ferry_transparent_proxy::TenantMode,
     /// Cluster DNS domain the app-facing Services' aliases name.
     #[serde(default = "cluster_domain")]
     pub cluster_domain: String,

@@ -13,7 +13,7 @@ use futures_util::future::BoxFuture;
 use k8s_openapi::api::core::v1::{Namespace, Service, ServicePort, ServiceSpec};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
-use kube::api::{Api, DeleteParams, Patch, PatchParams};
+use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams};
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use kube::runtime::finalizer::{self, finalizer};
@@ -27,6 +27,8 @@ pub const MANAGER: &str = "ferry-transparent-proxy";
 /// Labels on every Service the controller creates, naming the resource it serves.
 pub const LABEL_NAME: &str = "destination.connectivity.api.sap/name";
 pub const LABEL_NAMESPACE: &str = "destination.connectivity.api.sap/namespace";
+/// On the Services of one tenant of a per-tenant TCP resource (shared tenant mode).
+pub const LABEL_TENANT: &str = "destination.connectivity.api.sap/tenant-subdomain";
 const MANAGED_BY: &str = "app.kubernetes.io/managed-by";
 
 /// First delay after a failed reconcile; doubled per further failure up to `MAX_BACKOFF`.
@@ -124,6 +126,38 @@ pub fn success_message(name: &str) -> String {
     format!("Transparent Proxy is configured and Kubernetes service with name \"{name}\" is created.")
 }
 
+/// The Service sets of a resource: one, named after it; or in shared tenant mode, for a TCP
+/// resource with the `tenant-subdomains` annotation, one per tenant, `<name>-<subdomain>`
+/// (SPEC §5.1), which the proxy serves on `tcp_port(namespace, "<name>-<subdomain>")`.
+fn units(d: &Destination, protocol: Protocol, ctx: &Context) -> Vec<(String, Option<String>)> {
+    let name = d.name_any();
+    let tenants = match (ctx.config.tenant_mode, protocol) {
+        (ferry_transparent_proxy::TenantMode::Shared, Protocol::Tcp) => d.tenant_subdomains().unwrap_or_default(),
+        _ => Vec::new(),
+    };
+    if tenants.is_empty() {
+        return vec![(name, None)];
+    }
+    tenants.into_iter().map(|t| (format!("{name}-{t}"), Some(t))).collect()
+}
+
+/// The resource whose backend Service already targets `port`, other than `own` (`namespace/name`
+/// of the unit): a second listener cannot open there, and its traffic would reach the first.
+fn port_taken_by(services: &[Service], port: i32, own: &BTreeMap<String, String>) -> Option<String> {
+    services.iter().find_map(|s| {
+        let labels = s.metadata.labels.as_ref()?;
+        let same = [LABEL_NAMESPACE, LABEL_NAME, LABEL_TENANT].iter().all(|k| labels.get(*k) == own.get(*k));
+        let targets = s.spec.as_ref()?.ports.as_ref()?.iter().any(|p| p.target_port == Some(IntOrString::Int(port)));
+        (!same && targets).then(|| {
+            let mut who = format!("{}/{}", labels.get(LABEL_NAMESPACE)?, labels.get(LABEL_NAME)?);
+            if let Some(t) = labels.get(LABEL_TENANT) {
+                who.push_str(&format!(" (tenant {t})"));
+            }
+            Some(who)
+        })?
+    })
+}
+
 /// Brings the Services of one resource in line with it (or removes them when it is deleted).
 pub async fn reconcile(destination: Arc<Destination>, ctx: Arc<Context>) -> Result<Action, Error> {
     let namespace = destination.namespace().ok_or(Error::Missing("metadata.namespace"))?;
@@ -188,38 +222,85 @@ async fn apply(d: &Destination, ctx: &Context) -> Result<Action, Error> {
     let protocol =
         if d.is_gateway() { Protocol::Http } else { ctx.resolver.protocol(d).await.map_err(Error::Resolve)? };
     let port = d.spec.service.as_ref().map(|s| s.port).unwrap_or(protocol.default_port());
-    let backend = backend_name(&namespace, &name);
     let apply = PatchParams::apply(MANAGER).force();
     let target = ctx.config.target(protocol);
+    let units = units(d, protocol, ctx);
     // Without a fixed port (HTTP always has one) the proxy listens for each TCP resource on a port
-    // of its own: a byte stream names no host to route by.
-    let target_port = match &target.target_port {
-        Some(p) => p.clone(),
-        None => ferry_transparent_proxy::cluster::tcp_port(&namespace, &name).to_string(),
-    };
+    // of its own: a byte stream names no host to route by. That port comes from a hash of the
+    // name, so two resources can land on one; the one already there keeps it.
+    if target.target_port.is_none() {
+        let services = Api::<Service>::namespaced(ctx.client.clone(), &ctx.config.proxy_namespace)
+            .list(&ListParams::default().labels(&format!("{MANAGED_BY}={MANAGER}")))
+            .await?
+            .items;
+        for (unit, tenant) in &units {
+            let tcp_port = ferry_transparent_proxy::cluster::tcp_port(&namespace, unit);
+            let own = labels(&namespace, &name, tenant.as_deref());
+            if let Some(other) = port_taken_by(&services, i32::from(tcp_port), &own) {
+                let message = format!(
+                    "The TCP port {tcp_port} the Transparent Proxy derives for \"{unit}\" is already used by Destination \
+                     {other}; rename one of the two resources."
+                );
+                if set_available(d, ctx, false, "PortConflict", &message).await? {
+                    publish(ctx, d, EventType::Warning, "PortConflict", message).await;
+                }
+                return Ok(Action::requeue(Duration::from_secs(ctx.config.resync_secs)));
+            }
+        }
+    }
+    for (unit, tenant) in &units {
+        let target_port = match &target.target_port {
+            Some(p) => p.clone(),
+            None => ferry_transparent_proxy::cluster::tcp_port(&namespace, unit).to_string(),
+        };
+        apply_services(d, ctx, &apply, &namespace, unit, tenant.as_deref(), port, &target.selector, &target_port)
+            .await?;
+    }
+    let message = success_message(&units.iter().map(|(u, _)| u.as_str()).collect::<Vec<_>>().join("\", \""));
+    if set_available(d, ctx, true, "ConfigurationSuccessful", &message).await? {
+        publish(ctx, d, EventType::Normal, "ConfigurationSuccessful", message).await;
+    }
+    Ok(Action::requeue(Duration::from_secs(ctx.config.resync_secs)))
+}
+
+/// The backend Service of one unit in the proxy namespace, and the app's alias of it.
+#[allow(clippy::too_many_arguments)]
+async fn apply_services(
+    d: &Destination,
+    ctx: &Context,
+    apply: &PatchParams,
+    namespace: &str,
+    unit: &str,
+    tenant: Option<&str>,
+    port: u16,
+    selector: &BTreeMap<String, String>,
+    target_port: &str,
+) -> Result<(), Error> {
+    let name = d.name_any();
+    let backend = backend_name(namespace, unit);
     let backend_svc = Service {
         metadata: ObjectMeta {
             name: Some(backend.clone()),
             namespace: Some(ctx.config.proxy_namespace.clone()),
-            labels: Some(labels(&namespace, &name)),
+            labels: Some(labels(namespace, &name, tenant)),
             ..Default::default()
         },
         spec: Some(ServiceSpec {
             type_: Some("ClusterIP".into()),
-            selector: Some(target.selector.clone()),
-            ports: Some(vec![service_port(port, Some(&target_port))]),
+            selector: Some(selector.clone()),
+            ports: Some(vec![service_port(port, Some(target_port))]),
             ..Default::default()
         }),
         ..Default::default()
     };
     Api::<Service>::namespaced(ctx.client.clone(), &ctx.config.proxy_namespace)
-        .patch(&backend, &apply, &Patch::Apply(&backend_svc))
+        .patch(&backend, apply, &Patch::Apply(&backend_svc))
         .await?;
     let app_svc = Service {
         metadata: ObjectMeta {
-            name: Some(name.clone()),
-            namespace: Some(namespace.clone()),
-            labels: Some(labels(&namespace, &name)),
+            name: Some(unit.to_owned()),
+            namespace: Some(namespace.to_owned()),
+            labels: Some(labels(namespace, &name, tenant)),
             owner_references: d.controller_owner_ref(&()).map(|o| vec![o]),
             ..Default::default()
         },
@@ -231,36 +312,42 @@ async fn apply(d: &Destination, ctx: &Context) -> Result<Action, Error> {
         }),
         ..Default::default()
     };
-    Api::<Service>::namespaced(ctx.client.clone(), &namespace).patch(&name, &apply, &Patch::Apply(&app_svc)).await?;
-    let message = success_message(&name);
-    if set_available(d, ctx, true, "ConfigurationSuccessful", &message).await? {
-        publish(ctx, d, EventType::Normal, "ConfigurationSuccessful", message).await;
-    }
-    Ok(Action::requeue(Duration::from_secs(ctx.config.resync_secs)))
+    Api::<Service>::namespaced(ctx.client.clone(), namespace).patch(unit, apply, &Patch::Apply(&app_svc)).await?;
+    Ok(())
 }
 
 async fn cleanup(d: &Destination, ctx: &Context) -> Result<Action, Error> {
     let namespace = d.namespace().ok_or(Error::Missing("metadata.namespace"))?;
-    let backend = backend_name(&namespace, &d.name_any());
-    // The app-facing Service goes with the resource (owner reference); the backend lives in
-    // another namespace and must be deleted here.
-    match Api::<Service>::namespaced(ctx.client.clone(), &ctx.config.proxy_namespace)
-        .delete(&backend, &DeleteParams::default())
-        .await
-    {
-        Ok(_) => {}
-        Err(kube::Error::Api(e)) if e.code == 404 => {}
-        Err(e) => return Err(e.into()),
+    // The app-facing Services go with the resource (owner reference); the backends live in
+    // another namespace and must be deleted here: the resource's own and, in shared tenant mode,
+    // those of its annotation's tenants (whatever the protocol, which is not looked up here).
+    let mut units = vec![d.name_any()];
+    if ctx.config.tenant_mode == ferry_transparent_proxy::TenantMode::Shared {
+        units.extend(d.tenant_subdomains().unwrap_or_default().iter().map(|t| format!("{}-{t}", d.name_any())));
+    }
+    for unit in units {
+        match Api::<Service>::namespaced(ctx.client.clone(), &ctx.config.proxy_namespace)
+            .delete(&backend_name(&namespace, &unit), &DeleteParams::default())
+            .await
+        {
+            Ok(_) => {}
+            Err(kube::Error::Api(e)) if e.code == 404 => {}
+            Err(e) => return Err(e.into()),
+        }
     }
     Ok(Action::await_change())
 }
 
-fn labels(namespace: &str, name: &str) -> BTreeMap<String, String> {
-    BTreeMap::from([
+fn labels(namespace: &str, name: &str, tenant: Option<&str>) -> BTreeMap<String, String> {
+    let mut labels = BTreeMap::from([
         (MANAGED_BY.to_owned(), MANAGER.to_owned()),
         (LABEL_NAMESPACE.to_owned(), namespace.to_owned()),
         (LABEL_NAME.to_owned(), name.to_owned()),
-    ])
+    ]);
+    if let Some(t) = tenant {
+        labels.insert(LABEL_TENANT.to_owned(), t.to_owned());
+    }
+    labels
 }
 
 fn service_port(port: u16, target: Option<&str>) -> ServicePort {

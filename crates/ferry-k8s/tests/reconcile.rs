@@ -341,6 +341,8 @@ async fn tcp_services_target_the_port_the_proxy_listens_on_for_the_resource() {
         "type": "Available", "status": "True", "reason": "ConfigurationSuccessful",
         "message": success_message("erp"), "lastUpdateTime": "2022-09-28T07:26:46Z"}]}});
     let task = run(destination(available), &ctx);
+    let (query, _) = ok(&mut api, "GET", "/api/v1/namespaces/ferry/services", services(vec![])).await;
+    assert!(query.contains("labelSelector=app.kubernetes.io%2Fmanaged-by%3Dferry-transparent-proxy"), "{query}");
     let (_, svc) =
         ok(&mut api, "PATCH", &format!("/api/v1/namespaces/ferry/services/{backend}"), json!({"kind": "Service"}))
             .await;
@@ -353,4 +355,90 @@ async fn tcp_services_target_the_port_the_proxy_listens_on_for_the_resource() {
     // An HTTP target port stays required: without it the Services would lead nowhere.
     let e = Config::parse("c.toml", &CONFIG.replace("target_port = \"http\"\n", "")).unwrap_err().to_string();
     assert!(e.contains("http.target_port"), "{e}");
+}
+
+/// A ServiceList answer.
+fn services(items: Vec<Value>) -> Value {
+    json!({"apiVersion": "v1", "kind": "ServiceList", "metadata": {}, "items": items})
+}
+
+/// A backend Service as the controller labels it, targeting `port`.
+fn backend_of(namespace: &str, name: &str, tenant: Option<&str>, port: u16) -> Value {
+    let mut labels = json!({"app.kubernetes.io/managed-by": "ferry-transparent-proxy",
+        "destination.connectivity.api.sap/namespace": namespace, "destination.connectivity.api.sap/name": name});
+    if let Some(t) = tenant {
+        labels["destination.connectivity.api.sap/tenant-subdomain"] = json!(t);
+    }
+    json!({"metadata": {"name": backend_name(namespace, name), "namespace": "ferry", "labels": labels},
+           "spec": {"ports": [{"port": 20004, "targetPort": port}]}})
+}
+
+#[tokio::test]
+async fn shared_mode_gives_each_tenant_of_a_tcp_resource_its_own_services() {
+    use ferry_transparent_proxy::cluster::tcp_port;
+    let config = format!("tenant_mode = \"shared\"\n{}", CONFIG.replace("target_port = \"tcp\"\n", ""));
+    let (ctx, mut api) = setup(&config, vec![Ok(Protocol::Tcp)]);
+    let annotated = json!({"metadata": {"annotations": {
+        "transparent-proxy.connectivity.api.sap/tenant-subdomains": "[\"t1\",\"t2\"]"}}});
+    let task = run(destination(annotated.clone()), &ctx);
+    // The resource's own earlier Service on a tenant's port is no conflict.
+    let mine = backend_of("apps", "erp", Some("t1"), tcp_port("apps", "erp-t1"));
+    ok(&mut api, "GET", "/api/v1/namespaces/ferry/services", services(vec![mine])).await;
+    for t in ["t1", "t2"] {
+        let unit = format!("erp-{t}");
+        let backend = backend_name("apps", &unit);
+        let (_, svc) =
+            ok(&mut api, "PATCH", &format!("/api/v1/namespaces/ferry/services/{backend}"), json!({"kind": "Service"}))
+                .await;
+        assert_eq!(svc["spec"]["ports"][0]["port"], 20004);
+        assert_eq!(svc["spec"]["ports"][0]["targetPort"], i64::from(tcp_port("apps", &unit)));
+        assert_eq!(svc["metadata"]["labels"]["destination.connectivity.api.sap/tenant-subdomain"], t);
+        assert_eq!(svc["metadata"]["labels"]["destination.connectivity.api.sap/name"], "erp");
+        let (_, svc) =
+            ok(&mut api, "PATCH", &format!("/api/v1/namespaces/apps/services/{unit}"), json!({"kind": "Service"}))
+                .await;
+        assert_eq!(svc["spec"]["externalName"], format!("{backend}.ferry.svc.cluster.local"));
+        assert_eq!(svc["metadata"]["ownerReferences"][0]["name"], "erp");
+    }
+    let (_, status) = ok(&mut api, "PATCH", &format!("{DESTINATIONS}/erp/status"), as_json(json!({}))).await;
+    let message = status["status"]["conditions"][0]["message"].as_str().unwrap().to_owned();
+    assert!(message.contains("\"erp-t1\"") && message.contains("\"erp-t2\""), "{message}");
+    ok(&mut api, "POST", "/apis/events.k8s.io/v1/namespaces/apps/events", json!({})).await;
+    assert_eq!(done(task).await.unwrap(), Action::requeue(Duration::from_secs(180)));
+
+    // Deleted: the backends of the resource and of each tenant go, then the finalizer.
+    let mut deleting = annotated;
+    merge(&mut deleting, json!({"metadata": {"deletionTimestamp": "2026-01-01T00:00:00Z"}}));
+    let task = run(destination(deleting), &ctx);
+    let gone = json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "NotFound",
+                      "message": "services not found", "code": 404});
+    let plain = backend_name("apps", "erp");
+    expect(&mut api, "DELETE", &format!("/api/v1/namespaces/ferry/services/{plain}"), StatusCode::NOT_FOUND, gone)
+        .await;
+    for unit in ["erp-t1", "erp-t2"] {
+        let backend = backend_name("apps", unit);
+        ok(&mut api, "DELETE", &format!("/api/v1/namespaces/ferry/services/{backend}"), json!({"kind": "Service"}))
+            .await;
+    }
+    ok(&mut api, "PATCH", &format!("{DESTINATIONS}/erp"), as_json(json!({}))).await;
+    assert_eq!(done(task).await.unwrap(), Action::await_change());
+}
+
+#[tokio::test]
+async fn a_tcp_port_another_resource_holds_is_a_condition_not_a_shared_listener() {
+    let config = CONFIG.replace("target_port = \"tcp\"\n", "");
+    let (ctx, mut api) = setup(&config, vec![Ok(Protocol::Tcp)]);
+    let port = ferry_transparent_proxy::cluster::tcp_port("apps", "erp");
+    let task = run(destination(json!({})), &ctx);
+    let other = backend_of("other", "db", None, port);
+    ok(&mut api, "GET", "/api/v1/namespaces/ferry/services", services(vec![other])).await;
+    // No Service is written: the resource's traffic would reach the other one's listener.
+    let (_, status) = ok(&mut api, "PATCH", &format!("{DESTINATIONS}/erp/status"), as_json(json!({}))).await;
+    let condition = &status["status"]["conditions"][0];
+    assert_eq!((condition["status"].as_str(), condition["reason"].as_str()), (Some("False"), Some("PortConflict")));
+    let message = condition["message"].as_str().unwrap();
+    assert!(message.contains(&port.to_string()) && message.contains("other/db"), "{message}");
+    let (_, event) = ok(&mut api, "POST", "/apis/events.k8s.io/v1/namespaces/apps/events", json!({})).await;
+    assert_eq!((event["type"].as_str(), event["reason"].as_str()), (Some("Warning"), Some("PortConflict")));
+    assert_eq!(done(task).await.unwrap(), Action::requeue(Duration::from_secs(180)));
 }

@@ -16,9 +16,13 @@
 //! | `ferry-request-id` | id for correlating proxy and connector audit lines |
 //! | `ferry-principal` | the user JWT to propagate (principal propagation), if any |
 //! | `ferry-client` | the OAuth client id of the app, for the audit log |
+//! | `ferry-upgrade` | (`http` only) the app's `Upgrade` header: it asks for a protocol switch (WebSocket) |
 //!
 //! The connector answers with the backend's response (`http`), or `200` then the byte stream
-//! (`tcp`). When the connector itself refuses, the response carries `ferry-error` so the proxy
+//! (`tcp`). HTTP/2 has no `101` and forbids `Upgrade`, so an upgraded `http` stream is answered
+//! `200` with `ferry-upgrade` naming the backend's protocol and the backend's `101` headers;
+//! then, as for `tcp`, the request body carries app→backend bytes and the response body
+//! backend→app. A backend that refuses the switch is answered as any HTTP response. When the connector itself refuses, the response carries `ferry-error` so the proxy
 //! can tell the app whose fault it was.
 //!
 //! Service channels (on-premise → cloud) use a second connection to the same port with ALPN
@@ -39,6 +43,7 @@ pub const PRINCIPAL: &str = "ferry-principal";
 pub const CLIENT: &str = "ferry-client";
 pub const ERROR: &str = "ferry-error";
 pub const FENCE: &str = "ferry-fence";
+pub const UPGRADE: &str = "ferry-upgrade";
 
 pub const KIND_HTTP: &str = "http";
 pub const KIND_TCP: &str = "tcp";

@@ -2,12 +2,17 @@
 //! requests, authenticated per request by `Proxy-Authorization: Bearer <JWT>`, routed into the
 //! tunnel of the Cloud Connector for (token's subaccount, `SAP-Connectivity-SCC-Location_ID`).
 
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 
 use ferry_core::body::{self, BoxBody};
 use ferry_proto::tunnel;
 use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode};
-use hyper::body::Incoming;
+use hyper::body::{Body as _, Incoming};
+use hyper_util::rt::TokioIo;
+use tokio::io::{AsyncRead, ReadBuf};
+use tokio::sync::oneshot;
 
 use crate::Shared;
 use crate::retry::OpenError;
@@ -100,7 +105,47 @@ pub(crate) fn tunnel_target(uri: &http::Uri) -> Result<String, (StatusCode, &'st
     Ok(format!("{host}:{port}"))
 }
 
-pub(crate) async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Response<BoxBody> {
+/// The `Upgrade` header of a request that asks to switch protocols (`Connection: upgrade`).
+fn upgrade_of(h: &HeaderMap) -> Option<HeaderValue> {
+    let asks = h
+        .get_all(http::header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .any(|v| v.split(',').any(|t| t.trim().eq_ignore_ascii_case("upgrade")));
+    if asks { h.get(http::header::UPGRADE).cloned() } else { None }
+}
+
+type AppRead = tokio::io::ReadHalf<TokioIo<hyper::upgrade::Upgraded>>;
+
+/// The app→backend bytes of an upgraded request: the tunnel stream opens before the app's
+/// connection is switched (that waits for the backend's answer), so the body reads nothing
+/// until the upgraded connection arrives, and ends at once if it never does. The mutex only
+/// makes the reader `Sync`, as bodies must be; it is used through `&mut` alone.
+struct AfterUpgrade {
+    pending: Option<oneshot::Receiver<AppRead>>,
+    read: Option<std::sync::Mutex<AppRead>>,
+}
+
+impl AsyncRead for AfterUpgrade {
+    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<std::io::Result<()>> {
+        let this = self.get_mut();
+        if let Some(rx) = this.pending.as_mut() {
+            match Pin::new(rx).poll(cx) {
+                Poll::Pending => return Poll::Pending,
+                Poll::Ready(r) => {
+                    this.pending = None;
+                    this.read = r.ok().map(std::sync::Mutex::new);
+                }
+            }
+        }
+        match this.read.as_mut() {
+            Some(r) => Pin::new(r.get_mut().unwrap_or_else(std::sync::PoisonError::into_inner)).poll_read(cx, buf),
+            None => Poll::Ready(Ok(())),
+        }
+    }
+}
+
+pub(crate) async fn handle(shared: Arc<Shared>, mut req: Request<Incoming>) -> Response<BoxBody> {
     if let Some((name, _)) = req.headers().iter().find(|(n, v)| n.as_str().len() + v.len() + 2 > MAX_HEADER_LINE) {
         return error(
             StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
@@ -131,6 +176,10 @@ pub(crate) async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Respo
         Ok(t) => t,
         Err((status, message)) => return error(status, message),
     };
+    let upgrade = upgrade_of(req.headers());
+    if upgrade.is_some() && !req.body().is_end_stream() {
+        return error(StatusCode::BAD_REQUEST, "A request that asks for a protocol upgrade must not have a body");
+    }
     let location = req.headers().get(LOCATION_HEADER).and_then(|v| v.to_str().ok()).unwrap_or("").trim().to_owned();
     let principal = bearer(req.headers(), PRINCIPAL_HEADER).map(str::to_owned);
 
@@ -145,6 +194,7 @@ pub(crate) async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Respo
             ),
         );
     };
+    let app_upgrade = upgrade.as_ref().map(|_| hyper::upgrade::on(&mut req));
     let (mut parts, incoming) = req.into_parts();
     body::strip_hop_by_hop(&mut parts.headers);
     let sap: Vec<_> = parts.headers.keys().filter(|k| k.as_str().starts_with("sap-connectivity-")).cloned().collect();
@@ -154,7 +204,15 @@ pub(crate) async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Respo
     let request_id =
         crate::stamp_tunnel_headers(&mut parts.headers, tunnel::KIND_HTTP, &target, &claims, principal.as_deref());
     parts.version = http::Version::HTTP_2;
-    let tunnel_req = Request::from_parts(parts, body::boxed(incoming));
+    let (upstream, app_read) = match &upgrade {
+        Some(u) => {
+            parts.headers.insert(tunnel::UPGRADE, u.clone());
+            let (tx, rx) = oneshot::channel();
+            (body::from_reader(AfterUpgrade { pending: Some(rx), read: None }), Some(tx))
+        }
+        None => (body::boxed(incoming), None),
+    };
+    let tunnel_req = Request::from_parts(parts, upstream);
     tracing::debug!(%request_id, subaccount = %claims.zid, %location, %target, "proxying HTTP request");
     match shared.open_stream(&claims.zid, &location, tunnel_req, &request_id).await {
         Ok(resp) => {
@@ -170,6 +228,29 @@ pub(crate) async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Respo
             parts.status = status;
             parts.version = http::Version::HTTP_11;
             body::strip_hop_by_hop(&mut parts.headers);
+            let switched =
+                parts.headers.remove(tunnel::UPGRADE).filter(|_| fault.is_none() && status == StatusCode::OK);
+            if let (Some(protocol), Some(app_upgrade), Some(app_read)) = (switched, app_upgrade, app_read) {
+                // The backend switched: the app gets its 101, then both byte streams are joined.
+                parts.status = StatusCode::SWITCHING_PROTOCOLS;
+                parts.headers.insert(http::header::CONNECTION, HeaderValue::from_static("upgrade"));
+                parts.headers.insert(http::header::UPGRADE, protocol);
+                tokio::spawn(async move {
+                    // Held for as long as the connection is relayed, as for a SOCKS5 stream.
+                    let _permit = permit;
+                    match app_upgrade.await {
+                        Ok(upgraded) => {
+                            let (read, write) = tokio::io::split(TokioIo::new(upgraded));
+                            let _ = app_read.send(read);
+                            if let Err(e) = body::copy_to_writer(incoming, write).await {
+                                tracing::debug!(%request_id, error = %e, "upgraded connection ended");
+                            }
+                        }
+                        Err(e) => tracing::debug!(%request_id, error = %e, "the app's connection was not upgraded"),
+                    }
+                });
+                return Response::from_parts(parts, body::empty());
+            }
             let held = crate::tenant_limit::Held { inner: incoming, _permit: permit };
             Response::from_parts(parts, body::boxed(held))
         }

@@ -327,7 +327,9 @@ async fn serve_http(stream: tokio::net::TcpStream, shared: Arc<Shared>, shutdown
         // hyper answers 431 when the request head exceeds this; single lines over 8 KiB are
         // refused by the handler, as SAP's proxy does.
         .max_buf_size(64 * 1024)
-        .serve_connection(TokioIo::new(stream), service);
+        .serve_connection(TokioIo::new(stream), service)
+        // WebSocket: an upgraded connection leaves hyper and is relayed through the tunnel.
+        .with_upgrades();
     tokio::pin!(conn);
     tokio::select! {
         r = conn.as_mut() => if let Err(e) = r { tracing::debug!(error = %e, "HTTP proxy connection error") },

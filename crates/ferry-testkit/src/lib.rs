@@ -170,6 +170,72 @@ impl EchoBackend {
     }
 }
 
+/// A WebSocket echo server (tokio-tungstenite): echoes every text and binary message. Requests
+/// for a path under `/refuse` are declined with 404; every request head is kept for the test.
+pub struct WebSocketEcho {
+    pub addr: SocketAddr,
+    connections: Arc<AtomicUsize>,
+    upgrades: Arc<AtomicUsize>,
+    seen: Arc<std::sync::Mutex<Vec<(String, http::HeaderMap)>>>,
+}
+
+impl WebSocketEcho {
+    pub async fn start() -> Self {
+        use futures_util::{SinkExt, StreamExt};
+        use tokio_tungstenite::tungstenite::handshake::server::{ErrorResponse, Request, Response};
+        let l = listener().await;
+        let addr = l.local_addr().expect("addr");
+        let (connections, upgrades) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+        let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let (c, u, heads) = (connections.clone(), upgrades.clone(), seen.clone());
+        tokio::spawn(async move {
+            loop {
+                let Ok((s, _)) = l.accept().await else { return };
+                let _ = s.set_nodelay(true);
+                c.fetch_add(1, Ordering::SeqCst);
+                let (u, heads) = (u.clone(), heads.clone());
+                tokio::spawn(async move {
+                    // tungstenite's callback signature, not ours to box.
+                    #[allow(clippy::result_large_err)]
+                    let record = |req: &Request, resp: Response| -> Result<Response, ErrorResponse> {
+                        let path = req.uri().path().to_owned();
+                        heads.lock().expect("lock").push((path.clone(), req.headers().clone()));
+                        if path.starts_with("/refuse") {
+                            let mut no = ErrorResponse::new(Some("no WebSocket here".into()));
+                            *no.status_mut() = http::StatusCode::NOT_FOUND;
+                            return Err(no);
+                        }
+                        Ok(resp)
+                    };
+                    let Ok(mut ws) = tokio_tungstenite::accept_hdr_async(s, record).await else { return };
+                    u.fetch_add(1, Ordering::SeqCst);
+                    while let Some(Ok(msg)) = ws.next().await {
+                        if (msg.is_text() || msg.is_binary()) && ws.send(msg).await.is_err() {
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+        Self { addr, connections, upgrades, seen }
+    }
+
+    /// TCP connections accepted.
+    pub fn connections(&self) -> usize {
+        self.connections.load(Ordering::SeqCst)
+    }
+
+    /// Completed WebSocket handshakes.
+    pub fn upgrades(&self) -> usize {
+        self.upgrades.load(Ordering::SeqCst)
+    }
+
+    /// Path and headers of every handshake request received.
+    pub fn requests(&self) -> Vec<(String, http::HeaderMap)> {
+        self.seen.lock().expect("lock").clone()
+    }
+}
+
 /// A TCP relay in front of `target` whose connections the test can cut at will, or partition:
 /// cut, and every new connection closed at once until healed.
 pub struct CuttableRelay {

@@ -5,7 +5,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use ferry_client::Client;
+use ferry_client::{Client, Tenant};
 use ferry_core::Secret;
 use ferry_core::body::{self, BoxBody};
 use http::header::{AUTHORIZATION, HOST};
@@ -220,7 +220,7 @@ fn check_duplicates(h: &HeaderMap) -> Result<(), ProxyError> {
 }
 
 /// The tenant a request is for: none in dedicated mode, exactly one header in shared mode.
-fn tenant(mode: TenantMode, h: &HeaderMap) -> Result<Option<String>, ProxyError> {
+fn tenant(mode: TenantMode, h: &HeaderMap) -> Result<Option<Tenant>, ProxyError> {
     if mode == TenantMode::Dedicated {
         return Ok(None);
     }
@@ -231,12 +231,13 @@ fn tenant(mode: TenantMode, h: &HeaderMap) -> Result<Option<String>, ProxyError>
         (None, None) => Err(ProxyError::bad_request(
             "In multi-tenant operational mode, either 'x-tenant-id' or 'x-tenant-subdomain' header is mandatory to be provided.",
         )),
-        (Some(t), None) | (None, Some(t)) => Ok(Some(t)),
+        (Some(t), None) => Ok(Some(Tenant::Id(t))),
+        (None, Some(t)) => Ok(Some(Tenant::Subdomain(t))),
     }
 }
 
 /// The find call's inputs from the resource (bound endpoint) or the request (gateway).
-fn lookup_of(resource: &Destination, h: &HeaderMap, tenant: Option<String>) -> Result<Lookup, ProxyError> {
+fn lookup_of(resource: &Destination, h: &HeaderMap, tenant: Option<Tenant>) -> Result<Lookup, ProxyError> {
     let mut lookup = Lookup { resource: resource.name().to_owned(), tenant, ..Default::default() };
     let spec = &resource.spec;
     if resource.is_gateway() {
@@ -485,7 +486,7 @@ async fn forward(
                  Proxy service name.",
             )
         })?;
-        let token = shared.client.connectivity_token(lookup.tenant.as_deref()).await.map_err(|e| {
+        let token = shared.client.connectivity_token_for(lookup.tenant.as_ref()).await.map_err(|e| {
             ProxyError::new(
                 StatusCode::BAD_GATEWAY,
                 Origin::Xsuaa,
@@ -643,7 +644,14 @@ mod tests {
     #[test]
     fn tenant_headers_in_shared_mode() {
         assert_eq!(tenant(TenantMode::Dedicated, &headers(&[("x-tenant-id", "t")])).unwrap(), None);
-        assert_eq!(tenant(TenantMode::Shared, &headers(&[("x-tenant-id", "t")])).unwrap().as_deref(), Some("t"));
+        assert_eq!(
+            tenant(TenantMode::Shared, &headers(&[("x-tenant-id", "t")])).unwrap(),
+            Some(Tenant::Id("t".into()))
+        );
+        assert_eq!(
+            tenant(TenantMode::Shared, &headers(&[("x-tenant-subdomain", "s")])).unwrap(),
+            Some(Tenant::Subdomain("s".into()))
+        );
         assert!(tenant(TenantMode::Shared, &headers(&[])).unwrap_err().message.contains("either 'x-tenant-id'"));
         let both = headers(&[("x-tenant-id", "t"), ("x-tenant-subdomain", "s")]);
         assert_eq!(tenant(TenantMode::Shared, &both).unwrap_err().status, StatusCode::BAD_REQUEST);

@@ -265,11 +265,13 @@ impl Watcher {
         changed
     }
 
-    /// The port a resource asks for: on Kubernetes the one its backend Service targets.
+    /// The port a resource asks for: on Kubernetes the one its backend Service targets (the
+    /// controller derives it the same way, per tenant for a per-tenant endpoint).
     fn wanted_port(&self, d: &Destination, tenant: Option<&str>) -> u16 {
-        match &self.cluster {
-            Some(_) if tenant.is_none() => cluster::tcp_port(d.namespace_or_default(), d.name()),
-            _ => wanted_port(d, tenant),
+        match (&self.cluster, tenant) {
+            (Some(_), None) => cluster::tcp_port(d.namespace_or_default(), d.name()),
+            (Some(_), Some(t)) => cluster::tcp_port(d.namespace_or_default(), &format!("{}-{t}", d.name())),
+            (None, _) => wanted_port(d, tenant),
         }
     }
 
@@ -336,7 +338,7 @@ impl Watcher {
             fragment_level: d.spec.fragment_ref.as_ref().and_then(|f| f.level),
             fragment_optional: d.spec.fragment_ref.as_ref().and_then(|f| f.optional),
             resource: d.name().to_owned(),
-            tenant: tenant.map(str::to_owned),
+            tenant: tenant.map(|t| ferry_client::Tenant::Subdomain(t.to_owned())),
             ..Default::default()
         };
         let resolver = match self.shared.resolver(d) {

@@ -5,7 +5,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use ferry_client::{Client, ClientError, DestinationBinding, Hop};
+use ferry_client::{Client, ClientError, DestinationBinding, Hop, Tenant};
 use ferry_core::Secret;
 use http::StatusCode;
 use serde_json::{Map, Value};
@@ -31,8 +31,9 @@ pub struct Lookup {
     pub fragment_level: Option<Level>,
     pub fragment_optional: Option<bool>,
     pub chain: Option<(String, Vec<(String, String)>)>,
-    /// Tenant of the service token (shared tenant mode).
-    pub tenant: Option<String>,
+    /// Tenant of the service token (shared tenant mode): `X-Tenant-Id`, `X-Tenant-Subdomain`
+    /// or a per-tenant endpoint's subdomain.
+    pub tenant: Option<Tenant>,
     /// Headers for the find call (`X-user-token`, `X-tenant`, `X-subject-token`, …); they may
     /// hold tokens, so only their hash goes into the cache key.
     pub headers: Vec<(&'static str, Secret<String>)>,
@@ -57,10 +58,11 @@ pub struct ClientCert {
     pub hash: [u8; 32],
 }
 
-/// The keystore `KeyStoreLocation` names, from the find answer's `certificates`. P12/JKS
-/// keystores are refused for now; that is where a keystore parser would plug in.
+/// The keystore `KeyStoreLocation` names, from the find answer's `certificates`: PEM, or P12/PFX
+/// or JKS opened with `KeyStorePassword`; kept as PEM (chain, then key), the form TLS reads.
 fn client_cert(name: &str, config: &Map<String, Value>, body: &Value) -> Result<Option<ClientCert>, String> {
     use base64::Engine;
+    use ferry_core::keystore;
     if config.get("Authentication").and_then(Value::as_str) != Some("ClientCertificateAuthentication") {
         return Ok(None);
     }
@@ -75,21 +77,19 @@ fn client_cert(name: &str, config: &Map<String, Value>, body: &Value) -> Result<
         .ok_or_else(|| {
             format!("the keystore '{location}' of destination '{name}' is not in the answer's certificates")
         })?;
-    let kind = entry.get("Type").and_then(Value::as_str).unwrap_or_default().to_ascii_uppercase();
-    let lower = location.to_ascii_lowercase();
-    if matches!(kind.as_str(), "P12" | "PFX" | "JKS") || [".p12", ".pfx", ".jks"].iter().any(|e| lower.ends_with(e)) {
-        return Err(format!(
-            "the keystore '{location}' of destination '{name}' is a P12/JKS keystore; only PEM keystores \
-             (certificate and unencrypted private key) are supported"
-        ));
-    }
     let bytes = base64::engine::general_purpose::STANDARD
-        .decode(entry.get("Content").and_then(Value::as_str).unwrap_or_default())
+        .decode(entry.get("Content").and_then(Value::as_str).unwrap_or_default().trim())
         .map_err(|_| format!("the keystore '{location}' of destination '{name}' is not base64"))?;
-    let pem = String::from_utf8(bytes)
-        .map_err(|_| format!("the keystore '{location}' of destination '{name}' is not a PEM file"))?;
-    let hash = Sha256::digest(pem.as_bytes()).into();
-    Ok(Some(ClientCert { pem: Secret::new(pem), hash }))
+    let format = keystore::Format::from_type_or_name(entry.get("Type").and_then(Value::as_str), location);
+    let password = config.get("KeyStorePassword").and_then(Value::as_str).filter(|p| !p.is_empty());
+    let store = keystore::decode(&bytes, format, password)
+        .map_err(|e| format!("the keystore '{location}' of destination '{name}' cannot be opened: {e}"))?;
+    if store.key_entry().is_none() {
+        return Err(format!("the keystore '{location}' of destination '{name}' holds no private key"));
+    }
+    let pem = store.to_pem();
+    let hash = Sha256::digest(pem.expose().as_bytes()).into();
+    Ok(Some(ClientCert { pem, hash }))
 }
 
 impl Resolved {
@@ -150,7 +150,7 @@ impl Resolver {
     }
 
     async fn find_at(&self, lookup: &Lookup, with_tokens: bool) -> Result<(Resolved, Duration), ProxyError> {
-        let token = self.client.destination_service_token(lookup.tenant.as_deref()).await.map_err(token_error)?;
+        let token = self.client.destination_service_token_for(lookup.tenant.as_ref()).await.map_err(token_error)?;
         let name = &lookup.name;
         let mut url = match lookup.level {
             None => format!("{}/destination-configuration/v1/destinations/{name}", self.binding.uri),
@@ -191,7 +191,7 @@ impl Resolver {
         let status = resp.status();
         let body: Value = resp.json().await.unwrap_or(Value::Null);
         if status == reqwest::StatusCode::NOT_FOUND {
-            let tenant = lookup.tenant.as_deref().unwrap_or("provider");
+            let tenant = lookup.tenant.as_ref().map_or("provider", tenant_name);
             let message = if lookup.resource.is_empty() {
                 format!("Destination '{name}' is not found in tenant '{tenant}'.")
             } else {
@@ -290,6 +290,13 @@ fn without_url(e: &reqwest::Error) -> String {
     s
 }
 
+/// The tenant as the request named it.
+pub(crate) fn tenant_name(t: &Tenant) -> &str {
+    match t {
+        Tenant::Id(t) | Tenant::Subdomain(t) => t,
+    }
+}
+
 fn cache_key(l: &Lookup, with_tokens: bool) -> [u8; 32] {
     let mut h = Sha256::new();
     let mut field = |s: &str| {
@@ -305,7 +312,12 @@ fn cache_key(l: &Lookup, with_tokens: bool) -> [u8; 32] {
         Some(true) => "t",
         Some(false) => "f",
     });
-    field(l.tenant.as_deref().unwrap_or("-"));
+    field(match &l.tenant {
+        None => "-",
+        Some(Tenant::Id(_)) => "id",
+        Some(Tenant::Subdomain(_)) => "subdomain",
+    });
+    field(l.tenant.as_ref().map_or("-", tenant_name));
     field(if with_tokens { "tokens" } else { "skip" });
     if let Some((chain, vars)) = &l.chain {
         field(chain);
@@ -337,7 +349,8 @@ mod tests {
             Lookup { fragment: Some("f".into()), ..base.clone() },
             Lookup { fragment_optional: Some(true), ..base.clone() },
             Lookup { fragment_level: Some(Level::Subaccount), ..base.clone() },
-            Lookup { tenant: Some("t".into()), ..base.clone() },
+            Lookup { tenant: Some(Tenant::Id("t".into())), ..base.clone() },
+            Lookup { tenant: Some(Tenant::Subdomain("t".into())), ..base.clone() },
             Lookup { chain: Some(("c".into(), vec![])), ..base.clone() },
             Lookup { headers: vec![("X-user-token", Secret::new("jwt".into()))], ..base.clone() },
         ];
@@ -346,6 +359,6 @@ mod tests {
         }
         assert_ne!(cache_key(&base, false), k);
         // Token headers do not matter when tokens are not fetched.
-        assert_eq!(cache_key(&variants[7], false), cache_key(&base, false));
+        assert_eq!(cache_key(&variants[8], false), cache_key(&base, false));
     }
 }

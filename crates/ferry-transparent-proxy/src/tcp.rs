@@ -32,7 +32,7 @@ pub(crate) async fn serve_connection(
         fragment_level: spec.fragment_ref.as_ref().and_then(|f| f.level),
         fragment_optional: spec.fragment_ref.as_ref().and_then(|f| f.optional),
         resource: resource.name().to_owned(),
-        tenant: tenant.clone(),
+        tenant: tenant.clone().map(ferry_client::Tenant::Subdomain),
         ..Default::default()
     };
     let resolver = match shared.resolver(&resource) {
@@ -56,7 +56,7 @@ pub(crate) async fn serve_connection(
             );
         }
     };
-    let token = match shared.client.connectivity_token(tenant.as_deref()).await {
+    let token = match shared.client.connectivity_token_for(lookup.tenant.as_ref()).await {
         Ok(t) => t,
         Err(e) => return tracing::warn!(resource = resource.name(), error = %e, "no connectivity token"),
     };

@@ -32,7 +32,7 @@ pub(crate) enum PoolKey {
     Direct { client_cert: Option<[u8; 32]> },
     /// To the Connectivity Proxy's HTTP port, per tenant (the token on each request is the
     /// tenant's, but a connection is never shared across tenants all the same).
-    Proxy { host: String, port: u16, tenant: Option<String> },
+    Proxy { host: String, port: u16, tenant: Option<ferry_client::Tenant> },
 }
 
 pub(crate) type Pooled = Client<Connector, Incoming>;

@@ -403,34 +403,48 @@ protocol = "TCP"
     assert_error(&r, 400, "Transparent Proxy", "either 'x-tenant-id' or 'x-tenant-subdomain' header is mandatory");
     let r = get(erp4, &[("x-tenant-id", "a"), ("x-tenant-subdomain", "b")]).await.unwrap();
     assert_error(&r, 400, "Transparent Proxy", "only one of the 'x-tenant-id' and 'x-tenant-subdomain'");
-    // A tenant the token service does not know.
-    let r = get(erp4, &[("x-tenant-id", "no-such-zone")]).await.unwrap();
-    assert_error(&r, 500, "XSUAA", "Failed to get a token for the Destination Service");
-    assert!(r.headers().get("x-internal-error-code").is_some(), "the token service's status is passed on");
+    // Each header names the tenant its own way (SPEC §5.2): X-Tenant-Id the zone id (`x-zid` to
+    // the token service), X-Tenant-Subdomain the subdomain (its host); either reaches the
+    // OnPremise backend with that tenant's tokens.
+    let zid = claims_of(&token)["zid"].as_str().unwrap().to_owned();
+    let zdn = claims_of(&token)["ext_attr"]["zdn"].as_str().unwrap().to_owned();
+    assert_ne!(zid, zdn);
+    for (header, value) in [("x-tenant-id", &zid), ("x-tenant-subdomain", &zdn)] {
+        let r = get(erp4, &[(header, value)]).await.unwrap();
+        assert_eq!(r.status(), 200, "{header}: {:?}", r.headers().get("x-error-message"));
+        assert_eq!(r.json::<Value>().await.unwrap()["url"], "/sap/p", "{header}");
+    }
+    // A tenant the token service does not know, by id or by subdomain; a zone id is no subdomain.
+    for (header, value) in
+        [("x-tenant-id", "no-such-zone"), ("x-tenant-subdomain", "no-such-subdomain"), ("x-tenant-subdomain", &zid)]
+    {
+        let r = get(erp4, &[(header, value)]).await.unwrap();
+        assert_error(&r, 500, "XSUAA", "Failed to get a token for the Destination Service");
+        assert!(r.headers().get("x-internal-error-code").is_some(), "the token service's status is passed on");
+    }
     tp4.stop().await;
 
     // Shared tenant mode, TCP: one endpoint per subdomain of the annotation, each using its
     // tenant's token; a tenant the token service does not know gets its connections closed.
-    let zid = claims_of(&token)["zid"].as_str().unwrap().to_owned();
     let res3 = dir.join("resources-3");
     std::fs::create_dir_all(&res3).unwrap();
     let annotated = bound("raw", "raw").replace(
         "metadata:\n  name: raw\n",
         &format!(
-            "metadata:\n  name: raw\n  annotations:\n    transparent-proxy.connectivity.api.sap/tenant-subdomains: '[\"{zid}\",\"no-such-zone\"]'\n"
+            "metadata:\n  name: raw\n  annotations:\n    transparent-proxy.connectivity.api.sap/tenant-subdomains: '[\"{zdn}\",\"no-such-zone\"]'\n"
         ),
     );
     assert!(annotated.contains("tenant-subdomains"));
     std::fs::write(res3.join("raw.yaml"), annotated).unwrap();
     let tp5 = Tp::start(&dir, "tp5", &res3, &env_file, "tenant_mode = \"shared\"\n").await;
-    let mine = tp5.endpoint(&format!("raw-{zid}")).await;
+    let mine = tp5.endpoint(&format!("raw-{zdn}")).await;
     let unknown = tp5.endpoint("raw-no-such-zone").await;
     eventually!("per-tenant endpoints are tcp", {
         let list = tp5.rx.borrow();
         list.values().filter(|e| e.resource.starts_with("default/raw-") && e.protocol == "tcp").count() == 2
     });
     assert!(!tp5.rx.borrow().contains_key("default/raw"), "no tenant-less endpoint besides the per-tenant ones");
-    assert_eq!(tp5.rx.borrow()[&format!("default/raw-{zid}")].tenant.as_deref(), Some(zid.as_str()));
+    assert_eq!(tp5.rx.borrow()[&format!("default/raw-{zdn}")].tenant.as_deref(), Some(zdn.as_str()));
     let mut s = tokio::net::TcpStream::connect(mine).await.unwrap();
     s.write_all(b"tenant\n").await.unwrap();
     let n = s.read(&mut buf).await.unwrap();
@@ -699,9 +713,10 @@ properties = {{ Name = "ws", Type = "HTTP", URL = "http://127.0.0.1:{ws_port}/ws
         "Destination Service instance 'nowhere' referred in Destination CR 'on-nowhere' is not configured",
     );
 
-    // ClientCertificateAuthentication: the keystore from the find answer's `certificates` is
-    // presented to an nginx that requires a client certificate; connections made with one
-    // certificate are never used for another destination (or for none).
+    // ClientCertificateAuthentication: the keystore from the find answer's `certificates` (PEM,
+    // or a P12 opened with KeyStorePassword) is presented to an nginx that requires a client
+    // certificate; connections made with one certificate are never used for another
+    // destination (or for none).
     let data = dir.join("data");
     let ferry_ca = ferry_core::tls::LocalCa::from_pem(
         &std::fs::read_to_string(data.join("ca.pem")).unwrap(),
@@ -722,11 +737,15 @@ properties = {{ Name = "ws", Type = "HTTP", URL = "http://127.0.0.1:{ws_port}/ws
         ],
     );
     let nginx_url = format!("https://127.0.0.1:{}/m", nginx.addr.port());
-    for (who, store) in [("app-a", "a.pem"), ("app-b", "b.pem")] {
+    for (who, store) in [("app-a", "a.pem"), ("app-b", "b.p12")] {
         let id = client_ca.issue_user_cert(&[("CN".to_owned(), who.to_owned())], time::Duration::days(1)).unwrap();
-        let pem = format!("{}{}", id.cert_pem, id.key_pem.expose());
-        let content = base64::engine::general_purpose::STANDARD.encode(pem);
-        let cert = serde_json::json!({"Name": store, "Type": "CERTIFICATE", "Content": content});
+        let (bytes, kind) = if store.ends_with(".p12") {
+            (p12(&dir, &id, "p12-s3cret"), "P12")
+        } else {
+            (format!("{}{}", id.cert_pem, id.key_pem.expose()).into_bytes(), "CERTIFICATE")
+        };
+        let content = base64::engine::general_purpose::STANDARD.encode(bytes);
+        let cert = serde_json::json!({"Name": store, "Type": kind, "Content": content});
         let r = http
             .post(format!("{}/destination-configuration/v1/subaccountCertificates", dest["uri"].as_str().unwrap()))
             .bearer_auth(&token)
@@ -736,7 +755,7 @@ properties = {{ Name = "ws", Type = "HTTP", URL = "http://127.0.0.1:{ws_port}/ws
             .unwrap();
         assert_eq!(r.status(), 201, "{}", r.text().await.unwrap());
         let d = serde_json::json!({"Name": format!("mtls-{who}"), "Type": "HTTP", "URL": nginx_url, "ProxyType": "Internet",
-            "Authentication": "ClientCertificateAuthentication", "KeyStoreLocation": store, "KeyStorePassword": "unused"});
+            "Authentication": "ClientCertificateAuthentication", "KeyStoreLocation": store, "KeyStorePassword": "p12-s3cret"});
         let r = http
             .post(format!("{}/destination-configuration/v1/subaccountDestinations", dest["uri"].as_str().unwrap()))
             .bearer_auth(&token)
@@ -768,8 +787,36 @@ properties = {{ Name = "ws", Type = "HTTP", URL = "http://127.0.0.1:{ws_port}/ws
             assert!(text.contains(cn) && text.contains("verify=SUCCESS") && text.contains("uri=/m/x"), "{d}: {text}");
         }
     }
+
+    // A P12 whose password is wrong: a 502 that says why, and nothing reaches nginx.
+    let d = serde_json::json!({"Name": "mtls-badpass", "Type": "HTTP", "URL": nginx_url, "ProxyType": "Internet",
+        "Authentication": "ClientCertificateAuthentication", "KeyStoreLocation": "b.p12", "KeyStorePassword": "wrong"});
+    let r = http
+        .post(format!("{}/destination-configuration/v1/subaccountDestinations", dest["uri"].as_str().unwrap()))
+        .bearer_auth(&token)
+        .json(&d)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 201);
+    let r = via("mtls-badpass").await.unwrap();
+    assert_error(&r, 502, "Destination Service", "the keystore 'b.p12' of destination 'mtls-badpass' cannot be opened");
     drop(nginx);
 
     tp.stop().await;
     ferry.terminate();
+}
+
+/// A password-protected PKCS#12 keystore of `id`, written by `openssl pkcs12 -export`.
+fn p12(dir: &Path, id: &ferry_core::tls::CertifiedKey, password: &str) -> Vec<u8> {
+    std::fs::write(dir.join("p12-cert.pem"), &id.cert_pem).unwrap();
+    std::fs::write(dir.join("p12-key.pem"), id.key_pem.expose()).unwrap();
+    let out = std::process::Command::new("openssl")
+        .current_dir(dir)
+        .args(["pkcs12", "-export", "-in", "p12-cert.pem", "-inkey", "p12-key.pem", "-name", "client"])
+        .args(["-passout", &format!("pass:{password}"), "-out", "client.p12"])
+        .output()
+        .expect("openssl");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    std::fs::read(dir.join("client.p12")).unwrap()
 }

@@ -130,6 +130,95 @@ properties = {{ Name = "raw", Type = "TCP", Address = "tcp.virtual:7000", ProxyT
     ferry.terminate();
 }
 
+/// The `--kubernetes` wiring end to end: `ferry_k8s::watch_destinations` against kube's mock API
+/// service (the test plays the API server: a list, then a watch) feeds `run_with_source`, and a
+/// resource that appears is served on the shared listener, to a real backend with its
+/// destination's credentials; one that is deleted is not.
+#[tokio::test]
+async fn a_resource_the_api_server_lists_or_adds_is_served_until_deleted() {
+    use http::{Request, Response};
+    use kube::client::Body;
+    ferry_core::init_crypto();
+    let echo = EchoBackend::start().await;
+    let port = echo.addr.port();
+    let dir = common::test_dir("tproxy-k8s-api");
+    let config = format!(
+        r#"{listen}
+[[destinations]]
+properties = {{ Name = "web", Type = "HTTP", URL = "http://127.0.0.1:{port}/base", Authentication = "BasicAuthentication", User = "ALICE", Password = "s3cret" }}
+[[destinations]]
+properties = {{ Name = "web-other", Type = "HTTP", URL = "http://127.0.0.1:{port}/other", Authentication = "NoAuthentication" }}
+"#,
+        listen = common::LISTEN_ANY,
+    );
+    let (mut ferry, _vcap) = common::ferry_up(&dir, &config);
+    std::fs::write(
+        dir.join("tp.toml"),
+        "resources_dir = \"unused\"\nenv_file = \"default-env.json\"\nca_file = \"data/ca.pem\"\npoll_interval_ms = 50\n",
+    )
+    .unwrap();
+    let (service, mut api) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
+    let (source, rx) = watch::channel(Vec::new());
+    let watch_task =
+        tokio::spawn(ferry_k8s::watch_destinations(kube::Api::all(kube::Client::new(service, "default")), source));
+    let (ep_tx, endpoints) = watch::channel(Endpoints::new());
+    let shutdown = Shutdown::new();
+    let task = tokio::spawn(ferry_transparent_proxy::run_with_source(
+        Config::from_file(&dir.join("tp.toml")).unwrap(),
+        "127.0.0.1:0".parse().unwrap(),
+        rx,
+        ep_tx,
+        shutdown.clone(),
+    ));
+    let object = |name: &str, dest: &str, version: &str| {
+        json!({"apiVersion": "destination.connectivity.api.sap/v1", "kind": "Destination",
+               "metadata": {"name": name, "namespace": "apps", "resourceVersion": version, "uid": format!("uid-{name}")},
+               "spec": {"destinationRef": {"name": dest}}})
+    };
+    let mut answer = async |body: Vec<u8>| {
+        let (req, send) = tokio::time::timeout(std::time::Duration::from_secs(10), api.next_request())
+            .await
+            .expect("the watch asks the API server")
+            .expect("the client is alive");
+        assert_eq!(req.uri().path(), "/apis/destination.connectivity.api.sap/v1/destinations");
+        send.send_response(Response::builder().status(200).body(Body::from(body)).unwrap());
+    };
+
+    // The first list: the resource is served by its Service name, with the destination's credentials.
+    let list = json!({"apiVersion": "destination.connectivity.api.sap/v1", "kind": "DestinationList",
+                      "metadata": {"resourceVersion": "10"}, "items": [object("web", "web", "5")]});
+    answer(serde_json::to_vec(&list).unwrap()).await;
+    eventually!("apps/web served", endpoints.borrow().contains_key("apps/web"));
+    let addr = endpoints.borrow()["apps/web"].address;
+    let http = reqwest::Client::new();
+    let r = get(&http, addr, "web.apps.svc.cluster.local").await;
+    assert_eq!(r.status(), 200, "{:?}", r.headers().get("x-error-message"));
+    let e: Value = r.json().await.unwrap();
+    assert_eq!(
+        (e["url"].as_str(), e["headers"]["authorization"].as_str()),
+        (Some("/base/hello"), Some("Basic QUxJQ0U6czNjcmV0"))
+    );
+    assert_error(&get(&http, addr, "other.apps").await, 404, "No Destination resource serves the host");
+
+    // The watch: one added, then the first deleted.
+    let events = [
+        json!({"type": "ADDED", "object": object("other", "web-other", "11")}),
+        json!({"type": "DELETED", "object": object("web", "web", "12")}),
+    ];
+    let lines: Vec<u8> =
+        events.iter().flat_map(|e| [serde_json::to_vec(e).unwrap(), b"\n".to_vec()].concat()).collect();
+    answer(lines).await;
+    eventually!("apps/web gone", !endpoints.borrow().contains_key("apps/web"));
+    assert!(endpoints.borrow().contains_key("apps/other"));
+    assert_eq!(url_at(&http, addr, "other.apps").await, "/other/hello");
+    assert_error(&get(&http, addr, "web.apps").await, 404, "No Destination resource serves the host");
+
+    watch_task.abort();
+    shutdown.cancel();
+    task.await.unwrap().unwrap();
+    ferry.terminate();
+}
+
 /// Outside a cluster `--kubernetes` says what it needs instead of serving nothing; `--http-listen`
 /// alone is refused, as it means nothing in the folder mode.
 #[test]

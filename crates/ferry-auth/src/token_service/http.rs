@@ -109,7 +109,9 @@ impl TokenService {
     /// The tenant a request addresses explicitly, if any: `x-zid` (how xssec addresses a zone
     /// at `https://{uaadomain}`), else a `Host` of the form `{subdomain}.{uaadomain host}`. A
     /// host that names no configured subdomain addresses nothing, because the provider URL
-    /// itself may well have that shape.
+    /// itself may well have that shape. An IP `uaadomain` cannot take a subdomain in a URL, so
+    /// there the `Host` header alone carries it (`ferry-client`'s `Tenant::Subdomain` sends it);
+    /// no provider URL has that shape.
     pub(super) fn addressed_tenant(
         &self,
         headers: &HeaderMap,
@@ -124,14 +126,23 @@ impl TokenService {
                     .ok_or_else(|| OAuthError::invalid_request(format!("unknown zone {zid:?} (x-zid)")));
             }
         }
-        if !self.uaadomain.is_name {
-            return Ok(None);
-        }
-        let host = uri.host().or_else(|| headers.get(HOST).and_then(|h| h.to_str().ok()));
+        let host = if self.uaadomain.is_name {
+            uri.host().or_else(|| headers.get(HOST).and_then(|h| h.to_str().ok()))
+        } else {
+            headers.get(HOST).and_then(|h| h.to_str().ok())
+        };
         let Some(host) = host.map(strip_port) else { return Ok(None) };
         let host = host.to_ascii_lowercase();
         let sub = host.strip_suffix(self.uaadomain.host.as_str()).and_then(|s| s.strip_suffix('.'));
-        Ok(sub.and_then(|s| self.tenant_by_subdomain(s)))
+        match sub {
+            // Only a client addressing a tenant sends such a host: an unknown one is an error,
+            // not the client's own zone.
+            Some(s) if !self.uaadomain.is_name => self
+                .tenant_by_subdomain(s)
+                .map(Some)
+                .ok_or_else(|| OAuthError::invalid_request(format!("unknown subdomain {s:?} (Host)"))),
+            _ => Ok(sub.and_then(|s| self.tenant_by_subdomain(s))),
+        }
     }
 
     /// The tenant whose metadata (keys, OpenID configuration) a request asks for: `?zid=` as
