@@ -332,12 +332,7 @@ impl Connector {
             let backend = backend.clone();
             let hello = req.headers().get(KIND).is_some_and(|k| k == KIND_HELLO);
             let answer = hello.then(|| hello_answer(&req, &own, &fenced, &status));
-            async move {
-                match answer {
-                    Some(r) => Ok::<_, std::convert::Infallible>(r),
-                    None => Ok(backend.handle(req).await),
-                }
-            }
+            answer_stream(backend, answer, req)
         });
         let mut builder = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
         builder
@@ -360,6 +355,21 @@ impl Connector {
                 let _ = tokio::time::timeout(Duration::from_secs(10), conn).await;
             }
         }
+    }
+}
+
+/// The future of one tunnel stream, which hyper keeps in the stream's task for as long as the
+/// stream lives: the access check, audit and backend connection are boxed and freed once the
+/// response head is out, so an idle relayed connection does not carry their state (a few KiB;
+/// `stream_task_stays_small` bounds it).
+async fn answer_stream(
+    backend: Arc<backend::Backend>,
+    hello: Option<hyper::Response<ferry_core::body::BoxBody>>,
+    req: hyper::Request<hyper::body::Incoming>,
+) -> Result<hyper::Response<ferry_core::body::BoxBody>, std::convert::Infallible> {
+    match hello {
+        Some(r) => Ok(r),
+        None => Ok(Box::pin(backend.handle(req)).await),
     }
 }
 
@@ -447,4 +457,21 @@ fn hello_answer(
 pub async fn run(config: ConnectorConfig, shutdown: Shutdown) -> Result<(), ConnectorError> {
     Arc::new(Connector::new(config)?).run(shutdown).await;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    fn size_of_output<A, B, C, F>(_: fn(A, B, C) -> F) -> usize {
+        std::mem::size_of::<F>()
+    }
+
+    /// Every open tunnel stream (1,000 idle SOCKS5 connections are 1,000 streams) keeps its
+    /// task's future; the relay's states must stay out of it (boxed, freed after the response
+    /// head). Unboxed, it was 2.7 KiB in a debug build.
+    #[test]
+    fn stream_task_stays_small() {
+        let size = size_of_output(super::answer_stream);
+        eprintln!("answer_stream future: {size} bytes");
+        assert!(size <= 768, "the tunnel stream future grew to {size} bytes");
+    }
 }
