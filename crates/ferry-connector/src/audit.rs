@@ -233,6 +233,15 @@ impl AuditLog {
     }
 
     pub async fn record(&self, event: AuditEvent) {
+        if let Some(event) = self.note(event) {
+            self.write(event).await;
+        }
+    }
+
+    /// Counts and traces `event`; returns it if the current level wants it in the log file, so a
+    /// caller outside async code spawns a task for [`AuditLog::write`] only when there is a line
+    /// to write (at level `SECURITY`, not for every allowed request).
+    pub(crate) fn note(&self, event: AuditEvent) -> Option<AuditEvent> {
         let decision = if event.outcome == Outcome::Allowed { "allowed" } else { "denied" };
         ferry_core::metrics::global()
             .counter(
@@ -259,9 +268,11 @@ impl AuditLog {
                 duration_ms = event.duration.as_millis() as u64, "Access Allowed")
             }
         }
-        if !wanted {
-            return;
-        }
+        wanted.then_some(event)
+    }
+
+    /// Writes an access line that [`AuditLog::note`] returned.
+    pub(crate) async fn write(&self, event: AuditEvent) {
         self.send(Entry::Access(event)).await;
     }
 }

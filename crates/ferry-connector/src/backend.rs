@@ -139,12 +139,14 @@ impl Drop for Exchange {
         event.bytes_in = self.bytes_in.load(Ordering::Relaxed);
         event.bytes_out = self.bytes_out.load(Ordering::Relaxed);
         event.duration = self.started.elapsed();
+        // Counted and traced here; a task only when the level wants a line in the file.
+        let Some(event) = self.audit.note(event) else { return };
         let audit = self.audit.clone();
         // Bodies are dropped on runtime threads; without a runtime (shutdown) the line still
         // reaches tracing.
         match tokio::runtime::Handle::try_current() {
             Ok(rt) => {
-                rt.spawn(async move { audit.record(event).await });
+                rt.spawn(async move { audit.write(event).await });
             }
             Err(_) => tracing::warn!(target: "ferry::audit", request_id = %event.request_id, system = %event.system,
                 "audit record of a finished exchange could not be written: the runtime has stopped"),

@@ -29,16 +29,16 @@ where
     body.map_err(Into::into).boxed()
 }
 
-/// First read buffer of a [`from_reader`] body. Every idle tunnelled connection holds one per
-/// direction, so it stays small; measured with 1,000 idle SOCKS5 connections (bench/README.md).
+/// First read buffer of a [`from_reader`] body: small, so a connection that sends a few bytes
+/// now and then does not allocate 64 KiB per read.
 const READ_MIN: usize = 4 * 1024;
 /// Largest read buffer: one read fills one HTTP/2 frame of the tunnel (`MAX_FRAME`).
 const READ_MAX: usize = 64 * 1024;
 
 /// A body that streams what `reader` yields. Reads start with a small buffer; a read that fills
-/// it makes the next buffer four times larger, up to 64 KiB, so bulk transfers move large frames
-/// while idle connections hold little memory. Backpressure: the reader is polled only when the
-/// consumer asks for the next frame.
+/// it makes the next buffer four times larger, up to 64 KiB, so bulk transfers move large frames.
+/// While a read is pending no buffer is held, so idle connections cost no read buffer.
+/// Backpressure: the reader is polled only when the consumer asks for the next frame.
 pub fn from_reader<R: AsyncRead + Unpin + Send + Sync + 'static>(reader: R) -> BoxBody {
     BoxBody::new(ReaderBody { reader: Some(reader), buf: BytesMut::new(), next: READ_MIN })
 }
@@ -65,7 +65,13 @@ impl<R: AsyncRead + Unpin> Body for ReaderBody<R> {
         // `reserve` may hand back a reclaimed buffer larger than asked for; reads stay bounded.
         let room = this.buf.capacity().min(this.next);
         match tokio_util::io::poll_read_buf(Pin::new(reader), cx, &mut (&mut this.buf).limit(room)) {
-            Poll::Pending => Poll::Pending,
+            Poll::Pending => {
+                // Nothing buffered (every read is split off whole): an idle connection holds no
+                // buffer while it waits, so 1,000 idle streams cost no read buffers at all. The
+                // next read allocates anew (`next` is kept: a bulk stream stays at large reads).
+                this.buf = BytesMut::new();
+                Poll::Pending
+            }
             Poll::Ready(Err(e)) => {
                 this.reader = None;
                 Poll::Ready(Some(Err(e.into())))
@@ -154,6 +160,22 @@ mod tests {
         assert_eq!(sizes[0], READ_MIN);
         assert!(sizes.contains(&READ_MAX), "{sizes:?}");
         assert!(sizes.iter().all(|&n| n <= READ_MAX), "{sizes:?}");
+        assert!(body.frame().await.is_none());
+    }
+
+    /// An idle connection's body holds no read buffer while its read is pending, and still
+    /// delivers what arrives later.
+    #[tokio::test]
+    async fn pending_read_holds_no_buffer() {
+        let (mut tx, rx) = tokio::io::duplex(64);
+        let mut body = ReaderBody { reader: Some(rx), buf: BytesMut::new(), next: READ_MIN };
+        let mut cx = Context::from_waker(std::task::Waker::noop());
+        assert!(Pin::new(&mut body).poll_frame(&mut cx).is_pending());
+        assert_eq!(body.buf.capacity(), 0);
+        tx.write_all(b"late").await.unwrap();
+        drop(tx);
+        let frame = body.frame().await.unwrap().unwrap().into_data().unwrap();
+        assert_eq!(&frame[..], b"late");
         assert!(body.frame().await.is_none());
     }
 

@@ -2,10 +2,11 @@
 //! named counters, gauges and one latency histogram family, all plain atomics, so that
 //! counting on the data path costs one relaxed atomic add.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::fmt::Write as _;
+use std::hash::{Hash, Hasher};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock, RwLock};
 use std::time::Duration;
 
 /// Upper bounds (seconds) of the latency histogram buckets.
@@ -45,6 +46,56 @@ pub struct Registry {
     values: Mutex<BTreeMap<Key, (Kind, Arc<AtomicU64>)>>,
     histograms: Mutex<BTreeMap<Key, Arc<Histogram>>>,
     help: Mutex<BTreeMap<String, &'static str>>,
+    known_values: Index<Arc<AtomicU64>>,
+    known_histograms: Index<Arc<Histogram>>,
+}
+
+/// Handles already looked up, by name and label pairs as given. Data paths look a metric up per
+/// request when a label is known only then (status code, system); a hit takes a read lock and
+/// allocates nothing, where the rendered key costs a dozen allocations and two global locks.
+struct Index<T> {
+    /// Hash of (name, pairs) → entries with that hash.
+    map: RwLock<HashMap<u64, Vec<IndexEntry<T>>>>,
+}
+
+struct IndexEntry<T> {
+    name: Box<str>,
+    pairs: Box<[(Box<str>, Box<str>)]>,
+    handle: T,
+}
+
+impl<T> Default for Index<T> {
+    fn default() -> Self {
+        Self { map: RwLock::new(HashMap::new()) }
+    }
+}
+
+fn index_hash(name: &str, pairs: &[(&str, &str)]) -> u64 {
+    let mut h = std::hash::DefaultHasher::new();
+    name.hash(&mut h);
+    pairs.hash(&mut h);
+    h.finish()
+}
+
+impl<T: Clone> Index<T> {
+    fn get(&self, hash: u64, name: &str, pairs: &[(&str, &str)]) -> Option<T> {
+        let map = self.map.read().unwrap_or_else(|p| p.into_inner());
+        let same = |e: &&IndexEntry<T>| {
+            *e.name == *name
+                && e.pairs.len() == pairs.len()
+                && e.pairs.iter().zip(pairs).all(|((k, v), (k2, v2))| **k == **k2 && **v == **v2)
+        };
+        map.get(&hash)?.iter().find(same).map(|e| e.handle.clone())
+    }
+
+    fn insert(&self, hash: u64, name: &str, pairs: &[(&str, &str)], handle: T) {
+        let mut map = self.map.write().unwrap_or_else(|p| p.into_inner());
+        let entries = map.entry(hash).or_default();
+        let pairs: Box<[(Box<str>, Box<str>)]> = pairs.iter().map(|(k, v)| (Box::from(*k), Box::from(*v))).collect();
+        if !entries.iter().any(|e| *e.name == *name && e.pairs == pairs) {
+            entries.push(IndexEntry { name: name.into(), pairs, handle });
+        }
+    }
 }
 
 fn labels(pairs: &[(&str, &str)]) -> String {
@@ -60,9 +111,20 @@ fn labels(pairs: &[(&str, &str)]) -> String {
 
 impl Registry {
     fn slot(&self, kind: Kind, name: &str, help: &'static str, pairs: &[(&str, &str)]) -> Arc<AtomicU64> {
+        let hash = index_hash(name, pairs);
+        if let Some(handle) = self.known_values.get(hash, name, pairs) {
+            return handle;
+        }
         self.help.lock().unwrap_or_else(|p| p.into_inner()).entry(name.to_owned()).or_insert(help);
         let mut values = self.values.lock().unwrap_or_else(|p| p.into_inner());
-        values.entry((name.to_owned(), labels(pairs))).or_insert_with(|| (kind, Arc::new(AtomicU64::new(0)))).1.clone()
+        let handle = values
+            .entry((name.to_owned(), labels(pairs)))
+            .or_insert_with(|| (kind, Arc::new(AtomicU64::new(0))))
+            .1
+            .clone();
+        drop(values);
+        self.known_values.insert(hash, name, pairs, handle.clone());
+        handle
     }
 
     /// A counter; keep the returned handle on hot paths instead of looking it up each time.
@@ -75,9 +137,16 @@ impl Registry {
     }
 
     pub fn histogram(&self, name: &str, help: &'static str, pairs: &[(&str, &str)]) -> Arc<Histogram> {
+        let hash = index_hash(name, pairs);
+        if let Some(handle) = self.known_histograms.get(hash, name, pairs) {
+            return handle;
+        }
         self.help.lock().unwrap_or_else(|p| p.into_inner()).entry(name.to_owned()).or_insert(help);
         let mut h = self.histograms.lock().unwrap_or_else(|p| p.into_inner());
-        h.entry((name.to_owned(), labels(pairs))).or_default().clone()
+        let handle = h.entry((name.to_owned(), labels(pairs))).or_default().clone();
+        drop(h);
+        self.known_histograms.insert(hash, name, pairs, handle.clone());
+        handle
     }
 
     /// The Prometheus text exposition of every metric.
@@ -157,5 +226,28 @@ mod tests {
         assert!(text.contains("ferry_lat_seconds_bucket{system=\"s\",le=\"0.0025\"} 0"), "{text}");
         assert!(text.contains("ferry_lat_seconds_bucket{system=\"s\",le=\"0.005\"} 1"), "{text}");
         assert!(text.contains("ferry_lat_seconds_count{system=\"s\"} 1"), "{text}");
+    }
+
+    /// Repeated lookups (the data path's, answered from the index) return the one series of
+    /// their name and labels, and never another's.
+    #[test]
+    fn repeated_lookups_share_one_series() {
+        let r = Registry::default();
+        let a = r.counter("ferry_c_total", "C.", &[("a", "bc")]);
+        let b = r.counter("ferry_c_total", "C.", &[("ab", "c")]);
+        let none = r.counter("ferry_c_total", "C.", &[]);
+        for _ in 0..3 {
+            r.counter("ferry_c_total", "C.", &[("a", "bc")]).fetch_add(1, Ordering::Relaxed);
+        }
+        r.counter("ferry_c_total", "C.", &[("ab", "c")]).fetch_add(10, Ordering::Relaxed);
+        assert!(Arc::ptr_eq(&a, &r.counter("ferry_c_total", "C.", &[("a", "bc")])));
+        assert_eq!((a.load(Ordering::Relaxed), b.load(Ordering::Relaxed), none.load(Ordering::Relaxed)), (3, 10, 0));
+        let h = r.histogram("ferry_h_seconds", "H.", &[("system", "x")]);
+        r.histogram("ferry_h_seconds", "H.", &[("system", "x")]).observe(Duration::from_millis(1));
+        assert_eq!(h.count.load(Ordering::Relaxed), 1);
+        assert_eq!(r.histogram("ferry_h_seconds", "H.", &[("system", "y")]).count.load(Ordering::Relaxed), 0);
+        let text = r.render();
+        assert!(text.contains("ferry_c_total{a=\"bc\"} 3\n"), "{text}");
+        assert!(text.contains("ferry_c_total{ab=\"c\"} 10\n"), "{text}");
     }
 }
