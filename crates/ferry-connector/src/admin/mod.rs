@@ -12,6 +12,7 @@
 mod api;
 mod ha_api;
 mod ldap;
+mod pp_ca;
 pub mod store;
 mod ui;
 
