@@ -319,7 +319,7 @@ impl PairKeys {
         serde_json::from_str(&json).map(Some).map_err(|e| store::StoreError::Parse(path, e))
     }
 
-    fn save(&self, store: &Store) -> Result<(), store::StoreError> {
+    pub(crate) fn save(&self, store: &Store) -> Result<(), store::StoreError> {
         let path = store.dir().join(KEYS_FILE);
         let json = serde_json::to_vec(self).map_err(|e| store::StoreError::Parse(path.clone(), e))?;
         let sealed = store.seal_blob(b"ha-keys", &json)?;

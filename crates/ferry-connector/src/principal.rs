@@ -165,6 +165,73 @@ fn variable(claims: &Claims, name: &str) -> Option<String> {
     }
 }
 
+/// Placeholders a subject pattern may use: the ones SAP documents that an XSUAA or IAS token
+/// carries. Anything else is refused when the pattern is set, rather than failing every request.
+pub const PATTERN_VARIABLES: &[&str] = &[
+    "name",
+    "mail",
+    "email",
+    "user_type",
+    "login_name",
+    "user_name",
+    "user_uuid",
+    "user_id",
+    "given_name",
+    "family_name",
+    "sub",
+    "client_id",
+    "cid",
+    "azp",
+    "origin",
+    "zid",
+];
+
+/// Subject attributes a pattern may set (SAP's `subjectPattern` fields).
+pub const PATTERN_ATTRIBUTES: &[&str] = &["CN", "EMAIL", "L", "OU", "O", "ST", "C"];
+
+/// Checks a subject pattern before it is stored: `ATTR=value` parts of [`PATTERN_ATTRIBUTES`],
+/// placeholders of [`PATTERN_VARIABLES`]; the message names what is wrong.
+pub fn check_pattern(pattern: &str) -> Result<(), String> {
+    let mut unknown = Vec::new();
+    if pattern.trim().is_empty() {
+        return Err("the subject pattern is empty; e.g. CN=${name}".into());
+    }
+    for part in pattern.split(',') {
+        let Some((attr, template)) = part.split_once('=') else {
+            return Err(format!("{:?} is not ATTRIBUTE=value (e.g. CN=${{name}})", part.trim()));
+        };
+        let attr = attr.trim();
+        if !PATTERN_ATTRIBUTES.contains(&attr.to_ascii_uppercase().as_str()) {
+            return Err(format!("unknown subject attribute {attr:?}; use one of {}", PATTERN_ATTRIBUTES.join(", ")));
+        }
+        let mut rest = template;
+        let mut literal = String::new();
+        while let Some(start) = rest.find("${") {
+            literal.push_str(&rest[..start]);
+            let Some(end) = rest[start..].find('}') else {
+                return Err(format!("unclosed ${{ in {:?}", part.trim()));
+            };
+            let var = &rest[start + 2..start + end];
+            if !PATTERN_VARIABLES.contains(&var) {
+                unknown.push(format!("${{{var}}}"));
+            }
+            rest = &rest[start + end + 1..];
+        }
+        literal.push_str(rest);
+        if template.trim().is_empty() || literal.chars().any(|c| c.is_control() || "+=\"\\<>;".contains(c)) {
+            return Err(format!("{attr} has an empty value or DN special characters"));
+        }
+    }
+    if !unknown.is_empty() {
+        return Err(format!(
+            "unknown placeholder {}; known are {}",
+            unknown.join(", "),
+            PATTERN_VARIABLES.iter().map(|v| format!("${{{v}}}")).collect::<Vec<_>>().join(", ")
+        ));
+    }
+    Ok(())
+}
+
 /// Expands a pattern like `CN=${name},EMAIL=${mail}` into subject attributes. A variable the
 /// token lacks is an error (a certificate for the wrong or an empty subject must never be
 /// issued); characters that would change the DN structure are refused in values.
@@ -228,6 +295,12 @@ mod tests {
         assert_eq!(subject("CN=${name}", &tech).unwrap(), vec![("CN".into(), "sb-app!b1".into())]);
         assert_eq!(subject("CN=${user_type}", &tech).unwrap()[0].1, "Technical");
         assert!(subject("CN=${missing}", &user).is_err());
+        assert!(check_pattern("CN=${name},EMAIL=${mail},O=ACME").is_ok());
+        let e = check_pattern("CN=${name},OU=${department}").unwrap_err();
+        assert!(e.contains("${department}"), "{e}");
+        assert!(check_pattern("X=${name}").unwrap_err().contains("\"X\""));
+        assert!(check_pattern("CN=a+b").is_err());
+        assert!(check_pattern("CN=${name").is_err());
         let evil = claims(json!({"user_name": "bob,O=Admins"}));
         assert!(subject("CN=${name}", &evil).is_err(), "DN injection through a claim is refused");
     }

@@ -112,6 +112,10 @@ impl ProxyClient {
 
     /// With `user`, the request propagates that user token (`SAP-Connectivity-Authentication`).
     async fn get_as(&mut self, pair: &TunnelPair, location: &str, uri: &str, user: Option<&str>) -> u16 {
+        self.get_body_as(pair, location, uri, user).await.0
+    }
+
+    async fn get_body_as(&mut self, pair: &TunnelPair, location: &str, uri: &str, user: Option<&str>) -> (u16, Bytes) {
         let mut req = http::Request::get(uri)
             .header("host", uri.split('/').nth(2).unwrap())
             .header("proxy-authorization", format!("Bearer {}", pair.token()))
@@ -122,8 +126,8 @@ impl ProxyClient {
         let req = req.body(Full::new(Bytes::new())).unwrap();
         let resp = self.sender.send_request(req).await.unwrap();
         let status = resp.status().as_u16();
-        resp.into_body().collect().await.unwrap();
-        status
+        let body = resp.into_body().collect().await.unwrap().to_bytes();
+        (status, body)
     }
 }
 
@@ -545,6 +549,126 @@ async fn principal_propagation_settings_apply_to_the_next_request() {
         .await;
     assert_eq!(s, StatusCode::BAD_REQUEST);
     assert!(body["message"].as_str().unwrap().contains("expirationToleranceInHr"), "{body}");
+    api.stop().await;
+}
+
+/// Subject and issuer of the user certificate the echo backend received.
+fn user_certificate_of(body: &Bytes) -> (String, String) {
+    let e: Value = serde_json::from_slice(body).unwrap();
+    let der =
+        base64::engine::general_purpose::STANDARD.decode(e["headers"]["ssl_client_cert"].as_str().unwrap()).unwrap();
+    (ferry_core::keystore::subject_dn(&der).unwrap(), ferry_core::keystore::issuer_dn(&der).unwrap())
+}
+
+#[tokio::test]
+async fn the_principal_propagation_ca_and_subject_pattern_are_replaced_at_run_time() {
+    let pair = TunnelPair::start().await;
+    let echo = EchoBackend::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let verifier = Arc::new(ferry_auth::Verifier::local(pair.keys.clone()));
+    let configured = Arc::new(ferry_core::tls::LocalCa::generate("PP CA").unwrap());
+    let start = || {
+        let pp = ferry_connector::PrincipalPropagation::new(verifier.clone(), configured.clone());
+        Running::start_with(dir.path(), move |c| c.connection.principal_propagation = Some(Arc::new(pp)))
+    };
+    let api = start().await;
+    api.change_initial_password().await;
+    add_subaccount(&api, &pair, "pp").await;
+    let (s, body) = api
+        .admin_call(
+            Method::POST,
+            &format!("{}/systemMappings", sub_path(&pair)),
+            Some(json!({"virtualHost": "pp.virtual", "virtualPort": 80, "localHost": "127.0.0.1",
+                        "localPort": echo.addr.port(), "protocol": "HTTP", "authenticationMode": "X509_GENERAL",
+                        "resources": [{"id": "/", "enabled": true}]})),
+        )
+        .await;
+    assert_eq!(s, StatusCode::CREATED, "{body}");
+    pair.wait_connected("pp").await;
+    let user = pair
+        .keys
+        .sign(
+            &json!({"zid": SUBACCOUNT, "user_name": "alice", "email": "alice@example.org", "client_id": "sb-app!t1",
+                    "exp": ferry_testkit::now() + 600}),
+            &[],
+        )
+        .unwrap();
+    let mut app = ProxyClient::connect(pair.http_addr).await;
+    let mut next_certificate = async || {
+        let (s, body) = app.get_body_as(&pair, "pp", "http://pp.virtual:80/x", Some(&user)).await;
+        assert_eq!(s, 200, "{}", String::from_utf8_lossy(&body));
+        user_certificate_of(&body)
+    };
+    assert_eq!(next_certificate().await, ("CN=alice".to_owned(), "CN=PP CA,O=Ferry".to_owned()));
+
+    // The subject pattern, as SAP's one default rule.
+    let rules = format!("{CONF}/connector/onPremises/subjectPatternRules");
+    let (s, body) = api
+        .admin_call(Method::PUT, &rules, Some(json!([{"subjectPattern": {"CN": "${name}", "OU": "${department}"}}])))
+        .await;
+    assert_eq!(s, StatusCode::BAD_REQUEST);
+    assert!(body["message"].as_str().unwrap().contains("unknown placeholder ${department}"), "{body}");
+    let (s, body) = api
+        .admin_call(
+            Method::PUT,
+            &rules,
+            Some(json!([{"subjectPattern": {"O": "ACME", "CN": "${name}", "EMAIL": "${mail}"}}])),
+        )
+        .await;
+    assert_eq!(s, StatusCode::NO_CONTENT, "{body}");
+    let (_, body) = api.admin_call(Method::GET, &rules, None).await;
+    assert_eq!(body[0]["subjectPattern"], json!({"CN": "${name}", "EMAIL": "${mail}", "O": "ACME"}));
+    let (subject, issuer) = next_certificate().await;
+    assert!(subject.starts_with("CN=alice,") && subject.ends_with(",O=ACME"), "{subject}");
+    assert!(subject.contains("alice@example.org"), "{subject}");
+    assert_eq!(issuer, "CN=PP CA,O=Ferry");
+
+    // The CA: refused uploads say why and change nothing.
+    let ca_path = format!("{CONF}/connector/onPremises/ppCaCertificate");
+    let other = ferry_core::tls::LocalCa::generate("Other CA").unwrap();
+    let leaf = other.issue_server_cert(&["leaf.example"]).unwrap();
+    let uploaded = ferry_core::tls::LocalCa::generate("Uploaded CA").unwrap();
+    let refusals = [
+        (json!({"certificate": leaf.cert_pem, "key": leaf.key_pem.expose()}), "not a CA"),
+        (json!({"certificate": uploaded.cert_pem(), "key": other.key_pem().expose()}), "does not belong"),
+        (json!({"certificate": uploaded.cert_pem()}), "either pkcs12"),
+    ];
+    for (b, why) in refusals {
+        let (s, body) = api.admin_call(Method::PUT, &ca_path, Some(b)).await;
+        assert_eq!(s, StatusCode::BAD_REQUEST, "{body}");
+        assert!(body["message"].as_str().unwrap().contains(why), "{why}: {body}");
+    }
+    // A PKCS#12 file as `openssl pkcs12 -export` writes it.
+    let tmp = tempfile::tempdir().unwrap();
+    std::fs::write(tmp.path().join("ca.pem"), format!("{}{}", uploaded.cert_pem(), uploaded.key_pem().expose()))
+        .unwrap();
+    let out = std::process::Command::new("openssl")
+        .current_dir(tmp.path())
+        .args(["pkcs12", "-export", "-in", "ca.pem", "-passout", "pass:p12-pass", "-out", "ca.p12"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let p12 = base64::engine::general_purpose::STANDARD.encode(std::fs::read(tmp.path().join("ca.p12")).unwrap());
+    let (s, body) = api.admin_call(Method::PUT, &ca_path, Some(json!({"pkcs12": p12, "password": "guess"}))).await;
+    assert_eq!(s, StatusCode::BAD_REQUEST, "{body}");
+    assert_eq!(next_certificate().await.1, "CN=PP CA,O=Ferry", "a refused upload changes nothing");
+    let (s, body) = api.admin_call(Method::PUT, &ca_path, Some(json!({"pkcs12": p12, "password": "p12-pass"}))).await;
+    assert_eq!(s, StatusCode::NO_CONTENT, "{body}");
+    let (_, body) = api.admin_call(Method::GET, &ca_path, None).await;
+    assert_eq!(body["subjectDN"], "CN=Uploaded CA,O=Ferry", "{body}");
+    assert!(!body.to_string().contains("PRIVATE KEY"), "the key is never given back: {body}");
+    assert_eq!(next_certificate().await.1, "CN=Uploaded CA,O=Ferry");
+
+    // Both survive a restart, sealed at rest.
+    drop(app);
+    api.stop().await;
+    let stored = std::fs::read_to_string(dir.path().join(ferry_connector::ha::KEYS_FILE)).unwrap();
+    assert!(!stored.contains("PRIVATE KEY"), "sealed: {stored}");
+    let api = start().await;
+    let (_, body) = api.admin_call(Method::GET, &ca_path, None).await;
+    assert_eq!(body["subjectDN"], "CN=Uploaded CA,O=Ferry", "{body}");
+    let (_, body) = api.admin_call(Method::GET, &rules, None).await;
+    assert_eq!(body[0]["subjectPattern"]["O"], "ACME", "{body}");
     api.stop().await;
 }
 

@@ -633,13 +633,39 @@ async fn the_shadow_takes_over_with_the_masters_principal_propagation_ca_and_sys
     let (_, body) = get_as_user(&pair, uri, Some(&user)).await.unwrap();
     assert_eq!(issuer_of(&body), (true, false), "the master issues with its own CA");
 
+    // Replaced at run time on the master (the web UI's API): the shadow serves with these too.
+    let uploaded = ferry_core::tls::LocalCa::generate("PP CA uploaded on the master").unwrap();
+    let ca_body = json!({"certificate": uploaded.cert_pem(), "key": uploaded.key_pem().expose()});
+    let (s, b) = master.call(Method::PUT, &format!("{CONF}/connector/onPremises/ppCaCertificate"), Some(ca_body)).await;
+    assert_eq!(s, StatusCode::NO_CONTENT, "{b}");
+    let rules = json!([{"subjectPattern": {"CN": "${user_name}", "O": "Uploaded"}}]);
+    let (s, b) =
+        master.call(Method::PUT, &format!("{CONF}/connector/onPremises/subjectPatternRules"), Some(rules)).await;
+    assert_eq!(s, StatusCode::NO_CONTENT, "{b}");
+    let text_of = |body: &Bytes| {
+        let e: Value = serde_json::from_slice(body).unwrap();
+        let der = base64::engine::general_purpose::STANDARD
+            .decode(e["headers"]["ssl_client_cert"].as_str().unwrap())
+            .unwrap();
+        String::from_utf8_lossy(&der).into_owned()
+    };
+    let (_, body) = get_as_user(&pair, uri, Some(&user)).await.unwrap();
+    let text = text_of(&body);
+    assert!(text.contains("PP CA uploaded on the master") && text.contains("Uploaded"), "{text}");
+
     master.stop().await;
     wait_for("a propagated user through the new master", Duration::from_secs(30), || async {
         get_as_user(&pair, uri, Some(&user)).await.is_some_and(|(s, _)| s == 200)
     })
     .await;
     let (_, body) = get_as_user(&pair, uri, Some(&user)).await.unwrap();
-    assert_eq!(issuer_of(&body), (true, false), "the new master issues user certificates with the master's CA");
+    let text = text_of(&body);
+    assert!(
+        text.contains("PP CA uploaded on the master")
+            && text.contains("Uploaded")
+            && !text.contains("PP CA of the shadow"),
+        "the new master issues user certificates with the master's uploaded CA and pattern: {text}"
+    );
     shadow.stop().await;
     drop(mdir);
 }

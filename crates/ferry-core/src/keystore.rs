@@ -443,6 +443,12 @@ pub fn subject_dn(der: &[u8]) -> Option<String> {
     Some(cert.subject().to_string().replace(", ", ","))
 }
 
+/// The issuer DN of a DER certificate, in the form of [`subject_dn`].
+pub fn issuer_dn(der: &[u8]) -> Option<String> {
+    let (_, cert) = x509_parser::parse_x509_certificate(der).ok()?;
+    Some(cert.issuer().to_string().replace(", ", ","))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -74,6 +74,32 @@ impl LocalCa {
         Ok(Self { cert_pem: cert_pem.to_owned(), issuer })
     }
 
+    /// Like [`LocalCa::from_pem`] for a CA an administrator uploads: the certificate must be a CA
+    /// allowed to sign certificates (`keyCertSign`), and the key must be its key; the error says
+    /// which of these fails.
+    pub fn from_pem_checked(cert_pem: &str, key_pem: &str) -> Result<Self, TlsError> {
+        let der = parse_certs(cert_pem)?
+            .into_iter()
+            .next()
+            .ok_or_else(|| TlsError::Pem("no certificate in the CA certificate PEM".into()))?;
+        let (_, cert) = x509_parser::parse_x509_certificate(&der)
+            .map_err(|e| TlsError::Pem(format!("the CA certificate does not parse: {e}")))?;
+        if !cert.is_ca() {
+            return Err(TlsError::Pem("the certificate is not a CA (basicConstraints CA:TRUE is missing)".into()));
+        }
+        if let Ok(Some(ku)) = cert.key_usage()
+            && !ku.value.key_cert_sign()
+        {
+            return Err(TlsError::Pem("the CA certificate's key usage lacks keyCertSign".into()));
+        }
+        let key = KeyPair::from_pem(key_pem)
+            .map_err(|e| TlsError::Pem(format!("the private key does not load (PKCS#8 PEM expected): {e}")))?;
+        if key.public_key_raw() != cert.public_key().subject_public_key.data.as_ref() {
+            return Err(TlsError::Pem("the private key does not belong to the CA certificate".into()));
+        }
+        Self::from_pem(cert_pem, key_pem)
+    }
+
     pub fn cert_pem(&self) -> &str {
         &self.cert_pem
     }

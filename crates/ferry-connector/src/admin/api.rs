@@ -38,6 +38,14 @@ pub(super) fn router(admin: Arc<Admin>) -> Router {
             get(get_sub_audit).put(put_sub_audit).patch(put_sub_audit),
         )
         .route(&format!("{CONF}/connector/onPremises/ppSettings"), get(get_pp).put(put_pp).patch(patch_pp))
+        .route(
+            &format!("{CONF}/connector/onPremises/ppCaCertificate"),
+            get(super::pp_ca::get_ca).put(super::pp_ca::put_ca),
+        )
+        .route(
+            &format!("{CONF}/connector/onPremises/subjectPatternRules"),
+            get(super::pp_ca::get_rules).put(super::pp_ca::put_rules),
+        )
         .route(&format!("{CONF}/backup"), axum::routing::post(backup).put(restore))
         .route(&format!("{CONF}/subaccounts"), get(list_subaccounts).post(add_subaccount))
         .route(sub, get(get_subaccount).put(put_subaccount).delete(delete_subaccount))

@@ -13,6 +13,7 @@ mod api;
 mod channels_api;
 mod ha_api;
 mod ldap;
+mod pp_ca;
 pub mod store;
 mod ui;
 

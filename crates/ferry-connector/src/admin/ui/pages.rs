@@ -39,6 +39,8 @@ pub(super) fn routes() -> Router<Arc<Ui>> {
         .route("/ui/access/resource/enabled", post(resource_enabled))
         .route("/ui/access/resource/delete", post(delete_resource))
         .route("/ui/principal-propagation", get(pp_page).post(save_pp))
+        .route("/ui/principal-propagation/pattern", post(save_pattern))
+        .route("/ui/principal-propagation/ca", post(replace_ca))
         .route("/ui/audit", get(audit_page).post(audit_level))
         .route("/ui/audit.csv", get(audit_csv))
         .route("/ui/monitoring", get(monitoring))
@@ -760,20 +762,29 @@ async fn pp_page(State(ui): S, headers: HeaderMap) -> Response {
 
 fn pp_form(ui: &Ui, ctx: &Ctx, f: &Form, errors: &HashMap<&str, String>, status: StatusCode) -> Response {
     let v = |k: &str| f.get(k).map(String::as_str).unwrap_or_default();
-    let ca = match &ui.admin.config.connection.principal_propagation {
-        Some(pp) => format!(
-            "<dl class=\"facts\"><dt>Subject pattern</dt><dd><code>{}</code></dd><dt>CA certificate (issues the short-lived user certificates)</dt>\
-             <dd><pre>{}</pre></dd></dl>",
-            esc(&pp.subject_pattern),
-            esc(pp.ca.cert_pem())
-        ),
-        None => "<p class=\"hint\">Principal propagation is not configured on this connector (no token keys and CA; see \
-                 <code>[principal_propagation]</code> in docs/configuration.md). The settings below apply once it is.</p>"
-            .into(),
+    let (ca, pattern) = ui.admin.pp_effective();
+    let note = if ui.admin.config.connection.principal_propagation.is_none() {
+        "<p class=\"hint\">Principal propagation is not configured on this connector (no token keys; see \
+         <code>[principal_propagation]</code> in docs/configuration.md). The settings below apply once it is.</p>"
+    } else {
+        ""
     };
+    let ca = match ca {
+        Some(pem) => format!(
+            "<dl class=\"facts\"><dt>CA certificate (issues the short-lived user certificates)</dt><dd><pre id=\"pp-ca\">{}</pre></dd></dl>",
+            esc(&pem)
+        ),
+        None => "<p class=\"hint\">No CA yet: upload one below.</p>".into(),
+    };
+    // The pattern form keeps what was typed when it is refused; the CA form never shows the key.
+    let typed = f.get("subjectPattern").cloned().unwrap_or(pattern);
     let body = format!(
-        "{ca}<form method=\"post\" action=\"/ui/principal-propagation\" class=\"card narrow\">{}{}{}<button type=\"submit\">Save</button></form>",
-        csrf_field(ctx),
+        "{note}{ca}<form method=\"post\" action=\"/ui/principal-propagation\" class=\"card narrow\">{csrf}{}{}<button type=\"submit\">Save</button></form>\
+         <h2>Subject pattern</h2><form method=\"post\" action=\"/ui/principal-propagation/pattern\" class=\"card narrow\">{csrf}{}\
+         <button type=\"submit\">Save pattern</button></form>\
+         <h2>Replace the CA</h2><form method=\"post\" action=\"/ui/principal-propagation/ca\" class=\"card narrow\" \
+         data-confirm=\"Replace the principal propagation CA? Backends must trust the new CA for the next user certificates.\">{csrf}{}{}{}{}\
+         <button type=\"submit\" class=\"danger\">Replace CA</button></form>",
         field(
             "Certificate validity (minutes, 1–43200)",
             &text_input("certificateValidityInMin", v("certificateValidityInMin"), "required inputmode=\"numeric\""),
@@ -784,10 +795,98 @@ fn pp_form(ui: &Ui, ctx: &Ctx, f: &Form, errors: &HashMap<&str, String>, status:
             &text_input("expirationToleranceInHr", v("expirationToleranceInHr"), "required inputmode=\"numeric\""),
             errors.get("expirationToleranceInHr")
         ),
+        field(
+            "Pattern, e.g. CN=${name},EMAIL=${mail},O=ACME (attributes CN, EMAIL, L, OU, O, ST, C)",
+            &text_input("subjectPattern", &typed, "required"),
+            errors.get("subjectPattern")
+        ),
+        field(
+            "PKCS#12 file (or its content in base64)",
+            "<input type=\"file\" data-file-into=\"pkcs12\" data-base64 class=\"js-only\"><textarea name=\"pkcs12\" rows=\"2\"></textarea>",
+            errors.get("pkcs12")
+        ),
+        field(
+            "Or the CA certificate (PEM)",
+            "<input type=\"file\" data-file-into=\"certificate\" class=\"js-only\"><textarea name=\"certificate\" rows=\"3\"></textarea>",
+            errors.get("certificate")
+        ),
+        field(
+            "and its private key (PEM)",
+            "<input type=\"file\" data-file-into=\"key\" class=\"js-only\"><textarea name=\"key\" rows=\"3\" autocomplete=\"off\"></textarea>",
+            None
+        ),
+        field(
+            "Password (of the PKCS#12 file or an encrypted key)",
+            "<input type=\"password\" name=\"password\" autocomplete=\"off\">",
+            None
+        ),
+        csrf = csrf_field(ctx),
     );
     let mut r = ui.render(ctx, "Principal propagation", &body);
     *r.status_mut() = status;
     r
+}
+
+/// Fills the validity fields of a re-rendered form with the stored values.
+async fn with_settings(ui: &Ui, mut form: Form) -> Form {
+    let p = ui.admin.config().await.pp_settings;
+    form.insert("certificateValidityInMin".into(), p.certificate_validity_in_min.to_string());
+    form.insert("expirationToleranceInHr".into(), p.expiration_tolerance_in_hr.to_string());
+    form
+}
+
+async fn save_pattern(State(ui): S, headers: HeaderMap, axum::Form(form): F) -> Response {
+    let ctx = session!(ui.post_ctx(&headers, &form, false));
+    let pattern = get_field(&form, "subjectPattern");
+    let mut fields = serde_json::Map::new();
+    let mut error = crate::principal::check_pattern(pattern).err();
+    for part in pattern.split(',') {
+        if let Some((k, v)) = part.split_once('=') {
+            let k = k.trim().to_ascii_uppercase();
+            if fields.insert(k.clone(), Value::String(v.trim().into())).is_some() {
+                error.get_or_insert(format!("{k} appears twice"));
+            }
+        }
+    }
+    if error.is_none() {
+        let body = json!([{"subjectPattern": fields}]);
+        match ui.api(&ctx, Method::PUT, &format!("{CONF}/connector/onPremises/subjectPatternRules"), Some(body)).await {
+            Ok(_) => return done(&ui, &ctx, "/ui/principal-propagation", Ok("Subject pattern saved.".into())),
+            Err(e) => error = Some(e),
+        }
+    }
+    let mut errors = HashMap::new();
+    errors.insert("subjectPattern", error.unwrap_or_default());
+    let f = with_settings(&ui, form).await;
+    pp_form(&ui, &ctx, &f, &errors, StatusCode::BAD_REQUEST)
+}
+
+async fn replace_ca(State(ui): S, headers: HeaderMap, axum::Form(form): F) -> Response {
+    let ctx = session!(ui.post_ctx(&headers, &form, false));
+    let p12 = get_field(&form, "pkcs12");
+    let password = form.get("password").cloned().unwrap_or_default();
+    let (body, at) = if !p12.is_empty() {
+        (json!({"pkcs12": p12, "password": password}), "pkcs12")
+    } else {
+        let (c, k) = (get_field(&form, "certificate"), get_field(&form, "key"));
+        if c.is_empty() || k.is_empty() {
+            let mut errors = HashMap::new();
+            errors.insert("pkcs12", "Choose a PKCS#12 file, or give the CA certificate and its key in PEM.".to_owned());
+            let f = with_settings(&ui, Form::new()).await;
+            return pp_form(&ui, &ctx, &f, &errors, StatusCode::BAD_REQUEST);
+        }
+        (json!({"certificate": c, "key": k, "password": password}), "certificate")
+    };
+    match ui.api(&ctx, Method::PUT, &format!("{CONF}/connector/onPremises/ppCaCertificate"), Some(body)).await {
+        Ok(_) => done(&ui, &ctx, "/ui/principal-propagation", Ok("Principal propagation CA replaced.".into())),
+        Err(e) => {
+            let mut errors = HashMap::new();
+            errors.insert(at, e);
+            // Nothing of the upload is shown again: it holds the CA's key.
+            let f = with_settings(&ui, Form::new()).await;
+            pp_form(&ui, &ctx, &f, &errors, StatusCode::BAD_REQUEST)
+        }
+    }
 }
 
 async fn save_pp(State(ui): S, headers: HeaderMap, axum::Form(form): F) -> Response {
