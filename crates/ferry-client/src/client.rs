@@ -688,7 +688,8 @@ impl Client {
             BoundDestination::ClientCredentials { url, credentials } => {
                 let claims = options.user_jwt.as_ref().and_then(|j| jwt_claims(j.expose()));
                 let tenant = options.tenant.clone().or_else(|| claims.as_ref().and_then(zone_of));
-                let token = match self.service_token(&credentials, tenant.as_deref()).await {
+                let tenant = tenant.map(Tenant::Id);
+                let token = match self.service_token(&credentials, tenant.as_ref()).await {
                     Ok(t) => t,
                     Err(e) => {
                         tracing::debug!(destination = name, error = %e, "no destination from the service binding");

@@ -98,7 +98,7 @@ pub(crate) async fn serve(
 ) {
     // Boxed: the handshake's state (a token check may fetch signing keys) is freed once it is
     // done, instead of sizing the task that then relays for as long as the connection lives.
-    let opened = Box::pin(open(stream, &shared, handshake_timeout, no_auth)).await;
+    let opened = Box::pin(open(stream, &shared, handshake_timeout, no_auth, over_cap)).await;
     let Some(Opened { stream, leftover, claims, target, location }) = opened else { return };
     relay(stream, leftover, shared, claims, target, location, drain).await;
 }
@@ -120,6 +120,7 @@ async fn open(
     shared: &Shared,
     handshake_timeout: Duration,
     no_auth: Option<NoAuth>,
+    over_cap: Option<usize>,
 ) -> Option<Opened> {
     let mut buf = BytesMut::with_capacity(2048);
     let hs = handshake(&mut stream, &mut buf, no_auth.is_some());
@@ -173,7 +174,7 @@ async fn open(
         // after the handshake, so the client sees a reply rather than a bare close.
         tracing::info!(max, "SOCKS5 client over its connection cap; reply 02");
         let _ = stream.write_all(&count_reply(Reply::NotAllowed)).await;
-        return;
+        return None;
     }
     let target = match &request.address {
         Address::Ipv6(_) => format!("[{}]:{}", request.address, request.port),
@@ -391,7 +392,7 @@ fn count_reply(code: Reply) -> [u8; 10] {
 
 #[cfg(test)]
 mod tests {
-    fn size_of_output<A, B, C, D, E, F>(_: fn(A, B, C, D, E) -> F) -> usize {
+    fn size_of_output<A, B, C, D, E, G, F>(_: fn(A, B, C, D, E, G) -> F) -> usize {
         std::mem::size_of::<F>()
     }
 
