@@ -398,7 +398,9 @@ async fn standalone_connector_renews_its_short_lived_certificate() {
     for client in 0..4 {
         let (stop, t, proxy) = (stop.clone(), t.clone(), up_proxy.clone());
         load.spawn(async move {
+            // A request lost in a tunnel swap must fail the test, not hang it.
             let mut b = reqwest::Client::builder()
+                .timeout(Duration::from_secs(30))
                 .proxy(reqwest::Proxy::http(&proxy).unwrap().custom_http_auth(format!("Bearer {t}").parse().unwrap()));
             if client > 0 {
                 b = b.pool_max_idle_per_host(0);
