@@ -66,10 +66,13 @@ impl<R: AsyncRead + Unpin> Body for ReaderBody<R> {
         let room = this.buf.capacity().min(this.next);
         match tokio_util::io::poll_read_buf(Pin::new(reader), cx, &mut (&mut this.buf).limit(room)) {
             Poll::Pending => {
-                // Nothing buffered (every read is split off whole): an idle connection holds no
-                // buffer while it waits, so 1,000 idle streams cost no read buffers at all. The
-                // next read allocates anew (`next` is kept: a bulk stream stays at large reads).
-                this.buf = BytesMut::new();
+                // Nothing buffered (every read is split off whole): a quiet connection holds no
+                // buffer while it waits, so 1,000 idle streams cost no read buffers. A stream that
+                // has grown to bulk reads keeps its buffer: freeing it on every pending read would
+                // put a 64 KiB allocation on each read of the bulk path.
+                if this.next == READ_MIN {
+                    this.buf = BytesMut::new();
+                }
                 Poll::Pending
             }
             Poll::Ready(Err(e)) => {
