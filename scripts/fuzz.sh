@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Runs every fuzz target (fuzz/fuzz_targets/) for a bounded time: scripts/fuzz.sh [seconds-per-target] [target...]
-# (default 30 s, all targets). Not part of scripts/test.sh: `cargo test --workspace` already replays the
-# committed corpus (fuzz/corpus/<target>/) through the same properties on stable.
+# (default 30 s, all targets). scripts/test.sh runs it for 10 s per target; `cargo test --workspace` also
+# replays the committed corpus (fuzz/corpus/<target>/) through the same properties on stable.
 #
 # New interesting inputs go to a working corpus in the cache, which is read back on the next run; an input
 # that fails (panic, broken property, timeout, out of memory) is copied into fuzz/corpus/<target>/ so that it

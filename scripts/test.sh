@@ -64,6 +64,9 @@ if ! command -v cargo-deny >/dev/null; then
 fi
 cargo deny --log-level error check licenses bans sources
 cargo test --workspace
+# Every fuzz target for a few seconds, so a target that no longer builds or an input that now crashes fails
+# CI (issue 10); the long runs are `scripts/fuzz.sh 600` by hand. Its release build is cached beside the others.
+scripts/fuzz.sh "${FERRY_FUZZ_SECONDS:-10}"
 scripts/helm.sh
 scripts/schemathesis.sh
 scripts/conformance.sh
