@@ -10,6 +10,9 @@ use crate::bindings::BindingError;
 /// backend.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Hop {
+    /// The binding's token service (the app's own tokens), or the token service of a destination
+    /// (`tokenServiceURL`) when the Destination Service could not get the destination's token
+    /// there; [`ClientError::Hop`]'s `url` says which.
     TokenService,
     DestinationService,
     ConnectivityProxy,

@@ -268,7 +268,7 @@ impl HttpClient {
         let principal = auth == "PrincipalPropagation";
         match auth.as_str() {
             "NoAuthentication" | "PrincipalPropagation" | "ClientCertificateAuthentication" => {}
-            _ => headers.push(auth_header(d).ok_or_else(|| unusable(token_errors(d, &auth)))?),
+            _ => headers.push(auth_header(d).ok_or_else(|| self.no_token(d, &auth))?),
         }
         // Client certificate and trust store: a client of its own for this destination.
         let identity = if auth == "ClientCertificateAuthentication" {
@@ -373,14 +373,35 @@ fn auth_header(d: &Destination) -> Option<(String, String)> {
     None
 }
 
-fn token_errors(d: &Destination, auth: &str) -> String {
-    let errors: Vec<&str> = d.auth_tokens.iter().filter_map(|t| t.error.as_deref()).collect();
-    if errors.is_empty() {
-        format!(
-            "{auth} but the Destination Service returned no auth token (was it looked up with skip_token_retrieval?)"
-        )
-    } else {
-        format!("the Destination Service could not fetch a token: {}", errors.join("; "))
+impl HttpClient {
+    /// Why a destination that needs a token has none. When the Destination Service reported
+    /// errors, the hop that failed is the destination's token service (`tokenServiceURL`: it
+    /// refused the code, assertion or certificate, or could not be reached), or for flows without
+    /// one the Destination Service itself; the service's reason is kept.
+    fn no_token(&self, d: &Destination, auth: &str) -> ClientError {
+        let name = d.name();
+        let errors: Vec<&str> = d.auth_tokens.iter().filter_map(|t| t.error.as_deref()).collect();
+        if errors.is_empty() {
+            let message = format!(
+                "{auth} but the Destination Service returned no auth token (was it looked up with skip_token_retrieval?)"
+            );
+            return ClientError::Destination { name, message };
+        }
+        let message = format!("the Destination Service could not fetch a token for {name:?}: {}", errors.join("; "));
+        let token_service = d.property("tokenServiceURL").filter(|u| !u.is_empty()).map(|u| {
+            // Only scheme, host and path: a query may carry what the destination keeps secret.
+            reqwest::Url::parse(&u).map_or(u, |mut url| {
+                url.set_query(None);
+                url.to_string()
+            })
+        });
+        match token_service {
+            Some(url) => ClientError::Hop { hop: Hop::TokenService, url, status: None, message },
+            None => {
+                let url = self.client.bindings().destination().map(|b| b.uri).unwrap_or_default();
+                ClientError::Hop { hop: Hop::DestinationService, url, status: None, message }
+            }
+        }
     }
 }
 

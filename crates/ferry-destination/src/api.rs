@@ -1701,7 +1701,8 @@ async fn auth_tokens(
         },
     };
     let assertion = explicit.or(provided.as_ref().map(|(a, k)| (a.as_str(), k.as_str())));
-    let flow = |grant| TokenFlow { s, caller, key, dest, grant, tenant, user: None, assertion };
+    let caller_assertion = explicit.is_some();
+    let flow = |grant| TokenFlow { s, caller, key, dest, grant, tenant, user: None, assertion, caller_assertion };
     let token = match dest.authentication() {
         None | Some(NoAuthentication | ClientCertificateAuthentication) => return Ok(None),
         Some(PrincipalPropagation) => return corporate_idp_token(s, caller, key, dest, headers).await,
@@ -1897,6 +1898,7 @@ async fn corporate_idp_token(
         tenant: None,
         user: Some(&user),
         assertion: None,
+        caller_assertion: false,
     };
     Ok(Some(vec![flow.run().await?]))
 }
@@ -1980,6 +1982,7 @@ async fn provided_client_assertion(
         tenant: header(headers, "x-tenant")?,
         user: None,
         assertion: None,
+        caller_assertion: false,
     };
     let token = flow.run().await?;
     Ok(Some(match token.error {
@@ -2028,8 +2031,11 @@ struct TokenFlow<'a> {
     tenant: Option<&'a str>,
     /// Set for user flows: the tenant comes from this user's token and the cache is per user.
     user: Option<&'a UserToken>,
-    /// The caller's client assertion and its type (SPEC §2.5).
+    /// The client assertion and its type (SPEC §2.5).
     assertion: Option<(&'a str, &'a str)>,
+    /// The assertion is the caller's (`X-client-assertion`), signed for one token request; a
+    /// provider destination's token may be presented again and is cached like any other.
+    caller_assertion: bool,
 }
 
 impl TokenFlow<'_> {
@@ -2096,7 +2102,7 @@ impl TokenFlow<'_> {
     /// The cache owner and request, or (inner `Err`) the failed token when the destination
     /// cannot make a request.
     fn prepare(self) -> Result<Result<(CacheOwner, TokenRequest), AuthToken>, ApiError> {
-        let Self { s, caller, key, dest, grant, tenant: tenant_header, user, assertion } = self;
+        let Self { s, caller, key, dest, grant, tenant: tenant_header, user, assertion, caller_assertion } = self;
         let common = tokens::is_common(dest) && grant.uses_tenant();
         if tenant_header.is_some() && !common {
             return Err(ApiError::bad_request(format!(
@@ -2113,6 +2119,7 @@ impl TokenFlow<'_> {
         };
         let request = match TokenRequest::build(dest, grant, tenant.as_deref(), s.tokens.default_timeout) {
             Ok(request) => match assertion {
+                Some((a, kind)) if caller_assertion => request.with_client_assertion(a, kind).single_use(),
                 Some((a, kind)) => request.with_client_assertion(a, kind),
                 None => request,
             },

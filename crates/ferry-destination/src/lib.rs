@@ -19,7 +19,8 @@
 //! OAuth2UserTokenExchange and OAuth2JWTBearer (both as RFC 7523 jwt-bearer with the user's JWT,
 //! from `X-user-token` or a user token in `Authorization`, verified by the service's verifier;
 //! their tokens are cached per user), OAuth2RefreshToken (`X-refresh-token`),
-//! OAuth2AuthorizationCode (`X-code`, `X-redirect-uri`, `X-code-verifier`) and
+//! OAuth2AuthorizationCode (`X-code`, `X-redirect-uri`, `X-code-verifier`; its tokens are never
+//! cached, as a code is single-use, and neither are those of a caller's `X-client-assertion`) and
 //! OAuth2TechnicalUserPropagation (client credentials; the token goes in
 //! `SAP-Connectivity-Technical-Authentication`) and OAuth2TokenExchange (RFC 8693 with
 //! `X-subject-token(-type)` and optional `X-actor-token(-type)`; `issued_token_type` returned).

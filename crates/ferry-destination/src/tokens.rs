@@ -8,6 +8,9 @@
 //! A request is built from the destination in full before the cache is consulted, and the
 //! cache key includes a hash of that request: any property change that would change the
 //! request (a rotated secret, another scope, another tenant) misses the cache by construction.
+//! A request with an input good for one token request only (an authorization code, the
+//! caller's `X-client-assertion`) bypasses the cache: its token could never be asked for again
+//! legitimately, and a cached one would answer a replayed code that the token service refuses.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -168,6 +171,10 @@ pub(crate) struct TokenRequest {
     pub(crate) truststore_password: Option<Secret<String>>,
     /// `TrustAll=true`: the token service's certificate is not checked.
     trust_all: bool,
+    /// The request carries an input that is good for one token request only (an authorization
+    /// code, the caller's client assertion): its token is never cached, so a replayed input
+    /// reaches the token service, which refuses it, instead of finding the first token.
+    pub(crate) single_use: bool,
 }
 
 impl TokenRequest {
@@ -318,7 +325,14 @@ impl TokenRequest {
             truststore,
             truststore_password,
             trust_all,
+            single_use: matches!(grant, Grant::AuthorizationCode { .. }),
         })
+    }
+
+    /// Marks the request as one whose token must not be cached (see `single_use`).
+    pub(crate) fn single_use(mut self) -> Self {
+        self.single_use = true;
+        self
     }
 
     /// SPEC §2.5: the caller's client assertion authenticates the client instead of a secret.
@@ -595,6 +609,9 @@ impl TokenFetcher {
         request: TokenRequest,
         tls: TlsSetup<'_>,
     ) -> Result<Token, TokenError> {
+        if request.single_use {
+            return self.fetch(&request, tls).await;
+        }
         let key = CacheKey { owner, request: request.fingerprint() };
         let slot = {
             let mut slots = self.slots.lock().unwrap_or_else(|p| p.into_inner());
@@ -629,6 +646,9 @@ impl TokenFetcher {
     /// The cached token for `request` if it is still fresh; never calls the token service, and
     /// gives up (`None`) rather than wait for a fetch under way.
     pub(crate) fn cached(&self, owner: CacheOwner, request: &TokenRequest) -> Option<Token> {
+        if request.single_use {
+            return None;
+        }
         let key = CacheKey { owner, request: request.fingerprint() };
         let slot = self.slots.lock().unwrap_or_else(|p| p.into_inner()).get(&key).cloned()?;
         let cached = slot.try_lock().ok()?;

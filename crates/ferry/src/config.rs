@@ -250,6 +250,10 @@ pub struct ClientEntry {
     pub client_id: Option<String>,
     pub client_secret: Option<Secret<String>>,
     pub xsappname: Option<String>,
+    /// Where the authorization-code grant may send the browser back to (XSUAA's
+    /// `oauth2-configuration.redirect-uris`); empty: the client cannot log users in.
+    #[serde(default)]
+    pub redirect_uris: Vec<String>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -58,6 +58,10 @@ struct State {
 
 /// The admin client's id when `state.json` names none yet.
 const ADMIN_CLIENT_ID: &str = "ferry-admin";
+/// The bindings' client ids when the configuration names none.
+const DESTINATION_CLIENT_ID: &str = "sb-ferry-destination!b1";
+const CONNECTIVITY_CLIENT_ID: &str = "sb-ferry-connectivity!b2";
+const XSUAA_CLIENT_ID: &str = "sb-ferry-app!t1";
 
 fn random_secret() -> String {
     let bytes: [u8; 24] = rand::random();
@@ -266,7 +270,19 @@ pub async fn up(args: UpArgs) -> anyhow::Result<()> {
     let ldap_label = ldap.as_ref().map(|l| format!("{} (base {})", l.config().url, l.config().base_dn));
     let user_stores: Vec<Arc<dyn token_service::UserStore>> =
         ldap.into_iter().map(|l| Arc::new(l) as Arc<dyn token_service::UserStore>).collect();
-    let (tenants, clients) = directory.token_entries()?;
+    let (tenants, mut clients) = directory.token_entries()?;
+    // Redirect URIs are configuration, not directory rows: they apply to the bindings' clients.
+    let bindings = &cfg.bindings;
+    for (entry, default_id) in [
+        (&bindings.destination, DESTINATION_CLIENT_ID),
+        (&bindings.connectivity, CONNECTIVITY_CLIENT_ID),
+        (&bindings.xsuaa, XSUAA_CLIENT_ID),
+    ] {
+        let id = entry.client_id.as_deref().unwrap_or(default_id);
+        if let Some(c) = clients.iter_mut().find(|c| c.client_id == id) {
+            c.redirect_uris.clone_from(&entry.redirect_uris);
+        }
+    }
     let token_service = TokenService::with_runtime_entries(
         TokenServiceConfig {
             tenants: vec![],
@@ -623,7 +639,7 @@ fn provision_defaults(
         (
             Service::Destination,
             &cfg.bindings.destination,
-            "sb-ferry-destination!b1",
+            DESTINATION_CLIENT_ID,
             &state.destination_secret,
             &state.destination_instance_id,
             "ferry-destination",
@@ -631,7 +647,7 @@ fn provision_defaults(
         (
             Service::Connectivity,
             &cfg.bindings.connectivity,
-            "sb-ferry-connectivity!b2",
+            CONNECTIVITY_CLIENT_ID,
             &state.connectivity_secret,
             &state.connectivity_instance_id,
             "ferry-connectivity",
@@ -639,7 +655,7 @@ fn provision_defaults(
         (
             Service::Xsuaa,
             &cfg.bindings.xsuaa,
-            "sb-ferry-app!t1",
+            XSUAA_CLIENT_ID,
             &state.xsuaa_secret,
             &state.xsuaa_instance_id,
             "ferry-xsuaa",

@@ -90,6 +90,9 @@ properties = {{ Name = "erp-pp", Type = "HTTP", URL = "http://erp.virtual:8000/s
 [[destinations]]
 properties = {{ Name = "raw", Type = "TCP", Address = "tcp.virtual:7000", ProxyType = "OnPremise" }}
 
+[bindings.xsuaa]
+redirect_uris = ["http://127.0.0.1:{port}/callback"]
+
 [[users]]
 username = "alice"
 password = "alice-password"
@@ -302,6 +305,175 @@ protocol = "TCP"
     let bad = Options { token_headers: vec![("X bad".into(), "v".to_owned().into())], ..any.clone() };
     let err = client.get_destination("flow-OAuth2TokenExchange", &bad).await.unwrap_err();
     assert!(matches!(err, ClientError::Destination { .. }) && err.to_string().contains("X bad"), "{err}");
+
+    // OAuth2AuthorizationCode: alice logs on at the token service's login page as a browser
+    // would (GET /oauth/authorize, POST /login with the page's cookie), is sent back to the
+    // client's registered redirect URI (`[bindings.xsuaa] redirect_uris`: the echo backend) with
+    // a code, and the Destination Service redeems it (X-code, X-redirect-uri, X-code-verifier).
+    let dests_api = format!("{}/destination-configuration/v1/subaccountDestinations", dest["uri"].as_str().unwrap());
+    let token_base = xsuaa["url"].as_str().unwrap();
+    let app_id = xsuaa["clientid"].as_str().unwrap();
+    let callback = format!("http://127.0.0.1:{port}/callback");
+    let verifier = "sdk-test-pkce-verifier-0123456789-abcdefghijklmnop";
+    let challenge = base64::Engine::encode(
+        &base64::engine::general_purpose::URL_SAFE_NO_PAD,
+        aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, verifier.as_bytes()),
+    );
+    let mut body = oauth_base.clone();
+    body["Name"] = "flow-OAuth2AuthorizationCode".into();
+    body["Authentication"] = "OAuth2AuthorizationCode".into();
+    assert_eq!(admin_post(&dests_api, &token, body).await.status(), 201);
+    let with_code = |code: &str, redirect_uri: &str, verifier: &str| Options {
+        token_headers: vec![
+            ("X-code".into(), code.to_owned().into()),
+            ("X-redirect-uri".into(), redirect_uri.to_owned().into()),
+            ("X-code-verifier".into(), verifier.to_owned().into()),
+        ],
+        ..Default::default()
+    };
+    let code = browser_logon(token_base, app_id, &callback, &challenge, ("alice", "alice-password")).await;
+    let d = client.get_destination("flow-OAuth2AuthorizationCode", &with_code(&code, &callback, verifier)).await;
+    let e: Value = http.get(&d.unwrap(), "/x").await.unwrap().json().await.unwrap();
+    let claims = claims_of(e["headers"]["authorization"].as_str().unwrap().strip_prefix("Bearer ").unwrap());
+    assert_eq!(
+        (claims["user_name"].as_str(), claims["grant_type"].as_str()),
+        (Some("alice"), Some("authorization_code"))
+    );
+    // Each refusal names the destination's token service as the hop, with its reason: the same
+    // code again (a code is single-use, and no cache answers for it) ...
+    let refused = |err: ClientError, why: &str| {
+        assert_eq!(err.hop(), Some(Hop::TokenService), "{err}");
+        assert!(matches!(&err, ClientError::Hop { url, .. } if *url == token_url), "{err}");
+        assert!(err.to_string().contains(why), "{why}: {err}");
+    };
+    let d = client.get_destination("flow-OAuth2AuthorizationCode", &with_code(&code, &callback, verifier)).await;
+    refused(http.get(&d.unwrap(), "/x").await.unwrap_err(), "already used");
+    // ... a fresh code with another redirect URI than the logon's, or the wrong PKCE verifier ...
+    let code = browser_logon(token_base, app_id, &callback, &challenge, ("alice", "alice-password")).await;
+    let elsewhere = format!("http://127.0.0.1:{port}/callback/other");
+    let d = client.get_destination("flow-OAuth2AuthorizationCode", &with_code(&code, &elsewhere, verifier)).await;
+    refused(http.get(&d.unwrap(), "/x").await.unwrap_err(), "redirect_uri does not match");
+    let code = browser_logon(token_base, app_id, &callback, &challenge, ("alice", "alice-password")).await;
+    let wrong_verifier = "another-verifier-of-the-right-length-0123456789-xyz";
+    let d = client.get_destination("flow-OAuth2AuthorizationCode", &with_code(&code, &callback, wrong_verifier)).await;
+    refused(http.get(&d.unwrap(), "/x").await.unwrap_err(), "code_verifier does not match");
+    // ... and a redirect URI the client did not register gets no login page, only an error page.
+    let r = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .unwrap()
+        .get(format!("{token_base}/oauth/authorize"))
+        .query(&[("response_type", "code"), ("client_id", app_id), ("redirect_uri", "http://127.0.0.1:1/evil")])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 400);
+    assert!(r.text().await.unwrap().contains("is not registered"));
+
+    // Client assertion: an X.509 service key (made through the admin API) signs an RFC 7523
+    // assertion (ES256, iss = sub = its client id, aud = the token endpoint, single-use jti) that
+    // the caller hands over (X-client-assertion) instead of a secret.
+    let zid = xsuaa["tenantid"].as_str().unwrap();
+    let app_x509 = create_key(&dir, token_base, zid, xsuaa["instanceid"].as_str().unwrap(), "sdk-assertion").await;
+    let app_x509_id = app_x509["clientid"].as_str().unwrap();
+    let asserted = serde_json::json!({
+        "Name": "asserted", "Type": "HTTP", "URL": format!("http://127.0.0.1:{port}/a"), "ProxyType": "Internet",
+        "Authentication": "OAuth2ClientCredentials", "tokenServiceURL": token_url, "clientId": app_x509_id,
+    });
+    assert_eq!(admin_post(&dests_api, &token, asserted).await.status(), 201);
+    let app_key = es256_key(app_x509["key"].as_str().unwrap());
+    let with_assertion = |assertion: &str| Options {
+        token_headers: vec![
+            ("X-client-assertion".into(), assertion.to_owned().into()),
+            (
+                "X-client-assertion-type".into(),
+                "urn:ietf:params:oauth:client-assertion-type:jwt-bearer".to_owned().into(),
+            ),
+        ],
+        ..Default::default()
+    };
+    let assertion = sign_assertion(&app_key, app_x509_id, &token_url);
+    let d = client.get_destination("asserted", &with_assertion(&assertion)).await.unwrap();
+    let e: Value = http.get(&d, "/x").await.unwrap().json().await.unwrap();
+    let claims = claims_of(e["headers"]["authorization"].as_str().unwrap().strip_prefix("Bearer ").unwrap());
+    assert_eq!(
+        (claims["client_id"].as_str(), claims["grant_type"].as_str()),
+        (Some(app_x509_id), Some("client_credentials"))
+    );
+    // Refused: the same assertion again, one addressed to another token service, one signed by
+    // a key the client never registered.
+    let d = client.get_destination("asserted", &with_assertion(&assertion)).await.unwrap();
+    refused(http.get(&d, "/x").await.unwrap_err(), "was used before");
+    let other_audience = sign_assertion(&app_key, app_x509_id, "https://elsewhere.example/oauth/token");
+    let d = client.get_destination("asserted", &with_assertion(&other_audience)).await.unwrap();
+    refused(http.get(&d, "/x").await.unwrap_err(), "aud");
+    let stranger =
+        aws_lc_rs::signature::EcdsaKeyPair::generate(&aws_lc_rs::signature::ECDSA_P256_SHA256_FIXED_SIGNING).unwrap();
+    let forged = sign_assertion(&stranger, app_x509_id, &token_url);
+    let d = client.get_destination("asserted", &with_assertion(&forged)).await.unwrap();
+    refused(http.get(&d, "/x").await.unwrap_err(), "signature does not verify");
+
+    // mTLS to the token service: an X.509 key of the destination instance authenticates by its
+    // certificate alone at the HTTPS port (`certurl`, ferry up's `token_https_port`), no secret.
+    // First as the SDK's own binding: the destination binding's token comes over mTLS.
+    let dest_x509 = create_key(&dir, token_base, zid, dest["instanceid"].as_str().unwrap(), "sdk-mtls").await;
+    let dest_x509_id = dest_x509["clientid"].as_str().unwrap();
+    let certurl = dest_x509["certurl"].as_str().unwrap();
+    assert!(certurl.starts_with("https://") && dest_x509.get("clientsecret").is_none(), "{certurl}");
+    let with_binding = |creds: &Value| {
+        let mut v = vcap.clone();
+        v["destination"][0]["credentials"] = creds.clone();
+        Client::new(Bindings::from_vcap_services(&v.to_string()).unwrap(), Some(&ca)).unwrap()
+    };
+    let by_cert = with_binding(&dest_x509);
+    let fresh = Options { no_cache: true, ..Default::default() };
+    assert_eq!(by_cert.get_destination("web", &fresh).await.unwrap().name(), "web");
+    let claims = claims_of(by_cert.destination_service_token(None).await.unwrap().expose());
+    assert_eq!(claims["client_id"], dest_x509_id);
+    // The certificate of another client (same CA) is refused with 401, one of a CA the token
+    // service does not trust fails the TLS handshake: both at the token service hop.
+    let mut other_cert = dest_x509.clone();
+    other_cert["certificate"] = app_x509["certificate"].clone();
+    other_cert["key"] = app_x509["key"].clone();
+    let err = with_binding(&other_cert).get_destination("web", &fresh).await.unwrap_err();
+    assert_eq!((err.hop(), err.status()), (Some(Hop::TokenService), Some(401)), "{err}");
+    let mut foreign_ca = dest_x509.clone();
+    foreign_ca["certificate"] = app_cert.cert_pem.clone().into();
+    foreign_ca["key"] = app_cert.key_pem.expose().clone().into();
+    let err = with_binding(&foreign_ca).get_destination("web", &fresh).await.unwrap_err();
+    assert_eq!((err.hop(), err.status()), (Some(Hop::TokenService), None), "{err}");
+    // Then for a destination: the Destination Service presents the keystore that
+    // `tokenService.KeyStoreLocation` names at the HTTPS token endpoint.
+    let cert_api = format!("{}/destination-configuration/v1/subaccountCertificates", dest["uri"].as_str().unwrap());
+    let pem = format!("{}{}", dest_x509["certificate"].as_str().unwrap(), dest_x509["key"].as_str().unwrap());
+    let content = base64::Engine::encode(&base64::engine::general_purpose::STANDARD, pem);
+    let r = admin_post(
+        &cert_api,
+        &token,
+        serde_json::json!({"Name": "token-client.pem", "Type": "PEM", "Content": content}),
+    )
+    .await;
+    assert_eq!(r.status(), 201, "{}", r.text().await.unwrap());
+    let cert_token_url = format!("{certurl}/oauth/token");
+    let mut token_mtls = serde_json::json!({
+        "Name": "token-mtls", "Type": "HTTP", "URL": format!("http://127.0.0.1:{port}/m"), "ProxyType": "Internet",
+        "Authentication": "OAuth2ClientCredentials", "tokenServiceURL": cert_token_url, "clientId": dest_x509_id,
+        "tokenService.KeyStoreLocation": "token-client.pem",
+    });
+    assert_eq!(admin_post(&dests_api, &token, token_mtls.clone()).await.status(), 201);
+    let d = client.get_destination("token-mtls", &any).await.unwrap();
+    let e: Value = http.get(&d, "/x").await.unwrap().json().await.unwrap();
+    let claims = claims_of(e["headers"]["authorization"].as_str().unwrap().strip_prefix("Bearer ").unwrap());
+    assert_eq!(claims["client_id"], dest_x509_id);
+    // Without the client certificate the same client has nothing to authenticate with.
+    token_mtls["Name"] = "token-mtls-no-cert".into();
+    token_mtls.as_object_mut().unwrap().remove("tokenService.KeyStoreLocation");
+    assert_eq!(admin_post(&dests_api, &token, token_mtls).await.status(), 201);
+    let d = client.get_destination("token-mtls-no-cert", &any).await.unwrap();
+    let err = http.get(&d, "/x").await.unwrap_err();
+    assert_eq!(err.hop(), Some(Hop::TokenService), "{err}");
+    assert!(matches!(&err, ClientError::Hop { url, .. } if *url == cert_token_url), "{err}");
+    assert!(err.to_string().contains("401"), "{err}");
 
     // Tenant, fragment and cache.
     let api = format!("{}/destination-configuration/v1", dest["uri"].as_str().unwrap());
@@ -586,6 +758,88 @@ async fn password_login(url: &Value, creds: &Value, user: &str, password: &str) 
         .await
         .unwrap();
     r
+}
+
+/// What a browser does to log `user` on for `client_id`: the login page of `/oauth/authorize`
+/// (state and an S256 PKCE challenge), the form posted back with the page's cookie, and the
+/// redirect followed to `redirect_uri` (the echo backend, which answers with the request line
+/// that carries the code). Returns the code.
+async fn browser_logon(
+    token_base: &str,
+    client_id: &str,
+    redirect_uri: &str,
+    challenge: &str,
+    (user, password): (&str, &str),
+) -> String {
+    let browser = reqwest::Client::builder().redirect(reqwest::redirect::Policy::none()).build().unwrap();
+    let query = [
+        ("response_type", "code"),
+        ("client_id", client_id),
+        ("redirect_uri", redirect_uri),
+        ("state", "state-1"),
+        ("code_challenge", challenge),
+        ("code_challenge_method", "S256"),
+    ];
+    let page = browser.get(format!("{token_base}/oauth/authorize")).query(&query).send().await.unwrap();
+    assert_eq!(page.status(), 200);
+    let cookie = page.headers()["set-cookie"].to_str().unwrap().split(';').next().unwrap().to_owned();
+    let html = page.text().await.unwrap();
+    let marker = "name=\"request\" value=\"";
+    let id = html[html.find(marker).unwrap() + marker.len()..].split('"').next().unwrap().to_owned();
+    let form = [("request", id.as_str()), ("username", user), ("password", password), ("action", "login")];
+    let login = browser.post(format!("{token_base}/login")).header("cookie", cookie).form(&form).send().await.unwrap();
+    assert_eq!(login.status(), 302);
+    let location = login.headers()["location"].to_str().unwrap().to_owned();
+    assert!(location.starts_with(redirect_uri), "{location}");
+    let landed: Value = browser.get(&location).send().await.unwrap().json().await.unwrap();
+    let url = reqwest::Url::parse(&format!("http://callback{}", landed["url"].as_str().unwrap())).unwrap();
+    let param = |k: &str| url.query_pairs().find(|(n, _)| n == k).map(|(_, v)| v.into_owned());
+    assert_eq!(param("state").as_deref(), Some("state-1"));
+    param("code").unwrap()
+}
+
+/// A service key of `credential_type: x509` for instance `instance` of subaccount `zid`, made
+/// through the admin API with ferry up's admin client (from its `state.json`).
+async fn create_key(dir: &std::path::Path, token_base: &str, zid: &str, instance: &str, name: &str) -> Value {
+    let state: Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("data").join("state.json")).unwrap()).unwrap();
+    let form = [
+        ("grant_type", "client_credentials"),
+        ("client_id", state["admin_client_id"].as_str().unwrap()),
+        ("client_secret", state["admin_client_secret"].as_str().unwrap()),
+    ];
+    let http = reqwest::Client::new();
+    let r: Value =
+        http.post(format!("{token_base}/oauth/token")).form(&form).send().await.unwrap().json().await.unwrap();
+    let admin = r["access_token"].as_str().unwrap_or_else(|| panic!("{r}"));
+    let url = format!("{token_base}/ferry/admin/v1/subaccounts/{zid}/service-instances/{instance}/service-keys");
+    let body = serde_json::json!({"name": name, "credential_type": "x509"});
+    let r = http.post(url).bearer_auth(admin).json(&body).send().await.unwrap();
+    assert_eq!(r.status(), 201);
+    r.json().await.unwrap()
+}
+
+/// The P-256 key of an X.509 service key (PKCS#8 PEM).
+fn es256_key(pem: &str) -> aws_lc_rs::signature::EcdsaKeyPair {
+    let b64: String = pem.lines().filter(|l| !l.starts_with("-----")).collect();
+    let der = base64::Engine::decode(&base64::engine::general_purpose::STANDARD, b64).unwrap();
+    aws_lc_rs::signature::EcdsaKeyPair::from_pkcs8(&aws_lc_rs::signature::ECDSA_P256_SHA256_FIXED_SIGNING, &der)
+        .unwrap()
+}
+
+/// An RFC 7523 client assertion of `client_id` for `aud`, valid a minute, with a fresh `jti`.
+fn sign_assertion(key: &aws_lc_rs::signature::EcdsaKeyPair, client_id: &str, aud: &str) -> String {
+    let b64 = |bytes: &[u8]| base64::Engine::encode(&base64::engine::general_purpose::URL_SAFE_NO_PAD, bytes);
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs();
+    let mut jti = [0u8; 16];
+    aws_lc_rs::rand::fill(&mut jti).unwrap();
+    let claims = serde_json::json!({"iss": client_id, "sub": client_id, "aud": aud, "iat": now, "exp": now + 60,
+        "jti": b64(&jti)});
+    let header = serde_json::json!({"alg": "ES256", "typ": "JWT"});
+    let input =
+        format!("{}.{}", b64(&serde_json::to_vec(&header).unwrap()), b64(&serde_json::to_vec(&claims).unwrap()));
+    let sig = key.sign(&aws_lc_rs::rand::SystemRandom::new(), input.as_bytes()).unwrap();
+    format!("{input}.{}", b64(sig.as_ref()))
 }
 
 /// A JWT's claims, unverified.

@@ -349,6 +349,11 @@ async fn client_credentials_with_client_assertion() {
     let headers = [("X-client-assertion", assertion.as_str()), ("X-client-assertion-type", JWT_BEARER_ASSERTION)];
     let who = s.use_at_backend("asserted", &headers).await;
     assert_eq!((who["client_id"].as_str(), who["grant_type"].as_str()), (Some("sb-app"), Some("client_credentials")));
+    // The assertion was good for one token request: its token is not cached, so the replay
+    // reaches the token service, which refuses the used jti.
+    let r = s.env.find(&s.service_token, "asserted", &headers).await;
+    let error = r.json["authTokens"][0]["error"].as_str().unwrap_or_default().to_owned();
+    assert!(error.contains("invalid_client") && error.contains("used before"), "{}", r.text);
     // The token service checks: an assertion the application did not sign gets no token.
     let forged = KeySet::generate().unwrap().sign(&s.assertion_claims("sb-app"), &[]).unwrap();
     let headers = [("X-client-assertion", forged.as_str()), ("X-client-assertion-type", JWT_BEARER_ASSERTION)];
@@ -473,6 +478,11 @@ async fn authorization_code() {
     let headers = [("X-code", code.as_str()), ("X-redirect-uri", CALLBACK), ("X-code-verifier", PKCE_VERIFIER)];
     let who = s.use_at_backend("ac", &headers).await;
     assert_eq!((who["user_name"].as_str(), who["grant_type"].as_str()), (Some("alice"), Some("authorization_code")));
+    // A code is single-use: its token is not cached, so the replay reaches the token service,
+    // which refuses it.
+    let r = s.env.find(&s.service_token, "ac", &headers).await;
+    let error = r.json["authTokens"][0]["error"].as_str().unwrap_or_default().to_owned();
+    assert!(error.contains("invalid_grant") && error.contains("already used"), "{}", r.text);
 }
 
 /// The token travels in the Connectivity Proxy's technical-user header, which the proxy hands
