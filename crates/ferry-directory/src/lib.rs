@@ -191,6 +191,18 @@ struct KeyRow {
     key: ServiceKey,
     xsappname: String,
     secret_hash: String,
+    /// The PEM certificate issued for an X.509 key (public), so that client assertions it signs
+    /// keep verifying after a restart.
+    certificate: Option<String>,
+}
+
+/// Databases made before X.509 keys kept their certificate lack the column.
+fn add_certificate_column(conn: &Connection) -> rusqlite::Result<()> {
+    let has = conn.prepare("SELECT 1 FROM pragma_table_info('service_keys') WHERE name = 'certificate'")?.exists([])?;
+    if !has {
+        conn.execute_batch("ALTER TABLE service_keys ADD COLUMN certificate TEXT")?;
+    }
+    Ok(())
 }
 
 impl Directory {
@@ -222,6 +234,7 @@ impl Directory {
         ca: Option<Arc<LocalCa>>,
     ) -> Result<Arc<Self>, DirectoryError> {
         conn.execute_batch(SCHEMA)?;
+        add_certificate_column(&conn)?;
         let sealer = Sealer::new(master_key).map_err(|e| DirectoryError::Internal(e.to_string()))?;
         Ok(Arc::new(Self { conn: Mutex::new(conn), sealer, endpoints, ca, tokens: OnceLock::new() }))
     }
@@ -490,6 +503,8 @@ impl Directory {
                 created_at: now(),
             },
             xsappname: xsappname.clone(),
+            // Issued below, once the token service knows the client.
+            certificate: None,
             secret_hash,
         };
         {
@@ -536,11 +551,13 @@ impl Directory {
             }
         }
         let cert = match (x509, &self.ca, self.tokens.get()) {
-            (true, Some(ca), Some(tokens)) => Some(
-                tokens
+            (true, Some(ca), Some(tokens)) => {
+                let cert = tokens
                     .issue_client_certificate(ca, &client_id, X509_VALIDITY)
-                    .map_err(|e| DirectoryError::Internal(e.to_string()))?,
-            ),
+                    .map_err(|e| DirectoryError::Internal(e.to_string()))?;
+                self.db().execute("UPDATE service_keys SET certificate = ?1 WHERE id = ?2", [&cert.cert_pem, &id])?;
+                Some(cert)
+            }
             (true, _, _) => return Err(bad("credential_type", "x509 keys need a running token service")),
             _ => None,
         };
@@ -643,7 +660,7 @@ impl Directory {
         let db = self.db();
         let sql = format!(
             "SELECT k.id, i.subaccount_id, k.instance_id, k.name, k.client_id, k.credential_type, k.created_at,
-                    k.xsappname, k.secret_hash
+                    k.xsappname, k.secret_hash, k.certificate
              FROM service_keys k JOIN service_instances i ON i.id = k.instance_id
              WHERE {filter} ORDER BY k.created_at, k.name"
         );
@@ -661,6 +678,7 @@ impl Directory {
                 },
                 xsappname: r.get(7)?,
                 secret_hash: r.get(8)?,
+                certificate: r.get(9)?,
             })
         })?;
         Ok(rows.collect::<Result<_, _>>()?)
@@ -686,6 +704,7 @@ impl Directory {
             scopes: vec!["openid".into(), format!("{}.Display", row.xsappname)],
             service_instance_id: Some(row.key.instance_id.clone()),
             certificates,
+            assertion_keys: row.certificate.iter().cloned().collect(),
             // The credentials say `tenantmode: dedicated`, and subaccounts here subscribe to
             // nothing: another zone's tokens would cross the tenant boundary.
             dedicated: true,

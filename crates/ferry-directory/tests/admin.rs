@@ -326,6 +326,76 @@ async fn x509_keys_carry_a_certificate_and_no_secret() {
 }
 
 #[tokio::test]
+async fn an_x509_key_signs_client_assertions_after_a_restart() {
+    ferry_core::init_crypto();
+    let tmp = tempfile::tempdir().unwrap();
+    let path = tmp.path().join("directory.db");
+    let ca = Arc::new(ferry_core::tls::LocalCa::generate("test CA").unwrap());
+    let key = {
+        let s = stack_with_ca(&path, Some(ca.clone()));
+        let r = &s.router;
+        let admin = token(r, ADMIN_ID, ADMIN_SECRET).await.unwrap();
+        let admin = Some(admin.as_str());
+        let (_, sub) = api(r, admin, "POST", "/subaccounts", Some(json!({"subdomain": "asserts"}))).await;
+        let ipath = format!("/subaccounts/{}/service-instances", sub["id"].as_str().unwrap());
+        let (_, inst) = api(r, admin, "POST", &ipath, Some(json!({"service": "xsuaa", "name": "app"}))).await;
+        let kpath = format!("{ipath}/{}/service-keys", inst["id"].as_str().unwrap());
+        let (st, key) = api(r, admin, "POST", &kpath, Some(json!({"name": "cert", "credential_type": "x509"}))).await;
+        assert_eq!(st, StatusCode::CREATED, "{key}");
+        assert_eq!(assertion_grant(r, &key).await.0, StatusCode::OK, "before the restart");
+        key
+    };
+    // A new process: the token service is built from the database alone.
+    let s = stack_with_ca(&path, Some(ca));
+    let (st, body) = assertion_grant(&s.router, &key).await;
+    assert_eq!(st, StatusCode::OK, "the key's assertion after a restart: {body}");
+    // Another key's private key is not this client's.
+    let mut wrong = key.clone();
+    let fresh = aws_lc_rs::signature::EcdsaKeyPair::generate_pkcs8(
+        &aws_lc_rs::signature::ECDSA_P256_SHA256_FIXED_SIGNING,
+        &aws_lc_rs::rand::SystemRandom::new(),
+    )
+    .unwrap();
+    let pem = format!(
+        "-----BEGIN PRIVATE KEY-----\n{}\n-----END PRIVATE KEY-----\n",
+        base64::Engine::encode(&base64::engine::general_purpose::STANDARD, fresh.as_ref())
+    );
+    wrong["key"] = json!(pem);
+    assert_eq!(assertion_grant(&s.router, &wrong).await.0, StatusCode::UNAUTHORIZED, "a key the client never had");
+}
+
+/// `client_credentials` with an RFC 7523 assertion signed by the X.509 key's private key.
+async fn assertion_grant(router: &Router, key: &Value) -> (StatusCode, Value) {
+    let id = key["clientid"].as_str().unwrap();
+    let pem = key["key"].as_str().unwrap();
+    let b64: String = pem.lines().filter(|l| !l.starts_with("-----")).collect();
+    let der = base64::Engine::decode(&base64::engine::general_purpose::STANDARD, b64).unwrap();
+    let pair =
+        aws_lc_rs::signature::EcdsaKeyPair::from_pkcs8(&aws_lc_rs::signature::ECDSA_P256_SHA256_FIXED_SIGNING, &der)
+            .unwrap();
+    let enc = |bytes: &[u8]| base64::Engine::encode(&base64::engine::general_purpose::URL_SAFE_NO_PAD, bytes);
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs();
+    let mut jti = [0u8; 16];
+    aws_lc_rs::rand::fill(&mut jti).unwrap();
+    let claims = json!({"iss": id, "sub": id, "aud": "http://127.0.0.1:18081/oauth/token", "iat": now,
+        "exp": now + 60, "jti": enc(&jti)});
+    let header = json!({"alg": "ES256", "typ": "JWT"});
+    let input =
+        format!("{}.{}", enc(&serde_json::to_vec(&header).unwrap()), enc(&serde_json::to_vec(&claims).unwrap()));
+    let sig = pair.sign(&aws_lc_rs::rand::SystemRandom::new(), input.as_bytes()).unwrap();
+    let body = format!(
+        "grant_type=client_credentials&client_id={}&client_assertion_type=urn%3Aietf%3Aparams%3Aoauth%3Aclient-assertion-type%3Ajwt-bearer&client_assertion={input}.{}",
+        urlencode(id),
+        enc(sig.as_ref())
+    );
+    let req = Request::post("/oauth/token")
+        .header("content-type", "application/x-www-form-urlencoded")
+        .body(Body::from(body))
+        .unwrap();
+    send(router, req).await
+}
+
+#[tokio::test]
 async fn ensure_key_keeps_configured_bindings() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = Directory::open(&tmp.path().join("d.db"), &Secret::new([3u8; 32]), endpoints(), None).unwrap();
