@@ -41,8 +41,8 @@ pub struct ProxyConfig {
     /// they are closed. Idle connections close at once (SOCKS5: after [`socks::IDLE_TICK`]
     /// without a byte), so the proxy exits as soon as its in-flight work is done.
     pub drain_timeout: Duration,
-    /// HTTP requests in flight plus open SOCKS5 connections per subaccount; more get 429
-    /// (HTTP) or reply 01 (SOCKS5).
+    /// HTTP requests in flight plus open SOCKS5 connections and service channel streams per
+    /// subaccount; more get 429 (HTTP, channel streams) or reply 01 (SOCKS5).
     pub max_streams_per_subaccount: usize,
     /// Where connections of [`Listeners::socks5_no_auth`] go. Benchmarks only: see [`NoAuthRoute`].
     pub socks5_no_auth: Option<NoAuthRoute>,
