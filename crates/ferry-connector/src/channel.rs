@@ -248,7 +248,13 @@ async fn relay<L: Link>(stream: TcpStream, spec: &ServiceChannel, request_id: St
         return;
     };
     let resp = match sender.ready().await {
-        Ok(()) => sender.send_request(req).await,
+        Ok(()) => {
+            let answer = sender.send_request(req);
+            // Not held while waiting: a stream queued as the connection's dispatcher stops is
+            // handed back (failed) only once every handle is gone (see `Connector::link`).
+            drop(sender);
+            answer.await
+        }
         Err(e) => Err(e),
     };
     let resp = match resp {

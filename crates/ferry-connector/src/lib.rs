@@ -290,10 +290,14 @@ impl Connector {
         self.channels.state(id)
     }
 
-    /// Dials a channel connection to the first proxy replica that answers.
+    /// Dials a channel connection to the first proxy replica that answers; the receiver
+    /// completes when the connection has ended.
     async fn dial_channel(
         &self,
-    ) -> std::io::Result<hyper::client::conn::http2::SendRequest<ferry_core::body::BoxBody>> {
+    ) -> std::io::Result<(
+        hyper::client::conn::http2::SendRequest<ferry_core::body::BoxBody>,
+        tokio::sync::oneshot::Receiver<()>,
+    )> {
         use ferry_proto::tunnel::*;
         let mut last = std::io::Error::new(std::io::ErrorKind::NotConnected, "no proxy configured");
         let proxies = std::iter::once(&self.config.proxy_addr).chain(&self.config.more_proxy_addrs);
@@ -320,12 +324,14 @@ impl Connector {
                 .keep_alive_while_idle(true);
             match builder.handshake::<_, ferry_core::body::BoxBody>(TokioIo::new(io)).await {
                 Ok((sender, conn)) => {
+                    let (ended, on_end) = tokio::sync::oneshot::channel();
                     tokio::spawn(async move {
                         if let Err(e) = conn.await {
                             tracing::debug!(error = %e, "service channel connection ended");
                         }
+                        let _ = ended.send(());
                     });
-                    return Ok(sender);
+                    return Ok((sender, on_end));
                 }
                 Err(e) => last = std::io::Error::other(e),
             }
@@ -651,8 +657,21 @@ impl channel::Link for Connector {
         if let Some(s) = link.as_ref().filter(|s| !s.is_closed()) {
             return Ok(s.clone());
         }
-        let s = self.dial_channel().await?;
+        let (s, ended) = self.dial_channel().await?;
         *link = Some(s.clone());
+        // The cached handle goes with its connection: a stream queued in the instant the
+        // connection's dispatcher stopped is stranded in its channel until every handle is gone
+        // (tokio-rs/tokio#7714), and only then fails instead of waiting forever.
+        let me = Arc::downgrade(&self);
+        tokio::spawn(async move {
+            let _ = ended.await;
+            if let Some(me) = me.upgrade() {
+                let mut link = me.channel_link.lock().await;
+                if link.as_ref().is_some_and(|s| s.is_closed()) {
+                    *link = None;
+                }
+            }
+        });
         Ok(s)
     }
 

@@ -412,6 +412,7 @@ async fn onboard_connector(
     State(dir): State<Arc<Directory>>,
     headers: HeaderMap,
     Path(id): Path<String>,
+    peer: Option<axum::Extension<axum::extract::ConnectInfo<std::net::SocketAddr>>>,
     bytes: Bytes,
 ) -> ApiResult {
     let unauthorized = |m: &str| ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", m);
@@ -421,11 +422,31 @@ async fn onboard_connector(
     let Some(tokens) = dir.tokens.get() else {
         return Err(ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", "the token service is not attached"));
     };
+    // The token endpoint's failed-logon limit per client address applies here too (the same
+    // counter): guessing the user's password here is no cheaper than at `/oauth/token`.
+    let peer = peer.map(|axum::Extension(axum::extract::ConnectInfo(a))| a.ip());
+    if let Some(wait) = peer.and_then(|p| tokens.logon_retry_after(p)) {
+        let secs = wait.as_secs().max(1);
+        let mut resp = ApiError::new(
+            StatusCode::TOO_MANY_REQUESTS,
+            "too_many_requests",
+            format!("too many failed logons from this address; retry in {secs} s"),
+        )
+        .into_response();
+        resp.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(secs));
+        return Ok(resp);
+    }
+    let failed = || {
+        if let Some(p) = peer {
+            tokens.logon_failed(p);
+        }
+        unauthorized("wrong user or password for this subaccount")
+    };
     // The subaccount must exist; an unknown one answers like a wrong password, so the endpoint
     // does not tell which subaccount ids exist.
     if dir.subaccount(&id).is_err() {
         tokens.check_user_password(&id, "", password.expose()).await.ok();
-        return Err(unauthorized("wrong user or password for this subaccount"));
+        return Err(failed());
     }
     let found = match tokens.check_user_password(&id, &user, password.expose()).await {
         Ok(found) => found,
@@ -439,7 +460,7 @@ async fn onboard_connector(
     };
     let Some(u) = found else {
         tracing::warn!(subaccount = %id, "connector onboarding refused: wrong user or password");
-        return Err(unauthorized("wrong user or password for this subaccount"));
+        return Err(failed());
     };
     if !u.scopes.as_ref().is_none_or(|s| s.iter().any(|x| x == CONNECTOR_ADMIN_SCOPE)) {
         return Err(ApiError::new(
@@ -461,19 +482,8 @@ async fn onboard_connector(
         e.field = Some("location_id");
         return Err(e);
     }
-    let Some(ca) = dir.ca.clone() else {
-        return Err(ApiError::new(
-            StatusCode::CONFLICT,
-            "conflict",
-            "this Ferry has no CA to issue connector certificates",
-        ));
-    };
     let validity = connector_validity(req.validity_seconds)?;
-    let cert = ca.sign_connector_csr(&req.csr, &id, &req.location_id, validity).map_err(|e| {
-        let mut err = ApiError::new(StatusCode::BAD_REQUEST, "bad_request", format!("csr: not a valid PEM CSR: {e}"));
-        err.field = Some("csr");
-        err
-    })?;
+    let (cert, ca) = sign_connector_csr(&dir, &req.csr, &id, &req.location_id, validity)?;
     tracing::info!(subaccount = %id, location_id = %req.location_id, user = %u.username, "connector onboarded with subaccount credentials");
     let mut resp = json_response(
         StatusCode::CREATED,
@@ -488,6 +498,31 @@ async fn onboard_connector(
     );
     resp.headers_mut().insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
     Ok(resp)
+}
+
+/// Signs a connector's CSR with Ferry's CA for `subaccount` and `location` (onboarding and
+/// renewal alike: the identity is the caller's, never the CSR's); returns the certificate and
+/// the CA that signed it.
+fn sign_connector_csr(
+    dir: &Directory,
+    csr: &str,
+    subaccount: &str,
+    location: &str,
+    validity: time::Duration,
+) -> Result<(String, Arc<ferry_core::tls::LocalCa>), ApiError> {
+    let Some(ca) = dir.ca.clone() else {
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "conflict",
+            "this Ferry has no CA to issue connector certificates",
+        ));
+    };
+    let cert = ca.sign_connector_csr(csr, subaccount, location, validity).map_err(|e| {
+        let mut err = ApiError::new(StatusCode::BAD_REQUEST, "bad_request", format!("csr: not a valid PEM CSR: {e}"));
+        err.field = Some("csr");
+        err
+    })?;
+    Ok((cert, ca))
 }
 
 #[derive(serde::Deserialize)]
@@ -529,18 +564,7 @@ async fn renew_connector(
         },
         some => connector_validity(some)?,
     };
-    let Some(ca) = dir.ca.clone() else {
-        return Err(ApiError::new(
-            StatusCode::CONFLICT,
-            "conflict",
-            "this Ferry has no CA to issue connector certificates",
-        ));
-    };
-    let cert = ca.sign_connector_csr(&req.csr, &sub, &location, validity).map_err(|e| {
-        let mut err = ApiError::new(StatusCode::BAD_REQUEST, "bad_request", format!("csr: not a valid PEM CSR: {e}"));
-        err.field = Some("csr");
-        err
-    })?;
+    let (cert, ca) = sign_connector_csr(&dir, &req.csr, &sub, &location, validity)?;
     tracing::info!(subaccount = %sub, location_id = %location, "connector certificate renewed");
     Ok(json_response(
         StatusCode::OK,

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use axum::Router;
 use axum::body::Body;
 use ferry_auth::KeySet;
-use ferry_auth::token_service::{OAuthClient, Tenant, TokenService, TokenServiceConfig};
+use ferry_auth::token_service::{OAuthClient, Tenant, TokenService, TokenServiceConfig, User};
 use ferry_core::Secret;
 use ferry_directory::{Directory, Endpoints, admin};
 use http::{Request, StatusCode};
@@ -46,6 +46,10 @@ fn stack(path: &Path) -> Stack {
 }
 
 fn stack_with_ca(path: &Path, ca: Option<Arc<ferry_core::tls::LocalCa>>) -> Stack {
+    stack_with_users(path, ca, Vec::new())
+}
+
+fn stack_with_users(path: &Path, ca: Option<Arc<ferry_core::tls::LocalCa>>, users: Vec<User>) -> Stack {
     let dir = Directory::open(path, &Secret::new([9u8; 32]), endpoints(), ca).unwrap();
     let (tenants, clients) = dir.token_entries().unwrap();
     let client = |id: &str, secret: &str, authorities: &[&str]| OAuthClient {
@@ -67,6 +71,7 @@ fn stack_with_ca(path: &Path, ca: Option<Arc<ferry_core::tls::LocalCa>>) -> Stac
                 client(ADMIN_ID, ADMIN_SECRET, &[admin::ADMIN_SCOPE]),
                 client(PLAIN_ID, PLAIN_SECRET, &["uaa.resource"]),
             ],
+            users,
             public_url: "http://127.0.0.1:18081".into(),
             uaadomain: "127.0.0.1:18443".into(),
             ..Default::default()
@@ -571,4 +576,74 @@ async fn a_connector_renews_its_certificate_with_the_current_one_over_mtls() {
     let expired = renew(Some(short), csr).await;
     assert!(!matches!(expired, Ok((StatusCode::OK, _))), "an expired certificate renewed: {expired:?}");
     shutdown.cancel();
+}
+
+/// Onboarding with the subaccount user's password counts failed logons per client address with
+/// the token endpoint's limit: an address that used up its failures gets 429 (even with the
+/// right password, until the window ends), while a user logging on from elsewhere is not held up.
+#[tokio::test]
+async fn onboarding_logons_are_capped_per_address_like_the_token_endpoint() {
+    const SUB: &str = "5a5b5c5d-0000-4000-8000-0000000000aa";
+    let tmp = tempfile::tempdir().unwrap();
+    let ca = Arc::new(ferry_core::tls::LocalCa::generate("onboarding test CA").unwrap());
+    let user = |name: &str, password: &str| User {
+        username: name.into(),
+        password: Secret::new(password.into()),
+        tenant_id: SUB.into(),
+        ..Default::default()
+    };
+    // The users' zone exists before the token service that knows them is built.
+    let path = tmp.path().join("directory.db");
+    Directory::open(&path, &Secret::new([9u8; 32]), endpoints(), None)
+        .unwrap()
+        .create_subaccount("lab", Some(SUB), None)
+        .unwrap();
+    let s = stack_with_users(&path, Some(ca), vec![user("alice", "alice-pw"), user("bob", "bob-pw")]);
+    let (csr, _key) = ferry_core::tls::connector_csr(SUB, "plant").unwrap();
+    let onboard = |from: &str, user: &str, password: &str| {
+        use base64::Engine;
+        let basic = base64::engine::general_purpose::STANDARD.encode(format!("{user}:{password}"));
+        let mut req = Request::post(format!("{}/subaccounts/{SUB}/connectors/csr", admin::BASE))
+            .header("authorization", format!("Basic {basic}"))
+            .header("content-type", "application/json")
+            .body(Body::from(json!({"csr": csr, "location_id": "plant"}).to_string()))
+            .unwrap();
+        let peer: std::net::SocketAddr = format!("{from}:40000").parse().unwrap();
+        req.extensions_mut().insert(axum::extract::ConnectInfo(peer));
+        let router = s.router.clone();
+        async move {
+            let resp = router.oneshot(req).await.unwrap();
+            let status = resp.status();
+            let retry_after = resp.headers().get("retry-after").map(|v| v.to_str().unwrap().to_owned());
+            let v: Value = serde_json::from_slice(&resp.into_body().collect().await.unwrap().to_bytes()).unwrap();
+            (status, v, retry_after)
+        }
+    };
+    assert_eq!(onboard("10.0.0.1", "alice", "alice-pw").await.0, StatusCode::CREATED);
+    let mut failures = 0;
+    let (status, v, retry_after) = loop {
+        let r = onboard("10.0.0.1", "alice", "guess").await;
+        if r.0 != StatusCode::UNAUTHORIZED {
+            break r;
+        }
+        failures += 1;
+        assert!(failures <= 1000, "never locked out");
+    };
+    assert!(failures >= 5, "locked out after only {failures} failures");
+    assert_eq!(status, StatusCode::TOO_MANY_REQUESTS, "{v}");
+    assert!(v["message"].as_str().unwrap().contains("too many failed logons"), "{v}");
+    assert!(retry_after.unwrap().parse::<u64>().unwrap() >= 1);
+    // The right password does not get through from that address either, for now ...
+    assert_eq!(onboard("10.0.0.1", "alice", "alice-pw").await.0, StatusCode::TOO_MANY_REQUESTS);
+    // ... and the token endpoint shares the count.
+    let req = Request::post("/oauth/token")
+        .header("content-type", "application/x-www-form-urlencoded")
+        .extension(axum::extract::ConnectInfo("10.0.0.1:40001".parse::<std::net::SocketAddr>().unwrap()))
+        .body(Body::from(format!("grant_type=client_credentials&client_id={ADMIN_ID}&client_secret={ADMIN_SECRET}")))
+        .unwrap();
+    assert_eq!(send(&s.router, req).await.0, StatusCode::TOO_MANY_REQUESTS);
+    // Another user, from another address, onboards as usual.
+    let (status, v, _) = onboard("10.0.0.2", "bob", "bob-pw").await;
+    assert_eq!(status, StatusCode::CREATED, "{v}");
+    assert!(v["certificate"].as_str().unwrap().contains("BEGIN CERTIFICATE"), "{v}");
 }

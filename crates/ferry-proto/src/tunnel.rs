@@ -83,6 +83,8 @@ pub const ERROR_DENIED: &str = "denied";
 pub const ERROR_UNREACHABLE: &str = "unreachable";
 pub const ERROR_BAD_REQUEST: &str = "bad-request";
 pub const ERROR_TIMEOUT: &str = "timeout";
+/// The subaccount has as many streams open through the proxy as it may (429).
+pub const ERROR_LIMIT: &str = "limit";
 
 /// ALPN protocol id of the tunnel, so that a connector never talks to something else by mistake.
 pub const ALPN: &[u8] = b"ferry-tunnel/1";

@@ -22,6 +22,8 @@ use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::net::TcpStream;
 
+use crate::tenant_limit::{Held, TenantStreams};
+
 /// One cloud-side service that service channels of `subaccount` may reach as `id`.
 #[derive(Clone, Debug, PartialEq, Eq, serde::Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -89,24 +91,38 @@ impl ChannelTargets {
     }
 }
 
+/// What the channel connections of all connectors share.
+#[derive(Clone)]
+pub(crate) struct Channels {
+    pub(crate) targets: Arc<ChannelTargets>,
+    /// The per-subaccount stream cap HTTP requests and SOCKS5 connections count in as well.
+    pub(crate) streams: Arc<TenantStreams>,
+}
+
+/// Timing of a channel connection.
+pub(crate) struct Limits {
+    pub(crate) heartbeat: Duration,
+    pub(crate) connect_timeout: Duration,
+}
+
 /// Serves a connector's channel connection (ALPN [`CHANNEL_ALPN`], identity checked by the
 /// caller) until it ends or `shutdown`.
 pub(crate) async fn serve<IO>(
     io: IO,
     subaccount: String,
     location: String,
-    targets: Arc<ChannelTargets>,
-    heartbeat: Duration,
-    connect_timeout: Duration,
+    channels: Channels,
+    limits: Limits,
     shutdown: Shutdown,
 ) where
     IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
     tracing::info!(%subaccount, location = %location, "service channel connection of a Cloud Connector");
     let sub = Arc::new(subaccount);
+    let (Channels { targets, streams }, Limits { heartbeat, connect_timeout }) = (channels, limits);
     let service = hyper::service::service_fn(move |req: hyper::Request<Incoming>| {
-        let (targets, sub) = (targets.clone(), sub.clone());
-        async move { Ok::<_, std::convert::Infallible>(open(req, &sub, &targets, connect_timeout).await) }
+        let (targets, sub, streams) = (targets.clone(), sub.clone(), streams.clone());
+        async move { Ok::<_, std::convert::Infallible>(open(req, &sub, &targets, &streams, connect_timeout).await) }
     });
     let mut builder = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
     builder
@@ -142,6 +158,7 @@ async fn open(
     req: hyper::Request<Incoming>,
     subaccount: &str,
     targets: &ChannelTargets,
+    streams: &TenantStreams,
     connect_timeout: Duration,
 ) -> Response<BoxBody> {
     let header = |name| req.headers().get(name).and_then(|v| v.to_str().ok()).unwrap_or("");
@@ -155,6 +172,18 @@ async fn open(
             StatusCode::FORBIDDEN,
             ERROR_DENIED,
             format!("no service channel target {id:?} is registered for subaccount {subaccount}"),
+        );
+    };
+    let Some(permit) = streams.try_acquire(subaccount) else {
+        tracing::info!(%subaccount, service = %id, limit = streams.limit(), "service channel refused: subaccount at its stream limit");
+        return refuse(
+            StatusCode::TOO_MANY_REQUESTS,
+            ERROR_LIMIT,
+            format!(
+                "subaccount {subaccount} has {} requests, SOCKS5 connections and channel streams open through the \
+                 proxy, its limit; retry when some have finished",
+                streams.limit()
+            ),
         );
     };
     let stream = match tokio::time::timeout(connect_timeout, TcpStream::connect(target)).await {
@@ -175,12 +204,16 @@ async fn open(
     tracing::debug!(%subaccount, service = %id, %target, "service channel stream opened");
     let (read, write) = stream.into_split();
     let upstream = req.into_body();
+    // The slot is held until both directions have ended.
+    let permit = Arc::new(permit);
+    let held = permit.clone();
     tokio::spawn(async move {
+        let _held = held;
         if let Err(e) = body::copy_to_writer(upstream, write).await {
             tracing::debug!(error = %e, "channel → target copy ended");
         }
     });
-    Response::new(body::from_reader(read))
+    Response::new(body::boxed(Held { inner: body::from_reader(read), _permit: permit }))
 }
 
 #[cfg(test)]

@@ -187,8 +187,8 @@ pub(crate) async fn handle(shared: Arc<Shared>, mut req: Request<Incoming>) -> R
         return error(
             StatusCode::TOO_MANY_REQUESTS,
             format!(
-                "Subaccount {} has {} requests and SOCKS5 connections open through the proxy, its limit; \
-                 retry when some have finished",
+                "Subaccount {} has {} requests, SOCKS5 connections and service channel streams open through the \
+                 proxy, its limit; retry when some have finished",
                 claims.zid,
                 shared.tenant_streams.limit()
             ),

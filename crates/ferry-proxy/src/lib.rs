@@ -41,8 +41,8 @@ pub struct ProxyConfig {
     /// they are closed. Idle connections close at once (SOCKS5: after [`socks::IDLE_TICK`]
     /// without a byte), so the proxy exits as soon as its in-flight work is done.
     pub drain_timeout: Duration,
-    /// HTTP requests in flight plus open SOCKS5 connections per subaccount; more get 429
-    /// (HTTP) or reply 01 (SOCKS5).
+    /// HTTP requests in flight plus open SOCKS5 connections and service channel streams per
+    /// subaccount; more get 429 (HTTP, channel streams) or reply 01 (SOCKS5).
     pub max_streams_per_subaccount: usize,
     /// Where connections of [`Listeners::socks5_no_auth`] go. Benchmarks only: see [`NoAuthRoute`].
     pub socks5_no_auth: Option<NoAuthRoute>,
@@ -152,7 +152,7 @@ pub(crate) fn stamp_tunnel_headers(
 pub(crate) struct Shared {
     pub(crate) verifier: ferry_auth::TokenCache,
     pub(crate) registry: Arc<Registry>,
-    pub(crate) tenant_streams: tenant_limit::TenantStreams,
+    pub(crate) tenant_streams: Arc<tenant_limit::TenantStreams>,
     pub(crate) tunnel_swap_wait: Duration,
 }
 
@@ -191,7 +191,7 @@ impl Proxy {
         let shared = Arc::new(Shared {
             verifier: ferry_auth::TokenCache::new(self.config.verifier.clone()),
             registry: self.registry.clone(),
-            tenant_streams: tenant_limit::TenantStreams::new(self.config.max_streams_per_subaccount),
+            tenant_streams: Arc::new(tenant_limit::TenantStreams::new(self.config.max_streams_per_subaccount)),
             tunnel_swap_wait: self.config.tunnel_swap_wait,
         });
         let drain = self.config.drain_timeout;
@@ -271,7 +271,11 @@ impl Proxy {
                 tls.alpn_protocols.push(ferry_proto::tunnel::CHANNEL_ALPN.to_vec());
             }
             let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(tls));
-            let channels = Arc::new(self.config.channel_targets.clone());
+            // Channel streams count in the same per-subaccount cap as HTTP and SOCKS5 streams.
+            let channels = channels::Channels {
+                targets: Arc::new(self.config.channel_targets.clone()),
+                streams: shared.tenant_streams.clone(),
+            };
             let registry = self.registry.clone();
             let hb = self.config.heartbeat;
             let hs = self.config.handshake_timeout;

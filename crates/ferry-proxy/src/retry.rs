@@ -101,21 +101,32 @@ pub(crate) async fn send(
             }
         };
         let mut sender = picked.sender;
+        tracing::trace!(%request_id, attempt, tunnel = picked.id, "opening a tunnel stream");
         let req = request_like(&head, replay.attempt_body());
         let (e, returned) = match sender.ready().await {
             Err(e) => (e, true),
-            Ok(()) => match sender.try_send_request(req).await {
-                Ok(resp) => {
-                    replay.accepted();
-                    return Ok(resp);
+            Ok(()) => {
+                let answer = sender.try_send_request(req);
+                // No handle of the tunnel is held while waiting. A request queued in the very
+                // moment the tunnel's dispatcher stops is stranded in its channel (tokio keeps a
+                // message whose send raced the receiver's drop until the last sender is gone,
+                // tokio-rs/tokio#7714) and handed back only then; holding this handle would
+                // wait for itself, forever.
+                drop(sender);
+                match answer.await {
+                    Ok(resp) => {
+                        replay.accepted();
+                        return Ok(resp);
+                    }
+                    Err(mut e) => {
+                        let returned = e.take_message().is_some();
+                        (e.into_error(), returned)
+                    }
                 }
-                Err(mut e) => {
-                    let returned = e.take_message().is_some();
-                    (e.into_error(), returned)
-                }
-            },
+            }
         };
         let v = verdict(&e, returned);
+        tracing::debug!(%request_id, attempt, tunnel = picked.id, returned, verdict = ?v, error = %e, "tunnel stream failed");
         if v == Verdict::Draining {
             registry.mark_draining(subaccount, location, picked.id);
         }

@@ -34,13 +34,14 @@ impl TenantStreams {
     }
 }
 
-/// A response body that holds its tenant's slot until the body is finished or dropped.
-pub(crate) struct Held<B> {
+/// A response body that holds its tenant's slot (or a share of it) until the body is finished
+/// or dropped.
+pub(crate) struct Held<B, P = OwnedSemaphorePermit> {
     pub(crate) inner: B,
-    pub(crate) _permit: OwnedSemaphorePermit,
+    pub(crate) _permit: P,
 }
 
-impl<B> http_body::Body for Held<B>
+impl<B, P: Unpin> http_body::Body for Held<B, P>
 where
     B: http_body::Body<Data = Bytes> + Unpin,
 {

@@ -22,7 +22,7 @@ pub(crate) async fn serve(
     stream: TcpStream,
     acceptor: tokio_rustls::TlsAcceptor,
     registry: Arc<Registry>,
-    channels: Arc<crate::channels::ChannelTargets>,
+    channels: crate::channels::Channels,
     heartbeat: Duration,
     handshake_timeout: Duration,
     shutdown: Shutdown,
@@ -50,7 +50,8 @@ pub(crate) async fn serve(
     };
     if tls.get_ref().1.alpn_protocol() == Some(CHANNEL_ALPN) {
         let connect_timeout = handshake_timeout;
-        crate::channels::serve(tls, subaccount, location, channels, heartbeat, connect_timeout, shutdown).await;
+        let limits = crate::channels::Limits { heartbeat, connect_timeout };
+        crate::channels::serve(tls, subaccount, location, channels, limits, shutdown).await;
         return;
     }
     let mut builder = hyper::client::conn::http2::Builder::new(TokioExecutor::new());

@@ -377,9 +377,10 @@ async fn standalone_connector_renews_its_short_lived_certificate() {
 
     let http = ferry_core::tls::http_client(None).unwrap();
     let t = token(&http, conn).await;
-    // Set-up: the tunnel of the new subaccount comes up.
+    // Set-up: the tunnel of the new subaccount comes up (slowly on a loaded machine).
     let mut last = (0, Value::Null);
-    for _ in 0..200 {
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while std::time::Instant::now() < deadline {
         last = through(&up_proxy, &t, "plant").await;
         if last.0 == 200 {
             break;
@@ -389,52 +390,39 @@ async fn standalone_connector_renews_its_short_lived_certificate() {
     assert_eq!(last.0, 200, "{}", last.1);
 
     // From here on a steady stream of requests — one client on a keep-alive connection, three
-    // concurrent ones on a new connection each time — must not see a request fail twice while
-    // the connector renews its certificate (every half lifetime, 4 s) at least twice and serves
-    // past the first certificate's end. Each renewal swaps the tunnel, and what the draining one
-    // refused the proxy sends on the new one (strictly tested without retries in
-    // ferry-proxy/tests/renewal.rs).
+    // concurrent ones on a new connection each time — must not see a single failure while the
+    // connector renews its certificate (every half lifetime, 4 s) at least twice and serves past
+    // the first certificate's end. No request is retried by the client: each renewal swaps the
+    // tunnel, and what the draining one refused the proxy sends on the new one.
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let mut load = tokio::task::JoinSet::new();
     for client in 0..4 {
         let (stop, t, proxy) = (stop.clone(), t.clone(), up_proxy.clone());
         load.spawn(async move {
-            // A request lost in a tunnel swap must not hang the test.
+            // A request lost in a tunnel swap fails the test instead of hanging it; the bound is
+            // far above any answer's time (the connector's own drain cut-off is 10 s).
             let mut b = reqwest::Client::builder()
-                .timeout(Duration::from_secs(10))
+                .timeout(Duration::from_secs(30))
                 .proxy(reqwest::Proxy::http(&proxy).unwrap().custom_http_auth(format!("Bearer {t}").parse().unwrap()));
             if client > 0 {
                 b = b.pool_max_idle_per_host(0);
             }
             let http = b.build().unwrap();
-            let (mut ok, mut failures, mut retried) = (0usize, Vec::new(), 0usize);
+            let (mut ok, mut failures) = (0usize, Vec::new());
             while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-                // One retry of this idempotent GET, as SAP's SDKs do: a request is still lost now
-                // and then in a tunnel swap of the full process path (known gap, issue 5); a
-                // connector that stopped serving fails both attempts.
-                let mut last = String::new();
-                for attempt in 0..2 {
-                    let r =
-                        http.get("http://plant.virtual:8000/api/x").header("sap-connectivity-scc-location_id", "plant");
-                    last = match r.send().await {
-                        Ok(r) if r.status() == 200 => match r.json::<Value>().await {
-                            Ok(v) if v["url"] == "/api/x" => String::new(),
-                            other => format!("{other:?}"),
-                        },
-                        Ok(r) => format!("{} {}", r.status(), r.text().await.unwrap_or_default()),
-                        Err(e) => e.to_string(),
-                    };
-                    if last.is_empty() {
-                        break;
+                let r = http.get("http://plant.virtual:8000/api/x").header("sap-connectivity-scc-location_id", "plant");
+                match r.send().await {
+                    Ok(r) if r.status() == 200 => match r.json::<Value>().await {
+                        Ok(v) if v["url"] == "/api/x" => ok += 1,
+                        other => failures.push(format!("client {client}: {other:?}")),
+                    },
+                    Ok(r) => {
+                        failures.push(format!("client {client}: {} {}", r.status(), r.text().await.unwrap_or_default()))
                     }
-                    retried += usize::from(attempt == 0);
-                }
-                match last.is_empty() {
-                    true => ok += 1,
-                    false => failures.push(last),
+                    Err(e) => failures.push(format!("client {client}: {e:?}")),
                 }
             }
-            eprintln!("client {client}: {ok} requests, {retried} needed a retry");
+            eprintln!("client {client}: {ok} requests answered, {} failed", failures.len());
             (ok, failures)
         });
     }

@@ -661,6 +661,17 @@ impl TokenService {
         self.users.by_id(tenant_id, user_id)
     }
 
+    /// How long logons from `peer` are refused after too many failures (the token endpoint's
+    /// per-address limit, shared by every logon that checks a password: `None` if not locked).
+    pub fn logon_retry_after(&self, peer: std::net::IpAddr) -> Option<std::time::Duration> {
+        self.failed_logons.retry_after(peer)
+    }
+
+    /// Counts a failed logon from `peer` against the same limit as the token endpoint's.
+    pub fn logon_failed(&self, peer: std::net::IpAddr) {
+        self.failed_logons.failed(peer);
+    }
+
     /// Checks a user's password in the zone `tenant_id` (the stores the password grant asks, in
     /// the same order), for logons outside OAuth such as a Cloud Connector's onboarding with the
     /// subaccount user. `Ok(None)`: wrong password or unknown user, indistinguishable by design.
