@@ -3,6 +3,7 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 
+use ferry_transparent_proxy::resource::Scope;
 use serde::Deserialize;
 
 /// Where the Services of Destination resources lead.
@@ -23,6 +24,11 @@ pub struct Config {
     /// endpoint per tenant.
     #[serde(default)]
     pub tenant_mode: ferry_transparent_proxy::TenantMode,
+    /// Who may call a resource without `spec.accessControl` (SAP's
+    /// `config.security.accessControl.destinations.defaultScope`): `namespaced` (pods of its own
+    /// namespace) or `clusterWide`; enforced by a NetworkPolicy per resource.
+    #[serde(default = "default_scope")]
+    pub default_scope: Scope,
     /// Cluster DNS domain the app-facing Services' aliases name.
     #[serde(default = "cluster_domain")]
     pub cluster_domain: String,
@@ -45,6 +51,9 @@ pub struct Target {
 
 fn resync_secs() -> u64 {
     180
+}
+fn default_scope() -> Scope {
+    Scope::Namespaced
 }
 fn cluster_domain() -> String {
     "cluster.local".into()
@@ -120,6 +129,9 @@ selector = { app = "tp", kind = "tcp" }
         assert_eq!(c.proxy_namespace, "ferry");
         assert_eq!(c.resync_secs, 180);
         assert_eq!(c.cluster_domain, "cluster.local");
+        assert_eq!(c.default_scope, Scope::Namespaced);
+        let wide = Config::parse("c.toml", &format!("default_scope = \"clusterWide\"\n{OK}")).unwrap();
+        assert_eq!(wide.default_scope, Scope::ClusterWide);
         assert_eq!(c.http.selector["kind"], "http");
         assert_eq!(c.tcp.target_port.as_deref(), Some("20004"));
     }
@@ -134,5 +146,7 @@ selector = { app = "tp", kind = "tcp" }
         let sel = format!("namespace_selector = \"nolabel\"\n{OK}");
         let e = Config::parse("c.toml", &sel).unwrap_err().to_string();
         assert!(e.contains("key=value"), "{e}");
+        let e = Config::parse("c.toml", &format!("default_scope = \"cluster\"\n{OK}")).unwrap_err().to_string();
+        assert!(e.contains("namespaced") && e.contains("clusterWide"), "{e}");
     }
 }

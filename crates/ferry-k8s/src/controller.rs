@@ -1,4 +1,4 @@
-//! Reconciling `Destination` resources into Services. `reconcile` and `error_policy` are plain
+//! Reconciling `Destination` resources into Services and NetworkPolicies. `reconcile` and `error_policy` are plain
 //! functions over a [`Context`] holding a `kube::Client`, so tests drive them against kube's
 //! mock API service; `run` wires them into kube's `Controller`.
 
@@ -7,11 +7,15 @@ use std::future::Future;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use ferry_transparent_proxy::resource::{Condition, Destination};
+use ferry_transparent_proxy::TenantMode;
+use ferry_transparent_proxy::resource::{Condition, Destination, Scope};
 use futures_util::StreamExt;
 use futures_util::future::BoxFuture;
 use k8s_openapi::api::core::v1::{Namespace, Service, ServicePort, ServiceSpec};
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use k8s_openapi::api::networking::v1::{
+    NetworkPolicy, NetworkPolicyIngressRule, NetworkPolicyPeer, NetworkPolicyPort, NetworkPolicySpec,
+};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams};
 use kube::runtime::controller::{Action, Controller};
@@ -24,7 +28,10 @@ use kube::{Client, Resource, ResourceExt};
 pub const FINALIZER: &str = "destination.connectivity.api.sap/ferry-transparent-proxy";
 /// Field manager of server-side apply, and the `managed-by` label of the Services.
 pub const MANAGER: &str = "ferry-transparent-proxy";
-/// Labels on every Service the controller creates, naming the resource it serves.
+/// The label every namespace carries with its own name (Kubernetes 1.22+), which a
+/// NetworkPolicy's `namespaceSelector` can pick one namespace by.
+pub const LABEL_NAMESPACE_NAME: &str = "kubernetes.io/metadata.name";
+/// Labels on every Service and NetworkPolicy the controller creates, naming the resource it serves.
 pub const LABEL_NAME: &str = "destination.connectivity.api.sap/name";
 pub const LABEL_NAMESPACE: &str = "destination.connectivity.api.sap/namespace";
 /// On the Services of one tenant of a per-tenant TCP resource (shared tenant mode).
@@ -132,7 +139,7 @@ pub fn success_message(name: &str) -> String {
 fn units(d: &Destination, protocol: Protocol, ctx: &Context) -> Vec<(String, Option<String>)> {
     let name = d.name_any();
     let tenants = match (ctx.config.tenant_mode, protocol) {
-        (ferry_transparent_proxy::TenantMode::Shared, Protocol::Tcp) => d.tenant_subdomains().unwrap_or_default(),
+        (TenantMode::Shared, Protocol::Tcp) => d.tenant_subdomains().unwrap_or_default(),
         _ => Vec::new(),
     };
     if tenants.is_empty() {
@@ -248,6 +255,7 @@ async fn apply(d: &Destination, ctx: &Context) -> Result<Action, Error> {
             }
         }
     }
+    let mut policy_ports = Vec::new();
     for (unit, tenant) in &units {
         let target_port = match &target.target_port {
             Some(p) => p.clone(),
@@ -255,6 +263,14 @@ async fn apply(d: &Destination, ctx: &Context) -> Result<Action, Error> {
         };
         apply_services(d, ctx, &apply, &namespace, unit, tenant.as_deref(), port, &target.selector, &target_port)
             .await?;
+        if !policy_ports.contains(&target_port) {
+            policy_ports.push(target_port);
+        }
+    }
+    let scope = d.spec.access_control.as_ref().map_or(ctx.config.default_scope, |a| a.scope);
+    apply_policy(d, ctx, &apply, &namespace, scope, &target.selector, &policy_ports).await?;
+    if ctx.config.tenant_mode == TenantMode::Shared {
+        remove_stale_services(d, ctx, &namespace, &units).await?;
     }
     let message = success_message(&units.iter().map(|(u, _)| u.as_str()).collect::<Vec<_>>().join("\", \""));
     if set_available(d, ctx, true, "ConfigurationSuccessful", &message).await? {
@@ -316,25 +332,120 @@ async fn apply_services(
     Ok(())
 }
 
-async fn cleanup(d: &Destination, ctx: &Context) -> Result<Action, Error> {
-    let namespace = d.namespace().ok_or(Error::Missing("metadata.namespace"))?;
-    // The app-facing Services go with the resource (owner reference); the backends live in
-    // another namespace and must be deleted here: the resource's own and, in shared tenant mode,
-    // those of its annotation's tenants (whatever the protocol, which is not looked up here).
-    let mut units = vec![d.name_any()];
-    if ctx.config.tenant_mode == ferry_transparent_proxy::TenantMode::Shared {
-        units.extend(d.tenant_subdomains().unwrap_or_default().iter().map(|t| format!("{}-{t}", d.name_any())));
+/// The NetworkPolicy admitting the resource's callers to the proxy pods that serve it, on the
+/// container ports its backend Services target. It must live in the proxy namespace (a policy
+/// selects pods of its own namespace), so like the backend Services it has no owner reference
+/// and goes in `cleanup`. Policies add up per pod: a pod selected by any policy admits only what
+/// some policy allows, so each resource can only open its own ports, which are its alone for TCP
+/// but shared by every HTTP resource (routed by `Host`).
+async fn apply_policy(
+    d: &Destination,
+    ctx: &Context,
+    apply: &PatchParams,
+    namespace: &str,
+    scope: Scope,
+    selector: &BTreeMap<String, String>,
+    ports: &[String],
+) -> Result<(), Error> {
+    let name = d.name_any();
+    let policy_name = backend_name(namespace, &name);
+    let from = match scope {
+        Scope::Namespaced => LabelSelector {
+            match_labels: Some(BTreeMap::from([(LABEL_NAMESPACE_NAME.to_owned(), namespace.to_owned())])),
+            ..Default::default()
+        },
+        // Every pod of every namespace; not an absent `from`, which would admit any address
+        // (nodes, load balancers, outside the cluster) as well.
+        Scope::ClusterWide => LabelSelector::default(),
+    };
+    let policy = NetworkPolicy {
+        metadata: ObjectMeta {
+            name: Some(policy_name.clone()),
+            namespace: Some(ctx.config.proxy_namespace.clone()),
+            labels: Some(labels(namespace, &name, None)),
+            ..Default::default()
+        },
+        spec: Some(NetworkPolicySpec {
+            pod_selector: Some(LabelSelector { match_labels: Some(selector.clone()), ..Default::default() }),
+            policy_types: Some(vec!["Ingress".into()]),
+            ingress: Some(vec![NetworkPolicyIngressRule {
+                from: Some(vec![NetworkPolicyPeer { namespace_selector: Some(from), ..Default::default() }]),
+                ports: Some(
+                    ports
+                        .iter()
+                        .map(|p| NetworkPolicyPort {
+                            port: Some(int_or_string(p)),
+                            protocol: Some("TCP".into()),
+                            ..Default::default()
+                        })
+                        .collect(),
+                ),
+            }]),
+            ..Default::default()
+        }),
+    };
+    Api::<NetworkPolicy>::namespaced(ctx.client.clone(), &ctx.config.proxy_namespace)
+        .patch(&policy_name, apply, &Patch::Apply(&policy))
+        .await?;
+    Ok(())
+}
+
+/// Shared tenant mode: deletes the resource's Services (backend and app-facing) whose tenant is
+/// none of `units`', i.e. of tenants that left the `tenant-subdomains` annotation, or the plain
+/// ones once it has tenants (and the tenants' once it has none).
+async fn remove_stale_services(
+    d: &Destination,
+    ctx: &Context,
+    namespace: &str,
+    units: &[(String, Option<String>)],
+) -> Result<(), Error> {
+    let selector = format!("{MANAGED_BY}={MANAGER},{LABEL_NAMESPACE}={namespace},{LABEL_NAME}={}", d.name_any());
+    let mut namespaces = vec![ctx.config.proxy_namespace.as_str()];
+    if namespace != ctx.config.proxy_namespace {
+        namespaces.push(namespace);
     }
-    for unit in units {
-        match Api::<Service>::namespaced(ctx.client.clone(), &ctx.config.proxy_namespace)
-            .delete(&backend_name(&namespace, &unit), &DeleteParams::default())
-            .await
-        {
-            Ok(_) => {}
-            Err(kube::Error::Api(e)) if e.code == 404 => {}
-            Err(e) => return Err(e.into()),
+    for ns in namespaces {
+        let api = Api::<Service>::namespaced(ctx.client.clone(), ns);
+        for svc in api.list(&ListParams::default().labels(&selector)).await?.items {
+            let tenant = svc.labels().get(LABEL_TENANT);
+            if units.iter().any(|(_, t)| t.as_ref() == tenant) {
+                continue;
+            }
+            tracing::info!(namespace = ns, service = %svc.name_any(), "deleting the Service of a tenant no longer served");
+            delete_if_present(&api, &svc.name_any()).await?;
         }
     }
+    Ok(())
+}
+
+/// Deletes an object; one already gone is no error.
+async fn delete_if_present<K>(api: &Api<K>, name: &str) -> Result<(), Error>
+where
+    K: Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug,
+{
+    match api.delete(name, &DeleteParams::default()).await {
+        Ok(_) => Ok(()),
+        Err(kube::Error::Api(e)) if e.code == 404 => Ok(()),
+        Err(e) => Err(e.into()),
+    }
+}
+
+async fn cleanup(d: &Destination, ctx: &Context) -> Result<Action, Error> {
+    let namespace = d.namespace().ok_or(Error::Missing("metadata.namespace"))?;
+    // The app-facing Services go with the resource (owner reference); the backends and the
+    // NetworkPolicy live in another namespace and must be deleted here: the resource's own
+    // backend and, in shared tenant mode, those of its annotation's tenants (whatever the
+    // protocol, which is not looked up here).
+    let mut units = vec![d.name_any()];
+    if ctx.config.tenant_mode == TenantMode::Shared {
+        units.extend(d.tenant_subdomains().unwrap_or_default().iter().map(|t| format!("{}-{t}", d.name_any())));
+    }
+    let services = Api::<Service>::namespaced(ctx.client.clone(), &ctx.config.proxy_namespace);
+    for unit in units {
+        delete_if_present(&services, &backend_name(&namespace, &unit)).await?;
+    }
+    let policies = Api::<NetworkPolicy>::namespaced(ctx.client.clone(), &ctx.config.proxy_namespace);
+    delete_if_present(&policies, &backend_name(&namespace, &d.name_any())).await?;
     Ok(Action::await_change())
 }
 
@@ -355,11 +466,16 @@ fn service_port(port: u16, target: Option<&str>) -> ServicePort {
         name: Some("destination".into()),
         port: i32::from(port),
         protocol: Some("TCP".into()),
-        target_port: target.map(|t| match t.parse::<i32>() {
-            Ok(n) => IntOrString::Int(n),
-            Err(_) => IntOrString::String(t.to_owned()),
-        }),
+        target_port: target.map(int_or_string),
         ..Default::default()
+    }
+}
+
+/// A port number, or a container port's name.
+fn int_or_string(port: &str) -> IntOrString {
+    match port.parse::<i32>() {
+        Ok(n) => IntOrString::Int(n),
+        Err(_) => IntOrString::String(port.to_owned()),
     }
 }
 

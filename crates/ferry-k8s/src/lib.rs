@@ -6,7 +6,8 @@
 //! does: a *backend* Service in the proxy's namespace whose selector picks the proxy pods, and the
 //! Service apps call, `<name>.<ns>`, an `ExternalName` alias of the backend. Owner references
 //! cannot cross namespaces, so the app-facing Service is owned by the resource (garbage-collected
-//! with it) and the backend is removed by the finalizer.
+//! with it) and the backend is removed by the finalizer, as is the NetworkPolicy in the proxy
+//! namespace that admits the resource's callers (its `accessControl` scope) to the proxy pods.
 
 pub mod config;
 pub mod controller;

@@ -106,6 +106,27 @@ async fn done(task: tokio::task::JoinHandle<Result<Action, Error>>) -> Result<Ac
 
 const DESTINATIONS: &str = "/apis/destination.connectivity.api.sap/v1/namespaces/apps/destinations";
 
+/// Where the NetworkPolicy of resource `apps/<name>` lives: the proxy namespace.
+fn policy_path(name: &str) -> String {
+    format!("/apis/networking.k8s.io/v1/namespaces/ferry/networkpolicies/{}", backend_name("apps", name))
+}
+
+/// Takes the server-side apply of the NetworkPolicy of `apps/<name>`; returns its body.
+async fn policy(handle: &mut Handle, name: &str) -> Value {
+    let (query, body) = ok(handle, "PATCH", &policy_path(name), json!({"kind": "NetworkPolicy"})).await;
+    assert!(query.contains("fieldManager=ferry-transparent-proxy") && query.contains("force=true"), "{query}");
+    body
+}
+
+/// The `from` of a policy's only ingress rule, checking there is one rule and one peer.
+fn admitted(policy: &Value) -> &Value {
+    let ingress = policy["spec"]["ingress"].as_array().unwrap();
+    assert_eq!(ingress.len(), 1, "{policy}");
+    let from = ingress[0]["from"].as_array().unwrap();
+    assert_eq!(from.len(), 1, "{policy}");
+    &from[0]
+}
+
 #[tokio::test]
 async fn create_adds_the_finalizer_then_services_status_and_event() {
     let (ctx, mut api) = setup(CONFIG, vec![Ok(Protocol::Http)]);
@@ -142,6 +163,22 @@ async fn create_adds_the_finalizer_then_services_status_and_event() {
     assert_eq!(owner["uid"], "6d1f0c1e-0000-4000-8000-000000000001");
     assert_eq!(owner["controller"], true);
 
+    // Without `accessControl` the default scope, namespaced: only pods of `apps` reach the HTTP
+    // pods' port, the one the backend Service targets.
+    let np = policy(&mut api, "erp").await;
+    assert_eq!(np["apiVersion"], "networking.k8s.io/v1");
+    assert_eq!(np["kind"], "NetworkPolicy");
+    assert_eq!(np["metadata"]["namespace"], "ferry");
+    assert_eq!(np["metadata"]["labels"]["destination.connectivity.api.sap/name"], "erp");
+    assert!(np["metadata"].get("ownerReferences").is_none(), "owner references cannot cross namespaces");
+    assert_eq!(
+        np["spec"]["podSelector"],
+        json!({"matchLabels": {"app.kubernetes.io/name": "tp", "app.kubernetes.io/component": "http"}})
+    );
+    assert_eq!(np["spec"]["policyTypes"], json!(["Ingress"]));
+    assert_eq!(admitted(&np), &json!({"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "apps"}}}));
+    assert_eq!(np["spec"]["ingress"][0]["ports"], json!([{"port": "http", "protocol": "TCP"}]));
+
     let (_, status) = ok(&mut api, "PATCH", &format!("{DESTINATIONS}/erp/status"), fresh_json.clone()).await;
     let condition = &status["status"]["conditions"][0];
     assert_eq!(condition["type"], "Available");
@@ -177,6 +214,9 @@ async fn update_moves_the_services_and_leaves_an_unchanged_status_alone() {
     assert_eq!(svc["spec"]["ports"][0]["port"], 20004);
     assert_eq!(svc["spec"]["ports"][0]["targetPort"], "tcp");
     ok(&mut api, "PATCH", "/api/v1/namespaces/apps/services/erp", json!({"kind": "Service"})).await;
+    let np = policy(&mut api, "erp").await;
+    assert_eq!(np["spec"]["podSelector"]["matchLabels"]["app.kubernetes.io/component"], "tcp");
+    assert_eq!(np["spec"]["ingress"][0]["ports"], json!([{"port": "tcp", "protocol": "TCP"}]));
     // The condition already says this: no status write and no event; the reconcile ends here.
     assert_eq!(done(task).await.unwrap(), Action::requeue(Duration::from_secs(180)));
 
@@ -190,6 +230,9 @@ async fn update_moves_the_services_and_leaves_an_unchanged_status_alone() {
     assert_eq!(svc["spec"]["ports"][0]["port"], 5432);
     let (_, svc) = ok(&mut api, "PATCH", "/api/v1/namespaces/apps/services/erp", json!({"kind": "Service"})).await;
     assert_eq!(svc["spec"]["ports"][0]["port"], 5432);
+    // The policy names the pods' port, not the Service's: it did not change.
+    let np = policy(&mut api, "erp").await;
+    assert_eq!(np["spec"]["ingress"][0]["ports"], json!([{"port": "tcp", "protocol": "TCP"}]));
     assert_eq!(done(task).await.unwrap(), Action::requeue(Duration::from_secs(180)));
 }
 
@@ -201,6 +244,7 @@ async fn delete_removes_the_backend_then_the_finalizer() {
 
     let task = run(destination(deleting.clone()), &ctx);
     ok(&mut api, "DELETE", &format!("/api/v1/namespaces/ferry/services/{backend}"), json!({"kind": "Service"})).await;
+    ok(&mut api, "DELETE", &policy_path("erp"), json!({"kind": "NetworkPolicy"})).await;
     let (_, patch) = ok(&mut api, "PATCH", &format!("{DESTINATIONS}/erp"), as_json(json!({}))).await;
     assert_eq!(patch[0], json!({"op": "test", "path": "/metadata/finalizers/0", "value": FINALIZER}));
     assert_eq!(patch[1], json!({"op": "remove", "path": "/metadata/finalizers/0"}));
@@ -210,8 +254,15 @@ async fn delete_removes_the_backend_then_the_finalizer() {
     let task = run(destination(deleting.clone()), &ctx);
     let gone = json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "NotFound",
                       "message": "services not found", "code": 404});
-    expect(&mut api, "DELETE", &format!("/api/v1/namespaces/ferry/services/{backend}"), StatusCode::NOT_FOUND, gone)
-        .await;
+    expect(
+        &mut api,
+        "DELETE",
+        &format!("/api/v1/namespaces/ferry/services/{backend}"),
+        StatusCode::NOT_FOUND,
+        gone.clone(),
+    )
+    .await;
+    expect(&mut api, "DELETE", &policy_path("erp"), StatusCode::NOT_FOUND, gone).await;
     ok(&mut api, "PATCH", &format!("{DESTINATIONS}/erp"), as_json(json!({}))).await;
     assert_eq!(done(task).await.unwrap(), Action::await_change());
 
@@ -252,6 +303,7 @@ async fn errors_back_off_exponentially_and_success_resets() {
     let backend = backend_name("apps", "erp");
     ok(&mut api, "PATCH", &format!("/api/v1/namespaces/ferry/services/{backend}"), json!({"kind": "Service"})).await;
     ok(&mut api, "PATCH", "/api/v1/namespaces/apps/services/erp", json!({"kind": "Service"})).await;
+    policy(&mut api, "erp").await;
     ok(&mut api, "PATCH", &format!("{DESTINATIONS}/erp/status"), serde_json::to_value(&*d).unwrap()).await;
     ok(&mut api, "POST", "/apis/events.k8s.io/v1/namespaces/apps/events", json!({})).await;
     done(task).await.unwrap();
@@ -350,6 +402,9 @@ async fn tcp_services_target_the_port_the_proxy_listens_on_for_the_resource() {
     assert_eq!(svc["spec"]["ports"][0]["port"], 20004);
     assert_eq!(svc["spec"]["ports"][0]["targetPort"], i64::from(port));
     ok(&mut api, "PATCH", "/api/v1/namespaces/apps/services/erp", json!({"kind": "Service"})).await;
+    // The resource's own port: other TCP resources' callers are not admitted by this policy.
+    let np = policy(&mut api, "erp").await;
+    assert_eq!(np["spec"]["ingress"][0]["ports"], json!([{"port": port, "protocol": "TCP"}]));
     assert_eq!(done(task).await.unwrap(), Action::requeue(Duration::from_secs(180)));
 
     // An HTTP target port stays required: without it the Services would lead nowhere.
@@ -400,6 +455,19 @@ async fn shared_mode_gives_each_tenant_of_a_tcp_resource_its_own_services() {
         assert_eq!(svc["spec"]["externalName"], format!("{backend}.ferry.svc.cluster.local"));
         assert_eq!(svc["metadata"]["ownerReferences"][0]["name"], "erp");
     }
+    // One policy for the resource, on each tenant's port.
+    let np = policy(&mut api, "erp").await;
+    assert_eq!(
+        np["spec"]["ingress"][0]["ports"],
+        json!([{"port": tcp_port("apps", "erp-t1"), "protocol": "TCP"}, {"port": tcp_port("apps", "erp-t2"), "protocol": "TCP"}])
+    );
+    // Nothing stale: the resource's Services are the wanted ones.
+    let selector = "labelSelector=app.kubernetes.io%2Fmanaged-by%3Dferry-transparent-proxy%2C\
+        destination.connectivity.api.sap%2Fnamespace%3Dapps%2Cdestination.connectivity.api.sap%2Fname%3Derp";
+    let (query, _) = ok(&mut api, "GET", "/api/v1/namespaces/ferry/services", services(vec![])).await;
+    assert!(query.contains(selector), "{query}");
+    let (query, _) = ok(&mut api, "GET", "/api/v1/namespaces/apps/services", services(vec![])).await;
+    assert!(query.contains(selector), "{query}");
     let (_, status) = ok(&mut api, "PATCH", &format!("{DESTINATIONS}/erp/status"), as_json(json!({}))).await;
     let message = status["status"]["conditions"][0]["message"].as_str().unwrap().to_owned();
     assert!(message.contains("\"erp-t1\"") && message.contains("\"erp-t2\""), "{message}");
@@ -420,6 +488,7 @@ async fn shared_mode_gives_each_tenant_of_a_tcp_resource_its_own_services() {
         ok(&mut api, "DELETE", &format!("/api/v1/namespaces/ferry/services/{backend}"), json!({"kind": "Service"}))
             .await;
     }
+    ok(&mut api, "DELETE", &policy_path("erp"), json!({"kind": "NetworkPolicy"})).await;
     ok(&mut api, "PATCH", &format!("{DESTINATIONS}/erp"), as_json(json!({}))).await;
     assert_eq!(done(task).await.unwrap(), Action::await_change());
 }
@@ -441,4 +510,118 @@ async fn a_tcp_port_another_resource_holds_is_a_condition_not_a_shared_listener(
     let (_, event) = ok(&mut api, "POST", "/apis/events.k8s.io/v1/namespaces/apps/events", json!({})).await;
     assert_eq!((event["type"].as_str(), event["reason"].as_str()), (Some("Warning"), Some("PortConflict")));
     assert_eq!(done(task).await.unwrap(), Action::requeue(Duration::from_secs(180)));
+}
+
+/// The app-facing Service of `apps/<unit>` as the controller labels it.
+fn app_service(unit: &str, tenant: Option<&str>) -> Value {
+    let mut labels = json!({"app.kubernetes.io/managed-by": "ferry-transparent-proxy",
+        "destination.connectivity.api.sap/namespace": "apps", "destination.connectivity.api.sap/name": "erp"});
+    if let Some(t) = tenant {
+        labels["destination.connectivity.api.sap/tenant-subdomain"] = json!(t);
+    }
+    json!({"metadata": {"name": unit, "namespace": "apps", "labels": labels}, "spec": {"type": "ExternalName"}})
+}
+
+#[tokio::test]
+async fn access_control_scopes_the_policy() {
+    let available = json!({"status": {"conditions": [{
+        "type": "Available", "status": "True", "reason": "ConfigurationSuccessful",
+        "message": success_message("erp"), "lastUpdateTime": "2022-09-28T07:26:46Z"}]}});
+    let reconciled = |scope: Option<&str>| {
+        let mut d = available.clone();
+        if let Some(s) = scope {
+            merge(&mut d, json!({"spec": {"accessControl": {"scope": s}}}));
+        }
+        destination(d)
+    };
+    let apps = json!({"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "apps"}}});
+    // Every pod in every namespace: an empty namespace selector, not an absent `from` (any address).
+    let everyone = json!({"namespaceSelector": {}});
+
+    // The default scope comes from the configuration; the resource's own overrides it.
+    for (config_scope, resource_scope, expected) in [
+        (None, Some("clusterWide"), &everyone),
+        (None, Some("namespaced"), &apps),
+        (Some("clusterWide"), None, &everyone),
+        (Some("clusterWide"), Some("namespaced"), &apps),
+        (Some("namespaced"), None, &apps),
+    ] {
+        let config = match config_scope {
+            Some(s) => format!("default_scope = \"{s}\"\n{CONFIG}"),
+            None => CONFIG.to_owned(),
+        };
+        let (ctx, mut api) = setup(&config, vec![Ok(Protocol::Http)]);
+        let task = run(reconciled(resource_scope), &ctx);
+        let backend = backend_name("apps", "erp");
+        ok(&mut api, "PATCH", &format!("/api/v1/namespaces/ferry/services/{backend}"), json!({"kind": "Service"}))
+            .await;
+        ok(&mut api, "PATCH", "/api/v1/namespaces/apps/services/erp", json!({"kind": "Service"})).await;
+        let np = policy(&mut api, "erp").await;
+        assert_eq!(admitted(&np), expected, "config {config_scope:?}, resource {resource_scope:?}");
+        assert_eq!(np["spec"]["ingress"][0]["ports"], json!([{"port": "http", "protocol": "TCP"}]));
+        assert_eq!(done(task).await.unwrap(), Action::requeue(Duration::from_secs(180)));
+    }
+}
+
+#[tokio::test]
+async fn shared_mode_removes_the_services_of_tenants_that_left_the_annotation() {
+    use ferry_transparent_proxy::cluster::tcp_port;
+    let config = format!("tenant_mode = \"shared\"\n{}", CONFIG.replace("target_port = \"tcp\"\n", ""));
+    let (ctx, mut api) = setup(&config, vec![Ok(Protocol::Tcp), Ok(Protocol::Tcp)]);
+    // t1 left the annotation; t2 stays.
+    let annotated = |tenants: &str| {
+        destination(json!({"metadata": {"annotations": {
+            "transparent-proxy.connectivity.api.sap/tenant-subdomains": tenants}},
+            "status": {"conditions": [{"type": "Available", "status": "True", "reason": "ConfigurationSuccessful",
+            "message": success_message("erp-t2"), "lastUpdateTime": "2022-09-28T07:26:46Z"}]}}))
+    };
+    let tenant_backend = |t: &str| {
+        let mut svc = backend_of("apps", "erp", Some(t), tcp_port("apps", &format!("erp-{t}")));
+        svc["metadata"]["name"] = json!(backend_name("apps", &format!("erp-{t}")));
+        svc
+    };
+    let task = run(annotated("[\"t2\"]"), &ctx);
+    // Before the annotation the resource had a plain Service; then tenants t1 and t2.
+    let earlier = vec![backend_of("apps", "erp", None, 20004), tenant_backend("t1"), tenant_backend("t2")];
+    ok(&mut api, "GET", "/api/v1/namespaces/ferry/services", services(earlier.clone())).await;
+    let t2 = backend_name("apps", "erp-t2");
+    ok(&mut api, "PATCH", &format!("/api/v1/namespaces/ferry/services/{t2}"), json!({"kind": "Service"})).await;
+    ok(&mut api, "PATCH", "/api/v1/namespaces/apps/services/erp-t2", json!({"kind": "Service"})).await;
+    let np = policy(&mut api, "erp").await;
+    assert_eq!(np["spec"]["ingress"][0]["ports"], json!([{"port": tcp_port("apps", "erp-t2"), "protocol": "TCP"}]));
+    // The plain Services and t1's go, in the proxy namespace and the resource's; t2's stay.
+    ok(&mut api, "GET", "/api/v1/namespaces/ferry/services", services(earlier)).await;
+    let plain = backend_name("apps", "erp");
+    ok(&mut api, "DELETE", &format!("/api/v1/namespaces/ferry/services/{plain}"), json!({"kind": "Service"})).await;
+    let t1 = backend_name("apps", "erp-t1");
+    ok(&mut api, "DELETE", &format!("/api/v1/namespaces/ferry/services/{t1}"), json!({"kind": "Service"})).await;
+    let apps = vec![app_service("erp", None), app_service("erp-t1", Some("t1")), app_service("erp-t2", Some("t2"))];
+    ok(&mut api, "GET", "/api/v1/namespaces/apps/services", services(apps)).await;
+    ok(&mut api, "DELETE", "/api/v1/namespaces/apps/services/erp", json!({"kind": "Service"})).await;
+    // One already gone (a concurrent delete) is no failure.
+    let gone = json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "NotFound",
+                      "message": "services not found", "code": 404});
+    expect(&mut api, "DELETE", "/api/v1/namespaces/apps/services/erp-t1", StatusCode::NOT_FOUND, gone).await;
+    // The condition already names erp-t2 alone: no status write.
+    assert_eq!(done(task).await.unwrap(), Action::requeue(Duration::from_secs(180)));
+
+    // A failed delete fails the reconcile, to be retried.
+    let task = run(annotated("[\"t2\"]"), &ctx);
+    ok(&mut api, "GET", "/api/v1/namespaces/ferry/services", services(vec![])).await;
+    ok(&mut api, "PATCH", &format!("/api/v1/namespaces/ferry/services/{t2}"), json!({"kind": "Service"})).await;
+    ok(&mut api, "PATCH", "/api/v1/namespaces/apps/services/erp-t2", json!({"kind": "Service"})).await;
+    policy(&mut api, "erp").await;
+    ok(&mut api, "GET", "/api/v1/namespaces/ferry/services", services(vec![tenant_backend("t1")])).await;
+    let boom = json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "InternalError",
+                      "message": "etcd is down", "code": 500});
+    expect(
+        &mut api,
+        "DELETE",
+        &format!("/api/v1/namespaces/ferry/services/{t1}"),
+        StatusCode::INTERNAL_SERVER_ERROR,
+        boom,
+    )
+    .await;
+    let err = done(task).await.unwrap_err();
+    assert!(err.to_string().contains("etcd is down"), "{err}");
 }
