@@ -114,4 +114,18 @@ mod tests {
         assert!(cache.verify(&soon).await.is_ok());
         assert!(cache.entries.lock().unwrap().get(soon.as_str()).unwrap().0.exp > now_secs());
     }
+
+    /// An app (or an attacker with valid tokens) sending ever new tokens cannot grow the cache
+    /// past its bound; every token still verifies.
+    #[tokio::test]
+    async fn the_cache_stays_within_its_bound() {
+        let keys = Arc::new(KeySet::generate().unwrap());
+        let cache = TokenCache::new(Arc::new(Verifier::local(keys.clone())));
+        let exp = now_secs() + 600;
+        for i in 0..MAX_ENTRIES + 10 {
+            let t = keys.sign(&json!({"zid": "z", "client_id": format!("c{i}"), "exp": exp}), &[]).unwrap();
+            cache.verify(&t).await.unwrap();
+            assert!(cache.entries.lock().unwrap().len() <= MAX_ENTRIES, "grew past {MAX_ENTRIES} at token {i}");
+        }
+    }
 }

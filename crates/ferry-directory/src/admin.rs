@@ -4,11 +4,13 @@
 //! [`ADMIN_SCOPE`] (a client-credentials token of a client with that authority). Errors are
 //! JSON: `{"error": "<kind>", "message": "...", "field"?: "..."}`.
 
+use std::net::SocketAddr;
 use std::sync::Arc;
 
+use axum::Extension;
 use axum::Router;
 use axum::body::Bytes;
-use axum::extract::{Path, State};
+use axum::extract::{ConnectInfo, Path, State};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use http::{HeaderMap, HeaderValue, StatusCode, header};
@@ -412,10 +414,38 @@ async fn onboard_connector(
     State(dir): State<Arc<Directory>>,
     headers: HeaderMap,
     Path(id): Path<String>,
+    peer: Option<Extension<ConnectInfo<SocketAddr>>>,
     bytes: Bytes,
-) -> ApiResult {
+) -> Response {
+    let peer = peer.map(|Extension(ConnectInfo(a))| a.ip());
+    // A password check: capped per address with the token endpoint's budget of failed logons,
+    // or this endpoint would be an unthrottled way to guess the subaccount user's password.
+    if let (Some(tokens), Some(p)) = (dir.tokens.get(), peer)
+        && let Some(wait) = tokens.logon_retry_after(p)
+    {
+        let secs = wait.as_secs().max(1);
+        let mut resp = ApiError::new(
+            StatusCode::TOO_MANY_REQUESTS,
+            "too_many_requests",
+            format!("too many failed logons from this address; retry in {secs} s"),
+        )
+        .into_response();
+        resp.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(secs));
+        return resp;
+    }
+    let result = onboard(&dir, &headers, &id, &bytes).await;
+    if let (Err(e), Some(tokens), Some(p)) = (&result, dir.tokens.get(), peer)
+        && e.status == StatusCode::UNAUTHORIZED
+        && basic_credentials(&headers).is_some()
+    {
+        tokens.logon_failed(p);
+    }
+    result.into_response()
+}
+
+async fn onboard(dir: &Directory, headers: &HeaderMap, id: &str, bytes: &Bytes) -> ApiResult {
     let unauthorized = |m: &str| ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", m);
-    let Some((user, password)) = basic_credentials(&headers) else {
+    let Some((user, password)) = basic_credentials(headers) else {
         return Err(unauthorized("log on with the subaccount user: Authorization: Basic <user:password>"));
     };
     let Some(tokens) = dir.tokens.get() else {
@@ -423,11 +453,11 @@ async fn onboard_connector(
     };
     // The subaccount must exist; an unknown one answers like a wrong password, so the endpoint
     // does not tell which subaccount ids exist.
-    if dir.subaccount(&id).is_err() {
-        tokens.check_user_password(&id, "", password.expose()).await.ok();
+    if dir.subaccount(id).is_err() {
+        tokens.check_user_password(id, "", password.expose()).await.ok();
         return Err(unauthorized("wrong user or password for this subaccount"));
     }
-    let found = match tokens.check_user_password(&id, &user, password.expose()).await {
+    let found = match tokens.check_user_password(id, &user, password.expose()).await {
         Ok(found) => found,
         Err(e) => {
             return Err(ApiError::new(
@@ -451,7 +481,7 @@ async fn onboard_connector(
             ),
         ));
     }
-    let req: OnboardConnector = body(&bytes)?;
+    let req: OnboardConnector = body(bytes)?;
     if req.location_id.len() > 128 || req.location_id.chars().any(|c| c.is_control()) {
         let mut e = ApiError::new(
             StatusCode::BAD_REQUEST,
@@ -469,7 +499,7 @@ async fn onboard_connector(
         ));
     };
     let validity = connector_validity(req.validity_seconds)?;
-    let cert = ca.sign_connector_csr(&req.csr, &id, &req.location_id, validity).map_err(|e| {
+    let cert = ca.sign_connector_csr(&req.csr, id, &req.location_id, validity).map_err(|e| {
         let mut err = ApiError::new(StatusCode::BAD_REQUEST, "bad_request", format!("csr: not a valid PEM CSR: {e}"));
         err.field = Some("csr");
         err

@@ -661,6 +661,18 @@ impl TokenService {
         self.users.by_id(tenant_id, user_id)
     }
 
+    /// How long `peer` must wait before its next logon is checked, once it used up the failed
+    /// logons of the current window. One budget per address for the token endpoint and the
+    /// logons outside OAuth ([`Self::logon_failed`]), so a guesser cannot switch endpoints.
+    pub fn logon_retry_after(&self, peer: std::net::IpAddr) -> Option<std::time::Duration> {
+        self.failed_logons.retry_after(peer)
+    }
+
+    /// Counts a failed logon of `peer` (wrong user or password) towards its budget.
+    pub fn logon_failed(&self, peer: std::net::IpAddr) {
+        self.failed_logons.failed(peer);
+    }
+
     /// Checks a user's password in the zone `tenant_id` (the stores the password grant asks, in
     /// the same order), for logons outside OAuth such as a Cloud Connector's onboarding with the
     /// subaccount user. `Ok(None)`: wrong password or unknown user, indistinguishable by design.
