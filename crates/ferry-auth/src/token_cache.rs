@@ -76,6 +76,8 @@ mod tests {
 
     #[tokio::test]
     async fn a_removed_tenant_is_refused_at_once() {
+        // reqwest needs the process's TLS provider; alone (a filtered run) no other test set it.
+        ferry_core::init_crypto();
         let keys = Arc::new(KeySet::generate().unwrap());
         let tenants = crate::TenantKeys::default();
         tenants.insert("z", keys.clone());
