@@ -6,7 +6,8 @@
 //! `FERRY_LOG=debug`, the connector's audit log files, `/metrics` and `/healthz`, error bodies
 //! (also of calls that put a secret where a token belongs), every list API, the connector admin
 //! API's reads, and the Debug output of the parsed configuration (in `config.rs`'s unit tests).
-//! Every private key in the data folder and the master key are among the secrets. The
+//! Every private key in the data folder, the master key, the destination store's key and the
+//! password in its PostgreSQL URL are among the secrets. The
 //! `VCAP_SERVICES=` line is the one deliberate exception: it is the app's binding.
 
 mod common;
@@ -45,6 +46,22 @@ async fn no_secret_shows_up_in_logs_metrics_errors_or_lists() {
     let (user_pw, dest_pw, oauth_secret) = (secret("userpw"), secret("destpw"), secret("oauthsecret"));
     let (ts_pw, ks_pw, admin_pw, frag_pw) = (secret("tspw"), secret("kspw"), secret("adminpw"), secret("fragpw"));
     let port = echo.addr.port();
+    // The destinations live in PostgreSQL, reached with a password in the URL (the test server
+    // trusts local connections, so any password works) and sealed with a key from a file.
+    let db_pw = secret("dbpw");
+    let db_url = ferry_testkit::postgres::Postgres::shared().database().replacen(
+        "postgres://ferry@",
+        &format!("postgres://ferry:{db_pw}@"),
+        1,
+    );
+    assert!(db_url.contains(&db_pw), "{db_url}");
+    let mut store_key = String::new();
+    while store_key.len() < 64 {
+        store_key.push_str(&uuid_like());
+    }
+    store_key.truncate(64);
+    std::fs::write(dir.join("destinations.key"), &store_key).unwrap();
+    let key_file = dir.join("destinations.key");
     let config = format!(
         r#"[listen]
 token_port = 0
@@ -55,6 +72,10 @@ socks5_port = 0
 tunnel_port = 0
 metrics_port = 0
 connector_admin_port = 0
+
+[destination_store]
+database = "{db_url}"
+key_file = {key_file:?}
 
 [bindings.destination]
 client_secret = "{dest_secret}"
@@ -127,6 +148,8 @@ resources = [{{ path = "/sap", exactMatchOnly = false }}]
         ("KeyStorePassword".into(), ks_pw.clone()),
         ("fragment password".into(), frag_pw.clone()),
         ("connector admin password".into(), admin_pw.clone()),
+        ("database password".into(), db_pw.clone()),
+        ("destination store key".into(), store_key.clone()),
     ];
 
     // --- Token service: every grant, and its errors.
