@@ -76,6 +76,8 @@ mod tests {
 
     #[tokio::test]
     async fn a_removed_tenant_is_refused_at_once() {
+        // reqwest needs the process's TLS provider; alone (a filtered run) no other test set it.
+        ferry_core::init_crypto();
         let keys = Arc::new(KeySet::generate().unwrap());
         let tenants = crate::TenantKeys::default();
         tenants.insert("z", keys.clone());
@@ -113,5 +115,19 @@ mod tests {
         // The real token is still valid, so re-verification succeeds and refreshes the entry.
         assert!(cache.verify(&soon).await.is_ok());
         assert!(cache.entries.lock().unwrap().get(soon.as_str()).unwrap().0.exp > now_secs());
+    }
+
+    /// An app (or an attacker with valid tokens) sending ever new tokens cannot grow the cache
+    /// past its bound; every token still verifies.
+    #[tokio::test]
+    async fn the_cache_stays_within_its_bound() {
+        let keys = Arc::new(KeySet::generate().unwrap());
+        let cache = TokenCache::new(Arc::new(Verifier::local(keys.clone())));
+        let exp = now_secs() + 600;
+        for i in 0..MAX_ENTRIES + 10 {
+            let t = keys.sign(&json!({"zid": "z", "client_id": format!("c{i}"), "exp": exp}), &[]).unwrap();
+            cache.verify(&t).await.unwrap();
+            assert!(cache.entries.lock().unwrap().len() <= MAX_ENTRIES, "grew past {MAX_ENTRIES} at token {i}");
+        }
     }
 }

@@ -653,3 +653,70 @@ async fn login_page_over_https() {
     shutdown.cancel();
     tokio::time::timeout(Duration::from_secs(15), server).await.unwrap().unwrap();
 }
+
+/// Password guesses on the sign-in page count per address with the token endpoint's failed
+/// logons: opening form after form (each allows a few tries) does not get around the cap. Over
+/// the real HTTPS listener, which knows the peer address.
+#[tokio::test]
+async fn sign_in_guesses_over_many_forms_are_capped_per_address() {
+    let ca = ferry_core::tls::LocalCa::generate("ferry test ca").unwrap();
+    let cert = ca.issue_server_cert(&["127.0.0.1"]).unwrap();
+    let tls = https_server_config(&cert, Some(ca.cert_pem())).unwrap();
+    let https_l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = https_l.local_addr().unwrap();
+    let svc = TokenService::new(config(&addr.to_string())).unwrap();
+    let shutdown = ferry_core::Shutdown::new();
+    let server =
+        tokio::spawn(run(svc.clone(), Listeners { http: None, https: Some((https_l, tls)) }, shutdown.clone()));
+    let tls_client = ferry_core::tls::client_config(ca.cert_pem(), None, &[]).unwrap();
+    let browser = reqwest::Client::builder()
+        .use_preconfigured_tls((*tls_client).clone())
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .unwrap();
+    let base = format!("https://{addr}");
+    let sign_in = |password: &'static str| {
+        let (browser, base) = (browser.clone(), base.clone());
+        async move {
+            let resp = browser.get(format!("{base}/oauth/authorize?{}", form(&pkce_request()))).send().await.unwrap();
+            let cookie = resp.headers()["set-cookie"].to_str().unwrap().split(';').next().unwrap().to_owned();
+            let page = Reply { status: StatusCode::OK, headers: HeaderMap::new(), text: resp.text().await.unwrap() };
+            let resp = browser
+                .post(format!("{base}/login"))
+                .header("content-type", FORM)
+                .header("cookie", cookie)
+                .body(form(&[("request", &page.form_id()), ("username", "alice"), ("password", password)]))
+                .send()
+                .await
+                .unwrap();
+            let retry = resp.headers().get("retry-after").map(|v| v.to_str().unwrap().to_owned());
+            (resp.status(), retry, resp.text().await.unwrap())
+        }
+    };
+    let mut wrong = 0;
+    loop {
+        let (status, retry, text) = sign_in("guess").await;
+        if status == StatusCode::TOO_MANY_REQUESTS {
+            assert!(retry.is_some(), "429 without Retry-After");
+            assert!(text.contains("Too many failed sign-ins from this address"), "{text}");
+            break;
+        }
+        assert_eq!(status, StatusCode::UNAUTHORIZED, "{text}");
+        wrong += 1;
+        assert!(wrong <= 40, "40 wrong passwords on fresh forms and still no 429");
+    }
+    assert!(wrong >= 5, "capped after {wrong} guesses: the per-address budget is larger than a form's");
+    // The right password from that address waits too, and the token endpoint shares the budget.
+    let (status, _, _) = sign_in("alice-pw").await;
+    assert_eq!(status, StatusCode::TOO_MANY_REQUESTS);
+    let resp = browser
+        .post(format!("{base}/oauth/token"))
+        .header("content-type", FORM)
+        .body(form(&[("grant_type", "client_credentials"), ("client_id", APP), ("client_secret", APP_SECRET)]))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::TOO_MANY_REQUESTS);
+    shutdown.cancel();
+    tokio::time::timeout(Duration::from_secs(15), server).await.unwrap().unwrap();
+}

@@ -20,7 +20,7 @@ use crate::store::{Kind, RowKey, Scope, Store, StoreError, StoreFuture, instance
 
 /// Connections per service process; PostgreSQL's default limit (100) leaves room for a few
 /// replicas.
-const POOL_SIZE: usize = 16;
+pub(crate) const POOL_SIZE: usize = 16;
 /// How long a request waits for a connection before failing with a clear error.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// Any fixed number works; all replicas must agree on it.

@@ -488,7 +488,23 @@ pub(crate) struct TlsSetup<'a> {
 }
 
 /// One slot per key; its async lock makes concurrent misses wait for the first fetch.
-type Slot = Arc<tokio::sync::Mutex<Option<Cached>>>;
+type Slot = Arc<SlotInner>;
+
+/// One cache entry. Callers that miss queue on `state` so that one of them fetches.
+#[derive(Default)]
+struct SlotInner {
+    state: tokio::sync::Mutex<SlotState>,
+    /// Fetches finished so far (numbered from 1), read without the lock: a caller notes it
+    /// before queueing to tell a failure it waited for from one that was over before it came.
+    finished: std::sync::atomic::AtomicU64,
+}
+
+#[derive(Default)]
+struct SlotState {
+    cached: Option<Cached>,
+    /// The last fetch's failure and its number.
+    failure: Option<(u64, TokenError)>,
+}
 
 pub(crate) struct TokenFetcher {
     http: reqwest::Client,
@@ -619,20 +635,45 @@ impl TokenFetcher {
                 let now = self.clock.now();
                 slots.retain(|_, slot| {
                     Arc::strong_count(slot) > 1
-                        || slot.try_lock().map(|c| c.as_ref().is_some_and(|c| c.fresh(now))).unwrap_or(true)
+                        || slot
+                            .state
+                            .try_lock()
+                            .map(|s| s.cached.as_ref().is_some_and(|c| c.fresh(now)))
+                            .unwrap_or(true)
                 });
             }
             slots.entry(key).or_default().clone()
         };
-        let mut cached = slot.lock().await;
+        let arrived = slot.finished.load(std::sync::atomic::Ordering::Acquire);
+        let mut state = slot.state.lock().await;
         let now = self.clock.now();
-        if let Some(c) = cached.as_ref().filter(|c| c.fresh(now)) {
+        if let Some(c) = state.cached.as_ref().filter(|c| c.fresh(now)) {
             return Ok(c.token(now));
         }
-        *cached = None;
-        let fetched = self.fetch(&request, tls).await?;
+        // A fetch that ended while this caller queued failed: its answer is this caller's too.
+        // Fetching again would make every queued caller wait a full timeout of its own behind
+        // the previous one (N callers of a silent token service: N × the timeout for the last).
+        // Failures older than the caller are not reused: the next call tries again.
+        if let Some((n, e)) = &state.failure
+            && *n > arrived
+        {
+            return Err(e.clone());
+        }
+        state.cached = None;
+        let result = self.fetch(&request, tls).await;
+        let n = slot.finished.fetch_add(1, std::sync::atomic::Ordering::AcqRel) + 1;
+        let fetched = match result {
+            Ok(t) => {
+                state.failure = None;
+                t
+            }
+            Err(e) => {
+                state.failure = Some((n, e.clone()));
+                return Err(e);
+            }
+        };
         if let Some(secs) = fetched.expires_in {
-            *cached = Some(Cached {
+            state.cached = Some(Cached {
                 access_token: fetched.access_token.clone(),
                 expires_at: self.clock.now() + Duration::from_secs(secs),
                 scope: fetched.scope.clone(),
@@ -651,9 +692,9 @@ impl TokenFetcher {
         }
         let key = CacheKey { owner, request: request.fingerprint() };
         let slot = self.slots.lock().unwrap_or_else(|p| p.into_inner()).get(&key).cloned()?;
-        let cached = slot.try_lock().ok()?;
+        let state = slot.state.try_lock().ok()?;
         let now = self.clock.now();
-        cached.as_ref().filter(|c| c.fresh(now)).map(|c| c.token(now))
+        state.cached.as_ref().filter(|c| c.fresh(now)).map(|c| c.token(now))
     }
 
     async fn fetch(&self, req: &TokenRequest, tls: TlsSetup<'_>) -> Result<Token, TokenError> {

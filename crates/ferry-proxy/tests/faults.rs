@@ -79,6 +79,17 @@ fn open_fds() -> usize {
     std::fs::read_dir("/proc/self/fd").map(|d| d.count()).unwrap_or(0)
 }
 
+/// This process's resident memory (the proxy and the connector run in it; the file holds one
+/// test, so nothing else allocates meanwhile).
+fn rss_kib() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .unwrap()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap()
+}
+
 #[tokio::test]
 async fn faults_give_prompt_truthful_errors_and_leak_nothing() {
     let pair = TunnelPair::start().await;
@@ -127,6 +138,7 @@ async fn faults_give_prompt_truthful_errors_and_leak_nothing() {
     pair.wait_connected("").await;
     let token = pair.token();
     let baseline = open_fds();
+    let rss = rss_kib();
 
     // Reset mid-response: the app's connection is closed, and what it got cannot pass for a
     // whole answer — nothing at all (the body failed before the head went out), a 502, or a
@@ -182,6 +194,10 @@ async fn faults_give_prompt_truthful_errors_and_leak_nothing() {
     // Everything opened for the faults is closed again (the connector reconnects meanwhile).
     pair.wait_connected("").await;
     eventually!(format!("file descriptors back to {baseline} (now {})", open_fds()), open_fds() <= baseline);
+    // Memory near where it was: a margin for allocator caches, far below what a fault that
+    // kept its buffers (the 1 MB response, a stream's window) would hold.
+    let now = rss_kib();
+    assert!(now <= rss + 32 * 1024, "VmRSS {now} KiB, {rss} KiB before the faults");
 }
 
 /// A SOCKS5 stream to `tcp.virtual:80` that has read the backend's greeting.

@@ -2,8 +2,10 @@
 //! Limits of a running `ferry up`, each with the error a client gets: header size (431) on the
 //! proxy, the token service and the Destination Service; body size (413) on the token endpoint,
 //! the Destination Service and the admin API; failed logons (429 with `Retry-After`) on the token
-//! endpoint and the connector admin API; the TLS handshake timeout. Nothing here measures time:
-//! the handshake row only waits for the server to give up.
+//! endpoint, the connector admin API and connector onboarding (HTTP Basic); the handshake
+//! timeouts (TLS on the token service, tunnel and connector admin ports; SOCKS5) and the HTTP
+//! header-read timeout (proxy, token service, Destination Service). Nothing here measures time:
+//! the timeout rows only wait for the server to give up.
 
 mod common;
 
@@ -124,24 +126,112 @@ async fn every_limit_answers_with_its_status() {
         Err(e) => failures.push(format!("admin API, 2 MiB body: {e}")),
     }
 
-    // The TLS handshake timeout: a client that connects to the HTTPS listener and says nothing
-    // is dropped (10 s), not kept forever.
-    let uaa = xsuaa["uaadomain"].as_str().unwrap().to_owned();
-    let mut silent = tokio::net::TcpStream::connect(&uaa).await.unwrap();
-    let mut one = [0u8; 1];
-    match tokio::time::timeout(Duration::from_secs(60), silent.read(&mut one)).await {
-        Ok(Ok(0)) | Ok(Err(_)) => {}
-        Ok(Ok(_)) => failures.push("silent TLS client got bytes".into()),
-        Err(_) => failures.push("silent TLS client still connected after 60 s".into()),
-    }
-
-    // The connector admin API: five wrong passwords lock the user name (429).
+    // Handshake and header-read timeouts: a client that connects and says nothing, or stops in
+    // the middle of its greeting or request head, is dropped (TLS and SOCKS5 handshakes: 10 s;
+    // HTTP request heads: 30 s), not kept forever holding one of its address's connection
+    // slots. All rows wait at once; each only for the server to give up.
     let admin_url = up
         .banner
         .iter()
         .find(|l| l.contains("connector admin API"))
         .map(|l| l.split_whitespace().nth(3).unwrap().trim_end_matches("/api/v1/configuration").to_owned())
         .unwrap();
+    let tunnel_addr = up
+        .banner
+        .iter()
+        .find_map(|l| l.trim().strip_prefix("tunnel endpoint"))
+        .map(|a| a.trim().to_owned())
+        .expect("tunnel endpoint in the banner");
+    let uaa = xsuaa["uaadomain"].as_str().unwrap().to_owned();
+    let socks_addr = common::socks_addr(&vcap);
+    let admin_addr = host_port(&admin_url);
+    let partial_head = b"GET http://erp.virtual:8000/ HTTP/1.1\r\nHost: erp.virtual:8000\r\nX-Slow: ".to_vec();
+    let rows: Vec<(&str, String, Vec<u8>)> = vec![
+        ("token service HTTPS, silent TLS client", uaa.clone(), vec![]),
+        ("token service HTTPS, half a ClientHello", uaa.clone(), vec![0x16, 0x03, 0x01, 0x02, 0x00, 0x01]),
+        ("tunnel port, silent TLS client", tunnel_addr.clone(), vec![]),
+        ("connector admin HTTPS, silent TLS client", admin_addr.clone(), vec![]),
+        ("SOCKS5, silent client", socks_addr.clone(), vec![]),
+        ("SOCKS5, greeting without its methods", socks_addr.clone(), vec![0x05, 0x02]),
+        ("SOCKS5, authentication cut short", socks_addr.clone(), vec![0x05, 0x01, 0x80, 0x01, 0, 0, 0x10, 0]),
+        ("HTTP proxy, silent client", proxy_addr.clone(), vec![]),
+        (
+            "HTTP proxy, idle keep-alive connection after an answered request",
+            proxy_addr.clone(),
+            b"GET http://erp.virtual:8000/ HTTP/1.1\r\nHost: erp.virtual:8000\r\n\r\n".to_vec(),
+        ),
+        ("HTTP proxy, request head cut short", proxy_addr.clone(), partial_head.clone()),
+        ("destination service, silent client", dest_addr.clone(), vec![]),
+        ("destination service, request head cut short", dest_addr.clone(), partial_head.clone()),
+        ("token service, request head cut short", token_addr.clone(), partial_head),
+    ];
+    let waits = rows.into_iter().map(|(what, addr, sent)| async move {
+        let mut s = tokio::net::TcpStream::connect(&addr).await.unwrap();
+        s.write_all(&sent).await.unwrap();
+        let mut buf = [0u8; 1024];
+        let mut got = Vec::new();
+        // Only a close ends the row: a server that answers and keeps the connection open holds
+        // the slot just the same.
+        let closed = tokio::time::timeout(Duration::from_secs(90), async {
+            loop {
+                match s.read(&mut buf).await {
+                    Ok(0) | Err(_) => return,
+                    Ok(n) => got.extend_from_slice(&buf[..n]),
+                }
+            }
+        })
+        .await
+        .is_ok();
+        (!closed).then(|| format!("{what}: still connected after 90 s (got {} bytes)", got.len()))
+    });
+    failures.extend(futures_util::future::join_all(waits).await.into_iter().flatten());
+
+    // Connector onboarding (HTTP Basic with the subaccount user's password) shares the token
+    // endpoint's budget of failed logons per address: guesses from 127.0.0.2 are capped (429
+    // with Retry-After), after which that address's token requests are refused too, while
+    // 127.0.0.1 (the token endpoint rows below) is not affected.
+    let sub = xsuaa["tenantid"].as_str().unwrap();
+    let guesser = reqwest::Client::builder().local_address(std::net::IpAddr::from([127, 0, 0, 2])).build().unwrap();
+    let onboarding = format!("{token_url}/ferry/admin/v1/subaccounts/{sub}/connectors/csr");
+    let mut onboard_statuses = Vec::new();
+    for _ in 0..40 {
+        let r = guesser
+            .post(&onboarding)
+            .basic_auth("nobody", Some("guess"))
+            .json(&json!({"csr": "x"}))
+            .send()
+            .await
+            .unwrap();
+        let status = r.status().as_u16();
+        onboard_statuses.push(status);
+        if status == 429 {
+            let retry = r.headers().get("retry-after").and_then(|v| v.to_str().ok()).map(str::to_owned);
+            let body: Value = r.json().await.unwrap();
+            if retry.is_none() || !body["message"].as_str().unwrap_or("").contains("too many failed logons") {
+                failures.push(format!("onboarding 429 without Retry-After or reason: {retry:?} {body}"));
+            }
+            break;
+        }
+    }
+    match onboard_statuses.split_last() {
+        Some((429, before)) if !before.is_empty() && before.iter().all(|s| *s == 401) => {}
+        _ => failures.push(format!("onboarding password guesses: {onboard_statuses:?}")),
+    }
+    let r = guesser
+        .post(format!("{token_url}/oauth/token"))
+        .form(&[
+            ("grant_type", "client_credentials"),
+            ("client_id", xsuaa["clientid"].as_str().unwrap()),
+            ("client_secret", xsuaa["clientsecret"].as_str().unwrap()),
+        ])
+        .send()
+        .await
+        .unwrap();
+    if r.status() != 429 {
+        failures.push(format!("token endpoint from the address locked by onboarding guesses: {}", r.status()));
+    }
+
+    // The connector admin API: five wrong passwords lock the user name (429).
     let ui_ca = std::fs::read_to_string(dir.join("data").join("connector").join("ui-ca.pem")).unwrap();
     let https = ferry_core::tls::http_client(Some(&ui_ca)).unwrap();
     let mut statuses = Vec::new();

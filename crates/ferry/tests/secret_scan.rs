@@ -3,8 +3,11 @@
 //! secrets, user and admin passwords, destination passwords and client secrets, keystore
 //! passwords, issued access and refresh tokens, private keys, service-key secrets) is searched
 //! for in everything the run shows that is not meant to carry it: stdout and stderr with
-//! `FERRY_LOG=debug`, `/metrics`, error bodies, every list API, the connector admin API's reads,
-//! and the Debug output of the parsed configuration (in `config.rs`'s unit tests). The
+//! `FERRY_LOG=debug`, the connector's audit log files, `/metrics` and `/healthz`, error bodies
+//! (also of calls that put a secret where a token belongs), every list API, the connector admin
+//! API's reads, and the Debug output of the parsed configuration (in `config.rs`'s unit tests).
+//! Every private key in the data folder, the master key, the destination store's key and the
+//! password in its PostgreSQL URL are among the secrets. The
 //! `VCAP_SERVICES=` line is the one deliberate exception: it is the app's binding.
 
 mod common;
@@ -43,6 +46,22 @@ async fn no_secret_shows_up_in_logs_metrics_errors_or_lists() {
     let (user_pw, dest_pw, oauth_secret) = (secret("userpw"), secret("destpw"), secret("oauthsecret"));
     let (ts_pw, ks_pw, admin_pw, frag_pw) = (secret("tspw"), secret("kspw"), secret("adminpw"), secret("fragpw"));
     let port = echo.addr.port();
+    // The destinations live in PostgreSQL, reached with a password in the URL (the test server
+    // trusts local connections, so any password works) and sealed with a key from a file.
+    let db_pw = secret("dbpw");
+    let db_url = ferry_testkit::postgres::Postgres::shared().database().replacen(
+        "postgres://ferry@",
+        &format!("postgres://ferry:{db_pw}@"),
+        1,
+    );
+    assert!(db_url.contains(&db_pw), "{db_url}");
+    let mut store_key = String::new();
+    while store_key.len() < 64 {
+        store_key.push_str(&uuid_like());
+    }
+    store_key.truncate(64);
+    std::fs::write(dir.join("destinations.key"), &store_key).unwrap();
+    let key_file = dir.join("destinations.key");
     let config = format!(
         r#"[listen]
 token_port = 0
@@ -53,6 +72,10 @@ socks5_port = 0
 tunnel_port = 0
 metrics_port = 0
 connector_admin_port = 0
+
+[destination_store]
+database = "{db_url}"
+key_file = {key_file:?}
 
 [bindings.destination]
 client_secret = "{dest_secret}"
@@ -125,6 +148,8 @@ resources = [{{ path = "/sap", exactMatchOnly = false }}]
         ("KeyStorePassword".into(), ks_pw.clone()),
         ("fragment password".into(), frag_pw.clone()),
         ("connector admin password".into(), admin_pw.clone()),
+        ("database password".into(), db_pw.clone()),
+        ("destination store key".into(), store_key.clone()),
     ];
 
     // --- Token service: every grant, and its errors.
@@ -420,17 +445,62 @@ resources = [{{ path = "/sap", exactMatchOnly = false }}]
         shown.push((format!("connector GET {url}"), r.text().await.unwrap()));
     }
 
-    // --- Metrics, then the process output after a clean stop.
+    // --- Error bodies of calls that carry a secret where a token belongs: an error must not
+    // quote what it refused.
+    let bogus = format!("Bearer {dest_pw}");
+    let r = http.get(format!("{api}/subaccountDestinations")).header("authorization", &bogus).send().await.unwrap();
+    assert_eq!(r.status(), 401);
+    shown.push(("destination error: a secret as the bearer token".into(), r.text().await.unwrap()));
+    let r = http.get(format!("{adm}/subaccounts")).header("authorization", &bogus).send().await.unwrap();
+    assert_eq!(r.status(), 401);
+    shown.push(("admin error: a secret as the bearer token".into(), r.text().await.unwrap()));
+    let bogus_proxy = reqwest::Client::builder()
+        .proxy(
+            reqwest::Proxy::http(format!("http://127.0.0.1:{}", conn["onpremise_proxy_http_port"].as_str().unwrap()))
+                .unwrap()
+                .custom_http_auth(bogus.parse().unwrap()),
+        )
+        .build()
+        .unwrap();
+    let r = bogus_proxy.get("http://erp.virtual:8000/sap/ok").send().await.unwrap();
+    assert_eq!(r.status(), 407);
+    shown.push(("proxy error: a secret as the proxy token".into(), r.text().await.unwrap()));
+    let r = http
+        .post(format!("{adm}/subaccounts/{sub}/connectors/csr"))
+        .basic_auth("alice", Some(format!("{user_pw}x")))
+        .json(&json!({"csr": "x"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 401);
+    shown.push(("onboarding error: a wrong password".into(), r.text().await.unwrap()));
+
+    // --- Metrics and health, then the process output and the audit log after a clean stop.
     shown.push(("metrics".into(), http.get(&metrics_url).send().await.unwrap().text().await.unwrap()));
-    for f in ["ca-key.pem", "pp-ca-key.pem"] {
-        if let Ok(pem) = std::fs::read_to_string(data.join(f)) {
-            for l in key_lines(&pem) {
-                secrets.push((f.to_owned(), l));
+    let health_url = metrics_url.replace("/metrics", "/healthz");
+    shown.push(("healthz".into(), http.get(&health_url).send().await.unwrap().text().await.unwrap()));
+    // Every private key Ferry keeps (CAs, the connector's tunnel and UI keys, ...) and the
+    // master key that seals the stores.
+    for path in files_under(&data) {
+        let name = path.strip_prefix(&data).unwrap().display().to_string();
+        let Ok(text) = std::fs::read_to_string(&path) else { continue };
+        if text.contains("PRIVATE KEY-----") {
+            for l in key_lines(&text) {
+                secrets.push((name.clone(), l));
             }
         }
     }
     assert!(secrets.iter().any(|(n, _)| n == "ca-key.pem"), "the CA key is part of the scan");
+    assert!(secrets.iter().any(|(n, _)| n.starts_with("connector")), "the connector's keys are part of the scan");
+    let master = std::fs::read_to_string(data.join("master.key")).unwrap();
+    secrets.push(("master key".into(), master.trim().to_owned()));
     up.terminate();
+    let mut audit_files = 0;
+    for path in files_under(&data.join("audit")) {
+        audit_files += 1;
+        shown.push((format!("audit log {}", path.display()), std::fs::read_to_string(&path).unwrap()));
+    }
+    assert!(audit_files > 0, "the run wrote an audit log");
     let (stdout, stderr) = up.kill_and_collect();
     assert!(stderr.contains("DEBUG"), "the run logs at debug level");
     let stdout: String =
@@ -451,6 +521,19 @@ resources = [{{ path = "/sap", exactMatchOnly = false }}]
     found.sort();
     found.dedup();
     assert!(found.is_empty(), "secrets shown:\n{}", found.join("\n"));
+}
+
+/// Every file under `dir`, recursively.
+fn files_under(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    let mut todo = vec![dir.to_owned()];
+    while let Some(d) = todo.pop() {
+        for e in std::fs::read_dir(&d).into_iter().flatten().flatten() {
+            let p = e.path();
+            if p.is_dir() { todo.push(p) } else { out.push(p) }
+        }
+    }
+    out
 }
 
 /// A fresh random-looking string, so every run's secrets are its own.

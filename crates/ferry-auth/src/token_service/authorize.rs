@@ -19,11 +19,12 @@
 //! `plain` would protect nothing against an attacker who can read the authorization request.
 
 use std::collections::HashMap;
+use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 
 use axum::Extension;
 use axum::body::Bytes;
-use axum::extract::{RawQuery, State};
+use axum::extract::{ConnectInfo, RawQuery, State};
 use axum::response::{IntoResponse, Response};
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD as B64URL;
@@ -540,8 +541,10 @@ pub(crate) async fn login(
     State(svc): State<Arc<TokenService>>,
     headers: HeaderMap,
     tls: Option<Extension<TlsInfo>>,
+    peer: Option<Extension<ConnectInfo<SocketAddr>>>,
     body: Bytes,
 ) -> Response {
+    let peer = peer.map(|Extension(ConnectInfo(a))| a.ip());
     if let Err(e) = require_form(&headers) {
         return error_page(StatusCode::BAD_REQUEST, &e.description);
     }
@@ -584,10 +587,23 @@ pub(crate) async fn login(
         let msg = "Enter your username and password.";
         return login_form(StatusCode::BAD_REQUEST, &client.client_id, form_id, username, Some(msg));
     };
+    // The per-form cap alone would let a guesser open form after form: the address's failed
+    // logons share the token endpoint's budget.
+    if let Some(wait) = peer.and_then(|p| svc.failed_logons.retry_after(p)) {
+        let msg = format!("Too many failed sign-ins from this address; try again in {} s.", wait.as_secs().max(1));
+        let mut resp = login_form(StatusCode::TOO_MANY_REQUESTS, &client.client_id, form_id, username, Some(&msg));
+        if let Ok(v) = HeaderValue::from_str(&wait.as_secs().max(1).to_string()) {
+            resp.headers_mut().insert(http::header::RETRY_AFTER, v);
+        }
+        return resp;
+    }
     let login = Login { username, password, tenant: request.tenant_id.as_deref(), preferred_tenant: &client.tenant_id };
     let user = match svc.login_user(login).await {
         Ok(Some(user)) => user,
         Ok(None) => {
+            if let Some(p) = peer {
+                svc.failed_logons.failed(p);
+            }
             if let Some(request) = svc.auth.fail(form_id) {
                 let resp =
                     redirect_error(&request.redirect_uri, state, "access_denied", "too many failed sign-in attempts");

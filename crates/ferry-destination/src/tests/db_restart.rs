@@ -1,7 +1,8 @@
 //! PostgreSQL restarts (fast shutdown, then start, as an operator's `systemctl restart` does)
 //! while writes and find calls stream in. Requests during the outage get a prompt 503 that says
 //! the database is unavailable (not a 500, not the driver's words, not a hang); the service
-//! recovers by itself once the database is back; and every write it acknowledged is there.
+//! recovers by itself once the database is back; every write it acknowledged is there; and no
+//! connection the restart broke stays open.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -114,5 +115,42 @@ async fn a_database_restart_under_load_is_503_then_recovers_without_losing_ackno
     // Writes after the restart succeed too.
     env.create(&t, "subaccount", json!({"Name": "after", "Type": "HTTP", "URL": "https://after.example", "Authentication": "NoAuthentication", "ProxyType": "Internet"}))
         .await;
+    // Nothing leaks: the connections the restart broke are closed, not kept (a socket the
+    // server closed but we did not stays in CLOSE_WAIT), and the pool holds at most its size.
+    // Only this test talks to this server, so every client socket to its port is ours.
+    let mut open = client_sockets(pg.port);
+    for _ in 0..300 {
+        if open.close_wait == 0 && open.total <= crate::postgres::POOL_SIZE {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        open = client_sockets(pg.port);
+    }
+    assert_eq!(open.close_wait, 0, "connections broken by the restart are still open: {open:?}");
+    assert!(open.total <= crate::postgres::POOL_SIZE, "more database connections than the pool holds: {open:?}");
     eprintln!("{} writes acknowledged, {} answers were 503 during the outage", all.acknowledged.len(), all.unavailable);
+}
+
+#[derive(Debug)]
+struct ClientSockets {
+    /// Open TCP sockets to the port (every state but TIME_WAIT, which holds no descriptor).
+    total: usize,
+    /// Those the server closed and the process did not.
+    close_wait: usize,
+}
+
+/// This host's TCP sockets whose remote end is 127.0.0.1:`port` (`/proc/net/tcp`).
+fn client_sockets(port: u16) -> ClientSockets {
+    let table = std::fs::read_to_string("/proc/self/net/tcp").unwrap();
+    let remote = format!("0100007F:{port:04X}");
+    let states: Vec<String> = table
+        .lines()
+        .skip(1)
+        .filter_map(|l| {
+            let cols: Vec<&str> = l.split_whitespace().collect();
+            (cols.get(2) == Some(&remote.as_str())).then(|| cols[3].to_owned())
+        })
+        .filter(|st| st != "06")
+        .collect();
+    ClientSockets { total: states.len(), close_wait: states.iter().filter(|st| *st == "08").count() }
 }

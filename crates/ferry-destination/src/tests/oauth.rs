@@ -261,6 +261,32 @@ async fn slow_token_service_times_out() {
     assert_eq!(error, format!("token service at {} did not answer within 300ms", remote.url("/oauth/token")));
 }
 
+/// Callers that queue behind a fetch that fails get its error instead of each fetching (and,
+/// for a silent token service, waiting a full timeout) in turn; a later call tries again.
+#[tokio::test]
+async fn concurrent_callers_share_a_failed_fetch_and_later_calls_try_again() {
+    let mut cfg = config(DatabaseConfig::SqliteMemory, [1; 32]);
+    cfg.token_fetch_timeout = Duration::from_millis(300);
+    let env = Arc::new(Env::with_config(cfg).await);
+    let remote = TokenServer::start().await;
+    remote.delay(Duration::from_secs(5));
+    let t = env.token("zone-1", "client-1");
+    env.create(&t, "subaccount", oauth("cc", &remote.url("/oauth/token"))).await;
+    let want = format!("token service at {} did not answer within 300ms", remote.url("/oauth/token"));
+    let mut tasks = tokio::task::JoinSet::new();
+    for _ in 0..8 {
+        let (env, t) = (env.clone(), t.clone());
+        tasks.spawn(async move { env.find(&t, "cc", &[]).await.json["authTokens"][0]["error"].clone() });
+    }
+    while let Some(error) = tasks.join_next().await {
+        assert_eq!(error.unwrap(), json!(want));
+    }
+    assert_eq!(remote.count(), 1, "the queued callers shared the one failed fetch");
+    let r = env.find(&t, "cc", &[]).await;
+    assert_eq!(r.json["authTokens"][0]["error"], json!(want));
+    assert_eq!(remote.count(), 2, "a failure is not cached for later calls");
+}
+
 #[tokio::test]
 async fn common_token_urls_use_the_tenant() {
     let env = Env::new().await;
