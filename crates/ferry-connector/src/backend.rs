@@ -275,11 +275,10 @@ impl Backend {
                     audit_event(&decision, request_id, client, &target, protocol, req.method().to_string(), &path);
                 match decision {
                     Decision::Allow(m) => {
-                        let m = m.clone();
                         let exchange = Exchange::new(&self.audit, event, started);
                         match upgrade {
-                            Some(u) => self.forward_upgrade(req, u, &m, &target, &rules, exchange).await,
-                            None => self.forward_http(req, &m, &target, &rules, exchange).await,
+                            Some(u) => self.forward_upgrade(req, u, m, &target, &rules, exchange).await,
+                            None => self.forward_http(req, m, &target, &rules, exchange).await,
                         }
                     }
                     Decision::Deny(reason) => {
@@ -298,9 +297,8 @@ impl Backend {
                 let event = audit_event(&decision, request_id, client, &target, "TCP", String::new(), "");
                 match decision {
                     Decision::Allow(m) => {
-                        let m = m.clone();
                         let exchange = Exchange::new(&self.audit, event, started);
-                        self.forward_tcp(req, &m, &target, exchange).await
+                        self.forward_tcp(req, m, &target, exchange).await
                     }
                     Decision::Deny(reason) => {
                         self.audit.record(AuditEvent { duration: started.elapsed(), ..event }).await;
