@@ -5,7 +5,8 @@
 #   ours.sh connector TUNNEL_PORT ORIGIN SINK             `ferry connector run` mapping origin.virtual:PORT
 #                                                        (HTTP) to ORIGIN, ORIGIN and SINK 1:1 (TCP), audit
 #                                                        level SECURITY (denied requests are logged)
-# Reads FERRY (binary), FERRY_BENCH_STATE (what run.sh prepared), FERRY_BENCH_TUNNELS (tunnel connections),
+# Reads FERRY (binary), FERRY_BENCH_STATE (what run.sh prepared), FERRY_BENCH_TUNNELS (tunnel connections;
+# unset: the connector's default),
 # FERRY_WRAP (a command prefix, e.g. `valgrind --tool=callgrind --callgrind-out-file=/tmp/cg.%p`).
 set -euo pipefail
 : "${FERRY:?}" "${FERRY_BENCH_STATE:?}"
@@ -40,7 +41,7 @@ server_name = "localhost"
 ca_file = "ca.pem"
 certificate_file = "connector.pem"
 key_file = "connector-key.pem"
-connections = ${FERRY_BENCH_TUNNELS:-1}
+${FERRY_BENCH_TUNNELS:+connections = $FERRY_BENCH_TUNNELS}
 audit_level = "SECURITY"
 audit_dir = "audit"
 

@@ -67,7 +67,7 @@ const SSL_CLIENT_CERT: &str = "ssl_client_cert";
 fn error_response(status: StatusCode, kind: &'static str, message: String) -> Response<BoxBody> {
     let mut r = Response::new(body::full(message));
     *r.status_mut() = status;
-    r.headers_mut().insert(tunnel::ERROR, HeaderValue::from_static(kind));
+    r.headers_mut().insert(tunnel::names::ERROR, HeaderValue::from_static(kind));
     r.headers_mut().insert(http::header::CONTENT_TYPE, HeaderValue::from_static("text/plain; charset=utf-8"));
     r
 }
@@ -246,8 +246,8 @@ impl Backend {
     }
 
     pub(crate) async fn handle(&self, req: Request<Incoming>) -> Response<BoxBody> {
-        let header = |name: &str| req.headers().get(name).and_then(|v| v.to_str().ok()).map(str::to_owned);
-        let Some(target) = header(tunnel::TARGET) else {
+        let header = |name: &http::HeaderName| req.headers().get(name).and_then(|v| v.to_str().ok()).map(str::to_owned);
+        let Some(target) = header(&tunnel::names::TARGET) else {
             return error_response(StatusCode::BAD_REQUEST, tunnel::ERROR_BAD_REQUEST, "missing ferry-target".into());
         };
         let Some((host, port)) = tunnel::split_host_port(&target) else {
@@ -258,12 +258,12 @@ impl Backend {
             );
         };
         let started = Instant::now();
-        let request_id = header(tunnel::REQUEST_ID).unwrap_or_default();
-        let client = header(tunnel::CLIENT).unwrap_or_default();
-        match header(tunnel::KIND).as_deref() {
+        let request_id = header(&tunnel::names::REQUEST_ID).unwrap_or_default();
+        let client = header(&tunnel::names::CLIENT).unwrap_or_default();
+        match req.headers().get(&tunnel::names::KIND).and_then(|v| v.to_str().ok()) {
             Some(tunnel::KIND_HTTP) => {
                 let path = req.uri().path().to_owned();
-                let upgrade = req.headers().get(tunnel::UPGRADE).cloned();
+                let upgrade = req.headers().get(&tunnel::names::UPGRADE).cloned();
                 let rules = self.rules.get();
                 let decision = rules.check(AccessRequest::Http { host, port, path: &path, upgrade: upgrade.is_some() });
                 let protocol = match &upgrade {
@@ -275,11 +275,10 @@ impl Backend {
                     audit_event(&decision, request_id, client, &target, protocol, req.method().to_string(), &path);
                 match decision {
                     Decision::Allow(m) => {
-                        let m = m.clone();
                         let exchange = Exchange::new(&self.audit, event, started);
                         match upgrade {
-                            Some(u) => self.forward_upgrade(req, u, &m, &target, &rules, exchange).await,
-                            None => self.forward_http(req, &m, &target, &rules, exchange).await,
+                            Some(u) => self.forward_upgrade(req, u, m, &target, &rules, exchange).await,
+                            None => self.forward_http(req, m, &target, &rules, exchange).await,
                         }
                     }
                     Decision::Deny(reason) => {
@@ -298,9 +297,8 @@ impl Backend {
                 let event = audit_event(&decision, request_id, client, &target, "TCP", String::new(), "");
                 match decision {
                     Decision::Allow(m) => {
-                        let m = m.clone();
                         let exchange = Exchange::new(&self.audit, event, started);
-                        self.forward_tcp(req, &m, &target, exchange).await
+                        self.forward_tcp(req, m, &target, exchange).await
                     }
                     Decision::Deny(reason) => {
                         self.audit.record(AuditEvent { duration: started.elapsed(), ..event }).await;
@@ -340,7 +338,7 @@ impl Backend {
         };
         parts.uri = uri;
         parts.version = http::Version::HTTP_11;
-        let principal = parts.headers.get(tunnel::PRINCIPAL).and_then(|v| v.to_str().ok()).map(str::to_owned);
+        let principal = parts.headers.get(&tunnel::names::PRINCIPAL).and_then(|v| v.to_str().ok()).map(str::to_owned);
         // The app must never choose the identity the backend logs on with.
         parts.headers.remove(SSL_CLIENT_CERT);
         let mut user_tls = None;
@@ -390,9 +388,14 @@ impl Backend {
             }
         }
         let h = &mut parts.headers;
-        for name in
-            [tunnel::KIND, tunnel::TARGET, tunnel::REQUEST_ID, tunnel::PRINCIPAL, tunnel::CLIENT, tunnel::UPGRADE]
-        {
+        for name in [
+            &tunnel::names::KIND,
+            &tunnel::names::TARGET,
+            &tunnel::names::REQUEST_ID,
+            &tunnel::names::PRINCIPAL,
+            &tunnel::names::CLIENT,
+            &tunnel::names::UPGRADE,
+        ] {
             h.remove(name);
         }
         body::strip_hop_by_hop(h);
@@ -597,7 +600,7 @@ impl Backend {
         let read = Exclusive(std::sync::Mutex::new(read));
         relay_up(Counted::new(upstream, None, &exchange, true), write);
         head.status = StatusCode::OK;
-        head.headers.insert(tunnel::UPGRADE, switched_to);
+        head.headers.insert(tunnel::names::UPGRADE, switched_to);
         Response::from_parts(head, body::boxed(Counted::new(body::from_reader(read), None, &exchange, false)))
     }
 

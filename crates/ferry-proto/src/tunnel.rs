@@ -45,6 +45,19 @@ pub const ERROR: &str = "ferry-error";
 pub const FENCE: &str = "ferry-fence";
 pub const UPGRADE: &str = "ferry-upgrade";
 
+/// The stream header names, parsed once: a lookup, insertion or removal by `&str` parses and
+/// hashes the name every time, which on the per-request path of both ends added up.
+pub mod names {
+    use http::HeaderName;
+    pub const KIND: HeaderName = HeaderName::from_static(super::KIND);
+    pub const TARGET: HeaderName = HeaderName::from_static(super::TARGET);
+    pub const REQUEST_ID: HeaderName = HeaderName::from_static(super::REQUEST_ID);
+    pub const PRINCIPAL: HeaderName = HeaderName::from_static(super::PRINCIPAL);
+    pub const CLIENT: HeaderName = HeaderName::from_static(super::CLIENT);
+    pub const ERROR: HeaderName = HeaderName::from_static(super::ERROR);
+    pub const UPGRADE: HeaderName = HeaderName::from_static(super::UPGRADE);
+}
+
 pub const KIND_HTTP: &str = "http";
 pub const KIND_TCP: &str = "tcp";
 pub const KIND_HELLO: &str = "hello";

@@ -20,8 +20,8 @@ use crate::retry::OpenError;
 /// SAP's documented limit for a request line or a header line.
 pub const MAX_HEADER_LINE: usize = 8192;
 
-const LOCATION_HEADER: &str = "sap-connectivity-scc-location_id";
-const PRINCIPAL_HEADER: &str = "sap-connectivity-authentication";
+const LOCATION_HEADER: http::HeaderName = http::HeaderName::from_static("sap-connectivity-scc-location_id");
+const PRINCIPAL_HEADER: http::HeaderName = http::HeaderName::from_static("sap-connectivity-authentication");
 
 /// Builds the error answer. `whose` tells the reader where to look (client, tunnel, backend).
 pub(crate) fn error(status: StatusCode, message: impl Into<String>) -> Response<BoxBody> {
@@ -180,7 +180,7 @@ pub(crate) async fn handle(shared: Arc<Shared>, mut req: Request<Incoming>) -> R
     if upgrade.is_some() && !req.body().is_end_stream() {
         return error(StatusCode::BAD_REQUEST, "A request that asks for a protocol upgrade must not have a body");
     }
-    let location = req.headers().get(LOCATION_HEADER).and_then(|v| v.to_str().ok()).unwrap_or("").trim().to_owned();
+    let location = req.headers().get(&LOCATION_HEADER).and_then(|v| v.to_str().ok()).unwrap_or("").trim().to_owned();
     let principal = bearer(req.headers(), PRINCIPAL_HEADER).map(str::to_owned);
 
     let Some(permit) = shared.tenant_streams.try_acquire(&claims.zid) else {
@@ -197,16 +197,19 @@ pub(crate) async fn handle(shared: Arc<Shared>, mut req: Request<Incoming>) -> R
     let app_upgrade = upgrade.as_ref().map(|_| hyper::upgrade::on(&mut req));
     let (mut parts, incoming) = req.into_parts();
     body::strip_hop_by_hop(&mut parts.headers);
-    let sap: Vec<_> = parts.headers.keys().filter(|k| k.as_str().starts_with("sap-connectivity-")).cloned().collect();
-    for k in sap {
-        parts.headers.remove(k);
+    let sap = |k: &http::HeaderName| k.as_str().starts_with("sap-connectivity-");
+    if parts.headers.keys().any(sap) {
+        let names: Vec<_> = parts.headers.keys().filter(|k| sap(k)).cloned().collect();
+        for k in names {
+            parts.headers.remove(k);
+        }
     }
     let request_id =
         crate::stamp_tunnel_headers(&mut parts.headers, tunnel::KIND_HTTP, &target, &claims, principal.as_deref());
     parts.version = http::Version::HTTP_2;
     let (upstream, app_read) = match &upgrade {
         Some(u) => {
-            parts.headers.insert(tunnel::UPGRADE, u.clone());
+            parts.headers.insert(tunnel::names::UPGRADE, u.clone());
             let (tx, rx) = oneshot::channel();
             (body::from_reader(AfterUpgrade { pending: Some(rx), read: None }), Some(tx))
         }
@@ -217,7 +220,7 @@ pub(crate) async fn handle(shared: Arc<Shared>, mut req: Request<Incoming>) -> R
     match shared.open_stream(&claims.zid, &location, tunnel_req, &request_id).await {
         Ok(resp) => {
             let (mut parts, incoming) = resp.into_parts();
-            let fault = parts.headers.remove(tunnel::ERROR);
+            let fault = parts.headers.remove(tunnel::names::ERROR);
             let status = match fault.as_ref().and_then(|v| v.to_str().ok()) {
                 Some(tunnel::ERROR_DENIED) => StatusCode::FORBIDDEN,
                 Some(tunnel::ERROR_UNREACHABLE) => StatusCode::BAD_GATEWAY,
@@ -229,7 +232,7 @@ pub(crate) async fn handle(shared: Arc<Shared>, mut req: Request<Incoming>) -> R
             parts.version = http::Version::HTTP_11;
             body::strip_hop_by_hop(&mut parts.headers);
             let switched =
-                parts.headers.remove(tunnel::UPGRADE).filter(|_| fault.is_none() && status == StatusCode::OK);
+                parts.headers.remove(tunnel::names::UPGRADE).filter(|_| fault.is_none() && status == StatusCode::OK);
             if let (Some(protocol), Some(app_upgrade), Some(app_read)) = (switched, app_upgrade, app_read) {
                 // The backend switched: the app gets its 101, then both byte streams are joined.
                 parts.status = StatusCode::SWITCHING_PROTOCOLS;

@@ -134,15 +134,21 @@ pub(crate) fn stamp_tunnel_headers(
     // A version-4 UUID from the thread's generator: `Uuid::new_v4` asks the kernel for every id,
     // a system call per proxied request.
     let request_id = uuid::Builder::from_random_bytes(rand::random()).into_uuid().to_string();
-    h.insert(tunnel::KIND, HeaderValue::from_static(kind));
+    h.insert(tunnel::names::KIND, HeaderValue::from_static(kind));
     let values = [
-        (tunnel::TARGET, Some(target)),
-        (tunnel::REQUEST_ID, Some(request_id.as_str())),
-        (tunnel::CLIENT, claims.client_id.as_deref()),
-        (tunnel::PRINCIPAL, principal),
+        (tunnel::names::TARGET, Some(target)),
+        (tunnel::names::REQUEST_ID, Some(request_id.as_str())),
+        (tunnel::names::CLIENT, claims.client_id.as_deref()),
+        (tunnel::names::PRINCIPAL, principal),
     ];
     for (name, value) in values {
-        if let Some(v) = value.and_then(|v| HeaderValue::from_str(v).ok()) {
+        if let Some(mut v) = value.and_then(|v| HeaderValue::from_str(v).ok()) {
+            // HPACK: a value that is new on every stream (the request id) is sent as a literal
+            // that is never indexed; indexed, it would evict an entry from both ends' tables
+            // on every request.
+            if name == tunnel::names::REQUEST_ID {
+                v.set_sensitive(true);
+            }
             h.insert(name, v);
         }
     }
@@ -343,6 +349,26 @@ async fn serve_http(stream: tokio::net::TcpStream, shared: Arc<Shared>, shutdown
             // Idle keep-alive connections close now; one with a request in flight after it.
             conn.as_mut().graceful_shutdown();
             let _ = tokio::time::timeout(drain, conn).await;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use ferry_proto::tunnel::names;
+
+    /// The request id is new on every stream: sent as never-indexed HPACK literal, it evicts
+    /// nothing from either end's header table; the other stream headers repeat and are indexed.
+    #[test]
+    fn only_the_request_id_bypasses_the_header_table() {
+        let claims = ferry_auth::Claims { zid: "z".into(), client_id: Some("c".into()), ..Default::default() };
+        let mut h = http::HeaderMap::new();
+        let id = super::stamp_tunnel_headers(&mut h, ferry_proto::tunnel::KIND_HTTP, "erp:80", &claims, Some("p"));
+        assert_eq!(h.get(&names::REQUEST_ID).unwrap(), id.as_str());
+        assert!(h.get(&names::REQUEST_ID).unwrap().is_sensitive());
+        for n in [names::KIND, names::TARGET, names::CLIENT, names::PRINCIPAL] {
+            assert!(!h.get(&n).unwrap().is_sensitive(), "{n}");
         }
     }
 }

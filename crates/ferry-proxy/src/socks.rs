@@ -235,7 +235,7 @@ async fn relay(
             return;
         }
     };
-    let reply = match (resp.status(), resp.headers().get(tunnel::ERROR).and_then(|v| v.to_str().ok())) {
+    let reply = match (resp.status(), resp.headers().get(&tunnel::names::ERROR).and_then(|v| v.to_str().ok())) {
         (StatusCode::OK, None) => Reply::Succeeded,
         (_, Some(tunnel::ERROR_DENIED)) => Reply::NotAllowed,
         (_, Some(tunnel::ERROR_UNREACHABLE)) | (_, Some(tunnel::ERROR_TIMEOUT)) => Reply::HostUnreachable,

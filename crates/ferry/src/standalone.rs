@@ -58,7 +58,7 @@ pub struct ConnectorFile {
     certificate_file: Option<PathBuf>,
     #[serde(default)]
     key_file: Option<PathBuf>,
-    #[serde(default = "one")]
+    #[serde(default = "default_tunnel_connections")]
     connections: usize,
     /// At SIGTERM (and for a tunnel replaced after a renewal): how long open streams may take.
     #[serde(default = "drain_timeout_seconds")]
@@ -100,8 +100,11 @@ pub struct ConnectorFile {
     admin: Option<AdminSection>,
 }
 
-fn one() -> usize {
-    1
+/// One HTTP/2 connection is driven by one task, so all streams of a tunnel are framed and
+/// encrypted on one core at a time in each process; a tunnel per core (2 to 4) lets both ends
+/// use the cores they have, and a lost connection leaves the others serving.
+fn default_tunnel_connections() -> usize {
+    std::thread::available_parallelism().map_or(2, |n| n.get()).clamp(2, 4)
 }
 
 fn resolve_interval_seconds() -> u64 {

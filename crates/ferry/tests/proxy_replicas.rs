@@ -110,7 +110,8 @@ async fn setup() -> Setup {
     let replicas: Vec<Replica> = (0..3).map(|i| Replica::new(&dir, &format!("proxy-{i}"), &token_keys)).collect();
 
     let port = free_port();
-    std::fs::write(dir.join("scc.toml"), format!("[admin]\nport = {port}\ndata_dir = \"scc-data\"\n")).unwrap();
+    std::fs::write(dir.join("scc.toml"), format!("connections = 1\n[admin]\nport = {port}\ndata_dir = \"scc-data\"\n"))
+        .unwrap();
     let connector = start(&["connector", "run", "--config", dir.join("scc.toml").to_str().unwrap()]);
     let ui_ca = std::fs::read_to_string(dir.join("scc-data").join("ui-ca.pem")).unwrap();
     let api = ferry_core::tls::http_client(Some(&ui_ca)).unwrap();
