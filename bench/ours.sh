@@ -25,6 +25,9 @@ key_file = "proxy-key.pem"
 connector_ca_file = "up/data/ca.pem"
 token_keys_urls = ["$(cat "$S/token_url")/token_keys?zid=$sub"]
 max_connections = 30000
+# One load generator on one address holds up to 10,000 streams of one subaccount (pass 2).
+max_connections_per_client = 0
+max_streams_per_subaccount = 30000
 
 [bench_socks5_no_auth]
 listen = "127.0.0.1:$socks"

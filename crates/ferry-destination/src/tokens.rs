@@ -27,7 +27,8 @@ use url::Url;
 pub(crate) const REFRESH_MARGIN: Duration = Duration::from_secs(60);
 /// Token responses larger than this are refused; real ones are a few KiB.
 const MAX_RESPONSE_BYTES: usize = 64 * 1024;
-/// Above this many cache slots, expired and idle ones are dropped on the next insert.
+/// Above this many cache slots, expired and idle ones are dropped on the next insert; if that is
+/// not enough (many users with fresh tokens), idle fresh ones go too, down to half of it.
 const CACHE_PRUNE_THRESHOLD: usize = 4096;
 /// Upper bound for `tokenServiceURL.SocketReadTimeoutInSeconds` (SPEC §2.3).
 const MAX_READ_TIMEOUT_SECS: u64 = 600;
@@ -506,6 +507,28 @@ struct SlotState {
     failure: Option<(u64, TokenError)>,
 }
 
+/// Keeps the cache bounded: first drops slots that are idle and hold no fresh token; if that
+/// leaves it at the threshold or above, drops idle ones with fresh tokens too (they are fetched
+/// again when asked for) until half the threshold is left. A slot a caller holds or fetches
+/// into is never dropped.
+fn prune<K: Eq + std::hash::Hash>(slots: &mut HashMap<K, Slot>, now: Instant) {
+    let idle = |slot: &Slot| Arc::strong_count(slot) == 1 && slot.state.try_lock().is_ok();
+    slots.retain(|_, slot| {
+        !idle(slot) || slot.state.try_lock().map(|s| s.cached.as_ref().is_some_and(|c| c.fresh(now))).unwrap_or(true)
+    });
+    let mut excess = slots.len().saturating_sub(CACHE_PRUNE_THRESHOLD / 2);
+    if slots.len() >= CACHE_PRUNE_THRESHOLD {
+        slots.retain(|_, slot| {
+            if excess > 0 && idle(slot) {
+                excess -= 1;
+                false
+            } else {
+                true
+            }
+        });
+    }
+}
+
 pub(crate) struct TokenFetcher {
     http: reqwest::Client,
     /// Trust for token services besides the system's roots, for the clients built here.
@@ -632,15 +655,7 @@ impl TokenFetcher {
         let slot = {
             let mut slots = self.slots.lock().unwrap_or_else(|p| p.into_inner());
             if slots.len() >= CACHE_PRUNE_THRESHOLD && !slots.contains_key(&key) {
-                let now = self.clock.now();
-                slots.retain(|_, slot| {
-                    Arc::strong_count(slot) > 1
-                        || slot
-                            .state
-                            .try_lock()
-                            .map(|s| s.cached.as_ref().is_some_and(|c| c.fresh(now)))
-                            .unwrap_or(true)
-                });
+                prune(&mut slots, self.clock.now());
             }
             slots.entry(key).or_default().clone()
         };
@@ -809,6 +824,34 @@ fn error_detail(json: Option<&serde_json::Value>) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_token_cache_stays_bounded_with_fresh_tokens() {
+        let now = Instant::now();
+        let fresh = || {
+            let slot = Slot::default();
+            slot.state.try_lock().unwrap().cached = Some(Cached {
+                access_token: Secret::new("t".into()),
+                expires_at: now + Duration::from_secs(3600),
+                scope: None,
+                refresh_token: None,
+                issued_token_type: None,
+            });
+            slot
+        };
+        let mut slots: HashMap<usize, Slot> = (0..CACHE_PRUNE_THRESHOLD + 10).map(|i| (i, fresh())).collect();
+        slots.insert(usize::MAX, Slot::default()); // idle, nothing cached
+        let held = (slots[&7].clone(), slots[&8].clone()); // callers hold these
+        prune(&mut slots, now);
+        assert!(slots.len() <= CACHE_PRUNE_THRESHOLD / 2 + 2, "{} slots left", slots.len());
+        assert!(slots.contains_key(&7) && slots.contains_key(&8), "a slot in use was dropped");
+        assert!(!slots.contains_key(&usize::MAX), "an empty idle slot was kept");
+        drop(held);
+        // Below the threshold, fresh idle tokens stay.
+        let mut few: HashMap<usize, Slot> = (0..10).map(|i| (i, fresh())).collect();
+        prune(&mut few, now);
+        assert_eq!(few.len(), 10);
+    }
 
     fn dest(props: &[(&str, &str)]) -> Destination {
         let mut all = vec![("Name", "d"), ("Type", "HTTP")];

@@ -55,6 +55,9 @@ pub struct ProxyConfig {
 }
 
 impl ProxyConfig {
+    /// Default of [`ProxyConfig::max_streams_per_subaccount`].
+    pub const DEFAULT_MAX_STREAMS_PER_SUBACCOUNT: usize = 2_000;
+
     pub fn new(verifier: Arc<Verifier>, tunnel_tls: Arc<rustls::ServerConfig>) -> Self {
         Self {
             verifier,
@@ -64,7 +67,7 @@ impl ProxyConfig {
             max_connections: 10_000,
             max_connections_per_client: 1_000,
             drain_timeout: Duration::from_secs(10),
-            max_streams_per_subaccount: 2_000,
+            max_streams_per_subaccount: Self::DEFAULT_MAX_STREAMS_PER_SUBACCOUNT,
             socks5_no_auth: None,
             tunnel_swap_wait: Duration::from_secs(5),
             channel_targets: ChannelTargets::default(),

@@ -329,6 +329,10 @@ pub struct ProxyFile {
     /// cap).
     #[serde(default = "max_connections_per_client")]
     max_connections_per_client: usize,
+    /// Tunnel streams (HTTP requests, SOCKS5 connections, service channel streams) one subaccount
+    /// may have open at once across its connectors.
+    #[serde(default = "max_streams_per_subaccount")]
+    max_streams_per_subaccount: usize,
     /// PING interval and answer timeout on each tunnel: requests on a tunnel that loses packets
     /// silently fail, and the tunnel leaves the registry, after at most about twice this.
     #[serde(default = "heartbeat_seconds")]
@@ -364,6 +368,10 @@ fn tunnel_swap_wait_seconds() -> u64 {
 
 fn max_connections_per_client() -> usize {
     1_000
+}
+
+fn max_streams_per_subaccount() -> usize {
+    ferry_proxy::ProxyConfig::DEFAULT_MAX_STREAMS_PER_SUBACCOUNT
 }
 
 fn heartbeat_seconds() -> u64 {
@@ -425,6 +433,8 @@ pub async fn proxy(config: &Path) -> anyhow::Result<()> {
     pc.channel_targets =
         ferry_proxy::ChannelTargets::new(cfg.channel_targets.iter().cloned()).context("[[channel_targets]]")?;
     pc.max_connections_per_client = cfg.max_connections_per_client;
+    anyhow::ensure!(cfg.max_streams_per_subaccount > 0, "max_streams_per_subaccount must be at least 1");
+    pc.max_streams_per_subaccount = cfg.max_streams_per_subaccount;
     pc.heartbeat = heartbeat(cfg.heartbeat_seconds)?;
     let mut no_auth = None;
     if let Some(b) = &cfg.bench_socks5_no_auth {
