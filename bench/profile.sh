@@ -10,7 +10,9 @@
 #   bench/profile.sh                       # http bulk mem; results and callgrind files in $OUT
 #   MODES=http N=2000 CONNS=16 bench/profile.sh
 # Variables: FERRY (default: cargo build --release -p ferry), OUT, MODES (http bulk mem sys sysbulk), N, WARM,
-# CONNS, MIB (bulk size), HOLD_N, FERRY_BENCH_TUNNELS. Needs nginx, valgrind, python3, openssl, curl.
+# CONNS, MIB (bulk size), HOLD_N, FERRY_BENCH_TUNNELS, MEM_WRAP (a command prefix for mode mem, e.g.
+# `valgrind --tool=dhat --dhat-out-file=/tmp/dhat.%p`: live heap per call site at the peak). Needs nginx,
+# valgrind, python3, openssl, curl.
 set -euo pipefail
 REPO=$(cd "$(dirname "$0")/.." && pwd)
 OUT=${OUT:-$(mktemp -d /tmp/ferry-profile.XXXXXX)}
@@ -137,7 +139,7 @@ for mode in $MODES; do
       stop_ferry ;;
     mem)
       log "mem: VmRSS idle and with $HOLD_N idle SOCKS5 connections"
-      start_ferry ""
+      start_ferry "${MEM_WRAP:-}"
       sleep 2
       rss() { awk '/^VmRSS/ {s += $2} END {print s}' /proc/"$PROXY_PID"/status /proc/"$CONN_PID"/status; }
       idle=$(rss)

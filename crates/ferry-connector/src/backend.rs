@@ -1,6 +1,7 @@
 //! The connector's side of a tunnel stream: access check, audit line, and the relay to the
 //! internal backend.
 
+use futures_util::FutureExt as _;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
@@ -480,11 +481,13 @@ impl Backend {
     ) -> Result<Response<Incoming>, ferry_core::body::BoxError> {
         let io = self.dial(m, Some(identity)).await?;
         let (mut sender, conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(io)).await?;
-        tokio::spawn(async move {
-            if let Err(e) = conn.await {
+        // `map`, not an `async move` block awaiting `conn`: the block would hold the connection
+        // twice in the task (rust-lang/rust#62958).
+        tokio::spawn(conn.map(|r| {
+            if let Err(e) = r {
                 tracing::debug!(error = %e, "user-certificate backend connection ended");
             }
-        });
+        }));
         // The pooled client sends origin-form; this connection must too.
         let (mut parts, body) = req.into_parts();
         parts.uri = parts.uri.path_and_query().map(|pq| pq.as_str()).unwrap_or("/").parse()?;
@@ -552,11 +555,11 @@ impl Backend {
         let send = async {
             let io = self.dial(m, user_tls.as_ref()).await?;
             let (mut sender, conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(io)).await?;
-            tokio::spawn(async move {
-                if let Err(e) = conn.with_upgrades().await {
+            tokio::spawn(conn.with_upgrades().map(|r| {
+                if let Err(e) = r {
                     tracing::debug!(error = %e, "upgrade backend connection ended");
                 }
-            });
+            }));
             let resp = sender.send_request(Request::from_parts(parts, body::empty())).await?;
             Ok::<_, ferry_core::body::BoxError>(resp)
         };
@@ -723,11 +726,13 @@ impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin + 'static> B
 
 /// Copies the app's bytes (the tunnel request body) to the backend, half-closing at the end.
 fn relay_up<W: tokio::io::AsyncWrite + Unpin + Send + 'static>(upstream: Counted<Incoming>, write: W) {
-    tokio::spawn(async move {
-        if let Err(e) = body::copy_to_writer(upstream, write).await {
+    // `map`, not an `async move` block: a block owning the copy's inputs and awaiting the copy
+    // keeps them twice in the task (rust-lang/rust#62958), for as long as the stream is open.
+    tokio::spawn(body::copy_to_writer(upstream, write).map(|r| {
+        if let Err(e) = r {
             tracing::debug!(error = %e, "tunnel→backend copy ended");
         }
-    });
+    }));
 }
 
 /// Counters of HTTP body bytes relayed to backends and back (the monitoring page's bytes

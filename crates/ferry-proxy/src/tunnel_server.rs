@@ -18,6 +18,9 @@ use tokio::sync::Notify;
 use crate::registry::{Fenced, Registry};
 use hyper::client::conn::http2::SendRequest;
 
+/// Read buffer of each tunnel connection (one per connection, not per stream).
+const TUNNEL_READ_BUFFER: usize = 256 * 1024;
+
 pub(crate) async fn serve(
     stream: TcpStream,
     acceptor: tokio_rustls::TlsAcceptor,
@@ -27,6 +30,9 @@ pub(crate) async fn serve(
     handshake_timeout: Duration,
     shutdown: Shutdown,
 ) {
+    // Read through a buffer: rustls asks for one TLS record (16 KiB) per read, which made a
+    // `recvfrom` per record on a busy tunnel; one read now takes what the socket holds.
+    let stream = tokio::io::BufReader::with_capacity(TUNNEL_READ_BUFFER, stream);
     let tls = match tokio::time::timeout(handshake_timeout, acceptor.accept(stream)).await {
         Ok(Ok(tls)) => tls,
         Ok(Err(e)) => {
@@ -66,7 +72,10 @@ pub(crate) async fn serve(
         .keep_alive_timeout(heartbeat)
         .keep_alive_while_idle(true);
     let goaway = Arc::new(Goaway::default());
-    let io = GoawayWatch { io: tls, scan: FrameScan::default(), seen: goaway.clone() };
+    // Boxed: hyper spawns every request body's pipe as the same future type as the connection
+    // task, so each is sized like the connection, TLS state included (2.8 KiB per open
+    // SOCKS5 stream with the TLS stream inline).
+    let io = Box::new(GoawayWatch { io: tls, scan: FrameScan::default(), seen: goaway.clone() });
     let (mut sender, conn) = match builder.handshake::<_, BoxBody>(TokioIo::new(io)).await {
         Ok(pair) => pair,
         Err(e) => {
