@@ -35,25 +35,8 @@ struct Setup {
 /// `ferry up`, and a connector enrolled for location "plant" with `mappings` (TOML) and `extra`
 /// top-level keys in its config file (not started).
 fn setup(mappings: &str, extra: &str) -> Setup {
-    ferry_core::init_crypto();
-    let tmp = tempfile::tempdir().unwrap();
-    let dir = tmp.path().to_owned();
-    let (up, vcap) = common::ferry_up(&dir, common::LISTEN_ANY);
+    let (tmp, up, vcap, config) = common::up_and_enrolled_connector(mappings, extra);
     let conn = &vcap["connectivity"][0]["credentials"];
-    let out = dir.join("connector");
-    let status = Command::new(env!("CARGO_BIN_EXE_ferry"))
-        .args(["connector", "enroll", "--subaccount", conn["tenantid"].as_str().unwrap(), "--location", "plant"])
-        .args(["--url", conn["url"].as_str().unwrap()])
-        .arg("--data-dir")
-        .arg(dir.join("data"))
-        .arg("--out")
-        .arg(&out)
-        .status()
-        .unwrap();
-    assert!(status.success());
-    let config = out.join("connector.toml");
-    let toml = std::fs::read_to_string(&config).unwrap();
-    std::fs::write(&config, format!("{extra}\n{toml}\n{mappings}")).unwrap();
     let http_proxy = format!("http://127.0.0.1:{}", conn["onpremise_proxy_http_port"].as_str().unwrap());
     Setup { _tmp: tmp, _up: up, vcap, config, http_proxy }
 }

@@ -100,15 +100,7 @@ async fn a_mapped_name_rebound_to_another_address_is_not_followed() {
     let socks_proxy: SocketAddr =
         format!("127.0.0.1:{}", conn["onpremise_socks5_proxy_port"].as_str().unwrap()).parse().unwrap();
     let scc = dir.join("scc");
-    let status = Command::new(env!("CARGO_BIN_EXE_ferry"))
-        .args(["connector", "enroll", "--subaccount", &subaccount, "--location", "pin", "--url", &token_url])
-        .arg("--data-dir")
-        .arg(dir.join("data"))
-        .arg("--out")
-        .arg(&scc)
-        .status()
-        .unwrap();
-    assert!(status.success());
+    common::enroll(&subaccount, Some("pin"), &token_url, &dir.join("data"), &scc, &[]);
     let mut toml = std::fs::read_to_string(scc.join("connector.toml")).unwrap();
     toml.push_str(&format!(
         "\n[[mappings]]\nvirtualHost = \"web.virtual\"\nvirtualPort = 80\nlocalHost = \"{NAME}\"\nlocalPort = {port}\n\

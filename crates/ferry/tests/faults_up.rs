@@ -11,7 +11,6 @@
 mod common;
 
 use std::path::PathBuf;
-use std::process::Command;
 use std::time::Duration;
 
 use ferry_testkit::EchoBackend;
@@ -189,26 +188,7 @@ async fn read_until_closed(what: &str, s: &mut TcpStream, got: &mut Vec<u8>) {
 
 /// `ferry up` and a connector enrolled for location "plant" (config written, not started).
 fn setup(mappings: &str) -> (tempfile::TempDir, FerryProcess, Value, PathBuf) {
-    ferry_core::init_crypto();
-    let tmp = tempfile::tempdir().unwrap();
-    let dir = tmp.path().to_owned();
-    let (up, vcap) = common::ferry_up(&dir, common::LISTEN_ANY);
-    let conn = &vcap["connectivity"][0]["credentials"];
-    let out = dir.join("connector");
-    let status = Command::new(env!("CARGO_BIN_EXE_ferry"))
-        .args(["connector", "enroll", "--subaccount", conn["tenantid"].as_str().unwrap(), "--location", "plant"])
-        .args(["--url", conn["url"].as_str().unwrap()])
-        .arg("--data-dir")
-        .arg(dir.join("data"))
-        .arg("--out")
-        .arg(&out)
-        .status()
-        .unwrap();
-    assert!(status.success());
-    let config = out.join("connector.toml");
-    let toml = std::fs::read_to_string(&config).unwrap();
-    std::fs::write(&config, format!("{toml}\n{mappings}")).unwrap();
-    (tmp, up, vcap, config)
+    common::up_and_enrolled_connector(mappings, "")
 }
 
 fn connector(config: &std::path::Path) -> FerryProcess {

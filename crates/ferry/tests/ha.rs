@@ -132,15 +132,7 @@ async fn kill_9_of_the_master_the_shadow_serves_and_the_old_master_returns_as_sh
     let subaccount = conn["tenantid"].as_str().unwrap().to_owned();
     let proxy = format!("http://127.0.0.1:{}", conn["onpremise_proxy_http_port"].as_str().unwrap());
     let out = dir.join("enroll");
-    let status = Command::new(env!("CARGO_BIN_EXE_ferry"))
-        .args(["connector", "enroll", "--subaccount", &subaccount, "--location", "ha", "--url", &token_url])
-        .arg("--data-dir")
-        .arg(&data)
-        .arg("--out")
-        .arg(&out)
-        .status()
-        .unwrap();
-    assert!(status.success());
+    common::enroll(&subaccount, Some("ha"), &token_url, &data, &out, &[]);
     let auth: Value = serde_json::from_slice(&std::fs::read(out.join("authentication-data.json")).unwrap()).unwrap();
 
     let (pa, pb) = (free_port(), free_port());

@@ -9,7 +9,6 @@
 
 mod common;
 
-use std::process::Command;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
@@ -169,15 +168,7 @@ protocol = "TCP"
 
     // B's connector: the same virtual hosts as A's, to B's backends, plus hosts only B maps.
     let out = dir.join("connector-b");
-    let status = Command::new(env!("CARGO_BIN_EXE_ferry"))
-        .args(["connector", "enroll", "--subaccount", &sub_b, "--url", &token_url])
-        .arg("--data-dir")
-        .arg(&data)
-        .arg("--out")
-        .arg(&out)
-        .status()
-        .unwrap();
-    assert!(status.success());
+    common::enroll(&sub_b, None, &token_url, &data, &out, &[]);
     let mut toml = std::fs::read_to_string(out.join("connector.toml")).unwrap();
     for (vhost, vport, port, protocol) in [
         ("erp.virtual", 8000, echo_b.addr.port(), "HTTP"),

@@ -9,7 +9,6 @@
 mod common;
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -87,15 +86,7 @@ async fn setup() -> Setup {
     let token_url = conn["url"].as_str().unwrap().to_owned();
     let subaccount = conn["tenantid"].as_str().unwrap().to_owned();
     let out = dir.join("enroll");
-    let status = Command::new(env!("CARGO_BIN_EXE_ferry"))
-        .args(["connector", "enroll", "--subaccount", &subaccount, "--location", "rep", "--url", &token_url])
-        .arg("--data-dir")
-        .arg(&data)
-        .arg("--out")
-        .arg(&out)
-        .status()
-        .unwrap();
-    assert!(status.success());
+    common::enroll(&subaccount, Some("rep"), &token_url, &data, &out, &[]);
     let auth: Value = serde_json::from_slice(&std::fs::read(out.join("authentication-data.json")).unwrap()).unwrap();
 
     let ca = ferry_core::tls::LocalCa::from_pem(

@@ -70,15 +70,7 @@ async fn connector_and_proxy_as_separate_processes() {
 
     // Enroll a connector for location "plant" through the admin API.
     let out = dir.join("connector");
-    let status = Command::new(env!("CARGO_BIN_EXE_ferry"))
-        .args(["connector", "enroll", "--subaccount", &subaccount, "--location", "plant", "--url", &token_url])
-        .arg("--data-dir")
-        .arg(&data)
-        .arg("--out")
-        .arg(&out)
-        .status()
-        .unwrap();
-    assert!(status.success());
+    common::enroll(&subaccount, Some("plant"), &token_url, &data, &out, &[]);
 
     // A standalone proxy replica: its tunnel certificate from the same CA, trust in the token
     // service through its JWKS.
@@ -197,15 +189,7 @@ async fn standalone_connector_managed_through_its_admin_api() {
     let subaccount = conn["tenantid"].as_str().unwrap().to_owned();
     let up_proxy = format!("http://127.0.0.1:{}", conn["onpremise_proxy_http_port"].as_str().unwrap());
     let out = dir.join("scc");
-    let status = Command::new(env!("CARGO_BIN_EXE_ferry"))
-        .args(["connector", "enroll", "--subaccount", &subaccount, "--location", "depot", "--url", &token_url])
-        .arg("--data-dir")
-        .arg(&data)
-        .arg("--out")
-        .arg(&out)
-        .status()
-        .unwrap();
-    assert!(status.success());
+    common::enroll(&subaccount, Some("depot"), &token_url, &data, &out, &[]);
     let auth_data: Value =
         serde_json::from_slice(&std::fs::read(out.join("authentication-data.json")).unwrap()).unwrap();
 
@@ -308,16 +292,7 @@ async fn standalone_connector_renews_its_short_lived_certificate() {
     let subaccount = conn["tenantid"].as_str().unwrap().to_owned();
     let up_proxy = format!("http://127.0.0.1:{}", conn["onpremise_proxy_http_port"].as_str().unwrap());
     let out = dir.join("scc");
-    let status = Command::new(env!("CARGO_BIN_EXE_ferry"))
-        .args(["connector", "enroll", "--subaccount", &subaccount, "--location", "plant", "--url", &token_url])
-        .args(["--validity-seconds", "8"])
-        .arg("--data-dir")
-        .arg(dir.join("data"))
-        .arg("--out")
-        .arg(&out)
-        .status()
-        .unwrap();
-    assert!(status.success());
+    common::enroll(&subaccount, Some("plant"), &token_url, &dir.join("data"), &out, &["--validity-seconds", "8"]);
     let auth_data: Value =
         serde_json::from_slice(&std::fs::read(out.join("authentication-data.json")).unwrap()).unwrap();
     assert!(auth_data["renewal"].as_str().unwrap().starts_with("https://"), "{auth_data}");

@@ -9,6 +9,37 @@ use std::process::{Command, Output};
 use ferry_testkit::process::FerryProcess;
 use serde_json::Value;
 
+/// `ferry connector enroll`: `ferry up`'s CA (under `data`) signs a connector certificate for
+/// `subaccount` and `location` (the default location when `None`), and the connector's files
+/// (`connector.toml`, keys, `authentication-data.json`) land in `out`. `extra`: more arguments.
+pub fn enroll(subaccount: &str, location: Option<&str>, token_url: &str, data: &Path, out: &Path, extra: &[&str]) {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_ferry"));
+    cmd.args(["connector", "enroll", "--subaccount", subaccount, "--url", token_url]);
+    if let Some(location) = location {
+        cmd.args(["--location", location]);
+    }
+    let status = cmd.args(extra).arg("--data-dir").arg(data).arg("--out").arg(out).status().unwrap();
+    assert!(status.success(), "ferry connector enroll failed for {subaccount}/{location:?}");
+}
+
+/// `ferry up`, and a connector enrolled for location "plant" whose config file gets `extra`
+/// (top-level keys) before and `mappings` (TOML) after what enroll wrote; not started. The
+/// temporary folder, `ferry up`, its `VCAP_SERVICES` and the connector's config path.
+pub fn up_and_enrolled_connector(mappings: &str, extra: &str) -> (tempfile::TempDir, FerryProcess, Value, PathBuf) {
+    ferry_core::init_crypto();
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().to_owned();
+    let (up, vcap) = ferry_up(&dir, LISTEN_ANY);
+    let conn = &vcap["connectivity"][0]["credentials"];
+    let out = dir.join("connector");
+    let (subaccount, url) = (conn["tenantid"].as_str().unwrap(), conn["url"].as_str().unwrap());
+    enroll(subaccount, Some("plant"), url, &dir.join("data"), &out, &[]);
+    let config = out.join("connector.toml");
+    let toml = std::fs::read_to_string(&config).unwrap();
+    std::fs::write(&config, format!("{extra}\n{toml}\n{mappings}")).unwrap();
+    (tmp, up, vcap, config)
+}
+
 /// A fresh temporary folder for one test.
 pub fn test_dir(name: &str) -> PathBuf {
     let dir = std::env::temp_dir().join(format!("ferry-{name}-{}", std::process::id()));
