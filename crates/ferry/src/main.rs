@@ -135,6 +135,20 @@ enum ConnectorCmd {
     },
 }
 
+/// `TOKIO_WORKER_THREADS`, checked here: tokio reads it too, but panics on a bad value.
+fn worker_threads() -> anyhow::Result<Option<usize>> {
+    match std::env::var("TOKIO_WORKER_THREADS") {
+        Err(std::env::VarError::NotPresent) => Ok(None),
+        Ok(v) => match v.trim().parse::<usize>() {
+            Ok(n) if n > 0 => Ok(Some(n)),
+            _ => anyhow::bail!("TOKIO_WORKER_THREADS must be a whole number of at least 1, not {v:?}"),
+        },
+        Err(std::env::VarError::NotUnicode(v)) => {
+            anyhow::bail!("TOKIO_WORKER_THREADS must be a whole number of at least 1, not {v:?}")
+        }
+    }
+}
+
 fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(
@@ -144,7 +158,11 @@ fn main() -> anyhow::Result<()> {
         .with_writer(std::io::stderr)
         .init();
     let cli = Cli::parse();
-    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    let mut rt = tokio::runtime::Builder::new_multi_thread();
+    if let Some(n) = worker_threads()? {
+        rt.worker_threads(n);
+    }
+    let rt = rt.enable_all().build()?;
     match cli.command {
         Command::Up(args) => rt.block_on(up::up(args)),
         Command::Connect(args) => rt.block_on(connect::connect(args)),

@@ -321,3 +321,29 @@ async fn ferry_up_adopts_legacy_signing_keys() {
     assert!(!db.windows(32).any(|w| w == &der[200..232]), "no key in DER");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// A bad `TOKIO_WORKER_THREADS` stops every command with an error that names it (tokio itself
+/// would panic on it); a good one is taken.
+#[test]
+fn worker_threads_from_the_environment_are_checked() {
+    let run = |value: &str| {
+        Command::new(env!("CARGO_BIN_EXE_ferry"))
+            .args(["connector", "audit-verify", "/nonexistent-audit-log"])
+            .env("TOKIO_WORKER_THREADS", value)
+            .env("RUST_BACKTRACE", "0")
+            .output()
+            .unwrap()
+    };
+    for bad in ["abc", "0", "-1", ""] {
+        let out = run(bad);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "TOKIO_WORKER_THREADS={bad:?} was taken");
+        assert!(err.contains("TOKIO_WORKER_THREADS must be a whole number of at least 1"), "{bad:?}: {err}");
+        assert!(!err.contains("panicked"), "{bad:?}: {err}");
+    }
+    // A good value runs the command, which then fails on its own account (no such log).
+    let out = run("1");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("the audit log failed verification"), "{err}");
+    assert!(!err.contains("TOKIO_WORKER_THREADS"), "{err}");
+}
