@@ -49,13 +49,8 @@ pub enum ConnectorError {
     OtherIdentity(String, String),
 }
 
-/// The tunnel's TCP connection, read through a buffer: rustls asks for at most one TLS record
-/// (16 KiB) per read, so unbuffered, a bulk download cost a `recvfrom` per record (91 system
-/// calls per MiB); one read now takes whatever the socket holds, up to this size.
+/// The tunnel's TCP connection, read through a buffer of [`ferry_proto::tunnel::READ_BUFFER`].
 type TunnelTcp = tokio::io::BufReader<TcpStream>;
-
-/// Capacity of [`TunnelTcp`]'s buffer (one per tunnel connection).
-const TUNNEL_READ_BUFFER: usize = 256 * 1024;
 
 #[derive(Clone, Debug)]
 pub struct ConnectorConfig {
@@ -548,7 +543,7 @@ impl Connector {
             .await
             .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "connect timed out"))??;
         tcp.set_nodelay(true)?;
-        let tcp = tokio::io::BufReader::with_capacity(TUNNEL_READ_BUFFER, tcp);
+        let tcp = tokio::io::BufReader::with_capacity(ferry_proto::tunnel::READ_BUFFER, tcp);
         tokio::time::timeout(Duration::from_secs(10), tls.connect(self.server_name.clone(), tcp))
             .await
             .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "TLS handshake timed out"))?

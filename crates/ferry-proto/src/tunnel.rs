@@ -113,6 +113,11 @@ pub const CONNECTION_WINDOW: u32 = 16 * 1024 * 1024;
 pub const MAX_FRAME: u32 = 64 * 1024;
 pub const SEND_BUFFER: usize = 1024 * 1024;
 pub const MAX_STREAMS: u32 = 16 * 1024;
+/// Both ends read the tunnel's TCP connection through a buffer of this size under rustls
+/// (one per tunnel connection): rustls asks for one TLS record (16 KiB) per read, which cost a
+/// `recvfrom` per record on a busy tunnel (91 per MiB at the connector); one read now takes
+/// whatever the socket holds.
+pub const READ_BUFFER: usize = 256 * 1024;
 
 /// Splits `host:port` (IPv6 literals in brackets). Returns `None` if the port is missing or not
 /// a number, or the host is empty.

@@ -18,9 +18,6 @@ use tokio::sync::Notify;
 use crate::registry::{Fenced, Registry};
 use hyper::client::conn::http2::SendRequest;
 
-/// Read buffer of each tunnel connection (one per connection, not per stream).
-const TUNNEL_READ_BUFFER: usize = 256 * 1024;
-
 pub(crate) async fn serve(
     stream: TcpStream,
     acceptor: tokio_rustls::TlsAcceptor,
@@ -30,9 +27,7 @@ pub(crate) async fn serve(
     handshake_timeout: Duration,
     shutdown: Shutdown,
 ) {
-    // Read through a buffer: rustls asks for one TLS record (16 KiB) per read, which made a
-    // `recvfrom` per record on a busy tunnel; one read now takes what the socket holds.
-    let stream = tokio::io::BufReader::with_capacity(TUNNEL_READ_BUFFER, stream);
+    let stream = tokio::io::BufReader::with_capacity(ferry_proto::tunnel::READ_BUFFER, stream);
     let tls = match tokio::time::timeout(handshake_timeout, acceptor.accept(stream)).await {
         Ok(Ok(tls)) => tls,
         Ok(Err(e)) => {

@@ -137,15 +137,10 @@ enum ConnectorCmd {
 
 /// `TOKIO_WORKER_THREADS`, checked here: tokio reads it too, but panics on a bad value.
 fn worker_threads() -> anyhow::Result<Option<usize>> {
-    match std::env::var("TOKIO_WORKER_THREADS") {
-        Err(std::env::VarError::NotPresent) => Ok(None),
-        Ok(v) => match v.trim().parse::<usize>() {
-            Ok(n) if n > 0 => Ok(Some(n)),
-            _ => anyhow::bail!("TOKIO_WORKER_THREADS must be a whole number of at least 1, not {v:?}"),
-        },
-        Err(std::env::VarError::NotUnicode(v)) => {
-            anyhow::bail!("TOKIO_WORKER_THREADS must be a whole number of at least 1, not {v:?}")
-        }
+    let Some(v) = std::env::var_os("TOKIO_WORKER_THREADS") else { return Ok(None) };
+    match v.to_str().and_then(|s| s.trim().parse::<usize>().ok()) {
+        Some(n) if n > 0 => Ok(Some(n)),
+        _ => anyhow::bail!("TOKIO_WORKER_THREADS must be a whole number of at least 1, not {v:?}"),
     }
 }
 
