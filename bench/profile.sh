@@ -5,11 +5,15 @@
 #     and the end of N requests (callgrind_control -z / -d), per process;
 #   - instructions per byte of a SOCKS5 bulk transfer;
 #   - VmRSS of both processes idle and with HOLD_N idle SOCKS5 connections (no valgrind);
-#   - system calls per request / per MiB (strace -c; MODES=sys / sysbulk, not run by default).
+#   - system calls per request / per MiB (strace -c; MODES=sys / sysbulk, not run by default);
+#   - CPU time (user, kernel) of both processes per request under wrk at CONNS_WRK connections for
+#     SECS seconds (MODES=cpu, not run by default): compares two builds on a noisy machine better
+#     than requests per second do, since it does not depend on how much CPU the others got.
 #
 #   bench/profile.sh                       # http bulk mem; results and callgrind files in $OUT
 #   MODES=http N=2000 CONNS=16 bench/profile.sh
-# Variables: FERRY (default: cargo build --release -p ferry), OUT, MODES (http bulk mem sys sysbulk), N, WARM,
+# Variables: FERRY (default: cargo build --release -p ferry), OUT, MODES (http bulk mem sys sysbulk cpu), N, WARM,
+# SECS, CONNS_WRK,
 # CONNS, MIB (bulk size), HOLD_N, FERRY_BENCH_TUNNELS, MEM_WRAP (a command prefix for mode mem, e.g.
 # `valgrind --tool=dhat --dhat-out-file=/tmp/dhat.%p`: live heap per call site at the peak). Needs nginx,
 # valgrind, python3, openssl, curl.
@@ -18,6 +22,7 @@ REPO=$(cd "$(dirname "$0")/.." && pwd)
 OUT=${OUT:-$(mktemp -d /tmp/ferry-profile.XXXXXX)}
 MODES=${MODES:-http bulk mem}
 N=${N:-2000} WARM=${WARM:-200} CONNS=${CONNS:-16} MIB=${MIB:-256} HOLD_N=${HOLD_N:-1000}
+SECS=${SECS:-8} CONNS_WRK=${CONNS_WRK:-64}
 log() { printf '[%(%H:%M:%S)T] %s\n' -1 "$*" >&2; }
 if [ -z "${FERRY:-}" ]; then
   (cd "$REPO" && cargo build --release -q -p ferry)
@@ -138,6 +143,27 @@ for mode in $MODES; do
       for x in proxy connector; do
         awk -v n="$MIB" -v x=$x '/total/ {printf "| sysbulk | %s | %.1f system calls per MiB |\n", x, $4/n}' "$OUT/sysbulk-$x.txt"
       done | tee -a "$OUT/results.md"
+      stop_ferry ;;
+    cpu)
+      log "cpu: CPU time per request, wrk -c$CONNS_WRK for ${SECS}s"
+      start_ferry ""
+      printf 'wrk.path = "%s"\nwrk.headers["Proxy-Authorization"] = "Bearer %s"\n' "$URL" "$TOKEN" >"$OUT/proxy.lua"
+      wrk -t2 -c"$CONNS_WRK" -d2s -s "$OUT/proxy.lua" "http://127.0.0.1:$HTTP" >/dev/null
+      ticks() { for p in "$PROXY_PID" "$CONN_PID"; do awk '{sub(/^.*\) /, ""); print $12, $13}' /proc/"$p"/stat; done | paste -sd' '; }
+      before=$(ticks)
+      wrk -t2 -c"$CONNS_WRK" -d"${SECS}s" -s "$OUT/proxy.lua" "http://127.0.0.1:$HTTP" >"$OUT/cpu-wrk.txt"
+      after=$(ticks)
+      python3 - "$before" "$after" "$(getconf CLK_TCK)" "$OUT/cpu-wrk.txt" "$SECS" <<'PY' | tee -a "$OUT/results.md"
+import re, sys
+b, a = [list(map(int, x.split())) for x in sys.argv[1:3]]
+tick, secs = int(sys.argv[3]), float(sys.argv[5])
+text = open(sys.argv[4]).read()
+n = int(re.search(r"(\d+) requests in", text).group(1))
+bad = re.search(r"Non-2xx or 3xx responses: (\d+)", text)
+d = [(y - x) / tick * 1e6 / n for x, y in zip(b, a)]
+print(f"| cpu | {n / secs:,.0f} req/s | proxy user {d[0]:.1f} kernel {d[1]:.1f} | connector user {d[2]:.1f} "
+      f"kernel {d[3]:.1f} | both {sum(d):.1f} µs per request |" + (f" {bad.group(1)} non-2xx |" if bad else ""))
+PY
       stop_ferry ;;
     mem)
       log "mem: VmRSS idle and with $HOLD_N idle SOCKS5 connections"

@@ -69,6 +69,7 @@ mod api;
 mod certgen;
 mod keys;
 mod labels;
+mod pg_tls;
 mod postgres;
 mod query;
 mod saml;

@@ -6,15 +6,12 @@
 //! together migrate once. Connections come from a bounded pool (`deadpool-postgres`); broken
 //! ones are dropped and replaced. `tokio-postgres` sets `TCP_NODELAY` on its TCP sockets.
 //!
-//! Connections are plain TCP or a unix socket (`host=/run/postgresql` in the URL): TLS to the
-//! database is not supported yet, so run it on the same host, a private network or behind a
-//! TLS tunnel. `sslmode=require` in the URL therefore fails at start-up instead of silently
-//! connecting in the clear.
+//! Connections are TCP, with TLS as libpq's `sslmode` and friends in the URL say
+//! ([`crate::pg_tls`]), or a unix socket (`host=/run/postgresql` in the URL).
 
 use std::time::Duration;
 
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
-use tokio_postgres::NoTls;
 
 use crate::store::{Kind, RowKey, Scope, Store, StoreError, StoreFuture, instance_column, level_of, now_secs};
 
@@ -49,13 +46,33 @@ pub(crate) struct PgStore {
 fn err(context: &'static str) -> impl Fn(tokio_postgres::Error) -> StoreError {
     // `Display` of a tokio-postgres error is terse ("db error"); the source says what failed.
     move |e| {
-        let detail = std::error::Error::source(&e).map(|s| format!(": {s}")).unwrap_or_default();
+        let detail = causes(&e);
         if connection_lost(&e) {
             StoreError::unavailable(context, format!("{e}{detail}"))
         } else {
             StoreError::backend(context, format!("{e}{detail}"))
         }
     }
+}
+
+/// `e`'s sources, each after ": ": what a TLS failure was is two levels down (pool error →
+/// tokio-postgres' "error performing TLS handshake" → rustls' "invalid peer certificate: …").
+/// Some errors already print their source (deadpool's do): a source whose text is already
+/// there is skipped.
+fn causes(e: &dyn std::error::Error) -> String {
+    let mut seen = e.to_string();
+    let mut out = String::new();
+    let mut next = e.source();
+    while let Some(s) = next {
+        let text = s.to_string();
+        if !seen.contains(&text) {
+            out.push_str(": ");
+            out.push_str(&text);
+            seen.push_str(&text);
+        }
+        next = s.source();
+    }
+    out
 }
 
 /// Whether `e` says the server is gone or going rather than that the statement failed: the
@@ -73,23 +90,20 @@ impl PgStore {
     /// form) and brings the schema up to date.
     pub(crate) async fn open(url: &str) -> Result<Self, StoreError> {
         let context = "cannot use the destination database";
-        let mut config: tokio_postgres::Config = url.parse().map_err(|e| {
+        let prepared = crate::pg_tls::prepare(url).map_err(|e| StoreError::backend(context, e))?;
+        let mut config: tokio_postgres::Config = prepared.url.parse().map_err(|e| {
             StoreError::backend(
                 context,
                 format!("the PostgreSQL URL is not valid ({e}); use postgres://user@host:port/db"),
             )
         })?;
-        if config.get_ssl_mode() == tokio_postgres::config::SslMode::Require {
-            return Err(StoreError::backend(
-                context,
-                "sslmode=require: Ferry does not speak TLS to PostgreSQL yet; use a local or private connection",
-            ));
-        }
+        config.ssl_mode(prepared.ssl_mode);
         if config.get_connect_timeout().is_none() {
             config.connect_timeout(CONNECT_TIMEOUT);
         }
         config.application_name("ferry-destination");
-        let manager = Manager::from_config(config, NoTls, ManagerConfig { recycling_method: RecyclingMethod::Fast });
+        let manager =
+            Manager::from_config(config, prepared.tls, ManagerConfig { recycling_method: RecyclingMethod::Fast });
         let pool = Pool::builder(manager)
             .max_size(POOL_SIZE)
             .runtime(deadpool_postgres::Runtime::Tokio1)
@@ -104,7 +118,7 @@ impl PgStore {
 
     async fn client(&self, context: &'static str) -> Result<deadpool_postgres::Client, StoreError> {
         self.pool.get().await.map_err(|e| {
-            let detail = std::error::Error::source(&e).map(|s| format!(": {s}")).unwrap_or_default();
+            let detail = causes(&e);
             StoreError::unavailable(context, format!("no database connection ({e}{detail})"))
         })
     }

@@ -33,6 +33,8 @@ const INSTALL_HINT: &str = "PostgreSQL is not installed: run scripts/test.sh (it
 pub struct Postgres {
     pub port: u16,
     bin: PathBuf,
+    /// The unix socket's folder.
+    dir: PathBuf,
     /// Closing it stops the server (see the module documentation).
     stop: Option<ChildStdin>,
     child: Child,
@@ -145,6 +147,11 @@ impl Postgres {
     /// Starts a server of its own (stopped on drop). Panics, with PostgreSQL's messages, if
     /// it cannot start.
     pub fn start() -> Postgres {
+        Self::start_with(&Options::default())
+    }
+
+    /// [`Postgres::start`] with TLS and/or client authentication rules of the test's choice.
+    pub fn start_with(options: &Options) -> Postgres {
         let bin = bin_dir();
         assert!(bin.join("postgres").exists() && bin.join("initdb").exists(), "{INSTALL_HINT}");
         let root = is_root();
@@ -162,6 +169,7 @@ impl Postgres {
                 "--no-sync",
             ]);
             run(initdb, "initdb");
+            let extra = options.write(&dir, root);
             let port = free_port();
             let log_path = dir.with_extension("log");
             let log = std::fs::File::create(&log_path).expect("cannot create the PostgreSQL log");
@@ -186,6 +194,7 @@ impl Postgres {
                 // Throw-away data: durability costs time and buys nothing.
                 .args(["-c", "fsync=off", "-c", "synchronous_commit=off", "-c", "full_page_writes=off"])
                 .args(["-c", "max_connections=300"])
+                .args(extra)
                 .stdin(Stdio::piped())
                 .stdout(Stdio::null())
                 .stderr(log);
@@ -194,7 +203,8 @@ impl Postgres {
             std::os::unix::process::CommandExt::process_group(&mut postgres, 0);
             let mut child = postgres.spawn().expect("cannot run postgres");
             let stop = child.stdin.take();
-            let mut server = Postgres { port, bin: bin.clone(), stop, child, databases: AtomicU32::new(0) };
+            let mut server =
+                Postgres { port, bin: bin.clone(), dir: dir.clone(), stop, child, databases: AtomicU32::new(0) };
             if server.wait_ready() {
                 let _ = std::fs::remove_file(&log_path);
                 return server;
@@ -242,6 +252,65 @@ impl Postgres {
     /// The URL of database `name` on this server.
     pub fn url(&self, name: &str) -> String {
         format!("postgres://{USER}@127.0.0.1:{}/{name}", self.port)
+    }
+
+    /// The folder of the server's unix socket (`host=<this>` in a URL).
+    pub fn socket_dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Runs `sql` as the superuser through the unix socket (`local all all trust` must be in
+    /// the rules when [`Options::hba`] replaces them).
+    pub fn sql(&self, sql: &str) {
+        let mut psql = Command::new(self.bin.join("psql"));
+        psql.arg("-h").arg(&self.dir).args(["-p", &self.port.to_string(), "-U", USER, "-d", "postgres"]);
+        psql.args(["-v", "ON_ERROR_STOP=1", "-q", "-c", sql]);
+        run(psql, "psql");
+    }
+}
+
+/// How [`Postgres::start_with`] sets the server up beyond the defaults.
+#[derive(Clone, Debug, Default)]
+pub struct Options {
+    /// The server's certificate chain and key (PEM): `ssl=on` with them.
+    pub tls: Option<(String, String)>,
+    /// CA certificates (PEM) that client certificates must chain to (`ssl_ca_file`), for
+    /// `cert` authentication.
+    pub client_ca: Option<String>,
+    /// `pg_hba.conf` in full, instead of initdb's trust-everything rules.
+    pub hba: Option<String>,
+}
+
+impl Options {
+    /// Writes the files into `dir` (the server user's) and returns the server's extra options.
+    fn write(&self, dir: &Path, root: bool) -> Vec<String> {
+        let mut args = Vec::new();
+        let mut put = |name: &str, content: &str, setting: &str| {
+            let path = dir.join(name);
+            std::fs::write(&path, content).expect("cannot write a PostgreSQL file");
+            // PostgreSQL refuses a key others can read.
+            std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o600))
+                .expect("cannot make a PostgreSQL file private");
+            if root {
+                let (uid, gid) = ids_of("postgres").expect("no `postgres` user");
+                std::os::unix::fs::chown(&path, Some(uid), Some(gid)).expect("cannot hand a file to `postgres`");
+            }
+            args.extend(["-c".to_owned(), format!("{setting}={}", path.display())]);
+        };
+        if let Some((cert, key)) = &self.tls {
+            put("server.crt", cert, "ssl_cert_file");
+            put("server.key", key, "ssl_key_file");
+        }
+        if let Some(ca) = &self.client_ca {
+            put("client-ca.crt", ca, "ssl_ca_file");
+        }
+        if let Some(hba) = &self.hba {
+            put("hba.conf", hba, "hba_file");
+        }
+        if self.tls.is_some() {
+            args.extend(["-c".to_owned(), "ssl=on".to_owned()]);
+        }
+        args
     }
 }
 

@@ -20,6 +20,8 @@ mod fragments;
 mod labels;
 mod lists;
 mod oauth;
+// PostgreSQL only: a server of its own with TLS.
+mod postgres_tls;
 mod saml;
 mod storage;
 mod user_flows;
