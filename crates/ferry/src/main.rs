@@ -52,6 +52,17 @@ enum Command {
         #[arg(long, default_value = "0.0.0.0:8080", requires = "kubernetes")]
         http_listen: std::net::SocketAddr,
     },
+    /// Check a configuration file without starting anything: it parses, every key is known and
+    /// the values are valid (the files it names are not read, nothing is contacted). Exits
+    /// non-zero with what to fix.
+    CheckConfig {
+        /// What the file configures: the command that would run it.
+        #[arg(value_enum)]
+        kind: ConfigKind,
+        /// Configuration files (TOML).
+        #[arg(required = true)]
+        files: Vec<std::path::PathBuf>,
+    },
     /// Print the CustomResourceDefinition of the Transparent Proxy's `Destination` resource (YAML).
     Crdgen,
     /// Run the Kubernetes controller that turns `Destination` resources into Services leading to
@@ -100,6 +111,46 @@ enum Command {
         #[command(subcommand)]
         cmd: destinations_cli::CertificateCmd,
     },
+}
+
+/// The commands that read a configuration file, for `check-config`.
+#[derive(Clone, Copy, Debug, clap::ValueEnum)]
+enum ConfigKind {
+    /// `ferry up --config`
+    Up,
+    /// `ferry proxy --config`
+    Proxy,
+    /// `ferry connector run --config`
+    Connector,
+    /// `ferry transparent-proxy --config`
+    TransparentProxy,
+    /// `ferry k8s-controller --config`
+    K8sController,
+}
+
+/// `ferry check-config`: every file checked, each one's verdict printed; an error if any fails.
+fn check_config(kind: ConfigKind, files: &[std::path::PathBuf]) -> anyhow::Result<()> {
+    let mut failed = 0;
+    for file in files {
+        let result = match kind {
+            ConfigKind::Up => config::FileConfig::load(file).map(drop),
+            ConfigKind::Proxy => standalone::check_proxy(file),
+            ConfigKind::Connector => standalone::check_connector(file),
+            ConfigKind::TransparentProxy => transparent_proxy::check(file),
+            ConfigKind::K8sController => ferry_k8s::Config::load(file).map(drop).map_err(anyhow::Error::from),
+        };
+        match result {
+            Ok(()) => println!("{}: valid", file.display()),
+            Err(e) => {
+                failed += 1;
+                let (name, e) = (file.display().to_string(), format!("{e:#}"));
+                // Most errors name the file already.
+                if e.contains(&name) { println!("{e}") } else { println!("{name}: {e}") }
+            }
+        }
+    }
+    anyhow::ensure!(failed == 0, "{failed} of {} configuration files are not valid", files.len());
+    Ok(())
 }
 
 #[derive(Subcommand)]
@@ -191,6 +242,7 @@ fn main() -> anyhow::Result<()> {
         Command::TransparentProxy { config, kubernetes, http_listen } => {
             user_error(rt.block_on(transparent_proxy::run(&config, kubernetes.then_some(http_listen))))
         }
+        Command::CheckConfig { kind, files } => check_config(kind, &files),
         Command::Crdgen => k8s::crdgen(),
         Command::K8sController(args) => rt.block_on(k8s::controller(args)),
         Command::Subaccount { conn, cmd } => rt.block_on(admin_cli::subaccount(conn, cmd)),

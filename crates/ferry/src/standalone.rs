@@ -187,20 +187,39 @@ struct StandalonePp {
     settings: PrincipalPropagationEntry,
 }
 
+impl ConnectorFile {
+    /// What can be checked without reading the files it names or touching the network.
+    fn check(&self) -> anyhow::Result<()> {
+        anyhow::ensure!(
+            !self.proxies.is_empty() || self.admin.is_some(),
+            "proxies must name at least one proxy tunnel endpoint, or [admin] must enable the admin API"
+        );
+        anyhow::ensure!(
+            self.system_certificate_file.is_some() == self.system_key_file.is_some(),
+            "system_certificate_file and system_key_file go together"
+        );
+        anyhow::ensure!(self.audit_max_file_age_secs != Some(0), "audit_max_file_age_secs must be at least 1");
+        anyhow::ensure!(self.resolve_interval_seconds > 0, "resolve_interval_seconds must be at least 1");
+        Ok(())
+    }
+}
+
+/// `ferry check-config connector`: parses and checks `config` as `ferry connector run` would.
+pub fn check_connector(config: &Path) -> anyhow::Result<()> {
+    let (cfg, _): (ConnectorFile, PathBuf) = load(config)?;
+    cfg.check()
+}
+
 pub async fn connector(config: &Path) -> anyhow::Result<()> {
     ferry_core::init_crypto();
     let (cfg, base): (ConnectorFile, PathBuf) = load(config)?;
-    anyhow::ensure!(
-        !cfg.proxies.is_empty() || cfg.admin.is_some(),
-        "proxies must name at least one proxy tunnel endpoint, or [admin] must enable the admin API"
-    );
+    cfg.check()?;
     let backend_ca_pem = cfg.backend_ca_file.as_ref().map(|f| read(&base, f)).transpose()?;
     let system_certificate = match (&cfg.system_certificate_file, &cfg.system_key_file) {
         (Some(cert), Some(key)) => {
             Some(CertifiedKey { cert_pem: read(&base, cert)?, key_pem: read(&base, key)?.into() })
         }
-        (None, None) => None,
-        _ => anyhow::bail!("system_certificate_file and system_key_file go together"),
+        _ => None,
     };
     let audit_dir = base.join(cfg.audit_dir.clone().unwrap_or_else(|| "audit".into()));
     let audit = ferry_connector::audit::AuditConfig {
@@ -210,7 +229,6 @@ pub async fn connector(config: &Path) -> anyhow::Result<()> {
         max_files: cfg.audit_max_files,
         max_file_age: cfg.audit_max_file_age_secs.map(Duration::from_secs),
     };
-    anyhow::ensure!(cfg.audit_max_file_age_secs != Some(0), "audit_max_file_age_secs must be at least 1");
     let principal = match &cfg.principal_propagation {
         Some(pp) => {
             let verifier = remote_verifier(&pp.token_keys_urls, pp.token_ca_file.as_deref(), &base)?;
@@ -223,7 +241,6 @@ pub async fn connector(config: &Path) -> anyhow::Result<()> {
         }
         None => None,
     };
-    anyhow::ensure!(cfg.resolve_interval_seconds > 0, "resolve_interval_seconds must be at least 1");
     let resolve_interval = Duration::from_secs(cfg.resolve_interval_seconds);
     let shutdown = Shutdown::new();
     let mut tasks = tokio::task::JoinSet::new();
@@ -400,18 +417,36 @@ fn tunnel_port() -> u16 {
     20005
 }
 
+impl ProxyFile {
+    /// What can be checked without reading the files it names or touching the network.
+    fn check(&self) -> anyhow::Result<()> {
+        if let Some(b) = &self.bench_socks5_no_auth {
+            anyhow::ensure!(
+                b.listen.ip().is_loopback(),
+                "bench_socks5_no_auth.listen = {}: the SOCKS5 listener without authentication may only listen on a \
+                 loopback address (127.0.0.1 or [::1]); it is a benchmark mode, not for production",
+                b.listen
+            );
+            anyhow::ensure!(!b.subaccount.is_empty(), "bench_socks5_no_auth.subaccount must name the subaccount id");
+        }
+        anyhow::ensure!(
+            !self.token_keys_urls.is_empty(),
+            "token_keys_urls must name at least one JWKS endpoint of the token service"
+        );
+        Ok(())
+    }
+}
+
+/// `ferry check-config proxy`: parses and checks `config` as `ferry proxy` would.
+pub fn check_proxy(config: &Path) -> anyhow::Result<()> {
+    let (cfg, _): (ProxyFile, PathBuf) = load(config)?;
+    cfg.check()
+}
+
 pub async fn proxy(config: &Path) -> anyhow::Result<()> {
     ferry_core::init_crypto();
     let (cfg, base): (ProxyFile, PathBuf) = load(config)?;
-    if let Some(b) = &cfg.bench_socks5_no_auth {
-        anyhow::ensure!(
-            b.listen.ip().is_loopback(),
-            "bench_socks5_no_auth.listen = {}: the SOCKS5 listener without authentication may only listen on a \
-             loopback address (127.0.0.1 or [::1]); it is a benchmark mode, not for production",
-            b.listen
-        );
-        anyhow::ensure!(!b.subaccount.is_empty(), "bench_socks5_no_auth.subaccount must name the subaccount id");
-    }
+    cfg.check()?;
     let verifier = remote_verifier(&cfg.token_keys_urls, cfg.token_ca_file.as_deref(), &base)?;
     let identity =
         CertifiedKey { cert_pem: read(&base, &cfg.certificate_file)?, key_pem: read(&base, &cfg.key_file)?.into() };

@@ -73,3 +73,10 @@ fn print_endpoints(list: &Endpoints) {
         }
     }
 }
+
+/// `ferry check-config transparent-proxy`: parses and checks `config` as `ferry transparent-proxy`
+/// would, without reading the bindings it names.
+pub fn check(config: &Path) -> anyhow::Result<()> {
+    ferry_transparent_proxy::config::FileConfig::load(config)?;
+    Ok(())
+}

@@ -347,3 +347,45 @@ fn worker_threads_from_the_environment_are_checked() {
     assert!(err.contains("the audit log failed verification"), "{err}");
     assert!(!err.contains("TOKIO_WORKER_THREADS"), "{err}");
 }
+
+/// `ferry check-config`: each kind's file checked by the parser of the command that reads it,
+/// without the files it names; a typo, a wrong value and the wrong kind are reported by name.
+#[test]
+fn check_config_reports_what_to_fix() {
+    let dir = tempfile::tempdir().unwrap();
+    let check = |kind: &str, text: &str| {
+        let file = dir.path().join(format!("{kind}.toml"));
+        std::fs::write(&file, text).unwrap();
+        let out = Command::new(env!("CARGO_BIN_EXE_ferry")).args(["check-config", kind]).arg(&file).output().unwrap();
+        (out.status.success(), String::from_utf8_lossy(&out.stdout).into_owned())
+    };
+    let proxy = "certificate_file = \"/nonexistent/cert\"\nkey_file = \"/nonexistent/key\"\n\
+                 connector_ca_file = \"/nonexistent/ca\"\ntoken_keys_urls = [\"http://ts:18081/token_keys\"]\n";
+    let controller = "proxy_namespace = \"ferry\"\n[http]\ntarget_port = \"http\"\n[http.selector]\napp = \"tp\"\n\
+                      [tcp]\n[tcp.selector]\napp = \"tp-tcp\"\n";
+    let valid = [
+        ("up", "[tokens]\naccess_token_validity_secs = 600\n"),
+        ("proxy", proxy),
+        ("connector", "proxies = [\"proxy:8042\"]\ncertificate_file = \"/nonexistent/cert\"\n"),
+        ("transparent-proxy", "resources_dir = \"/nonexistent/resources\"\n"),
+        ("k8s-controller", controller),
+    ];
+    for (kind, text) in valid {
+        let (ok, out) = check(kind, text);
+        assert!(ok && out.ends_with(": valid\n"), "{kind}: {out}");
+    }
+    let invalid = [
+        ("up", "[tokens]\naccess_token_validity_secs = 0\n", "validities must be at least one second"),
+        ("proxy", &format!("{proxy}max_conections = 5\n"), "unknown field `max_conections`"),
+        ("connector", "proxies = []\n", "proxies must name at least one proxy tunnel endpoint"),
+        ("connector", "proxies = [\"p:1\"]\nsystem_key_file = \"k\"\n", "go together"),
+        ("transparent-proxy", "resources_dir = \"r\"\npoll_interval_ms = 0\n", "poll_interval_ms must be at least 1"),
+        ("k8s-controller", &controller.replace("ferry", ""), "proxy_namespace: must name"),
+        // A connector's file is not a proxy's.
+        ("proxy", "proxies = [\"proxy:8042\"]\n", "unknown field `proxies`"),
+    ];
+    for (kind, text, want) in invalid {
+        let (ok, out) = check(kind, text);
+        assert!(!ok && out.contains(want), "{kind} {text:?}: want {want:?}, got {out}");
+    }
+}

@@ -4,7 +4,6 @@
 //! clean exit on SIGTERM.
 
 use std::ffi::OsStr;
-use std::time::{Duration, Instant};
 
 use ferry_testkit::EchoBackend;
 use ferry_testkit::process::FerryProcess;
@@ -51,7 +50,6 @@ resources = [{{ path = "/sap", exactMatchOnly = false }}]
         echo.addr.port()
     );
     std::fs::write(dir.join("ferry.toml"), config).unwrap();
-    let started = Instant::now();
     let (config, data, env_file) = (dir.join("ferry.toml"), dir.join("data"), dir.join("default-env.json"));
     let args = [
         OsStr::new("up"),
@@ -65,7 +63,6 @@ resources = [{{ path = "/sap", exactMatchOnly = false }}]
     let mut child = FerryProcess::start(env!("CARGO_BIN_EXE_ferry"), &args, &[("FERRY_LOG", "warn")], false);
     let vcap = child.vcap.clone().expect("VCAP_SERVICES line");
     let banner = child.banner.clone();
-    assert!(started.elapsed() < Duration::from_secs(10));
     let file: Value = serde_json::from_slice(&std::fs::read(dir.join("default-env.json")).unwrap()).unwrap();
     assert_eq!(file["VCAP_SERVICES"], vcap, "default-env.json holds the printed VCAP_SERVICES");
     for (label, tag) in [("destination", "destination"), ("connectivity", "connectivity"), ("xsuaa", "xsuaa")] {

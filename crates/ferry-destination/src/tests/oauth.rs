@@ -254,9 +254,9 @@ async fn slow_token_service_times_out() {
     remote.delay(Duration::from_secs(5));
     let t = env.token("zone-1", "client-1");
     env.create(&t, "subaccount", oauth("cc", &remote.url("/oauth/token"))).await;
-    let started = std::time::Instant::now();
+    // The token service would answer after 5 s: the timeout's error, not a token, shows the
+    // fetch gave up (no wall-clock assertion, which a loaded machine could fail).
     let r = env.find(&t, "cc", &[]).await;
-    assert!(started.elapsed() < Duration::from_secs(3));
     let error = r.json["authTokens"][0]["error"].as_str().unwrap();
     assert_eq!(error, format!("token service at {} did not answer within 300ms", remote.url("/oauth/token")));
 }
