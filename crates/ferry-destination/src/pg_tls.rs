@@ -151,7 +151,7 @@ fn client_config(mode: Mode, options: &Options) -> Result<Arc<ClientConfig>, PgT
                 PgTlsError::Content { param: "sslrootcert", path: path.to_owned(), reason: e.to_string() }
             })?),
         };
-    let verifier: Arc<dyn ServerCertVerifier> = match (mode, roots) {
+    let builder = match (mode, roots) {
         (Mode::VerifyCa | Mode::VerifyFull, None) => {
             return Err(PgTlsError::NoRoots(if mode == Mode::VerifyCa { "verify-ca" } else { "verify-full" }));
         }
@@ -161,11 +161,13 @@ fn client_config(mode: Mode, options: &Options) -> Result<Arc<ClientConfig>, PgT
                 path: options.root_cert.clone().unwrap_or_default(),
                 reason: e.to_string(),
             })?;
-            Arc::new(ChainCheck { webpki, check_name: mode == Mode::VerifyFull })
+            let verifier = Arc::new(ChainCheck { webpki, check_name: mode == Mode::VerifyFull });
+            ClientConfig::builder().dangerous().with_custom_certificate_verifier(verifier)
         }
-        (_, None) => Arc::new(NoCheck(rustls::crypto::aws_lc_rs::default_provider().signature_verification_algorithms)),
+        // `prefer`/`require` without `sslrootcert`: any certificate, but its key must sign the
+        // handshake.
+        (_, None) => ferry_core::tls::trust_all_builder(),
     };
-    let builder = ClientConfig::builder().dangerous().with_custom_certificate_verifier(verifier);
     let mut config = match (&options.cert, &options.key) {
         (None, None) => builder.with_no_client_auth(),
         (Some(cert), Some(key)) => {
@@ -236,45 +238,6 @@ impl ServerCertVerifier for ChainCheck {
 
     fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
         self.webpki.supported_verify_schemes()
-    }
-}
-
-/// `prefer`/`require` without `sslrootcert`: any certificate, but its key must sign the handshake.
-#[derive(Debug)]
-struct NoCheck(rustls::crypto::WebPkiSupportedAlgorithms);
-
-impl ServerCertVerifier for NoCheck {
-    fn verify_server_cert(
-        &self,
-        _end_entity: &CertificateDer<'_>,
-        _intermediates: &[CertificateDer<'_>],
-        _server_name: &ServerName<'_>,
-        _ocsp: &[u8],
-        _now: UnixTime,
-    ) -> Result<ServerCertVerified, rustls::Error> {
-        Ok(ServerCertVerified::assertion())
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &rustls::DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.0)
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &rustls::DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.0)
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
-        self.0.supported_schemes()
     }
 }
 
