@@ -16,8 +16,6 @@ use ferry_testkit::EchoBackend;
 use ferry_testkit::process::FerryProcess;
 use serde_json::Value;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpListener;
-use tokio::sync::{mpsc, oneshot};
 
 /// What a test must never wait longer for: far above any answer on loopback, there only so that
 /// a hang fails the test instead of blocking it.
@@ -157,57 +155,13 @@ async fn a_connector_restarted_with_sigterm_fails_no_request() {
     assert!(failures.is_empty(), "{} of {} failed: {failures:#?}", failures.len(), done.load(Ordering::Relaxed));
 }
 
-/// An HTTP backend that reports each request and answers it only when the test says so.
-async fn held_backend() -> (u16, mpsc::Receiver<oneshot::Sender<()>>) {
-    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let port = l.local_addr().unwrap().port();
-    let (tx, rx) = mpsc::channel(4);
-    tokio::spawn(async move {
-        loop {
-            let Ok((mut s, _)) = l.accept().await else { return };
-            let tx = tx.clone();
-            tokio::spawn(async move {
-                let mut head = Vec::new();
-                let mut b = [0u8; 1024];
-                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
-                    match s.read(&mut b).await {
-                        Ok(0) | Err(_) => return,
-                        Ok(n) => head.extend_from_slice(&b[..n]),
-                    }
-                }
-                let (release, released) = oneshot::channel();
-                let _ = tx.send(release).await;
-                let _ = released.await;
-                let _ = s.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 4\r\nconnection: close\r\n\r\ndone").await;
-            });
-        }
-    });
-    (port, rx)
-}
-
-/// A TCP echo server.
-async fn tcp_echo() -> u16 {
-    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let port = l.local_addr().unwrap().port();
-    tokio::spawn(async move {
-        loop {
-            let Ok((s, _)) = l.accept().await else { return };
-            tokio::spawn(async move {
-                let (mut r, mut w) = s.into_split();
-                let _ = tokio::io::copy(&mut r, &mut w).await;
-            });
-        }
-    });
-    port
-}
-
 /// SIGTERM with a long drain deadline: an idle TCP relay is closed at once while an HTTP request
 /// in flight is still being waited for, and that request then gets its whole answer. (Before,
 /// the relay held the drain until a fixed 10 s deadline cut both.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_closes_idle_relays_at_once_and_lets_open_requests_finish() {
-    let (held_port, mut held) = held_backend().await;
-    let echo_port = tcp_echo().await;
+    let (held_port, mut held) = common::held_backend().await;
+    let echo_port = common::tcp_echo().await;
     let mappings = format!(
         "{}[[mappings]]\nvirtualHost = \"echo.virtual\"\nvirtualPort = 7000\nlocalHost = \"127.0.0.1\"\n\
          localPort = {echo_port}\nprotocol = \"TCP\"\n",
@@ -253,7 +207,7 @@ async fn sigterm_closes_idle_relays_at_once_and_lets_open_requests_finish() {
 /// deadline (the app gets an error answer, not a hang) and the process exits.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_drain_deadline_cuts_what_is_still_open() {
-    let (held_port, mut held) = held_backend().await;
+    let (held_port, mut held) = common::held_backend().await;
     let s = setup(&http_mapping("held.virtual", held_port), "drain_timeout_seconds = 1");
     let mut c = connector(&s.config);
     let token = common::token(&s.vcap["connectivity"][0]["credentials"]).await;

@@ -10,58 +10,13 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{mpsc, oneshot};
-
-/// An HTTP backend that reports each request and answers it only when the test says so.
-async fn held_backend() -> (u16, mpsc::Receiver<oneshot::Sender<()>>) {
-    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let port = l.local_addr().unwrap().port();
-    let (tx, rx) = mpsc::channel(4);
-    tokio::spawn(async move {
-        loop {
-            let Ok((mut s, _)) = l.accept().await else { return };
-            let tx = tx.clone();
-            tokio::spawn(async move {
-                let mut head = Vec::new();
-                let mut b = [0u8; 1024];
-                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
-                    match s.read(&mut b).await {
-                        Ok(0) | Err(_) => return,
-                        Ok(n) => head.extend_from_slice(&b[..n]),
-                    }
-                }
-                let (release, released) = oneshot::channel();
-                let _ = tx.send(release).await;
-                let _ = released.await;
-                let _ = s.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 4\r\nconnection: close\r\n\r\ndone").await;
-            });
-        }
-    });
-    (port, rx)
-}
-
-/// A TCP echo server.
-async fn tcp_echo() -> u16 {
-    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let port = l.local_addr().unwrap().port();
-    tokio::spawn(async move {
-        loop {
-            let Ok((s, _)) = l.accept().await else { return };
-            tokio::spawn(async move {
-                let (mut r, mut w) = s.into_split();
-                let _ = tokio::io::copy(&mut r, &mut w).await;
-            });
-        }
-    });
-    port
-}
+use tokio::net::TcpStream;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_finishes_in_flight_requests_closes_idle_streams_and_exits() {
     ferry_core::init_crypto();
-    let (held_port, mut held) = held_backend().await;
-    let echo_port = tcp_echo().await;
+    let (held_port, mut held) = common::held_backend().await;
+    let echo_port = common::tcp_echo().await;
     let tmp = tempfile::tempdir().unwrap();
     let config = format!(
         r#"{listen}

@@ -161,3 +161,51 @@ pub fn audit_lines(dir: &Path) -> String {
     }
     out
 }
+
+/// An HTTP backend that reports each request and answers it only when the test says so.
+pub async fn held_backend() -> (u16, tokio::sync::mpsc::Receiver<tokio::sync::oneshot::Sender<()>>) {
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = l.local_addr().unwrap().port();
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut s, _)) = l.accept().await else { return };
+            let tx = tx.clone();
+            tokio::spawn(async move {
+                let mut head = Vec::new();
+                let mut b = [0u8; 1024];
+                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match tokio::io::AsyncReadExt::read(&mut s, &mut b).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => head.extend_from_slice(&b[..n]),
+                    }
+                }
+                let (release, released) = tokio::sync::oneshot::channel();
+                let _ = tx.send(release).await;
+                let _ = released.await;
+                let _ = tokio::io::AsyncWriteExt::write_all(
+                    &mut s,
+                    b"HTTP/1.1 200 OK\r\ncontent-length: 4\r\nconnection: close\r\n\r\ndone",
+                )
+                .await;
+            });
+        }
+    });
+    (port, rx)
+}
+
+/// A TCP echo server.
+pub async fn tcp_echo() -> u16 {
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = l.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        loop {
+            let Ok((s, _)) = l.accept().await else { return };
+            tokio::spawn(async move {
+                let (mut r, mut w) = s.into_split();
+                let _ = tokio::io::copy(&mut r, &mut w).await;
+            });
+        }
+    });
+    port
+}
