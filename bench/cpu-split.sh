@@ -2,7 +2,9 @@
 # cpu-split.sh — user and kernel CPU time of the tunnel processes per unit of work, next to
 # rathole's, from the same run.sh pass. Tells how much of a path's cost is our code (user) and
 # how much is the kernel moving the bytes (system calls, loopback TCP, wake-ups): a tunnel cannot
-# beat another by more than the ratio of their kernel times unless it makes fewer system calls.
+# beat another by more than the ratio of their kernel times unless it needs less kernel work per
+# request (fewer segments and wake-ups; fewer system calls alone did not do it, see bench/README
+# "Fifth round").
 #
 #   bench/cpu-split.sh                                   # HTTP 1 KiB at 64 connections
 #   SCEN=bulk bench/cpu-split.sh                         # bulk, SOCKS5 → tunnel → sink
