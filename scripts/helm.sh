@@ -100,6 +100,35 @@ PY
       checked=$((checked + 1))
     done <"$work/confs"
     [ "$checked" -lt 0 ] && continue
+    # Every file a rendered configuration names under /etc/ferry must be in a volume its pods mount.
+    if ! "$venv/bin/python" - "$out" <<'PY'
+import re, sys, tomllib, yaml
+docs = [d for d in yaml.safe_load_all(open(sys.argv[1])) if d]
+confs = {}
+for d in docs:
+    if d.get("kind") == "ConfigMap":
+        for key, text in d.get("data", {}).items():
+            if key.endswith(".toml"):
+                confs[key] = text
+bad = 0
+for d in docs:
+    if d.get("kind") not in ("Deployment", "StatefulSet", "DaemonSet"):
+        continue
+    for c in d["spec"]["template"]["spec"]["containers"]:
+        cmd = c.get("command", [])
+        if "--config" not in cmd:
+            continue
+        conf = cmd[cmd.index("--config") + 1].rsplit("/", 1)[-1]
+        mounts = [m["mountPath"] for m in c.get("volumeMounts", [])]
+        for path in re.findall(r'"(/etc/ferry/[^"]+)"', confs.get(conf, "")):
+            if not any(path == m or path.startswith(m.rstrip("/") + "/") for m in mounts):
+                print(f"{d['metadata']['name']}/{c['name']}: {conf} names {path}, which no volume mounts", file=sys.stderr)
+                bad += 1
+sys.exit(1 if bad else 0)
+PY
+    then
+      echo "FAIL $name ($values values): a configuration names a file its pods do not mount" >&2; status=1; continue
+    fi
     echo "ok   $name ($values values): $(grep -c '^kind:' "$out") objects, $checked configuration files valid"
   done
 done
@@ -125,6 +154,18 @@ refuse ferry-transparent-proxy "must name the Secret key holding the service key
   --set 'config.integration.destinationService.instances[0].name=default' \
   --set 'config.integration.destinationService.instances[0].serviceCredentials.secretName=s' \
   --set 'config.integration.destinationService.instances[0].serviceCredentials.secretKey='
+refuse ferry-transparent-proxy "is used twice" \
+  --set 'config.integration.destinationService.instances[0].name=default' \
+  --set 'config.integration.destinationService.instances[0].serviceCredentials.secretName=s' \
+  --set 'config.integration.destinationService.instances[0].serviceCredentials.secretKey=k' \
+  --set 'config.integration.destinationService.instances[1].name=default' \
+  --set 'config.integration.destinationService.instances[1].serviceCredentials.secretName=t' \
+  --set 'config.integration.destinationService.instances[1].serviceCredentials.secretKey=k'
+refuse ferry-transparent-proxy "use letters, digits" \
+  --set 'config.integration.destinationService.defaultInstanceName=../x' \
+  --set 'config.integration.destinationService.instances[0].name=../x' \
+  --set 'config.integration.destinationService.instances[0].serviceCredentials.secretName=s' \
+  --set 'config.integration.destinationService.instances[0].serviceCredentials.secretKey=k'
 refuse ferry-cloud-connector "config.connection.proxies must be empty with config.highAvailability.enabled" \
   --set 'config.connection.proxies[0]=proxy:8042'
 refuse ferry-cloud-connector "config.auditLevel must be OFF, SECURITY or ALL" --set config.auditLevel=some

@@ -29,6 +29,11 @@ pub struct Config {
     /// namespace) or `clusterWide`; enforced by a NetworkPolicy per resource.
     #[serde(default = "default_scope")]
     pub default_scope: Scope,
+    /// The Destination Service instance of resources without `spec.destinationServiceInstanceName`
+    /// (SAP's `config.integration.destinationService.defaultInstanceName`): the name of its
+    /// binding.
+    #[serde(default = "default_instance_name")]
+    pub default_instance_name: String,
     /// Cluster DNS domain the app-facing Services' aliases name.
     #[serde(default = "cluster_domain")]
     pub cluster_domain: String,
@@ -54,6 +59,9 @@ fn resync_secs() -> u64 {
 }
 fn default_scope() -> Scope {
     Scope::Namespaced
+}
+fn default_instance_name() -> String {
+    "default".into()
 }
 fn cluster_domain() -> String {
     "cluster.local".into()
@@ -95,6 +103,9 @@ impl Config {
                 return Err(invalid("namespace_selector", "must be key=value"));
             }
         }
+        if cfg.default_instance_name.is_empty() {
+            return Err(invalid("default_instance_name", "must name a Destination Service instance"));
+        }
         if cfg.resync_secs == 0 {
             return Err(invalid("resync_secs", "must be at least 1"));
         }
@@ -132,6 +143,9 @@ selector = { app = "tp", kind = "tcp" }
         assert_eq!(c.default_scope, Scope::Namespaced);
         let wide = Config::parse("c.toml", &format!("default_scope = \"clusterWide\"\n{OK}")).unwrap();
         assert_eq!(wide.default_scope, Scope::ClusterWide);
+        assert_eq!(c.default_instance_name, "default");
+        let named = Config::parse("c.toml", &format!("default_instance_name = \"second\"\n{OK}")).unwrap();
+        assert_eq!(named.default_instance_name, "second");
         assert_eq!(c.http.selector["kind"], "http");
         assert_eq!(c.tcp.target_port.as_deref(), Some("20004"));
     }
