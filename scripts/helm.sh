@@ -166,6 +166,8 @@ refuse ferry-transparent-proxy "use letters, digits" \
   --set 'config.integration.destinationService.instances[0].name=../x' \
   --set 'config.integration.destinationService.instances[0].serviceCredentials.secretName=s' \
   --set 'config.integration.destinationService.instances[0].serviceCredentials.secretKey=k'
+refuse ferry-transparent-proxy "additionalCAs.secretNamespace must be empty or the release namespace" \
+  --set additionalCAs.secretName=cas --set additionalCAs.secretNamespace=other
 refuse ferry-cloud-connector "config.connection.proxies must be empty with config.highAvailability.enabled" \
   --set 'config.connection.proxies[0]=proxy:8042'
 refuse ferry-cloud-connector "config.auditLevel must be OFF, SECURITY or ALL" --set config.auditLevel=some
