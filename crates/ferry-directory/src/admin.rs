@@ -197,6 +197,8 @@ struct CreateInstance {
     service: String,
     name: String,
     plan: Option<String>,
+    /// BTP's instance parameters (an `xs-security.json` for xsuaa); see [`InstanceParameters`].
+    parameters: Option<crate::InstanceParameters>,
 }
 
 async fn create_instance(
@@ -208,7 +210,7 @@ async fn create_instance(
     authorize(&dir, &headers).await?;
     dir.subaccount(&id)?;
     let req: CreateInstance = body(&bytes)?;
-    let inst = dir.create_instance(&id, &req.service, &req.name, req.plan.as_deref(), None)?;
+    let inst = dir.create_instance(&id, &req.service, &req.name, req.plan.as_deref(), None, req.parameters)?;
     Ok(json_response(StatusCode::CREATED, inst))
 }
 

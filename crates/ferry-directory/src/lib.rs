@@ -20,7 +20,7 @@ use ferry_core::Secret;
 use ferry_core::aead::Sealer;
 use ferry_core::tls::LocalCa;
 use rusqlite::{Connection, OptionalExtension, params};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 pub use credentials::{Endpoints, KeyFacts, KeySecret, Service, credentials, vcap_entry};
@@ -75,6 +75,35 @@ pub struct ServiceInstance {
     pub name: String,
     pub plan: String,
     pub created_at: i64,
+    /// What the instance was created with (BTP's `parameters`), if anything.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub parameters: Option<InstanceParameters>,
+}
+
+/// The instance parameters Ferry takes, in the shape of an `xs-security.json` (BTP's
+/// `parameters` of an xsuaa instance). Other keys are refused rather than ignored, so that a
+/// setting that would not take effect is noticed.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct InstanceParameters {
+    #[serde(rename = "oauth2-configuration", default, skip_serializing_if = "Option::is_none")]
+    pub oauth2_configuration: Option<OAuth2Configuration>,
+}
+
+/// `oauth2-configuration` of an `xs-security.json`.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct OAuth2Configuration {
+    /// Where the authorization code flow may send users back to (exact, or below a path
+    /// ending in `/`): the App Router's `/login/callback`, for instance.
+    #[serde(rename = "redirect-uris", default)]
+    pub redirect_uris: Vec<String>,
+}
+
+impl InstanceParameters {
+    fn redirect_uris(&self) -> &[String] {
+        self.oauth2_configuration.as_ref().map_or(&[], |o| o.redirect_uris.as_slice())
+    }
 }
 
 /// A service key as lists show it: never its secret.
@@ -194,6 +223,18 @@ struct KeyRow {
     /// The PEM certificate issued for an X.509 key (public), so that client assertions it signs
     /// keep verifying after a restart.
     certificate: Option<String>,
+    /// The instance's `oauth2-configuration.redirect-uris`.
+    redirect_uris: Vec<String>,
+}
+
+/// Databases made before instances kept their parameters lack the column.
+fn add_parameters_column(conn: &Connection) -> rusqlite::Result<()> {
+    let has =
+        conn.prepare("SELECT 1 FROM pragma_table_info('service_instances') WHERE name = 'parameters'")?.exists([])?;
+    if !has {
+        conn.execute_batch("ALTER TABLE service_instances ADD COLUMN parameters TEXT")?;
+    }
+    Ok(())
 }
 
 /// Databases made before X.509 keys kept their certificate lack the column.
@@ -235,6 +276,7 @@ impl Directory {
     ) -> Result<Arc<Self>, DirectoryError> {
         conn.execute_batch(SCHEMA)?;
         add_certificate_column(&conn)?;
+        add_parameters_column(&conn)?;
         let sealer = Sealer::new(master_key).map_err(|e| DirectoryError::Internal(e.to_string()))?;
         Ok(Arc::new(Self { conn: Mutex::new(conn), sealer, endpoints, ca, tokens: OnceLock::new() }))
     }
@@ -388,11 +430,25 @@ impl Directory {
         name: &str,
         plan: Option<&str>,
         id: Option<&str>,
+        parameters: Option<InstanceParameters>,
     ) -> Result<ServiceInstance, DirectoryError> {
         self.subaccount(subaccount_id)?;
         let svc = Service::parse(service)
             .ok_or_else(|| bad("service", format!("{service:?} is not one of destination, connectivity, xsuaa")))?;
         check_name("name", name)?;
+        if let Some(p) = &parameters {
+            if !p.redirect_uris().is_empty() && svc != Service::Xsuaa {
+                return Err(bad(
+                    "parameters",
+                    "oauth2-configuration.redirect-uris is for xsuaa instances: users sign in to an app through its xsuaa binding",
+                ));
+            }
+            for uri in p.redirect_uris() {
+                ferry_auth::token_service::check_redirect_uri(uri)
+                    .map_err(|reason| bad("parameters", format!("redirect URI {uri:?}: {reason}")))?;
+            }
+        }
+        let parameters = parameters.filter(|p| *p != InstanceParameters::default());
         let plan = plan.unwrap_or(svc.default_plan());
         check_name("plan", plan)?;
         let id = match id {
@@ -406,6 +462,7 @@ impl Directory {
             name: name.to_owned(),
             plan: plan.to_owned(),
             created_at: now(),
+            parameters,
         };
         let db = self.db();
         if db.query_row("SELECT 1 FROM service_instances WHERE id = ?1", [&inst.id], |_| Ok(())).optional()?.is_some() {
@@ -422,8 +479,17 @@ impl Directory {
             return Err(DirectoryError::Conflict(format!("a service instance named {name:?} exists already")));
         }
         db.execute(
-            "INSERT INTO service_instances (id, subaccount_id, service, name, plan, created_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-            params![inst.id, inst.subaccount_id, inst.service, inst.name, inst.plan, inst.created_at],
+            "INSERT INTO service_instances (id, subaccount_id, service, name, plan, created_at, parameters)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+            params![
+                inst.id,
+                inst.subaccount_id,
+                inst.service,
+                inst.name,
+                inst.plan,
+                inst.created_at,
+                inst.parameters.as_ref().map(|p| serde_json::to_string(p).unwrap_or_default())
+            ],
         )?;
         Ok(inst)
     }
@@ -432,7 +498,7 @@ impl Directory {
         self.subaccount(subaccount_id)?;
         let db = self.db();
         let mut st = db.prepare(
-            "SELECT id, subaccount_id, service, name, plan, created_at FROM service_instances
+            "SELECT id, subaccount_id, service, name, plan, created_at, parameters FROM service_instances
              WHERE subaccount_id = ?1 ORDER BY created_at, name",
         )?;
         let rows = st.query_map([subaccount_id], instance_row)?;
@@ -443,7 +509,7 @@ impl Directory {
         self.subaccount(subaccount_id)?;
         self.db()
             .query_row(
-                "SELECT id, subaccount_id, service, name, plan, created_at FROM service_instances
+                "SELECT id, subaccount_id, service, name, plan, created_at, parameters FROM service_instances
                  WHERE subaccount_id = ?1 AND id = ?2",
                 [subaccount_id, id],
                 instance_row,
@@ -506,6 +572,7 @@ impl Directory {
             // Issued below, once the token service knows the client.
             certificate: None,
             secret_hash,
+            redirect_uris: inst.parameters.as_ref().map(|p| p.redirect_uris().to_vec()).unwrap_or_default(),
         };
         {
             let db = self.db();
@@ -660,7 +727,7 @@ impl Directory {
         let db = self.db();
         let sql = format!(
             "SELECT k.id, i.subaccount_id, k.instance_id, k.name, k.client_id, k.credential_type, k.created_at,
-                    k.xsappname, k.secret_hash, k.certificate
+                    k.xsappname, k.secret_hash, k.certificate, i.parameters
              FROM service_keys k JOIN service_instances i ON i.id = k.instance_id
              WHERE {filter} ORDER BY k.created_at, k.name"
         );
@@ -679,6 +746,7 @@ impl Directory {
                 xsappname: r.get(7)?,
                 secret_hash: r.get(8)?,
                 certificate: r.get(9)?,
+                redirect_uris: parameters_of(r.get(10)?).map(|p| p.redirect_uris().to_vec()).unwrap_or_default(),
             })
         })?;
         Ok(rows.collect::<Result<_, _>>()?)
@@ -705,6 +773,7 @@ impl Directory {
             service_instance_id: Some(row.key.instance_id.clone()),
             certificates,
             assertion_keys: row.certificate.iter().cloned().collect(),
+            redirect_uris: row.redirect_uris.clone(),
             // The credentials say `tenantmode: dedicated`, and subaccounts here subscribe to
             // nothing: another zone's tokens would cross the tenant boundary.
             dedicated: true,
@@ -721,5 +790,11 @@ fn instance_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<ServiceInstance> {
         name: r.get(3)?,
         plan: r.get(4)?,
         created_at: r.get(5)?,
+        parameters: parameters_of(r.get(6)?),
     })
+}
+
+/// The stored `parameters` column (JSON written by `create_instance`).
+fn parameters_of(stored: Option<String>) -> Option<InstanceParameters> {
+    stored.and_then(|s| serde_json::from_str(&s).ok())
 }

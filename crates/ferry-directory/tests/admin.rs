@@ -405,7 +405,7 @@ async fn ensure_key_keeps_configured_bindings() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = Directory::open(&tmp.path().join("d.db"), &Secret::new([3u8; 32]), endpoints(), None).unwrap();
     let sub = dir.create_subaccount("cfg", Some("conf-zone"), None).unwrap();
-    let inst = dir.create_instance(&sub.id, "destination", "ferry-destination", None, None).unwrap();
+    let inst = dir.create_instance(&sub.id, "destination", "ferry-destination", None, None, None).unwrap();
     let key = |id: &str, secret: &str| ferry_directory::NewKey {
         name: "default".into(),
         client_id: Some(id.into()),
@@ -646,4 +646,90 @@ async fn onboarding_logons_are_capped_per_address_like_the_token_endpoint() {
     let (status, v, _) = onboard("10.0.0.2", "bob", "bob-pw").await;
     assert_eq!(status, StatusCode::CREATED, "{v}");
     assert!(v["certificate"].as_str().unwrap().contains("BEGIN CERTIFICATE"), "{v}");
+}
+
+/// `GET /oauth/authorize` for `client_id` and `redirect_uri`: its status and page.
+async fn authorize(router: &Router, client_id: &str, redirect_uri: &str) -> (StatusCode, String) {
+    let enc = |s: &str| -> String {
+        s.bytes()
+            .map(|b| match b {
+                b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' => (b as char).to_string(),
+                _ => format!("%{b:02X}"),
+            })
+            .collect()
+    };
+    let q = format!("response_type=code&client_id={}&redirect_uri={}", enc(client_id), enc(redirect_uri));
+    let resp = router.clone().oneshot(Request::get(format!("/oauth/authorize?{q}")).body(Body::empty()).unwrap()).await;
+    let resp = resp.unwrap();
+    let status = resp.status();
+    let bytes = resp.into_body().collect().await.unwrap().to_bytes();
+    (status, String::from_utf8_lossy(&bytes).into_owned())
+}
+
+/// An xsuaa instance created with `oauth2-configuration.redirect-uris` (BTP's instance
+/// parameters) lets its keys' clients send users back there after signing in, also after a
+/// restart; parameters that would not take effect are refused.
+#[tokio::test]
+async fn xsuaa_instances_register_redirect_uris_for_the_login_flow() {
+    let tmp = tempfile::tempdir().unwrap();
+    let path = tmp.path().join("directory.db");
+    let s = stack(&path);
+    let r = &s.router;
+    let admin = token(r, ADMIN_ID, ADMIN_SECRET).await.unwrap();
+    let admin = Some(admin.as_str());
+    let (_, sub) = api(r, admin, "POST", "/subaccounts", Some(json!({"subdomain": "apps"}))).await;
+    let sid = sub["id"].as_str().unwrap();
+    let instances = format!("/subaccounts/{sid}/service-instances");
+    let callback = "https://approuter.example/login/callback";
+    let params = json!({"oauth2-configuration": {"redirect-uris": [callback, "http://localhost:5000/"]}});
+    let (st, inst) =
+        api(r, admin, "POST", &instances, Some(json!({"service": "xsuaa", "name": "app-uaa", "parameters": params})))
+            .await;
+    assert_eq!(st, StatusCode::CREATED, "{inst}");
+    assert_eq!(inst["parameters"], params, "the instance shows what it was created with");
+    let iid = inst["id"].as_str().unwrap();
+    let (st, key) = api(r, admin, "POST", &format!("{instances}/{iid}/service-keys"), Some(json!({"name": "k"}))).await;
+    assert_eq!(st, StatusCode::CREATED, "{key}");
+    let client_id = key["clientid"].as_str().unwrap().to_owned();
+
+    let (st, page) = authorize(r, &client_id, callback).await;
+    assert_eq!(st, StatusCode::OK, "{page}");
+    assert_eq!(authorize(r, &client_id, "http://localhost:5000/login/callback").await.0, StatusCode::OK);
+    let (st, page) = authorize(r, &client_id, "https://evil.example/login/callback").await;
+    assert_eq!(st, StatusCode::BAD_REQUEST);
+    assert!(page.contains("is not registered"), "{page}");
+    // An instance without them cannot sign users in, as before.
+    let (_, plain) = api(r, admin, "POST", &instances, Some(json!({"service": "xsuaa", "name": "no-login"}))).await;
+    assert!(plain.get("parameters").is_none(), "{plain}");
+    let plain_iid = plain["id"].as_str().unwrap();
+    let (_, plain_key) =
+        api(r, admin, "POST", &format!("{instances}/{plain_iid}/service-keys"), Some(json!({"name": "k"}))).await;
+    let (st, page) = authorize(r, plain_key["clientid"].as_str().unwrap(), callback).await;
+    assert_eq!(st, StatusCode::BAD_REQUEST);
+    assert!(page.contains("no registered redirect URIs"), "{page}");
+
+    // Refused: on a service users do not sign in through, a bad URI, an unsupported parameter.
+    let (st, v) =
+        api(r, admin, "POST", &instances, Some(json!({"service": "destination", "name": "d", "parameters": params})))
+            .await;
+    assert_eq!((st, v["field"].as_str()), (StatusCode::BAD_REQUEST, Some("parameters")), "{v}");
+    let bad = json!({"oauth2-configuration": {"redirect-uris": ["https://app.example/cb#frag"]}});
+    let (st, v) =
+        api(r, admin, "POST", &instances, Some(json!({"service": "xsuaa", "name": "b", "parameters": bad}))).await;
+    assert_eq!(st, StatusCode::BAD_REQUEST);
+    assert!(v["message"].as_str().unwrap().contains("fragment"), "{v}");
+    let other = json!({"xsappname": "x", "oauth2-configuration": {"redirect-uris": [callback]}});
+    let (st, v) =
+        api(r, admin, "POST", &instances, Some(json!({"service": "xsuaa", "name": "c", "parameters": other}))).await;
+    assert_eq!(st, StatusCode::BAD_REQUEST);
+    assert!(v["message"].as_str().unwrap().contains("xsappname"), "{v}");
+
+    // After a restart the token service learns them from the database.
+    drop(s);
+    let s = stack(&path);
+    assert_eq!(authorize(&s.router, &client_id, callback).await.0, StatusCode::OK);
+    let admin = token(&s.router, ADMIN_ID, ADMIN_SECRET).await.unwrap();
+    let (_, listed) = api(&s.router, Some(&admin), "GET", &instances, None).await;
+    let listed = listed["items"].as_array().unwrap().iter().find(|i| i["name"] == "app-uaa").unwrap().clone();
+    assert_eq!(listed["parameters"], params);
 }

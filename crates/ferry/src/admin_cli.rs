@@ -54,6 +54,10 @@ pub enum InstanceCmd {
         name: String,
         #[arg(long)]
         plan: Option<String>,
+        /// xsuaa: where the authorization code flow may send users back to (its
+        /// `oauth2-configuration.redirect-uris`); repeat for several.
+        #[arg(long = "redirect-uri")]
+        redirect_uris: Vec<String>,
     },
     /// List the service instances of a subaccount.
     List {
@@ -246,10 +250,13 @@ pub async fn subaccount(conn: Connection, cmd: SubaccountCmd) -> anyhow::Result<
 pub async fn instance(conn: Connection, cmd: InstanceCmd) -> anyhow::Result<()> {
     let c = Client::connect(&conn).await?;
     match cmd {
-        InstanceCmd::Create { subaccount, service, name, plan } => {
+        InstanceCmd::Create { subaccount, service, name, plan, redirect_uris } => {
             let mut body = json!({ "service": service, "name": name });
             if let Some(p) = plan {
                 body["plan"] = json!(p);
+            }
+            if !redirect_uris.is_empty() {
+                body["parameters"] = json!({ "oauth2-configuration": { "redirect-uris": redirect_uris } });
             }
             let path = format!("/subaccounts/{subaccount}/service-instances");
             let v = c.call(reqwest::Method::POST, &path, Some(body)).await?;

@@ -666,7 +666,7 @@ fn provision_defaults(
         let inst = match directory.instance(&sub.id, instance_id) {
             Ok(i) => i,
             Err(DirectoryError::NotFound(_)) => {
-                directory.create_instance(&sub.id, service.as_str(), name, None, Some(instance_id))?
+                directory.create_instance(&sub.id, service.as_str(), name, None, Some(instance_id), None)?
             }
             Err(e) => return Err(e.into()),
         };

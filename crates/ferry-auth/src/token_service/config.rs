@@ -360,6 +360,11 @@ pub(crate) fn parse_redirect_uri(raw: &str) -> Result<url::Url, &'static str> {
     Ok(url)
 }
 
+/// Whether `raw` may be registered as a client's redirect URI; the reason if not.
+pub fn check_redirect_uri(raw: &str) -> Result<(), &'static str> {
+    parse_redirect_uri(raw).map(drop)
+}
+
 fn valid_zone_id(id: &str) -> bool {
     !id.is_empty() && id.len() <= 128 && id.bytes().all(|b| b.is_ascii_graphic() && !b"/?#&%+=\"\\".contains(&b))
 }

@@ -39,7 +39,7 @@ pub use config::{
     CertificateBinding, ConfigError, DEFAULT_REFRESH_TOKEN_VALIDITY, DEFAULT_TOKEN_VALIDITY, FederatedAssertion,
     GRANT_AUTHORIZATION_CODE, GRANT_CLIENT_CREDENTIALS, GRANT_JWT_BEARER, GRANT_PASSWORD, GRANT_REFRESH_TOKEN,
     GRANT_SAML2_BEARER, GRANT_TOKEN_EXCHANGE, OAuthClient, SUPPORTED_GRANT_TYPES, TOKEN_TYPE_ACCESS, TOKEN_TYPE_ID,
-    TOKEN_TYPE_JWT, TOKEN_TYPE_SAML2, Tenant, TokenServiceConfig, User,
+    TOKEN_TYPE_JWT, TOKEN_TYPE_SAML2, Tenant, TokenServiceConfig, User, check_redirect_uri,
 };
 pub use ldap::{DEFAULT_GROUP_FILTER, DEFAULT_USER_FILTER, LdapConfig, LdapUserStore};
 pub use mtls::{TlsInfo, certificate_fingerprint, certificate_names, https_server_config, serve_router_with_tls_info};
