@@ -4,8 +4,10 @@
 
 use std::pin::Pin;
 use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
 use std::task::{Context, Poll};
 
+use ferry_core::Shutdown;
 use ferry_core::body::{self, BoxBody};
 use ferry_proto::tunnel;
 use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode};
@@ -16,6 +18,7 @@ use tokio::sync::oneshot;
 
 use crate::Shared;
 use crate::retry::OpenError;
+use crate::socks::{Active, Stoppable};
 
 /// SAP's documented limit for a request line or a header line.
 pub const MAX_HEADER_LINE: usize = 8192;
@@ -117,6 +120,12 @@ fn upgrade_of(h: &HeaderMap) -> Option<HeaderValue> {
 
 type AppRead = tokio::io::ReadHalf<TokioIo<hyper::upgrade::Upgraded>>;
 
+/// What the proxy's shutdown needs of an upgraded connection (see its use in [`handle`]).
+struct Watch {
+    active: Arc<AtomicBool>,
+    stop: Shutdown,
+}
+
 /// The app→backend bytes of an upgraded request: the tunnel stream opens before the app's
 /// connection is switched (that waits for the backend's answer), so the body reads nothing
 /// until the upgraded connection arrives, and ends at once if it never does. The mutex only
@@ -211,7 +220,15 @@ pub(crate) async fn handle(shared: Arc<Shared>, mut req: Request<Incoming>) -> R
         Some(u) => {
             parts.headers.insert(tunnel::names::UPGRADE, u.clone());
             let (tx, rx) = oneshot::channel();
-            (body::from_reader(AfterUpgrade { pending: Some(rx), read: None }), Some(tx))
+            // Its bytes mark the connection active, so the proxy's shutdown can tell an idle one
+            // (closed at once) from a busy one (given the drain time); `stop` ends this
+            // app→backend half, which hyper's send task reads.
+            let watch = Watch { active: Arc::new(AtomicBool::new(false)), stop: Shutdown::new() };
+            let read = Stoppable {
+                inner: Active { inner: AfterUpgrade { pending: Some(rx), read: None }, flag: watch.active.clone() },
+                stop: Box::pin(watch.stop.clone().cancelled_owned()),
+            };
+            (body::from_reader(read), Some((tx, watch)))
         }
         None => (body::boxed(incoming), None),
     };
@@ -233,23 +250,39 @@ pub(crate) async fn handle(shared: Arc<Shared>, mut req: Request<Incoming>) -> R
             body::strip_hop_by_hop(&mut parts.headers);
             let switched =
                 parts.headers.remove(tunnel::names::UPGRADE).filter(|_| fault.is_none() && status == StatusCode::OK);
-            if let (Some(protocol), Some(app_upgrade), Some(app_read)) = (switched, app_upgrade, app_read) {
+            if let (Some(protocol), Some(app_upgrade), Some((app_read, Watch { active, stop }))) =
+                (switched, app_upgrade, app_read)
+            {
                 // The backend switched: the app gets its 101, then both byte streams are joined.
                 parts.status = StatusCode::SWITCHING_PROTOCOLS;
                 parts.headers.insert(http::header::CONNECTION, HeaderValue::from_static("upgrade"));
                 parts.headers.insert(http::header::UPGRADE, protocol);
-                tokio::spawn(async move {
+                let (shutdown, drain) = (shared.shutdown.clone(), shared.drain_timeout);
+                shared.upgrades.spawn(async move {
                     // Held for as long as the connection is relayed, as for a SOCKS5 stream.
                     let _permit = permit;
-                    match app_upgrade.await {
-                        Ok(upgraded) => {
-                            let (read, write) = tokio::io::split(TokioIo::new(upgraded));
-                            let _ = app_read.send(read);
-                            if let Err(e) = body::copy_to_writer(incoming, write).await {
-                                tracing::debug!(%request_id, error = %e, "upgraded connection ended");
-                            }
+                    let upgraded = match app_upgrade.await {
+                        Ok(u) => u,
+                        Err(e) => {
+                            tracing::debug!(%request_id, error = %e, "the app's connection was not upgraded");
+                            return;
                         }
-                        Err(e) => tracing::debug!(%request_id, error = %e, "the app's connection was not upgraded"),
+                    };
+                    let (read, write) = tokio::io::split(TokioIo::new(upgraded));
+                    let _ = app_read.send(read);
+                    let pump = body::copy_to_writer(incoming, Active { inner: write, flag: active.clone() });
+                    tokio::pin!(pump);
+                    let ended = tokio::select! {
+                        r = &mut pump => Some(r),
+                        _ = shutdown.cancelled() => crate::socks::drain_stream(pump.as_mut(), &active, drain).await,
+                    };
+                    match ended {
+                        Some(Err(e)) => tracing::debug!(%request_id, error = %e, "upgraded connection ended"),
+                        Some(Ok(_)) => {}
+                        None => {
+                            stop.cancel();
+                            tracing::info!(%request_id, "upgraded connection closed by the proxy's shutdown");
+                        }
                     }
                 });
                 return Response::from_parts(parts, body::empty());

@@ -163,6 +163,12 @@ pub(crate) struct Shared {
     pub(crate) registry: Arc<Registry>,
     pub(crate) tenant_streams: Arc<tenant_limit::TenantStreams>,
     pub(crate) tunnel_swap_wait: Duration,
+    /// The proxy's shutdown and how long open work may take after it (`drain_timeout`).
+    pub(crate) shutdown: Shutdown,
+    pub(crate) drain_timeout: Duration,
+    /// Upgraded (WebSocket) connections: they outlive the HTTP connection they came on, so the
+    /// proxy's shutdown waits for them here before it closes the tunnels.
+    pub(crate) upgrades: tokio_util::task::TaskTracker,
 }
 
 impl Shared {
@@ -202,6 +208,9 @@ impl Proxy {
             registry: self.registry.clone(),
             tenant_streams: Arc::new(tenant_limit::TenantStreams::new(self.config.max_streams_per_subaccount)),
             tunnel_swap_wait: self.config.tunnel_swap_wait,
+            shutdown: shutdown.clone(),
+            drain_timeout: self.config.drain_timeout,
+            upgrades: tokio_util::task::TaskTracker::new(),
         });
         let drain = self.config.drain_timeout;
         let opts = |name| AcceptOptions {
@@ -300,6 +309,9 @@ impl Proxy {
         }
         shutdown.cancelled().await;
         while front.join_next().await.is_some() {}
+        // Each closes itself once idle or at the drain deadline; the timeout is only a backstop.
+        shared.upgrades.close();
+        let _ = tokio::time::timeout(drain + Duration::from_secs(1), shared.upgrades.wait()).await;
         tunnels_sd.cancel();
         if let Some(t) = tunnels {
             let _ = t.await;

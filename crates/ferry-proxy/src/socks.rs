@@ -313,7 +313,7 @@ async fn relay(relaying: Relaying, drain: Drain) {
 
 /// Lets a stream run on during shutdown while bytes flow, up to `timeout`; `None` when it is
 /// to be closed (idle for a tick, or the deadline passed).
-async fn drain_stream<F: std::future::Future>(
+pub(crate) async fn drain_stream<F: std::future::Future>(
     mut pump: Pin<&mut F>,
     active: &AtomicBool,
     timeout: Duration,
@@ -334,9 +334,9 @@ async fn drain_stream<F: std::future::Future>(
 }
 
 /// A reader that fails with `ConnectionAborted` once `stop` fires, even while a read is pending.
-struct Stoppable<R> {
-    inner: R,
-    stop: Pin<Box<tokio_util::sync::WaitForCancellationFutureOwned>>,
+pub(crate) struct Stoppable<R> {
+    pub(crate) inner: R,
+    pub(crate) stop: Pin<Box<tokio_util::sync::WaitForCancellationFutureOwned>>,
 }
 
 impl<R: AsyncRead + Unpin> AsyncRead for Stoppable<R> {
@@ -344,7 +344,7 @@ impl<R: AsyncRead + Unpin> AsyncRead for Stoppable<R> {
         if self.stop.as_mut().poll(cx).is_ready() {
             return Poll::Ready(Err(std::io::Error::new(
                 std::io::ErrorKind::ConnectionAborted,
-                "SOCKS5 stream closed by the proxy's shutdown",
+                "stream closed by the proxy's shutdown",
             )));
         }
         Pin::new(&mut self.inner).poll_read(cx, buf)
@@ -352,9 +352,9 @@ impl<R: AsyncRead + Unpin> AsyncRead for Stoppable<R> {
 }
 
 /// Marks `flag` whenever bytes pass, so a drain tells an idle stream from a busy one.
-struct Active<T> {
-    inner: T,
-    flag: Arc<AtomicBool>,
+pub(crate) struct Active<T> {
+    pub(crate) inner: T,
+    pub(crate) flag: Arc<AtomicBool>,
 }
 
 impl<T: AsyncRead + Unpin> AsyncRead for Active<T> {

@@ -155,3 +155,57 @@ async fn upgrades_cross_the_tunnel_only_where_a_resource_allows_them() {
     assert_eq!(find("/other")["reason"], "Resource");
     assert_eq!(find("/refuse/it")["reason"], "UpgradeDeclined 404");
 }
+
+/// Opens a WebSocket to the echo backend through the proxy and checks one round trip.
+async fn open_socket(proxy: SocketAddr, token: &str) -> WebSocketStream<TcpStream> {
+    let (s, head) = upgrade(proxy, token, "/ws/drain", &generate_key()).await;
+    assert!(head.starts_with("http/1.1 101"), "{head}");
+    let mut ws = WebSocketStream::from_raw_socket(s, Role::Client, None).await;
+    ws.send(Message::text("hi")).await.unwrap();
+    assert_eq!(ws.next().await.unwrap().unwrap(), Message::text("hi"));
+    ws
+}
+
+/// Whether the proxy ended `ws` (closed, reset or EOF) within a bound far above the drain's
+/// idle tick and far below its deadline.
+async fn ended(ws: &mut WebSocketStream<TcpStream>) -> bool {
+    let end = async {
+        loop {
+            match ws.next().await {
+                None | Some(Err(_)) | Some(Ok(Message::Close(_))) => return,
+                Some(Ok(_)) => {}
+            }
+        }
+    };
+    tokio::time::timeout(std::time::Duration::from_secs(10), end).await.is_ok()
+}
+
+/// At the proxy's shutdown an upgraded connection is drained like a SOCKS5 stream: one that
+/// moves bytes keeps working while the tunnels stay up, and one that is idle (or goes idle) is
+/// closed at once rather than holding the shutdown until the drain deadline (60 s here).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_drains_busy_upgraded_connections_and_closes_idle_ones() {
+    let ws = WebSocketEcho::start().await;
+    let pair = TunnelPair::start_with(|c| c.drain_timeout = std::time::Duration::from_secs(60)).await;
+    // The connector runs on: only the proxy shuts down.
+    let cfg = pair.connector_config("", AccessRules::new(vec![mapping(ws.addr)]), pair.tunnel_addr);
+    let connector = std::sync::Arc::new(ferry_connector::Connector::new(cfg).unwrap());
+    let connector_shutdown = ferry_core::Shutdown::new();
+    tokio::spawn(connector.run(connector_shutdown.clone()));
+    pair.wait_connected("").await;
+    let token = pair.token();
+    let mut busy = open_socket(pair.http_addr, &token).await;
+    let mut idle = open_socket(pair.http_addr, &token).await;
+
+    pair.shutdown.cancel();
+    // Several idle ticks' worth of traffic after the shutdown began: the busy one still echoes.
+    for i in 0..15 {
+        busy.send(Message::text(format!("m{i}"))).await.unwrap();
+        assert_eq!(busy.next().await.unwrap().unwrap(), Message::text(format!("m{i}")), "message {i}");
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    assert!(ended(&mut idle).await, "the idle upgraded connection was not closed at the shutdown");
+    // Once it stops sending, the busy one is idle too.
+    assert!(ended(&mut busy).await, "the drained upgraded connection was not closed once idle");
+    connector_shutdown.cancel();
+}
