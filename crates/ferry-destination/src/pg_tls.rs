@@ -252,6 +252,8 @@ fn split(url: &str) -> Result<(String, Options), PgTlsError> {
         let mut kept = Vec::new();
         for pair in query.split('&').filter(|p| !p.is_empty()) {
             let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+            // libpq percent-decodes URI parameters; a '+' stays a plus (form decoding would make it
+            // a space), hence the escape before decoding.
             let decode = |s: &str| {
                 let plus_kept = s.replace('+', "%2B");
                 form_urlencoded::parse(format!("x={plus_kept}").as_bytes()).next().map(|(_, v)| v.into_owned())
@@ -289,7 +291,11 @@ fn key_values(s: &str) -> Result<Vec<(String, String)>, PgTlsError> {
         }
         while chars.next_if(|c| c.is_whitespace()).is_some() {}
         if chars.next() != Some('=') {
-            return Err(PgTlsError::Syntax(format!("\"{key}\" has no \"=\" after it")));
+            // Not echoed: a word without "=" may well be a misplaced password.
+            return Err(PgTlsError::Syntax(format!(
+                "word {} has no \"=\" after it; use key=value pairs",
+                out.len() + 1
+            )));
         }
         while chars.next_if(|c| c.is_whitespace()).is_some() {}
         let mut value = String::new();
@@ -444,7 +450,8 @@ mod tests {
         let config: tokio_postgres::Config = url.parse().unwrap();
         assert_eq!(config.get_dbname(), Some("ferry"));
         assert_eq!(config.get_password(), Some(&br"a b 'q' \ c"[..]));
-        assert!(matches!(split("host=db sslmode"), Err(PgTlsError::Syntax(_))));
+        let e = split("host=db s3cret dbname=x").unwrap_err().to_string();
+        assert!(e.contains("word 2 has no \"=\"") && !e.contains("s3cret"), "{e}");
         assert!(matches!(split("host='db"), Err(PgTlsError::Syntax(_))));
     }
 
